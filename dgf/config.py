@@ -1,0 +1,136 @@
+"""Configuration files (INI), for the client and both servers.
+
+A client config names the principal, its key, and the metaserver with its pinned host key; the
+I/O sites (addresses and host keys) are learned from the metaserver, which the client trusts by
+that pin.  Relative paths in a config file are relative to the file's directory.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dgf import errors
+
+ENV_CONFIG = "DGF_CONFIG"
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise errors.ConfigError(f"{what} must be HOST:PORT, got {text!r}.")
+    return host, int(port)
+
+
+def read_section(path: Path, section: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except FileNotFoundError as exc:
+        raise errors.ConfigError(f"config file {path} does not exist.") from exc
+    except configparser.Error as exc:
+        raise errors.ConfigError(f"config file {path} is not valid INI ({exc.message}).") from exc
+    if not parser.has_section(section):
+        raise errors.ConfigError(f"config file {path} has no [{section}] section.")
+    return dict(parser.items(section))
+
+
+def write_section(path: Path, section: str, values: dict[str, str]) -> None:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser[section] = values
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        parser.write(fh)
+    os.replace(tmp, path)
+
+
+def _need(values: dict[str, str], key: str, path: Path, section: str) -> str:
+    if not values.get(key):
+        raise errors.ConfigError(f"config file {path} lacks '{key}' in [{section}].")
+    return values[key]
+
+
+def _rel(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    path: Path
+    principal: str
+    key: Path
+    metaserver: tuple[str, int]
+    metaserver_host_key: str
+    cache_dir: Path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> "ClientConfig":
+        if path is None:
+            path = os.environ.get(ENV_CONFIG)
+        if not path:
+            raise errors.ConfigError(
+                "no client config given; pass --config FILE or set DGF_CONFIG "
+                "(for a local federation: DIR/clinician.conf from 'dgf local up DIR')."
+            )
+        p = Path(path).resolve()
+        v = read_section(p, "dgf")
+        base = p.parent
+        cache = v.get("cache_dir") or str(Path.home() / ".cache" / "dgf")
+        return cls(
+            path=p,
+            principal=_need(v, "principal", p, "dgf"),
+            key=_rel(base, _need(v, "key", p, "dgf")),
+            metaserver=parse_address(_need(v, "metaserver", p, "dgf"), "metaserver"),
+            metaserver_host_key=_need(v, "metaserver_host_key", p, "dgf"),
+            cache_dir=_rel(base, cache),
+        )
+
+
+@dataclass(frozen=True)
+class MetaserverConfig:
+    path: Path
+    listen: tuple[str, int]
+    db: str
+    host_key: Path
+    vault_key: Path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "MetaserverConfig":
+        p = Path(path).resolve()
+        v = read_section(p, "metaserver")
+        base = p.parent
+        db = _need(v, "db", p, "metaserver")
+        return cls(p, parse_address(_need(v, "listen", p, "metaserver"), "listen"), db,
+                   _rel(base, _need(v, "host_key", p, "metaserver")),
+                   _rel(base, _need(v, "vault_key", p, "metaserver")))
+
+
+@dataclass(frozen=True)
+class IoserverConfig:
+    path: Path
+    site: str
+    listen: tuple[str, int]
+    store: Path
+    host_key: Path
+    key: Path
+    metaserver: tuple[str, int]
+    metaserver_host_key: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "IoserverConfig":
+        p = Path(path).resolve()
+        v = read_section(p, "ioserver")
+        base = p.parent
+        return cls(
+            p, _need(v, "site", p, "ioserver"),
+            parse_address(_need(v, "listen", p, "ioserver"), "listen"),
+            _rel(base, _need(v, "store", p, "ioserver")),
+            _rel(base, _need(v, "host_key", p, "ioserver")),
+            _rel(base, _need(v, "key", p, "ioserver")),
+            parse_address(_need(v, "metaserver", p, "ioserver"), "metaserver"),
+            _need(v, "metaserver_host_key", p, "ioserver"),
+        )

@@ -1,0 +1,86 @@
+"""Records that cross layers (server replies, client API, FUSE), as frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROLES = ("admin", "clinician", "researcher", "site")
+
+#: Roles that may receive patient identity (re-identified files, the identity record).
+IDENTITY_ROLES = frozenset({"admin", "clinician"})
+
+
+@dataclass(frozen=True)
+class Stat:
+    """POSIX-like attributes of one namespace entry."""
+
+    path: str
+    ino: int
+    is_dir: bool
+    mode: int
+    size: int
+    mtime: float
+    ctime: float
+    nlink: int
+    object_key: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "Stat":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Replica:
+    site: str
+    state: str  # "ok" or "lost"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An immutable stored object: key is the SHA-256 of its bytes."""
+
+    key: str
+    size: int
+    replicas: tuple[Replica, ...] = field(default_factory=tuple)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"key": self.key, "size": self.size,
+                "replicas": [[r.site, r.state] for r in self.replicas]}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "ObjectInfo":
+        return cls(d["key"], d["size"], tuple(Replica(s, st) for s, st in d["replicas"]))
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    host: str
+    port: int
+    host_key: str  # OpenSSH public key line of the site's SSH host key
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "Site":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+    public_key: str  # OpenSSH public key line
+    fingerprint: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "Principal":
+        return cls(**d)

@@ -1,0 +1,492 @@
+"""The wire: message framing, verb dispatch and the paramiko SSH plumbing, shared by both servers
+and the client's transport so that neither server writes its own.
+
+Framing (one request or reply)::
+
+    uint32 big-endian  length of the JSON header
+    bytes              JSON header (an object); "n" is the payload length, 0 when absent
+    bytes              payload, exactly "n" bytes
+
+A request header is ``{"v": verb, "a": {args}, "n": len}``; a reply header is
+``{"ok": true, "r": {result}, "n": len}`` or ``{"ok": false, "e": ErrorClass, "m": message}``.
+Replies come in request order, so a client may pipeline many requests before reading replies.
+The same loop serves a paramiko channel or stdin/stdout (``serve --stdio`` behind a site's own
+OpenSSH as a forced command, the way borg and git do it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
+
+import paramiko
+
+from dgf import errors
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct(">I")
+MAX_HEADER = 16 * 1024 * 1024
+#: Bulk bytes move in chunks of this size: 128-256 KiB is where paramiko is fastest here.
+CHUNK = 256 * 1024
+#: AES-GCM first: it is what makes paramiko fast (DESIGN.md, transport facts).
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+
+
+class Stream(Protocol):
+    def recv(self, n: int) -> bytes: ...
+
+    def sendall(self, data: bytes) -> None: ...
+
+
+class StdioStream:
+    """A :class:`Stream` over a pair of binary files (stdin/stdout of a forced command)."""
+
+    def __init__(self, rfile: BinaryIO, wfile: BinaryIO) -> None:
+        self._r, self._w = rfile, wfile
+
+    def recv(self, n: int) -> bytes:
+        return self._r.read1(n) if hasattr(self._r, "read1") else self._r.read(n)
+
+    def sendall(self, data: bytes) -> None:
+        self._w.write(data)
+        self._w.flush()
+
+
+def recv_exact(stream: Stream, n: int) -> bytes:
+    """Read exactly ``n`` bytes or raise :class:`TransportError` (the peer went away)."""
+    if n == 0:
+        return b""
+    first = stream.recv(n)
+    if len(first) == n:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < n:
+        if not parts[-1]:
+            raise errors.TransportError(f"connection closed after {got} of {n} bytes.")
+        part = stream.recv(min(n - got, 4 * CHUNK))
+        parts.append(part)
+        got += len(part)
+    if not parts[-1]:
+        raise errors.TransportError(f"connection closed after {got} of {n} bytes.")
+    return b"".join(parts)
+
+
+def _send_header(stream: Stream, header: dict[str, Any], payload: bytes = b"") -> None:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # Small payloads ride in the same send: one SSH packet instead of three.
+    if len(payload) <= CHUNK:
+        stream.sendall(_LEN.pack(len(raw)) + raw + payload)
+    else:
+        stream.sendall(_LEN.pack(len(raw)) + raw)
+        view = memoryview(payload)
+        for i in range(0, len(payload), CHUNK):
+            stream.sendall(view[i:i + CHUNK])
+
+
+def read_header(stream: Stream) -> dict[str, Any] | None:
+    """Read one header; None on a clean end of stream before any byte of it."""
+    head = stream.recv(4)
+    if not head:
+        return None
+    if len(head) < 4:
+        head += recv_exact(stream, 4 - len(head))
+    (size,) = _LEN.unpack(head)
+    if size > MAX_HEADER:
+        raise errors.TransportError(f"frame header of {size} bytes exceeds the {MAX_HEADER} limit.")
+    header = json.loads(recv_exact(stream, size))
+    if not isinstance(header, dict):
+        raise errors.TransportError("frame header is not a JSON object.")
+    return header
+
+
+class Payload:
+    """The payload of a request, read lazily from the stream so bulk bytes are never buffered."""
+
+    def __init__(self, stream: Stream, size: int) -> None:
+        self._stream, self.size, self._left = stream, size, size
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        while self._left:
+            data = self._stream.recv(min(size, self._left))
+            if not data:
+                raise errors.TransportError(f"connection closed with {self._left} payload bytes unread.")
+            self._left -= len(data)
+            yield data
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def drain(self) -> None:
+        for _ in self.chunks():
+            pass
+
+
+@dataclass
+class Reply:
+    """A verb's result: a JSON-able dict and an optional payload (bytes or sized chunk stream)."""
+
+    result: dict[str, Any] = field(default_factory=dict)
+    payload: bytes | None = None
+    stream: Iterable[bytes] | None = None
+    stream_size: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Verb dispatch
+
+
+@dataclass(frozen=True)
+class VerbSpec:
+    name: str
+    func: Callable[..., Reply]
+    args: dict[str, type | tuple[type, ...]]
+    optional: frozenset[str]
+    payload: bool
+
+
+def verb(name: str, *, payload: bool = False, optional: Iterable[str] = (),
+         **args: type | tuple[type, ...]) -> Callable[[Callable[..., Reply]], Callable[..., Reply]]:
+    """Declare a method of a :class:`Service` as a wire verb with typed arguments.
+
+    Arguments not declared are refused, declared ones are type-checked before the method runs, so
+    a handler never sees a malformed request (servers deny by default, STYLE.md 7).
+    """
+
+    def mark(func: Callable[..., Reply]) -> Callable[..., Reply]:
+        func._dgf_verb = VerbSpec(name, func, args, frozenset(optional), payload)  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
+class Service:
+    """Base of a server's verb table: subclasses declare methods with :func:`verb`.
+
+    Each call gets ``ctx`` (who is calling) and the validated arguments; verbs declared with
+    ``payload=True`` also get the :class:`Payload`.
+    """
+
+    def __init__(self) -> None:
+        self._verbs: dict[str, VerbSpec] = {}
+        for attr in dir(type(self)):
+            spec = getattr(getattr(type(self), attr), "_dgf_verb", None)
+            if spec is not None:
+                self._verbs[spec.name] = spec
+
+    def dispatch(self, ctx: Any, header: dict[str, Any], payload: Payload) -> Reply:
+        name = header.get("v")
+        spec = self._verbs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise errors.UsageError(f"unknown verb {name!r}; this server knows {sorted(self._verbs)}.")
+        args = header.get("a") or {}
+        if not isinstance(args, dict):
+            raise errors.UsageError(f"arguments of {name!r} must be an object.")
+        unknown = set(args) - set(spec.args)
+        if unknown:
+            raise errors.UsageError(f"verb {name!r} takes no argument {sorted(unknown)[0]!r}.")
+        for arg, typ in spec.args.items():
+            if arg not in args:
+                if arg in spec.optional:
+                    continue
+                raise errors.UsageError(f"verb {name!r} needs argument {arg!r}.")
+            value = args[arg]
+            if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+                raise errors.UsageError(f"argument {arg!r} of {name!r} has the wrong type.")
+        if spec.payload:
+            return spec.func(self, ctx, payload, **args)
+        if payload.size:
+            raise errors.UsageError(f"verb {name!r} takes no payload.")
+        return spec.func(self, ctx, **args)
+
+
+def serve_stream(service: Service, ctx: Any, stream: Stream) -> None:
+    """Answer requests on one stream until the peer closes it."""
+    while True:
+        try:
+            header = read_header(stream)
+        except (errors.TransportError, ValueError, OSError, EOFError):
+            return
+        if header is None:
+            return
+        n = header.get("n", 0)
+        payload = Payload(stream, n if isinstance(n, int) and n >= 0 else 0)
+        try:
+            reply = service.dispatch(ctx, header, payload)
+        except errors.DgfError as exc:
+            reply_err: dict[str, Any] = {"ok": False, "e": type(exc).__name__, "m": exc.message}
+        except Exception as exc:  # noqa: BLE001 - one boundary turns every failure into a reply
+            # Log the type and verb only: exception text may quote request values.
+            log.exception("verb %r failed with %s", header.get("v"), type(exc).__name__)
+            reply_err = {"ok": False, "e": "ServerError",
+                         "m": f"the server failed on verb {header.get('v')!r} ({type(exc).__name__})."}
+        else:
+            try:
+                payload.drain()
+                _send_reply(stream, reply)
+            except (errors.TransportError, OSError, EOFError):
+                return
+            continue
+        try:
+            payload.drain()
+            _send_header(stream, reply_err)
+        except (errors.TransportError, OSError, EOFError):
+            return
+
+
+def _send_reply(stream: Stream, reply: Reply) -> None:
+    if reply.stream is None:
+        body = reply.payload or b""
+        _send_header(stream, {"ok": True, "r": reply.result, "n": len(body)}, body)
+        return
+    _send_header(stream, {"ok": True, "r": reply.result, "n": reply.stream_size})
+    sent = 0
+    for chunk in reply.stream:
+        stream.sendall(chunk)
+        sent += len(chunk)
+    if sent != reply.stream_size:
+        # The frame promised stream_size bytes; a short stream would desynchronise the channel.
+        raise errors.TransportError(f"reply stream sent {sent} of {reply.stream_size} bytes.")
+
+
+# --------------------------------------------------------------------------------------------
+# SSH server plumbing
+
+
+class _Interface(paramiko.ServerInterface):
+    """Deny by default: public-key auth against ``authorize``, one session channel, one subsystem."""
+
+    def __init__(self, authorize: Callable[[paramiko.PKey], Any], subsystem: str) -> None:
+        self._authorize = authorize
+        self._subsystem = subsystem
+        self.principal: Any = None
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        try:
+            principal = self._authorize(key)
+        except Exception:  # noqa: BLE001 - an auth hook failure must refuse, never crash
+            log.exception("authorization hook failed")
+            principal = None
+        if principal is None:
+            return paramiko.AUTH_FAILED
+        self.principal = principal
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind == "session" and self.principal is not None:
+            return paramiko.OPEN_SUCCEEDED
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
+        if name != self._subsystem:
+            return False
+        return super().check_channel_subsystem_request(channel, name)
+
+    # No shell, no exec, no pty, no forwarding: paramiko's defaults already refuse them.
+
+
+class _Subsystem(paramiko.SubsystemHandler):
+    def __init__(self, channel: paramiko.Channel, name: str, server: _Interface,
+                 service: Service) -> None:
+        super().__init__(channel, name, server)
+        self._service = service
+
+    def start_subsystem(self, name: str, transport: paramiko.Transport,
+                        channel: paramiko.Channel) -> None:
+        iface = self.get_server()
+        try:
+            serve_stream(self._service, iface.principal, channel)
+        finally:
+            channel.close()
+
+
+class SSHServer:
+    """A paramiko SSH server on one TCP socket that serves one :class:`Service` as a subsystem."""
+
+    def __init__(self, host_key: paramiko.PKey, service: Service, subsystem: str,
+                 authorize: Callable[[paramiko.PKey], Any], host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.host_key = host_key
+        self.service = service
+        self.subsystem = subsystem
+        self.authorize = authorize
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(64)
+        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._stop = threading.Event()
+        self._transports: list[paramiko.Transport] = []
+        self._lock = threading.Lock()
+
+    def serve_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                break
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def start(self) -> "SSHServer":
+        threading.Thread(target=self.serve_forever, daemon=True, name="dgf-accept").start()
+        return self
+
+    def _handle(self, conn: socket.socket) -> None:
+        transport = paramiko.Transport(conn)
+        transport.get_security_options().ciphers = CIPHERS
+        transport.add_server_key(self.host_key)
+        service = self.service
+        transport.set_subsystem_handler(self.subsystem, _Subsystem, service)
+        iface = _Interface(self.authorize, self.subsystem)
+        try:
+            transport.start_server(server=iface)
+        except (paramiko.SSHException, OSError, EOFError):
+            transport.close()
+            return
+        with self._lock:
+            self._transports = [t for t in self._transports if t.is_active()] + [transport]
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            for t in self._transports:
+                t.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+
+
+class Connection:
+    """An authenticated SSH connection to one dgf server, with pinned host key.
+
+    Channels are long-lived (paramiko issue 822: closing channels during a rekey can deadlock the
+    transport), so callers open a few and keep them.
+    """
+
+    def __init__(self, host: str, port: int, key: paramiko.PKey, host_key_line: str,
+                 subsystem: str, timeout: float = 15.0) -> None:
+        self.where = f"{host}:{port}"
+        self.subsystem = subsystem
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise errors.TransportError(
+                f"cannot reach the dgf server at {self.where} ({exc.strerror or exc}); is it running?"
+            ) from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self.transport = paramiko.Transport(sock)
+        self.transport.get_security_options().ciphers = CIPHERS
+        try:
+            self.transport.start_client(timeout=timeout)
+            remote = self.transport.get_remote_server_key()
+            expected = host_key_line.split()
+            if [remote.get_name(), remote.get_base64()] != expected[:2]:
+                raise errors.AuthenticationFailed(
+                    f"the host key of {self.where} does not match the pinned key; refusing to connect."
+                )
+            self.transport.auth_publickey("dgf", key)
+        except paramiko.AuthenticationException as exc:
+            self.transport.close()
+            raise errors.AuthenticationFailed(
+                f"the server at {self.where} refused our key; is this principal enrolled?"
+            ) from exc
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            self.transport.close()
+            raise errors.TransportError(f"SSH handshake with {self.where} failed ({exc}).") from exc
+        except errors.DgfError:
+            self.transport.close()
+            raise
+
+    def channel(self) -> "RpcChannel":
+        try:
+            chan = self.transport.open_session(timeout=15)
+            chan.invoke_subsystem(self.subsystem)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise errors.TransportError(
+                f"cannot open the {self.subsystem} subsystem on {self.where} ({exc})."
+            ) from exc
+        return RpcChannel(chan, self.where)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class RpcChannel:
+    """Request/reply over one channel; ``send``/``receive`` separately allow pipelining."""
+
+    def __init__(self, chan: paramiko.Channel | Stream, where: str) -> None:
+        self._chan = chan
+        self.where = where
+        self.lock = threading.Lock()
+
+    def send(self, verb_name: str, args: dict[str, Any] | None = None, payload: bytes = b"",
+             stream: Iterable[bytes] | None = None, stream_size: int = 0) -> None:
+        try:
+            if stream is None:
+                _send_header(self._chan, {"v": verb_name, "a": args or {}, "n": len(payload)}, payload)
+                return
+            _send_header(self._chan, {"v": verb_name, "a": args or {}, "n": stream_size})
+            for chunk in stream:
+                self._chan.sendall(chunk)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise errors.TransportError(f"connection to {self.where} broke while sending ({exc}).") from exc
+
+    def receive_header(self) -> dict[str, Any]:
+        """Read a reply header, raising the server's error; the caller must read ``n`` bytes."""
+        try:
+            header = read_header(self._chan)
+        except (OSError, EOFError, paramiko.SSHException, ValueError) as exc:
+            raise errors.TransportError(f"connection to {self.where} broke while receiving ({exc}).") from exc
+        if header is None:
+            raise errors.TransportError(f"the server at {self.where} closed the connection.")
+        if not header.get("ok"):
+            raise errors.from_wire(str(header.get("e")), str(header.get("m")))
+        return header
+
+    def receive(self) -> tuple[dict[str, Any], bytes]:
+        header = self.receive_header()
+        return header.get("r") or {}, self.read_payload(header.get("n", 0))
+
+    def read_payload(self, n: int) -> bytes:
+        try:
+            return recv_exact(self._chan, n)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise errors.TransportError(f"connection to {self.where} broke while receiving ({exc}).") from exc
+
+    def payload_chunks(self, n: int) -> Iterator[bytes]:
+        left = n
+        while left:
+            try:
+                data = self._chan.recv(min(CHUNK, left))
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise errors.TransportError(f"connection to {self.where} broke mid-transfer ({exc}).") from exc
+            if not data:
+                raise errors.TransportError(f"connection to {self.where} closed mid-transfer.")
+            left -= len(data)
+            yield data
+
+    def call(self, verb_name: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+        with self.lock:
+            self.send(verb_name, args, payload)
+            return self.receive()
+
+    def close(self) -> None:
+        close = getattr(self._chan, "close", None)
+        if close is not None:
+            close()
