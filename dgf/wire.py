@@ -180,6 +180,10 @@ class Service:
             if spec is not None:
                 self._verbs[spec.name] = spec
 
+    def new_session(self, principal: Any) -> Any:
+        """Per-channel context handed to every verb; by default the authenticated principal."""
+        return principal
+
     def dispatch(self, ctx: Any, header: dict[str, Any], payload: Payload) -> Reply:
         name = header.get("v")
         spec = self._verbs.get(name) if isinstance(name, str) else None
@@ -304,7 +308,7 @@ class _Subsystem(paramiko.SubsystemHandler):
                         channel: paramiko.Channel) -> None:
         iface = self.get_server()
         try:
-            serve_stream(self._service, iface.principal, channel)
+            serve_stream(self._service, self._service.new_session(iface.principal), channel)
         finally:
             channel.close()
 

@@ -1,0 +1,230 @@
+"""The ``dgf-io`` service and the ``dgf-ioserver`` process.
+
+Clients authenticate with their SSH key (the keys enrolled at the metaserver, fetched over the
+site's own authenticated link and refreshed when an unknown key knocks), then present capabilities
+signed by the metaserver: no operation on an object happens without one.  Uploads answer with a
+receipt signed by the site key, which the metaserver checks before an upload becomes visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paramiko
+
+from dgf import crypto, errors, wire
+from dgf.config import IoserverConfig
+from ioserver.store import LocalObjectStore, ObjectStore
+
+log = logging.getLogger("dgf.ioserver")
+
+SUBSYSTEM = "dgf-io"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    role: str
+    fingerprint: str
+
+
+@dataclass
+class Session:
+    """One client channel: who it is and which capabilities it presented."""
+
+    peer: Peer
+    caps: list[crypto.Capability] = field(default_factory=list)
+
+    def require(self, op: str, key: str | None) -> None:
+        now = time.time()
+        self.caps = [c for c in self.caps if c.expires > now]
+        for cap in self.caps:
+            if cap.op == op and (cap.keys is None or (key is not None and key in cap.keys)):
+                return
+        raise errors.PermissionDenied(
+            f"no valid '{op}' capability for this object; the metaserver grants them per request."
+        )
+
+
+class KeyRing:
+    """Which SSH keys this site accepts: the metaserver's list of enrolled principals."""
+
+    def __init__(self, fetch: Any) -> None:
+        self._fetch = fetch
+        self._keys: dict[str, Peer] = {}
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        with self._lock:
+            if not force and time.time() - self._last < 2.0:
+                return
+            self._last = time.time()
+            principals = self._fetch()
+            self._keys = {p["fingerprint"]: Peer(p["name"], p["role"], p["fingerprint"])
+                          for p in principals}
+
+    def lookup(self, key: paramiko.PKey) -> Peer | None:
+        fp = crypto.fingerprint(key)
+        peer = self._keys.get(fp)
+        if peer is None:
+            try:
+                self.refresh()
+            except errors.DgfError:
+                log.warning("could not refresh enrolled keys from the metaserver")
+            peer = self._keys.get(fp)
+        return peer
+
+
+class IoService(wire.Service):
+    def __init__(self, site: str, store: ObjectStore, cap_public: Any,
+                 site_key: Any) -> None:
+        super().__init__()
+        self.site = site
+        self.store = store
+        self._cap_public = cap_public
+        self._site_key = site_key
+
+    def new_session(self, principal: Peer) -> Session:
+        return Session(principal)
+
+    @wire.verb("hello")
+    def hello(self, s: Session) -> wire.Reply:
+        return wire.Reply({"site": self.site, "principal": s.peer.name})
+
+    @wire.verb("auth", token=str)
+    def auth(self, s: Session, token: str) -> wire.Reply:
+        cap = crypto.check_capability(self._cap_public, token, s.peer.fingerprint, self.site)
+        s.caps.append(cap)
+        return wire.Reply({"op": cap.op, "expires": cap.expires})
+
+    @wire.verb("put", payload=True, key=str, size=int)
+    def put(self, s: Session, payload: wire.Payload, key: str, size: int) -> wire.Reply:
+        s.require("put", key)
+        if payload.size != size:
+            raise errors.UsageError(f"put declared {size} bytes but sent {payload.size}.")
+        created = self.store.put(key, payload.chunks(), size)
+        receipt = crypto.sign_token(self._site_key, {"t": "receipt", "site": self.site,
+                                                     "key": key, "size": size})
+        return wire.Reply({"created": created, "receipt": receipt})
+
+    @wire.verb("get", optional=("offset", "length"), key=str, offset=int, length=int)
+    def get(self, s: Session, key: str, offset: int = 0, length: int = -1) -> wire.Reply:
+        s.require("get", key)
+        n, chunks = self.store.get(key, offset, length)
+        if n <= wire.CHUNK:
+            return wire.Reply({"size": n}, payload=b"".join(chunks))
+        return wire.Reply({"size": n}, stream=chunks, stream_size=n)
+
+    @wire.verb("stat", key=str)
+    def stat(self, s: Session, key: str) -> wire.Reply:
+        s.require("get", key)
+        return wire.Reply({"size": self.store.stat(key)})
+
+    @wire.verb("delete", key=str)
+    def delete(self, s: Session, key: str) -> wire.Reply:
+        s.require("delete", key)
+        return wire.Reply({"deleted": self.store.delete(key)})
+
+    @wire.verb("verify", key=str)
+    def verify(self, s: Session, key: str) -> wire.Reply:
+        s.require("get", key)
+        return wire.Reply({"ok": self.store.verify(key)})
+
+    @wire.verb("scrub")
+    def scrub(self, s: Session) -> wire.Reply:
+        if s.peer.role != "admin":
+            raise errors.PermissionDenied("only an admin may scrub a site.")
+        return wire.Reply({"corrupt": self.store.scrub()})
+
+
+class MetaLink:
+    """The site's own authenticated channel to the metaserver (registration, enrolled keys)."""
+
+    def __init__(self, cfg: IoserverConfig) -> None:
+        self.cfg = cfg
+        self._key = crypto.load_paramiko_key(cfg.key)
+        self._chan: wire.RpcChannel | None = None
+        self._lock = threading.Lock()
+
+    def call(self, verb_name: str, **args: Any) -> dict[str, Any]:
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._chan is None:
+                        conn = wire.Connection(*self.cfg.metaserver, self._key,
+                                               self.cfg.metaserver_host_key, "dgf-meta")
+                        self._chan = conn.channel()
+                    return self._chan.call(verb_name, **args)[0]
+                except errors.TransportError:
+                    self._chan = None
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+
+def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
+    link = MetaLink(cfg)
+    server_holder: dict[str, wire.SSHServer] = {}
+    keyring = KeyRing(lambda: link.call("site.keys")["principals"])
+    service = IoService(cfg.site, LocalObjectStore(cfg.store),
+                        crypto.load_public(cfg.metaserver_host_key),
+                        crypto.load_signing_key(cfg.key))
+    server = wire.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
+                            host=cfg.listen[0], port=listen_port)
+    server_holder["s"] = server
+    return server, link
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dgf-ioserver",
+        description="Serve one site's object store over SSH (subsystem dgf-io).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    serve = sub.add_parser("serve", help="run the server in the foreground")
+    serve.add_argument("--config", required=True, help="ioserver config file (INI, [ioserver])")
+    serve.add_argument("--stdio", action="store_true",
+                       help="serve one session on stdin/stdout (forced command behind OpenSSH)")
+    serve.add_argument("--principal", help="with --stdio: the principal OpenSSH authenticated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dgf-ioserver %(levelname)s %(message)s")
+    try:
+        cfg = IoserverConfig.load(args.config)
+        host_key = crypto.load_paramiko_key(cfg.host_key)
+        server, link = build(cfg, host_key, cfg.listen[1])
+        if args.stdio:
+            principals = link.call("site.keys")["principals"]
+            match = [p for p in principals if p["name"] == args.principal]
+            if not match:
+                raise errors.PermissionDenied(f"principal {args.principal!r} is not enrolled.")
+            peer = Peer(match[0]["name"], match[0]["role"], match[0]["fingerprint"])
+            server.close()
+            wire.serve_stream(server.service, server.service.new_session(peer),
+                              wire.StdioStream(sys.stdin.buffer, sys.stdout.buffer))
+            return 0
+        host, port = server.address
+        link.call("site.register", site=cfg.site, host=host, port=port,
+                  host_key=crypto.public_line(host_key))
+    except errors.DgfError as exc:
+        print(f"dgf-ioserver: {exc}", file=sys.stderr)
+        return exc.exit_code
+    log.info("site %s serving %s on %s:%d", cfg.site, cfg.store, host, port)
+    signal.signal(signal.SIGTERM, lambda *_: server.close())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

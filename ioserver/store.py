@@ -1,0 +1,206 @@
+"""Object stores: immutable objects named by the SHA-256 of their bytes.
+
+:class:`ObjectStore` does the shared checks (key syntax, ranges, checksum on write) once; a backend
+implements the small ``_do_*`` steps.  No path from a client ever reaches the filesystem: a key is
+validated as 64 lowercase hex digits before it becomes a file name under the store root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from dgf import errors
+
+log = logging.getLogger(__name__)
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+READ_CHUNK = 256 * 1024
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise errors.UsageError("an object key must be 64 lowercase hex digits (a SHA-256).")
+    return key
+
+
+class ObjectStore(ABC):
+    """Content-addressed object store; put is idempotent, get supports ranges."""
+
+    def put(self, key: str, chunks: Iterable[bytes], size: int) -> bool:
+        """Store ``size`` bytes whose SHA-256 must equal ``key``; return False if already stored.
+
+        The bytes are always consumed and checked, so a client cannot plant a wrong object under
+        an existing key, and a failed or short write leaves nothing visible.
+        """
+        check_key(key)
+        if size < 0:
+            raise errors.UsageError("object size must not be negative.")
+        return self._do_put(key, chunks, size)
+
+    def get(self, key: str, offset: int = 0, length: int = -1) -> tuple[int, Iterator[bytes]]:
+        """Return (number of bytes, chunk iterator) for the range starting at ``offset``."""
+        check_key(key)
+        size = self.stat(key)
+        if offset < 0 or offset > size:
+            raise errors.UsageError(f"offset {offset} is outside the object ({size} bytes).")
+        n = size - offset if length < 0 else min(length, size - offset)
+        return n, self._do_read(key, offset, n, verify=(offset == 0 and n == size))
+
+    def stat(self, key: str) -> int:
+        check_key(key)
+        size = self._do_stat(key)
+        if size is None:
+            raise errors.NotFound(f"object {key[:16]}... is not stored at this site.")
+        return size
+
+    def delete(self, key: str) -> bool:
+        check_key(key)
+        return self._do_delete(key)
+
+    def verify(self, key: str) -> bool:
+        """Re-hash a stored object; False means it is corrupt (and has been quarantined)."""
+        n, chunks = self.get(key)
+        h = hashlib.sha256()
+        for c in chunks:
+            h.update(c)
+        return h.hexdigest() == key
+
+    def scrub(self) -> list[str]:
+        """Verify every object; return the keys found corrupt."""
+        bad = []
+        for key in self.keys():
+            try:
+                ok = self.verify(key)
+            except errors.IntegrityError:
+                ok = False
+            if not ok:
+                bad.append(key)
+        return bad
+
+    @abstractmethod
+    def keys(self) -> Iterator[str]: ...
+
+    @abstractmethod
+    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> bool: ...
+
+    @abstractmethod
+    def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]: ...
+
+    @abstractmethod
+    def _do_stat(self, key: str) -> int | None: ...
+
+    @abstractmethod
+    def _do_delete(self, key: str) -> bool: ...
+
+
+class LocalObjectStore(ObjectStore):
+    """Objects as files ``root/objects/ab/cd/<key>``; writes go temp -> fsync -> rename."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.quarantine = self.root / "quarantine"
+        self.fsync = fsync
+        for d in (self.objects, self.tmp, self.quarantine):
+            d.mkdir(parents=True, exist_ok=True)
+        # Temp files left by a crash are never visible objects; clear them at start.
+        for stale in self.tmp.iterdir():
+            stale.unlink(missing_ok=True)
+        self._dirs_made: set[str] = set()
+
+    def _path(self, key: str) -> Path:
+        return self.objects / key[:2] / key[2:4] / key
+
+    def keys(self) -> Iterator[str]:
+        for dirpath, _, files in os.walk(self.objects):
+            for name in files:
+                if _KEY.fullmatch(name):
+                    yield name
+
+    def _do_stat(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+
+    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> bool:
+        final = self._path(key)
+        tmp = self.tmp / f"{key}.{uuid.uuid4().hex}"
+        h = hashlib.sha256()
+        got = 0
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in chunks:
+                    got += len(chunk)
+                    if got > size:
+                        raise errors.IntegrityError(f"object {key[:16]}... sent more than its declared {size} bytes.")
+                    h.update(chunk)
+                    fh.write(chunk)
+                if got != size:
+                    raise errors.IntegrityError(f"object {key[:16]}... arrived with {got} of {size} bytes.")
+                if h.hexdigest() != key:
+                    raise errors.IntegrityError(f"object {key[:16]}... does not match its SHA-256; upload refused.")
+                if final.exists():
+                    return False
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            sub = key[:4]
+            if sub not in self._dirs_made:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._dirs_made.add(sub)
+            os.replace(tmp, final)
+            if self.fsync:
+                dfd = os.open(final.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]:
+        path = self._path(key)
+        fh = open(path, "rb")
+
+        def chunks() -> Iterator[bytes]:
+            h = hashlib.sha256() if verify else None
+            left = n
+            with fh:
+                fh.seek(offset)
+                while left:
+                    data = fh.read(min(READ_CHUNK, left))
+                    if not data:
+                        raise errors.IntegrityError(f"object {key[:16]}... is shorter than its recorded size.")
+                    left -= len(data)
+                    if h is not None:
+                        h.update(data)
+                    yield data
+            if h is not None and h.hexdigest() != key:
+                self._quarantine(key)
+                raise errors.IntegrityError(f"object {key[:16]}... failed its checksum and was quarantined.")
+
+        return chunks()
+
+    def _quarantine(self, key: str) -> None:
+        log.error("object %s failed its checksum; moved to quarantine", key)
+        try:
+            os.replace(self._path(key), self.quarantine / key)
+        except FileNotFoundError:
+            pass
+
+    def _do_delete(self, key: str) -> bool:
+        try:
+            os.unlink(self._path(key))
+            return True
+        except FileNotFoundError:
+            return False
