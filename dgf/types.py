@@ -7,8 +7,9 @@ from typing import Any
 
 ROLES = ("admin", "clinician", "researcher", "site")
 
-#: Roles that may receive patient identity (re-identified files, the identity record).
-IDENTITY_ROLES = frozenset({"admin", "clinician"})
+#: Roles that may receive patient identity (re-identified files, the identity record).  Admins
+#: manage principals but see identity only if they also hold a clinician principal.
+IDENTITY_ROLES = frozenset({"clinician"})
 
 
 @dataclass(frozen=True)

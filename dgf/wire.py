@@ -151,7 +151,7 @@ class VerbSpec:
     payload: bool
 
 
-def verb(name: str, *, payload: bool = False, optional: Iterable[str] = (),
+def verb(verb_name: str, /, *, payload: bool = False, optional: Iterable[str] = (),
          **args: type | tuple[type, ...]) -> Callable[[Callable[..., Reply]], Callable[..., Reply]]:
     """Declare a method of a :class:`Service` as a wire verb with typed arguments.
 
@@ -160,7 +160,7 @@ def verb(name: str, *, payload: bool = False, optional: Iterable[str] = (),
     """
 
     def mark(func: Callable[..., Reply]) -> Callable[..., Reply]:
-        func._dgf_verb = VerbSpec(name, func, args, frozenset(optional), payload)  # type: ignore[attr-defined]
+        func._dgf_verb = VerbSpec(verb_name, func, args, frozenset(optional), payload)  # type: ignore[attr-defined]
         return func
 
     return mark

@@ -1,0 +1,1 @@
+"""dgf metadata server: namespace, XML headers, identity vault, principals, audit."""

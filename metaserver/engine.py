@@ -1,0 +1,216 @@
+"""The metadata engine interface (``MetaEngine``) and the checks every backend shares.
+
+Paths cross this interface as absolute POSIX strings; the base class normalises and validates them
+once, backends implement ``_do_*`` steps.  Errors are :mod:`dgf.errors` classes carrying errno, so
+the server and the FUSE layer translate them without knowing the backend.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from dgf import errors
+from dgf.types import Principal, Site, Stat
+
+MAX_NAME = 255
+MAX_PATH = 4096
+
+
+def norm_path(path: str) -> str:
+    """Validate and normalise an absolute namespace path ("/a/b")."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise errors.UsageError(f"namespace paths are absolute, got {path!r}.")
+    if len(path) > MAX_PATH or "\0" in path:
+        raise errors.UsageError("the path is too long or contains a NUL byte.")
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        raise errors.UsageError(f"'..' is not allowed in namespace paths: {path!r}.")
+    for p in parts:
+        if len(p.encode()) > MAX_NAME:
+            raise errors.UsageError(f"the name {p[:40]!r}... is longer than {MAX_NAME} bytes.")
+    return "/" + "/".join(parts)
+
+
+def split_path(path: str) -> tuple[str, str]:
+    path = norm_path(path)
+    if path == "/":
+        raise errors.UsageError("the root directory cannot be created, renamed or removed.")
+    return posixpath.split(path)
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """One uploaded file to publish: path, object, its site, xattrs and sealed identity."""
+
+    path: str
+    object_key: str
+    size: int
+    site: str
+    xattrs: dict[str, bytes]
+    patient: str | None = None
+    identity: bytes | None = None  # sealed (encrypted) identity record
+    mode: int = 0o644
+
+
+class MetaEngine(ABC):
+    """Namespace, objects and replicas, xattrs, query, identity storage, principals, sites, audit."""
+
+    # -- namespace ------------------------------------------------------------------------
+
+    def stat(self, path: str) -> Stat:
+        return self._do_stat(norm_path(path))
+
+    def readdir(self, path: str) -> list[Stat]:
+        return self._do_readdir(norm_path(path))
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False) -> Stat:
+        split_path(path)
+        return self._do_mkdir(norm_path(path), mode & 0o7777, parents)
+
+    def rename(self, src: str, dst: str) -> dict[str, list[str]]:
+        """Atomic rename; returns released objects (key -> sites) when a file was replaced."""
+        src, dst = norm_path(src), norm_path(dst)
+        split_path(src), split_path(dst)
+        if dst == src:
+            return {}
+        if (dst + "/").startswith(src + "/"):
+            raise errors.UsageError(f"cannot move {src!r} into itself.")
+        return self._do_rename(src, dst)
+
+    def unlink(self, path: str) -> dict[str, list[str]]:
+        """Remove a file; return released objects (key -> sites holding their bytes)."""
+        split_path(path)
+        return self._do_unlink(norm_path(path))
+
+    def rmdir(self, path: str) -> None:
+        split_path(path)
+        self._do_rmdir(norm_path(path))
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._do_chmod(norm_path(path), mode & 0o7777)
+
+    def create_files(self, files: list[NewFile], replace: bool = False
+                     ) -> tuple[list[Stat], dict[str, list[str]]]:
+        """Publish a batch of uploaded files in one transaction (parents made as needed).
+
+        Returns the new entries and the objects released by replaced files."""
+        for f in files:
+            split_path(f.path)
+        return self._do_create_files([
+            NewFile(norm_path(f.path), f.object_key, f.size, f.site, f.xattrs, f.patient,
+                    f.identity, f.mode) for f in files], replace)
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        return self._do_getxattr(norm_path(path), name)
+
+    def listxattr(self, path: str) -> list[str]:
+        return self._do_listxattr(norm_path(path))
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        if not name.startswith("user.") or len(name) > 255:
+            raise errors.UsageError(f"only 'user.*' extended attributes may be set, not {name!r}.")
+        self._do_setxattr(norm_path(path), name, value)
+
+    def removexattr(self, path: str, name: str) -> None:
+        self._do_removexattr(norm_path(path), name)
+
+    # -- abstract steps -------------------------------------------------------------------
+
+    @abstractmethod
+    def _do_stat(self, path: str) -> Stat: ...
+
+    @abstractmethod
+    def _do_readdir(self, path: str) -> list[Stat]: ...
+
+    @abstractmethod
+    def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat: ...
+
+    @abstractmethod
+    def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]: ...
+
+    @abstractmethod
+    def _do_unlink(self, path: str) -> dict[str, list[str]]: ...
+
+    @abstractmethod
+    def _do_rmdir(self, path: str) -> None: ...
+
+    @abstractmethod
+    def _do_chmod(self, path: str, mode: int) -> None: ...
+
+    @abstractmethod
+    def _do_create_files(self, files: list[NewFile], replace: bool
+                          ) -> tuple[list[Stat], dict[str, list[str]]]: ...
+
+    @abstractmethod
+    def _do_getxattr(self, path: str, name: str) -> bytes: ...
+
+    @abstractmethod
+    def _do_listxattr(self, path: str) -> list[str]: ...
+
+    @abstractmethod
+    def _do_setxattr(self, path: str, name: str, value: bytes) -> None: ...
+
+    @abstractmethod
+    def _do_removexattr(self, path: str, name: str) -> None: ...
+
+    # -- objects, query, identity, principals, sites, audit -------------------------------
+
+    @abstractmethod
+    def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
+        """Object key -> sites holding a healthy replica."""
+
+    @abstractmethod
+    def walk_files(self, root: str) -> Iterator[tuple[str, str, int]]:
+        """(path, object key, size) of every file at or under ``root``."""
+
+    @abstractmethod
+    def scan_xattr(self, root: str, name: str) -> Iterator[tuple[str, bytes]]:
+        """(path, value) of every file under ``root`` that has xattr ``name``."""
+
+    @abstractmethod
+    def identity(self, object_key: str) -> tuple[str, bytes, bytes] | None:
+        """(patient pseudonym, wrapped patient data key, sealed record) or None."""
+
+    @abstractmethod
+    def patient_key(self, patient: str) -> bytes | None:
+        """The wrapped data key of a patient, if one exists."""
+
+    @abstractmethod
+    def add_patient_key(self, patient: str, wrapped: bytes) -> bytes:
+        """Store a wrapped data key unless one exists; return the one that is stored."""
+
+    @abstractmethod
+    def erase_patient(self, patient: str) -> int:
+        """Destroy a patient's data key (crypto-erasure) and identity records; return records removed."""
+
+    @abstractmethod
+    def add_principal(self, p: Principal) -> None: ...
+
+    @abstractmethod
+    def remove_principal(self, name: str) -> None: ...
+
+    @abstractmethod
+    def principals(self) -> list[Principal]: ...
+
+    @abstractmethod
+    def principal_by_fingerprint(self, fp: str) -> Principal | None: ...
+
+    @abstractmethod
+    def register_site(self, site: Site) -> None: ...
+
+    @abstractmethod
+    def sites(self) -> list[Site]: ...
+
+    @abstractmethod
+    def audit(self, principal: str, action: str, target: str, outcome: str, detail: str = "") -> None: ...
+
+    @abstractmethod
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

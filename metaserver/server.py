@@ -1,0 +1,387 @@
+"""The ``dgf-meta`` service and the ``dgf-metaserver`` process.
+
+Every verb is checked against :data:`POLICY` (role -> allowed) before it runs; identity releases,
+refusals, grants and deletes are written to the append-only audit table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from dgf import crypto, errors, wire
+from dgf.config import MetaserverConfig
+from dgf.types import IDENTITY_ROLES, ROLES, Principal, Site
+from metaserver import query
+from metaserver.engine import MetaEngine, NewFile
+from metaserver.sql import SqlEngine
+from metaserver.vault import Vault
+
+log = logging.getLogger("dgf.metaserver")
+
+SUBSYSTEM = "dgf-meta"
+USERS = frozenset({"admin", "clinician", "researcher"})
+WRITERS = frozenset({"admin", "clinician"})
+
+#: Which roles may call which verb.  Researchers read de-identified data and annotate with their
+#: own user.* attributes; writers change the namespace; sites only register and learn keys.
+POLICY: dict[str, frozenset[str]] = {
+    "whoami": frozenset(ROLES),
+    "site.register": frozenset({"site"}),
+    "site.keys": frozenset({"site"}),
+    "site.list": USERS,
+    "ns.stat": USERS, "ns.readdir": USERS, "ns.walk": USERS,
+    "ns.mkdir": WRITERS, "ns.rename": WRITERS, "ns.unlink": WRITERS, "ns.rmdir": WRITERS,
+    "ns.chmod": WRITERS,
+    "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
+    "find": USERS,
+    "up.prepare": WRITERS, "up.commit": WRITERS,
+    "down.resolve": USERS,
+    "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
+    "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
+}
+
+#: xattrs the system writes; users may read them but never set or remove them.
+RESERVED_XATTR_PREFIX = "user.dgf."
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class MetaService(wire.Service):
+    def __init__(self, engine: MetaEngine, vault: Vault, signing_key: Any) -> None:
+        super().__init__()
+        self.engine = engine
+        self.vault = vault
+        self._signing_key = signing_key
+
+    def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
+        verb_name = header.get("v")
+        allowed = POLICY.get(verb_name) if isinstance(verb_name, str) else None
+        if allowed is not None and ctx.role not in allowed:
+            raise errors.PermissionDenied(f"role {ctx.role!r} may not call {verb_name!r}.")
+        return super().dispatch(ctx, header, payload)
+
+    def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None) -> str:
+        return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys)
+
+    # -- identity and sites ---------------------------------------------------------------
+
+    @wire.verb("whoami")
+    def whoami(self, p: Principal) -> wire.Reply:
+        return wire.Reply({"name": p.name, "role": p.role})
+
+    @wire.verb("site.register", site=str, host=str, port=int, host_key=str)
+    def site_register(self, p: Principal, site: str, host: str, port: int, host_key: str) -> wire.Reply:
+        if site != p.name:
+            raise errors.PermissionDenied(f"principal {p.name!r} may only register site {p.name!r}.")
+        crypto.fingerprint(host_key)
+        self.engine.register_site(Site(site, host, port, host_key))
+        log.info("site %s registered at %s:%d", site, host, port)
+        return wire.Reply({})
+
+    @wire.verb("site.keys")
+    def site_keys(self, p: Principal) -> wire.Reply:
+        return wire.Reply({"principals": [
+            {"name": q.name, "role": q.role, "fingerprint": q.fingerprint} for q in self.engine.principals()]})
+
+    @wire.verb("site.list")
+    def site_list(self, p: Principal) -> wire.Reply:
+        return wire.Reply({"sites": [s.to_wire() for s in self.engine.sites()]})
+
+    # -- namespace ------------------------------------------------------------------------
+
+    @wire.verb("ns.stat", path=str)
+    def ns_stat(self, p: Principal, path: str) -> wire.Reply:
+        return wire.Reply(self.engine.stat(path).to_wire())
+
+    @wire.verb("ns.readdir", path=str)
+    def ns_readdir(self, p: Principal, path: str) -> wire.Reply:
+        entries = [s.to_wire() for s in self.engine.readdir(path)]
+        return wire.Reply({}, payload=json.dumps(entries).encode())
+
+    @wire.verb("ns.walk", path=str)
+    def ns_walk(self, p: Principal, path: str) -> wire.Reply:
+        files = [[fpath, key, size] for fpath, key, size in self.engine.walk_files(path)]
+        return wire.Reply({}, payload=json.dumps(files).encode())
+
+    @wire.verb("ns.mkdir", optional=("parents", "mode"), path=str, parents=bool, mode=int)
+    def ns_mkdir(self, p: Principal, path: str, parents: bool = False, mode: int = 0o755) -> wire.Reply:
+        return wire.Reply(self.engine.mkdir(path, mode, parents).to_wire())
+
+    def _released(self, p: Principal, released: dict[str, list[str]], why: str) -> dict[str, Any]:
+        """Delete capabilities for objects no file references, so the client frees site space."""
+        by_site: dict[str, list[str]] = {}
+        for key, sites in released.items():
+            self.engine.audit(p.name, "object.release", key, "ok", why)
+            for site in sites:
+                by_site.setdefault(site, []).append(key)
+        return {site: {"keys": keys, "cap": self._cap(p, "delete", site, keys)}
+                for site, keys in by_site.items()}
+
+    @wire.verb("ns.rename", src=str, dst=str)
+    def ns_rename(self, p: Principal, src: str, dst: str) -> wire.Reply:
+        released = self.engine.rename(src, dst)
+        return wire.Reply({"release": self._released(p, released, "replaced by rename")})
+
+    @wire.verb("ns.unlink", path=str)
+    def ns_unlink(self, p: Principal, path: str) -> wire.Reply:
+        released = self.engine.unlink(path)
+        self.engine.audit(p.name, "delete", path, "ok")
+        return wire.Reply({"release": self._released(p, released, "unlinked")})
+
+    @wire.verb("ns.rmdir", path=str)
+    def ns_rmdir(self, p: Principal, path: str) -> wire.Reply:
+        self.engine.rmdir(path)
+        self.engine.audit(p.name, "rmdir", path, "ok")
+        return wire.Reply({})
+
+    @wire.verb("ns.chmod", path=str, mode=int)
+    def ns_chmod(self, p: Principal, path: str, mode: int) -> wire.Reply:
+        self.engine.chmod(path, mode)
+        return wire.Reply({})
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    @wire.verb("xattr.get", path=str, name=str)
+    def xattr_get(self, p: Principal, path: str, name: str) -> wire.Reply:
+        return wire.Reply({}, payload=self.engine.getxattr(path, name))
+
+    @wire.verb("xattr.list", path=str)
+    def xattr_list(self, p: Principal, path: str) -> wire.Reply:
+        return wire.Reply({"names": self.engine.listxattr(path)})
+
+    @wire.verb("xattr.set", payload=True, path=str, name=str)
+    def xattr_set(self, p: Principal, payload: wire.Payload, path: str, name: str) -> wire.Reply:
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be set by hand.")
+        if payload.size > 1 << 20:
+            raise errors.UsageError("extended attribute values are limited to 1 MiB.")
+        self.engine.setxattr(path, name, payload.read())
+        return wire.Reply({})
+
+    @wire.verb("xattr.remove", path=str, name=str)
+    def xattr_remove(self, p: Principal, path: str, name: str) -> wire.Reply:
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be removed by hand.")
+        self.engine.removexattr(path, name)
+        return wire.Reply({})
+
+    # -- query ----------------------------------------------------------------------------
+
+    @wire.verb("find", optional=("show", "limit", "timeout"), xpath=str, root=str, show=list,
+               limit=int, timeout=(int, float))
+    def find(self, p: Principal, xpath: str, root: str, show: list[str] | None = None,
+             limit: int = 0, timeout: float = 0.0) -> wire.Reply:
+        query.compile_xpath(xpath)  # a bad expression fails before any scan
+        rows = query.evaluate(self.engine.scan_xattr(root, query.HEADER_XATTR), xpath,
+                              [str(s) for s in show or []], limit, float(timeout))
+        body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+        return wire.Reply({}, payload=body)
+
+    # -- upload ---------------------------------------------------------------------------
+
+    @wire.verb("up.prepare", uids=list, patients=list)
+    def up_prepare(self, p: Principal, uids: list[str], patients: list[str]) -> wire.Reply:
+        """Pseudonyms for a batch (the HMAC key never leaves this server) and put capabilities."""
+        keys = self.vault.keys
+        sites = self.engine.sites()
+        if not sites:
+            raise errors.ServerError("no I/O site is registered; start an ioserver first.")
+        return wire.Reply({
+            "uids": {u: keys.pseudo_uid(u) for u in uids if isinstance(u, str)},
+            "patients": {k: [keys.pseudo_patient(k), keys.date_offset_days(k)]
+                         for k in patients if isinstance(k, str)},
+            "sites": [s.to_wire() for s in sites],
+            "caps": {s.name: self._cap(p, "put", s.name, None) for s in sites},
+        })
+
+    @wire.verb("up.commit", payload=True, optional=("replace",), replace=bool)
+    def up_commit(self, p: Principal, payload: wire.Payload, replace: bool = False) -> wire.Reply:
+        try:
+            batch = json.loads(payload.read())
+            files = batch["files"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise errors.UsageError("the commit payload is not a valid batch.") from exc
+        site_keys = {q.name: crypto.load_public(q.public_key)
+                     for q in self.engine.principals() if q.role == "site"}
+        new: list[NewFile] = []
+        for f in files:
+            site = f["site"]
+            if site not in site_keys:
+                raise errors.UsageError(f"unknown site {site!r} in commit.")
+            claims = crypto.verify_token(site_keys[site], f["receipt"])
+            if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
+                    ("receipt", site, f["key"], f["size"]):
+                raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
+            sealed = None
+            if f.get("identity") is not None:
+                sealed = self.vault.seal(f["patient"], f["key"], base64.b64decode(f["identity"]))
+            xattrs = {query.HEADER_XATTR: f["xml"].encode()}
+            xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
+            new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, f.get("patient"), sealed))
+        stats, released = self.engine.create_files(new, replace)
+        return wire.Reply({"created": len(stats), "release": self._released(p, released, "replaced by upload")})
+
+    # -- download -------------------------------------------------------------------------
+
+    @wire.verb("down.resolve", optional=("identified",), paths=list, identified=bool)
+    def down_resolve(self, p: Principal, paths: list[str], identified: bool = False) -> wire.Reply:
+        """Files under ``paths`` with their replicas, get capabilities, and (for principals with
+        that authority) identity records.  Every identity release or refusal is audited."""
+        if identified and p.role not in IDENTITY_ROLES:
+            self.engine.audit(p.name, "identity.release", ",".join(map(str, paths))[:1000], "refused",
+                              f"role {p.role}")
+            raise errors.PermissionDenied(
+                f"principal {p.name!r} (role {p.role}) may not receive patient identity; "
+                "the refusal was audited.")
+        files: list[list[Any]] = []
+        for path in paths:
+            if not isinstance(path, str):
+                raise errors.UsageError("paths must be strings.")
+            files.extend([fp, key, size] for fp, key, size in self.engine.walk_files(path))
+        replicas = self.engine.object_replicas(sorted({f[1] for f in files}))
+        by_site: dict[str, set[str]] = {}
+        for f in files:
+            f.append(replicas.get(f[1], []))
+            for site in f[3]:
+                by_site.setdefault(site, set()).add(f[1])
+        out: dict[str, Any] = {
+            "files": files,
+            "sites": [s.to_wire() for s in self.engine.sites() if s.name in by_site],
+            "caps": {site: self._cap(p, "get", site, sorted(keys)) for site, keys in by_site.items()},
+        }
+        if identified:
+            ids: dict[str, str] = {}
+            for key in {f[1] for f in files}:
+                record = self.vault.open(key)
+                if record is not None:
+                    ids[key] = _b64(record)
+            for f in files:
+                self.engine.audit(p.name, "identity.release", f[0], "ok" if f[1] in ids else "none-held")
+            out["identities"] = ids
+        return wire.Reply({}, payload=json.dumps(out).encode())
+
+    # -- administration -------------------------------------------------------------------
+
+    @wire.verb("admin.principal.add", name=str, role=str, public_key=str)
+    def principal_add(self, p: Principal, name: str, role: str, public_key: str) -> wire.Reply:
+        principal = make_principal(name, role, public_key)
+        self.engine.add_principal(principal)
+        self.engine.audit(p.name, "grant", name, "ok", f"role {role}")
+        return wire.Reply(principal.to_wire())
+
+    @wire.verb("admin.principal.remove", name=str)
+    def principal_remove(self, p: Principal, name: str) -> wire.Reply:
+        if name == p.name:
+            raise errors.UsageError("an admin cannot remove itself; ask another admin.")
+        self.engine.remove_principal(name)
+        self.engine.audit(p.name, "revoke", name, "ok")
+        return wire.Reply({})
+
+    @wire.verb("admin.principal.list")
+    def principal_list(self, p: Principal) -> wire.Reply:
+        return wire.Reply({"principals": [q.to_wire() for q in self.engine.principals()]})
+
+    @wire.verb("admin.audit", optional=("limit",), limit=int)
+    def audit(self, p: Principal, limit: int = 100) -> wire.Reply:
+        return wire.Reply({"entries": self.engine.audit_log(limit)})
+
+
+def make_principal(name: str, role: str, public_key: str) -> Principal:
+    if role not in ROLES:
+        raise errors.UsageError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}.")
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise errors.UsageError(f"principal names use letters, digits, '-', '_' and '.', got {name!r}.")
+    crypto.load_public(public_key)
+    return Principal(name, role, " ".join(public_key.split()[:2]), crypto.fingerprint(public_key))
+
+
+def open_engine(url: str) -> SqlEngine:
+    return SqlEngine(url)
+
+
+def build(cfg: MetaserverConfig) -> wire.SSHServer:
+    engine = open_engine(cfg.db)
+    vault = Vault(engine, crypto.VaultKeys.load(cfg.vault_key))
+    host_key = crypto.load_paramiko_key(cfg.host_key)
+    service = MetaService(engine, vault, crypto.load_signing_key(cfg.host_key))
+
+    def authorize(key: paramiko.PKey) -> Principal | None:
+        return engine.principal_by_fingerprint(crypto.fingerprint(key))
+
+    return wire.SSHServer(host_key, service, SUBSYSTEM, authorize, host=cfg.listen[0], port=cfg.listen[1])
+
+
+def init(cfg_path: Path) -> None:
+    """Create the host key and vault key named by a metaserver config, if missing."""
+    cfg = MetaserverConfig.load(cfg_path)
+    if not cfg.host_key.exists():
+        crypto.generate_keypair(cfg.host_key, "dgf-metaserver")
+    if not cfg.vault_key.exists():
+        crypto.new_vault_keyfile(cfg.vault_key)
+    open_engine(cfg.db).close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dgf-metaserver",
+        description="dgf metadata server: namespace, XML headers, identity vault, principals, audit, "
+                    "served over SSH (subsystem dgf-meta).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_init = sub.add_parser("init", help="create the host key, vault key and database named by the config")
+    p_init.add_argument("--config", required=True)
+    p_serve = sub.add_parser("serve", help="run the server in the foreground")
+    p_serve.add_argument("--config", required=True, help="metaserver config file (INI, [metaserver])")
+    p_serve.add_argument("--db", help="database URL overriding the config, e.g. postgresql://user@host/dgf")
+    p_serve.add_argument("--ready-file", help="write HOST:PORT here once listening")
+    p_enroll = sub.add_parser("enroll", help="enroll a principal directly in the database (bootstrap)")
+    p_enroll.add_argument("--config", required=True)
+    p_enroll.add_argument("--name", required=True)
+    p_enroll.add_argument("--role", required=True, choices=ROLES)
+    p_enroll.add_argument("--public-key", required=True, help="file with an OpenSSH ed25519 public key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s dgf-metaserver %(levelname)s %(message)s")
+    try:
+        if args.cmd == "init":
+            init(Path(args.config))
+            return 0
+        cfg = MetaserverConfig.load(args.config)
+        if args.cmd == "enroll":
+            engine = open_engine(cfg.db)
+            engine.add_principal(make_principal(args.name, args.role, Path(args.public_key).read_text().strip()))
+            engine.audit("bootstrap", "grant", args.name, "ok", f"role {args.role}")
+            engine.close()
+            return 0
+        if args.db:
+            cfg = MetaserverConfig(cfg.path, cfg.listen, args.db, cfg.host_key, cfg.vault_key)
+        server = build(cfg)
+    except errors.DgfError as exc:
+        print(f"dgf-metaserver: {exc}", file=sys.stderr)
+        return exc.exit_code
+    host, port = server.address
+    if args.ready_file:
+        tmp = Path(args.ready_file + ".tmp")
+        tmp.write_text(f"{host}:{port}\n")
+        tmp.replace(args.ready_file)
+    log.info("metaserver listening on %s:%d", host, port)
+    signal.signal(signal.SIGTERM, lambda *_: server.close())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""The SQLAlchemy implementation of :class:`MetaEngine` (SQLite by default, PostgreSQL for scale).
+
+Every write goes through :meth:`SqlEngine._txn`, one transaction with retry on conflict; reads use
+a plain connection.  SQLite runs in WAL mode with writers serialised in-process, so readers never
+wait for a batch commit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterator, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError as SAIntegrityError, OperationalError
+
+from dgf import errors
+from dgf.types import Principal, Site, Stat
+from metaserver.engine import MetaEngine, NewFile
+
+T = TypeVar("T")
+ROOT = 1
+
+metadata = sa.MetaData()
+
+inodes = sa.Table(
+    "inodes", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("parent", sa.Integer, nullable=True),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("is_dir", sa.Boolean, nullable=False),
+    sa.Column("mode", sa.Integer, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False, default=0),
+    sa.Column("nlink", sa.Integer, nullable=False, default=1),
+    sa.Column("mtime", sa.Float, nullable=False),
+    sa.Column("ctime", sa.Float, nullable=False),
+    sa.Column("object_key", sa.String(64), nullable=True, index=True),
+    sa.UniqueConstraint("parent", "name", name="uq_inodes_parent_name"),
+)
+objects = sa.Table(
+    "objects", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+replicas = sa.Table(
+    "replicas", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("site", sa.String, primary_key=True),
+    sa.Column("state", sa.String, nullable=False),
+)
+xattrs = sa.Table(
+    "xattrs", metadata,
+    sa.Column("ino", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
+# The identity vault: separate tables, values sealed with one data key per patient.
+patients = sa.Table(
+    "vault_patients", metadata,
+    sa.Column("pseudonym", sa.String, primary_key=True),
+    sa.Column("wrapped_key", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+identities = sa.Table(
+    "vault_identities", metadata,
+    sa.Column("object_key", sa.String(64), primary_key=True),
+    sa.Column("patient", sa.String, nullable=False, index=True),
+    sa.Column("sealed", sa.LargeBinary, nullable=False),
+)
+principals_t = sa.Table(
+    "principals", metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("role", sa.String, nullable=False),
+    sa.Column("public_key", sa.String, nullable=False),
+    sa.Column("fingerprint", sa.String, nullable=False, unique=True),
+)
+sites_t = sa.Table(
+    "sites", metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("host", sa.String, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("host_key", sa.String, nullable=False),
+)
+audit_t = sa.Table(
+    "audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("principal", sa.String, nullable=False),
+    sa.Column("action", sa.String, nullable=False),
+    sa.Column("target", sa.String, nullable=False),
+    sa.Column("outcome", sa.String, nullable=False),
+    sa.Column("detail", sa.String, nullable=False, default=""),
+)
+
+_STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
+              inodes.c.nlink, inodes.c.mtime, inodes.c.ctime, inodes.c.object_key)
+
+
+def _stat(path: str, row: Any) -> Stat:
+    return Stat(path=path, ino=row.id, is_dir=bool(row.is_dir), mode=row.mode, size=row.size,
+                mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
+
+
+def _join(parent: str, name: str) -> str:
+    return ("" if parent == "/" else parent) + "/" + name
+
+
+class SqlEngine(MetaEngine):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False,
+                                                              "timeout": 30})
+            sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
+        else:
+            self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        metadata.create_all(self.engine)
+        now = time.time()
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
+                conn.execute(inodes.insert().values(id=ROOT, parent=None, name="", is_dir=True,
+                                                    mode=0o755, size=0, nlink=2, mtime=now, ctime=now))
+
+    @staticmethod
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- the one transaction helper -------------------------------------------------------
+
+    def _txn(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
+        for attempt in range(6):
+            try:
+                if self._write_lock is not None:
+                    with self._write_lock, self.engine.begin() as conn:
+                        return fn(conn)
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except (OperationalError, DBAPIError) as exc:
+                if attempt == 5 or not self._retryable(exc):
+                    raise
+                time.sleep(0.01 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retryable(exc: DBAPIError) -> bool:
+        text = str(exc.orig).lower() if exc.orig is not None else ""
+        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+        return "locked" in text or "busy" in text or code in ("40001", "40P01")
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        with self.engine.connect() as conn:
+            return fn(conn)
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        dialect = postgresql if not self.is_sqlite else sqlite
+        return dialect.insert(table).on_conflict_do_nothing()
+
+    # -- path resolution ------------------------------------------------------------------
+
+    def _resolve(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
+        if cache is not None and path in cache:
+            return cache[path]
+        row = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ROOT)).one()
+        walked = ""
+        for part in [p for p in path.split("/") if p]:
+            if not row.is_dir:
+                raise errors.NotADirectory(f"{walked} is not a directory.")
+            walked += "/" + part
+            if cache is not None and walked in cache:
+                row = cache[walked]
+                continue
+            row = conn.execute(sa.select(*_STAT_COLS).where(
+                inodes.c.parent == row.id, inodes.c.name == part)).first()
+            if row is None:
+                raise errors.NotFound(f"{walked} does not exist.")
+            if cache is not None and row.is_dir:
+                cache[walked] = row
+        return row
+
+    def _resolve_dir(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
+        row = self._resolve(conn, path, cache)
+        if not row.is_dir:
+            raise errors.NotADirectory(f"{path} is not a directory.")
+        return row
+
+    def _child(self, conn: Connection, parent_id: int, name: str) -> Any:
+        return conn.execute(sa.select(*_STAT_COLS).where(
+            inodes.c.parent == parent_id, inodes.c.name == name)).first()
+
+    def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
+        now = time.time()
+        ino = conn.execute(inodes.insert().values(
+            parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
+            mtime=now, ctime=now)).inserted_primary_key[0]
+        conn.execute(inodes.update().where(inodes.c.id == parent_id).values(
+            nlink=inodes.c.nlink + 1, mtime=now))
+        return conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ino)).one()
+
+    def _makedirs(self, conn: Connection, path: str, cache: dict[str, Any]) -> Any:
+        if path in cache:
+            return cache[path]
+        if path == "/":
+            row = self._resolve(conn, "/")
+        else:
+            parent_path, name = path.rsplit("/", 1)
+            parent = self._makedirs(conn, parent_path or "/", cache)
+            row = self._child(conn, parent.id, name)
+            if row is None:
+                row = self._new_dir(conn, parent.id, name, 0o755)
+            elif not row.is_dir:
+                raise errors.NotADirectory(f"{path} exists and is not a directory.")
+        cache[path] = row
+        return row
+
+    # -- namespace steps ------------------------------------------------------------------
+
+    def _do_stat(self, path: str) -> Stat:
+        return _stat(path, self._read(lambda c: self._resolve(c, path)))
+
+    def _do_readdir(self, path: str) -> list[Stat]:
+        def run(conn: Connection) -> list[Stat]:
+            d = self._resolve_dir(conn, path)
+            rows = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.parent == d.id)
+                                .order_by(inodes.c.name))
+            return [_stat(_join(path, r.name), r) for r in rows]
+        return self._read(run)
+
+    def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat:
+        def run(conn: Connection) -> Stat:
+            if parents:
+                row = self._makedirs(conn, path, {})
+                return _stat(path, row)
+            parent_path, name = path.rsplit("/", 1)
+            parent = self._resolve_dir(conn, parent_path or "/")
+            if self._child(conn, parent.id, name) is not None:
+                raise errors.AlreadyExists(f"{path} already exists.")
+            return _stat(path, self._new_dir(conn, parent.id, name, mode))
+        return self._txn(run)
+
+    def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
+        def run(conn: Connection) -> dict[str, list[str]]:
+            s = self._resolve(conn, src)
+            dparent_path, dname = dst.rsplit("/", 1)
+            dparent = self._resolve_dir(conn, dparent_path or "/")
+            sparent_id = conn.execute(sa.select(inodes.c.parent).where(inodes.c.id == s.id)).scalar_one()
+            existing = self._child(conn, dparent.id, dname)
+            now = time.time()
+            if existing is not None:
+                # POSIX rename(2): replace a file by a file, or an empty directory by a directory.
+                if s.is_dir and not existing.is_dir:
+                    raise errors.NotADirectory(f"{dst} is not a directory.")
+                if not s.is_dir and existing.is_dir:
+                    raise errors.IsADirectory(f"{dst} is a directory.")
+                if existing.is_dir:
+                    if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == existing.id).limit(1)).first():
+                        raise errors.DirectoryNotEmpty(f"{dst} is not empty.")
+                    conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink - 1))
+                conn.execute(xattrs.delete().where(xattrs.c.ino == existing.id))
+                conn.execute(inodes.delete().where(inodes.c.id == existing.id))
+            conn.execute(inodes.update().where(inodes.c.id == s.id).values(
+                parent=dparent.id, name=dname, ctime=now))
+            if s.is_dir and sparent_id != dparent.id:
+                conn.execute(inodes.update().where(inodes.c.id == sparent_id).values(nlink=inodes.c.nlink - 1))
+                conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink + 1))
+            conn.execute(inodes.update().where(inodes.c.id.in_({sparent_id, dparent.id})).values(mtime=now))
+            return self._release(conn, {existing.object_key} if existing is not None else set())
+        return self._txn(run)
+
+    def _release(self, conn: Connection, keys: set[str]) -> dict[str, list[str]]:
+        """Forget the objects among ``keys`` that no file references any more.
+
+        Their object, replica and identity rows go in the caller's transaction; the result maps
+        each released key to the sites that still hold its bytes, for the caller to delete there.
+        """
+        keys = {k for k in keys if k}
+        if not keys:
+            return {}
+        used = {r.object_key for r in conn.execute(
+            sa.select(inodes.c.object_key).where(inodes.c.object_key.in_(keys)).distinct())}
+        gone = sorted(keys - used)
+        if not gone:
+            return {}
+        out: dict[str, list[str]] = {k: [] for k in gone}
+        for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(replicas.c.key.in_(gone))):
+            out[r.key].append(r.site)
+        conn.execute(replicas.delete().where(replicas.c.key.in_(gone)))
+        conn.execute(objects.delete().where(objects.c.key.in_(gone)))
+        conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
+        return out
+
+    def _do_unlink(self, path: str) -> dict[str, list[str]]:
+        def run(conn: Connection) -> dict[str, list[str]]:
+            row = self._resolve(conn, path)
+            if row.is_dir:
+                raise errors.IsADirectory(f"{path} is a directory; use rmdir.")
+            conn.execute(xattrs.delete().where(xattrs.c.ino == row.id))
+            conn.execute(inodes.delete().where(inodes.c.id == row.id))
+            parent_path = path.rsplit("/", 1)[0] or "/"
+            conn.execute(inodes.update().where(inodes.c.id == self._resolve(conn, parent_path).id)
+                         .values(mtime=time.time()))
+            return self._release(conn, {row.object_key})
+        return self._txn(run)
+
+    def _do_rmdir(self, path: str) -> None:
+        def run(conn: Connection) -> None:
+            row = self._resolve(conn, path)
+            if not row.is_dir:
+                raise errors.NotADirectory(f"{path} is not a directory.")
+            if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == row.id).limit(1)).first():
+                raise errors.DirectoryNotEmpty(f"{path} is not empty.")
+            conn.execute(xattrs.delete().where(xattrs.c.ino == row.id))
+            conn.execute(inodes.delete().where(inodes.c.id == row.id))
+            parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
+            conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
+                nlink=inodes.c.nlink - 1, mtime=time.time()))
+        self._txn(run)
+
+    def _do_chmod(self, path: str, mode: int) -> None:
+        def run(conn: Connection) -> None:
+            row = self._resolve(conn, path)
+            conn.execute(inodes.update().where(inodes.c.id == row.id).values(mode=mode, ctime=time.time()))
+        self._txn(run)
+
+    def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], dict[str, list[str]]]:
+        def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
+            now = time.time()
+            dirs: dict[str, Any] = {}
+            out: list[Stat] = []
+            replaced: set[str] = set()
+            obj_rows, rep_rows, id_rows, xa_rows = [], [], [], []
+            for f in files:
+                parent_path, name = f.path.rsplit("/", 1)
+                parent = self._makedirs(conn, parent_path or "/", dirs)
+                existing = self._child(conn, parent.id, name)
+                if existing is not None:
+                    if existing.is_dir:
+                        raise errors.IsADirectory(f"{f.path} is a directory.")
+                    if existing.object_key != f.object_key and not replace:
+                        raise errors.AlreadyExists(
+                            f"{f.path} already exists with other content; remove it first.")
+                    if existing.object_key != f.object_key:
+                        replaced.add(existing.object_key)
+                    conn.execute(inodes.update().where(inodes.c.id == existing.id).values(
+                        object_key=f.object_key, size=f.size, mtime=now, ctime=now))
+                    ino = existing.id
+                else:
+                    ino = conn.execute(inodes.insert().values(
+                        parent=parent.id, name=name, is_dir=False, mode=f.mode, size=f.size,
+                        nlink=1, mtime=now, ctime=now, object_key=f.object_key)).inserted_primary_key[0]
+                obj_rows.append({"key": f.object_key, "size": f.size, "created": now})
+                rep_rows.append({"key": f.object_key, "site": f.site, "state": "ok"})
+                if f.identity is not None and f.patient is not None:
+                    id_rows.append({"object_key": f.object_key, "patient": f.patient, "sealed": f.identity})
+                for xname, value in f.xattrs.items():
+                    xa_rows.append({"ino": ino, "name": xname, "value": value})
+                out.append(Stat(f.path, ino, False, f.mode, f.size, now, now, 1, f.object_key))
+            for table, rows in ((objects, obj_rows), (replicas, rep_rows), (identities, id_rows)):
+                if rows:
+                    conn.execute(self._insert_ignore(table), rows)
+            if xa_rows:
+                inos = {r["ino"] for r in xa_rows}
+                names = {r["name"] for r in xa_rows}
+                conn.execute(xattrs.delete().where(xattrs.c.ino.in_(inos), xattrs.c.name.in_(names)))
+                conn.execute(xattrs.insert(), xa_rows)
+            for d in dirs.values():
+                conn.execute(inodes.update().where(inodes.c.id == d.id).values(mtime=now))
+            return out, self._release(conn, replaced)
+        return self._txn(run)
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    def _do_getxattr(self, path: str, name: str) -> bytes:
+        def run(conn: Connection) -> bytes:
+            row = self._resolve(conn, path)
+            value = conn.execute(sa.select(xattrs.c.value).where(
+                xattrs.c.ino == row.id, xattrs.c.name == name)).scalar()
+            if value is None:
+                raise errors.NoAttribute(f"{path} has no extended attribute {name!r}.")
+            return bytes(value)
+        return self._read(run)
+
+    def _do_listxattr(self, path: str) -> list[str]:
+        def run(conn: Connection) -> list[str]:
+            row = self._resolve(conn, path)
+            return [r.name for r in conn.execute(sa.select(xattrs.c.name).where(
+                xattrs.c.ino == row.id).order_by(xattrs.c.name))]
+        return self._read(run)
+
+    def _do_setxattr(self, path: str, name: str, value: bytes) -> None:
+        def run(conn: Connection) -> None:
+            row = self._resolve(conn, path)
+            conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name))
+            conn.execute(xattrs.insert().values(ino=row.id, name=name, value=value))
+        self._txn(run)
+
+    def _do_removexattr(self, path: str, name: str) -> None:
+        def run(conn: Connection) -> None:
+            row = self._resolve(conn, path)
+            if conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name)).rowcount == 0:
+                raise errors.NoAttribute(f"{path} has no extended attribute {name!r}.")
+        self._txn(run)
+
+    # -- objects and query ----------------------------------------------------------------
+
+    def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
+        def run(conn: Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {k: [] for k in keys}
+            for i in range(0, len(keys), 500):
+                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
+                        replicas.c.key.in_(keys[i:i + 500]), replicas.c.state == "ok")
+                        .order_by(replicas.c.site)):
+                    out[r.key].append(r.site)
+            return out
+        return self._read(run)
+
+    def walk_files(self, root: str) -> Iterator[tuple[str, str, int]]:
+        """(path, object key, size) of every file at or under ``root``, in path order."""
+        for path, row in self._subtree(root, sa.select(inodes.c.object_key, inodes.c.size)
+                                       .where(inodes.c.is_dir.is_(False))):
+            yield path, row.object_key, row.size
+
+    def _subtree(self, root: str, extra: Any) -> Iterator[tuple[str, Any]]:
+        """Stream (path, row) of the inodes under ``root`` selected by ``extra`` (a select whose
+        FROM is ``inodes``), with paths built by a recursive CTE in the database."""
+        with self.engine.connect() as conn:
+            top = self._resolve(conn, root)
+            base = "" if root == "/" else root
+            # Both terms cast to TEXT: PostgreSQL wants one type across a recursive CTE.
+            sub = sa.select(inodes.c.id, sa.cast(sa.literal(base), sa.Text).label("path")).where(
+                inodes.c.id == top.id).cte("sub", recursive=True)
+            child = inodes.alias("child")
+            sub = sub.union_all(sa.select(child.c.id, sa.cast(sub.c.path + "/" + child.c.name, sa.Text))
+                                .where(child.c.parent == sub.c.id))
+            query = extra.add_columns(sub.c.path).join_from(inodes, sub, sub.c.id == inodes.c.id) \
+                .order_by(sub.c.path)
+            for row in conn.execution_options(stream_results=True).execute(query):
+                yield (row.path or "/"), row
+
+    def scan_xattr(self, root: str, name: str) -> Iterator[tuple[str, bytes]]:
+        query = sa.select(xattrs.c.value).join_from(
+            inodes, xattrs, sa.and_(xattrs.c.ino == inodes.c.id, xattrs.c.name == name))
+        for path, row in self._subtree(root, query):
+            yield path, bytes(row.value)
+
+    # -- identity vault storage -----------------------------------------------------------
+
+    def identity(self, object_key: str) -> tuple[str, bytes, bytes] | None:
+        def run(conn: Connection) -> tuple[str, bytes, bytes] | None:
+            row = conn.execute(sa.select(identities.c.patient, identities.c.sealed, patients.c.wrapped_key)
+                               .join(patients, patients.c.pseudonym == identities.c.patient)
+                               .where(identities.c.object_key == object_key)).first()
+            return None if row is None else (row.patient, bytes(row.wrapped_key), bytes(row.sealed))
+        return self._read(run)
+
+    def patient_key(self, patient: str) -> bytes | None:
+        value = self._read(lambda c: c.execute(sa.select(patients.c.wrapped_key).where(
+            patients.c.pseudonym == patient)).scalar())
+        return None if value is None else bytes(value)
+
+    def add_patient_key(self, patient: str, wrapped: bytes) -> bytes:
+        def run(conn: Connection) -> bytes:
+            conn.execute(self._insert_ignore(patients), [{"pseudonym": patient, "wrapped_key": wrapped,
+                                                          "created": time.time()}])
+            return bytes(conn.execute(sa.select(patients.c.wrapped_key).where(
+                patients.c.pseudonym == patient)).scalar_one())
+        return self._txn(run)
+
+    def erase_patient(self, patient: str) -> int:
+        def run(conn: Connection) -> int:
+            n = conn.execute(identities.delete().where(identities.c.patient == patient)).rowcount
+            conn.execute(patients.delete().where(patients.c.pseudonym == patient))
+            return n
+        return self._txn(run)
+
+    # -- principals, sites, audit ---------------------------------------------------------
+
+    def add_principal(self, p: Principal) -> None:
+        def run(conn: Connection) -> None:
+            try:
+                conn.execute(principals_t.insert().values(name=p.name, role=p.role,
+                                                          public_key=p.public_key, fingerprint=p.fingerprint))
+            except SAIntegrityError as exc:
+                raise errors.AlreadyExists(f"principal {p.name!r} or its key is already enrolled.") from exc
+        self._txn(run)
+
+    def remove_principal(self, name: str) -> None:
+        def run(conn: Connection) -> None:
+            if conn.execute(principals_t.delete().where(principals_t.c.name == name)).rowcount == 0:
+                raise errors.NotFound(f"no principal named {name!r}.")
+        self._txn(run)
+
+    def principals(self) -> list[Principal]:
+        return self._read(lambda c: [Principal(r.name, r.role, r.public_key, r.fingerprint) for r in
+                                     c.execute(sa.select(principals_t).order_by(principals_t.c.name))])
+
+    def principal_by_fingerprint(self, fp: str) -> Principal | None:
+        row = self._read(lambda c: c.execute(sa.select(principals_t).where(
+            principals_t.c.fingerprint == fp)).first())
+        return None if row is None else Principal(row.name, row.role, row.public_key, row.fingerprint)
+
+    def register_site(self, site: Site) -> None:
+        def run(conn: Connection) -> None:
+            conn.execute(sites_t.delete().where(sites_t.c.name == site.name))
+            conn.execute(sites_t.insert().values(name=site.name, host=site.host, port=site.port,
+                                                 host_key=site.host_key))
+        self._txn(run)
+
+    def sites(self) -> list[Site]:
+        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key) for r in
+                                     c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
+
+    def audit(self, principal: str, action: str, target: str, outcome: str, detail: str = "") -> None:
+        self._txn(lambda c: c.execute(audit_t.insert().values(
+            ts=time.time(), principal=principal, action=action, target=target, outcome=outcome,
+            detail=detail)))
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(
+            sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit))])

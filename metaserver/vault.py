@@ -1,0 +1,54 @@
+"""The identity vault: patient identity sealed at rest, one data key per patient.
+
+Identity records are sealed with AES-GCM under the patient's data key (the object key is the
+associated data, so a record cannot be moved to another object); data keys are wrapped by the
+key-encryption key derived from the vault key file.  Destroying a patient's data key erases that
+patient (crypto-erasure).  Pseudonyms come from the keyed HMAC in :class:`dgf.crypto.VaultKeys`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from dgf import crypto, errors
+from metaserver.engine import MetaEngine
+
+
+class Vault:
+    def __init__(self, engine: MetaEngine, keys: crypto.VaultKeys) -> None:
+        self.engine = engine
+        self.keys = keys
+        self._data_keys: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def data_key(self, patient: str, create: bool) -> bytes:
+        with self._lock:
+            key = self._data_keys.get(patient)
+        if key is not None:
+            return key
+        wrapped = self.engine.patient_key(patient)
+        if wrapped is None:
+            if not create:
+                raise errors.NotFound("no identity is held for this patient (erased or never uploaded).")
+            wrapped = self.engine.add_patient_key(patient, self.keys.wrap(os.urandom(32), patient.encode()))
+        key = self.keys.unwrap(wrapped, patient.encode())
+        with self._lock:
+            self._data_keys[patient] = key
+        return key
+
+    def seal(self, patient: str, object_key: str, record: bytes) -> bytes:
+        return crypto.seal(self.data_key(patient, create=True), record, object_key.encode())
+
+    def open(self, object_key: str) -> bytes | None:
+        found = self.engine.identity(object_key)
+        if found is None:
+            return None
+        patient, wrapped, sealed = found
+        key = self.keys.unwrap(wrapped, patient.encode())
+        return crypto.unseal(key, sealed, object_key.encode())
+
+    def erase(self, patient: str) -> int:
+        with self._lock:
+            self._data_keys.pop(patient, None)
+        return self.engine.erase_patient(patient)
