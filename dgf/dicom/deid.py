@@ -1,0 +1,516 @@
+"""De-identification to PS3.15 Annex E, working on raw elements and splicing bytes.
+
+Two steps so a batch needs one round trip to the metaserver, which alone holds the pseudonym key:
+
+1. :func:`analyze` parses a file, decides each element's action from the :class:`Profile` (by tag,
+   then by VR for PN/DA/DT/TM not in the table), and lists the UIDs and the patient key that need
+   pseudonyms;
+2. :func:`apply` writes the de-identified file: unchanged elements are copied as byte spans,
+   changed ones re-encoded, defined lengths of changed sequences recomputed, markers added
+   (PS3.15 E.1.1: Patient Identity Removed, De-identification Method and its Code Sequence,
+   Longitudinal Temporal Information Modified), the file meta and preamble replaced.
+
+While writing it records, for every byte of the original, either where the same bytes sit in the
+output or the original bytes themselves; that delta is the heart of the identity record, so
+re-identification rebuilds the original file exactly (:mod:`dgf.dicom.identity`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Union
+
+from dgf import errors
+from dgf.dicom import raw
+from dgf.dicom.profile import Profile
+from dgf.dicom.raw import UNDEFINED, Elem, Encoding, Item, Part10
+
+#: dgf's implementation class UID (2.25 + a fixed UUID) and version name, for the new file meta.
+IMPLEMENTATION_UID = "2.25.279185436297406287146413585962826049245"
+IMPLEMENTATION_VERSION = "DGF_0_1"
+
+PATIENT_NAME = 0x00100010
+PATIENT_ID = 0x00100020
+ISSUER_OF_PATIENT_ID = 0x00100021
+PATIENT_BIRTH_DATE = 0x00100030
+STUDY_UID = 0x0020000D
+SERIES_UID = 0x0020000E
+SOP_UID = 0x00080018
+SOP_CLASS = 0x00080016
+MODALITY = 0x00080060
+BURNED_IN = 0x00280301
+PATIENT_IDENTITY_REMOVED = 0x00120062
+DEID_METHOD = 0x00120063
+DEID_METHOD_CODES = 0x00120064
+LONGITUDINAL_MODIFIED = 0x00280303
+
+#: Modalities whose images often carry burned-in text; without a Burned In Annotation value they
+#: are treated as if it said YES.
+BURNED_IN_MODALITIES = frozenset({"US", "ES", "XC", "SC", "OT", "GM", "SM", "DOC"})
+
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+                      "UC", "UI", "UR", "UT"})
+#: Dummy values (action D) that are valid for their VR; dates are shifted or dummied by the caller.
+DUMMY = {"AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101",
+         "DS": "0", "DT": "19000101000000", "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED",
+         "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED", "TM": "000000",
+         "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": ""}
+WELL_KNOWN_UID_ROOT = "1.2.840.10008."
+
+Seg = Union[tuple[int, int], bytes]
+
+
+@dataclass
+class Plan:
+    """What :func:`analyze` found: the parse, each element's action, and what needs pseudonyms."""
+
+    part: Part10
+    actions: dict[int, str]  # element start offset -> action code
+    dirty: set[int]  # start offsets of elements/items whose bytes change
+    uids: set[str]
+    patient_key: str
+    top: dict[int, Elem]
+    original_sha256: str = ""
+
+    def top_text(self, tag: int) -> str:
+        e = self.top.get(tag)
+        return raw.text_value(self.part.data, e) if e is not None else ""
+
+
+@dataclass(frozen=True)
+class Pseudonyms:
+    uids: dict[str, str]
+    patient: str
+    date_offset_days: int
+
+
+@dataclass
+class Result:
+    data: bytes
+    key: str  # SHA-256 of the de-identified bytes
+    patient: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    identity: dict[str, object]  # the identity record, see dgf.dicom.identity
+    warnings: list[str] = field(default_factory=list)  # repairs made on read, one sentence each
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: analyze
+
+
+def analyze(data: bytes, profile: Profile) -> Plan:
+    part = raw.parse_part10(data)
+    top = {e.tag: e for e in part.dataset}
+    plan = Plan(part, {}, set(), set(), "", top, hashlib.sha256(data).hexdigest())
+    _check_burned_in(plan, profile)
+    pid, issuer = plan.top_text(PATIENT_ID), plan.top_text(ISSUER_OF_PATIENT_ID)
+    if pid:
+        plan.patient_key = f"id:{pid}|issuer:{issuer}"
+    elif plan.top_text(PATIENT_NAME):
+        plan.patient_key = f"name:{plan.top_text(PATIENT_NAME)}|dob:{plan.top_text(PATIENT_BIRTH_DATE)}"
+    else:
+        plan.patient_key = f"study:{plan.top_text(STUDY_UID)}"
+    for tag in (STUDY_UID, SERIES_UID, SOP_UID):
+        if not plan.top_text(tag):
+            part.warnings.append(f"the dataset has no {_KEYWORDS[tag]} {_fmt_tag(tag)}; "
+                                 "it is placed by content hash")
+    _walk(plan, part.dataset, profile, part.data)
+    meta_sop = next((e for e in part.meta if e.tag == 0x00020003), None)
+    if meta_sop is not None:
+        plan.uids.update(_uids_of(raw.text_value(part.data, meta_sop)))
+    return plan
+
+
+_KEYWORDS = {STUDY_UID: "Study Instance UID", SERIES_UID: "Series Instance UID",
+             SOP_UID: "SOP Instance UID"}
+
+
+def _fmt_tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _check_burned_in(plan: Plan, profile: Profile) -> None:
+    if profile.options.allow_burned_in:
+        return
+    value = plan.top_text(BURNED_IN).upper()
+    modality = plan.top_text(MODALITY).upper()
+    if value == "YES" or (not value and modality in BURNED_IN_MODALITIES):
+        why = "Burned In Annotation is YES" if value == "YES" else \
+            f"modality {modality} often has burned-in text and Burned In Annotation is not NO"
+        raise errors.InvalidDicom(
+            f"refused: {why}, so pixel data may show identity; "
+            "use the allow-burned-in option once the pixels are cleaned.")
+
+
+def _uids_of(value: str) -> list[str]:
+    return [u for u in value.split("\\") if u and not u.startswith(WELL_KNOWN_UID_ROOT)]
+
+
+def _action_by_vr(vr: str, profile: Profile) -> str | None:
+    """PN, DA, DT and TM are handled by VR even when the table does not list the tag."""
+    opts = profile.options
+    if vr == "PN":
+        return "Z"
+    if vr in ("DA", "DT"):
+        return "S" if opts.retain_long_modified_dates else ("K" if opts.retain_long_full_dates else "Z")
+    if vr == "TM":
+        return "K" if (opts.retain_long_modified_dates or opts.retain_long_full_dates) else "Z"
+    return None
+
+
+def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes) -> bool:
+    """Decide actions for ``elems``; return True if any byte under them changes."""
+    actions = profile.actions
+    changed = False
+    for e in elems:
+        tag = e.tag
+        group = tag >> 16
+        if group & 1 or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+            # Private elements (and their creators), curves and whole overlay groups go.
+            act: str | None = "X"
+        else:
+            act = actions.get(tag)
+            if act is None:
+                vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
+                act = _action_by_vr(vr, profile)
+        if act == "U" and profile.options.retain_uids:
+            act = "K"
+        if act is None or act == "K":
+            if e.items is not None and _walk_items(plan, e, profile, data):
+                plan.actions[e.start] = "K"
+                plan.dirty.add(e.start)
+                changed = True
+            continue
+        if act == "U":
+            vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
+            if vr == "UI":
+                plan.uids.update(_uids_of(raw.text_value(data, e)))
+            elif e.items is None:
+                act = "D"
+        if e.items is not None and act not in ("X", "Z"):
+            _walk_items(plan, e, profile, data)
+            act = "K"  # recurse: the sequence itself stays, its items are de-identified
+        plan.actions[e.start] = act
+        plan.dirty.add(e.start)
+        changed = True
+    return changed
+
+
+def _walk_items(plan: Plan, e: Elem, profile: Profile, data: bytes) -> bool:
+    changed = False
+    for item in e.items or ():
+        if _walk(plan, item.elems, profile, data):
+            plan.dirty.add(item.start)
+            changed = True
+    return changed
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: apply
+
+
+class _Writer:
+    """Collects output segments: spans of the original (copied) or new bytes."""
+
+    def __init__(self) -> None:
+        self.segs: list[Seg] = []
+        self.size = 0
+
+    def copy(self, a: int, b: int) -> None:
+        if b <= a:
+            return
+        last = self.segs[-1] if self.segs else None
+        if isinstance(last, tuple) and last[1] == a:
+            self.segs[-1] = (last[0], b)
+        else:
+            self.segs.append((a, b))
+        self.size += b - a
+
+    def new(self, data: bytes) -> None:
+        if data:
+            self.segs.append(data)
+            self.size += len(data)
+
+    def extend(self, other: "_Writer") -> None:
+        for s in other.segs:
+            if isinstance(s, tuple):
+                self.copy(*s)
+            else:
+                self.new(s)
+
+
+def _header(tag: int, vr: str, length: int, enc: Encoding) -> bytes:
+    tag_bytes = raw._TAG[enc.little].pack(tag >> 16, tag & 0xFFFF)
+    if enc.implicit:
+        return tag_bytes + enc.u32.pack(length)
+    if vr in raw.LONG_VRS:
+        return tag_bytes + vr.encode() + b"\0\0" + enc.u32.pack(length)
+    if length > 0xFFFF:
+        raise errors.InvalidDicom(f"a replacement value for {_fmt_tag(tag)} is too long for VR {vr}.")
+    return tag_bytes + vr.encode() + enc.u16.pack(length)
+
+
+def _pad(value: bytes, vr: str) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr in ("UI", "OB", "UN") else b" "
+    return value
+
+
+def _encode_element(tag: int, vr: str, value: bytes, enc: Encoding) -> bytes:
+    value = _pad(value, vr)
+    return _header(tag, vr, len(value), enc) + value
+
+
+def _shift_date(text: str, days: int) -> str | None:
+    """Shift a DA value (or the date part of a DT value) by whole days; None if unparseable."""
+    digits = text.replace(".", "") if len(text) == 10 and text[4] == "." else text
+    if len(digits) < 8 or not digits[:8].isdigit():
+        return None
+    try:
+        day = dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+        shifted = day + dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        return None
+    return shifted.strftime("%Y%m%d") + digits[8:]
+
+
+class _Applier:
+    def __init__(self, plan: Plan, pseudo: Pseudonyms, profile: Profile) -> None:
+        self.plan = plan
+        self.data = plan.part.data
+        self.pseudo = pseudo
+        self.profile = profile
+        self.removed: list[dict[str, object]] = []
+
+    def value(self, e: Elem) -> bytes:
+        return bytes(self.data[e.vstart:e.value_end])
+
+    def new_value(self, e: Elem, act: str, path: str) -> bytes | None:
+        """The replacement value for a changed non-sequence element, None to remove it."""
+        vr = raw.dictionary_vr(e.tag) if e.vr == "UN" else e.vr
+        text = self.value(e).decode("latin-1").rstrip(" \0") if vr in TEXT_VRS else ""
+        if act == "X":
+            return None
+        if e.tag in (PATIENT_ID, PATIENT_NAME) and path == "":
+            return self.pseudo.patient.encode()
+        if act == "Z":
+            return b""
+        if act == "U":
+            return "\\".join(self.pseudo.uids.get(u, u) for u in text.split("\\")).encode()
+        if act == "S":
+            if vr in ("DA", "DT"):
+                parts = [_shift_date(v, self.pseudo.date_offset_days) if v else "" for v in text.split("\\")]
+                if any(p is None for p in parts):
+                    return b""
+                return "\\".join(p or "" for p in parts).encode()
+            return self.value(e)
+        if act == "C":
+            return self.value(e) if self._clean(text) else None
+        # D: a dummy valid for the VR; dates keep their shape.
+        if vr in ("DA", "DT") and self.profile.options.retain_long_modified_dates:
+            shifted = _shift_date(text, self.pseudo.date_offset_days)
+            if shifted is not None:
+                return shifted.encode()
+        if vr in DUMMY:
+            return DUMMY[vr].encode()
+        if vr in ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"):
+            return b"\0" * e.length
+        return b""
+
+    def _clean(self, text: str) -> bool:
+        """Clean Descriptors: keep a descriptor only if it contains no identifying token of the
+        patient (name parts, IDs, birth date); anything else is removed."""
+        low = text.lower()
+        tokens = set()
+        for tag in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE):
+            for part in self.plan.top_text(tag).replace("^", " ").replace("=", " ").split():
+                if len(part) >= 2:
+                    tokens.add(part.lower())
+        return not any(t in low for t in tokens)
+
+    def record(self, e: Elem, act: str, path: str, creator: str | None) -> None:
+        n = e.value_end - e.vstart
+        entry: dict[str, object] = {"path": path + _fmt_tag(e.tag), "vr": e.vr, "action": act}
+        if creator:
+            entry["creator"] = creator
+        if e.items is None:
+            if n <= 65536:
+                entry["value"] = base64.b64encode(self.value(e)).decode()
+            else:
+                entry["size"] = n
+        else:
+            entry["items"] = len(e.items)
+        self.removed.append(entry)
+
+    def elems(self, elems: list[Elem], enc: Encoding, path: str,
+              inserts: dict[int, bytes] | None = None) -> _Writer:
+        w = _Writer()
+        creators = self._creators(elems)
+        pending = sorted(inserts.items()) if inserts else []
+        for e in elems:
+            while pending and pending[0][0] < e.tag:
+                w.new(pending.pop(0)[1])
+            if pending and pending[0][0] == e.tag:
+                # A marker replaces an element already present (e.g. Patient Identity Removed NO).
+                self.record(e, "D", path, None)
+                w.new(pending.pop(0)[1])
+                continue
+            if e.start not in self.plan.dirty:
+                w.copy(e.start, e.end)
+                continue
+            act = self.plan.actions[e.start]
+            creator = creators.get((e.tag >> 16, (e.tag & 0xFF00) >> 8)) if (e.tag >> 16) & 1 else None
+            if e.items is not None and act == "K":
+                w.extend(self.sequence(e, enc, path))
+                continue
+            if act != "K":
+                self.record(e, act, path, creator)
+            if e.items is not None:  # X or Z on a sequence
+                if act == "Z":
+                    w.new(_header(e.tag, e.vr, 0, enc))
+                continue
+            value = self.new_value(e, act, path)
+            if value is not None:
+                w.new(_encode_element(e.tag, e.vr, value, enc))
+        for _, encoded in pending:
+            w.new(encoded)
+        return w
+
+    def _creators(self, elems: list[Elem]) -> dict[tuple[int, int], str]:
+        out = {}
+        for e in elems:
+            g, el = e.tag >> 16, e.tag & 0xFFFF
+            if g & 1 and 0x10 <= el <= 0xFF:
+                out[(g, el)] = raw.text_value(self.data, e)
+        return out
+
+    def sequence(self, e: Elem, enc: Encoding, path: str) -> _Writer:
+        item_enc = raw.IMPLICIT if e.implicit_items else enc
+        body = _Writer()
+        for i, item in enumerate(e.items or ()):
+            body.extend(self.item(item, item_enc, f"{path}{_fmt_tag(e.tag)}[{i}]/"))
+        w = _Writer()
+        if e.length == UNDEFINED:
+            w.copy(e.start, e.vstart)
+            w.extend(body)
+            w.copy(e.end - 8, e.end)
+        else:
+            w.new(_header(e.tag, e.vr, body.size, enc))
+            w.extend(body)
+        return w
+
+    def item(self, item: Item, enc: Encoding, path: str) -> _Writer:
+        if item.start not in self.plan.dirty:
+            w = _Writer()
+            w.copy(item.start, item.end)
+            return w
+        inner = self.elems(item.elems, enc, path)
+        w = _Writer()
+        if item.length == UNDEFINED:
+            w.copy(item.start, item.vstart)
+            w.extend(inner)
+            w.copy(item.end - 8, item.end)
+        else:
+            w.new(raw._TAG[enc.little].pack(0xFFFE, 0xE000) + enc.u32.pack(inner.size))
+            w.extend(inner)
+        return w
+
+
+def _markers(profile: Profile, enc: Encoding) -> dict[int, bytes]:
+    """PS3.15 E.1.1 markers: identity removed, the method, the CID 7050 codes applied."""
+    codes = profile.options.codes()
+    items = b""
+    for value, meaning in codes:
+        body = (_encode_element(0x00080100, "SH", value.encode(), enc)
+                + _encode_element(0x00080102, "SH", b"DCM", enc)
+                + _encode_element(0x00080104, "LO", meaning.encode(), enc))
+        items += raw._TAG[enc.little].pack(0xFFFE, 0xE000) + enc.u32.pack(len(body)) + body
+    method = f"dgf PS3.15 Annex E {profile.edition}: Basic Profile" + "".join(
+        f"\\{n.replace('_', ' ')}" for n in profile.options.enabled())
+    out = {
+        PATIENT_IDENTITY_REMOVED: _encode_element(PATIENT_IDENTITY_REMOVED, "CS", b"YES", enc),
+        DEID_METHOD: _encode_element(DEID_METHOD, "LO", method[:64 * 10].encode(), enc),
+        DEID_METHOD_CODES: _header(DEID_METHOD_CODES, "SQ", len(items), enc) + items,
+    }
+    if profile.options.retain_long_modified_dates:
+        out[LONGITUDINAL_MODIFIED] = _encode_element(LONGITUDINAL_MODIFIED, "CS", b"MODIFIED", enc)
+    return out
+
+
+def _file_meta(plan: Plan, pseudo: Pseudonyms) -> bytes:
+    """New file meta (PS3.10 7.1): the originals' class and transfer syntax, pseudonymous
+    instance UID, dgf as implementation; no source AE title or private meta."""
+    part = plan.part
+    meta = {e.tag: e for e in part.meta}
+    sop_class = raw.text_value(part.data, meta[0x00020002]) if 0x00020002 in meta else plan.top_text(SOP_CLASS)
+    sop_uid = plan.top_text(SOP_UID)
+    enc = raw.EXPLICIT
+    body = (_encode_element(0x00020001, "OB", b"\x00\x01", enc)
+            + _encode_element(0x00020002, "UI", sop_class.encode(), enc)
+            + _encode_element(0x00020003, "UI", pseudo.uids.get(sop_uid, sop_uid).encode(), enc)
+            + _encode_element(0x00020010, "UI", part.transfer_syntax.encode(), enc)
+            + _encode_element(0x00020012, "UI", IMPLEMENTATION_UID.encode(), enc)
+            + _encode_element(0x00020013, "SH", IMPLEMENTATION_VERSION.encode(), enc))
+    group_length = _encode_element(0x00020000, "UL", struct.pack("<I", len(body)), enc)
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
+    part = plan.part
+    applier = _Applier(plan, pseudo, profile)
+    head = _file_meta(plan, pseudo)
+    body = applier.elems(part.dataset, part.encoding, "", _markers(profile, part.encoding))
+    data = part.data
+    if part.deflated:
+        import zlib
+        inflated = b"".join(data[s[0]:s[1]] if isinstance(s, tuple) else s for s in body.segs)
+        comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        out = head + comp.compress(inflated) + comp.flush()
+        # Spans of the inflated stream do not exist in the deflated original: keep it all.
+        delta: list[object] = [base64.b64encode(plan_original(plan)).decode()]
+    else:
+        pieces: list[bytes] = [head]
+        delta = [base64.b64encode(data[:part.meta_end]).decode()]
+        out_pos, orig_pos = len(head), part.meta_end
+        for s in body.segs:
+            if isinstance(s, tuple):
+                a, b = s
+                if a > orig_pos:
+                    delta.append(base64.b64encode(data[orig_pos:a]).decode())
+                delta.append([out_pos, b - a])
+                pieces.append(data[a:b])
+                orig_pos = b
+                out_pos += b - a
+            else:
+                pieces.append(s)
+                out_pos += len(s)
+        if orig_pos < len(data):
+            delta.append(base64.b64encode(data[orig_pos:]).decode())
+        out = b"".join(pieces)
+    key = hashlib.sha256(out).hexdigest()
+    identity = {
+        "v": 1,
+        "original_sha256": plan.original_sha256,
+        "original_size": len(plan_original(plan)),
+        "deid_sha256": key,
+        "profile": f"PS3.15 E {profile.edition}",
+        "options": profile.options.enabled(),
+        "delta": delta,
+        "removed": applier.removed,
+    }
+    return Result(out, key, pseudo.patient,
+                  pseudo.uids.get(plan.top_text(STUDY_UID), plan.top_text(STUDY_UID)),
+                  pseudo.uids.get(plan.top_text(SERIES_UID), plan.top_text(SERIES_UID)),
+                  pseudo.uids.get(plan.top_text(SOP_UID), plan.top_text(SOP_UID)),
+                  identity, list(part.warnings))
+
+
+def plan_original(plan: Plan) -> bytes:
+    """The original file bytes (for deflated files the parse works on an inflated copy)."""
+    return plan.part.original if plan.part.deflated else plan.part.data

@@ -1,0 +1,161 @@
+"""The PS3.15 Annex E Table E.1-1 as data, and the options that select its columns.
+
+``data/annex_e.json`` is derived from the standard's table (machine-readable copy by the
+innolitics/dicom-standard project, MIT) by :func:`build`; regenerate it with::
+
+    python -m dgf.dicom.profile ../shared/data/dicom-standard/confidentiality_profile_attributes.json \
+        dgf/dicom/data/annex_e.json
+
+Action codes (PS3.15 E.1.1): D dummy, Z zero-length or dummy, X remove, K keep, C clean,
+U replace UID; combined codes (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) are resolved here to the choice that
+is conformant whatever the attribute's Type in the IOD (Z for X/Z, D where D is offered,
+U for X/Z/U*), so no Type 1 or 2 attribute is ever removed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, fields
+from functools import cached_property
+from importlib import resources
+from typing import Any
+
+from dgf import errors
+
+#: Option name -> (Table E.1-1 column, CID 7050 code, code meaning).
+OPTIONS: dict[str, tuple[str, str, str]] = {
+    "retain_patient_characteristics": ("rtnPatCharsOpt", "113108", "Retain Patient Characteristics Option"),
+    "retain_long_modified_dates": ("rtnLongModifDatesOpt", "113107",
+                                   "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_long_full_dates": ("rtnLongFullDatesOpt", "113106",
+                               "Retain Longitudinal Temporal Information Full Dates Option"),
+    "retain_device_identity": ("rtnDevIdOpt", "113109", "Retain Device Identity Option"),
+    "retain_institution_identity": ("rtnInstIdOpt", "113112", "Retain Institution Identity Option"),
+    "retain_uids": ("rtnUIDsOpt", "113110", "Retain UIDs Option"),
+    "clean_descriptors": ("cleanDescOpt", "113105", "Clean Descriptors Option"),
+}
+BASIC_CODE = ("113100", "Basic Application Confidentiality Profile")
+
+#: Resolved action for each combined code (see module docstring).
+COMBINED = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U", "X/Z/U": "U"}
+
+#: Removed whatever the table says: digital signatures and the record of original values
+#: (PS3.15 E.1.1 notes), which would otherwise carry identity through.
+ALWAYS_REMOVE = frozenset({0xFFFAFFFA, 0x04000561, 0x04000550, 0x04000500, 0x04000561})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-archive de-identification options.
+
+    The default keeps what cohort research needs and nothing that names a patient: the Basic
+    Profile, plus Retain Patient Characteristics (age, sex, size, weight) and Retain Longitudinal
+    Temporal Information with Modified Dates (all dates of a patient shifted by one secret offset,
+    so intervals and ages survive; times kept).
+    """
+
+    retain_patient_characteristics: bool = True
+    retain_long_modified_dates: bool = True
+    retain_long_full_dates: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_uids: bool = False
+    clean_descriptors: bool = False
+    allow_burned_in: bool = False
+
+    def __post_init__(self) -> None:
+        if self.retain_long_full_dates and self.retain_long_modified_dates:
+            raise errors.UsageError("choose either full dates or modified dates, not both.")
+
+    @classmethod
+    def from_names(cls, names: list[str], base: "Options | None" = None) -> "Options":
+        values = {f.name: getattr(base or cls(), f.name) for f in fields(cls)}
+        for name in names:
+            key, _, val = name.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in values:
+                raise errors.UsageError(f"unknown de-identification option {key!r}; known: {', '.join(values)}.")
+            values[key] = val.strip().lower() not in ("0", "false", "no", "off")
+        if "retain_long_full_dates" in [n.partition("=")[0].replace("-", "_") for n in names] \
+                and values["retain_long_full_dates"]:
+            values["retain_long_modified_dates"] = False
+        return cls(**values)
+
+    def enabled(self) -> list[str]:
+        return [name for name in OPTIONS if getattr(self, name)]
+
+    def codes(self) -> list[tuple[str, str]]:
+        return [BASIC_CODE] + [(OPTIONS[n][1], OPTIONS[n][2]) for n in self.enabled()]
+
+
+def load_table() -> dict[str, Any]:
+    text = resources.files("dgf.dicom").joinpath("data/annex_e.json").read_text()
+    return json.loads(text)
+
+
+class Profile:
+    """Annex E actions resolved for one set of options: ``action(tag)`` -> D Z X K C U S or None.
+
+    ``S`` is the Modified Dates option's clean action (shift by the patient's offset); ``C`` is
+    the Clean Descriptors option's.  None means the tag is not in the table.
+    """
+
+    def __init__(self, options: Options | None = None, table: dict[str, Any] | None = None) -> None:
+        self.options = options or Options()
+        self.table = table or load_table()
+        self.edition = self.table["edition"]
+
+    @cached_property
+    def actions(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        enabled = self.options.enabled()
+        for tag_hex, row in self.table["tags"].items():
+            code = row["basicProfile"]
+            for name in enabled:
+                column = OPTIONS[name][0]
+                opt = row.get(column)
+                if opt == "K":
+                    code = "K"
+                elif opt == "C" and name == "retain_long_modified_dates":
+                    code = "S"
+                elif opt == "C" and name == "clean_descriptors":
+                    code = "C"
+            out[int(tag_hex, 16)] = COMBINED.get(code, code)
+        for tag in ALWAYS_REMOVE:
+            out[tag] = "X"
+        return out
+
+
+def build(rows: list[dict[str, Any]], edition: str, source: str) -> dict[str, Any]:
+    """The project's data file from the table rows (tags only; pattern rows become rules in code)."""
+    tags: dict[str, dict[str, str]] = {}
+    patterns = []
+    for row in rows:
+        entry = {k: v for k, v in row.items() if k not in ("name", "tag", "id", "stdCompIOD")}
+        entry["name"] = row["name"]
+        tag = row["tag"].strip("()").replace(",", "")
+        if all(c in "0123456789ABCDEFabcdef" for c in tag) and len(tag) == 8:
+            tags[tag.upper()] = entry
+        else:
+            patterns.append({"tag": row["tag"], **entry})
+    return {"edition": edition, "source": source, "tags": dict(sorted(tags.items())),
+            "patterns": patterns}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m dgf.dicom.profile SOURCE.json OUT.json", file=sys.stderr)
+        return 2
+    rows = json.loads(open(argv[0], encoding="utf-8").read())
+    data = build(rows, "2024b", "DICOM PS3.15 Table E.1-1, edition 2024b, via innolitics/dicom-standard "
+                                "commit 7f4749d (MIT)")
+    with open(argv[1], "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=0, sort_keys=False)
+        fh.write("\n")
+    print(f"{len(data['tags'])} tags, {len(data['patterns'])} pattern rows -> {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,344 @@
+"""A raw DICOM element walker: byte spans of every element, item and sequence, no value decoding.
+
+The de-identifier works on these spans so it can splice changed elements into an otherwise
+byte-identical copy, which is both fast (no object model for a whole dataset) and what makes exact
+re-identification natural (the original is the output with the changed spans put back).
+
+Encodings follow PS3.5: file meta is always explicit VR little endian (7.1); the dataset uses the
+transfer syntax's encoding; undefined-length sequences and items end with delimitation items
+(7.5); UN with undefined length is an implicit VR little endian sequence (CP-246, 6.2.2);
+encapsulated pixel data holds fragments, not datasets (A.4).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import pydicom._dicom_dict as _dd
+
+from dgf import errors
+
+UNDEFINED = 0xFFFFFFFF
+ITEM = 0xFFFEE000
+ITEM_END = 0xFFFEE00D
+SEQ_END = 0xFFFEE0DD
+PIXEL_DATA = 0x7FE00010
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+#: VRs with a 2-byte reserved field and 4-byte length in explicit VR (PS3.5 Table 7.1-1).
+LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
+VALID_VRS = frozenset({
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL",
+    "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US",
+    "UT", "UV",
+})
+#: Nesting beyond this is refused: real data stays far below, and recursion must stay bounded.
+MAX_DEPTH = 64
+
+
+def dictionary_vr(tag: int) -> str:
+    """VR of a public tag from the data dictionary ('UN' when unknown, first choice if ambiguous)."""
+    entry = _dd.DicomDictionary.get(tag)
+    if entry is None:
+        if tag & 0xFFFF == 0:
+            return "UL"  # group length
+        if (tag >> 16) & 1 and 0x0010 <= (tag & 0xFFFF) <= 0x00FF:
+            return "LO"  # private creator
+        masked = _repeaters_vr(tag)
+        return masked or "UN"
+    vr = entry[0]
+    return vr[:2] if " or " in vr else vr
+
+
+def _repeaters_vr(tag: int) -> str | None:
+    group = tag >> 16
+    if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+        for mask in ("50xx", "60xx"):
+            key = mask + f"{tag & 0xFFFF:04x}".upper()
+            entry = _dd.RepeatersDictionary.get(key)
+            if entry is not None and mask[:2] == f"{group:04x}"[:2]:
+                return entry[0][:2]
+    return None
+
+
+@dataclass(slots=True)
+class Item:
+    start: int
+    vstart: int
+    length: int
+    end: int
+    elems: list["Elem"] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Elem:
+    tag: int
+    vr: str
+    start: int
+    vstart: int
+    length: int  # UNDEFINED for undefined length
+    end: int
+    items: list[Item] | None = None  # sequences (and UN parsed as sequence)
+    implicit_items: bool = False  # items encoded implicit VR LE (UN sequence)
+
+    @property
+    def value_end(self) -> int:
+        return self.vstart + self.length if self.length != UNDEFINED else self.end
+
+
+@dataclass(frozen=True)
+class Encoding:
+    implicit: bool
+    little: bool
+
+    @property
+    def u16(self) -> struct.Struct:
+        return _U16[self.little]
+
+    @property
+    def u32(self) -> struct.Struct:
+        return _U32[self.little]
+
+
+_U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
+_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
+_TAG = {True: struct.Struct("<HH"), False: struct.Struct(">HH")}
+IMPLICIT = Encoding(True, True)
+EXPLICIT = Encoding(False, True)
+BIG = Encoding(False, False)
+
+
+def encoding_for(ts: str) -> Encoding:
+    if ts == IMPLICIT_LE:
+        return IMPLICIT
+    if ts == EXPLICIT_BE:
+        return BIG
+    return EXPLICIT
+
+
+class Parser:
+    """Walks one buffer; ``parse(start, end, enc)`` returns the element list of a dataset."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self.data = data
+        self.size = len(data)
+        self.warnings: list[str] = []
+
+    def _need(self, pos: int, n: int, what: str) -> None:
+        if pos + n > self.size:
+            raise errors.InvalidDicom(f"the file is truncated inside {what} at byte {pos}.")
+
+    def read_tag(self, pos: int, enc: Encoding) -> int:
+        self._need(pos, 4, "a tag")
+        g, e = _TAG[enc.little].unpack_from(self.data, pos)
+        return (g << 16) | e
+
+    def parse(self, pos: int, end: int, enc: Encoding, depth: int = 0,
+              stop_at_item_end: bool = False) -> tuple[list[Elem], int]:
+        """Parse elements from ``pos`` until ``end`` (or an Item Delimitation Item)."""
+        if depth > MAX_DEPTH:
+            raise errors.InvalidDicom(f"sequences are nested deeper than {MAX_DEPTH} levels.")
+        data = self.data
+        elems: list[Elem] = []
+        u16, u32 = enc.u16, enc.u32
+        tagfmt = _TAG[enc.little]
+        while pos < end:
+            self._need(pos, 8, "an element header")
+            g, e = tagfmt.unpack_from(data, pos)
+            tag = (g << 16) | e
+            if tag == ITEM_END and stop_at_item_end:
+                return elems, pos + 8
+            if g == 0xFFFE:
+                raise errors.InvalidDicom(f"unexpected delimiter ({g:04X},{e:04X}) at byte {pos}.")
+            if enc.implicit:
+                vr = dictionary_vr(tag)
+                length = u32.unpack_from(data, pos + 4)[0]
+                vstart = pos + 8
+                if length == UNDEFINED:
+                    vr = "SQ"
+            else:
+                vr_bytes = bytes(data[pos + 4:pos + 6])
+                vr = vr_bytes.decode("latin-1")
+                if vr in LONG_VRS:
+                    self._need(pos, 12, "an element header")
+                    length = u32.unpack_from(data, pos + 8)[0]
+                    vstart = pos + 12
+                elif vr in VALID_VRS:
+                    length = u16.unpack_from(data, pos + 6)[0]
+                    vstart = pos + 8
+                else:
+                    raise errors.InvalidDicom(
+                        f"element ({g:04X},{e:04X}) at byte {pos} has an invalid VR {vr_bytes!r}.")
+            if length == UNDEFINED:
+                elem = self._undefined(tag, vr, pos, vstart, enc, depth)
+            else:
+                vend = vstart + length
+                if vend > self.size and depth == 0 and vr != "SQ" and vstart <= self.size:
+                    # A truncated last element (typically pixel data): kept byte for byte, as
+                    # pydicom reads it; nothing of it is interpreted.
+                    self.warnings.append(f"element ({g:04X},{e:04X}) is truncated to "
+                                         f"{self.size - vstart} of {length} bytes; kept as is")
+                    elems.append(Elem(tag, vr, pos, vstart, self.size - vstart, self.size))
+                    return elems, self.size
+                if vend > self.size:
+                    raise errors.InvalidDicom(
+                        f"element ({g:04X},{e:04X}) claims {length} bytes but the file ends at byte {self.size}.")
+                elem = Elem(tag, vr, pos, vstart, length, vend)
+                if vr == "SQ":
+                    elem.items = self._items(vstart, vend, enc, depth)
+            elems.append(elem)
+            pos = elem.end
+        return elems, pos
+
+    def _undefined(self, tag: int, vr: str, pos: int, vstart: int, enc: Encoding, depth: int) -> Elem:
+        if tag == PIXEL_DATA or vr in ("OB", "OW") and tag != PIXEL_DATA and (tag >> 16) == 0x7FE0:
+            # Encapsulated pixel data: skip fragments up to the Sequence Delimitation Item.
+            p = vstart
+            while True:
+                t = self.read_tag(p, enc)
+                self._need(p, 8, "a pixel data fragment")
+                n = enc.u32.unpack_from(self.data, p + 4)[0]
+                if t == SEQ_END:
+                    return Elem(tag, vr, pos, vstart, UNDEFINED, p + 8)
+                if t != ITEM or n == UNDEFINED:
+                    raise errors.InvalidDicom(f"encapsulated pixel data is malformed at byte {p}.")
+                self._need(p + 8, n, "a pixel data fragment")
+                p += 8 + n
+        if vr not in ("SQ", "UN"):
+            raise errors.InvalidDicom(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of VR {vr} has undefined length.")
+        item_enc = IMPLICIT if vr == "UN" else enc
+        elem = Elem(tag, vr, pos, vstart, UNDEFINED, 0, items=[], implicit_items=(vr == "UN"))
+        p = vstart
+        while True:
+            t = self.read_tag(p, item_enc)
+            self._need(p, 8, "a sequence item")
+            if t == SEQ_END:
+                elem.end = p + 8
+                return elem
+            if t != ITEM:
+                raise errors.InvalidDicom(f"expected a sequence item at byte {p}, found ({t >> 16:04X},{t & 0xFFFF:04X}).")
+            item = self._item(p, item_enc, depth)
+            elem.items.append(item)  # type: ignore[union-attr]
+            p = item.end
+
+    def _items(self, pos: int, end: int, enc: Encoding, depth: int) -> list[Item]:
+        items = []
+        while pos < end:
+            if self.read_tag(pos, enc) != ITEM:
+                raise errors.InvalidDicom(f"expected a sequence item at byte {pos}.")
+            item = self._item(pos, enc, depth)
+            if item.end > end:
+                raise errors.InvalidDicom(f"a sequence item at byte {pos} overruns its sequence.")
+            items.append(item)
+            pos = item.end
+        return items
+
+    def _item(self, pos: int, enc: Encoding, depth: int) -> Item:
+        self._need(pos, 8, "a sequence item")
+        length = enc.u32.unpack_from(self.data, pos + 4)[0]
+        vstart = pos + 8
+        if length == UNDEFINED:
+            elems, end = self.parse(vstart, self.size, enc, depth + 1, stop_at_item_end=True)
+            if end > self.size or self.read_tag(end - 8, enc) != ITEM_END:
+                raise errors.InvalidDicom(f"a sequence item at byte {pos} has no Item Delimitation Item.")
+            return Item(pos, vstart, UNDEFINED, end, elems)
+        end = vstart + length
+        if end > self.size:
+            raise errors.InvalidDicom(f"a sequence item at byte {pos} claims {length} bytes past the end of file.")
+        elems, _ = self.parse(vstart, end, enc, depth + 1)
+        return Item(pos, vstart, length, end, elems)
+
+
+@dataclass
+class Part10:
+    """A parsed Part 10 file: preamble, file meta elements, dataset elements and its encoding."""
+
+    data: bytes
+    has_preamble: bool
+    meta: list[Elem]
+    meta_end: int
+    transfer_syntax: str
+    encoding: Encoding
+    dataset: list[Elem]
+    deflated: bool = False
+    original: bytes = b""  # for deflated files: the bytes as read (``data`` is inflated)
+    warnings: list[str] = field(default_factory=list)
+
+
+def text_value(data: bytes | memoryview, elem: Elem) -> str:
+    return bytes(data[elem.vstart:elem.value_end]).decode("latin-1").rstrip(" \0")
+
+
+def _looks_explicit(data: bytes, pos: int) -> bool:
+    return len(data) >= pos + 6 and data[pos + 4:pos + 6].decode("latin-1") in VALID_VRS
+
+
+def parse_part10(data: bytes) -> Part10:
+    """Parse a DICOM Part 10 file (PS3.10 7.1); raise :class:`InvalidDicom` with the reason.
+
+    A file without preamble, or a bare dataset without file meta (as older tools write), is
+    accepted with a warning naming the repair: its encoding is inferred from the first element.
+    """
+    warnings: list[str] = []
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        pos, has_preamble = 132, True
+    elif len(data) >= 8 and data[:2] == b"\x00\x08" and _looks_explicit(data, 0):
+        # A bare big endian dataset: the only encoding that starts with group 0008 this way.
+        ds_be, _ = Parser(data).parse(0, len(data), BIG)
+        warnings.append("the file has no file meta information; a Part 10 header was written "
+                        f"with the inferred transfer syntax {EXPLICIT_BE}")
+        return Part10(data, False, [], 0, EXPLICIT_BE, BIG, ds_be, warnings=warnings)
+    elif len(data) >= 8 and data[:2] == b"\x02\x00" and _looks_explicit(data, 0):
+        pos, has_preamble = 0, False
+        warnings.append("the file has no 128-byte preamble; a Part 10 header was written")
+    else:
+        pos, has_preamble = 0, False
+        if len(data) < 8:
+            raise errors.InvalidDicom("not a DICOM file (too short).")
+    parser = Parser(data)
+    meta: list[Elem] = []
+    while pos + 8 <= len(data):
+        g = struct.unpack_from("<H", data, pos)[0]
+        if g != 0x0002:
+            break
+        elems, pos = parser.parse(pos, pos + 1, EXPLICIT)  # one element at a time
+        meta.extend(elems)
+    ts_elem = next((e for e in meta if e.tag == 0x00020010), None)
+    if ts_elem is not None:
+        ts = text_value(data, ts_elem)
+    else:
+        if pos + 8 > len(data):
+            raise errors.InvalidDicom("the file has file meta information but no dataset.")
+        group = struct.unpack_from("<H", data, pos)[0]
+        if not meta and not 0x0004 <= group <= 0x0020:
+            raise errors.InvalidDicom("not a DICOM file (no 'DICM' marker and no dataset at the start).")
+        ts = EXPLICIT_LE if _looks_explicit(data, pos) else IMPLICIT_LE
+        what = "no file meta information" if not meta else "no Transfer Syntax UID in its file meta"
+        warnings.append(f"the file has {what}; the transfer syntax {ts} was inferred from the dataset")
+    enc = encoding_for(ts)
+    if not enc.implicit and enc.little and ts != DEFLATED_LE and not _looks_explicit(data, pos) \
+            and pos + 8 <= len(data):
+        # The transfer syntax says explicit VR but the dataset is implicit (a known writer bug
+        # that pydicom also tolerates): parse as implicit, keep the bytes.
+        enc = IMPLICIT
+        warnings.append(f"the dataset is implicit VR although the transfer syntax {ts} is explicit; "
+                        "it was read as implicit VR")
+    if ts == DEFLATED_LE:
+        try:
+            inflated = zlib.decompress(data[pos:], -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise errors.InvalidDicom("the deflated dataset cannot be inflated.") from exc
+        body = data[:pos] + inflated
+        dataset, _ = Parser(body).parse(pos, len(body), EXPLICIT)
+        return Part10(body, has_preamble, meta, pos, ts, EXPLICIT, dataset, deflated=True,
+                      original=data, warnings=warnings)
+    dataset, _ = parser.parse(pos, len(data), enc)
+    if not dataset:
+        raise errors.InvalidDicom("the file has file meta information but no dataset.")
+    return Part10(data, has_preamble, meta, pos, ts, enc, dataset, warnings=warnings + parser.warnings)

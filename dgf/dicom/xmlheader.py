@@ -1,0 +1,192 @@
+"""The XML header model (DESIGN.md section 6): the de-identified header as an XML document.
+
+``<DicomHeader>`` holds one element per DICOM attribute, named by its keyword, with ``tag`` and
+``vr`` attributes (and ``creator`` for private elements); a multi-valued attribute is repeated,
+one sibling per value, so XPath comparisons test each value (``ImageType='LOCALIZER'``);
+sequences hold ``<Item>`` children; binary values other than bulk pixel data are base64 with
+``enc="base64"``, as is any text XML cannot carry.  File meta elements come first.  The mapping is
+lossless for every non-bulk element: :func:`to_dataset` rebuilds the header.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Iterable
+
+from lxml import etree
+import pydicom
+import pydicom._dicom_dict as _dd
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from dgf import errors
+from dgf.dicom import raw
+from dgf.dicom.raw import Elem, Encoding
+
+ROOT = "DicomHeader"
+#: Bulk data that stays out of the XML (pixel data, waveforms, encapsulated documents).
+BULK_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x54001010, 0x56000020, 0x00420011})
+_NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+_SINGLE_VALUE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
+_CHARSET_VRS = {"PN": {0x5C, 0x3D, 0x5E}, "SH": {0x5C}, "LO": {0x5C}, "UC": {0x5C},
+                "ST": set(), "LT": set(), "UT": set()}
+_KEYWORDS: dict[int, str] = {tag: entry[4] for tag, entry in _dd.DicomDictionary.items() if entry[4]}
+_BY_KEYWORD: dict[str, int] = {kw: tag for tag, kw in _KEYWORDS.items()}
+
+
+def keyword(tag: int) -> str:
+    kw = _KEYWORDS.get(tag)
+    if kw:
+        return kw
+    return "PrivateElement" if (tag >> 16) & 1 else "UnknownElement"
+
+
+class _Builder:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.encodings = ["iso8859"]
+
+    def add(self, parent: etree._Element, elems: list[Elem], enc: Encoding) -> None:
+        creators: dict[tuple[int, int], str] = {}
+        for e in elems:
+            tag = e.tag
+            g, el = tag >> 16, tag & 0xFFFF
+            if tag == 0x00080005:
+                values = [v.strip() for v in raw.text_value(self.data, e).split("\\")]
+                self.encodings = convert_encodings(values or [""])
+            attrs = {"tag": f"{tag:08X}", "vr": e.vr}
+            if g & 1:
+                if 0x10 <= el <= 0xFF:
+                    creators[(g, el)] = raw.text_value(self.data, e)
+                else:
+                    creator = creators.get((g, el >> 8))
+                    if creator is not None:
+                        attrs["creator"] = creator
+            name = keyword(tag)
+            if e.items is not None:
+                seq = etree.SubElement(parent, name, attrs)
+                item_enc = raw.IMPLICIT if e.implicit_items else enc
+                for item in e.items:
+                    self.add(etree.SubElement(seq, "Item"), item.elems, item_enc)
+                continue
+            if tag in BULK_TAGS:
+                attrs["bulk"] = "true"
+                attrs["length"] = str(e.length if e.length != raw.UNDEFINED else e.end - e.vstart)
+                etree.SubElement(parent, name, attrs)
+                continue
+            for value in self.values(e, enc, attrs):
+                node = etree.SubElement(parent, name, attrs)
+                if value:
+                    try:
+                        node.text = value
+                    except ValueError:  # characters XML 1.0 cannot carry
+                        node.set("enc", "base64")
+                        node.text = base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
+
+    def values(self, e: Elem, enc: Encoding, attrs: dict[str, str]) -> list[str]:
+        value = bytes(self.data[e.vstart:e.value_end])
+        vr = e.vr
+        if vr in _NUMERIC:
+            fmt = _NUMERIC[vr]
+            size = struct.calcsize(fmt)
+            if len(value) % size:
+                attrs["enc"] = "base64"
+                return [base64.b64encode(value).decode()]
+            nums = struct.unpack(("<" if enc.little else ">") + fmt * (len(value) // size), value)
+            if vr == "FL":
+                return [format(x, ".9g") for x in nums]
+            return [repr(x) for x in nums]
+        if vr == "AT":
+            u16 = struct.unpack(("<" if enc.little else ">") + "H" * (len(value) // 2), value)
+            return [f"{u16[i]:04X}{u16[i + 1]:04X}" for i in range(0, len(u16) - 1, 2)]
+        if vr in raw.VALID_VRS - {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"}:
+            if vr in _CHARSET_VRS:
+                text = decode_bytes(value, self.encodings, _CHARSET_VRS[vr])
+            else:
+                text = value.decode("latin-1")
+            text = text.rstrip("\0 ") if vr != "UI" else text.rstrip("\0")
+            if not text:
+                return [""]
+            return [text] if vr in _SINGLE_VALUE_TEXT else text.split("\\")
+        attrs["enc"] = "base64"
+        return [base64.b64encode(value).decode()] if value else [""]
+
+
+def header_xml(data: bytes) -> bytes:
+    """The XML header of a (de-identified) Part 10 file."""
+    part = raw.parse_part10(data)
+    root = etree.Element(ROOT)
+    builder = _Builder(part.data)
+    builder.add(root, part.meta, raw.EXPLICIT)
+    builder.add(root, part.dataset, part.encoding)
+    return etree.tostring(root, encoding="UTF-8")
+
+
+# --------------------------------------------------------------------------------------------
+# XML -> dataset (the reverse mapping, for losslessness and for tools that want a Dataset)
+
+
+def _group(children: Iterable[etree._Element]) -> list[list[etree._Element]]:
+    groups: list[list[etree._Element]] = []
+    for child in children:
+        if groups and groups[-1][0].get("tag") == child.get("tag"):
+            groups[-1].append(child)
+        else:
+            groups.append([child])
+    return groups
+
+
+def _dataset(node: etree._Element, little: bool) -> Dataset:
+    ds = Dataset()
+    for group in _group(node):
+        first = group[0]
+        tag = int(first.get("tag"), 16)
+        vr = first.get("vr")
+        if first.get("bulk") == "true":
+            continue
+        if vr == "SQ" or (len(first) and first[0].tag == "Item"):
+            ds.add_new(tag, "SQ", Sequence([_dataset(item, little) for item in first]))
+            continue
+        texts = [(n.text or "") for n in group]
+        if first.get("enc") == "base64":
+            decoded = [base64.b64decode(t) for t in texts]
+            if vr in _NUMERIC or vr in ("OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"):
+                ds.add_new(tag, vr, decoded[0])
+                continue
+            texts = [d.decode("utf-8", "surrogateescape") for d in decoded]
+        if vr in _NUMERIC:
+            conv = float if vr in ("FL", "FD") else int
+            vals = [conv(t) for t in texts if t != ""]
+            ds.add_new(tag, vr, vals[0] if len(vals) == 1 else (vals or None))
+        elif vr == "AT":
+            vals = [int(t, 16) for t in texts if t]
+            ds.add_new(tag, vr, vals[0] if len(vals) == 1 else (vals or None))
+        else:
+            value = texts[0] if len(texts) == 1 else "\\".join(texts)
+            ds.add_new(tag, vr, value)
+    return ds
+
+
+def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
+    """(file meta, dataset) rebuilt from an XML header; bulk elements are absent."""
+    try:
+        root = etree.fromstring(xml)
+    except etree.XMLSyntaxError as exc:
+        raise errors.UsageError(f"the XML header is not well-formed: {exc}.") from exc
+    if root.tag != ROOT:
+        raise errors.UsageError(f"the XML root must be <{ROOT}>, not <{root.tag}>.")
+    full = _dataset(root, True)
+    meta = Dataset()
+    ds = Dataset()
+    for elem in full:
+        (meta if elem.tag.group == 2 else ds).add(elem)
+    return meta, ds
+
+
+def tag_for_keyword(kw: str) -> int | None:
+    return _BY_KEYWORD.get(kw)
+
+
+__all__ = ["header_xml", "to_dataset", "keyword", "tag_for_keyword", "pydicom"]

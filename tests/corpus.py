@@ -1,0 +1,58 @@
+"""The real DICOM corpus the tests run on: pydicom's bundled test files and pydicom-data.
+
+Files are found on disk (never through ``get_testdata_files()``, which may try the network).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import pydicom
+
+
+def _roots() -> list[Path]:
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    try:
+        import data_store  # pydicom-data
+
+        roots.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    return roots
+
+
+@lru_cache(maxsize=1)
+def readable_files() -> tuple[Path, ...]:
+    """Every corpus file that pydicom itself can read as DICOM (force=True)."""
+    out = []
+    for root in _roots():
+        for path in sorted(root.rglob("*")):
+            if not path.is_file() or path.suffix in (".json", ".txt", ".py", ".pyc", ".gz", ".bz2",
+                                                     ".xz", ".zip", ".pdf", ".md"):
+                continue
+            data = path.read_bytes()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+                except Exception:  # noqa: BLE001 - pydicom cannot read it: not part of the corpus
+                    continue
+            # force=True also "reads" text files; a DICOM object has a SOP Class or is a DICOMDIR.
+            if "SOPClassUID" not in ds and "DirectoryRecordSequence" not in ds \
+                    and "MediaStorageSOPClassUID" not in getattr(ds, "file_meta", {}):
+                continue
+            out.append(path)
+    return tuple(out)
+
+
+def file(name: str) -> Path:
+    """One bundled test file by name, without network access."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise FileNotFoundError(name)
+    return Path(path)
