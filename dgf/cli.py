@@ -1,0 +1,511 @@
+"""The command line: ``dgf`` (a click group) and ``dgf_up``, ``dgf_down``, ``dgf_find``.
+
+A thin shell over :class:`dgf.client.Client`.  Every :class:`DgfError` is turned into one line on
+stderr and its exit status in exactly one place (:func:`_run`).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+from dgf import errors
+from dgf.config import ENV_CONFIG
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _run(fn: F) -> F:
+    """Translate dgf errors into a one-line message and the error's exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except errors.DgfError as exc:
+            click.echo(f"{click.get_current_context().command_path}: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing half-written was published.", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config_option(fn: F) -> F:
+    return click.option("--config", "config", envvar=ENV_CONFIG, metavar="FILE",
+                        type=click.Path(dir_okay=False),
+                        help=f"Client config (principal, key, metaserver). Default: ${ENV_CONFIG}.")(fn)
+
+
+def _client(config: str | None, options: list[str] | None = None) -> Any:
+    from dgf.client import Client
+    from dgf.dicom.profile import Options
+
+    return Client(config, Options.from_names(options or []))
+
+
+class _Bar:
+    """A progress bar on stderr for long work; silent for a single item."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self._bar = click.progressbar(length=total, label=label, file=sys.stderr,
+                                      show_pos=True, show_eta=True) if total > 1 else None
+        if self._bar is not None:
+            self._bar.__enter__()
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# --------------------------------------------------------------------------------------------
+# dgf_up
+
+
+@click.command("up", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--to", "to", metavar="DIR", help="Archive directory to place the files in "
+              "(default: /<pseudo patient>/<study>/<series>/<sop>.dcm).")
+@click.option("--site", metavar="SITE", help="I/O site to store on (default: spread by series).")
+@click.option("-r", "--recursive", is_flag=True, help="Upload the files under directories.")
+@click.option("--option", "-O", "options", multiple=True, metavar="NAME[=BOOL]",
+              help="De-identification option, e.g. -O clean_descriptors, -O allow_burned_in, "
+                   "-O retain_long_modified_dates=false. Defaults keep age, sex and date intervals.")
+@click.option("--replace", is_flag=True, help="Replace files that exist with other content.")
+@config_option
+@_run
+def up_cmd(paths: tuple[str, ...], to: str | None, site: str | None, recursive: bool,
+           options: tuple[str, ...], replace: bool, config: str | None) -> None:
+    """De-identify DICOM files (PS3.15 Annex E) and upload them to the archive.
+
+    The de-identified file goes to an I/O site, its XML header and the encrypted patient identity
+    to the metadata server. Files that are not valid DICOM are reported and skipped; the others
+    still go in. Re-running an interrupted upload completes it without duplicates.
+
+    \b
+    Examples:
+      dgf_up scans/ -r
+      dgf_up CT1.dcm CT2.dcm --to /projects/lung --site site-a
+    """
+    client = _client(config, list(options))
+    with client:
+        total = client.count_files(paths, recursive)
+        bar = _Bar(total, "de-identifying and uploading")
+        t0 = time.perf_counter()
+        try:
+            report = client.upload(paths, to=to, site=site, recursive=recursive, progress=bar.update,
+                                   replace=replace)
+        finally:
+            bar.close()
+        dt = time.perf_counter() - t0
+    for w in report.warnings:
+        click.echo(f"warning: {w.item}: {w.reason}", err=True)
+    for f in report.failed:
+        click.echo(f"error: {f.item}: {f.reason}", err=True)
+    rate = report.uploaded / dt if dt > 0 else 0.0
+    click.echo(f"uploaded {report.uploaded} file(s), {_mb(report.bytes)} in {dt:.1f} s "
+               f"({rate:.0f} files/s)" + (f"; {len(report.failed)} failed" if report.failed else ""))
+    if report.failed:
+        sys.exit(errors.InvalidDicom.exit_code)
+
+
+# --------------------------------------------------------------------------------------------
+# dgf_down
+
+
+@click.command("down", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, type=str)
+@click.option("-o", "--output", "out", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Local directory to write into.")
+@click.option("--identified", is_flag=True,
+              help="Restore the exact original files (clinicians only; every release is audited).")
+@click.option("--find", "xpath", metavar="XPATH", help="Download the files under PATHS (default /) "
+              "whose header matches XPATH.")
+@config_option
+@_run
+def down_cmd(paths: tuple[str, ...], out: str, identified: bool, xpath: str | None, config: str | None) -> None:
+    """Download files or directories from the archive, de-identified by default.
+
+    \b
+    Examples:
+      dgf_down /P6BVX... -o ./cohort
+      dgf_down --find "/DicomHeader[Modality='CT']" -o ./ct
+      dgf_down /P6BVX.../1.2.3/4.5.6/7.8.9.dcm --identified -o ./clinic
+    """
+    if not paths and xpath is None:
+        raise errors.UsageError("name at least one archive path, or use --find XPATH.")
+    with _client(config) as client:
+        t0 = time.perf_counter()
+        bar = _Bar(0, "")
+        report = client.download(list(paths), out, identified=identified, xpath=xpath,
+                                 progress=bar.update)
+        dt = time.perf_counter() - t0
+    for f in report.failed:
+        click.echo(f"error: {f.item}: {f.reason}", err=True)
+    what = "re-identified" if identified else "de-identified"
+    click.echo(f"downloaded {report.downloaded} {what} file(s), {_mb(report.bytes)} to {out} in {dt:.1f} s"
+               + (f"; {len(report.failed)} failed" if report.failed else ""))
+    if report.failed:
+        sys.exit(errors.TransportError.exit_code)
+
+
+# --------------------------------------------------------------------------------------------
+# dgf_find
+
+
+@click.command("find", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("xpath")
+@click.argument("path", default="/")
+@click.option("--show", metavar="KEYWORD,...", default="", help="Header values to print, by DICOM keyword.")
+@click.option("--format", "fmt", type=click.Choice(["paths", "csv", "json"]), default="paths",
+              show_default=True, help="Output format.")
+@click.option("--count", is_flag=True, help="Print only the number of matching files.")
+@click.option("--limit", type=int, default=0, help="Stop after this many matches (0: all).")
+@config_option
+@_run
+def find_cmd(xpath: str, path: str, show: str, fmt: str, count: bool, limit: int, config: str | None) -> None:
+    """Find files under PATH whose de-identified XML header matches XPATH (XPath 1.0).
+
+    Elements are named by DICOM keyword; multi-valued attributes match per value; sequences
+    nest <Item> elements. No bulk data is read.
+
+    \b
+    Examples:
+      dgf_find "/DicomHeader[Modality='CT' and PatientSex='F']"
+      dgf_find "/DicomHeader[SliceThickness <= 1.0]" /projects --show PatientID,SeriesDescription
+      dgf_find "//ProcedureCodeSequence/Item[CodeValue='ZZ']" --count
+    """
+    keywords = [k.strip() for k in show.split(",") if k.strip()]
+    with _client(config) as client:
+        rows = client.find(xpath, path, keywords, limit)
+    if count:
+        click.echo(len(rows))
+        return
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", *keywords])
+        for r in rows:
+            writer.writerow([r["path"], *(r["values"].get(k, "") for k in keywords)])
+    else:
+        for r in rows:
+            click.echo("\t".join([r["path"], *(r["values"].get(k, "") for k in keywords)]))
+
+
+# --------------------------------------------------------------------------------------------
+# dgf (the group)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dgf")
+def main() -> None:
+    """dgf: a federated PACS file-system layer.
+
+    DICOM files are de-identified on upload and kept on site I/O servers; one metadata server
+    holds the namespace, the XML headers and the encrypted patient identity. Start a local
+    federation with 'dgf local up DIR', then use DIR/clinician.conf (or set DGF_CONFIG).
+    """
+
+
+main.add_command(up_cmd)
+main.add_command(down_cmd)
+main.add_command(find_cmd)
+
+
+def _print_stats(stats: Any, long: bool) -> None:
+    for st in stats:
+        name = st.path.rsplit("/", 1)[-1] or "/"
+        if long:
+            kind = "d" if st.is_dir else "-"
+            mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.mtime))
+            click.echo(f"{kind}{_mode(st.mode)} {st.nlink:>3} {st.size:>12} {mtime} {name}{'/' if st.is_dir else ''}")
+        else:
+            click.echo(name + ("/" if st.is_dir else ""))
+
+
+def _mode(mode: int) -> str:
+    bits = "rwxrwxrwx"
+    return "".join(b if mode & (1 << (8 - i)) else "-" for i, b in enumerate(bits))
+
+
+@main.command("ls")
+@click.argument("path", default="/")
+@click.option("-l", "long", is_flag=True, help="Long listing: mode, links, size, time.")
+@config_option
+@_run
+def ls_cmd(path: str, long: bool, config: str | None) -> None:
+    """List a directory of the archive."""
+    with _client(config) as client:
+        st = client.stat(path)
+        _print_stats(client.ls(path) if st.is_dir else [st], long)
+
+
+@main.command("stat")
+@click.argument("path")
+@config_option
+@_run
+def stat_cmd(path: str, config: str | None) -> None:
+    """Show the attributes of a file or directory, with its replicas."""
+    with _client(config) as client:
+        st = client.stat(path)
+        info = st.to_wire()
+        if not st.is_dir:
+            info["sites"] = client.resolve([path])["files"][0][3]
+        click.echo(json.dumps(info, indent=1))
+
+
+@main.command("rm")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-r", "--recursive", is_flag=True, help="Remove directories and their contents.")
+@config_option
+@_run
+def rm_cmd(paths: tuple[str, ...], recursive: bool, config: str | None) -> None:
+    """Remove files (and with -r, directories) from the archive. Deletions are audited."""
+    with _client(config) as client:
+        n = sum(client.rm(p, recursive) for p in paths)
+    click.echo(f"removed {n} file(s)")
+
+
+@main.command("mv")
+@click.argument("src")
+@click.argument("dst")
+@config_option
+@_run
+def mv_cmd(src: str, dst: str, config: str | None) -> None:
+    """Rename or move a file or directory (atomic, also across directories)."""
+    with _client(config) as client:
+        try:
+            if client.stat(dst).is_dir:
+                dst = dst.rstrip("/") + "/" + src.rstrip("/").rsplit("/", 1)[-1]
+        except errors.NotFound:
+            pass
+        client.mv(src, dst)
+
+
+@main.command("mkdir")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-p", "--parents", is_flag=True, help="Make parent directories as needed; no error if existing.")
+@config_option
+@_run
+def mkdir_cmd(paths: tuple[str, ...], parents: bool, config: str | None) -> None:
+    """Create directories in the archive."""
+    with _client(config) as client:
+        for p in paths:
+            client.mkdir(p, parents=parents)
+
+
+@main.group("xattr")
+def xattr_group() -> None:
+    """Read and write extended attributes (user.dgf.dicom is the XML header)."""
+
+
+@xattr_group.command("get")
+@click.argument("path")
+@click.argument("name", default="user.dgf.dicom")
+@config_option
+@_run
+def xattr_get(path: str, name: str, config: str | None) -> None:
+    """Print one extended attribute (default: the XML header)."""
+    with _client(config) as client:
+        sys.stdout.buffer.write(client.getxattr(path, name))
+        sys.stdout.buffer.write(b"\n")
+
+
+@xattr_group.command("set")
+@click.argument("path")
+@click.argument("name")
+@click.argument("value")
+@config_option
+@_run
+def xattr_set(path: str, name: str, value: str, config: str | None) -> None:
+    """Set a user.* extended attribute (user.dgf.* is maintained by dgf)."""
+    with _client(config) as client:
+        client.setxattr(path, name, value.encode())
+
+
+@xattr_group.command("list")
+@click.argument("path")
+@config_option
+@_run
+def xattr_list(path: str, config: str | None) -> None:
+    """List the extended attributes of a file."""
+    with _client(config) as client:
+        for name in client.listxattr(path):
+            click.echo(name)
+
+
+@xattr_group.command("rm")
+@click.argument("path")
+@click.argument("name")
+@config_option
+@_run
+def xattr_rm(path: str, name: str, config: str | None) -> None:
+    """Remove a user.* extended attribute."""
+    with _client(config) as client:
+        client.removexattr(path, name)
+
+
+@main.command("whoami")
+@config_option
+@_run
+def whoami_cmd(config: str | None) -> None:
+    """Show the principal and role this config authenticates as."""
+    with _client(config) as client:
+        me = client.whoami()
+    click.echo(f"{me['name']} ({me['role']})")
+
+
+@main.command("identity")
+@click.argument("path")
+@config_option
+@_run
+def identity_cmd(path: str, config: str | None) -> None:
+    """Show what de-identification removed from a file (clinicians only; audited)."""
+    with _client(config) as client:
+        click.echo(json.dumps(client.identity_summary(path), indent=1))
+
+
+@main.group("admin")
+def admin_group() -> None:
+    """Administration: principals, sites, audit log (admin role)."""
+
+
+@admin_group.group("principal")
+def principal_group() -> None:
+    """Enroll, list and remove principals (users and sites)."""
+
+
+@principal_group.command("add")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(["admin", "clinician", "researcher", "site"]))
+@click.option("--public-key", "pubkey", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="File with the principal's ssh-ed25519 public key.")
+@config_option
+@_run
+def principal_add(name: str, role: str, pubkey: str, config: str | None) -> None:
+    """Enroll a principal with a role and an SSH public key (audited)."""
+    with _client(config) as client:
+        p = client.principal_add(name, role, Path(pubkey).read_text().strip())
+    click.echo(f"enrolled {p['name']} ({p['role']}) {p['fingerprint']}")
+
+
+@principal_group.command("list")
+@config_option
+@_run
+def principal_list(config: str | None) -> None:
+    """List enrolled principals."""
+    with _client(config) as client:
+        for p in client.principals():
+            click.echo(f"{p['name']}\t{p['role']}\t{p['fingerprint']}")
+
+
+@principal_group.command("remove")
+@click.argument("name")
+@config_option
+@_run
+def principal_remove(name: str, config: str | None) -> None:
+    """Remove a principal; its key is refused from then on (audited)."""
+    with _client(config) as client:
+        client.principal_remove(name)
+
+
+@admin_group.group("site")
+def site_group() -> None:
+    """I/O sites."""
+
+
+@site_group.command("list")
+@config_option
+@_run
+def site_list(config: str | None) -> None:
+    """List registered I/O sites and their addresses."""
+    with _client(config) as client:
+        for s in client.sites():
+            click.echo(f"{s.name}\t{s.host}:{s.port}")
+
+
+@admin_group.command("audit")
+@click.option("--limit", type=int, default=50, show_default=True)
+@config_option
+@_run
+def audit_cmd(limit: int, config: str | None) -> None:
+    """Show the newest audit entries (identity releases, refusals, grants, deletes)."""
+    with _client(config) as client:
+        for e in client.audit_log(limit):
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+            click.echo(f"{ts}\t{e['principal']}\t{e['action']}\t{e['outcome']}\t{e['target']}")
+
+
+@main.group("local")
+def local_group() -> None:
+    """Run a whole federation on loopback (metaserver + two I/O sites) in one directory."""
+
+
+@local_group.command("up")
+@click.argument("directory", type=click.Path(file_okay=False))
+@_run
+def local_up(directory: str) -> None:
+    """Start (or restart) a local federation in DIRECTORY.
+
+    Creates keys, a vault key and an SQLite database on first use, enrolls admin, clinician and
+    researcher, and writes DIRECTORY/<principal>.conf for each.
+    """
+    from dgf import local
+
+    fed = local.up(Path(directory))
+    click.echo(f"federation up in {fed.root}: metaserver {fed.metaserver}, sites {', '.join(fed.sites)}")
+    click.echo(f"  try: export DGF_CONFIG={fed.config('clinician')}")
+
+
+@local_group.command("down")
+@click.argument("directory", type=click.Path(file_okay=False))
+@_run
+def local_down(directory: str) -> None:
+    """Stop the local federation in DIRECTORY (data stays)."""
+    from dgf import local
+
+    stopped = local.down(Path(directory))
+    click.echo(f"stopped {', '.join(stopped) if stopped else 'nothing (not running)'}")
+
+
+@local_group.command("status")
+@click.argument("directory", type=click.Path(file_okay=False))
+@_run
+def local_status(directory: str) -> None:
+    """Tell which processes of the local federation in DIRECTORY run."""
+    from dgf import local
+
+    st = local.status(Path(directory))
+    click.echo(f"metaserver address {st['metaserver']}")
+    for name, p in st["processes"].items():  # type: ignore[union-attr]
+        click.echo(f"  {name:<12} pid {p['pid']:<8} {'running' if p['running'] else 'stopped'}")
+
+
+def up_main() -> None:
+    up_cmd(prog_name="dgf_up")
+
+
+def down_main() -> None:
+    down_cmd(prog_name="dgf_down")
+
+
+def find_main() -> None:
+    find_cmd(prog_name="dgf_find")
+

@@ -1,0 +1,521 @@
+"""``Client``: the Python API that does the work; the CLI and the FUSE layer are thin shells.
+
+Upload, per batch: read and analyze every file (local CPU), ask the metaserver once for the
+batch's pseudonyms and put capabilities, de-identify and build the XML headers, stream the objects
+to their sites (pipelined, sites in parallel), then publish everything in one commit carrying the
+sites' receipts.  Nothing becomes visible before its object is durable and its metadata committed;
+re-running an interrupted upload produces the same pseudonymous paths and object keys, so it
+completes without duplicates.
+
+Download: one resolve (files, replicas, get capabilities and, for principals allowed to see it,
+identity records), pipelined gets from the sites, checksum verified, re-identification when
+asked, each file written to a temp name and renamed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from dgf import crypto, errors
+from dgf.config import ClientConfig
+from dgf.dicom import deid, identity
+from dgf.dicom.profile import Options, Profile
+from dgf.dicom.xmlheader import header_xml
+from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
+from dgf.types import Site, Stat
+
+log = logging.getLogger("dgf.client")
+
+HEADER_XATTR = "user.dgf.dicom"
+BATCH = 200
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Failure:
+    item: str
+    reason: str
+
+
+@dataclass
+class UploadReport:
+    uploaded: int = 0
+    bytes: int = 0
+    paths: list[str] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    warnings: list[Failure] = field(default_factory=list)
+
+
+@dataclass
+class DownloadReport:
+    downloaded: int = 0
+    bytes: int = 0
+    files: list[Path] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    source: str
+    result: deid.Result
+    xml: bytes
+    path: str
+    site: str
+    receipt: str = ""
+
+
+def _atomic_write(target: Path, data: bytes | None = None, src: Path | None = None) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if src is not None:
+        os.replace(src, target)
+        return
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data or b"")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Client:
+    """A connection to one dgf federation as one principal.
+
+    Parameters
+    ----------
+    config
+        A :class:`ClientConfig`, a config file path, or None for ``$DGF_CONFIG``.
+    options
+        De-identification options for uploads (defaults: :class:`Options`).
+    """
+
+    def __init__(self, config: ClientConfig | str | os.PathLike[str] | None = None,
+                 options: Options | None = None) -> None:
+        self.config = config if isinstance(config, ClientConfig) else ClientConfig.load(config)
+        self.profile = Profile(options or Options())
+        self._key = crypto.load_paramiko_key(self.config.key)
+        self.meta = MetaLink(*self.config.metaserver, self._key, self.config.metaserver_host_key)
+        self._links: dict[str, SiteLink] = {}
+        self._site_info: dict[str, Site] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self.meta.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sites ----------------------------------------------------------------------------
+
+    def whoami(self) -> dict[str, str]:
+        return self.meta.call("whoami")[0]
+
+    def sites(self) -> list[Site]:
+        sites = [Site.from_wire(s) for s in self.meta.call("site.list")[0]["sites"]]
+        self._learn_sites(sites)
+        return sites
+
+    def _learn_sites(self, sites: Iterable[Site]) -> None:
+        with self._lock:
+            for s in sites:
+                old = self._site_info.get(s.name)
+                if old is not None and old != s and s.name in self._links:
+                    self._links.pop(s.name).close()  # the site moved or restarted elsewhere
+                self._site_info[s.name] = s
+
+    def site_link(self, name: str) -> SiteLink:
+        with self._lock:
+            link = self._links.get(name)
+            if link is not None and link.conn.transport.is_active():
+                return link
+            site = self._site_info.get(name)
+        if site is None:
+            self.sites()
+            site = self._site_info.get(name)
+            if site is None:
+                raise errors.NotFound(f"site {name!r} is not registered at the metaserver.")
+        link = SiteLink(site, self._key)
+        with self._lock:
+            self._links[name] = link
+        return link
+
+    def _drop_link(self, name: str) -> None:
+        with self._lock:
+            link = self._links.pop(name, None)
+        if link is not None:
+            link.close()
+
+    # -- namespace ------------------------------------------------------------------------
+
+    def stat(self, path: str) -> Stat:
+        return Stat.from_wire(self.meta.call("ns.stat", path=path)[0])
+
+    def ls(self, path: str = "/") -> list[Stat]:
+        return [Stat.from_wire(d) for d in json.loads(self.meta.call("ns.readdir", path=path)[1])]
+
+    def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> Stat:
+        return Stat.from_wire(self.meta.call("ns.mkdir", path=path, parents=parents, mode=mode)[0])
+
+    def mv(self, src: str, dst: str) -> None:
+        result, _ = self.meta.call("ns.rename", src=src, dst=dst)
+        self._free(result.get("release") or {})
+
+    def rm(self, path: str, recursive: bool = False) -> int:
+        """Remove a file (or, with ``recursive``, a tree); return the number of files removed."""
+        st = self.stat(path)
+        if not st.is_dir:
+            result, _ = self.meta.call("ns.unlink", path=path)
+            self._free(result.get("release") or {})
+            return 1
+        if not recursive:
+            raise errors.IsADirectory(f"{path} is a directory; use -r to remove it and its contents.")
+        n = 0
+        for entry in self.ls(path):
+            n += self.rm(entry.path, recursive=True)
+        self.meta.call("ns.rmdir", path=path)
+        return n
+
+    def rmdir(self, path: str) -> None:
+        self.meta.call("ns.rmdir", path=path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self.meta.call("ns.chmod", path=path, mode=mode)
+
+    def _free(self, release: dict[str, Any]) -> None:
+        """Delete released objects at their sites; failures only leave garbage, never data loss."""
+        for site, grant in release.items():
+            try:
+                link = self.site_link(site)
+                for key in grant["keys"]:
+                    link.call("delete", grant["cap"], key=key)
+            except errors.DgfError as exc:
+                log.warning("could not free released objects at site %s: %s", site, exc)
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        return self.meta.call("xattr.get", path=path, name=name)[1]
+
+    def listxattr(self, path: str) -> list[str]:
+        return list(self.meta.call("xattr.list", path=path)[0]["names"])
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        self.meta.call("xattr.set", value, path=path, name=name)
+
+    def removexattr(self, path: str, name: str) -> None:
+        self.meta.call("xattr.remove", path=path, name=name)
+
+    # -- query ----------------------------------------------------------------------------
+
+    def find(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
+             timeout: float = 0.0) -> list[dict[str, Any]]:
+        """Files under ``root`` whose XML header matches ``xpath`` (XPath 1.0)."""
+        _, body = self.meta.call("find", xpath=xpath, root=root, show=list(show), limit=limit,
+                                 timeout=timeout)
+        return [json.loads(line) for line in body.splitlines() if line]
+
+    # -- upload ---------------------------------------------------------------------------
+
+    def upload(self, paths: Iterable[str | os.PathLike[str]], to: str | None = None,
+               site: str | None = None, recursive: bool = False, progress: Progress | None = None,
+               batch: int = BATCH, replace: bool = False) -> UploadReport:
+        """De-identify and upload files (directories with ``recursive``).
+
+        Files that cannot be read or are not valid DICOM are reported in the result's ``failed``
+        list with the reason, and the others still go in.
+        """
+        report = UploadReport()
+        files = list(self._expand(paths, recursive, report))
+        for i in range(0, len(files), batch):
+            chunk = files[i:i + batch]
+            self._upload_batch(chunk, to, site, report, replace)
+            if progress is not None:
+                progress(len(chunk))
+        return report
+
+    @staticmethod
+    def count_files(paths: Iterable[str | os.PathLike[str]], recursive: bool) -> int:
+        return sum(1 for _ in Client._expand(paths, recursive, UploadReport()))
+
+    @staticmethod
+    def _expand(paths: Iterable[str | os.PathLike[str]], recursive: bool,
+                report: UploadReport) -> Iterator[Path]:
+        for p in map(Path, paths):
+            if p.is_dir():
+                if not recursive:
+                    report.failed.append(Failure(str(p), "is a directory; use -r to upload its files"))
+                    continue
+                for root, dirs, names in os.walk(p):
+                    dirs.sort()
+                    for name in sorted(names):
+                        if not name.startswith("."):
+                            yield Path(root) / name
+            elif p.exists():
+                yield p
+            else:
+                report.failed.append(Failure(str(p), "no such file"))
+
+    def upload_bytes(self, data: bytes, path: str, site: str | None = None, replace: bool = True) -> None:
+        """De-identify one file's bytes and publish it at ``path`` (the FUSE write path)."""
+        report = UploadReport()
+        self._upload_items([(path, data)], None, site, report, replace, fixed_path=True)
+        if report.failed:
+            raise errors.InvalidDicom(report.failed[0].reason)
+
+    def _upload_batch(self, files: list[Path], to: str | None, site: str | None,
+                      report: UploadReport, replace: bool) -> None:
+        items: list[tuple[str, bytes]] = []
+        for f in files:
+            try:
+                items.append((str(f), f.read_bytes()))
+            except OSError as exc:
+                report.failed.append(Failure(str(f), f"cannot be read ({exc.strerror})"))
+        self._upload_items(items, to, site, report, replace)
+
+    def _upload_items(self, items: list[tuple[str, bytes]], to: str | None, site: str | None,
+                      report: UploadReport, replace: bool, fixed_path: bool = False) -> None:
+        plans: list[tuple[str, deid.Plan]] = []
+        for name, data in items:
+            try:
+                plans.append((name, deid.analyze(data, self.profile)))
+            except errors.InvalidDicom as exc:
+                report.failed.append(Failure(name, str(exc)))
+        if not plans:
+            return
+        uids = sorted(set().union(*(p.uids for _, p in plans)))
+        patients = sorted({p.patient_key for _, p in plans})
+        prep, _ = self.meta.call("up.prepare", uids=uids, patients=patients)
+        sites = sorted(Site.from_wire(s).name for s in prep["sites"])
+        self._learn_sites(Site.from_wire(s) for s in prep["sites"])
+        if site is not None and site not in sites:
+            raise errors.UsageError(f"site {site!r} is not registered; known sites: {', '.join(sites)}.")
+        prepared: list[_Prepared] = []
+        for name, plan in plans:
+            patient, offset = prep["patients"][plan.patient_key]
+            pseudo = deid.Pseudonyms(prep["uids"], patient, offset)
+            try:
+                result = deid.apply(plan, pseudo, self.profile)
+                xml = header_xml(result.data)
+            except errors.InvalidDicom as exc:
+                report.failed.append(Failure(name, str(exc)))
+                continue
+            for w in result.warnings:
+                report.warnings.append(Failure(name, w))
+            target = name if fixed_path else self._placement(result, to)
+            chosen = site or sites[int(hashlib.sha256((result.series_uid or result.key).encode())
+                                       .hexdigest()[:8], 16) % len(sites)]
+            prepared.append(_Prepared(name, result, xml, target, chosen))
+        self._put(prepared, prep["caps"], report)
+        done = [p for p in prepared if p.receipt]
+        if not done:
+            return
+        commit = {"files": [{
+            "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
+            "receipt": p.receipt, "xml": p.xml.decode(), "patient": p.result.patient,
+            "identity": base64.b64encode(identity.encode(p.result.identity)).decode(),
+        } for p in done]}
+        result, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
+        self._free(result.get("release") or {})
+        report.uploaded += len(done)
+        report.bytes += sum(len(p.result.data) for p in done)
+        report.paths.extend(p.path for p in done)
+
+    @staticmethod
+    def _placement(result: deid.Result, to: str | None) -> str:
+        sop = result.sop_uid or result.key[:40]
+        if to is not None:
+            return posixpath.join(to if to.startswith("/") else "/" + to, f"{sop}.dcm")
+        return f"/{result.patient}/{result.study_uid or 'NoStudyUID'}/" \
+               f"{result.series_uid or 'NoSeriesUID'}/{sop}.dcm"
+
+    def _put(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport) -> None:
+        by_site: dict[str, list[PutItem]] = {}
+        for p in prepared:
+            by_site.setdefault(p.site, []).append(PutItem(p.result.key, p.result.data, p))
+
+        def done(item: PutItem, reply: dict[str, Any]) -> None:
+            item.tag.receipt = reply["receipt"]
+
+        def task(site: str, items: list[PutItem]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    self.site_link(site).put_many(items, caps[site], done)
+                except errors.DgfError as exc:
+                    self._drop_link(site)
+                    for it in items:
+                        if not it.tag.receipt:
+                            report.failed.append(Failure(it.tag.source, f"upload to site {site} failed: {exc}"))
+            return run
+
+        run_parallel(task(s, items) for s, items in by_site.items())
+
+    # -- download -------------------------------------------------------------------------
+
+    def resolve(self, paths: list[str], identified: bool = False) -> dict[str, Any]:
+        _, body = self.meta.call("down.resolve", paths=paths, identified=identified)
+        resolved = json.loads(body)
+        self._learn_sites(Site.from_wire(s) for s in resolved["sites"])
+        return resolved
+
+    def download(self, paths: list[str], out_dir: str | os.PathLike[str], identified: bool = False,
+                 xpath: str | None = None, progress: Progress | None = None) -> DownloadReport:
+        """Fetch files (directories recursively) into ``out_dir``, mirroring names like ``cp -r``;
+        with ``xpath``, the files under ``paths`` whose header matches, at their full paths."""
+        out = Path(out_dir)
+        report = DownloadReport()
+        if xpath is not None:
+            roots = paths or ["/"]
+            wanted = [m["path"] for r in roots for m in self.find(xpath, r)]
+            if not wanted:
+                return report
+            resolved = self.resolve(wanted, identified)
+            local = {f[0]: out / f[0].lstrip("/") for f in resolved["files"]}
+        else:
+            resolved = self.resolve(paths, identified)
+            local = {}
+            for f in resolved["files"]:
+                root = max((p for p in paths if f[0] == p or f[0].startswith(p.rstrip("/") + "/")), key=len)
+                base = posixpath.dirname(root.rstrip("/")) if root != "/" else "/"
+                local[f[0]] = out / posixpath.relpath(f[0], base)
+        self._fetch(resolved, local, identified, report, progress)
+        return report
+
+    def _fetch(self, resolved: dict[str, Any], local: dict[str, Path], identified: bool,
+               report: DownloadReport, progress: Progress | None) -> None:
+        targets: dict[str, list[str]] = {}
+        replicas: dict[str, list[str]] = {}
+        for path, key, size, sites in resolved["files"]:
+            targets.setdefault(key, []).append(path)
+            replicas[key] = list(sites)
+        identities = resolved.get("identities", {})
+        caps = resolved["caps"]
+        lock = threading.Lock()
+        pending = set(targets)
+        spool = Path(tempfile.gettempdir()) / "dgf-spool"
+
+        def deliver(res: GetResult) -> None:
+            if res.error is not None:
+                return  # tried again at the next replica, reported if none is left
+            try:
+                data = res.data
+                if identified:
+                    blob = identities.get(res.key)
+                    if blob is None:
+                        raise errors.NotFound("no identity is held for this file (erased or uploaded without).")
+                    if data is None and res.path is not None:
+                        data = res.path.read_bytes()
+                    data = identity.reidentify(data or b"", identity.decode(base64.b64decode(blob)))
+                paths = targets[res.key]
+                for i, path in enumerate(paths):
+                    if data is None and res.path is not None and i == len(paths) - 1:
+                        _atomic_write(local[path], src=res.path)
+                    elif data is None and res.path is not None:
+                        _atomic_write(local[path], res.path.read_bytes())
+                    else:
+                        _atomic_write(local[path], data)
+                n = len(data) if data is not None else 0
+            except errors.DgfError as exc:
+                with lock:
+                    pending.discard(res.key)
+                    report.failed.extend(Failure(p, str(exc)) for p in targets[res.key])
+                return
+            except OSError as exc:
+                with lock:
+                    pending.discard(res.key)
+                    report.failed.extend(Failure(p, f"cannot be written ({exc.strerror})") for p in targets[res.key])
+                return
+            with lock:
+                pending.discard(res.key)
+                report.downloaded += len(targets[res.key])
+                report.bytes += n * len(targets[res.key])
+                report.files.extend(local[p] for p in targets[res.key])
+            if progress is not None:
+                progress(len(targets[res.key]))
+
+        for attempt in range(3):
+            if not pending:
+                break
+            by_site: dict[str, list[str]] = {}
+            for key in sorted(pending):
+                if len(replicas[key]) > attempt:
+                    by_site.setdefault(replicas[key][attempt], []).append(key)
+            if not by_site:
+                break
+
+            def task(site: str, keys: list[str]) -> Callable[[], None]:
+                def run() -> None:
+                    try:
+                        self.site_link(site).get_many(keys, caps[site], deliver, spool)
+                    except errors.DgfError as exc:
+                        self._drop_link(site)
+                        log.warning("site %s failed during download: %s", site, exc)
+                return run
+
+            run_parallel(task(s, k) for s, k in by_site.items())
+        for key in sorted(pending):
+            report.failed.extend(Failure(p, "no replica could be read (sites down or objects corrupt)")
+                                 for p in targets[key])
+
+    def read_file(self, path: str, identified: bool = False) -> bytes:
+        """The whole content of one file (re-identified if asked and allowed)."""
+        resolved = self.resolve([path], identified)
+        if not resolved["files"]:
+            raise errors.NotFound(f"{path} does not exist.")
+        _, key, _, sites = resolved["files"][0]
+        last: errors.DgfError = errors.NotFound(f"no replica of {path} is registered.")
+        for site in sites:
+            try:
+                _, data = self.site_link(site).call("get", resolved["caps"][site], key=key)
+            except errors.DgfError as exc:
+                last = exc
+                continue
+            if hashlib.sha256(data).hexdigest() != key:
+                last = errors.IntegrityError(f"{path} arrived corrupted from site {site}.")
+                continue
+            if identified:
+                blob = resolved.get("identities", {}).get(key)
+                if blob is None:
+                    raise errors.NotFound(f"no identity is held for {path}.")
+                return identity.reidentify(data, identity.decode(base64.b64decode(blob)))
+            return data
+        raise last
+
+    def identity_summary(self, path: str) -> dict[str, Any]:
+        """What de-identification removed from one file (clinicians; the release is audited)."""
+        resolved = self.resolve([path], identified=True)
+        if not resolved["files"]:
+            raise errors.NotFound(f"{path} does not exist.")
+        blob = resolved["identities"].get(resolved["files"][0][1])
+        if blob is None:
+            raise errors.NoAttribute(f"no identity is held for {path}.")
+        return identity.summary(identity.decode(base64.b64decode(blob)))
+
+    # -- administration -------------------------------------------------------------------
+
+    def principal_add(self, name: str, role: str, public_key: str) -> dict[str, Any]:
+        return self.meta.call("admin.principal.add", name=name, role=role, public_key=public_key)[0]
+
+    def principal_remove(self, name: str) -> None:
+        self.meta.call("admin.principal.remove", name=name)
+
+    def principals(self) -> list[dict[str, Any]]:
+        return list(self.meta.call("admin.principal.list")[0]["principals"])
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.meta.call("admin.audit", limit=limit)[0]["entries"])
