@@ -132,14 +132,17 @@ def up(root: Path, sites: tuple[str, ...] = SITES) -> Federation:
                 "site": site, "listen": "127.0.0.1:0", "store": f"store-{site}",
                 "host_key": f"keys/{site}_host", "key": f"keys/{site}",
                 "metaserver": address, "metaserver_host_key": host_key_line})
-            procs[site] = _spawn(["ioserver.server", "serve", "--config", str(conf)], logs / f"{site}.log")
+            (root / f"{site}.addr").unlink(missing_ok=True)
+            procs[site] = _spawn(["ioserver.server", "serve", "--config", str(conf),
+                                  "--ready-file", str(root / f"{site}.addr")], logs / f"{site}.log")
             pids[site] = procs[site].pid
         for principal, _ in PRINCIPALS:
             write_section(root / f"{principal}.conf", "dgf", {
                 "principal": principal, "key": f"keys/{principal}", "metaserver": address,
                 "metaserver_host_key": host_key_line, "cache_dir": f"cache-{principal}"})
         _write_state(root, address, sites, pids)
-        _wait_sites(root, sites, procs, logs)
+        for site, proc in procs.items():
+            _wait_for(root / f"{site}.addr", proc, logs / f"{site}.log", f"I/O server of {site}")
     except BaseException:
         down(root, quiet=True, pids=pids)
         raise
@@ -150,23 +153,6 @@ def _write_state(root: Path, address: str, sites: tuple[str, ...], pids: dict[st
     tmp = root / (STATE + ".tmp")
     tmp.write_text(json.dumps({"metaserver": address, "sites": list(sites), "pids": pids}, indent=1))
     tmp.replace(root / STATE)
-
-
-def _wait_sites(root: Path, sites: tuple[str, ...], procs: dict[str, subprocess.Popen[bytes]],
-                logs: Path, timeout: float = 60) -> None:
-    from dgf.client import Client  # the client is a peer module; imported late to keep start-up light
-
-    deadline = time.monotonic() + timeout
-    with Client(root / "admin.conf") as client:
-        while time.monotonic() < deadline:
-            registered = {s.name for s in client.sites()}
-            if set(sites) <= registered:
-                return
-            for site, proc in procs.items():
-                if proc.poll() is not None:
-                    raise errors.ServerError(f"the I/O server of {site} exited at start: {_tail(logs / f'{site}.log')}")
-            time.sleep(0.05)
-    raise errors.ServerError(f"the I/O servers did not register within {timeout:.0f} s.")
 
 
 def down(root: Path, quiet: bool = False, pids: dict[str, int] | None = None) -> list[str]:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -173,14 +174,12 @@ class MetaLink:
 
 def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
     link = MetaLink(cfg)
-    server_holder: dict[str, wire.SSHServer] = {}
     keyring = KeyRing(lambda: link.call("site.keys")["principals"])
     service = IoService(cfg.site, LocalObjectStore(cfg.store),
                         crypto.load_public(cfg.metaserver_host_key),
                         crypto.load_signing_key(cfg.key))
     server = wire.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
                             host=cfg.listen[0], port=listen_port)
-    server_holder["s"] = server
     return server, link
 
 
@@ -194,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--stdio", action="store_true",
                        help="serve one session on stdin/stdout (forced command behind OpenSSH)")
     serve.add_argument("--principal", help="with --stdio: the principal OpenSSH authenticated")
+    serve.add_argument("--ready-file", help="write HOST:PORT here once registered and listening")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dgf-ioserver %(levelname)s %(message)s")
     try:
@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         host, port = server.address
         link.call("site.register", site=cfg.site, host=host, port=port,
                   host_key=crypto.public_line(host_key))
+        if args.ready_file:
+            tmp = Path(args.ready_file + ".tmp")
+            tmp.write_text(f"{host}:{port}\n")
+            tmp.replace(args.ready_file)
     except errors.DgfError as exc:
         print(f"dgf-ioserver: {exc}", file=sys.stderr)
         return exc.exit_code

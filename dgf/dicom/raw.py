@@ -188,7 +188,8 @@ class Parser:
                     return elems, self.size
                 if vend > self.size:
                     raise errors.InvalidDicom(
-                        f"element ({g:04X},{e:04X}) claims {length} bytes but the file ends at byte {self.size}.")
+                        f"the file is truncated: element ({g:04X},{e:04X}) claims {length} bytes "
+                        f"but the file ends at byte {self.size}.")
                 elem = Elem(tag, vr, pos, vstart, length, vend)
                 if vr == "SQ":
                     elem.items = self._items(vstart, vend, enc, depth)
@@ -250,7 +251,8 @@ class Parser:
             return Item(pos, vstart, UNDEFINED, end, elems)
         end = vstart + length
         if end > self.size:
-            raise errors.InvalidDicom(f"a sequence item at byte {pos} claims {length} bytes past the end of file.")
+            raise errors.InvalidDicom(f"the file is truncated: a sequence item at byte {pos} claims {length} bytes "
+                                      "past the end of file.")
         elems, _ = self.parse(vstart, end, enc, depth + 1)
         return Item(pos, vstart, length, end, elems)
 

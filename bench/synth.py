@@ -1,0 +1,84 @@
+"""Synthetic but realistic DICOM corpora derived from pydicom's real test files.
+
+Each instance keeps a real header (CT_small / MR_small) and gets new UIDs and a varied synthetic
+patient, so uploads exercise de-identification, pseudonyms and placement as real data would.
+Used by the benchmarks and by the tests that need many distinct files.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+FIRST = ["ANNA", "BORIS", "CHEN", "DANA", "EMIL", "FATIMA", "GRETA", "HUGO", "IDA", "JONAS"]
+LAST = ["SMITH", "MULLER", "TANAKA", "ROSSI", "KOWALSKI", "DUBOIS", "SILVA", "NOVAK"]
+
+
+def _template(name: str) -> pydicom.Dataset:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise FileNotFoundError(name)
+    return pydicom.dcmread(path)
+
+
+def _personalise(ds: pydicom.Dataset, rng: random.Random, patient: int, study: str, series: str) -> None:
+    ds.PatientID = f"SYN{patient:06d}"
+    ds.PatientName = f"{LAST[patient % len(LAST)]}^{FIRST[patient % len(FIRST)]}^{patient}"
+    ds.PatientBirthDate = f"{1930 + patient % 70:04d}{1 + patient % 12:02d}{1 + patient % 28:02d}"
+    ds.PatientSex = "F" if (patient // 2) % 2 == 0 else "M"
+    ds.InstitutionName = f"General Hospital {patient % 7}"
+    ds.ReferringPhysicianName = f"DR^{LAST[(patient + 3) % len(LAST)]}"
+    ds.AccessionNumber = f"A{rng.randrange(10**8):08d}"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def small_corpus(out: Path, n: int, patients: int = 50, seed: int = 1) -> list[Path]:
+    """``n`` instances of ~10-40 KB alternating CT_small and MR_small headers."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    templates = [_template("CT_small.dcm"), _template("MR_small.dcm")]
+    studies = {p: (generate_uid(), [generate_uid() for _ in range(3)]) for p in range(patients)}
+    paths = []
+    for i in range(n):
+        ds = templates[i % 2].copy()
+        ds.file_meta = templates[i % 2].file_meta.copy()
+        p = i % patients
+        study, series = studies[p]
+        _personalise(ds, rng, p, study, series[(i // patients) % 3])
+        path = out / f"small_{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def ct_corpus(out: Path, n: int, patients: int = 10, seed: int = 2) -> list[Path]:
+    """``n`` CT instances of ~0.5 MB: 512x512 16-bit pixel data under CT_small's real header."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    base = _template("CT_small.dcm")
+    base.Rows = base.Columns = 512
+    base.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    yy, xx = np.mgrid[:512, :512]
+    disk = ((yy - 256) ** 2 + (xx - 256) ** 2 < 200 ** 2).astype(np.int16)
+    studies = {p: (generate_uid(), generate_uid()) for p in range(patients)}
+    paths = []
+    for i in range(n):
+        ds = base.copy()
+        ds.file_meta = base.file_meta.copy()
+        p = i % patients
+        _personalise(ds, rng, p, *studies[p])
+        noise = np.random.default_rng(seed * 100003 + i).integers(0, 40, (512, 512), dtype=np.int16)
+        ds.PixelData = (disk * (1000 + i % 50) + noise).astype(np.int16).tobytes()
+        ds.InstanceNumber = i + 1
+        path = out / f"ct_{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,78 @@
+"""Fixtures: real federations on loopback (metaserver + two I/O sites as processes, generated
+keys, free ports), clients per principal, and real DICOM files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dgf import local
+from dgf.client import Client
+
+from bench import synth
+from tests import corpus
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Federation]:
+    """One federation for the read-mostly tests of the session."""
+    root = tmp_path_factory.mktemp("federation")
+    fed = local.up(root)
+    yield fed
+    local.down(root)
+
+
+@pytest.fixture()
+def fresh_federation(tmp_path: Path) -> Iterator[local.Federation]:
+    """A federation of its own, for tests that stop servers or need an empty namespace."""
+    fed = local.up(tmp_path / "fed")
+    yield fed
+    local.down(fed.root, quiet=True)
+
+
+def _client(fed: local.Federation, who: str) -> Iterator[Client]:
+    client = Client(fed.config(who))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def clinician(federation: local.Federation) -> Iterator[Client]:
+    yield from _client(federation, "clinician")
+
+
+@pytest.fixture(scope="session")
+def researcher(federation: local.Federation) -> Iterator[Client]:
+    yield from _client(federation, "researcher")
+
+
+@pytest.fixture(scope="session")
+def admin(federation: local.Federation) -> Iterator[Client]:
+    yield from _client(federation, "admin")
+
+
+@pytest.fixture(scope="session")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return synth.small_corpus(tmp_path_factory.mktemp("small"), 40, patients=8)
+
+
+@pytest.fixture()
+def ct_small() -> Path:
+    return corpus.file("CT_small.dcm")
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    d = tmp_path / "work"
+    d.mkdir()
+    return d
+
+
+def copy_to(src: Path, dst_dir: Path, name: str | None = None) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    target = dst_dir / (name or src.name)
+    shutil.copyfile(src, target)
+    return target

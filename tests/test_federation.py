@@ -1,0 +1,283 @@
+"""End to end on a real federation: up, find, down (de-identified and identified), roles, audit,
+namespace verbs, and the failure cases of the federation issue."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dgf import errors, local
+from dgf.client import Client
+
+from tests import corpus
+from tests.conftest import copy_to
+
+RT_FILES = ["rtplan.dcm", "rtdose.dcm", "rtstruct.dcm"]
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_round_trip_ct_mr_rt(clinician: Client, workdir: Path) -> None:
+    """Upload real CT, MR and RT files; identified download equals the originals byte for byte,
+    de-identified download carries none of their identifying values."""
+    originals = [corpus.file(n) for n in ["CT_small.dcm", "MR_small.dcm", *RT_FILES]]
+    for orig_path in originals:
+        report = clinician.upload([orig_path], to=f"/roundtrip/{orig_path.stem}")
+        assert report.uploaded == 1 and not report.failed
+        assert report.paths[0].startswith(f"/roundtrip/{orig_path.stem}/2.25.")
+
+    ident = clinician.download(["/roundtrip"], workdir / "ident", identified=True)
+    assert ident.downloaded == len(originals) and not ident.failed
+    deid = clinician.download(["/roundtrip"], workdir / "deid")
+    assert deid.downloaded == len(originals)
+    for orig_path in originals:
+        [back] = _files_under(workdir / "ident" / "roundtrip" / orig_path.stem)
+        assert back.read_bytes() == orig_path.read_bytes()
+        [anon_path] = _files_under(workdir / "deid" / "roundtrip" / orig_path.stem)
+        orig = pydicom.dcmread(orig_path, force=True)
+        anon = pydicom.dcmread(anon_path)
+        blob = anon_path.read_bytes()
+        assert anon.PatientIdentityRemoved == "YES"
+        for kw in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName",
+                   "ReferringPhysicianName", "OperatorsName", "AccessionNumber"):
+            value = str(orig.get(kw, "") or "")
+            if value:
+                assert str(anon.get(kw, "") or "") != value, f"{kw} of {orig_path.name} kept"
+        for kw in ("PatientName", "PatientID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(orig.get(kw, "") or "")
+            if len(value) >= 6:
+                assert value.encode() not in blob, f"{kw} of {orig_path.name} leaked"
+
+
+def test_default_placement_and_header_query(clinician: Client, small_files: list[Path]) -> None:
+    report = clinician.upload(small_files[:10])
+    assert report.uploaded == 10
+    for path in report.paths:
+        parts = path.strip("/").split("/")
+        assert len(parts) == 4 and parts[0].startswith("P") and parts[1].startswith("2.25.")
+        assert parts[3].endswith(".dcm")
+    ct = clinician.find("/DicomHeader[Modality='CT' and PatientSex='F']", "/", show=["Modality", "PatientSex"])
+    assert ct and all(r["values"] == {"Modality": "CT", "PatientSex": "F"} for r in ct)
+    everything = {r["path"] for r in clinician.find("/DicomHeader", "/")}
+    assert set(report.paths) <= everything
+    # The XML header is the xattr, and holds no identifying value.
+    xml = clinician.getxattr(report.paths[0], "user.dgf.dicom")
+    assert b"<DicomHeader>" in xml and b"SYN0" not in xml and b"General Hospital" not in xml
+    assert b"<PatientIdentityRemoved" in xml
+
+
+def test_sites_are_both_used_and_objects_are_by_key(clinician: Client, federation: local.Federation,
+                                                    small_files: list[Path]) -> None:
+    report = clinician.upload(small_files[10:40])
+    assert report.uploaded == 30
+    resolved = clinician.resolve(report.paths)
+    used = {f[3][0] for f in resolved["files"]}
+    assert used == {"site-a", "site-b"}
+    for path, key, size, sites in resolved["files"]:
+        obj = federation.root / f"store-{sites[0]}" / "objects" / key[:2] / key[2:4] / key
+        assert obj.stat().st_size == size
+        assert hashlib.sha256(obj.read_bytes()).hexdigest() == key
+
+
+def test_researcher_is_refused_identity_and_audited(researcher: Client, clinician: Client,
+                                                     admin: Client, workdir: Path) -> None:
+    clinician.upload([corpus.file("MR_small.dcm")], to="/audit-me")
+    with pytest.raises(errors.PermissionDenied, match="may not receive patient identity"):
+        researcher.download(["/audit-me"], workdir, identified=True)
+    assert not list(workdir.rglob("*.dcm"))
+    log = admin.audit_log(20)
+    assert any(e["principal"] == "researcher" and e["action"] == "identity.release"
+               and e["outcome"] == "refused" for e in log)
+    # De-identified data is fine for researchers.
+    assert researcher.download(["/audit-me"], workdir).downloaded == 1
+    # Researchers do not change the namespace.
+    with pytest.raises(errors.PermissionDenied):
+        researcher.mkdir("/researcher-dir")
+    with pytest.raises(errors.PermissionDenied):
+        researcher.upload([corpus.file("CT_small.dcm")])
+
+
+def test_identified_download_is_audited_per_file(clinician: Client, admin: Client, workdir: Path) -> None:
+    clinician.upload([corpus.file("CT_small.dcm")], to="/audit-ok")
+    path = clinician.find("/DicomHeader", "/audit-ok")[0]["path"]
+    clinician.download([path], workdir, identified=True)
+    assert any(e["principal"] == "clinician" and e["target"] == path and e["outcome"] == "ok"
+               for e in admin.audit_log(50))
+
+
+def test_bad_files_are_reported_and_the_rest_goes_in(clinician: Client, workdir: Path) -> None:
+    good = copy_to(corpus.file("CT_small.dcm"), workdir)
+    text = workdir / "notes.txt"
+    text.write_text("not dicom at all\n" * 20)
+    truncated = workdir / "truncated.dcm"
+    truncated.write_bytes(corpus.file("rtplan.dcm").read_bytes()[:900])
+    report = clinician.upload([text, good, truncated, workdir / "missing.dcm"], to="/mixed")
+    assert report.uploaded == 1
+    failed = {Path(f.item).name: f.reason for f in report.failed}
+    assert set(failed) == {"notes.txt", "truncated.dcm", "missing.dcm"}
+    assert "not a DICOM file" in failed["notes.txt"]
+    assert "truncated" in failed["truncated.dcm"]
+    assert [s.path for s in clinician.ls("/mixed")] == [report.paths[0]]
+
+
+def test_namespace_verbs(clinician: Client) -> None:
+    clinician.upload([corpus.file("CT_small.dcm")], to="/ns/a")
+    src = clinician.ls("/ns/a")[0].path
+    clinician.mkdir("/ns/b/c", parents=True)
+    clinician.mv(src, "/ns/b/c/moved.dcm")
+    assert clinician.ls("/ns/a") == []
+    st = clinician.stat("/ns/b/c/moved.dcm")
+    assert not st.is_dir and st.size > 0 and st.object_key
+    assert clinician.stat("/ns/b").nlink == 3
+    with pytest.raises(errors.DirectoryNotEmpty):
+        clinician.rmdir("/ns/b/c")
+    with pytest.raises(errors.NotFound):
+        clinician.stat("/ns/nope")
+    with pytest.raises(errors.AlreadyExists):
+        clinician.mkdir("/ns/b")
+    clinician.chmod("/ns/b/c/moved.dcm", 0o600)
+    assert clinician.stat("/ns/b/c/moved.dcm").mode == 0o600
+    clinician.setxattr("/ns/b/c/moved.dcm", "user.project", b"lung-screening")
+    assert clinician.getxattr("/ns/b/c/moved.dcm", "user.project") == b"lung-screening"
+    assert set(clinician.listxattr("/ns/b/c/moved.dcm")) == {"user.dgf.dicom", "user.project"}
+    with pytest.raises(errors.PermissionDenied):
+        clinician.setxattr("/ns/b/c/moved.dcm", "user.dgf.dicom", b"<forged/>")
+    with pytest.raises(errors.NoAttribute):
+        clinician.getxattr("/ns/b/c/moved.dcm", "user.absent")
+    assert clinician.rm("/ns", recursive=True) == 1
+    with pytest.raises(errors.NotFound):
+        clinician.stat("/ns")
+
+
+def test_bad_xpath_is_a_clear_error_and_server_survives(clinician: Client) -> None:
+    with pytest.raises(errors.UsageError, match="invalid XPath"):
+        clinician.find("/DicomHeader[Modality=", "/")
+    assert isinstance(clinician.find("/DicomHeader[Modality='NONE']", "/"), list)
+
+
+def test_unknown_key_is_refused(federation: local.Federation, tmp_path: Path) -> None:
+    from dgf import crypto
+    from dgf.config import ClientConfig, write_section
+
+    crypto.generate_keypair(tmp_path / "stranger")
+    src = ClientConfig.load(federation.config("researcher"))
+    conf = tmp_path / "stranger.conf"
+    write_section(conf, "dgf", {"principal": "stranger", "key": str(tmp_path / "stranger"),
+                                "metaserver": "%s:%d" % src.metaserver,
+                                "metaserver_host_key": src.metaserver_host_key})
+    with pytest.raises(errors.AuthenticationFailed, match="refused our key"):
+        Client(conf)
+
+
+def test_pinned_host_key_mismatch_is_refused(federation: local.Federation, tmp_path: Path) -> None:
+    from dgf import crypto
+    from dgf.config import ClientConfig, write_section
+
+    src = ClientConfig.load(federation.config("clinician"))
+    other = crypto.generate_keypair(tmp_path / "impostor")
+    conf = tmp_path / "pinned.conf"
+    write_section(conf, "dgf", {"principal": "clinician", "key": str(src.key),
+                                "metaserver": "%s:%d" % src.metaserver,
+                                "metaserver_host_key": " ".join(other.split()[:2])})
+    with pytest.raises(errors.AuthenticationFailed, match="does not match the pinned key"):
+        Client(conf)
+
+
+def test_principal_enrollment_and_removal(admin: Client, federation: local.Federation, tmp_path: Path) -> None:
+    from dgf import crypto
+    from dgf.config import ClientConfig, write_section
+
+    pub = crypto.generate_keypair(tmp_path / "newbie")
+    admin.principal_add("newbie", "researcher", pub)
+    src = ClientConfig.load(federation.config("researcher"))
+    conf = tmp_path / "newbie.conf"
+    write_section(conf, "dgf", {"principal": "newbie", "key": str(tmp_path / "newbie"),
+                                "metaserver": "%s:%d" % src.metaserver,
+                                "metaserver_host_key": src.metaserver_host_key})
+    with Client(conf) as c:
+        assert c.whoami() == {"name": "newbie", "role": "researcher"}
+    admin.principal_remove("newbie")
+    with pytest.raises(errors.AuthenticationFailed):
+        Client(conf)
+    assert any(e["action"] == "grant" and e["target"] == "newbie" for e in admin.audit_log(50))
+
+
+def _pids(fed: local.Federation) -> dict[str, int]:
+    return {k: int(v) for k, v in local.status(fed.root)["processes"].items()
+            for v in [v["pid"]]}  # type: ignore[index]
+
+
+def test_site_dies_mid_upload_then_rerun_completes(fresh_federation: local.Federation,
+                                                   small_files: list[Path], workdir: Path) -> None:
+    """Kill site-b after the first batch: the files bound for it fail and are not visible; after
+    a restart the same upload completes, with no duplicate paths or objects."""
+    fed = fresh_federation
+    files = small_files[:30]
+    killed = []
+
+    def progress(n: int) -> None:
+        if not killed:
+            os.kill(_pids(fed)["site-b"], signal.SIGKILL)
+            killed.append(True)
+
+    with Client(fed.config("clinician")) as c:
+        first = c.upload(files, to="/batch", batch=10, progress=progress)
+        assert killed and first.failed and first.uploaded < len(files)
+        assert all("site-b" in f.reason for f in first.failed)
+        visible = {s.path for s in c.ls("/batch")}
+        assert visible == set(first.paths)
+    # Nothing half-written in site-b's store is an object.
+    for obj in (fed.root / "store-site-b" / "objects").rglob("*"):
+        if obj.is_file():
+            assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.name
+    local.down(fed.root)
+    local.up(fed.root)
+    with Client(fed.config("clinician")) as c:
+        second = c.upload(files, to="/batch", batch=10)
+        assert not second.failed and second.uploaded == len(files)
+        listing = c.ls("/batch")
+        assert len(listing) == len(files) == len({s.path for s in listing})
+        keys = {s.object_key for s in listing}
+        stored = [p.name for site in ("site-a", "site-b")
+                  for p in (fed.root / f"store-{site}" / "objects").rglob("*") if p.is_file()]
+        assert sorted(stored) == sorted(keys)
+        assert c.download(["/batch"], workdir, identified=True).downloaded == len(files)
+    originals = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in _files_under(workdir)} == originals
+
+
+def test_metaserver_restart_keeps_everything(fresh_federation: local.Federation, workdir: Path) -> None:
+    fed = fresh_federation
+    src = corpus.file("CT_small.dcm")
+    with Client(fed.config("clinician")) as c:
+        c.upload([src], to="/keep")
+        c.setxattr(c.ls("/keep")[0].path, "user.note", b"persist")
+    pid = _pids(fed)["metaserver"]
+    os.kill(pid, signal.SIGKILL)
+    local.down(fed.root)
+    local.up(fed.root)
+    with Client(fed.config("clinician")) as c:
+        path = c.ls("/keep")[0].path
+        assert c.getxattr(path, "user.note") == b"persist"
+        c.download(["/keep"], workdir, identified=True)
+    assert _files_under(workdir)[0].read_bytes() == src.read_bytes()
+
+
+def test_download_fails_over_and_reports_dead_sites(fresh_federation: local.Federation, workdir: Path) -> None:
+    fed = fresh_federation
+    with Client(fed.config("clinician")) as c:
+        c.upload([corpus.file("CT_small.dcm")], to="/one", site="site-a")
+        os.kill(_pids(fed)["site-a"], signal.SIGKILL)
+        time.sleep(0.2)
+        report = c.download(["/one"], workdir)
+    assert report.downloaded == 0 and len(report.failed) == 1
+    assert "no replica could be read" in report.failed[0].reason
+    assert not _files_under(workdir)
