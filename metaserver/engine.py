@@ -75,9 +75,8 @@ class MetaEngine(ABC):
         src, dst = norm_path(src), norm_path(dst)
         split_path(src), split_path(dst)
         if dst == src:
+            self._do_stat(src)  # rename(2): a missing source is ENOENT even onto itself
             return {}
-        if (dst + "/").startswith(src + "/"):
-            raise errors.UsageError(f"cannot move {src!r} into itself.")
         return self._do_rename(src, dst)
 
     def unlink(self, path: str) -> dict[str, list[str]]:

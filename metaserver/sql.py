@@ -253,6 +253,8 @@ class SqlEngine(MetaEngine):
     def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             s = self._resolve(conn, src)
+            if (dst + "/").startswith(src + "/"):
+                raise errors.UsageError(f"cannot move {src!r} into itself.")
             dparent_path, dname = dst.rsplit("/", 1)
             dparent = self._resolve_dir(conn, dparent_path or "/")
             sparent_id = conn.execute(sa.select(inodes.c.parent).where(inodes.c.id == s.id)).scalar_one()

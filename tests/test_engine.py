@@ -1,0 +1,246 @@
+"""MetaEngine contract (per backend) and a stateful property test of the namespace against a
+dict model, comparing results and error classes (after JuiceFS's random tests)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from dgf import errors
+from dgf.types import Principal
+from metaserver.engine import MetaEngine, NewFile
+from metaserver.sql import SqlEngine
+
+
+def _key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def _file(path: str, content: str = "x", site: str = "site-a") -> NewFile:
+    return NewFile(path, _key(content), len(content), site, {"user.dgf.dicom": b"<DicomHeader/>"},
+                   "P1", b"sealed")
+
+
+def engine_urls(tmp: Path) -> list[str]:
+    return [f"sqlite:///{tmp / 'meta.db'}"]
+
+
+class EngineContract:
+    @pytest.fixture()
+    def engine(self, tmp_path: Path) -> Iterator[MetaEngine]:
+        raise NotImplementedError
+
+    def test_create_files_makes_parents_and_is_idempotent(self, engine: MetaEngine) -> None:
+        engine.add_patient_key("P1", b"wrapped")
+        stats, released = engine.create_files([_file("/p/s/a.dcm"), _file("/p/s/b.dcm", "y")])
+        assert [s.path for s in stats] == ["/p/s/a.dcm", "/p/s/b.dcm"] and released == {}
+        engine.create_files([_file("/p/s/a.dcm")])  # same content again: no duplicate, no error
+        assert [s.path for s in engine.readdir("/p/s")] == ["/p/s/a.dcm", "/p/s/b.dcm"]
+        with pytest.raises(errors.AlreadyExists):
+            engine.create_files([_file("/p/s/a.dcm", "other")])
+        _, released = engine.create_files([_file("/p/s/a.dcm", "other")], replace=True)
+        assert released == {_key("x"): ["site-a"]}
+        assert engine.identity(_key("x")) is None and engine.identity(_key("other")) is not None
+
+    def test_unlink_releases_unreferenced_objects_only(self, engine: MetaEngine) -> None:
+        engine.create_files([_file("/a.dcm", "same"), _file("/b.dcm", "same")])
+        assert engine.unlink("/a.dcm") == {}
+        assert engine.unlink("/b.dcm") == {_key("same"): ["site-a"]}
+        assert engine.object_replicas([_key("same")]) == {_key("same"): []}
+
+    def test_rename_semantics(self, engine: MetaEngine) -> None:
+        engine.mkdir("/d1")
+        engine.mkdir("/d2")
+        engine.create_files([_file("/d1/f", "1"), _file("/d2/g", "2")])
+        engine.rename("/d1/f", "/d2/g")  # replaces the file atomically
+        assert [s.path for s in engine.readdir("/d2")] == ["/d2/g"]
+        assert engine.stat("/d2/g").object_key == _key("1")
+        with pytest.raises(errors.UsageError):
+            engine.rename("/d1", "/d1/inside")
+        engine.mkdir("/d1/sub")
+        engine.rename("/d1", "/d2/moved")
+        assert engine.stat("/d2").nlink == 3
+        assert engine.stat("/d2/moved/sub").is_dir
+        with pytest.raises(errors.IsADirectory):
+            engine.rename("/d2/g", "/d2/moved")
+
+    def test_xattrs_and_scan(self, engine: MetaEngine) -> None:
+        engine.create_files([_file("/x/1.dcm", "a"), _file("/y/2.dcm", "b")])
+        engine.setxattr("/x/1.dcm", "user.tag", b"v")
+        assert engine.getxattr("/x/1.dcm", "user.tag") == b"v"
+        assert engine.listxattr("/x/1.dcm") == ["user.dgf.dicom", "user.tag"]
+        with pytest.raises(errors.UsageError):
+            engine.setxattr("/x/1.dcm", "trusted.x", b"v")
+        assert [p for p, _ in engine.scan_xattr("/", "user.dgf.dicom")] == ["/x/1.dcm", "/y/2.dcm"]
+        assert [p for p, _ in engine.scan_xattr("/y", "user.dgf.dicom")] == ["/y/2.dcm"]
+        assert [p for p, _, _ in engine.walk_files("/x/1.dcm")] == ["/x/1.dcm"]
+
+    def test_principals_sites_audit(self, engine: MetaEngine) -> None:
+        p = Principal("alice", "clinician", "ssh-ed25519 AAAA", "SHA256:abc")
+        engine.add_principal(p)
+        with pytest.raises(errors.AlreadyExists):
+            engine.add_principal(p)
+        assert engine.principal_by_fingerprint("SHA256:abc") == p
+        engine.remove_principal("alice")
+        assert engine.principal_by_fingerprint("SHA256:abc") is None
+        engine.audit("bob", "identity.release", "/a", "refused")
+        assert engine.audit_log(1)[0]["outcome"] == "refused"
+
+    def test_erase_patient_destroys_key_and_records(self, engine: MetaEngine) -> None:
+        engine.add_patient_key("P1", b"wrapped")
+        engine.create_files([_file("/e.dcm", "e")])
+        assert engine.erase_patient("P1") == 1
+        assert engine.patient_key("P1") is None and engine.identity(_key("e")) is None
+
+    def test_paths_are_validated(self, engine: MetaEngine) -> None:
+        for bad in ("relative", "/a/../b", "/" + "n" * 300):
+            with pytest.raises(errors.UsageError):
+                engine.stat(bad)
+        with pytest.raises(errors.UsageError):
+            engine.rmdir("/")
+
+
+class TestSqliteEngine(EngineContract):
+    @pytest.fixture()
+    def engine(self, tmp_path: Path) -> Iterator[MetaEngine]:
+        e = SqlEngine(f"sqlite:///{tmp_path / 'meta.db'}")
+        yield e
+        e.close()
+
+
+NAMES = st.sampled_from(["a", "b", "c"])
+PATHS = st.lists(NAMES, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
+
+
+class NamespaceModel(RuleBasedStateMachine):
+    """Random mkdir/create/rename/unlink/rmdir against SqlEngine and a dict of path -> kind."""
+
+    @initialize()
+    def setup(self) -> None:
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory()
+        self.engine = SqlEngine(f"sqlite:///{self.tmp.name}/m.db")
+        self.model: dict[str, str] = {"/": "d"}
+
+    def teardown(self) -> None:
+        self.engine.close()
+        self.tmp.cleanup()
+
+    def _parent(self, path: str) -> str:
+        return path.rsplit("/", 1)[0] or "/"
+
+    def _expect(self, fn, expected_error):  # type: ignore[no-untyped-def]
+        try:
+            fn()
+        except errors.DgfError as exc:
+            assert type(exc) is expected_error, f"got {type(exc).__name__}, model says {expected_error}"
+            return False
+        assert expected_error is None, f"expected {expected_error.__name__}"
+        return True
+
+    def _parent_error(self, path: str) -> type[errors.DgfError] | None:
+        parent = self._parent(path)
+        walked = ""
+        for part in [p for p in parent.split("/") if p]:
+            walked += "/" + part
+            kind = self.model.get(walked)
+            if kind is None:
+                return errors.NotFound
+            if kind != "d":
+                return errors.NotADirectory
+        return None
+
+    @rule(path=PATHS)
+    def mkdir(self, path: str) -> None:
+        err = self._parent_error(path) or (errors.AlreadyExists if path in self.model else None)
+        if self._expect(lambda: self.engine.mkdir(path), err):
+            self.model[path] = "d"
+
+    @rule(path=PATHS)
+    def create(self, path: str) -> None:
+        err = self._parent_error(path)
+        if err is errors.NotFound:
+            err = None  # create_files makes parents
+            for i in range(1, path.count("/")):
+                p = "/".join(path.split("/")[:i + 1])
+                if self.model.get(p) == "f":
+                    err = errors.NotADirectory
+                    break
+        if err is None and self.model.get(path) == "d":
+            err = errors.IsADirectory
+        if self._expect(lambda: self.engine.create_files([_file(path, path)], replace=True), err):
+            parts = path.split("/")
+            for i in range(2, len(parts)):
+                self.model.setdefault("/".join(parts[:i]), "d")
+            self.model[path] = "f"
+
+    @rule(path=PATHS)
+    def unlink(self, path: str) -> None:
+        kind = self.model.get(path)
+        err = self._parent_error(path) or (errors.NotFound if kind is None else
+                                            errors.IsADirectory if kind == "d" else None)
+        if self._expect(lambda: self.engine.unlink(path), err):
+            del self.model[path]
+
+    @rule(path=PATHS)
+    def rmdir(self, path: str) -> None:
+        kind = self.model.get(path)
+        children = [p for p in self.model if p.startswith(path + "/")]
+        err = self._parent_error(path) or (errors.NotFound if kind is None else
+                                            errors.NotADirectory if kind == "f" else
+                                            errors.DirectoryNotEmpty if children else None)
+        if self._expect(lambda: self.engine.rmdir(path), err):
+            del self.model[path]
+
+    @rule(src=PATHS, dst=PATHS)
+    def rename(self, src: str, dst: str) -> None:
+        skind, dkind = self.model.get(src), self.model.get(dst)
+        err = self._parent_error(src) or (errors.NotFound if skind is None else None)
+        if err is None and (dst + "/").startswith(src + "/") and dst != src:
+            err = errors.UsageError
+        if err is None and dst != src:
+            err = self._parent_error(dst)
+            if err is None and dkind is not None:
+                if skind == "d" and dkind == "f":
+                    err = errors.NotADirectory
+                elif skind == "f" and dkind == "d":
+                    err = errors.IsADirectory
+                elif dkind == "d" and any(p.startswith(dst + "/") for p in self.model):
+                    err = errors.DirectoryNotEmpty
+        if self._expect(lambda: self.engine.rename(src, dst), err) and src != dst:
+            moved = {p: k for p, k in self.model.items() if p == src or p.startswith(src + "/")}
+            for p in list(self.model):
+                if p == dst or p.startswith(dst + "/"):
+                    del self.model[p]
+            for p in moved:
+                del self.model[p]
+            for p, k in moved.items():
+                self.model[dst + p[len(src):]] = k
+
+    @invariant()
+    def same_tree(self) -> None:
+        if not hasattr(self, "engine"):
+            return
+        seen: dict[str, str] = {"/": "d"}
+        stack = ["/"]
+        while stack:
+            d = stack.pop()
+            for s in self.engine.readdir(d):
+                seen[s.path] = "d" if s.is_dir else "f"
+                if s.is_dir:
+                    stack.append(s.path)
+                    subdirs = sum(1 for p, k in self.model.items() if k == "d" and self._parent(p) == s.path
+                                  and p != "/")
+                    assert s.nlink == 2 + subdirs
+        assert seen == self.model
+
+
+TestNamespaceModel = NamespaceModel.TestCase
+TestNamespaceModel.settings = settings(max_examples=40, stateful_step_count=20, deadline=None,
+                                       suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,82 @@
+"""ObjectStore contract, run against every implementation (today the local one)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from dgf import errors
+from ioserver.store import LocalObjectStore, ObjectStore
+
+
+def _key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ObjectStoreContract:
+    @pytest.fixture()
+    def store(self, tmp_path: Path) -> ObjectStore:
+        raise NotImplementedError
+
+    def test_put_get_is_idempotent_and_ranged(self, store: ObjectStore) -> None:
+        data = os.urandom(700_000)
+        key = _key(data)
+        assert store.put(key, [data[:100], data[100:]], len(data)) is True
+        assert store.put(key, [data], len(data)) is False
+        n, chunks = store.get(key)
+        assert n == len(data) and b"".join(chunks) == data
+        n, chunks = store.get(key, 1000, 5000)
+        assert b"".join(chunks) == data[1000:6000]
+        n, chunks = store.get(key, len(data) - 10, 5000)
+        assert b"".join(chunks) == data[-10:]
+        assert store.stat(key) == len(data) and store.verify(key)
+
+    def test_wrong_content_or_size_is_refused_and_leaves_nothing(self, store: ObjectStore) -> None:
+        data = b"real bytes"
+        with pytest.raises(errors.IntegrityError, match="SHA-256"):
+            store.put(_key(b"other"), [data], len(data))
+        with pytest.raises(errors.IntegrityError, match="arrived with"):
+            store.put(_key(data), [data[:4]], len(data))
+        with pytest.raises(errors.NotFound):
+            store.stat(_key(data))
+        assert list(store.keys()) == []
+
+    def test_keys_never_become_paths(self, store: ObjectStore) -> None:
+        for bad in ("../../etc/passwd", "a" * 63, "A" * 64, "/" + "a" * 63, ""):
+            with pytest.raises(errors.UsageError):
+                store.stat(bad)
+
+    def test_delete_and_bad_ranges(self, store: ObjectStore) -> None:
+        data = b"x" * 1000
+        key = _key(data)
+        store.put(key, [data], len(data))
+        with pytest.raises(errors.UsageError):
+            store.get(key, 2000)
+        assert store.delete(key) is True and store.delete(key) is False
+        with pytest.raises(errors.NotFound):
+            store.get(key)
+
+
+class TestLocalObjectStore(ObjectStoreContract):
+    @pytest.fixture()
+    def store(self, tmp_path: Path) -> ObjectStore:
+        return LocalObjectStore(tmp_path / "store")
+
+    def test_corruption_is_detected_and_quarantined(self, tmp_path: Path) -> None:
+        store = LocalObjectStore(tmp_path / "store")
+        data = os.urandom(10_000)
+        key = _key(data)
+        store.put(key, [data], len(data))
+        path = store._path(key)
+        path.write_bytes(b"\0" + data[1:])
+        assert store.scrub() == [key]
+        assert (tmp_path / "store" / "quarantine" / key).exists() and not path.exists()
+
+    def test_stale_temp_files_are_cleared_at_start(self, tmp_path: Path) -> None:
+        LocalObjectStore(tmp_path / "store")
+        (tmp_path / "store" / "tmp" / "half-written").write_bytes(b"partial")
+        LocalObjectStore(tmp_path / "store")
+        assert list((tmp_path / "store" / "tmp").iterdir()) == []
