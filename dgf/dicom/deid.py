@@ -174,6 +174,8 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes) -> bool:
         if group & 1 or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
             # Private elements (and their creators), curves and whole overlay groups go.
             act: str | None = "X"
+        elif e.vr == "UN" and e.items is None and raw.dictionary_vr(tag) == "SQ" and e.length:
+            act = "X"  # a sequence we could not parse may hide identity anywhere inside
         else:
             act = actions.get(tag)
             if act is None:

@@ -53,6 +53,11 @@ class Options:
     Profile, plus Retain Patient Characteristics (age, sex, size, weight) and Retain Longitudinal
     Temporal Information with Modified Dates (all dates of a patient shifted by one secret offset,
     so intervals and ages survive; times kept).
+
+    ``clean_descriptors`` is off by default on purpose: dgf cleans a descriptor by keeping it
+    only when it contains none of the patient's own identifiers (name parts, IDs, birth date),
+    which cannot catch an unrelated identifier typed into free text.  Turn it on for archives
+    whose descriptions are known to be protocol names.
     """
 
     retain_patient_characteristics: bool = True

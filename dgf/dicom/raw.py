@@ -179,9 +179,9 @@ class Parser:
                 elem = self._undefined(tag, vr, pos, vstart, enc, depth)
             else:
                 vend = vstart + length
-                if vend > self.size and depth == 0 and vr != "SQ" and vstart <= self.size:
-                    # A truncated last element (typically pixel data): kept byte for byte, as
-                    # pydicom reads it; nothing of it is interpreted.
+                if vend > self.size and depth == 0 and tag == PIXEL_DATA and vstart <= self.size:
+                    # Truncated pixel data as the last element: kept byte for byte, as pydicom
+                    # reads it.  Any other truncated element is refused: it could hide identity.
                     self.warnings.append(f"element ({g:04X},{e:04X}) is truncated to "
                                          f"{self.size - vstart} of {length} bytes; kept as is")
                     elems.append(Elem(tag, vr, pos, vstart, self.size - vstart, self.size))
@@ -193,6 +193,13 @@ class Parser:
                 elem = Elem(tag, vr, pos, vstart, length, vend)
                 if vr == "SQ":
                     elem.items = self._items(vstart, vend, enc, depth)
+                elif vr == "UN" and length and dictionary_vr(tag) == "SQ":
+                    # A public sequence written as UN: its items are implicit VR LE (CP-246).
+                    try:
+                        elem.items = self._items(vstart, vend, IMPLICIT, depth)
+                        elem.implicit_items = True
+                    except errors.InvalidDicom:
+                        elem.items = None  # left opaque; the de-identifier removes it
             elems.append(elem)
             pos = elem.end
         return elems, pos

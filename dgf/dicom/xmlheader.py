@@ -56,7 +56,9 @@ class _Builder:
             if tag == 0x00080005:
                 values = [v.strip() for v in raw.text_value(self.data, e).split("\\")]
                 self.encodings = convert_encodings(values or [""])
-            attrs = {"tag": f"{tag:08X}", "vr": e.vr}
+            # Public elements written as UN are read by their dictionary VR, as pydicom does.
+            vr = raw.dictionary_vr(tag) if e.vr == "UN" and not g & 1 else e.vr
+            attrs = {"tag": f"{tag:08X}", "vr": "SQ" if e.items is not None else vr}
             if g & 1:
                 if 0x10 <= el <= 0xFF:
                     creators[(g, el)] = raw.text_value(self.data, e)
@@ -76,7 +78,7 @@ class _Builder:
                 attrs["length"] = str(e.length if e.length != raw.UNDEFINED else e.end - e.vstart)
                 etree.SubElement(parent, name, attrs)
                 continue
-            for value in self.values(e, enc, attrs):
+            for value in self.values(e, vr, enc, attrs):
                 node = etree.SubElement(parent, name, attrs)
                 if value:
                     try:
@@ -85,9 +87,10 @@ class _Builder:
                         node.set("enc", "base64")
                         node.text = base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
 
-    def values(self, e: Elem, enc: Encoding, attrs: dict[str, str]) -> list[str]:
+    def values(self, e: Elem, vr: str, enc: Encoding, attrs: dict[str, str]) -> list[str]:
         value = bytes(self.data[e.vstart:e.value_end])
-        vr = e.vr
+        if e.vr == "UN":
+            enc = raw.IMPLICIT  # UN values keep little endian byte order
         if vr in _NUMERIC:
             fmt = _NUMERIC[vr]
             size = struct.calcsize(fmt)
@@ -95,12 +98,14 @@ class _Builder:
                 attrs["enc"] = "base64"
                 return [base64.b64encode(value).decode()]
             nums = struct.unpack(("<" if enc.little else ">") + fmt * (len(value) // size), value)
+            if not nums:
+                return [""]
             if vr == "FL":
                 return [format(x, ".9g") for x in nums]
             return [repr(x) for x in nums]
         if vr == "AT":
             u16 = struct.unpack(("<" if enc.little else ">") + "H" * (len(value) // 2), value)
-            return [f"{u16[i]:04X}{u16[i + 1]:04X}" for i in range(0, len(u16) - 1, 2)]
+            return [f"{u16[i]:04X}{u16[i + 1]:04X}" for i in range(0, len(u16) - 1, 2)] or [""]
         if vr in raw.VALID_VRS - {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"}:
             if vr in _CHARSET_VRS:
                 text = decode_bytes(value, self.encodings, _CHARSET_VRS[vr])

@@ -1,0 +1,221 @@
+"""De-identification, exact re-identification and the XML header, on the real corpus
+(pydicom's bundled test files and pydicom-data) and on generated PHI."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import string
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dgf import crypto, errors
+from dgf.dicom import deid, identity, xmlheader
+from dgf.dicom.profile import Options, Profile
+
+from tests import corpus
+
+KEYS = crypto.VaultKeys(b"k" * 64)
+PROFILE = Profile(Options(allow_burned_in=True))
+#: Corpus files that are refused, and why: pydicom reads them only by skipping what is broken.
+REFUSAL_WORDS = ("truncated", "not a DICOM file")
+
+
+def _deidentify(data: bytes, profile: Profile = PROFILE) -> deid.Result:
+    plan = deid.analyze(data, profile)
+    pseudo = deid.Pseudonyms({u: KEYS.pseudo_uid(u) for u in plan.uids},
+                             KEYS.pseudo_patient(plan.patient_key), KEYS.date_offset_days(plan.patient_key))
+    return deid.apply(plan, pseudo, profile)
+
+
+def _walk(ds: Dataset):  # type: ignore[no-untyped-def]
+    for elem in ds:
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _walk(item)
+
+
+def test_whole_corpus_reidentifies_exactly() -> None:
+    files = corpus.readable_files()
+    assert len(files) > 150, "the pydicom corpus is missing; install pydicom-data"
+    exact, refused = 0, []
+    for path in files:
+        data = path.read_bytes()
+        try:
+            result = _deidentify(data)
+        except errors.InvalidDicom as exc:
+            assert any(w in str(exc) for w in REFUSAL_WORDS), f"{path.name}: {exc}"
+            refused.append(path.name)
+            continue
+        record = identity.decode(identity.encode(result.identity))
+        assert identity.reidentify(result.data, record) == data, path.name
+        exact += 1
+    assert exact >= 0.97 * len(files), f"only {exact} of {len(files)} round-tripped; refused {refused}"
+
+
+def test_corpus_outputs_carry_no_identity() -> None:
+    """Structural check of every de-identified corpus file: markers present, no private
+    elements, no overlays or curves, every PN empty or a pseudonym, instance UIDs replaced."""
+    checked = 0
+    for path in corpus.readable_files():
+        data = path.read_bytes()
+        try:
+            result = _deidentify(data)
+        except errors.InvalidDicom:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orig = pydicom.dcmread(io.BytesIO(data), force=True)
+            anon = pydicom.dcmread(io.BytesIO(result.data))
+        assert anon.PatientIdentityRemoved == "YES", path.name
+        assert anon.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+        assert anon.preamble == b"\0" * 128
+        for elem in _walk(anon):
+            assert not elem.tag.is_private, f"{path.name}: private {elem.tag} kept"
+            assert not (0x5000 <= elem.tag.group <= 0x60FF and elem.tag.group & 0xFF00 in (0x5000, 0x6000)), \
+                f"{path.name}: curve/overlay {elem.tag} kept"
+            if elem.VR == "PN" and elem.value:
+                assert str(elem.value) in (result.patient, "ANONYMIZED"), f"{path.name}: PN {elem.tag} kept"
+        for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if kw in orig and orig.get(kw):
+                assert anon.get(kw) != orig.get(kw) and str(anon.get(kw)).startswith("2.25."), f"{path.name}: {kw}"
+        if "SOPClassUID" in orig:
+            assert anon.SOPClassUID == orig.SOPClassUID
+        checked += 1
+    assert checked > 150
+
+
+def test_references_stay_consistent_across_files() -> None:
+    """Referenced SOP Instance UIDs map to the same pseudonyms as the instances they name."""
+    dose_file = corpus.file("rtdose.dcm")
+    ref = pydicom.dcmread(dose_file).ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID
+    plan = pydicom.dcmread(corpus.file("rtplan.dcm"))
+    plan.SOPInstanceUID = plan.file_meta.MediaStorageSOPInstanceUID = ref
+    buf = io.BytesIO()
+    plan.save_as(buf)
+    dose_anon = pydicom.dcmread(io.BytesIO(_deidentify(dose_file.read_bytes()).data))
+    plan_anon = pydicom.dcmread(io.BytesIO(_deidentify(buf.getvalue()).data))
+    assert dose_anon.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan_anon.SOPInstanceUID != ref
+    dose = pydicom.dcmread(dose_file)
+    assert dose_anon.FrameOfReferenceUID == KEYS.pseudo_uid(dose.FrameOfReferenceUID)
+    assert plan_anon.file_meta.MediaStorageSOPInstanceUID == plan_anon.SOPInstanceUID
+
+
+def test_dates_shift_per_patient_and_keep_intervals() -> None:
+    ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    anon = pydicom.dcmread(io.BytesIO(_deidentify(corpus.file("CT_small.dcm").read_bytes()).data))
+    import datetime as dt
+
+    def d(s: str) -> dt.date:
+        return dt.datetime.strptime(s, "%Y%m%d").date()
+
+    shift = d(anon.StudyDate) - d(ds.StudyDate)
+    assert -3653 <= shift.days <= -365
+    assert d(anon.ContentDate) - d(anon.StudyDate) == d(ds.ContentDate) - d(ds.StudyDate)
+    assert anon.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert anon.PatientSex == ds.PatientSex  # Retain Patient Characteristics (default)
+
+
+def test_burned_in_annotation_is_refused_by_default() -> None:
+    ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(errors.InvalidDicom, match="Burned In Annotation is YES"):
+        _deidentify(buf.getvalue(), Profile())
+    assert _deidentify(buf.getvalue(), Profile(Options(allow_burned_in=True))).data
+
+
+def test_xml_header_is_lossless_for_non_bulk_elements() -> None:
+    compared = 0
+    for path in corpus.readable_files()[::3]:
+        try:
+            result = _deidentify(path.read_bytes())
+        except errors.InvalidDicom:
+            continue
+        xml = xmlheader.header_xml(result.data)
+        meta, ds = xmlheader.to_dataset(xml)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = pydicom.dcmread(io.BytesIO(result.data))
+        for tag in xmlheader.BULK_TAGS:
+            if tag in ref:
+                del ref[tag]
+        assert meta == ref.file_meta, path.name
+        ref_json = ref.to_json_dict(bulk_data_threshold=10**9)
+        got_json = ds.to_json_dict(bulk_data_threshold=10**9)
+        assert got_json == ref_json, path.name
+        compared += 1
+    assert compared > 50
+
+
+# --------------------------------------------------------------------------------------------
+# Property: planted identifying values never reach the object, the XML, logs or errors.
+
+TOKENS = st.text(alphabet=string.ascii_uppercase + string.digits, min_size=8, max_size=12).map(lambda s: "QX" + s)
+
+
+def _planted(tokens: list[str]) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.PatientName = f"{tokens[0]}^{tokens[1]}"
+    ds.PatientID = tokens[2]
+    ds.OtherPatientIDsSequence = Sequence([Dataset()])
+    ds.OtherPatientIDsSequence[0].PatientID = tokens[3]
+    ds.PatientAddress = tokens[4]
+    ds.InstitutionName = tokens[5]
+    ds.StudyDescription = f"follow-up of {tokens[0]}"
+    ds.ImageComments = tokens[6]
+    ds.ReferringPhysicianName = tokens[7]
+    ds.RequestAttributesSequence = Sequence([Dataset()])
+    ds.RequestAttributesSequence[0].RequestedProcedureID = tokens[8]
+    ds.RequestAttributesSequence[0].ScheduledProcedureStepDescription = tokens[9]
+    ds.AccessionNumber = tokens[10][:16]
+    block = ds.private_block(0x0029, "ACME 1.1", create=True)
+    block.add_new(0x10, "LO", tokens[11])
+    ds.ReferencedImageSequence = Sequence([Dataset()])
+    item = ds.ReferencedImageSequence[0]
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = generate_uid()
+    item.add_new(0x00091001, "LO", tokens[12])  # private element inside a sequence item
+    ds.PatientBirthDate = "19561103"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(TOKENS, min_size=13, max_size=13, unique=True))
+def test_planted_identity_never_leaks(tokens: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    data = _planted(tokens)
+    # Clean Descriptors keeps free text unless it holds the patient's own identifiers, so the
+    # tokens planted as free text alone (ImageComments, the step description) are exempt there.
+    free_text = {tokens[6], tokens[9]}
+    for profile, exempt in ((Profile(), set()), (Profile(Options(clean_descriptors=True)), free_text)):
+        result = _deidentify(data, profile)
+        xml = xmlheader.header_xml(result.data)
+        for token in set(tokens) - exempt:
+            for blob in (result.data, xml, caplog.text.encode()):
+                assert token.encode() not in blob
+        # And the identity record restores them exactly.
+        assert identity.reidentify(result.data, result.identity) == data
+    # A broken file with planted identity: the error names the problem, not the values.
+    with pytest.raises(errors.InvalidDicom) as info:
+        _deidentify(data[: len(data) // 2])
+    assert not any(t in str(info.value) for t in tokens)
