@@ -319,13 +319,18 @@ def xattr_group() -> None:
 @xattr_group.command("get")
 @click.argument("path")
 @click.argument("name", default="user.dgf.dicom")
+@click.option("--pretty", is_flag=True, help="Indent an XML value for reading.")
 @config_option
 @_run
-def xattr_get(path: str, name: str, config: str | None) -> None:
+def xattr_get(path: str, name: str, pretty: bool, config: str | None) -> None:
     """Print one extended attribute (default: the XML header)."""
     with _client(config) as client:
-        sys.stdout.buffer.write(client.getxattr(path, name))
-        sys.stdout.buffer.write(b"\n")
+        value = client.getxattr(path, name)
+    if pretty and value.startswith(b"<"):
+        from lxml import etree
+
+        value = etree.tostring(etree.fromstring(value), pretty_print=True).rstrip()
+    sys.stdout.buffer.write(value + b"\n")
 
 
 @xattr_group.command("set")
@@ -494,7 +499,7 @@ def local_status(directory: str) -> None:
 
     st = local.status(Path(directory))
     click.echo(f"metaserver address {st['metaserver']}")
-    for name, p in st["processes"].items():  # type: ignore[union-attr]
+    for name, p in st["processes"].items():
         click.echo(f"  {name:<12} pid {p['pid']:<8} {'running' if p['running'] else 'stopped'}")
 
 

@@ -330,8 +330,8 @@ class Client:
             "receipt": p.receipt, "xml": p.xml.decode(), "patient": p.result.patient,
             "identity": base64.b64encode(identity.encode(p.result.identity)).decode(),
         } for p in done]}
-        result, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
-        self._free(result.get("release") or {})
+        reply, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
+        self._free(reply.get("release") or {})
         report.uploaded += len(done)
         report.bytes += sum(len(p.result.data) for p in done)
         report.paths.extend(p.path for p in done)

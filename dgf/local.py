@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dgf import crypto, errors
 from dgf.config import write_section
@@ -51,7 +52,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _read_state(root: Path) -> dict[str, object] | None:
+def _read_state(root: Path) -> dict[str, Any] | None:
     try:
         return json.loads((root / STATE).read_text())
     except (FileNotFoundError, ValueError):
@@ -93,7 +94,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str, t
 def up(root: Path, sites: tuple[str, ...] = SITES) -> Federation:
     root = root.resolve()
     state = _read_state(root)
-    if state is not None and any(_alive(int(p)) for p in state["pids"].values()):  # type: ignore[union-attr]
+    if state is not None and any(_alive(int(p)) for p in state["pids"].values()):
         raise errors.AlreadyExists(f"a federation is already running in {root}; 'dgf local down {root}' stops it.")
     root.mkdir(parents=True, exist_ok=True)
     keys = root / "keys"
@@ -164,7 +165,7 @@ def down(root: Path, quiet: bool = False, pids: dict[str, int] | None = None) ->
             if quiet:
                 return []
             raise errors.NotFound(f"no federation state in {root}; was it started with 'dgf local up'?")
-        pids = {k: int(v) for k, v in state["pids"].items()}  # type: ignore[union-attr]
+        pids = {k: int(v) for k, v in state["pids"].items()}
     stopped = []
     for name, pid in pids.items():
         if _alive(pid):
@@ -189,11 +190,11 @@ def down(root: Path, quiet: bool = False, pids: dict[str, int] | None = None) ->
     return stopped
 
 
-def status(root: Path) -> dict[str, object]:
+def status(root: Path) -> dict[str, Any]:
     root = root.resolve()
     state = _read_state(root)
     if state is None:
         raise errors.NotFound(f"no federation state in {root}; start one with 'dgf local up {root}'.")
     procs = {name: {"pid": pid, "running": _alive(int(pid))}
-             for name, pid in state["pids"].items()}  # type: ignore[union-attr]
+             for name, pid in state["pids"].items()}
     return {"root": str(root), "metaserver": state["metaserver"], "processes": procs}

@@ -41,7 +41,7 @@ CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "ae
 class Stream(Protocol):
     def recv(self, n: int) -> bytes: ...
 
-    def sendall(self, data: bytes) -> None: ...
+    def sendall(self, data: bytes | memoryview) -> None: ...
 
 
 class StdioStream:
@@ -53,7 +53,7 @@ class StdioStream:
     def recv(self, n: int) -> bytes:
         return self._r.read1(n) if hasattr(self._r, "read1") else self._r.read(n)
 
-    def sendall(self, data: bytes) -> None:
+    def sendall(self, data: bytes | memoryview) -> None:
         self._w.write(data)
         self._w.flush()
 

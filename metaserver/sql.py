@@ -104,6 +104,13 @@ def _stat(path: str, row: Any) -> Stat:
                 mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
 
 
+def _inserted_id(result: Any) -> int:
+    key = result.inserted_primary_key
+    if key is None:
+        raise errors.ServerError("the database returned no id for a new entry.")
+    return int(key[0])
+
+
 def _join(parent: str, name: str) -> str:
     return ("" if parent == "/" else parent) + "/" + name
 
@@ -173,7 +180,7 @@ class SqlEngine(MetaEngine):
     def _resolve(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
         if cache is not None and path in cache:
             return cache[path]
-        row = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ROOT)).one()
+        row: Any = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ROOT)).one()
         walked = ""
         for part in [p for p in path.split("/") if p]:
             if not row.is_dir:
@@ -202,9 +209,9 @@ class SqlEngine(MetaEngine):
 
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
         now = time.time()
-        ino = conn.execute(inodes.insert().values(
+        ino = _inserted_id(conn.execute(inodes.insert().values(
             parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
-            mtime=now, ctime=now)).inserted_primary_key[0]
+            mtime=now, ctime=now)))
         conn.execute(inodes.update().where(inodes.c.id == parent_id).values(
             nlink=inodes.c.nlink + 1, mtime=now))
         return conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ino)).one()
@@ -359,9 +366,9 @@ class SqlEngine(MetaEngine):
                         object_key=f.object_key, size=f.size, mtime=now, ctime=now))
                     ino = existing.id
                 else:
-                    ino = conn.execute(inodes.insert().values(
+                    ino = _inserted_id(conn.execute(inodes.insert().values(
                         parent=parent.id, name=name, is_dir=False, mode=f.mode, size=f.size,
-                        nlink=1, mtime=now, ctime=now, object_key=f.object_key)).inserted_primary_key[0]
+                        nlink=1, mtime=now, ctime=now, object_key=f.object_key)))
                 obj_rows.append({"key": f.object_key, "size": f.size, "created": now})
                 rep_rows.append({"key": f.object_key, "site": f.site, "state": "ok"})
                 if f.identity is not None and f.patient is not None:

@@ -41,7 +41,7 @@ def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
     """Rebuild the original file from the de-identified bytes and the identity record."""
     if hashlib.sha256(deid).hexdigest() != record["deid_sha256"]:
         raise errors.IntegrityError("the de-identified object does not match its identity record.")
-    parts = []
+    parts: list[bytes | memoryview] = []
     view = memoryview(deid)
     for piece in record["delta"]:
         if isinstance(piece, str):

@@ -147,8 +147,8 @@ def _dataset(node: etree._Element, little: bool) -> Dataset:
     ds = Dataset()
     for group in _group(node):
         first = group[0]
-        tag = int(first.get("tag"), 16)
-        vr = first.get("vr")
+        tag = int(first.get("tag") or "0", 16)
+        vr = first.get("vr") or "UN"
         if first.get("bulk") == "true":
             continue
         if vr == "SQ" or (len(first) and first[0].tag == "Item"):

@@ -1,0 +1,85 @@
+"""The command line: --help teaches every command; real invocations give one-line errors and
+the documented exit statuses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dgf import cli, local
+from tests import corpus
+
+BIN = Path(sys.executable).parent
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = [prefix]
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out.extend(_commands(cmd, prefix + (name,)))
+        else:
+            out.append(prefix + (name,))
+    return out
+
+
+@pytest.mark.parametrize("words", _commands(cli.main), ids=lambda w: " ".join(w) or "dgf")
+def test_every_dgf_command_has_help(words: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(cli.main, [*words, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) >= 3
+
+
+@pytest.mark.parametrize("script", ["dgf_up", "dgf_down", "dgf_find", "dgf-metaserver", "dgf-ioserver"])
+def test_console_scripts_have_help(script: str) -> None:
+    proc = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr
+
+
+def _run(args: list[str], config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("DGF_CONFIG", None)
+    if config is not None:
+        env["DGF_CONFIG"] = str(config)
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env)
+
+
+def test_cli_round_trip_and_errors(federation: local.Federation, tmp_path: Path) -> None:
+    clin, res = federation.config("clinician"), federation.config("researcher")
+    bad = tmp_path / "bad.dcm"
+    bad.write_text("hello")
+    up = _run(["dgf_up", str(corpus.file("CT_small.dcm")), str(bad), "--to", "/cli"], clin)
+    assert up.returncode == 5
+    assert "uploaded 1 file(s)" in up.stdout and "1 failed" in up.stdout
+    assert f"error: {bad}: not a DICOM file" in up.stderr
+    found = _run(["dgf_find", "/DicomHeader[Modality='CT']", "/cli", "--show", "Modality", "--format", "csv"], res)
+    assert found.returncode == 0 and found.stdout.splitlines()[0] == "path,Modality"
+    assert found.stdout.splitlines()[1].endswith(",CT")
+    count = _run(["dgf_find", "/DicomHeader", "/cli", "--count"], res)
+    assert count.stdout.strip() == "1"
+    bad_xpath = _run(["dgf_find", "/DicomHeader[", "/cli"], res)
+    assert bad_xpath.returncode == 2 and bad_xpath.stderr.startswith("dgf_find: invalid XPath")
+    assert len(bad_xpath.stderr.strip().splitlines()) == 1
+    refused = _run(["dgf_down", "/cli", "--identified", "-o", str(tmp_path / "o")], res)
+    assert refused.returncode == 4 and "may not receive patient identity" in refused.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.dcm"))
+    down = _run(["dgf_down", "/cli", "--identified", "-o", str(tmp_path / "ok")], clin)
+    assert down.returncode == 0, down.stderr
+    [got] = list((tmp_path / "ok").rglob("*.dcm"))
+    assert got.read_bytes() == corpus.file("CT_small.dcm").read_bytes()
+    ls = _run(["dgf", "ls", "-l", "/cli"], clin)
+    assert ls.returncode == 0 and ls.stdout.startswith("-rw-r--r--")
+    missing = _run(["dgf", "stat", "/cli/none"], clin)
+    assert missing.returncode == 3 and missing.stderr.strip() == "dgf stat: /cli/none does not exist."
+    noconf = _run(["dgf", "ls", "/"])
+    assert noconf.returncode == 2 and "DGF_CONFIG" in noconf.stderr
+
+
+def test_local_status_and_down_messages(tmp_path: Path) -> None:
+    proc = _run(["dgf", "local", "status", str(tmp_path / "none")])
+    assert proc.returncode == 3 and "dgf local up" in proc.stderr
