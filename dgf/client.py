@@ -22,15 +22,15 @@ import os
 import posixpath
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from dgf import crypto, errors
 from dgf.config import ClientConfig
-from dgf.dicom import deid, identity
+from dgf.dicom import identity, pipeline
 from dgf.dicom.profile import Options, Profile
-from dgf.dicom.xmlheader import header_xml
 from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
 from dgf.types import Site, Stat
 
@@ -38,6 +38,9 @@ log = logging.getLogger("dgf.client")
 
 HEADER_XATTR = "user.dgf.dicom"
 BATCH = 200
+#: Uploads of at least this many files de-identify in worker processes, one per core.
+POOL_MIN_FILES = 400
+POOL_WORKERS = max(1, min(4, os.cpu_count() or 1))
 Progress = Callable[[int], None]
 
 
@@ -67,26 +70,39 @@ class DownloadReport:
 @dataclass
 class _Prepared:
     source: str
-    result: deid.Result
-    xml: bytes
+    result: pipeline.Deidentified
     path: str
     site: str
     receipt: str = ""
 
 
-def _atomic_write(target: Path, data: bytes | None = None, src: Path | None = None) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if src is not None:
-        os.replace(src, target)
-        return
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data or b"")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class _Writer:
+    """Writes downloaded files atomically: a temp name in the target's directory, then rename.
+
+    Directories already made are remembered, so a download of many small files costs about
+    three system calls per file."""
+
+    def __init__(self) -> None:
+        self._dirs: set[str] = set()
+        self._lock = threading.Lock()
+
+    def write(self, target: str, data: bytes | None = None, src: Path | None = None) -> None:
+        parent = os.path.dirname(target)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            with self._lock:
+                self._dirs.add(parent)
+        if src is not None:
+            os.replace(src, target)
+            return
+        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data or b"")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 class Client:
@@ -242,11 +258,26 @@ class Client:
         """
         report = UploadReport()
         files = list(self._expand(paths, recursive, report))
-        for i in range(0, len(files), batch):
-            chunk = files[i:i + batch]
-            self._upload_batch(chunk, to, site, report, replace)
-            if progress is not None:
-                progress(len(chunk))
+        # De-identification is CPU work: large uploads spread it over worker processes (spawned,
+        # not forked, since this process runs SSH threads).  And two stages overlap: while batch N
+        # is streamed to the sites and committed, batch N+1 is read and de-identified.
+        workers = None
+        if len(files) >= POOL_MIN_FILES and POOL_WORKERS > 1:
+            workers = pipeline.Workers(POOL_WORKERS)
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgf-store") as store:
+                pending: Future[None] | None = None
+                for i in range(0, len(files), batch):
+                    chunk = files[i:i + batch]
+                    prepared, caps = self._prepare(self._read(chunk, report), to, site, report, pool=workers)
+                    if pending is not None:
+                        pending.result()
+                    pending = store.submit(self._store, prepared, caps, report, replace, progress, len(chunk))
+                if pending is not None:
+                    pending.result()
+        finally:
+            if workers is not None:
+                workers.close()
         return report
 
     @staticmethod
@@ -274,70 +305,83 @@ class Client:
     def upload_bytes(self, data: bytes, path: str, site: str | None = None, replace: bool = True) -> None:
         """De-identify one file's bytes and publish it at ``path`` (the FUSE write path)."""
         report = UploadReport()
-        self._upload_items([(path, data)], None, site, report, replace, fixed_path=True)
+        prepared, caps = self._prepare([(path, data)], None, site, report, fixed_path=True)
+        self._store(prepared, caps, report, replace)
         if report.failed:
             raise errors.InvalidDicom(report.failed[0].reason)
 
-    def _upload_batch(self, files: list[Path], to: str | None, site: str | None,
-                      report: UploadReport, replace: bool) -> None:
+    @staticmethod
+    def _read(files: list[Path], report: UploadReport) -> list[tuple[str, bytes]]:
         items: list[tuple[str, bytes]] = []
         for f in files:
             try:
                 items.append((str(f), f.read_bytes()))
             except OSError as exc:
                 report.failed.append(Failure(str(f), f"cannot be read ({exc.strerror})"))
-        self._upload_items(items, to, site, report, replace)
+        return items
 
-    def _upload_items(self, items: list[tuple[str, bytes]], to: str | None, site: str | None,
-                      report: UploadReport, replace: bool, fixed_path: bool = False) -> None:
-        plans: list[tuple[str, deid.Plan]] = []
-        for name, data in items:
-            try:
-                plans.append((name, deid.analyze(data, self.profile)))
-            except errors.InvalidDicom as exc:
-                report.failed.append(Failure(name, str(exc)))
-        if not plans:
-            return
-        uids = sorted(set().union(*(p.uids for _, p in plans)))
-        patients = sorted({p.patient_key for _, p in plans})
+    def _prepare(self, items: list[tuple[str, bytes]], to: str | None, site: str | None,
+                 report: UploadReport, fixed_path: bool = False,
+                 pool: pipeline.Workers | None = None) -> tuple[list[_Prepared], dict[str, str]]:
+        """Analyze, fetch the batch's pseudonyms in one round trip, de-identify, build XML."""
+        options = self.profile.options
+        needs = [n for part in self._map(pool, "analyze", items, options) for n in part]
+        ok = [n for n in needs if n.error is None]
+        report.failed.extend(Failure(n.name, n.error) for n in needs if n.error is not None)
+        if not ok:
+            return [], {}
+        uids = sorted(set().union(*(n.uids for n in ok)))
+        patients = sorted({n.patient_key for n in ok})
         prep, _ = self.meta.call("up.prepare", uids=uids, patients=patients)
         sites = sorted(Site.from_wire(s).name for s in prep["sites"])
         self._learn_sites(Site.from_wire(s) for s in prep["sites"])
         if site is not None and site not in sites:
             raise errors.UsageError(f"site {site!r} is not registered; known sites: {', '.join(sites)}.")
+        good = {n.name for n in ok}
+        todo = [(name, data) for name, data in items if name in good]
+        pseudo_patients = {k: (v[0], v[1]) for k, v in prep["patients"].items()}
         prepared: list[_Prepared] = []
-        for name, plan in plans:
-            patient, offset = prep["patients"][plan.patient_key]
-            pseudo = deid.Pseudonyms(prep["uids"], patient, offset)
-            try:
-                result = deid.apply(plan, pseudo, self.profile)
-                xml = header_xml(result.data)
-            except errors.InvalidDicom as exc:
-                report.failed.append(Failure(name, str(exc)))
-                continue
-            for w in result.warnings:
-                report.warnings.append(Failure(name, w))
-            target = name if fixed_path else self._placement(result, to)
-            chosen = site or sites[int(hashlib.sha256((result.series_uid or result.key).encode())
-                                       .hexdigest()[:8], 16) % len(sites)]
-            prepared.append(_Prepared(name, result, xml, target, chosen))
-        self._put(prepared, prep["caps"], report)
-        done = [p for p in prepared if p.receipt]
-        if not done:
-            return
-        commit = {"files": [{
-            "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
-            "receipt": p.receipt, "xml": p.xml.decode(), "patient": p.result.patient,
-            "identity": base64.b64encode(identity.encode(p.result.identity)).decode(),
-        } for p in done]}
-        reply, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
-        self._free(reply.get("release") or {})
-        report.uploaded += len(done)
-        report.bytes += sum(len(p.result.data) for p in done)
-        report.paths.extend(p.path for p in done)
+        for part in self._map(pool, "deidentify", todo, options, prep["uids"], pseudo_patients):
+            for d in part:
+                if d.error is not None:
+                    report.failed.append(Failure(d.name, d.error))
+                    continue
+                report.warnings.extend(Failure(d.name, w) for w in d.warnings)
+                target = d.name if fixed_path else self._placement(d, to)
+                chosen = site or sites[int(hashlib.sha256((d.series_uid or d.key).encode())
+                                           .hexdigest()[:8], 16) % len(sites)]
+                prepared.append(_Prepared(d.name, d, target, chosen))
+        return prepared, prep["caps"]
 
     @staticmethod
-    def _placement(result: deid.Result, to: str | None) -> str:
+    def _map(pool: pipeline.Workers | None, step: str, items: list[tuple[str, bytes]],
+             *args: Any) -> list[list[Any]]:
+        """Run a pipeline step over ``items``, in the worker processes when there are some."""
+        if pool is None or len(items) < 2:
+            return [pipeline.STEPS[step](items, *args)]
+        return pool.map(step, items, *args)
+
+    def _store(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
+               replace: bool, progress: Progress | None = None, count: int = 0) -> None:
+        """Stream a prepared batch to its sites, then publish what arrived in one commit."""
+        self._put(prepared, caps, report)
+        done = [p for p in prepared if p.receipt]
+        if done:
+            commit = {"files": [{
+                "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
+                "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
+                "identity": base64.b64encode(p.result.identity).decode(),
+            } for p in done]}
+            reply, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
+            self._free(reply.get("release") or {})
+            report.uploaded += len(done)
+            report.bytes += sum(len(p.result.data) for p in done)
+            report.paths.extend(p.path for p in done)
+        if progress is not None:
+            progress(count)
+
+    @staticmethod
+    def _placement(result: pipeline.Deidentified, to: str | None) -> str:
         sop = result.sop_uid or result.key[:40]
         if to is not None:
             return posixpath.join(to if to.startswith("/") else "/" + to, f"{sop}.dcm")
@@ -349,8 +393,11 @@ class Client:
         for p in prepared:
             by_site.setdefault(p.site, []).append(PutItem(p.result.key, p.result.data, p))
 
-        def done(item: PutItem, reply: dict[str, Any]) -> None:
-            item.tag.receipt = reply["receipt"]
+        def done(item: PutItem, receipt: str | None, error: str | None) -> None:
+            if receipt is not None:
+                item.tag.receipt = receipt
+            else:
+                report.failed.append(Failure(item.tag.source, f"site {item.tag.site} refused the object: {error}"))
 
         def task(site: str, items: list[PutItem]) -> Callable[[], None]:
             def run() -> None:
@@ -359,7 +406,7 @@ class Client:
                 except errors.DgfError as exc:
                     self._drop_link(site)
                     for it in items:
-                        if not it.tag.receipt:
+                        if not it.tag.receipt and not any(f.item == it.tag.source for f in report.failed):
                             report.failed.append(Failure(it.tag.source, f"upload to site {site} failed: {exc}"))
             return run
 
@@ -379,30 +426,69 @@ class Client:
         with ``xpath``, the files under ``paths`` whose header matches, at their full paths."""
         out = Path(out_dir)
         report = DownloadReport()
+        base_dir = os.path.abspath(out)
         if xpath is not None:
             roots = paths or ["/"]
             wanted = [m["path"] for r in roots for m in self.find(xpath, r)]
             if not wanted:
                 return report
             resolved = self.resolve(wanted, identified)
-            local = {f[0]: out / f[0].lstrip("/") for f in resolved["files"]}
+            local = {f[0]: base_dir + f[0] for f in resolved["files"]}
         else:
             resolved = self.resolve(paths, identified)
             local = {}
+            # Like cp -r: a requested path lands in out/ under its own name.
+            cuts = []
+            for p in paths:
+                p = p.rstrip("/") or "/"
+                parent = posixpath.dirname(p)
+                cuts.append((p, 0 if parent == "/" else len(parent)))
             for f in resolved["files"]:
-                root = max((p for p in paths if f[0] == p or f[0].startswith(p.rstrip("/") + "/")), key=len)
-                base = posixpath.dirname(root.rstrip("/")) if root != "/" else "/"
-                local[f[0]] = out / posixpath.relpath(f[0], base)
-        self._fetch(resolved, local, identified, report, progress)
+                cut = max((c for c in cuts if f[0] == c[0] or f[0].startswith(c[0].rstrip("/") + "/")),
+                          key=lambda c: len(c[0]))[1]
+                local[f[0]] = base_dir + f[0][cut:]
+        writer = _Writer()
+
+        def sink(paths: list[str], data: bytes | None, src: Path | None) -> None:
+            for i, path in enumerate(paths):
+                if src is not None and i == len(paths) - 1:
+                    writer.write(local[path], src=src)
+                elif src is not None:
+                    writer.write(local[path], src.read_bytes())
+                else:
+                    writer.write(local[path], data)
+            report.files.extend(Path(local[p]) for p in paths)
+
+        self._fetch(resolved, sink, identified, report, progress)
         return report
 
-    def _fetch(self, resolved: dict[str, Any], local: dict[str, Path], identified: bool,
-               report: DownloadReport, progress: Progress | None) -> None:
+    def fetch(self, paths: list[str], on_file: Callable[[str, bytes], None], identified: bool = False,
+              progress: Progress | None = None) -> DownloadReport:
+        """Fetch files (directories recursively) and hand each one's verified bytes to
+        ``on_file(path, data)`` instead of writing them; called from transfer threads."""
+        report = DownloadReport()
+
+        def sink(targets: list[str], data: bytes | None, src: Path | None) -> None:
+            if data is None and src is not None:
+                data = src.read_bytes()
+                src.unlink(missing_ok=True)
+            for t in targets:
+                on_file(t, data or b"")
+
+        self._fetch(self.resolve(paths, identified), sink, identified, report, progress)
+        return report
+
+    def _fetch(self, resolved: dict[str, Any], sink: Callable[[list[str], bytes | None, Path | None], None],
+               identified: bool, report: DownloadReport, progress: Progress | None) -> None:
+        """Get every resolved object once (replicas in turn), verify, re-identify if asked, and
+        hand it to ``sink(paths, data, spooled_file)``; failures go to ``report``."""
         targets: dict[str, list[str]] = {}
         replicas: dict[str, list[str]] = {}
+        sizes: dict[str, int] = {}
         for path, key, size, sites in resolved["files"]:
             targets.setdefault(key, []).append(path)
             replicas[key] = list(sites)
+            sizes[key] = size
         identities = resolved.get("identities", {})
         caps = resolved["caps"]
         lock = threading.Lock()
@@ -412,24 +498,19 @@ class Client:
         def deliver(res: GetResult) -> None:
             if res.error is not None:
                 return  # tried again at the next replica, reported if none is left
+            data, src = res.data, res.path
             try:
-                data = res.data
                 if identified:
                     blob = identities.get(res.key)
                     if blob is None:
                         raise errors.NotFound("no identity is held for this file (erased or uploaded without).")
-                    if data is None and res.path is not None:
-                        data = res.path.read_bytes()
+                    if data is None and src is not None:
+                        data = src.read_bytes()
+                        src.unlink(missing_ok=True)
+                        src = None
                     data = identity.reidentify(data or b"", identity.decode(base64.b64decode(blob)))
-                paths = targets[res.key]
-                for i, path in enumerate(paths):
-                    if data is None and res.path is not None and i == len(paths) - 1:
-                        _atomic_write(local[path], src=res.path)
-                    elif data is None and res.path is not None:
-                        _atomic_write(local[path], res.path.read_bytes())
-                    else:
-                        _atomic_write(local[path], data)
-                n = len(data) if data is not None else 0
+                sink(targets[res.key], data, src)
+                n = len(data) if data is not None else sizes[res.key]
             except errors.DgfError as exc:
                 with lock:
                     pending.discard(res.key)
@@ -444,7 +525,6 @@ class Client:
                 pending.discard(res.key)
                 report.downloaded += len(targets[res.key])
                 report.bytes += n * len(targets[res.key])
-                report.files.extend(local[p] for p in targets[res.key])
             if progress is not None:
                 progress(len(targets[res.key]))
 
@@ -461,7 +541,7 @@ class Client:
             def task(site: str, keys: list[str]) -> Callable[[], None]:
                 def run() -> None:
                     try:
-                        self.site_link(site).get_many(keys, caps[site], deliver, spool)
+                        self.site_link(site).get_many([(k, sizes[k]) for k in keys], caps[site], deliver, spool)
                     except errors.DgfError as exc:
                         self._drop_link(site)
                         log.warning("site %s failed during download: %s", site, exc)

@@ -22,6 +22,10 @@ from dgf.types import Site
 META_SUBSYSTEM = "dgf-meta"
 IO_SUBSYSTEM = "dgf-io"
 WINDOW = 64
+#: Small objects travel many to a frame (put.batch / get.batch); a few frames are in flight.
+BATCH_OBJECTS = 64
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_WINDOW = 4
 CHANNELS_PER_SITE = 2
 #: Objects above this size stream to disk instead of being held in memory.
 STREAM_THRESHOLD = 8 * 1024 * 1024
@@ -82,49 +86,68 @@ class SiteLink:
         self._granted[i].add(cap)
 
     def put_many(self, items: list[PutItem], cap: str,
-                 done: Callable[[PutItem, dict[str, Any]], None]) -> None:
-        """Upload ``items`` over all channels, pipelined; ``done`` gets each reply."""
-        self._spread(items, lambda i, chunk: self._put_chunk(i, chunk, cap, done))
+                 done: Callable[[PutItem, str | None, str | None], None]) -> None:
+        """Upload ``items`` over all channels; ``done(item, receipt, error)`` for each."""
+        self._spread(_batches(items, lambda it: len(it.data)),
+                     lambda i, batches: self._put_batches(i, batches, cap, done))
 
-    def _put_chunk(self, i: int, items: list[PutItem], cap: str,
-                   done: Callable[[PutItem, dict[str, Any]], None]) -> None:
+    def _put_batches(self, i: int, batches: list[list[PutItem]], cap: str,
+                     done: Callable[[PutItem, str | None, str | None], None]) -> None:
         chan = self.channels[i]
         sent = received = 0
         with chan.lock:
             self._auth(i, cap)
-            while received < len(items):
-                while sent < len(items) and sent - received < WINDOW:
-                    it = items[sent]
-                    chan.send("put", {"key": it.key, "size": len(it.data)}, it.data)
+            while received < len(batches):
+                while sent < len(batches) and sent - received < BATCH_WINDOW:
+                    b = batches[sent]
+                    chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [len(it.data) for it in b]},
+                              stream=(it.data for it in b), stream_size=sum(len(it.data) for it in b))
                     sent += 1
                 result, _ = chan.receive()
-                done(items[received], result)
+                for it, receipt, error in zip(batches[received], result["receipts"], result["errors"]):
+                    done(it, receipt, error)
                 received += 1
 
-    def get_many(self, keys: list[str], cap: str, done: Callable[[GetResult], None],
+    def get_many(self, wanted: list[tuple[str, int]], cap: str, done: Callable[[GetResult], None],
                  spool: Path | None = None) -> None:
-        self._spread(keys, lambda i, chunk: self._get_chunk(i, chunk, cap, done, spool))
+        """Fetch ``(key, size)`` objects: small ones in batches, large ones streamed to ``spool``."""
+        small = [kv for kv in wanted if kv[1] <= STREAM_THRESHOLD]
+        large = [[kv] for kv in wanted if kv[1] > STREAM_THRESHOLD]
+        work = _batches(small, lambda kv: kv[1]) + large
+        self._spread(work, lambda i, batches: self._get_batches(i, batches, cap, done, spool))
 
-    def _get_chunk(self, i: int, keys: list[str], cap: str, done: Callable[[GetResult], None],
-                   spool: Path | None) -> None:
+    def _get_batches(self, i: int, batches: list[list[tuple[str, int]]], cap: str,
+                     done: Callable[[GetResult], None], spool: Path | None) -> None:
         chan = self.channels[i]
         sent = received = 0
         with chan.lock:
             self._auth(i, cap)
-            while received < len(keys):
-                while sent < len(keys) and sent - received < WINDOW:
-                    chan.send("get", {"key": keys[sent]})
+            while received < len(batches):
+                while sent < len(batches) and sent - received < BATCH_WINDOW:
+                    b = batches[sent]
+                    if len(b) == 1 and b[0][1] > STREAM_THRESHOLD:
+                        chan.send("get", {"key": b[0][0]})
+                    else:
+                        chan.send("get.batch", {"keys": [k for k, _ in b]})
                     sent += 1
-                key = keys[received]
+                b = batches[received]
                 received += 1
                 try:
                     header = chan.receive_header()
                 except errors.TransportError:
                     raise
                 except errors.DgfError as exc:
-                    done(GetResult(key, error=exc))
+                    for key, _ in b:
+                        done(GetResult(key, error=exc))
                     continue
-                done(self._receive_object(chan, key, header.get("n", 0), spool))
+                if "sizes" not in (header.get("r") or {}):
+                    done(self._receive_object(chan, b[0][0], header.get("n", 0), spool))
+                    continue
+                for (key, _), size in zip(b, header["r"]["sizes"]):
+                    if size < 0:
+                        done(GetResult(key, error=errors.NotFound(f"object {key[:16]}... is missing at site {self.site.name}.")))
+                    else:
+                        done(self._receive_object(chan, key, size, spool))
 
     @staticmethod
     def _receive_object(chan: wire.RpcChannel, key: str, n: int, spool: Path | None) -> GetResult:
@@ -195,6 +218,23 @@ class SiteLink:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _batches(items: list[Any], size: Callable[[Any], int]) -> list[list[Any]]:
+    """Group items into frames of at most BATCH_OBJECTS objects and about BATCH_BYTES bytes."""
+    out: list[list[Any]] = []
+    current: list[Any] = []
+    total = 0
+    for it in items:
+        n = size(it)
+        if current and (len(current) >= BATCH_OBJECTS or total + n > BATCH_BYTES):
+            out.append(current)
+            current, total = [], 0
+        current.append(it)
+        total += n
+    if current:
+        out.append(current)
+    return out
 
 
 def run_parallel(tasks: Iterable[Callable[[], None]]) -> list[BaseException]:

@@ -123,6 +123,19 @@ class Payload:
     def read(self) -> bytes:
         return b"".join(self.chunks())
 
+    def chunks_of(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` bytes of the payload, in chunks."""
+        if n > self._left:
+            raise errors.UsageError(f"the payload has {self._left} bytes left, not {n}.")
+        left = n
+        while left:
+            data = self._stream.recv(min(CHUNK, left))
+            if not data:
+                raise errors.TransportError(f"connection closed with {left} payload bytes unread.")
+            left -= len(data)
+            self._left -= len(data)
+            yield data
+
     def drain(self) -> None:
         for _ in self.chunks():
             pass

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import paramiko
 
@@ -116,6 +116,63 @@ class IoService(wire.Service):
         receipt = crypto.sign_token(self._site_key, {"t": "receipt", "site": self.site,
                                                      "key": key, "size": size})
         return wire.Reply({"created": created, "receipt": receipt})
+
+    @wire.verb("put.batch", payload=True, keys=list, sizes=list)
+    def put_batch(self, s: Session, payload: wire.Payload, keys: list[str], sizes: list[int]) -> wire.Reply:
+        """Many small objects in one frame: the payload is their bytes back to back.
+
+        Each object is checked and stored on its own; the reply has a receipt or an error per
+        object, so one bad object does not fail its neighbours."""
+        if len(keys) != len(sizes) or not all(isinstance(n, int) and n >= 0 for n in sizes):
+            raise errors.UsageError("put.batch needs one non-negative size per key.")
+        if sum(sizes) != payload.size:
+            raise errors.UsageError(f"put.batch declared {sum(sizes)} bytes but sent {payload.size}.")
+        s.require("put", None)
+        receipts: list[str | None] = []
+        failures: list[str | None] = []
+        for key, size in zip(keys, sizes):
+            data = b"".join(payload.chunks_of(size))
+            try:
+                self.store.put(key, [data], size)
+            except errors.DgfError as exc:
+                receipts.append(None)
+                failures.append(exc.message)
+                continue
+            receipts.append(crypto.sign_token(self._site_key, {"t": "receipt", "site": self.site,
+                                                               "key": key, "size": size}))
+            failures.append(None)
+        return wire.Reply({"receipts": receipts, "errors": failures})
+
+    @wire.verb("get.batch", keys=list)
+    def get_batch(self, s: Session, keys: list[str]) -> wire.Reply:
+        """Whole objects back to back in one reply; sizes (-1: missing) in the result.
+
+        Hashes are checked while streaming; a corrupt object is quarantined after it is sent
+        (the client verifies every object and tries another replica)."""
+        sizes = []
+        for key in keys:
+            s.require("get", key)
+            try:
+                sizes.append(self.store.stat(key))
+            except errors.NotFound:
+                sizes.append(-1)
+
+        def stream() -> Iterator[bytes]:
+            for key, size in zip(keys, sizes):
+                if size < 0:
+                    continue
+                sent = 0
+                try:
+                    _, chunks = self.store.get(key)
+                    for chunk in chunks:
+                        sent += len(chunk)
+                        yield chunk
+                except errors.DgfError:
+                    pass  # quarantined or gone meanwhile; the client's hash check rejects it
+                if sent < size:
+                    yield b"\0" * (size - sent)  # keep the frame whole for the objects after it
+
+        return wire.Reply({"sizes": sizes}, stream=stream(), stream_size=sum(n for n in sizes if n > 0))
 
     @wire.verb("get", optional=("offset", "length"), key=str, offset=int, length=int)
     def get(self, s: Session, key: str, offset: int = 0, length: int = -1) -> wire.Reply:

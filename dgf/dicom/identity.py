@@ -24,7 +24,7 @@ from dgf import errors
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    return zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 6)
+    return zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 1)
 
 
 def decode(blob: bytes) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""De-identification of a batch, as two picklable steps so a process pool can spread the CPU work
+of large uploads over the machine's cores.
+
+Step 1 (:func:`analyze_items`) finds what each file needs pseudonyms for; the caller asks the
+metaserver once for the whole batch; step 2 (:func:`deidentify_items`) parses each file again
+(cheaper than shipping parse trees between processes) and produces the stored bytes, the XML
+header and the encoded identity record.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+from dgf import errors
+from dgf.dicom import deid, identity
+from dgf.dicom.profile import Options, Profile
+from dgf.dicom.xmlheader import header_xml
+
+_PROFILES: dict[Options, Profile] = {}
+
+
+def _profile(options: Options) -> Profile:
+    prof = _PROFILES.get(options)
+    if prof is None:
+        prof = _PROFILES[options] = Profile(options)
+    return prof
+
+
+@dataclass(frozen=True)
+class Needs:
+    name: str
+    uids: frozenset[str] = frozenset()
+    patient_key: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Deidentified:
+    name: str
+    data: bytes = b""
+    key: str = ""
+    xml: bytes = b""
+    identity: bytes = b""  # identity.encode(record)
+    patient: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def analyze_items(items: list[tuple[str, bytes]], options: Options) -> list[Needs]:
+    out = []
+    for name, data in items:
+        try:
+            plan = deid.analyze(data, _profile(options))
+        except errors.InvalidDicom as exc:
+            out.append(Needs(name, error=str(exc)))
+            continue
+        out.append(Needs(name, frozenset(plan.uids), plan.patient_key))
+    return out
+
+
+def deidentify_items(items: list[tuple[str, bytes]], options: Options, uids: dict[str, str],
+                     patients: dict[str, tuple[str, int]]) -> list[Deidentified]:
+    prof = _profile(options)
+    out = []
+    for name, data in items:
+        try:
+            plan = deid.analyze(data, prof)
+            patient, offset = patients[plan.patient_key]
+            result = deid.apply(plan, deid.Pseudonyms(uids, patient, offset), prof)
+            xml = header_xml(result.data)
+        except errors.InvalidDicom as exc:
+            out.append(Deidentified(name, error=str(exc)))
+            continue
+        out.append(Deidentified(name, result.data, result.key, xml, identity.encode(result.identity),
+                                result.patient, result.study_uid, result.series_uid, result.sop_uid,
+                                tuple(result.warnings)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes answer pickled requests on stdin/stdout (started with ``-c`` so that results
+# pickle under this module's real name, not ``__main__``).
+# Our own processes rather than multiprocessing, whose spawn mode re-imports the caller's main
+# module (a script without a main guard would run twice) and whose fork mode would copy the
+# SSH threads' locks.
+
+STEPS: dict[str, Any] = {"analyze": analyze_items, "deidentify": deidentify_items}
+_LEN = struct.Struct(">Q")
+
+
+def _send(fh: BinaryIO, obj: object) -> None:
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(_LEN.pack(len(blob)) + blob)
+    fh.flush()
+
+
+def _recv(fh: BinaryIO) -> object:
+    head = fh.read(_LEN.size)
+    if len(head) < _LEN.size:
+        raise EOFError
+    (n,) = _LEN.unpack(head)
+    blob = fh.read(n)
+    if len(blob) < n:
+        raise EOFError
+    return pickle.loads(blob)
+
+
+class Workers:
+    """A few de-identification worker processes; :meth:`map` splits a step's items over them."""
+
+    def __init__(self, n: int) -> None:
+        self._procs = [subprocess.Popen([sys.executable, "-c", "from dgf.dicom.pipeline import serve; serve()"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                       for _ in range(n)]
+
+    def map(self, step: str, items: list[tuple[str, bytes]], *args: object) -> list[list[Any]]:
+        n = len(self._procs)
+        parts = [items[i::n] for i in range(n)]
+        busy = []
+        for proc, part in zip(self._procs, parts):
+            if part:
+                _send(proc.stdin, (step, part, args))  # type: ignore[arg-type]
+                busy.append(proc)
+        out: list[list[Any]] = []
+        for proc in busy:
+            try:
+                result = _recv(proc.stdout)  # type: ignore[arg-type]
+            except EOFError as exc:
+                raise errors.DgfError("a de-identification worker process died; see its error above.") from exc
+            if isinstance(result, BaseException):
+                raise result
+            out.append(cast(list[Any], result))
+        return out
+
+    def close(self) -> None:
+        for proc in self._procs:
+            try:
+                proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def serve() -> None:
+    rfile, wfile = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            request = cast(tuple[str, list[tuple[str, bytes]], tuple[Any, ...]], _recv(rfile))
+        except EOFError:
+            return
+        try:
+            step, items, args = request
+            result: object = STEPS[step](items, *args)
+        except Exception as exc:  # noqa: BLE001 - returned to the parent, which raises it
+            result = errors.DgfError(f"de-identification worker failed ({type(exc).__name__}).")
+        _send(wfile, result)
+
