@@ -364,6 +364,16 @@ class Client:
     def _store(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
                replace: bool, progress: Progress | None = None, count: int = 0) -> None:
         """Stream a prepared batch to its sites, then publish what arrived in one commit."""
+        seen: dict[str, _Prepared] = {}
+        unique: list[_Prepared] = []
+        for p in prepared:
+            first = seen.setdefault(p.path, p)
+            if first is p:
+                unique.append(p)
+            elif first.result.key != p.result.key:
+                report.failed.append(Failure(p.source, f"has the same SOP Instance UID as {first.source} "
+                                                       "but other content; it was not uploaded"))
+        prepared = unique
         self._put(prepared, caps, report)
         done = [p for p in prepared if p.receipt]
         if done:

@@ -128,18 +128,16 @@ class IoService(wire.Service):
         if sum(sizes) != payload.size:
             raise errors.UsageError(f"put.batch declared {sum(sizes)} bytes but sent {payload.size}.")
         s.require("put", None)
+        items = [(str(key), b"".join(payload.chunks_of(size))) for key, size in zip(keys, sizes)]
         receipts: list[str | None] = []
         failures: list[str | None] = []
-        for key, size in zip(keys, sizes):
-            data = b"".join(payload.chunks_of(size))
-            try:
-                self.store.put(key, [data], size)
-            except errors.DgfError as exc:
+        for (key, data), error in zip(items, self.store.put_many(items)):
+            if error is not None:
                 receipts.append(None)
-                failures.append(exc.message)
+                failures.append(error.message)
                 continue
             receipts.append(crypto.sign_token(self._site_key, {"t": "receipt", "site": self.site,
-                                                               "key": key, "size": size}))
+                                                               "key": key, "size": len(data)}))
             failures.append(None)
         return wire.Reply({"receipts": receipts, "errors": failures})
 

@@ -184,6 +184,14 @@ class MetaEngine(ABC):
         """Store a wrapped data key unless one exists; return the one that is stored."""
 
     @abstractmethod
+    def patient_keys(self, names: list[str]) -> dict[str, bytes]:
+        """The wrapped data keys of those of ``names`` that have one."""
+
+    @abstractmethod
+    def add_patient_keys(self, wrapped: dict[str, bytes]) -> None:
+        """Store several wrapped data keys in one transaction; existing ones are kept."""
+
+    @abstractmethod
     def erase_patient(self, patient: str) -> int:
         """Destroy a patient's data key (crypto-erasure) and identity records; return records removed."""
 

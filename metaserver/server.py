@@ -214,6 +214,7 @@ class MetaService(wire.Service):
             raise errors.UsageError("the commit payload is not a valid batch.") from exc
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
+        self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         new: list[NewFile] = []
         for f in files:
             site = f["site"]

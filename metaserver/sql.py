@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -97,6 +97,34 @@ audit_t = sa.Table(
 
 _STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
               inodes.c.nlink, inodes.c.mtime, inodes.c.ctime, inodes.c.object_key)
+
+
+class _Row(NamedTuple):
+    """An inode row built locally after an insert, shaped like a selected row."""
+
+    id: int
+    name: str
+    is_dir: bool
+    mode: int
+    size: int
+    nlink: int
+    mtime: float
+    ctime: float
+    object_key: str | None
+
+
+# Statements on the hot paths, built once: SQLAlchemy's per-call construction of selects and
+# updates cost more than SQLite executing them.
+_Q_CHILD = sa.select(*_STAT_COLS).where(inodes.c.parent == sa.bindparam("b_parent"),
+                                        inodes.c.name == sa.bindparam("b_name"))
+_Q_CHILDREN_NAMED = sa.select(*_STAT_COLS).where(
+    inodes.c.parent == sa.bindparam("b_parent"), inodes.c.name.in_(sa.bindparam("b_names", expanding=True)))
+_U_NLINK = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
+    nlink=inodes.c.nlink + sa.bindparam("b_delta"), mtime=sa.bindparam("b_now"))
+_U_MTIME = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(mtime=sa.bindparam("b_now"))
+_U_FILE = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
+    object_key=sa.bindparam("b_key"), size=sa.bindparam("b_size"), mtime=sa.bindparam("b_now"),
+    ctime=sa.bindparam("b_now"))
 
 
 def _stat(path: str, row: Any) -> Stat:
@@ -204,17 +232,15 @@ class SqlEngine(MetaEngine):
         return row
 
     def _child(self, conn: Connection, parent_id: int, name: str) -> Any:
-        return conn.execute(sa.select(*_STAT_COLS).where(
-            inodes.c.parent == parent_id, inodes.c.name == name)).first()
+        return conn.execute(_Q_CHILD, {"b_parent": parent_id, "b_name": name}).first()
 
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
         now = time.time()
         ino = _inserted_id(conn.execute(inodes.insert().values(
             parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
             mtime=now, ctime=now)))
-        conn.execute(inodes.update().where(inodes.c.id == parent_id).values(
-            nlink=inodes.c.nlink + 1, mtime=now))
-        return conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ino)).one()
+        conn.execute(_U_NLINK, {"b_id": parent_id, "b_delta": 1, "b_now": now})
+        return _Row(ino, name, True, mode, 0, 2, now, now, None)
 
     def _makedirs(self, conn: Connection, path: str, cache: dict[str, Any]) -> Any:
         if path in cache:
@@ -347,47 +373,80 @@ class SqlEngine(MetaEngine):
         def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
             now = time.time()
             dirs: dict[str, Any] = {}
-            out: list[Stat] = []
-            replaced: set[str] = set()
-            obj_rows, rep_rows, id_rows, xa_rows = [], [], [], []
+            by_parent: dict[str, list[NewFile]] = {}
+            if len({f.path for f in files}) != len(files):
+                raise errors.UsageError("a commit names the same path twice.")
             for f in files:
-                parent_path, name = f.path.rsplit("/", 1)
-                parent = self._makedirs(conn, parent_path or "/", dirs)
-                existing = self._child(conn, parent.id, name)
-                if existing is not None:
-                    if existing.is_dir:
+                by_parent.setdefault(f.path.rsplit("/", 1)[0] or "/", []).append(f)
+            new_rows: list[dict[str, Any]] = []
+            new_files: list[NewFile] = []
+            inos: dict[str, int] = {}
+            replaced: set[str] = set()
+            for parent_path, group in by_parent.items():
+                parent = self._makedirs(conn, parent_path, dirs)
+                names = [f.path.rsplit("/", 1)[1] for f in group]
+                existing = {r.name: r for r in conn.execute(
+                    _Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": names})}
+                for f, name in zip(group, names):
+                    old = existing.get(name)
+                    if old is None:
+                        new_rows.append({"parent": parent.id, "name": name, "is_dir": False, "mode": f.mode,
+                                         "size": f.size, "nlink": 1, "mtime": now, "ctime": now,
+                                         "object_key": f.object_key})
+                        new_files.append(f)
+                        existing[name] = _Row(0, name, False, f.mode, f.size, 1, now, now, f.object_key)
+                        continue
+                    if old.is_dir:
                         raise errors.IsADirectory(f"{f.path} is a directory.")
-                    if existing.object_key != f.object_key and not replace:
-                        raise errors.AlreadyExists(
-                            f"{f.path} already exists with other content; remove it first.")
-                    if existing.object_key != f.object_key:
-                        replaced.add(existing.object_key)
-                    conn.execute(inodes.update().where(inodes.c.id == existing.id).values(
-                        object_key=f.object_key, size=f.size, mtime=now, ctime=now))
-                    ino = existing.id
-                else:
-                    ino = _inserted_id(conn.execute(inodes.insert().values(
-                        parent=parent.id, name=name, is_dir=False, mode=f.mode, size=f.size,
-                        nlink=1, mtime=now, ctime=now, object_key=f.object_key)))
-                obj_rows.append({"key": f.object_key, "size": f.size, "created": now})
-                rep_rows.append({"key": f.object_key, "site": f.site, "state": "ok"})
-                if f.identity is not None and f.patient is not None:
-                    id_rows.append({"object_key": f.object_key, "patient": f.patient, "sealed": f.identity})
-                for xname, value in f.xattrs.items():
-                    xa_rows.append({"ino": ino, "name": xname, "value": value})
-                out.append(Stat(f.path, ino, False, f.mode, f.size, now, now, 1, f.object_key))
+                    if old.object_key != f.object_key:
+                        if not replace:
+                            raise errors.AlreadyExists(f"{f.path} already exists with other content; remove it first.")
+                        replaced.add(old.object_key)
+                    if old.id:
+                        conn.execute(_U_FILE, {"b_id": old.id, "b_key": f.object_key, "b_size": f.size, "b_now": now})
+                        inos[f.path] = old.id
+            if new_rows:
+                # One multi-row INSERT ... RETURNING, ids in parameter order.
+                result = conn.execute(inodes.insert().returning(inodes.c.id, sort_by_parameter_order=True),
+                                      new_rows)
+                for f, row in zip(new_files, result):
+                    inos[f.path] = row.id
+            obj_rows = [{"key": f.object_key, "size": f.size, "created": now} for f in files]
+            rep_rows = [{"key": f.object_key, "site": f.site, "state": "ok"} for f in files]
+            id_rows = [{"object_key": f.object_key, "patient": f.patient, "sealed": f.identity}
+                       for f in files if f.identity is not None and f.patient is not None]
+            xa_rows = [{"ino": inos[f.path], "name": xname, "value": value}
+                       for f in files for xname, value in f.xattrs.items()]
             for table, rows in ((objects, obj_rows), (replicas, rep_rows), (identities, id_rows)):
                 if rows:
                     conn.execute(self._insert_ignore(table), rows)
             if xa_rows:
-                inos = {r["ino"] for r in xa_rows}
                 names = {r["name"] for r in xa_rows}
-                conn.execute(xattrs.delete().where(xattrs.c.ino.in_(inos), xattrs.c.name.in_(names)))
+                conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
+                                                   xattrs.c.name.in_(names)))
                 conn.execute(xattrs.insert(), xa_rows)
-            for d in dirs.values():
-                conn.execute(inodes.update().where(inodes.c.id == d.id).values(mtime=now))
+            if dirs:
+                conn.execute(_U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
+            out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
         return self._txn(run)
+
+    def add_patient_keys(self, wrapped: dict[str, bytes]) -> None:
+        """Store the wrapped data keys of new patients in one transaction (existing ones win)."""
+        if wrapped:
+            now = time.time()
+            self._txn(lambda c: c.execute(self._insert_ignore(patients), [
+                {"pseudonym": k, "wrapped_key": v, "created": now} for k, v in wrapped.items()]))
+
+    def patient_keys(self, names: list[str]) -> dict[str, bytes]:
+        def run(conn: Connection) -> dict[str, bytes]:
+            out: dict[str, bytes] = {}
+            for i in range(0, len(names), 500):
+                for r in conn.execute(sa.select(patients.c.pseudonym, patients.c.wrapped_key).where(
+                        patients.c.pseudonym.in_(names[i:i + 500]))):
+                    out[r.pseudonym] = bytes(r.wrapped_key)
+            return out
+        return self._read(run)
 
     # -- xattrs ---------------------------------------------------------------------------
 

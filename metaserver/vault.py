@@ -37,6 +37,20 @@ class Vault:
             self._data_keys[patient] = key
         return key
 
+    def ensure_keys(self, patients: set[str]) -> None:
+        """Make sure each patient has a data key, creating the missing ones in one transaction."""
+        with self._lock:
+            missing = sorted(p for p in patients if p not in self._data_keys)
+        if not missing:
+            return
+        stored = self.engine.patient_keys(missing)
+        new = {p: self.keys.wrap(os.urandom(32), p.encode()) for p in missing if p not in stored}
+        self.engine.add_patient_keys(new)
+        stored = self.engine.patient_keys(missing)  # a concurrent upload's key wins, consistently
+        with self._lock:
+            for p, wrapped in stored.items():
+                self._data_keys[p] = self.keys.unwrap(wrapped, p.encode())
+
     def seal(self, patient: str, object_key: str, record: bytes) -> bytes:
         return crypto.seal(self.data_key(patient, create=True), record, object_key.encode())
 

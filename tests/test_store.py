@@ -49,6 +49,20 @@ class ObjectStoreContract:
             with pytest.raises(errors.UsageError):
                 store.stat(bad)
 
+    def test_put_many_reports_per_object_and_stores_the_rest(self, store: ObjectStore) -> None:
+        good = [os.urandom(3000 + i) for i in range(10)]
+        items = [(_key(d), d) for d in good]
+        items.insert(3, (_key(b"claimed"), b"but other bytes"))
+        items.insert(5, ("not-a-key", b"x"))
+        results = store.put_many(items)
+        assert [type(r).__name__ if r else None for r in results].count(None) == 10
+        assert isinstance(results[3], errors.IntegrityError) and isinstance(results[5], errors.UsageError)
+        for d in good:
+            n, chunks = store.get(_key(d))
+            assert b"".join(chunks) == d
+        assert store.put_many(items[:1]) == [None]  # idempotent
+        assert sorted(store.keys()) == sorted(_key(d) for d in good)
+
     def test_delete_and_bad_ranges(self, store: ObjectStore) -> None:
         data = b"x" * 1000
         key = _key(data)

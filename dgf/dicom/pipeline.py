@@ -9,10 +9,12 @@ header and the encoded identity record.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -54,14 +56,21 @@ class Deidentified:
     error: str | None = None
 
 
+#: Plans from step 1 kept for step 2 in the same process (a worker sees the same files in both
+#: steps), so each file is parsed once.  Step 2 drops them.
+_PLANS: dict[str, deid.Plan] = {}
+
+
 def analyze_items(items: list[tuple[str, bytes]], options: Options) -> list[Needs]:
     out = []
+    _PLANS.clear()
     for name, data in items:
         try:
             plan = deid.analyze(data, _profile(options))
         except errors.InvalidDicom as exc:
             out.append(Needs(name, error=str(exc)))
             continue
+        _PLANS[name] = plan
         out.append(Needs(name, frozenset(plan.uids), plan.patient_key))
     return out
 
@@ -72,7 +81,9 @@ def deidentify_items(items: list[tuple[str, bytes]], options: Options, uids: dic
     out = []
     for name, data in items:
         try:
-            plan = deid.analyze(data, prof)
+            plan = _PLANS.pop(name, None)
+            if plan is None or plan.original_sha256 != _sha256(data):
+                plan = deid.analyze(data, prof)
             patient, offset = patients[plan.patient_key]
             result = deid.apply(plan, deid.Pseudonyms(uids, patient, offset), prof)
             xml = header_xml(result.data)
@@ -82,7 +93,12 @@ def deidentify_items(items: list[tuple[str, bytes]], options: Options, uids: dic
         out.append(Deidentified(name, result.data, result.key, xml, identity.encode(result.identity),
                                 result.patient, result.study_uid, result.series_uid, result.sop_uid,
                                 tuple(result.warnings)))
+    _PLANS.clear()
     return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +139,11 @@ class Workers:
 
     def map(self, step: str, items: list[tuple[str, bytes]], *args: object) -> list[list[Any]]:
         n = len(self._procs)
-        parts = [items[i::n] for i in range(n)]
+        # A file goes to the same worker in both steps (by a stable hash of its name), so the
+        # worker can reuse the parse from step 1.
+        parts: list[list[tuple[str, bytes]]] = [[] for _ in range(n)]
+        for item in items:
+            parts[zlib.crc32(item[0].encode("utf-8", "surrogateescape")) % n].append(item)
         busy = []
         for proc, part in zip(self._procs, parts):
             if part:
