@@ -385,7 +385,7 @@ class SqlEngine(MetaEngine):
             for parent_path, group in by_parent.items():
                 parent = self._makedirs(conn, parent_path, dirs)
                 names = [f.path.rsplit("/", 1)[1] for f in group]
-                existing = {r.name: r for r in conn.execute(
+                existing: dict[str, Any] = {r.name: r for r in conn.execute(
                     _Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": names})}
                 for f, name in zip(group, names):
                     old = existing.get(name)
@@ -421,9 +421,8 @@ class SqlEngine(MetaEngine):
                 if rows:
                     conn.execute(self._insert_ignore(table), rows)
             if xa_rows:
-                names = {r["name"] for r in xa_rows}
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
-                                                   xattrs.c.name.in_(names)))
+                                                   xattrs.c.name.in_({r["name"] for r in xa_rows})))
                 conn.execute(xattrs.insert(), xa_rows)
             if dirs:
                 conn.execute(_U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
