@@ -15,6 +15,7 @@ asked, each file written to a temp name and renamed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -269,7 +270,9 @@ class Client:
                 pending: Future[None] | None = None
                 for i in range(0, len(files), batch):
                     chunk = files[i:i + batch]
-                    prepared, caps = self._prepare(self._read(chunk, report), to, site, report, pool=workers)
+                    # Files are read where they are de-identified (a worker, or here).
+                    items: list[tuple[str, bytes | None]] = [(str(f), None) for f in chunk]
+                    prepared, caps = self._prepare(items, to, site, report, pool=workers)
                     if pending is not None:
                         pending.result()
                     pending = store.submit(self._store, prepared, caps, report, replace, progress, len(chunk))
@@ -310,17 +313,7 @@ class Client:
         if report.failed:
             raise errors.InvalidDicom(report.failed[0].reason)
 
-    @staticmethod
-    def _read(files: list[Path], report: UploadReport) -> list[tuple[str, bytes]]:
-        items: list[tuple[str, bytes]] = []
-        for f in files:
-            try:
-                items.append((str(f), f.read_bytes()))
-            except OSError as exc:
-                report.failed.append(Failure(str(f), f"cannot be read ({exc.strerror})"))
-        return items
-
-    def _prepare(self, items: list[tuple[str, bytes]], to: str | None, site: str | None,
+    def _prepare(self, items: list[tuple[str, bytes | None]], to: str | None, site: str | None,
                  report: UploadReport, fixed_path: bool = False,
                  pool: pipeline.Workers | None = None) -> tuple[list[_Prepared], dict[str, str]]:
         """Analyze, fetch the batch's pseudonyms in one round trip, de-identify, build XML."""
@@ -341,11 +334,16 @@ class Client:
         todo = [(name, data) for name, data in items if name in good]
         pseudo_patients = {k: (v[0], v[1]) for k, v in prep["patients"].items()}
         prepared: list[_Prepared] = []
-        for part in self._map(pool, "deidentify", todo, options, prep["uids"], pseudo_patients):
+        spool = pool.spool if pool is not None else ""
+        for part in self._map(pool, "deidentify", todo, options, prep["uids"], pseudo_patients, spool):
             for d in part:
                 if d.error is not None:
                     report.failed.append(Failure(d.name, d.error))
                     continue
+                if d.spooled:
+                    with open(d.spooled, "rb") as fh:
+                        d = dataclasses.replace(d, data=fh.read(), spooled="")
+                    os.unlink(fh.name)
                 report.warnings.extend(Failure(d.name, w) for w in d.warnings)
                 target = d.name if fixed_path else self._placement(d, to)
                 chosen = site or sites[int(hashlib.sha256((d.series_uid or d.key).encode())
@@ -354,7 +352,7 @@ class Client:
         return prepared, prep["caps"]
 
     @staticmethod
-    def _map(pool: pipeline.Workers | None, step: str, items: list[tuple[str, bytes]],
+    def _map(pool: pipeline.Workers | None, step: str, items: list[tuple[str, bytes | None]],
              *args: Any) -> list[list[Any]]:
         """Run a pipeline step over ``items``, in the worker processes when there are some."""
         if pool is None or len(items) < 2:

@@ -281,3 +281,51 @@ def test_download_fails_over_and_reports_dead_sites(fresh_federation: local.Fede
     assert report.downloaded == 0 and len(report.failed) == 1
     assert "no replica could be read" in report.failed[0].reason
     assert not _files_under(workdir)
+
+
+def test_ioserver_serves_stdio_as_a_forced_command(federation: local.Federation, clinician: Client) -> None:
+    """The same verb loop behind a site's own OpenSSH: 'dgf-ioserver serve --stdio'."""
+    import subprocess
+    import sys
+
+    from dgf import wire
+
+    clinician.upload([corpus.file("MR_small.dcm")], to="/stdio", site="site-a")
+    resolved = clinician.resolve(["/stdio"])
+    _, key, size, _ = resolved["files"][0]
+    proc = subprocess.Popen([sys.executable, "-m", "ioserver.server", "serve", "--config",
+                             str(federation.root / "site-a.conf"), "--stdio", "--principal", "clinician"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        chan = wire.RpcChannel(wire.StdioStream(proc.stdout, proc.stdin), "stdio")  # type: ignore[arg-type]
+        assert chan.call("hello")[0] == {"site": "site-a", "principal": "clinician"}
+        with pytest.raises(errors.PermissionDenied):
+            chan.call("get", key=key)
+        chan.call("auth", token=resolved["caps"]["site-a"])
+        _, data = chan.call("get", key=key)
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == key
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        assert proc.wait(timeout=20) == 0
+
+
+def test_large_uploads_use_worker_processes(fresh_federation: local.Federation, small_files: list[Path],
+                                            workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker-process path (taken for large uploads) de-identifies, spools large outputs,
+    reports bad files and round-trips exactly, like the in-process path."""
+    import dgf.client
+    from bench import synth
+
+    monkeypatch.setattr(dgf.client, "POOL_MIN_FILES", 4)
+    big = synth.ct_corpus(workdir / "ct", 3, patients=2)
+    bad = workdir / "bad.dcm"
+    bad.write_bytes(b"\0" * 200)
+    files = [*small_files[:12], *big, bad, workdir / "gone.dcm"]
+    with Client(fresh_federation.config("clinician")) as c:
+        report = c.upload(files, batch=5)
+        assert report.uploaded == 15
+        assert {Path(f.item).name for f in report.failed} == {"bad.dcm", "gone.dcm"}
+        got = c.download(["/"], workdir / "out", identified=True)
+    assert got.downloaded == 15
+    expected = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files[:15]}
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in _files_under(workdir / "out")} == expected

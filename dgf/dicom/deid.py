@@ -477,7 +477,8 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
         # Spans of the inflated stream do not exist in the deflated original: keep it all.
         delta: list[object] = [base64.b64encode(plan_original(plan)).decode()]
     else:
-        pieces: list[bytes] = [head]
+        view = memoryview(data)
+        pieces: list[bytes | memoryview] = [head]
         delta = [base64.b64encode(data[:part.meta_end]).decode()]
         out_pos, orig_pos = len(head), part.meta_end
         for s in body.segs:
@@ -486,7 +487,7 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
                 if a > orig_pos:
                     delta.append(base64.b64encode(data[orig_pos:a]).decode())
                 delta.append([out_pos, b - a])
-                pieces.append(data[a:b])
+                pieces.append(view[a:b])
                 orig_pos = b
                 out_pos += b - a
             else:

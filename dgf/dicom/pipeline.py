@@ -9,10 +9,13 @@ header and the encoded identity record.
 
 from __future__ import annotations
 
-import hashlib
+import os
 import pickle
+import shutil
 import struct
 import subprocess
+import tempfile
+import traceback
 import sys
 import zlib
 from dataclasses import dataclass
@@ -54,20 +57,26 @@ class Deidentified:
     sop_uid: str = ""
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    spooled: str = ""  # large outputs from a worker: a file on tmpfs holding ``data``
 
 
 #: Plans from step 1 kept for step 2 in the same process (a worker sees the same files in both
 #: steps), so each file is parsed once.  Step 2 drops them.
 _PLANS: dict[str, deid.Plan] = {}
+SPOOL_MIN = 128 * 1024
 
 
-def analyze_items(items: list[tuple[str, bytes]], options: Options) -> list[Needs]:
+def analyze_items(items: list[tuple[str, bytes | None]], options: Options) -> list[Needs]:
+    """Step 1.  An item's data None means: read the file at ``name`` here (so a worker reads its
+    files itself instead of receiving them through a pipe)."""
     out = []
     _PLANS.clear()
     for name, data in items:
         try:
+            if data is None:
+                data = _read(name)
             plan = deid.analyze(data, _profile(options))
-        except errors.InvalidDicom as exc:
+        except errors.DgfError as exc:
             out.append(Needs(name, error=str(exc)))
             continue
         _PLANS[name] = plan
@@ -75,30 +84,42 @@ def analyze_items(items: list[tuple[str, bytes]], options: Options) -> list[Need
     return out
 
 
-def deidentify_items(items: list[tuple[str, bytes]], options: Options, uids: dict[str, str],
-                     patients: dict[str, tuple[str, int]]) -> list[Deidentified]:
+def _read(name: str) -> bytes:
+    try:
+        with open(name, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise errors.InvalidDicom(f"cannot be read ({exc.strerror})") from exc
+
+
+def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, uids: dict[str, str],
+                     patients: dict[str, tuple[str, int]], spool: str = "") -> list[Deidentified]:
+    """Step 2.  With ``spool`` (a directory on tmpfs), outputs above SPOOL_MIN bytes are written
+    there and returned by name, which costs two copies instead of four through a pipe."""
     prof = _profile(options)
     out = []
     for name, data in items:
         try:
             plan = _PLANS.pop(name, None)
-            if plan is None or plan.original_sha256 != _sha256(data):
-                plan = deid.analyze(data, prof)
+            if plan is None:
+                plan = deid.analyze(data if data else _read(name), prof)
             patient, offset = patients[plan.patient_key]
             result = deid.apply(plan, deid.Pseudonyms(uids, patient, offset), prof)
             xml = header_xml(result.data)
-        except errors.InvalidDicom as exc:
+        except errors.DgfError as exc:
             out.append(Deidentified(name, error=str(exc)))
             continue
-        out.append(Deidentified(name, result.data, result.key, xml, identity.encode(result.identity),
+        data, spooled = result.data, ""
+        if spool and len(data) >= SPOOL_MIN:
+            spooled = os.path.join(spool, result.key)
+            with open(spooled, "wb") as fh:
+                fh.write(data)
+            data = b""
+        out.append(Deidentified(name, data, result.key, xml, identity.encode(result.identity),
                                 result.patient, result.study_uid, result.series_uid, result.sop_uid,
-                                tuple(result.warnings)))
+                                tuple(result.warnings), spooled=spooled))
     _PLANS.clear()
     return out
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,17 +154,22 @@ class Workers:
     """A few de-identification worker processes; :meth:`map` splits a step's items over them."""
 
     def __init__(self, n: int) -> None:
+        # Large outputs come back through files on tmpfs when there is one.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.spool = tempfile.mkdtemp(prefix="dgf-spool-", dir=shm) if shm else ""
         self._procs = [subprocess.Popen([sys.executable, "-c", "from dgf.dicom.pipeline import serve; serve()"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                        for _ in range(n)]
 
-    def map(self, step: str, items: list[tuple[str, bytes]], *args: object) -> list[list[Any]]:
+    def map(self, step: str, items: list[tuple[str, bytes | None]], *args: object) -> list[list[Any]]:
         n = len(self._procs)
         # A file goes to the same worker in both steps (by a stable hash of its name), so the
         # worker can reuse the parse from step 1.
-        parts: list[list[tuple[str, bytes]]] = [[] for _ in range(n)]
-        for item in items:
-            parts[zlib.crc32(item[0].encode("utf-8", "surrogateescape")) % n].append(item)
+        parts: list[list[tuple[str, bytes | None]]] = [[] for _ in range(n)]
+        for name, data in items:
+            # Step 2 needs no bytes: the worker kept its parse from step 1.
+            parts[zlib.crc32(name.encode("utf-8", "surrogateescape")) % n].append(
+                (name, b"" if step == "deidentify" else data))
         busy = []
         for proc, part in zip(self._procs, parts):
             if part:
@@ -171,19 +197,23 @@ class Workers:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if self.spool:
+            shutil.rmtree(self.spool, ignore_errors=True)
 
 
 def serve() -> None:
     rfile, wfile = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
-            request = cast(tuple[str, list[tuple[str, bytes]], tuple[Any, ...]], _recv(rfile))
+            request = cast(tuple[str, list[tuple[str, bytes | None]], tuple[Any, ...]], _recv(rfile))
         except EOFError:
             return
         try:
             step, items, args = request
             result: object = STEPS[step](items, *args)
         except Exception as exc:  # noqa: BLE001 - returned to the parent, which raises it
+            # Where it failed goes to stderr; the message stays out (it may quote values).
+            sys.stderr.write("".join(traceback.format_tb(exc.__traceback__)) + type(exc).__name__ + "\n")
             result = errors.DgfError(f"de-identification worker failed ({type(exc).__name__}).")
         _send(wfile, result)
 
