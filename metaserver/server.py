@@ -67,7 +67,8 @@ class MetaService(wire.Service):
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
         verb_name = header.get("v")
         allowed = POLICY.get(verb_name) if isinstance(verb_name, str) else None
-        if allowed is not None and ctx.role not in allowed:
+        # Deny by default: a verb missing from POLICY is refused to everyone.
+        if allowed is None or ctx.role not in allowed:
             raise errors.PermissionDenied(f"role {ctx.role!r} may not call {verb_name!r}.")
         return super().dispatch(ctx, header, payload)
 

@@ -181,3 +181,12 @@ def test_concurrent_channels_on_one_connection(ssh_server: Any) -> None:
         t.join()
     assert sorted(results) == sorted(k * 1000 + i for k in range(4) for i in range(50))
     conn.close()
+
+
+def test_every_metaserver_verb_has_a_policy_entry() -> None:
+    """The policy table covers the verb table exactly, so no verb is open by omission."""
+    from metaserver.server import POLICY, MetaService
+
+    verbs = {getattr(getattr(MetaService, a), "_dgf_verb").name for a in dir(MetaService)
+             if hasattr(getattr(MetaService, a), "_dgf_verb")}
+    assert verbs == set(POLICY)
