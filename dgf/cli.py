@@ -152,9 +152,14 @@ def down_cmd(paths: tuple[str, ...], out: str, identified: bool, xpath: str | No
         raise errors.UsageError("name at least one archive path, or use --find XPATH.")
     with _client(config) as client:
         t0 = time.perf_counter()
-        bar = _Bar(0, "")
-        report = client.download(list(paths), out, identified=identified, xpath=xpath,
-                                 progress=bar.update)
+        bars: list[_Bar] = []
+        try:
+            report = client.download(list(paths), out, identified=identified, xpath=xpath,
+                                     progress=lambda n: bars[0].update(n) if bars else None,
+                                     on_total=lambda total: bars.append(_Bar(total, "downloading")))
+        finally:
+            for bar in bars:
+                bar.close()
         dt = time.perf_counter() - t0
     for f in report.failed:
         click.echo(f"error: {f.item}: {f.reason}", err=True)

@@ -429,7 +429,8 @@ class Client:
         return resolved
 
     def download(self, paths: list[str], out_dir: str | os.PathLike[str], identified: bool = False,
-                 xpath: str | None = None, progress: Progress | None = None) -> DownloadReport:
+                 xpath: str | None = None, progress: Progress | None = None,
+                 on_total: Progress | None = None) -> DownloadReport:
         """Fetch files (directories recursively) into ``out_dir``, mirroring names like ``cp -r``;
         with ``xpath``, the files under ``paths`` whose header matches, at their full paths."""
         out = Path(out_dir)
@@ -456,6 +457,8 @@ class Client:
                           key=lambda c: len(c[0]))[1]
                 local[f[0]] = base_dir + f[0][cut:]
         writer = _Writer()
+        if on_total is not None:
+            on_total(len(resolved["files"]))
 
         def sink(paths: list[str], data: bytes | None, src: Path | None) -> None:
             for i, path in enumerate(paths):
