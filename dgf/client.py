@@ -23,6 +23,7 @@ import os
 import posixpath
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from dgf import crypto, errors
 from dgf.config import ClientConfig
 from dgf.dicom import identity, pipeline
 from dgf.dicom.profile import Options, Profile
+import numpy as np
 from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
 from dgf.types import Site, Stat
 
@@ -75,6 +77,8 @@ class _Prepared:
     path: str
     site: str
     receipt: str = ""
+    derived: bool = False
+    xattrs: dict[str, str] = field(default_factory=dict)
 
 
 class _Writer:
@@ -104,6 +108,15 @@ class _Writer:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+@dataclass
+class ReconResult:
+    volume: Any  # numpy float32 [z, y, x]
+    geometry: Any
+    paths: list[str]
+    seconds: float
+    sites: list[str]
 
 
 class Client:
@@ -251,7 +264,7 @@ class Client:
 
     def upload(self, paths: Iterable[str | os.PathLike[str]], to: str | None = None,
                site: str | None = None, recursive: bool = False, progress: Progress | None = None,
-               batch: int = BATCH, replace: bool = False) -> UploadReport:
+               batch: int = BATCH, replace: bool = False, spread: bool = False) -> UploadReport:
         """De-identify and upload files (directories with ``recursive``).
 
         Files that cannot be read or are not valid DICOM are reported in the result's ``failed``
@@ -272,7 +285,7 @@ class Client:
                     chunk = files[i:i + batch]
                     # Files are read where they are de-identified (a worker, or here).
                     items: list[tuple[str, bytes | None]] = [(str(f), None) for f in chunk]
-                    prepared, caps = self._prepare(items, to, site, report, pool=workers)
+                    prepared, caps = self._prepare(items, to, site, report, pool=workers, spread=spread)
                     if pending is not None:
                         pending.result()
                     pending = store.submit(self._store, prepared, caps, report, replace, progress, len(chunk))
@@ -315,9 +328,13 @@ class Client:
 
     def _prepare(self, items: list[tuple[str, bytes | None]], to: str | None, site: str | None,
                  report: UploadReport, fixed_path: bool = False,
-                 pool: pipeline.Workers | None = None) -> tuple[list[_Prepared], dict[str, str]]:
-        """Analyze, fetch the batch's pseudonyms in one round trip, de-identify, build XML."""
-        options = self.profile.options
+                 pool: pipeline.Workers | None = None, options: Options | None = None,
+                 spread: bool = False) -> tuple[list[_Prepared], dict[str, str]]:
+        """Analyze, fetch the batch's pseudonyms in one round trip, de-identify, build XML.
+
+        Files go to ``site``, or to a site chosen by their series (``spread``: by instance, so
+        one series lands on every site)."""
+        options = options or self.profile.options
         needs = [n for part in self._map(pool, "analyze", items, options) for n in part]
         ok = [n for n in needs if n.error is None]
         report.failed.extend(Failure(n.name, n.error) for n in needs if n.error is not None)
@@ -346,9 +363,9 @@ class Client:
                     os.unlink(fh.name)
                 report.warnings.extend(Failure(d.name, w) for w in d.warnings)
                 target = d.name if fixed_path else self._placement(d, to)
-                chosen = site or sites[int(hashlib.sha256((d.series_uid or d.key).encode())
-                                           .hexdigest()[:8], 16) % len(sites)]
-                prepared.append(_Prepared(d.name, d, target, chosen))
+                basis = (d.sop_uid if spread else d.series_uid) or d.key
+                chosen = site or sites[int(hashlib.sha256(basis.encode()).hexdigest()[:8], 16) % len(sites)]
+                prepared.append(_Prepared(d.name, d, target, chosen, derived=options.derived))
         return prepared, prep["caps"]
 
     @staticmethod
@@ -378,7 +395,9 @@ class Client:
             commit = {"files": [{
                 "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
                 "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
-                "identity": base64.b64encode(p.result.identity).decode(),
+                # Derived data (computed from de-identified data) has no identity to keep.
+                "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
+                "xattrs": p.xattrs,
             } for p in done]}
             reply, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
             self._free(reply.get("release") or {})
@@ -596,6 +615,123 @@ class Client:
         if blob is None:
             raise errors.NoAttribute(f"no identity is held for {path}.")
         return identity.summary(identity.decode(base64.b64decode(blob)))
+
+    # -- reconstruction near the data -----------------------------------------------------
+
+    def recon_import(self, projections: Any, geometry: Any, to: str,
+                     patient: dict[str, str] | None = None, progress: Progress | None = None) -> UploadReport:
+        """Store a projection stack (n, nv, nu) with its geometry as a DICOM projection series
+        under ``to``, de-identified like any upload and spread over the sites by instance."""
+        from dgf.dicom.projections import projection_series
+
+        files = projection_series(projections, geometry, patient)
+        report = UploadReport()
+        for i in range(0, len(files), BATCH):
+            items: list[tuple[str, bytes | None]] = [(f"projection {j + 1}", files[j])
+                                                     for j in range(i, min(len(files), i + BATCH))]
+            prepared, caps = self._prepare(items, to, None, report, spread=True)
+            self._store(prepared, caps, report, False, progress, len(items))
+        return report
+
+    def recon(self, series: str, out: str, shape: tuple[int, int, int] | None = None,
+              window: str = "hann", progress: Callable[[str], None] | None = None) -> "ReconResult":
+        """FDK of the projection series under ``series``, map-reduce over the sites that hold it.
+
+        Each site filters and back-projects its own projections (verb ``recon.partial``) and
+        returns a partial volume; only those travel.  A site that fails has its share redone
+        from another replica, or the reconstruction stops with a message naming it.  The sum is
+        stored under ``out`` as a CT series with its provenance (``user.dgf.provenance`` and the
+        series' DGF RECON block)."""
+        from lxml import etree
+
+        from dgf.dicom.projections import CREATOR, volume_series
+        from dgf.conebeam import Geometry
+
+        t0 = time.perf_counter()
+        rows = self.find("/DicomHeader[PositionerPrimaryAngle]", series,
+                         show=["PositionerPrimaryAngle", "InstanceNumber", "PatientID", "StudyInstanceUID",
+                               "FrameOfReferenceUID", "SeriesInstanceUID"])
+        if not rows:
+            raise errors.NotFound(f"no projection instances under {series}; import them with 'dgf recon import'.")
+        rows.sort(key=lambda r: int(r["values"]["InstanceNumber"] or 0))
+        header = etree.fromstring(self.getxattr(rows[0]["path"], HEADER_XATTR))
+        block = [e.text for e in header.iter("PrivateElement")
+                 if e.get("creator") == CREATOR and e.get("tag", "").endswith("10")]
+        if not block:
+            raise errors.InvalidDicom(f"{rows[0]['path']} has no {CREATOR} geometry block.")
+        shared = json.loads(block[0] or "{}")["geometry"]
+        shared["angles_deg"] = [float(r["values"]["PositionerPrimaryAngle"]) for r in rows]
+        if shape is not None:
+            fov = [n * d for n, d in zip(shared["volume_shape"], shared["voxel_size"])]
+            shared["volume_shape"] = list(shape)
+            shared["voxel_size"] = [f / n for f, n in zip(fov, shape)]
+            shared["volume_origin"] = None
+        g = Geometry.from_dict(shared)
+        resolved = self.resolve([r["path"] for r in rows])
+        where = {f[0]: (f[1], list(f[3])) for f in resolved["files"]}
+        jobs: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            jobs.setdefault(where[r["path"]][1][0], []).append(i)
+        nx, ny, nz = g.volume_shape
+        volume = np.zeros((nz, ny, nx), dtype=np.float32)
+        lock = threading.Lock()
+        failed: dict[str, tuple[list[int], str]] = {}
+
+        def run(site: str, indices: list[int]) -> Callable[[], None]:
+            def go() -> None:
+                keys = [where[rows[i]["path"]][0] for i in indices]
+                try:
+                    if progress:
+                        progress(f"site {site}: back-projecting {len(keys)} projections")
+                    result, payload = self.site_link(site).call(
+                        "recon.partial", resolved["caps"][site], keys=keys, indices=indices,
+                        geometry=json.loads(g.to_json()), window=window)
+                    part = np.frombuffer(payload, dtype=np.float32).reshape(result["shape"])
+                except errors.DgfError as exc:
+                    self._drop_link(site)
+                    with lock:
+                        failed[site] = (indices, str(exc))
+                    return
+                with lock:
+                    np.add(volume, part, out=volume)
+                if progress:
+                    progress(f"site {site}: done")
+            return go
+
+        pending = jobs
+        for attempt in range(1, 3):
+            failed.clear()
+            run_parallel(run(s, idx) for s, idx in pending.items())
+            if not failed:
+                break
+            retry: dict[str, list[int]] = {}
+            for site, (indices, why) in failed.items():
+                for i in indices:
+                    others = [s for s in where[rows[i]["path"]][1] if s != site]
+                    if len(others) < attempt:
+                        raise errors.TransportError(
+                            f"site {site} failed during reconstruction ({why}); {len(indices)} of its "
+                            "projections have no other replica, so the result would be incomplete.")
+                    retry.setdefault(others[attempt - 1], []).append(i)
+            pending = retry
+        values = rows[0]["values"]
+        provenance = {"source_series": series, "source_series_uid": values.get("SeriesInstanceUID", ""),
+                      "algorithm": "FDK (dgf, numpy)", "filter": window, "projections": len(rows),
+                      "sites": sorted(jobs), "geometry": json.loads(g.to_json())}
+        files = volume_series(volume, g, provenance, {
+            "PatientID": values.get("PatientID", ""), "PatientName": values.get("PatientID", ""),
+            "StudyInstanceUID": values.get("StudyInstanceUID", ""),
+            "FrameOfReferenceUID": values.get("FrameOfReferenceUID", "")})
+        report = UploadReport()
+        items: list[tuple[str, bytes | None]] = [(f"slice {j + 1}", f) for j, f in enumerate(files)]
+        prepared, caps = self._prepare(items, out, None, report,
+                                       options=dataclasses.replace(self.profile.options, derived=True))
+        for p in prepared:
+            p.xattrs = {"user.dgf.provenance": json.dumps(provenance)}
+        self._store(prepared, caps, report, False)
+        if report.failed:
+            raise errors.DgfError(f"the reconstruction could not be stored: {report.failed[0].reason}")
+        return ReconResult(volume, g, report.paths, time.perf_counter() - t0, sorted(jobs))
 
     # -- administration -------------------------------------------------------------------
 

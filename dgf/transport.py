@@ -237,8 +237,11 @@ def _batches(items: list[Any], size: Callable[[Any], int]) -> list[list[Any]]:
     return out
 
 
-def run_parallel(tasks: Iterable[Callable[[], None]]) -> list[BaseException]:
-    """Run callables in threads (one per site); return the exceptions they raised."""
+def run_parallel(tasks: Iterable[Callable[[], None]]) -> None:
+    """Run callables in threads (one per site) and wait; re-raise the first exception one raised.
+
+    Tasks handle the failures they expect (a site going away) themselves; anything else is a
+    bug and must not vanish with its thread."""
     failures: list[BaseException] = []
 
     def wrap(fn: Callable[[], None]) -> None:
@@ -252,4 +255,5 @@ def run_parallel(tasks: Iterable[Callable[[], None]]) -> list[BaseException]:
         t.start()
     for t in threads:
         t.join()
-    return failures
+    if failures:
+        raise failures[0]

@@ -147,7 +147,7 @@ class Reply:
 
     result: dict[str, Any] = field(default_factory=dict)
     payload: bytes | None = None
-    stream: Iterable[bytes] | None = None
+    stream: Iterable[bytes | memoryview] | None = None
     stream_size: int = 0
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import paramiko
 
 from dgf import crypto, errors, wire
@@ -194,6 +195,38 @@ class IoService(wire.Service):
     def verify(self, s: Session, key: str) -> wire.Reply:
         s.require("get", key)
         return wire.Reply({"ok": self.store.verify(key)})
+
+    @wire.verb("recon.partial", keys=list, indices=list, geometry=dict, window=str)
+    def recon_partial(self, s: Session, keys: list[str], indices: list[int], geometry: dict[str, Any],
+                      window: str) -> wire.Reply:
+        """The map step of FDK near the data: filter and back-project the projections this site
+        holds (``keys``, which are projections ``indices`` of the scan) into a partial volume,
+        returned as float32 bytes [z, y, x]."""
+        from dgf.dicom.projections import read_projection
+        from ioserver.recon import Geometry, partial_fdk
+
+        if len(keys) != len(indices) or not keys:
+            raise errors.UsageError("recon.partial needs one projection index per key.")
+        for key in keys:
+            s.require("get", key)
+        g = Geometry.from_dict(geometry)
+        if not all(isinstance(i, int) and 0 <= i < g.n_projections for i in indices):
+            raise errors.UsageError("recon.partial got a projection index outside the scan.")
+        nu, nv = g.detector_shape
+        projections = np.empty((len(keys), nv, nu), dtype=np.float32)
+        for slot, key in enumerate(keys):
+            _, chunks = self.store.get(key)
+            _, _, _, image = read_projection(b"".join(chunks))
+            if image.shape != (nv, nu):
+                raise errors.UsageError(f"projection {key[:16]}... is {image.shape[1]}x{image.shape[0]}, "
+                                        f"the geometry says {nu}x{nv}.")
+            projections[slot] = image
+        log.info("site %s: back-projecting %d projections into %s", self.site, len(keys), g.volume_shape)
+        volume = partial_fdk(projections, g, [int(i) for i in indices], window)
+        raw = volume.reshape(-1).data.cast("B")
+        return wire.Reply({"shape": list(volume.shape), "dtype": "float32"},
+                          stream=(raw[i:i + wire.CHUNK] for i in range(0, len(raw), wire.CHUNK)),
+                          stream_size=len(raw))
 
     @wire.verb("scrub")
     def scrub(self, s: Session) -> wire.Reply:

@@ -127,7 +127,7 @@ def test_angular_weights_handle_irregular_spacing() -> None:
     ("detector_shape", (128, 0), "'detector_shape' must be 2 positive integers"),
     ("pixel_size", (1.6,), "'pixel_size' must have 2 values"),
     ("voxel_size", (2.0, float("nan"), 2.0), "'voxel_size' must be a positive number"),
-    ("angles", (0.0,), "'angles' needs at least 2"),
+    ("angles", (), "'angles' needs at least 1"),
     ("volume_shape", (64, 64, 600), "'volume_shape' puts voxels"),
 ])
 def test_geometry_errors_name_the_field(field: str, change: object, message: str) -> None:

@@ -26,7 +26,7 @@ from typing import Union
 
 from dgf import errors
 from dgf.dicom import raw
-from dgf.dicom.profile import Profile
+from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Profile
 from dgf.dicom.raw import UNDEFINED, Elem, Encoding, Item, Part10
 
 #: dgf's implementation class UID (2.25 + a fixed UUID) and version name, for the new file meta.
@@ -167,13 +167,20 @@ def _action_by_vr(vr: str, profile: Profile) -> str | None:
 def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes) -> bool:
     """Decide actions for ``elems``; return True if any byte under them changes."""
     actions = profile.actions
+    derived = profile.options.derived
     changed = False
+    creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
+                if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
     for e in elems:
         tag = e.tag
         group = tag >> 16
-        if group & 1 or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
-            # Private elements (and their creators), curves and whole overlay groups go.
-            act: str | None = "X"
+        if group & 1:
+            # Private elements (and their creators) go, but for dgf's own safe blocks.
+            el = tag & 0xFFFF
+            creator = creators.get((group, el)) if 0x10 <= el <= 0xFF else creators.get((group, el >> 8))
+            act: str | None = None if creator in SAFE_PRIVATE_CREATORS else "X"
+        elif 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+            act = "X"  # curves and whole overlay groups
         elif e.vr == "UN" and e.items is None and raw.dictionary_vr(tag) == "SQ" and e.length:
             act = "X"  # a sequence we could not parse may hide identity anywhere inside
         else:
@@ -181,7 +188,8 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes) -> bool:
             if act is None:
                 vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
                 act = _action_by_vr(vr, profile)
-        if act == "U" and profile.options.retain_uids:
+        if act == "U" and profile.options.retain_uids or derived and (
+                act in ("U", "S") or tag in (PATIENT_ID, PATIENT_NAME)):
             act = "K"
         if act is None or act == "K":
             if e.items is not None and _walk_items(plan, e, profile, data):

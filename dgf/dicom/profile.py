@@ -40,6 +40,10 @@ BASIC_CODE = ("113100", "Basic Application Confidentiality Profile")
 #: Resolved action for each combined code (see module docstring).
 COMBINED = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U", "X/Z/U": "U"}
 
+#: Private creators whose blocks are kept: dgf's own, which hold geometry and provenance numbers
+#: that dgf writes itself (never copied from an input).
+SAFE_PRIVATE_CREATORS = frozenset({"DGF RECON 1"})
+
 #: Removed whatever the table says: digital signatures and the record of original values
 #: (PS3.15 E.1.1 notes), which would otherwise carry identity through.
 ALWAYS_REMOVE = frozenset({0xFFFAFFFA, 0x04000561, 0x04000550, 0x04000500, 0x04000561})
@@ -68,6 +72,9 @@ class Options:
     retain_uids: bool = False
     clean_descriptors: bool = False
     allow_burned_in: bool = False
+    #: Internal, for data dgf computes from archive data (reconstructions): its UIDs, patient and
+    #: dates are already pseudonyms, so they are kept; every other rule still applies.
+    derived: bool = False
 
     def __post_init__(self) -> None:
         if self.retain_long_full_dates and self.retain_long_modified_dates:
