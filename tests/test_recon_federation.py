@@ -69,3 +69,31 @@ def test_recon_of_a_path_without_projections_is_a_clear_error(clinician: Client)
     clinician.mkdir("/recon-empty", parents=True)
     with pytest.raises(errors.NotFound, match="no projection instances under /recon-empty"):
         clinician.recon("/recon-empty", "/nowhere")
+
+
+def test_cli_import_and_reconstruct(federation: local.Federation, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    g = circular(24, 500.0, 800.0, (32, 32), (1.6, 1.6), (16, 16, 16), (3.0, 3.0, 3.0))
+    np.save(tmp_path / "proj.npy", phantom.project(g, 20.0))
+    (tmp_path / "geometry.json").write_text(g.to_json())
+    (tmp_path / "bad.json").write_text('{"sid": 500, "sdd": 300}')
+    dgf = str(Path(sys.executable).parent / "dgf")
+    env = dict(os.environ, DGF_CONFIG=str(federation.config("clinician")))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dgf, *args], capture_output=True, text=True, env=env)
+
+    imported = run("recon", "import", str(tmp_path / "proj.npy"), str(tmp_path / "geometry.json"), "--to", "/cli-scan")
+    assert imported.returncode == 0, imported.stderr
+    assert "imported 24 projection(s) to /cli-scan" in imported.stdout
+    bad = run("recon", "import", str(tmp_path / "proj.npy"), str(tmp_path / "bad.json"), "--to", "/x")
+    assert bad.returncode == 2 and "geometry field" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    done = run("recon", "/cli-scan", "--out", "/cli-fdk", "--shape", "8,8,8", "--filter", "cosine")
+    assert done.returncode == 0, done.stderr
+    assert "reconstructed 8x8x8 from 24 projections" in done.stdout and "site site-" in done.stderr
+    assert len(run("ls", "/cli-fdk").stdout.split()) == 8
+    wrong = run("recon", "/cli-scan", "--out", "/y", "--shape", "8,8")
+    assert wrong.returncode == 2 and "three positive integers" in wrong.stderr
