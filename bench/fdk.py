@@ -82,13 +82,14 @@ def run_method(method: str, size: int, n: int, part: int = 0) -> None:
         t0 = time.perf_counter()
         vol = rtk_fdk(proj)
     else:
-        idx = list(range(n)) if method == "ours" else list(range(part, n, 2))
+        # A split site holds a contiguous arc (acquisition order), sliced from the map without a copy.
+        idx = list(range(n)) if method == "ours" else list(range(part * n // 2, (part + 1) * n // 2))
         if method == "split":
             import ioserver.recon.backproject as bp
 
             bp.THREADS = 1  # two such processes share the two cores, as two sites would
         t0 = time.perf_counter()
-        vol = partial_fdk(proj if method == "ours" else proj[idx], g, idx)
+        vol = partial_fdk(proj[idx[0]:idx[-1] + 1], g, idx)
     seconds = time.perf_counter() - t0
     np.save(OUT / f"fdk-vol-{method}{part}.npy", vol)
     print(json.dumps({"seconds": seconds}))
