@@ -85,69 +85,74 @@ class SiteLink:
         chan.receive()
         self._granted[i].add(cap)
 
-    def put_many(self, items: list[PutItem], cap: str,
-                 done: Callable[[PutItem, str | None, str | None], None]) -> None:
-        """Upload ``items`` over all channels; ``done(item, receipt, error)`` for each."""
-        self._spread(_batches(items, lambda it: len(it.data)),
-                     lambda i, batches: self._put_batches(i, batches, cap, done))
-
-    def _put_batches(self, i: int, batches: list[list[PutItem]], cap: str,
-                     done: Callable[[PutItem, str | None, str | None], None]) -> None:
+    def _pipelined(self, i: int, cap: str, frames: list[Any],
+                   send: Callable[[wire.RpcChannel, Any], None],
+                   receive: Callable[[wire.RpcChannel, Any], None]) -> None:
+        """Send ``frames`` on channel ``i`` with up to BATCH_WINDOW of them awaiting replies;
+        replies come back in order, ``receive`` reads each one."""
         chan = self.channels[i]
         sent = received = 0
         with chan.lock:
             self._auth(i, cap)
-            while received < len(batches):
-                while sent < len(batches) and sent - received < BATCH_WINDOW:
-                    b = batches[sent]
-                    chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [len(it.data) for it in b]},
-                              stream=(it.data for it in b), stream_size=sum(len(it.data) for it in b))
+            while received < len(frames):
+                while sent < len(frames) and sent - received < BATCH_WINDOW:
+                    send(chan, frames[sent])
                     sent += 1
-                result, _ = chan.receive()
-                for it, receipt, error in zip(batches[received], result["receipts"], result["errors"]):
-                    done(it, receipt, error)
+                receive(chan, frames[received])
                 received += 1
+
+    def put_many(self, items: list[PutItem], cap: str,
+                 done: Callable[[PutItem, str | None, str | None], None]) -> None:
+        """Upload ``items`` over all channels; ``done(item, receipt, error)`` for each."""
+
+        def send(chan: wire.RpcChannel, b: list[PutItem]) -> None:
+            chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [len(it.data) for it in b]},
+                      stream=(it.data for it in b), stream_size=sum(len(it.data) for it in b))
+
+        def receive(chan: wire.RpcChannel, b: list[PutItem]) -> None:
+            result, _ = chan.receive()
+            for it, receipt, error in zip(b, result["receipts"], result["errors"]):
+                done(it, receipt, error)
+
+        self._spread(_batches(items, lambda it: len(it.data)),
+                     lambda i, frames: self._pipelined(i, cap, frames, send, receive))
 
     def get_many(self, wanted: list[tuple[str, int]], cap: str, done: Callable[[GetResult], None],
                  spool: Path | None = None) -> None:
         """Fetch ``(key, size)`` objects: small ones in batches, large ones streamed to ``spool``."""
+
+        def single(b: list[tuple[str, int]]) -> bool:
+            return len(b) == 1 and b[0][1] > STREAM_THRESHOLD
+
+        def send(chan: wire.RpcChannel, b: list[tuple[str, int]]) -> None:
+            if single(b):
+                chan.send("get", {"key": b[0][0]})
+            else:
+                chan.send("get.batch", {"keys": [k for k, _ in b]})
+
+        def receive(chan: wire.RpcChannel, b: list[tuple[str, int]]) -> None:
+            try:
+                header = chan.receive_header()
+            except errors.TransportError:
+                raise
+            except errors.DgfError as exc:
+                for key, _ in b:
+                    done(GetResult(key, error=exc))
+                return
+            if single(b):
+                done(self._receive_object(chan, b[0][0], header.get("n", 0), spool))
+                return
+            for (key, _), size in zip(b, header["r"]["sizes"]):
+                if size < 0:
+                    done(GetResult(key, error=errors.NotFound(
+                        f"object {key[:16]}... is missing at site {self.site.name}.")))
+                else:
+                    done(self._receive_object(chan, key, size, spool))
+
         small = [kv for kv in wanted if kv[1] <= STREAM_THRESHOLD]
         large = [[kv] for kv in wanted if kv[1] > STREAM_THRESHOLD]
-        work = _batches(small, lambda kv: kv[1]) + large
-        self._spread(work, lambda i, batches: self._get_batches(i, batches, cap, done, spool))
-
-    def _get_batches(self, i: int, batches: list[list[tuple[str, int]]], cap: str,
-                     done: Callable[[GetResult], None], spool: Path | None) -> None:
-        chan = self.channels[i]
-        sent = received = 0
-        with chan.lock:
-            self._auth(i, cap)
-            while received < len(batches):
-                while sent < len(batches) and sent - received < BATCH_WINDOW:
-                    b = batches[sent]
-                    if len(b) == 1 and b[0][1] > STREAM_THRESHOLD:
-                        chan.send("get", {"key": b[0][0]})
-                    else:
-                        chan.send("get.batch", {"keys": [k for k, _ in b]})
-                    sent += 1
-                b = batches[received]
-                received += 1
-                try:
-                    header = chan.receive_header()
-                except errors.TransportError:
-                    raise
-                except errors.DgfError as exc:
-                    for key, _ in b:
-                        done(GetResult(key, error=exc))
-                    continue
-                if "sizes" not in (header.get("r") or {}):
-                    done(self._receive_object(chan, b[0][0], header.get("n", 0), spool))
-                    continue
-                for (key, _), size in zip(b, header["r"]["sizes"]):
-                    if size < 0:
-                        done(GetResult(key, error=errors.NotFound(f"object {key[:16]}... is missing at site {self.site.name}.")))
-                    else:
-                        done(self._receive_object(chan, key, size, spool))
+        self._spread(_batches(small, lambda kv: kv[1]) + large,
+                     lambda i, frames: self._pipelined(i, cap, frames, send, receive))
 
     @staticmethod
     def _receive_object(chan: wire.RpcChannel, key: str, n: int, spool: Path | None) -> GetResult:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
 
 import paramiko
@@ -353,6 +355,20 @@ class SSHServer:
                 break
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def run(self, ready_file: str | None = None) -> None:
+        """Serve in the foreground until SIGTERM or Ctrl-C; first write HOST:PORT to
+        ``ready_file`` (atomically) so whoever started this process knows it listens."""
+        if ready_file:
+            tmp = Path(ready_file + ".tmp")
+            tmp.write_text("%s:%d\n" % self.address)
+            tmp.replace(ready_file)
+        signal.signal(signal.SIGTERM, lambda *_: self.close())
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        self.close()
 
     def start(self) -> "SSHServer":
         threading.Thread(target=self.serve_forever, daemon=True, name="dgf-accept").start()

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -301,20 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         host, port = server.address
         link.call("site.register", site=cfg.site, host=host, port=port,
                   host_key=crypto.public_line(host_key))
-        if args.ready_file:
-            tmp = Path(args.ready_file + ".tmp")
-            tmp.write_text(f"{host}:{port}\n")
-            tmp.replace(args.ready_file)
     except errors.DgfError as exc:
         print(f"dgf-ioserver: {exc}", file=sys.stderr)
         return exc.exit_code
     log.info("site %s serving %s on %s:%d", cfg.site, cfg.store, host, port)
-    signal.signal(signal.SIGTERM, lambda *_: server.close())
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    server.close()
+    server.run(args.ready_file)  # the ready file is written only after registration
     return 0
 
 

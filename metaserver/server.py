@@ -10,7 +10,6 @@ import argparse
 import base64
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -370,18 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors.DgfError as exc:
         print(f"dgf-metaserver: {exc}", file=sys.stderr)
         return exc.exit_code
-    host, port = server.address
-    if args.ready_file:
-        tmp = Path(args.ready_file + ".tmp")
-        tmp.write_text(f"{host}:{port}\n")
-        tmp.replace(args.ready_file)
-    log.info("metaserver listening on %s:%d", host, port)
-    signal.signal(signal.SIGTERM, lambda *_: server.close())
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    server.close()
+    log.info("metaserver listening on %s:%d", *server.address)
+    server.run(args.ready_file)
     return 0
 
 

@@ -22,7 +22,7 @@ import datetime as dt
 import hashlib
 import struct
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Union
 
 from dgf import errors
 from dgf.dicom import raw
@@ -405,31 +405,32 @@ class _Applier:
         body = _Writer()
         for i, item in enumerate(e.items or ()):
             body.extend(self.item(item, item_enc, f"{path}{_fmt_tag(e.tag)}[{i}]/"))
-        w = _Writer()
-        if e.length == UNDEFINED:
-            w.copy(e.start, e.vstart)
-            w.extend(body)
-            w.copy(e.end - 8, e.end)
-        else:
-            w.new(_header(e.tag, e.vr, body.size, enc))
-            w.extend(body)
-        return w
+        return _container(e.start, e.vstart, e.end, e.length, body,
+                          lambda n: _header(e.tag, e.vr, n, enc))
 
     def item(self, item: Item, enc: Encoding, path: str) -> _Writer:
         if item.start not in self.plan.dirty:
             w = _Writer()
             w.copy(item.start, item.end)
             return w
-        inner = self.elems(item.elems, enc, path)
-        w = _Writer()
-        if item.length == UNDEFINED:
-            w.copy(item.start, item.vstart)
-            w.extend(inner)
-            w.copy(item.end - 8, item.end)
-        else:
-            w.new(raw._TAG[enc.little].pack(0xFFFE, 0xE000) + enc.u32.pack(inner.size))
-            w.extend(inner)
-        return w
+        return _container(item.start, item.vstart, item.end, item.length,
+                          self.elems(item.elems, enc, path),
+                          lambda n: raw._TAG[enc.little].pack(0xFFFE, 0xE000) + enc.u32.pack(n))
+
+
+def _container(start: int, vstart: int, end: int, length: int, body: _Writer,
+               header: Callable[[int], bytes]) -> _Writer:
+    """A sequence or item around new contents: undefined length keeps its original header and
+    delimiter (copied), a defined length gets a new header with the new length."""
+    w = _Writer()
+    if length == UNDEFINED:
+        w.copy(start, vstart)
+        w.extend(body)
+        w.copy(end - 8, end)
+    else:
+        w.new(header(body.size))
+        w.extend(body)
+    return w
 
 
 def _markers(profile: Profile, enc: Encoding) -> dict[int, bytes]:
