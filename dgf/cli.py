@@ -105,14 +105,15 @@ def up_cmd(paths: tuple[str, ...], to: str | None, site: str | None, recursive: 
     """
     client = _client(config, list(options))
     with client:
-        total = client.count_files(paths, recursive)
-        bar = _Bar(total, "de-identifying and uploading")
+        bars: list[_Bar] = []
         t0 = time.perf_counter()
         try:
-            report = client.upload(paths, to=to, site=site, recursive=recursive, progress=bar.update,
-                                   replace=replace)
+            report = client.upload(paths, to=to, site=site, recursive=recursive, replace=replace,
+                                   progress=lambda n: bars[0].update(n) if bars else None,
+                                   on_total=lambda total: bars.append(_Bar(total, "de-identifying and uploading")))
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
         dt = time.perf_counter() - t0
     for w in report.warnings:
         click.echo(f"warning: {w.item}: {w.reason}", err=True)

@@ -264,17 +264,21 @@ class Client:
 
     def upload(self, paths: Iterable[str | os.PathLike[str]], to: str | None = None,
                site: str | None = None, recursive: bool = False, progress: Progress | None = None,
-               batch: int = BATCH, replace: bool = False, spread: bool = False) -> UploadReport:
+               batch: int = BATCH, replace: bool = False, spread: bool = False,
+               on_total: Progress | None = None) -> UploadReport:
         """De-identify and upload files (directories with ``recursive``).
 
         Files that cannot be read or are not valid DICOM are reported in the result's ``failed``
-        list with the reason, and the others still go in.
+        list with the reason, and the others still go in.  ``on_total`` learns the number of
+        files once they are listed, ``progress`` each batch's count as it is committed.
         """
         report = UploadReport()
         files = list(self._expand(paths, recursive, report))
-        # De-identification is CPU work: large uploads spread it over worker processes (spawned,
-        # not forked, since this process runs SSH threads).  And two stages overlap: while batch N
-        # is streamed to the sites and committed, batch N+1 is read and de-identified.
+        if on_total is not None:
+            on_total(len(files))
+        # De-identification is CPU work: large uploads spread it over worker processes (started
+        # fresh, not forked, since this process runs SSH threads).  And two stages overlap: while
+        # batch N is streamed to the sites and committed, batch N+1 is read and de-identified.
         workers = None
         if len(files) >= POOL_MIN_FILES and POOL_WORKERS > 1:
             workers = pipeline.Workers(POOL_WORKERS)
@@ -295,10 +299,6 @@ class Client:
             if workers is not None:
                 workers.close()
         return report
-
-    @staticmethod
-    def count_files(paths: Iterable[str | os.PathLike[str]], recursive: bool) -> int:
-        return sum(1 for _ in Client._expand(paths, recursive, UploadReport()))
 
     @staticmethod
     def _expand(paths: Iterable[str | os.PathLike[str]], recursive: bool,

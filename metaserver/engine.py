@@ -213,8 +213,12 @@ class MetaEngine(ABC):
     @abstractmethod
     def sites(self) -> list[Site]: ...
 
+    def audit(self, principal: str, action: str, target: str, outcome: str, detail: str = "") -> None:
+        self.audit_many([(principal, action, target, outcome, detail)])
+
     @abstractmethod
-    def audit(self, principal: str, action: str, target: str, outcome: str, detail: str = "") -> None: ...
+    def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
+        """Append (principal, action, target, outcome, detail) entries in one transaction."""
 
     @abstractmethod
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]: ...

@@ -51,10 +51,9 @@ def show_values(doc: etree._Element, keywords: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def evaluate(candidates: Iterable[tuple[str, bytes]], expr: str, show: list[str],
+def evaluate(candidates: Iterable[tuple[str, bytes]], xpath: etree.XPath, show: list[str],
              limit: int = 0, timeout: float = 0.0) -> Iterator[dict[str, object]]:
-    """Yield {"path", "values"} for each matching candidate, in candidate order."""
-    xpath = compile_xpath(expr)
+    """Yield {"path", "values"} for each candidate matching the compiled ``xpath``, in order."""
     deadline = time.monotonic() + timeout if timeout > 0 else None
     n = 0
     for path, xml in candidates:

@@ -121,8 +121,8 @@ class MetaService(wire.Service):
     def _released(self, p: Principal, released: dict[str, list[str]], why: str) -> dict[str, Any]:
         """Delete capabilities for objects no file references, so the client frees site space."""
         by_site: dict[str, list[str]] = {}
+        self.engine.audit_many([(p.name, "object.release", key, "ok", why) for key in released])
         for key, sites in released.items():
-            self.engine.audit(p.name, "object.release", key, "ok", why)
             for site in sites:
                 by_site.setdefault(site, []).append(key)
         return {site: {"keys": keys, "cap": self._cap(p, "delete", site, keys)}
@@ -182,8 +182,8 @@ class MetaService(wire.Service):
                limit=int, timeout=(int, float))
     def find(self, p: Principal, xpath: str, root: str, show: list[str] | None = None,
              limit: int = 0, timeout: float = 0.0) -> wire.Reply:
-        query.compile_xpath(xpath)  # a bad expression fails before any scan
-        rows = query.evaluate(self.engine.scan_xattr(root, query.HEADER_XATTR), xpath,
+        compiled = query.compile_xpath(xpath)  # a bad expression fails before any scan
+        rows = query.evaluate(self.engine.scan_xattr(root, query.HEADER_XATTR), compiled,
                               [str(s) for s in show or []], limit, float(timeout))
         body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
         return wire.Reply({}, payload=body)
@@ -267,8 +267,8 @@ class MetaService(wire.Service):
                 record = self.vault.open(key)
                 if record is not None:
                     ids[key] = _b64(record)
-            for f in files:
-                self.engine.audit(p.name, "identity.release", f[0], "ok" if f[1] in ids else "none-held")
+            self.engine.audit_many([(p.name, "identity.release", f[0], "ok" if f[1] in ids else "none-held", "")
+                                    for f in files])
             out["identities"] = ids
         return wire.Reply({}, payload=json.dumps(out).encode())
 

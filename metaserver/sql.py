@@ -589,10 +589,13 @@ class SqlEngine(MetaEngine):
         return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key) for r in
                                      c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
 
-    def audit(self, principal: str, action: str, target: str, outcome: str, detail: str = "") -> None:
-        self._txn(lambda c: c.execute(audit_t.insert().values(
-            ts=time.time(), principal=principal, action=action, target=target, outcome=outcome,
-            detail=detail)))
+    def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
+        if not entries:
+            return
+        now = time.time()
+        self._txn(lambda c: c.execute(audit_t.insert(), [
+            {"ts": now, "principal": p, "action": a, "target": t, "outcome": o, "detail": d}
+            for p, a, t, o, d in entries]))
 
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._read(lambda c: [dict(r._mapping) for r in c.execute(
