@@ -219,3 +219,25 @@ def test_planted_identity_never_leaks(tokens: list[str], caplog: pytest.LogCaptu
     with pytest.raises(errors.InvalidDicom) as info:
         _deidentify(data[: len(data) // 2])
     assert not any(t in str(info.value) for t in tokens)
+
+
+def test_xml_headers_validate_against_the_schema() -> None:
+    from dgf.dicom import xsd
+
+    checked = 0
+    for path in corpus.readable_files():
+        try:
+            result = _deidentify(path.read_bytes())
+        except errors.InvalidDicom:
+            continue
+        xsd.validate(xmlheader.header_xml(result.data))
+        checked += 1
+    assert checked > 200
+    good = xmlheader.header_xml(_deidentify(corpus.file("CT_small.dcm").read_bytes()).data)
+    for broken, why in ((good.replace(b'vr="CS"', b'vr="XX"', 1), "vr"),
+                        (good.replace(b'tag="00080060"', b'tag="8060"', 1), "tag"),
+                        (good.replace(b"<Modality ", b"<Modalty ", 1).replace(b"</Modality>", b"</Modalty>", 1),
+                         "Modalty")):
+        with pytest.raises(errors.UsageError, match="does not match the schema") as info:
+            xsd.validate(broken)
+        assert why in str(info.value) and "\n" not in str(info.value)
