@@ -82,7 +82,7 @@ def validate(xml: bytes) -> None:
     doc = etree.fromstring(xml)
     s = schema()
     if not s.validate(doc):
-        err = list(s.error_log)[-1]
+        err = getattr(s.error_log, "last_error")  # lxml-stubs do not declare it
         raise errors.UsageError(f"the XML header does not match the schema: {err.message} (line {err.line}).")
 
 
