@@ -241,3 +241,22 @@ def test_xml_headers_validate_against_the_schema() -> None:
         with pytest.raises(errors.UsageError, match="does not match the schema") as info:
             xsd.validate(broken)
         assert why in str(info.value) and "\n" not in str(info.value)
+
+
+def test_combined_codes_follow_the_iod_types() -> None:
+    """X/Z/D and friends: removed where the attribute is Type 3 in the instance's IOD, emptied
+    where Type 2; without a table for the SOP class, the always-conformant choice."""
+    data = corpus.file("CT_small.dcm").read_bytes()
+    no_dates = Profile(Options(retain_long_modified_dates=False, allow_burned_in=True))
+    anon = pydicom.dcmread(io.BytesIO(_deidentify(data, no_dates).data))
+    orig = pydicom.dcmread(io.BytesIO(data))
+    assert orig.InstitutionName and "InstitutionName" not in anon        # X/Z/D, Type 3 in CT
+    assert orig.ContentDate and anon.ContentDate == ""                   # X/Z/D, Type 2 in CT
+    assert "AcquisitionDate" not in anon                                 # X/Z/D, Type 3 in CT
+    assert anon.PatientID.startswith("P")                                # Z/D, Type 2: the pseudonym
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.4.5.6"  # no IOD table
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    unknown = pydicom.dcmread(io.BytesIO(_deidentify(buf.getvalue(), no_dates).data))
+    assert unknown.InstitutionName == "ANONYMIZED"

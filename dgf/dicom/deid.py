@@ -120,7 +120,7 @@ def analyze(data: bytes, profile: Profile) -> Plan:
         if not plan.top_text(tag):
             part.warnings.append(f"the dataset has no {_KEYWORDS[tag]} {_fmt_tag(tag)}; "
                                  "it is placed by content hash")
-    _walk(plan, part.dataset, profile, part.data)
+    _walk(plan, part.dataset, profile, part.data, profile.actions_for(plan.top_text(SOP_CLASS)))
     meta_sop = next((e for e in part.meta if e.tag == 0x00020003), None)
     if meta_sop is not None:
         plan.uids.update(_uids_of(raw.text_value(part.data, meta_sop)))
@@ -164,9 +164,11 @@ def _action_by_vr(vr: str, profile: Profile) -> str | None:
     return None
 
 
-def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes) -> bool:
-    """Decide actions for ``elems``; return True if any byte under them changes."""
-    actions = profile.actions
+def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
+          actions: dict[int, str] | None = None) -> bool:
+    """Decide actions for ``elems``; return True if any byte under them changes.  ``actions``:
+    the top level's, resolved by the SOP class's IOD; nested elements use the Type-agnostic ones."""
+    actions = profile.actions if actions is None else actions
     derived = profile.options.derived
     changed = False
     creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems

