@@ -7,6 +7,7 @@ read, and each site gets a few long-lived channels served by their own threads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import queue
 import threading
@@ -205,21 +206,7 @@ class SiteLink:
         if n == 1:
             run(0, chunks[0])
             return
-        failures: list[BaseException] = []
-
-        def worker(i: int) -> None:
-            try:
-                run(i, chunks[i])
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                failures.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if failures:
-            raise failures[0]
+        run_parallel(functools.partial(run, i, chunks[i]) for i in range(n))
 
     def close(self) -> None:
         self.conn.close()

@@ -36,6 +36,15 @@ def _deidentify(data: bytes, profile: Profile = PROFILE) -> deid.Result:
     return deid.apply(plan, pseudo, profile)
 
 
+def _deidentified_corpus(step: int = 1):  # type: ignore[no-untyped-def]
+    """(path, result) for every ``step``-th readable corpus file that is not refused."""
+    for path in corpus.readable_files()[::step]:
+        try:
+            yield path, _deidentify(path.read_bytes())
+        except errors.InvalidDicom:
+            continue
+
+
 def _walk(ds: Dataset):  # type: ignore[no-untyped-def]
     for elem in ds:
         yield elem
@@ -137,11 +146,7 @@ def test_burned_in_annotation_is_refused_by_default() -> None:
 
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:
     compared = 0
-    for path in corpus.readable_files()[::3]:
-        try:
-            result = _deidentify(path.read_bytes())
-        except errors.InvalidDicom:
-            continue
+    for path, result in _deidentified_corpus(3):
         xml = xmlheader.header_xml(result.data)
         meta, ds = xmlheader.to_dataset(xml)
         with warnings.catch_warnings():
@@ -225,11 +230,7 @@ def test_xml_headers_validate_against_the_schema() -> None:
     from dgf.dicom import xsd
 
     checked = 0
-    for path in corpus.readable_files():
-        try:
-            result = _deidentify(path.read_bytes())
-        except errors.InvalidDicom:
-            continue
+    for _, result in _deidentified_corpus():
         xsd.validate(xmlheader.header_xml(result.data))
         checked += 1
     assert checked > 200
@@ -293,11 +294,7 @@ def test_xslt_export_round_trips_through_dcmtk_xml2dcm(tmp_path: Path) -> None:
     assert shutil.which("xml2dcm"), "dcmtk's xml2dcm is needed (Debian package dcmtk; .ci/run installs it)"
     xslt = etree.XSLT(etree.fromstring(resources.files("dgf.dicom").joinpath("data/dcmtk-xml.xsl").read_bytes()))
     compared = 0
-    for path in corpus.readable_files()[::3]:
-        try:
-            result = _deidentify(path.read_bytes())
-        except errors.InvalidDicom:
-            continue
+    for path, result in _deidentified_corpus(3):
         (tmp_path / "h.xml").write_bytes(bytes(xslt(etree.fromstring(xmlheader.header_xml(result.data)))))
         proc = subprocess.run(["xml2dcm", "-q", str(tmp_path / "h.xml"), str(tmp_path / "h.dcm")],
                               capture_output=True, text=True)
