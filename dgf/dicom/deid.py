@@ -389,7 +389,9 @@ class _Applier:
                 continue
             value = self.new_value(e, act, path)
             if value is not None:
-                w.new(_encode_element(e.tag, e.vr, value, enc))
+                # Padding follows the element's real VR: a PN written as UN still pads with a space.
+                pad_vr = raw.dictionary_vr(e.tag) if e.vr == "UN" else e.vr
+                w.new(_encode_element(e.tag, e.vr, _pad(value, pad_vr), enc))
         for _, encoded in pending:
             w.new(encoded)
         return w
@@ -462,7 +464,8 @@ def _file_meta(plan: Plan, pseudo: Pseudonyms) -> bytes:
     part = plan.part
     meta = {e.tag: e for e in part.meta}
     sop_class = raw.text_value(part.data, meta[0x00020002]) if 0x00020002 in meta else plan.top_text(SOP_CLASS)
-    sop_uid = plan.top_text(SOP_UID)
+    # A dataset without SOP Instance UID (a DICOMDIR) keeps its meta's instance UID, pseudonymised.
+    sop_uid = plan.top_text(SOP_UID) or (raw.text_value(part.data, meta[0x00020003]) if 0x00020003 in meta else "")
     enc = raw.EXPLICIT
     body = (_encode_element(0x00020001, "OB", b"\x00\x01", enc)
             + _encode_element(0x00020002, "UI", sop_class.encode(), enc)
