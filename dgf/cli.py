@@ -85,8 +85,9 @@ def _mb(n: int) -> str:
 @click.option("--site", metavar="SITE", help="I/O site to store on (default: spread by series).")
 @click.option("-r", "--recursive", is_flag=True, help="Upload the files under directories.")
 @click.option("--option", "-O", "options", multiple=True, metavar="NAME[=BOOL]",
-              help="De-identification option, e.g. -O clean_descriptors, -O allow_burned_in, "
-                   "-O retain_long_modified_dates=false. Defaults keep age, sex and date intervals.")
+              help="-O allow_burned_in accepts images with burned-in annotation (their pixels must "
+                   "be clean). The de-identification options themselves are the archive's: see "
+                   "'dgf admin deid show'.")
 @click.option("--replace", is_flag=True, help="Replace files that exist with other content.")
 @config_option
 @_run
@@ -450,6 +451,39 @@ def site_list(config: str | None) -> None:
     with _client(config) as client:
         for s in client.sites():
             click.echo(f"{s.name}\t{s.host}:{s.port}")
+
+
+@admin_group.group("deid")
+def deid_group() -> None:
+    """The archive's de-identification options (PS3.15 Annex E options), which every upload uses."""
+
+
+@deid_group.command("show")
+@config_option
+@_run
+def deid_show(config: str | None) -> None:
+    """Show the options uploads to this archive use."""
+    from dgf.dicom.profile import OPTIONS
+
+    with _client(config) as client:
+        names = client.meta.call("deid.options")[0]["options"]
+    for name, (_, code, meaning) in OPTIONS.items():
+        click.echo(f"{'on ' if name in names else 'off'}  {name:<32} {code} {meaning}")
+
+
+@deid_group.command("set")
+@click.argument("names", nargs=-1)
+@config_option
+@_run
+def deid_set(names: tuple[str, ...], config: str | None) -> None:
+    """Set the archive's options to exactly NAMES (none: the Basic Profile alone); audited.
+
+    \b
+    Example: dgf admin deid set retain_patient_characteristics retain_long_modified_dates
+    """
+    with _client(config) as client:
+        now = client.meta.call("admin.deid.set", options=list(names))[0]["options"]
+    click.echo("uploads now use: Basic Profile" + "".join(f" + {n}" for n in now))
 
 
 @admin_group.command("audit")

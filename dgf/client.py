@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 from dgf import crypto, errors
 from dgf.config import ClientConfig
 from dgf.dicom import identity, pipeline
-from dgf.dicom.profile import Options, Profile
+from dgf.dicom.profile import Options
 import numpy as np
 from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
 from dgf.types import Site, Stat
@@ -133,12 +133,30 @@ class Client:
     def __init__(self, config: ClientConfig | str | os.PathLike[str] | None = None,
                  options: Options | None = None) -> None:
         self.config = config if isinstance(config, ClientConfig) else ClientConfig.load(config)
-        self.profile = Profile(options or Options())
+        #: What the caller asked for; the archive's policy decides (see upload_options).
+        self.requested = options
+        self._archive_options: Options | None = None
         self._key = crypto.load_paramiko_key(self.config.key)
         self.meta = MetaLink(*self.config.metaserver, self._key, self.config.metaserver_host_key)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}
         self._lock = threading.Lock()
+
+    def upload_options(self) -> Options:
+        """The archive's de-identification options (set by an admin, fetched once), with this
+        client's per-upload burned-in acknowledgement.  Asking for other options is refused:
+        they are the archive's policy, not each uploader's."""
+        if self._archive_options is None:
+            names = list(self.meta.call("deid.options")[0]["options"])
+            wanted = self.requested
+            archive = Options.archive(names, allow_burned_in=bool(wanted and wanted.allow_burned_in))
+            if wanted is not None and wanted.enabled() != archive.enabled() and wanted != Options(
+                    allow_burned_in=wanted.allow_burned_in):
+                raise errors.UsageError(
+                    f"de-identification options are set per archive ({', '.join(names) or 'basic profile only'}); "
+                    "an admin changes them with 'dgf admin deid set'.")
+            self._archive_options = archive
+        return self._archive_options
 
     def close(self) -> None:
         for link in self._links.values():
@@ -334,7 +352,7 @@ class Client:
 
         Files go to ``site``, or to a site chosen by their series (``spread``: by instance, so
         one series lands on every site)."""
-        options = options or self.profile.options
+        options = options or self.upload_options()
         needs = [n for part in self._map(pool, "analyze", items, options) for n in part]
         ok = [n for n in needs if n.error is None]
         report.failed.extend(Failure(n.name, n.error) for n in needs if n.error is not None)
@@ -725,7 +743,7 @@ class Client:
         report = UploadReport()
         items: list[tuple[str, bytes | None]] = [(f"slice {j + 1}", f) for j, f in enumerate(files)]
         prepared, caps = self._prepare(items, out, None, report,
-                                       options=dataclasses.replace(self.profile.options, derived=True))
+                                       options=dataclasses.replace(self.upload_options(), derived=True))
         for p in prepared:
             p.xattrs = {"user.dgf.provenance": json.dumps(provenance)}
         self._store(prepared, caps, report, False)

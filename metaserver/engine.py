@@ -217,6 +217,13 @@ class MetaEngine(ABC):
         self.audit_many([(principal, action, target, outcome, detail)])
 
     @abstractmethod
+    def get_setting(self, name: str) -> str | None:
+        """An archive-wide setting (e.g. the de-identification options), None if unset."""
+
+    @abstractmethod
+    def set_setting(self, name: str, value: str) -> None: ...
+
+    @abstractmethod
     def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
         """Append (principal, action, target, outcome, detail) entries in one transaction."""
 

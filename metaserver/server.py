@@ -19,6 +19,7 @@ import paramiko
 from dgf import crypto, errors, wire
 from dgf.config import MetaserverConfig
 from dgf.types import IDENTITY_ROLES, ROLES, Principal, Site
+from dgf.dicom.profile import OPTIONS, Options
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import SqlEngine
@@ -46,6 +47,7 @@ POLICY: dict[str, frozenset[str]] = {
     "down.resolve": USERS,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
+    "deid.options": USERS, "admin.deid.set": frozenset({"admin"}),
 }
 
 #: xattrs the system writes; users may read them but never set or remove them.
@@ -271,6 +273,28 @@ class MetaService(wire.Service):
                                     for f in files])
             out["identities"] = ids
         return wire.Reply({}, payload=json.dumps(out).encode())
+
+    # -- de-identification policy ---------------------------------------------------------
+
+    @wire.verb("deid.options")
+    def deid_options(self, p: Principal) -> wire.Reply:
+        """The archive's de-identification options (names of the enabled PS3.15 options)."""
+        stored = self.engine.get_setting("deid.options")
+        names = json.loads(stored) if stored is not None else Options().enabled()
+        return wire.Reply({"options": names})
+
+    @wire.verb("admin.deid.set", options=list)
+    def deid_set(self, p: Principal, options: list[str]) -> wire.Reply:
+        names = [str(o) for o in options]
+        unknown = sorted(set(names) - set(OPTIONS))
+        if unknown:
+            raise errors.UsageError(f"unknown de-identification option {unknown[0]!r}; known: {', '.join(OPTIONS)}.")
+        if "retain_long_full_dates" in names and "retain_long_modified_dates" in names:
+            raise errors.UsageError("choose either full dates or modified dates, not both.")
+        ordered = [n for n in OPTIONS if n in names]
+        self.engine.set_setting("deid.options", json.dumps(ordered))
+        self.engine.audit(p.name, "deid.options", "archive", "ok", ",".join(ordered) or "basic profile only")
+        return wire.Reply({"options": ordered})
 
     # -- administration -------------------------------------------------------------------
 

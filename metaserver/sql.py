@@ -84,6 +84,11 @@ sites_t = sa.Table(
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("host_key", sa.String, nullable=False),
 )
+settings_t = sa.Table(
+    "settings", metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
 audit_t = sa.Table(
     "audit", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -588,6 +593,16 @@ class SqlEngine(MetaEngine):
     def sites(self) -> list[Site]:
         return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key) for r in
                                      c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
+
+    def get_setting(self, name: str) -> str | None:
+        return self._read(lambda c: c.execute(sa.select(settings_t.c.value).where(
+            settings_t.c.name == name)).scalar())
+
+    def set_setting(self, name: str, value: str) -> None:
+        def run(conn: Connection) -> None:
+            conn.execute(settings_t.delete().where(settings_t.c.name == name))
+            conn.execute(settings_t.insert().values(name=name, value=value))
+        self._txn(run)
 
     def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
         if not entries:

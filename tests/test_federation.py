@@ -329,3 +329,34 @@ def test_large_uploads_use_worker_processes(fresh_federation: local.Federation, 
     assert got.downloaded == 15
     expected = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files[:15]}
     assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in _files_under(workdir / "out")} == expected
+
+
+def test_de_identification_options_are_the_archives(fresh_federation: local.Federation, workdir: Path) -> None:
+    """An admin sets the archive's options (audited); uploads use them; an uploader cannot
+    pick others; researchers cannot change them."""
+    from dgf.dicom.profile import Options
+
+    fed = fresh_federation
+    with Client(fed.config("admin")) as admin:
+        assert admin.meta.call("deid.options")[0]["options"] == Options().enabled()
+        admin.meta.call("admin.deid.set", options=["retain_device_identity"])
+        assert any(e["action"] == "deid.options" and e["detail"] == "retain_device_identity"
+                   for e in admin.audit_log(10))
+        with pytest.raises(errors.UsageError, match="either full dates or modified dates"):
+            admin.meta.call("admin.deid.set", options=["retain_long_full_dates", "retain_long_modified_dates"])
+    with Client(fed.config("researcher")) as researcher, pytest.raises(errors.PermissionDenied):
+        researcher.meta.call("admin.deid.set", options=[])
+    src = corpus.file("CT_small.dcm")
+    with Client(fed.config("clinician")) as c:
+        c.upload([src], to="/policy")
+        path = c.ls("/policy")[0].path
+        c.download([path], workdir)
+    anon = pydicom.dcmread(_files_under(workdir)[0])
+    orig = pydicom.dcmread(src)
+    codes = [item.CodeValue for item in anon.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113109"]  # Basic Profile + Retain Device Identity, nothing else
+    assert anon.get("StudyDate", "") == "" and anon.StationName == orig.StationName
+    assert "LongitudinalTemporalInformationModified" not in anon
+    with Client(fed.config("clinician"), Options(retain_uids=True)) as c:
+        with pytest.raises(errors.UsageError, match="set per archive"):
+            c.upload([src], to="/policy2")

@@ -111,6 +111,15 @@ class Options:
             values["retain_long_modified_dates"] = False
         return cls(**values)
 
+    @classmethod
+    def archive(cls, names: list[str], allow_burned_in: bool = False) -> "Options":
+        """The options an archive set (exactly ``names`` enabled), with the uploader's
+        per-upload acknowledgement of burned-in annotation."""
+        unknown = sorted(set(names) - set(OPTIONS))
+        if unknown:
+            raise errors.UsageError(f"the archive names an unknown de-identification option {unknown[0]!r}.")
+        return cls(**{n: n in names for n in OPTIONS}, allow_burned_in=allow_burned_in)
+
     def enabled(self) -> list[str]:
         return [name for name in OPTIONS if getattr(self, name)]
 
