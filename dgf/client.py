@@ -629,10 +629,13 @@ class Client:
         resolved = self.resolve([path], identified=True)
         if not resolved["files"]:
             raise errors.NotFound(f"{path} does not exist.")
-        blob = resolved["identities"].get(resolved["files"][0][1])
+        _, key, _, sites = resolved["files"][0]
+        blob = resolved["identities"].get(key)
         if blob is None:
             raise errors.NoAttribute(f"no identity is held for {path}.")
-        return identity.summary(identity.decode(base64.b64decode(blob)))
+        record = identity.decode(base64.b64decode(blob))
+        data = self.read_file(path)
+        return identity.summary(record, identity.reidentify(data, record))
 
     # -- reconstruction near the data -----------------------------------------------------
 

@@ -360,3 +360,22 @@ def test_de_identification_options_are_the_archives(fresh_federation: local.Fede
     with Client(fed.config("clinician"), Options(retain_uids=True)) as c:
         with pytest.raises(errors.UsageError, match="set per archive"):
             c.upload([src], to="/policy2")
+
+
+def test_identity_summary_for_clinicians_only(clinician: Client, researcher: Client) -> None:
+    """'dgf identity PATH': what de-identification removed, with the original values, for a
+    clinician (audited); refused to a researcher."""
+    src = corpus.file("CT_small.dcm")
+    clinician.upload([src], to="/summary")
+    path = clinician.ls("/summary")[0].path
+    summary = clinician.identity_summary(path)
+    orig = pydicom.dcmread(src)
+    by_path = {e["path"]: e for e in summary["removed"]}
+    assert by_path["(0010,0010)"]["value"] == str(orig.PatientName)
+    assert by_path["(0010,0020)"]["value"] == orig.PatientID
+    assert by_path["(0020,000D)"] == {"path": "(0020,000D)", "vr": "UI", "action": "U",
+                                     "value": orig.StudyInstanceUID}
+    assert any(e.get("creator") for e in summary["removed"])  # private elements name their creator
+    assert summary["original_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    with pytest.raises(errors.PermissionDenied):
+        researcher.identity_summary(path)

@@ -298,7 +298,7 @@ class _Applier:
         self.data = plan.part.data
         self.pseudo = pseudo
         self.profile = profile
-        self.removed: list[dict[str, object]] = []
+        self.removed: list[list[object]] = []
 
     def value(self, e: Elem) -> bytes:
         return bytes(self.data[e.vstart:e.value_end])
@@ -347,18 +347,10 @@ class _Applier:
         return not any(t in low for t in tokens)
 
     def record(self, e: Elem, act: str, path: str, creator: str | None) -> None:
-        n = e.value_end - e.vstart
-        entry: dict[str, object] = {"path": path + _fmt_tag(e.tag), "vr": e.vr, "action": act}
-        if creator:
-            entry["creator"] = creator
-        if e.items is None:
-            if n <= 65536:
-                entry["value"] = base64.b64encode(self.value(e)).decode()
-            else:
-                entry["size"] = n
-        else:
-            entry["items"] = len(e.items)
-        self.removed.append(entry)
+        """Note a removed or replaced element: [path, VR, action, private creator, start, end]
+        with start/end the value's byte range in the original (parsed) file, so the record
+        carries no second copy of the value; :func:`dgf.dicom.identity.summary` reads it back."""
+        self.removed.append([path + _fmt_tag(e.tag), e.vr, act, creator, e.vstart, e.value_end])
 
     def elems(self, elems: list[Elem], enc: Encoding, path: str,
               inserts: dict[int, bytes] | None = None) -> _Writer:

@@ -5,8 +5,10 @@ An identity record (built by :func:`dgf.dicom.deid.apply`) holds, for one instan
 - ``delta``: the original file as a list of pieces, each either ``[offset, length]`` (those bytes
   of the de-identified file) or a base64 string (original bytes that de-identification removed or
   replaced: PHI values, old element headers, the original file meta and preamble);
-- ``removed``: each removed or replaced element with its path in nested sequences, tag, VR,
-  private creator, action and original value, for people and audits;
+- ``removed``: each removed or replaced element as ``[path, VR, action, private creator, start,
+  end]``, its path in nested sequences ending in its tag and start/end the byte range of its
+  original value in the original file (so values are not stored twice); :func:`summary` turns
+  these into readable entries given the original;
 - the SHA-256 of the original and of the de-identified file, so re-identification is verified.
 
 Records travel to the metaserver compressed (:func:`encode`) and are sealed there per patient.
@@ -55,7 +57,27 @@ def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
     return original
 
 
-def summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The human part of a record (no delta): what was removed or replaced, for user.dgf.identity."""
-    return {k: record[k] for k in ("original_sha256", "original_size", "profile", "options", "removed")
-            if k in record}
+def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:
+    """The human part of a record: what was removed or replaced, with the original values
+    (read from ``original``, the re-identified file), for people and user.dgf.identity."""
+    from dgf.dicom import raw
+
+    data = raw.parse_part10(original).data  # inflated, for deflated files: the offsets' frame
+    removed = []
+    for path, vr, action, creator, start, end in record.get("removed", []):
+        entry: dict[str, Any] = {"path": path, "vr": vr, "action": action}
+        if creator:
+            entry["creator"] = creator
+        value = bytes(data[start:end])
+        if vr == "SQ" or len(value) > 65536:
+            entry["length"] = len(value)
+        elif vr in ("AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                    "UI", "UR", "UT"):
+            entry["value"] = value.decode("utf-8", "replace").rstrip(" \0")
+        else:
+            entry["value_base64"] = base64.b64encode(value).decode()
+        removed.append(entry)
+    out: dict[str, Any] = {k: record[k] for k in ("original_sha256", "original_size", "profile", "options")
+                           if k in record}
+    out["removed"] = removed
+    return out
