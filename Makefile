@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo-federation
 
-.PHONY: demo test typecheck bench clean
+.PHONY: demo test typecheck bench clean system-deps
+
+# Debian packages the tests use: dcmtk (xml2dcm, for the XML export round trip).
+SYSTEM_DEPS := dcmtk
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +20,15 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py $(DEMO)
 
+## system-deps: install the Debian packages the tests need (as root), or say which are missing
+system-deps:
+	@command -v xml2dcm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $(SYSTEM_DEPS); \
+	  else echo "make test needs Debian packages: sudo apt-get install $(SYSTEM_DEPS)" >&2; exit 1; fi; }
+
 ## test: the whole suite (real servers on loopback, real DICOM), then the type check
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 	$(PY) -m mypy dgf metaserver ioserver
 
