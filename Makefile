@@ -7,8 +7,8 @@ DEMO   ?= demo-federation
 
 .PHONY: demo test typecheck bench clean system-deps
 
-# Debian packages the tests use: dcmtk (xml2dcm, for the XML export round trip).
-SYSTEM_DEPS := dcmtk
+# Debian packages the tests use: dcmtk (xml2dcm, XML export round trip) and postgresql (the
+# engine contract runs on a real server, started by the tests themselves).
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,14 @@ demo: $(STAMP)
 
 ## system-deps: install the Debian packages the tests need (as root), or say which are missing
 system-deps:
-	@command -v xml2dcm >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v xml2dcm >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $(SYSTEM_DEPS); \
-	  else echo "make test needs Debian packages: sudo apt-get install $(SYSTEM_DEPS)" >&2; exit 1; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "make test needs Debian packages:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
+	fi
 
 ## test: the whole suite (real servers on loopback, real DICOM), then the type check
 test: $(STAMP) system-deps

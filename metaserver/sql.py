@@ -163,8 +163,13 @@ class SqlEngine(MetaEngine):
         now = time.time()
         with self.engine.begin() as conn:
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
-                conn.execute(inodes.insert().values(id=ROOT, parent=None, name="", is_dir=True,
-                                                    mode=0o755, size=0, nlink=2, mtime=now, ctime=now))
+                # The database assigns the id (an explicit one would not advance PostgreSQL's
+                # sequence); in a fresh database the first inode is 1.
+                root = _inserted_id(conn.execute(inodes.insert().values(
+                    parent=None, name="", is_dir=True, mode=0o755, size=0, nlink=2, mtime=now, ctime=now)))
+                if root != ROOT:
+                    raise errors.ServerError(f"the database gave the root directory id {root}, not {ROOT}; "
+                                             "use an empty database.")
 
     @staticmethod
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

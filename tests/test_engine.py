@@ -4,6 +4,7 @@ dict model, comparing results and error classes (after JuiceFS's random tests)."
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +16,7 @@ from dgf import errors
 from dgf.types import Principal
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import SqlEngine
+from tests.pg import PostgresServer
 
 
 def _key(name: str) -> str:
@@ -113,6 +115,26 @@ class TestSqliteEngine(EngineContract):
         e.close()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+_databases = itertools.count()
+
+
+class TestPostgresEngine(EngineContract):
+    """The same contract on a real PostgreSQL server (a fresh database per test)."""
+
+    @pytest.fixture()
+    def engine(self, postgres: PostgresServer) -> Iterator[MetaEngine]:
+        e = SqlEngine(postgres.create_database(f"contract{next(_databases)}"))
+        yield e
+        e.close()
+
+
 NAMES = st.sampled_from(["a", "b", "c"])
 PATHS = st.lists(NAMES, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
 
@@ -120,12 +142,17 @@ PATHS = st.lists(NAMES, min_size=1, max_size=3).map(lambda parts: "/" + "/".join
 class NamespaceModel(RuleBasedStateMachine):
     """Random mkdir/create/rename/unlink/rmdir against SqlEngine and a dict of path -> kind."""
 
+    url = "sqlite"
+
     @initialize()
     def setup(self) -> None:
         import tempfile
 
         self.tmp = tempfile.TemporaryDirectory()
-        self.engine = SqlEngine(f"sqlite:///{self.tmp.name}/m.db")
+        url = f"sqlite:///{self.tmp.name}/m.db"
+        if self.url == "postgresql":
+            url = _PG[0].create_database(f"model{next(_databases)}")
+        self.engine = SqlEngine(url)
         self.model: dict[str, str] = {"/": "d"}
 
     def teardown(self) -> None:
@@ -244,3 +271,22 @@ class NamespaceModel(RuleBasedStateMachine):
 TestNamespaceModel = NamespaceModel.TestCase
 TestNamespaceModel.settings = settings(max_examples=40, stateful_step_count=20, deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
+
+
+class NamespaceModelPostgres(NamespaceModel):
+    url = "postgresql"
+
+
+_PG: list[PostgresServer] = []
+
+
+@pytest.fixture()
+def _pg_for_model(postgres: PostgresServer) -> Iterator[None]:
+    _PG[:] = [postgres]
+    yield
+
+
+@pytest.mark.usefixtures("_pg_for_model")
+class TestNamespaceModelPostgres(NamespaceModelPostgres.TestCase):  # type: ignore[name-defined,misc]
+    settings = settings(max_examples=15, stateful_step_count=15, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow])
