@@ -1,8 +1,9 @@
 """The client's side of the wire: the metaserver link and pooled, pipelined site channels.
 
 Round trips dominate small-object transfer (~0.45 ms each on loopback), so puts and gets are
-pipelined: up to :data:`WINDOW` requests are in flight on a channel before the first reply is
-read, and each site gets a few long-lived channels served by their own threads.
+pipelined: small objects travel many to a frame, up to :data:`BATCH_WINDOW` frames are in flight
+on a channel before the first reply is read, and each site gets a few long-lived channels served
+by their own threads.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from dgf.types import Site
 
 META_SUBSYSTEM = "dgf-meta"
 IO_SUBSYSTEM = "dgf-io"
-WINDOW = 64
 #: Small objects travel many to a frame (put.batch / get.batch); a few frames are in flight.
 BATCH_OBJECTS = 64
 BATCH_BYTES = 4 * 1024 * 1024

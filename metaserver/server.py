@@ -38,7 +38,7 @@ POLICY: dict[str, frozenset[str]] = {
     "site.register": frozenset({"site"}),
     "site.keys": frozenset({"site"}),
     "site.list": USERS,
-    "ns.stat": USERS, "ns.readdir": USERS, "ns.walk": USERS,
+    "ns.stat": USERS, "ns.readdir": USERS,
     "ns.mkdir": WRITERS, "ns.rename": WRITERS, "ns.unlink": WRITERS, "ns.rmdir": WRITERS,
     "ns.chmod": WRITERS,
     "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
@@ -110,11 +110,6 @@ class MetaService(wire.Service):
     def ns_readdir(self, p: Principal, path: str) -> wire.Reply:
         entries = [s.to_wire() for s in self.engine.readdir(path)]
         return wire.Reply({}, payload=json.dumps(entries).encode())
-
-    @wire.verb("ns.walk", path=str)
-    def ns_walk(self, p: Principal, path: str) -> wire.Reply:
-        files = [[fpath, key, size] for fpath, key, size in self.engine.walk_files(path)]
-        return wire.Reply({}, payload=json.dumps(files).encode())
 
     @wire.verb("ns.mkdir", optional=("parents", "mode"), path=str, parents=bool, mode=int)
     def ns_mkdir(self, p: Principal, path: str, parents: bool = False, mode: int = 0o755) -> wire.Reply:

@@ -16,7 +16,6 @@ import struct
 from typing import Iterable
 
 from lxml import etree
-import pydicom
 import pydicom._dicom_dict as _dd
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
@@ -34,7 +33,6 @@ _SINGLE_VALUE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
 _CHARSET_VRS = {"PN": {0x5C, 0x3D, 0x5E}, "SH": {0x5C}, "LO": {0x5C}, "UC": {0x5C},
                 "ST": set(), "LT": set(), "UT": set()}
 _KEYWORDS: dict[int, str] = {tag: entry[4] for tag, entry in _dd.DicomDictionary.items() if entry[4]}
-_BY_KEYWORD: dict[str, int] = {kw: tag for tag, kw in _KEYWORDS.items()}
 
 
 def keyword(tag: int) -> str:
@@ -213,8 +211,4 @@ def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
     return meta, ds
 
 
-def tag_for_keyword(kw: str) -> int | None:
-    return _BY_KEYWORD.get(kw)
-
-
-__all__ = ["header_xml", "to_dataset", "keyword", "tag_for_keyword", "pydicom"]
+__all__ = ["header_xml", "to_dataset", "keyword"]
