@@ -1,67 +1,120 @@
 """XPath cohort queries over the XML headers.
 
-Full XPath 1.0 semantics, evaluated by lxml per file: a file matches when the expression is true
-or selects a non-empty node-set.  This module compiles, validates and evaluates; the engine supplies
-candidates (today a streamed scan of the subtree).
+Full XPath 1.0 semantics, as lxml evaluates them: a file matches when the expression is true or
+selects a non-empty node-set, its context node being the ``DicomHeader`` element.  The planner
+(``planner.py``) turns what it can into SQL over the header index; lxml checks the candidates of
+any part it could not, so results always equal a brute-force evaluation of every header.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 from lxml import etree
 
 from dgf import errors
+from metaserver import xpath
+from metaserver.index import HEADER_XATTR
+from metaserver.planner import Plan, Planner
 
-HEADER_XATTR = "user.dgf.dicom"
+__all__ = ["HEADER_XATTR", "LEVELS", "Query", "prepare", "run"]
+
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
+#: --level: the header keyword that names a group, and its position in the index's level tuple.
+LEVELS = {"patient": ("PatientID", 0), "study": ("StudyInstanceUID", 1), "series": ("SeriesInstanceUID", 2)}
 
 
-def compile_xpath(expr: str) -> etree.XPath:
-    """Compile ``expr`` or raise a one-line :class:`UsageError` naming the problem."""
+@dataclass(frozen=True)
+class Query:
+    expr: str
+    compiled: etree.XPath
+    plan: Plan
+    notes: list[tuple[str, str]]
+
+    def explain(self) -> dict[str, Any]:
+        how = ("index only" if self.plan.exact else
+               "scan of every header" if self.plan.sql is None and not self.plan.empty else
+               "index, then XPath on each candidate")
+        return {"strategy": "nothing can match" if self.plan.empty else how,
+                "predicates": [{"expression": e, "how": h} for e, h in self.notes]}
+
+
+def compile_xpath(expr: str) -> tuple[etree.XPath, xpath.Node | None]:
+    """lxml's compiled expression and our syntax tree, or a one-line error with the position."""
     if not expr.strip():
         raise errors.UsageError("the XPath expression is empty; try /DicomHeader[Modality='CT'].")
     try:
-        return etree.XPath(expr, smart_strings=False)
+        tree: xpath.Node | None = xpath.parse(expr)
+    except errors.UsageError:
+        try:
+            etree.XPath(expr)
+        except etree.XPathSyntaxError:
+            raise                                # both agree: ours says where
+        tree = None                              # lxml accepts more (extensions): scan
+    try:
+        return etree.XPath(expr, smart_strings=False), tree
     except etree.XPathSyntaxError as exc:
         raise errors.UsageError(f"invalid XPath {expr!r}: {exc}.") from exc
 
 
-def matches(xpath: etree.XPath, doc: etree._Element) -> bool:
+def prepare(expr: str, catalogue: Any, dialect: str) -> Query:
+    compiled, tree = compile_xpath(expr)
+    planner = Planner(expr, catalogue, dialect)
+    plan = planner.plan(tree) if tree is not None else Plan(exact=False)
+    return Query(expr, compiled, plan, planner.notes)
+
+
+def matches(compiled: etree.XPath, doc: etree._Element) -> bool:
     try:
-        result = xpath(doc)
+        return bool(compiled(doc))
     except etree.XPathEvalError as exc:
         raise errors.UsageError(f"the XPath cannot be evaluated: {exc}.") from exc
-    if isinstance(result, list):
-        return bool(result)
-    return bool(result)
-
-
-def parse(xml: bytes) -> etree._Element:
-    return etree.fromstring(xml, _PARSER)
 
 
 def show_values(doc: etree._Element, keywords: Iterable[str]) -> dict[str, str]:
     """Top-level values by keyword; multi-valued attributes joined with a backslash, as in DICOM."""
-    out = {}
-    for kw in keywords:
-        els = doc.findall(kw)
-        out[kw] = "\\".join((e.text or "") for e in els)
-    return out
+    return {kw: "\\".join((e.text or "") for e in doc.findall(kw)) for kw in keywords}
 
 
-def evaluate(candidates: Iterable[tuple[str, bytes]], xpath: etree.XPath, show: list[str],
-             limit: int = 0, timeout: float = 0.0) -> Iterator[dict[str, object]]:
-    """Yield {"path", "values"} for each candidate matching the compiled ``xpath``, in order."""
-    deadline = time.monotonic() + timeout if timeout > 0 else None
+def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
+        deadline: float | None = None, level: str = "instance") -> Iterator[dict[str, Any]]:
+    """Stream the matches: {"path", "values"} per file, or per group with ``level``."""
+    if q.plan.empty:
+        return
+    need_xml = not q.plan.exact or bool(show)
+    grouping = LEVELS.get(level)
+    groups: dict[str, dict[str, Any]] = {}
     n = 0
-    for path, xml in candidates:
+    for path, levels, xml in engine.query_candidates(root, q.plan.sql, need_xml, deadline):
         if deadline is not None and time.monotonic() > deadline:
-            raise errors.QueryTimeout(f"the query ran past its {timeout:g} s limit; narrow the path or the expression.")
-        doc = parse(xml)
-        if matches(xpath, doc):
-            yield {"path": path, "values": show_values(doc, show) if show else {}}
+            raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
+        doc = etree.fromstring(xml, _PARSER) if xml is not None else None
+        if not q.plan.exact and not matches(q.compiled, doc):
+            continue
+        values = show_values(doc, show) if show and doc is not None else {}
+        if grouping is None:
+            yield {"path": path, "values": values}
             n += 1
             if limit and n >= limit:
                 return
+            continue
+        key = levels[grouping[1]]
+        group = groups.get(key)
+        if group is None:
+            if limit and len(groups) >= limit:
+                continue
+            groups[key] = {grouping[0]: key, "files": 1, "path": path.rsplit("/", 1)[0] or "/",
+                           "values": values}
+        else:
+            group["files"] += 1
+    yield from groups.values()
+
+
+def count(engine: Any, q: Query, root: str, deadline: float | None = None) -> int:
+    if q.plan.empty:
+        return 0
+    if q.plan.exact and root == "/":
+        return int(engine.query_count(q.plan.sql))
+    return sum(1 for _ in run(engine, q, root, [], 0, deadline))

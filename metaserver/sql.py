@@ -7,18 +7,23 @@ wait for a batch commit.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 import sqlalchemy as sa
+from lxml import etree
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError as SAIntegrityError, OperationalError
 
 from dgf import errors
 from dgf.types import Principal, Site, Stat
+from metaserver import index
 from metaserver.engine import MetaEngine, NewFile
+from metaserver.index import keys_t, levels_t, values_t
+from metaserver.planner import Catalogue, load_catalogue
 
 T = TypeVar("T")
 ROOT = 1
@@ -158,8 +163,12 @@ class SqlEngine(MetaEngine):
             sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
         else:
             self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
-        self._write_lock = threading.Lock() if self.is_sqlite else None
+        self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
         metadata.create_all(self.engine)
+        index.metadata.create_all(self.engine)
+        self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
+        self._catalogue: tuple[int, Catalogue] | None = None
+        self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
         now = time.time()
         with self.engine.begin() as conn:
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
@@ -188,11 +197,15 @@ class SqlEngine(MetaEngine):
         """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
         for attempt in range(6):
             try:
-                if self._write_lock is not None:
-                    with self._write_lock, self.engine.begin() as conn:
-                        return fn(conn)
-                with self.engine.begin() as conn:
-                    return fn(conn)
+                with self._write_lock or contextlib.nullcontext(), self.engine.begin() as conn:
+                    conn.info.pop("dgf.after", None)
+                    result = fn(conn)
+                    after = conn.info.pop("dgf.after", {})
+                # Committed: now in-process caches may learn what the transaction did.
+                self._key_ids.update(after.get("keys", {}))
+                if after.get("dirs"):
+                    self._dirs = None
+                return result
             except (OperationalError, DBAPIError) as exc:
                 if attempt == 5 or not self._retryable(exc):
                     raise
@@ -283,6 +296,7 @@ class SqlEngine(MetaEngine):
 
     def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat:
         def run(conn: Connection) -> Stat:
+            conn.info.setdefault("dgf.after", {})["dirs"] = True
             if parents:
                 row = self._makedirs(conn, path, {})
                 return _stat(path, row)
@@ -295,6 +309,7 @@ class SqlEngine(MetaEngine):
 
     def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
+            conn.info.setdefault("dgf.after", {})["dirs"] = True
             s = self._resolve(conn, src)
             if (dst + "/").startswith(src + "/"):
                 raise errors.UsageError(f"cannot move {src!r} into itself.")
@@ -313,8 +328,7 @@ class SqlEngine(MetaEngine):
                     if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == existing.id).limit(1)).first():
                         raise errors.DirectoryNotEmpty(f"{dst} is not empty.")
                     conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink - 1))
-                conn.execute(xattrs.delete().where(xattrs.c.ino == existing.id))
-                conn.execute(inodes.delete().where(inodes.c.id == existing.id))
+                self._drop_inode(conn, existing.id)
             conn.execute(inodes.update().where(inodes.c.id == s.id).values(
                 parent=dparent.id, name=dname, ctime=now))
             if s.is_dir and sparent_id != dparent.id:
@@ -346,13 +360,68 @@ class SqlEngine(MetaEngine):
         conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
         return out
 
+    def _drop_inode(self, conn: Connection, ino: int) -> None:
+        conn.execute(xattrs.delete().where(xattrs.c.ino == ino))
+        self._unindex(conn, [ino])
+        conn.execute(inodes.delete().where(inodes.c.id == ino))
+
+    # -- the header index -----------------------------------------------------------------
+
+    def _unindex(self, conn: Connection, inos: list[int]) -> None:
+        for i in range(0, len(inos), 500):
+            chunk = inos[i:i + 500]
+            conn.execute(values_t.delete().where(values_t.c.ino.in_(chunk)))
+            conn.execute(levels_t.delete().where(levels_t.c.ino.in_(chunk)))
+
+    def _index(self, conn: Connection, headers: list[tuple[int, bytes]]) -> None:
+        """Index XML headers in the caller's transaction (see metaserver/index.py)."""
+        if not headers:
+            return
+        indexed = []
+        for ino, xml in headers:
+            try:
+                indexed.append((ino, index.index_header(xml)))
+            except (ValueError, etree.XMLSyntaxError) as exc:
+                raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
+        ids = self._key_id_map(conn, {k for _, h in indexed for k, _, _, _ in h.rows},
+                               set().union(*(h.long_keys for _, h in indexed)))
+        conn.execute(values_t.insert(), [{"key": ids[k], "text": t, "ino": ino, "num": n, "first": f}
+                                         for ino, h in indexed for k, t, n, f in h.rows])
+        conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
+                                          "series": h.series} for ino, h in indexed])
+
+    def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str]) -> dict[str, int]:
+        """Catalogue ids for ``paths``, adding new ones in this transaction.  The in-process
+        cache learns them only from rows read back, so a rolled-back insert leaves no trace."""
+        missing = paths - self._key_ids.keys()
+        out = {p: self._key_ids[p] for p in paths - missing}
+        if missing:
+            conn.execute(self._insert_ignore(keys_t), [{"path": p, "has_long": False} for p in sorted(missing)])
+            for r in conn.execute(sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.path.in_(missing))):
+                out[r.path] = r.id
+        if long_paths:
+            conn.execute(keys_t.update().where(keys_t.c.path.in_(long_paths)).values(has_long=True))
+        if missing:
+            conn.info.setdefault("dgf.after", {}).setdefault("keys", {}).update({p: out[p] for p in missing})
+        return out
+
+    def catalogue(self, conn: Connection) -> Catalogue:
+        """The catalogue of indexed paths, reloaded when it has grown or changed."""
+        stamp = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(keys_t.c.has_long, sa.Integer)))
+                             .select_from(keys_t)).one()
+        version = hash(tuple(stamp))
+        if self._catalogue is None or self._catalogue[0] != version:
+            cat = load_catalogue(conn)
+            self._catalogue = (version, cat)
+            self._key_ids.update({p: i for p, (i, _) in cat.keys.items()})
+        return self._catalogue[1]
+
     def _do_unlink(self, path: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             row = self._resolve(conn, path)
             if row.is_dir:
                 raise errors.IsADirectory(f"{path} is a directory; use rmdir.")
-            conn.execute(xattrs.delete().where(xattrs.c.ino == row.id))
-            conn.execute(inodes.delete().where(inodes.c.id == row.id))
+            self._drop_inode(conn, row.id)
             parent_path = path.rsplit("/", 1)[0] or "/"
             conn.execute(inodes.update().where(inodes.c.id == self._resolve(conn, parent_path).id)
                          .values(mtime=time.time()))
@@ -361,13 +430,13 @@ class SqlEngine(MetaEngine):
 
     def _do_rmdir(self, path: str) -> None:
         def run(conn: Connection) -> None:
+            conn.info.setdefault("dgf.after", {})["dirs"] = True
             row = self._resolve(conn, path)
             if not row.is_dir:
                 raise errors.NotADirectory(f"{path} is not a directory.")
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == row.id).limit(1)).first():
                 raise errors.DirectoryNotEmpty(f"{path} is not empty.")
-            conn.execute(xattrs.delete().where(xattrs.c.ino == row.id))
-            conn.execute(inodes.delete().where(inodes.c.id == row.id))
+            self._drop_inode(conn, row.id)
             parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
                 nlink=inodes.c.nlink - 1, mtime=time.time()))
@@ -381,6 +450,7 @@ class SqlEngine(MetaEngine):
 
     def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], dict[str, list[str]]]:
         def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
+            conn.info.setdefault("dgf.after", {})["dirs"] = True
             now = time.time()
             dirs: dict[str, Any] = {}
             by_parent: dict[str, list[NewFile]] = {}
@@ -434,6 +504,9 @@ class SqlEngine(MetaEngine):
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
                                                    xattrs.c.name.in_({r["name"] for r in xa_rows})))
                 conn.execute(xattrs.insert(), xa_rows)
+                headers = [(r["ino"], r["value"]) for r in xa_rows if r["name"] == index.HEADER_XATTR]
+                self._unindex(conn, [ino for ino, _ in headers])
+                self._index(conn, headers)
             if dirs:
                 conn.execute(_U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
@@ -481,6 +554,9 @@ class SqlEngine(MetaEngine):
             row = self._resolve(conn, path)
             conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name))
             conn.execute(xattrs.insert().values(ino=row.id, name=name, value=value))
+            if name == index.HEADER_XATTR:
+                self._unindex(conn, [row.id])
+                self._index(conn, [(row.id, value)])
         self._txn(run)
 
     def _do_removexattr(self, path: str, name: str) -> None:
@@ -488,6 +564,8 @@ class SqlEngine(MetaEngine):
             row = self._resolve(conn, path)
             if conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name)).rowcount == 0:
                 raise errors.NoAttribute(f"{path} has no extended attribute {name!r}.")
+            if name == index.HEADER_XATTR:
+                self._unindex(conn, [row.id])
         self._txn(run)
 
     # -- objects and query ----------------------------------------------------------------
@@ -620,3 +698,99 @@ class SqlEngine(MetaEngine):
     def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._read(lambda c: [dict(r._mapping) for r in c.execute(
             sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit))])
+
+    # -- queries --------------------------------------------------------------------------
+
+    def _dir_paths(self, conn: Connection) -> dict[int, str]:
+        """Every directory's path, built once after each namespace change (a few ms per 10,000)."""
+        dirs = self._dirs
+        if dirs is not None:
+            return dirs
+        links = {r.id: (r.parent, r.name) for r in conn.execute(
+            sa.select(inodes.c.id, inodes.c.parent, inodes.c.name).where(inodes.c.is_dir.is_(True)))}
+        dirs = {ROOT: "/"}
+        for start in links:
+            chain = []
+            node = start
+            while node not in dirs and node in links:
+                chain.append(node)
+                node = links[node][0]
+            base = dirs.get(node, "/")
+            for i in reversed(chain):
+                base = _join(base, links[i][1])
+                dirs[i] = base
+        self._dirs = dirs
+        return dirs
+
+    @contextlib.contextmanager
+    def _deadline(self, conn: Connection, deadline: float | None) -> Iterator[None]:
+        """Interrupt the database's own work past ``deadline`` (a time.monotonic() value)."""
+        if deadline is None:
+            yield
+            return
+        if self.is_sqlite:
+            raw = conn.connection.driver_connection
+            raw.set_progress_handler(lambda: time.monotonic() > deadline, 20000)  # type: ignore[union-attr]
+            try:
+                yield
+            finally:
+                raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
+            return
+        ms = max(1, int((deadline - time.monotonic()) * 1000))
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+        yield
+
+    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None
+                         ) -> Iterator[tuple[str, tuple[str, str, str], bytes | None]]:
+        """Stream (path, (patient, study, series), XML or None) of the indexed files at or under
+        ``root`` whose inode is selected by ``plan`` (a select of inos; None: all), in inode order."""
+        try:
+            with self.engine.connect() as conn, self._deadline(conn, deadline):
+                top = self._resolve(conn, root)
+                dirs = self._dir_paths(conn)
+                cols = [inodes.c.id, inodes.c.parent, inodes.c.name, levels_t.c.patient, levels_t.c.study,
+                        levels_t.c.series]
+                joined = inodes.join(levels_t, levels_t.c.ino == inodes.c.id)
+                if with_xml:
+                    cols.append(xattrs.c.value)
+                    joined = joined.join(xattrs, sa.and_(xattrs.c.ino == inodes.c.id,
+                                                         xattrs.c.name == index.HEADER_XATTR))
+                query = sa.select(*cols).select_from(joined)
+                if plan is not None:
+                    query = query.where(inodes.c.id.in_(plan))
+                allowed: set[int] | None = None
+                if not top.is_dir:
+                    query = query.where(inodes.c.id == top.id)
+                elif root != "/":
+                    allowed = {i for i, p in dirs.items() if p == root or p.startswith(root + "/")}
+                rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
+                    query.order_by(inodes.c.id))
+                for row in rows:
+                    if allowed is not None and row.parent not in allowed:
+                        continue
+                    parent = dirs.get(row.parent)
+                    if parent is None:                 # created after the map was built
+                        self._dirs = None
+                        dirs = self._dir_paths(conn)
+                        parent = dirs.get(row.parent)
+                        if parent is None:             # removed meanwhile
+                            continue
+                    yield (_join(parent, row.name), (row.patient, row.study, row.series),
+                           bytes(row.value) if with_xml else None)
+        except OperationalError as exc:
+            if "interrupt" in str(exc).lower():
+                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
+            raise
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "57014":
+                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
+            raise
+
+    def query_count(self, plan: Any) -> int:
+        """How many indexed files ``plan`` selects, archive-wide (exact plans only)."""
+        source = sa.select(levels_t.c.ino) if plan is None else plan
+        return int(self._read(lambda c: c.execute(
+            sa.select(sa.func.count()).select_from(source.subquery())).scalar_one()))
+
+    def query_catalogue(self) -> Catalogue:
+        return self._read(self.catalogue)

@@ -1,0 +1,134 @@
+"""The header index: what the query planner can look up instead of parsing every XML header.
+
+Each element of a header becomes one row (key, text, num, first): ``key`` is the element's path
+of names from the root (``/DicomHeader/ProcedureCodeSequence/Item/CodeValue``), ``text`` its
+XPath string-value, ``num`` that value converted as XPath's ``number()`` does (None for NaN), and
+``first`` whether it is the first element with that key in document order (XPath's ``string()``
+of a node-set reads only that one).  Sequences and items get rows too, with no text: they answer
+existence tests.  The rows are written in the transaction that writes the XML, so the index can
+never disagree with the header it describes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from lxml import etree
+import pydicom._dicom_dict as _dd
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+HEADER_XATTR = "user.dgf.dicom"
+ROOT_KEY = "/DicomHeader"
+#: Values longer than this are indexed by a prefix ending in U+FFFF (which XML cannot carry, so
+#: a stored prefix never equals a real value); the planner treats such keys conservatively.
+MAX_TEXT = 256
+LONG_MARK = "\uffff"
+
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
+_PLAIN_NUMBER = re.compile(r"[ \t\r\n]*-?(?:\d+(?:\.\d*)?|\.\d+)[ \t\r\n]*")
+_HAS_DIGIT = re.compile(r"\d")
+_XPATH_NUMBER = etree.XPath("number($v)")
+_DUMMY = etree.Element("n")
+_NON_SQ_KEYWORDS = frozenset(entry[4] for entry in _dd.DicomDictionary.values() if entry[4] and entry[0] != "SQ")
+
+
+def xpath_number(text: str) -> float | None:
+    """XPath 1.0 ``number()`` of a string as lxml computes it; None for NaN.
+
+    Plain decimals convert exactly as Python's float() does (checked against libxml2); anything
+    else with a digit in it (exponents, which libxml2 accepts) asks libxml2 itself.
+    """
+    if _PLAIN_NUMBER.fullmatch(text):
+        return float(text)
+    if not _HAS_DIGIT.search(text):
+        return None
+    value = float(_XPATH_NUMBER(_DUMMY, v=text))
+    return None if math.isnan(value) else value
+
+
+def comparable(name: str) -> bool:
+    """Whether elements with this name hold a value the index can compare: a DICOM keyword whose
+    dictionary VR is not SQ.  Sequences, items and private or unknown elements are indexed for
+    existence only."""
+    return name in _NON_SQ_KEYWORDS
+
+
+@dataclass(frozen=True)
+class HeaderIndex:
+    rows: list[tuple[str, str, float | None, bool]]   # key, text, num, first
+    long_keys: set[str]
+    patient: str
+    study: str
+    series: str
+
+
+def index_header(xml: bytes) -> HeaderIndex:
+    """The index rows and the patient/study/series keys of one XML header."""
+    root = etree.fromstring(xml, _PARSER)
+    rows: list[tuple[str, str, float | None, bool]] = []
+    seen: set[str] = set()
+    long_keys: set[str] = set()
+    levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
+
+    def visit(el: etree._Element, key: str) -> None:
+        name = el.tag
+        children = [c for c in el if isinstance(c.tag, str)]
+        first = key not in seen
+        seen.add(key)
+        if not comparable(name):
+            text = ""
+            num = None
+        else:
+            text = "".join(el.itertext()) if children else (el.text or "")
+            num = xpath_number(text) if text else None
+            if len(text) > MAX_TEXT:
+                text = text[:MAX_TEXT] + LONG_MARK
+                long_keys.add(key)
+        rows.append((key, text, num, first))
+        for child in children:
+            visit(child, key + "/" + child.tag)
+
+    if root.tag != "DicomHeader":
+        raise ValueError("the header's root element is not DicomHeader.")
+    visit(root, ROOT_KEY)
+    for child in root:
+        if child.tag in levels and not levels[child.tag]:
+            levels[child.tag] = child.text or ""
+    return HeaderIndex(rows, long_keys, levels["PatientID"], levels["StudyInstanceUID"],
+                       levels["SeriesInstanceUID"])
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+metadata = sa.MetaData()
+_TEXT = sa.Text().with_variant(postgresql.TEXT(collation="C"), "postgresql")
+
+#: The catalogue of element paths ever indexed (small: one row per distinct path).
+keys_t = sa.Table(
+    "hkeys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("path", _TEXT, nullable=False, unique=True),
+    sa.Column("has_long", sa.Boolean, nullable=False, default=False),
+)
+#: One row per element of every header; the primary key is the equality/prefix index.
+values_t = sa.Table(
+    "hvalues", metadata,
+    sa.Column("key", sa.Integer, primary_key=True),
+    sa.Column("text", _TEXT, primary_key=True),
+    sa.Column("ino", sa.Integer, primary_key=True),
+    sa.Column("num", sa.Float, nullable=True),
+    sa.Column("first", sa.Boolean, nullable=False),
+    sqlite_with_rowid=False,
+)
+sa.Index("ix_hvalues_ino", values_t.c.ino)
+#: The patient, study and series of every indexed header (for --level grouping).
+levels_t = sa.Table(
+    "hlevels", metadata,
+    sa.Column("ino", sa.Integer, primary_key=True),
+    sa.Column("patient", sa.String, nullable=False),
+    sa.Column("study", sa.String, nullable=False),
+    sa.Column("series", sa.String, nullable=False),
+)

@@ -1,0 +1,330 @@
+"""The query planner: from an XPath syntax tree to SQL over the header index.
+
+A plan is a set of candidate files, as SQL selecting inode numbers (or "every file"), and a flag
+``exact``: when true the SQL selects exactly the files the expression matches and no header needs
+parsing; when false the set is a superset and lxml evaluates the expression on each candidate.
+Anything the planner does not understand becomes "every file, inexact", so the result is always
+the one a brute-force evaluation gives; the planner only decides how much of the work is SQL.
+
+Indexed shapes (for paths of child steps, ``*`` and ``//`` under the root, no predicates inside):
+  path = 'text'  path != 'text'  path = number  path != number  path <,<=,>,>= literal
+  contains(path, 'text')  starts-with(path, 'text')  path (existence)  boolean(path)
+  true()  false()  and  or  not(...)
+and location paths with predicates such as ``//ProcedureCodeSequence/Item[CodeValue='X']``.  At
+the root every combination stays exact; inside a sequence item ``and`` and ``not`` become
+candidate filters (they must hold within one item, which lxml then checks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+
+from metaserver import xpath
+from metaserver.index import LONG_MARK, MAX_TEXT, ROOT_KEY, comparable, keys_t, levels_t, values_t, xpath_number
+
+_FLIP = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+_RELATIONAL = ("<", "<=", ">", ">=")
+_ROOT_RE = re.escape(ROOT_KEY)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Candidate files: ``sql`` selects inode numbers (None: every indexed file; ``empty``: none,
+    which is always exact)."""
+
+    sql: Any = None
+    exact: bool = True
+    empty: bool = False
+
+
+ALL = Plan()
+NONE = Plan(empty=True)
+
+
+def _inexact() -> Plan:
+    return Plan(exact=False)
+
+
+@dataclass
+class Catalogue:
+    """The indexed element paths: path -> (id, has_long)."""
+
+    keys: dict[str, tuple[int, bool]]
+
+    def resolve(self, pattern: str) -> list[tuple[str, int, bool]]:
+        rx = re.compile(pattern)
+        return [(k, i, long) for k, (i, long) in self.keys.items() if rx.fullmatch(k)]
+
+
+@dataclass
+class Planner:
+    expr: str
+    catalogue: Catalogue
+    dialect: str                          # "sqlite" or "postgresql"
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+    # -- entry ----------------------------------------------------------------------------
+
+    def plan(self, node: xpath.Node) -> Plan:
+        """Plan the top-level expression; its context node is the DicomHeader element."""
+        return self.boolean(node, _ROOT_RE, single=True)
+
+    def note(self, node: xpath.Node, how: str) -> None:
+        self.notes.append((xpath.text(self.expr, node), how))
+
+    # -- boolean expressions in a context -------------------------------------------------
+
+    def boolean(self, node: xpath.Node, ctx: str, single: bool) -> Plan:
+        """Files where some context node (matching regex ``ctx``) makes ``node`` true.
+
+        ``single``: the context is the root element, one node per file, so conjunction and
+        negation of exact plans stay exact."""
+        if isinstance(node, xpath.Binary) and node.op in ("and", "or"):
+            left = self.boolean(node.left, ctx, single)
+            right = self.boolean(node.right, ctx, single)
+            if node.op == "or":
+                return self.union(left, right)
+            plan = self.intersect(left, right)
+            return plan if single or plan.empty else replace(plan, exact=False)
+        if isinstance(node, xpath.Binary) and node.op in _FLIP:
+            return self.comparison(node, ctx, single)
+        if isinstance(node, xpath.Path):
+            return self.path(node, ctx)
+        if isinstance(node, xpath.Call):
+            return self.call(node, ctx, single)
+        self.note(node, "not indexed: evaluated on each candidate")
+        return _inexact()
+
+    def call(self, node: xpath.Call, ctx: str, single: bool) -> Plan:
+        if node.name == "true" and not node.args:
+            return Plan()
+        if node.name == "false" and not node.args:
+            return NONE
+        if node.name == "boolean" and len(node.args) == 1 and isinstance(node.args[0], xpath.Path):
+            return self.path(node.args[0], ctx)
+        if node.name == "not" and len(node.args) == 1:
+            inner = self.boolean(node.args[0], ctx, single)
+            if not single or not inner.exact:
+                return _inexact()
+            if inner.empty:
+                return Plan()
+            if inner.sql is None:
+                return NONE
+            return Plan(sa.except_(self.universe(), inner.sql))
+        if node.name in ("contains", "starts-with") and len(node.args) == 2:
+            return self.substring(node, ctx, single)
+        self.note(node, "not indexed: evaluated on each candidate")
+        return _inexact()
+
+    # -- location paths -------------------------------------------------------------------
+
+    def steps_regex(self, steps: Iterable[xpath.Step]) -> str | None:
+        out = ""
+        for step in steps:
+            if step.axis == "child" and step.test == "*":
+                out += "/[^/]+"
+            elif step.axis == "child" and not step.test.endswith(("()", ":*")) and ":" not in step.test:
+                out += "/" + re.escape(step.test)
+            elif step.axis == "descendant-or-self" and step.test == "node()" and not step.preds:
+                out += "(?:/[^/]+)*"
+            elif step.axis == "self" and step.test == "node()" and not step.preds:
+                pass
+            else:
+                return None
+        return out
+
+    def path(self, node: xpath.Path, ctx: str) -> Plan:
+        """Files where the location path selects at least one node."""
+        if node.start is not None:
+            self.note(node, "not indexed: evaluated on each candidate")
+            return _inexact()
+        base = "" if node.absolute else ctx
+        regex = base
+        plans: list[Plan] = []
+        preds_total = sum(len(s.preds) for s in node.steps)
+        for i, step in enumerate(node.steps):
+            ext = self.steps_regex([Step_without_preds(step)])
+            if ext is None:
+                self.note(node, "not indexed: evaluated on each candidate")
+                return _inexact()
+            regex += ext
+            for pred in step.preds:
+                single = regex == _ROOT_RE
+                last = i == len(node.steps) - 1
+                if _positional(pred):
+                    self.note(pred, "not indexed (position): evaluated on each candidate")
+                    plans.append(_inexact())
+                    continue
+                plan = self.boolean(pred, regex, single)
+                if not single and not plan.empty and not (last and preds_total == 1):
+                    plan = replace(plan, exact=False)
+                plans.append(plan)
+        if not node.steps:                       # "/" selects the document node
+            return Plan()
+        keys = self.catalogue.resolve(regex)
+        if not keys:
+            self.note(node, "index: no header has this path")
+            return NONE
+        self.note(node, f"index: existence of {len(keys)} path(s)")
+        result = Plan(self.rows([k for _, k, _ in keys], None)) if regex != _ROOT_RE else Plan()
+        for plan in plans:
+            result = self.intersect(result, plan)
+        return result
+
+    # -- comparisons ----------------------------------------------------------------------
+
+    def operand_keys(self, node: xpath.Node, ctx: str) -> tuple[list[tuple[str, int, bool]], bool] | None:
+        """The index keys a relative path operand selects, and whether ignoring its predicates
+        kept the plan exact; None when the operand is not such a path or not comparable."""
+        if not isinstance(node, xpath.Path) or node.start is not None:
+            return None
+        regex = self.steps_regex([Step_without_preds(s) for s in node.steps])
+        if regex is None or not node.steps:
+            return None
+        keys = self.catalogue.resolve(("" if node.absolute else ctx) + regex)
+        if not all(comparable(k.rsplit("/", 1)[-1]) for k, _, _ in keys):
+            return None
+        return keys, not any(s.preds for s in node.steps)
+
+    def comparison(self, node: xpath.Binary, ctx: str, single: bool) -> Plan:
+        op, left, right = node.op, node.left, node.right
+        if _literal(left) is not None and _literal(right) is None:
+            op, left, right = _FLIP[op], right, left
+        lit = _literal(right)
+        found = self.operand_keys(left, ctx) if lit is not None else None
+        if found is None or lit is None:
+            self.note(node, "not indexed: evaluated on each candidate")
+            return _inexact()
+        keys, exact = found
+        if not keys:
+            self.note(node, "index: no header has this path")
+            return NONE
+        ids = [k for _, k, _ in keys]
+        has_long = any(long for _, _, long in keys)
+        text, num = values_t.c.text, values_t.c.num
+        value = lit[0]
+        if op in _RELATIONAL:
+            bound = xpath_number(value) if isinstance(value, str) else value
+            if bound is None or math.isnan(bound):
+                self.note(node, "index: the literal is not a number, so nothing compares")
+                return NONE
+            cond = {"<": num < bound, "<=": num <= bound, ">": num > bound, ">=": num >= bound}[op]
+        elif isinstance(value, float):
+            cond = num == value if op == "=" else sa.or_(num.is_(None), num != value)
+        else:
+            if LONG_MARK in value:
+                self.note(node, "not indexed: evaluated on each candidate")
+                return _inexact()
+            if has_long and len(value) >= MAX_TEXT:
+                exact = False                    # long values are indexed by their prefix
+                cond = _prefix(text, value[:MAX_TEXT]) if op == "=" else None
+            else:
+                cond = text == value if op == "=" else text != value
+        self.note(node, f"index: {len(keys)} path(s)")
+        return Plan(self.rows(ids, cond), exact)
+
+    def substring(self, node: xpath.Call, ctx: str, single: bool) -> Plan:
+        """contains(path, 'lit') and starts-with(path, 'lit'): on string(path), the first node."""
+        lit = _literal(node.args[1])
+        found = self.operand_keys(node.args[0], ctx)
+        if found is None or lit is None or not isinstance(lit[0], str):
+            self.note(node, "not indexed: evaluated on each candidate")
+            return _inexact()
+        value = lit[0]
+        if value == "":
+            return Plan()                       # every string contains and starts with ''
+        keys, exact = found
+        if not keys:
+            self.note(node, "index: no header has this path")
+            return NONE
+        text = values_t.c.text
+        if node.name == "contains":
+            cond = (sa.func.instr(text, value) if self.dialect == "sqlite" else sa.func.strpos(text, value)) > 0
+        else:
+            cond = _prefix(text, value)
+        if any(long for _, _, long in keys) or LONG_MARK in value:
+            exact, cond = False, None
+        elif single and len(keys) == 1:
+            cond = sa.and_(values_t.c.first.is_(True), cond)
+        else:
+            exact = False                        # string() reads the first node per context
+        self.note(node, f"index: {len(keys)} path(s)")
+        return Plan(self.rows([k for _, k, _ in keys], cond), exact)
+
+    # -- SQL ------------------------------------------------------------------------------
+
+    def rows(self, ids: list[int], cond: Any) -> Any:
+        where = [values_t.c.key.in_(ids) if len(ids) > 1 else values_t.c.key == ids[0]]
+        if cond is not None:
+            where.append(cond)
+        return sa.select(values_t.c.ino).where(*where)
+
+    def universe(self) -> Any:
+        return sa.select(levels_t.c.ino)
+
+    def intersect(self, a: Plan, b: Plan) -> Plan:
+        if a.empty or b.empty:
+            return NONE
+        exact = a.exact and b.exact
+        if a.sql is None:
+            return Plan(b.sql, exact)
+        if b.sql is None:
+            return Plan(a.sql, exact)
+        return Plan(_compound(sa.intersect, a.sql, b.sql), exact)
+
+    def union(self, a: Plan, b: Plan) -> Plan:
+        if a.empty:
+            return b
+        if b.empty:
+            return a
+        if a.sql is None or b.sql is None:
+            return Plan(None, a.sql is None and a.exact or b.sql is None and b.exact)
+        return Plan(_compound(sa.union, a.sql, b.sql), a.exact and b.exact)
+
+
+def Step_without_preds(step: xpath.Step) -> xpath.Step:  # noqa: N802 - reads as a constructor
+    return xpath.Step(step.axis, step.test)
+
+
+def _compound(fn: Any, a: Any, b: Any) -> Any:
+    # SQLite cannot nest compound selects in parentheses; a subquery can be nested.
+    sub = fn(a, b).subquery()
+    return sa.select(sub.c.ino)
+
+
+def _literal(node: xpath.Node) -> tuple[str | float] | None:
+    if isinstance(node, xpath.Literal):
+        return (node.value,)
+    if isinstance(node, xpath.Number):
+        return (node.value,)
+    if isinstance(node, xpath.Neg) and isinstance(node.operand, xpath.Number):
+        return (-node.operand.value,)
+    return None
+
+
+def _positional(pred: xpath.Node) -> bool:
+    """A predicate whose value may be a number tests position; only boolean shapes are planned."""
+    if isinstance(pred, xpath.Binary):
+        return pred.op not in ("and", "or", "=", "!=", "<", "<=", ">", ">=")
+    if isinstance(pred, xpath.Call):
+        return pred.name not in ("not", "true", "false", "boolean", "contains", "starts-with")
+    return not isinstance(pred, xpath.Path)
+
+
+def _prefix(text: Any, value: str) -> Any:
+    """``text`` starts with ``value``, as a range the primary key can seek (binary collation)."""
+    last = ord(value[-1])
+    if last >= 0x10FFFF:
+        return sa.func.substr(text, 1, len(value)) == value
+    nxt = last + 1 if not 0xD7FF <= last < 0xE000 else 0xE000
+    return sa.and_(text >= value, text < value[:-1] + chr(nxt))
+
+
+def load_catalogue(conn: Any) -> Catalogue:
+    return Catalogue({r.path: (r.id, bool(r.has_long)) for r in conn.execute(
+        sa.select(keys_t.c.id, keys_t.c.path, keys_t.c.has_long))})
