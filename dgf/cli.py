@@ -179,41 +179,118 @@ def down_cmd(paths: tuple[str, ...], out: str, identified: bool, xpath: str | No
 @click.command("find", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("xpath")
 @click.argument("path", default="/")
+@click.option("--level", type=click.Choice(["instance", "series", "study", "patient"]), default="instance",
+              show_default=True, help="One row per matching file, or per distinct series/study/patient "
+              "(with the number of matching files and its directory).")
 @click.option("--show", metavar="KEYWORD,...", default="", help="Header values to print, by DICOM keyword.")
-@click.option("--format", "fmt", type=click.Choice(["paths", "csv", "json"]), default="paths",
-              show_default=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(["paths", "csv", "json", "jsonl"]), default="paths",
+              show_default=True, help="Output format; every format streams as results arrive.")
 @click.option("--count", is_flag=True, help="Print only the number of matching files.")
-@click.option("--limit", type=int, default=0, help="Stop after this many matches (0: all).")
+@click.option("--limit", type=int, default=0, help="Stop after this many rows (0: all).")
+@click.option("--explain", is_flag=True, help="Show which predicates use the index, and run nothing.")
+@click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds "
+              "(the server also has its own limit).")
 @config_option
 @_run
-def find_cmd(xpath: str, path: str, show: str, fmt: str, count: bool, limit: int, config: str | None) -> None:
+def find_cmd(xpath: str, path: str, level: str, show: str, fmt: str, count: bool, limit: int,
+             explain: bool, timeout: float, config: str | None) -> None:
     """Find files under PATH whose de-identified XML header matches XPATH (XPath 1.0).
 
     Elements are named by DICOM keyword; multi-valued attributes match per value; sequences
-    nest <Item> elements. No bulk data is read.
+    nest <Item> elements. No bulk data is read. XPATH may be @NAME, a query saved with
+    'dgf query save'. Equality, numeric and date ranges, contains/starts-with, existence,
+    and/or/not and sequence-item tests are answered from an index; other parts are checked on
+    the candidates (see --explain).
 
     \b
     Examples:
       dgf_find "/DicomHeader[Modality='CT' and PatientSex='F']"
-      dgf_find "/DicomHeader[SliceThickness <= 1.0]" /projects --show PatientID,SeriesDescription
+      dgf_find "/DicomHeader[SliceThickness <= 1.0 and StudyDate >= 20190101]" --level study
       dgf_find "//ProcedureCodeSequence/Item[CodeValue='ZZ']" --count
+      dgf_find @ct-thin /projects --show PatientID,SeriesDescription --format csv
     """
     keywords = [k.strip() for k in show.split(",") if k.strip()]
     with _client(config) as client:
-        rows = client.find(xpath, path, keywords, limit)
-    if count:
-        click.echo(len(rows))
-        return
+        if explain:
+            plan = client.explain(xpath, path)
+            click.echo(f"strategy: {plan['strategy']}")
+            for p in plan["predicates"]:
+                click.echo(f"  {p['how']}: {p['expression']}")
+            return
+        if count:
+            click.echo(client.find_count(xpath, path, timeout))
+            return
+        rows = client.find_iter(xpath, path, keywords, limit, timeout, level)
+        _print_rows(rows, fmt, level, keywords)
+
+
+def _print_rows(rows: Any, fmt: str, level: str, keywords: list[str]) -> None:
+    """Print rows as they arrive, in the chosen format."""
+    group_key = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID"}.get(level)
+    head = [group_key, "files", "path"] if group_key else ["path"]
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        return [str(r[h]) for h in head] + [r["values"].get(k, "") for k in keywords]
+
+    writer = csv.writer(sys.stdout) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow([*head, *keywords])
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=1))
-    elif fmt == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", *keywords])
-        for r in rows:
-            writer.writerow([r["path"], *(r["values"].get(k, "") for k in keywords)])
-    else:
-        for r in rows:
-            click.echo("\t".join([r["path"], *(r["values"].get(k, "") for k in keywords)]))
+        sys.stdout.write("[")
+    for i, r in enumerate(rows):
+        if fmt == "json":
+            sys.stdout.write(("," if i else "") + "\n " + json.dumps(r))
+        elif fmt == "jsonl":
+            sys.stdout.write(json.dumps(r) + "\n")
+        elif writer is not None:
+            writer.writerow(cells(r))
+        else:
+            sys.stdout.write("\t".join(cells(r)) + "\n")
+    if fmt == "json":
+        sys.stdout.write("\n]\n")
+    sys.stdout.flush()
+
+
+@click.group("query", context_settings={"help_option_names": ["-h", "--help"]})
+def query_group() -> None:
+    """Saved queries: name an XPath once, use it as dgf_find @NAME (and under the mount's .queries/)."""
+
+
+@query_group.command("save")
+@click.argument("name")
+@click.argument("xpath")
+@config_option
+@_run
+def query_save(name: str, xpath: str, config: str | None) -> None:
+    """Save XPATH as NAME (replacing an older NAME); the expression is checked first.
+
+    \b
+    Example:
+      dgf query save ct-thin "/DicomHeader[Modality='CT' and SliceThickness <= 1]"
+      dgf_find @ct-thin --level series
+    """
+    with _client(config) as client:
+        client.save_query(name, xpath)
+
+
+@query_group.command("list")
+@config_option
+@_run
+def query_list(config: str | None) -> None:
+    """List saved queries: NAME<TAB>XPATH."""
+    with _client(config) as client:
+        for name, xpath in client.saved_queries().items():
+            click.echo(f"{name}\t{xpath}")
+
+
+@query_group.command("rm")
+@click.argument("name")
+@config_option
+@_run
+def query_rm(name: str, config: str | None) -> None:
+    """Remove the saved query NAME."""
+    with _client(config) as client:
+        client.remove_query(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,6 +311,7 @@ def main() -> None:
 main.add_command(up_cmd)
 main.add_command(down_cmd)
 main.add_command(find_cmd)
+main.add_command(query_group)
 
 
 def _print_stats(stats: Any, long: bool) -> None:

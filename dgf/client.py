@@ -272,11 +272,50 @@ class Client:
     # -- query ----------------------------------------------------------------------------
 
     def find(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
-             timeout: float = 0.0) -> list[dict[str, Any]]:
-        """Files under ``root`` whose XML header matches ``xpath`` (XPath 1.0)."""
-        _, body = self.meta.call("find", xpath=xpath, root=root, show=list(show), limit=limit,
-                                 timeout=timeout)
-        return [json.loads(line) for line in body.splitlines() if line]
+             timeout: float = 0.0, level: str = "instance") -> list[dict[str, Any]]:
+        """Files under ``root`` whose XML header matches ``xpath`` (XPath 1.0, or @NAME)."""
+        return list(self.find_iter(xpath, root, show, limit, timeout, level))
+
+    def find_iter(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
+                  timeout: float = 0.0, level: str = "instance") -> Iterator[dict[str, Any]]:
+        """Stream the matches page by page (results larger than memory never gather anywhere)."""
+        result, body = self.meta.call("find", xpath=xpath, root=root, show=list(show), limit=limit,
+                                      timeout=timeout, level=level)
+        cursor = result.get("cursor")
+        try:
+            while True:
+                for line in body.splitlines():
+                    if line:
+                        yield json.loads(line)
+                if not cursor:
+                    return
+                result, body = self.meta.call("find.next", cursor=cursor)
+                cursor = result.get("cursor")
+        finally:
+            if cursor:                       # stopped early: free the server's cursor
+                try:
+                    self.meta.call("find.close", cursor=cursor)
+                except errors.DgfError:
+                    pass
+
+    def find_count(self, xpath: str, root: str = "/", timeout: float = 0.0) -> int:
+        result, _ = self.meta.call("find", xpath=xpath, root=root, timeout=timeout, count=True)
+        return int(result["count"])
+
+    def explain(self, xpath: str, root: str = "/") -> dict[str, Any]:
+        """How the metadata server would answer ``xpath``: which predicates use the index."""
+        result, _ = self.meta.call("find", xpath=xpath, root=root, explain=True)
+        return dict(result["explain"])
+
+    def save_query(self, name: str, xpath: str) -> None:
+        self.meta.call("query.save", name=name, xpath=xpath)
+
+    def saved_queries(self) -> dict[str, str]:
+        result, _ = self.meta.call("query.list")
+        return dict(result["queries"])
+
+    def remove_query(self, name: str) -> None:
+        self.meta.call("query.remove", name=name)
 
     # -- upload ---------------------------------------------------------------------------
 

@@ -168,8 +168,26 @@ class MetaEngine(ABC):
         """(path, object key, size) of every file at or under ``root``."""
 
     @abstractmethod
-    def scan_xattr(self, root: str, name: str) -> Iterator[tuple[str, bytes]]:
-        """(path, value) of every file under ``root`` that has xattr ``name``."""
+    def query_catalogue(self) -> Any:
+        """The catalogue of indexed element paths the planner resolves patterns against."""
+
+    @abstractmethod
+    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None
+                         ) -> Iterator[tuple[str, tuple[str, str, str], bytes | None]]:
+        """(path, (patient, study, series), XML if asked) of indexed files under ``root`` in ``plan``."""
+
+    @abstractmethod
+    def query_count(self, plan: Any) -> int:
+        """How many indexed files ``plan`` selects archive-wide."""
+
+    @abstractmethod
+    def save_query(self, name: str, xpath: str, owner: str) -> None: ...
+
+    @abstractmethod
+    def saved_queries(self) -> dict[str, str]: ...
+
+    @abstractmethod
+    def remove_query(self, name: str) -> None: ...
 
     @abstractmethod
     def identity(self, object_key: str) -> tuple[str, bytes, bytes] | None:

@@ -45,7 +45,7 @@ def xpath_number(text: str) -> float | None:
         return float(text)
     if not _HAS_DIGIT.search(text):
         return None
-    value = float(_XPATH_NUMBER(_DUMMY, v=text))
+    value = float(_XPATH_NUMBER(_DUMMY, v=text))  # type: ignore[arg-type]
     return None if math.isnan(value) else value
 
 
@@ -82,7 +82,7 @@ def index_header(xml: bytes) -> HeaderIndex:
             text = ""
             num = None
         else:
-            text = "".join(el.itertext()) if children else (el.text or "")
+            text = "".join(str(t) for t in el.itertext()) if children else (el.text or "")
             num = xpath_number(text) if text else None
             if len(text) > MAX_TEXT:
                 text = text[:MAX_TEXT] + LONG_MARK
@@ -94,6 +94,13 @@ def index_header(xml: bytes) -> HeaderIndex:
     if root.tag != "DicomHeader":
         raise ValueError("the header's root element is not DicomHeader.")
     visit(root, ROOT_KEY)
+    # One row per (key, text): repeated values (multi-valued attributes, items) add nothing, and
+    # the row of the first node in document order carries the flag.
+    unique: dict[tuple[str, str], tuple[str, str, float | None, bool]] = {}
+    for row in rows:
+        if (row[0], row[1]) not in unique:
+            unique[(row[0], row[1])] = row
+    rows = list(unique.values())
     for child in root:
         if child.tag in levels and not levels[child.tag]:
             levels[child.tag] = child.text or ""

@@ -115,7 +115,7 @@ class Planner:
                 return Plan()
             if inner.sql is None:
                 return NONE
-            return Plan(sa.except_(self.universe(), inner.sql))
+            return Plan(_compound(sa.except_, self.universe(), inner.sql))
         if node.name in ("contains", "starts-with") and len(node.args) == 2:
             return self.substring(node, ctx, single)
         self.note(node, "not indexed: evaluated on each candidate")
@@ -164,8 +164,8 @@ class Planner:
                 if not single and not plan.empty and not (last and preds_total == 1):
                     plan = replace(plan, exact=False)
                 plans.append(plan)
-        if not node.steps:                       # "/" selects the document node
-            return Plan()
+        if not node.steps:                       # "/": lxml returns no node for the document
+            return _inexact()
         keys = self.catalogue.resolve(regex)
         if not keys:
             self.note(node, "index: no header has this path")
@@ -208,6 +208,7 @@ class Planner:
         has_long = any(long for _, _, long in keys)
         text, num = values_t.c.text, values_t.c.num
         value = lit[0]
+        cond: Any
         if op in _RELATIONAL:
             bound = xpath_number(value) if isinstance(value, str) else value
             if bound is None or math.isnan(bound):
@@ -243,6 +244,7 @@ class Planner:
             self.note(node, "index: no header has this path")
             return NONE
         text = values_t.c.text
+        cond: Any
         if node.name == "contains":
             cond = (sa.func.instr(text, value) if self.dialect == "sqlite" else sa.func.strpos(text, value)) > 0
         else:

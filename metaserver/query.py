@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Generator, Iterable
 
 from lxml import etree
 
@@ -45,14 +45,15 @@ def compile_xpath(expr: str) -> tuple[etree.XPath, xpath.Node | None]:
     """lxml's compiled expression and our syntax tree, or a one-line error with the position."""
     if not expr.strip():
         raise errors.UsageError("the XPath expression is empty; try /DicomHeader[Modality='CT'].")
+    tree: xpath.Node | None = None
     try:
-        tree: xpath.Node | None = xpath.parse(expr)
-    except errors.UsageError:
+        tree = xpath.parse(expr)
+    except errors.UsageError as ours:
         try:
             etree.XPath(expr)
         except etree.XPathSyntaxError:
-            raise                                # both agree: ours says where
-        tree = None                              # lxml accepts more (extensions): scan
+            raise ours from None                 # both agree: ours says where
+        # lxml accepts more (its extensions): no plan, every header is evaluated
     try:
         return etree.XPath(expr, smart_strings=False), tree
     except etree.XPathSyntaxError as exc:
@@ -79,7 +80,7 @@ def show_values(doc: etree._Element, keywords: Iterable[str]) -> dict[str, str]:
 
 
 def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
-        deadline: float | None = None, level: str = "instance") -> Iterator[dict[str, Any]]:
+        deadline: float | None = None, level: str = "instance") -> Generator[dict[str, Any], None, None]:
     """Stream the matches: {"path", "values"} per file, or per group with ``level``."""
     if q.plan.empty:
         return
@@ -91,7 +92,7 @@ def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
         if deadline is not None and time.monotonic() > deadline:
             raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
         doc = etree.fromstring(xml, _PARSER) if xml is not None else None
-        if not q.plan.exact and not matches(q.compiled, doc):
+        if doc is not None and not q.plan.exact and not matches(q.compiled, doc):
             continue
         values = show_values(doc, show) if show and doc is not None else {}
         if grouping is None:

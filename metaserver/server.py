@@ -10,9 +10,14 @@ import argparse
 import base64
 import json
 import logging
+import re
+import secrets
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator
 
 import paramiko
 
@@ -42,7 +47,8 @@ POLICY: dict[str, frozenset[str]] = {
     "ns.mkdir": WRITERS, "ns.rename": WRITERS, "ns.unlink": WRITERS, "ns.rmdir": WRITERS,
     "ns.chmod": WRITERS,
     "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
-    "find": USERS,
+    "find": USERS, "find.next": USERS, "find.close": USERS,
+    "query.save": USERS, "query.list": USERS, "query.remove": WRITERS,
     "up.prepare": WRITERS, "up.commit": WRITERS,
     "down.resolve": USERS,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
@@ -52,6 +58,23 @@ POLICY: dict[str, frozenset[str]] = {
 
 #: xattrs the system writes; users may read them but never set or remove them.
 RESERVED_XATTR_PREFIX = "user.dgf."
+
+
+#: Query results travel in pages; a cursor idle longer than CURSOR_IDLE_S is closed.
+PAGE_ROWS = 5000
+PAGE_SECONDS = 0.5
+CURSOR_IDLE_S = 120.0
+MAX_CURSORS = 64
+#: The longest any query may run, whatever the client asks (--timeout can only lower it).
+QUERY_TIME_LIMIT_S = 300.0
+QUERY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass
+class _Cursor:
+    owner: str
+    rows: Generator[dict[str, Any], None, None]
+    used: float
 
 
 def _b64(data: bytes) -> str:
@@ -64,6 +87,10 @@ class MetaService(wire.Service):
         self.engine = engine
         self.vault = vault
         self._signing_key = signing_key
+        self.dialect = "sqlite" if getattr(engine, "is_sqlite", True) else "postgresql"
+        self.query_time_limit = QUERY_TIME_LIMIT_S
+        self._cursors: dict[str, _Cursor] = {}
+        self._cursor_lock = threading.Lock()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
         verb_name = header.get("v")
@@ -175,15 +202,98 @@ class MetaService(wire.Service):
 
     # -- query ----------------------------------------------------------------------------
 
-    @wire.verb("find", optional=("show", "limit", "timeout"), xpath=str, root=str, show=list,
-               limit=int, timeout=(int, float))
-    def find(self, p: Principal, xpath: str, root: str, show: list[str] | None = None,
-             limit: int = 0, timeout: float = 0.0) -> wire.Reply:
-        compiled = query.compile_xpath(xpath)  # a bad expression fails before any scan
-        rows = query.evaluate(self.engine.scan_xattr(root, query.HEADER_XATTR), compiled,
-                              [str(s) for s in show or []], limit, float(timeout))
-        body = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
-        return wire.Reply({}, payload=body)
+    @wire.verb("find", optional=("show", "limit", "timeout", "level", "count", "explain"), xpath=str,
+               root=str, show=list, limit=int, timeout=(int, float), level=str, count=bool, explain=bool)
+    def find(self, p: Principal, xpath: str, root: str, show: list[str] | None = None, limit: int = 0,
+             timeout: float = 0.0, level: str = "instance", count: bool = False,
+             explain: bool = False) -> wire.Reply:
+        """Files (or patient/study/series groups) whose header matches; results come in pages,
+        the first with this reply and the rest through ``find.next`` with the returned cursor."""
+        if level not in ("instance", *query.LEVELS):
+            raise errors.UsageError(f"--level must be instance, patient, study or series, not {level!r}.")
+        expr = self._saved_or(xpath)
+        q = query.prepare(expr, self.engine.query_catalogue(), self.dialect)
+        if explain:
+            return wire.Reply({"explain": q.explain()})
+        limit_s = min(float(timeout), self.query_time_limit) if timeout > 0 else self.query_time_limit
+        deadline = time.monotonic() + limit_s
+        if count:
+            return wire.Reply({"count": query.count(self.engine, q, root, deadline)})
+        rows = query.run(self.engine, q, root, [str(s) for s in show or []], limit, deadline, level)
+        return self._page(p, _Cursor(p.fingerprint, rows, time.monotonic()))
+
+    @wire.verb("find.next", cursor=str)
+    def find_next(self, p: Principal, cursor: str) -> wire.Reply:
+        with self._cursor_lock:
+            cur = self._cursors.get(cursor)
+            if cur is not None and cur.owner == p.fingerprint:
+                del self._cursors[cursor]          # in use: back in the table after this page
+            else:
+                cur = None
+        if cur is None:
+            raise errors.NotFound("the query cursor has expired or was never issued; run the query again.")
+        return self._page(p, cur)
+
+    @wire.verb("find.close", cursor=str)
+    def find_close(self, p: Principal, cursor: str) -> wire.Reply:
+        with self._cursor_lock:
+            cur = self._cursors.get(cursor)
+            if cur is not None and cur.owner == p.fingerprint:
+                del self._cursors[cursor]
+                cur.rows.close()
+        return wire.Reply({})
+
+    def _page(self, p: Principal, cur: "_Cursor") -> wire.Reply:
+        """Up to PAGE_ROWS rows or PAGE_SECONDS of work; the generator keeps its place."""
+        out = []
+        started = time.monotonic()
+        done = True
+        for row in cur.rows:
+            out.append(json.dumps(row).encode() + b"\n")
+            if len(out) >= PAGE_ROWS or time.monotonic() - started > PAGE_SECONDS:
+                done = False
+                break
+        token = None
+        if not done:
+            token = secrets.token_urlsafe(18)
+            cur.used = time.monotonic()
+            with self._cursor_lock:
+                self._expire_cursors()
+                self._cursors[token] = cur
+        return wire.Reply({"cursor": token}, payload=b"".join(out))
+
+    def _expire_cursors(self) -> None:
+        now = time.monotonic()
+        idle = sorted(self._cursors.items(), key=lambda kv: kv[1].used)
+        for i, (token, cur) in enumerate(idle):
+            if now - cur.used > CURSOR_IDLE_S or len(idle) - i > MAX_CURSORS:
+                del self._cursors[token]
+                cur.rows.close()
+
+    def _saved_or(self, xpath: str) -> str:
+        if not xpath.startswith("@"):
+            return xpath
+        saved = self.engine.saved_queries().get(xpath[1:])
+        if saved is None:
+            raise errors.NotFound(f"no saved query named {xpath[1:]!r}; see 'dgf query list'.")
+        return saved
+
+    @wire.verb("query.save", name=str, xpath=str)
+    def query_save(self, p: Principal, name: str, xpath: str) -> wire.Reply:
+        if not QUERY_NAME.fullmatch(name):
+            raise errors.UsageError(f"a query name is letters, digits, '.', '_' or '-' (not {name!r}).")
+        query.compile_xpath(xpath)
+        self.engine.save_query(name, xpath, p.name)
+        return wire.Reply({})
+
+    @wire.verb("query.list")
+    def query_list(self, p: Principal) -> wire.Reply:
+        return wire.Reply({"queries": self.engine.saved_queries()})
+
+    @wire.verb("query.remove", name=str)
+    def query_remove(self, p: Principal, name: str) -> wire.Reply:
+        self.engine.remove_query(name)
+        return wire.Reply({})
 
     # -- upload ---------------------------------------------------------------------------
 

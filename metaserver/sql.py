@@ -94,6 +94,13 @@ settings_t = sa.Table(
     sa.Column("name", sa.String, primary_key=True),
     sa.Column("value", sa.String, nullable=False),
 )
+queries_t = sa.Table(
+    "saved_queries", metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("xpath", sa.String, nullable=False),
+    sa.Column("owner", sa.String, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
 audit_t = sa.Table(
     "audit", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -504,7 +511,8 @@ class SqlEngine(MetaEngine):
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
                                                    xattrs.c.name.in_({r["name"] for r in xa_rows})))
                 conn.execute(xattrs.insert(), xa_rows)
-                headers = [(r["ino"], r["value"]) for r in xa_rows if r["name"] == index.HEADER_XATTR]
+                headers = [(inos[f.path], f.xattrs[index.HEADER_XATTR]) for f in files
+                           if index.HEADER_XATTR in f.xattrs]
                 self._unindex(conn, [ino for ino, _ in headers])
                 self._index(conn, headers)
             if dirs:
@@ -603,12 +611,6 @@ class SqlEngine(MetaEngine):
                 .order_by(sub.c.path)
             for row in conn.execution_options(stream_results=True).execute(query):
                 yield (row.path or "/"), row
-
-    def scan_xattr(self, root: str, name: str) -> Iterator[tuple[str, bytes]]:
-        query = sa.select(xattrs.c.value).join_from(
-            inodes, xattrs, sa.and_(xattrs.c.ino == inodes.c.id, xattrs.c.name == name))
-        for path, row in self._subtree(root, query):
-            yield path, bytes(row.value)
 
     # -- identity vault storage -----------------------------------------------------------
 
@@ -788,9 +790,28 @@ class SqlEngine(MetaEngine):
 
     def query_count(self, plan: Any) -> int:
         """How many indexed files ``plan`` selects, archive-wide (exact plans only)."""
-        source = sa.select(levels_t.c.ino) if plan is None else plan
-        return int(self._read(lambda c: c.execute(
-            sa.select(sa.func.count()).select_from(source.subquery())).scalar_one()))
+        source: Any = sa.select(levels_t.c.ino) if plan is None else plan
+        counted: Any = sa.select(sa.func.count()).select_from(source.subquery())
+
+        def run(conn: Connection) -> int:
+            return int(conn.execute(counted).scalar_one())
+        return self._read(run)
 
     def query_catalogue(self) -> Catalogue:
         return self._read(self.catalogue)
+
+    def save_query(self, name: str, xpath: str, owner: str) -> None:
+        def run(conn: Connection) -> None:
+            conn.execute(queries_t.delete().where(queries_t.c.name == name))
+            conn.execute(queries_t.insert().values(name=name, xpath=xpath, owner=owner, created=time.time()))
+        self._txn(run)
+
+    def saved_queries(self) -> dict[str, str]:
+        return self._read(lambda c: {r.name: r.xpath for r in c.execute(
+            sa.select(queries_t.c.name, queries_t.c.xpath).order_by(queries_t.c.name))})
+
+    def remove_query(self, name: str) -> None:
+        def run(conn: Connection) -> None:
+            if conn.execute(queries_t.delete().where(queries_t.c.name == name)).rowcount == 0:
+                raise errors.NotFound(f"no saved query named {name!r}.")
+        self._txn(run)

@@ -14,6 +14,7 @@ from dgf.client import Client
 
 from bench import synth
 from tests import corpus
+from tests.pg import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +77,11 @@ def copy_to(src: Path, dst_dir: Path, name: str | None = None) -> Path:
     target = dst_dir / (name or src.name)
     shutil.copyfile(src, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session; tests create their own databases."""
+    server = PostgresServer()
+    yield server
+    server.stop()

@@ -3,6 +3,8 @@ the documented exit statuses."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +85,29 @@ def test_cli_round_trip_and_errors(federation: local.Federation, tmp_path: Path)
 def test_local_status_and_down_messages(tmp_path: Path) -> None:
     proc = _run(["dgf", "local", "status", str(tmp_path / "none")])
     assert proc.returncode == 3 and "dgf local up" in proc.stderr
+
+
+def test_find_for_researchers(federation: local.Federation, tmp_path: Path) -> None:
+    clin, res = federation.config("clinician"), federation.config("researcher")
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        (src / name).write_bytes(corpus.file(name).read_bytes())
+    assert _run(["dgf_up", str(src), "-r", "--to", "/cohort"], clin).returncode == 0
+    ct = "/DicomHeader[Modality='CT' and SliceThickness <= 5]"
+    lines = _run(["dgf_find", ct, "/cohort", "--format", "jsonl", "--show", "Modality"], res).stdout.splitlines()
+    assert [json.loads(x)["values"] for x in lines] == [{"Modality": "CT"}]
+    study = _run(["dgf_find", "/DicomHeader", "/cohort", "--level", "study", "--format", "csv"], res)
+    rows = list(csv.reader(study.stdout.splitlines()))
+    assert rows[0] == ["StudyInstanceUID", "files", "path"] and len(rows) == 3 and rows[1][0].startswith("2.25.")
+    explain = _run(["dgf_find", "/DicomHeader[Modality='CT' and count(ImageType) > 1]", "--explain"], res)
+    assert "index, then XPath on each candidate" in explain.stdout and "index: 1 path(s): Modality='CT'" in explain.stdout
+    assert _run(["dgf", "query", "save", "ct-thin", ct], res).returncode == 0
+    assert _run(["dgf_find", "@ct-thin", "/cohort", "--count"], res).stdout.strip() == "1"
+    assert "ct-thin\t" in _run(["dgf", "query", "list"], res).stdout
+    unknown = _run(["dgf_find", "@nope"], res)
+    assert unknown.returncode == 3 and "no saved query named 'nope'" in unknown.stderr
+    bad = _run(["dgf", "query", "save", "broken", "/DicomHeader[Modality='CT'"], res)
+    assert bad.returncode == 2 and "column" in bad.stderr
+    gone = _run(["dgf", "query", "rm", "ct-thin"], res)
+    assert gone.returncode == 4          # researchers may use saved queries, writers remove them

@@ -78,8 +78,8 @@ class EngineContract:
         assert engine.listxattr("/x/1.dcm") == ["user.dgf.dicom", "user.tag"]
         with pytest.raises(errors.UsageError):
             engine.setxattr("/x/1.dcm", "trusted.x", b"v")
-        assert [p for p, _ in engine.scan_xattr("/", "user.dgf.dicom")] == ["/x/1.dcm", "/y/2.dcm"]
-        assert [p for p, _ in engine.scan_xattr("/y", "user.dgf.dicom")] == ["/y/2.dcm"]
+        assert [p for p, _, _ in engine.query_candidates("/", None, True)] == ["/x/1.dcm", "/y/2.dcm"]
+        assert [p for p, _, x in engine.query_candidates("/y", None, True)] == ["/y/2.dcm"]
         assert [p for p, _, _ in engine.walk_files("/x/1.dcm")] == ["/x/1.dcm"]
 
     def test_principals_sites_audit(self, engine: MetaEngine) -> None:
@@ -113,13 +113,6 @@ class TestSqliteEngine(EngineContract):
         e = SqlEngine(f"sqlite:///{tmp_path / 'meta.db'}")
         yield e
         e.close()
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    yield server
-    server.stop()
 
 
 _databases = itertools.count()

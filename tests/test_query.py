@@ -1,0 +1,243 @@
+"""The query planner gives what brute force gives: generated headers and XPath expressions,
+planner results compared with lxml evaluated on every header, on SQLite and on PostgreSQL; plus
+index maintenance through namespace changes, errors with positions, limits and time limits."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Iterator
+from xml.sax.saxutils import escape
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from lxml import etree
+
+from dgf import errors
+from metaserver import query
+from metaserver.engine import MetaEngine, NewFile
+from metaserver.sql import SqlEngine
+from tests.pg import PostgresServer
+
+# -- generated headers ------------------------------------------------------------------------
+
+CODES = st.sampled_from(["A", "B", "T-D4000", "ab", ""])
+NUMBERS = st.sampled_from(["0.5", "1", "1.0", " 2 ", "2.5e0", "1e", "-3", ".5", "abc", "", "10", "1E-1"])
+WORDS = st.sampled_from(["CT", "MR", "ct", "CHEST", "CHEST CT", "AXIAL", "ORIGINAL", "", "x" * 300,
+                         "x" * 300 + "y", "a%b_c", "é€"])
+DATES = st.sampled_from(["20190101", "20211231", "20240229", "", "2019"])
+
+
+def _el(name: str, text: str) -> str:
+    return f'<{name} tag="00000000" vr="XX">{escape(text)}</{name}>'
+
+
+@st.composite
+def items(draw: st.DrawFn, depth: int) -> str:
+    parts = []
+    for _ in range(draw(st.integers(0, 2))):
+        inner = [_el("CodeValue", draw(CODES)) for _ in range(draw(st.integers(0, 2)))]
+        if draw(st.booleans()):
+            inner.append(_el("CodeMeaning", draw(WORDS)))
+        if depth < 2 and draw(st.booleans()):
+            inner.append(f"<ConceptCodeSequence>{draw(items(depth + 1))}</ConceptCodeSequence>")
+        parts.append("<Item>" + "".join(inner) + "</Item>")
+    return "".join(parts)
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> bytes:
+    parts = []
+    for kw, values in (("Modality", WORDS), ("PatientSex", st.sampled_from(["F", "M", "O"])),
+                       ("SliceThickness", NUMBERS), ("StudyDate", DATES), ("StudyDescription", WORDS)):
+        if draw(st.integers(0, 4)):
+            parts.append(_el(kw, draw(values)))
+    parts += [_el("ImageType", draw(WORDS)) for _ in range(draw(st.integers(0, 3)))]
+    if draw(st.booleans()):
+        parts.append(f"<ProcedureCodeSequence>{draw(items(0))}</ProcedureCodeSequence>")
+    if draw(st.booleans()):
+        parts.append('<PrivateElement tag="00090010" vr="LO">x</PrivateElement>')
+    parts.append(_el("StudyInstanceUID", draw(st.sampled_from(["1.2.1", "1.2.2"]))))
+    return ("<DicomHeader>" + "".join(parts) + "</DicomHeader>").encode()
+
+
+# -- generated expressions --------------------------------------------------------------------
+
+def _lit(s: str) -> str:
+    return "'" + s + "'" if "'" not in s else '"' + s + '"'
+
+
+TOP = st.sampled_from(["Modality", "PatientSex", "SliceThickness", "StudyDate", "StudyDescription",
+                       "ImageType", "ProcedureCodeSequence/Item/CodeValue", ".//CodeValue",
+                       "ProcedureCodeSequence/Item/CodeMeaning", "*/Item/CodeValue", "Missing",
+                       ".//ConceptCodeSequence/Item/CodeValue", "ProcedureCodeSequence/Item[CodeValue='A']/CodeMeaning"])
+IN_ITEM = st.sampled_from(["CodeValue", "CodeMeaning", "ConceptCodeSequence/Item/CodeValue", ".//CodeValue"])
+LITERALS = st.one_of(WORDS.map(_lit), CODES.map(_lit), NUMBERS.map(_lit), DATES.map(_lit),
+                     st.sampled_from(["1", "0.5", "-3", "2.5", "20190101", "20210000"]))
+OPS = st.sampled_from(["=", "!=", "<", "<=", ">", ">="])
+
+
+def predicates(paths: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    atom = st.one_of(
+        st.builds(lambda p, o, v: f"{p} {o} {v}", paths, OPS, LITERALS),
+        st.builds(lambda v, o, p: f"{v} {o} {p}", LITERALS, OPS, paths),
+        st.builds(lambda f, p, v: f"{f}({p}, {v})", st.sampled_from(["contains", "starts-with"]), paths,
+                  st.one_of(WORDS, CODES, st.sampled_from(["HE", "T-", "x" * 299])).map(_lit)),
+        paths,
+        st.builds(lambda p: f"boolean({p})", paths),
+        st.sampled_from(["true()", "false()", "count(ImageType) > 1", "string-length(Modality) = 2",
+                         "substring-before(SliceThickness, '.') = '1'"]),
+    )
+    return st.recursive(atom, lambda inner: st.one_of(
+        st.builds(lambda a, b: f"({a} and {b})", inner, inner),
+        st.builds(lambda a, b: f"({a} or {b})", inner, inner),
+        st.builds(lambda a: f"not({a})", inner)), max_leaves=4)
+
+
+EXPRESSIONS = st.one_of(
+    predicates(TOP).map(lambda p: f"/DicomHeader[{p}]"),
+    predicates(TOP),
+    st.builds(lambda a, b: f"/DicomHeader[{a}][{b}]", predicates(TOP), predicates(TOP)),
+    predicates(IN_ITEM).map(lambda p: f"//ProcedureCodeSequence/Item[{p}]"),
+    predicates(IN_ITEM).map(lambda p: f"/DicomHeader/ProcedureCodeSequence/Item[{p}]/CodeValue"),
+    predicates(IN_ITEM).map(lambda p: f"//Item[{p}]"),
+    st.sampled_from(["/DicomHeader", "/", "//CodeValue", "/*/ImageType[2]", "/Other", "//Item/..",
+                     "/DicomHeader/ImageType[.='AXIAL']", "//*[CodeValue='A']"]),
+)
+
+
+def brute_force(docs: dict[str, bytes], expr: str) -> list[str]:
+    compiled = etree.XPath(expr)
+    return sorted(p for p, x in docs.items() if compiled(etree.fromstring(x)))
+
+
+_batches = itertools.count()
+
+
+def check_planner(engine: SqlEngine, docs: list[bytes], expr: str) -> None:
+    top = f"/q{next(_batches)}"
+    files = [NewFile(f"{top}/f{i}", f"{hash((top, i)) & (2**64 - 1):064x}", 1, "s",
+                     {"user.dgf.dicom": x}) for i, x in enumerate(docs)]
+    engine.create_files(files)
+    q = query.prepare(expr, engine.query_catalogue(), "sqlite" if engine.is_sqlite else "postgresql")
+    got = sorted(r["path"] for r in query.run(engine, q, top, []))
+    assert got == brute_force({f.path: f.xattrs["user.dgf.dicom"] for f in files}, expr), q.explain()
+
+
+@pytest.fixture(scope="module")
+def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqlEngine]:
+    e = SqlEngine(f"sqlite:///{tmp_path_factory.mktemp('q') / 'meta.db'}")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def pg_engine(postgres: PostgresServer) -> Iterator[SqlEngine]:
+    e = SqlEngine(postgres.create_database("planner"))
+    yield e
+    e.close()
+
+
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                           HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(docs=st.lists(headers(), min_size=1, max_size=8), expr=EXPRESSIONS)
+def test_planner_equals_brute_force_sqlite(sqlite_engine: SqlEngine, docs: list[bytes], expr: str) -> None:
+    check_planner(sqlite_engine, docs, expr)
+
+
+@settings(PROPERTY, max_examples=150)
+@given(docs=st.lists(headers(), min_size=1, max_size=8), expr=EXPRESSIONS)
+def test_planner_equals_brute_force_postgresql(pg_engine: SqlEngine, docs: list[bytes], expr: str) -> None:
+    check_planner(pg_engine, docs, expr)
+
+
+# -- index maintenance and behaviour ----------------------------------------------------------
+
+def _hdr(modality: str, study: str = "1.2.3", series: str = "1.2.3.4") -> bytes:
+    return (f"<DicomHeader>{_el('PatientID', 'P1')}{_el('StudyInstanceUID', study)}"
+            f"{_el('SeriesInstanceUID', series)}{_el('Modality', modality)}</DicomHeader>").encode()
+
+
+def _paths(engine: MetaEngine, expr: str, root: str = "/", **kw: object) -> list[str]:
+    q = query.prepare(expr, engine.query_catalogue(), "sqlite")
+    return sorted(r["path"] for r in query.run(engine, q, root, [], **kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def engine(tmp_path: Path) -> Iterator[SqlEngine]:
+    e = SqlEngine(f"sqlite:///{tmp_path / 'meta.db'}")
+    yield e
+    e.close()
+
+
+def test_index_follows_namespace_changes(engine: SqlEngine) -> None:
+    engine.create_files([NewFile("/a/1", "1" * 64, 1, "s", {"user.dgf.dicom": _hdr("CT")}),
+                         NewFile("/a/2", "2" * 64, 1, "s", {"user.dgf.dicom": _hdr("MR")})])
+    ct = "/DicomHeader[Modality='CT']"
+    assert _paths(engine, ct) == ["/a/1"]
+    engine.rename("/a", "/b")
+    assert _paths(engine, ct) == ["/b/1"] and _paths(engine, ct, "/b") == ["/b/1"]
+    engine.create_files([NewFile("/b/1", "3" * 64, 1, "s", {"user.dgf.dicom": _hdr("MR")})], replace=True)
+    assert _paths(engine, ct) == [] and _paths(engine, "/DicomHeader[Modality='MR']") == ["/b/1", "/b/2"]
+    engine.setxattr("/b/2", "user.dgf.dicom", _hdr("CT"))
+    assert _paths(engine, ct) == ["/b/2"]
+    engine.unlink("/b/2")
+    assert _paths(engine, ct) == []
+    engine.removexattr("/b/1", "user.dgf.dicom")
+    assert _paths(engine, "/DicomHeader") == []
+
+
+def test_levels_limit_and_count(engine: SqlEngine) -> None:
+    engine.create_files([NewFile(f"/p/s{i % 2}/{i}", f"{i:064x}", 1, "s",
+                                 {"user.dgf.dicom": _hdr("CT", series=f"1.{i % 2}")}) for i in range(6)])
+    q = query.prepare("/DicomHeader[Modality='CT']", engine.query_catalogue(), "sqlite")
+    series = list(query.run(engine, q, "/", [], level="series"))
+    assert sorted((g["SeriesInstanceUID"], g["files"], g["path"]) for g in series) == [
+        ("1.0", 3, "/p/s0"), ("1.1", 3, "/p/s1")]
+    assert [g["files"] for g in query.run(engine, q, "/", [], level="study")] == [6]
+    assert len(list(query.run(engine, q, "/", [], limit=4))) == 4
+    assert query.count(engine, q, "/") == 6 and query.count(engine, q, "/p/s1") == 3
+    assert q.explain()["strategy"] == "index only"
+
+
+def test_invalid_xpath_names_position_and_token() -> None:
+    with pytest.raises(errors.UsageError, match=r"column 23 near '\]'"):
+        query.compile_xpath("/DicomHeader[Modality=]")
+    with pytest.raises(errors.UsageError, match="unterminated string literal"):
+        query.compile_xpath("/DicomHeader[Modality='CT]")
+    with pytest.raises(errors.UsageError, match="empty"):
+        query.compile_xpath("  ")
+
+
+def test_time_limit_stops_a_scan(engine: SqlEngine) -> None:
+    engine.create_files([NewFile(f"/t/{i}", f"{i:064x}", 1, "s", {"user.dgf.dicom": _hdr("CT")})
+                         for i in range(300)])
+    q = query.prepare("count(//*) > 1", engine.query_catalogue(), "sqlite")
+    assert q.explain()["strategy"] == "scan of every header"
+    with pytest.raises(errors.QueryTimeout):
+        list(query.run(engine, q, "/", [], deadline=time.monotonic() - 1))
+
+
+def test_results_stream_in_pages_through_cursors(engine: SqlEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dgf.types import Principal
+    from metaserver import server
+
+    engine.create_files([NewFile(f"/c/{i:03d}", f"{i:064x}", 1, "s", {"user.dgf.dicom": _hdr("CT")})
+                         for i in range(25)])
+    monkeypatch.setattr(server, "PAGE_ROWS", 10)
+    service = server.MetaService(engine, None, None)  # type: ignore[arg-type]
+    me, other = Principal("r", "researcher", "k", "fp-r"), Principal("o", "researcher", "k", "fp-o")
+    reply = service.find(me, "/DicomHeader[Modality='CT']", "/c")
+    pages = [reply.payload or b""]
+    while reply.result["cursor"]:
+        with pytest.raises(errors.NotFound):          # a cursor is its owner's only
+            service.find_next(other, reply.result["cursor"])
+        reply = service.find_next(me, reply.result["cursor"])
+        pages.append(reply.payload or b"")
+    assert [p.count(b"\n") for p in pages] == [10, 10, 5]
+    with pytest.raises(errors.UsageError, match="--level"):
+        service.find(me, "/DicomHeader", "/c", level="image")
