@@ -39,12 +39,12 @@ def xpath_number(text: str) -> float | None:
     """XPath 1.0 ``number()`` of a string as lxml computes it; None for NaN.
 
     Plain decimals convert exactly as Python's float() does (checked against libxml2); anything
-    else with a digit in it (exponents, which libxml2 accepts) asks libxml2 itself.
+    else that could be a number (exponents, which libxml2 accepts) asks libxml2 itself.
     """
     if _PLAIN_NUMBER.fullmatch(text):
         return float(text)
-    if not _HAS_DIGIT.search(text):
-        return None
+    if text.count(".") > 1 or not _HAS_DIGIT.search(text):
+        return None                          # UIDs, names, codes: never a number
     value = float(_XPATH_NUMBER(_DUMMY, v=text))  # type: ignore[arg-type]
     return None if math.isnan(value) else value
 
@@ -74,22 +74,22 @@ def index_header(xml: bytes) -> HeaderIndex:
     levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
 
     def visit(el: etree._Element, key: str) -> None:
-        name = el.tag
-        children = [c for c in el if isinstance(c.tag, str)]
         first = key not in seen
         seen.add(key)
-        if not comparable(name):
-            text = ""
-            num = None
+        n_children = len(el)
+        if not comparable(el.tag):
+            text, num = "", None
         else:
-            text = "".join(str(t) for t in el.itertext()) if children else (el.text or "")
+            text = "".join(str(t) for t in el.itertext()) if n_children else (el.text or "")
             num = xpath_number(text) if text else None
             if len(text) > MAX_TEXT:
                 text = text[:MAX_TEXT] + LONG_MARK
                 long_keys.add(key)
         rows.append((key, text, num, first))
-        for child in children:
-            visit(child, key + "/" + child.tag)
+        if n_children:
+            for child in el:
+                if isinstance(child.tag, str):
+                    visit(child, key + "/" + child.tag)
 
     if root.tag != "DicomHeader":
         raise ValueError("the header's root element is not DicomHeader.")

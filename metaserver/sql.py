@@ -392,8 +392,15 @@ class SqlEngine(MetaEngine):
                 raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
         ids = self._key_id_map(conn, {k for _, h in indexed for k, _, _, _ in h.rows},
                                set().union(*(h.long_keys for _, h in indexed)))
-        conn.execute(values_t.insert(), [{"key": ids[k], "text": t, "ino": ino, "num": n, "first": f}
-                                         for ino, h in indexed for k, t, n, f in h.rows])
+        # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
+        rows = [(ids[k], t, ino, n, f) for ino, h in indexed for k, t, n, f in h.rows]
+        if self.is_sqlite:
+            conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, num, "first") VALUES (?, ?, ?, ?, ?)', rows)
+        else:
+            with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
+                    'COPY hvalues ("key", text, ino, num, "first") FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row(row)
         conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
                                           "series": h.series} for ino, h in indexed])
 
