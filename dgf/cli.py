@@ -314,6 +314,50 @@ main.add_command(find_cmd)
 main.add_command(query_group)
 
 
+@main.command("mount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--identified", is_flag=True, help="Files read as the exact originals, with patient identity "
+              "(clinicians only; every open is an audited release).")
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (Ctrl-C unmounts).")
+@click.option("-o", "mount_options", metavar="ro", default="", help="Mount options; 'ro' mounts read-only.")
+@config_option
+@_run
+def mount_cmd(mountpoint: str, identified: bool, foreground: bool, mount_options: str, config: str | None) -> None:
+    """Show the archive as a directory at MOUNTPOINT (FUSE).
+
+    Files read as de-identified DICOM; 'getfattr -n user.dgf.dicom FILE' prints the XML header.
+    Copying a DICOM file in uploads it (de-identified) at that path. MOUNTPOINT/.find/<XPath>/
+    lists matches as symlinks (XPath percent-encoded, or a predicate like Modality='CT');
+    MOUNTPOINT/.queries/NAME/ lists a saved query's matches. Changes made elsewhere show up
+    within 10 seconds.
+
+    \b
+    Examples:
+      dgf mount ~/pacs && ls -l ~/pacs
+      getfattr -n user.dgf.dicom ~/pacs/P123/study/series/1.dcm
+      ls ~/pacs/.find/"Modality='CT' and SliceThickness <= 1"
+      dgf umount ~/pacs
+    """
+    from dgf import fuse
+
+    opts = {o.strip() for o in mount_options.split(",") if o.strip()}
+    unknown = opts - {"ro", "rw"}
+    if unknown:
+        raise errors.UsageError(f"unknown mount option {sorted(unknown)[0]!r}; dgf mount knows 'ro'.")
+    fuse.mount(mountpoint, config, identified, foreground, "ro" in opts)
+
+
+@main.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--lazy", is_flag=True, help="Detach now even if files are open; finish when they close.")
+@_run
+def umount_cmd(mountpoint: str, lazy: bool) -> None:
+    """Unmount a dgf mount."""
+    from dgf import fuse
+
+    fuse.umount(mountpoint, lazy)
+
+
 def _print_stats(stats: Any, long: bool) -> None:
     for st in stats:
         name = st.path.rsplit("/", 1)[-1] or "/"

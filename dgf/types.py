@@ -10,6 +10,8 @@ ROLES = ("admin", "clinician", "researcher", "site")
 #: Roles that may receive patient identity (re-identified files, the identity record).  Admins
 #: manage principals but see identity only if they also hold a clinician principal.
 IDENTITY_ROLES = frozenset({"clinician"})
+#: Roles that may change the namespace (upload, mkdir, rename, remove).
+WRITER_ROLES = frozenset({"admin", "clinician"})
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import paramiko
 
 from dgf import crypto, errors, wire
 from dgf.config import MetaserverConfig
-from dgf.types import IDENTITY_ROLES, ROLES, Principal, Site
+from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
 from dgf.dicom.profile import OPTIONS, Options
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile
@@ -34,7 +34,7 @@ log = logging.getLogger("dgf.metaserver")
 
 SUBSYSTEM = "dgf-meta"
 USERS = frozenset({"admin", "clinician", "researcher"})
-WRITERS = frozenset({"admin", "clinician"})
+WRITERS = WRITER_ROLES
 
 #: Which roles may call which verb.  Researchers read de-identified data and annotate with their
 #: own user.* attributes; writers change the namespace; sites only register and learn keys.

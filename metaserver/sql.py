@@ -193,6 +193,7 @@ class SqlEngine(MetaEngine):
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA cache_size=-131072")  # 128 MiB: the header index is large
         cur.close()
 
     def close(self) -> None:
@@ -394,6 +395,7 @@ class SqlEngine(MetaEngine):
                                set().union(*(h.long_keys for _, h in indexed)))
         # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
         rows = [(ids[k], t, ino, n, f) for ino, h in indexed for k, t, n, f in h.rows]
+        rows.sort(key=lambda r: (r[0], r[1]))     # in key order: each index page is touched once
         if self.is_sqlite:
             conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, num, "first") VALUES (?, ?, ?, ?, ?)', rows)
         else:

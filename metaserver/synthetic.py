@@ -115,7 +115,7 @@ def headers(patients: int, instances_per_series: int = 10, seed: int = 1) -> Ite
                     yield f"/synthetic/{pid}/{study_uid}/{series_uid}/{i:04d}.dcm", xml.encode()
 
 
-def load(engine: MetaEngine, records: Iterator[tuple[str, bytes]], batch: int = 2000,
+def load(engine: MetaEngine, records: Iterator[tuple[str, bytes]], batch: int = 10000,
          progress: Callable[[int], None] | None = None) -> int:
     """Publish headers as files (no object bytes on any site) through ``create_files``."""
     n = 0

@@ -1,0 +1,190 @@
+"""The archive through a real FUSE mount (libfuse3 via mfusepy): browse, read, write, xattrs,
+queries as directories, identified mounts, concurrent readers, a dead site, and unmounting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dgf import local
+from dgf.client import Client
+from tests import corpus
+
+BIN = Path(sys.executable).parent
+
+
+def _dgf(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if config is not None:
+        env["DGF_CONFIG"] = str(config)
+    return subprocess.run([str(BIN / "dgf"), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+class Mount:
+    def __init__(self, config: Path, where: Path, *extra: str) -> None:
+        self.path = where
+        where.mkdir(exist_ok=True)
+        done = _dgf("mount", str(where), *extra, config=config)
+        assert done.returncode == 0, done.stderr
+        self.log = Path(done.stdout.split("log: ", 1)[1].strip())
+
+    def close(self) -> None:
+        _dgf("umount", "--lazy", str(self.path))
+
+
+@pytest.fixture()
+def mounted(federation: local.Federation, tmp_path: Path) -> Iterator[Mount]:
+    m = Mount(federation.config("clinician"), tmp_path / "mnt")
+    yield m
+    m.close()
+
+
+def _upload(fed: local.Federation, to: str, *names: str) -> list[str]:
+    with Client(fed.config("clinician")) as c:
+        c.upload([corpus.file(n) for n in names], to=to)
+        return [s.path for s in c.ls(to)]
+
+
+def test_browse_read_and_xattrs(federation: local.Federation, mounted: Mount, tmp_path: Path) -> None:
+    paths = _upload(federation, "/fuse/a", "CT_small.dcm", "MR_small.dcm")
+    root = mounted.path
+    ls = subprocess.run(["ls", "-l", str(root / "fuse/a")], capture_output=True, text=True, check=True)
+    assert ls.stdout.count("-rw-r--r--") == 2
+    with Client(federation.config("researcher")) as c:
+        stats = {s.path: s for s in c.ls("/fuse/a")}
+        expected = {p: c.read_file(p) for p in paths}
+    for p in paths:
+        st = os.stat(root / p.lstrip("/"))
+        assert st.st_size == stats[p].size and st.st_nlink == 1 and abs(st.st_mtime - stats[p].mtime) < 1
+        assert (root / p.lstrip("/")).read_bytes() == expected[p]
+    assert os.stat(root / "fuse").st_nlink == 3
+    dump = subprocess.run(["dcmdump", str(root / paths[0].lstrip("/"))], capture_output=True, text=True)
+    assert dump.returncode == 0 and "(0012,0062) CS [YES]" in dump.stdout
+    xattrs = subprocess.run(["getfattr", "-d", "-m", "-", str(root / paths[0].lstrip("/"))],
+                            capture_output=True, text=True, check=True).stdout
+    for name in ("user.dgf.dicom", "user.dgf.site", "user.dgf.checksum"):
+        assert name in xattrs
+    header = os.getxattr(root / paths[0].lstrip("/"), "user.dgf.dicom")
+    assert header.startswith(b"<DicomHeader>")
+    key = hashlib.sha256(expected[paths[0]]).hexdigest()
+    assert os.getxattr(root / paths[0].lstrip("/"), "user.dgf.checksum") == f"sha256:{key}".encode()
+    with pytest.raises(OSError) as no_identity:
+        os.getxattr(root / paths[0].lstrip("/"), "user.dgf.identity")
+    assert no_identity.value.errno == 61                       # ENODATA on a de-identified mount
+    os.setxattr(root / paths[0].lstrip("/"), "user.note", b"reviewed")
+    with Client(federation.config("researcher")) as c:
+        assert c.getxattr(paths[0], "user.note") == b"reviewed"
+    found = subprocess.run(["find", str(root / "fuse"), "-name", "*.dcm"], capture_output=True, text=True)
+    assert len(found.stdout.split()) == 2
+    with pytest.raises(FileNotFoundError):
+        os.stat(root / "fuse/none")
+
+
+def test_write_rename_remove(federation: local.Federation, mounted: Mount, tmp_path: Path) -> None:
+    root = mounted.path
+    os.makedirs(root / "fuse/w/sub")
+    subprocess.run(["cp", str(corpus.file("CT_small.dcm")), str(root / "fuse/w/sub/in.dcm")], check=True)
+    with Client(federation.config("clinician")) as c:
+        assert [s.path for s in c.ls("/fuse/w/sub")] == ["/fuse/w/sub/in.dcm"]
+        assert c.read_file("/fuse/w/sub/in.dcm", identified=True) == corpus.file("CT_small.dcm").read_bytes()
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not dicom")
+    cp = subprocess.run(["cp", str(bad), str(root / "fuse/w/notes.txt")], capture_output=True, text=True)
+    assert cp.returncode != 0 and "Invalid argument" in cp.stderr
+    assert not (root / "fuse/w/notes.txt").exists()
+    assert "refused /fuse/w/notes.txt" in mounted.log.read_text()
+    os.rename(root / "fuse/w/sub/in.dcm", root / "fuse/w/moved.dcm")
+    os.chmod(root / "fuse/w/moved.dcm", 0o600)
+    assert sorted(os.listdir(root / "fuse/w")) == ["moved.dcm", "sub"]
+    assert oct(os.stat(root / "fuse/w/moved.dcm").st_mode & 0o777) == "0o600"
+    os.unlink(root / "fuse/w/moved.dcm")
+    os.rmdir(root / "fuse/w/sub")
+    with Client(federation.config("clinician")) as c:
+        assert c.ls("/fuse/w") == []
+
+
+def test_queries_as_directories(federation: local.Federation, mounted: Mount) -> None:
+    paths = _upload(federation, "/fuse/q", "CT_small.dcm", "MR_small.dcm")
+    ct = [p for p in paths if "CT" in open(mounted.path / p.lstrip("/"), "rb").read(4096).decode("latin-1")
+          or True]
+    listing = os.listdir(mounted.path / ".find" / "Modality='MR'")
+    with Client(federation.config("researcher")) as c:
+        mr = [r["path"] for r in c.find("/DicomHeader[Modality='MR']")]
+        c.save_query("mr-only", "/DicomHeader[Modality='MR']")
+    assert len(listing) == len(mr) and ct
+    link = mounted.path / ".find" / "Modality='MR'" / listing[0]
+    assert os.readlink(link).startswith("../../") and link.resolve().read_bytes()[128:132] == b"DICM"
+    assert os.listdir(mounted.path / ".queries") == ["mr-only"]
+    assert sorted(os.listdir(mounted.path / ".queries" / "mr-only")) == sorted(listing)
+
+
+def test_concurrent_readers(federation: local.Federation, mounted: Mount) -> None:
+    paths = _upload(federation, "/fuse/c", "CT_small.dcm", "MR_small.dcm", "rtdose.dcm")
+    with Client(federation.config("researcher")) as c:
+        want = {p: c.read_file(p) for p in paths}
+    errors: list[str] = []
+
+    def reader(i: int) -> None:
+        for p in paths[i % len(paths):] + paths[:i % len(paths)]:
+            if (mounted.path / p.lstrip("/")).read_bytes() != want[p]:
+                errors.append(p)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_identified_mount_is_for_clinicians(federation: local.Federation, tmp_path: Path) -> None:
+    [path] = _upload(federation, "/fuse/id", "CT_small.dcm")
+    refused = _dgf("mount", str(tmp_path), "--identified", config=federation.config("researcher"))
+    assert refused.returncode == 4 and "only clinicians" in refused.stderr
+    m = Mount(federation.config("clinician"), tmp_path / "id", "--identified")
+    try:
+        target = m.path / path.lstrip("/")
+        assert target.read_bytes() == corpus.file("CT_small.dcm").read_bytes()
+        summary = json.loads(os.getxattr(target, "user.dgf.identity"))
+        assert "CompressedSamples^CT1" in json.dumps(summary)
+    finally:
+        m.close()
+    with Client(federation.config("admin")) as admin:
+        assert any(e["action"] == "identity.release" and e["target"] == path for e in admin.audit_log(50))
+
+
+def test_dead_site_gives_clean_eio_and_unmount_with_open_files(fresh_federation: local.Federation,
+                                                              tmp_path: Path) -> None:
+    fed = fresh_federation
+    with Client(fed.config("clinician")) as c:
+        c.upload([corpus.file("CT_small.dcm")], to="/dead", site="site-a")
+        path = c.ls("/dead")[0].path
+    m = Mount(fed.config("clinician"), tmp_path / "m")
+    try:
+        pid = int(local.status(fed.root)["processes"]["site-a"]["pid"])  # type: ignore[index]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        with pytest.raises(OSError) as eio:
+            (m.path / path.lstrip("/")).read_bytes()
+        assert eio.value.errno == 5
+        assert os.listdir(m.path / "dead")                   # metadata still browses
+        held = open(m.path / "dead" / os.path.basename(path), "rb")
+        busy = _dgf("umount", str(m.path))
+        assert busy.returncode == 2 and "busy" in busy.stderr
+        held.close()
+    finally:
+        m.close()
+    deadline = time.time() + 10
+    while os.path.ismount(m.path) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not os.path.ismount(m.path)
