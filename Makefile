@@ -7,8 +7,9 @@ DEMO   ?= demo-federation
 
 .PHONY: demo test typecheck bench clean system-deps
 
-# Debian packages the tests use: dcmtk (xml2dcm, XML export round trip) and postgresql (the
-# engine contract runs on a real server, started by the tests themselves).
+# Debian packages the tests use: dcmtk (xml2dcm, XML export round trip), postgresql (the
+# engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
+# mounted for real) and attr (getfattr on the mount).
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,8 @@ system-deps:
 	@missing=""; \
 	command -v xml2dcm >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$missing; \
