@@ -596,6 +596,8 @@ def mount(mountpoint: str, config: str | None, identified: bool, foreground: boo
     target = Path(mountpoint)
     if not target.is_dir():
         raise errors.NotADirectory(f"{mountpoint} is not a directory; create it first.")
+    if os.path.ismount(target):
+        raise errors.AlreadyExists(f"{mountpoint} is already a mount point; 'dgf umount {mountpoint}' first.")
     if shutil.which("fusermount3") is None and os.geteuid() != 0:
         raise errors.UsageError("FUSE is not installed; install the Debian package fuse3.")
     cache = Path(cfg.cache_dir) / "mount"
@@ -617,12 +619,18 @@ def mount(mountpoint: str, config: str | None, identified: bool, foreground: boo
         # An original is longer than the stored object the attributes describe: reads must reach
         # us unclipped by the kernel's idea of the size.
         options["direct_io"] = True
-    mfusepy.FUSE(ops, str(target), foreground=foreground, **options)
+    try:
+        mfusepy.FUSE(ops, str(target), foreground=foreground, **options)
+    except RuntimeError as exc:
+        raise errors.UsageError(f"cannot mount {mountpoint} ({exc}); is it already mounted, and is "
+                                "/dev/fuse usable here?") from exc
 
 
 def umount(mountpoint: str, lazy: bool = False) -> None:
     import subprocess
 
+    if not os.path.ismount(mountpoint):
+        raise errors.UsageError(f"{mountpoint} is not mounted.")
     tool = ["fusermount3", "-u"] if shutil.which("fusermount3") else ["umount"]
     cmd = [*tool, *(["-z"] if lazy else []), mountpoint]
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -114,17 +114,15 @@ def test_write_rename_remove(federation: local.Federation, mounted: Mount, tmp_p
 
 
 def test_queries_as_directories(federation: local.Federation, mounted: Mount) -> None:
-    paths = _upload(federation, "/fuse/q", "CT_small.dcm", "MR_small.dcm")
-    ct = [p for p in paths if "CT" in open(mounted.path / p.lstrip("/"), "rb").read(4096).decode("latin-1")
-          or True]
+    _upload(federation, "/fuse/q", "CT_small.dcm", "MR_small.dcm")
     listing = os.listdir(mounted.path / ".find" / "Modality='MR'")
     with Client(federation.config("researcher")) as c:
         mr = [r["path"] for r in c.find("/DicomHeader[Modality='MR']")]
         c.save_query("mr-only", "/DicomHeader[Modality='MR']")
-    assert len(listing) == len(mr) and ct
+    assert len(listing) == len(mr) >= 1
     link = mounted.path / ".find" / "Modality='MR'" / listing[0]
     assert os.readlink(link).startswith("../../") and link.resolve().read_bytes()[128:132] == b"DICM"
-    assert os.listdir(mounted.path / ".queries") == ["mr-only"]
+    assert "mr-only" in os.listdir(mounted.path / ".queries")
     assert sorted(os.listdir(mounted.path / ".queries" / "mr-only")) == sorted(listing)
 
 
