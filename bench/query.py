@@ -58,7 +58,7 @@ def run_queries(engine: SqlEngine, dialect: str, runs: int) -> dict[str, dict[st
         times, n = [], 0
         for _ in range(runs):
             t = time.perf_counter()
-            q = query.prepare(expr, engine.query_catalogue(), dialect)
+            q = query.prepare(expr, engine.query_catalogue(), dialect, engine.query_estimate)
             n = sum(1 for _ in query.run(engine, q, "/", [], level=LEVEL.get(name, "instance")))
             times.append(time.perf_counter() - t)
         out[name] = {"rows": n, "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * pct(times, 0.95),
@@ -86,7 +86,7 @@ def bench_backend(url: str, dialect: str, patients: int, runs: int, scan: bool) 
                                  "db_bytes": db_size(engine, url), "queries": run_queries(engine, dialect, runs)}
     if scan:
         t = time.perf_counter()
-        q = query.prepare(SCAN, engine.query_catalogue(), dialect)
+        q = query.prepare(SCAN, engine.query_catalogue(), dialect, engine.query_estimate)
         rows = sum(1 for _ in query.run(engine, q, "/", []))
         result["scan"] = {"expression": SCAN, "rows": rows, "seconds": time.perf_counter() - t,
                           "strategy": q.explain()["strategy"]}
@@ -109,7 +109,7 @@ def gfarm_style(url: str, runs: int) -> dict[str, object]:
                     "xpath_exists(:x, convert_from(value, 'UTF8')::xml)"), {"x": expr}).scalar_one()
                 per_file.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                q = query.prepare(expr, engine.query_catalogue(), "postgresql")
+                q = query.prepare(expr, engine.query_catalogue(), "postgresql", engine.query_estimate)
                 mine = sum(1 for _ in query.run(engine, q, "/", []))
                 ours.append(time.perf_counter() - t)
                 assert mine == pf, (name, mine, pf)

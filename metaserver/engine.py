@@ -177,6 +177,10 @@ class MetaEngine(ABC):
         """(path, (patient, study, series), XML if asked) of indexed files under ``root`` in ``plan``."""
 
     @abstractmethod
+    def query_estimate(self, select: Any, cap: int = 20000) -> int:
+        """Rows a candidate select returns, counted up to ``cap``."""
+
+    @abstractmethod
     def query_count(self, plan: Any) -> int:
         """How many indexed files ``plan`` selects archive-wide."""
 

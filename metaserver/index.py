@@ -1,10 +1,12 @@
 """The header index: what the query planner can look up instead of parsing every XML header.
 
-Each element of a header becomes one row (key, text, num, first): ``key`` is the element's path
+Each element of a header becomes one row (key, text, num, first, item): ``key`` is the element's path
 of names from the root (``/DicomHeader/ProcedureCodeSequence/Item/CodeValue``), ``text`` its
 XPath string-value, ``num`` that value converted as XPath's ``number()`` does (None for NaN), and
 ``first`` whether it is the first element with that key in document order (XPath's ``string()``
-of a node-set reads only that one).  Sequences and items get rows too, with no text: they answer
+of a node-set reads only that one), ``item`` the number (in document order, from 1) of the
+sequence item the element is or sits directly in, 0 at the top level: two rows with the same
+``item`` are in the same item, which lets ``Item[A='x' and B='y']`` be answered in SQL.  Sequences and items get rows too, with no text: they answer
 existence tests.  The rows are written in the transaction that writes the XML, so the index can
 never disagree with the header it describes.
 """
@@ -58,7 +60,7 @@ def comparable(name: str) -> bool:
 
 @dataclass(frozen=True)
 class HeaderIndex:
-    rows: list[tuple[str, str, float | None, bool]]   # key, text, num, first
+    rows: list[tuple[str, str, float | None, bool, int]]   # key, text, num, first, item
     long_keys: set[str]
     patient: str
     study: str
@@ -68,12 +70,13 @@ class HeaderIndex:
 def index_header(xml: bytes) -> HeaderIndex:
     """The index rows and the patient/study/series keys of one XML header."""
     root = etree.fromstring(xml, _PARSER)
-    rows: list[tuple[str, str, float | None, bool]] = []
+    rows: list[tuple[str, str, float | None, bool, int]] = []
+    items = [0]
     seen: set[str] = set()
     long_keys: set[str] = set()
     levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
 
-    def visit(el: etree._Element, key: str) -> None:
+    def visit(el: etree._Element, key: str, item: int) -> None:
         first = key not in seen
         seen.add(key)
         n_children = len(el)
@@ -85,21 +88,25 @@ def index_header(xml: bytes) -> HeaderIndex:
             if len(text) > MAX_TEXT:
                 text = text[:MAX_TEXT] + LONG_MARK
                 long_keys.add(key)
-        rows.append((key, text, num, first))
+        rows.append((key, text, num, first, item))
         if n_children:
             for child in el:
                 if isinstance(child.tag, str):
-                    visit(child, key + "/" + child.tag)
+                    if child.tag == "Item":
+                        items[0] += 1
+                        visit(child, key + "/Item", items[0])
+                    else:
+                        visit(child, key + "/" + child.tag, item)
 
     if root.tag != "DicomHeader":
         raise ValueError("the header's root element is not DicomHeader.")
-    visit(root, ROOT_KEY)
+    visit(root, ROOT_KEY, 0)
     # One row per (key, text): repeated values (multi-valued attributes, items) add nothing, and
     # the row of the first node in document order carries the flag.
-    unique: dict[tuple[str, str], tuple[str, str, float | None, bool]] = {}
+    unique: dict[tuple[str, str, int], tuple[str, str, float | None, bool, int]] = {}
     for row in rows:
-        if (row[0], row[1]) not in unique:
-            unique[(row[0], row[1])] = row
+        if (row[0], row[1], row[4]) not in unique:
+            unique[(row[0], row[1], row[4])] = row
     rows = list(unique.values())
     for child in root:
         if child.tag in levels and not levels[child.tag]:
@@ -126,11 +133,15 @@ values_t = sa.Table(
     sa.Column("key", sa.Integer, primary_key=True),
     sa.Column("text", _TEXT, primary_key=True),
     sa.Column("ino", sa.Integer, primary_key=True),
+    sa.Column("item", sa.Integer, primary_key=True),
     sa.Column("num", sa.Float, nullable=True),
     sa.Column("first", sa.Boolean, nullable=False),
     sqlite_with_rowid=False,
 )
-sa.Index("ix_hvalues_ino", values_t.c.ino)
+# Per-file probes (ino, key) and deletes; numeric ranges (key, num) where a value is a number.
+sa.Index("ix_hvalues_ino", values_t.c.ino, values_t.c.key, values_t.c.item)
+sa.Index("ix_hvalues_num", values_t.c.key, values_t.c.num, values_t.c.ino,
+         sqlite_where=values_t.c.num.isnot(None), postgresql_where=values_t.c.num.isnot(None))
 #: The patient, study and series of every indexed header (for --level grouping).
 levels_t = sa.Table(
     "hlevels", metadata,

@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import sqlalchemy as sa
+from sqlalchemy.sql.util import ClauseAdapter
 
 from metaserver import xpath
 from metaserver.index import LONG_MARK, MAX_TEXT, ROOT_KEY, comparable, keys_t, levels_t, values_t, xpath_number
@@ -33,13 +34,45 @@ _ROOT_RE = re.escape(ROOT_KEY)
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Candidate files: ``sql`` selects inode numbers (None: every indexed file; ``empty``: none,
-    which is always exact)."""
+class Leaf:
+    """Index rows of some keys meeting a condition (written against ``values_t``)."""
 
-    sql: Any = None
+    ids: tuple[int, ...]
+    cond: Any = None
+
+    def where(self, t: Any) -> list[Any]:
+        key = t.c.key.in_(self.ids) if len(self.ids) > 1 else t.c.key == self.ids[0]
+        if self.cond is None:
+            return [key]
+        return [key, ClauseAdapter(t).traverse(self.cond) if t is not values_t else self.cond]
+
+
+@dataclass(frozen=True)
+class Sub:
+    """A nested plan (``union`` of two, or one plan negated as a whole)."""
+
+    plans: tuple["Plan", ...]
+
+
+@dataclass(frozen=True)
+class Corr:
+    """Leaves that must hold within one sequence item: rows joined on (ino, item)."""
+
+    terms: tuple[tuple[Leaf, bool], ...]
+
+
+Term = tuple[Union[Leaf, Sub, Corr], bool]          # (term, negated)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Candidate files: a conjunction of terms (None: every indexed file; ``empty``: none, which
+    is always exact).  ``exact``: the SQL alone decides, no header needs parsing."""
+
+    terms: tuple[Term, ...] | None = None
     exact: bool = True
     empty: bool = False
+    per_item: bool = False      # terms are leaves that hold within one sequence item (see Corr)
 
 
 ALL = Plan()
@@ -66,6 +99,7 @@ class Planner:
     expr: str
     catalogue: Catalogue
     dialect: str                          # "sqlite" or "postgresql"
+    estimate: Callable[[Any], int] | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
 
     # -- entry ----------------------------------------------------------------------------
@@ -88,8 +122,12 @@ class Planner:
             left = self.boolean(node.left, ctx, single)
             right = self.boolean(node.right, ctx, single)
             if node.op == "or":
-                return self.union(left, right)
-            plan = self.intersect(left, right)
+                return self.union(self.file_level(left), self.file_level(right))
+            if left.per_item and right.per_item:
+                # Both sides test children of the same item: correlate on (ino, item).
+                return Plan(left.terms + right.terms, left.exact and right.exact,  # type: ignore[operator]
+                            per_item=True)
+            plan = self.intersect(self.file_level(left), self.file_level(right))
             return plan if single or plan.empty else replace(plan, exact=False)
         if isinstance(node, xpath.Binary) and node.op in _FLIP:
             return self.comparison(node, ctx, single)
@@ -109,13 +147,19 @@ class Planner:
             return self.path(node.args[0], ctx)
         if node.name == "not" and len(node.args) == 1:
             inner = self.boolean(node.args[0], ctx, single)
+            if inner.per_item and inner.exact and inner.terms is not None and len(inner.terms) == 1:
+                term, negated = inner.terms[0]
+                return Plan(((term, not negated),), per_item=True)   # NOT EXISTS in the same item
             if not single or not inner.exact:
                 return _inexact()
             if inner.empty:
                 return Plan()
-            if inner.sql is None:
+            if inner.terms is None:
                 return NONE
-            return Plan(_compound(sa.except_, self.universe(), inner.sql))
+            if len(inner.terms) == 1:
+                term, negated = inner.terms[0]
+                return Plan(((term, not negated),))
+            return Plan(((Sub((inner,)), True),))
         if node.name in ("contains", "starts-with") and len(node.args) == 2:
             return self.substring(node, ctx, single)
         self.note(node, "not indexed: evaluated on each candidate")
@@ -160,7 +204,7 @@ class Planner:
                     self.note(pred, "not indexed (position): evaluated on each candidate")
                     plans.append(_inexact())
                     continue
-                plan = self.boolean(pred, regex, single)
+                plan = self.file_level(self.boolean(pred, regex, single))
                 if not single and not plan.empty and not (last and preds_total == 1):
                     plan = replace(plan, exact=False)
                 plans.append(plan)
@@ -171,7 +215,11 @@ class Planner:
             self.note(node, "index: no header has this path")
             return NONE
         self.note(node, f"index: existence of {len(keys)} path(s)")
-        result = Plan(self.rows([k for _, k, _ in keys], None)) if regex != _ROOT_RE else Plan()
+        if regex == _ROOT_RE:
+            result = Plan()
+        else:
+            result = Plan(((Leaf(tuple(k for _, k, _ in keys)), False),),
+                          per_item=not plans and _item_child(ctx, node))
         for plan in plans:
             result = self.intersect(result, plan)
         return result
@@ -227,7 +275,7 @@ class Planner:
             else:
                 cond = text == value if op == "=" else text != value
         self.note(node, f"index: {len(keys)} path(s)")
-        return Plan(self.rows(ids, cond), exact)
+        return Plan(((Leaf(tuple(ids), cond), False),), exact, per_item=_item_child(ctx, left))
 
     def substring(self, node: xpath.Call, ctx: str, single: bool) -> Plan:
         """contains(path, 'lit') and starts-with(path, 'lit'): on string(path), the first node."""
@@ -256,47 +304,121 @@ class Planner:
         else:
             exact = False                        # string() reads the first node per context
         self.note(node, f"index: {len(keys)} path(s)")
-        return Plan(self.rows([k for _, k, _ in keys], cond), exact)
+        return Plan(((Leaf(tuple(k for _, k, _ in keys), cond), False),), exact)
 
     # -- SQL ------------------------------------------------------------------------------
 
-    def rows(self, ids: list[int], cond: Any) -> Any:
-        where = [values_t.c.key.in_(ids) if len(ids) > 1 else values_t.c.key == ids[0]]
-        if cond is not None:
-            where.append(cond)
-        return sa.select(values_t.c.ino).where(*where)
-
-    def universe(self) -> Any:
-        return sa.select(levels_t.c.ino)
+    def file_level(self, plan: Plan) -> Plan:
+        """A per-item plan as a set of files: one leaf is itself; several are one Corr term; a
+        plan with only negated leaves cannot be checked per item in SQL (lxml does it)."""
+        if not plan.per_item or plan.terms is None:
+            return plan
+        if all(negated for _, negated in plan.terms):
+            return _inexact()
+        if len(plan.terms) == 1:
+            return Plan(plan.terms, plan.exact)
+        leaves = tuple((t, n) for t, n in plan.terms if isinstance(t, Leaf))
+        return Plan(((Corr(leaves), False),), plan.exact)
 
     def intersect(self, a: Plan, b: Plan) -> Plan:
         if a.empty or b.empty:
             return NONE
         exact = a.exact and b.exact
-        if a.sql is None:
-            return Plan(b.sql, exact)
-        if b.sql is None:
-            return Plan(a.sql, exact)
-        return Plan(_compound(sa.intersect, a.sql, b.sql), exact)
+        if a.terms is None:
+            return Plan(b.terms, exact)
+        if b.terms is None:
+            return Plan(a.terms, exact)
+        return Plan(a.terms + b.terms, exact)
 
     def union(self, a: Plan, b: Plan) -> Plan:
         if a.empty:
             return b
         if b.empty:
             return a
-        if a.sql is None or b.sql is None:
-            return Plan(None, a.sql is None and a.exact or b.sql is None and b.exact)
-        return Plan(_compound(sa.union, a.sql, b.sql), a.exact and b.exact)
+        if a.terms is None or b.terms is None:
+            return Plan(None, a.terms is None and a.exact or b.terms is None and b.exact)
+        return Plan(((Sub((a, b)), False),), a.exact and b.exact)
+
+    # -- rendering ------------------------------------------------------------------------
+
+    def render(self, plan: Plan) -> Any:
+        """SQL selecting the distinct inode numbers of ``plan`` (None: every indexed file).
+
+        A conjunction is driven by its most selective positive term (by a capped row count);
+        the other terms are checked per driver row: index rows by a correlated (NOT) EXISTS on the
+        primary key, nested plans by (NOT) IN.  That costs one probe per candidate instead of
+        materialising every term, which matters when one term (Modality='MR') is huge."""
+        if plan.terms is None:
+            return None
+        positive = [t for t, negated in plan.terms if not negated]
+        driver = min(positive, key=self.estimate_term) if positive else None
+        if isinstance(driver, Leaf):
+            d = values_t.alias("d")
+            query = sa.select(d.c.ino).where(*driver.where(d))
+            ino = d.c.ino
+        elif driver is not None:
+            sub = self.render_sub(driver).subquery("d")
+            query, ino = sa.select(sub.c.ino), sub.c.ino
+        else:
+            query, ino = sa.select(levels_t.c.ino), levels_t.c.ino
+        skipped = False
+        for term, negated in plan.terms:
+            if term is driver and not negated and not skipped:
+                skipped = True
+                continue
+            test: Any
+            if isinstance(term, Leaf):
+                v = values_t.alias()
+                test = sa.exists().where(v.c.ino == ino, *term.where(v))
+            else:
+                test = ino.in_(self.render_sub(term))
+            query = query.where(~test if negated else test)
+        return query.distinct()
+
+    def render_sub(self, sub: Union[Sub, Corr]) -> Any:
+        if isinstance(sub, Corr):
+            return self.render_corr(sub)
+        if len(sub.plans) == 1:
+            return self.render(sub.plans[0])
+        left, right = (self.render(p) for p in sub.plans)
+        union = sa.union(left, right).subquery()   # SQLite cannot nest compound selects bare
+        return sa.select(union.c.ino)
+
+    def render_corr(self, corr: Corr) -> Any:
+        """Files with one item in which every positive leaf holds and no negated one does."""
+        positive = [t for t, negated in corr.terms if not negated]
+        driver = min(positive, key=self.estimate_term)
+        d = values_t.alias("i")
+        query = sa.select(d.c.ino).where(*driver.where(d))
+        for term, negated in corr.terms:
+            if term is driver and not negated:
+                continue
+            v = values_t.alias()
+            test = sa.exists().where(v.c.ino == d.c.ino, v.c.item == d.c.item, *term.where(v))
+            query = query.where(~test if negated else test)
+        return query.distinct()
+
+    def estimate_term(self, term: Union[Leaf, Sub, Corr]) -> int:
+        """Rows a term selects, counted up to a cap (the cheapest driver wins)."""
+        if self.estimate is None:
+            return 1 if isinstance(term, Leaf) and term.cond is not None else 2
+        if isinstance(term, Leaf):
+            v = values_t.alias()
+            return self.estimate(sa.select(v.c.ino).where(*term.where(v)))
+        return self.estimate(self.render_sub(term))
 
 
 def Step_without_preds(step: xpath.Step) -> xpath.Step:  # noqa: N802 - reads as a constructor
     return xpath.Step(step.axis, step.test)
 
 
-def _compound(fn: Any, a: Any, b: Any) -> Any:
-    # SQLite cannot nest compound selects in parentheses; a subquery can be nested.
-    sub = fn(a, b).subquery()
-    return sa.select(sub.c.ino)
+def _item_child(ctx: str, operand: xpath.Node) -> bool:
+    """Whether ``operand`` names a direct child of a sequence item context (rows of the same
+    item then share the item number, so conjunctions can be checked per item)."""
+    return (ctx.endswith("/Item") and isinstance(operand, xpath.Path) and not operand.absolute
+            and operand.start is None and len(operand.steps) == 1 and operand.steps[0].axis == "child"
+            and not operand.steps[0].preds and operand.steps[0].test not in ("*", "Item")
+            and not operand.steps[0].test.endswith("()"))
 
 
 def _literal(node: xpath.Node) -> tuple[str | float] | None:

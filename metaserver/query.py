@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 from lxml import etree
 
@@ -31,11 +31,12 @@ class Query:
     expr: str
     compiled: etree.XPath
     plan: Plan
+    sql: Any                                     # the plan as SQL (None: every indexed file)
     notes: list[tuple[str, str]]
 
     def explain(self) -> dict[str, Any]:
         how = ("index only" if self.plan.exact else
-               "scan of every header" if self.plan.sql is None and not self.plan.empty else
+               "scan of every header" if self.sql is None and not self.plan.empty else
                "index, then XPath on each candidate")
         return {"strategy": "nothing can match" if self.plan.empty else how,
                 "predicates": [{"expression": e, "how": h} for e, h in self.notes]}
@@ -60,11 +61,14 @@ def compile_xpath(expr: str) -> tuple[etree.XPath, xpath.Node | None]:
         raise errors.UsageError(f"invalid XPath {expr!r}: {exc}.") from exc
 
 
-def prepare(expr: str, catalogue: Any, dialect: str) -> Query:
+def prepare(expr: str, catalogue: Any, dialect: str, estimate: Callable[[Any], int] | None = None) -> Query:
+    """Compile and plan ``expr``; ``estimate`` counts a candidate select's rows (capped) so the
+    most selective predicate drives the SQL."""
     compiled, tree = compile_xpath(expr)
-    planner = Planner(expr, catalogue, dialect)
+    planner = Planner(expr, catalogue, dialect, estimate)
     plan = planner.plan(tree) if tree is not None else Plan(exact=False)
-    return Query(expr, compiled, plan, planner.notes)
+    sql = None if plan.empty else planner.render(plan)
+    return Query(expr, compiled, plan, sql, planner.notes)
 
 
 def matches(compiled: etree.XPath, doc: etree._Element) -> bool:
@@ -88,7 +92,7 @@ def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
     grouping = LEVELS.get(level)
     groups: dict[str, dict[str, Any]] = {}
     n = 0
-    for path, levels, xml in engine.query_candidates(root, q.plan.sql, need_xml, deadline):
+    for path, levels, xml in engine.query_candidates(root, q.sql, need_xml, deadline):
         if deadline is not None and time.monotonic() > deadline:
             raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
         doc = etree.fromstring(xml, _PARSER) if xml is not None else None
@@ -117,5 +121,5 @@ def count(engine: Any, q: Query, root: str, deadline: float | None = None) -> in
     if q.plan.empty:
         return 0
     if q.plan.exact and root == "/":
-        return int(engine.query_count(q.plan.sql))
+        return int(engine.query_count(q.sql))
     return sum(1 for _ in run(engine, q, root, [], 0, deadline))

@@ -212,7 +212,7 @@ class MetaService(wire.Service):
         if level not in ("instance", *query.LEVELS):
             raise errors.UsageError(f"--level must be instance, patient, study or series, not {level!r}.")
         expr = self._saved_or(xpath)
-        q = query.prepare(expr, self.engine.query_catalogue(), self.dialect)
+        q = query.prepare(expr, self.engine.query_catalogue(), self.dialect, self.engine.query_estimate)
         if explain:
             return wire.Reply({"explain": q.explain()})
         limit_s = min(float(timeout), self.query_time_limit) if timeout > 0 else self.query_time_limit

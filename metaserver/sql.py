@@ -391,16 +391,17 @@ class SqlEngine(MetaEngine):
                 indexed.append((ino, index.index_header(xml)))
             except (ValueError, etree.XMLSyntaxError) as exc:
                 raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
-        ids = self._key_id_map(conn, {k for _, h in indexed for k, _, _, _ in h.rows},
+        ids = self._key_id_map(conn, {r[0] for _, h in indexed for r in h.rows},
                                set().union(*(h.long_keys for _, h in indexed)))
         # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
-        rows = [(ids[k], t, ino, n, f) for ino, h in indexed for k, t, n, f in h.rows]
+        rows = [(ids[k], t, ino, i, n, f) for ino, h in indexed for k, t, n, f, i in h.rows]
         rows.sort(key=lambda r: (r[0], r[1]))     # in key order: each index page is touched once
         if self.is_sqlite:
-            conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, num, "first") VALUES (?, ?, ?, ?, ?)', rows)
+            conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, item, num, "first") VALUES (?, ?, ?, ?, ?, ?)',
+                                 rows)
         else:
             with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
-                    'COPY hvalues ("key", text, ino, num, "first") FROM STDIN') as copy:
+                    'COPY hvalues ("key", text, ino, item, num, "first") FROM STDIN') as copy:
                 for row in rows:
                     copy.write_row(row)
         conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
@@ -804,6 +805,14 @@ class SqlEngine(MetaEngine):
 
         def run(conn: Connection) -> int:
             return int(conn.execute(counted).scalar_one())
+        return self._read(run)
+
+    def query_estimate(self, select: Any, cap: int = 20000) -> int:
+        """Rows ``select`` returns, counted up to ``cap`` (the planner's selectivity estimate)."""
+        capped: Any = sa.select(sa.func.count()).select_from(select.limit(cap).subquery())
+
+        def run(conn: Connection) -> int:
+            return int(conn.execute(capped).scalar_one())
         return self._read(run)
 
     def query_catalogue(self) -> Catalogue:
