@@ -10,7 +10,8 @@ original, re-identified in memory; every such open is an audited identity releas
 Freshness: attributes and listings are cached for ``ATTR_TTL`` seconds here and by the kernel,
 so a rename, delete or upload made through another client shows up within 2 x ATTR_TTL (10 s).
 
-Writing: a file copied in is spooled locally and, when closed, uploaded like ``dgf_up`` (de-
+Writing: a file copied in (or over an existing one, which it replaces whole; objects are never
+edited in place) is spooled locally and, when closed, uploaded like ``dgf_up`` (de-
 identified, placed at that path); a non-DICOM file fails the close with EINVAL, is logged by
 name, and leaves nothing behind.
 
@@ -325,7 +326,7 @@ class DgfFS(mfusepy.Operations):
     @_errno_of
     def open(self, path: str, flags: int) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR):
-            raise mfusepy.FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+            return self._new_fh(self._rewrite(path, truncate=bool(flags & os.O_TRUNC)))
         if self._virtual(path) is not None:
             raise mfusepy.FuseOSError(errno.EISDIR)
         if self.identified:
@@ -455,11 +456,21 @@ class DgfFS(mfusepy.Operations):
         handle.dirty = True
         return os.pwrite(handle.fd, data, offset)
 
-    @_errno_of
-    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+    def _rewrite(self, path: str, truncate: bool) -> _Writer:
+        """Writing over an existing file replaces it whole (objects are immutable): allowed when
+        the file is truncated first (cp, shell redirection), refused for in-place edits."""
+        self._writable()
         writer = self._pending.get(path)
         if writer is None:
-            raise mfusepy.FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+            if not truncate:
+                raise errors.PermissionDenied(f"{path} cannot be changed in place; write it whole.")
+            writer = _Writer(path, self.spool, self._stat(path).mode & 0o7777)
+            self._pending[path] = writer
+        return writer
+
+    @_errno_of
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        writer = self._pending.get(path) or self._rewrite(path, truncate=length == 0)
         os.ftruncate(writer.fd, length)
         return 0
 

@@ -103,6 +103,12 @@ def test_write_rename_remove(federation: local.Federation, mounted: Mount, tmp_p
     assert cp.returncode != 0 and "Invalid argument" in cp.stderr
     assert not (root / "fuse/w/notes.txt").exists()
     assert "refused /fuse/w/notes.txt" in mounted.log.read_text()
+    subprocess.run(["cp", str(corpus.file("MR_small.dcm")), str(root / "fuse/w/sub/in.dcm")], check=True)
+    with Client(federation.config("clinician")) as c:               # replaced whole
+        assert c.read_file("/fuse/w/sub/in.dcm", identified=True) == corpus.file("MR_small.dcm").read_bytes()
+    with pytest.raises(PermissionError):
+        with open(root / "fuse/w/sub/in.dcm", "r+b") as f:         # no in-place edits
+            f.write(b"x")
     os.rename(root / "fuse/w/sub/in.dcm", root / "fuse/w/moved.dcm")
     os.chmod(root / "fuse/w/moved.dcm", 0o600)
     assert sorted(os.listdir(root / "fuse/w")) == ["moved.dcm", "sub"]
