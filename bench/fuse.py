@@ -115,7 +115,7 @@ class DgfMount:
         self.umount()
 
 
-def measure(system: object, big: str, small_dir: str, many_dir: str, runs: int) -> dict[str, object]:
+def measure(system: object, big: str, small_dir: str, many_dir: str, runs: int, n_small: int) -> dict[str, object]:
     cold_big, warm_big, fio_cold, small_cold, small_warm, ls_warm, find_cold, find_warm = ([] for _ in range(8))
     for _ in range(runs):
         system.umount()  # type: ignore[attr-defined]
@@ -140,7 +140,7 @@ def measure(system: object, big: str, small_dir: str, many_dir: str, runs: int) 
     system.umount()  # type: ignore[attr-defined]
     return {"big_mb": size_mb, "cold_MBps": size_mb / med(cold_big), "warm_MBps": size_mb / med(warm_big),
             "fio_cold_MBps": size_mb / med(fio_cold),
-            "small_cold_files_per_s": 1000 / med(small_cold), "small_warm_files_per_s": 1000 / med(small_warm),
+            "small_cold_files_per_s": n_small / med(small_cold), "small_warm_files_per_s": n_small / med(small_warm),
             "ls_l_1000_warm_ms": 1000 * med(ls_warm), "find_10000_cold_s": med(find_cold),
             "find_10000_warm_s": med(find_warm)}
 
@@ -148,6 +148,9 @@ def measure(system: object, big: str, small_dir: str, many_dir: str, runs: int) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--big-mb", type=int, default=200)
+    ap.add_argument("--small", type=int, default=1000, help="files for cat and ls -l")
+    ap.add_argument("--many", type=int, default=10000, help="files for find")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dgf-fbench-"))
     served = work / "served"
@@ -156,9 +159,9 @@ def main() -> None:
         src = work / "src"
         (src / "small").mkdir(parents=True)
         big = src / "big.dcm"
-        big_dicom(big)
-        small = synth.small_corpus(src / "small", 1000)
-        many = synth.small_corpus(src / "many", 10000, patients=200, seed=3)
+        big_dicom(big, args.big_mb)
+        small = synth.small_corpus(src / "small", args.small)
+        many = synth.small_corpus(src / "many", args.many, patients=200, seed=3)
         with Client(fed.config("clinician")) as c:
             c.upload([big], to="/bench/big")
             c.upload(small, to="/bench/small")
@@ -180,10 +183,10 @@ def main() -> None:
                 name = path.rsplit("/", 1)[1]
                 if path != f"/bench/small/{name}":
                     c.mv(path, f"/bench/small/{name}")
-        report["dgf"] = measure(dgf_mount, rel_big, small_dir, "bench/many", args.runs)
+        report["dgf"] = measure(dgf_mount, rel_big, small_dir, "bench/many", args.runs, args.small)
         ssh = Sshfs(work, served)
         try:
-            report["sshfs"] = measure(ssh, rel_big, small_dir, "bench/many", args.runs)
+            report["sshfs"] = measure(ssh, rel_big, small_dir, "bench/many", args.runs, args.small)
         finally:
             ssh.close()
     finally:

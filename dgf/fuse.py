@@ -47,7 +47,8 @@ log = logging.getLogger("dgf.fuse")
 
 BLOCK = 4 * 1024 * 1024
 ATTR_TTL = 5.0
-READAHEAD_BLOCKS = 2
+MAX_CACHED_ENTRIES = 500_000
+READAHEAD_BLOCKS = 4
 MEMORY_CACHE = 512 * 1024 * 1024
 DISK_CACHE = 4 * 1024 * 1024 * 1024
 FIND_DIR, QUERIES_DIR = ".find", ".queries"
@@ -193,7 +194,7 @@ class DgfFS(mfusepy.Operations):
         self.blocks = BlockCache(self.cache_dir / "blocks")
         self.spool = self.cache_dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(4, thread_name_prefix="dgf-readahead")
+        self._pool = ThreadPoolExecutor(6, thread_name_prefix="dgf-readahead")
 
     def destroy(self, path: str) -> None:
         if self._pool is not None:
@@ -274,6 +275,8 @@ class DgfFS(mfusepy.Operations):
         else:
             # One round trip gives every entry's attributes; getattr on each then hits the cache.
             entries = self.client.ls(path)
+            if len(self._attrs) > MAX_CACHED_ENTRIES:
+                self._attrs.clear()
             for st in entries:
                 self._attrs[st.path] = (now, st)
             names = [os.path.basename(st.path) for st in entries]
@@ -339,11 +342,13 @@ class DgfFS(mfusepy.Operations):
 
     def _remember_resolved(self, resolved: dict[str, Any]) -> None:
         now = time.monotonic()
+        if len(self._resolved) > MAX_CACHED_ENTRIES:      # entries expire anyway; bound memory
+            self._resolved.clear()
         for path, key, size, sites in resolved["files"]:
             self._resolved[path] = (now, _Reader(path, key, size, list(sites), resolved["caps"]))
 
     def _resolve(self, path: str) -> _Reader:
-        hit = self._resolved.pop(path, None)
+        hit = self._resolved.get(path)
         if hit is not None and time.monotonic() - hit[0] < ATTR_TTL:
             r = hit[1]
             return _Reader(r.path, r.key, r.size, r.sites, r.caps)
@@ -554,7 +559,8 @@ class DgfFS(mfusepy.Operations):
 
     @_errno_of
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        if self._virtual(path) is not None:
+        if self._virtual(path) is not None or not name.startswith("user."):
+            # ls -l asks every file for security.* and system.posix_acl_*: only user.* exists.
             raise mfusepy.FuseOSError(errno.ENODATA)
         if name == IDENTITY_XATTR:
             if not self.identified:
