@@ -49,6 +49,7 @@ BLOCK = 4 * 1024 * 1024
 ATTR_TTL = 5.0
 MAX_CACHED_ENTRIES = 500_000
 READAHEAD_BLOCKS = 4
+PREFETCH_FILES = 64
 MEMORY_CACHE = 512 * 1024 * 1024
 DISK_CACHE = 4 * 1024 * 1024 * 1024
 FIND_DIR, QUERIES_DIR = ".find", ".queries"
@@ -176,6 +177,7 @@ class DgfFS(mfusepy.Operations):
         self._dirs: dict[str, tuple[float, list[str]]] = {}
         self._finds: dict[str, tuple[float, list[str]]] = {}
         self._resolved: dict[str, tuple[float, _Reader]] = {}
+        self._listed: dict[str, list[str]] = {}         # directory -> its files, listing order
         self._handles: dict[int, _Reader | _Writer | bytes] = {}
         self._pending: dict[str, _Writer] = {}
         self._next_fh = 1
@@ -286,6 +288,7 @@ class DgfFS(mfusepy.Operations):
                 # Whoever lists a directory usually reads it next (cat dir/*, cp -r): resolve
                 # every file in one request so each open is local.
                 self._remember_resolved(self.client.resolve(files))
+                self._listed[path] = files
         extra = [FIND_DIR, QUERIES_DIR] if path == "/" else []
         pending = [os.path.basename(p) for p in self._pending if (os.path.dirname(p) or "/") == path]
         return [".", "..", *extra, *names, *(p for p in pending if p not in names)]
@@ -338,7 +341,62 @@ class DgfFS(mfusepy.Operations):
             self._attrs[path] = (time.monotonic(), Stat(st.path, st.ino, False, st.mode, len(data), st.mtime,
                                                          st.ctime, st.nlink, st.object_key))
             return self._new_fh(data)
-        return self._new_fh(self._resolve(path))
+        reader = self._resolve(path)
+        if reader.size <= BLOCK and self.blocks is not None and self.blocks.get(reader.key, 0) is None:
+            self._prefetch_siblings(path)
+        return self._new_fh(reader)
+
+    def _prefetch_siblings(self, path: str) -> None:
+        """Reading one small file of a listed directory: fetch the next small files of that
+        directory in one batched request per site (readahead across files, for cat dir/*)."""
+        assert self._pool is not None and self.blocks is not None
+        files = self._listed.get(os.path.dirname(path) or "/")
+        if not files or path not in files:
+            return
+        start = files.index(path)
+        wanted: dict[str, list[_Reader]] = {}
+        for p in files[start + 1:start + 1 + PREFETCH_FILES]:
+            hit = self._resolved.get(p)
+            if hit is None:
+                continue
+            r = hit[1]
+            if r.size <= BLOCK and r.sites and (r.key, 0) not in self._inflight and self.blocks.get(r.key, 0) is None:
+                wanted.setdefault(r.sites[0], []).append(r)
+        for site, readers in wanted.items():
+            futures: dict[str, Future[bytes]] = {}
+            with self._lock:
+                for r in readers:
+                    futures[r.key] = self._inflight.setdefault((r.key, 0), Future())
+            self._pool.submit(self._fetch_batch, site, readers, futures)
+
+    def _fetch_batch(self, site: str, readers: list[_Reader], futures: dict[str, Future[bytes]]) -> None:
+        assert self.blocks is not None
+        by_key = {r.key: r for r in readers}
+
+        def done(res: Any) -> None:
+            fut = futures.get(res.key)
+            if res.data is not None and res.error is None:
+                self.blocks.put(res.key, 0, res.data)      # type: ignore[union-attr]
+                if fut is not None and not fut.done():
+                    fut.set_result(res.data)
+            with self._lock:
+                self._inflight.pop((res.key, 0), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(res.error or errors.TransportError("prefetch failed"))
+
+        try:
+            self.client.site_link(site).get_many([(r.key, r.size) for r in readers], readers[0].caps[site], done)
+        except Exception as exc:  # noqa: BLE001 - a failed prefetch only means reads fetch alone
+            log.info("prefetch from site %s failed (%s)", site, type(exc).__name__)
+        finally:
+            with self._lock:
+                for key, fut in futures.items():
+                    if self._inflight.get((key, 0)) is fut:
+                        del self._inflight[(key, 0)]
+            for key, fut in futures.items():
+                if not fut.done():
+                    # The block will be fetched alone by whoever asks next.
+                    fut.set_result(self._fetch(by_key[key], 0))
 
     def _remember_resolved(self, resolved: dict[str, Any]) -> None:
         now = time.monotonic()
