@@ -177,8 +177,8 @@ class MetaEngine(ABC):
         """(path, (patient, study, series), XML if asked) of indexed files under ``root`` in ``plan``."""
 
     @abstractmethod
-    def query_estimate(self, select: Any, cap: int = 20000) -> int:
-        """Rows a candidate select returns, counted up to ``cap``."""
+    def query_estimate(self, select: Any, sample: int = 20_000) -> int:
+        """Rows a candidate select returns among a sample of the indexed files."""
 
     @abstractmethod
     def query_count(self, plan: Any) -> int:

@@ -62,6 +62,7 @@ def comparable(name: str) -> bool:
 class HeaderIndex:
     rows: list[tuple[str, str, float | None, bool, int]]   # key, text, num, first, item
     long_keys: set[str]
+    multi_keys: set[str]        # keys with more than one distinct value (node) in this header
     patient: str
     study: str
     series: str
@@ -108,10 +109,14 @@ def index_header(xml: bytes) -> HeaderIndex:
         if (row[0], row[1], row[4]) not in unique:
             unique[(row[0], row[1], row[4])] = row
     rows = list(unique.values())
+    per_key: dict[str, int] = {}
+    for row in rows:
+        per_key[row[0]] = per_key.get(row[0], 0) + 1
+    multi_keys = {k for k, n in per_key.items() if n > 1}
     for child in root:
         if child.tag in levels and not levels[child.tag]:
             levels[child.tag] = child.text or ""
-    return HeaderIndex(rows, long_keys, levels["PatientID"], levels["StudyInstanceUID"],
+    return HeaderIndex(rows, long_keys, multi_keys, levels["PatientID"], levels["StudyInstanceUID"],
                        levels["SeriesInstanceUID"])
 
 
@@ -126,6 +131,8 @@ keys_t = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("path", _TEXT, nullable=False, unique=True),
     sa.Column("has_long", sa.Boolean, nullable=False, default=False),
+    # Some header has two or more values at this path: conjunctions on it cannot be merged.
+    sa.Column("multi", sa.Boolean, nullable=False, default=False),
 )
 #: One row per element of every header; the primary key is the equality/prefix index.
 values_t = sa.Table(
@@ -139,7 +146,7 @@ values_t = sa.Table(
     sqlite_with_rowid=False,
 )
 # Per-file probes (ino, key) and deletes; numeric ranges (key, num) where a value is a number.
-sa.Index("ix_hvalues_ino", values_t.c.ino, values_t.c.key, values_t.c.item)
+sa.Index("ix_hvalues_ino", values_t.c.ino, values_t.c.key, values_t.c.item, values_t.c.num)
 sa.Index("ix_hvalues_num", values_t.c.key, values_t.c.num, values_t.c.ino,
          sqlite_where=values_t.c.num.isnot(None), postgresql_where=values_t.c.num.isnot(None))
 #: The patient, study and series of every indexed header (for --level grouping).

@@ -39,6 +39,7 @@ class Leaf:
 
     ids: tuple[int, ...]
     cond: Any = None
+    by_text: bool = False       # cond is text = literal: a probe is one primary-key lookup
 
     def where(self, t: Any) -> list[Any]:
         key = t.c.key.in_(self.ids) if len(self.ids) > 1 else t.c.key == self.ids[0]
@@ -85,9 +86,11 @@ def _inexact() -> Plan:
 
 @dataclass
 class Catalogue:
-    """The indexed element paths: path -> (id, has_long)."""
+    """The indexed element paths: path -> (id, has_long), and the ids of paths some header has
+    more than one value at."""
 
     keys: dict[str, tuple[int, bool]]
+    multi: frozenset[int] = frozenset()
 
     def resolve(self, pattern: str) -> list[tuple[str, int, bool]]:
         rx = re.compile(pattern)
@@ -275,7 +278,8 @@ class Planner:
             else:
                 cond = text == value if op == "=" else text != value
         self.note(node, f"index: {len(keys)} path(s)")
-        return Plan(((Leaf(tuple(ids), cond), False),), exact, per_item=_item_child(ctx, left))
+        leaf = Leaf(tuple(ids), cond, by_text=op == "=" and isinstance(value, str))
+        return Plan(((leaf, False),), exact, per_item=_item_child(ctx, left))
 
     def substring(self, node: xpath.Call, ctx: str, single: bool) -> Plan:
         """contains(path, 'lit') and starts-with(path, 'lit'): on string(path), the first node."""
@@ -350,7 +354,8 @@ class Planner:
         materialising every term, which matters when one term (Modality='MR') is huge."""
         if plan.terms is None:
             return None
-        positive = [t for t, negated in plan.terms if not negated]
+        terms = self.merge_single_valued(plan.terms)
+        positive = [t for t, negated in terms if not negated]
         driver = min(positive, key=self.estimate_term) if positive else None
         if isinstance(driver, Leaf):
             d = values_t.alias("d")
@@ -362,18 +367,32 @@ class Planner:
         else:
             query, ino = sa.select(levels_t.c.ino), levels_t.c.ino
         skipped = False
-        for term, negated in plan.terms:
+        for term, negated in terms:
             if term is driver and not negated and not skipped:
                 skipped = True
                 continue
             test: Any
             if isinstance(term, Leaf):
-                v = values_t.alias()
-                test = sa.exists().where(v.c.ino == ino, *term.where(v))
+                test = self.probe(term, lambda v: [v.c.ino == ino])
             else:
                 test = ino.in_(self.render_sub(term))
             query = query.where(~test if negated else test)
         return query.distinct()
+
+    def merge_single_valued(self, terms: tuple[Term, ...]) -> tuple[Term, ...]:
+        """Positive leaves on the same paths, none of which ever holds two values in a header,
+        test the same node: ``StudyDate >= A and StudyDate <= B`` becomes one range."""
+        merged: dict[tuple[int, ...], Leaf] = {}
+        out: list[Term] = []
+        for term, negated in terms:
+            if (isinstance(term, Leaf) and not negated and term.cond is not None
+                    and not any(i in self.catalogue.multi for i in term.ids)):
+                prior = merged.get(term.ids)
+                merged[term.ids] = term if prior is None else Leaf(
+                    term.ids, sa.and_(prior.cond, term.cond), prior.by_text or term.by_text)
+                continue
+            out.append((term, negated))
+        return tuple((leaf, False) for leaf in merged.values()) + tuple(out)
 
     def render_sub(self, sub: Union[Sub, Corr]) -> Any:
         if isinstance(sub, Corr):
@@ -393,10 +412,20 @@ class Planner:
         for term, negated in corr.terms:
             if term is driver and not negated:
                 continue
-            v = values_t.alias()
-            test = sa.exists().where(v.c.ino == d.c.ino, v.c.item == d.c.item, *term.where(v))
+            test = self.probe(term, lambda v: [v.c.ino == d.c.ino, v.c.item == d.c.item])
             query = query.where(~test if negated else test)
         return query.distinct()
+
+    def probe(self, leaf: Leaf, join: Callable[[Any], list[Any]]) -> Any:
+        """EXISTS a row of ``leaf`` joined to the driver row, looked up by (ino, key).  On SQLite
+        the key test is written ``key + 0`` so that, lacking statistics, it cannot prefer an index
+        that starts with the key (it scanned a whole numeric range once per probe)."""
+        v = values_t.alias()
+        where = leaf.where(v)
+        if self.dialect == "sqlite" and not leaf.by_text:
+            ids = leaf.ids
+            where[0] = (v.c.key + 0).in_(ids) if len(ids) > 1 else (v.c.key + 0) == ids[0]
+        return sa.exists(sa.select(sa.literal(1)).where(*join(v), *where))
 
     def estimate_term(self, term: Union[Leaf, Sub, Corr]) -> int:
         """Rows a term selects, counted up to a cap (the cheapest driver wins)."""
@@ -450,5 +479,5 @@ def _prefix(text: Any, value: str) -> Any:
 
 
 def load_catalogue(conn: Any) -> Catalogue:
-    return Catalogue({r.path: (r.id, bool(r.has_long)) for r in conn.execute(
-        sa.select(keys_t.c.id, keys_t.c.path, keys_t.c.has_long))})
+    rows = conn.execute(sa.select(keys_t.c.id, keys_t.c.path, keys_t.c.has_long, keys_t.c.multi)).all()
+    return Catalogue({r.path: (r.id, bool(r.has_long)) for r in rows}, frozenset(r.id for r in rows if r.multi))

@@ -174,6 +174,7 @@ class SqlEngine(MetaEngine):
         metadata.create_all(self.engine)
         index.metadata.create_all(self.engine)
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
+        self._multi: set[str] = set()                # committed paths flagged multi-valued
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
         now = time.time()
@@ -211,6 +212,7 @@ class SqlEngine(MetaEngine):
                     after = conn.info.pop("dgf.after", {})
                 # Committed: now in-process caches may learn what the transaction did.
                 self._key_ids.update(after.get("keys", {}))
+                self._multi.update(after.get("multi", ()))
                 if after.get("dirs"):
                     self._dirs = None
                 return result
@@ -392,7 +394,8 @@ class SqlEngine(MetaEngine):
             except (ValueError, etree.XMLSyntaxError) as exc:
                 raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
         ids = self._key_id_map(conn, {r[0] for _, h in indexed for r in h.rows},
-                               set().union(*(h.long_keys for _, h in indexed)))
+                               set().union(*(h.long_keys for _, h in indexed)),
+                               set().union(*(h.multi_keys for _, h in indexed)))
         # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
         rows = [(ids[k], t, ino, i, n, f) for ino, h in indexed for k, t, n, f, i in h.rows]
         rows.sort(key=lambda r: (r[0], r[1]))     # in key order: each index page is touched once
@@ -407,24 +410,31 @@ class SqlEngine(MetaEngine):
         conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
                                           "series": h.series} for ino, h in indexed])
 
-    def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str]) -> dict[str, int]:
+    def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
+                    multi_paths: set[str]) -> dict[str, int]:
         """Catalogue ids for ``paths``, adding new ones in this transaction.  The in-process
         cache learns them only from rows read back, so a rolled-back insert leaves no trace."""
         missing = paths - self._key_ids.keys()
         out = {p: self._key_ids[p] for p in paths - missing}
         if missing:
-            conn.execute(self._insert_ignore(keys_t), [{"path": p, "has_long": False} for p in sorted(missing)])
+            conn.execute(self._insert_ignore(keys_t), [{"path": p, "has_long": False, "multi": False}
+                                                       for p in sorted(missing)])
             for r in conn.execute(sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.path.in_(missing))):
                 out[r.path] = r.id
         if long_paths:
             conn.execute(keys_t.update().where(keys_t.c.path.in_(long_paths)).values(has_long=True))
+        flagged = multi_paths - self._multi
+        if flagged:
+            conn.execute(keys_t.update().where(keys_t.c.path.in_(flagged)).values(multi=True))
+            conn.info.setdefault("dgf.after", {}).setdefault("multi", set()).update(flagged)
         if missing:
             conn.info.setdefault("dgf.after", {}).setdefault("keys", {}).update({p: out[p] for p in missing})
         return out
 
     def catalogue(self, conn: Connection) -> Catalogue:
         """The catalogue of indexed paths, reloaded when it has grown or changed."""
-        stamp = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(keys_t.c.has_long, sa.Integer)))
+        stamp = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(keys_t.c.has_long, sa.Integer)),
+                                       sa.func.sum(sa.cast(keys_t.c.multi, sa.Integer)))
                              .select_from(keys_t)).one()
         version = hash(tuple(stamp))
         if self._catalogue is None or self._catalogue[0] != version:
@@ -807,12 +817,14 @@ class SqlEngine(MetaEngine):
             return int(conn.execute(counted).scalar_one())
         return self._read(run)
 
-    def query_estimate(self, select: Any, cap: int = 20000) -> int:
-        """Rows ``select`` returns, counted up to ``cap`` (the planner's selectivity estimate)."""
-        capped: Any = sa.select(sa.func.count()).select_from(select.limit(cap).subquery())
-
+    def query_estimate(self, select: Any, sample: int = 20_000) -> int:
+        """Rows ``select`` (of inos) returns among the first ``sample`` indexed files: a cheap,
+        proportional selectivity estimate the planner uses to pick the driving predicate."""
         def run(conn: Connection) -> int:
-            return int(conn.execute(capped).scalar_one())
+            bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino)
+                                 .limit(1).offset(sample)).scalar()
+            query = select if bound is None else select.where(list(select.selected_columns)[0] <= bound)
+            return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
         return self._read(run)
 
     def query_catalogue(self) -> Catalogue:
