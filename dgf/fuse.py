@@ -284,10 +284,7 @@ class DgfFS(mfusepy.Operations):
             names = [os.path.basename(st.path) for st in entries]
             self._dirs[path] = (now, names)
             files = [st.path for st in entries if not st.is_dir]
-            if files and not self.identified:
-                # Whoever lists a directory usually reads it next (cat dir/*, cp -r): resolve
-                # every file in one request so each open is local.
-                self._remember_resolved(self.client.resolve(files))
+            if files:
                 self._listed[path] = files
         extra = [FIND_DIR, QUERIES_DIR] if path == "/" else []
         pending = [os.path.basename(p) for p in self._pending if (os.path.dirname(p) or "/") == path]
@@ -410,6 +407,15 @@ class DgfFS(mfusepy.Operations):
         if hit is not None and time.monotonic() - hit[0] < ATTR_TTL:
             r = hit[1]
             return _Reader(r.path, r.key, r.size, r.sites, r.caps)
+        listed = self._listed.get(os.path.dirname(path) or "/")
+        if listed and path in listed and not self.identified:
+            # The first file opened in a listed directory: whoever lists and then reads usually
+            # reads on (cat dir/*, cp -r), so resolve every file of it in one request.
+            self._remember_resolved(self.client.resolve(listed))
+            hit = self._resolved.get(path)
+            if hit is not None:
+                r = hit[1]
+                return _Reader(r.path, r.key, r.size, r.sites, r.caps)
         resolved = self.client.resolve([path])
         if not resolved["files"]:
             raise errors.NotFound(f"{path} does not exist.")

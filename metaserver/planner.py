@@ -355,8 +355,12 @@ class Planner:
         if plan.terms is None:
             return None
         terms = self.merge_single_valued(plan.terms)
+        sizes = {id(t): self.estimate_term(t) for t, negated in terms if not negated}
         positive = [t for t, negated in terms if not negated]
-        driver = min(positive, key=self.estimate_term) if positive else None
+        driver = min(positive, key=lambda t: sizes[id(t)]) if positive else None
+        # The most selective checks first: SQLite evaluates the EXISTS probes in this order, so
+        # each driver row meets as few probes as possible.
+        terms = tuple(sorted(terms, key=lambda tn: (tn[1], sizes.get(id(tn[0]), 0))))
         if isinstance(driver, Leaf):
             d = values_t.alias("d")
             query = sa.select(d.c.ino).where(*driver.where(d))
