@@ -220,6 +220,15 @@ class DgfFS(mfusepy.Operations):
         hit = self._attrs.get(path)
         if hit is not None and now - hit[0] < ATTR_TTL:
             return hit[1]
+        parent = os.path.dirname(path) or "/"
+        if parent in self._dirs and path != "/":
+            # A listed directory's entries expire together: one listing refreshes them all
+            # (ls -l of 100,000 entries was one stat round trip per entry).
+            self._list(parent)
+            hit = self._attrs.get(path)
+            if hit is not None:
+                return hit[1]
+            raise errors.NotFound(f"{path} does not exist.")
         st = self.client.stat(path)
         self._attrs[path] = (now, st)
         return st
@@ -270,25 +279,26 @@ class DgfFS(mfusepy.Operations):
             if not q:
                 return [".", ".."] + (sorted(self.client.saved_queries()) if kind == QUERIES_DIR else [])
             return [".", "..", *self._query_entries(kind, q)]
-        now = time.monotonic()
         hit = self._dirs.get(path)
-        if hit is not None and now - hit[0] < ATTR_TTL:
-            names = hit[1]
-        else:
-            # One round trip gives every entry's attributes; getattr on each then hits the cache.
-            entries = self.client.ls(path)
-            if len(self._attrs) > MAX_CACHED_ENTRIES:
-                self._attrs.clear()
-            for st in entries:
-                self._attrs[st.path] = (now, st)
-            names = [os.path.basename(st.path) for st in entries]
-            self._dirs[path] = (now, names)
-            files = [st.path for st in entries if not st.is_dir]
-            if files:
-                self._listed[path] = files
+        names = hit[1] if hit is not None and time.monotonic() - hit[0] < ATTR_TTL else self._list(path)
         extra = [FIND_DIR, QUERIES_DIR] if path == "/" else []
         pending = [os.path.basename(p) for p in self._pending if (os.path.dirname(p) or "/") == path]
         return [".", "..", *extra, *names, *(p for p in pending if p not in names)]
+
+    def _list(self, path: str) -> list[str]:
+        """One round trip gives every entry's attributes; getattr on each then hits the cache."""
+        now = time.monotonic()
+        entries = self.client.ls(path)
+        if len(self._attrs) > MAX_CACHED_ENTRIES:
+            self._attrs.clear()
+        for st in entries:
+            self._attrs[st.path] = (now, st)
+        names = [os.path.basename(st.path) for st in entries]
+        self._dirs[path] = (now, names)
+        files = [st.path for st in entries if not st.is_dir]
+        if files:
+            self._listed[path] = files
+        return names
 
     def _query_entries(self, kind: str, q: str) -> list[str]:
         now = time.monotonic()

@@ -162,6 +162,8 @@ def _join(parent: str, name: str) -> str:
 
 class SqlEngine(MetaEngine):
     def __init__(self, url: str) -> None:
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]   # psycopg 3, not psycopg2
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:

@@ -68,6 +68,8 @@ def test_browse_read_and_xattrs(federation: local.Federation, mounted: Mount, tm
         assert st.st_size == stats[p].size and st.st_nlink == 1 and abs(st.st_mtime - stats[p].mtime) < 1
         assert (root / p.lstrip("/")).read_bytes() == expected[p]
     assert os.stat(root / "fuse").st_nlink == 3
+    subprocess.run(["cp", "-r", str(root / "fuse/a"), str(tmp_path / "out")], check=True)
+    assert sorted(f.read_bytes() for f in (tmp_path / "out").iterdir()) == sorted(expected.values())
     dump = subprocess.run(["dcmdump", str(root / paths[0].lstrip("/"))], capture_output=True, text=True)
     assert dump.returncode == 0 and "(0012,0062) CS [YES]" in dump.stdout
     xattrs = subprocess.run(["getfattr", "-d", "-m", "-", str(root / paths[0].lstrip("/"))],
