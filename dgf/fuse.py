@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -639,8 +640,6 @@ class DgfFS(mfusepy.Operations):
         if name == IDENTITY_XATTR:
             if not self.identified:
                 raise mfusepy.FuseOSError(errno.ENODATA)
-            import json
-
             return json.dumps(self.client.identity_summary(path), ensure_ascii=False).encode()
         if name in VIRTUAL_XATTRS:
             st = self._stat(path)
