@@ -465,9 +465,10 @@ class DgfFS(mfusepy.Operations):
         with self._lock:
             fut = self._inflight.get((r.key, idx))
             if fut is None:
-                if self.blocks.get(r.key, idx) is not None:
+                cached = self.blocks.get(r.key, idx)   # fetched since the caller looked
+                if cached is not None:
                     done: Future[bytes] = Future()
-                    done.set_result(self.blocks.get(r.key, idx) or b"")
+                    done.set_result(cached)
                     return done
                 fut = self._pool.submit(self._fetch, r, idx)
                 self._inflight[(r.key, idx)] = fut
