@@ -414,24 +414,19 @@ class DgfFS(mfusepy.Operations):
             self._resolved[path] = (now, _Reader(path, key, size, list(sites), resolved["caps"]))
 
     def _resolve(self, path: str) -> _Reader:
+        """A fresh reader for ``path``.  The first file opened in a listed directory resolves
+        every file of it in one request: whoever lists and then reads usually reads on (cat
+        dir/*, cp -r)."""
         hit = self._resolved.get(path)
-        if hit is not None and time.monotonic() - hit[0] < ATTR_TTL:
-            r = hit[1]
-            return _Reader(r.path, r.key, r.size, r.sites, r.caps)
-        listed = self._listed.get(os.path.dirname(path) or "/")
-        if listed and path in listed and not self.identified:
-            # The first file opened in a listed directory: whoever lists and then reads usually
-            # reads on (cat dir/*, cp -r), so resolve every file of it in one request.
-            self._remember_resolved(self.client.resolve(listed))
+        if hit is None or time.monotonic() - hit[0] >= ATTR_TTL:
+            listed = self._listed.get(os.path.dirname(path) or "/")
+            wanted = listed if listed and path in listed and not self.identified else [path]
+            self._remember_resolved(self.client.resolve(wanted))
             hit = self._resolved.get(path)
-            if hit is not None:
-                r = hit[1]
-                return _Reader(r.path, r.key, r.size, r.sites, r.caps)
-        resolved = self.client.resolve([path])
-        if not resolved["files"]:
-            raise errors.NotFound(f"{path} does not exist.")
-        _, key, size, sites = resolved["files"][0]
-        return _Reader(path, key, size, list(sites), resolved["caps"])
+            if hit is None:
+                raise errors.NotFound(f"{path} does not exist.")
+        r = hit[1]
+        return _Reader(r.path, r.key, r.size, r.sites, r.caps)   # its own read position
 
     @_errno_of
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:

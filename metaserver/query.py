@@ -141,20 +141,21 @@ class _Evaluators:
 _compiled: dict[str, etree.XPath] = {}
 
 
+def _check(compiled: etree.XPath, exact: bool, show: list[str], xml: bytes | None) -> dict[str, str] | None:
+    """One candidate: its show values if the expression matches (or the plan was exact), else None."""
+    doc = etree.fromstring(xml, _PARSER) if xml is not None else None
+    if doc is not None and not exact and not matches(compiled, doc):
+        return None
+    return show_values(doc, show) if show and doc is not None else {}
+
+
 def _evaluate_chunk(task: tuple[str, list[str], list[bytes | None], bool]) -> list[dict[str, str] | None]:
-    """For each header, its show values if the expression matches, else None."""
+    """A chunk of candidates, in a worker process (or here when the workers are busy)."""
     expr, show, xmls, exact = task
     compiled = _compiled.get(expr)
     if compiled is None:
         compiled = _compiled[expr] = etree.XPath(expr, smart_strings=False)
-    out: list[dict[str, str] | None] = []
-    for xml in xmls:
-        doc = etree.fromstring(xml, _PARSER) if xml is not None else None
-        if doc is not None and not exact and not matches(compiled, doc):
-            out.append(None)
-        else:
-            out.append(show_values(doc, show) if show and doc is not None else {})
-    return out
+    return [_check(compiled, exact, show, xml) for xml in xmls]
 
 
 _evaluators: _Evaluators | None = None
@@ -194,12 +195,11 @@ def _evaluated(engine: Any, q: Query, root: str, show: list[str], deadline: floa
     need_xml = not q.plan.exact or bool(show)
     rows = engine.query_candidates(root, q.sql, need_xml, deadline)
     for i, (path, levels, xml) in enumerate(rows):
-        doc = etree.fromstring(xml, _PARSER) if xml is not None else None
-        if doc is not None and not q.plan.exact and not matches(q.compiled, doc):
-            continue
-        yield path, levels, (show_values(doc, show) if show and doc is not None else {})
+        values = _check(q.compiled, q.plan.exact, show, xml)
+        if values is not None:
+            yield path, levels, values
         if i + 1 >= SERIAL_CANDIDATES and need_xml:
-            break
+            break                                # matching or not: the rest goes to the workers
     else:
         return
     meta: queue.SimpleQueue[list[tuple[str, tuple[str, str, str]]]] = queue.SimpleQueue()

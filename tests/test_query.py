@@ -245,3 +245,17 @@ def test_results_stream_in_pages_through_cursors(engine: SqlEngine, monkeypatch:
     assert [p.count(b"\n") for p in pages] == [10, 10, 5]
     with pytest.raises(errors.UsageError, match="--level"):
         service.find(me, "/DicomHeader", "/c", level="image")
+
+
+def test_long_scans_fan_out_to_workers_in_order(engine: SqlEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = {f"/w/{i:04d}": _hdr("CT" if i % 3 else "MR", series=f"1.{i % 7}") for i in range(1200)}
+    engine.create_files([NewFile(p, f"{i:064x}", 1, "s", {"user.dgf.dicom": x})
+                         for i, (p, x) in enumerate(docs.items())])
+    monkeypatch.setattr(query, "SERIAL_CANDIDATES", 50)
+    monkeypatch.setattr(query, "CHUNK", 100)
+    for expr in ("/DicomHeader[count(Modality[.='MR']) = 1]", "count(//*) > 99"):   # scans; the second matches nothing
+        q = query.prepare(expr, engine.query_catalogue(), "sqlite")
+        got = [r["path"] for r in query.run(engine, q, "/w", ["SeriesInstanceUID"])]
+        assert got == brute_force(docs, expr)          # same files, in candidate order
+    mr = query.prepare("/DicomHeader[count(Modality[.='MR']) = 1]", engine.query_catalogue(), "sqlite")
+    assert [r["path"] for r in query.run(engine, mr, "/w", [], limit=80)] == brute_force(docs, mr.expr)[:80]
