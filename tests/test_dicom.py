@@ -144,6 +144,32 @@ def test_burned_in_annotation_is_refused_by_default() -> None:
     assert _deidentify(buf.getvalue(), Profile(Options(allow_burned_in=True))).data
 
 
+def test_retain_safe_private_keeps_only_the_listed_private_elements() -> None:
+    """CT_small.dcm (GE) carries five private attributes of PS3.15 Table E.3.10-1 (table speed,
+    mid scan time, rotation speed, ...) among dozens of others: with the option exactly those and
+    their blocks' creators stay, unchanged; without it no private element does."""
+    path = corpus.file("CT_small.dcm")
+    original = pydicom.dcmread(path)
+    safe = {0x00191023, 0x00191024, 0x00191027, 0x00251007, 0x00431027}
+    creators = {0x00190010, 0x00250010, 0x00430010}
+    assert len([e for e in original if e.tag.is_private]) > 30
+
+    result = _deidentify(path.read_bytes(), Profile(Options(allow_burned_in=True, retain_safe_private=True)))
+    out = pydicom.dcmread(io.BytesIO(result.data))
+    kept = {int(e.tag) for e in out if e.tag.is_private}
+    assert kept == safe | creators
+    for tag in kept:
+        assert out[tag].value == original[tag].value
+    codes = {item.CodeValue for item in out.DeidentificationMethodCodeSequence}
+    assert "113111" in codes and "retain safe private" in out.DeidentificationMethod
+    record = identity.decode(identity.encode(result.identity))
+    assert identity.reidentify(result.data, record) == path.read_bytes()
+
+    plain = pydicom.dcmread(io.BytesIO(_deidentify(path.read_bytes()).data))
+    assert not [e for e in plain if e.tag.is_private]
+    assert "113111" not in {item.CodeValue for item in plain.DeidentificationMethodCodeSequence}
+
+
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:
     compared = 0
     for path, result in _deidentified_corpus(3):

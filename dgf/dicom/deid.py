@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from dgf import errors
-from dgf.dicom import raw
+from dgf.dicom import raw, safe_private
 from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Profile
 from dgf.dicom.raw import UNDEFINED, Elem, Encoding, Item, Part10
 
@@ -173,14 +173,16 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
     changed = False
     creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
                 if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
+    safe = _safe_private(elems, creators) if creators and profile.options.retain_safe_private else set()
     for e in elems:
         tag = e.tag
         group = tag >> 16
         if group & 1:
-            # Private elements (and their creators) go, but for dgf's own safe blocks.
+            # Private elements (and their creators) go, but for dgf's own blocks and, with Retain
+            # Safe Private, the elements known to be safe (and their blocks' creators).
             el = tag & 0xFFFF
             creator = creators.get((group, el)) if 0x10 <= el <= 0xFF else creators.get((group, el >> 8))
-            act: str | None = None if creator in SAFE_PRIVATE_CREATORS else "X"
+            act: str | None = None if creator in SAFE_PRIVATE_CREATORS or e.start in safe else "X"
         elif 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
             act = "X"  # curves and whole overlay groups
         elif e.vr == "UN" and e.items is None and raw.dictionary_vr(tag) == "SQ" and e.length:
@@ -212,6 +214,20 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
         plan.dirty.add(e.start)
         changed = True
     return changed
+
+
+def _safe_private(elems: list[Elem], creators: dict[tuple[int, int], str]) -> set[int]:
+    """Start offsets of the private elements that Retain Safe Private keeps: the safe ones and
+    the creator elements of their blocks."""
+    out: set[int] = set()
+    blocks: set[tuple[int, int]] = set()
+    for e in elems:
+        group, el = e.tag >> 16, e.tag & 0xFFFF
+        if group & 1 and el >= 0x1000 and safe_private.is_safe(creators.get((group, el >> 8)), e.tag):
+            out.add(e.start)
+            blocks.add((group, el >> 8))
+    out.update(e.start for e in elems if (e.tag >> 16, e.tag & 0xFFFF) in blocks)
+    return out
 
 
 def _walk_items(plan: Plan, e: Elem, profile: Profile, data: bytes) -> bool:

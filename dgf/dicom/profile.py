@@ -38,6 +38,7 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "retain_device_identity": ("rtnDevIdOpt", "113109", "Retain Device Identity Option"),
     "retain_institution_identity": ("rtnInstIdOpt", "113112", "Retain Institution Identity Option"),
     "retain_uids": ("rtnUIDsOpt", "113110", "Retain UIDs Option"),
+    "retain_safe_private": ("rtnSafePrivOpt", "113111", "Retain Safe Private Option"),
     "clean_descriptors": ("cleanDescOpt", "113105", "Clean Descriptors Option"),
 }
 BASIC_CODE = ("113100", "Basic Application Confidentiality Profile")
@@ -75,6 +76,10 @@ class Options:
     Temporal Information with Modified Dates (all dates of a patient shifted by one secret offset,
     so intervals and ages survive; times kept).
 
+    ``retain_safe_private`` keeps the private attributes listed as safe (scan geometry, scale
+    factors; :mod:`dgf.dicom.safe_private`), which quantitative work on some vendors' images needs;
+    it is off by default because the list is per vendor and incomplete.
+
     ``clean_descriptors`` is off by default on purpose: dgf cleans a descriptor by keeping it
     only when it contains none of the patient's own identifiers (name parts, IDs, birth date),
     which cannot catch an unrelated identifier typed into free text.  Turn it on for archives
@@ -87,6 +92,7 @@ class Options:
     retain_device_identity: bool = False
     retain_institution_identity: bool = False
     retain_uids: bool = False
+    retain_safe_private: bool = False
     clean_descriptors: bool = False
     allow_burned_in: bool = False
     #: Internal, for data dgf computes from archive data (reconstructions): its UIDs, patient and
