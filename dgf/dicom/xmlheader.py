@@ -61,17 +61,23 @@ class _Builder:
         self.encodings = ["iso8859"]
         self.out: list[str] = []
 
-    def add(self, elems: list[Elem], enc: Encoding) -> None:
+    def add(self, elems: list[Elem], enc: Encoding, pixel_rep: int = 0) -> None:
         out = self.out
         creators: dict[tuple[int, int], str] = {}
+        rep = next((e for e in elems if e.tag == PIXEL_REPRESENTATION), None)
+        if rep is not None:
+            pixel_rep = self._u16(rep, raw.IMPLICIT if rep.vr == "UN" else enc)
         for e in elems:
             tag = e.tag
             g, el = tag >> 16, tag & 0xFFFF
             if tag == 0x00080005:
                 values = [v.strip() for v in raw.text_value(self.data, e).split("\\")]
                 self.encodings = convert_encodings(values or [""])
-            # Public elements written as UN are read by their dictionary VR, as pydicom does.
-            vr = raw.dictionary_vr(tag) if e.vr == "UN" and not g & 1 else e.vr
+            # Public elements written as UN are read by their dictionary VR, as pydicom does; the
+            # dictionary's ambiguous VRs (implicit VR files) are resolved as PS3.5 says.
+            vr = e.vr
+            if (e.vr == "UN" or enc.implicit) and not g & 1:
+                vr = _resolve_vr(tag, raw.dictionary_vr(tag), pixel_rep)
             attrs = {"tag": f"{tag:08X}", "vr": "SQ" if e.items is not None else vr}
             if g & 1:
                 if 0x10 <= el <= 0xFF:
@@ -86,7 +92,7 @@ class _Builder:
                 item_enc = raw.IMPLICIT if e.implicit_items else enc
                 for item in e.items:
                     out.append("<Item>")
-                    self.add(item.elems, item_enc)
+                    self.add(item.elems, item_enc, pixel_rep)
                     out.append("</Item>")
                 out.append(f"</{name}>")
                 continue
@@ -106,6 +112,11 @@ class _Builder:
                 else:
                     out.append(f"{head}>{value.translate(_TEXT_ESCAPES)}</{name}>")
 
+
+    def _u16(self, e: Elem, enc: Encoding) -> int:
+        if e.length != 2:
+            return 0
+        return int(enc.u16.unpack_from(self.data, e.vstart)[0])
 
     def values(self, e: Elem, vr: str, enc: Encoding, attrs: dict[str, str]) -> list[str]:
         value = bytes(self.data[e.vstart:e.value_end])
@@ -137,6 +148,25 @@ class _Builder:
             return [text] if vr in _SINGLE_VALUE_TEXT else text.split("\\")
         attrs["enc"] = "base64"
         return [base64.b64encode(value).decode()] if value else [""]
+
+
+PIXEL_REPRESENTATION = 0x00280103
+#: "US or SS" attributes (pixel values): SS where Pixel Representation is 1 (pydicom's list).
+_US_OR_SS = frozenset({0x00189810, 0x00221452, 0x00280104, 0x00280105, 0x00280106, 0x00280107,
+                       0x00280108, 0x00280109, 0x00280110, 0x00280111, 0x00280120, 0x00280121,
+                       0x00281101, 0x00281102, 0x00281103, 0x00283002, 0x00409211, 0x00409216,
+                       0x00603004, 0x00603006})
+#: "OB or OW" attributes, always OW in Implicit VR Little Endian (PS3.5 A.1).
+_OB_OR_OW = frozenset({0x7FE00010, 0x54000110, 0x54000112, 0x5400100A, 0x54001010})
+
+
+def _resolve_vr(tag: int, vr: str, pixel_rep: int) -> str:
+    """The VR of an element whose VR the file does not say (implicit VR, or UN)."""
+    if tag in _US_OR_SS:
+        return "SS" if pixel_rep == 1 else "US"
+    if tag in _OB_OR_OW or (tag >> 24 == 0x60 and tag & 0xFFFF == 0x3000):
+        return "OW"
+    return vr
 
 
 def header_xml(data: bytes) -> bytes:
