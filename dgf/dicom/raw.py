@@ -38,6 +38,7 @@ VALID_VRS = frozenset({
     "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US",
     "UT", "UV",
 })
+_VR_NAMES = {vr.encode(): vr for vr in VALID_VRS}
 #: Nesting beyond this is refused: real data stays far below, and recursion must stay bounded.
 MAX_DEPTH = 64
 
@@ -109,6 +110,10 @@ class Encoding:
 _U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
 _U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 _TAG = {True: struct.Struct("<HH"), False: struct.Struct(">HH")}
+# Element headers: (group, element, VR bytes, 16-bit length) explicit; (group, element, length, 0)
+# implicit (the pad field keeps one unpack shape).
+_HEAD_EXPLICIT = {True: struct.Struct("<HH2sH"), False: struct.Struct(">HH2sH")}
+_HEAD_IMPLICIT = {True: struct.Struct("<HHI0s"), False: struct.Struct(">HHI0s")}
 IMPLICIT = Encoding(True, True)
 EXPLICIT = Encoding(False, True)
 BIG = Encoding(False, False)
@@ -145,36 +150,39 @@ class Parser:
         if depth > MAX_DEPTH:
             raise errors.InvalidDicom(f"sequences are nested deeper than {MAX_DEPTH} levels.")
         data = self.data
+        size = self.size
         elems: list[Elem] = []
-        u16, u32 = enc.u16, enc.u32
-        tagfmt = _TAG[enc.little]
+        u32 = enc.u32
+        implicit = enc.implicit
+        # One unpack per element header: tag, and the implicit length or the explicit VR + short length.
+        head = _HEAD_IMPLICIT[enc.little] if implicit else _HEAD_EXPLICIT[enc.little]
         while pos < end:
-            self._need(pos, 8, "an element header")
-            g, e = tagfmt.unpack_from(data, pos)
+            if pos + 8 > size:
+                self._need(pos, 8, "an element header")
+            g, e, vr_or_len, short = head.unpack_from(data, pos)
             tag = (g << 16) | e
             if tag == ITEM_END and stop_at_item_end:
                 return elems, pos + 8
             if g == 0xFFFE:
                 raise errors.InvalidDicom(f"unexpected delimiter ({g:04X},{e:04X}) at byte {pos}.")
-            if enc.implicit:
+            if implicit:
                 vr = dictionary_vr(tag)
-                length = u32.unpack_from(data, pos + 4)[0]
+                length = vr_or_len
                 vstart = pos + 8
                 if length == UNDEFINED:
                     vr = "SQ"
             else:
-                vr_bytes = bytes(data[pos + 4:pos + 6])
-                vr = vr_bytes.decode("latin-1")
+                vr = _VR_NAMES.get(vr_or_len)  # type: ignore[assignment]
+                if vr is None:
+                    raise errors.InvalidDicom(
+                        f"element ({g:04X},{e:04X}) at byte {pos} has an invalid VR {vr_or_len!r}.")
                 if vr in LONG_VRS:
                     self._need(pos, 12, "an element header")
                     length = u32.unpack_from(data, pos + 8)[0]
                     vstart = pos + 12
-                elif vr in VALID_VRS:
-                    length = u16.unpack_from(data, pos + 6)[0]
-                    vstart = pos + 8
                 else:
-                    raise errors.InvalidDicom(
-                        f"element ({g:04X},{e:04X}) at byte {pos} has an invalid VR {vr_bytes!r}.")
+                    length = short
+                    vstart = pos + 8
             if length == UNDEFINED:
                 elem = self._undefined(tag, vr, pos, vstart, enc, depth)
             else:

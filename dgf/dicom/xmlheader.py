@@ -52,6 +52,10 @@ def _attrs(attrs: dict[str, str]) -> str:
     return "".join(f' {k}="{v.translate(_ATTR_ESCAPES)}"' for k, v in attrs.items())
 
 
+_TEXT_VRS = frozenset(raw.VALID_VRS - {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+_HEADS: dict[tuple[int, str], tuple[str, str, str]] = {}
+
+
 class _Builder:
     """Writes the XML as text: several times faster than building an lxml tree per file, and
     the escaping rules are the few XML 1.0 needs (characters it cannot carry go to base64)."""
@@ -78,14 +82,38 @@ class _Builder:
             vr = e.vr
             if (e.vr == "UN" or enc.implicit) and not g & 1:
                 vr = _resolve_vr(tag, raw.dictionary_vr(tag), pixel_rep)
-            attrs = {"tag": f"{tag:08X}", "vr": "SQ" if e.items is not None else vr}
+            if e.items is not None:
+                vr = "SQ"
+            creator = None
             if g & 1:
                 if 0x10 <= el <= 0xFF:
                     creators[(g, el)] = raw.text_value(self.data, e)
                 else:
                     creator = creators.get((g, el >> 8))
-                    if creator is not None:
-                        attrs["creator"] = creator
+            if creator is None and e.items is None and tag not in BULK_TAGS:
+                # The common case, from a cache: name and opening tag of (tag, VR).
+                key = (tag, vr)
+                cached = _HEADS.get(key)
+                if cached is None:
+                    name = keyword(tag)
+                    cached = _HEADS[key] = (name, f'<{name} tag="{tag:08X}" vr="{vr}"', f"</{name}>")
+                name, head, close = cached
+                attrs = {}
+                values = self.values(e, vr, enc, attrs)
+                if attrs:
+                    head += _attrs(attrs)
+                for value in values:
+                    if not value:
+                        out.append(head + "/>")
+                    elif _INVALID_XML.search(value):
+                        raw64 = base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
+                        out.append(f'{head} enc="base64">{raw64}{close}')
+                    else:
+                        out.append(f"{head}>{value.translate(_TEXT_ESCAPES)}{close}")
+                continue
+            attrs = {"tag": f"{tag:08X}", "vr": vr}
+            if creator is not None:
+                attrs["creator"] = creator
             name = keyword(tag)
             if e.items is not None:
                 out.append(f"<{name}{_attrs(attrs)}>")
@@ -137,8 +165,10 @@ class _Builder:
         if vr == "AT":
             u16 = struct.unpack(("<" if enc.little else ">") + "H" * (len(value) // 2), value)
             return [f"{u16[i]:04X}{u16[i + 1]:04X}" for i in range(0, len(u16) - 1, 2)] or [""]
-        if vr in raw.VALID_VRS - {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"}:
-            if vr in _CHARSET_VRS:
+        if vr in _TEXT_VRS:
+            if value.isascii() and b"\x1b" not in value:
+                text = value.decode("ascii")  # every DICOM character set is ASCII in G0
+            elif vr in _CHARSET_VRS:
                 text = decode_bytes(value, self.encodings, _CHARSET_VRS[vr])
             else:
                 text = value.decode("latin-1")
