@@ -145,6 +145,26 @@ def test_burned_in_annotation_is_refused_by_default() -> None:
     assert _deidentify(buf.getvalue(), Profile(Options(allow_burned_in=True))).data
 
 
+def test_identity_summary_lists_every_removed_element() -> None:
+    """The summary names each element de-identification took out (runs of removed private
+    elements are stored as byte runs and listed element by element), with VR, creator, value."""
+    path = corpus.file("CT_small.dcm")
+    original = pydicom.dcmread(path)
+    result = _deidentify(path.read_bytes())
+    out = pydicom.dcmread(io.BytesIO(result.data))
+    summary = identity.summary(identity.decode(identity.encode(result.identity)), path.read_bytes())
+    by_path = {e["path"]: e for e in summary["removed"]}
+    gone = {f"({e.tag.group:04X},{e.tag.element:04X})" for e in original if e.tag not in out}
+    assert gone and gone <= set(by_path)
+    private = [e for e in original if e.tag.is_private and not e.tag.is_private_creator]
+    for elem in private:
+        entry = by_path[f"({elem.tag.group:04X},{elem.tag.element:04X})"]
+        assert entry["action"] == "X"
+        assert entry["creator"] in original.private_creators(elem.tag.group)
+        assert entry["vr"] == elem.VR
+    assert by_path["(0009,1002)"].get("value") == str(original[0x00091002].value).rstrip()
+
+
 def test_retain_safe_private_keeps_only_the_listed_private_elements() -> None:
     """CT_small.dcm (GE) carries five private attributes of PS3.15 Table E.3.10-1 (table speed,
     mid scan time, rotation speed, ...) among dozens of others: with the option exactly those and

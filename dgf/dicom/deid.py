@@ -315,6 +315,7 @@ class _Applier:
         self.pseudo = pseudo
         self.profile = profile
         self.removed: list[list[object]] = []
+        self.removed_runs: list[list[object]] = []
 
     def value(self, e: Elem) -> bytes:
         return bytes(self.data[e.vstart:e.value_end])
@@ -363,10 +364,10 @@ class _Applier:
         return not any(t in low for t in tokens)
 
     def record(self, e: Elem, act: str, path: str, creator: str | None) -> None:
-        """Note a removed or replaced element: [path, VR, action, private creator, start, end]
-        with start/end the value's byte range in the original (parsed) file, so the record
+        """Note a removed or replaced element: [path of its sequence item, tag, VR, action, private
+        creator, start, end] with start/end the value's byte range in the original (parsed) file, so the record
         carries no second copy of the value; :func:`dgf.dicom.identity.summary` reads it back."""
-        self.removed.append([path + _fmt_tag(e.tag), e.vr, act, creator, e.vstart, e.value_end])
+        self.removed.append([path, e.tag, e.vr, act, creator, e.vstart, e.value_end])
 
     def elems(self, elems: list[Elem], enc: Encoding, path: str,
               inserts: dict[int, bytes] | None = None) -> _Writer:
@@ -386,6 +387,16 @@ class _Applier:
                 continue
             act = self.plan.actions[e.start]
             creator = creators.get((e.tag >> 16, (e.tag & 0xFF00) >> 8)) if (e.tag >> 16) & 1 else None
+            if act == "X":
+                # The common case (whole private groups): contiguous removed elements are noted
+                # as one run of the original's bytes, which :func:`identity.summary` lists
+                # element by element.
+                runs = self.removed_runs
+                if runs and runs[-1][2] == e.start and runs[-1][0] == path:
+                    runs[-1][2] = e.end
+                else:
+                    runs.append([path, e.start, e.end])
+                continue
             if e.items is not None and act == "K":
                 w.extend(self.sequence(e, enc, path))
                 continue
@@ -520,7 +531,7 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
         out = b"".join(pieces)
     key = hashlib.sha256(out).hexdigest()
     identity = {
-        "v": 1,
+        "v": 2,
         "original_sha256": plan.original_sha256,
         "original_size": len(plan_original(plan)),
         "deid_sha256": key,
@@ -528,6 +539,7 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
         "options": profile.options.enabled(),
         "delta": delta,
         "removed": applier.removed,
+        "removed_runs": applier.removed_runs,
     }
     return Result(out, key, pseudo.patient,
                   pseudo.uids.get(plan.top_text(STUDY_UID), plan.top_text(STUDY_UID)),

@@ -5,10 +5,12 @@ An identity record (built by :func:`dgf.dicom.deid.apply`) holds, for one instan
 - ``delta``: the original file as a list of pieces, each either ``[offset, length]`` (those bytes
   of the de-identified file) or a base64 string (original bytes that de-identification removed or
   replaced: PHI values, old element headers, the original file meta and preamble);
-- ``removed``: each removed or replaced element as ``[path, VR, action, private creator, start,
-  end]``, its path in nested sequences ending in its tag and start/end the byte range of its
-  original value in the original file (so values are not stored twice); :func:`summary` turns
+- ``removed``: each removed or replaced element as ``[item path, tag, VR, action, private
+  creator, start, end]``, the item path locating it in nested sequences (``"(0008,1115)[0]/"``,
+  empty at the top level) and start/end the byte range of its original value in the original file (so values are not stored twice); :func:`summary` turns
   these into readable entries given the original;
+- ``removed_runs``: ``[item path, start, end]`` for runs of whole elements removed one after
+  another (private groups, mostly): the same information, listed per element by :func:`summary`;
 - the SHA-256 of the original and of the de-identified file, so re-identification is verified.
 
 Records travel to the metaserver compressed (:func:`encode`) and are sealed there per patient.
@@ -34,7 +36,7 @@ def decode(blob: bytes) -> dict[str, Any]:
         record = json.loads(zlib.decompress(blob))
     except (zlib.error, ValueError) as exc:
         raise errors.IntegrityError("the identity record is corrupt.") from exc
-    if not isinstance(record, dict) or record.get("v") != 1:
+    if not isinstance(record, dict) or record.get("v") not in (1, 2):
         raise errors.IntegrityError("the identity record has an unknown format version.")
     return record
 
@@ -62,9 +64,20 @@ def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:
     (read from ``original``, the re-identified file), for people and user.dgf.identity."""
     from dgf.dicom import raw
 
-    data = raw.parse_part10(original).data  # inflated, for deflated files: the offsets' frame
+    part = raw.parse_part10(original)
+    data = part.data  # inflated, for deflated files: the offsets' frame
+    rows = []
+    for row in record.get("removed", []):
+        if record["v"] == 1:  # [path with tag, VR, action, creator, start, end]
+            rows.append(row)
+        else:  # [path of the item, tag, VR, ...]
+            parent, tag, vr, action, creator, start, end = row
+            rows.append([f"{parent}{_tag(tag)}", vr, action, creator, start, end])
+    if record.get("removed_runs"):
+        rows.extend(_runs(record["removed_runs"], part.dataset, data))
+    rows.sort(key=lambda r: r[4])
     removed = []
-    for path, vr, action, creator, start, end in record.get("removed", []):
+    for path, vr, action, creator, start, end in rows:
         entry: dict[str, Any] = {"path": path, "vr": vr, "action": action}
         if creator:
             entry["creator"] = creator
@@ -80,4 +93,36 @@ def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {k: record[k] for k in ("original_sha256", "original_size", "profile", "options")
                            if k in record}
     out["removed"] = removed
+    return out
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _runs(runs: list[list[Any]], dataset: list[Any], data: bytes) -> list[list[Any]]:
+    """Rows (as in ``removed``) for each element inside the runs of removed bytes, found by
+    walking the original's elements (paths built as :mod:`dgf.dicom.deid` builds them)."""
+    from dgf.dicom import raw
+
+    by_path: dict[str, list[tuple[int, int]]] = {}
+    for path, start, end in runs:
+        by_path.setdefault(path, []).append((start, end))
+    out: list[list[Any]] = []
+
+    def walk(elems: list[raw.Elem], path: str) -> None:
+        spans = by_path.get(path, ())
+        creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
+                    if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
+        for e in elems:
+            if any(a <= e.start < b for a, b in spans):
+                g = e.tag >> 16
+                creator = creators.get((g, (e.tag & 0xFF00) >> 8)) if g & 1 and (e.tag & 0xFFFF) > 0xFF else None
+                out.append([path + _tag(e.tag), "SQ" if e.items is not None else e.vr, "X", creator,
+                            e.vstart, e.value_end])
+            elif e.items is not None:
+                for i, item in enumerate(e.items):
+                    walk(item.elems, f"{path}{_tag(e.tag)}[{i}]/")
+
+    walk(dataset, "")
     return out
