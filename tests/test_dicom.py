@@ -245,6 +245,8 @@ def _planted(tokens: list[str]) -> bytes:
     item.ReferencedSOPClassUID = ds.SOPClassUID
     item.ReferencedSOPInstanceUID = generate_uid()
     item.add_new(0x00091001, "LO", tokens[12])  # private element inside a sequence item
+    # A vendor whose block holds safe elements (Retain Safe Private), at an element that is not.
+    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x10, "LO", tokens[13])
     ds.PatientBirthDate = "19561103"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -252,14 +254,15 @@ def _planted(tokens: list[str]) -> bytes:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tokens=st.lists(TOKENS, min_size=13, max_size=13, unique=True))
+@given(tokens=st.lists(TOKENS, min_size=14, max_size=14, unique=True))
 def test_planted_identity_never_leaks(tokens: list[str], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     data = _planted(tokens)
     # Clean Descriptors keeps free text unless it holds the patient's own identifiers, so the
     # tokens planted as free text alone (ImageComments, the step description) are exempt there.
     free_text = {tokens[6], tokens[9]}
-    for profile, exempt in ((Profile(), set()), (Profile(Options(clean_descriptors=True)), free_text)):
+    for profile, exempt in ((Profile(), set()), (Profile(Options(clean_descriptors=True)), free_text),
+                            (Profile(Options(retain_safe_private=True)), set())):
         result = _deidentify(data, profile)
         xml = xmlheader.header_xml(result.data)
         for token in set(tokens) - exempt:
