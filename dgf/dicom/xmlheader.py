@@ -98,7 +98,7 @@ class _Builder:
                     name = keyword(tag)
                     cached = _HEADS[key] = (name, f'<{name} tag="{tag:08X}" vr="{vr}"', f"</{name}>")
                 name, head, close = cached
-                attrs = {}
+                attrs: dict[str, str] = {}
                 values = self.values(e, vr, enc, attrs)
                 if attrs:
                     head += _attrs(attrs)
