@@ -449,12 +449,25 @@ def xattr_group() -> None:
 @click.argument("path")
 @click.argument("name", default="user.dgf.dicom")
 @click.option("--pretty", is_flag=True, help="Indent an XML value for reading.")
+@click.option("--as", "model", type=click.Choice(["native", "dcmtk"]),
+              help="Export the XML header: 'native' = DICOM PS3.19 Native DICOM Model, "
+                   "'dcmtk' = dcmtk's format (xml2dcm turns it into a DICOM file).")
 @config_option
 @_run
-def xattr_get(path: str, name: str, pretty: bool, config: str | None) -> None:
-    """Print one extended attribute (default: the XML header)."""
+def xattr_get(path: str, name: str, pretty: bool, model: str | None, config: str | None) -> None:
+    """Print one extended attribute (default: the XML header).
+
+    \b
+    dgf xattr get /study/1.dcm --pretty
+    dgf xattr get /study/1.dcm --as native > 1.xml
+    dgf xattr get /study/1.dcm --as dcmtk > h.xml && xml2dcm h.xml header.dcm
+    """
     with _client(config) as client:
         value = client.getxattr(path, name)
+    if model:
+        from dgf.dicom.xmlheader import export
+
+        value = export(value, model)
     if pretty and value.startswith(b"<"):
         from lxml import etree
 

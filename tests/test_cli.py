@@ -74,6 +74,14 @@ def test_cli_round_trip_and_errors(federation: local.Federation, tmp_path: Path)
     assert down.returncode == 0, down.stderr
     [got] = list((tmp_path / "ok").rglob("*.dcm"))
     assert got.read_bytes() == corpus.file("CT_small.dcm").read_bytes()
+    [path] = [line.split()[-1] for line in _run(["dgf", "ls", "/cli"], res).stdout.splitlines()]
+    native = _run(["dgf", "xattr", "get", f"/cli/{path}", "--as", "native"], res)
+    assert native.returncode == 0 and "<NativeDicomModel" in native.stdout
+    assert '<DicomAttribute tag="00080060" vr="CS" keyword="Modality"><Value number="1">CT</Value>' \
+        in native.stdout.replace("\n", "").replace(" " * 2, "")
+    assert _run(["dgf", "xattr", "set", f"/cli/{path}", "user.note", "plain text"], clin).returncode == 0
+    not_xml = _run(["dgf", "xattr", "get", f"/cli/{path}", "user.note", "--as", "native"], res)
+    assert not_xml.returncode != 0 and "not an XML header" in not_xml.stderr
     ls = _run(["dgf", "ls", "-l", "/cli"], clin)
     assert ls.returncode == 0 and ls.stdout.startswith("-rw-r--r--")
     missing = _run(["dgf", "stat", "/cli/none"], clin)

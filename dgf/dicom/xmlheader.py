@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import re
 import struct
+from functools import lru_cache
 from typing import Iterable
 
 from lxml import etree
@@ -272,3 +273,28 @@ def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
 
 
 __all__ = ["header_xml", "to_dataset", "keyword"]
+
+
+#: Stylesheets that export the header to other XML models (``dgf xattr get --as``).
+EXPORTS = {"native": "native-dicom.xsl", "dcmtk": "dcmtk-xml.xsl"}
+
+
+@lru_cache(maxsize=None)
+def _stylesheet(name: str) -> "etree.XSLT":
+    from importlib import resources
+
+    return etree.XSLT(etree.fromstring(resources.files("dgf.dicom").joinpath("data/" + EXPORTS[name]).read_bytes()))
+
+
+def export(xml: bytes, model: str) -> bytes:
+    """The header in another model: ``native`` (PS3.19 Native DICOM Model) or ``dcmtk`` (dcmtk's
+    format, which its ``xml2dcm`` turns into a DICOM file)."""
+    if model not in EXPORTS:
+        raise errors.UsageError(f"unknown export model {model!r}; known: {', '.join(EXPORTS)}.")
+    try:
+        doc = etree.fromstring(xml)
+    except etree.XMLSyntaxError as exc:
+        raise errors.InvalidDicom("the value is not an XML header.") from exc
+    if doc.tag != ROOT:
+        raise errors.InvalidDicom("the value is not an XML header.")
+    return bytes(_stylesheet(model)(doc))
