@@ -276,6 +276,59 @@ def test_planted_identity_never_leaks(tokens: list[str], caplog: pytest.LogCaptu
     assert not any(t in str(info.value) for t in tokens)
 
 
+_PLANT_VRS = ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT", "UI", "SQ")
+
+
+@settings(max_examples=10, deadline=None)
+@given(base=st.text(alphabet=string.ascii_uppercase + string.digits, min_size=6, max_size=6))
+def test_every_attribute_of_table_e1_is_cleaned(base: str) -> None:
+    """A value planted in every text, UID and sequence attribute that Table E.1-1 lists (and the
+    profile does not keep): none reaches the object or the XML header, and re-identification
+    brings every one back."""
+    from pydicom.datadict import dictionary_VR
+
+    # The Basic Profile alone (the default's options keep patient characteristics and shift
+    # dates, keeping the time zone offset; both are checked by their own tests).
+    profile = Profile(Options(retain_patient_characteristics=False, retain_long_modified_dates=False))
+    actions = profile.actions_for("1.2.840.10008.5.1.4.1.1.2")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.Modality = "CT"
+    planted: list[str] = []
+    for i, tag in enumerate(sorted(actions)):
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if actions[tag] == "K" or vr not in _PLANT_VRS or tag in (0x00080016, 0x00080060) \
+                or tag >> 16 in (0x0000, 0x0002):  # command and file meta elements: not in a dataset
+            continue
+        token = f"QZ{base}{i:03d}"
+        if vr == "UI":
+            token = f"1.2.826.0.1.3680043.{sum(map(ord, base))}{i:04d}"
+            value: object = token
+        elif vr == "SQ":
+            item = Dataset()
+            item.PatientID = token
+            value = Sequence([item])
+        else:
+            value = f"http://{token}" if vr == "UR" else token
+        ds.add_new(tag, vr, value)
+        planted.append(token)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    assert len(planted) > 250
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    result = _deidentify(data, profile)
+    xml = xmlheader.header_xml(result.data)
+    for token in planted:
+        assert token.encode() not in result.data and token.encode() not in xml, token
+    assert identity.reidentify(result.data, identity.decode(identity.encode(result.identity))) == data
+
+
 def test_xml_headers_validate_against_the_schema() -> None:
     from dgf.dicom import xsd
 
