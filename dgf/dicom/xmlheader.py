@@ -101,16 +101,7 @@ class _Builder:
                 name, head, close = cached
                 attrs: dict[str, str] = {}
                 values = self.values(e, vr, enc, attrs)
-                if attrs:
-                    head += _attrs(attrs)
-                for value in values:
-                    if not value:
-                        out.append(head + "/>")
-                    elif _INVALID_XML.search(value):
-                        raw64 = base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
-                        out.append(f'{head} enc="base64">{raw64}{close}')
-                    else:
-                        out.append(f"{head}>{value.translate(_TEXT_ESCAPES)}{close}")
+                self._write(head + _attrs(attrs) if attrs else head, close, values)
                 continue
             attrs = {"tag": f"{tag:08X}", "vr": vr}
             if creator is not None:
@@ -131,16 +122,19 @@ class _Builder:
                 out.append(f"<{name}{_attrs(attrs)}/>")
                 continue
             values = self.values(e, vr, enc, attrs)
-            head = f"<{name}{_attrs(attrs)}"
-            for value in values:
-                if not value:
-                    out.append(head + "/>")
-                elif _INVALID_XML.search(value):
-                    raw64 = base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
-                    out.append(f'{head} enc="base64">{raw64}</{name}>')
-                else:
-                    out.append(f"{head}>{value.translate(_TEXT_ESCAPES)}</{name}>")
+            self._write(f"<{name}{_attrs(attrs)}", f"</{name}>", values)
 
+    def _write(self, head: str, close: str, values: list[str]) -> None:
+        """One XML element per value (``head`` is the opening tag without its ``>``)."""
+        out = self.out
+        for value in values:
+            if not value:
+                out.append(head + "/>")
+            elif _INVALID_XML.search(value):
+                raw64 = base64.b64encode(value.encode("utf-8", "surrogateescape")).decode()
+                out.append(f'{head} enc="base64">{raw64}{close}')
+            else:
+                out.append(f"{head}>{value.translate(_TEXT_ESCAPES)}{close}")
 
     def _u16(self, e: Elem, enc: Encoding) -> int:
         if e.length != 2:
