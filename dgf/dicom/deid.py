@@ -364,9 +364,10 @@ class _Applier:
         return not any(t in low for t in tokens)
 
     def record(self, e: Elem, act: str, path: str, creator: str | None) -> None:
-        """Note a removed or replaced element: [path of its sequence item, tag, VR, action, private
-        creator, start, end] with start/end the value's byte range in the original (parsed) file, so the record
-        carries no second copy of the value; :func:`dgf.dicom.identity.summary` reads it back."""
+        """Note a removed or replaced element: [path of its sequence item, tag, VR, action,
+        private creator, start, end] with start/end the value's byte range in the original
+        (parsed) file, so the record carries no second copy of the value;
+        :func:`dgf.dicom.identity.summary` reads it back."""
         self.removed.append([path, e.tag, e.vr, act, creator, e.vstart, e.value_end])
 
     def elems(self, elems: list[Elem], enc: Encoding, path: str,

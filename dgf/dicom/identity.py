@@ -7,8 +7,9 @@ An identity record (built by :func:`dgf.dicom.deid.apply`) holds, for one instan
   replaced: PHI values, old element headers, the original file meta and preamble);
 - ``removed``: each removed or replaced element as ``[item path, tag, VR, action, private
   creator, start, end]``, the item path locating it in nested sequences (``"(0008,1115)[0]/"``,
-  empty at the top level) and start/end the byte range of its original value in the original file (so values are not stored twice); :func:`summary` turns
-  these into readable entries given the original;
+  empty at the top level) and start/end the byte range of its original value in the original
+  file (so values are not stored twice); :func:`summary` turns these into readable entries given
+  the original;
 - ``removed_runs``: ``[item path, start, end]`` for runs of whole elements removed one after
   another (private groups, mostly): the same information, listed per element by :func:`summary`;
 - the SHA-256 of the original and of the de-identified file, so re-identification is verified.
