@@ -55,6 +55,7 @@ def _attrs(attrs: dict[str, str]) -> str:
 
 _TEXT_VRS = frozenset(raw.VALID_VRS - {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
 _HEADS: dict[tuple[int, str], tuple[str, str, str]] = {}
+_FRAGMENTS: dict[tuple[int, str, str, bool, bytes], str] = {}
 
 
 class _Builder:
@@ -99,9 +100,25 @@ class _Builder:
                     name = keyword(tag)
                     cached = _HEADS[key] = (name, f'<{name} tag="{tag:08X}" vr="{vr}"', f"</{name}>")
                 name, head, close = cached
+                value = bytes(self.data[e.vstart:e.value_end])
+                # Elements repeat across the files of a series (Manufacturer, KVP, ...): their
+                # XML is kept by (tag, VR, encoding, value) while the value is short, ASCII and
+                # without ISO 2022 escapes (so the character set cannot change its reading).
+                memo = len(value) <= 64 and value.isascii() and b"\x1b" not in value
+                if memo:
+                    key2 = (tag, vr, e.vr, enc.little, value)
+                    fragment = _FRAGMENTS.get(key2)
+                    if fragment is not None:
+                        out.append(fragment)
+                        continue
                 attrs: dict[str, str] = {}
-                values = self.values(e, vr, enc, attrs)
+                values = self.values(e, vr, enc, attrs, value)
+                start = len(out)
                 self._write(head + _attrs(attrs) if attrs else head, close, values)
+                if memo:
+                    if len(_FRAGMENTS) >= 20_000:  # a few MB at most
+                        _FRAGMENTS.clear()
+                    _FRAGMENTS[key2] = "".join(out[start:])
                 continue
             attrs = {"tag": f"{tag:08X}", "vr": vr}
             if creator is not None:
@@ -141,8 +158,10 @@ class _Builder:
             return 0
         return int(enc.u16.unpack_from(self.data, e.vstart)[0])
 
-    def values(self, e: Elem, vr: str, enc: Encoding, attrs: dict[str, str]) -> list[str]:
-        value = bytes(self.data[e.vstart:e.value_end])
+    def values(self, e: Elem, vr: str, enc: Encoding, attrs: dict[str, str],
+               value: bytes | None = None) -> list[str]:
+        if value is None:
+            value = bytes(self.data[e.vstart:e.value_end])
         if e.vr == "UN":
             enc = raw.IMPLICIT  # UN values keep little endian byte order
         if vr in _NUMERIC:
