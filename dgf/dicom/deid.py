@@ -22,11 +22,12 @@ import datetime as dt
 import hashlib
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Union
 
 from dgf import errors
 from dgf.dicom import raw, safe_private
-from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Profile
+from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Options, Profile
 from dgf.dicom.raw import UNDEFINED, Elem, Encoding, Item, Part10
 
 #: dgf's implementation class UID (2.25 + a fixed UUID) and version name, for the new file meta.
@@ -458,22 +459,28 @@ def _container(start: int, vstart: int, end: int, length: int, body: _Writer,
 
 
 def _markers(profile: Profile, enc: Encoding) -> dict[int, bytes]:
-    """PS3.15 E.1.1 markers: identity removed, the method, the CID 7050 codes applied."""
-    codes = profile.options.codes()
+    """PS3.15 E.1.1 markers: identity removed, the method, the CID 7050 codes applied (the same
+    bytes for every file of one profile and encoding)."""
+    return _encoded_markers(profile.options, profile.edition, enc)
+
+
+@lru_cache(maxsize=64)
+def _encoded_markers(options: Options, edition: str, enc: Encoding) -> dict[int, bytes]:
+    codes = options.codes()
     items = b""
     for value, meaning in codes:
         body = (_encode_element(0x00080100, "SH", value.encode(), enc)
                 + _encode_element(0x00080102, "SH", b"DCM", enc)
                 + _encode_element(0x00080104, "LO", meaning.encode(), enc))
         items += raw._TAG[enc.little].pack(0xFFFE, 0xE000) + enc.u32.pack(len(body)) + body
-    method = f"dgf PS3.15 Annex E {profile.edition}: Basic Profile" + "".join(
-        f"\\{n.replace('_', ' ')}" for n in profile.options.enabled())
+    method = f"dgf PS3.15 Annex E {edition}: Basic Profile" + "".join(
+        f"\\{n.replace('_', ' ')}" for n in options.enabled())
     out = {
         PATIENT_IDENTITY_REMOVED: _encode_element(PATIENT_IDENTITY_REMOVED, "CS", b"YES", enc),
         DEID_METHOD: _encode_element(DEID_METHOD, "LO", method[:64 * 10].encode(), enc),
         DEID_METHOD_CODES: _header(DEID_METHOD_CODES, "SQ", len(items), enc) + items,
     }
-    if profile.options.retain_long_modified_dates:
+    if options.retain_long_modified_dates:
         out[LONGITUDINAL_MODIFIED] = _encode_element(LONGITUDINAL_MODIFIED, "CS", b"MODIFIED", enc)
     return out
 
