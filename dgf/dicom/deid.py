@@ -153,16 +153,12 @@ def _uids_of(value: str) -> list[str]:
     return [u for u in value.split("\\") if u and not u.startswith(WELL_KNOWN_UID_ROOT)]
 
 
-def _action_by_vr(vr: str, profile: Profile) -> str | None:
+@lru_cache(maxsize=64)
+def _actions_by_vr(opts: Options) -> dict[str, str]:
     """PN, DA, DT and TM are handled by VR even when the table does not list the tag."""
-    opts = profile.options
-    if vr == "PN":
-        return "Z"
-    if vr in ("DA", "DT"):
-        return "S" if opts.retain_long_modified_dates else ("K" if opts.retain_long_full_dates else "Z")
-    if vr == "TM":
-        return "K" if (opts.retain_long_modified_dates or opts.retain_long_full_dates) else "Z"
-    return None
+    dates = "S" if opts.retain_long_modified_dates else ("K" if opts.retain_long_full_dates else "Z")
+    times = "K" if (opts.retain_long_modified_dates or opts.retain_long_full_dates) else "Z"
+    return {"PN": "Z", "DA": dates, "DT": dates, "TM": times}
 
 
 def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
@@ -171,6 +167,7 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
     the top level's, resolved by the SOP class's IOD; nested elements use the Type-agnostic ones."""
     actions = profile.actions if actions is None else actions
     derived = profile.options.derived
+    by_vr = _actions_by_vr(profile.options)
     changed = False
     creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
                 if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
@@ -184,6 +181,11 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
             el = tag & 0xFFFF
             creator = creators.get((group, el)) if 0x10 <= el <= 0xFF else creators.get((group, el >> 8))
             act: str | None = None if creator in SAFE_PRIVATE_CREATORS or e.start in safe else "X"
+            if act == "X":  # the common case, whole private groups
+                plan.actions[e.start] = act
+                plan.dirty.add(e.start)
+                changed = True
+                continue
         elif 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
             act = "X"  # curves and whole overlay groups
         elif e.vr == "UN" and e.items is None and raw.dictionary_vr(tag) == "SQ" and e.length:
@@ -192,7 +194,7 @@ def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
             act = actions.get(tag)
             if act is None:
                 vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
-                act = _action_by_vr(vr, profile)
+                act = by_vr.get(vr)
         if act == "U" and profile.options.retain_uids or derived and (
                 act in ("U", "S") or tag in (PATIENT_ID, PATIENT_NAME)):
             act = "K"
