@@ -285,7 +285,7 @@ def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
     return meta, ds
 
 
-__all__ = ["header_xml", "to_dataset", "keyword"]
+__all__ = ["header_xml", "to_dataset", "keyword", "export"]
 
 
 #: Stylesheets that export the header to other XML models (``dgf xattr get --as``).
