@@ -191,6 +191,25 @@ def test_retain_safe_private_keeps_only_the_listed_private_elements() -> None:
     assert "113111" not in {item.CodeValue for item in plain.DeidentificationMethodCodeSequence}
 
 
+def test_xml_header_resolves_ambiguous_vrs_of_implicit_files() -> None:
+    """Implicit VR files do not say whether a pixel value is US or SS: Pixel Representation
+    decides (PS3.3 C.7.6.3), at the element's own level or above; pixel data is OW."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.PixelRepresentation = 1
+    ds.SmallestImagePixelValue = -5
+    ds.RealWorldValueMappingSequence = Sequence([Dataset()])
+    ds.RealWorldValueMappingSequence[0].RealWorldValueFirstValueMapped = -2  # inherits the top level's
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True)
+    xml = xmlheader.header_xml(_deidentify(buf.getvalue()).data)
+    assert b'<SmallestImagePixelValue tag="00280106" vr="SS">-5<' in xml
+    assert b'<RealWorldValueFirstValueMapped tag="00409216" vr="SS">-2<' in xml
+    assert b'<PixelData tag="7FE00010" vr="OW"' in xml
+
+
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:
     compared = 0
     for path, result in _deidentified_corpus(3):
