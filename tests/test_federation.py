@@ -339,8 +339,8 @@ def test_de_identification_options_are_the_archives(fresh_federation: local.Fede
     fed = fresh_federation
     with Client(fed.config("admin")) as admin:
         assert admin.meta.call("deid.options")[0]["options"] == Options().enabled()
-        admin.meta.call("admin.deid.set", options=["retain_device_identity"])
-        assert any(e["action"] == "deid.options" and e["detail"] == "retain_device_identity"
+        admin.meta.call("admin.deid.set", options=["retain_device_identity", "retain_safe_private"])
+        assert any(e["action"] == "deid.options" and e["detail"] == "retain_device_identity,retain_safe_private"
                    for e in admin.audit_log(10))
         with pytest.raises(errors.UsageError, match="either full dates or modified dates"):
             admin.meta.call("admin.deid.set", options=["retain_long_full_dates", "retain_long_modified_dates"])
@@ -351,10 +351,13 @@ def test_de_identification_options_are_the_archives(fresh_federation: local.Fede
         c.upload([src], to="/policy")
         path = c.ls("/policy")[0].path
         c.download([path], workdir)
+        xml = c.getxattr(path, "user.dgf.dicom")
     anon = pydicom.dcmread(_files_under(workdir)[0])
     orig = pydicom.dcmread(src)
     codes = [item.CodeValue for item in anon.DeidentificationMethodCodeSequence]
-    assert codes == ["113100", "113109"]  # Basic Profile + Retain Device Identity, nothing else
+    assert codes == ["113100", "113109", "113111"]  # Basic + Device Identity + Safe Private, nothing else
+    assert anon[0x00431027].value == orig[0x00431027].value  # GE's scan pitch ratio, a safe private
+    assert b'creator="GEMS_PARM_01"' in xml and 0x00091001 not in anon  # GE's identity block is not
     assert anon.get("StudyDate", "") == "" and anon.StationName == orig.StationName
     assert "LongitudinalTemporalInformationModified" not in anon
     with Client(fed.config("clinician"), Options(retain_uids=True)) as c:
