@@ -53,11 +53,12 @@ def _client(config: str | None, options: list[str] | None = None) -> Any:
 
 
 class _Bar:
-    """A progress bar on stderr for long work; silent for a single item."""
+    """A progress bar on stderr for long work; silent for a single item, and when stderr is not
+    a terminal (logs and pipes get the summary line, not a stray label)."""
 
     def __init__(self, total: int, label: str) -> None:
-        self._bar = click.progressbar(length=total, label=label, file=sys.stderr,
-                                      show_pos=True, show_eta=True) if total > 1 else None
+        self._bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True,
+                                      show_eta=True) if total > 1 and sys.stderr.isatty() else None
         if self._bar is not None:
             self._bar.__enter__()
 
