@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgf import errors
+from dgf.limits import Limits
 
 ENV_CONFIG = "DGF_CONFIG"
 
@@ -38,6 +39,16 @@ def read_section(path: Path, section: str) -> dict[str, str]:
     return dict(parser.items(section))
 
 
+def read_limits(path: Path) -> Limits:
+    """The optional ``[limits]`` section of a server config (defaults: :mod:`dgf.limits`)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    with open(path, encoding="utf-8") as fh:
+        parser.read_file(fh)
+    if not parser.has_section("limits"):
+        return Limits()
+    return Limits.from_section(dict(parser.items("limits")), f"config file {path}")
+
+
 def write_section(path: Path, section: str, values: dict[str, str]) -> None:
     parser = configparser.ConfigParser(interpolation=None)
     parser[section] = values
@@ -53,6 +64,16 @@ def _need(values: dict[str, str], key: str, path: Path, section: str) -> str:
     return values[key]
 
 
+def _seconds(text: str, path: Path) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise errors.ConfigError(f"config file {path}: 'timeout' must be a positive number of seconds, got {text!r}.")
+    return value
+
+
 def _rel(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -66,6 +87,8 @@ class ClientConfig:
     metaserver: tuple[str, int]
     metaserver_host_key: str
     cache_dir: Path
+    #: Seconds to wait for a server's next bytes before naming it as hung (``timeout`` key).
+    timeout: float = 30.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> "ClientConfig":
@@ -87,6 +110,7 @@ class ClientConfig:
             metaserver=parse_address(_need(v, "metaserver", p, "dgf"), "metaserver"),
             metaserver_host_key=_need(v, "metaserver_host_key", p, "dgf"),
             cache_dir=_rel(base, cache),
+            timeout=_seconds(v.get("timeout", "30"), p),
         )
 
 
@@ -97,6 +121,7 @@ class MetaserverConfig:
     db: str
     host_key: Path
     vault_key: Path
+    limits: Limits = Limits()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "MetaserverConfig":
@@ -106,7 +131,7 @@ class MetaserverConfig:
         db = _need(v, "db", p, "metaserver")
         return cls(p, parse_address(_need(v, "listen", p, "metaserver"), "listen"), db,
                    _rel(base, _need(v, "host_key", p, "metaserver")),
-                   _rel(base, _need(v, "vault_key", p, "metaserver")))
+                   _rel(base, _need(v, "vault_key", p, "metaserver")), read_limits(p))
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,7 @@ class IoserverConfig:
     key: Path
     metaserver: tuple[str, int]
     metaserver_host_key: str
+    limits: Limits = Limits()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "IoserverConfig":
@@ -133,4 +159,5 @@ class IoserverConfig:
             _rel(base, _need(v, "key", p, "ioserver")),
             parse_address(_need(v, "metaserver", p, "ioserver"), "metaserver"),
             _need(v, "metaserver_host_key", p, "ioserver"),
+            read_limits(p),
         )

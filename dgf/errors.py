@@ -117,13 +117,28 @@ class QueryTimeout(DgfError):
     exit_code = 9
 
 
+class LimitExceeded(UsageError):
+    """A request went past one of a server's limits (size, count, fan-out, quota); the message
+    names the limit and its value, so the caller can split the request or ask an admin."""
+
+    errno = _errno.E2BIG
+    exit_code = 2
+
+
+class Busy(ServerError):
+    """The server is at capacity (database connections, channels); retrying shortly succeeds."""
+
+    errno = _errno.EAGAIN
+    exit_code = 8
+
+
 #: Wire name -> class, so a server reply turns back into the same exception on the client.
 BY_NAME: dict[str, type[DgfError]] = {
     cls.__name__: cls
     for cls in (
         DgfError, UsageError, ConfigError, NotFound, AlreadyExists, NotADirectory, IsADirectory,
         DirectoryNotEmpty, NoAttribute, PermissionDenied, AuthenticationFailed, InvalidDicom,
-        IntegrityError, TransportError, ServerError, QueryTimeout,
+        IntegrityError, TransportError, ServerError, QueryTimeout, LimitExceeded, Busy,
     )
 }
 

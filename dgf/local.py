@@ -91,7 +91,16 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str, t
     raise errors.ServerError(f"the {what} did not start within {timeout:.0f} s: {_tail(log)}")
 
 
-def up(root: Path, sites: tuple[str, ...] = SITES) -> Federation:
+def _add_limits(conf: Path, limits: dict[str, str] | None) -> None:
+    """Append a [limits] section (dgf/limits.py) to a server config written by write_section."""
+    if limits:
+        with open(conf, "a", encoding="utf-8") as fh:
+            fh.write("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()) + "\n")
+
+
+def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None = None) -> Federation:
+    """Start (or restart) the federation in ``root``; ``limits`` overrides server limits (both
+    servers read the same table, each the keys that concern it)."""
     root = root.resolve()
     state = _read_state(root)
     if state is not None and any(_alive(int(p)) for p in state["pids"].values()):
@@ -106,6 +115,7 @@ def up(root: Path, sites: tuple[str, ...] = SITES) -> Federation:
     write_section(meta_conf, "metaserver", {
         "listen": "127.0.0.1:0", "db": f"sqlite:///{root / 'metadata.db'}",
         "host_key": "keys/metaserver_host", "vault_key": "keys/vault.key"})
+    _add_limits(meta_conf, limits)
     _run(["metaserver.server", "init", "--config", str(meta_conf)])
     for name in [p for p, _ in PRINCIPALS] + list(sites):
         for suffix in ("", "_host") if name in sites else ("",):
@@ -133,6 +143,7 @@ def up(root: Path, sites: tuple[str, ...] = SITES) -> Federation:
                 "site": site, "listen": "127.0.0.1:0", "store": f"store-{site}",
                 "host_key": f"keys/{site}_host", "key": f"keys/{site}",
                 "metaserver": address, "metaserver_host_key": host_key_line})
+            _add_limits(conf, limits)
             (root / f"{site}.addr").unlink(missing_ok=True)
             procs[site] = _spawn(["ioserver.server", "serve", "--config", str(conf),
                                   "--ready-file", str(root / f"{site}.addr")], logs / f"{site}.log")

@@ -14,7 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import paramiko
 
@@ -33,18 +33,28 @@ STREAM_THRESHOLD = 8 * 1024 * 1024
 
 
 class MetaLink:
-    """RPC to the metaserver over a small pool of channels on one SSH connection."""
+    """RPC to the metaserver over a small pool of channels on one SSH connection.
 
-    def __init__(self, host: str, port: int, key: paramiko.PKey, host_key: str, channels: int = 2) -> None:
-        self.conn = wire.Connection(host, port, key, host_key, META_SUBSYSTEM)
+    A channel that failed midway (its framing may be out of step) never goes back to the pool:
+    the next call opens a fresh one in its place."""
+
+    def __init__(self, host: str, port: int, key: paramiko.PKey, host_key: str, channels: int = 2,
+                 read_timeout: float = wire.READ_TIMEOUT) -> None:
+        self.conn = wire.Connection(host, port, key, host_key, META_SUBSYSTEM, name="the metaserver",
+                                    read_timeout=read_timeout)
         self._pool: queue.Queue[wire.RpcChannel] = queue.Queue()
         for _ in range(channels):
             self._pool.put(self.conn.channel())
 
-    def call(self, verb: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+    def call(self, verb: str, payload: bytes = b"", wait_s: float | None = None,
+             **args: Any) -> tuple[dict[str, Any], bytes]:
         chan = self._pool.get()
         try:
-            return chan.call(verb, payload, **args)
+            if chan.broken:
+                fresh = self.conn.channel()
+                chan.close()
+                chan = fresh
+            return chan.call(verb, payload, wait_s, **args)
         finally:
             self._pool.put(chan)
 
@@ -68,54 +78,94 @@ class GetResult:
 
 
 class SiteLink:
-    """Channels to one I/O site; capabilities are presented once per channel."""
+    """Channels to one I/O site; capabilities are presented once per channel.
 
-    def __init__(self, site: Site, key: paramiko.PKey, channels: int = CHANNELS_PER_SITE) -> None:
+    Each channel has a slot lock that never changes; a channel left broken by a failure is
+    replaced inside its slot before the next use."""
+
+    def __init__(self, site: Site, key: paramiko.PKey, channels: int = CHANNELS_PER_SITE,
+                 read_timeout: float = wire.READ_TIMEOUT) -> None:
         self.site = site
-        self.conn = wire.Connection(site.host, site.port, key, site.host_key, IO_SUBSYSTEM)
+        self.conn = wire.Connection(site.host, site.port, key, site.host_key, IO_SUBSYSTEM,
+                                    name=f"site {site.name}", read_timeout=read_timeout)
         self.channels = [self.conn.channel() for _ in range(channels)]
+        self._slots = [threading.Lock() for _ in range(channels)]
         self._granted: dict[int, set[str]] = {i: set() for i in range(channels)}
         self._lock = threading.Lock()
 
-    def _auth(self, i: int, cap: str) -> None:
-        """Present ``cap`` on channel ``i``; the caller holds that channel's lock."""
-        if cap in self._granted[i]:
-            return
+    def _ready(self, i: int, cap: str | None) -> wire.RpcChannel:
+        """Channel ``i`` (the caller holds slot ``i``), replaced if broken, ``cap`` presented."""
+        if self.channels[i].broken:
+            old = self.channels[i]
+            self.channels[i] = self.conn.channel()
+            self._granted[i] = set()
+            old.close()
         chan = self.channels[i]
-        chan.send("auth", {"token": cap})
-        chan.receive()
-        self._granted[i].add(cap)
+        # Several capabilities (one per page of a large resolve) travel space-separated.
+        for token in (cap.split() if cap is not None else ()):
+            if token not in self._granted[i]:
+                chan.send("auth", {"token": token})
+                chan.receive()
+                self._granted[i].add(token)
+        return chan
 
     def _pipelined(self, i: int, cap: str, frames: list[Any],
                    send: Callable[[wire.RpcChannel, Any], None],
                    receive: Callable[[wire.RpcChannel, Any], None]) -> None:
         """Send ``frames`` on channel ``i`` with up to BATCH_WINDOW of them awaiting replies;
         replies come back in order, ``receive`` reads each one."""
-        chan = self.channels[i]
         sent = received = 0
-        with chan.lock:
-            self._auth(i, cap)
-            while received < len(frames):
-                while sent < len(frames) and sent - received < BATCH_WINDOW:
-                    send(chan, frames[sent])
-                    sent += 1
-                receive(chan, frames[received])
-                received += 1
+        with self._slots[i]:
+            chan = self._ready(i, cap)
+            try:
+                while received < len(frames):
+                    while sent < len(frames) and sent - received < BATCH_WINDOW:
+                        send(chan, frames[sent])
+                        sent += 1
+                    receive(chan, frames[received])
+                    received += 1
+            except BaseException:
+                if sent > received:
+                    chan.broken = True           # replies still in flight: out of step
+                raise
 
     def put_many(self, items: list[PutItem], cap: str,
                  done: Callable[[PutItem, str | None, str | None], None]) -> None:
-        """Upload ``items`` over all channels; ``done(item, receipt, error)`` for each."""
+        """Upload ``items`` over all channels; ``done(item, receipt, error)`` for each.
+
+        Small objects travel many to a ``put.batch`` frame; an object larger than a batch
+        streams alone with ``put``, so no frame is ever larger than BATCH_BYTES plus one object."""
+
+        def single(b: list[PutItem]) -> bool:
+            return len(b) == 1 and len(b[0].data) > BATCH_BYTES
 
         def send(chan: wire.RpcChannel, b: list[PutItem]) -> None:
+            if single(b):
+                chan.send("put", {"key": b[0].key, "size": len(b[0].data)},
+                          stream=_pieces(b[0].data), stream_size=len(b[0].data))
+                return
             chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [len(it.data) for it in b]},
-                      stream=(it.data for it in b), stream_size=sum(len(it.data) for it in b))
+                      stream=(piece for it in b for piece in _pieces(it.data)),
+                      stream_size=sum(len(it.data) for it in b))
 
         def receive(chan: wire.RpcChannel, b: list[PutItem]) -> None:
-            result, _ = chan.receive()
+            try:
+                result, _ = chan.receive()
+            except errors.TransportError:
+                raise
+            except errors.DgfError as exc:       # the whole frame refused (a limit, a capability)
+                for it in b:
+                    done(it, None, exc.message)
+                return
+            if single(b):
+                done(b[0], result["receipt"], None)
+                return
             for it, receipt, error in zip(b, result["receipts"], result["errors"]):
                 done(it, receipt, error)
 
-        self._spread(_batches(items, lambda it: len(it.data)),
+        small = [it for it in items if len(it.data) <= BATCH_BYTES]
+        large = [[it] for it in items if len(it.data) > BATCH_BYTES]
+        self._spread(_batches(small, lambda it: len(it.data)) + large,
                      lambda i, frames: self._pipelined(i, cap, frames, send, receive))
 
     def get_many(self, wanted: list[tuple[str, int]], cap: str, done: Callable[[GetResult], None],
@@ -181,21 +231,19 @@ class SiteLink:
         """One ranged read (a FUSE block fetch) on the first free channel."""
         return self.call("get", cap, key=key, offset=offset, length=length)[1]
 
-    def call(self, verb: str, cap: str | None = None, **args: Any) -> tuple[dict[str, Any], bytes]:
+    def call(self, verb: str, cap: str | None = None, wait_s: float | None = None,
+             **args: Any) -> tuple[dict[str, Any], bytes]:
         """One request on the first free channel, or on channel 0 once it is free."""
-        for i, chan in enumerate(self.channels):
-            if chan.lock.acquire(blocking=False):
+        for i, slot in enumerate(self._slots):
+            if slot.acquire(blocking=False):
                 break
         else:
-            i, chan = 0, self.channels[0]
-            chan.lock.acquire()
+            i, slot = 0, self._slots[0]
+            slot.acquire()
         try:
-            if cap is not None:
-                self._auth(i, cap)
-            chan.send(verb, args)
-            return chan.receive()
+            return self._ready(i, cap).call(verb, b"", wait_s, **args)
         finally:
-            chan.lock.release()
+            slot.release()
 
     def _spread(self, work: list[Any], run: Callable[[int, list[Any]], None]) -> None:
         """Split ``work`` over the channels, one thread each; re-raise the first failure."""
@@ -210,6 +258,14 @@ class SiteLink:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _pieces(data: bytes) -> Iterator[memoryview]:
+    """``data`` in CHUNK-sized views: paramiko re-slices whatever sendall is given on every
+    partial send, so a whole object handed to it costs time quadratic in its size."""
+    view = memoryview(data)
+    for i in range(0, len(view), wire.CHUNK):
+        yield view[i:i + wire.CHUNK]
 
 
 def _batches(items: list[Any], size: Callable[[Any], int]) -> list[list[Any]]:

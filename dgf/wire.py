@@ -22,6 +22,8 @@ import signal
 import socket
 import struct
 import threading
+import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
@@ -29,11 +31,17 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
 import paramiko
 
 from dgf import errors
+from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
+#: The largest frame header a client accepts in a reply (servers use their Limits.frame_header).
 MAX_HEADER = 16 * 1024 * 1024
+#: A refused request's unread payload is drained up to this size; past it the channel closes.
+DRAIN_MAX = 16 * 1024 * 1024
+#: Seconds a client waits for a server's next bytes before it names the server as hung.
+READ_TIMEOUT = 30.0
 #: Bulk bytes move in chunks of this size: 128-256 KiB is where paramiko is fastest here.
 CHUNK = 256 * 1024
 #: AES-GCM first: it is what makes paramiko fast (DESIGN.md, transport facts).
@@ -92,19 +100,35 @@ def _send_header(stream: Stream, header: dict[str, Any], payload: bytes = b"") -
             stream.sendall(view[i:i + CHUNK])
 
 
-def read_header(stream: Stream) -> dict[str, Any] | None:
-    """Read one header; None on a clean end of stream before any byte of it."""
+class MalformedFrame(errors.UsageError):
+    """A frame the server cannot parse; it is answered with this error, then the channel closes."""
+
+
+def read_header(stream: Stream, max_size: int = MAX_HEADER,
+                started: Callable[[], None] | None = None) -> dict[str, Any] | None:
+    """Read one header; None on a clean end of stream before any byte of it.
+
+    ``started`` runs once the first byte has arrived (the server arms its frame deadline there:
+    an idle channel may wait for ever, a started frame may not)."""
     head = stream.recv(4)
     if not head:
         return None
+    if started is not None:
+        started()
     if len(head) < 4:
         head += recv_exact(stream, 4 - len(head))
     (size,) = _LEN.unpack(head)
-    if size > MAX_HEADER:
-        raise errors.TransportError(f"frame header of {size} bytes exceeds the {MAX_HEADER} limit.")
-    header = json.loads(recv_exact(stream, size))
+    if size > max_size:
+        raise MalformedFrame(f"a frame header of {size} bytes exceeds the limit frame_header = {max_size}.")
+    try:
+        header = json.loads(recv_exact(stream, size))
+    except ValueError as exc:
+        raise MalformedFrame("the frame header is not valid JSON.") from exc
     if not isinstance(header, dict):
-        raise errors.TransportError("frame header is not a JSON object.")
+        raise MalformedFrame("the frame header is not a JSON object.")
+    n = header.get("n", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise MalformedFrame("the frame's payload length 'n' is not a non-negative integer.")
     return header
 
 
@@ -113,6 +137,10 @@ class Payload:
 
     def __init__(self, stream: Stream, size: int) -> None:
         self._stream, self.size, self._left = stream, size, size
+
+    @property
+    def left(self) -> int:
+        return self._left
 
     def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
         while self._left:
@@ -199,6 +227,8 @@ class Service:
         """Per-channel context handed to every verb; by default the authenticated principal."""
         return principal
 
+    limits: Limits = DEFAULT_LIMITS
+
     def dispatch(self, ctx: Any, header: dict[str, Any], payload: Payload) -> Reply:
         name = header.get("v")
         spec = self._verbs.get(name) if isinstance(name, str) else None
@@ -218,6 +248,7 @@ class Service:
             value = args[arg]
             if typ is int and isinstance(value, bool) or not isinstance(value, typ):
                 raise errors.UsageError(f"argument {arg!r} of {name!r} has the wrong type.")
+            self._check_value(str(name), arg, value)
         if spec.payload:
             return spec.func(self, ctx, payload, **args)
         if payload.size:
@@ -225,24 +256,78 @@ class Service:
         return spec.func(self, ctx, **args)
 
 
-def serve_stream(service: Service, ctx: Any, stream: Stream) -> None:
-    """Answer requests on one stream until the peer closes it."""
+    def _check_value(self, verb_name: str, arg: str, value: Any) -> None:
+        """Strings must be valid Unicode (JSON admits lone surrogates, which no database or file
+        name takes) and lists are bounded, before any handler sees them."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise errors.UsageError(f"argument {arg!r} of {verb_name!r} is not valid Unicode text "
+                                        "(it holds a lone surrogate).") from None
+        elif isinstance(value, list):
+            if len(value) > self.limits.list_items:
+                raise self.limits.refuse("list_items", f"argument {arg!r} of {verb_name!r} ({len(value)} items)")
+            for item in value:
+                if isinstance(item, (str, list)):
+                    self._check_value(verb_name, arg, item)
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                self._check_value(verb_name, arg, k)
+                if isinstance(item, (str, list, dict)):
+                    self._check_value(verb_name, arg, item)
+
+
+def _settimeout(stream: Stream, seconds: float | None) -> None:
+    set_timeout = getattr(stream, "settimeout", None)
+    if set_timeout is not None:
+        set_timeout(seconds)
+
+
+def _log_failure(verb_name: Any, exc: BaseException) -> None:
+    """Where the server failed, without the exception's text: messages of database drivers and
+    codecs quote request values (paths, names), which never go to a log."""
+    frames = "".join(traceback.format_tb(exc.__traceback__)[-6:])
+    log.error("verb %s failed with %s at\n%s", verb_name if isinstance(verb_name, str) else "?",
+              type(exc).__name__, frames.rstrip())
+
+
+def serve_stream(service: Service, ctx: Any, stream: Stream, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Answer requests on one stream until the peer closes it.
+
+    An idle channel waits for its next frame as long as the peer keeps it; once a frame has
+    started, every read and write must progress within ``limits.frame_timeout`` seconds.  A
+    malformed or stalled frame is answered with an error, then the channel is closed (its
+    framing can no longer be trusted)."""
     while True:
+        _settimeout(stream, None)
         try:
-            header = read_header(stream)
+            header = read_header(stream, limits.frame_header,
+                                 started=lambda: _settimeout(stream, limits.frame_timeout))
+        except MalformedFrame as exc:
+            _reply_and_close(stream, {"ok": False, "e": "UsageError", "m": exc.message})
+            return
+        except socket.timeout:
+            _reply_and_close(stream, {"ok": False, "e": "TransportError",
+                                      "m": f"the request stalled for more than {limits.frame_timeout:.0f} s "
+                                           "(limit frame_timeout); the channel is closed."})
+            return
         except (errors.TransportError, ValueError, OSError, EOFError):
             return
         if header is None:
             return
-        n = header.get("n", 0)
-        payload = Payload(stream, n if isinstance(n, int) and n >= 0 else 0)
+        payload = Payload(stream, header.get("n", 0))
         try:
             reply = service.dispatch(ctx, header, payload)
         except errors.DgfError as exc:
             reply_err: dict[str, Any] = {"ok": False, "e": type(exc).__name__, "m": exc.message}
+        except socket.timeout:
+            _reply_and_close(stream, {"ok": False, "e": "TransportError",
+                                      "m": f"the request's payload stalled for more than {limits.frame_timeout:.0f} s "
+                                           "(limit frame_timeout); the channel is closed."})
+            return
         except Exception as exc:  # noqa: BLE001 - one boundary turns every failure into a reply
-            # Log the type and verb only: exception text may quote request values.
-            log.exception("verb %r failed with %s", header.get("v"), type(exc).__name__)
+            _log_failure(header.get("v"), exc)
             reply_err = {"ok": False, "e": "ServerError",
                          "m": f"the server failed on verb {header.get('v')!r} ({type(exc).__name__})."}
         else:
@@ -252,11 +337,25 @@ def serve_stream(service: Service, ctx: Any, stream: Stream) -> None:
             except (errors.TransportError, OSError, EOFError):
                 return
             continue
+        if payload.left > DRAIN_MAX:
+            # Refused before its payload was read: answer now rather than read gigabytes for
+            # nothing; the client reads this answer when its send fails.
+            _reply_and_close(stream, reply_err)
+            return
         try:
             payload.drain()
             _send_header(stream, reply_err)
         except (errors.TransportError, OSError, EOFError):
             return
+
+
+def _reply_and_close(stream: Stream, header: dict[str, Any]) -> None:
+    """Best effort: a peer that sent a broken frame may not read the answer."""
+    try:
+        _settimeout(stream, 2.0)
+        _send_header(stream, header)
+    except (errors.TransportError, OSError, EOFError):
+        pass
 
 
 def _send_reply(stream: Stream, reply: Reply) -> None:
@@ -301,9 +400,9 @@ class _Interface(paramiko.ServerInterface):
         return paramiko.AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        if kind == "session" and self.principal is not None:
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if kind != "session" or self.principal is None:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        return paramiko.OPEN_SUCCEEDED
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         if name != self._subsystem:
@@ -313,18 +412,40 @@ class _Interface(paramiko.ServerInterface):
     # No shell, no exec, no pty, no forwarding: paramiko's defaults already refuse them.
 
 
+def _principal_name(principal: Any) -> str:
+    return str(getattr(principal, "name", principal))
+
+
 class _Subsystem(paramiko.SubsystemHandler):
     def __init__(self, channel: paramiko.Channel, name: str, server: _Interface,
-                 service: Service) -> None:
+                 owner: "SSHServer") -> None:
         super().__init__(channel, name, server)
-        self._service = service
+        self._owner = owner
 
     def start_subsystem(self, name: str, transport: paramiko.Transport,
                         channel: paramiko.Channel) -> None:
         iface = self.get_server()
+        owner = self._owner
+        if not owner.admit_channel(iface.principal):
+            # Said in-band, so the client's first call reports the limit by name.
+            _reply_and_close(channel, {"ok": False, "e": "LimitExceeded", "m": (
+                f"principal {_principal_name(iface.principal)!r} already has "
+                f"{owner.limits.channels_per_principal} open channels here (limit channels_per_principal); "
+                "close other sessions and retry.")})
+            # Wait (briefly) for the client to read the refusal and close: closing first would
+            # race its subsystem request and show it a bare "channel closed".
+            try:
+                _settimeout(channel, 2.0)
+                while channel.recv(CHUNK):
+                    pass
+            except (OSError, EOFError):
+                pass
+            channel.close()
+            return
         try:
-            serve_stream(self._service, self._service.new_session(iface.principal), channel)
+            serve_stream(owner.service, owner.service.new_session(iface.principal), channel, owner.limits)
         finally:
+            owner.channel_closed(iface.principal)
             channel.close()
 
 
@@ -333,9 +454,12 @@ class SSHServer:
 
     def __init__(self, host_key: paramiko.PKey, service: Service, subsystem: str,
                  authorize: Callable[[paramiko.PKey], Any], host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, limits: Limits = DEFAULT_LIMITS) -> None:
         self.host_key = host_key
         self.service = service
+        self.limits = limits
+        service.limits = limits
+        self._channels: dict[str, int] = {}
         self.subsystem = subsystem
         self.authorize = authorize
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -353,8 +477,35 @@ class SSHServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 break
+            with self._lock:
+                self._transports = [t for t in self._transports if t.is_active()]
+                full = len(self._transports) >= self.limits.connections
+            if full:
+                log.warning("refused a connection: %d are open (limit connections)", self.limits.connections)
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def admit_channel(self, principal: Any) -> bool:
+        """Count a new channel of ``principal``; False past limits.channels_per_principal."""
+        name = _principal_name(principal)
+        with self._lock:
+            n = self._channels.get(name, 0)
+            if n >= self.limits.channels_per_principal:
+                log.warning("refused a channel of %s: limit channels_per_principal reached", name)
+                return False
+            self._channels[name] = n + 1
+        return True
+
+    def channel_closed(self, principal: Any) -> None:
+        name = _principal_name(principal)
+        with self._lock:
+            n = self._channels.get(name, 0) - 1
+            if n > 0:
+                self._channels[name] = n
+            else:
+                self._channels.pop(name, None)
 
     def run(self, ready_file: str | None = None) -> None:
         """Serve in the foreground until SIGTERM or Ctrl-C; first write HOST:PORT to
@@ -378,16 +529,18 @@ class SSHServer:
         transport = paramiko.Transport(conn)
         transport.get_security_options().ciphers = CIPHERS
         transport.add_server_key(self.host_key)
-        service = self.service
-        transport.set_subsystem_handler(self.subsystem, _Subsystem, service)
+        # A client that connects and never authenticates is dropped (paramiko's default is 30 s
+        # for the banner and auth; the handshake gets the same bound as any started frame).
+        transport.banner_timeout = transport.auth_timeout = self.limits.frame_timeout
+        transport.set_subsystem_handler(self.subsystem, _Subsystem, self)
         iface = _Interface(self.authorize, self.subsystem)
+        with self._lock:
+            self._transports.append(transport)
         try:
             transport.start_server(server=iface)
         except (paramiko.SSHException, OSError, EOFError):
             transport.close()
             return
-        with self._lock:
-            self._transports = [t for t in self._transports if t.is_active()] + [transport]
 
     def close(self) -> None:
         self._stop.set()
@@ -408,23 +561,34 @@ class Connection:
     """An authenticated SSH connection to one dgf server, with pinned host key.
 
     Channels are long-lived (paramiko issue 822: closing channels during a rekey can deadlock the
-    transport), so callers open a few and keep them.
+    transport), so callers open a few and keep them.  ``name`` says which server this is in
+    every error ("site site-a (127.0.0.1:4022)"); ``read_timeout`` bounds every wait for the
+    server's next bytes, so a hung server costs a named error, never a hang.
     """
 
     def __init__(self, host: str, port: int, key: paramiko.PKey, host_key_line: str,
-                 subsystem: str, timeout: float = 15.0) -> None:
-        self.where = f"{host}:{port}"
+                 subsystem: str, timeout: float = 15.0, name: str = "the dgf server",
+                 read_timeout: float | None = READ_TIMEOUT) -> None:
+        self.where = f"{name} ({host}:{port})"
         self.subsystem = subsystem
+        self.read_timeout = read_timeout
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise errors.TransportError(
-                f"cannot reach the dgf server at {self.where} ({exc.strerror or exc}); is it running?"
+                f"cannot reach {self.where} ({exc.strerror or exc}); is it running?"
             ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
+        # A server that accepts the connection and then says nothing (stopped, hung) fails the
+        # handshake within the read deadline too.
+        if read_timeout is not None:
+            timeout = min(timeout, read_timeout)
         self.transport = paramiko.Transport(sock)
         self.transport.get_security_options().ciphers = CIPHERS
+        self.transport.banner_timeout = timeout
+        self.transport.auth_timeout = timeout
+        started = time.monotonic()
         try:
             self.transport.start_client(timeout=timeout)
             remote = self.transport.get_remote_server_key()
@@ -437,10 +601,13 @@ class Connection:
         except paramiko.AuthenticationException as exc:
             self.transport.close()
             raise errors.AuthenticationFailed(
-                f"the server at {self.where} refused our key; is this principal enrolled?"
+                f"{self.where} refused our key; is this principal enrolled?"
             ) from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.transport.close()
+            if time.monotonic() - started >= timeout * 0.9:
+                raise errors.TransportError(f"{self.where} did not complete the SSH handshake within "
+                                            f"{timeout:.0f} s; it may be hung or overloaded.") from exc
             raise errors.TransportError(f"SSH handshake with {self.where} failed ({exc}).") from exc
         except errors.DgfError:
             self.transport.close()
@@ -454,22 +621,36 @@ class Connection:
             raise errors.TransportError(
                 f"cannot open the {self.subsystem} subsystem on {self.where} ({exc})."
             ) from exc
-        return RpcChannel(chan, self.where)
+        chan.settimeout(self.read_timeout)
+        return RpcChannel(chan, self.where, self.read_timeout)
 
     def close(self) -> None:
         self.transport.close()
 
 
 class RpcChannel:
-    """Request/reply over one channel; ``send``/``receive`` separately allow pipelining."""
+    """Request/reply over one channel; ``send``/``receive`` separately allow pipelining.
 
-    def __init__(self, chan: paramiko.Channel | Stream, where: str) -> None:
+    A channel whose framing may be out of step (a transfer that failed or was abandoned midway)
+    is marked ``broken``; pools replace it instead of reusing it."""
+
+    def __init__(self, chan: paramiko.Channel | Stream, where: str,
+                 read_timeout: float | None = None) -> None:
         self._chan = chan
         self.where = where
+        self.read_timeout = read_timeout
         self.lock = threading.Lock()
+        self.broken = False
+
+    def _broke(self, doing: str, exc: BaseException) -> errors.TransportError:
+        self.broken = True
+        if isinstance(exc, socket.timeout):
+            return errors.TransportError(f"{self.where} did not answer within {self.read_timeout:.0f} s "
+                                         f"while {doing}; it may be hung or overloaded.")
+        return errors.TransportError(f"the connection to {self.where} broke while {doing} ({exc or type(exc).__name__}).")
 
     def send(self, verb_name: str, args: dict[str, Any] | None = None, payload: bytes = b"",
-             stream: Iterable[bytes] | None = None, stream_size: int = 0) -> None:
+             stream: Iterable[bytes | memoryview] | None = None, stream_size: int = 0) -> None:
         try:
             if stream is None:
                 _send_header(self._chan, {"v": verb_name, "a": args or {}, "n": len(payload)}, payload)
@@ -478,16 +659,29 @@ class RpcChannel:
             for chunk in stream:
                 self._chan.sendall(chunk)
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise errors.TransportError(f"connection to {self.where} broke while sending ({exc}).") from exc
+            error = self._broke("sending", exc)
+            # A server that refuses a request before reading its payload answers, then closes:
+            # its answer says more than the broken pipe.
+            try:
+                header = read_header(self._chan)
+            except (OSError, EOFError, paramiko.SSHException, errors.DgfError):
+                header = None
+            if header is not None and not header.get("ok"):
+                raise errors.from_wire(str(header.get("e")), str(header.get("m"))) from exc
+            raise error from exc
 
     def receive_header(self) -> dict[str, Any]:
         """Read a reply header, raising the server's error; the caller must read ``n`` bytes."""
         try:
             header = read_header(self._chan)
+        except MalformedFrame as exc:
+            self.broken = True
+            raise errors.TransportError(f"{self.where} sent a malformed reply ({exc.message})") from exc
         except (OSError, EOFError, paramiko.SSHException, ValueError) as exc:
-            raise errors.TransportError(f"connection to {self.where} broke while receiving ({exc}).") from exc
+            raise self._broke("receiving", exc) from exc
         if header is None:
-            raise errors.TransportError(f"the server at {self.where} closed the connection.")
+            self.broken = True
+            raise errors.TransportError(f"{self.where} closed the connection.")
         if not header.get("ok"):
             raise errors.from_wire(str(header.get("e")), str(header.get("m")))
         return header
@@ -499,25 +693,41 @@ class RpcChannel:
     def read_payload(self, n: int) -> bytes:
         try:
             return recv_exact(self._chan, n)
+        except errors.TransportError as exc:
+            self.broken = True
+            raise errors.TransportError(f"{self.where}: {exc.message}") from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise errors.TransportError(f"connection to {self.where} broke while receiving ({exc}).") from exc
+            raise self._broke("receiving", exc) from exc
 
     def payload_chunks(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` payload bytes in chunks; a caller that stops early leaves the channel
+        broken (its unread bytes would be taken for the next reply)."""
         left = n
+        self.broken = bool(n)
         while left:
             try:
                 data = self._chan.recv(min(CHUNK, left))
             except (OSError, EOFError, paramiko.SSHException) as exc:
-                raise errors.TransportError(f"connection to {self.where} broke mid-transfer ({exc}).") from exc
+                raise self._broke("transferring", exc) from exc
             if not data:
-                raise errors.TransportError(f"connection to {self.where} closed mid-transfer.")
+                raise errors.TransportError(f"{self.where} closed the connection mid-transfer.")
             left -= len(data)
             yield data
+        self.broken = False
 
-    def call(self, verb_name: str, payload: bytes = b"", **args: Any) -> tuple[dict[str, Any], bytes]:
+    def call(self, verb_name: str, payload: bytes = b"", wait_s: float | None = None,
+             **args: Any) -> tuple[dict[str, Any], bytes]:
+        """One request and its reply; ``wait_s`` replaces the read deadline for this call (a
+        verb known to compute for long, such as a reconstruction or a counted query)."""
         with self.lock:
-            self.send(verb_name, args, payload)
-            return self.receive()
+            if wait_s is not None:
+                _settimeout(self._chan, wait_s)
+            try:
+                self.send(verb_name, args, payload)
+                return self.receive()
+            finally:
+                if wait_s is not None:
+                    _settimeout(self._chan, self.read_timeout)
 
     def close(self) -> None:
         close = getattr(self._chan, "close", None)

@@ -1,0 +1,84 @@
+"""The one table of request limits both servers enforce before they allocate or serve.
+
+Every limit has a default here and may be changed in a server config's optional ``[limits]``
+section (``frame_header = 1048576``).  A request past a limit is refused with
+:class:`~dgf.errors.LimitExceeded`, whose message names the limit by its key in this table, so an
+operator knows what to raise and a user knows what to split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dgf import errors
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    # -- the wire (both servers) --------------------------------------------------------------
+    #: Bytes of one frame's JSON header (the arguments of a request).
+    frame_header: int = 1 * MiB
+    #: Seconds a started frame may stall (header or payload) before the channel is closed.
+    frame_timeout: float = 30.0
+    #: Elements of any one list argument (paths, keys, UIDs).
+    list_items: int = 10_000
+    #: Open channels (concurrent sessions) per principal, over all its connections.
+    channels_per_principal: int = 32
+    #: SSH connections the server holds at once, over all principals.
+    connections: int = 256
+    # -- the metadata server ------------------------------------------------------------------
+    #: Files one ``down.resolve`` reply describes; more come in further pages.
+    resolve_files: int = 10_000
+    #: Bytes of one upload commit (headers and identity records of a batch).
+    commit_bytes: int = 64 * MiB
+    #: Bytes of one user.* attribute value, and of all of one principal's values together.
+    xattr_value: int = 1 * MiB
+    xattr_bytes_per_principal: int = 64 * MiB
+    xattrs_per_principal: int = 100_000
+    #: Saved queries per principal.
+    saved_queries_per_principal: int = 200
+    #: XPath: characters, nesting depth of brackets and parentheses, and operators.
+    xpath_chars: int = 16_384
+    xpath_depth: int = 64
+    xpath_operators: int = 512
+    #: Open query cursors per principal (the oldest is closed first) and their idle lifetime.
+    cursors_per_principal: int = 8
+    cursor_idle_s: float = 120.0
+    #: Seconds a request waits for a database connection before it is answered "busy".
+    db_wait_s: float = 5.0
+    # -- the I/O server -----------------------------------------------------------------------
+    #: Bytes and objects of one ``put.batch`` frame (larger objects stream with ``put``).
+    batch_bytes: int = 16 * MiB
+    batch_objects: int = 256
+    #: Voxels of one partial reconstruction volume, and bytes of the projections it reads.
+    recon_voxels: int = 1 << 26
+    recon_projection_bytes: int = 512 * MiB
+
+    @classmethod
+    def from_section(cls, values: dict[str, str], where: str) -> "Limits":
+        """Limits from a config section; unknown keys and non-numbers are refused by name."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for key, text in values.items():
+            f = fields.get(key)
+            if f is None:
+                raise errors.ConfigError(f"{where} has an unknown limit {key!r}; known: {', '.join(fields)}.")
+            try:
+                value = float(text) if f.type in ("float", float) else int(text)
+            except ValueError as exc:
+                raise errors.ConfigError(f"{where}: limit {key!r} must be a number, got {text!r}.") from exc
+            if value <= 0:
+                raise errors.ConfigError(f"{where}: limit {key!r} must be positive, got {text!r}.")
+            out[key] = value
+        return cls(**out)
+
+    def refuse(self, name: str, what: str) -> errors.LimitExceeded:
+        """The error for a request past limit ``name``; ``what`` says what was too large."""
+        return errors.LimitExceeded(f"{what} exceeds the server's limit {name} = {getattr(self, name)}.")
+
+
+DEFAULT = Limits()
