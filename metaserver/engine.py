@@ -53,6 +53,7 @@ class NewFile:
     patient: str | None = None
     identity: bytes | None = None  # sealed (encrypted) identity record
     mode: int = 0o644
+    blocks: bytes = b""            # per-block digests (dgf/integrity.py), as the site signed them
 
 
 class MetaEngine(ABC):
@@ -100,7 +101,7 @@ class MetaEngine(ABC):
             split_path(f.path)
         return self._do_create_files([
             NewFile(norm_path(f.path), f.object_key, f.size, f.site, f.xattrs, f.patient,
-                    f.identity, f.mode) for f in files], replace)
+                    f.identity, f.mode, f.blocks) for f in files], replace)
 
     # -- xattrs ---------------------------------------------------------------------------
 
@@ -110,10 +111,13 @@ class MetaEngine(ABC):
     def listxattr(self, path: str) -> list[str]:
         return self._do_listxattr(norm_path(path))
 
-    def setxattr(self, path: str, name: str, value: bytes) -> None:
+    def setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
+                 quota: tuple[int, int] | None = None) -> None:
+        """Set a ``user.*`` attribute; with ``owner``, charged to that principal within its
+        ``quota`` of (attributes, bytes)."""
         if not name.startswith("user.") or len(name) > 255:
-            raise errors.UsageError(f"only 'user.*' extended attributes may be set, not {name!r}.")
-        self._do_setxattr(norm_path(path), name, value)
+            raise errors.UsageError(f"only 'user.*' extended attributes may be set, not {name[:64]!r}.")
+        self._do_setxattr(norm_path(path), name, value, owner, quota)
 
     def removexattr(self, path: str, name: str) -> None:
         self._do_removexattr(norm_path(path), name)
@@ -152,7 +156,8 @@ class MetaEngine(ABC):
     def _do_listxattr(self, path: str) -> list[str]: ...
 
     @abstractmethod
-    def _do_setxattr(self, path: str, name: str, value: bytes) -> None: ...
+    def _do_setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
+                     quota: tuple[int, int] | None = None) -> None: ...
 
     @abstractmethod
     def _do_removexattr(self, path: str, name: str) -> None: ...
@@ -164,6 +169,26 @@ class MetaEngine(ABC):
         """Object key -> sites holding a healthy replica."""
 
     @abstractmethod
+    def object_blocks(self, keys: list[str]) -> dict[str, bytes]:
+        """Object key -> hash list (dgf/integrity.py), for those objects that have one."""
+
+    @abstractmethod
+    def set_replica_state(self, site: str, keys: list[str], state: str) -> int:
+        """Mark a site's replicas (``quarantined``: no reader is sent there); return how many."""
+
+    @abstractmethod
+    def replica_states(self, key: str) -> list[tuple[str, str]]:
+        """(site, state) of every replica of one object."""
+
+    @abstractmethod
+    def audited(self, principal: str, action: str = "", target: str = "", detail: str = "",
+                released: str = "") -> Any:
+        """A context in which this thread's next transaction also writes its audit entries."""
+
+    @abstractmethod
+    def saved_query_count(self, owner: str) -> int: ...
+
+    @abstractmethod
     def walk_files(self, root: str) -> Iterator[tuple[str, str, int]]:
         """(path, object key, size) of every file at or under ``root``."""
 
@@ -172,9 +197,10 @@ class MetaEngine(ABC):
         """The catalogue of indexed element paths the planner resolves patterns against."""
 
     @abstractmethod
-    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None
-                         ) -> Iterator[tuple[str, tuple[str, str, str], bytes | None]]:
-        """(path, (patient, study, series), XML if asked) of indexed files under ``root`` in ``plan``."""
+    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None,
+                         after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
+        """(ino, path, (patient, study, series), XML if asked) of indexed files under ``root`` in
+        ``plan`` with an inode above ``after``, in inode order."""
 
     @abstractmethod
     def query_estimate(self, select: Any, sample: int = 20_000) -> int:

@@ -50,9 +50,23 @@ class Leaf:
 
 @dataclass(frozen=True)
 class Sub:
-    """A nested plan (``union`` of two, or one plan negated as a whole)."""
+    """A nested plan (``union`` of several, or one plan negated as a whole)."""
 
     plans: tuple["Plan", ...]
+
+
+#: Selects per SQL UNION (SQLite's SQLITE_MAX_COMPOUND_SELECT is 500).
+UNION_TERMS = 256
+
+
+def _alternatives(plan: "Plan") -> tuple["Plan", ...]:
+    """The plans a union of ``plan`` with another consists of: its own alternatives when it is
+    already a union, else itself."""
+    if plan.terms is not None and len(plan.terms) == 1:
+        term, negated = plan.terms[0]
+        if isinstance(term, Sub) and len(term.plans) > 1 and not negated:
+            return term.plans
+    return (plan,)
 
 
 @dataclass(frozen=True)
@@ -341,7 +355,9 @@ class Planner:
             return a
         if a.terms is None or b.terms is None:
             return Plan(None, a.terms is None and a.exact or b.terms is None and b.exact)
-        return Plan(((Sub((a, b)), False),), a.exact and b.exact)
+        # A chain of 'or' becomes one union of n plans, not n nested unions: rendering and
+        # estimating recurse once per nesting level.
+        return Plan(((Sub(_alternatives(a) + _alternatives(b)), False),), a.exact and b.exact)
 
     # -- rendering ------------------------------------------------------------------------
 
@@ -403,9 +419,13 @@ class Planner:
             return self.render_corr(sub)
         if len(sub.plans) == 1:
             return self.render(sub.plans[0])
-        left, right = (self.render(p) for p in sub.plans)
-        union = sa.union(left, right).subquery()   # SQLite cannot nest compound selects bare
-        return sa.select(union.c.ino)
+        selects = [self.render(p) for p in sub.plans]
+        # SQLite cannot nest compound selects bare, and allows 500 terms in one.
+        while len(selects) > 1:
+            selects = [sa.select(sa.union(*selects[i:i + UNION_TERMS]).subquery().c.ino)
+                       if len(selects[i:i + UNION_TERMS]) > 1 else selects[i]
+                       for i in range(0, len(selects), UNION_TERMS)]
+        return selects[0]
 
     def render_corr(self, corr: Corr) -> Any:
         """Files with one item in which every positive leaf holds and no negated one does."""

@@ -22,11 +22,12 @@ from lxml import etree
 
 from dgf import errors
 from dgf.dicom.pipeline import _recv, _send
+from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from metaserver import xpath
 from metaserver.index import HEADER_XATTR
 from metaserver.planner import Plan, Planner
 
-__all__ = ["HEADER_XATTR", "LEVELS", "Query", "prepare", "run"]
+__all__ = ["HEADER_XATTR", "LEVELS", "Page", "Query", "page", "prepare", "run"]
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
 #: --level: the header keyword that names a group, and its position in the index's level tuple.
@@ -49,10 +50,40 @@ class Query:
                 "predicates": [{"expression": e, "how": h} for e, h in self.notes]}
 
 
-def compile_xpath(expr: str) -> tuple[etree.XPath, xpath.Node | None]:
+def check_bounds(expr: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse an expression past the size, nesting or operator limits before anything parses it
+    (5000 nested parentheses or an 8000-way 'or' would exhaust the recursive descent)."""
+    if len(expr) > limits.xpath_chars:
+        raise limits.refuse("xpath_chars", f"an XPath of {len(expr)} characters")
+    depth = deepest = operators = 0
+    quote = ""
+    for ch in expr:                       # a plain scan: brackets inside literals do not count
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]":
+            depth -= 1
+    if deepest > limits.xpath_depth:
+        raise limits.refuse("xpath_depth", f"an XPath nested {deepest} brackets deep")
+    if len(expr) > 64:
+        operators = sum(1 for t in xpath.tokens(expr) if t.kind == "operator" or t.text in _COMPARISONS)
+    if operators > limits.xpath_operators:
+        raise limits.refuse("xpath_operators", f"an XPath with {operators} operators")
+
+
+_COMPARISONS = frozenset({"=", "!=", "<", "<=", ">", ">=", "|"})
+
+
+def compile_xpath(expr: str, limits: Limits = DEFAULT_LIMITS) -> tuple[etree.XPath, xpath.Node | None]:
     """lxml's compiled expression and our syntax tree, or a one-line error with the position."""
     if not expr.strip():
         raise errors.UsageError("the XPath expression is empty; try /DicomHeader[Modality='CT'].")
+    check_bounds(expr, limits)
     tree: xpath.Node | None = None
     try:
         tree = xpath.parse(expr)
@@ -68,10 +99,11 @@ def compile_xpath(expr: str) -> tuple[etree.XPath, xpath.Node | None]:
         raise errors.UsageError(f"invalid XPath {expr!r}: {exc}.") from exc
 
 
-def prepare(expr: str, catalogue: Any, dialect: str, estimate: Callable[[Any], int] | None = None) -> Query:
+def prepare(expr: str, catalogue: Any, dialect: str, estimate: Callable[[Any], int] | None = None,
+            limits: Limits = DEFAULT_LIMITS) -> Query:
     """Compile and plan ``expr``; ``estimate`` counts a candidate select's rows (capped) so the
     most selective predicate drives the SQL."""
-    compiled, tree = compile_xpath(expr)
+    compiled, tree = compile_xpath(expr, limits)
     planner = Planner(expr, catalogue, dialect, estimate)
     plan = planner.plan(tree) if tree is not None else Plan(exact=False)
     sql = None if plan.empty else planner.render(plan)
@@ -93,20 +125,36 @@ def show_values(doc: etree._Element, keywords: Iterable[str]) -> dict[str, str]:
 #: Candidates evaluated in this process before a scan fans out to one worker per core.
 SERIAL_CANDIDATES = 4000
 CHUNK = 500
-IN_FLIGHT = 8
+IN_FLIGHT = 4
+#: Seconds an abandoned scan may take to read back its in-flight results before the workers
+#: are replaced.
+DRAIN_S = 30.0
 
 
 class _Evaluators:
     """Worker processes (``python -c``, so no main module is re-imported) that evaluate chunks
-    of headers; results come back in task order.  One scan uses them at a time."""
+    of headers; results come back in task order.  One scan uses them at a time, and a scan
+    that stops early (a limit, a page boundary, a closed cursor) reads back every result still
+    in flight before it lets the next scan in: otherwise the next scan would read them."""
 
     def __init__(self, n: int) -> None:
-        self.procs = [subprocess.Popen([sys.executable, "-c", "from metaserver.query import serve; serve()"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+        self.n = n
         self.lock = threading.Lock()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._start()
         atexit.register(self.close)
 
-    def imap(self, tasks: Iterator[Any], slots: threading.Semaphore) -> Iterator[Any]:
+    def _start(self) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "from metaserver.query import serve; serve()"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(self.n)]
+
+    def restart(self) -> None:
+        """Fresh workers, when draining failed (a worker died or hung)."""
+        self.close()
+        self._start()
+
+    def imap(self, tasks: Iterator[Any], slots: threading.Semaphore, stop: threading.Event
+             ) -> Generator[Any, None, None]:
         order: queue.SimpleQueue[int | BaseException | None] = queue.SimpleQueue()
 
         def feed() -> None:
@@ -121,21 +169,51 @@ class _Evaluators:
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
-        while True:
-            w = order.get()
-            if w is None:
-                return
-            if isinstance(w, BaseException):
-                raise w
-            result = _recv(self.procs[w].stdout)  # type: ignore[arg-type]
-            slots.release()
-            if isinstance(result, BaseException):
-                raise result
-            yield result
+        finished = False
+        try:
+            while True:
+                w = order.get()
+                if w is None:
+                    finished = True
+                    return
+                if isinstance(w, BaseException):
+                    finished = True
+                    raise w
+                result = _recv(self.procs[w].stdout)  # type: ignore[arg-type]
+                slots.release()
+                if isinstance(result, BaseException):
+                    raise result
+                yield result
+        finally:
+            if not finished:
+                stop.set()
+                self._drain(order, slots, feeder)
+
+    def _drain(self, order: "queue.SimpleQueue[int | BaseException | None]", slots: threading.Semaphore,
+               feeder: threading.Thread) -> None:
+        """Read and drop the results of every task already sent (the feeder stops at ``stop``)."""
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            while True:
+                w = order.get(timeout=max(0.01, deadline - time.monotonic()))
+                if w is None or isinstance(w, BaseException):
+                    break
+                _recv(self.procs[w].stdout)  # type: ignore[arg-type]
+                slots.release()
+            feeder.join(timeout=max(0.01, deadline - time.monotonic()))
+            if feeder.is_alive():
+                raise TimeoutError("the feeder did not stop")
+        except (queue.Empty, EOFError, OSError, TimeoutError):
+            self.restart()
 
     def close(self) -> None:
         for proc in self.procs:
             proc.kill()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 _compiled: dict[str, etree.XPath] = {}
@@ -188,61 +266,110 @@ def serve() -> None:
         _send(wfile, result)
 
 
-def _evaluated(engine: Any, q: Query, root: str, show: list[str], deadline: float | None
-               ) -> Iterator[tuple[str, tuple[str, str, str], dict[str, str]]]:
-    """(path, levels, show values) of each match, in candidate order.  The first candidates are
-    checked here; a long scan continues in worker processes, chunk by chunk, in order."""
+Candidate = tuple[int, str, tuple[str, str, str], "dict[str, str] | None"]
+
+
+def _evaluated(engine: Any, q: Query, root: str, show: list[str], deadline: float | None,
+               after: int = 0) -> Generator[Candidate, None, None]:
+    """(ino, path, levels, show values or None) of every candidate after inode ``after``, in
+    inode order; None means the header did not match.  The first candidates are checked here; a
+    long scan continues in worker processes, chunk by chunk, in order.  Every candidate is
+    reported, so a page can end after any of them and the next page start right after it."""
     need_xml = not q.plan.exact or bool(show)
-    rows = engine.query_candidates(root, q.sql, need_xml, deadline)
-    for i, (path, levels, xml) in enumerate(rows):
-        values = _check(q.compiled, q.plan.exact, show, xml)
-        if values is not None:
-            yield path, levels, values
-        if i + 1 >= SERIAL_CANDIDATES and need_xml:
-            break                                # matching or not: the rest goes to the workers
-    else:
-        return
-    meta: queue.SimpleQueue[list[tuple[str, tuple[str, str, str]]]] = queue.SimpleQueue()
+    rows = engine.query_candidates(root, q.sql, need_xml, deadline, after)
+    try:
+        for i, (ino, path, levels, xml) in enumerate(rows):
+            yield ino, path, levels, _check(q.compiled, q.plan.exact, show, xml)
+            if i + 1 >= SERIAL_CANDIDATES and need_xml:
+                break                                # the rest goes to the workers
+        else:
+            return
+        yield from _fanned_out(q, show, deadline, rows)
+    finally:
+        rows.close()
+
+
+def _fanned_out(q: Query, show: list[str], deadline: float | None,
+                rows: Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]
+                ) -> Generator[Candidate, None, None]:
+    meta: queue.SimpleQueue[list[tuple[int, str, tuple[str, str, str]]]] = queue.SimpleQueue()
     # The pool reads tasks as fast as it can: a few chunks in flight bound memory, and a stop
     # flag ends the database read when the consumer goes away (limit reached, client gone).
     slots = threading.Semaphore(IN_FLIGHT)
     stop = threading.Event()
 
     def chunks() -> Iterator[tuple[str, list[str], list[bytes | None], bool]]:
-        batch: list[tuple[str, tuple[str, str, str], bytes | None]] = []
+        batch: list[tuple[int, str, tuple[str, str, str], bytes | None]] = []
         for row in rows:
             batch.append(row)
             if len(batch) >= CHUNK:
                 while not slots.acquire(timeout=0.5):
                     if stop.is_set():
                         return
-                meta.put([(p, lv) for p, lv, _ in batch])
-                yield q.expr, show, [x for _, _, x in batch], q.plan.exact
+                if stop.is_set():
+                    slots.release()
+                    return
+                meta.put([(i, p, lv) for i, p, lv, _ in batch])
+                yield q.expr, show, [x for _, _, _, x in batch], q.plan.exact
                 batch = []
             if stop.is_set():
                 return
-        if batch:
-            meta.put([(p, lv) for p, lv, _ in batch])
-            yield q.expr, show, [x for _, _, x in batch], q.plan.exact
+        if batch and not stop.is_set():
+            meta.put([(i, p, lv) for i, p, lv, _ in batch])
+            yield q.expr, show, [x for _, _, _, x in batch], q.plan.exact
 
     pool = _workers()
     if pool is None:                             # another scan has the workers: go on here
         for chunk in chunks():
             slots.release()
-            for (path, levels), v in zip(meta.get(), _evaluate_chunk(chunk)):
-                if v is not None:
-                    yield path, levels, v
+            for (ino, path, levels), v in zip(meta.get(), _evaluate_chunk(chunk)):
+                yield ino, path, levels, v
         return
+    results = pool.imap(chunks(), slots, stop)
     try:
-        for values in pool.imap(chunks(), slots):
-            for (path, levels), v in zip(meta.get(), values):
-                if v is not None:
-                    yield path, levels, v
+        for values in results:
+            for (ino, path, levels), v in zip(meta.get(), values):
+                yield ino, path, levels, v
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
     finally:
         stop.set()
+        results.close()                          # drains what is still in flight
         pool.lock.release()
+
+
+@dataclass
+class Page:
+    """One page of a scan: its rows, and the inode to resume after (None: the scan is done)."""
+
+    rows: list[dict[str, Any]]
+    after: int | None
+
+
+def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline: float | None,
+         max_rows: int, max_seconds: float) -> Page:
+    """The matches after inode ``after``: up to ``max_rows`` or ``max_seconds`` of scanning.
+
+    Keyset pagination: nothing is held between pages (no database connection, no worker), the
+    next page starts from the last inode this one examined."""
+    rows: list[dict[str, Any]] = []
+    if q.plan.empty:
+        return Page(rows, None)
+    started = time.monotonic()
+    scan = _evaluated(engine, q, root, show, deadline, after)
+    last = after
+    try:
+        for ino, path, _, values in scan:
+            last = ino
+            if values is not None:
+                rows.append({"path": path, "values": values})
+            if deadline is not None and time.monotonic() > deadline:
+                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
+            if len(rows) >= max_rows or time.monotonic() - started > max_seconds:
+                return Page(rows, last)
+        return Page(rows, None)
+    finally:
+        scan.close()
 
 
 def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
@@ -253,24 +380,30 @@ def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
     grouping = LEVELS.get(level)
     groups: dict[str, dict[str, Any]] = {}
     n = 0
-    for path, levels, values in _evaluated(engine, q, root, show, deadline):
-        if deadline is not None and time.monotonic() > deadline:
-            raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
-        if grouping is None:
-            yield {"path": path, "values": values}
-            n += 1
-            if limit and n >= limit:
-                return
-            continue
-        key = levels[grouping[1]]
-        group = groups.get(key)
-        if group is None:
-            if limit and len(groups) >= limit:
+    scan = _evaluated(engine, q, root, show, deadline)
+    try:
+        for _, path, levels, values in scan:
+            if values is None:
                 continue
-            groups[key] = {grouping[0]: key, "files": 1, "path": path.rsplit("/", 1)[0] or "/",
-                           "values": values}
-        else:
-            group["files"] += 1
+            if deadline is not None and time.monotonic() > deadline:
+                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
+            if grouping is None:
+                yield {"path": path, "values": values}
+                n += 1
+                if limit and n >= limit:
+                    return
+                continue
+            key = levels[grouping[1]]
+            group = groups.get(key)
+            if group is None:
+                if limit and len(groups) >= limit:
+                    continue
+                groups[key] = {grouping[0]: key, "files": 1, "path": path.rsplit("/", 1)[0] or "/",
+                               "values": values}
+            else:
+                group["files"] += 1
+    finally:
+        scan.close()
     yield from groups.values()
 
 

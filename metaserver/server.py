@@ -7,6 +7,7 @@ refusals, grants and deletes are written to the append-only audit table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import base64
 import json
 import logging
@@ -23,6 +24,8 @@ import paramiko
 
 from dgf import crypto, errors, wire
 from dgf.config import MetaserverConfig
+from dgf.integrity import BLOCK, DIGEST, list_digest
+from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
 from dgf.dicom.profile import OPTIONS, Options
 from metaserver import query
@@ -42,6 +45,7 @@ POLICY: dict[str, frozenset[str]] = {
     "whoami": frozenset(ROLES),
     "site.register": frozenset({"site"}),
     "site.keys": frozenset({"site"}),
+    "site.report": frozenset({"site"}),
     "site.list": USERS,
     "ns.stat": USERS, "ns.readdir": USERS,
     "ns.mkdir": WRITERS, "ns.rename": WRITERS, "ns.unlink": WRITERS, "ns.rmdir": WRITERS,
@@ -60,21 +64,71 @@ POLICY: dict[str, frozenset[str]] = {
 RESERVED_XATTR_PREFIX = "user.dgf."
 
 
-#: Query results travel in pages; a cursor idle longer than CURSOR_IDLE_S is closed.
+#: Query results travel in pages of at most PAGE_ROWS rows or PAGE_SECONDS of scanning.
 PAGE_ROWS = 5000
 PAGE_SECONDS = 0.5
-CURSOR_IDLE_S = 120.0
-MAX_CURSORS = 64
 #: The longest any query may run, whatever the client asks (--timeout can only lower it).
 QUERY_TIME_LIMIT_S = 300.0
 QUERY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Seconds a cached list of enrolled principals is trusted (removal takes effect within this).
+PRINCIPALS_TTL_S = 2.0
+#: The principal an authentication gets while the database cannot say who a key belongs to:
+#: every verb it calls is answered "busy", never a misleading "refused our key".
+BUSY = Principal("(busy)", "busy", "", "")
 
 
 @dataclass
 class _Cursor:
+    """An open query between pages: no database connection and no worker is held.
+
+    Instance-level scans resume after the last inode examined (keyset pagination); grouped
+    results (--level) are complete after the first page and kept as their remaining lines."""
+
     owner: str
-    rows: Generator[dict[str, Any], None, None]
     used: float
+    query: "query.Query | None" = None
+    root: str = "/"
+    show: list[str] = dataclasses.field(default_factory=list)
+    after: int = 0
+    left: int | None = None            # rows still allowed by --limit (None: no limit)
+    budget: float = QUERY_TIME_LIMIT_S  # seconds of scanning the query may still spend
+    lines: list[bytes] | None = None
+
+
+class Principals:
+    """Enrolled principals by key fingerprint, re-read from the database at most every
+    PRINCIPALS_TTL_S seconds: authentication does not take a pooled connection each time, and a
+    principal an admin removes loses its open sessions within that time."""
+
+    def __init__(self, engine: MetaEngine, ttl: float = PRINCIPALS_TTL_S) -> None:
+        self._engine = engine
+        self._ttl = ttl
+        self._by_fp: dict[str, Principal] | None = None
+        self._read = 0.0
+        self._lock = threading.Lock()
+
+    def _current(self) -> dict[str, Principal] | None:
+        with self._lock:
+            if self._by_fp is None or time.monotonic() - self._read > self._ttl:
+                try:
+                    self._by_fp = {q.fingerprint: q for q in self._engine.principals()}
+                    self._read = time.monotonic()
+                except errors.Busy:
+                    log.warning("the principal list could not be refreshed: the database is busy")
+            return self._by_fp
+
+    def lookup(self, fingerprint: str) -> Principal | None:
+        known = self._current()
+        if known is None:
+            return BUSY
+        found = known.get(fingerprint)
+        if found is None and time.monotonic() - self._read > self._ttl:
+            return BUSY                        # could not re-read: do not call the key unknown
+        return found
+
+    def forget(self) -> None:
+        with self._lock:
+            self._by_fp = None
 
 
 def _b64(data: bytes) -> str:
@@ -82,22 +136,30 @@ def _b64(data: bytes) -> str:
 
 
 class MetaService(wire.Service):
-    def __init__(self, engine: MetaEngine, vault: Vault, signing_key: Any) -> None:
+    def __init__(self, engine: MetaEngine, vault: Vault, signing_key: Any,
+                 limits: Limits = DEFAULT_LIMITS, principals: Principals | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.vault = vault
         self._signing_key = signing_key
+        self.limits = limits
+        self.principals = principals
         self.dialect = "sqlite" if getattr(engine, "is_sqlite", True) else "postgresql"
         self.query_time_limit = QUERY_TIME_LIMIT_S
         self._cursors: dict[str, _Cursor] = {}
         self._cursor_lock = threading.Lock()
+        threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
         verb_name = header.get("v")
+        if ctx is BUSY:
+            raise errors.Busy("the metadata server is busy and could not look up this key; retry in a moment.")
+        if self.principals is not None and self.principals.lookup(ctx.fingerprint) is None:
+            raise errors.PermissionDenied(f"principal {ctx.name!r} is no longer enrolled.")
         allowed = POLICY.get(verb_name) if isinstance(verb_name, str) else None
         # Deny by default: a verb missing from POLICY is refused to everyone.
         if allowed is None or ctx.role not in allowed:
-            raise errors.PermissionDenied(f"role {ctx.role!r} may not call {verb_name!r}.")
+            raise errors.PermissionDenied(f"role {ctx.role!r} may not call {str(verb_name)[:64]!r}.")
         return super().dispatch(ctx, header, payload)
 
     def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None) -> str:
@@ -123,6 +185,18 @@ class MetaService(wire.Service):
         return wire.Reply({"principals": [
             {"name": q.name, "role": q.role, "fingerprint": q.fingerprint} for q in self.engine.principals()]})
 
+    @wire.verb("site.report", keys=list, state=str)
+    def site_report(self, p: Principal, keys: list[str], state: str) -> wire.Reply:
+        """A site found its copies of ``keys`` corrupt and moved them aside: readers stop being
+        sent there (the state shows in ``dgf stat``; a re-upload or a repair heals it)."""
+        if state != "quarantined":
+            raise errors.UsageError(f"a site may report replicas as 'quarantined', not {state[:32]!r}.")
+        keys = [k for k in keys if isinstance(k, str)]
+        with self.engine.audited(p.name, "replica.quarantined", f"{len(keys)} objects", ",".join(keys)[:2000]):
+            n = self.engine.set_replica_state(p.name, keys, state)
+        log.warning("site %s quarantined %d replicas", p.name, n)
+        return wire.Reply({"marked": n})
+
     @wire.verb("site.list")
     def site_list(self, p: Principal) -> wire.Reply:
         return wire.Reply({"sites": [s.to_wire() for s in self.engine.sites()]})
@@ -131,7 +205,11 @@ class MetaService(wire.Service):
 
     @wire.verb("ns.stat", path=str)
     def ns_stat(self, p: Principal, path: str) -> wire.Reply:
-        return wire.Reply(self.engine.stat(path).to_wire())
+        st = self.engine.stat(path)
+        reply = st.to_wire()
+        if st.object_key:
+            reply["replicas"] = [list(r) for r in self.engine.replica_states(st.object_key)]
+        return wire.Reply(reply)
 
     @wire.verb("ns.readdir", path=str)
     def ns_readdir(self, p: Principal, path: str) -> wire.Reply:
@@ -142,10 +220,10 @@ class MetaService(wire.Service):
     def ns_mkdir(self, p: Principal, path: str, parents: bool = False, mode: int = 0o755) -> wire.Reply:
         return wire.Reply(self.engine.mkdir(path, mode, parents).to_wire())
 
-    def _released(self, p: Principal, released: dict[str, list[str]], why: str) -> dict[str, Any]:
-        """Delete capabilities for objects no file references, so the client frees site space."""
+    def _released(self, p: Principal, released: dict[str, list[str]]) -> dict[str, Any]:
+        """Delete capabilities for objects no file references, so the client frees site space
+        (their release was audited in the transaction that freed them)."""
         by_site: dict[str, list[str]] = {}
-        self.engine.audit_many([(p.name, "object.release", key, "ok", why) for key in released])
         for key, sites in released.items():
             for site in sites:
                 by_site.setdefault(site, []).append(key)
@@ -154,19 +232,20 @@ class MetaService(wire.Service):
 
     @wire.verb("ns.rename", src=str, dst=str)
     def ns_rename(self, p: Principal, src: str, dst: str) -> wire.Reply:
-        released = self.engine.rename(src, dst)
-        return wire.Reply({"release": self._released(p, released, "replaced by rename")})
+        with self.engine.audited(p.name, released="replaced by rename"):
+            released = self.engine.rename(src, dst)
+        return wire.Reply({"release": self._released(p, released)})
 
     @wire.verb("ns.unlink", path=str)
     def ns_unlink(self, p: Principal, path: str) -> wire.Reply:
-        released = self.engine.unlink(path)
-        self.engine.audit(p.name, "delete", path, "ok")
-        return wire.Reply({"release": self._released(p, released, "unlinked")})
+        with self.engine.audited(p.name, "delete", path, released="unlinked"):
+            released = self.engine.unlink(path)
+        return wire.Reply({"release": self._released(p, released)})
 
     @wire.verb("ns.rmdir", path=str)
     def ns_rmdir(self, p: Principal, path: str) -> wire.Reply:
-        self.engine.rmdir(path)
-        self.engine.audit(p.name, "rmdir", path, "ok")
+        with self.engine.audited(p.name, "rmdir", path):
+            self.engine.rmdir(path)
         return wire.Reply({})
 
     @wire.verb("ns.chmod", path=str, mode=int)
@@ -188,9 +267,10 @@ class MetaService(wire.Service):
     def xattr_set(self, p: Principal, payload: wire.Payload, path: str, name: str) -> wire.Reply:
         if name.startswith(RESERVED_XATTR_PREFIX):
             raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be set by hand.")
-        if payload.size > 1 << 20:
-            raise errors.UsageError("extended attribute values are limited to 1 MiB.")
-        self.engine.setxattr(path, name, payload.read())
+        if payload.size > self.limits.xattr_value:
+            raise self.limits.refuse("xattr_value", f"an extended attribute value of {payload.size} bytes")
+        self.engine.setxattr(path, name, payload.read(), owner=p.name, quota=(
+            self.limits.xattrs_per_principal, self.limits.xattr_bytes_per_principal))
         return wire.Reply({})
 
     @wire.verb("xattr.remove", path=str, name=str)
@@ -210,17 +290,22 @@ class MetaService(wire.Service):
         """Files (or patient/study/series groups) whose header matches; results come in pages,
         the first with this reply and the rest through ``find.next`` with the returned cursor."""
         if level not in ("instance", *query.LEVELS):
-            raise errors.UsageError(f"--level must be instance, patient, study or series, not {level!r}.")
+            raise errors.UsageError(f"--level must be instance, patient, study or series, not {level[:32]!r}.")
         expr = self._saved_or(xpath)
-        q = query.prepare(expr, self.engine.query_catalogue(), self.dialect, self.engine.query_estimate)
+        q = query.prepare(expr, self.engine.query_catalogue(), self.dialect, self.engine.query_estimate,
+                          self.limits)
         if explain:
             return wire.Reply({"explain": q.explain()})
         limit_s = min(float(timeout), self.query_time_limit) if timeout > 0 else self.query_time_limit
-        deadline = time.monotonic() + limit_s
+        show_keys = [str(s) for s in show or []]
         if count:
-            return wire.Reply({"count": query.count(self.engine, q, root, deadline)})
-        rows = query.run(self.engine, q, root, [str(s) for s in show or []], limit, deadline, level)
-        return self._page(p, _Cursor(p.fingerprint, rows, time.monotonic()))
+            return wire.Reply({"count": query.count(self.engine, q, root, time.monotonic() + limit_s)})
+        cur = _Cursor(p.fingerprint, time.monotonic(), q, root, show_keys, 0, limit if limit > 0 else None, limit_s)
+        if level != "instance":
+            # Groups are complete only at the end of the scan: gathered now, then paged out.
+            rows = query.run(self.engine, q, root, show_keys, limit, time.monotonic() + limit_s, level)
+            cur.lines = [json.dumps(row).encode() + b"\n" for row in rows]
+        return self._page(p, cur)
 
     @wire.verb("find.next", cursor=str)
     def find_next(self, p: Principal, cursor: str) -> wire.Reply:
@@ -231,7 +316,9 @@ class MetaService(wire.Service):
             else:
                 cur = None
         if cur is None:
-            raise errors.NotFound("the query cursor has expired or was never issued; run the query again.")
+            raise errors.NotFound("the query cursor has expired, was closed or was never issued "
+                                  f"(each principal keeps at most {self.limits.cursors_per_principal} open "
+                                  f"for {self.limits.cursor_idle_s:.0f} s); run the query again.")
         return self._page(p, cur)
 
     @wire.verb("find.close", cursor=str)
@@ -240,49 +327,72 @@ class MetaService(wire.Service):
             cur = self._cursors.get(cursor)
             if cur is not None and cur.owner == p.fingerprint:
                 del self._cursors[cursor]
-                cur.rows.close()
         return wire.Reply({})
 
-    def _page(self, p: Principal, cur: "_Cursor") -> wire.Reply:
-        """Up to PAGE_ROWS rows or PAGE_SECONDS of work; the generator keeps its place."""
-        out = []
-        started = time.monotonic()
-        done = True
-        for row in cur.rows:
-            out.append(json.dumps(row).encode() + b"\n")
-            if len(out) >= PAGE_ROWS or time.monotonic() - started > PAGE_SECONDS:
-                done = False
-                break
+    def _page(self, p: Principal, cur: _Cursor) -> wire.Reply:
+        """The next page of ``cur``; a cursor token when more may follow."""
+        if cur.lines is not None:
+            out, cur.lines = cur.lines[:PAGE_ROWS], cur.lines[PAGE_ROWS:]
+            more = bool(cur.lines)
+        else:
+            assert cur.query is not None
+            started = time.monotonic()
+            want = PAGE_ROWS if cur.left is None else min(PAGE_ROWS, cur.left)
+            page = query.page(self.engine, cur.query, cur.root, cur.show, cur.after,
+                              started + cur.budget, want, PAGE_SECONDS)
+            cur.budget -= time.monotonic() - started
+            out = [json.dumps(row).encode() + b"\n" for row in page.rows]
+            more = page.after is not None
+            if cur.left is not None:
+                cur.left -= len(out)
+                more = more and cur.left > 0
+            cur.after = page.after or 0
         token = None
-        if not done:
+        if more:
             token = secrets.token_urlsafe(18)
             cur.used = time.monotonic()
             with self._cursor_lock:
-                self._expire_cursors()
+                self._admit_cursor(cur)
                 self._cursors[token] = cur
         return wire.Reply({"cursor": token}, payload=b"".join(out))
 
-    def _expire_cursors(self) -> None:
+    def _admit_cursor(self, cur: _Cursor) -> None:
+        """Each principal keeps at most cursors_per_principal open: the oldest goes first."""
+        mine = sorted(((c.used, t) for t, c in self._cursors.items() if c.owner == cur.owner))
+        for _, token in mine[:max(0, len(mine) + 1 - self.limits.cursors_per_principal)]:
+            del self._cursors[token]
+
+    def _expire_loop(self) -> None:
+        while True:
+            time.sleep(min(5.0, self.limits.cursor_idle_s / 4))
+            self.expire_cursors()
+
+    def expire_cursors(self) -> int:
+        """Close cursors idle longer than cursor_idle_s; return how many."""
         now = time.monotonic()
-        idle = sorted(self._cursors.items(), key=lambda kv: kv[1].used)
-        for i, (token, cur) in enumerate(idle):
-            if now - cur.used > CURSOR_IDLE_S or len(idle) - i > MAX_CURSORS:
+        with self._cursor_lock:
+            idle = [t for t, c in self._cursors.items() if now - c.used > self.limits.cursor_idle_s]
+            for token in idle:
                 del self._cursors[token]
-                cur.rows.close()
+        return len(idle)
 
     def _saved_or(self, xpath: str) -> str:
         if not xpath.startswith("@"):
             return xpath
         saved = self.engine.saved_queries().get(xpath[1:])
         if saved is None:
-            raise errors.NotFound(f"no saved query named {xpath[1:]!r}; see 'dgf query list'.")
+            raise errors.NotFound(f"no saved query named {xpath[1:65]!r}; see 'dgf query list'.")
         return saved
 
     @wire.verb("query.save", name=str, xpath=str)
     def query_save(self, p: Principal, name: str, xpath: str) -> wire.Reply:
         if not QUERY_NAME.fullmatch(name):
-            raise errors.UsageError(f"a query name is letters, digits, '.', '_' or '-' (not {name!r}).")
-        query.compile_xpath(xpath)
+            raise errors.UsageError(f"a query name is letters, digits, '.', '_' or '-' (not {name[:64]!r}).")
+        query.compile_xpath(xpath, self.limits)
+        if name not in self.engine.saved_queries() and \
+                self.engine.saved_query_count(p.name) >= self.limits.saved_queries_per_principal:
+            raise self.limits.refuse("saved_queries_per_principal", f"a saved query beyond {p.name!r}'s "
+                                     f"{self.limits.saved_queries_per_principal}")
         self.engine.save_query(name, xpath, p.name)
         return wire.Reply({})
 
@@ -314,11 +424,17 @@ class MetaService(wire.Service):
 
     @wire.verb("up.commit", payload=True, optional=("replace",), replace=bool)
     def up_commit(self, p: Principal, payload: wire.Payload, replace: bool = False) -> wire.Reply:
+        if payload.size > self.limits.commit_bytes:
+            raise self.limits.refuse("commit_bytes", f"a commit of {payload.size} bytes")
         try:
             batch = json.loads(payload.read())
             files = batch["files"]
+            if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+                raise TypeError("files")
         except (ValueError, KeyError, TypeError) as exc:
             raise errors.UsageError("the commit payload is not a valid batch.") from exc
+        if len(files) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
@@ -331,33 +447,60 @@ class MetaService(wire.Service):
             if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
                     ("receipt", site, f["key"], f["size"]):
                 raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
+            blocks = base64.b64decode(f.get("blocks") or "")
+            # The hash list is kept only as the site computed it from the bytes it stored.
+            if list_digest(blocks) != claims.get("bl", "") or \
+                    (f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK)):
+                raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
             sealed = None
             if f.get("identity") is not None:
                 sealed = self.vault.seal(f["patient"], f["key"], base64.b64decode(f["identity"]))
             xattrs = {query.HEADER_XATTR: f["xml"].encode()}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
-            new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, f.get("patient"), sealed))
-        stats, released = self.engine.create_files(new, replace)
-        return wire.Reply({"created": len(stats), "release": self._released(p, released, "replaced by upload")})
+            new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, f.get("patient"), sealed,
+                               blocks=blocks))
+        with self.engine.audited(p.name, released="replaced by upload"):
+            stats, released = self.engine.create_files(new, replace)
+        return wire.Reply({"created": len(stats), "release": self._released(p, released)})
 
     # -- download -------------------------------------------------------------------------
 
-    @wire.verb("down.resolve", optional=("identified",), paths=list, identified=bool)
-    def down_resolve(self, p: Principal, paths: list[str], identified: bool = False) -> wire.Reply:
-        """Files under ``paths`` with their replicas, get capabilities, and (for principals with
-        that authority) identity records.  Every identity release or refusal is audited."""
+    @wire.verb("down.resolve", optional=("identified", "offset"), paths=list, identified=bool, offset=int)
+    def down_resolve(self, p: Principal, paths: list[str], identified: bool = False,
+                     offset: int = 0) -> wire.Reply:
+        """Files under ``paths`` with their replicas, hash lists, get capabilities and (for
+        principals with that authority) identity records, at most ``resolve_files`` per reply:
+        ``next`` is the offset of the following page (None at the end).  Every identity release
+        or refusal is audited before anything is returned."""
         if identified and p.role not in IDENTITY_ROLES:
             self.engine.audit(p.name, "identity.release", ",".join(map(str, paths))[:1000], "refused",
                               f"role {p.role}")
             raise errors.PermissionDenied(
                 f"principal {p.name!r} (role {p.role}) may not receive patient identity; "
                 "the refusal was audited.")
+        if not all(isinstance(path, str) for path in paths):
+            raise errors.UsageError("paths must be strings.")
+        if offset < 0:
+            raise errors.UsageError("offset must not be negative.")
+        page = self.limits.resolve_files
         files: list[list[Any]] = []
-        for path in paths:
-            if not isinstance(path, str):
-                raise errors.UsageError("paths must be strings.")
-            files.extend([fp, key, size] for fp, key, size in self.engine.walk_files(path))
-        replicas = self.engine.object_replicas(sorted({f[1] for f in files}))
+        seen = 0
+        more = False
+        # Duplicates and nested paths name the same files once ("/" 3000 times is "/").
+        roots = sorted(set(paths))
+        roots = [r for r in roots if not any(r != o and r.startswith(o.rstrip("/") + "/") for o in roots)]
+        for path in roots:
+            for fp, key, size in self.engine.walk_files(path):
+                if seen >= offset:
+                    if len(files) == page:
+                        more = True
+                        break
+                    files.append([fp, key, size])
+                seen += 1
+            if more:
+                break
+        keys = sorted({f[1] for f in files})
+        replicas = self.engine.object_replicas(keys)
         by_site: dict[str, set[str]] = {}
         for f in files:
             f.append(replicas.get(f[1], []))
@@ -365,12 +508,14 @@ class MetaService(wire.Service):
                 by_site.setdefault(site, set()).add(f[1])
         out: dict[str, Any] = {
             "files": files,
+            "blocks": {k: _b64(v) for k, v in self.engine.object_blocks(keys).items()},
             "sites": [s.to_wire() for s in self.engine.sites() if s.name in by_site],
             "caps": {site: self._cap(p, "get", site, sorted(keys)) for site, keys in by_site.items()},
+            "next": offset + len(files) if more else None,
         }
         if identified:
             ids: dict[str, str] = {}
-            for key in {f[1] for f in files}:
+            for key in keys:
                 record = self.vault.open(key)
                 if record is not None:
                     ids[key] = _b64(record)
@@ -397,8 +542,8 @@ class MetaService(wire.Service):
         if "retain_long_full_dates" in names and "retain_long_modified_dates" in names:
             raise errors.UsageError("choose either full dates or modified dates, not both.")
         ordered = [n for n in OPTIONS if n in names]
-        self.engine.set_setting("deid.options", json.dumps(ordered))
-        self.engine.audit(p.name, "deid.options", "archive", "ok", ",".join(ordered) or "basic profile only")
+        with self.engine.audited(p.name, "deid.options", "archive", ",".join(ordered) or "basic profile only"):
+            self.engine.set_setting("deid.options", json.dumps(ordered))
         return wire.Reply({"options": ordered})
 
     # -- administration -------------------------------------------------------------------
@@ -406,16 +551,20 @@ class MetaService(wire.Service):
     @wire.verb("admin.principal.add", name=str, role=str, public_key=str)
     def principal_add(self, p: Principal, name: str, role: str, public_key: str) -> wire.Reply:
         principal = make_principal(name, role, public_key)
-        self.engine.add_principal(principal)
-        self.engine.audit(p.name, "grant", name, "ok", f"role {role}")
+        with self.engine.audited(p.name, "grant", name, f"role {role}"):
+            self.engine.add_principal(principal)
+        if self.principals is not None:
+            self.principals.forget()
         return wire.Reply(principal.to_wire())
 
     @wire.verb("admin.principal.remove", name=str)
     def principal_remove(self, p: Principal, name: str) -> wire.Reply:
         if name == p.name:
             raise errors.UsageError("an admin cannot remove itself; ask another admin.")
-        self.engine.remove_principal(name)
-        self.engine.audit(p.name, "revoke", name, "ok")
+        with self.engine.audited(p.name, "revoke", name):
+            self.engine.remove_principal(name)
+        if self.principals is not None:
+            self.principals.forget()           # this server's sessions of it end now
         return wire.Reply({})
 
     @wire.verb("admin.principal.list")
@@ -436,20 +585,22 @@ def make_principal(name: str, role: str, public_key: str) -> Principal:
     return Principal(name, role, " ".join(public_key.split()[:2]), crypto.fingerprint(public_key))
 
 
-def open_engine(url: str) -> SqlEngine:
-    return SqlEngine(url)
+def open_engine(url: str, db_wait_s: float = DEFAULT_LIMITS.db_wait_s) -> SqlEngine:
+    return SqlEngine(url, db_wait_s)
 
 
 def build(cfg: MetaserverConfig) -> wire.SSHServer:
-    engine = open_engine(cfg.db)
+    engine = open_engine(cfg.db, cfg.limits.db_wait_s)
     vault = Vault(engine, crypto.VaultKeys.load(cfg.vault_key))
     host_key = crypto.load_paramiko_key(cfg.host_key)
-    service = MetaService(engine, vault, crypto.load_signing_key(cfg.host_key))
+    principals = Principals(engine)
+    service = MetaService(engine, vault, crypto.load_signing_key(cfg.host_key), cfg.limits, principals)
 
     def authorize(key: paramiko.PKey) -> Principal | None:
-        return engine.principal_by_fingerprint(crypto.fingerprint(key))
+        return principals.lookup(crypto.fingerprint(key))
 
-    return wire.SSHServer(host_key, service, SUBSYSTEM, authorize, host=cfg.listen[0], port=cfg.listen[1])
+    return wire.SSHServer(host_key, service, SUBSYSTEM, authorize, host=cfg.listen[0], port=cfg.listen[1],
+                          limits=cfg.limits)
 
 
 def init(cfg_path: Path) -> None:
@@ -493,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.close()
             return 0
         if args.db:
-            cfg = MetaserverConfig(cfg.path, cfg.listen, args.db, cfg.host_key, cfg.vault_key)
+            cfg = dataclasses.replace(cfg, db=args.db)
         server = build(cfg)
     except errors.DgfError as exc:
         print(f"dgf-metaserver: {exc}", file=sys.stderr)

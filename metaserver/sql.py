@@ -17,6 +17,7 @@ from lxml import etree
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError as SAIntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from dgf import errors
 from dgf.types import Principal, Site, Stat
@@ -101,6 +102,21 @@ queries_t = sa.Table(
     sa.Column("owner", sa.String, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
 )
+# Per-block digests of objects larger than one digest block (dgf/integrity.py), as signed by
+# the site that stored them; a ranged read checks the blocks it covers against these.
+object_blocks = sa.Table(
+    "object_blocks", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("digests", sa.LargeBinary, nullable=False),
+)
+# Who set each user.* attribute and how large it is: per-principal quotas are sums over this.
+xattr_owners = sa.Table(
+    "xattr_owners", metadata,
+    sa.Column("ino", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("owner", sa.String, nullable=False, index=True),
+    sa.Column("size", sa.Integer, nullable=False),
+)
 audit_t = sa.Table(
     "audit", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -161,18 +177,23 @@ def _join(parent: str, name: str) -> str:
 
 
 class SqlEngine(MetaEngine):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, db_wait_s: float = 5.0) -> None:
         if url.startswith(("postgresql://", "postgres://")):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]   # psycopg 3, not psycopg2
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        #: A request waits this long for a pooled connection, then is answered "busy".
+        self.db_wait_s = db_wait_s
         if self.is_sqlite:
             self.engine = sa.create_engine(url, connect_args={"check_same_thread": False,
-                                                              "timeout": 30})
+                                                              "timeout": 30},
+                                           pool_size=5, max_overflow=10, pool_timeout=db_wait_s)
             sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
         else:
-            self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+            self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
+                                           pool_timeout=db_wait_s)
         self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
+        self._local = threading.local()
         metadata.create_all(self.engine)
         index.metadata.create_all(self.engine)
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
@@ -204,14 +225,57 @@ class SqlEngine(MetaEngine):
 
     # -- the one transaction helper -------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A pooled connection, or :class:`~dgf.errors.Busy` when every one stays taken for
+        ``db_wait_s`` (never a hang, never a misleading error further up)."""
+        try:
+            conn = self.engine.connect()
+        except SATimeoutError as exc:
+            raise self._busy() from exc
+        with conn:
+            yield conn
+
+    def _busy(self) -> errors.Busy:
+        return errors.Busy(f"the metadata server is busy (every database connection stayed in use for "
+                           f"{self.db_wait_s:.0f} s); retry in a moment.")
+
+    @contextlib.contextmanager
+    def audited(self, principal: str, action: str = "", target: str = "", detail: str = "",
+                released: str = "") -> Iterator[None]:
+        """Audit the next transaction of this thread in that same transaction: the entry
+        (``action`` on ``target``) and, with ``released``, one ``object.release`` entry per object
+        it frees.  If the transaction fails, no record claims it happened; if the record cannot
+        be written, the action does not happen."""
+        self._local.audit = (principal, action, target, detail, released)
+        try:
+            yield
+        finally:
+            self._local.audit = None
+
+    def _audit_in(self, conn: Connection, released: dict[str, list[str]] | None) -> None:
+        pending = getattr(self._local, "audit", None)
+        if pending is None:
+            return
+        principal, action, target, detail, why = pending
+        rows = [(principal, action, target, "ok", detail)] if action else []
+        if why and released:
+            rows += [(principal, "object.release", key, "ok", why) for key in released]
+        if rows:
+            now = time.time()
+            conn.execute(audit_t.insert(), [{"ts": now, "principal": p, "action": a, "target": t,
+                                             "outcome": o, "detail": d} for p, a, t, o, d in rows])
+
     def _txn(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
         for attempt in range(6):
             try:
-                with self._write_lock or contextlib.nullcontext(), self.engine.begin() as conn:
+                with self._write_lock or contextlib.nullcontext(), self._begin() as conn:
                     conn.info.pop("dgf.after", None)
                     result = fn(conn)
+                    self._audit_in(conn, conn.info.get("dgf.released"))
                     after = conn.info.pop("dgf.after", {})
+                self._local.audit = None         # written once, with the first transaction
                 # Committed: now in-process caches may learn what the transaction did.
                 self._key_ids.update(after.get("keys", {}))
                 self._multi.update(after.get("multi", ()))
@@ -230,8 +294,13 @@ class SqlEngine(MetaEngine):
         code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
         return "locked" in text or "busy" in text or code in ("40001", "40P01")
 
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        with self._connect() as conn, conn.begin():
+            yield conn
+
     def _read(self, fn: Callable[[Connection], T]) -> T:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return fn(conn)
 
     def _insert_ignore(self, table: sa.Table) -> Any:
@@ -369,11 +438,14 @@ class SqlEngine(MetaEngine):
             out[r.key].append(r.site)
         conn.execute(replicas.delete().where(replicas.c.key.in_(gone)))
         conn.execute(objects.delete().where(objects.c.key.in_(gone)))
+        conn.execute(object_blocks.delete().where(object_blocks.c.key.in_(gone)))
         conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
+        conn.info.setdefault("dgf.released", {}).update(out)
         return out
 
     def _drop_inode(self, conn: Connection, ino: int) -> None:
         conn.execute(xattrs.delete().where(xattrs.c.ino == ino))
+        conn.execute(xattr_owners.delete().where(xattr_owners.c.ino == ino))
         self._unindex(conn, [ino])
         conn.execute(inodes.delete().where(inodes.c.id == ino))
 
@@ -526,9 +598,18 @@ class SqlEngine(MetaEngine):
                        for f in files if f.identity is not None and f.patient is not None]
             xa_rows = [{"ino": inos[f.path], "name": xname, "value": value}
                        for f in files for xname, value in f.xattrs.items()]
-            for table, rows in ((objects, obj_rows), (replicas, rep_rows), (identities, id_rows)):
+            for table, rows in ((objects, obj_rows), (identities, id_rows)):
                 if rows:
                     conn.execute(self._insert_ignore(table), rows)
+            # A fresh receipt proves the site holds verified bytes: a replica quarantined
+            # earlier and now re-uploaded is healthy again.
+            dialect = postgresql if not self.is_sqlite else sqlite
+            ins = dialect.insert(replicas)
+            conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],
+                                                   set_={"state": ins.excluded.state}), rep_rows)
+            block_rows = [{"key": f.object_key, "digests": f.blocks} for f in files if f.blocks]
+            if block_rows:
+                conn.execute(self._insert_ignore(object_blocks), block_rows)
             if xa_rows:
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
                                                    xattrs.c.name.in_({r["name"] for r in xa_rows})))
@@ -579,9 +660,12 @@ class SqlEngine(MetaEngine):
                 xattrs.c.ino == row.id).order_by(xattrs.c.name))]
         return self._read(run)
 
-    def _do_setxattr(self, path: str, name: str, value: bytes) -> None:
+    def _do_setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
+                     quota: tuple[int, int] | None = None) -> None:
         def run(conn: Connection) -> None:
             row = self._resolve(conn, path)
+            if owner is not None:
+                self._charge(conn, row.id, name, len(value), owner, quota)
             conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name))
             conn.execute(xattrs.insert().values(ino=row.id, name=name, value=value))
             if name == index.HEADER_XATTR:
@@ -594,11 +678,56 @@ class SqlEngine(MetaEngine):
             row = self._resolve(conn, path)
             if conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name)).rowcount == 0:
                 raise errors.NoAttribute(f"{path} has no extended attribute {name!r}.")
+            conn.execute(xattr_owners.delete().where(xattr_owners.c.ino == row.id, xattr_owners.c.name == name))
             if name == index.HEADER_XATTR:
                 self._unindex(conn, [row.id])
         self._txn(run)
 
+    def _charge(self, conn: Connection, ino: int, name: str, size: int, owner: str,
+                quota: tuple[int, int] | None) -> None:
+        """Record ``owner`` as the setter of (ino, name), within its quota of (count, bytes)."""
+        old = conn.execute(sa.select(xattr_owners.c.size).where(
+            xattr_owners.c.ino == ino, xattr_owners.c.name == name, xattr_owners.c.owner == owner)).scalar()
+        if quota is not None:
+            count, total = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(xattr_owners.c.size), 0))
+                                        .where(xattr_owners.c.owner == owner)).one()
+            count += 0 if old is not None else 1
+            total += size - (old or 0)
+            if count > quota[0]:
+                raise errors.LimitExceeded(f"principal {owner!r} would hold {count} extended attributes; "
+                                           f"the limit xattrs_per_principal is {quota[0]}.")
+            if total > quota[1]:
+                raise errors.LimitExceeded(f"principal {owner!r} would hold {total} bytes of extended attributes; "
+                                           f"the limit xattr_bytes_per_principal is {quota[1]}.")
+        conn.execute(xattr_owners.delete().where(xattr_owners.c.ino == ino, xattr_owners.c.name == name))
+        conn.execute(xattr_owners.insert().values(ino=ino, name=name, owner=owner, size=size))
+
     # -- objects and query ----------------------------------------------------------------
+
+    def object_blocks(self, keys: list[str]) -> dict[str, bytes]:
+        """The hash lists of those of ``keys`` that have one (objects over one block)."""
+        def run(conn: Connection) -> dict[str, bytes]:
+            out: dict[str, bytes] = {}
+            for i in range(0, len(keys), 500):
+                for r in conn.execute(sa.select(object_blocks.c.key, object_blocks.c.digests).where(
+                        object_blocks.c.key.in_(keys[i:i + 500]))):
+                    out[r.key] = bytes(r.digests)
+            return out
+        return self._read(run)
+
+    def set_replica_state(self, site: str, keys: list[str], state: str) -> int:
+        """Mark ``site``'s replicas of ``keys`` (e.g. quarantined: readers stop using them)."""
+        def run(conn: Connection) -> int:
+            n = 0
+            for i in range(0, len(keys), 500):
+                n += conn.execute(replicas.update().where(replicas.c.site == site, replicas.c.key.in_(
+                    keys[i:i + 500])).values(state=state)).rowcount
+            return n
+        return self._txn(run)
+
+    def replica_states(self, key: str) -> list[tuple[str, str]]:
+        return self._read(lambda c: [(r.site, r.state) for r in c.execute(
+            sa.select(replicas.c.site, replicas.c.state).where(replicas.c.key == key).order_by(replicas.c.site))])
 
     def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
@@ -620,7 +749,7 @@ class SqlEngine(MetaEngine):
     def _subtree(self, root: str, extra: Any) -> Iterator[tuple[str, Any]]:
         """Stream (path, row) of the inodes under ``root`` selected by ``extra`` (a select whose
         FROM is ``inodes``), with paths built by a recursive CTE in the database."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             top = self._resolve(conn, root)
             base = "" if root == "/" else root
             # Both terms cast to TEXT: PostgreSQL wants one type across a recursive CTE.
@@ -764,12 +893,13 @@ class SqlEngine(MetaEngine):
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
         yield
 
-    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None
-                         ) -> Iterator[tuple[str, tuple[str, str, str], bytes | None]]:
-        """Stream (path, (patient, study, series), XML or None) of the indexed files at or under
-        ``root`` whose inode is selected by ``plan`` (a select of inos; None: all), in inode order."""
+    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None,
+                         after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
+        """Stream (ino, path, (patient, study, series), XML or None) of the indexed files at or
+        under ``root`` whose inode is selected by ``plan`` (a select of inos; None: all) and is
+        above ``after``, in inode order (keyset pagination resumes after the last one seen)."""
         try:
-            with self.engine.connect() as conn, self._deadline(conn, deadline):
+            with self._connect() as conn, self._deadline(conn, deadline):
                 top = self._resolve(conn, root)
                 dirs = self._dir_paths(conn)
                 cols = [inodes.c.id, inodes.c.parent, inodes.c.name, levels_t.c.patient, levels_t.c.study,
@@ -780,6 +910,8 @@ class SqlEngine(MetaEngine):
                     joined = joined.join(xattrs, sa.and_(xattrs.c.ino == inodes.c.id,
                                                          xattrs.c.name == index.HEADER_XATTR))
                 query = sa.select(*cols).select_from(joined)
+                if after:
+                    query = query.where(inodes.c.id > after)
                 if plan is not None:
                     query = query.where(inodes.c.id.in_(plan))
                 allowed: set[int] | None = None
@@ -799,7 +931,7 @@ class SqlEngine(MetaEngine):
                         parent = dirs.get(row.parent)
                         if parent is None:             # removed meanwhile
                             continue
-                    yield (_join(parent, row.name), (row.patient, row.study, row.series),
+                    yield (row.id, _join(parent, row.name), (row.patient, row.study, row.series),
                            bytes(row.value) if with_xml else None)
         except OperationalError as exc:
             if "interrupt" in str(exc).lower():
@@ -837,6 +969,10 @@ class SqlEngine(MetaEngine):
             conn.execute(queries_t.delete().where(queries_t.c.name == name))
             conn.execute(queries_t.insert().values(name=name, xpath=xpath, owner=owner, created=time.time()))
         self._txn(run)
+
+    def saved_query_count(self, owner: str) -> int:
+        return int(self._read(lambda c: c.execute(sa.select(sa.func.count()).select_from(queries_t).where(
+            queries_t.c.owner == owner)).scalar_one()))
 
     def saved_queries(self) -> dict[str, str]:
         return self._read(lambda c: {r.name: r.xpath for r in c.execute(

@@ -102,6 +102,11 @@ class _Tok:
     pos: int
 
 
+def tokens(expr: str) -> list[_Tok]:
+    """The tokens of ``expr`` (no recursion: safe on any input), for callers that bound it."""
+    return _tokens(expr)
+
+
 def _tokens(expr: str) -> list[_Tok]:
     out: list[_Tok] = []
     pos = 0
