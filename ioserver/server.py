@@ -21,11 +21,15 @@ import paramiko
 
 from dgf import crypto, errors, wire
 from dgf.config import IoserverConfig
+from dgf.integrity import block_digests, list_digest
+from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from ioserver.store import LocalObjectStore, ObjectStore
 
 log = logging.getLogger("dgf.ioserver")
 
 SUBSYSTEM = "dgf-io"
+#: Seconds between refreshes of the enrolled keys: a removed principal is cut off within this.
+KEY_REFRESH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,11 @@ class Session:
 
 
 class KeyRing:
-    """Which SSH keys this site accepts: the metaserver's list of enrolled principals."""
+    """Which SSH keys this site accepts: the metaserver's list of enrolled principals.
+
+    Refreshed every KEY_REFRESH_S seconds in the background and checked on every request, so a
+    principal an admin removes loses its open sessions here within seconds, not when its
+    capabilities expire."""
 
     def __init__(self, fetch: Any) -> None:
         self._fetch = fetch
@@ -63,9 +71,25 @@ class KeyRing:
         self._lock = threading.Lock()
         self.refresh(force=True)
 
+    def start(self) -> None:
+        def loop() -> None:
+            while True:
+                time.sleep(KEY_REFRESH_S)
+                try:
+                    self.refresh(force=True)
+                except Exception as exc:  # noqa: BLE001 - the metaserver may be away; keep the last list
+                    log.warning("could not refresh enrolled keys from the metaserver (%s)", type(exc).__name__)
+
+        threading.Thread(target=loop, daemon=True, name="dgf-keyring").start()
+
+    def enrolled(self, fingerprint: str) -> bool:
+        return fingerprint in self._keys
+
     def refresh(self, force: bool = False) -> None:
         with self._lock:
-            if not force and time.time() - self._last < 2.0:
+            # An unknown key may belong to a principal enrolled a moment ago: look again, at most
+            # a few times a second (a stranger knocking must not hammer the metaserver).
+            if not force and time.time() - self._last < 0.25:
                 return
             self._last = time.time()
             principals = self._fetch()
@@ -86,15 +110,30 @@ class KeyRing:
 
 class IoService(wire.Service):
     def __init__(self, site: str, store: ObjectStore, cap_public: Any,
-                 site_key: Any) -> None:
+                 site_key: Any, keyring: KeyRing | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__()
         self.site = site
         self.store = store
         self._cap_public = cap_public
         self._site_key = site_key
+        self.keyring = keyring
+        self.limits = limits
 
     def new_session(self, principal: Peer) -> Session:
         return Session(principal)
+
+    def dispatch(self, ctx: Session, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
+        if self.keyring is not None and not self.keyring.enrolled(ctx.peer.fingerprint):
+            raise errors.PermissionDenied(f"principal {ctx.peer.name!r} is no longer enrolled; "
+                                          "its sessions at this site are closed to it.")
+        return super().dispatch(ctx, header, payload)
+
+    def _receipt(self, key: str, size: int, digests: bytes) -> str:
+        claims: dict[str, Any] = {"t": "receipt", "site": self.site, "key": key, "size": size}
+        if digests:
+            claims["bl"] = list_digest(digests)
+        return crypto.sign_token(self._site_key, claims)
 
     @wire.verb("hello")
     def hello(self, s: Session) -> wire.Reply:
@@ -111,10 +150,8 @@ class IoService(wire.Service):
         s.require("put", key)
         if payload.size != size:
             raise errors.UsageError(f"put declared {size} bytes but sent {payload.size}.")
-        created = self.store.put(key, payload.chunks(), size)
-        receipt = crypto.sign_token(self._site_key, {"t": "receipt", "site": self.site,
-                                                     "key": key, "size": size})
-        return wire.Reply({"created": created, "receipt": receipt})
+        created, digests = self.store.put(key, payload.chunks(), size)
+        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests)})
 
     @wire.verb("put.batch", payload=True, keys=list, sizes=list)
     def put_batch(self, s: Session, payload: wire.Payload, keys: list[str], sizes: list[int]) -> wire.Reply:
@@ -122,10 +159,16 @@ class IoService(wire.Service):
 
         Each object is checked and stored on its own; the reply has a receipt or an error per
         object, so one bad object does not fail its neighbours."""
-        if len(keys) != len(sizes) or not all(isinstance(n, int) and n >= 0 for n in sizes):
+        if len(keys) != len(sizes) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in sizes):
             raise errors.UsageError("put.batch needs one non-negative size per key.")
         if sum(sizes) != payload.size:
             raise errors.UsageError(f"put.batch declared {sum(sizes)} bytes but sent {payload.size}.")
+        # Bounded before a byte is read: the batch is held in memory for its group commit.
+        if len(keys) > self.limits.batch_objects:
+            raise self.limits.refuse("batch_objects", f"a put.batch of {len(keys)} objects")
+        if payload.size > self.limits.batch_bytes:
+            raise self.limits.refuse("batch_bytes", f"a put.batch of {payload.size} bytes")
         s.require("put", None)
         items = [(str(key), b"".join(payload.chunks_of(size))) for key, size in zip(keys, sizes)]
         receipts: list[str | None] = []
@@ -135,8 +178,7 @@ class IoService(wire.Service):
                 receipts.append(None)
                 failures.append(error.message)
                 continue
-            receipts.append(crypto.sign_token(self._site_key, {"t": "receipt", "site": self.site,
-                                                               "key": key, "size": len(data)}))
+            receipts.append(self._receipt(key, len(data), block_digests(data)))
             failures.append(None)
         return wire.Reply({"receipts": receipts, "errors": failures})
 
@@ -191,8 +233,13 @@ class IoService(wire.Service):
 
     @wire.verb("verify", key=str)
     def verify(self, s: Session, key: str) -> wire.Reply:
+        """Re-hash a stored object here (a reader found a bad block): a corrupt copy is
+        quarantined and reported to the metaserver, which stops offering it."""
         s.require("get", key)
-        return wire.Reply({"ok": self.store.verify(key)})
+        try:
+            return wire.Reply({"ok": self.store.verify(key)})
+        except errors.IntegrityError:
+            return wire.Reply({"ok": False})
 
     @wire.verb("recon.partial", keys=list, indices=list, geometry=dict, window=str)
     def recon_partial(self, s: Session, keys: list[str], indices: list[int], geometry: dict[str, Any],
@@ -211,6 +258,13 @@ class IoService(wire.Service):
         if not all(isinstance(i, int) and 0 <= i < g.n_projections for i in indices):
             raise errors.UsageError("recon.partial got a projection index outside the scan.")
         nu, nv = g.detector_shape
+        # Bounded before anything is allocated: the volume and the projections it reads.
+        voxels = int(np.prod(g.volume_shape, dtype=np.int64))
+        if voxels > self.limits.recon_voxels:
+            raise self.limits.refuse("recon_voxels", f"a partial volume of {'x'.join(map(str, g.volume_shape))} voxels")
+        if len(keys) * nu * nv * 4 > self.limits.recon_projection_bytes:
+            raise self.limits.refuse("recon_projection_bytes",
+                                     f"{len(keys)} projections of {nu}x{nv} ({len(keys) * nu * nv * 4} bytes)")
         projections = np.empty((len(keys), nv, nu), dtype=np.float32)
         for slot, key in enumerate(keys):
             _, chunks = self.store.get(key)
@@ -246,9 +300,9 @@ class MetaLink:
         with self._lock:
             for attempt in (1, 2):
                 try:
-                    if self._chan is None:
+                    if self._chan is None or self._chan.broken:
                         conn = wire.Connection(*self.cfg.metaserver, self._key,
-                                               self.cfg.metaserver_host_key, "dgf-meta")
+                                               self.cfg.metaserver_host_key, "dgf-meta", name="the metaserver")
                         self._chan = conn.channel()
                     return self._chan.call(verb_name, **args)[0]
                 except errors.TransportError:
@@ -258,14 +312,43 @@ class MetaLink:
             raise AssertionError("unreachable")
 
 
+def _reporter(link: MetaLink) -> Any:
+    """Report quarantined objects to the metaserver from a thread of their own (a read that
+    found the corruption must not wait for the metaserver)."""
+    pending: list[str] = []
+    cond = threading.Condition()
+
+    def loop() -> None:
+        while True:
+            with cond:
+                while not pending:
+                    cond.wait()
+                keys = pending[:]
+                del pending[:]
+            try:
+                link.call("site.report", keys=keys, state="quarantined")
+            except errors.DgfError as exc:
+                log.error("could not report %d quarantined objects to the metaserver (%s)", len(keys), exc)
+
+    threading.Thread(target=loop, daemon=True, name="dgf-report").start()
+
+    def report(key: str) -> None:
+        with cond:
+            pending.append(key)
+            cond.notify()
+
+    return report
+
+
 def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
     link = MetaLink(cfg)
     keyring = KeyRing(lambda: link.call("site.keys")["principals"])
-    service = IoService(cfg.site, LocalObjectStore(cfg.store),
-                        crypto.load_public(cfg.metaserver_host_key),
-                        crypto.load_signing_key(cfg.key))
+    store = LocalObjectStore(cfg.store)
+    store.on_quarantine = _reporter(link)
+    service = IoService(cfg.site, store, crypto.load_public(cfg.metaserver_host_key),
+                        crypto.load_signing_key(cfg.key), keyring, cfg.limits)
     server = wire.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
-                            host=cfg.listen[0], port=listen_port)
+                            host=cfg.listen[0], port=listen_port, limits=cfg.limits)
     return server, link
 
 
@@ -297,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                               wire.StdioStream(sys.stdin.buffer, sys.stdout.buffer))
             return 0
         host, port = server.address
+        server.service.keyring.start()  # type: ignore[attr-defined]
         link.call("site.register", site=cfg.site, host=host, port=port,
                   host_key=crypto.public_line(host_key))
     except errors.DgfError as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from dgf import errors
+from dgf.integrity import Hasher
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,19 @@ def check_key(key: str) -> str:
 
 
 class ObjectStore(ABC):
-    """Content-addressed object store; put is idempotent, get supports ranges."""
+    """Content-addressed object store; put is idempotent, get supports ranges.
 
-    def put(self, key: str, chunks: Iterable[bytes], size: int) -> bool:
-        """Store ``size`` bytes whose SHA-256 must equal ``key``; return False if already stored.
+    ``on_quarantine(key)`` is called whenever an object is found corrupt and moved aside, so
+    the server can report it (the metadata then stops offering that replica)."""
+
+    on_quarantine: Callable[[str], None] | None = None
+
+    def put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]:
+        """Store ``size`` bytes whose SHA-256 must equal ``key``; return (created, hash list).
 
         The bytes are always consumed and checked, so a client cannot plant a wrong object under
-        an existing key, and a failed or short write leaves nothing visible.
+        an existing key, and a failed or short write leaves nothing visible.  A copy already
+        stored under the key is verified: a corrupt one is quarantined and replaced.
         """
         check_key(key)
         if size < 0:
@@ -80,6 +87,10 @@ class ObjectStore(ABC):
             except errors.DgfError as exc:
                 out.append(exc)
         return out
+
+    def _reported(self, key: str) -> None:
+        if self.on_quarantine is not None:
+            self.on_quarantine(key)
 
     def get(self, key: str, offset: int = 0, length: int = -1) -> tuple[int, Iterator[bytes]]:
         """Return (number of bytes, chunk iterator) for the range starting at ``offset``."""
@@ -125,7 +136,7 @@ class ObjectStore(ABC):
     def keys(self) -> Iterator[str]: ...
 
     @abstractmethod
-    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> bool: ...
+    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]: ...
 
     @abstractmethod
     def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]: ...
@@ -168,10 +179,29 @@ class LocalObjectStore(ObjectStore):
         except FileNotFoundError:
             return None
 
-    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> bool:
+    def _intact(self, key: str, size: int) -> bool:
+        """Whether a copy is stored under ``key`` and is sound; a corrupt one is quarantined
+        (a re-upload then replaces it instead of signing a receipt for bad bytes)."""
+        stored = self._do_stat(key)
+        if stored is None:
+            return False
+        if stored == size:
+            h = hashlib.sha256()
+            try:
+                with open(self._path(key), "rb") as fh:
+                    while data := fh.read(READ_CHUNK):
+                        h.update(data)
+            except FileNotFoundError:
+                return False
+            if h.hexdigest() == key:
+                return True
+        self._quarantine(key)
+        return False
+
+    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]:
         final = self._path(key)
         tmp = self.tmp / f"{key}.{uuid.uuid4().hex}"
-        h = hashlib.sha256()
+        h = Hasher()
         got = 0
         try:
             with open(tmp, "wb") as fh:
@@ -183,10 +213,10 @@ class LocalObjectStore(ObjectStore):
                     fh.write(chunk)
                 if got != size:
                     raise errors.IntegrityError(f"object {key[:16]}... arrived with {got} of {size} bytes.")
-                if h.hexdigest() != key:
+                if h.whole.hexdigest() != key:
                     raise errors.IntegrityError(f"object {key[:16]}... does not match its SHA-256; upload refused.")
-                if final.exists():
-                    return False
+                if self._intact(key, size):
+                    return False, h.digests()
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
@@ -201,7 +231,7 @@ class LocalObjectStore(ObjectStore):
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
-            return True
+            return True, h.digests()
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -224,7 +254,7 @@ class LocalObjectStore(ObjectStore):
                     continue
                 out.append(None)
                 final = self._path(key)
-                if final.exists():
+                if self._intact(key, len(data)):
                     continue
                 tmp = self.tmp / f"{key}.{uuid.uuid4().hex}"
                 with open(tmp, "wb") as fh:
@@ -271,7 +301,8 @@ class LocalObjectStore(ObjectStore):
         try:
             os.replace(self._path(key), self.quarantine / key)
         except FileNotFoundError:
-            pass
+            return
+        self._reported(key)
 
     def _do_delete(self, key: str) -> bool:
         try:
