@@ -87,7 +87,8 @@ def _mb(n: int) -> str:
 @click.option("-r", "--recursive", is_flag=True, help="Upload the files under directories.")
 @click.option("--option", "-O", "options", multiple=True, metavar="NAME[=BOOL]",
               help="-O allow_burned_in accepts images with burned-in annotation (their pixels must "
-                   "be clean). The de-identification options themselves are the archive's: see "
+                   "be clean); -O allow_truncated keeps files whose pixel data is cut short (marked "
+                   "in their XML header). The de-identification options themselves are the archive's: see "
                    "'dgf admin deid show'.")
 @click.option("--replace", is_flag=True, help="Replace files that exist with other content.")
 @config_option
@@ -397,7 +398,9 @@ def stat_cmd(path: str, config: str | None) -> None:
         st = client.stat(path)
         info = st.to_wire()
         if not st.is_dir:
-            info["sites"] = client.resolve([path])["files"][0][3]
+            # Readers are sent only to healthy replicas; a quarantined one shows with its state.
+            info["sites"] = [site for site, state in st.replicas if state == "ok"]
+            info["replicas"] = [{"site": site, "state": state} for site, state in st.replicas]
         click.echo(json.dumps(info, indent=1))
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from dgf import crypto, errors
 from dgf.config import ClientConfig
+from dgf.integrity import block_digests
 from dgf.dicom import identity, pipeline
 from dgf.dicom.profile import Options
 import numpy as np
@@ -41,6 +42,15 @@ log = logging.getLogger("dgf.client")
 
 HEADER_XATTR = "user.dgf.dicom"
 BATCH = 200
+#: The metaserver's longest query (seconds); the client waits that long for a query's reply.
+QUERY_LIMIT_S = 300.0
+#: A batch's commit is split so that no commit frame exceeds this many bytes (the server's
+#: limit commit_bytes is 64 MiB by default).
+COMMIT_BYTES = 32 * 1024 * 1024
+#: Seconds a site may compute one partial reconstruction before it is named as hung.
+RECON_WAIT_S = 3600.0
+#: Paths per down.resolve request (the server's limit list_items is 10,000 by default).
+RESOLVE_PATHS = 5000
 #: Uploads of at least this many files de-identify in worker processes, one per core.
 POOL_MIN_FILES = 400
 POOL_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -110,6 +120,20 @@ class _Writer:
             raise
 
 
+def _commit_parts(entries: list[tuple["_Prepared", bytes]]) -> Iterator[list[tuple["_Prepared", bytes]]]:
+    """Encoded commit entries grouped so that no commit exceeds COMMIT_BYTES."""
+    part: list[tuple[_Prepared, bytes]] = []
+    size = 0
+    for entry in entries:
+        if part and size + len(entry[1]) > COMMIT_BYTES:
+            yield part
+            part, size = [], 0
+        part.append(entry)
+        size += len(entry[1]) + 1
+    if part:
+        yield part
+
+
 @dataclass
 class ReconResult:
     volume: Any  # numpy float32 [z, y, x]
@@ -137,7 +161,8 @@ class Client:
         self.requested = options
         self._archive_options: Options | None = None
         self._key = crypto.load_paramiko_key(self.config.key)
-        self.meta = MetaLink(*self.config.metaserver, self._key, self.config.metaserver_host_key)
+        self.meta = MetaLink(*self.config.metaserver, self._key, self.config.metaserver_host_key,
+                             read_timeout=self.config.timeout)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}
         self._lock = threading.Lock()
@@ -149,9 +174,10 @@ class Client:
         if self._archive_options is None:
             names = list(self.meta.call("deid.options")[0]["options"])
             wanted = self.requested
-            archive = Options.archive(names, allow_burned_in=bool(wanted and wanted.allow_burned_in))
+            archive = Options.archive(names, allow_burned_in=bool(wanted and wanted.allow_burned_in),
+                                      allow_truncated=bool(wanted and wanted.allow_truncated))
             if wanted is not None and wanted.enabled() != archive.enabled() and wanted != Options(
-                    allow_burned_in=wanted.allow_burned_in):
+                    allow_burned_in=wanted.allow_burned_in, allow_truncated=wanted.allow_truncated):
                 raise errors.UsageError(
                     f"de-identification options are set per archive ({', '.join(names) or 'basic profile only'}); "
                     "an admin changes them with 'dgf admin deid set'.")
@@ -198,7 +224,7 @@ class Client:
             site = self._site_info.get(name)
             if site is None:
                 raise errors.NotFound(f"site {name!r} is not registered at the metaserver.")
-        link = SiteLink(site, self._key)
+        link = SiteLink(site, self._key, read_timeout=self.config.timeout)
         with self._lock:
             self._links[name] = link
         return link
@@ -279,8 +305,8 @@ class Client:
     def find_iter(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
                   timeout: float = 0.0, level: str = "instance") -> Iterator[dict[str, Any]]:
         """Stream the matches page by page (results larger than memory never gather anywhere)."""
-        result, body = self.meta.call("find", xpath=xpath, root=root, show=list(show), limit=limit,
-                                      timeout=timeout, level=level)
+        result, body = self.meta.call("find", wait_s=self._query_wait(timeout), xpath=xpath, root=root,
+                                      show=list(show), limit=limit, timeout=timeout, level=level)
         cursor = result.get("cursor")
         try:
             while True:
@@ -289,7 +315,7 @@ class Client:
                         yield json.loads(line)
                 if not cursor:
                     return
-                result, body = self.meta.call("find.next", cursor=cursor)
+                result, body = self.meta.call("find.next", wait_s=self._query_wait(timeout), cursor=cursor)
                 cursor = result.get("cursor")
         finally:
             if cursor:                       # stopped early: free the server's cursor
@@ -299,8 +325,14 @@ class Client:
                     pass
 
     def find_count(self, xpath: str, root: str = "/", timeout: float = 0.0) -> int:
-        result, _ = self.meta.call("find", xpath=xpath, root=root, timeout=timeout, count=True)
+        result, _ = self.meta.call("find", wait_s=self._query_wait(timeout), xpath=xpath, root=root,
+                                   timeout=timeout, count=True)
         return int(result["count"])
+
+    def _query_wait(self, timeout: float) -> float:
+        """How long to wait for a query's reply: its own time limit (the server's is 300 s), plus
+        the usual read deadline; a query is the one verb that may compute that long."""
+        return (timeout if timeout > 0 else QUERY_LIMIT_S) + self.config.timeout
 
     def explain(self, xpath: str, root: str = "/") -> dict[str, Any]:
         """How the metadata server would answer ``xpath``: which predicates use the index."""
@@ -448,19 +480,21 @@ class Client:
         prepared = unique
         self._put(prepared, caps, report)
         done = [p for p in prepared if p.receipt]
-        if done:
-            commit = {"files": [{
-                "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
-                "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
-                # Derived data (computed from de-identified data) has no identity to keep.
-                "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
-                "xattrs": p.xattrs,
-            } for p in done]}
-            reply, _ = self.meta.call("up.commit", json.dumps(commit).encode(), replace=replace)
+        entries = [(p, json.dumps({
+            "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
+            "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
+            # Derived data (computed from de-identified data) has no identity to keep.
+            "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
+            "blocks": base64.b64encode(block_digests(p.result.data)).decode(),
+            "xattrs": p.xattrs,
+        }).encode()) for p in done]
+        for part in _commit_parts(entries):
+            body = b'{"files":[' + b",".join(e for _, e in part) + b"]}"
+            reply, _ = self.meta.call("up.commit", body, replace=replace)
             self._free(reply.get("release") or {})
-            report.uploaded += len(done)
-            report.bytes += sum(len(p.result.data) for p in done)
-            report.paths.extend(p.path for p in done)
+            report.uploaded += len(part)
+            report.bytes += sum(len(p.result.data) for p, _ in part)
+            report.paths.extend(p.path for p, _ in part)
         if progress is not None:
             progress(count)
 
@@ -499,8 +533,28 @@ class Client:
     # -- download -------------------------------------------------------------------------
 
     def resolve(self, paths: list[str], identified: bool = False) -> dict[str, Any]:
-        _, body = self.meta.call("down.resolve", paths=paths, identified=identified)
-        resolved = json.loads(body)
+        """Files under ``paths`` with replicas, hash lists, capabilities (and identities when
+        asked), gathered over as many requests and pages as the server's limits call for."""
+        resolved: dict[str, Any] = {"files": [], "blocks": {}, "sites": [], "caps": {}}
+        if identified:
+            resolved["identities"] = {}
+        caps: dict[str, list[str]] = {}
+        for i in range(0, max(1, len(paths)), RESOLVE_PATHS):
+            offset: int | None = 0
+            while offset is not None:
+                _, body = self.meta.call("down.resolve", paths=paths[i:i + RESOLVE_PATHS],
+                                         identified=identified, offset=offset)
+                page = json.loads(body)
+                resolved["files"].extend(page["files"])
+                resolved["blocks"].update(page.get("blocks") or {})
+                resolved["sites"].extend(page["sites"])
+                for site, cap in page["caps"].items():
+                    caps.setdefault(site, []).append(cap)
+                if identified:
+                    resolved["identities"].update(page.get("identities") or {})
+                offset = page.get("next")
+        # One capability per site and page, presented together (SiteLink splits them).
+        resolved["caps"] = {site: " ".join(tokens) for site, tokens in caps.items()}
         self._learn_sites(Site.from_wire(s) for s in resolved["sites"])
         return resolved
 
@@ -580,6 +634,7 @@ class Client:
         caps = resolved["caps"]
         lock = threading.Lock()
         pending = set(targets)
+        why: dict[str, str] = {}
         spool = Path(tempfile.gettempdir()) / "dgf-spool"
 
         def deliver(res: GetResult) -> None:
@@ -632,12 +687,15 @@ class Client:
                     except errors.DgfError as exc:
                         self._drop_link(site)
                         log.warning("site %s failed during download: %s", site, exc)
+                        with lock:
+                            for k in keys:
+                                why[k] = exc.message   # names the site and what went wrong
                 return run
 
             run_parallel(task(s, k) for s, k in by_site.items())
         for key in sorted(pending):
-            report.failed.extend(Failure(p, "no replica could be read (sites down or objects corrupt)")
-                                 for p in targets[key])
+            reason = why.get(key, "no replica could be read (sites down or objects corrupt)")
+            report.failed.extend(Failure(p, reason) for p in targets[key])
 
     def read_file(self, path: str, identified: bool = False) -> bytes:
         """The whole content of one file (re-identified if asked and allowed)."""
@@ -744,9 +802,11 @@ class Client:
                     if progress:
                         progress(f"site {site}: back-projecting {len(keys)} projections")
                     result, payload = self.site_link(site).call(
-                        "recon.partial", resolved["caps"][site], keys=keys, indices=indices,
-                        geometry=json.loads(g.to_json()), window=window)
-                    part = np.frombuffer(payload, dtype=np.float32).reshape(result["shape"])
+                        "recon.partial", resolved["caps"][site], wait_s=RECON_WAIT_S, keys=keys,
+                        indices=indices, geometry=json.loads(g.to_json()), window=window)
+                    if list(result.get("shape") or []) != [nz, ny, nx] or len(payload) != nx * ny * nz * 4:
+                        raise errors.ServerError(f"site {site} returned a partial volume of the wrong shape.")
+                    part = np.frombuffer(payload, dtype=np.float32).reshape(nz, ny, nx)
                 except errors.DgfError as exc:
                     self._drop_link(site)
                     with lock:
@@ -774,6 +834,12 @@ class Client:
                             "projections have no other replica, so the result would be incomplete.")
                     retry.setdefault(others[attempt - 1], []).append(i)
             pending = retry
+        if failed:
+            # The retry failed too: a sum without those projections is not a reconstruction.
+            site, (indices, why) = sorted(failed.items())[0]
+            raise errors.TransportError(
+                f"site {site} failed during reconstruction ({why}) and no replica could stand in for "
+                f"its {len(indices)} projections; nothing was stored.")
         values = rows[0]["values"]
         provenance = {"source_series": series, "source_series_uid": values.get("SeriesInstanceUID", ""),
                       "algorithm": "FDK (dgf, numpy)", "filter": window, "projections": len(rows),

@@ -22,9 +22,9 @@ percent-encoded, or a predicate such as ``Modality='CT'`` meaning ``/DicomHeader
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +42,7 @@ from urllib.parse import quote, unquote
 import mfusepy
 
 from dgf import errors
+from dgf.integrity import BLOCK as DIGEST_BLOCK, check_range
 from dgf.types import Stat, WRITER_ROLES
 
 log = logging.getLogger("dgf.fuse")
@@ -144,10 +145,12 @@ class BlockCache:
 
 
 class _Reader:
-    """An open de-identified file: its object, sizes and the capabilities to read it."""
+    """An open de-identified file: its object, sizes, hash list and the capabilities to read it."""
 
-    def __init__(self, path: str, key: str, size: int, sites: list[str], caps: dict[str, str]) -> None:
+    def __init__(self, path: str, key: str, size: int, sites: list[str], caps: dict[str, str],
+                 digests: bytes = b"") -> None:
         self.path, self.key, self.size, self.sites, self.caps = path, key, size, sites, caps
+        self.digests = digests
         self.resolved = time.monotonic()
         self.last_block = -1
 
@@ -283,7 +286,9 @@ class DgfFS(mfusepy.Operations):
         hit = self._dirs.get(path)
         names = hit[1] if hit is not None and time.monotonic() - hit[0] < ATTR_TTL else self._list(path)
         extra = [FIND_DIR, QUERIES_DIR] if path == "/" else []
-        pending = [os.path.basename(p) for p in self._pending if (os.path.dirname(p) or "/") == path]
+        with self._lock:
+            writing = list(self._pending)
+        pending = [os.path.basename(p) for p in writing if (os.path.dirname(p) or "/") == path]
         return [".", "..", *extra, *names, *(p for p in pending if p not in names)]
 
     def _list(self, path: str) -> list[str]:
@@ -382,15 +387,15 @@ class DgfFS(mfusepy.Operations):
         by_key = {r.key: r for r in readers}
 
         def done(res: Any) -> None:
+            # A failed object is left to the finally clause below, which fetches it alone from
+            # every replica in turn (a prefetch error must not fail a read another site serves).
             fut = futures.get(res.key)
             if res.data is not None and res.error is None:
                 self.blocks.put(res.key, 0, res.data)      # type: ignore[union-attr]
+                with self._lock:
+                    self._inflight.pop((res.key, 0), None)
                 if fut is not None and not fut.done():
                     fut.set_result(res.data)
-            with self._lock:
-                self._inflight.pop((res.key, 0), None)
-            if fut is not None and not fut.done():
-                fut.set_exception(res.error or errors.TransportError("prefetch failed"))
 
         try:
             self.client.site_link(site).get_many([(r.key, r.size) for r in readers], readers[0].caps[site], done)
@@ -402,16 +407,22 @@ class DgfFS(mfusepy.Operations):
                     if self._inflight.get((key, 0)) is fut:
                         del self._inflight[(key, 0)]
             for key, fut in futures.items():
-                if not fut.done():
-                    # The block will be fetched alone by whoever asks next.
+                if fut.done():
+                    continue
+                # Every future is completed, one way or the other: a reader may be waiting on it.
+                try:
                     fut.set_result(self._fetch(by_key[key], 0))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the block
+                    fut.set_exception(exc)
 
     def _remember_resolved(self, resolved: dict[str, Any]) -> None:
         now = time.monotonic()
         if len(self._resolved) > MAX_CACHED_ENTRIES:      # entries expire anyway; bound memory
             self._resolved.clear()
+        blocks = resolved.get("blocks") or {}
         for path, key, size, sites in resolved["files"]:
-            self._resolved[path] = (now, _Reader(path, key, size, list(sites), resolved["caps"]))
+            digests = base64.b64decode(blocks[key]) if key in blocks else b""
+            self._resolved[path] = (now, _Reader(path, key, size, list(sites), resolved["caps"], digests))
 
     def _resolve(self, path: str) -> _Reader:
         """A fresh reader for ``path``.  The first file opened in a listed directory resolves
@@ -426,7 +437,7 @@ class DgfFS(mfusepy.Operations):
             if hit is None:
                 raise errors.NotFound(f"{path} does not exist.")
         r = hit[1]
-        return _Reader(r.path, r.key, r.size, r.sites, r.caps)   # its own read position
+        return _Reader(r.path, r.key, r.size, r.sites, r.caps, r.digests)   # its own read position
 
     @_errno_of
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -478,6 +489,11 @@ class DgfFS(mfusepy.Operations):
                 r.caps, r.sites, r.resolved = fresh.caps, fresh.sites, fresh.resolved
             offset = idx * BLOCK
             length = min(BLOCK, r.size - offset)
+            legacy = r.size > DIGEST_BLOCK and not r.digests
+            if legacy:
+                # Stored before objects had hash lists: only the whole object can be checked,
+                # so it is read whole once and cached block by block.
+                offset, length = 0, r.size
             last: Exception = errors.NotFound(f"no replica of {r.path} is registered.")
             for site in r.sites:
                 try:
@@ -486,16 +502,38 @@ class DgfFS(mfusepy.Operations):
                     log.warning("reading %s from site %s failed (%s); trying the next replica", r.path, site, exc)
                     last = exc
                     continue
-                if len(data) != length or (offset == 0 and length == r.size
-                                           and hashlib.sha256(data).hexdigest() != r.key):
-                    last = errors.IntegrityError(f"{r.path} arrived corrupted from site {site}.")
+                try:
+                    # Every block is checked before it is cached or returned: the whole object
+                    # against its key, a block of a large one against its hash list.
+                    check_range(r.key, r.size, r.digests, offset, data, f"site {site}")
+                except errors.IntegrityError as exc:
+                    log.error("%s: %s; asking the site to verify and quarantine it", r.path, exc)
+                    self._report_corrupt(site, r)
+                    last = exc
                     continue
+                if legacy:
+                    for i in range(0, len(data), BLOCK):
+                        self.blocks.put(r.key, i // BLOCK, data[i:i + BLOCK])
+                    return data[idx * BLOCK:(idx + 1) * BLOCK]
                 self.blocks.put(r.key, idx, data)
                 return data
             raise last
         finally:
             with self._lock:
                 self._inflight.pop((r.key, idx), None)
+
+    def _report_corrupt(self, site: str, r: _Reader) -> None:
+        """Ask the site to re-hash the object: it quarantines a bad copy and tells the metaserver,
+        which stops offering that replica to anyone."""
+        def verify() -> None:
+            try:
+                ok = self.client.site_link(site).call("verify", r.caps[site], key=r.key)[0].get("ok")
+                log.warning("site %s verified %s: %s", site, r.key[:16], "sound" if ok else "corrupt, quarantined")
+            except errors.DgfError as exc:
+                log.warning("site %s could not verify %s (%s)", site, r.key[:16], exc)
+
+        if self._pool is not None:
+            self._pool.submit(verify)
 
     @_errno_of
     def release(self, path: str, fh: int) -> int:

@@ -27,12 +27,22 @@ class Stat:
     ctime: float
     nlink: int
     object_key: str | None = None
+    #: (site, state) of each replica of a file's object ("ok", or "quarantined" after a site
+    #: found its copy corrupt); filled by ``stat``, empty in listings.
+    replicas: tuple[tuple[str, str], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.replicas:
+            del d["replicas"]
+        else:
+            d["replicas"] = [list(r) for r in self.replicas]
+        return d
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "Stat":
+        d = dict(d)
+        d["replicas"] = tuple((str(site), str(state)) for site, state in d.get("replicas") or ())
         return cls(**d)
 
 
