@@ -289,9 +289,12 @@ def test_planted_identity_never_leaks(tokens: list[str], caplog: pytest.LogCaptu
                 assert token.encode() not in blob
         # And the identity record restores them exactly.
         assert identity.reidentify(result.data, result.identity) == data
-    # A broken file with planted identity: the error names the problem, not the values.
+    # A broken file with planted identity: the error names the problem, not the values.  The cut
+    # falls inside the patient's name (a cut at a fixed fraction could land on an element
+    # boundary and leave a shorter, valid file).
+    cut = data.index(tokens[0].encode()) + len(tokens[0]) // 2
     with pytest.raises(errors.InvalidDicom) as info:
-        _deidentify(data[: len(data) // 2])
+        _deidentify(data[:cut])
     assert not any(t in str(info.value) for t in tokens)
 
 
@@ -600,3 +603,17 @@ def test_dcentvfy_finds_de_identified_studies_consistent(tmp_path: Path) -> None
     after = _errors(dcentvfy, *map(str, sorted(deid_dir.iterdir())))
     assert not (after - before)
     assert len({pydicom.dcmread(p).StudyInstanceUID for p in deid_dir.iterdir()}) == 2
+
+
+def test_pixel_data_cut_short_is_refused_unless_acknowledged() -> None:
+    data = corpus.file("CT_small.dcm").read_bytes()
+    cut = data[:-1000]                          # the end of file falls inside the pixel data
+    with pytest.raises(errors.InvalidDicom, match=r"has \d+ of \d+ bytes \(1000 missing\); -O allow_truncated"):
+        _deidentify(cut)
+    kept = _deidentify(cut, Profile(Options(allow_truncated=True)))
+    xml = xmlheader.header_xml(kept.data)
+    assert xml.startswith(b'<DicomHeader truncated="1000">')
+    from dgf.dicom import xsd
+
+    xsd.validate(xml)                           # the marker is part of the schema
+    assert identity.reidentify(kept.data, kept.identity) == cut

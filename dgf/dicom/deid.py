@@ -107,6 +107,11 @@ class Result:
 
 def analyze(data: bytes, profile: Profile) -> Plan:
     part = raw.parse_part10(data)
+    if part.truncated is not None and not profile.options.allow_truncated:
+        have, want = part.truncated
+        raise errors.InvalidDicom(
+            f"the file is truncated: its pixel data (7FE0,0010) has {have} of {want} bytes "
+            f"({want - have} missing); -O allow_truncated keeps such a file as it is, marked in its XML header.")
     top = {e.tag: e for e in part.dataset}
     plan = Plan(part, {}, set(), set(), "", top, hashlib.sha256(data).hexdigest())
     _check_burned_in(plan, profile)

@@ -95,6 +95,9 @@ class Options:
     retain_safe_private: bool = False
     clean_descriptors: bool = False
     allow_burned_in: bool = False
+    #: Per upload, like allow_burned_in: keep a file whose pixel data the end of file cuts short
+    #: (refused by default); its XML header says how many bytes are missing.
+    allow_truncated: bool = False
     #: Internal, for data dgf computes from archive data (reconstructions): its UIDs, patient and
     #: dates are already pseudonyms, so they are kept; every other rule still applies.
     derived: bool = False
@@ -118,13 +121,14 @@ class Options:
         return cls(**values)
 
     @classmethod
-    def archive(cls, names: list[str], allow_burned_in: bool = False) -> "Options":
+    def archive(cls, names: list[str], allow_burned_in: bool = False, allow_truncated: bool = False) -> "Options":
         """The options an archive set (exactly ``names`` enabled), with the uploader's
-        per-upload acknowledgement of burned-in annotation."""
+        per-upload acknowledgements of burned-in annotation and truncated pixel data."""
         unknown = sorted(set(names) - set(OPTIONS))
         if unknown:
             raise errors.UsageError(f"the archive names an unknown de-identification option {unknown[0]!r}.")
-        return cls(**{n: n in names for n in OPTIONS}, allow_burned_in=allow_burned_in)
+        return cls(**{n: n in names for n in OPTIONS}, allow_burned_in=allow_burned_in,
+                   allow_truncated=allow_truncated)
 
     def enabled(self) -> list[str]:
         return [name for name in OPTIONS if getattr(self, name)]

@@ -134,6 +134,8 @@ class Parser:
         self.data = data
         self.size = len(data)
         self.warnings: list[str] = []
+        #: (bytes present, bytes declared) when the pixel data is cut short at the end of file.
+        self.truncated_pixels: tuple[int, int] | None = None
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > self.size:
@@ -192,6 +194,7 @@ class Parser:
                     # reads it.  Any other truncated element is refused: it could hide identity.
                     self.warnings.append(f"element ({g:04X},{e:04X}) is truncated to "
                                          f"{self.size - vstart} of {length} bytes; kept as is")
+                    self.truncated_pixels = (self.size - vstart, length)
                     elems.append(Elem(tag, vr, pos, vstart, self.size - vstart, self.size))
                     return elems, self.size
                 if vend > self.size:
@@ -286,6 +289,8 @@ class Part10:
     deflated: bool = False
     original: bytes = b""  # for deflated files: the bytes as read (``data`` is inflated)
     warnings: list[str] = field(default_factory=list)
+    #: (bytes present, bytes declared) of pixel data cut short by the end of the file.
+    truncated: tuple[int, int] | None = None
 
 
 def text_value(data: bytes | memoryview, elem: Elem) -> str:
@@ -358,4 +363,5 @@ def parse_part10(data: bytes) -> Part10:
     dataset, _ = parser.parse(pos, len(data), enc)
     if not dataset:
         raise errors.InvalidDicom("the file has file meta information but no dataset.")
-    return Part10(data, has_preamble, meta, pos, ts, enc, dataset, warnings=warnings + parser.warnings)
+    return Part10(data, has_preamble, meta, pos, ts, enc, dataset, warnings=warnings + parser.warnings,
+                  truncated=parser.truncated_pixels)

@@ -217,7 +217,9 @@ def header_xml(data: bytes) -> bytes:
     """The XML header of a (de-identified) Part 10 file."""
     part = raw.parse_part10(data)
     builder = _Builder(part.data)
-    builder.out.append(f"<{ROOT}>")
+    # A file kept with truncated pixel data (-O allow_truncated) says so, queryable as @truncated.
+    missing = f' truncated="{part.truncated[1] - part.truncated[0]}"' if part.truncated else ""
+    builder.out.append(f"<{ROOT}{missing}>")
     builder.add(part.meta, raw.EXPLICIT)
     builder.add(part.dataset, part.encoding)
     builder.out.append(f"</{ROOT}>")

@@ -30,6 +30,8 @@ _HEAD = """<?xml version="1.0" encoding="UTF-8"?>
       <xs:sequence>
         <xs:element ref="Attribute" minOccurs="0" maxOccurs="unbounded"/>
       </xs:sequence>
+      <!-- bytes of pixel data missing from a file kept with -O allow_truncated -->
+      <xs:attribute name="truncated" type="xs:unsignedInt" use="optional"/>
     </xs:complexType>
   </xs:element>
   <xs:element name="Attribute" type="AttributeType" abstract="true"/>
