@@ -3,11 +3,13 @@ keys, free ports), clients per principal, and real DICOM files."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from hypothesis import settings
 
 from dgf import local
 from dgf.client import Client
@@ -15,6 +17,13 @@ from dgf.client import Client
 from bench import synth
 from tests import corpus
 from tests.pg import PostgresServer
+
+
+# CI runs the property tests derandomized: the same examples every run, so a red build is
+# reproducible and a green one is not luck (HYPOTHESIS_PROFILE=dev explores new examples).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -78,8 +78,8 @@ class EngineContract:
         assert engine.listxattr("/x/1.dcm") == ["user.dgf.dicom", "user.tag"]
         with pytest.raises(errors.UsageError):
             engine.setxattr("/x/1.dcm", "trusted.x", b"v")
-        assert [p for p, _, _ in engine.query_candidates("/", None, True)] == ["/x/1.dcm", "/y/2.dcm"]
-        assert [p for p, _, x in engine.query_candidates("/y", None, True)] == ["/y/2.dcm"]
+        assert [p for _, p, _, _ in engine.query_candidates("/", None, True)] == ["/x/1.dcm", "/y/2.dcm"]
+        assert [p for _, p, _, x in engine.query_candidates("/y", None, True)] == ["/y/2.dcm"]
         assert [p for p, _, _ in engine.walk_files("/x/1.dcm")] == ["/x/1.dcm"]
 
     def test_principals_sites_audit(self, engine: MetaEngine) -> None:
@@ -98,6 +98,36 @@ class EngineContract:
         engine.create_files([_file("/e.dcm", "e")])
         assert engine.erase_patient("P1") == 1
         assert engine.patient_key("P1") is None and engine.identity(_key("e")) is None
+
+    def test_audit_commits_with_its_action_or_not_at_all(self, engine: MetaEngine) -> None:
+        engine.create_files([NewFile("/au/1", "a" * 64, 1, "s", {})])
+        with pytest.raises(errors.NotFound):
+            with engine.audited("alice", "delete", "/au/missing", released="unlinked"):
+                engine.unlink("/au/missing")            # failed: no record claims it happened
+        with engine.audited("alice", "delete", "/au/1", released="unlinked"):
+            engine.unlink("/au/1")
+        engine.audit("bob", "whoami", "-", "ok")         # outside the context: its own transaction
+        assert [(e["principal"], e["action"], e["target"]) for e in engine.audit_log(10)] == [
+            ("bob", "whoami", "-"), ("alice", "object.release", "a" * 64), ("alice", "delete", "/au/1")]
+
+    def test_quarantined_replicas_are_not_offered_and_a_fresh_receipt_heals(self, engine: MetaEngine) -> None:
+        engine.create_files([NewFile("/q/1", "b" * 64, 1, "s1", {})])
+        assert engine.set_replica_state("s1", ["b" * 64], "quarantined") == 1
+        assert engine.object_replicas(["b" * 64]) == {"b" * 64: []}
+        assert engine.replica_states("b" * 64) == [("s1", "quarantined")]
+        engine.create_files([NewFile("/q/1", "b" * 64, 1, "s1", {}, blocks=b"\1" * 64)])
+        assert engine.object_replicas(["b" * 64]) == {"b" * 64: ["s1"]}
+        assert engine.object_blocks(["b" * 64, "c" * 64]) == {"b" * 64: b"\1" * 64}
+
+    def test_xattr_quota_is_per_principal(self, engine: MetaEngine) -> None:
+        engine.create_files([NewFile("/x/1", "d" * 64, 1, "s", {})])
+        engine.setxattr("/x/1", "user.a", b"1" * 60, owner="alice", quota=(10, 100))
+        engine.setxattr("/x/1", "user.a", b"2" * 60, owner="alice", quota=(10, 100))   # replaced, not added
+        with pytest.raises(errors.LimitExceeded, match="xattr_bytes_per_principal"):
+            engine.setxattr("/x/1", "user.b", b"3" * 60, owner="alice", quota=(10, 100))
+        engine.setxattr("/x/1", "user.b", b"3" * 60, owner="bob", quota=(10, 100))
+        engine.removexattr("/x/1", "user.a")
+        engine.setxattr("/x/1", "user.c", b"4" * 60, owner="alice", quota=(10, 100))   # freed by the removal
 
     def test_paths_are_validated(self, engine: MetaEngine) -> None:
         for bad in ("relative", "/a/../b", "/" + "n" * 300):

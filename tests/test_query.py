@@ -124,9 +124,21 @@ def check_planner(engine: SqlEngine, docs: list[bytes], expr: str) -> None:
     want = brute_force({f.path: f.xattrs["user.dgf.dicom"] for f in files}, expr)
     # With measured selectivity and with the shape heuristic: different drivers, same answer.
     for estimate in (engine.query_estimate, None):
+        # Interleaved: a scan of the whole archive abandoned after one row, with chunks still in
+        # flight at the workers (the thresholds are lowered by the small_chunks fixture).
+        everything = query.prepare("/DicomHeader[count(*) >= 0]", engine.query_catalogue(), dialect)
+        query.page(engine, everything, "/", [], 0, None, 1, 10.0)
         q = query.prepare(expr, engine.query_catalogue(), dialect, estimate)
         got = sorted(r["path"] for r in query.run(engine, q, top, []))
         assert got == want, q.explain()
+    # The same answer in keyset pages of two rows, as cursors deliver it.
+    paged: list[str] = []
+    after: int | None = 0
+    while after is not None:
+        page = query.page(engine, q, top, [], after, None, 2, 10.0)
+        paged += [r["path"] for r in page.rows]
+        after = page.after
+    assert sorted(paged) == want and len(paged) == len(set(paged))
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +159,24 @@ PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
                                                                            HealthCheck.too_slow])
 
 
+@pytest.fixture()
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scans fan out to the worker processes after two candidates, two per chunk."""
+    monkeypatch.setattr(query, "SERIAL_CANDIDATES", 2)
+    monkeypatch.setattr(query, "CHUNK", 2)
+
+
 @PROPERTY
 @given(docs=st.lists(headers(), min_size=1, max_size=8), expr=EXPRESSIONS)
-def test_planner_equals_brute_force_sqlite(sqlite_engine: SqlEngine, docs: list[bytes], expr: str) -> None:
+def test_planner_equals_brute_force_sqlite(sqlite_engine: SqlEngine, small_chunks: None, docs: list[bytes],
+                                           expr: str) -> None:
     check_planner(sqlite_engine, docs, expr)
 
 
 @settings(PROPERTY, max_examples=150)
 @given(docs=st.lists(headers(), min_size=1, max_size=8), expr=EXPRESSIONS)
-def test_planner_equals_brute_force_postgresql(pg_engine: SqlEngine, docs: list[bytes], expr: str) -> None:
+def test_planner_equals_brute_force_postgresql(pg_engine: SqlEngine, small_chunks: None, docs: list[bytes],
+                                               expr: str) -> None:
     check_planner(pg_engine, docs, expr)
 
 
@@ -259,3 +280,21 @@ def test_long_scans_fan_out_to_workers_in_order(engine: SqlEngine, monkeypatch: 
         assert got == brute_force(docs, expr)          # same files, in candidate order
     mr = query.prepare("/DicomHeader[count(Modality[.='MR']) = 1]", engine.query_catalogue(), "sqlite")
     assert [r["path"] for r in query.run(engine, mr, "/w", [], limit=80)] == brute_force(docs, mr.expr)[:80]
+
+
+def test_an_abandoned_scan_leaves_nothing_for_the_next(engine: SqlEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan stopped early (--limit, a page boundary, a closed cursor) while the workers still
+    held chunks: the next scan once read those results (1866 rows instead of 2000, wrong paths)."""
+    docs = {f"/ab/{i:04d}": _hdr("CT" if i % 2 else "MR", series=f"1.{i % 5}") for i in range(2000)}
+    engine.create_files([NewFile(p, f"{i:064x}", 1, "s", {"user.dgf.dicom": x})
+                         for i, (p, x) in enumerate(docs.items())])
+    monkeypatch.setattr(query, "SERIAL_CANDIDATES", 10)
+    monkeypatch.setattr(query, "CHUNK", 50)
+    scan = query.prepare("/DicomHeader[count(Modality[.='CT']) = 1]", engine.query_catalogue(), "sqlite")
+    every = query.prepare("/DicomHeader[count(*) > 0]", engine.query_catalogue(), "sqlite")
+    for _ in range(3):
+        assert len(list(query.run(engine, scan, "/ab", [], limit=30))) == 30          # abandoned
+        page = query.page(engine, scan, "/ab", [], 0, None, 25, 10.0)                 # abandoned too
+        assert len(page.rows) == 25 and page.after
+        got = [r["path"] for r in query.run(engine, every, "/ab", [])]
+        assert got == sorted(docs)                    # all 2000, in order, none from the last scan

@@ -24,8 +24,8 @@ class ObjectStoreContract:
     def test_put_get_is_idempotent_and_ranged(self, store: ObjectStore) -> None:
         data = os.urandom(700_000)
         key = _key(data)
-        assert store.put(key, [data[:100], data[100:]], len(data)) is True
-        assert store.put(key, [data], len(data)) is False
+        assert store.put(key, [data[:100], data[100:]], len(data))[0] is True
+        assert store.put(key, [data], len(data))[0] is False
         n, chunks = store.get(key)
         assert n == len(data) and b"".join(chunks) == data
         n, chunks = store.get(key, 1000, 5000)
