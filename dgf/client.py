@@ -49,6 +49,9 @@ QUERY_LIMIT_S = 300.0
 COMMIT_BYTES = 32 * 1024 * 1024
 #: Seconds a site may compute one partial reconstruction before it is named as hung.
 RECON_WAIT_S = 3600.0
+#: Seconds a site that could not be reached is reported as such without trying again (a hung
+#: site costs one handshake deadline, not one per block a reader asks for).
+UNREACHABLE_S = 5.0
 #: Paths per down.resolve request (the server's limit list_items is 10,000 by default).
 RESOLVE_PATHS = 5000
 #: Uploads of at least this many files de-identify in worker processes, one per core.
@@ -165,6 +168,7 @@ class Client:
                              read_timeout=self.config.timeout)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}
+        self._unreachable: dict[str, tuple[float, errors.TransportError]] = {}
         self._lock = threading.Lock()
 
     def upload_options(self) -> Options:
@@ -224,7 +228,15 @@ class Client:
             site = self._site_info.get(name)
             if site is None:
                 raise errors.NotFound(f"site {name!r} is not registered at the metaserver.")
-        link = SiteLink(site, self._key, read_timeout=self.config.timeout)
+        failed = self._unreachable.get(name)
+        if failed is not None and time.monotonic() - failed[0] < UNREACHABLE_S:
+            raise failed[1]                  # a site that just failed to answer fails fast
+        try:
+            link = SiteLink(site, self._key, read_timeout=self.config.timeout)
+        except errors.TransportError as exc:
+            self._unreachable[name] = (time.monotonic(), exc)
+            raise
+        self._unreachable.pop(name, None)
         with self._lock:
             self._links[name] = link
         return link

@@ -500,7 +500,10 @@ class DgfFS(mfusepy.Operations):
                     data = self.client.site_link(site).read_range(r.key, offset, length, r.caps[site])
                 except errors.DgfError as exc:
                     log.warning("reading %s from site %s failed (%s); trying the next replica", r.path, site, exc)
-                    last = exc
+                    # The file exists: a copy missing at a site (quarantined, lost) is an I/O
+                    # error, not ENOENT for a path the directory listing shows.
+                    last = errors.IntegrityError(f"the copy of {r.path} at site {site} is missing or "
+                                                 "quarantined.") if isinstance(exc, errors.NotFound) else exc
                     continue
                 try:
                     # Every block is checked before it is cached or returned: the whole object

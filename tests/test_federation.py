@@ -279,7 +279,8 @@ def test_download_fails_over_and_reports_dead_sites(fresh_federation: local.Fede
         time.sleep(0.2)
         report = c.download(["/one"], workdir)
     assert report.downloaded == 0 and len(report.failed) == 1
-    assert "no replica could be read" in report.failed[0].reason
+    # The reason names the dead site and what happened, not just that no replica answered.
+    assert "site site-a" in report.failed[0].reason and "is it running?" in report.failed[0].reason
     assert not _files_under(workdir)
 
 
