@@ -487,8 +487,9 @@ class MetaService(wire.Service):
         seen = 0
         more = False
         # Duplicates and nested paths name the same files once ("/" 3000 times is "/").
-        roots = sorted(set(paths))
-        roots = [r for r in roots if not any(r != o and r.startswith(o.rstrip("/") + "/") for o in roots)]
+        wanted = set(paths)
+        roots = ["/"] if "/" in wanted else sorted(
+            r for r in wanted if not any("/".join(r.split("/")[:i]) in wanted for i in range(2, r.count("/") + 1)))
         for path in roots:
             for fp, key, size in self.engine.walk_files(path):
                 if seen >= offset:
