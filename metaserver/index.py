@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from lxml import etree
-import pydicom._dicom_dict as _dd
+from pydicom.datadict import DicomDictionary
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
@@ -34,7 +34,7 @@ _PLAIN_NUMBER = re.compile(r"[ \t\r\n]*-?(?:\d+(?:\.\d*)?|\.\d+)[ \t\r\n]*")
 _HAS_DIGIT = re.compile(r"\d")
 _XPATH_NUMBER = etree.XPath("number($v)")
 _DUMMY = etree.Element("n")
-_NON_SQ_KEYWORDS = frozenset(entry[4] for entry in _dd.DicomDictionary.values() if entry[4] and entry[0] != "SQ")
+_NON_SQ_KEYWORDS = frozenset(entry[4] for entry in DicomDictionary.values() if entry[4] and entry[0] != "SQ")
 
 
 def xpath_number(text: str) -> float | None:

@@ -16,7 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-import pydicom._dicom_dict as _dd
+from pydicom.datadict import DicomDictionary, RepeatersDictionary
 
 from dgf import errors
 
@@ -31,8 +31,9 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
-#: VRs with a 2-byte reserved field and 4-byte length in explicit VR (PS3.5 Table 7.1-1).
-LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"})
+#: VRs with a 2-byte reserved field and 4-byte length in explicit VR (PS3.5 Table 7.1-1),
+#: the 64-bit SV, UV and OV of PS3.5 2019 included.
+LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 VALID_VRS = frozenset({
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL",
     "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US",
@@ -45,7 +46,7 @@ MAX_DEPTH = 64
 
 def dictionary_vr(tag: int) -> str:
     """VR of a public tag from the data dictionary ('UN' when unknown, first choice if ambiguous)."""
-    entry = _dd.DicomDictionary.get(tag)
+    entry = DicomDictionary.get(tag)
     if entry is None:
         if tag & 0xFFFF == 0:
             return "UL"  # group length
@@ -62,7 +63,7 @@ def _repeaters_vr(tag: int) -> str | None:
     if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
         for mask in ("50xx", "60xx"):
             key = mask + f"{tag & 0xFFFF:04x}".upper()
-            entry = _dd.RepeatersDictionary.get(key)
+            entry = RepeatersDictionary.get(key)
             if entry is not None and mask[:2] == f"{group:04x}"[:2]:
                 return entry[0][:2]
     return None
@@ -136,6 +137,17 @@ class Parser:
         self.warnings: list[str] = []
         #: (bytes present, bytes declared) when the pixel data is cut short at the end of file.
         self.truncated_pixels: tuple[int, int] | None = None
+        #: Bytes of trailing zero padding after the last element (dropped, as pydicom and dcmtk do).
+        self.padding = 0
+
+    def _zero_tail(self, pos: int, end: int) -> bool:
+        """True, and noted, when everything from ``pos`` to the end of the dataset is zero bytes."""
+        if end != self.size or bytes(self.data[pos:end]).count(0) != end - pos:
+            return False
+        self.padding = end - pos
+        self.warnings.append(f"the file ends in {end - pos} bytes of zero padding after its last "
+                             "element; they were dropped")
+        return True
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > self.size:
@@ -160,9 +172,13 @@ class Parser:
         head = _HEAD_IMPLICIT[enc.little] if implicit else _HEAD_EXPLICIT[enc.little]
         while pos < end:
             if pos + 8 > size:
+                if depth == 0 and self._zero_tail(pos, end):
+                    break
                 self._need(pos, 8, "an element header")
             g, e, vr_or_len, short = head.unpack_from(data, pos)
             tag = (g << 16) | e
+            if tag == 0 and depth == 0 and self._zero_tail(pos, end):
+                break
             if tag == ITEM_END and stop_at_item_end:
                 return elems, pos + 8
             if g == 0xFFFE:
@@ -172,7 +188,8 @@ class Parser:
                 length = vr_or_len
                 vstart = pos + 8
                 if length == UNDEFINED:
-                    vr = "SQ"
+                    # Undefined length in implicit VR: a sequence, or encapsulated pixel data.
+                    vr = "OB" if tag == PIXEL_DATA else "SQ"
             else:
                 vr = _VR_NAMES.get(vr_or_len)  # type: ignore[assignment]
                 if vr is None:

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Iterable
 
 from lxml import etree
-import pydicom._dicom_dict as _dd
+from pydicom.datadict import DicomDictionary
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -33,7 +33,7 @@ _NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "U
 _SINGLE_VALUE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
 _CHARSET_VRS = {"PN": {0x5C, 0x3D, 0x5E}, "SH": {0x5C}, "LO": {0x5C}, "UC": {0x5C},
                 "ST": set(), "LT": set(), "UT": set()}
-_KEYWORDS: dict[int, str] = {tag: entry[4] for tag, entry in _dd.DicomDictionary.items() if entry[4]}
+_KEYWORDS: dict[int, str] = {tag: entry[4] for tag, entry in DicomDictionary.items() if entry[4]}
 
 
 def keyword(tag: int) -> str:

@@ -15,7 +15,7 @@ import sys
 from functools import lru_cache
 from importlib import resources
 
-import pydicom._dicom_dict as _dd
+from pydicom.datadict import DicomDictionary
 from lxml import etree
 
 from dgf import errors
@@ -66,7 +66,7 @@ _HEAD = """<?xml version="1.0" encoding="UTF-8"?>
 def generate() -> str:
     import pydicom
 
-    keywords = sorted({entry[4] for entry in _dd.DicomDictionary.values() if entry[4]})
+    keywords = sorted({entry[4] for entry in DicomDictionary.values() if entry[4]})
     vrs = "\n".join(f'        <xs:enumeration value="{vr}"/>' for vr in sorted(VALID_VRS))
     body = "".join(f'  <xs:element name="{kw}" type="AttributeType" substitutionGroup="Attribute"/>\n'
                    for kw in keywords)

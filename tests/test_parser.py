@@ -1,0 +1,275 @@
+"""The raw element walker against the standard and against pydicom.
+
+Differential: on every corpus file pydicom reads, the walker yields the same elements (tag, VR,
+value bytes, nesting) or refuses with a reason a person can check.  Fuzz: on generated datasets,
+cut, re-lengthened and re-typed at random, the walker parses consistently or refuses with
+:class:`InvalidDicom`, never another exception.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from typing import Any
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dgf import errors
+from dgf.dicom import deid, identity, raw, xmlheader
+from dgf.dicom.profile import Options, Profile
+
+from tests import corpus
+from tests.test_dicom import _deidentify
+
+#: The corpus files the walker refuses, with the words of the reason: each is cut short, and
+#: pydicom "reads" it only by dropping the broken element.
+REFUSED = {"rtplan_truncated.dcm": "truncated", "emri_small_jpeg_2k_lossless_too_short.dcm": "truncated",
+           "DICOMDIR-nooffset": "truncated"}
+
+Tree = list[tuple[int, Any, Any]]
+
+
+def _pydicom_tree(ds: Dataset) -> Tree:
+    """(tag, VR, value bytes or items) as pydicom read them; None for values it has decoded."""
+    out: Tree = []
+    for tag in sorted(ds._dict):
+        el = ds._dict[tag]
+        vr, value = el.VR, el.value
+        if isinstance(el, RawDataElement) and vr in ("SQ", None, "UN"):
+            try:
+                converted = ds[tag]          # pydicom reads sequences lazily
+            except Exception:  # noqa: BLE001 - left as bytes, as pydicom itself would
+                converted = None
+            if converted is not None and isinstance(converted.value, pydicom.Sequence):
+                value = converted.value
+        if isinstance(value, pydicom.Sequence):
+            out.append((int(tag), vr, [_pydicom_tree(item) for item in value]))
+        elif isinstance(value, bytes):
+            out.append((int(tag), vr, value))
+        else:
+            out.append((int(tag), vr, None))
+    return out
+
+
+def _walker_tree(data: bytes, elems: list[raw.Elem]) -> Tree:
+    out: Tree = []
+    for e in sorted(elems, key=lambda e: e.tag):
+        if e.items is not None:
+            out.append((e.tag, e.vr, [_walker_tree(data, item.elems) for item in e.items]))
+        else:
+            end = e.end - 8 if e.length == raw.UNDEFINED else e.value_end
+            out.append((e.tag, e.vr, bytes(data[e.vstart:end])))
+    return out
+
+
+def _difference(theirs: Tree, ours: Tree, where: str = "") -> str | None:
+    if [t for t, _, _ in theirs] != [t for t, _, _ in ours]:
+        return f"{where or 'dataset'}: tags differ"
+    for (tag, vr, value), (_, our_vr, our_value) in zip(theirs, ours):
+        at = f"{where}/({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        if value is None:
+            continue                       # decoded by pydicom while reading (character set)
+        if isinstance(value, list) != isinstance(our_value, list):
+            return f"{at}: a sequence on one side only"
+        if isinstance(value, list):
+            if len(value) != len(our_value):
+                return f"{at}: {len(value)} items vs {len(our_value)}"
+            for i, (a, b) in enumerate(zip(value, our_value)):
+                found = _difference(a, b, f"{at}[{i}]")
+                if found:
+                    return found
+            continue
+        # pydicom leaves implicit VRs open (None, "OB or OW"); the walker must pick one of them.
+        if vr not in (None, "UN") and our_vr not in vr.split(" or "):
+            return f"{at}: VR {vr} vs {our_vr}"
+        if value != our_value:
+            return f"{at}: values differ ({len(value)} vs {len(our_value)} bytes)"
+    return None
+
+
+def test_walker_agrees_with_pydicom_on_the_corpus() -> None:
+    files = corpus.readable_files()
+    assert len(files) > 150, "the pydicom corpus is missing; install pydicom-data"
+    agreed, refused = 0, {}
+    for path in files:
+        data = path.read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            try:
+                part = raw.parse_part10(data)
+            except errors.InvalidDicom as exc:
+                refused[path.name] = str(exc)
+                continue
+            theirs = _pydicom_tree(ds)
+        difference = _difference(theirs, _walker_tree(part.data, part.dataset))
+        assert difference is None, f"{path.name}: {difference}"
+        agreed += 1
+    assert set(refused) == set(REFUSED), refused
+    for name, reason in refused.items():
+        assert REFUSED[name] in reason and "byte" in reason, (name, reason)
+    assert agreed == len(files) - len(REFUSED)
+
+
+# -- the 64-bit VRs and trailing padding ---------------------------------------------------
+
+def _file(ds: Dataset) -> bytes:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _base() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "P-64"
+    ds.Modality = "OT"
+    return ds
+
+
+def test_sv_uv_ov_are_read_and_kept() -> None:
+    ds = _base()
+    ds.add_new(0x00720082, "SV", [-(2 ** 40), 7])          # Selector SV Value
+    ds.add_new(0x00720083, "UV", [2 ** 63 + 5])            # Selector UV Value
+    ds.add_new(0x00720081, "OV", struct.pack("<2Q", 1, 2 ** 64 - 1))  # Selector OV Value
+    data = _file(ds)
+    part = raw.parse_part10(data)
+    by_tag = {e.tag: e for e in part.dataset}
+    assert by_tag[0x00720082].vr == "SV" and by_tag[0x00720082].length == 16
+    assert by_tag[0x00720083].vr == "UV" and by_tag[0x00720083].length == 8
+    assert 0x00100010 in by_tag                              # the parse kept step after them
+    result = _deidentify(data)
+    assert identity.reidentify(result.data, identity.decode(identity.encode(result.identity))) == data
+    xml = xmlheader.header_xml(result.data).decode()
+    assert ">-1099511627776</SelectorSVValue>" in xml and ">9223372036854775813</SelectorUVValue>" in xml
+    assert "Doe" not in xml
+
+
+@pytest.mark.parametrize("pad", [1, 7, 8, 100, 4096])
+def test_trailing_zero_padding_is_read_as_pydicom_reads_it(pad: int) -> None:
+    original = corpus.file("CT_small.dcm").read_bytes()
+    data = original + b"\0" * pad
+    part = raw.parse_part10(data)
+    assert [e.tag for e in part.dataset] == [e.tag for e in raw.parse_part10(original).dataset]
+    assert any("zero padding" in w for w in part.warnings)
+    result = _deidentify(data)
+    assert not result.data.endswith(b"\0" * 8)               # the padding is not DICOM: dropped
+    assert identity.reidentify(result.data, identity.decode(identity.encode(result.identity))) == data
+
+
+def test_trailing_garbage_is_still_refused() -> None:
+    data = corpus.file("CT_small.dcm").read_bytes() + b"\0\0\0\0junkjunk"
+    with pytest.raises(errors.InvalidDicom, match="byte"):
+        raw.parse_part10(data)
+
+
+# -- fuzz ---------------------------------------------------------------------------------
+
+_SHORT_VRS = ["AE", "AS", "CS", "DA", "DS", "LO", "PN", "SH", "UI", "US", "UL", "FD", "SS"]
+_LONG_VRS = ["OB", "OW", "UT", "UN", "SV", "UV", "OV", "UC"]
+
+
+def _element(tag: int, vr: str, value: bytes) -> bytes:
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    if vr in raw.LONG_VRS:
+        return head + b"\0\0" + struct.pack("<I", len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+@st.composite
+def _dataset(draw: Any, depth: int = 0) -> bytes:
+    """A random explicit VR little endian dataset, sequences (defined and undefined length) included."""
+    n = draw(st.integers(1, 6))
+    tags = sorted(draw(st.sets(st.integers(0x00080000, 0x7FDFFFFF).filter(lambda t: t & 0xFFFF),
+                               min_size=n, max_size=n)))
+    out = b""
+    for tag in tags:
+        kind = draw(st.sampled_from(["short", "long", "seq"] if depth < 3 else ["short", "long"]))
+        if kind == "seq":
+            items = draw(st.lists(_dataset(depth + 1), max_size=3))
+            undefined = draw(st.booleans())
+            body = b""
+            for item in items:
+                if undefined:
+                    body += struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item + \
+                        struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+                else:
+                    body += struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+            if undefined:
+                out += struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\0\0" + \
+                    struct.pack("<I", 0xFFFFFFFF) + body + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+            else:
+                out += _element(tag, "SQ", body)
+        else:
+            vr = draw(st.sampled_from(_SHORT_VRS if kind == "short" else _LONG_VRS))
+            value = draw(st.binary(max_size=24))
+            out += _element(tag, vr, value + b"\0" * (len(value) % 2))
+    return out
+
+
+_META = (b"\0" * 128 + b"DICM" + _element(0x00020000, "UL", struct.pack("<I", 30))
+         + _element(0x00020010, "UI", b"1.2.840.10008.1.2.1\0"))
+
+
+def _consistent(part: raw.Part10) -> None:
+    """What every accepted parse must satisfy: spans inside the file, in order, nested inside
+    their parents."""
+    size = len(part.data)
+
+    def check(elems: list[raw.Elem], lo: int, hi: int) -> None:
+        pos = lo
+        for e in elems:
+            assert pos <= e.start < e.vstart <= e.end <= hi
+            assert e.value_end <= e.end
+            pos = e.end
+            for item in e.items or ():
+                assert e.vstart <= item.start < item.vstart <= item.end <= e.end
+                check(item.elems, item.vstart, item.end)
+
+    check(part.dataset, part.meta_end, size)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_dataset(), data=st.data())
+def test_walker_fuzz_parses_consistently_or_refuses(body: bytes, data: st.DataObject) -> None:
+    blob = bytearray(_META + body)
+    part = raw.parse_part10(bytes(blob))                    # the generated file itself is valid
+    _consistent(part)
+    for _ in range(data.draw(st.integers(1, 4))):
+        mutation = data.draw(st.sampled_from(["cut", "length", "vr", "byte", "undefined"]))
+        at = data.draw(st.integers(len(_META), max(len(_META), len(blob) - 1)))
+        if mutation == "cut":
+            del blob[at:]
+        elif mutation == "length" and at + 4 <= len(blob):
+            blob[at:at + 4] = struct.pack("<I", data.draw(st.integers(0, 2 ** 32 - 1)))
+        elif mutation == "vr" and at + 2 <= len(blob):
+            blob[at:at + 2] = data.draw(st.sampled_from(_SHORT_VRS + _LONG_VRS + ["SQ", "\0\0", "zz"])).encode()
+        elif mutation == "undefined" and at + 4 <= len(blob):
+            blob[at:at + 4] = b"\xff\xff\xff\xff"
+        elif at < len(blob):
+            blob[at] = data.draw(st.integers(0, 255))
+    try:
+        mutated = raw.parse_part10(bytes(blob))
+    except errors.InvalidDicom as exc:
+        assert str(exc).endswith(".")                      # a sentence, not a traceback
+        return
+    _consistent(mutated)
+    # What the walker accepts, the de-identifier handles: a result or a clear refusal.
+    try:
+        _deidentify(bytes(blob), Profile(Options(allow_burned_in=True, allow_truncated=True)))
+    except errors.DgfError:
+        pass
