@@ -10,6 +10,7 @@ import csv
 import functools
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -53,22 +54,49 @@ def _client(config: str | None, options: list[str] | None = None) -> Any:
 
 
 class _Bar:
-    """A progress bar on stderr for long work; silent for a single item, and when stderr is not
-    a terminal (logs and pipes get the summary line, not a stray label)."""
+    """A byte progress bar (tqdm: rate and ETA) on stderr, only when stderr is a terminal (logs
+    and pipes get the summary line, not a stray label); updates from any thread."""
 
-    def __init__(self, total: int, label: str) -> None:
-        self._bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True,
-                                      show_eta=True) if total > 1 and sys.stderr.isatty() else None
-        if self._bar is not None:
-            self._bar.__enter__()
+    def __init__(self, total: int, label: str, unit: str = "B") -> None:
+        self._lock = threading.Lock()
+        self._bar = None
+        if total > 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=label, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+                             file=sys.stderr, dynamic_ncols=True, leave=False)
 
     def update(self, n: int) -> None:
         if self._bar is not None:
-            self._bar.update(n)
+            with self._lock:
+                self._bar.update(n)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.__exit__(None, None, None)
+            self._bar.close()
+
+
+#: Failures of one kind beyond this many are summarised, not listed one by one.
+LISTED_PER_KIND = 3
+
+
+def _report_failures(failed: list[Any]) -> int:
+    """Print failures, grouping repeated kinds into one line with their count; return the exit
+    status they call for (the largest among them)."""
+    groups: dict[str, list[Any]] = {}
+    for f in failed:
+        groups.setdefault(f.group or f.reason, []).append(f)
+    for kind, members in groups.items():
+        listed = members if len(members) <= LISTED_PER_KIND + 1 else members[:LISTED_PER_KIND]
+        for f in listed:
+            click.echo(f"error: {f.item}: {f.reason}", err=True)
+        if len(listed) < len(members):
+            first = members[0]
+            verb = "refused" if first.code == errors.PermissionDenied.exit_code else "failed"
+            details = sorted({f.detail for f in members if f.detail})
+            line = f"{len(members)} {verb}: {kind}" + (f" ({', '.join(details)})" if details else "")
+            click.echo(line + (f" - {first.hint}" if first.hint else ""), err=True)
+    return max((f.code for f in failed), default=0)
 
 
 def _mb(n: int) -> str:
@@ -120,13 +148,14 @@ def up_cmd(paths: tuple[str, ...], to: str | None, site: str | None, recursive: 
         dt = time.perf_counter() - t0
     for w in report.warnings:
         click.echo(f"warning: {w.item}: {w.reason}", err=True)
-    for f in report.failed:
-        click.echo(f"error: {f.item}: {f.reason}", err=True)
+    status = _report_failures(report.failed)
     rate = report.uploaded / dt if dt > 0 else 0.0
     click.echo(f"uploaded {report.uploaded} file(s), {_mb(report.bytes)} in {dt:.1f} s "
-               f"({rate:.0f} files/s)" + (f"; {len(report.failed)} failed" if report.failed else ""))
-    if report.failed:
-        sys.exit(errors.InvalidDicom.exit_code)
+               f"({rate:.0f} files/s, {report.bytes / 1e6 / dt if dt > 0 else 0.0:.0f} MB/s)"
+               + (f"; {report.already} already stored" if report.already else "")
+               + (f"; {len(report.failed)} failed" if report.failed else ""))
+    if status:
+        sys.exit(status)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,13 +194,12 @@ def down_cmd(paths: tuple[str, ...], out: str, identified: bool, xpath: str | No
             for bar in bars:
                 bar.close()
         dt = time.perf_counter() - t0
-    for f in report.failed:
-        click.echo(f"error: {f.item}: {f.reason}", err=True)
+    status = _report_failures(report.failed)
     what = "re-identified" if identified else "de-identified"
     click.echo(f"downloaded {report.downloaded} {what} file(s), {_mb(report.bytes)} to {out} in {dt:.1f} s"
                + (f"; {len(report.failed)} failed" if report.failed else ""))
-    if report.failed:
-        sys.exit(errors.TransportError.exit_code)
+    if status:
+        sys.exit(status)
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,7 +710,7 @@ def recon_import(projections: str, geometry: str, to: str, patient_id: str, pati
     except (ValueError, OSError) as exc:
         raise errors.UsageError(f"{projections} is not a .npy array ({exc}).") from exc
     with _client(config) as client:
-        bar = _Bar(g.n_projections, "importing projections")
+        bar = _Bar(g.n_projections, "importing projections", unit="projection")
         try:
             report = client.recon_import(np.asarray(stack, dtype=np.float32), g, to,
                                          {"PatientID": patient_id, "PatientName": patient_name},

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import threading
 import time
@@ -60,16 +61,66 @@ POOL_WORKERS = max(1, min(4, os.cpu_count() or 1))
 Progress = Callable[[int], None]
 
 
+class _Meter:
+    """Progress in source bytes, safe from any thread: each file counts once in full, whether
+    its bytes were sent in pieces, it was skipped, or it failed (so a bar never goes back or
+    past its total)."""
+
+    def __init__(self, progress: Progress | None, sizes: dict[str, int] | None = None) -> None:
+        self._progress = progress
+        self._sizes = sizes or {}
+        self._done: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, source: str, n: int) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            done = self._done.get(source, 0)
+            n = min(n, self._sizes.get(source, 0) - done)
+            if n <= 0:
+                return
+            self._done[source] = done + n
+            self._progress(n)
+
+    def finish(self, sources: Iterable[str]) -> None:
+        for source in sources:
+            self.add(source, self._sizes.get(source, 0))
+
+    def metered(self, source: str, pieces: Callable[[int], Iterator[bytes | memoryview]]
+                ) -> Callable[[int], Iterator[bytes | memoryview]]:
+        def stream(chunk: int) -> Iterator[bytes | memoryview]:
+            for piece in pieces(chunk):
+                yield piece
+                self.add(source, len(piece))
+        return stream
+
+
 @dataclass
 class Failure:
     item: str
     reason: str
+    #: The exit status this failure calls for (that of its error class), and its summary
+    #: fields: the kind of failure, what varies between files, and what to do.
+    code: int = errors.InvalidDicom.exit_code
+    group: str = ""
+    detail: str = ""
+    hint: str = ""
+
+    @classmethod
+    def of(cls, item: str, problem: "pipeline.Problem | errors.DgfError") -> "Failure":
+        if isinstance(problem, errors.DgfError):
+            problem = pipeline.Problem.of(problem)
+        return cls(item, problem.message, problem.code, problem.group, problem.detail, problem.hint)
 
 
 @dataclass
 class UploadReport:
     uploaded: int = 0
     bytes: int = 0
+    #: Files whose object the archive already held (verified replica), at their path or, for
+    #: the same instance, at another path: nothing was sent for them.
+    already: int = 0
     paths: list[str] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
     warnings: list[Failure] = field(default_factory=list)
@@ -90,6 +141,7 @@ class _Prepared:
     path: str
     site: str
     receipt: str = ""
+    linked: bool = False  # published as another name of an object already stored
     derived: bool = False
     xattrs: dict[str, str] = field(default_factory=dict)
 
@@ -371,12 +423,20 @@ class Client:
 
         Files that cannot be read or are not valid DICOM are reported in the result's ``failed``
         list with the reason, and the others still go in.  ``on_total`` learns the number of
-        files once they are listed, ``progress`` each batch's count as it is committed.
+        bytes once the files are listed, ``progress`` the bytes done as they are sent, skipped
+        or refused.
         """
         report = UploadReport()
         files = list(self._expand(paths, recursive, report))
+        sizes = {}
+        for f in files:
+            try:
+                sizes[str(f)] = f.stat().st_size
+            except OSError:
+                sizes[str(f)] = 0
         if on_total is not None:
-            on_total(len(files))
+            on_total(sum(sizes.values()))
+        meter = _Meter(progress, sizes)
         # De-identification is CPU work: large uploads spread it over worker processes (started
         # fresh, not forked, since this process runs SSH threads).  And two stages overlap: while
         # batch N is streamed to the sites and committed, batch N+1 is read and de-identified.
@@ -393,7 +453,8 @@ class Client:
                     prepared, caps = self._prepare(items, to, site, report, pool=workers, spread=spread)
                     if pending is not None:
                         pending.result()
-                    pending = store.submit(self._store, prepared, caps, report, replace, progress, len(chunk))
+                    pending = store.submit(self._store, prepared, caps, report, replace, meter,
+                                           [str(f) for f in chunk])
                 if pending is not None:
                     pending.result()
         finally:
@@ -407,7 +468,8 @@ class Client:
         for p in map(Path, paths):
             if p.is_dir():
                 if not recursive:
-                    report.failed.append(Failure(str(p), "is a directory; use -r to upload its files"))
+                    report.failed.append(Failure(str(p), "is a directory; use -r to upload its files",
+                                                 errors.UsageError.exit_code))
                     continue
                 for root, dirs, names in os.walk(p):
                     dirs.sort()
@@ -417,13 +479,13 @@ class Client:
             elif p.exists():
                 yield p
             else:
-                report.failed.append(Failure(str(p), "no such file"))
+                report.failed.append(Failure(str(p), "no such file", errors.NotFound.exit_code))
 
     def upload_bytes(self, data: bytes, path: str, site: str | None = None, replace: bool = True) -> None:
         """De-identify one file's bytes and publish it at ``path`` (the FUSE write path)."""
         report = UploadReport()
         prepared, caps = self._prepare([(path, data)], None, site, report, fixed_path=True)
-        self._store(prepared, caps, report, replace)
+        self._store(prepared, caps, report, replace, check=False)
         if report.failed:
             raise errors.InvalidDicom(report.failed[0].reason)
 
@@ -438,7 +500,7 @@ class Client:
         options = options or self.upload_options()
         needs = [n for part in self._map(pool, "analyze", items, options) for n in part]
         ok = [n for n in needs if n.error is None]
-        report.failed.extend(Failure(n.name, n.error) for n in needs if n.error is not None)
+        report.failed.extend(Failure.of(n.name, n.error) for n in needs if n.error is not None)
         if not ok:
             return [], {}
         uids = sorted(set().union(*(n.uids for n in ok)))
@@ -456,7 +518,7 @@ class Client:
         for part in self._map(pool, "deidentify", todo, options, prep["uids"], pseudo_patients, spool):
             for d in part:
                 if d.error is not None:
-                    report.failed.append(Failure(d.name, d.error))
+                    report.failed.append(Failure.of(d.name, d.error))
                     continue
                 if d.spooled:
                     with open(d.spooled, "rb") as fh:
@@ -478,8 +540,13 @@ class Client:
         return pool.map(step, items, *args)
 
     def _store(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
-               replace: bool, progress: Progress | None = None, count: int = 0) -> None:
-        """Stream a prepared batch to its sites, then publish what arrived in one commit."""
+               replace: bool, meter: _Meter | None = None, sources: list[str] | None = None,
+               check: bool = True) -> None:
+        """Stream a prepared batch to its sites, then publish what arrived in one commit.
+
+        With ``check``, the archive is asked first what it holds: files already stored are
+        skipped, conflicts fail per file, and an instance is stored once (a file whose SOP
+        Instance UID is stored at another path is not stored again; the report says where)."""
         seen: dict[str, _Prepared] = {}
         unique: list[_Prepared] = []
         for p in prepared:
@@ -488,27 +555,70 @@ class Client:
                 unique.append(p)
             elif first.result.key != p.result.key:
                 report.failed.append(Failure(p.source, f"has the same SOP Instance UID as {first.source} "
-                                                       "but other content; it was not uploaded"))
-        prepared = unique
-        self._put(prepared, caps, report)
-        done = [p for p in prepared if p.receipt]
+                                                       "but other content; it was not uploaded",
+                                             errors.AlreadyExists.exit_code,
+                                             "same SOP Instance UID as another file of the upload"))
+        prepared = self._checked(unique, report, replace) if check else unique
+        self._put([p for p in prepared if not p.linked], caps, report, meter)
+        done = [p for p in prepared if p.receipt or p.linked]
         entries = [(p, json.dumps({
-            "path": p.path, "key": p.result.key, "size": len(p.result.data), "site": p.site,
+            "path": p.path, "key": p.result.key, "size": p.result.size, "site": p.site,
             "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
             # Derived data (computed from de-identified data) has no identity to keep.
             "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
-            "blocks": base64.b64encode(block_digests(p.result.data)).decode(),
+            "blocks": base64.b64encode(block_digests(p.result.data) if p.result.blocks is None
+                                       else p.result.blocks).decode(),
             "xattrs": p.xattrs,
         }).encode()) for p in done]
         for part in _commit_parts(entries):
-            body = b'{"files":[' + b",".join(e for _, e in part) + b"]}"
-            reply, _ = self.meta.call("up.commit", body, replace=replace)
-            self._free(reply.get("release") or {})
-            report.uploaded += len(part)
-            report.bytes += sum(len(p.result.data) for p, _ in part)
-            report.paths.extend(p.path for p, _ in part)
-        if progress is not None:
-            progress(count)
+            try:
+                self._commit(part, replace, report)
+            except errors.AlreadyExists:
+                # Another writer got there between the check and the commit: commit the rest.
+                ok = {p.path for p in self._checked([p for p, _ in part], report, replace)}
+                rest = [e for e in part if e[0].path in ok]
+                if rest:
+                    self._commit(rest, replace, report)
+        if meter is not None:
+            meter.finish(sources or ())
+
+    def _commit(self, part: list[tuple[_Prepared, bytes]], replace: bool, report: UploadReport) -> None:
+        body = b'{"files":[' + b",".join(e for _, e in part) + b"]}"
+        reply, _ = self.meta.call("up.commit", body, replace=replace)
+        self._free(reply.get("release") or {})
+        report.uploaded += len(part)
+        report.bytes += sum(p.result.size for p, _ in part)
+        report.paths.extend(p.path for p, _ in part)
+
+    def _checked(self, prepared: list[_Prepared], report: UploadReport, replace: bool) -> list[_Prepared]:
+        """The files still to send, after asking the archive what it already holds."""
+        todo: list[_Prepared] = []
+        for i in range(0, len(prepared), RESOLVE_PATHS):
+            part = prepared[i:i + RESOLVE_PATHS]
+            reply, _ = self.meta.call("up.check", paths=[p.path for p in part],
+                                      keys=[p.result.key for p in part],
+                                      uids=[p.result.sop_uid for p in part])
+            for p, (state, where) in zip(part, reply["states"]):
+                if state == "new" or state == "conflict" and replace:
+                    todo.append(p)
+                elif state == "stored":
+                    report.already += 1
+                elif state == "link":
+                    # Stored once: this path becomes one more name of the stored object.
+                    p.site, p.linked = where, True
+                    report.already += 1
+                    todo.append(p)
+                elif state == "conflict":
+                    report.failed.append(Failure(
+                        p.source, f"{where}; use --replace to overwrite it", errors.AlreadyExists.exit_code,
+                        "already in the archive with other content", hint="use --replace to overwrite them"))
+                else:
+                    report.failed.append(Failure(
+                        p.source, f"another version of this instance (same SOP Instance UID) is stored at "
+                                  f"{where}; remove it first", errors.AlreadyExists.exit_code,
+                        "another version of the instance is stored elsewhere",
+                        hint="remove the stored version first"))
+        return todo
 
     @staticmethod
     def _placement(result: pipeline.Deidentified, to: str | None) -> str:
@@ -518,16 +628,24 @@ class Client:
         return f"/{result.patient}/{result.study_uid or 'NoStudyUID'}/" \
                f"{result.series_uid or 'NoSeriesUID'}/{sop}.dcm"
 
-    def _put(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport) -> None:
+    def _put(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
+             meter: _Meter | None = None) -> None:
         by_site: dict[str, list[PutItem]] = {}
         for p in prepared:
-            by_site.setdefault(p.site, []).append(PutItem(p.result.key, p.result.data, p))
+            stream = None
+            if p.result.layout:
+                stream = meter.metered(p.source, p.result.pieces) if meter is not None else p.result.pieces
+            by_site.setdefault(p.site, []).append(
+                PutItem(p.result.key, p.result.data, p, size=p.result.size, stream=stream))
 
         def done(item: PutItem, receipt: str | None, error: str | None) -> None:
+            if meter is not None:
+                meter.finish([item.tag.source])
             if receipt is not None:
                 item.tag.receipt = receipt
             else:
-                report.failed.append(Failure(item.tag.source, f"site {item.tag.site} refused the object: {error}"))
+                report.failed.append(Failure(item.tag.source, f"site {item.tag.site} refused the object: {error}",
+                                             errors.ServerError.exit_code, f"refused by site {item.tag.site}"))
 
         def task(site: str, items: list[PutItem]) -> Callable[[], None]:
             def run() -> None:
@@ -537,7 +655,8 @@ class Client:
                     self._drop_link(site)
                     for it in items:
                         if not it.tag.receipt and not any(f.item == it.tag.source for f in report.failed):
-                            report.failed.append(Failure(it.tag.source, f"upload to site {site} failed: {exc}"))
+                            report.failed.append(Failure(it.tag.source, f"upload to site {site} failed: {exc}",
+                                                         exc.exit_code, f"site {site} failed: {exc}"))
             return run
 
         run_parallel(task(s, items) for s, items in by_site.items())
@@ -600,7 +719,7 @@ class Client:
                 local[f[0]] = base_dir + f[0][cut:]
         writer = _Writer()
         if on_total is not None:
-            on_total(len(resolved["files"]))
+            on_total(sum(f[2] for f in resolved["files"]))
 
         def sink(paths: list[str], data: bytes | None, src: Path | None) -> None:
             for i, path in enumerate(paths):
@@ -612,7 +731,13 @@ class Client:
                     writer.write(local[path], data)
             report.files.extend(Path(local[p]) for p in paths)
 
-        self._fetch(resolved, sink, identified, report, progress)
+        # Large objects stream to a spool inside the output directory: the rename that
+        # publishes each one stays on one file system.
+        spool = Path(base_dir) / ".dgf-partial"
+        try:
+            self._fetch(resolved, sink, identified, report, progress, spool)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
         return report
 
     def fetch(self, paths: list[str], on_file: Callable[[str, bytes], None], identified: bool = False,
@@ -632,7 +757,8 @@ class Client:
         return report
 
     def _fetch(self, resolved: dict[str, Any], sink: Callable[[list[str], bytes | None, Path | None], None],
-               identified: bool, report: DownloadReport, progress: Progress | None) -> None:
+               identified: bool, report: DownloadReport, progress: Progress | None,
+               spool: Path | None = None) -> None:
         """Get every resolved object once (replicas in turn), verify, re-identify if asked, and
         hand it to ``sink(paths, data, spooled_file)``; failures go to ``report``."""
         targets: dict[str, list[str]] = {}
@@ -647,7 +773,7 @@ class Client:
         lock = threading.Lock()
         pending = set(targets)
         why: dict[str, str] = {}
-        spool = Path(tempfile.gettempdir()) / "dgf-spool"
+        spool = spool or Path(tempfile.gettempdir()) / "dgf-spool"
 
         def deliver(res: GetResult) -> None:
             if res.error is not None:
@@ -658,29 +784,35 @@ class Client:
                     blob = identities.get(res.key)
                     if blob is None:
                         raise errors.NotFound("no identity is held for this file (erased or uploaded without).")
+                    record = identity.decode(base64.b64decode(blob))
                     if data is None and src is not None:
-                        data = src.read_bytes()
-                        src.unlink(missing_ok=True)
-                        src = None
-                    data = identity.reidentify(data or b"", identity.decode(base64.b64decode(blob)))
+                        restored = src.with_suffix(".original")
+                        try:
+                            identity.reidentify_file(str(src), record, str(restored))
+                        finally:
+                            src.unlink(missing_ok=True)
+                        src = restored
+                    else:
+                        data = identity.reidentify(data or b"", record)
                 sink(targets[res.key], data, src)
-                n = len(data) if data is not None else sizes[res.key]
+                n = sizes[res.key]
             except errors.DgfError as exc:
                 with lock:
                     pending.discard(res.key)
-                    report.failed.extend(Failure(p, str(exc)) for p in targets[res.key])
+                    report.failed.extend(Failure.of(p, exc) for p in targets[res.key])
                 return
             except OSError as exc:
                 with lock:
                     pending.discard(res.key)
-                    report.failed.extend(Failure(p, f"cannot be written ({exc.strerror})") for p in targets[res.key])
+                    report.failed.extend(Failure(p, f"cannot be written ({exc.strerror})", 1,
+                                                 f"cannot be written ({exc.strerror})") for p in targets[res.key])
                 return
             with lock:
                 pending.discard(res.key)
                 report.downloaded += len(targets[res.key])
                 report.bytes += n * len(targets[res.key])
             if progress is not None:
-                progress(len(targets[res.key]))
+                progress(n * len(targets[res.key]))
 
         for attempt in range(3):
             if not pending:
@@ -760,7 +892,8 @@ class Client:
             items: list[tuple[str, bytes | None]] = [(f"projection {j + 1}", files[j])
                                                      for j in range(i, min(len(files), i + BATCH))]
             prepared, caps = self._prepare(items, to, None, report, spread=True)
-            self._store(prepared, caps, report, False, progress, len(items))
+            self._store(prepared, caps, report, False, _Meter(progress, {n: 1 for n, _ in items}),
+                        [n for n, _ in items], check=False)
         return report
 
     def recon(self, series: str, out: str, shape: tuple[int, int, int] | None = None,

@@ -16,9 +16,14 @@ class DgfError(Exception):
     errno: int = _errno.EIO
     exit_code: int = 1
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, group: str = "", detail: str = "", hint: str = "") -> None:
         super().__init__(message)
         self.message = message
+        #: For summaries of many files: what kind of failure (``group``), what varies between
+        #: files (``detail``, e.g. a modality) and what to do about it (``hint``).
+        self.group = group
+        self.detail = detail
+        self.hint = hint
 
     def __str__(self) -> str:
         return self.message
@@ -74,6 +79,14 @@ class PermissionDenied(DgfError):
     """The principal lacks the authority for this operation (always audited where it matters)."""
 
     errno = _errno.EACCES
+    exit_code = 4
+
+
+class PolicyRefused(PermissionDenied):
+    """The archive's de-identification policy refuses this file (e.g. burned-in annotation);
+    an option the policy names can admit it."""
+
+    errno = _errno.EPERM
     exit_code = 4
 
 

@@ -67,6 +67,16 @@ class PutItem:
     key: str
     data: bytes
     tag: Any = None  # caller's handle, returned with the receipt
+    #: A streamed object: its size, and its bytes in pieces (``data`` is then empty).
+    size: int = -1
+    stream: Callable[[int], Iterator[bytes | memoryview]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.data)
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        return self.stream(wire.CHUNK) if self.stream is not None else _pieces(self.data)
 
 
 @dataclass
@@ -137,16 +147,16 @@ class SiteLink:
         streams alone with ``put``, so no frame is ever larger than BATCH_BYTES plus one object."""
 
         def single(b: list[PutItem]) -> bool:
-            return len(b) == 1 and len(b[0].data) > BATCH_BYTES
+            return len(b) == 1 and b[0].size > BATCH_BYTES
 
         def send(chan: wire.RpcChannel, b: list[PutItem]) -> None:
             if single(b):
-                chan.send("put", {"key": b[0].key, "size": len(b[0].data)},
-                          stream=_pieces(b[0].data), stream_size=len(b[0].data))
+                chan.send("put", {"key": b[0].key, "size": b[0].size},
+                          stream=b[0].pieces(), stream_size=b[0].size)
                 return
-            chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [len(it.data) for it in b]},
-                      stream=(piece for it in b for piece in _pieces(it.data)),
-                      stream_size=sum(len(it.data) for it in b))
+            chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [it.size for it in b]},
+                      stream=(piece for it in b for piece in it.pieces()),
+                      stream_size=sum(it.size for it in b))
 
         def receive(chan: wire.RpcChannel, b: list[PutItem]) -> None:
             try:
@@ -163,9 +173,9 @@ class SiteLink:
             for it, receipt, error in zip(b, result["receipts"], result["errors"]):
                 done(it, receipt, error)
 
-        small = [it for it in items if len(it.data) <= BATCH_BYTES]
-        large = [[it] for it in items if len(it.data) > BATCH_BYTES]
-        self._spread(_batches(small, lambda it: len(it.data)) + large,
+        small = [it for it in items if it.size <= BATCH_BYTES]
+        large = [[it] for it in items if it.size > BATCH_BYTES]
+        self._spread(_batches(small, lambda it: it.size) + large,
                      lambda i, frames: self._pipelined(i, cap, frames, send, receive))
 
     def get_many(self, wanted: list[tuple[str, int]], cap: str, done: Callable[[GetResult], None],

@@ -658,6 +658,9 @@ class RpcChannel:
             _send_header(self._chan, {"v": verb_name, "a": args or {}, "n": stream_size})
             for chunk in stream:
                 self._chan.sendall(chunk)
+        except errors.DgfError:
+            self.broken = True      # the source failed mid-frame (a file that changed)
+            raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
             error = self._broke("sending", exc)
             # A server that refuses a request before reading its payload answers, then closes:

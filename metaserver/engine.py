@@ -236,6 +236,10 @@ class MetaEngine(ABC):
         """The wrapped data keys of those of ``names`` that have one."""
 
     @abstractmethod
+    def check_files(self, files: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        """What is already stored for ``(path, object key, SOP Instance UID)`` entries."""
+
+    @abstractmethod
     def add_patient_keys(self, wrapped: dict[str, bytes]) -> None:
         """Store several wrapped data keys in one transaction; existing ones are kept."""
 

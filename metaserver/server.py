@@ -53,7 +53,7 @@ POLICY: dict[str, frozenset[str]] = {
     "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
     "find": USERS, "find.next": USERS, "find.close": USERS,
     "query.save": USERS, "query.list": USERS, "query.remove": WRITERS,
-    "up.prepare": WRITERS, "up.commit": WRITERS,
+    "up.prepare": WRITERS, "up.check": WRITERS, "up.commit": WRITERS,
     "down.resolve": USERS,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
@@ -422,6 +422,16 @@ class MetaService(wire.Service):
             "caps": {s.name: self._cap(p, "put", s.name, None) for s in sites},
         })
 
+    @wire.verb("up.check", paths=list, keys=list, uids=list)
+    def up_check(self, p: Principal, paths: list[str], keys: list[str], uids: list[str]) -> wire.Reply:
+        """What the archive already holds for files about to be uploaded (see
+        ``check_files``), so that a re-run sends nothing already stored and conflicts are
+        per-file failures found before any byte travels."""
+        if not (len(paths) == len(keys) == len(uids)) or not all(
+                isinstance(x, str) for x in (*paths, *keys, *uids)):
+            raise errors.UsageError("up.check takes three lists of strings of one length.")
+        return wire.Reply({"states": self.engine.check_files(list(zip(paths, keys, uids)))})
+
     @wire.verb("up.commit", payload=True, optional=("replace",), replace=bool)
     def up_commit(self, p: Principal, payload: wire.Payload, replace: bool = False) -> wire.Reply:
         if payload.size > self.limits.commit_bytes:
@@ -443,15 +453,23 @@ class MetaService(wire.Service):
             site = f["site"]
             if site not in site_keys:
                 raise errors.UsageError(f"unknown site {site!r} in commit.")
-            claims = crypto.verify_token(site_keys[site], f["receipt"])
-            if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
-                    ("receipt", site, f["key"], f["size"]):
-                raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
-            blocks = base64.b64decode(f.get("blocks") or "")
-            # The hash list is kept only as the site computed it from the bytes it stored.
-            if list_digest(blocks) != claims.get("bl", "") or \
-                    (f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK)):
-                raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
+            if not f.get("receipt"):
+                # A link: one more path for an object the archive holds (an instance is stored
+                # once).  No bytes travelled; the stored object's replica and hash list stand.
+                if site not in self.engine.object_replicas([f["key"]]).get(f["key"], []):
+                    raise errors.PermissionDenied(f"{f['path']} has no receipt and its object is not "
+                                                  f"held at site {site}.")
+                blocks = self.engine.object_blocks([f["key"]]).get(f["key"], b"")
+            else:
+                claims = crypto.verify_token(site_keys[site], f["receipt"])
+                if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
+                        ("receipt", site, f["key"], f["size"]):
+                    raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
+                blocks = base64.b64decode(f.get("blocks") or "")
+                # The hash list is kept only as the site computed it from the bytes it stored.
+                if list_digest(blocks) != claims.get("bl", "") or \
+                        (f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK)):
+                    raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
             sealed = None
             if f.get("identity") is not None:
                 sealed = self.vault.seal(f["patient"], f["key"], base64.b64decode(f["identity"]))

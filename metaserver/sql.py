@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from dgf import errors
 from dgf.types import Principal, Site, Stat
 from metaserver import index
-from metaserver.engine import MetaEngine, NewFile
+from metaserver.engine import MetaEngine, NewFile, norm_path
 from metaserver.index import keys_t, levels_t, values_t
 from metaserver.planner import Catalogue, load_catalogue
 
@@ -623,6 +623,68 @@ class SqlEngine(MetaEngine):
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
         return self._txn(run)
+
+    def check_files(self, files: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        """What the archive already holds for ``(path, object key, SOP Instance UID)`` entries,
+        before their bytes are sent, one ``(state, detail)`` each:
+
+        - ``new``: nothing; send it.
+        - ``stored``: the path holds this object, with a healthy replica.
+        - ``conflict``: the path holds something else (detail: why).
+        - ``link``: the object is stored (another path holds the same bytes); detail: the site
+          with a healthy replica.  The path is published as a second name of that object.
+        - ``instance``: another version of the instance (same SOP Instance UID, other bytes)
+          is stored; detail: its path."""
+        def run(conn: Connection) -> list[tuple[str, str]]:
+            at_path: dict[str, Any] = {}
+            by_parent: dict[str, list[str]] = {}
+            for path, _, _ in files:
+                path = norm_path(path)
+                by_parent.setdefault(path.rsplit("/", 1)[0] or "/", []).append(path)
+            cache: dict[str, Any] = {}
+            for parent_path, paths in by_parent.items():
+                try:
+                    parent = self._resolve_dir(conn, parent_path, cache)
+                except (errors.NotFound, errors.NotADirectory):
+                    continue
+                names = {p.rsplit("/", 1)[1]: p for p in paths}
+                for row in conn.execute(_Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": list(names)}):
+                    at_path[names[row.name]] = row
+            keys = sorted({key for _, key, _ in files})
+            healthy: dict[str, str] = {}
+            for i in range(0, len(keys), 500):
+                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
+                        replicas.c.key.in_(keys[i:i + 500]), replicas.c.state == "ok")):
+                    healthy.setdefault(r.key, r.site)
+            uids = sorted({uid for _, key, uid in files if uid and key not in healthy})
+            instances: dict[str, str] = {}       # uid -> path of a stored version
+            hkey = conn.execute(sa.select(keys_t.c.id).where(
+                keys_t.c.path == "/DicomHeader/SOPInstanceUID")).scalar() if uids else None
+            if hkey is not None:
+                found = conn.execute(sa.select(values_t.c.text, inodes.c.parent, inodes.c.name)
+                                     .join(inodes, inodes.c.id == values_t.c.ino)
+                                     .where(values_t.c.key == hkey, values_t.c.item == 0,
+                                            values_t.c.text.in_(uids))).all()
+                if found:
+                    dirs = self._dir_paths(conn)
+                    for text, parent_id, name in found:
+                        instances.setdefault(text, _join(dirs.get(parent_id, "/"), name))
+            out: list[tuple[str, str]] = []
+            for path, key, uid in files:
+                path = norm_path(path)
+                hit: Any = at_path.get(path)
+                if hit is not None and hit.is_dir:
+                    out.append(("conflict", f"{path} is a directory"))
+                elif hit is not None and hit.object_key != key:
+                    out.append(("conflict", f"{path} already exists with other content"))
+                elif key in healthy:
+                    out.append(("stored", "") if hit is not None else ("link", healthy[key]))
+                elif uid in instances and instances[uid] != path:
+                    out.append(("instance", instances[uid]))
+                else:
+                    out.append(("new", ""))
+            return out
+        return self._read(run)
 
     def add_patient_keys(self, wrapped: dict[str, bytes]) -> None:
         """Store the wrapped data keys of new patients in one transaction (existing ones win)."""

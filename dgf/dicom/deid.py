@@ -20,12 +20,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
-from dgf import errors
+from dgf import errors, integrity
 from dgf.dicom import raw, safe_private
 from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Options, Profile
 from dgf.dicom.raw import UNDEFINED, Elem, Encoding, Item, Part10
@@ -64,6 +66,15 @@ WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 
 Seg = Union[tuple[int, int], bytes]
 
+#: Files at least this large are de-identified from a memory map: the header is parsed in place,
+#: bulk data is never read into memory, and the output is a layout of new bytes and spans of the
+#: source that the uploader streams (see :func:`analyze_file`).
+STREAM_MIN = 32 * 1024 * 1024
+#: The largest object: one DICOM element holds at most 2^32-2 bytes (PS3.5 7.1.1; 2^32-1 means
+#: undefined length), so a single-frame-set object beyond 4 GiB cannot be written.
+MAX_OBJECT = 2 ** 32 - 1
+_READ = 1024 * 1024
+
 
 @dataclass
 class Plan:
@@ -76,6 +87,19 @@ class Plan:
     patient_key: str
     top: dict[int, Elem]
     original_sha256: str = ""
+    #: For a memory-mapped file (:func:`analyze_file`): its descriptor, read with pread.
+    fd: int | None = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            data = self.part.data
+            if isinstance(data, mmap.mmap):
+                try:
+                    data.close()
+                except BufferError:
+                    pass        # a view is still alive; the map goes with it
 
     def top_text(self, tag: int) -> str:
         e = self.top.get(tag)
@@ -99,13 +123,51 @@ class Result:
     sop_uid: str
     identity: dict[str, object]  # the identity record, see dgf.dicom.identity
     warnings: list[str] = field(default_factory=list)  # repairs made on read, one sentence each
+    #: Streamed results (``data`` empty): the output as new bytes and (start, end) spans of the
+    #: source file, its size and its hash list.
+    layout: list[Seg] | None = None
+    size: int = 0
+    blocks: bytes = b""
 
 
 # --------------------------------------------------------------------------------------------
 # Step 1: analyze
 
 
-def analyze(data: bytes, profile: Profile) -> Plan:
+def analyze_file(path: str, profile: Profile) -> Plan:
+    """:func:`analyze` of a file on disk: a memory map for large files (the header is read in
+    place, the original is hashed later while streaming), the bytes otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise errors.NotFound(f"cannot be read ({exc.strerror})") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_OBJECT:
+            raise errors.InvalidDicom(
+                f"the file is {size} bytes; an object holds at most {MAX_OBJECT} bytes "
+                "(one DICOM element is limited to 2^32-2 bytes, PS3.5 7.1.1).")
+        if size < STREAM_MIN:
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                return analyze(fh.read(), profile)
+        data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        os.close(fd)
+        raise errors.NotFound(f"cannot be read ({exc.strerror})") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        plan = analyze(data, profile, fd=fd)  # type: ignore[arg-type]
+    except BaseException:
+        data.close()
+        os.close(fd)
+        raise
+    data.madvise(mmap.MADV_DONTNEED)    # the header pages the parse touched
+    return plan
+
+
+def analyze(data: bytes, profile: Profile, fd: int | None = None) -> Plan:
     part = raw.parse_part10(data)
     if part.truncated is not None and not profile.options.allow_truncated:
         have, want = part.truncated
@@ -113,7 +175,8 @@ def analyze(data: bytes, profile: Profile) -> Plan:
             f"the file is truncated: its pixel data (7FE0,0010) has {have} of {want} bytes "
             f"({want - have} missing); -O allow_truncated keeps such a file as it is, marked in its XML header.")
     top = {e.tag: e for e in part.dataset}
-    plan = Plan(part, {}, set(), set(), "", top, hashlib.sha256(data).hexdigest())
+    plan = Plan(part, {}, set(), set(), "", top,
+                "" if fd is not None else hashlib.sha256(data).hexdigest(), fd=fd)
     _check_burned_in(plan, profile)
     pid, issuer = plan.top_text(PATIENT_ID), plan.top_text(ISSUER_OF_PATIENT_ID)
     if pid:
@@ -149,9 +212,11 @@ def _check_burned_in(plan: Plan, profile: Profile) -> None:
     if value == "YES" or (not value and modality in BURNED_IN_MODALITIES):
         why = "Burned In Annotation is YES" if value == "YES" else \
             f"modality {modality} often has burned-in text and Burned In Annotation is not NO"
-        raise errors.InvalidDicom(
+        raise errors.PolicyRefused(
             f"refused: {why}, so pixel data may show identity; "
-            "use the allow-burned-in option once the pixels are cleaned.")
+            "use -O allow_burned_in once the pixels are clean.",
+            group="burned-in annotation risk", detail=modality or "no modality",
+            hint="use -O allow_burned_in once the pixels are clean")
 
 
 def _uids_of(value: str) -> list[str]:
@@ -512,11 +577,15 @@ def _file_meta(plan: Plan, pseudo: Pseudonyms) -> bytes:
 
 
 def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
+    """The de-identified object and its identity record; for a memory-mapped plan, a streamed
+    result: its layout, key and hash list computed in one pass over the source."""
     part = plan.part
     applier = _Applier(plan, pseudo, profile)
     head = _file_meta(plan, pseudo)
     body = applier.elems(part.dataset, part.encoding, "", _markers(profile, part.encoding))
     data = part.data
+    layout: list[Seg] | None = None
+    blocks = b""
     if part.deflated:
         import zlib
         inflated = b"".join(data[s[0]:s[1]] if isinstance(s, tuple) else s for s in body.segs)
@@ -524,9 +593,9 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
         out = head + comp.compress(inflated) + comp.flush()
         # Spans of the inflated stream do not exist in the deflated original: keep it all.
         delta: list[object] = [base64.b64encode(plan_original(plan)).decode()]
+        size = len(out)
     else:
-        view = memoryview(data)
-        pieces: list[bytes | memoryview] = [head]
+        layout = [head]
         delta = [base64.b64encode(data[:part.meta_end]).decode()]
         out_pos, orig_pos = len(head), part.meta_end
         for s in body.segs:
@@ -535,20 +604,30 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
                 if a > orig_pos:
                     delta.append(base64.b64encode(data[orig_pos:a]).decode())
                 delta.append([out_pos, b - a])
-                pieces.append(view[a:b])
                 orig_pos = b
                 out_pos += b - a
             else:
-                pieces.append(s)
                 out_pos += len(s)
+            layout.append(s)
         if orig_pos < len(data):
             delta.append(base64.b64encode(data[orig_pos:]).decode())
-        out = b"".join(pieces)
-    key = hashlib.sha256(out).hexdigest()
+        size = out_pos
+    if layout is not None and plan.fd is not None:
+        if size > MAX_OBJECT:
+            raise errors.InvalidDicom(f"the de-identified object would be {size} bytes; an object "
+                                      f"holds at most {MAX_OBJECT} bytes (PS3.5 7.1.1).")
+        key, blocks, plan.original_sha256 = _stream_digests(plan.fd, layout, len(data))
+        out = b""
+    else:
+        if layout is not None:
+            view = memoryview(data)
+            out = b"".join(s if isinstance(s, bytes) else view[s[0]:s[1]] for s in layout)
+            layout = None
+        key = hashlib.sha256(out).hexdigest()
     identity = {
         "v": 2,
         "original_sha256": plan.original_sha256,
-        "original_size": len(plan_original(plan)),
+        "original_size": len(data) if not part.deflated else len(plan_original(plan)),
         "deid_sha256": key,
         "profile": f"PS3.15 E {profile.edition}",
         "options": profile.options.enabled(),
@@ -560,7 +639,89 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
                   pseudo.uids.get(plan.top_text(STUDY_UID), plan.top_text(STUDY_UID)),
                   pseudo.uids.get(plan.top_text(SERIES_UID), plan.top_text(SERIES_UID)),
                   pseudo.uids.get(plan.top_text(SOP_UID), plan.top_text(SOP_UID)),
-                  identity, list(part.warnings))
+                  identity, list(part.warnings), layout=layout, size=size, blocks=blocks)
+
+
+def pread_span(fd: int, start: int, end: int, chunk: int = _READ) -> Iterator[bytes]:
+    """The bytes of ``fd`` from ``start`` to ``end`` in pieces; a file that shrank is an error."""
+    pos = start
+    while pos < end:
+        piece = os.pread(fd, min(chunk, end - pos), pos)
+        if not piece:
+            raise errors.InvalidDicom("the file changed while it was being read; upload it again.")
+        yield piece
+        pos += len(piece)
+
+
+def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, bytes, str]:
+    """One pass over the source: (key, hash list) of the output and the original's SHA-256."""
+    out = integrity.Hasher()
+    original = hashlib.sha256()
+    pos = 0
+    for s in layout:
+        if isinstance(s, bytes):
+            out.update(s)
+            continue
+        a, b = s
+        for piece in pread_span(fd, pos, a):
+            original.update(piece)
+        for piece in pread_span(fd, a, b):
+            original.update(piece)
+            out.update(piece)
+        pos = b
+    for piece in pread_span(fd, pos, source_size):
+        original.update(piece)
+    return out.whole.hexdigest(), out.digests(), original.hexdigest()
+
+
+def skeleton(plan: Plan, result: Result) -> mmap.mmap:
+    """The streamed output with the interior of its top-level bulk values left as zeros, in an
+    anonymous map (untouched pages cost no memory): what the XML header is built from, since
+    bulk values never enter it.  Encapsulated fragments keep their item headers so the output
+    still parses."""
+    from dgf.dicom.xmlheader import BULK_TAGS
+
+    assert result.layout is not None and plan.fd is not None
+    holes: list[tuple[int, int, list[int]]] = []        # (start, end, fragment header offsets)
+    for e in plan.part.dataset:
+        if e.tag not in BULK_TAGS or e.end - e.vstart < _READ:
+            continue
+        if e.length != UNDEFINED:
+            holes.append((e.vstart, e.value_end, []))
+            continue
+        heads, p = [], e.vstart
+        while p < e.end:
+            heads.append(p)
+            n = e.end if p + 8 > e.end else struct.unpack(
+                "<I" if plan.part.encoding.little else ">I", os.pread(plan.fd, 8, p)[4:8])[0]
+            p += 8 + n
+        holes.append((e.vstart, e.end, heads))
+    sk = mmap.mmap(-1, max(1, result.size))
+    pos = 0
+    for s in result.layout:
+        if isinstance(s, bytes):
+            sk[pos:pos + len(s)] = s
+            pos += len(s)
+            continue
+        a, b = s
+        cursor = a
+        for lo, hi, heads in holes:
+            if hi <= cursor or lo >= b:
+                continue
+            _copy(plan.fd, sk, pos + cursor - a, cursor, min(lo, b) if lo > cursor else cursor)
+            for h in heads:
+                if cursor <= h and h + 8 <= b:
+                    _copy(plan.fd, sk, pos + h - a, h, h + 8)
+            cursor = min(hi, b)
+        _copy(plan.fd, sk, pos + cursor - a, cursor, b)
+        pos += b - a
+    return sk
+
+
+def _copy(fd: int, sk: mmap.mmap, at: int, start: int, end: int) -> None:
+    for piece in pread_span(fd, start, end):
+        sk[at:at + len(piece)] = piece
+        at += len(piece)
 
 
 def plan_original(plan: Plan) -> bytes:

@@ -19,7 +19,7 @@ import traceback
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Iterator, cast
 
 from dgf import errors
 from dgf.dicom import deid, identity
@@ -37,11 +37,27 @@ def _profile(options: Options) -> Profile:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """Why one file failed, as plain data (it crosses the worker pipe): the message, the exit
+    status of its error class, and the error's summary fields (see :class:`errors.DgfError`)."""
+
+    message: str
+    code: int = errors.InvalidDicom.exit_code
+    group: str = ""
+    detail: str = ""
+    hint: str = ""
+
+    @classmethod
+    def of(cls, exc: errors.DgfError) -> "Problem":
+        return cls(str(exc), exc.exit_code, exc.group, exc.detail, exc.hint)
+
+
+@dataclass(frozen=True)
 class Needs:
     name: str
     uids: frozenset[str] = frozenset()
     patient_key: str = ""
-    error: str | None = None
+    error: Problem | None = None
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,31 @@ class Deidentified:
     series_uid: str = ""
     sop_uid: str = ""
     warnings: tuple[str, ...] = ()
-    error: str | None = None
+    error: Problem | None = None
     spooled: str = ""  # large outputs from a worker: a file on tmpfs holding ``data``
+    size: int = 0
+    #: Streamed objects (``data`` empty): new bytes and (start, end) spans of the file ``name``,
+    #: and the hash list computed while streaming it.
+    layout: tuple[bytes | tuple[int, int], ...] = ()
+    blocks: bytes | None = None
+
+    def pieces(self, chunk: int) -> Iterator[bytes | memoryview]:
+        """The object's bytes in pieces of at most ``chunk`` bytes, read from its source file
+        when it is streamed."""
+        if not self.layout:
+            view = memoryview(self.data)
+            for i in range(0, len(view), chunk):
+                yield view[i:i + chunk]
+            return
+        fd = os.open(self.name, os.O_RDONLY)
+        try:
+            for s in self.layout:
+                if isinstance(s, bytes):
+                    yield s
+                else:
+                    yield from deid.pread_span(fd, s[0], s[1], chunk)
+        finally:
+            os.close(fd)
 
 
 #: Plans from step 1 kept for step 2 in the same process (a worker sees the same files in both
@@ -66,30 +105,27 @@ _PLANS: dict[str, deid.Plan] = {}
 SPOOL_MIN = 128 * 1024
 
 
+def _drop_plans() -> None:
+    for plan in _PLANS.values():
+        plan.close()            # memory-mapped files hold a descriptor
+    _PLANS.clear()
+
+
 def analyze_items(items: list[tuple[str, bytes | None]], options: Options) -> list[Needs]:
     """Step 1.  An item's data None means: read the file at ``name`` here (so a worker reads its
     files itself instead of receiving them through a pipe)."""
     out = []
-    _PLANS.clear()
+    _drop_plans()
     for name, data in items:
         try:
-            if data is None:
-                data = _read(name)
-            plan = deid.analyze(data, _profile(options))
+            plan = deid.analyze_file(name, _profile(options)) if data is None else \
+                deid.analyze(data, _profile(options))
         except errors.DgfError as exc:
-            out.append(Needs(name, error=str(exc)))
+            out.append(Needs(name, error=Problem.of(exc)))
             continue
         _PLANS[name] = plan
         out.append(Needs(name, frozenset(plan.uids), plan.patient_key))
     return out
-
-
-def _read(name: str) -> bytes:
-    try:
-        with open(name, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise errors.InvalidDicom(f"cannot be read ({exc.strerror})") from exc
 
 
 def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, uids: dict[str, str],
@@ -99,16 +135,26 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
     prof = _profile(options)
     out = []
     for name, data in items:
+        plan = _PLANS.pop(name, None)
         try:
-            plan = _PLANS.pop(name, None)
             if plan is None:
-                plan = deid.analyze(data if data else _read(name), prof)
+                plan = deid.analyze(data, prof) if data else deid.analyze_file(name, prof)
             patient, offset = patients[plan.patient_key]
             result = deid.apply(plan, deid.Pseudonyms(uids, patient, offset), prof)
-            xml = header_xml(result.data)
+            if result.layout is not None:
+                sk = deid.skeleton(plan, result)
+                try:
+                    xml = header_xml(sk)  # type: ignore[arg-type]
+                finally:
+                    sk.close()
+            else:
+                xml = header_xml(result.data)
         except errors.DgfError as exc:
-            out.append(Deidentified(name, error=str(exc)))
+            out.append(Deidentified(name, error=Problem.of(exc)))
             continue
+        finally:
+            if plan is not None:
+                plan.close()
         data, spooled = result.data, ""
         if spool and len(data) >= SPOOL_MIN:
             spooled = os.path.join(spool, result.key)
@@ -117,8 +163,10 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
             data = b""
         out.append(Deidentified(name, data, result.key, xml, identity.encode(result.identity),
                                 result.patient, result.study_uid, result.series_uid, result.sop_uid,
-                                tuple(result.warnings), spooled=spooled))
-    _PLANS.clear()
+                                tuple(result.warnings), spooled=spooled, size=result.size,
+                                layout=tuple(result.layout or ()),
+                                blocks=result.blocks if result.layout is not None else None))
+    _drop_plans()
     return out
 
 
