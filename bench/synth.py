@@ -7,7 +7,9 @@ Used by the benchmarks and by the tests that need many distinct files.
 
 from __future__ import annotations
 
+import io
 import random
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +84,35 @@ def ct_corpus(out: Path, n: int, patients: int = 10, seed: int = 2) -> list[Path
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def multiframe(out: Path, size: int, seed: int = 3, encapsulated: bool = False) -> Path:
+    """One multi-frame CT object of about ``size`` bytes (512x512x16-bit frames), written in
+    pieces so that making a 2 GB file needs little memory: a real header (CT_small), the pixel
+    data element header, then the frames.  ``encapsulated``: one fragment per frame."""
+    rng = np.random.default_rng(seed)
+    ds = _template("CT_small.dcm")
+    _personalise(ds, random.Random(seed), seed, generate_uid(), generate_uid())
+    frame = 512 * 512 * 2
+    frames = max(1, size // frame)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 512, frames
+    del ds.PixelData
+    if encapsulated:
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.5"  # RLE Lossless: fragments
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    block = rng.integers(0, 4096, size=frame // 2, dtype=np.uint16).tobytes()
+    with open(out, "wb") as fh:
+        fh.write(buf.getvalue())
+        if encapsulated:
+            fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+            fh.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0))             # empty offset table
+            for i in range(frames):
+                fh.write(struct.pack("<HHI", 0xFFFE, 0xE000, frame))
+                fh.write(block[i % 7:] + block[:i % 7])
+            fh.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        else:
+            fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frames * frame))
+            for i in range(frames):
+                fh.write(block[i % 7:] + block[:i % 7])
+    return out

@@ -142,6 +142,7 @@ class _Prepared:
     site: str
     receipt: str = ""
     linked: bool = False  # published as another name of an object already stored
+    pinned: bool = False  # the uploader named the site: a copy elsewhere does not count
     derived: bool = False
     xattrs: dict[str, str] = field(default_factory=dict)
 
@@ -528,7 +529,8 @@ class Client:
                 target = d.name if fixed_path else self._placement(d, to)
                 basis = (d.sop_uid if spread else d.series_uid) or d.key
                 chosen = site or sites[int(hashlib.sha256(basis.encode()).hexdigest()[:8], 16) % len(sites)]
-                prepared.append(_Prepared(d.name, d, target, chosen, derived=options.derived))
+                prepared.append(_Prepared(d.name, d, target, chosen, derived=options.derived,
+                                          pinned=site is not None))
         return prepared, prep["caps"]
 
     @staticmethod
@@ -599,7 +601,8 @@ class Client:
                                       keys=[p.result.key for p in part],
                                       uids=[p.result.sop_uid for p in part])
             for p, (state, where) in zip(part, reply["states"]):
-                if state == "new" or state == "conflict" and replace:
+                if state == "new" or state == "conflict" and replace or \
+                        state == "link" and p.pinned and where != p.site:
                     todo.append(p)
                 elif state == "stored":
                     report.already += 1

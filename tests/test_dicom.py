@@ -140,7 +140,7 @@ def test_burned_in_annotation_is_refused_by_default() -> None:
     ds.BurnedInAnnotation = "YES"
     buf = io.BytesIO()
     ds.save_as(buf)
-    with pytest.raises(errors.InvalidDicom, match="Burned In Annotation is YES"):
+    with pytest.raises(errors.PolicyRefused, match="Burned In Annotation is YES"):
         _deidentify(buf.getvalue(), Profile())
     assert _deidentify(buf.getvalue(), Profile(Options(allow_burned_in=True))).data
 

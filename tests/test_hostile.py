@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pydicom
+from pydicom.uid import generate_uid
 import pytest
 
 from dgf import crypto, errors, local, wire
@@ -290,7 +291,10 @@ def test_a_removed_principal_is_cut_off_at_every_server_within_seconds(fed: loca
                 if " = " in line)
     write_section(cfg, "dgf", {**base, "principal": "eve", "key": "keys/eve", "cache_dir": "cache-eve"})
     with Client(fed.config("admin")) as admin, Client(fed.config("clinician")) as c:
-        c.upload([corpus.file("CT_small.dcm")], to="/eve")
+        fresh = pydicom.dcmread(corpus.file("CT_small.dcm"))
+        fresh.SOPInstanceUID = generate_uid()      # its own object, on one site
+        fresh.save_as(cfg.with_suffix(".dcm"))
+        c.upload([cfg.with_suffix(".dcm")], to="/eve")
         path = c.ls("/eve")[0].path
         admin.principal_add("eve", "researcher", public)
         with Client(cfg) as eve:
@@ -315,6 +319,7 @@ def _large_dicom(out: Path) -> Path:
     ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
     ds.Rows = ds.Columns = 1600
     ds.PixelData = os.urandom(1600 * 1600 * 2)
+    ds.SOPInstanceUID = generate_uid()          # another instance: an instance is stored once
     path = out / "large.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path

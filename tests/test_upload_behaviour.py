@@ -1,0 +1,129 @@
+"""Upload and download as a user meets them: large objects streamed byte-exact, exit codes per
+failure kind, grouped summaries, per-file conflicts naming --replace, re-runs that skip what is
+stored, and an instance stored once (a second path is a link)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from bench import synth
+from dgf import local
+from dgf.client import Client
+from dgf.dicom import deid
+from tests import corpus
+from tests.test_cli import _run
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("encapsulated", [False, True])
+def test_large_object_streams_byte_exact(federation: local.Federation, tmp_path: Path,
+                                         encapsulated: bool) -> None:
+    """An object above the streaming threshold goes up from a memory map and comes down to a
+    spool in the output directory; de-identified and identified copies are exact."""
+    src = synth.multiframe(tmp_path / "mf.dcm", deid.STREAM_MIN + 3 * MiB, seed=11 + encapsulated,
+                           encapsulated=encapsulated)
+    original = src.read_bytes()
+    name = str(pydicom.dcmread(src, stop_before_pixels=True).PatientName)
+    with Client(federation.config("clinician")) as c:
+        report = c.upload([src], to=f"/large/{int(encapsulated)}")
+        assert not report.failed and report.uploaded == 1
+        [path] = report.paths
+        st = c.stat(path)
+        assert st.size > deid.STREAM_MIN
+        xml = c.getxattr(path, "user.dgf.dicom").decode()
+        assert 'bulk="true"' in xml and "<NumberOfFrames" in xml and name.split("^")[0] not in xml
+        out = tmp_path / "out"
+        down = c.download([path], out)
+        assert not down.failed
+        [got] = out.rglob("*.dcm")
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == st.object_key
+        assert not (out / ".dgf-partial").exists()
+        ident = c.download([path], tmp_path / "ident", identified=True)
+        assert not ident.failed
+        [back] = (tmp_path / "ident").rglob("*.dcm")
+        assert back.read_bytes() == original
+        # The stored object parses as pydicom reads it, pixels untouched.
+        ds = pydicom.dcmread(io.BytesIO(got.read_bytes()))
+        assert ds.NumberOfFrames == pydicom.dcmread(src, stop_before_pixels=True).NumberOfFrames
+        assert "PatientName" not in ds or str(ds.PatientName) != name
+
+
+def _variant(tmp: Path, name: str, **changes: object) -> Path:
+    ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    out = tmp / name
+    ds.save_as(out)
+    return out
+
+
+def test_exit_codes_and_grouped_summary(federation: local.Federation, tmp_path: Path) -> None:
+    clin = federation.config("clinician")
+    missing = _run(["dgf_up", str(tmp_path / "nope.dcm")], clin)
+    assert missing.returncode == 3 and "no such file" in missing.stderr
+    assert "uploaded 0 file(s)" in missing.stdout
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(corpus.file("CT_small.dcm").read_bytes())
+    no_r = _run(["dgf_up", str(folder)], clin)
+    assert no_r.returncode == 2 and "use -r" in no_r.stderr
+    us = tmp_path / "us"
+    us.mkdir()
+    for i in range(6):
+        _variant(us, f"us{i}.dcm", Modality="US", SOPInstanceUID=generate_uid())
+    burned = _run(["dgf_up", str(us), "-r", "--to", "/us"], clin)
+    assert burned.returncode == 4, burned.stderr
+    lines = burned.stderr.strip().splitlines()
+    # Three files named, then one line for the kind, with its count, detail and remedy.
+    assert sum(line.startswith("error: ") for line in lines) == 3
+    assert lines[-1] == "6 refused: burned-in annotation risk (US) - use -O allow_burned_in once the pixels are clean"
+    assert "6 failed" in burned.stdout
+
+
+def test_conflicts_are_per_file_and_reruns_skip_stored(federation: local.Federation, tmp_path: Path) -> None:
+    clin = federation.config("clinician")
+    uid = generate_uid()
+    first = tmp_path / "first"
+    first.mkdir()
+    _variant(first, "a.dcm", SOPInstanceUID=uid, KVP="120")
+    _variant(first, "b.dcm", SOPInstanceUID=generate_uid())
+    up = _run(["dgf_up", str(first), "-r", "--to", "/conflict"], clin)
+    assert up.returncode == 0 and "uploaded 2 file(s)" in up.stdout
+    again = _run(["dgf_up", str(first), "-r", "--to", "/conflict"], clin)
+    assert again.returncode == 0 and "uploaded 0 file(s)" in again.stdout and "2 already stored" in again.stdout
+    second = tmp_path / "second"
+    second.mkdir()
+    _variant(second, "a.dcm", SOPInstanceUID=uid, KVP="135")   # same path, other bytes
+    _variant(second, "c.dcm", SOPInstanceUID=generate_uid())
+    clash = _run(["dgf_up", str(second), "-r", "--to", "/conflict"], clin)
+    assert clash.returncode == 3
+    assert "already exists with other content; use --replace" in clash.stderr
+    assert "uploaded 1 file(s)" in clash.stdout and "1 failed" in clash.stdout      # c.dcm went in
+    replaced = _run(["dgf_up", str(second / "a.dcm"), "--to", "/conflict", "--replace"], clin)
+    assert replaced.returncode == 0 and "uploaded 1 file(s)" in replaced.stdout
+
+
+def test_an_instance_is_stored_once(federation: local.Federation, tmp_path: Path) -> None:
+    src = _variant(tmp_path, "once.dcm", SOPInstanceUID=generate_uid())
+    with Client(federation.config("clinician")) as c:
+        one = c.upload([src], to="/once/x")
+        two = c.upload([src], to="/once/y")
+        assert one.uploaded == 1 and two.uploaded == 1 and two.already == 1 and not two.failed
+        [x], [y] = c.ls("/once/x"), c.ls("/once/y")
+        assert x.object_key == y.object_key            # one object, two names
+        stored = [p for site in ("site-a", "site-b")
+                  for p in (federation.root / f"store-{site}" / "objects").rglob(x.object_key)]
+        assert len(stored) == 1
+        # Another version of the same instance elsewhere is refused, naming where it is.
+        edited = _variant(tmp_path, "edited.dcm", SOPInstanceUID=pydicom.dcmread(src).SOPInstanceUID,
+                          KVP="135")
+        three = c.upload([edited], to="/once/z")
+        assert three.uploaded == 0 and three.failed
+        assert "/once/x/" in three.failed[0].reason and three.failed[0].code == 3
