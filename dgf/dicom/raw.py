@@ -228,6 +228,9 @@ class Parser:
                         elem.implicit_items = True
                     except errors.InvalidDicom:
                         elem.items = None  # left opaque; the de-identifier removes it
+            if depth and elem.end > end:
+                raise errors.InvalidDicom(f"element ({g:04X},{e:04X}) at byte {pos} overruns the "
+                                          f"sequence item that holds it (which ends at byte {end}).")
             elems.append(elem)
             pos = elem.end
         return elems, pos
