@@ -50,7 +50,15 @@ def _client(config: str | None, options: list[str] | None = None) -> Any:
     from dgf.client import Client
     from dgf.dicom.profile import Options
 
-    return Client(config, Options.from_names(options or []))
+    client = Client(config, Options.from_names(options or []))
+    try:
+        mismatch = client.check_principal()
+    except BaseException:
+        client.close()
+        raise
+    if mismatch:
+        click.echo(f"warning: {mismatch}", err=True)
+    return client
 
 
 class _Bar:

@@ -257,6 +257,16 @@ class Client:
     def whoami(self) -> dict[str, str]:
         return self.meta.call("whoami")[0]
 
+    def check_principal(self) -> str | None:
+        """A sentence when the config's ``principal`` is not the name its key is enrolled
+        under (the key decides who acts; a config saying otherwise misleads its reader)."""
+        me = self.whoami()
+        if me.get("name") == self.config.principal:
+            return None
+        return (f"config file {self.config.path} names principal {self.config.principal!r}, but its key "
+                f"{self.config.key} is enrolled as {me.get('name')!r} (role {me.get('role')}); "
+                f"acting as {me.get('name')!r}.")
+
     def sites(self) -> list[Site]:
         sites = [Site.from_wire(s) for s in self.meta.call("site.list")[0]["sites"]]
         self._learn_sites(sites)
@@ -307,6 +317,13 @@ class Client:
 
     def ls(self, path: str = "/") -> list[Stat]:
         return [Stat.from_wire(d) for d in json.loads(self.meta.call("ns.readdir", path=path)[1])]
+
+    def identified_sizes(self, keys: list[str]) -> dict[str, int]:
+        """Object key -> size of its identified original (principals who may see identity)."""
+        out: dict[str, int] = {}
+        for i in range(0, len(keys), 5000):
+            out.update(self.meta.call("identity.sizes", keys=keys[i:i + 5000])[0]["sizes"])
+        return out
 
     def mkdir(self, path: str, parents: bool = False, mode: int = 0o755) -> Stat:
         return Stat.from_wire(self.meta.call("ns.mkdir", path=path, parents=parents, mode=mode)[0])

@@ -8,6 +8,8 @@ that pin.  Relative paths in a config file are relative to the file's directory.
 from __future__ import annotations
 
 import configparser
+import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,17 @@ from dgf import errors
 from dgf.limits import Limits
 
 ENV_CONFIG = "DGF_CONFIG"
+
+log = logging.getLogger("dgf.config")
+
+#: The keys each section understands; any other key is named in a warning (a typo such as
+#: ``cahce_dir`` silently falling back to a default is worse than a line on stderr).
+KNOWN = {
+    "dgf": ("principal", "key", "metaserver", "metaserver_host_key", "cache_dir", "timeout"),
+    "metaserver": ("listen", "db", "host_key", "vault_key"),
+    "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key"),
+}
+SECTIONS = (*KNOWN, "limits")
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -36,7 +49,21 @@ def read_section(path: Path, section: str) -> dict[str, str]:
         raise errors.ConfigError(f"config file {path} is not valid INI ({exc.message}).") from exc
     if not parser.has_section(section):
         raise errors.ConfigError(f"config file {path} has no [{section}] section.")
-    return dict(parser.items(section))
+    values = dict(parser.items(section))
+    for key in values:
+        if key not in KNOWN[section]:
+            log.warning("config file %s: unknown key %r in [%s] is ignored%s.", path, key, section,
+                        _nearest(key, KNOWN[section]))
+    for other in parser.sections():
+        if other not in SECTIONS:
+            log.warning("config file %s: unknown section [%s] is ignored%s.", path, other,
+                        _nearest(other, SECTIONS))
+    return values
+
+
+def _nearest(word: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word.lower(), known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
 
 
 def read_limits(path: Path) -> Limits:

@@ -23,6 +23,7 @@ percent-encoded, or a predicate such as ``Modality='CT'`` meaning ``/DicomHeader
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import functools
 import json
@@ -234,8 +235,18 @@ class DgfFS(mfusepy.Operations):
                 return hit[1]
             raise errors.NotFound(f"{path} does not exist.")
         st = self.client.stat(path)
+        if self.identified:
+            st = self._identified([st])[0]
         self._attrs[path] = (now, st)
         return st
+
+    def _identified(self, entries: list[Stat]) -> list[Stat]:
+        """An identified mount reads originals: stat gives their sizes, so ``tar`` and ``cp``
+        see the size that ``read`` returns (files without identity keep the object's size)."""
+        keys = sorted({st.object_key for st in entries if st.object_key and not st.is_dir})
+        sizes = self.client.identified_sizes(keys) if keys else {}
+        return [dataclasses.replace(st, size=sizes[st.object_key]) if st.object_key in sizes else st
+                for st in entries]
 
     def _forget(self, *paths: str) -> None:
         for p in paths:
@@ -295,6 +306,8 @@ class DgfFS(mfusepy.Operations):
         """One round trip gives every entry's attributes; getattr on each then hits the cache."""
         now = time.monotonic()
         entries = self.client.ls(path)
+        if self.identified:
+            entries = self._identified(entries)
         if len(self._attrs) > MAX_CACHED_ENTRIES:
             self._attrs.clear()
         for st in entries:
@@ -350,9 +363,7 @@ class DgfFS(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.EISDIR)
         if self.identified:
             data = self.client.read_file(path, identified=True)
-            st = self._stat(path)
-            self._attrs[path] = (time.monotonic(), Stat(st.path, st.ino, False, st.mode, len(data), st.mtime,
-                                                         st.ctime, st.nlink, st.object_key))
+            self._attrs[path] = (time.monotonic(), dataclasses.replace(self._stat(path), size=len(data)))
             return self._new_fh(data)
         reader = self._resolve(path)
         if reader.size <= BLOCK and self.blocks is not None and self.blocks.get(reader.key, 0) is None:

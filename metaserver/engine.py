@@ -7,6 +7,7 @@ the server and the FUSE layer translate them without knowing the backend.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class NewFile:
     identity: bytes | None = None  # sealed (encrypted) identity record
     mode: int = 0o644
     blocks: bytes = b""            # per-block digests (dgf/integrity.py), as the site signed them
+    original_size: int | None = None  # the identified original's size (with ``identity``)
 
 
 class MetaEngine(ABC):
@@ -99,9 +101,7 @@ class MetaEngine(ABC):
         Returns the new entries and the objects released by replaced files."""
         for f in files:
             split_path(f.path)
-        return self._do_create_files([
-            NewFile(norm_path(f.path), f.object_key, f.size, f.site, f.xattrs, f.patient,
-                    f.identity, f.mode, f.blocks) for f in files], replace)
+        return self._do_create_files([dataclasses.replace(f, path=norm_path(f.path)) for f in files], replace)
 
     # -- xattrs ---------------------------------------------------------------------------
 
@@ -222,6 +222,10 @@ class MetaEngine(ABC):
     @abstractmethod
     def identity(self, object_key: str) -> tuple[str, bytes, bytes] | None:
         """(patient pseudonym, wrapped patient data key, sealed record) or None."""
+
+    @abstractmethod
+    def identified_sizes(self, keys: list[str]) -> dict[str, int]:
+        """Object key -> size of the identified original, for the keys that have one."""
 
     @abstractmethod
     def patient_key(self, patient: str) -> bytes | None:

@@ -27,6 +27,7 @@ from dgf.config import MetaserverConfig
 from dgf.integrity import BLOCK, DIGEST, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
 from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
+from dgf.dicom import identity
 from dgf.dicom.profile import OPTIONS, Options
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile
@@ -54,7 +55,7 @@ POLICY: dict[str, frozenset[str]] = {
     "find": USERS, "find.next": USERS, "find.close": USERS,
     "query.save": USERS, "query.list": USERS, "query.remove": WRITERS,
     "up.prepare": WRITERS, "up.check": WRITERS, "up.commit": WRITERS,
-    "down.resolve": USERS,
+    "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
     "deid.options": USERS, "admin.deid.set": frozenset({"admin"}),
@@ -470,13 +471,17 @@ class MetaService(wire.Service):
                 if list_digest(blocks) != claims.get("bl", "") or \
                         (f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK)):
                     raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
-            sealed = None
+            sealed, original_size = None, None
             if f.get("identity") is not None:
-                sealed = self.vault.seal(f["patient"], f["key"], base64.b64decode(f["identity"]))
+                record = base64.b64decode(f["identity"])
+                original_size = identity.decode(record).get("original_size")
+                if not isinstance(original_size, int) or original_size < 0:
+                    raise errors.UsageError(f"the identity record for {f['path']} has no original size.")
+                sealed = self.vault.seal(f["patient"], f["key"], record)
             xattrs = {query.HEADER_XATTR: f["xml"].encode()}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
             new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, f.get("patient"), sealed,
-                               blocks=blocks))
+                               blocks=blocks, original_size=original_size))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
         return wire.Reply({"created": len(stats), "release": self._released(p, released)})
@@ -542,6 +547,17 @@ class MetaService(wire.Service):
                                     for f in files])
             out["identities"] = ids
         return wire.Reply({}, payload=json.dumps(out).encode())
+
+    @wire.verb("identity.sizes", keys=list)
+    def identity_sizes(self, p: Principal, keys: list[str]) -> wire.Reply:
+        """The size of each object's identified original (what an identified read returns), for
+        an identified mount's stat.  A size is not identity; the records themselves are released
+        (and audited) only by ``down.resolve``."""
+        if not all(isinstance(k, str) for k in keys):
+            raise errors.UsageError("keys must be strings.")
+        if len(keys) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"sizes of {len(keys)} objects")
+        return wire.Reply({"sizes": self.engine.identified_sizes(sorted(set(keys)))})
 
     # -- de-identification policy ---------------------------------------------------------
 

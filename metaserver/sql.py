@@ -75,6 +75,9 @@ identities = sa.Table(
     sa.Column("object_key", sa.String(64), primary_key=True),
     sa.Column("patient", sa.String, nullable=False, index=True),
     sa.Column("sealed", sa.LargeBinary, nullable=False),
+    # The original's size (what an identified read returns), so an identified mount's stat
+    # agrees with its reads; shown only to principals who may see identity.
+    sa.Column("size", sa.BigInteger, nullable=True),
 )
 principals_t = sa.Table(
     "principals", metadata,
@@ -196,6 +199,7 @@ class SqlEngine(MetaEngine):
         self._local = threading.local()
         metadata.create_all(self.engine)
         index.metadata.create_all(self.engine)
+        self._upgrade()
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
         self._multi: set[str] = set()                # committed paths flagged multi-valued
         self._catalogue: tuple[int, Catalogue] | None = None
@@ -210,6 +214,13 @@ class SqlEngine(MetaEngine):
                 if root != ROOT:
                     raise errors.ServerError(f"the database gave the root directory id {root}, not {ROOT}; "
                                              "use an empty database.")
+
+    def _upgrade(self) -> None:
+        """Columns added since a database was created (create_all adds tables, not columns)."""
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns(identities.name)}
+        if "size" not in have:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {identities.name} ADD COLUMN size BIGINT"))
 
     @staticmethod
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -594,7 +605,8 @@ class SqlEngine(MetaEngine):
                     inos[f.path] = row.id
             obj_rows = [{"key": f.object_key, "size": f.size, "created": now} for f in files]
             rep_rows = [{"key": f.object_key, "site": f.site, "state": "ok"} for f in files]
-            id_rows = [{"object_key": f.object_key, "patient": f.patient, "sealed": f.identity}
+            id_rows = [{"object_key": f.object_key, "patient": f.patient, "sealed": f.identity,
+                        "size": f.original_size}
                        for f in files if f.identity is not None and f.patient is not None]
             xa_rows = [{"ino": inos[f.path], "name": xname, "value": value}
                        for f in files for xname, value in f.xattrs.items()]
@@ -834,6 +846,13 @@ class SqlEngine(MetaEngine):
                                .where(identities.c.object_key == object_key)).first()
             return None if row is None else (row.patient, bytes(row.wrapped_key), bytes(row.sealed))
         return self._read(run)
+
+    def identified_sizes(self, keys: list[str]) -> dict[str, int]:
+        def run(conn: Connection) -> dict[str, int]:
+            rows = conn.execute(sa.select(identities.c.object_key, identities.c.size).where(
+                identities.c.object_key.in_(keys), identities.c.size.is_not(None)))
+            return {r.object_key: int(r.size) for r in rows}
+        return self._read(run) if keys else {}
 
     def patient_key(self, patient: str) -> bytes | None:
         value = self._read(lambda c: c.execute(sa.select(patients.c.wrapped_key).where(

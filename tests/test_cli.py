@@ -90,6 +90,25 @@ def test_cli_round_trip_and_errors(federation: local.Federation, tmp_path: Path)
     assert noconf.returncode == 2 and "DGF_CONFIG" in noconf.stderr
 
 
+def test_config_mistakes_are_named(federation: local.Federation, tmp_path: Path) -> None:
+    clin = federation.config("clinician")
+    text = clin.read_text()
+    typo = tmp_path / "typo.conf"
+    typo.write_text(text.replace("cache_dir", "cahce_dir") + "\n[limts]\nx = 1\n")
+    os.symlink(federation.root / "keys", tmp_path / "keys")
+    proc = _run(["dgf", "whoami"], typo)
+    assert proc.returncode == 0 and proc.stdout.strip() == "clinician (clinician)"
+    assert "unknown key 'cahce_dir' in [dgf] is ignored (did you mean 'cache_dir'?)" in proc.stderr
+    assert "unknown section [limts] is ignored (did you mean 'limits'?)" in proc.stderr
+    other = tmp_path / "other.conf"
+    other.write_text(text.replace("principal = clinician", "principal = researcher"))
+    proc = _run(["dgf", "whoami"], other)
+    assert proc.returncode == 0 and proc.stdout.strip() == "clinician (clinician)"
+    assert "names principal 'researcher', but its key" in proc.stderr and "enrolled as 'clinician'" in proc.stderr
+    clean = _run(["dgf", "whoami"], clin)
+    assert clean.stderr == ""
+
+
 def test_local_status_and_down_messages(tmp_path: Path) -> None:
     proc = _run(["dgf", "local", "status", str(tmp_path / "none")])
     assert proc.returncode == 3 and "dgf local up" in proc.stderr

@@ -49,6 +49,25 @@ class EngineContract:
         assert released == {_key("x"): ["site-a"]}
         assert engine.identity(_key("x")) is None and engine.identity(_key("other")) is not None
 
+    def test_identified_sizes_survive_an_upgrade(self, engine: MetaEngine) -> None:
+        import dataclasses
+        import sqlalchemy as sa
+
+        engine.add_patient_key("P1", b"wrapped")
+        engine.create_files([dataclasses.replace(_file("/id/a.dcm"), original_size=1234), _file("/id/b.dcm", "y")])
+        assert engine.identified_sizes([_key("x"), _key("y"), _key("absent")]) == {_key("x"): 1234}
+        # A database made before the column existed gains it when a newer metaserver opens it.
+        assert isinstance(engine, SqlEngine)
+        with engine.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE vault_identities DROP COLUMN size"))
+        again = SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
+        try:
+            assert again.identified_sizes([_key("x")]) == {}
+            again.create_files([dataclasses.replace(_file("/id/c.dcm", "z"), original_size=7)])
+            assert again.identified_sizes([_key("z")]) == {_key("z"): 7}
+        finally:
+            again.close()
+
     def test_unlink_releases_unreferenced_objects_only(self, engine: MetaEngine) -> None:
         engine.create_files([_file("/a.dcm", "same"), _file("/b.dcm", "same")])
         assert engine.unlink("/a.dcm") == {}

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -160,7 +161,21 @@ def test_identified_mount_is_for_clinicians(federation: local.Federation, tmp_pa
     m = Mount(federation.config("clinician"), tmp_path / "id", "--identified")
     try:
         target = m.path / path.lstrip("/")
-        assert target.read_bytes() == corpus.file("CT_small.dcm").read_bytes()
+        original = corpus.file("CT_small.dcm").read_bytes()
+        # stat before any read already gives the original's size (tar stats, then reads: a
+        # de-identified size there was "File shrank by 32 bytes" and a corrupt archive).
+        listed = {e.name: e.stat().st_size for e in os.scandir(target.parent)}
+        assert listed[target.name] == os.stat(target).st_size == len(original)
+        with Client(federation.config("clinician")) as c:
+            assert c.stat(path).size != len(original)          # the stored object is smaller
+        archive = tmp_path / "study.tar"
+        tar = subprocess.run(["tar", "-cf", str(archive), "-C", str(target.parent), target.name],
+                             capture_output=True, text=True, timeout=60)
+        assert tar.returncode == 0 and tar.stderr == ""
+        with tarfile.open(archive) as t:
+            member = t.extractfile(target.name)
+            assert member is not None and member.read() == original
+        assert target.read_bytes() == original
         summary = json.loads(os.getxattr(target, "user.dgf.identity"))
         assert "CompressedSamples^CT1" in json.dumps(summary)
     finally:
