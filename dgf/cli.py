@@ -770,12 +770,15 @@ def local_up(directory: str) -> None:
     """Start (or restart) a local federation in DIRECTORY.
 
     Creates keys, a vault key and an SQLite database on first use, enrolls admin, clinician and
-    researcher, and writes DIRECTORY/<principal>.conf for each.
+    researcher, and writes DIRECTORY/<principal>.conf for each.  Run on a federation where a
+    server died, it starts the dead servers only; restarted servers keep their ports where free,
+    so existing configs stay valid.
     """
     from dgf import local
 
     fed = local.up(Path(directory))
-    click.echo(f"federation up in {fed.root}: metaserver {fed.metaserver}, sites {', '.join(fed.sites)}")
+    restarted = "" if set(fed.started) == {"metaserver", *fed.sites} else f" (restarted {', '.join(fed.started)})"
+    click.echo(f"federation up in {fed.root}: metaserver {fed.metaserver}, sites {', '.join(fed.sites)}{restarted}")
     click.echo(f"  try: export DGF_CONFIG={fed.config('clinician')}")
 
 

@@ -9,9 +9,11 @@ The servers are started as processes (``python -m metaserver.server``), never im
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dgf import crypto, errors
-from dgf.config import write_section
+from dgf.config import read_section, write_section
 
 PRINCIPALS = (("admin", "admin"), ("clinician", "clinician"), ("researcher", "researcher"))
 SITES = ("site-a", "site-b")
@@ -33,6 +35,8 @@ class Federation:
     metaserver: str
     sites: tuple[str, ...]
     pids: dict[str, int]
+    #: The processes this call started (all of them, or the dead ones of a running federation).
+    started: tuple[str, ...] = ()
 
     def config(self, principal: str) -> Path:
         return self.root / f"{principal}.conf"
@@ -98,13 +102,40 @@ def _add_limits(conf: Path, limits: dict[str, str] | None) -> None:
             fh.write("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()) + "\n")
 
 
+def _free_port(address: str | None) -> int:
+    """The port of ``address`` when it can be bound again (a restart keeps its port, so configs
+    and site registrations stay valid), else 0 (any free port)."""
+    if not address:
+        return 0
+    port = int(address.rpartition(":")[2])
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
 def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None = None) -> Federation:
     """Start (or restart) the federation in ``root``; ``limits`` overrides server limits (both
-    servers read the same table, each the keys that concern it)."""
+    servers read the same table, each the keys that concern it).
+
+    A restart keeps each server's port where it is free.  If some processes still run, only the
+    dead ones are started: dead sites alone when the metaserver lives, else the whole federation
+    (the live sites are stopped first, as they hold a session to the dead metaserver)."""
     root = root.resolve()
     state = _read_state(root)
-    if state is not None and any(_alive(int(p)) for p in state["pids"].values()):
-        raise errors.AlreadyExists(f"a federation is already running in {root}; 'dgf local down {root}' stops it.")
+    if state is not None:
+        running = {name for name, pid in state["pids"].items() if _alive(int(pid))}
+        dead = [name for name in ["metaserver", *state["sites"]] if name not in running]
+        if running and not dead:
+            raise errors.AlreadyExists(f"a federation is already running in {root}; "
+                                       f"'dgf local down {root}' stops it.")
+        if running and "metaserver" in running:
+            return _restart_sites(root, state, dead)
+        if running:
+            down(root, quiet=True)
     root.mkdir(parents=True, exist_ok=True)
     keys = root / "keys"
     keys.mkdir(exist_ok=True)
@@ -112,8 +143,10 @@ def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None
     logs = root / "logs"
     meta_conf = root / "metaserver.conf"
     fresh = not meta_conf.exists()
+    previous = state or {}
     write_section(meta_conf, "metaserver", {
-        "listen": "127.0.0.1:0", "db": f"sqlite:///{root / 'metadata.db'}",
+        "listen": f"127.0.0.1:{_free_port(previous.get('metaserver'))}",
+        "db": f"sqlite:///{root / 'metadata.db'}",
         "host_key": "keys/metaserver_host", "vault_key": "keys/vault.key"})
     _add_limits(meta_conf, limits)
     _run(["metaserver.server", "init", "--config", str(meta_conf)])
@@ -132,38 +165,79 @@ def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None
     proc = _spawn(["metaserver.server", "serve", "--config", str(meta_conf), "--ready-file", str(ready)],
                   logs / "metaserver.log")
     pids["metaserver"] = proc.pid
+    addresses: dict[str, str] = {}
     try:
         address = _wait_for(ready, proc, logs / "metaserver.log", "metaserver")
-        meta_host_key = (keys / "metaserver_host.pub").read_text().split()
-        host_key_line = " ".join(meta_host_key[:2])
+        host_key_line = _host_key_line(root)
         procs = {}
         for site in sites:
             conf = root / f"{site}.conf"
             write_section(conf, "ioserver", {
-                "site": site, "listen": "127.0.0.1:0", "store": f"store-{site}",
-                "host_key": f"keys/{site}_host", "key": f"keys/{site}",
+                "site": site, "listen": f"127.0.0.1:{_free_port(previous.get('addresses', {}).get(site))}",
+                "store": f"store-{site}", "host_key": f"keys/{site}_host", "key": f"keys/{site}",
                 "metaserver": address, "metaserver_host_key": host_key_line})
             _add_limits(conf, limits)
-            (root / f"{site}.addr").unlink(missing_ok=True)
-            procs[site] = _spawn(["ioserver.server", "serve", "--config", str(conf),
-                                  "--ready-file", str(root / f"{site}.addr")], logs / f"{site}.log")
+            procs[site] = _spawn_site(root, site)
             pids[site] = procs[site].pid
         for principal, _ in PRINCIPALS:
             write_section(root / f"{principal}.conf", "dgf", {
                 "principal": principal, "key": f"keys/{principal}", "metaserver": address,
                 "metaserver_host_key": host_key_line, "cache_dir": f"cache-{principal}"})
-        _write_state(root, address, sites, pids)
+        _write_state(root, address, sites, pids, addresses)
         for site, proc in procs.items():
-            _wait_for(root / f"{site}.addr", proc, logs / f"{site}.log", f"I/O server of {site}")
+            addresses[site] = _wait_for(root / f"{site}.addr", proc, root / "logs" / f"{site}.log",
+                                        f"I/O server of {site}")
+        _write_state(root, address, sites, pids, addresses)
     except BaseException:
         down(root, quiet=True, pids=pids)
         raise
-    return Federation(root, address, sites, pids)
+    return Federation(root, address, sites, pids, ("metaserver", *sites))
 
 
-def _write_state(root: Path, address: str, sites: tuple[str, ...], pids: dict[str, int]) -> None:
+def _host_key_line(root: Path) -> str:
+    return " ".join((root / "keys" / "metaserver_host.pub").read_text().split()[:2])
+
+
+def _spawn_site(root: Path, site: str) -> subprocess.Popen[bytes]:
+    (root / f"{site}.addr").unlink(missing_ok=True)
+    return _spawn(["ioserver.server", "serve", "--config", str(root / f"{site}.conf"),
+                   "--ready-file", str(root / f"{site}.addr")], root / "logs" / f"{site}.log")
+
+
+def _restart_sites(root: Path, state: dict[str, Any], dead: list[str]) -> Federation:
+    """Start the dead sites of a federation whose metaserver runs, each on its old port where
+    free (a site registers its address with the metaserver as it starts)."""
+    pids = {name: int(pid) for name, pid in state["pids"].items()}
+    addresses = dict(state.get("addresses", {}))
+    procs = {}
+    for site in dead:
+        conf = root / f"{site}.conf"
+        values = read_section(conf, "ioserver")
+        values["listen"] = f"127.0.0.1:{_free_port(addresses.get(site))}"
+        limits = _limits_of(conf)
+        write_section(conf, "ioserver", values)
+        _add_limits(conf, limits)
+        procs[site] = _spawn_site(root, site)
+        pids[site] = procs[site].pid
+    _write_state(root, state["metaserver"], tuple(state["sites"]), pids, addresses)
+    for site, proc in procs.items():
+        addresses[site] = _wait_for(root / f"{site}.addr", proc, root / "logs" / f"{site}.log",
+                                    f"I/O server of {site}")
+    _write_state(root, state["metaserver"], tuple(state["sites"]), pids, addresses)
+    return Federation(root, state["metaserver"], tuple(state["sites"]), pids, tuple(dead))
+
+
+def _limits_of(conf: Path) -> dict[str, str] | None:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(conf, encoding="utf-8")
+    return dict(parser.items("limits")) if parser.has_section("limits") else None
+
+
+def _write_state(root: Path, address: str, sites: tuple[str, ...], pids: dict[str, int],
+                 addresses: dict[str, str]) -> None:
     tmp = root / (STATE + ".tmp")
-    tmp.write_text(json.dumps({"metaserver": address, "sites": list(sites), "pids": pids}, indent=1))
+    tmp.write_text(json.dumps({"metaserver": address, "sites": list(sites), "pids": pids,
+                               "addresses": addresses}, indent=1))
     tmp.replace(root / STATE)
 
 

@@ -238,8 +238,11 @@ def test_site_dies_mid_upload_then_rerun_completes(fresh_federation: local.Feder
     for obj in (fed.root / "store-site-b" / "objects").rglob("*"):
         if obj.is_file():
             assert hashlib.sha256(obj.read_bytes()).hexdigest() == obj.name
-    local.down(fed.root)
-    local.up(fed.root)
+    # 'dgf local up' on a federation with one dead server starts that server only.
+    before = _pids(fed)
+    again = local.up(fed.root)
+    assert again.started == ("site-b",) and again.metaserver == fed.metaserver
+    assert again.pids["metaserver"] == before["metaserver"] and again.pids["site-a"] == before["site-a"]
     with Client(fed.config("clinician")) as c:
         second = c.upload(files, to="/batch", batch=10)
         # The re-run sends only what is missing: stored files are verified and skipped.
@@ -262,10 +265,16 @@ def test_metaserver_restart_keeps_everything(fresh_federation: local.Federation,
     with Client(fed.config("clinician")) as c:
         c.upload([src], to="/keep")
         c.setxattr(c.ls("/keep")[0].path, "user.note", b"persist")
+    config_before = fed.config("clinician").read_text()
     pid = _pids(fed)["metaserver"]
     os.kill(pid, signal.SIGKILL)
-    local.down(fed.root)
-    local.up(fed.root)
+    # The sites still run: up restarts the whole federation, the metaserver on its old port, so
+    # configs handed out before stay valid.
+    again = local.up(fed.root)
+    assert set(again.started) == {"metaserver", *fed.sites} and again.metaserver == fed.metaserver
+    assert fed.config("clinician").read_text() == config_before
+    with pytest.raises(errors.AlreadyExists):
+        local.up(fed.root)
     with Client(fed.config("clinician")) as c:
         path = c.ls("/keep")[0].path
         assert c.getxattr(path, "user.note") == b"persist"
