@@ -738,10 +738,17 @@ def recon_import(projections: str, geometry: str, to: str, patient_id: str, pati
 @click.option("--shape", metavar="NX,NY,NZ", help="Volume size in voxels (same field of view).")
 @click.option("--filter", "window", default="hann", show_default=True,
               type=click.Choice(["ram-lak", "shepp-logan", "cosine", "hamming", "hann"]))
+@click.option("--replace", is_flag=True,
+              help="Replace the series already in --out (removed once the new one is stored).")
 @config_option
 @_run
-def recon_run(series: str, out: str, shape: str | None, window: str, config: str | None) -> None:
-    """Reconstruct the projection series SERIES with FDK on the sites that hold it."""
+def recon_run(series: str, out: str, shape: str | None, window: str, replace: bool, config: str | None) -> None:
+    """Reconstruct the projection series SERIES with FDK on the sites that hold it.
+
+    An --out that already holds files is refused, unless --replace is given.  The slices inherit
+    the identity of their projections: a clinician downloads them --identified with the patient's
+    name, IDs and study attributes put back.
+    """
     dims = None
     if shape:
         try:
@@ -752,7 +759,7 @@ def recon_run(series: str, out: str, shape: str | None, window: str, config: str
             raise errors.UsageError(f"--shape must be three positive integers, got {shape!r}.")
     with _client(config) as client:
         result = client.recon(series, out, dims, window,  # type: ignore[arg-type]
-                              progress=lambda line: click.echo(line, err=True))
+                              progress=lambda line: click.echo(line, err=True), replace=replace)
     nx, ny, nz = result.geometry.volume_shape
     click.echo(f"reconstructed {nx}x{ny}x{nz} from {result.geometry.n_projections} projections on "
                f"{', '.join(result.sites)} in {result.seconds:.1f} s; {len(result.paths)} slices in {out}")

@@ -144,6 +144,7 @@ class _Prepared:
     linked: bool = False  # published as another name of an object already stored
     pinned: bool = False  # the uploader named the site: a copy elsewhere does not count
     derived: bool = False
+    derived_from: str | None = None  # the object a derived file inherits its identity from
     xattrs: dict[str, str] = field(default_factory=dict)
 
 
@@ -585,6 +586,7 @@ class Client:
             "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
             # Derived data (computed from de-identified data) has no identity to keep.
             "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
+            "derived_from": p.derived_from,
             "blocks": base64.b64encode(block_digests(p.result.data) if p.result.blocks is None
                                        else p.result.blocks).decode(),
             "xattrs": p.xattrs,
@@ -813,7 +815,7 @@ class Client:
                             src.unlink(missing_ok=True)
                         src = restored
                     else:
-                        data = identity.reidentify(data or b"", record)
+                        data = identity.restore(data or b"", record)
                 sink(targets[res.key], data, src)
                 n = sizes[res.key]
             except errors.DgfError as exc:
@@ -881,7 +883,7 @@ class Client:
                 blob = resolved.get("identities", {}).get(key)
                 if blob is None:
                     raise errors.NotFound(f"no identity is held for {path}.")
-                return identity.reidentify(data, identity.decode(base64.b64decode(blob)))
+                return identity.restore(data, identity.decode(base64.b64decode(blob)))
             return data
         raise last
 
@@ -895,6 +897,9 @@ class Client:
         if blob is None:
             raise errors.NoAttribute(f"no identity is held for {path}.")
         record = identity.decode(base64.b64decode(blob))
+        if record.get("derived_from"):
+            raise errors.NoAttribute(f"{path} is derived data; it carries the identity of the object "
+                                     f"it was computed from ({record['derived_from'][:12]}...).")
         data = self.read_file(path)
         return identity.summary(record, identity.reidentify(data, record))
 
@@ -917,23 +922,36 @@ class Client:
         return report
 
     def recon(self, series: str, out: str, shape: tuple[int, int, int] | None = None,
-              window: str = "hann", progress: Callable[[str], None] | None = None) -> "ReconResult":
+              window: str = "hann", progress: Callable[[str], None] | None = None,
+              replace: bool = False) -> "ReconResult":
         """FDK of the projection series under ``series``, map-reduce over the sites that hold it.
 
         Each site filters and back-projects its own projections (verb ``recon.partial``) and
         returns a partial volume; only those travel.  A site that fails has its share redone
         from another replica, or the reconstruction stops with a message naming it.  The sum is
         stored under ``out`` as a CT series with its provenance (``user.dgf.provenance`` and the
-        series' DGF RECON block)."""
+        series' DGF RECON block).  An ``out`` that holds files is refused unless ``replace``;
+        then the old files are removed once the new series is stored.  The slices inherit the
+        identity of the projections (an identified download puts the patient back)."""
         from lxml import etree
 
         from dgf.dicom.projections import CREATOR, volume_series
         from dgf.conebeam import Geometry
 
         t0 = time.perf_counter()
+        try:
+            old = self.stat(out)
+        except errors.NotFound:
+            old = None
+        if old is not None and not old.is_dir:
+            raise errors.AlreadyExists(f"--out {out} is a file; name a directory for the reconstruction.")
+        old_files = [st.path for st in self.ls(out) if not st.is_dir] if old is not None else []
+        if old_files and not replace:
+            raise errors.AlreadyExists(f"{out} already holds {len(old_files)} file(s) (an earlier "
+                                       "reconstruction?); choose another --out, or pass --replace.")
         rows = self.find("/DicomHeader[PositionerPrimaryAngle]", series,
                          show=["PositionerPrimaryAngle", "InstanceNumber", "PatientID", "StudyInstanceUID",
-                               "FrameOfReferenceUID", "SeriesInstanceUID"])
+                               "FrameOfReferenceUID", "SeriesInstanceUID", "SpecificCharacterSet"])
         if not rows:
             raise errors.NotFound(f"no projection instances under {series}; import them with 'dgf recon import'.")
         rows.sort(key=lambda r: int(r["values"]["InstanceNumber"] or 0))
@@ -1012,16 +1030,21 @@ class Client:
         files = volume_series(volume, g, provenance, {
             "PatientID": values.get("PatientID", ""), "PatientName": values.get("PatientID", ""),
             "StudyInstanceUID": values.get("StudyInstanceUID", ""),
-            "FrameOfReferenceUID": values.get("FrameOfReferenceUID", "")})
+            "FrameOfReferenceUID": values.get("FrameOfReferenceUID", ""),
+            "SpecificCharacterSet": values.get("SpecificCharacterSet") or ""})
         report = UploadReport()
         items: list[tuple[str, bytes | None]] = [(f"slice {j + 1}", f) for j, f in enumerate(files)]
         prepared, caps = self._prepare(items, out, None, report,
                                        options=dataclasses.replace(self.upload_options(), derived=True))
+        source_key = where[rows[0]["path"]][0]
         for p in prepared:
             p.xattrs = {"user.dgf.provenance": json.dumps(provenance)}
+            p.derived_from = source_key
         self._store(prepared, caps, report, False)
         if report.failed:
             raise errors.DgfError(f"the reconstruction could not be stored: {report.failed[0].reason}")
+        for path in sorted(set(old_files) - set(report.paths)):
+            self.rm(path)
         return ReconResult(volume, g, report.paths, time.perf_counter() - t0, sorted(jobs))
 
     # -- administration -------------------------------------------------------------------

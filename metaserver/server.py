@@ -450,6 +450,7 @@ class MetaService(wire.Service):
                      for q in self.engine.principals() if q.role == "site"}
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         new: list[NewFile] = []
+        inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
         for f in files:
             site = f["site"]
             if site not in site_keys:
@@ -472,7 +473,12 @@ class MetaService(wire.Service):
                         (f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK)):
                     raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
             sealed, original_size = None, None
-            if f.get("identity") is not None:
+            patient = f.get("patient")
+            if f.get("derived_from") and f.get("identity") is None:
+                # A derived file (a reconstruction) inherits the identity of the instance it was
+                # computed from: its record is the source's, marked as such, sealed for it.
+                patient, sealed = self._derived_identity(str(f["derived_from"]), f["key"], inherited)
+            elif f.get("identity") is not None:
                 record = base64.b64decode(f["identity"])
                 original_size = identity.decode(record).get("original_size")
                 if not isinstance(original_size, int) or original_size < 0:
@@ -480,11 +486,25 @@ class MetaService(wire.Service):
                 sealed = self.vault.seal(f["patient"], f["key"], record)
             xattrs = {query.HEADER_XATTR: f["xml"].encode()}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
-            new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, f.get("patient"), sealed,
+            new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, patient, sealed,
                                blocks=blocks, original_size=original_size))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
         return wire.Reply({"created": len(stats), "release": self._released(p, released)})
+
+    def _derived_identity(self, source: str, key: str,
+                          cache: dict[str, tuple[str, dict[str, Any]] | None]) -> tuple[str | None, bytes | None]:
+        """(patient, sealed record) for a derived object computed from object ``source``: the
+        source's record with ``derived_from`` set (none if the source holds no identity)."""
+        if source not in cache:
+            found = self.engine.identity(source)
+            blob = self.vault.open(source)
+            cache[source] = None if found is None or blob is None else (found[0], identity.decode(blob))
+        held = cache[source]
+        if held is None:
+            return None, None
+        patient, record = held
+        return patient, self.vault.seal(patient, key, identity.encode({**record, "derived_from": source}))
 
     # -- download -------------------------------------------------------------------------
 

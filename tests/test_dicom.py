@@ -618,3 +618,38 @@ def test_pixel_data_cut_short_is_refused_unless_acknowledged() -> None:
 
     xsd.validate(xml)                           # the marker is part of the schema
     assert identity.reidentify(kept.data, kept.identity) == cut
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "SC_rgb_small_odd_big_endian.dcm", "J2K_pixelrep_mismatch.dcm"])
+def test_derived_files_take_their_sources_identity(name: str) -> None:
+    """A file computed from de-identified data (a reconstruction) re-identified with its
+    source's record: the patient and study attributes are the source's originals, the rest is
+    untouched, and the character set travels with the bytes."""
+    source = corpus.file(name).read_bytes()
+    original = pydicom.dcmread(io.BytesIO(source))
+    result = _deidentify(source)
+    record = dict(identity.decode(identity.encode(result.identity)), derived_from=result.key)
+    shown = pydicom.dcmread(io.BytesIO(result.data))
+    derived = Dataset()
+    if "SpecificCharacterSet" in shown:
+        derived.SpecificCharacterSet = shown.SpecificCharacterSet
+    derived.file_meta = FileMetaDataset()
+    derived.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    derived.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    derived.SOPInstanceUID = derived.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    derived.file_meta.MediaStorageSOPClassUID = derived.SOPClassUID
+    derived.PatientName = derived.PatientID = shown.PatientID
+    derived.StudyInstanceUID, derived.SeriesInstanceUID = shown.StudyInstanceUID, generate_uid()
+    derived.ImageType = ["DERIVED", "SECONDARY"]
+    buf = io.BytesIO()
+    derived.save_as(buf, enforce_file_format=True)
+    restored = pydicom.dcmread(io.BytesIO(identity.restore(buf.getvalue(), record)))
+    assert restored.PatientName == original.PatientName and restored.PatientID == original.PatientID
+    assert restored.StudyInstanceUID == original.StudyInstanceUID != shown.StudyInstanceUID
+    changed = [k for k in ("PatientBirthDate", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                           "ReferringPhysicianName") if original.get(k) and shown.get(k) != original.get(k)]
+    assert changed
+    for keyword in changed:
+        assert restored.get(keyword) == original.get(keyword), keyword
+    assert restored.SOPInstanceUID == derived.SOPInstanceUID and restored.ImageType == ["DERIVED", "SECONDARY"]
+    assert [e.tag for e in restored] == sorted(e.tag for e in restored)

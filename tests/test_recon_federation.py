@@ -3,12 +3,14 @@ site back-projects its share, the coordinator sums and stores the result."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import time
 
 import numpy as np
+import pydicom
 import pytest
 
 from dgf import errors, local
@@ -52,6 +54,25 @@ def test_distributed_fdk_equals_single_node(clinician: Client) -> None:
     xml = clinician.getxattr(slices[0].path, "user.dgf.dicom")
     assert b'creator="DGF RECON 1"' in xml and b"PHANTOM-7" not in xml
 
+    # The slices inherit the projections' identity: identified, the patient is back.
+    projection = pydicom.dcmread(io.BytesIO(clinician.read_file(
+        clinician.ls("/recon/scan1")[0].path, identified=True)))
+    identified = pydicom.dcmread(io.BytesIO(clinician.read_file(slices[0].path, identified=True)))
+    assert identified.PatientID == "PHANTOM-7" and str(identified.PatientName) == "Shepp^Logan"
+    assert identified.StudyInstanceUID == projection.StudyInstanceUID
+    assert identified.SOPInstanceUID == pydicom.dcmread(io.BytesIO(clinician.read_file(slices[0].path))).SOPInstanceUID
+    assert np.array_equal(identified.pixel_array, pydicom.dcmread(
+        io.BytesIO(clinician.read_file(slices[0].path))).pixel_array)
+    with pytest.raises(errors.NoAttribute, match="derived data"):
+        clinician.identity_summary(slices[0].path)
+
+    # A second run into the same --out is refused, or replaces the series with --replace.
+    with pytest.raises(errors.AlreadyExists, match="already holds 24 file"):
+        clinician.recon("/recon/scan1", "/recon/scan1-fdk")
+    again = clinician.recon("/recon/scan1", "/recon/scan1-fdk", replace=True)
+    assert sorted(s.path for s in clinician.ls("/recon/scan1-fdk")) == sorted(again.paths)
+    assert not {s.path for s in slices} & set(again.paths) and len(again.paths) == 24
+
 
 def test_a_site_lost_mid_task_is_reported(fresh_federation: local.Federation) -> None:
     g = _scan()
@@ -94,6 +115,11 @@ def test_cli_import_and_reconstruct(federation: local.Federation, tmp_path) -> N
     done = run("recon", "/cli-scan", "--out", "/cli-fdk", "--shape", "8,8,8", "--filter", "cosine")
     assert done.returncode == 0, done.stderr
     assert "reconstructed 8x8x8 from 24 projections" in done.stdout and "site site-" in done.stderr
+    assert len(run("ls", "/cli-fdk").stdout.split()) == 8
+    twice = run("recon", "/cli-scan", "--out", "/cli-fdk", "--shape", "8,8,8")
+    assert twice.returncode == 3 and "pass --replace" in twice.stderr
+    replaced = run("recon", "/cli-scan", "--out", "/cli-fdk", "--shape", "8,8,8", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
     assert len(run("ls", "/cli-fdk").stdout.split()) == 8
     wrong = run("recon", "/cli-scan", "--out", "/y", "--shape", "8,8")
     assert wrong.returncode == 2 and "three positive integers" in wrong.stderr

@@ -42,6 +42,14 @@ def decode(blob: bytes) -> dict[str, Any]:
     return record
 
 
+def restore(deid: bytes, record: dict[str, Any]) -> bytes:
+    """The identified file: the exact original (:func:`reidentify`), or for a derived file its
+    source patient's identity put back (:func:`restore_derived`)."""
+    if record.get("derived_from"):
+        return restore_derived(deid, record)
+    return reidentify(deid, record)
+
+
 def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
     """Rebuild the original file from the de-identified bytes and the identity record."""
     if hashlib.sha256(deid).hexdigest() != record["deid_sha256"]:
@@ -61,9 +69,14 @@ def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
 
 
 def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> None:
-    """:func:`reidentify` from a file to a file, in pieces (objects of any size), both digests
+    """:func:`restore` from a file to a file, in pieces (objects of any size), both digests
     checked on the way."""
     import os
+
+    if record.get("derived_from"):
+        with open(deid_path, "rb") as fh, open(out_path, "xb") as out:
+            out.write(restore_derived(fh.read(), record))
+        return
 
     check = hashlib.sha256()
     with open(deid_path, "rb") as fh:
@@ -101,6 +114,86 @@ def _pread(fd: int, offset: int, length: int) -> Any:
             raise errors.IntegrityError("the de-identified object is shorter than its identity record says.")
         yield chunk
         offset += len(chunk)
+
+
+#: What a derived series (a reconstruction) shares with the instance it was computed from: the
+#: Patient module (group 0010), the General Study module's identifying attributes and the frame
+#: of reference.  An identified read of a derived file gets these from its source's record.
+STUDY_TAGS = frozenset({0x00080020, 0x00080030, 0x00080050, 0x00080090, 0x00081030, 0x0020000D,
+                        0x00200010, 0x00200052})
+
+
+def shared_with_derived(tag: int) -> bool:
+    return (tag >> 16 == 0x0010 and not tag & 0x10000) or tag in STUDY_TAGS
+
+
+def _original_ranges(record: dict[str, Any], ranges: list[tuple[int, int]]) -> list[bytes | None]:
+    """The original's bytes in each range, read from the record alone (the values
+    de-identification removed or replaced are its base64 pieces); None where a range reaches
+    bytes the de-identified file kept."""
+    pieces: list[tuple[int, int, bytes | None]] = []   # (start, end, bytes or None for kept)
+    pos = 0
+    for piece in record["delta"]:
+        if isinstance(piece, str):
+            data = base64.b64decode(piece)
+            pieces.append((pos, pos + len(data), data))
+            pos += len(data)
+        else:
+            pieces.append((pos, pos + piece[1], None))
+            pos += piece[1]
+    out: list[bytes | None] = []
+    for start, end in ranges:
+        parts: list[bytes] = []
+        for a, b, held in pieces:
+            if b <= start or a >= end:
+                continue
+            if held is None:
+                parts = []
+                break
+            parts.append(held[max(start - a, 0):end - a])
+        joined = b"".join(parts)
+        out.append(joined if len(joined) == end - start else None)
+    return out
+
+
+def restore_derived(derived: bytes, record: dict[str, Any]) -> bytes:
+    """A derived file (computed from de-identified data) with its source patient's identity put
+    back: each attribute of :func:`shared_with_derived` that de-identification removed or
+    replaced in the source (``record``, the source's identity record) takes its original value,
+    added where the derived file lacks it.  Sequences are not carried over."""
+    from dgf.dicom import raw
+
+    wanted = [(tag, vr, start, end) for parent, tag, vr, _action, _creator, start, end in record.get("removed", [])
+              if record.get("v") == 2 and parent == "" and vr != "SQ" and shared_with_derived(tag)]
+    values = _original_ranges(record, [(start, end) for _, _, start, end in wanted])
+    if any(v is None for v in values):
+        raise errors.IntegrityError("the source's identity record does not hold the values a derived "
+                                    "file needs.")
+    part = raw.parse_part10(derived)
+    if part.transfer_syntax != raw.EXPLICIT_LE:
+        raise errors.InvalidDicom("a derived file is expected in Explicit VR Little Endian.")
+    new: dict[int, tuple[str, bytes]] = {tag: (vr, value) for (tag, vr, _, _), value in zip(wanted, values)
+                                         if value is not None}
+    out = bytearray(derived[:part.meta_end])
+
+    def emit(tag: int) -> None:
+        vr, value = new.pop(tag)
+        if len(value) % 2:
+            value += b"\0" if vr == "UI" else b" "
+        head = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little") + vr.encode()
+        size = len(value).to_bytes(4, "little")
+        out.extend(head + (b"\0\0" + size if vr in raw.LONG_VRS else size[:2]) + value)
+
+    for elem in part.dataset:
+        replaced = False
+        for tag in sorted(t for t in new if t <= elem.tag):
+            replaced = replaced or tag == elem.tag
+            emit(tag)
+        if not replaced:
+            out.extend(derived[elem.start:elem.end])
+    for tag in sorted(new):
+        emit(tag)
+    return bytes(out)
 
 
 def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:

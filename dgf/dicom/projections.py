@@ -47,6 +47,9 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 def _base(sop_class: str, modality: str, patient: dict[str, str], study_uid: str, series_uid: str,
           number: int) -> Dataset:
     ds = Dataset()
+    if patient.get("SpecificCharacterSet"):
+        # The source's character set: an identified read puts its patient's values back as bytes.
+        ds.SpecificCharacterSet = patient["SpecificCharacterSet"].split("\\")
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
