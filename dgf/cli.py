@@ -220,10 +220,17 @@ def down_cmd(paths: tuple[str, ...], out: str, identified: bool, xpath: str | No
 @click.option("--level", type=click.Choice(["instance", "series", "study", "patient"]), default="instance",
               show_default=True, help="One row per matching file, or per distinct series/study/patient "
               "(with the number of matching files and its directory).")
-@click.option("--show", metavar="KEYWORD,...", default="", help="Header values to print, by DICOM keyword.")
-@click.option("--format", "fmt", type=click.Choice(["paths", "csv", "json", "jsonl"]), default="paths",
-              show_default=True, help="Output format; every format streams as results arrive.")
-@click.option("--count", is_flag=True, help="Print only the number of matching files.")
+@click.option("--show", metavar="KEYWORD,...", default="", help="Header values to print, by DICOM keyword; "
+              "per study also ModalitiesInStudy, NumberOfStudyRelatedSeries, NumberOfStudyRelatedInstances; "
+              "per series NumberOfSeriesRelatedInstances; per patient NumberOfPatientRelatedStudies, "
+              "-Series, -Instances (counts of matching files).")
+@click.option("--format", "fmt", type=click.Choice(["paths", "csv", "json", "jsonl", "dicom-json"]),
+              default="paths", show_default=True,
+              help="Output format; every format streams as results arrive. json/jsonl are typed "
+              "(numbers as numbers, multiple values as lists, absent as null); dicom-json is the DICOM "
+              "JSON model of PS3.18 F.2, as DICOMweb clients read it.")
+@click.option("--count", is_flag=True, help="Print only the number of matching files (or, with --level, "
+              "of matching series, studies or patients).")
 @click.option("--limit", type=int, default=0, help="Stop after this many rows (0: all).")
 @click.option("--explain", is_flag=True, help="Show which predicates use the index, and run nothing.")
 @click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds "
@@ -240,26 +247,94 @@ def find_cmd(xpath: str, path: str, level: str, show: str, fmt: str, count: bool
     and/or/not and sequence-item tests are answered from an index; other parts are checked on
     the candidates (see --explain).
 
+    Dates are numbers in DICOM form (StudyDate >= 20100101); an ISO date ('2010-01-01') is read
+    as that DICOM date, with a note. Ages are text (030Y): compare them as text or through
+    number(substring(PatientAge, 1, 3)). A name that is no DICOM keyword and no stored element
+    (a typo: Modalty) is warned about on stderr, with the nearest keyword.
+
     \b
     Examples:
       dgf_find "/DicomHeader[Modality='CT' and PatientSex='F']"
       dgf_find "/DicomHeader[SliceThickness <= 1.0 and StudyDate >= 20190101]" --level study
+      dgf_find "/DicomHeader" --level study --show ModalitiesInStudy,NumberOfStudyRelatedSeries
       dgf_find "//ProcedureCodeSequence/Item[CodeValue='ZZ']" --count
       dgf_find @ct-thin /projects --show PatientID,SeriesDescription --format csv
     """
     keywords = [k.strip() for k in show.split(",") if k.strip()]
+
+    def warn(text: str) -> None:
+        click.echo(f"dgf_find: warning: {text}", err=True)
+
     with _client(config) as client:
         if explain:
             plan = client.explain(xpath, path)
+            for w in plan.get("warnings", []):
+                warn(w)
             click.echo(f"strategy: {plan['strategy']}")
             for p in plan["predicates"]:
                 click.echo(f"  {p['how']}: {p['expression']}")
             return
         if count:
-            click.echo(client.find_count(xpath, path, timeout))
+            click.echo(client.find_count(xpath, path, timeout, level, on_warning=warn))
             return
-        rows = client.find_iter(xpath, path, keywords, limit, timeout, level)
+        rows = client.find_iter(xpath, path, keywords, limit, timeout, level, on_warning=warn)
         _print_rows(rows, fmt, level, keywords)
+
+
+_INTEGER_VRS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+_DECIMAL_VRS = frozenset({"DS", "FD", "FL"})
+_SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def _typed(text: str, vr: str) -> list[Any]:
+    """A shown value (multi-values joined by backslashes) as a list of typed values."""
+    if text == "" or vr == "SQ":
+        return []
+    parts = [text] if vr in _SINGLE_TEXT_VRS or vr in _BINARY_VRS else text.split("\\")
+    out: list[Any] = []
+    for part in parts:
+        try:
+            out.append(int(part) if vr in _INTEGER_VRS else float(part) if vr in _DECIMAL_VRS else part)
+        except ValueError:
+            out.append(part)          # a malformed number stays visible as its text
+    return out
+
+
+def _json_row(r: dict[str, Any], keywords: list[str]) -> dict[str, Any]:
+    """--format json: values typed, one value as itself, several as a list, absent as null."""
+    vrs = r.get("vr", {})
+    values = {}
+    for k in keywords:
+        typed = _typed(r["values"].get(k, ""), vrs.get(k, ""))
+        values[k] = None if not typed else typed[0] if len(typed) == 1 else typed
+    return {**{k: v for k, v in r.items() if k not in ("values", "vr")}, "values": values}
+
+
+def _dicom_json(r: dict[str, Any], keywords: list[str], group_key: str | None) -> dict[str, Any]:
+    """One result as a DICOM JSON dataset (PS3.18 F.2): attributes by tag, with vr and Value;
+    the archive path as RetrieveURL (0008,1190)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    vrs = dict(r.get("vr", {}))
+    values = dict(r["values"])
+    if group_key:
+        values[group_key], vrs[group_key] = r[group_key], "UI" if group_key != "PatientID" else "LO"
+    out: dict[str, Any] = {}
+    for k in ([group_key] if group_key else []) + keywords:
+        tag = tag_for_keyword(k)
+        if tag is None:
+            continue                  # private or unknown names have no tag to key by
+        vr = vrs.get(k) or dictionary_VR(tag)
+        typed = _typed(values.get(k, ""), vr)
+        entry: dict[str, Any] = {"vr": vr}
+        if typed and vr in _BINARY_VRS:
+            entry["InlineBinary"] = typed[0]      # the header keeps binary values as base64
+        elif typed:
+            entry["Value"] = [{"Alphabetic": v} for v in typed] if vr == "PN" else typed
+        out[f"{tag:08X}"] = entry
+    out["00081190"] = {"vr": "UR", "Value": ["dgf:" + r["path"]]}
+    return dict(sorted(out.items()))
 
 
 def _print_rows(rows: Any, fmt: str, level: str, keywords: list[str]) -> None:
@@ -273,18 +348,21 @@ def _print_rows(rows: Any, fmt: str, level: str, keywords: list[str]) -> None:
     writer = csv.writer(sys.stdout) if fmt == "csv" else None
     if writer is not None:
         writer.writerow([*head, *keywords])
-    if fmt == "json":
+    array = fmt in ("json", "dicom-json")
+    if array:
         sys.stdout.write("[")
     for i, r in enumerate(rows):
         if fmt == "json":
-            sys.stdout.write(("," if i else "") + "\n " + json.dumps(r))
+            sys.stdout.write(("," if i else "") + "\n " + json.dumps(_json_row(r, keywords)))
+        elif fmt == "dicom-json":
+            sys.stdout.write(("," if i else "") + "\n " + json.dumps(_dicom_json(r, keywords, group_key)))
         elif fmt == "jsonl":
-            sys.stdout.write(json.dumps(r) + "\n")
+            sys.stdout.write(json.dumps(_json_row(r, keywords)) + "\n")
         elif writer is not None:
             writer.writerow(cells(r))
         else:
             sys.stdout.write("\t".join(cells(r)) + "\n")
-    if fmt == "json":
+    if array:
         sys.stdout.write("\n]\n")
     sys.stdout.flush()
 

@@ -381,15 +381,24 @@ class Client:
     # -- query ----------------------------------------------------------------------------
 
     def find(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
-             timeout: float = 0.0, level: str = "instance") -> list[dict[str, Any]]:
+             timeout: float = 0.0, level: str = "instance",
+             on_warning: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
         """Files under ``root`` whose XML header matches ``xpath`` (XPath 1.0, or @NAME)."""
-        return list(self.find_iter(xpath, root, show, limit, timeout, level))
+        return list(self.find_iter(xpath, root, show, limit, timeout, level, on_warning))
 
     def find_iter(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
-                  timeout: float = 0.0, level: str = "instance") -> Iterator[dict[str, Any]]:
-        """Stream the matches page by page (results larger than memory never gather anywhere)."""
+                  timeout: float = 0.0, level: str = "instance",
+                  on_warning: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Stream the matches page by page (results larger than memory never gather anywhere).
+
+        Each row: ``path`` (or, with ``level``, the group's UID, ``files`` and ``path``),
+        ``values`` (text, multi-values joined by backslashes) and ``vr`` (each present value's
+        VR).  What the server noticed about the expression (a name that is no DICOM keyword, an
+        ISO date read as a DICOM date) goes to ``on_warning``, else to this module's log."""
         result, body = self.meta.call("find", wait_s=self._query_wait(timeout), xpath=xpath, root=root,
                                       show=list(show), limit=limit, timeout=timeout, level=level)
+        for w in result.get("warnings") or []:
+            (on_warning or log.warning)(str(w))
         cursor = result.get("cursor")
         try:
             while True:
@@ -407,9 +416,13 @@ class Client:
                 except errors.DgfError:
                     pass
 
-    def find_count(self, xpath: str, root: str = "/", timeout: float = 0.0) -> int:
+    def find_count(self, xpath: str, root: str = "/", timeout: float = 0.0, level: str = "instance",
+                   on_warning: Callable[[str], None] | None = None) -> int:
+        """How many files match (or, with ``level``, how many patients, studies or series)."""
         result, _ = self.meta.call("find", wait_s=self._query_wait(timeout), xpath=xpath, root=root,
-                                   timeout=timeout, count=True)
+                                   timeout=timeout, count=True, level=level)
+        for w in result.get("warnings") or []:
+            (on_warning or log.warning)(str(w))
         return int(result["count"])
 
     def _query_wait(self, timeout: float) -> float:
@@ -420,7 +433,7 @@ class Client:
     def explain(self, xpath: str, root: str = "/") -> dict[str, Any]:
         """How the metadata server would answer ``xpath``: which predicates use the index."""
         result, _ = self.meta.call("find", xpath=xpath, root=root, explain=True)
-        return dict(result["explain"])
+        return {**result["explain"], "warnings": list(result.get("warnings") or [])}
 
     def save_query(self, name: str, xpath: str) -> None:
         self.meta.call("query.save", name=name, xpath=xpath)

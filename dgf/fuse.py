@@ -331,7 +331,14 @@ class DgfFS(mfusepy.Operations):
             xpath = unquote(q)
             if not xpath.startswith(("/", "(")):
                 xpath = f"/DicomHeader[{xpath}]"
-        names = [quote(r["path"].lstrip("/"), safe="") for r in self.client.find_iter(xpath)]
+        where = f"{'/' + kind}/{q}"
+        try:
+            names = [quote(r["path"].lstrip("/"), safe="")
+                     for r in self.client.find_iter(xpath, on_warning=lambda w: log.warning("%s: %s", where, w))]
+        except errors.UsageError as exc:
+            # ls shows only "Invalid argument": the log says what is wrong with the expression.
+            log.warning("%s: %s", where, exc)
+            raise
         self._finds[cache_key] = (now, names)
         return names
 
@@ -754,8 +761,8 @@ def mount(mountpoint: str, config: str | None, identified: bool, foreground: boo
     if read_only:
         options["ro"] = True
     if identified:
-        # An original is longer than the stored object the attributes describe: reads must reach
-        # us unclipped by the kernel's idea of the size.
+        # Originals are read whole at open; reads must reach us unclipped by any size the kernel
+        # cached before (stat gives the original's size, but a file replaced meanwhile differs).
         options["direct_io"] = True
     try:
         mfusepy.FUSE(ops, str(target), foreground=foreground, **options)

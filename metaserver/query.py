@@ -23,7 +23,7 @@ from lxml import etree
 from dgf import errors
 from dgf.dicom.pipeline import _recv, _send
 from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
-from metaserver import xpath
+from metaserver import advice, xpath
 from metaserver.index import HEADER_XATTR
 from metaserver.planner import Plan, Planner
 
@@ -41,6 +41,8 @@ class Query:
     plan: Plan
     sql: Any                                     # the plan as SQL (None: every indexed file)
     notes: list[tuple[str, str]]
+    #: What the user should hear about the expression (metaserver/advice.py), one sentence each.
+    warnings: tuple[str, ...] = ()
 
     def explain(self) -> dict[str, Any]:
         how = ("index only" if self.plan.exact else
@@ -100,14 +102,22 @@ def compile_xpath(expr: str, limits: Limits = DEFAULT_LIMITS) -> tuple[etree.XPa
 
 
 def prepare(expr: str, catalogue: Any, dialect: str, estimate: Callable[[Any], int] | None = None,
-            limits: Limits = DEFAULT_LIMITS) -> Query:
+            limits: Limits = DEFAULT_LIMITS, review: bool = True) -> Query:
     """Compile and plan ``expr``; ``estimate`` counts a candidate select's rows (capped) so the
-    most selective predicate drives the SQL."""
+    most selective predicate drives the SQL.  ``review`` (metaserver/advice.py) refuses or
+    corrects what a user cannot have meant; without it the expression is pure XPath 1.0."""
     compiled, tree = compile_xpath(expr, limits)
+    warnings: tuple[str, ...] = ()
+    if tree is not None and review:
+        reviewed = advice.review(expr, tree, frozenset(k.rsplit("/", 1)[-1] for k in catalogue.keys))
+        warnings = tuple(reviewed.warnings)
+        if reviewed.expr != expr:
+            expr = reviewed.expr
+            compiled, tree = compile_xpath(expr, limits)
     planner = Planner(expr, catalogue, dialect, estimate)
     plan = planner.plan(tree) if tree is not None else Plan(exact=False)
     sql = None if plan.empty else planner.render(plan)
-    return Query(expr, compiled, plan, sql, planner.notes)
+    return Query(expr, compiled, plan, sql, planner.notes, warnings)
 
 
 def matches(compiled: etree.XPath, doc: etree._Element) -> bool:
@@ -117,9 +127,17 @@ def matches(compiled: etree.XPath, doc: etree._Element) -> bool:
         raise errors.UsageError(f"the XPath cannot be evaluated: {exc}.") from exc
 
 
-def show_values(doc: etree._Element, keywords: Iterable[str]) -> dict[str, str]:
-    """Top-level values by keyword; multi-valued attributes joined with a backslash, as in DICOM."""
-    return {kw: "\\".join((e.text or "") for e in doc.findall(kw)) for kw in keywords}
+def show_values(doc: etree._Element, keywords: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Top-level values by keyword, multi-valued attributes joined with a backslash as in DICOM,
+    and the VR of each present one (so clients can type them: ``--format json``, DICOM JSON)."""
+    values: dict[str, str] = {}
+    vrs: dict[str, str] = {}
+    for kw in keywords:
+        found = doc.findall(kw)
+        values[kw] = "\\".join((e.text or "") for e in found)
+        if found:
+            vrs[kw] = found[0].get("vr") or "UN"
+    return values, vrs
 
 
 #: Candidates evaluated in this process before a scan fans out to one worker per core.
@@ -219,15 +237,19 @@ class _Evaluators:
 _compiled: dict[str, etree.XPath] = {}
 
 
-def _check(compiled: etree.XPath, exact: bool, show: list[str], xml: bytes | None) -> dict[str, str] | None:
-    """One candidate: its show values if the expression matches (or the plan was exact), else None."""
+Found = tuple[dict[str, str], dict[str, str]]
+
+
+def _check(compiled: etree.XPath, exact: bool, show: list[str], xml: bytes | None) -> Found | None:
+    """One candidate: its show values and their VRs if the expression matches (or the plan was
+    exact), else None."""
     doc = etree.fromstring(xml, _PARSER) if xml is not None else None
     if doc is not None and not exact and not matches(compiled, doc):
         return None
-    return show_values(doc, show) if show and doc is not None else {}
+    return show_values(doc, show) if show and doc is not None else ({}, {})
 
 
-def _evaluate_chunk(task: tuple[str, list[str], list[bytes | None], bool]) -> list[dict[str, str] | None]:
+def _evaluate_chunk(task: tuple[str, list[str], list[bytes | None], bool]) -> list[Found | None]:
     """A chunk of candidates, in a worker process (or here when the workers are busy)."""
     expr, show, xmls, exact = task
     compiled = _compiled.get(expr)
@@ -266,7 +288,7 @@ def serve() -> None:
         _send(wfile, result)
 
 
-Candidate = tuple[int, str, tuple[str, str, str], "dict[str, str] | None"]
+Candidate = tuple[int, str, tuple[str, str, str], "Found | None"]
 
 
 def _evaluated(engine: Any, q: Query, root: str, show: list[str], deadline: float | None,
@@ -359,10 +381,10 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
     scan = _evaluated(engine, q, root, show, deadline, after)
     last = after
     try:
-        for ino, path, _, values in scan:
+        for ino, path, _, found in scan:
             last = ino
-            if values is not None:
-                rows.append({"path": path, "values": values})
+            if found is not None:
+                rows.append({"path": path, "values": found[0], "vr": found[1]})
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
             if len(rows) >= max_rows or time.monotonic() - started > max_seconds:
@@ -372,23 +394,52 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
         scan.close()
 
 
+#: Attributes computed over a group's files, as C-FIND (PS3.4 C.3.4) and Orthanc give them:
+#: name -> (the levels it is offered at, its VR).
+COMPUTED = {
+    "ModalitiesInStudy": (("study",), "CS"),
+    "NumberOfStudyRelatedSeries": (("study",), "IS"),
+    "NumberOfStudyRelatedInstances": (("study",), "IS"),
+    "NumberOfSeriesRelatedInstances": (("series",), "IS"),
+    "NumberOfPatientRelatedStudies": (("patient",), "IS"),
+    "NumberOfPatientRelatedSeries": (("patient",), "IS"),
+    "NumberOfPatientRelatedInstances": (("patient",), "IS"),
+}
+
+
+def check_show(show: list[str], level: str) -> None:
+    for name in show:
+        if name in COMPUTED and level not in COMPUTED[name][0]:
+            raise errors.UsageError(f"{name} is computed per {COMPUTED[name][0][0]}; "
+                                    f"add --level {COMPUTED[name][0][0]}.")
+
+
 def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
         deadline: float | None = None, level: str = "instance") -> Generator[dict[str, Any], None, None]:
-    """Stream the matches: {"path", "values"} per file, or per group with ``level``."""
+    """Stream the matches: {"path", "values", "vr"} per file, or per group with ``level``
+    (with the computed attributes of :data:`COMPUTED` that ``show`` names).  The counts are of
+    the matching files, as C-FIND counts what matched."""
     if q.plan.empty:
         return
+    check_show(show, level)
     grouping = LEVELS.get(level)
+    computed = [name for name in show if name in COMPUTED]
+    wanted = [name for name in show if name not in COMPUTED]
+    if "ModalitiesInStudy" in computed and "Modality" not in wanted:
+        wanted.append("Modality")
     groups: dict[str, dict[str, Any]] = {}
+    tallies: dict[str, tuple[set[str], set[str], set[str]]] = {}   # studies, series, modalities
     n = 0
-    scan = _evaluated(engine, q, root, show, deadline)
+    scan = _evaluated(engine, q, root, wanted if grouping else show, deadline)
     try:
-        for _, path, levels, values in scan:
-            if values is None:
+        for _, path, levels, found in scan:
+            if found is None:
                 continue
+            values, vrs = found
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
             if grouping is None:
-                yield {"path": path, "values": values}
+                yield {"path": path, "values": values, "vr": vrs}
                 n += 1
                 if limit and n >= limit:
                     return
@@ -398,18 +449,37 @@ def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
             if group is None:
                 if limit and len(groups) >= limit:
                     continue
-                groups[key] = {grouping[0]: key, "files": 1, "path": path.rsplit("/", 1)[0] or "/",
-                               "values": values}
-            else:
-                group["files"] += 1
+                group = groups[key] = {grouping[0]: key, "files": 0, "path": path.rsplit("/", 1)[0] or "/",
+                                       "values": {k: values.get(k, "") for k in show if k not in COMPUTED},
+                                       "vr": {k: v for k, v in vrs.items() if k in show}}
+                tallies[key] = (set(), set(), set())
+            group["files"] += 1
+            studies, series, modalities = tallies[key]
+            studies.add(levels[1])
+            series.add(levels[2])
+            if "ModalitiesInStudy" in computed:
+                modalities.update(m for m in values.get("Modality", "").split("\\") if m)
     finally:
         scan.close()
-    yield from groups.values()
+    for key, group in groups.items():
+        studies, series, modalities = tallies[key]
+        facts = {"ModalitiesInStudy": "\\".join(sorted(modalities)),
+                 "NumberOfStudyRelatedSeries": str(len(series)),
+                 "NumberOfStudyRelatedInstances": str(group["files"]),
+                 "NumberOfSeriesRelatedInstances": str(group["files"]),
+                 "NumberOfPatientRelatedStudies": str(len(studies)),
+                 "NumberOfPatientRelatedSeries": str(len(series)),
+                 "NumberOfPatientRelatedInstances": str(group["files"])}
+        for name in computed:
+            group["values"][name] = facts[name]
+            group["vr"][name] = COMPUTED[name][1]
+        yield group
 
 
-def count(engine: Any, q: Query, root: str, deadline: float | None = None) -> int:
+def count(engine: Any, q: Query, root: str, deadline: float | None = None, level: str = "instance") -> int:
+    """Matching files, or with ``level`` the patients, studies or series they belong to."""
     if q.plan.empty:
         return 0
-    if q.plan.exact and root == "/":
+    if q.plan.exact and root == "/" and level == "instance":
         return int(engine.query_count(q.sql))
-    return sum(1 for _ in run(engine, q, root, [], 0, deadline))
+    return sum(1 for _ in run(engine, q, root, [], 0, deadline, level))

@@ -295,18 +295,23 @@ class MetaService(wire.Service):
         expr = self._saved_or(xpath)
         q = query.prepare(expr, self.engine.query_catalogue(), self.dialect, self.engine.query_estimate,
                           self.limits)
+        warnings = list(q.warnings)
         if explain:
-            return wire.Reply({"explain": q.explain()})
+            return wire.Reply({"explain": q.explain(), "warnings": warnings})
         limit_s = min(float(timeout), self.query_time_limit) if timeout > 0 else self.query_time_limit
         show_keys = [str(s) for s in show or []]
+        query.check_show(show_keys, level)
         if count:
-            return wire.Reply({"count": query.count(self.engine, q, root, time.monotonic() + limit_s)})
+            return wire.Reply({"count": query.count(self.engine, q, root, time.monotonic() + limit_s, level),
+                               "warnings": warnings})
         cur = _Cursor(p.fingerprint, time.monotonic(), q, root, show_keys, 0, limit if limit > 0 else None, limit_s)
         if level != "instance":
             # Groups are complete only at the end of the scan: gathered now, then paged out.
             rows = query.run(self.engine, q, root, show_keys, limit, time.monotonic() + limit_s, level)
             cur.lines = [json.dumps(row).encode() + b"\n" for row in rows]
-        return self._page(p, cur)
+        reply = self._page(p, cur)
+        reply.result["warnings"] = warnings
+        return reply
 
     @wire.verb("find.next", cursor=str)
     def find_next(self, p: Principal, cursor: str) -> wire.Reply:

@@ -138,3 +138,43 @@ def test_find_for_researchers(federation: local.Federation, tmp_path: Path) -> N
     assert bad.returncode == 2 and "column" in bad.stderr
     gone = _run(["dgf", "query", "rm", "ct-thin"], res)
     assert gone.returncode == 4          # researchers may use saved queries, writers remove them
+
+
+def test_find_output_is_typed_and_mistakes_are_named(federation: local.Federation, tmp_path: Path) -> None:
+    import pydicom
+
+    clin, res = federation.config("clinician"), federation.config("researcher")
+    files = [str(corpus.file(n)) for n in ("CT_small.dcm", "MR_small.dcm", "emri_small.dcm")]
+    assert _run(["dgf_up", *files, "--to", "/typed"], clin).returncode == 0
+    show = "Modality,ImageType,SliceThickness,Rows,PatientName,StudyDate"
+    typed = json.loads(_run(["dgf_find", "/DicomHeader[Modality='CT']", "/typed", "--show", show,
+                             "--format", "json"], res).stdout)
+    [ct] = typed
+    assert ct["values"]["ImageType"] == ["ORIGINAL", "PRIMARY", "AXIAL"] and ct["values"]["Rows"] == 128
+    assert isinstance(ct["values"]["SliceThickness"], float) and ct["values"]["Modality"] == "CT"
+    # DICOM JSON (PS3.18 F.2), read back by pydicom's own reader of that model.
+    model = json.loads(_run(["dgf_find", "/DicomHeader[Modality='CT']", "/typed", "--show", show,
+                             "--format", "dicom-json"], res).stdout)
+    ds = pydicom.Dataset.from_json(model[0])
+    original = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    assert ds.ImageType == original.ImageType and ds.Rows == original.Rows
+    assert float(ds.SliceThickness) == float(original.SliceThickness) and ds.RetrieveURL == "dgf:" + ct["path"]
+    assert model[0]["00100010"]["vr"] == "PN" and "Alphabetic" in model[0]["00100010"]["Value"][0]
+    # Study level: --count counts studies; computed attributes as C-FIND gives them.
+    assert _run(["dgf_find", "/DicomHeader", "/typed", "--count"], res).stdout.strip() == "3"
+    assert _run(["dgf_find", "/DicomHeader[Modality='MR']", "/typed", "--count", "--level", "study"],
+                res).stdout.strip() == "2"
+    studies = json.loads(_run(["dgf_find", "/DicomHeader", "/typed", "--level", "study", "--format", "json",
+                               "--show", "ModalitiesInStudy,NumberOfStudyRelatedInstances"], res).stdout)
+    assert sorted(s["values"]["ModalitiesInStudy"] for s in studies) == ["CT", "MR", "MR"]
+    assert {s["values"]["NumberOfStudyRelatedInstances"] for s in studies} == {1}
+    # A typo is named on stderr with the nearest keyword; the query still runs (exit 0).
+    typo = _run(["dgf_find", "/DicomHeader[Modalty='CT']", "/typed"], res)
+    assert typo.returncode == 0 and typo.stdout == ""
+    assert "warning: Modalty is not a DICOM keyword" in typo.stderr and "did you mean Modality?" in typo.stderr
+    iso = _run(["dgf_find", "/DicomHeader[StudyDate >= '1990-01-01']", "/typed", "--count"], res)
+    assert iso.stdout.strip() == "3" and "as the DICOM date 19900101" in iso.stderr
+    age = _run(["dgf_find", "/DicomHeader[PatientAge >= '030Y']", "/typed"], res)
+    assert age.returncode == 2 and "number(substring(PatientAge, 1, 3))" in age.stderr
+    func = _run(["dgf_find", "/DicomHeader[StudyDate > date('2010-01-01')]", "/typed"], res)
+    assert func.returncode == 2 and func.stderr.startswith("dgf_find: date() is not an XPath 1.0 function")

@@ -133,6 +133,14 @@ def test_queries_as_directories(federation: local.Federation, mounted: Mount) ->
     assert os.readlink(link).startswith("../../") and link.resolve().read_bytes()[128:132] == b"DICM"
     assert "mr-only" in os.listdir(mounted.path / ".queries")
     assert sorted(os.listdir(mounted.path / ".queries" / "mr-only")) == sorted(listing)
+    # ls shows only EINVAL for an invalid expression: the mount log says what is wrong with it.
+    with pytest.raises(OSError) as invalid:
+        os.listdir(mounted.path / ".find" / "Modality=")
+    assert invalid.value.errno == 22
+    assert os.listdir(mounted.path / ".find" / "Modalty='MR'") == []
+    log = mounted.log.read_text()
+    assert "/.find/Modality=: invalid XPath" in log
+    assert "/.find/Modalty='MR': Modalty is not a DICOM keyword" in log and "did you mean Modality?" in log
 
 
 def test_concurrent_readers(federation: local.Federation, mounted: Mount) -> None:

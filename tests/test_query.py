@@ -128,7 +128,8 @@ def check_planner(engine: SqlEngine, docs: list[bytes], expr: str) -> None:
         # flight at the workers (the thresholds are lowered by the small_chunks fixture).
         everything = query.prepare("/DicomHeader[count(*) >= 0]", engine.query_catalogue(), dialect)
         query.page(engine, everything, "/", [], 0, None, 1, 10.0)
-        q = query.prepare(expr, engine.query_catalogue(), dialect, estimate)
+        # Pure XPath 1.0 (the review that refuses or rewrites what users cannot mean is tested apart).
+        q = query.prepare(expr, engine.query_catalogue(), dialect, estimate, review=False)
         got = sorted(r["path"] for r in query.run(engine, q, top, []))
         assert got == want, q.explain()
     # The same answer in keyset pages of two rows, as cursors deliver it.
@@ -298,3 +299,80 @@ def test_an_abandoned_scan_leaves_nothing_for_the_next(engine: SqlEngine, monkey
         assert len(page.rows) == 25 and page.after
         got = [r["path"] for r in query.run(engine, every, "/ab", [])]
         assert got == sorted(docs)                    # all 2000, in order, none from the last scan
+
+
+def _study_hdr(patient: str, study: str, series: str, modality: str, date: str = "20100615") -> bytes:
+    return (f"<DicomHeader><StudyDate tag=\"00080020\" vr=\"DA\">{date}</StudyDate>{_el('Modality', modality)}"
+            f"{_el('PatientID', patient)}{_el('StudyInstanceUID', study)}"
+            f"{_el('SeriesInstanceUID', series)}<Rows tag=\"00280010\" vr=\"US\">512</Rows>"
+            f"<ImageType tag=\"00080008\" vr=\"CS\">ORIGINAL</ImageType>"
+            f"<ImageType tag=\"00080008\" vr=\"CS\">PRIMARY</ImageType></DicomHeader>").encode()
+
+
+def test_count_follows_level_and_groups_compute_c_find_attributes(engine: SqlEngine) -> None:
+    layout = [("P1", "1.1", "1.1.1", "CT"), ("P1", "1.1", "1.1.1", "CT"), ("P1", "1.1", "1.1.2", "PT"),
+              ("P1", "1.2", "1.2.1", "MR"), ("P2", "2.1", "2.1.1", "CT")]
+    engine.create_files([NewFile(f"/c/{i}", f"{i + 100:064x}", 1, "s",
+                                 {"user.dgf.dicom": _study_hdr(*row)}) for i, row in enumerate(layout)])
+    q = query.prepare("/DicomHeader", engine.query_catalogue(), "sqlite")
+    assert [query.count(engine, q, "/", level=lv) for lv in ("instance", "series", "study", "patient")] == \
+        [5, 4, 3, 2]
+    studies = {g["StudyInstanceUID"]: g for g in query.run(
+        engine, q, "/", ["ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+                         "Rows"], level="study")}
+    assert studies["1.1"]["values"] == {"Rows": "512", "ModalitiesInStudy": "CT\\PT",
+                                        "NumberOfStudyRelatedSeries": "2", "NumberOfStudyRelatedInstances": "3"}
+    assert studies["1.1"]["vr"] == {"Rows": "US", "ModalitiesInStudy": "CS", "NumberOfStudyRelatedSeries": "IS",
+                                    "NumberOfStudyRelatedInstances": "IS"}
+    series = {g["SeriesInstanceUID"]: g["values"] for g in query.run(
+        engine, q, "/", ["NumberOfSeriesRelatedInstances"], level="series")}
+    assert series == {"1.1.1": {"NumberOfSeriesRelatedInstances": "2"}, "1.1.2": {"NumberOfSeriesRelatedInstances": "1"},
+                      "1.2.1": {"NumberOfSeriesRelatedInstances": "1"}, "2.1.1": {"NumberOfSeriesRelatedInstances": "1"}}
+    patients = {g["PatientID"]: g["values"] for g in query.run(
+        engine, q, "/", ["NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries"], level="patient")}
+    assert patients["P1"] == {"NumberOfPatientRelatedStudies": "2", "NumberOfPatientRelatedSeries": "3"}
+    # Counts are of the matching files, as C-FIND counts what matched.
+    ct = query.prepare("/DicomHeader[Modality='CT']", engine.query_catalogue(), "sqlite")
+    [p1] = [g for g in query.run(engine, ct, "/", ["ModalitiesInStudy"], level="study")
+            if g["StudyInstanceUID"] == "1.1"]
+    assert p1["values"]["ModalitiesInStudy"] == "CT" and p1["files"] == 2
+    with pytest.raises(errors.UsageError, match="computed per study; add --level study"):
+        list(query.run(engine, q, "/", ["ModalitiesInStudy"]))
+
+
+def test_queries_researchers_write_are_reviewed(engine: SqlEngine) -> None:
+    engine.create_files([NewFile("/r/1", "a" * 64, 1, "s", {"user.dgf.dicom": _study_hdr("P1", "1", "1.1", "CT")}),
+                         NewFile("/r/2", "b" * 64, 1, "s", {"user.dgf.dicom": (
+                             b"<DicomHeader><Modality tag=\"00080060\" vr=\"CS\">MR</Modality>"
+                             b"<StudyDate tag=\"00080020\" vr=\"DA\">20090101</StudyDate>"
+                             b"<LocalNote tag=\"00091001\" vr=\"LO\">x</LocalNote></DicomHeader>")})])
+
+    def prepared(expr: str) -> query.Query:
+        return query.prepare(expr, engine.query_catalogue(), "sqlite")
+
+    # Typos select nothing, so they are named with the nearest keyword (but the query runs).
+    for typo, near in (("Modalty", "Modality"), ("modality", "Modality"), ("StudyDat", "StudyDate")):
+        q = prepared(f"/DicomHeader[{typo}='CT']")
+        assert [w for w in q.warnings if w.startswith(f"{typo} is not a DICOM keyword")]
+        assert f"did you mean {near}?" in q.warnings[0]
+        assert [r["path"] for r in query.run(engine, q, "/", [])] == []
+    # Keywords, the model's names and names stored in the archive are not warned about.
+    assert prepared("/DicomHeader[Modality='CT' and LocalNote and Item/CodeValue]").warnings == ()
+    # ISO dates mean the DICOM date; the rewrite is said.
+    q = prepared("/DicomHeader[StudyDate >= '2010-01-01']")
+    assert [r["path"] for r in query.run(engine, q, "/", [])] == ["/r/1"]
+    assert q.warnings == ("read '2010-01-01' as the DICOM date 20100101 in StudyDate >= '2010-01-01'.",)
+    assert [r["path"] for r in query.run(engine, prepared("/DicomHeader[StudyDate = '2009-01-01']"), "/", [])] \
+        == ["/r/2"]
+    # An ordering comparison with text that is no number could match nothing: refused, with a hint.
+    with pytest.raises(errors.UsageError, match=r"number\(substring\(PatientAge, 1, 3\)\) >= 30 and "
+                                                r"substring\(PatientAge, 4\) = 'Y'"):
+        prepared("/DicomHeader[PatientAge >= '030Y']")
+    with pytest.raises(errors.UsageError, match="'noon', which is not a number"):
+        prepared("/DicomHeader[StudyTime < 'noon']")
+    assert prepared("/DicomHeader[StudyTime < '120000']").warnings == ()
+    # Functions XPath 1.0 lacks are named.
+    with pytest.raises(errors.UsageError, match=r"^date\(\) is not an XPath 1.0 function"):
+        prepared("/DicomHeader[StudyDate > date('2010-01-01')]")
+    with pytest.raises(errors.UsageError, match=r"^lower-case\(\) is not an XPath 1.0 function"):
+        prepared("/DicomHeader[lower-case(Modality)='ct']")
