@@ -116,3 +116,31 @@ def multiframe(out: Path, size: int, seed: int = 3, encapsulated: bool = False) 
             for i in range(frames):
                 fh.write(block[i % 7:] + block[:i % 7])
     return out
+
+
+def rtstruct(out: Path, rois: int = 20, contours: int = 40, points: int = 120, seed: int = 4) -> Path:
+    """An RT Structure Set whose header is large (the contours are header data, not bulk data):
+    ``rois`` x ``contours`` closed planar contours of ``points`` points; the defaults give a
+    2.3 MB file whose XML header is 16 MB."""
+    rng = random.Random(seed)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality, ds.StructureSetLabel = "RTSTRUCT", "contours"
+    _personalise(ds, rng, seed, generate_uid(), generate_uid())
+    roi_items = []
+    for r in range(rois):
+        item = pydicom.Dataset()
+        item.ReferencedROINumber, item.ROIDisplayColor = r + 1, [255, 0, 0]
+        item.ContourSequence = pydicom.Sequence()
+        for _ in range(contours):
+            contour = pydicom.Dataset()
+            contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", points
+            contour.ContourData = [f"{rng.uniform(-200, 200):.3f}" for _ in range(3 * points)]
+            item.ContourSequence.append(contour)
+        roi_items.append(item)
+    ds.ROIContourSequence = pydicom.Sequence(roi_items)
+    ds.save_as(out, enforce_file_format=True)
+    return out

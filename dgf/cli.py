@@ -582,6 +582,12 @@ def xattr_get(path: str, name: str, pretty: bool, model: str | None, config: str
     """
     with _client(config) as client:
         value = client.getxattr(path, name)
+    if model == "native":
+        from dgf.dicom.native import write_native   # without pydicom: no dictionary is needed
+
+        write_native(value, sys.stdout.buffer.write)
+        sys.stdout.buffer.flush()
+        return
     if model:
         from dgf.dicom.xmlheader import export
 

@@ -28,16 +28,18 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from dgf import crypto, errors
 from dgf.config import ClientConfig
 from dgf.integrity import block_digests
-from dgf.dicom import identity, pipeline
+from dgf.dicom import identity
 from dgf.dicom.profile import Options
-import numpy as np
 from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
 from dgf.types import Site, Stat
+
+if TYPE_CHECKING:
+    from dgf.dicom import pipeline
 
 log = logging.getLogger("dgf.client")
 
@@ -110,6 +112,8 @@ class Failure:
     @classmethod
     def of(cls, item: str, problem: "pipeline.Problem | errors.DgfError") -> "Failure":
         if isinstance(problem, errors.DgfError):
+            from dgf.dicom import pipeline
+
             problem = pipeline.Problem.of(problem)
         return cls(item, problem.message, problem.code, problem.group, problem.detail, problem.hint)
 
@@ -472,6 +476,8 @@ class Client:
         # De-identification is CPU work: large uploads spread it over worker processes (started
         # fresh, not forked, since this process runs SSH threads).  And two stages overlap: while
         # batch N is streamed to the sites and committed, batch N+1 is read and de-identified.
+        from dgf.dicom import pipeline      # de-identification: pydicom's dictionary, loaded for uploads only
+
         workers = None
         if len(files) >= POOL_MIN_FILES and POOL_WORKERS > 1:
             workers = pipeline.Workers(POOL_WORKERS)
@@ -568,6 +574,8 @@ class Client:
     def _map(pool: pipeline.Workers | None, step: str, items: list[tuple[str, bytes | None]],
              *args: Any) -> list[list[Any]]:
         """Run a pipeline step over ``items``, in the worker processes when there are some."""
+        from dgf.dicom import pipeline
+
         if pool is None or len(items) < 2:
             return [pipeline.STEPS[step](items, *args)]
         return pool.map(step, items, *args)
@@ -946,6 +954,7 @@ class Client:
         series' DGF RECON block).  An ``out`` that holds files is refused unless ``replace``;
         then the old files are removed once the new series is stored.  The slices inherit the
         identity of the projections (an identified download puts the patient back)."""
+        import numpy as np
         from lxml import etree
 
         from dgf.dicom.projections import CREATOR, volume_series

@@ -306,6 +306,10 @@ def export(xml: bytes, model: str) -> bytes:
     format, which its ``xml2dcm`` turns into a DICOM file)."""
     if model not in EXPORTS:
         raise errors.UsageError(f"unknown export model {model!r}; known: {', '.join(EXPORTS)}.")
+    if model == "native":
+        from dgf.dicom.native import native
+
+        return native(xml)    # the stylesheet's mapping, written directly (dgf/dicom/native.py)
     try:
         doc = etree.fromstring(xml)
     except etree.XMLSyntaxError as exc:
