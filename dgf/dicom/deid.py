@@ -657,6 +657,7 @@ def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, 
     """One pass over the source: (key, hash list) of the output and the original's SHA-256."""
     out = integrity.Hasher()
     original = hashlib.sha256()
+    pool = integrity.helper()
     pos = 0
     for s in layout:
         if isinstance(s, bytes):
@@ -665,9 +666,13 @@ def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, 
         a, b = s
         for piece in pread_span(fd, pos, a):
             original.update(piece)
-        for piece in pread_span(fd, a, b):
-            original.update(piece)
-            out.update(piece)
+        for piece in pread_span(fd, a, b, 4 * _READ):
+            # Three SHA-256 passes (original, output, output's blocks) run side by side.
+            done = pool.submit(original.update, piece)
+            try:
+                out.update(piece)
+            finally:
+                done.result()
         pos = b
     for piece in pread_span(fd, pos, source_size):
         original.update(piece)
