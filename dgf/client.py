@@ -525,7 +525,12 @@ class Client:
         prepared, caps = self._prepare([(path, data)], None, site, report, fixed_path=True)
         self._store(prepared, caps, report, replace, check=False)
         if report.failed:
-            raise errors.InvalidDicom(report.failed[0].reason)
+            failure = report.failed[0]
+            # The kind survives: a policy refusal is EPERM at the mount, a site failure EIO.
+            kind = {errors.PolicyRefused.exit_code: errors.PolicyRefused,
+                    errors.TransportError.exit_code: errors.TransportError,
+                    errors.ServerError.exit_code: errors.ServerError}.get(failure.code, errors.InvalidDicom)
+            raise kind(failure.reason, group=failure.group, detail=failure.detail, hint=failure.hint)
 
     def _prepare(self, items: list[tuple[str, bytes | None]], to: str | None, site: str | None,
                  report: UploadReport, fixed_path: bool = False,

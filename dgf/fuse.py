@@ -630,8 +630,11 @@ class DgfFS(mfusepy.Operations):
             data = f.read()
         try:
             self.client.upload_bytes(data, w.path)
-        except errors.InvalidDicom as exc:
-            log.error("refused %s: %s", w.path, exc)
+        except (errors.InvalidDicom, errors.PermissionDenied) as exc:
+            log.error("refused %s: %s%s", w.path, exc, f" ({exc.hint})" if exc.hint else "")
+            raise
+        except errors.DgfError as exc:
+            log.error("could not store %s: %s", w.path, exc)
             raise
         self._pending.pop(w.path, None)
         self._forget(w.path)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pydicom
 import pytest
 
 from dgf import local
@@ -106,6 +107,15 @@ def test_write_rename_remove(federation: local.Federation, mounted: Mount, tmp_p
     assert cp.returncode != 0 and "Invalid argument" in cp.stderr
     assert not (root / "fuse/w/notes.txt").exists()
     assert "refused /fuse/w/notes.txt" in mounted.log.read_text()
+    # A policy refusal (burned-in annotation risk) is "Operation not permitted", not EINVAL,
+    # and the log names the remedy.
+    us = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    us.Modality, us.SOPInstanceUID = "US", "1.2.3.4.5.6.7.8.9"
+    us.save_as(tmp_path / "us.dcm")
+    cp = subprocess.run(["cp", str(tmp_path / "us.dcm"), str(root / "fuse/w/us.dcm")], capture_output=True, text=True)
+    assert cp.returncode != 0 and "Operation not permitted" in cp.stderr
+    assert not (root / "fuse/w/us.dcm").exists()
+    assert "refused /fuse/w/us.dcm: " in mounted.log.read_text() and "allow_burned_in" in mounted.log.read_text()
     subprocess.run(["cp", str(corpus.file("MR_small.dcm")), str(root / "fuse/w/sub/in.dcm")], check=True)
     with Client(federation.config("clinician")) as c:               # replaced whole
         assert c.read_file("/fuse/w/sub/in.dcm", identified=True) == corpus.file("MR_small.dcm").read_bytes()

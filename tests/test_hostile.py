@@ -297,13 +297,15 @@ def test_a_removed_principal_is_cut_off_at_every_server_within_seconds(fed: loca
         c.upload([cfg.with_suffix(".dcm")], to="/eve")
         path = c.ls("/eve")[0].path
         admin.principal_add("eve", "researcher", public)
+        site = c.stat(path).replicas[0][0]
         with Client(cfg) as eve:
             data = eve.read_file(path)                      # sessions open at the metaserver and a site
+            eve.site_link(site).call("hello")               # ... at the very site asked below
             admin.principal_remove("eve")
             t0 = time.monotonic()
             with pytest.raises(errors.PermissionDenied, match="no longer enrolled"):
                 while time.monotonic() - t0 < 10:
-                    eve.site_link(c.stat(path).replicas[0][0]).call("hello")
+                    eve.site_link(site).call("hello")
                     time.sleep(0.2)
             assert time.monotonic() - t0 < 5
             with pytest.raises(errors.PermissionDenied):
