@@ -712,6 +712,43 @@ def site_list(config: str | None) -> None:
             click.echo(f"{s.name}\t{s.host}:{s.port}")
 
 
+@admin_group.group("replicas")
+def replicas_group() -> None:
+    """How many copies of each file the archive keeps (per directory, inherited)."""
+
+
+def _show_replicas(info: dict[str, Any]) -> None:
+    where = f"set at {info['set_at']}" if info["set_at"] else f"the default for {info['sites']} site(s)"
+    click.echo(f"{info['path']}: {info['copies']} cop{'y' if info['copies'] == 1 else 'ies'} ({where})")
+
+
+@replicas_group.command("get")
+@click.argument("path", default="/")
+@config_option
+@_run
+def replicas_get(path: str, config: str | None) -> None:
+    """Show how many copies files under PATH get, and where that is set."""
+    with _client(config) as client:
+        _show_replicas(client.meta.call("replicas.get", path=path)[0])
+
+
+@replicas_group.command("set")
+@click.argument("path")
+@click.argument("copies", type=int)
+@config_option
+@_run
+def replicas_set(path: str, copies: int, config: str | None) -> None:
+    """Keep COPIES copies (on distinct sites) of every file uploaded under directory PATH from
+    now on; 0 inherits from the parent again.  The default is 2 once there are two sites.
+    Uploads publish a file only when all its copies are durable.  Audited.
+
+    \b
+    Example: dgf admin replicas set /projects/trial 3
+    """
+    with _client(config) as client:
+        _show_replicas(client.meta.call("admin.replicas.set", path=path, copies=copies)[0])
+
+
 @admin_group.group("deid")
 def deid_group() -> None:
     """The archive's de-identification options (PS3.15 Annex E options), which every upload uses."""

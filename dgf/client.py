@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from dgf import crypto, errors
+from dgf import crypto, errors, placement
 from dgf.config import ClientConfig
 from dgf.integrity import block_digests
 from dgf.dicom import identity
@@ -150,6 +150,21 @@ class _Prepared:
     derived: bool = False
     derived_from: str | None = None  # the object a derived file inherits its identity from
     xattrs: dict[str, str] = field(default_factory=dict)
+    copies: list[str] = field(default_factory=list)            # further sites (replication)
+    copy_receipts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def durable(self) -> bool:
+        """Every copy stored (the object may be published)."""
+        return bool(self.receipt) and all(s in self.copy_receipts for s in self.copies)
+
+
+@dataclass
+class _Copy:
+    """One copy of a prepared file on its way to one site."""
+
+    file: _Prepared
+    site: str
 
 
 class _Writer:
@@ -553,6 +568,10 @@ class Client:
         self._learn_sites(Site.from_wire(s) for s in prep["sites"])
         if site is not None and site not in sites:
             raise errors.UsageError(f"site {site!r} is not registered; known sites: {', '.join(sites)}.")
+        replication = prep.get("replication") or {"default": 1, "overrides": {}}
+        now = time.monotonic()
+        # Sites that just failed to answer are passed over while enough others are left.
+        live = [s for s in sites if now - self._unreachable.get(s, (-UNREACHABLE_S, None))[0] >= UNREACHABLE_S]
         good = {n.name for n in ok}
         todo = [(name, data) for name, data in items if name in good]
         pseudo_patients = {k: (v[0], v[1]) for k, v in prep["patients"].items()}
@@ -570,9 +589,18 @@ class Client:
                 report.warnings.extend(Failure(d.name, w) for w in d.warnings)
                 target = d.name if fixed_path else self._placement(d, to)
                 basis = (d.sop_uid if spread else d.series_uid) or d.key
-                chosen = site or sites[int(hashlib.sha256(basis.encode()).hexdigest()[:8], 16) % len(sites)]
-                prepared.append(_Prepared(d.name, d, target, chosen, derived=options.derived,
-                                          pinned=site is not None))
+                n = placement.factor(target, replication["default"], replication["overrides"])
+                if n > len(sites):
+                    report.failed.append(Failure(
+                        d.name, f"{posixpath.dirname(target)} keeps {n} copies but only {len(sites)} "
+                                f"site(s) are registered", errors.ServerError.exit_code,
+                        "more copies wanted than there are sites", hint="add a site, or lower "
+                        "'dgf admin replicas set' for that directory"))
+                    continue
+                chosen = placement.choose(basis, live if len(live) >= n and (site is None or site in live)
+                                          else sites, n, first=site)
+                prepared.append(_Prepared(d.name, d, target, chosen[0], derived=options.derived,
+                                          pinned=site is not None, copies=chosen[1:]))
         return prepared, prep["caps"]
 
     @staticmethod
@@ -606,10 +634,11 @@ class Client:
                                              "same SOP Instance UID as another file of the upload"))
         prepared = self._checked(unique, report, replace) if check else unique
         self._put([p for p in prepared if not p.linked], caps, report, meter)
-        done = [p for p in prepared if p.receipt or p.linked]
+        done = [p for p in prepared if p.durable or p.linked]
         entries = [(p, json.dumps({
             "path": p.path, "key": p.result.key, "size": p.result.size, "site": p.site,
             "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
+            "copies": [] if p.linked else [{"site": c, "receipt": p.copy_receipts[c]} for c in p.copies],
             # Derived data (computed from de-identified data) has no identity to keep.
             "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
             "derived_from": p.derived_from,
@@ -678,22 +707,37 @@ class Client:
 
     def _put(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
              meter: _Meter | None = None) -> None:
+        """Send every copy of each file to its site (all sites at once); a file is durable once
+        every copy has its receipt, and a file with a failed copy is reported, not published."""
         by_site: dict[str, list[PutItem]] = {}
+        lock = threading.Lock()
         for p in prepared:
-            stream = None
-            if p.result.layout:
-                stream = meter.metered(p.source, p.result.pieces) if meter is not None else p.result.pieces
-            by_site.setdefault(p.site, []).append(
-                PutItem(p.result.key, p.result.data, p, size=p.result.size, stream=stream))
+            for where in (p.site, *p.copies):
+                stream = None
+                if p.result.layout:
+                    # Progress counts the first copy's bytes: what the user's files weigh.
+                    stream = meter.metered(p.source, p.result.pieces) \
+                        if meter is not None and where == p.site else p.result.pieces
+                by_site.setdefault(where, []).append(
+                    PutItem(p.result.key, p.result.data, _Copy(p, where), size=p.result.size, stream=stream))
+
+        def failed(p: _Prepared, reason: str, code: int, group: str) -> None:
+            with lock:
+                if not any(f.item == p.source for f in report.failed):
+                    report.failed.append(Failure(p.source, reason, code, group))
 
         def done(item: PutItem, receipt: str | None, error: str | None) -> None:
-            if meter is not None:
-                meter.finish([item.tag.source])
-            if receipt is not None:
-                item.tag.receipt = receipt
+            copy: _Copy = item.tag
+            if meter is not None and copy.site == copy.file.site:
+                meter.finish([copy.file.source])
+            if receipt is None:
+                failed(copy.file, f"site {copy.site} refused the object: {error}", errors.ServerError.exit_code,
+                       f"refused by site {copy.site}")
+            elif copy.site == copy.file.site:
+                copy.file.receipt = receipt
             else:
-                report.failed.append(Failure(item.tag.source, f"site {item.tag.site} refused the object: {error}",
-                                             errors.ServerError.exit_code, f"refused by site {item.tag.site}"))
+                with lock:
+                    copy.file.copy_receipts[copy.site] = receipt
 
         def task(site: str, items: list[PutItem]) -> Callable[[], None]:
             def run() -> None:
@@ -702,9 +746,10 @@ class Client:
                 except errors.DgfError as exc:
                     self._drop_link(site)
                     for it in items:
-                        if not it.tag.receipt and not any(f.item == it.tag.source for f in report.failed):
-                            report.failed.append(Failure(it.tag.source, f"upload to site {site} failed: {exc}",
-                                                         exc.exit_code, f"site {site} failed: {exc}"))
+                        copy: _Copy = it.tag
+                        if not (copy.file.receipt if copy.site == copy.file.site else copy.site in copy.file.copy_receipts):
+                            failed(copy.file, f"upload to site {site} failed: {exc}", exc.exit_code,
+                                   f"site {site} failed: {exc}")
             return run
 
         run_parallel(task(s, items) for s, items in by_site.items())
@@ -1004,6 +1049,7 @@ class Client:
         volume = np.zeros((nz, ny, nx), dtype=np.float32)
         lock = threading.Lock()
         failed: dict[str, tuple[list[int], str]] = {}
+        worked: set[str] = set()                 # the sites whose partial volumes were summed
 
         def run(site: str, indices: list[int]) -> Callable[[], None]:
             def go() -> None:
@@ -1024,6 +1070,7 @@ class Client:
                     return
                 with lock:
                     np.add(volume, part, out=volume)
+                    worked.add(site)
                 if progress:
                     progress(f"site {site}: done")
             return go
@@ -1053,7 +1100,7 @@ class Client:
         values = rows[0]["values"]
         provenance = {"source_series": series, "source_series_uid": values.get("SeriesInstanceUID", ""),
                       "algorithm": "FDK (dgf, numpy)", "filter": window, "projections": len(rows),
-                      "sites": sorted(jobs), "geometry": json.loads(g.to_json())}
+                      "sites": sorted(worked), "geometry": json.loads(g.to_json())}
         files = volume_series(volume, g, provenance, {
             "PatientID": values.get("PatientID", ""), "PatientName": values.get("PatientID", ""),
             "StudyInstanceUID": values.get("StudyInstanceUID", ""),
@@ -1072,7 +1119,7 @@ class Client:
             raise errors.DgfError(f"the reconstruction could not be stored: {report.failed[0].reason}")
         for path in sorted(set(old_files) - set(report.paths)):
             self.rm(path)
-        return ReconResult(volume, g, report.paths, time.perf_counter() - t0, sorted(jobs))
+        return ReconResult(volume, g, report.paths, time.perf_counter() - t0, sorted(worked))
 
     # -- administration -------------------------------------------------------------------
 

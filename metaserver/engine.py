@@ -55,6 +55,7 @@ class NewFile:
     identity: bytes | None = None  # sealed (encrypted) identity record
     mode: int = 0o644
     blocks: bytes = b""            # per-block digests (dgf/integrity.py), as the site signed them
+    copies: tuple[str, ...] = ()   # further sites holding a durable copy (replication)
     original_size: int | None = None  # the identified original's size (with ``identity``)
 
 
@@ -222,6 +223,11 @@ class MetaEngine(ABC):
     @abstractmethod
     def identity(self, object_key: str) -> tuple[str, bytes, bytes] | None:
         """(patient pseudonym, wrapped patient data key, sealed record) or None."""
+
+    @abstractmethod
+    def replication_overrides(self) -> dict[str, int]:
+        """Directory path -> replication factor, for the directories that set one
+        (``user.dgf.replicas``; the rest inherit from their nearest ancestor)."""
 
     @abstractmethod
     def identified_sizes(self, keys: list[str]) -> dict[str, int]:

@@ -7,8 +7,9 @@ refusals, grants and deletes are written to the append-only audit table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import base64
+import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from typing import Any, Generator
 
 import paramiko
 
-from dgf import crypto, errors, wire
+from dgf import crypto, errors, placement, wire
 from dgf.config import MetaserverConfig
 from dgf.integrity import BLOCK, DIGEST, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
@@ -31,7 +32,7 @@ from dgf.dicom import identity
 from dgf.dicom.profile import OPTIONS, Options
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile
-from metaserver.sql import SqlEngine
+from metaserver.sql import REPLICAS_XATTR, SqlEngine
 from metaserver.vault import Vault
 
 log = logging.getLogger("dgf.metaserver")
@@ -59,6 +60,7 @@ POLICY: dict[str, frozenset[str]] = {
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
     "deid.options": USERS, "admin.deid.set": frozenset({"admin"}),
+    "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
 }
 
 #: xattrs the system writes; users may read them but never set or remove them.
@@ -76,6 +78,21 @@ PRINCIPALS_TTL_S = 2.0
 #: The principal an authentication gets while the database cannot say who a key belongs to:
 #: every verb it calls is answered "busy", never a misleading "refused our key".
 BUSY = Principal("(busy)", "busy", "", "")
+
+
+def _read_order(key: str, sites: list[str]) -> list[str]:
+    """The order readers try an object's replicas in: by a hash of object and site, so the
+    reads of many objects spread over every site that holds copies."""
+    return sorted(sites, key=lambda site: hashlib.sha256(f"{key}/{site}".encode()).digest())
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    d = path
+    while d != "/":
+        d = d.rsplit("/", 1)[0] or "/"
+        out.append(d)
+    return out
 
 
 @dataclass
@@ -426,6 +443,8 @@ class MetaService(wire.Service):
                          for k in patients if isinstance(k, str)},
             "sites": [s.to_wire() for s in sites],
             "caps": {s.name: self._cap(p, "put", s.name, None) for s in sites},
+            "replication": {"default": placement.default_factor(len(sites)),
+                            "overrides": self.engine.replication_overrides()},
         })
 
     @wire.verb("up.check", paths=list, keys=list, uids=list)
@@ -453,6 +472,7 @@ class MetaService(wire.Service):
             raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
+        default, overrides = placement.default_factor(len(self.engine.sites())), self.engine.replication_overrides()
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         new: list[NewFile] = []
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
@@ -468,15 +488,28 @@ class MetaService(wire.Service):
                                                   f"held at site {site}.")
                 blocks = self.engine.object_blocks([f["key"]]).get(f["key"], b"")
             else:
-                claims = crypto.verify_token(site_keys[site], f["receipt"])
-                if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
-                        ("receipt", site, f["key"], f["size"]):
-                    raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
                 blocks = base64.b64decode(f.get("blocks") or "")
-                # The hash list is kept only as the site computed it from the bytes it stored.
-                if list_digest(blocks) != claims.get("bl", "") or \
-                        (f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK)):
+                if f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK):
                     raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
+                copies = [(site, f["receipt"])] + [(str(c.get("site")), str(c.get("receipt")))
+                                                   for c in f.get("copies") or [] if isinstance(c, dict)]
+                for where, receipt in copies:
+                    if where not in site_keys:
+                        raise errors.UsageError(f"unknown site {where!r} in commit.")
+                    claims = crypto.verify_token(site_keys[where], receipt)
+                    if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
+                            ("receipt", where, f["key"], f["size"]):
+                        raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
+                    # The hash list is kept only as every site computed it from the bytes it stored.
+                    if list_digest(blocks) != claims.get("bl", ""):
+                        raise errors.PermissionDenied(
+                            f"the block digests for {f['path']} do not match the receipt of site {where}.")
+                held = len({where for where, _ in copies})
+                need = placement.factor(f["path"], default, overrides)
+                if held < need:
+                    raise errors.UsageError(
+                        f"{f['path']} has {held} durable cop{'y' if held == 1 else 'ies'}; its directory keeps "
+                        f"{need} (dgf admin replicas), so it is not published.")
             sealed, original_size = None, None
             patient = f.get("patient")
             if f.get("derived_from") and f.get("identity") is None:
@@ -491,8 +524,9 @@ class MetaService(wire.Service):
                 sealed = self.vault.seal(f["patient"], f["key"], record)
             xattrs = {query.HEADER_XATTR: f["xml"].encode()}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
+            more = tuple(str(c["site"]) for c in f.get("copies") or [] if f.get("receipt"))
             new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, patient, sealed,
-                               blocks=blocks, original_size=original_size))
+                               blocks=blocks, original_size=original_size, copies=more))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
         return wire.Reply({"created": len(stats), "release": self._released(p, released)})
@@ -552,7 +586,7 @@ class MetaService(wire.Service):
         replicas = self.engine.object_replicas(keys)
         by_site: dict[str, set[str]] = {}
         for f in files:
-            f.append(replicas.get(f[1], []))
+            f.append(_read_order(f[1], replicas.get(f[1], [])))
             for site in f[3]:
                 by_site.setdefault(site, set()).add(f[1])
         out: dict[str, Any] = {
@@ -583,6 +617,41 @@ class MetaService(wire.Service):
         if len(keys) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"sizes of {len(keys)} objects")
         return wire.Reply({"sizes": self.engine.identified_sizes(sorted(set(keys)))})
+
+    # -- replication ----------------------------------------------------------------------
+
+    @wire.verb("replicas.get", path=str)
+    def replicas_get(self, p: Principal, path: str) -> wire.Reply:
+        """A directory's replication factor: set there, inherited (from where), or the default."""
+        st = self.engine.stat(path)
+        overrides = self.engine.replication_overrides()
+        default = placement.default_factor(len(self.engine.sites()))
+        probe = st.path.rstrip("/") + "/x" if st.is_dir else st.path
+        n = placement.factor(probe, default, overrides)
+        where = next((d for d in _ancestors(probe) if d in overrides), None)
+        return wire.Reply({"path": st.path, "copies": n, "set_at": where, "default": default,
+                           "sites": len(self.engine.sites())})
+
+    @wire.verb("admin.replicas.set", path=str, copies=int)
+    def replicas_set(self, p: Principal, path: str, copies: int) -> wire.Reply:
+        """Set a directory's replication factor (0: inherit again); audited.  Files uploaded
+        from then on get that many copies; ``dgf fsck --repair`` brings older files in line."""
+        st = self.engine.stat(path)
+        if not st.is_dir:
+            raise errors.NotADirectory(f"{path} is not a directory; replication is set per directory.")
+        n_sites = len(self.engine.sites())
+        if copies < 0 or copies > n_sites:
+            raise errors.UsageError(f"copies must be between 1 and the number of sites ({n_sites}), "
+                                    "or 0 to inherit.")
+        with self.engine.audited(p.name, "replicas.set", st.path, str(copies)):
+            if copies == 0:
+                try:
+                    self.engine.removexattr(st.path, REPLICAS_XATTR)
+                except errors.NoAttribute:
+                    pass
+            else:
+                self.engine.setxattr(st.path, REPLICAS_XATTR, str(copies).encode())
+        return self.replicas_get(p, st.path)
 
     # -- de-identification policy ---------------------------------------------------------
 

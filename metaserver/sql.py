@@ -27,6 +27,8 @@ from metaserver.index import keys_t, levels_t, values_t
 from metaserver.planner import Catalogue, load_catalogue
 
 T = TypeVar("T")
+#: A directory's replication factor (set by admins through ``admin.replicas.set``).
+REPLICAS_XATTR = "user.dgf.replicas"
 ROOT = 1
 
 metadata = sa.MetaData()
@@ -604,7 +606,8 @@ class SqlEngine(MetaEngine):
                 for f, row in zip(new_files, result):
                     inos[f.path] = row.id
             obj_rows = [{"key": f.object_key, "size": f.size, "created": now} for f in files]
-            rep_rows = [{"key": f.object_key, "site": f.site, "state": "ok"} for f in files]
+            rep_rows = [{"key": f.object_key, "site": site, "state": "ok"}
+                        for f in files for site in dict.fromkeys((f.site, *f.copies))]
             id_rows = [{"object_key": f.object_key, "patient": f.patient, "sealed": f.identity,
                         "size": f.original_size}
                        for f in files if f.identity is not None and f.patient is not None]
@@ -845,6 +848,21 @@ class SqlEngine(MetaEngine):
                                .join(patients, patients.c.pseudonym == identities.c.patient)
                                .where(identities.c.object_key == object_key)).first()
             return None if row is None else (row.patient, bytes(row.wrapped_key), bytes(row.sealed))
+        return self._read(run)
+
+    def replication_overrides(self) -> dict[str, int]:
+        def run(conn: Connection) -> dict[str, int]:
+            rows = conn.execute(sa.select(xattrs.c.ino, xattrs.c.value).where(xattrs.c.name == REPLICAS_XATTR))
+            dirs = self._dir_paths(conn)
+            out = {}
+            for r in rows:
+                try:
+                    n = int(bytes(r.value))
+                except ValueError:
+                    continue
+                if r.ino in dirs:
+                    out[dirs[r.ino]] = n
+            return out
         return self._read(run)
 
     def identified_sizes(self, keys: list[str]) -> dict[str, int]:

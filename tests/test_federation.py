@@ -3,6 +3,7 @@ namespace verbs, and the failure cases of the federation issue."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import signal
@@ -217,8 +218,9 @@ def _pids(fed: local.Federation) -> dict[str, int]:
 
 def test_site_dies_mid_upload_then_rerun_completes(fresh_federation: local.Federation,
                                                    small_files: list[Path], workdir: Path) -> None:
-    """Kill site-b after the first batch: the files bound for it fail and are not visible; after
-    a restart the same upload completes, with no duplicate paths or objects."""
+    """Kill site-b as the upload starts: every file wants a copy there (two copies on two
+    sites), so the files not yet durable on both fail and are not visible; after a restart the
+    same upload completes, with no duplicate paths or objects."""
     fed = fresh_federation
     files = small_files[:30]
     killed = []
@@ -232,7 +234,10 @@ def test_site_dies_mid_upload_then_rerun_completes(fresh_federation: local.Feder
         first = c.upload(files, to="/batch", batch=10, progress=progress)
         assert killed and first.failed and first.uploaded < len(files)
         assert all("site-b" in f.reason for f in first.failed)
-        visible = {s.path for s in c.ls("/batch")}
+        try:
+            visible = {s.path for s in c.ls("/batch")}
+        except errors.NotFound:
+            visible = set()
         assert visible == set(first.paths)
     # Nothing half-written in site-b's store is an object.
     for obj in (fed.root / "store-site-b" / "objects").rglob("*"):
@@ -251,9 +256,9 @@ def test_site_dies_mid_upload_then_rerun_completes(fresh_federation: local.Feder
         listing = c.ls("/batch")
         assert len(listing) == len(files) == len({s.path for s in listing})
         keys = {s.object_key for s in listing}
-        stored = [p.name for site in ("site-a", "site-b")
-                  for p in (fed.root / f"store-{site}" / "objects").rglob("*") if p.is_file()]
-        assert sorted(stored) == sorted(keys)
+        stored = collections.Counter(p.name for site in ("site-a", "site-b")
+                                     for p in (fed.root / f"store-{site}" / "objects").rglob("*") if p.is_file())
+        assert stored == {k: 2 for k in keys}          # every object in its two copies, once each
         assert c.download(["/batch"], workdir, identified=True).downloaded == len(files)
     originals = {hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in _files_under(workdir)} == originals
@@ -268,6 +273,9 @@ def test_metaserver_restart_keeps_everything(fresh_federation: local.Federation,
     config_before = fed.config("clinician").read_text()
     pid = _pids(fed)["metaserver"]
     os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while local.status(fed.root)["processes"]["metaserver"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)                                  # the kill lands asynchronously
     # The sites still run: up restarts the whole federation, the metaserver on its old port, so
     # configs handed out before stay valid.
     again = local.up(fed.root)
@@ -284,15 +292,24 @@ def test_metaserver_restart_keeps_everything(fresh_federation: local.Federation,
 
 def test_download_fails_over_and_reports_dead_sites(fresh_federation: local.Federation, workdir: Path) -> None:
     fed = fresh_federation
+    with Client(fed.config("admin")) as admin:
+        admin.mkdir("/one")
+        admin.meta.call("admin.replicas.set", path="/one", copies=1)
     with Client(fed.config("clinician")) as c:
         c.upload([corpus.file("CT_small.dcm")], to="/one", site="site-a")
+        c.upload([corpus.file("MR_small.dcm")], to="/two", site="site-a")     # two copies, the default
+        assert [len(c.stat(s.path).replicas) for s in c.ls("/one") + c.ls("/two")] == [1, 2]
         os.kill(_pids(fed)["site-a"], signal.SIGKILL)
         time.sleep(0.2)
+        # The second copy serves what the dead site held.
+        both = c.download(["/two"], workdir / "two")
+        assert both.downloaded == 1 and not both.failed
+        assert _files_under(workdir / "two")[0].read_bytes()[128:132] == b"DICM"
         report = c.download(["/one"], workdir)
     assert report.downloaded == 0 and len(report.failed) == 1
     # The reason names the dead site and what happened, not just that no replica answered.
     assert "site site-a" in report.failed[0].reason and "is it running?" in report.failed[0].reason
-    assert not _files_under(workdir)
+    assert not _files_under(workdir / "one")
 
 
 def test_ioserver_serves_stdio_as_a_forced_command(federation: local.Federation, clinician: Client) -> None:

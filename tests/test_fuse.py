@@ -205,14 +205,21 @@ def test_identified_mount_is_for_clinicians(federation: local.Federation, tmp_pa
 def test_dead_site_gives_clean_eio_and_unmount_with_open_files(fresh_federation: local.Federation,
                                                               tmp_path: Path) -> None:
     fed = fresh_federation
+    with Client(fed.config("admin")) as admin:
+        admin.mkdir("/dead")
+        admin.meta.call("admin.replicas.set", path="/dead", copies=1)     # its only copy dies
     with Client(fed.config("clinician")) as c:
         c.upload([corpus.file("CT_small.dcm")], to="/dead", site="site-a")
+        c.upload([corpus.file("MR_small.dcm")], to="/kept", site="site-a")  # two copies
         path = c.ls("/dead")[0].path
+        kept = c.ls("/kept")[0].path
     m = Mount(fed.config("clinician"), tmp_path / "m")
     try:
         pid = int(local.status(fed.root)["processes"]["site-a"]["pid"])  # type: ignore[index]
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.3)
+        assert (m.path / kept.lstrip("/")).read_bytes() == corpus.file("MR_small.dcm").read_bytes() or \
+            (m.path / kept.lstrip("/")).read_bytes()[128:132] == b"DICM"    # read from the other copy
         with pytest.raises(OSError) as eio:
             (m.path / path.lstrip("/")).read_bytes()
         assert eio.value.errno == 5

@@ -254,7 +254,15 @@ def test_a_stale_reply_never_answers_the_next_call(fed: local.Federation) -> Non
             assert c.stat("/stale/b").path == "/stale/b"
 
 
+def _one_copy(fed: local.Federation, directory: str) -> None:
+    """Files under ``directory`` get one copy: what a failure of that copy's site does."""
+    with Client(fed.config("admin")) as admin:
+        admin.mkdir(directory, parents=True)
+        admin.meta.call("admin.replicas.set", path=directory, copies=1)
+
+
 def test_a_hung_site_costs_a_named_error_in_seconds(fed: local.Federation, tmp_path: Path) -> None:
+    _one_copy(fed, "/hung")
     with Client(fed.config("clinician")) as c:
         c.upload([corpus.file("MR_small.dcm")], to="/hung", site="site-b")
         path = c.ls("/hung")[0].path
@@ -329,6 +337,7 @@ def _large_dicom(out: Path) -> Path:
 
 def test_a_flipped_byte_is_never_served_and_a_reupload_repairs_it(fed: local.Federation, tmp_path: Path) -> None:
     source = _large_dicom(tmp_path)
+    _one_copy(fed, "/flip")
     with Client(fed.config("clinician")) as c:
         c.upload([source], to="/flip")
         path = c.ls("/flip")[0].path

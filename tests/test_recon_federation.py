@@ -74,16 +74,29 @@ def test_distributed_fdk_equals_single_node(clinician: Client) -> None:
     assert not {s.path for s in slices} & set(again.paths) and len(again.paths) == 24
 
 
-def test_a_site_lost_mid_task_is_reported(fresh_federation: local.Federation) -> None:
+def test_a_site_lost_mid_task_is_reported_or_replaced_by_a_replica(fresh_federation: local.Federation) -> None:
     g = _scan()
+    with Client(fresh_federation.config("admin")) as admin:
+        for d in ("/scan", "/kept-fdk"):
+            admin.mkdir(d)
+        admin.meta.call("admin.replicas.set", path="/scan", copies=1)      # one copy of each projection
+        admin.meta.call("admin.replicas.set", path="/kept-fdk", copies=1)  # a result one site can hold
     with Client(fresh_federation.config("clinician")) as c:
-        c.recon_import(phantom.project(g, R), g, "/scan")
+        stack = phantom.project(g, R)
+        c.recon_import(stack, g, "/scan")
+        c.recon_import(stack, g, "/kept")                                  # two copies (the default)
         pid = int(local.status(fresh_federation.root)["processes"]["site-b"]["pid"])
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         with pytest.raises(errors.TransportError, match="site site-b failed during reconstruction.*no other replica"):
             c.recon("/scan", "/scan-fdk")
-        assert [s.path for s in c.ls("/")] == ["/scan"]  # nothing half-stored
+        assert sorted(s.path for s in c.ls("/")) == ["/kept", "/kept-fdk", "/scan"]  # nothing half-stored
+        # With a second copy of every projection, site-a does site-b's share as well.
+        done = c.recon("/kept", "/kept-fdk")
+        assert done.sites == ["site-a"]
+        assert len(c.ls("/kept-fdk")) == 24
+        single = fdk(np.stack([read_projection(f)[3] for f in projection_series(stack, g)]), g, "hann")
+        np.testing.assert_allclose(done.volume, single, atol=1e-5 * float(np.abs(single).max()))
 
 
 def test_recon_of_a_path_without_projections_is_a_clear_error(clinician: Client) -> None:

@@ -118,9 +118,9 @@ def test_an_instance_is_stored_once(federation: local.Federation, tmp_path: Path
         assert one.uploaded == 1 and two.uploaded == 1 and two.already == 1 and not two.failed
         [x], [y] = c.ls("/once/x"), c.ls("/once/y")
         assert x.object_key == y.object_key            # one object, two names
-        stored = [p for site in ("site-a", "site-b")
-                  for p in (federation.root / f"store-{site}" / "objects").rglob(x.object_key)]
-        assert len(stored) == 1
+        stored = [site for site in ("site-a", "site-b")
+                  for _ in (federation.root / f"store-{site}" / "objects").rglob(x.object_key)]
+        assert stored == ["site-a", "site-b"]          # one object, in its two copies (not four)
         # Another version of the same instance elsewhere is refused, naming where it is.
         edited = _variant(tmp_path, "edited.dcm", SOPInstanceUID=pydicom.dcmread(src).SOPInstanceUID,
                           KVP="135")

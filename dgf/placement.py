@@ -1,0 +1,43 @@
+"""Where the copies of an object go, and how many there are: one rule for the client that
+places them and the metaserver that checks them.
+
+A directory's replication factor is set by an admin (``dgf admin replicas set DIR N``, kept as
+the directory's ``user.dgf.replicas`` attribute) and inherited by everything below it; without
+one the default is 2 whenever the federation has two or more sites, else 1.  Copies go to
+distinct sites: the first chosen by the object's series (so a series stays together), the others
+the next sites in name order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from typing import Mapping, Sequence
+
+#: Copies kept by default once a federation has at least this many sites.
+DEFAULT_COPIES = 2
+
+
+def default_factor(n_sites: int) -> int:
+    return DEFAULT_COPIES if n_sites >= DEFAULT_COPIES else 1
+
+
+def factor(path: str, default: int, overrides: Mapping[str, int]) -> int:
+    """The replication factor of the file at ``path``: its nearest ancestor's setting."""
+    d = posixpath.dirname(path) or "/"
+    while True:
+        if d in overrides:
+            return overrides[d]
+        if d == "/":
+            return default
+        d = posixpath.dirname(d)
+
+
+def choose(basis: str, sites: Sequence[str], n: int, first: str | None = None) -> list[str]:
+    """``n`` distinct sites for an object: ``first`` (a site the uploader named) or one chosen
+    by ``basis``, then the following sites in name order."""
+    ring = sorted(sites)
+    if not ring:
+        return []
+    start = ring.index(first) if first in ring else int(hashlib.sha256(basis.encode()).hexdigest()[:8], 16) % len(ring)
+    return [ring[(start + i) % len(ring)] for i in range(min(n, len(ring)))]
