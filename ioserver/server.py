@@ -111,12 +111,13 @@ class KeyRing:
 class IoService(wire.Service):
     def __init__(self, site: str, store: ObjectStore, cap_public: Any,
                  site_key: Any, keyring: KeyRing | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS, peer_key: paramiko.PKey | None = None) -> None:
         super().__init__()
         self.site = site
         self.store = store
         self._cap_public = cap_public
         self._site_key = site_key
+        self._peer_key = peer_key          # this site's SSH identity, to reach other sites
         self.keyring = keyring
         self.limits = limits
 
@@ -280,6 +281,64 @@ class IoService(wire.Service):
                           stream=(raw[i:i + wire.CHUNK] for i in range(0, len(raw), wire.CHUNK)),
                           stream_size=len(raw))
 
+    # -- checking and repair (dgf fsck): an admin's "fsck" capability ----------------------
+
+    @wire.verb("fsck.verify", keys=list)
+    def fsck_verify(self, s: Session, keys: list[str]) -> wire.Reply:
+        """Re-hash these objects here (streamed from disk, not sent anywhere): ok, missing or
+        corrupt (a corrupt copy is quarantined and reported, as on a read)."""
+        s.require("fsck", None)
+        if len(keys) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"a check of {len(keys)} objects")
+        states: dict[str, str] = {}
+        for key in keys:
+            key = str(key)
+            try:
+                states[key] = "ok" if self.store.verify(key) else "corrupt"
+            except errors.NotFound:
+                states[key] = "missing"
+            except errors.IntegrityError:
+                states[key] = "corrupt"
+        return wire.Reply({"states": states})
+
+    @wire.verb("fsck.list", optional=("after", "limit"), after=str, limit=int)
+    def fsck_list(self, s: Session, after: str = "", limit: int = 10_000) -> wire.Reply:
+        """The objects stored here, in key order, a page at a time: [key, size, mtime]."""
+        s.require("fsck", None)
+        limit = max(1, min(limit, self.limits.list_items))
+        objects = self.store.listing(after, limit)
+        return wire.Reply({"objects": [list(o) for o in objects], "more": len(objects) == limit})
+
+    @wire.verb("replicate", key=str, size=int, source=dict, grant=str)
+    def replicate(self, s: Session, key: str, size: int, source: dict[str, Any], grant: str) -> wire.Reply:
+        """Copy an object here from another site, site to site (the bytes do not pass through
+        the admin who asks): ``grant`` is the metaserver's get capability at ``source``, issued
+        to this site.  Checked and stored as an upload is; the reply is this site's receipt."""
+        s.require("fsck", None)
+        from dgf.types import Site
+
+        if self._peer_key is None:
+            raise errors.ServerError(f"site {self.site} has no key to reach other sites with.")
+        origin = Site.from_wire(source)
+        if origin.name == self.site:
+            raise errors.UsageError("a site cannot replicate from itself.")
+        where = f"site {origin.name}"
+        conn = wire.Connection(origin.host, origin.port, self._peer_key, origin.host_key, SUBSYSTEM,
+                               name=where, read_timeout=wire.READ_TIMEOUT)
+        try:
+            chan = conn.channel()
+            chan.call("auth", token=grant)
+            chan.send("get", {"key": key})
+            header = chan.receive_header()
+            n = int(header.get("n", 0))
+            if n != size:
+                raise errors.IntegrityError(f"{where} holds {n} bytes of object {key[:16]}..., not {size}.")
+            created, digests = self.store.put(key, chan.payload_chunks(n), size)
+        finally:
+            conn.close()
+        log.info("site %s: replicated %s (%d bytes) from %s", self.site, key[:16], size, origin.name)
+        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests)})
+
     @wire.verb("scrub")
     def scrub(self, s: Session) -> wire.Reply:
         if s.peer.role != "admin":
@@ -346,7 +405,8 @@ def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tup
     store = LocalObjectStore(cfg.store)
     store.on_quarantine = _reporter(link)
     service = IoService(cfg.site, store, crypto.load_public(cfg.metaserver_host_key),
-                        crypto.load_signing_key(cfg.key), keyring, cfg.limits)
+                        crypto.load_signing_key(cfg.key), keyring, cfg.limits,
+                        peer_key=crypto.load_paramiko_key(cfg.key))
     server = wire.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
                             host=cfg.listen[0], port=listen_port, limits=cfg.limits)
     return server, link

@@ -142,6 +142,9 @@ class ObjectStore(ABC):
     def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]: ...
 
     @abstractmethod
+    def listing(self, after: str, limit: int) -> list[tuple[str, int, float]]: ...
+
+    @abstractmethod
     def _do_stat(self, key: str) -> int | None: ...
 
     @abstractmethod
@@ -172,6 +175,29 @@ class LocalObjectStore(ObjectStore):
             for name in files:
                 if _KEY.fullmatch(name):
                     yield name
+
+    def listing(self, after: str, limit: int) -> list[tuple[str, int, float]]:
+        """(key, size, mtime) of up to ``limit`` stored objects with keys after ``after``, in
+        key order (the two directory levels are the key's first bytes, so a walk in name order
+        is key order)."""
+        out: list[tuple[str, int, float]] = []
+        for top in sorted(os.listdir(self.objects)):
+            if top < after[:2]:
+                continue
+            for mid in sorted(os.listdir(self.objects / top)):
+                if top + mid < after[:4]:
+                    continue
+                for name in sorted(os.listdir(self.objects / top / mid)):
+                    if name <= after or not _KEY.fullmatch(name):
+                        continue
+                    try:
+                        st = os.stat(self.objects / top / mid / name)
+                    except FileNotFoundError:
+                        continue
+                    out.append((name, st.st_size, st.st_mtime))
+                    if len(out) >= limit:
+                        return out
+        return out
 
     def _do_stat(self, key: str) -> int | None:
         try:

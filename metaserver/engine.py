@@ -182,6 +182,22 @@ class MetaEngine(ABC):
         """(site, state) of every replica of one object."""
 
     @abstractmethod
+    def replica_rows(self, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
+        """Object key -> (site, state) of each of its replicas, whatever their state."""
+
+    @abstractmethod
+    def add_replica(self, key: str, site: str) -> bool:
+        """Record a healthy copy of a known object at ``site``; False if the object is unknown."""
+
+    @abstractmethod
+    def drop_replica(self, key: str, site: str) -> bool:
+        """Forget ``site``'s copy of an object (missing or corrupt there); True if it was known."""
+
+    @abstractmethod
+    def recorded_at(self, site: str, keys: list[str]) -> set[str]:
+        """Those of ``keys`` the archive records a copy of at ``site`` (in any state)."""
+
+    @abstractmethod
     def audited(self, principal: str, action: str = "", target: str = "", detail: str = "",
                 released: str = "") -> Any:
         """A context in which this thread's next transaction also writes its audit entries."""

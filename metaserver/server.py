@@ -61,6 +61,10 @@ POLICY: dict[str, frozenset[str]] = {
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
     "deid.options": USERS, "admin.deid.set": frozenset({"admin"}),
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
+    "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
+    "admin.fsck.recorded": frozenset({"admin"}), "admin.fsck.copy": frozenset({"admin"}),
+    "admin.fsck.delete": frozenset({"admin"}),
+    "admin.replica.add": frozenset({"admin"}), "admin.replica.drop": frozenset({"admin"}),
 }
 
 #: xattrs the system writes; users may read them but never set or remove them.
@@ -652,6 +656,106 @@ class MetaService(wire.Service):
             else:
                 self.engine.setxattr(st.path, REPLICAS_XATTR, str(copies).encode())
         return self.replicas_get(p, st.path)
+
+    # -- checking and repair (dgf fsck) ---------------------------------------------------
+
+    @wire.verb("admin.fsck.objects", optional=("offset",), root=str, offset=int)
+    def fsck_objects(self, p: Principal, root: str, offset: int = 0) -> wire.Reply:
+        """The objects of the files under ``root``, a page at a time: key, size, the copies its
+        directory keeps (the most any of its paths asks), every recorded replica with its
+        state, and one of its paths."""
+        if offset < 0:
+            raise errors.UsageError("offset must not be negative.")
+        page = self.limits.list_items
+        default = placement.default_factor(len(self.engine.sites()))
+        overrides = self.engine.replication_overrides()
+        found: dict[str, list[Any]] = {}
+        seen = 0
+        more = False
+        for path, key, size in self.engine.walk_files(root):
+            if seen >= offset:
+                if len(found) >= page and key not in found:
+                    more = True
+                    break
+                entry = found.setdefault(key, [key, size, 0, [], path])
+                entry[2] = max(entry[2], placement.factor(path, default, overrides))
+            seen += 1
+        rows = self.engine.replica_rows(sorted(found))
+        for key, entry in found.items():
+            entry[3] = [list(r) for r in rows.get(key, [])]
+        return wire.Reply({"objects": list(found.values()), "next": seen if more else None,
+                           "sites": [st.to_wire() for st in self.engine.sites()]})
+
+    @wire.verb("admin.fsck.caps", sites=list)
+    def fsck_caps(self, p: Principal, sites: list[str]) -> wire.Reply:
+        """Capabilities to check, list and repair at these sites (``fsck``), for this admin."""
+        known = {st.name for st in self.engine.sites()}
+        return wire.Reply({"caps": {str(site): self._cap(p, "fsck", str(site), None)
+                                    for site in sites if site in known}})
+
+    @wire.verb("admin.fsck.recorded", site=str, keys=list)
+    def fsck_recorded(self, p: Principal, site: str, keys: list[str]) -> wire.Reply:
+        if len(keys) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"a lookup of {len(keys)} objects")
+        return wire.Reply({"recorded": sorted(self.engine.recorded_at(site, [str(k) for k in keys]))})
+
+    @wire.verb("admin.fsck.copy", source=str, target=str, keys=list)
+    def fsck_copy(self, p: Principal, source: str, target: str, keys: list[str]) -> wire.Reply:
+        """A get capability at ``source`` issued to site ``target`` itself, so the target fetches
+        the objects site to site."""
+        sites = {st.name: st for st in self.engine.sites()}
+        holder = {q.name: q for q in self.engine.principals() if q.role == "site"}.get(target)
+        if source not in sites or target not in sites or holder is None:
+            raise errors.NotFound(f"site {source if source not in sites else target!r} is not registered.")
+        keys = [str(k) for k in keys]
+        if len(keys) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"a copy of {len(keys)} objects")
+        return wire.Reply({"cap": self._cap(holder, "get", source, keys), "source": sites[source].to_wire()})
+
+    @wire.verb("admin.fsck.delete", site=str, keys=list)
+    def fsck_delete(self, p: Principal, site: str, keys: list[str]) -> wire.Reply:
+        """A delete capability at ``site`` for objects the archive does not record there
+        (orphans); recorded copies are never handed out for deletion this way."""
+        keys = [str(k) for k in keys]
+        if len(keys) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"a removal of {len(keys)} objects")
+        recorded = self.engine.recorded_at(site, keys)
+        if recorded:
+            raise errors.PermissionDenied(f"{len(recorded)} of these objects are recorded at site {site}; "
+                                          "only orphans may be removed.")
+        self.engine.audit(p.name, "fsck.orphans", site, "ok", f"{len(keys)} objects")
+        return wire.Reply({"cap": self._cap(p, "delete", site, keys)})
+
+    @wire.verb("admin.replica.add", key=str, site=str, receipt=str)
+    def replica_add(self, p: Principal, key: str, site: str, receipt: str) -> wire.Reply:
+        """Record a copy a repair made, on the site's signed receipt (same size, same block
+        list as the object's)."""
+        keyring = {q.name: q for q in self.engine.principals() if q.role == "site"}
+        if site not in keyring:
+            raise errors.NotFound(f"site {site!r} is not registered.")
+        claims = crypto.verify_token(crypto.load_public(keyring[site].public_key), receipt)
+        blocks = self.engine.object_blocks([key]).get(key, b"")
+        if (claims.get("t"), claims.get("site"), claims.get("key")) != ("receipt", site, key) or \
+                claims.get("bl", "") != (list_digest(blocks) if blocks else ""):
+            raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
+        with self.engine.audited(p.name, "replica.add", key, site):
+            if not self.engine.add_replica(key, site):
+                raise errors.NotFound(f"object {key[:16]}... is not in the archive.")
+        return wire.Reply({})
+
+    @wire.verb("admin.replica.drop", key=str, site=str)
+    def replica_drop(self, p: Principal, key: str, site: str) -> wire.Reply:
+        """Forget a copy fsck found missing or corrupt; refused while it is the last record
+        of the object (its files would point nowhere)."""
+        rows = self.engine.replica_rows([key]).get(key, [])
+        if not any(s == site for s, _ in rows):
+            raise errors.NotFound(f"object {key[:16]}... has no recorded copy at site {site}.")
+        if not any(s != site and state == "ok" for s, state in rows):
+            raise errors.PermissionDenied(f"site {site} holds the last recorded copy of object {key[:16]}...; "
+                                          "it is kept on record until another copy exists.")
+        with self.engine.audited(p.name, "replica.drop", key, site):
+            self.engine.drop_replica(key, site)
+        return wire.Reply({})
 
     # -- de-identification policy ---------------------------------------------------------
 

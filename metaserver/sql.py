@@ -806,6 +806,41 @@ class SqlEngine(MetaEngine):
         return self._read(lambda c: [(r.site, r.state) for r in c.execute(
             sa.select(replicas.c.site, replicas.c.state).where(replicas.c.key == key).order_by(replicas.c.site))])
 
+    def replica_rows(self, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
+        def run(conn: Connection) -> dict[str, list[tuple[str, str]]]:
+            out: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
+            for i in range(0, len(keys), 500):
+                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.state).where(
+                        replicas.c.key.in_(keys[i:i + 500])).order_by(replicas.c.site)):
+                    out[r.key].append((r.site, r.state))
+            return out
+        return self._read(run)
+
+    def add_replica(self, key: str, site: str) -> bool:
+        def run(conn: Connection) -> bool:
+            if conn.execute(sa.select(objects.c.key).where(objects.c.key == key)).first() is None:
+                return False
+            dialect = postgresql if not self.is_sqlite else sqlite
+            ins = dialect.insert(replicas)
+            conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],
+                                                   set_={"state": ins.excluded.state}),
+                         [{"key": key, "site": site, "state": "ok"}])
+            return True
+        return self._txn(run)
+
+    def drop_replica(self, key: str, site: str) -> bool:
+        return self._txn(lambda c: c.execute(replicas.delete().where(
+            replicas.c.key == key, replicas.c.site == site)).rowcount > 0)
+
+    def recorded_at(self, site: str, keys: list[str]) -> set[str]:
+        def run(conn: Connection) -> set[str]:
+            out: set[str] = set()
+            for i in range(0, len(keys), 500):
+                out.update(r.key for r in conn.execute(sa.select(replicas.c.key).where(
+                    replicas.c.site == site, replicas.c.key.in_(keys[i:i + 500]))))
+            return out
+        return self._read(run)
+
     def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             out: dict[str, list[str]] = {k: [] for k in keys}

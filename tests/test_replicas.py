@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -130,3 +136,78 @@ def test_a_directory_wanting_more_copies_than_sites_fails_by_name(tmp_path: Path
             assert [s for s, _ in c.stat(c.ls("/solo")[0].path).replicas] == ["site-a"]
     finally:
         local.down(fed.root, quiet=True)
+
+
+def _obj(fed: local.Federation, site: str, key: str) -> Path:
+    return fed.root / f"store-{site}" / "objects" / key[:2] / key[2:4] / key
+
+
+def test_fsck_finds_and_repairs_site_to_site(tmp_path: Path) -> None:
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    try:
+        with Client(fed.config("clinician")) as c:
+            assert c.upload(_fresh(tmp_path, 8), to="/fs").uploaded == 8
+            files = c.ls("/fs")
+            copies = {st.path: [s for s, _ in c.stat(st.path).replicas] for st in files}
+        # Damage: a byte flipped in one copy, another copy deleted, two files no record names.
+        flip, gone = files[0], files[1]
+        bad_site, lost_site = copies[flip.path][0], copies[gone.path][1]
+        stored = _obj(fed, bad_site, flip.object_key or "")
+        data = bytearray(stored.read_bytes())
+        data[-100] ^= 0xFF
+        stored.write_bytes(bytes(data))
+        _obj(fed, lost_site, gone.object_key or "").unlink()
+        old_orphan = _obj(fed, "site-c", "0" * 64)
+        old_orphan.parent.mkdir(parents=True, exist_ok=True)
+        old_orphan.write_bytes(b"left by an upload that died")
+        os.utime(old_orphan, (time.time() - 7200, time.time() - 7200))
+        young = _obj(fed, "site-c", "1" * 64)
+        young.parent.mkdir(parents=True, exist_ok=True)
+        young.write_bytes(b"an upload about to commit")
+
+        check = _dgf(fed, "fsck")
+        assert check.returncode == 6, check.stderr
+        assert "1 corrupt copies (quarantined):" in check.stdout and f"{flip.path} at site {bad_site}" in check.stdout
+        assert "1 missing copies:" in check.stdout and f"{gone.path} at site {lost_site}" in check.stdout
+        assert "2 under-replicated:" in check.stdout and "2 orphans:" in check.stdout
+        assert "8 objects, 16 copies checked" in check.stdout and "NOT whole" in check.stdout
+
+        repaired = _dgf(fed, "fsck", "--repair")
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert "2 copies made site to site:" in repaired.stdout and "1 orphans removed:" in repaired.stdout
+        assert not old_orphan.exists() and young.exists()          # the young one may still commit
+        with Client(fed.config("clinician")) as c:
+            for st in (flip, gone):
+                sites = [s for s, state in c.stat(st.path).replicas if state == "ok"]
+                assert len(sites) == 2 and all(_obj(fed, s, st.object_key or "").is_file() for s in sites)
+                assert hashlib.sha256(c.read_file(st.path)).hexdigest() == st.object_key
+        again = _dgf(fed, "fsck")
+        assert again.returncode == 0 and "1 orphans:" in again.stdout   # whole; the young orphan waits
+        assert "under-replicated" not in again.stdout and "corrupt" not in again.stdout
+        with Client(fed.config("admin")) as admin:
+            actions = [e["action"] for e in admin.audit_log(100)]
+            assert actions.count("replica.add") == 2 and "replica.drop" in actions and "fsck.orphans" in actions
+
+        # A site lost for good: every file stays readable, and a repair restores two copies
+        # from the survivors (the bytes go site to site).
+        os.kill(int(local.status(fed.root)["processes"]["site-a"]["pid"]), signal.SIGKILL)  # type: ignore[index]
+        with Client(fed.config("clinician")) as c:
+            out = c.download(["/fs"], tmp_path / "out")
+            assert out.downloaded == 8 and not out.failed
+        healed = _dgf(fed, "fsck", "/fs", "--repair")
+        assert "site site-a did not answer" in healed.stdout
+        with Client(fed.config("clinician")) as c:
+            for st in c.ls("/fs"):
+                living = [s for s, state in c.stat(st.path).replicas if state == "ok" and s != "site-a"]
+                assert len(living) == 2, st.path
+        with Client(fed.config("researcher")) as r:
+            with pytest.raises(errors.PermissionDenied):
+                r.meta.call("admin.fsck.caps", sites=["site-b"])
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def _dgf(fed: local.Federation, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
+    return subprocess.run([str(Path(sys.executable).parent / "dgf"), *args], capture_output=True, text=True,
+                          env=env, timeout=300)

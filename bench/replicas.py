@@ -1,0 +1,121 @@
+"""Replicas: what a second copy costs, how a lost site is survived and repaired.
+
+    .venv/bin/python bench/replicas.py [--files 300] [--large-mib 100] [--large 8] [--runs 3]
+
+On a local federation of three sites (this machine, loopback):
+
+- upload cost: ``dgf_up`` of ``--files`` small CT files into a directory that keeps one copy
+  and, interleaved, into one that keeps two (fresh files each run); the median wall time and
+  CPU seconds (client + every server) of each, and their ratio;
+- a site killed for good: every file read back through ``dgf_down`` (and the time to the first
+  file whose first copy was on the dead site);
+- repair: ``dgf fsck --repair`` restores two copies of ``--large`` objects of ``--large-mib``
+  MiB from the survivors, site to site; its copy rate.
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import synth  # noqa: E402
+from dgf import local  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MiB = 1024 * 1024
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(cmd: list[str], env: dict[str, str], pids: list[int]) -> tuple[float, float, str]:
+    """(wall s, CPU s of the command and the servers, stdout)."""
+    servers = sum(_cpu(p) for p in pids)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) not in (0, 6):
+        raise SystemExit(f"{cmd[1]} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return wall, usage.ru_utime + usage.ru_stime + sum(_cpu(p) for p in pids) - servers, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=300)
+    ap.add_argument("--large-mib", type=int, default=100)
+    ap.add_argument("--large", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dgf-bench-replicas-"))
+    fed = local.up(work / "fed", sites=("site-a", "site-b", "site-c"))
+    results: dict[str, object] = {"files": args.files, "runs": args.runs}
+    try:
+        pids = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
+        admin = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
+        clin = dict(os.environ, DGF_CONFIG=str(fed.config("clinician")))
+        times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+        for run in range(args.runs):
+            for copies in (1, 2):
+                where = f"/cost{copies}/{run}"
+                subprocess.run([str(BIN / "dgf"), "mkdir", "-p", where], env=admin, check=True)
+                subprocess.run([str(BIN / "dgf"), "admin", "replicas", "set", where, str(copies)], env=admin,
+                               check=True, capture_output=True)
+                src = synth.small_corpus(work / f"src{copies}_{run}", args.files, seed=1000 * run + copies)
+                wall, cpu, _ = _run([str(BIN / "dgf_up"), str(src[0].parent), "-r", "--to", where], clin, pids)
+                times[copies].append((wall, cpu))
+                shutil.rmtree(src[0].parent)
+        one = statistics.median(w for w, _ in times[1])
+        two = statistics.median(w for w, _ in times[2])
+        results["upload s (1 copy, 2 copies, ratio)"] = [round(one, 2), round(two, 2), round(two / one, 2)]
+        results["upload CPU ms per file (1 copy, 2 copies)"] = [
+            round(statistics.median(c for _, c in times[c_]) / args.files * 1000, 2) for c_ in (1, 2)]
+
+        # Large objects with two copies, then one site lost for good.
+        big = work / "big"
+        big.mkdir()
+        for i in range(args.large):
+            synth.multiframe(big / f"big{i}.dcm", args.large_mib * MiB, seed=50 + i)
+        subprocess.run([str(BIN / "dgf_up"), str(big), "-r", "--to", "/large"], env=clin, check=True,
+                       capture_output=True)
+        shutil.rmtree(big)
+        victim = json.loads((fed.root / local.STATE).read_text())["pids"]["site-a"]
+        os.kill(int(victim), signal.SIGKILL)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        out = subprocess.run([str(BIN / "dgf_down"), "/cost2", "/large", "-o", str(work / "out")], env=clin,
+                             capture_output=True, text=True)
+        results["read after losing site-a: files, failed, s"] = [
+            sum(1 for _ in (work / "out").rglob("*.dcm")), out.returncode, round(time.perf_counter() - t0, 2)]
+        shutil.rmtree(work / "out", ignore_errors=True)
+        living = [p for p in pids if p != int(victim)]
+        wall, cpu, report = _run([str(BIN / "dgf"), "fsck", "/large", "--repair"], admin, living)
+        copied = args.large * args.large_mib * MiB
+        results["repair (fsck --repair /large)"] = {
+            "objects": args.large, "MiB each": args.large_mib, "wall s": round(wall, 2),
+            "MB/s site to site": round(copied / wall / 1e6, 1), "CPU s": round(cpu, 2),
+            "summary": report.strip().splitlines()[-1]}
+    finally:
+        local.down(fed.root, quiet=True)
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

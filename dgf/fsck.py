@@ -1,0 +1,255 @@
+"""``dgf fsck``: is every file's object held, intact, in as many copies as its directory keeps?
+
+The admin's client orchestrates; the bytes never come to it:
+
+1. the metaserver lists the objects under a path, with the copies each should have and every
+   copy it records (``admin.fsck.objects``);
+2. each site re-hashes its copies where they lie (``fsck.verify``, streamed from its disk) and
+   says which are intact, missing or corrupt (a corrupt copy is quarantined, as on a read);
+3. for a whole-archive check, each site lists what it stores (``fsck.list``); what the archive
+   does not record there is an orphan (an upload that died before its commit, a copy of a
+   removed file);
+4. with ``repair``: an object with fewer intact copies than it should have is copied **site to
+   site** (the target fetches from a sound copy with a capability the metaserver issued to it,
+   checks and stores it, and signs a receipt the metaserver checks before recording the copy);
+   records of missing or corrupt copies are then dropped; orphans older than ``grace_s`` are
+   removed.  Over-replicated objects are reported, never trimmed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from dgf import errors, placement
+from dgf.types import Site
+
+#: Objects per site request (a check or a copy); each is bounded by the servers' list_items.
+BATCH = 200
+#: How long one site request may run: re-hashing a batch of large objects takes a while.
+SITE_WAIT_S = 600.0
+#: Orphans younger than this are left alone: they may be an upload about to commit.
+GRACE_S = 3600.0
+
+
+@dataclass
+class Entry:
+    key: str
+    size: int
+    want: int                               # copies its directory keeps
+    path: str                               # one of its paths, for messages
+    recorded: dict[str, str]                # site -> state the metaserver records
+    found: dict[str, str] = field(default_factory=dict)   # site -> ok | missing | corrupt | unchecked
+
+    @property
+    def intact(self) -> list[str]:
+        return sorted(s for s, state in self.found.items() if state == "ok")
+
+
+@dataclass
+class FsckReport:
+    objects: int = 0
+    copies_checked: int = 0
+    missing: list[tuple[str, str]] = field(default_factory=list)        # (path, site)
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    under: list[tuple[str, int, int]] = field(default_factory=list)     # (path, intact, wanted)
+    over: list[tuple[str, int, int]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)                       # no intact copy anywhere
+    orphans: list[tuple[str, str, int, float]] = field(default_factory=list)  # (site, key, size, age s)
+    unreachable: dict[str, str] = field(default_factory=dict)          # site -> why
+    copied: list[tuple[str, str]] = field(default_factory=list)         # (path, to site)
+    dropped: list[tuple[str, str]] = field(default_factory=list)        # (path, site) records forgotten
+    removed: list[tuple[str, str]] = field(default_factory=list)        # (site, key) orphans removed
+    failures: list[str] = field(default_factory=list)                   # repair steps that failed
+    bytes_copied: int = 0
+    seconds: float = 0.0
+    repair: bool = False
+
+    @property
+    def whole(self) -> bool:
+        """Every object has its copies, all intact, and every site answered."""
+        if self.repair:
+            fixed = {p for p, _ in self.copied}
+            return not self.lost and not self.failures and not self.unreachable and \
+                all(p in fixed or have >= want for p, have, want in self.under)
+        return not (self.missing or self.corrupt or self.under or self.lost or self.unreachable)
+
+
+def fsck(client: Any, root: str = "/", repair: bool = False, grace_s: float = GRACE_S,
+         progress: Callable[[str], None] | None = None) -> FsckReport:
+    """Check (and with ``repair`` mend) the objects of the files under ``root``."""
+    t0 = time.perf_counter()
+    say = progress or (lambda line: None)
+    report = FsckReport(repair=repair)
+    entries, sites = _objects(client, root)
+    report.objects = len(entries)
+    caps = client.meta.call("admin.fsck.caps", sites=sorted(sites))[0]["caps"]
+    say(f"checking {sum(len(e.recorded) for e in entries.values())} copies of {len(entries)} objects "
+        f"on {len(sites)} site(s)")
+    lock = threading.Lock()
+
+    def check(site: str) -> None:
+        keys = [k for k, e in entries.items() if site in e.recorded]
+        try:
+            for i in range(0, len(keys), BATCH):
+                states = client.site_link(site).call("fsck.verify", caps[site], wait_s=SITE_WAIT_S,
+                                                     keys=keys[i:i + BATCH])[0]["states"]
+                with lock:
+                    for key, state in states.items():
+                        entries[key].found[site] = state
+                        report.copies_checked += 1
+        except errors.DgfError as exc:
+            with lock:
+                report.unreachable[site] = exc.message
+                for key in keys:
+                    entries[key].found.setdefault(site, "unchecked")
+        if root == "/" and site not in report.unreachable:
+            _orphans(client, site, caps[site], report, lock)
+
+    with ThreadPoolExecutor(max(1, len(sites)), thread_name_prefix="dgf-fsck") as pool:
+        list(pool.map(check, sorted(sites)))
+    for e in entries.values():
+        for site, state in e.found.items():
+            if state == "missing":
+                report.missing.append((e.path, site))
+            elif state == "corrupt":
+                report.corrupt.append((e.path, site))
+        have = len(e.intact)
+        if have == 0:
+            report.lost.append(e.path)
+        elif have < e.want:
+            report.under.append((e.path, have, e.want))
+        elif have > e.want:
+            report.over.append((e.path, have, e.want))
+    if repair:
+        _repair(client, entries, sites, caps, report, say)
+        _remove_orphans(client, report, grace_s, say)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _objects(client: Any, root: str) -> tuple[dict[str, Entry], dict[str, Site]]:
+    entries: dict[str, Entry] = {}
+    sites: dict[str, Site] = {}
+    offset: int | None = 0
+    while offset is not None:
+        page = client.meta.call("admin.fsck.objects", root=root, offset=offset)[0]
+        for s in page["sites"]:
+            site = Site.from_wire(s)
+            sites[site.name] = site
+        for key, size, want, rows, path in page["objects"]:
+            e = entries.get(key)
+            if e is None:
+                entries[key] = Entry(key, size, want, path, {s: state for s, state in rows})
+            else:
+                e.want = max(e.want, want)
+        offset = page["next"]
+    client._learn_sites(sites.values())
+    return entries, sites
+
+
+def _orphans(client: Any, site: str, cap: str, report: FsckReport, lock: threading.Lock) -> None:
+    """What ``site`` stores that the archive does not record there."""
+    after = ""
+    now = time.time()
+    while True:
+        reply = client.site_link(site).call("fsck.list", cap, wait_s=SITE_WAIT_S, after=after, limit=2000)[0]
+        listed = reply["objects"]
+        if not listed:
+            return
+        for i in range(0, len(listed), BATCH):
+            part = listed[i:i + BATCH]
+            recorded = set(client.meta.call("admin.fsck.recorded", site=site,
+                                             keys=[k for k, _, _ in part])[0]["recorded"])
+            with lock:
+                report.orphans.extend((site, k, size, now - mtime) for k, size, mtime in part if k not in recorded)
+        after = listed[-1][0]
+        if not reply["more"]:
+            return
+
+
+def _repair(client: Any, entries: dict[str, Entry], sites: dict[str, Site], caps: dict[str, str],
+            report: FsckReport, say: Callable[[str], None]) -> None:
+    """Copy under-replicated objects site to site, then forget the copies that are gone."""
+    up = [s for s in sorted(sites) if s not in report.unreachable]
+    jobs: dict[tuple[str, str], list[Entry]] = {}          # (source, target) -> objects
+    for e in entries.values():
+        intact = e.intact
+        need = e.want - len(intact)
+        if not intact or need <= 0:
+            continue
+        candidates = [s for s in placement.choose(e.key, up, len(up)) if s not in intact]
+        if len(candidates) < need:
+            report.failures.append(f"{e.path}: {need} more cop{'y' if need == 1 else 'ies'} wanted, "
+                                   f"{len(candidates)} site(s) can take one")
+        for target in candidates[:need]:
+            jobs.setdefault((intact[0], target), []).append(e)
+    if jobs:
+        say(f"copying {sum(len(v) for v in jobs.values())} object(s) site to site")
+    lock = threading.Lock()
+
+    def copy(source: str, target: str, batch: list[Entry]) -> None:
+        for i in range(0, len(batch), BATCH):
+            part = batch[i:i + BATCH]
+            try:
+                grant = client.meta.call("admin.fsck.copy", source=source, target=target,
+                                         keys=[e.key for e in part])[0]
+            except errors.DgfError as exc:
+                with lock:
+                    report.failures.extend(f"{e.path}: no copy from {source} to {target} ({exc.message})" for e in part)
+                continue
+            for e in part:
+                try:
+                    receipt = client.site_link(target).call(
+                        "replicate", caps[target], wait_s=SITE_WAIT_S, key=e.key, size=e.size,
+                        source=grant["source"], grant=grant["cap"])[0]["receipt"]
+                    client.meta.call("admin.replica.add", key=e.key, site=target, receipt=receipt)
+                except errors.DgfError as exc:
+                    with lock:
+                        report.failures.append(f"{e.path}: copy from site {source} to site {target} failed "
+                                               f"({exc.message})")
+                    continue
+                with lock:
+                    report.copied.append((e.path, target))
+                    report.bytes_copied += e.size
+                    e.found[target] = "ok"
+
+    by_target: dict[str, list[tuple[str, list[Entry]]]] = {}
+    for (source, target), batch in jobs.items():
+        by_target.setdefault(target, []).append((source, batch))
+    def to(target: str) -> None:
+        for source, batch in by_target[target]:
+            copy(source, target, batch)
+
+    with ThreadPoolExecutor(max(1, len(by_target)), thread_name_prefix="dgf-repair") as pool:
+        list(pool.map(to, by_target))
+    # Records of copies that are gone, now that other copies stand in for them.
+    for e in entries.values():
+        for site, state in list(e.found.items()):
+            if state in ("missing", "corrupt") and site in e.recorded:
+                try:
+                    client.meta.call("admin.replica.drop", key=e.key, site=site)
+                    report.dropped.append((e.path, site))
+                except errors.DgfError as exc:
+                    report.failures.append(f"{e.path}: the record of its copy at {site} stays ({exc.message})")
+
+
+def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callable[[str], None]) -> None:
+    old: dict[str, list[str]] = {}
+    for site, key, _, age in report.orphans:
+        if age >= grace_s:
+            old.setdefault(site, []).append(key)
+    for site, keys in old.items():
+        say(f"removing {len(keys)} orphan(s) at site {site}")
+        for i in range(0, len(keys), BATCH):
+            part = keys[i:i + BATCH]
+            try:
+                cap = client.meta.call("admin.fsck.delete", site=site, keys=part)[0]["cap"]
+                for key in part:
+                    client.site_link(site).call("delete", cap, key=key)
+                    report.removed.append((site, key))
+            except errors.DgfError as exc:
+                report.failures.append(f"orphans at site {site} stay ({exc.message})")
