@@ -57,6 +57,11 @@ class Limits:
     #: Voxels of one partial reconstruction volume, and bytes of the projections it reads.
     recon_voxels: int = 1 << 26
     recon_projection_bytes: int = 512 * MiB
+    #: Background scrubbing: every stored object is re-hashed once per pass, at most this many
+    #: MB/s, with this many seconds between passes (and before the first); a corrupt copy is
+    #: quarantined and reported to the metaserver, as on a read.
+    scrub_mb_s: float = 20.0
+    scrub_pause_s: float = 86_400.0
 
     @classmethod
     def from_section(cls, values: dict[str, str], where: str) -> "Limits":

@@ -399,6 +399,38 @@ def _reporter(link: MetaLink) -> Any:
     return report
 
 
+def _scrubber(store: LocalObjectStore, rate_mb_s: float, pause_s: float) -> None:
+    """Re-hash every stored object in the background, a pass every ``pause_s`` seconds at most
+    ``rate_mb_s``; ``store.verify`` quarantines a corrupt copy and the reporter tells the
+    metaserver, so readers stop being sent there and ``dgf fsck --repair`` makes a new copy."""
+    def loop() -> None:
+        while True:
+            time.sleep(pause_s)
+            t0, done, checked, corrupt = time.monotonic(), 0, 0, 0
+            for key in list(store.keys()):
+                try:
+                    size = store.stat(key)
+                    if not store.verify(key):
+                        corrupt += 1
+                except errors.NotFound:
+                    continue                         # removed meanwhile
+                except errors.IntegrityError:
+                    corrupt += 1
+                    size = 0
+                except Exception:  # noqa: BLE001 - one unreadable object must not end the scrubbing
+                    log.exception("scrub: could not check object %s", key[:16])
+                    continue
+                checked += 1
+                done += size
+                ahead = done / (rate_mb_s * 1e6) - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            log.info("scrub: %d objects (%d MB) checked in %.1f s, %d corrupt", checked, done // 10**6,
+                     time.monotonic() - t0, corrupt)
+
+    threading.Thread(target=loop, daemon=True, name="dgf-scrub").start()
+
+
 def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
     link = MetaLink(cfg)
     keyring = KeyRing(lambda: link.call("site.keys")["principals"])
@@ -443,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         server.service.keyring.start()  # type: ignore[attr-defined]
         link.call("site.register", site=cfg.site, host=host, port=port,
                   host_key=crypto.public_line(host_key))
+        _scrubber(server.service.store, cfg.limits.scrub_mb_s, cfg.limits.scrub_pause_s)  # type: ignore[attr-defined,arg-type]
     except errors.DgfError as exc:
         print(f"dgf-ioserver: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -211,3 +211,30 @@ def _dgf(fed: local.Federation, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
     return subprocess.run([str(Path(sys.executable).parent / "dgf"), *args], capture_output=True, text=True,
                           env=env, timeout=300)
+
+
+def test_sites_scrub_in_the_background(tmp_path: Path) -> None:
+    """A byte flipped on a site's disk is found by the site itself, without any read: the copy
+    is quarantined, readers go to the other copy, and fsck --repair makes a new one."""
+    fed = local.up(tmp_path / "fed", limits={"scrub_mb_s": "200", "scrub_pause_s": "0.3"})
+    try:
+        with Client(fed.config("clinician")) as c:
+            c.upload(_fresh(tmp_path, 1), to="/scrub")
+            st = c.ls("/scrub")[0]
+            stored = _obj(fed, "site-b", st.object_key or "")
+            data = bytearray(stored.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            stored.write_bytes(bytes(data))
+            deadline = time.monotonic() + 20
+            while ("site-b", "quarantined") not in c.stat(st.path).replicas and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert c.stat(st.path).replicas == (("site-a", "ok"), ("site-b", "quarantined"))
+            assert not stored.exists()
+            assert hashlib.sha256(c.read_file(st.path)).hexdigest() == st.object_key
+        assert "1 corrupt" in (fed.root / "logs" / "site-b.log").read_text()
+        repaired = _dgf(fed, "fsck", "--repair")
+        assert repaired.returncode == 0 and "1 copies made site to site" in repaired.stdout, repaired.stdout
+        with Client(fed.config("clinician")) as c:
+            assert c.stat(st.path).replicas == (("site-a", "ok"), ("site-b", "ok")) and stored.is_file()
+    finally:
+        local.down(fed.root, quiet=True)
