@@ -765,10 +765,51 @@ def site_group() -> None:
 @config_option
 @_run
 def site_list(config: str | None) -> None:
-    """List registered I/O sites and their addresses."""
+    """List registered I/O sites and their addresses (and which are draining)."""
     with _client(config) as client:
-        for s in client.sites():
-            click.echo(f"{s.name}\t{s.host}:{s.port}")
+        reply = client.meta.call("site.list")[0]
+    for s in reply["sites"]:
+        click.echo(f"{s['name']}\t{s['host']}:{s['port']}" + ("\tdraining" if s["name"] in reply.get("draining", []) else ""))
+
+
+@site_group.command("drain")
+@click.argument("name")
+@click.option("--cancel", is_flag=True, help="Let the site take new copies again.")
+@config_option
+@_run
+def site_drain(name: str, cancel: bool, config: str | None) -> None:
+    """Move every object off site NAME while reads go on (admin): no new copies go there, each
+    object it holds is copied to another site (site to site) before its copy there is removed.
+    Objects no other site can take stay and are named; run it again once there is room.
+    Then 'dgf admin site remove NAME'.  Audited."""
+    with _client(config) as client:
+        if cancel:
+            client.meta.call("admin.site.drain", site=name, on=False)
+            click.echo(f"site {name} takes new copies again")
+            return
+        from dgf.fsck import drain
+
+        report = drain(client, name, progress=lambda line: click.echo(line, err=True))
+    for line in report.stuck[:LISTED_PER_KIND]:
+        click.echo(f"stays: {line}", err=True)
+    click.echo(f"site {name}: {len(report.moved)} object(s) moved ({report.bytes_moved / 1e6:.1f} MB), "
+               f"{len(report.released)} unsound cop(ies) released, {len(report.stuck)} stay, "
+               f"in {report.seconds:.1f} s")
+    if report.stuck:
+        sys.exit(errors.ServerError.exit_code)
+
+
+@site_group.command("remove")
+@click.argument("name")
+@config_option
+@_run
+def site_remove(name: str, config: str | None) -> None:
+    """Forget site NAME and its key (admin).  Refused while it holds the only sound copy of any
+    object: drain it first.  Copies it held are forgotten ('dgf fsck --repair' makes them
+    again elsewhere).  Audited."""
+    with _client(config) as client:
+        n = client.meta.call("admin.site.remove", site=name)[0]["forgotten"]
+    click.echo(f"site {name} removed; {n} record(s) of copies there forgotten")
 
 
 @admin_group.group("replicas")
@@ -839,6 +880,31 @@ def deid_set(names: tuple[str, ...], config: str | None) -> None:
     with _client(config) as client:
         now = client.meta.call("admin.deid.set", options=list(names))[0]["options"]
     click.echo("uploads now use: Basic Profile" + "".join(f" + {n}" for n in now))
+
+
+@admin_group.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@config_option
+@_run
+def backup_cmd(file: str, config: str | None) -> None:
+    """Write a consistent copy of the metadata database to FILE while the archive keeps serving
+    (admin; SQLite's online backup; for PostgreSQL use pg_dump).  Patient identities in it stay
+    encrypted under the vault key, which is not in the copy: keep the vault key file safe
+    apart.  Restore: stop the metaserver, put FILE in place of its database, start it, then run
+    'dgf fsck' (files uploaded after the backup show as orphans on the sites).  Audited."""
+    import os
+
+    target = Path(file)
+    if target.exists():
+        raise errors.AlreadyExists(f"{file} exists; name a new file.")
+    partial = target.with_name(target.name + ".partial")
+    with _client(config) as client:
+        try:
+            result = client.meta.call_to_file("admin.backup", partial, wait_s=3600.0)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    click.echo(f"backed up the metadata ({result.get('size', target.stat().st_size) / 1e6:.1f} MB) to {file}")
 
 
 @admin_group.command("audit")

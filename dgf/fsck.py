@@ -253,3 +253,69 @@ def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callab
                     report.removed.append((site, key))
             except errors.DgfError as exc:
                 report.failures.append(f"orphans at site {site} stay ({exc.message})")
+
+
+@dataclass
+class DrainReport:
+    site: str
+    moved: list[str] = field(default_factory=list)          # keys copied elsewhere, then removed here
+    released: list[str] = field(default_factory=list)       # keys with enough copies elsewhere: removed here
+    stuck: list[str] = field(default_factory=list)          # why objects stay (one line each)
+    bytes_moved: int = 0
+    seconds: float = 0.0
+
+
+def drain(client: Any, site: str, progress: Callable[[str], None] | None = None) -> DrainReport:
+    """Move every object off ``site`` while reads go on: the site is marked draining (no new
+    copies go there), each object it holds gets a copy on another site (site to site, as a
+    repair) before the site's copy is forgotten and removed, so no object ever has fewer sound
+    copies than before.  An object no other site can take stays, and is named."""
+    t0 = time.perf_counter()
+    say = progress or (lambda line: None)
+    report = DrainReport(site)
+    client.meta.call("admin.site.drain", site=site, on=True)
+    caps: dict[str, str] = {}
+    after = ""
+    while True:
+        page = client.meta.call("admin.site.objects", site=site, after=after)[0]
+        if not page["objects"]:
+            break
+        sites = {Site.from_wire(s).name: Site.from_wire(s) for s in page["sites"]}
+        client._learn_sites(sites.values())
+        takers = [s for s in sorted(sites) if s not in page["draining"]]
+        missing_caps = [s for s in sites if s not in caps]
+        if missing_caps:
+            caps.update(client.meta.call("admin.fsck.caps", sites=missing_caps)[0]["caps"])
+        say(f"site {site}: moving {len(page['objects'])} object(s)")
+        for key, size, copies in page["objects"]:
+            sound = [s for s, state in copies if state == "ok"]
+            elsewhere = [s for s in sound if s != site]
+            holders = {s for s, _ in copies}
+            target = next((s for s in placement.choose(key, takers, len(takers)) if s not in holders), None)
+            source = site if site in sound else (elsewhere[0] if elsewhere else None)
+            try:
+                if source is None:
+                    report.stuck.append(f"{key[:16]}...: no sound copy anywhere to move from")
+                    continue
+                if target is not None:
+                    grant = client.meta.call("admin.fsck.copy", source=source, target=target, keys=[key])[0]
+                    receipt = client.site_link(target).call(
+                        "replicate", caps[target], wait_s=SITE_WAIT_S, key=key, size=size,
+                        source=grant["source"], grant=grant["cap"])[0]["receipt"]
+                    client.meta.call("admin.replica.add", key=key, site=target, receipt=receipt)
+                    report.moved.append(key)
+                    report.bytes_moved += size
+                elif site in sound:
+                    # Every site that takes copies holds one already: moving would lower the count.
+                    report.stuck.append(f"{key[:16]}...: every other site already holds a copy")
+                    continue
+                else:
+                    report.released.append(key)      # the copy here is not sound: nothing is lost
+                client.meta.call("admin.replica.drop", key=key, site=site)
+                cap = client.meta.call("admin.fsck.delete", site=site, keys=[key])[0]["cap"]
+                client.site_link(site).call("delete", cap, key=key)
+            except errors.DgfError as exc:
+                report.stuck.append(f"{key[:16]}...: {exc.message}")
+        after = page["objects"][-1][0]
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -58,6 +58,30 @@ class MetaLink:
         finally:
             self._pool.put(chan)
 
+    def call_to_file(self, verb: str, out: Path, wait_s: float | None = None, **args: Any) -> dict[str, Any]:
+        """A call whose reply payload streams into file ``out`` (created, never overwritten)."""
+        chan = self._pool.get()
+        try:
+            if chan.broken:
+                fresh = self.conn.channel()
+                chan.close()
+                chan = fresh
+            with chan.lock:
+                if wait_s is not None:
+                    wire._settimeout(chan._chan, wait_s)
+                try:
+                    chan.send(verb, args)
+                    header = chan.receive_header()
+                    with open(out, "xb") as fh:
+                        for piece in chan.payload_chunks(int(header.get("n", 0))):
+                            fh.write(piece)
+                finally:
+                    if wait_s is not None:
+                        wire._settimeout(chan._chan, chan.read_timeout)
+            return dict(header.get("r") or {})
+        finally:
+            self._pool.put(chan)
+
     def close(self) -> None:
         self.conn.close()
 

@@ -194,6 +194,19 @@ class MetaEngine(ABC):
         """Forget ``site``'s copy of an object (missing or corrupt there); True if it was known."""
 
     @abstractmethod
+    def objects_at(self, site: str, after: str, limit: int) -> list[tuple[str, int, list[tuple[str, str]]]]:
+        """(key, size, every replica's (site, state)) of the objects recorded at ``site``, in key
+        order after ``after``, at most ``limit``."""
+
+    @abstractmethod
+    def backup_to(self, path: str) -> None:
+        """Write a consistent copy of the whole database to ``path`` while it keeps serving."""
+
+    @abstractmethod
+    def remove_site(self, name: str) -> int:
+        """Forget a site: its registration and every record of a copy there; return how many."""
+
+    @abstractmethod
     def recorded_at(self, site: str, keys: list[str]) -> set[str]:
         """Those of ``keys`` the archive records a copy of at ``site`` (in any state)."""
 

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Generator, Iterator
 
 import paramiko
 
@@ -65,6 +65,8 @@ POLICY: dict[str, frozenset[str]] = {
     "admin.fsck.recorded": frozenset({"admin"}), "admin.fsck.copy": frozenset({"admin"}),
     "admin.fsck.delete": frozenset({"admin"}),
     "admin.replica.add": frozenset({"admin"}), "admin.replica.drop": frozenset({"admin"}),
+    "admin.site.drain": frozenset({"admin"}), "admin.site.objects": frozenset({"admin"}),
+    "admin.site.remove": frozenset({"admin"}), "admin.backup": frozenset({"admin"}),
 }
 
 #: xattrs the system writes; users may read them but never set or remove them.
@@ -221,7 +223,57 @@ class MetaService(wire.Service):
 
     @wire.verb("site.list")
     def site_list(self, p: Principal) -> wire.Reply:
-        return wire.Reply({"sites": [s.to_wire() for s in self.engine.sites()]})
+        return wire.Reply({"sites": [s.to_wire() for s in self.engine.sites()], "draining": sorted(self._draining())})
+
+    def _draining(self) -> set[str]:
+        """Sites an admin is moving everything off: they serve reads but take no new copies."""
+        return set(json.loads(self.engine.get_setting("sites.draining") or "[]"))
+
+    @wire.verb("admin.site.drain", site=str, on=bool)
+    def site_drain(self, p: Principal, site: str, on: bool) -> wire.Reply:
+        """Mark a site draining (no new copies go there; reads go on), or take the mark back."""
+        if site not in {st.name for st in self.engine.sites()}:
+            raise errors.NotFound(f"no site named {site!r} is registered.")
+        draining = self._draining()
+        draining = draining | {site} if on else draining - {site}
+        self.engine.set_setting("sites.draining", json.dumps(sorted(draining)))
+        self.engine.audit(p.name, "site.drain" if on else "site.undrain", site, "ok")
+        return wire.Reply({"draining": sorted(draining)})
+
+    @wire.verb("admin.site.objects", optional=("after",), site=str, after=str)
+    def site_objects(self, p: Principal, site: str, after: str = "") -> wire.Reply:
+        """The objects recorded at ``site``, a page at a time, with every copy's site and state."""
+        rows = self.engine.objects_at(site, after, min(self.limits.list_items, 2000))
+        return wire.Reply({"objects": [[k, n, [list(c) for c in copies]] for k, n, copies in rows],
+                           "sites": [st.to_wire() for st in self.engine.sites()],
+                           "draining": sorted(self._draining())})
+
+    @wire.verb("admin.site.remove", site=str)
+    def site_remove(self, p: Principal, site: str) -> wire.Reply:
+        """Forget a site and its principal.  Refused while any object's only sound copy is there
+        (drain it first); other objects lose a copy, which ``dgf fsck --repair`` makes again."""
+        after, last, held = "", 0, 0
+        while True:
+            rows = self.engine.objects_at(site, after, 2000)
+            if not rows:
+                break
+            for _, _, copies in rows:
+                held += 1
+                if not any(s != site and state == "ok" for s, state in copies):
+                    last += 1
+            after = rows[-1][0]
+        if last:
+            raise errors.PermissionDenied(f"site {site} holds the only sound copy of {last} object(s); "
+                                          f"drain it first ('dgf admin site drain {site}').")
+        with self.engine.audited(p.name, "site.remove", site, f"{held} copies forgotten"):
+            forgotten = self.engine.remove_site(site)
+        try:
+            self.engine.remove_principal(site)
+        except errors.NotFound:
+            pass
+        draining = self._draining() - {site}
+        self.engine.set_setting("sites.draining", json.dumps(sorted(draining)))
+        return wire.Reply({"forgotten": forgotten})
 
     # -- namespace ------------------------------------------------------------------------
 
@@ -438,9 +490,11 @@ class MetaService(wire.Service):
     def up_prepare(self, p: Principal, uids: list[str], patients: list[str]) -> wire.Reply:
         """Pseudonyms for a batch (the HMAC key never leaves this server) and put capabilities."""
         keys = self.vault.keys
-        sites = self.engine.sites()
+        draining = self._draining()
+        sites = [st for st in self.engine.sites() if st.name not in draining]
         if not sites:
-            raise errors.ServerError("no I/O site is registered; start an ioserver first.")
+            raise errors.ServerError("no I/O site takes uploads (none registered, or all draining); "
+                                     "start an ioserver first.")
         return wire.Reply({
             "uids": {u: keys.pseudo_uid(u) for u in uids if isinstance(u, str)},
             "patients": {k: [keys.pseudo_patient(k), keys.date_offset_days(k)]
@@ -476,7 +530,8 @@ class MetaService(wire.Service):
             raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
-        default, overrides = placement.default_factor(len(self.engine.sites())), self.engine.replication_overrides()
+        takers = [st for st in self.engine.sites() if st.name not in self._draining()]
+        default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         new: list[NewFile] = []
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
@@ -656,6 +711,31 @@ class MetaService(wire.Service):
             else:
                 self.engine.setxattr(st.path, REPLICAS_XATTR, str(copies).encode())
         return self.replicas_get(p, st.path)
+
+    @wire.verb("admin.backup")
+    def backup(self, p: Principal) -> wire.Reply:
+        """A consistent copy of the metadata database, taken while it serves (SQLite's online
+        backup), streamed to the admin.  Patient keys in it stay wrapped by the vault key, which
+        is not in the copy: keep the vault key file safe on its own."""
+        import os
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix="dgf-backup-", suffix=".db")
+        os.close(fd)
+        try:
+            self.engine.backup_to(tmp)
+            size = os.path.getsize(tmp)
+            fh = open(tmp, "rb")
+        finally:
+            os.unlink(tmp)                       # the open handle keeps the bytes until sent
+
+        def chunks() -> Iterator[bytes]:
+            with fh:
+                for piece in iter(lambda: fh.read(wire.CHUNK), b""):
+                    yield piece
+
+        self.engine.audit(p.name, "backup", "metadata", "ok", f"{size} bytes")
+        return wire.Reply({"size": size}, stream=chunks(), stream_size=size)
 
     # -- checking and repair (dgf fsck) ---------------------------------------------------
 

@@ -832,6 +832,45 @@ class SqlEngine(MetaEngine):
         return self._txn(lambda c: c.execute(replicas.delete().where(
             replicas.c.key == key, replicas.c.site == site)).rowcount > 0)
 
+    def objects_at(self, site: str, after: str, limit: int) -> list[tuple[str, int, list[tuple[str, str]]]]:
+        def run(conn: Connection) -> list[tuple[str, int, list[tuple[str, str]]]]:
+            rows = conn.execute(sa.select(objects.c.key, objects.c.size).join(
+                replicas, replicas.c.key == objects.c.key).where(
+                replicas.c.site == site, objects.c.key > after).order_by(objects.c.key).limit(limit)).all()
+            keys = [r.key for r in rows]
+            copies: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
+            for i in range(0, len(keys), 500):
+                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.state).where(
+                        replicas.c.key.in_(keys[i:i + 500])).order_by(replicas.c.site)):
+                    copies[r.key].append((r.site, r.state))
+            return [(r.key, int(r.size), copies[r.key]) for r in rows]
+        return self._read(run)
+
+    def backup_to(self, path: str) -> None:
+        if not self.is_sqlite:
+            raise errors.UsageError("this metaserver keeps its data in PostgreSQL: back it up with pg_dump "
+                                    "(README, 'Backup'), which is online and consistent.")
+        import sqlite3
+
+        raw = self.engine.raw_connection()
+        try:
+            target = sqlite3.connect(path)
+            try:
+                # SQLite's online backup API: pages copied in steps, writers not blocked for long.
+                raw.driver_connection.backup(target, pages=1024)  # type: ignore[union-attr]
+            finally:
+                target.close()
+        finally:
+            raw.close()
+
+    def remove_site(self, name: str) -> int:
+        def run(conn: Connection) -> int:
+            n = conn.execute(replicas.delete().where(replicas.c.site == name)).rowcount
+            if conn.execute(sites_t.delete().where(sites_t.c.name == name)).rowcount == 0:
+                raise errors.NotFound(f"no site named {name!r} is registered.")
+            return n
+        return self._txn(run)
+
     def recorded_at(self, site: str, keys: list[str]) -> set[str]:
         def run(conn: Connection) -> set[str]:
             out: set[str] = set()

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -186,7 +187,11 @@ def test_fsck_finds_and_repairs_site_to_site(tmp_path: Path) -> None:
         assert "under-replicated" not in again.stdout and "corrupt" not in again.stdout
         with Client(fed.config("admin")) as admin:
             actions = [e["action"] for e in admin.audit_log(100)]
-            assert actions.count("replica.add") == 2 and "replica.drop" in actions and "fsck.orphans" in actions
+            assert actions.count("replica.add") == 2 and "fsck.orphans" in actions
+            # A damaged copy's record is dropped, unless the repair made the new copy right there.
+            damaged = {(flip.path, bad_site), (gone.path, lost_site)}
+            made_there = {line.strip().replace(" -> site ", "@") for line in repaired.stdout.splitlines()}
+            assert actions.count("replica.drop") == sum(f"{p}@{s}" not in made_there for p, s in damaged)
 
         # A site lost for good: every file stays readable, and a repair restores two copies
         # from the survivors (the bytes go site to site).
@@ -236,5 +241,104 @@ def test_sites_scrub_in_the_background(tmp_path: Path) -> None:
         assert repaired.returncode == 0 and "1 copies made site to site" in repaired.stdout, repaired.stdout
         with Client(fed.config("clinician")) as c:
             assert c.stat(st.path).replicas == (("site-a", "ok"), ("site-b", "ok")) and stored.is_file()
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_drain_moves_everything_off_a_site_while_reads_go_on(tmp_path: Path) -> None:
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    try:
+        with Client(fed.config("admin")) as admin:
+            admin.mkdir("/single")
+            admin.meta.call("admin.replicas.set", path="/single", copies=1)
+        with Client(fed.config("clinician")) as c:
+            c.upload(_fresh(tmp_path, 12), to="/d")
+            (tmp_path / "one").mkdir()
+            c.upload(_fresh(tmp_path / "one", 4), to="/single")
+            paths = [st.path for st in c.ls("/d") + c.ls("/single")]
+            held = [p for p in paths if "site-a" in dict(c.stat(p).replicas)]
+        assert held, "site-a holds nothing to drain"
+        # Removing a site that holds an only copy is refused.
+        refused = _dgf(fed, "admin", "site", "remove", "site-a")
+        single_on_a = [p for p in held if p.startswith("/single")]
+        if single_on_a:
+            assert refused.returncode == 4 and "only sound copy" in refused.stderr
+        # A reader downloads everything over and over while site-a drains.
+        stop, errors_seen, rounds = threading.Event(), [], []
+
+        def reader() -> None:
+            with Client(fed.config("researcher")) as r:
+                while not stop.is_set():
+                    out = r.download(["/d", "/single"], tmp_path / f"read{len(rounds)}")
+                    errors_seen.extend(f.reason for f in out.failed)
+                    rounds.append(out.downloaded)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            drained = _dgf(fed, "admin", "site", "drain", "site-a")
+        finally:
+            stop.set()
+            t.join()
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        assert f"{len(held)} object(s) moved" in drained.stdout and "0 stay" in drained.stdout
+        assert not errors_seen and rounds and all(n == len(paths) for n in rounds)
+        assert not [p for p in (fed.root / "store-site-a" / "objects").rglob("*") if p.is_file()]
+        listed = _dgf(fed, "admin", "site", "list")
+        assert "site-a" in listed.stdout and "draining" in listed.stdout
+        with Client(fed.config("clinician")) as c:
+            for p in paths:
+                sites = [s for s, state in c.stat(p).replicas if state == "ok"]
+                assert "site-a" not in sites and len(sites) == (1 if p.startswith("/single") else 2)
+            (tmp_path / "new").mkdir()
+            c.upload(_fresh(tmp_path / "new", 4), to="/after")           # nothing new goes to site-a
+            assert all("site-a" not in dict(c.stat(st.path).replicas) for st in c.ls("/after"))
+        removed = _dgf(fed, "admin", "site", "remove", "site-a")
+        assert removed.returncode == 0 and "site site-a removed" in removed.stdout
+        assert "site-a" not in _dgf(fed, "admin", "site", "list").stdout
+        assert _dgf(fed, "fsck").returncode == 0
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_backup_online_and_a_restore_drill(tmp_path: Path) -> None:
+    import sqlite3
+
+    fed = local.up(tmp_path / "fed")
+    try:
+        with Client(fed.config("clinician")) as c:
+            (tmp_path / "a").mkdir()
+            c.upload(_fresh(tmp_path / "a", 3), to="/before")
+            before = {st.path: st.object_key for st in c.ls("/before")}
+        backup = tmp_path / "meta-backup.db"
+        done = _dgf(fed, "admin", "backup", str(backup))
+        assert done.returncode == 0 and "backed up the metadata" in done.stdout, done.stderr
+        assert _dgf(fed, "admin", "backup", str(backup)).returncode == 3        # never overwritten
+        with Client(fed.config("admin")) as admin:
+            assert any(e["action"] == "backup" for e in admin.audit_log(20))
+        with sqlite3.connect(backup) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            # Identity stays sealed: no patient value in the copy (the vault key is not in it).
+            assert b"CompressedSamples" not in backup.read_bytes()
+        with Client(fed.config("clinician")) as c:
+            (tmp_path / "b").mkdir()
+            c.upload(_fresh(tmp_path / "b", 2), to="/after")
+            after = [st.object_key for st in c.ls("/after")]
+        # Restore: stop, put the copy in place of the database, start.
+        local.down(fed.root)
+        (fed.root / "metadata.db").unlink()
+        for extra in ("metadata.db-wal", "metadata.db-shm"):
+            (fed.root / extra).unlink(missing_ok=True)
+        backup.rename(fed.root / "metadata.db")
+        local.up(fed.root)
+        with Client(fed.config("clinician")) as c:
+            assert {st.path: st.object_key for st in c.ls("/before")} == before
+            for path, key in before.items():
+                assert hashlib.sha256(c.read_file(path)).hexdigest() == key
+            with pytest.raises(errors.NotFound):
+                c.stat("/after")
+        # What was written after the backup is found, as orphans, on every site.
+        check = _dgf(fed, "fsck")
+        assert check.returncode == 0 and f"{2 * len(after)} orphans:" in check.stdout, check.stdout
     finally:
         local.down(fed.root, quiet=True)
