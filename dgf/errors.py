@@ -138,6 +138,10 @@ class LimitExceeded(UsageError):
     exit_code = 2
 
 
+class StorageFull(ServerError):
+    """A site has no room left for an object (ENOSPC, a quota): nothing of it is kept."""
+
+
 class Busy(ServerError):
     """The server is at capacity (database connections, channels); retrying shortly succeeds."""
 

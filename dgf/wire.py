@@ -449,13 +449,21 @@ class _Subsystem(paramiko.SubsystemHandler):
                     pass
             except (OSError, EOFError):
                 pass
-            channel.close()
+            _close_quietly(channel)
             return
         try:
             serve_stream(owner.service, owner.service.new_session(iface.principal), channel, owner.limits)
         finally:
             owner.channel_closed(iface.principal)
-            channel.close()
+            _close_quietly(channel)
+
+
+def _close_quietly(channel: paramiko.Channel) -> None:
+    """Close a channel whose peer may already be gone (a reset connection is not an error)."""
+    try:
+        channel.close()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
 
 
 class SSHServer:

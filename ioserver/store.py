@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import logging
 import os
@@ -236,7 +237,10 @@ class LocalObjectStore(ObjectStore):
                     if got > size:
                         raise errors.IntegrityError(f"object {key[:16]}... sent more than its declared {size} bytes.")
                     h.update(chunk)
-                    fh.write(chunk)
+                    try:
+                        fh.write(chunk)
+                    except OSError as exc:
+                        raise self._write_error(exc, key, size) from exc
                 if got != size:
                     raise errors.IntegrityError(f"object {key[:16]}... arrived with {got} of {size} bytes.")
                 if h.whole.hexdigest() != key:
@@ -258,8 +262,18 @@ class LocalObjectStore(ObjectStore):
                 finally:
                     os.close(dfd)
             return True, h.digests()
+        except OSError as exc:
+            raise self._write_error(exc, key, size) from exc
         finally:
             tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_error(exc: OSError, key: str, size: int) -> errors.DgfError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return errors.StorageFull(f"the site's disk is full: no room for object {key[:16]}... ({size} bytes); "
+                                      "nothing of it was kept.")
+        return errors.ServerError(f"the site could not write object {key[:16]}... ({exc.strerror}); "
+                                  "nothing of it was kept.")
 
     def put_many(self, items: list[tuple[str, bytes]]) -> list[errors.DgfError | None]:
         """Group commit: write the batch to temp files, one filesystem sync, rename them all into
@@ -283,17 +297,25 @@ class LocalObjectStore(ObjectStore):
                 if self._intact(key, len(data)):
                     continue
                 tmp = self.tmp / f"{key}.{uuid.uuid4().hex}"
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(data)
+                except OSError as exc:
+                    tmp.unlink(missing_ok=True)
+                    out[-1] = self._write_error(exc, key, len(data))
+                    continue
                 staged.append((tmp, final))
             if staged:
-                _sync(self.tmp)
-                for tmp, final in staged:
-                    if final.name[:4] not in self._dirs_made:
-                        final.parent.mkdir(parents=True, exist_ok=True)
-                        self._dirs_made.add(final.name[:4])
-                    os.replace(tmp, final)
-                _sync(self.objects)
+                try:
+                    _sync(self.tmp)
+                    for tmp, final in staged:
+                        if final.name[:4] not in self._dirs_made:
+                            final.parent.mkdir(parents=True, exist_ok=True)
+                            self._dirs_made.add(final.name[:4])
+                        os.replace(tmp, final)
+                    _sync(self.objects)
+                except OSError as exc:
+                    raise self._write_error(exc, staged[0][1].name, 0) from exc
         finally:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)

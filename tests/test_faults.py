@@ -1,0 +1,156 @@
+"""Faults tried for real (issue 14): a full disk, the metaserver killed mid-upload, a site killed
+mid-repair.  Each asserts nothing lost, nothing half-visible, a clear error, and recovery by
+``dgf fsck --repair``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from bench import synth
+from dgf import errors, local
+from dgf.client import Client
+from tests import corpus
+
+BIN = Path(sys.executable).parent
+
+
+def _dgf(fed: local.Federation, principal: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DGF_CONFIG=str(fed.config(principal)))
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=300)
+
+
+def _pid(fed: local.Federation, name: str) -> int:
+    return int(local.status(fed.root)["processes"][name]["pid"])  # type: ignore[index]
+
+
+def _wait_dead(fed: local.Federation, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while local.status(fed.root)["processes"][name]["running"] and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.05)
+
+
+def _fresh(tmp: Path, n: int) -> list[Path]:
+    out = []
+    for i in range(n):
+        ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.save_as(tmp / f"f{i}.dcm")
+        out.append(tmp / f"f{i}.dcm")
+    return out
+
+
+@pytest.fixture()
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a disk that really fills up (needs root, as CI has)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_is_named_and_keeps_nothing(tmp_path: Path, tmpfs: Path) -> None:
+    root = tmp_path / "fed"
+    root.mkdir()
+    (root / "store-site-b").symlink_to(tmpfs)            # site-b's store on the small disk
+    fed = local.up(root)
+    try:
+        big = synth.multiframe(tmp_path / "big.dcm", 6 * 1024 * 1024, seed=9)   # more than the disk
+        (tmp_path / "small").mkdir()
+        up = _dgf(fed, "clinician", "dgf_up", str(big), str(_fresh(tmp_path / "small", 1)[0]), "--to", "/full")
+        assert up.returncode == 8, up.stderr
+        assert f"error: {big}: site site-b refused the object: the site's disk is full" in up.stderr
+        assert "uploaded 1 file(s)" in up.stdout                  # the small one fitted on both sites
+        with Client(fed.config("clinician")) as c:
+            assert len(c.ls("/full")) == 1
+        # Nothing half-written stays on the full disk; site-a's copy of the big one is an orphan.
+        assert not [p for p in (tmpfs / "tmp").iterdir()]
+        check = _dgf(fed, "admin", "dgf", "fsck")
+        assert check.returncode == 0 and "1 orphans:" in check.stdout and "site site-a" in check.stdout
+        repaired = _dgf(fed, "admin", "dgf", "fsck", "--repair", "--grace", "0")
+        assert "1 orphans removed" in repaired.stdout and repaired.returncode == 0
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_the_metaserver_killed_mid_upload(tmp_path: Path) -> None:
+    """The objects reached the sites, the commit never happened: nothing is visible, the upload
+    fails with a named error, a re-run after the restart completes, and the first run's copies
+    are found as orphans (or reused by the re-run)."""
+    fed = local.up(tmp_path / "fed")
+    try:
+        files = synth.small_corpus(tmp_path / "src", 40, seed=3)
+        meta = _pid(fed, "metaserver")
+        killed: list[bool] = []
+
+        def progress(n: int) -> None:
+            if not killed:
+                killed.append(True)
+                threading.Timer(0.05, os.kill, (meta, signal.SIGKILL)).start()
+
+        with Client(fed.config("clinician")) as c:
+            with pytest.raises(errors.TransportError, match="metaserver"):
+                c.upload(files, to="/cut", batch=40, progress=progress)
+        _wait_dead(fed, "metaserver")
+        again = local.up(fed.root)
+        assert set(again.started) == {"metaserver", "site-a", "site-b"}
+        with Client(fed.config("clinician")) as c:
+            with pytest.raises(errors.NotFound):
+                c.stat("/cut")                                       # nothing half-visible
+            report = c.upload(files, to="/cut")
+            assert report.uploaded == 40 and not report.failed
+        assert _dgf(fed, "admin", "dgf", "fsck").returncode == 0
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_a_site_killed_mid_repair(tmp_path: Path) -> None:
+    """The target of a site-to-site copy dies mid-copy: the repair names it, records nothing for
+    the half copy, and a later repair completes."""
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    try:
+        big = tmp_path / "big"
+        big.mkdir()
+        for i in range(3):
+            synth.multiframe(big / f"b{i}.dcm", 40 * 1024 * 1024, seed=20 + i)
+        with Client(fed.config("clinician")) as c:
+            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 3
+            copies = {st.path: {s for s, _ in c.stat(st.path).replicas} for st in c.ls("/big")}
+        # Lose site-a for good, then kill the repair's target site while it copies.
+        os.kill(_pid(fed, "site-a"), signal.SIGKILL)
+        _wait_dead(fed, "site-a")
+        victim = "site-c" if any("site-a" in s and "site-c" not in s for s in copies.values()) else "site-b"
+        pid = _pid(fed, victim)
+        threading.Timer(0.4, os.kill, (pid, signal.SIGKILL)).start()
+        first = _dgf(fed, "admin", "dgf", "fsck", "/big", "--repair")
+        assert first.returncode == 6
+        assert f"site {victim}" in first.stdout
+        with Client(fed.config("clinician")) as c:
+            for st in c.ls("/big"):
+                for site, state in c.stat(st.path).replicas:
+                    if site == victim and site not in copies[st.path]:
+                        raise AssertionError(f"a half copy at {victim} was recorded for {st.path}")
+        _wait_dead(fed, victim)
+        local.up(fed.root)                                         # site-a and the victim come back
+        healed = _dgf(fed, "admin", "dgf", "fsck", "/big", "--repair")
+        assert healed.returncode == 0, healed.stdout
+        with Client(fed.config("clinician")) as c:
+            out = c.download(["/big"], tmp_path / "out")
+            assert out.downloaded == 3 and not out.failed
+    finally:
+        local.down(fed.root, quiet=True)
