@@ -117,13 +117,15 @@ def _free_port(address: str | None) -> int:
     return port
 
 
-def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None = None) -> Federation:
+def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None = None,
+       db: str | None = None) -> Federation:
     """Start (or restart) the federation in ``root``; ``limits`` overrides server limits (both
     servers read the same table, each the keys that concern it).
 
     A restart keeps each server's port where it is free.  If some processes still run, only the
     dead ones are started: dead sites alone when the metaserver lives, else the whole federation
-    (the live sites are stopped first, as they hold a session to the dead metaserver)."""
+    (the live sites are stopped first, as they hold a session to the dead metaserver).  ``db``:
+    a database URL (PostgreSQL) instead of the directory's SQLite file."""
     root = root.resolve()
     state = _read_state(root)
     if state is not None:
@@ -143,10 +145,12 @@ def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None
     logs = root / "logs"
     meta_conf = root / "metaserver.conf"
     fresh = not meta_conf.exists()
+    if db is None and not fresh:
+        db = read_section(meta_conf, "metaserver").get("db")     # a restart keeps its database
     previous = state or {}
     write_section(meta_conf, "metaserver", {
         "listen": f"127.0.0.1:{_free_port(previous.get('metaserver'))}",
-        "db": f"sqlite:///{root / 'metadata.db'}",
+        "db": db or f"sqlite:///{root / 'metadata.db'}",
         "host_key": "keys/metaserver_host", "vault_key": "keys/vault.key"})
     _add_limits(meta_conf, limits)
     _run(["metaserver.server", "init", "--config", str(meta_conf)])

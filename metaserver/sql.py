@@ -27,6 +27,8 @@ from metaserver.index import keys_t, levels_t, values_t
 from metaserver.planner import Catalogue, load_catalogue
 
 T = TypeVar("T")
+#: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
+DIRS_VERSION = "ns.dirs_version"
 #: A directory's replication factor (set by admins through ``admin.replicas.set``).
 REPLICAS_XATTR = "user.dgf.replicas"
 ROOT = 1
@@ -206,6 +208,7 @@ class SqlEngine(MetaEngine):
         self._multi: set[str] = set()                # committed paths flagged multi-valued
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
+        self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
         now = time.time()
         with self.engine.begin() as conn:
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
@@ -287,6 +290,8 @@ class SqlEngine(MetaEngine):
                     conn.info.pop("dgf.after", None)
                     result = fn(conn)
                     self._audit_in(conn, conn.info.get("dgf.released"))
+                    if conn.info.get("dgf.after", {}).get("dirs"):
+                        self._bump_dirs(conn)
                     after = conn.info.pop("dgf.after", {})
                 self._local.audit = None         # written once, with the first transaction
                 # Committed: now in-process caches may learn what the transaction did.
@@ -352,6 +357,7 @@ class SqlEngine(MetaEngine):
         return conn.execute(_Q_CHILD, {"b_parent": parent_id, "b_name": name}).first()
 
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
+        conn.info.setdefault("dgf.after", {})["dirs"] = True
         now = time.time()
         ino = _inserted_id(conn.execute(inodes.insert().values(
             parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
@@ -564,7 +570,7 @@ class SqlEngine(MetaEngine):
 
     def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], dict[str, list[str]]]:
         def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
-            conn.info.setdefault("dgf.after", {})["dirs"] = True
+            # The directory map changes only if a directory is made (_new_dir marks it).
             now = time.time()
             dirs: dict[str, Any] = {}
             by_parent: dict[str, list[NewFile]] = {}
@@ -1027,11 +1033,23 @@ class SqlEngine(MetaEngine):
 
     # -- queries --------------------------------------------------------------------------
 
+    def _bump_dirs(self, conn: Connection) -> None:
+        """Count a change of the directory tree in the database, in the transaction that makes
+        it: every metaserver process over this database rebuilds its directory map when the
+        count moves, not only the one that made the change."""
+        changed = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
+            value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))).rowcount
+        if not changed:
+            conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "1"}])
+
     def _dir_paths(self, conn: Connection) -> dict[int, str]:
-        """Every directory's path, built once after each namespace change (a few ms per 10,000)."""
+        """Every directory's path, built once after each change of the tree (a few ms per
+        10,000), by whichever metaserver process made it (the database keeps the count)."""
+        version = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
         dirs = self._dirs
-        if dirs is not None:
+        if dirs is not None and version == self._dirs_version:
             return dirs
+        self._dirs_version = version
         links = {r.id: (r.parent, r.name) for r in conn.execute(
             sa.select(inodes.c.id, inodes.c.parent, inodes.c.name).where(inodes.c.is_dir.is_(True)))}
         dirs = {ROOT: "/"}

@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 from dgf import errors, local, placement
 from dgf.client import Client
 from tests import corpus
+from tests.pg import PostgresServer
 
 
 def test_placement_rules() -> None:
@@ -341,4 +342,50 @@ def test_backup_online_and_a_restore_drill(tmp_path: Path) -> None:
         check = _dgf(fed, "fsck")
         assert check.returncode == 0 and f"{2 * len(after)} orphans:" in check.stdout, check.stdout
     finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path: Path) -> None:
+    """No metaserver assumes it is alone: what one changes the other serves (the directory map
+    included), and when one dies the other goes on."""
+    fed = local.up(tmp_path / "fed", db=postgres.create_database("twometa"))
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        conf = fed.root / "metaserver-2.conf"
+        conf.write_text((fed.root / "metaserver.conf").read_text().replace(
+            f"listen = {fed.metaserver}", "listen = 127.0.0.1:0"))
+        ready = fed.root / "metaserver-2.addr"
+        with open(fed.root / "logs" / "metaserver-2.log", "ab") as log:
+            second = subprocess.Popen([sys.executable, "-m", "metaserver.server", "serve", "--config", str(conf),
+                                       "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        other = ready.read_text().strip()
+        for who in ("clinician", "researcher", "admin"):
+            (fed.root / f"{who}-2.conf").write_text(fed.config(who).read_text().replace(fed.metaserver, other))
+        (tmp_path / "src").mkdir()
+        with Client(fed.config("clinician")) as a, Client(fed.root / "clinician-2.conf") as b:
+            a.upload(_fresh(tmp_path / "src", 4), to="/pg/first")
+            assert len(b.ls("/pg/first")) == 4                            # written at A, read at B
+            for c in (a, b):                     # both build their directory maps now
+                found = c.find("/DicomHeader[Modality='CT']", "/pg")
+                assert len(found) == 4 and all(r["path"].startswith("/pg/first/") for r in found)
+            b.mv("/pg/first", "/pg/renamed")                             # the tree changes at B ...
+            paths = sorted(r["path"] for r in a.find("/DicomHeader[Modality='CT']", "/pg"))
+            assert len(paths) == 4 and all(p.startswith("/pg/renamed/") for p in paths), paths  # ... A knows
+            b.save_query("pg-ct", "/DicomHeader[Modality='CT']")
+            assert "pg-ct" in a.saved_queries()
+        # One metaserver dies; the other serves reads and writes.
+        os.kill(fed.pids["metaserver"], signal.SIGKILL)
+        with Client(fed.root / "clinician-2.conf") as b:
+            out = b.download(["/pg/renamed"], tmp_path / "out")
+            assert out.downloaded == 4 and not out.failed
+            (tmp_path / "more").mkdir()
+            assert b.upload(_fresh(tmp_path / "more", 2), to="/pg/later").uploaded == 2
+            assert len(b.find("/DicomHeader", "/pg")) == 6
+    finally:
+        if second is not None:
+            second.kill()
+            second.wait()
         local.down(fed.root, quiet=True)
