@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -153,4 +154,90 @@ def test_a_site_killed_mid_repair(tmp_path: Path) -> None:
             out = c.download(["/big"], tmp_path / "out")
             assert out.downloaded == 3 and not out.failed
     finally:
+        local.down(fed.root, quiet=True)
+
+
+class _Proxy:
+    """A TCP relay in front of a site that can stop forwarding (a network partition: packets
+    vanish, no connection is refused or reset)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.forwarding = True
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                if self.forwarding:
+                    b.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_partitioned_site_costs_a_named_error_and_reads_go_to_the_other_copy(tmp_path: Path) -> None:
+    fed = local.up(tmp_path / "fed")
+    proxy: _Proxy | None = None
+    try:
+        with Client(fed.config("admin")) as admin:
+            admin.mkdir("/only-b")
+            admin.meta.call("admin.replicas.set", path="/only-b", copies=1)
+        with Client(fed.config("clinician")) as c:
+            (tmp_path / "two").mkdir()
+            (tmp_path / "one").mkdir()
+            c.upload(_fresh(tmp_path / "two", 4), to="/two")
+            c.upload(_fresh(tmp_path / "one", 2), to="/only-b", site="site-b")
+        # site-b is reached through the relay from now on: it registers the relay's address (as
+        # a site behind NAT would), with its own key.
+        address = (fed.root / "site-b.addr").read_text().strip()
+        proxy = _Proxy(int(address.rsplit(":", 1)[1]))
+        from dgf import crypto, wire
+
+        host, port = fed.metaserver.rsplit(":", 1)
+        meta_key = " ".join((fed.root / "keys" / "metaserver_host.pub").read_text().split()[:2])
+        conn = wire.Connection(host, int(port), crypto.load_paramiko_key(fed.root / "keys" / "site-b"), meta_key,
+                               "dgf-meta", name="the metaserver")
+        try:
+            conn.channel().call("site.register", site="site-b", host="127.0.0.1", port=proxy.port,
+                                host_key=" ".join((fed.root / "keys" / "site-b_host.pub").read_text().split()[:2]))
+        finally:
+            conn.close()
+        cfg = fed.root / "clinician-3s.conf"
+        cfg.write_text(fed.config("clinician").read_text() + "timeout = 3\n")
+        with Client(cfg) as c:
+            assert c.download(["/two"], tmp_path / "before").downloaded == 4      # through the relay
+        proxy.forwarding = False                                                 # the partition
+        with Client(cfg) as c:
+            t0 = time.monotonic()
+            both = c.download(["/two"], tmp_path / "two-out")
+            assert both.downloaded == 4 and not both.failed                      # the other copies
+            only = c.download(["/only-b"], tmp_path / "one-out")
+            took = time.monotonic() - t0
+        assert only.downloaded == 0 and len(only.failed) == 2
+        assert all("site site-b" in f.reason for f in only.failed)
+        assert took < 20, took
+    finally:
+        if proxy is not None:
+            proxy.close()
         local.down(fed.root, quiet=True)
