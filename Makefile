@@ -9,7 +9,7 @@ DEMO   ?= demo-federation
 
 # Debian packages the tests use: dcmtk (xml2dcm, XML export round trip), postgresql (the
 # engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
-# mounted for real) and attr (getfattr on the mount).
+# mounted for real), attr (getfattr on the mount) and faketime (a site whose clock is off).
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ system-deps:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
 	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
+	ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$missing; \

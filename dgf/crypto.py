@@ -154,11 +154,15 @@ def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: s
     ``keys`` None means any object (used for put, where the key is the content hash and the I/O
     server checks it, so a put capability cannot overwrite anything).
     """
-    claims: dict[str, Any] = {"p": principal_fp, "op": op, "site": site,
-                              "exp": time.time() + ttl}
+    now = time.time()
+    claims: dict[str, Any] = {"p": principal_fp, "op": op, "site": site, "iat": now, "exp": now + ttl}
     if keys is not None:
         claims["keys"] = sorted(set(keys))
     return sign_token(key, claims)
+
+
+#: Seconds of clock difference between the metaserver and a site that capabilities tolerate.
+CLOCK_LEEWAY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -175,11 +179,21 @@ def check_capability(public: Ed25519PublicKey, token: str, principal_fp: str, si
         raise errors.PermissionDenied("the capability was issued to another principal.")
     if claims.get("site") != site:
         raise errors.PermissionDenied(f"the capability is for site {claims.get('site')!r}, not {site!r}.")
-    if float(claims.get("exp", 0)) < time.time():
-        raise errors.PermissionDenied("the capability has expired; ask the metaserver for a new one.")
+    now = time.time()
+    issued, expires = float(claims.get("iat", 0)), float(claims.get("exp", 0))
+    if issued > now + CLOCK_LEEWAY_S:
+        raise errors.PermissionDenied(
+            f"the capability was issued {issued - now:.0f} s in the future by site {site}'s clock: this "
+            "site's clock is behind the metaserver's; synchronise their clocks (NTP).")
+    if expires + CLOCK_LEEWAY_S < now:
+        ahead = now - issued if issued else 0.0
+        hint = (f"; it was issued {ahead:.0f} s ago by site {site}'s clock, so this site's clock may run "
+                "ahead of the metaserver's: synchronise their clocks (NTP)") if ahead > expires - issued + \
+            CLOCK_LEEWAY_S and issued else ""
+        raise errors.PermissionDenied(f"the capability has expired; ask the metaserver for a new one{hint}.")
     keys = claims.get("keys")
     return Capability(str(claims.get("op")), frozenset(keys) if keys is not None else None,
-                      float(claims["exp"]))
+                      expires + CLOCK_LEEWAY_S)
 
 
 # --------------------------------------------------------------------------------------------

@@ -241,3 +241,54 @@ def test_a_partitioned_site_costs_a_named_error_and_reads_go_to_the_other_copy(t
         if proxy is not None:
             proxy.close()
         local.down(fed.root, quiet=True)
+
+
+def _libfaketime() -> str:
+    import glob
+
+    found = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    assert found, "libfaketime is needed (Debian package faketime; make test installs it as root)"
+    return found[0]
+
+
+@pytest.mark.parametrize("skew", ["+2h", "-2h"])
+def test_a_site_with_a_skewed_clock(tmp_path: Path, skew: str) -> None:
+    """A site whose clock is two hours off refuses every capability with an error that names
+    the clock (never a silent failure), and reads go to the other copy; within a minute of
+    difference nothing is refused."""
+    fed = local.up(tmp_path / "fed")
+    try:
+        with Client(fed.config("admin")) as admin:
+            admin.mkdir("/only-b")
+            admin.meta.call("admin.replicas.set", path="/only-b", copies=1)
+        with Client(fed.config("clinician")) as c:
+            (tmp_path / "two").mkdir()
+            (tmp_path / "one").mkdir()
+            c.upload(_fresh(tmp_path / "two", 3), to="/two")
+            c.upload(_fresh(tmp_path / "one", 1), to="/only-b", site="site-b")
+
+        def restart_site_b(offset: str) -> None:
+            os.kill(_pid(fed, "site-b"), signal.SIGKILL)
+            _wait_dead(fed, "site-b")
+            saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "FAKETIME", "FAKETIME_DONT_RESET")}
+            os.environ.update(LD_PRELOAD=_libfaketime(), FAKETIME=offset, FAKETIME_DONT_RESET="1")
+            try:
+                assert local.up(fed.root).started == ("site-b",)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+        restart_site_b(skew)
+        with Client(fed.config("clinician")) as c:
+            both = c.download(["/two"], tmp_path / "two-out")
+            assert both.downloaded == 3 and not both.failed                     # the other copies
+            only = c.download(["/only-b"], tmp_path / "one-out")
+        assert only.downloaded == 0 and "clock" in only.failed[0].reason and "site-b" in only.failed[0].reason
+        restart_site_b("+30s")                                                  # within the leeway
+        with Client(fed.config("clinician")) as c:
+            assert c.download(["/only-b"], tmp_path / "near").downloaded == 1
+    finally:
+        local.down(fed.root, quiet=True)
