@@ -769,7 +769,8 @@ def site_list(config: str | None) -> None:
     with _client(config) as client:
         reply = client.meta.call("site.list")[0]
     for s in reply["sites"]:
-        click.echo(f"{s['name']}\t{s['host']}:{s['port']}" + ("\tdraining" if s["name"] in reply.get("draining", []) else ""))
+        click.echo(f"{s['name']}\t{s['host']}:{s['port']}\tzone {s.get('zone') or '-'}"
+                   + ("\tdraining" if s["name"] in reply.get("draining", []) else ""))
 
 
 @site_group.command("drain")

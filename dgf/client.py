@@ -565,6 +565,7 @@ class Client:
         patients = sorted({n.patient_key for n in ok})
         prep, _ = self.meta.call("up.prepare", uids=uids, patients=patients)
         sites = sorted(Site.from_wire(s).name for s in prep["sites"])
+        zones = {Site.from_wire(s).name: Site.from_wire(s).zone for s in prep["sites"]}
         self._learn_sites(Site.from_wire(s) for s in prep["sites"])
         if site is not None and site not in sites:
             raise errors.UsageError(f"site {site!r} is not registered; known sites: {', '.join(sites)}.")
@@ -598,7 +599,7 @@ class Client:
                         "'dgf admin replicas set' for that directory"))
                     continue
                 chosen = placement.choose(basis, live if len(live) >= n and (site is None or site in live)
-                                          else sites, n, first=site)
+                                          else sites, n, first=site, zones=zones)
                 prepared.append(_Prepared(d.name, d, target, chosen[0], derived=options.derived,
                                           pinned=site is not None, copies=chosen[1:]))
         return prepared, prep["caps"]
@@ -907,29 +908,41 @@ class Client:
             if progress is not None:
                 progress(n * len(targets[res.key]))
 
-        for attempt in range(3):
-            if not pending:
-                break
-            by_site: dict[str, list[str]] = {}
-            for key in sorted(pending):
-                if len(replicas[key]) > attempt:
-                    by_site.setdefault(replicas[key][attempt], []).append(key)
-            if not by_site:
-                break
+        def task(site: str, keys: list[str]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    self.site_link(site).get_many([(k, sizes[k]) for k in keys], caps[site], deliver, spool)
+                except errors.DgfError as exc:
+                    self._drop_link(site)
+                    log.warning("site %s failed during download: %s", site, exc)
+                    with lock:
+                        for k in keys:
+                            why[k] = exc.message   # names the site and what went wrong
+            return run
 
-            def task(site: str, keys: list[str]) -> Callable[[], None]:
-                def run() -> None:
-                    try:
-                        self.site_link(site).get_many([(k, sizes[k]) for k in keys], caps[site], deliver, spool)
-                    except errors.DgfError as exc:
-                        self._drop_link(site)
-                        log.warning("site %s failed during download: %s", site, exc)
-                        with lock:
-                            for k in keys:
-                                why[k] = exc.message   # names the site and what went wrong
-                return run
+        def each_replica() -> None:
+            for attempt in range(max((len(r) for r in replicas.values()), default=0)):
+                by_site: dict[str, list[str]] = {}
+                for key in sorted(pending):
+                    if len(replicas[key]) > attempt:
+                        by_site.setdefault(replicas[key][attempt], []).append(key)
+                if not by_site:
+                    break
+                run_parallel(task(s, k) for s, k in by_site.items())
 
-            run_parallel(task(s, k) for s, k in by_site.items())
+        each_replica()
+        if pending:
+            # Copies may have moved meanwhile (a drain, a repair): ask once where they are now,
+            # and try the copies not tried yet.
+            fresh = self.resolve(sorted({targets[k][0] for k in pending}), identified)
+            for key, sites in ((f[1], f[3]) for f in fresh["files"] if f[1] in pending):
+                replicas[key] = [s for s in sites if s not in replicas[key]]
+            for key in pending - {f[1] for f in fresh["files"]}:
+                replicas[key] = []
+            caps.update(fresh["caps"])
+            identities.update(fresh.get("identities", {}))
+            if any(replicas[k] for k in pending):
+                each_replica()
         for key in sorted(pending):
             reason = why.get(key, "no replica could be read (sites down or objects corrupt)")
             report.failed.extend(Failure(p, reason) for p in targets[key])

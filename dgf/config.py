@@ -26,7 +26,7 @@ log = logging.getLogger("dgf.config")
 KNOWN = {
     "dgf": ("principal", "key", "metaserver", "metaserver_host_key", "cache_dir", "timeout"),
     "metaserver": ("listen", "db", "host_key", "vault_key"),
-    "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key"),
+    "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key", "zone"),
 }
 SECTIONS = (*KNOWN, "limits")
 
@@ -172,6 +172,8 @@ class IoserverConfig:
     metaserver: tuple[str, int]
     metaserver_host_key: str
     limits: Limits = Limits()
+    #: A failure domain (building, rack, cloud region): copies of an object go to distinct zones.
+    zone: str = ""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "IoserverConfig":
@@ -187,4 +189,5 @@ class IoserverConfig:
             parse_address(_need(v, "metaserver", p, "ioserver"), "metaserver"),
             _need(v, "metaserver_host_key", p, "ioserver"),
             read_limits(p),
+            v.get("zone", ""),
         )

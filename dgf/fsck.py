@@ -175,13 +175,14 @@ def _repair(client: Any, entries: dict[str, Entry], sites: dict[str, Site], caps
             report: FsckReport, say: Callable[[str], None]) -> None:
     """Copy under-replicated objects site to site, then forget the copies that are gone."""
     up = [s for s in sorted(sites) if s not in report.unreachable]
+    zones = {name: site.zone for name, site in sites.items()}
     jobs: dict[tuple[str, str], list[Entry]] = {}          # (source, target) -> objects
     for e in entries.values():
         intact = e.intact
         need = e.want - len(intact)
         if not intact or need <= 0:
             continue
-        candidates = [s for s in placement.choose(e.key, up, len(up)) if s not in intact]
+        candidates = placement.choose(e.key, [s for s in up if s not in intact], len(up), zones=zones, avoid=intact)
         if len(candidates) < need:
             report.failures.append(f"{e.path}: {need} more cop{'y' if need == 1 else 'ies'} wanted, "
                                    f"{len(candidates)} site(s) can take one")
@@ -291,7 +292,9 @@ def drain(client: Any, site: str, progress: Callable[[str], None] | None = None)
             sound = [s for s, state in copies if state == "ok"]
             elsewhere = [s for s in sound if s != site]
             holders = {s for s, _ in copies}
-            target = next((s for s in placement.choose(key, takers, len(takers)) if s not in holders), None)
+            others = [s for s in sound if s != site]
+            target = next(iter(placement.choose(key, [s for s in takers if s not in holders], 1,
+                                                zones={n: st.zone for n, st in sites.items()}, avoid=others)), None)
             source = site if site in sound else (elsewhere[0] if elsewhere else None)
             try:
                 if source is None:

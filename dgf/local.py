@@ -118,14 +118,14 @@ def _free_port(address: str | None) -> int:
 
 
 def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None = None,
-       db: str | None = None) -> Federation:
+       db: str | None = None, zones: dict[str, str] | None = None) -> Federation:
     """Start (or restart) the federation in ``root``; ``limits`` overrides server limits (both
     servers read the same table, each the keys that concern it).
 
     A restart keeps each server's port where it is free.  If some processes still run, only the
     dead ones are started: dead sites alone when the metaserver lives, else the whole federation
     (the live sites are stopped first, as they hold a session to the dead metaserver).  ``db``:
-    a database URL (PostgreSQL) instead of the directory's SQLite file."""
+    a database URL (PostgreSQL) instead of the directory's SQLite file; ``zones``: site -> zone."""
     root = root.resolve()
     state = _read_state(root)
     if state is not None:
@@ -176,10 +176,14 @@ def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None
         procs = {}
         for site in sites:
             conf = root / f"{site}.conf"
-            write_section(conf, "ioserver", {
+            values = {
                 "site": site, "listen": f"127.0.0.1:{_free_port(previous.get('addresses', {}).get(site))}",
                 "store": f"store-{site}", "host_key": f"keys/{site}_host", "key": f"keys/{site}",
-                "metaserver": address, "metaserver_host_key": host_key_line})
+                "metaserver": address, "metaserver_host_key": host_key_line}
+            zone = (zones or {}).get(site) or (read_section(conf, "ioserver").get("zone") if conf.exists() else None)
+            if zone:
+                values["zone"] = zone
+            write_section(conf, "ioserver", values)
             _add_limits(conf, limits)
             procs[site] = _spawn_site(root, site)
             pids[site] = procs[site].pid

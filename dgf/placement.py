@@ -5,7 +5,8 @@ A directory's replication factor is set by an admin (``dgf admin replicas set DI
 the directory's ``user.dgf.replicas`` attribute) and inherited by everything below it; without
 one the default is 2 whenever the federation has two or more sites, else 1.  Copies go to
 distinct sites: the first chosen by the object's series (so a series stays together), the others
-the next sites in name order.
+the next sites in name order, in distinct zones where sites declare them (``zone`` in a site's
+config: a building, a rack).
 """
 
 from __future__ import annotations
@@ -33,11 +34,24 @@ def factor(path: str, default: int, overrides: Mapping[str, int]) -> int:
         d = posixpath.dirname(d)
 
 
-def choose(basis: str, sites: Sequence[str], n: int, first: str | None = None) -> list[str]:
+def choose(basis: str, sites: Sequence[str], n: int, first: str | None = None,
+           zones: Mapping[str, str] | None = None, avoid: Sequence[str] = ()) -> list[str]:
     """``n`` distinct sites for an object: ``first`` (a site the uploader named) or one chosen
-    by ``basis``, then the following sites in name order."""
+    by ``basis``, then the following sites in name order, each in a zone no chosen site (nor
+    one in ``avoid``, sites that already hold a copy) is in while such sites remain."""
     ring = sorted(sites)
     if not ring:
         return []
     start = ring.index(first) if first in ring else int(hashlib.sha256(basis.encode()).hexdigest()[:8], 16) % len(ring)
-    return [ring[(start + i) % len(ring)] for i in range(min(n, len(ring)))]
+    order = [ring[(start + i) % len(ring)] for i in range(len(ring))]
+    zone = (lambda s: zones.get(s) or s) if zones else (lambda s: s)   # no zone: a zone of its own
+    chosen: list[str] = []
+    used = {zone(s) for s in avoid}
+    for s in order:                              # first pass: distinct zones
+        if len(chosen) < n and zone(s) not in used:
+            chosen.append(s)
+            used.add(zone(s))
+    for s in order:                              # then any site left, if zones run out
+        if len(chosen) < n and s not in chosen:
+            chosen.append(s)
+    return chosen

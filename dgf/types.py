@@ -75,13 +75,14 @@ class Site:
     host: str
     port: int
     host_key: str  # OpenSSH public key line of the site's SSH host key
+    zone: str = ""  # a failure domain (a building, a rack); copies go to distinct zones
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "Site":
-        return cls(**d)
+        return cls(str(d["name"]), str(d["host"]), int(d["port"]), str(d["host_key"]), str(d.get("zone") or ""))
 
 
 @dataclass(frozen=True)

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port = server.address
         server.service.keyring.start()  # type: ignore[attr-defined]
         link.call("site.register", site=cfg.site, host=host, port=port,
-                  host_key=crypto.public_line(host_key))
+                  host_key=crypto.public_line(host_key), **({"zone": cfg.zone} if cfg.zone else {}))
         _scrubber(server.service.store, cfg.limits.scrub_mb_s, cfg.limits.scrub_pause_s)  # type: ignore[attr-defined,arg-type]
     except errors.DgfError as exc:
         print(f"dgf-ioserver: {exc}", file=sys.stderr)

@@ -195,12 +195,13 @@ class MetaService(wire.Service):
     def whoami(self, p: Principal) -> wire.Reply:
         return wire.Reply({"name": p.name, "role": p.role})
 
-    @wire.verb("site.register", site=str, host=str, port=int, host_key=str)
-    def site_register(self, p: Principal, site: str, host: str, port: int, host_key: str) -> wire.Reply:
+    @wire.verb("site.register", optional=("zone",), site=str, host=str, port=int, host_key=str, zone=str)
+    def site_register(self, p: Principal, site: str, host: str, port: int, host_key: str,
+                      zone: str = "") -> wire.Reply:
         if site != p.name:
             raise errors.PermissionDenied(f"principal {p.name!r} may only register site {p.name!r}.")
         crypto.fingerprint(host_key)
-        self.engine.register_site(Site(site, host, port, host_key))
+        self.engine.register_site(Site(site, host, port, host_key, zone[:64]))
         log.info("site %s registered at %s:%d", site, host, port)
         return wire.Reply({})
 

@@ -96,6 +96,7 @@ sites_t = sa.Table(
     sa.Column("host", sa.String, nullable=False),
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("host_key", sa.String, nullable=False),
+    sa.Column("zone", sa.String, nullable=True),
 )
 settings_t = sa.Table(
     "settings", metadata,
@@ -222,10 +223,11 @@ class SqlEngine(MetaEngine):
 
     def _upgrade(self) -> None:
         """Columns added since a database was created (create_all adds tables, not columns)."""
-        have = {c["name"] for c in sa.inspect(self.engine).get_columns(identities.name)}
-        if "size" not in have:
-            with self.engine.begin() as conn:
-                conn.execute(sa.text(f"ALTER TABLE {identities.name} ADD COLUMN size BIGINT"))
+        inspector = sa.inspect(self.engine)
+        for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR")):
+            if column not in {c["name"] for c in inspector.get_columns(table.name)}:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
 
     @staticmethod
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -1002,11 +1004,11 @@ class SqlEngine(MetaEngine):
         def run(conn: Connection) -> None:
             conn.execute(sites_t.delete().where(sites_t.c.name == site.name))
             conn.execute(sites_t.insert().values(name=site.name, host=site.host, port=site.port,
-                                                 host_key=site.host_key))
+                                                 host_key=site.host_key, zone=site.zone or None))
         self._txn(run)
 
     def sites(self) -> list[Site]:
-        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key) for r in
+        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key, r.zone or "") for r in
                                      c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
 
     def get_setting(self, name: str) -> str | None:

@@ -387,3 +387,32 @@ def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path:
             second.kill()
             second.wait()
         local.down(fed.root, quiet=True)
+
+
+def test_copies_go_to_distinct_zones(tmp_path: Path) -> None:
+    zones = {"site-a": "east", "site-b": "east", "site-c": "west", "site-d": "west"}
+    assert placement.choose("x", list(zones), 2, zones=zones) in (["site-a", "site-c"], ["site-b", "site-c"],
+                                                                  ["site-c", "site-a"], ["site-d", "site-a"])
+    for basis in ("1", "2", "3", "4", "5"):
+        two = placement.choose(basis, list(zones), 2, zones=zones)
+        assert {zones[s] for s in two} == {"east", "west"}
+        three = placement.choose(basis, list(zones), 3, zones=zones)
+        assert len(set(three)) == 3                                    # zones run out: sites still distinct
+    assert placement.choose("x", ["site-b", "site-c", "site-d"], 1, zones=zones, avoid=["site-a"])[0] != "site-b"
+    fed = local.up(tmp_path / "fed", sites=tuple(zones), zones=zones)
+    try:
+        with Client(fed.config("admin")) as admin:
+            assert {s.name: s.zone for s in admin.sites()} == zones
+        with Client(fed.config("clinician")) as c:
+            assert c.upload(_fresh(tmp_path, 10), to="/z").uploaded == 10
+            for st in c.ls("/z"):
+                held = [s for s, _ in c.stat(st.path).replicas]
+                assert len(held) == 2 and {zones[s] for s in held} == {"east", "west"}, held
+        # A zone lost: every file is still readable from the other.
+        for site in ("site-c", "site-d"):
+            os.kill(int(local.status(fed.root)["processes"][site]["pid"]), signal.SIGKILL)  # type: ignore[index]
+        with Client(fed.config("clinician")) as c:
+            out = c.download(["/z"], tmp_path / "out")
+            assert out.downloaded == 10 and not out.failed
+    finally:
+        local.down(fed.root, quiet=True)
