@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import synth  # noqa: E402
+from bench import measure, synth  # noqa: E402
 from dgf import local  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -36,22 +35,6 @@ def _status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _run(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, peak RSS bytes) of a command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -70,20 +53,20 @@ def main() -> None:
                 for run in range(args.runs):
                     src = synth.multiframe(Path(tmp) / f"obj{mib}_{run}.dcm", mib * MiB, seed=1000 * mib + run)
                     size = src.stat().st_size
-                    servers0 = sum(_cpu(p) for p in pids.values())
-                    wall, cpu, rss = _run([str(BIN / "dgf_up"), str(src), "--to", f"/large/{mib}/{run}",
-                                           "--site", "site-a", "--config", conf])
+                    up = measure.run([str(BIN / "dgf_up"), str(src), "--to", f"/large/{mib}/{run}",
+                                      "--site", "site-a", "--config", conf], servers=pids.values())
+                    wall, rss = up.wall, up.rss
                     ups.append(size / wall / 1e6)
                     rss_up.append(rss)
-                    cpu_up.append(cpu + sum(_cpu(p) for p in pids.values()) - servers0)
+                    cpu_up.append(up.cpu)
                     src.unlink()
                     out = Path(tmp) / "out"
-                    servers0 = sum(_cpu(p) for p in pids.values())
-                    wall, cpu, rss = _run([str(BIN / "dgf_down"), f"/large/{mib}/{run}", "-o", str(out),
-                                           "--config", conf])
+                    down = measure.run([str(BIN / "dgf_down"), f"/large/{mib}/{run}", "-o", str(out),
+                                        "--config", conf], servers=pids.values())
+                    wall, rss = down.wall, down.rss
                     downs.append(size / wall / 1e6)
                     rss_down.append(rss)
-                    cpu_down.append(cpu + sum(_cpu(p) for p in pids.values()) - servers0)
+                    cpu_down.append(down.cpu)
                     shutil.rmtree(out)
                 results[f"{mib} MiB"] = {
                     "upload MB/s": round(statistics.median(ups), 1),

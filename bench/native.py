@@ -18,26 +18,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import synth  # noqa: E402
+from bench import measure, synth  # noqa: E402
 from dgf import local  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, peak RSS bytes) of a command whose output is discarded."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -59,13 +47,14 @@ def main() -> None:
                                 env=env, capture_output=True).stdout
         ours, theirs = [], []
         for _ in range(args.runs):       # interleaved, so both see the same load
-            ours.append(_run([str(BIN / "dgf"), "xattr", "get", f"/bench-native/{path}", "--as", "native"], env))
-            theirs.append(_run(["dcm2xml", "--native-format", str(rt)]))
+            ours.append(measure.run([str(BIN / "dgf"), "xattr", "get", f"/bench-native/{path}", "--as", "native"],
+                                    env))
+            theirs.append(measure.run(["dcm2xml", "--native-format", str(rt)]))
 
-        def summary(rows: list[tuple[float, float, int]]) -> dict[str, float]:
-            return {"wall_s": round(statistics.median(r[0] for r in rows), 3),
-                    "cpu_s": round(statistics.median(r[1] for r in rows), 3),
-                    "peak_rss_mb": round(max(r[2] for r in rows) / 1e6, 1)}
+        def summary(rows: list[measure.Run]) -> dict[str, float]:
+            return {"wall_s": round(statistics.median(r.wall for r in rows), 3),
+                    "cpu_s": round(statistics.median(r.cpu for r in rows), 3),
+                    "peak_rss_mb": round(max(r.rss for r in rows) / 1e6, 1)}
 
         dgf, dcmtk = summary(ours), summary(theirs)
         print(json.dumps({"file_mb": round(rt.stat().st_size / 1e6, 2), "xml_header_mb": round(len(header) / 1e6, 2),

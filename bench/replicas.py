@@ -31,29 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import synth  # noqa: E402
+from bench import measure, synth  # noqa: E402
 from dgf import local  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _run(cmd: list[str], env: dict[str, str], pids: list[int]) -> tuple[float, float, str]:
-    """(wall s, CPU s of the command and the servers, stdout)."""
-    servers = sum(_cpu(p) for p in pids)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) not in (0, 6):
-        raise SystemExit(f"{cmd[1]} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-    return wall, usage.ru_utime + usage.ru_stime + sum(_cpu(p) for p in pids) - servers, out
 
 
 def main() -> None:
@@ -78,8 +60,8 @@ def main() -> None:
                 subprocess.run([str(BIN / "dgf"), "admin", "replicas", "set", where, str(copies)], env=admin,
                                check=True, capture_output=True)
                 src = synth.small_corpus(work / f"src{copies}_{run}", args.files, seed=1000 * run + copies)
-                wall, cpu, _ = _run([str(BIN / "dgf_up"), str(src[0].parent), "-r", "--to", where], clin, pids)
-                times[copies].append((wall, cpu))
+                up = measure.run([str(BIN / "dgf_up"), str(src[0].parent), "-r", "--to", where], clin, pids)
+                times[copies].append((up.wall, up.cpu))
                 shutil.rmtree(src[0].parent)
         one = statistics.median(w for w, _ in times[1])
         two = statistics.median(w for w, _ in times[2])
@@ -105,7 +87,8 @@ def main() -> None:
             sum(1 for _ in (work / "out").rglob("*.dcm")), out.returncode, round(time.perf_counter() - t0, 2)]
         shutil.rmtree(work / "out", ignore_errors=True)
         living = [p for p in pids if p != int(victim)]
-        wall, cpu, report = _run([str(BIN / "dgf"), "fsck", "/large", "--repair"], admin, living)
+        repair = measure.run([str(BIN / "dgf"), "fsck", "/large", "--repair"], admin, living, ok=(0, 6))
+        wall, cpu, report = repair.wall, repair.cpu, repair.stdout
         made = next((int(line.split()[0]) for line in report.splitlines() if "copies made site to site" in line), 0)
         copied = made * (args.large_mib * MiB + 4096)
         results["repair (fsck --repair /large)"] = {

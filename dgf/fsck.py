@@ -248,6 +248,11 @@ def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callab
         for i in range(0, len(keys), BATCH):
             part = keys[i:i + BATCH]
             try:
+                # Looked up again: the repair (or an upload meanwhile) may have adopted some.
+                recorded = set(client.meta.call("admin.fsck.recorded", site=site, keys=part)[0]["recorded"])
+                part = [k for k in part if k not in recorded]
+                if not part:
+                    continue
                 cap = client.meta.call("admin.fsck.delete", site=site, keys=part)[0]["cap"]
                 for key in part:
                     client.site_link(site).call("delete", cap, key=key)

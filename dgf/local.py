@@ -117,7 +117,7 @@ def _free_port(address: str | None) -> int:
     return port
 
 
-def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None = None,
+def up(root: Path, sites: tuple[str, ...] | None = None, limits: dict[str, str] | None = None,
        db: str | None = None, zones: dict[str, str] | None = None) -> Federation:
     """Start (or restart) the federation in ``root``; ``limits`` overrides server limits (both
     servers read the same table, each the keys that concern it).
@@ -125,9 +125,13 @@ def up(root: Path, sites: tuple[str, ...] = SITES, limits: dict[str, str] | None
     A restart keeps each server's port where it is free.  If some processes still run, only the
     dead ones are started: dead sites alone when the metaserver lives, else the whole federation
     (the live sites are stopped first, as they hold a session to the dead metaserver).  ``db``:
-    a database URL (PostgreSQL) instead of the directory's SQLite file; ``zones``: site -> zone."""
+    a database URL (PostgreSQL) instead of the directory's SQLite file; ``zones``: site -> zone.
+    ``sites`` defaults to those of the federation already in ``root``, else site-a and site-b."""
     root = root.resolve()
     state = _read_state(root)
+    if sites is None:
+        # A restart brings back the sites the federation was made with.
+        sites = tuple(state["sites"]) if state is not None else SITES
     if state is not None:
         running = {name for name, pid in state["pids"].items() if _alive(int(pid))}
         dead = [name for name in ["metaserver", *state["sites"]] if name not in running]

@@ -8,6 +8,7 @@ by their own threads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import queue
@@ -46,41 +47,33 @@ class MetaLink:
         for _ in range(channels):
             self._pool.put(self.conn.channel())
 
-    def call(self, verb: str, payload: bytes = b"", wait_s: float | None = None,
-             **args: Any) -> tuple[dict[str, Any], bytes]:
+    @contextlib.contextmanager
+    def _channel(self) -> Iterator[wire.RpcChannel]:
+        """A channel from the pool (a fresh one in place of a broken one), back after use."""
         chan = self._pool.get()
         try:
             if chan.broken:
                 fresh = self.conn.channel()
                 chan.close()
                 chan = fresh
-            return chan.call(verb, payload, wait_s, **args)
+            yield chan
         finally:
             self._pool.put(chan)
 
+    def call(self, verb: str, payload: bytes = b"", wait_s: float | None = None,
+             **args: Any) -> tuple[dict[str, Any], bytes]:
+        with self._channel() as chan:
+            return chan.call(verb, payload, wait_s, **args)
+
     def call_to_file(self, verb: str, out: Path, wait_s: float | None = None, **args: Any) -> dict[str, Any]:
         """A call whose reply payload streams into file ``out`` (created, never overwritten)."""
-        chan = self._pool.get()
-        try:
-            if chan.broken:
-                fresh = self.conn.channel()
-                chan.close()
-                chan = fresh
-            with chan.lock:
-                if wait_s is not None:
-                    wire._settimeout(chan._chan, wait_s)
-                try:
-                    chan.send(verb, args)
-                    header = chan.receive_header()
-                    with open(out, "xb") as fh:
-                        for piece in chan.payload_chunks(int(header.get("n", 0))):
-                            fh.write(piece)
-                finally:
-                    if wait_s is not None:
-                        wire._settimeout(chan._chan, chan.read_timeout)
+        with self._channel() as pooled, pooled.exclusive(wait_s) as chan:
+            chan.send(verb, args)
+            header = chan.receive_header()
+            with open(out, "xb") as fh:
+                for piece in chan.payload_chunks(int(header.get("n", 0))):
+                    fh.write(piece)
             return dict(header.get("r") or {})
-        finally:
-            self._pool.put(chan)
 
     def close(self) -> None:
         self.conn.close()

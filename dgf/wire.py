@@ -16,6 +16,7 @@ OpenSSH as a forced command, the way borg and git do it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -735,19 +736,25 @@ class RpcChannel:
             yield data
         self.broken = False
 
-    def call(self, verb_name: str, payload: bytes = b"", wait_s: float | None = None,
-             **args: Any) -> tuple[dict[str, Any], bytes]:
-        """One request and its reply; ``wait_s`` replaces the read deadline for this call (a
-        verb known to compute for long, such as a reconstruction or a counted query)."""
+    @contextlib.contextmanager
+    def exclusive(self, wait_s: float | None = None) -> Iterator["RpcChannel"]:
+        """This channel for one request and its reply; ``wait_s`` replaces the read deadline
+        meanwhile (a verb known to compute for long, such as a reconstruction or a backup)."""
         with self.lock:
             if wait_s is not None:
                 _settimeout(self._chan, wait_s)
             try:
-                self.send(verb_name, args, payload)
-                return self.receive()
+                yield self
             finally:
                 if wait_s is not None:
                     _settimeout(self._chan, self.read_timeout)
+
+    def call(self, verb_name: str, payload: bytes = b"", wait_s: float | None = None,
+             **args: Any) -> tuple[dict[str, Any], bytes]:
+        """One request and its reply (``wait_s``: see :meth:`exclusive`)."""
+        with self.exclusive(wait_s):
+            self.send(verb_name, args, payload)
+            return self.receive()
 
     def close(self) -> None:
         close = getattr(self._chan, "close", None)

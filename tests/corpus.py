@@ -56,3 +56,19 @@ def file(name: str) -> Path:
     if path is None:
         raise FileNotFoundError(name)
     return Path(path)
+
+
+def fresh_instances(out: Path, n: int, name: str = "CT_small.dcm") -> list[Path]:
+    """``n`` copies of a real corpus file in ``out``, each its own instance and series (so no
+    upload of them is a link to an object already stored)."""
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = pydicom.dcmread(file(name))
+        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(out / f"{name.rsplit('.', 1)[0]}-{i}.dcm")
+        paths.append(out / f"{name.rsplit('.', 1)[0]}-{i}.dcm")
+    return paths

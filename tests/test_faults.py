@@ -4,6 +4,8 @@ mid-repair.  Each asserts nothing lost, nothing half-visible, a clear error, and
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -12,11 +14,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from bench import synth
 from dgf import errors, local
@@ -41,14 +41,6 @@ def _wait_dead(fed: local.Federation, name: str) -> None:
         time.sleep(0.05)
 
 
-def _fresh(tmp: Path, n: int) -> list[Path]:
-    out = []
-    for i in range(n):
-        ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
-        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.save_as(tmp / f"f{i}.dcm")
-        out.append(tmp / f"f{i}.dcm")
-    return out
 
 
 @pytest.fixture()
@@ -73,7 +65,7 @@ def test_a_full_disk_is_named_and_keeps_nothing(tmp_path: Path, tmpfs: Path) -> 
     try:
         big = synth.multiframe(tmp_path / "big.dcm", 6 * 1024 * 1024, seed=9)   # more than the disk
         (tmp_path / "small").mkdir()
-        up = _dgf(fed, "clinician", "dgf_up", str(big), str(_fresh(tmp_path / "small", 1)[0]), "--to", "/full")
+        up = _dgf(fed, "clinician", "dgf_up", str(big), str(corpus.fresh_instances(tmp_path / "small", 1)[0]), "--to", "/full")
         assert up.returncode == 8, up.stderr
         assert f"error: {big}: site site-b refused the object: the site's disk is full" in up.stderr
         assert "uploaded 1 file(s)" in up.stdout                  # the small one fitted on both sites
@@ -120,41 +112,81 @@ def test_the_metaserver_killed_mid_upload(tmp_path: Path) -> None:
         local.down(fed.root, quiet=True)
 
 
+@contextlib.contextmanager
+def _kill_when_logged(fed: local.Federation, logs: str, text: str, pick: Callable[[Path], int]) -> Iterator[None]:
+    """While the block runs, SIGKILL the process ``pick(log)`` names as soon as a log matching
+    ``logs`` (under the federation's logs/) shows ``text``: a fault at a known point, not after
+    a guessed delay."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for log in (fed.root / "logs").glob(logs):
+                if text in log.read_text(errors="replace"):
+                    os.kill(pick(log), signal.SIGKILL)
+                    return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def test_a_site_killed_mid_repair(tmp_path: Path) -> None:
-    """The target of a site-to-site copy dies mid-copy: the repair names it, records nothing for
-    the half copy, and a later repair completes."""
+    """The target of site-to-site copies dies after its first one: the repair names it, every
+    copy recorded there is whole, and a later repair completes."""
     fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
     try:
         big = tmp_path / "big"
         big.mkdir()
-        for i in range(3):
-            synth.multiframe(big / f"b{i}.dcm", 40 * 1024 * 1024, seed=20 + i)
+        for i in range(8):
+            synth.multiframe(big / f"b{i}.dcm", 20 * 1024 * 1024, seed=20 + i)
         with Client(fed.config("clinician")) as c:
-            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 3
-            copies = {st.path: {s for s, _ in c.stat(st.path).replicas} for st in c.ls("/big")}
-        # Lose site-a for good, then kill the repair's target site while it copies.
+            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 8
+        # Lose site-a for good, then kill whichever site first finishes a copy of the repair.
         os.kill(_pid(fed, "site-a"), signal.SIGKILL)
         _wait_dead(fed, "site-a")
-        victim = "site-c" if any("site-a" in s and "site-c" not in s for s in copies.values()) else "site-b"
-        pid = _pid(fed, victim)
-        threading.Timer(0.4, os.kill, (pid, signal.SIGKILL)).start()
-        first = _dgf(fed, "admin", "dgf", "fsck", "/big", "--repair")
-        assert first.returncode == 6
-        assert f"site {victim}" in first.stdout
+        killed: list[str] = []
+
+        def victim(log: Path) -> int:
+            killed.append(log.stem)
+            return _pid(fed, log.stem)
+
+        with _kill_when_logged(fed, "site-[bc].log", "replicated", victim):
+            first = _dgf(fed, "admin", "dgf", "fsck", "/big", "--repair")
+        assert killed and first.returncode == 6
+        assert f"site {killed[0]}" in first.stdout and "repairs that failed" in first.stdout
         with Client(fed.config("clinician")) as c:
             for st in c.ls("/big"):
                 for site, state in c.stat(st.path).replicas:
-                    if site == victim and site not in copies[st.path]:
-                        raise AssertionError(f"a half copy at {victim} was recorded for {st.path}")
-        _wait_dead(fed, victim)
+                    if site == killed[0]:     # recorded there: the whole object is there
+                        stored = fed.root / f"store-{site}" / "objects" / (st.object_key or "")[:2] / \
+                            (st.object_key or "")[2:4] / (st.object_key or "")
+                        assert hashlib.sha256(stored.read_bytes()).hexdigest() == st.object_key
+        _wait_dead(fed, killed[0])
         local.up(fed.root)                                         # site-a and the victim come back
         healed = _dgf(fed, "admin", "dgf", "fsck", "/big", "--repair")
         assert healed.returncode == 0, healed.stdout
         with Client(fed.config("clinician")) as c:
             out = c.download(["/big"], tmp_path / "out")
-            assert out.downloaded == 3 and not out.failed
+            assert out.downloaded == 8 and not out.failed
     finally:
         local.down(fed.root, quiet=True)
+
+
+def _two_and_one(fed: local.Federation, tmp: Path, two: int, one: int) -> None:
+    """``two`` files under /two (two copies, the default) and ``one`` under /only-b, whose only
+    copies are on site-b: what a fault of site-b costs, with and without a second copy."""
+    with Client(fed.config("admin")) as admin:
+        admin.mkdir("/only-b")
+        admin.meta.call("admin.replicas.set", path="/only-b", copies=1)
+    with Client(fed.config("clinician")) as c:
+        c.upload(corpus.fresh_instances(tmp / "two", two), to="/two")
+        c.upload(corpus.fresh_instances(tmp / "one", one), to="/only-b", site="site-b")
 
 
 class _Proxy:
@@ -200,14 +232,7 @@ def test_a_partitioned_site_costs_a_named_error_and_reads_go_to_the_other_copy(t
     fed = local.up(tmp_path / "fed")
     proxy: _Proxy | None = None
     try:
-        with Client(fed.config("admin")) as admin:
-            admin.mkdir("/only-b")
-            admin.meta.call("admin.replicas.set", path="/only-b", copies=1)
-        with Client(fed.config("clinician")) as c:
-            (tmp_path / "two").mkdir()
-            (tmp_path / "one").mkdir()
-            c.upload(_fresh(tmp_path / "two", 4), to="/two")
-            c.upload(_fresh(tmp_path / "one", 2), to="/only-b", site="site-b")
+        _two_and_one(fed, tmp_path, 4, 2)
         # site-b is reached through the relay from now on: it registers the relay's address (as
         # a site behind NAT would), with its own key.
         address = (fed.root / "site-b.addr").read_text().strip()
@@ -258,14 +283,7 @@ def test_a_site_with_a_skewed_clock(tmp_path: Path, skew: str) -> None:
     difference nothing is refused."""
     fed = local.up(tmp_path / "fed")
     try:
-        with Client(fed.config("admin")) as admin:
-            admin.mkdir("/only-b")
-            admin.meta.call("admin.replicas.set", path="/only-b", copies=1)
-        with Client(fed.config("clinician")) as c:
-            (tmp_path / "two").mkdir()
-            (tmp_path / "one").mkdir()
-            c.upload(_fresh(tmp_path / "two", 3), to="/two")
-            c.upload(_fresh(tmp_path / "one", 1), to="/only-b", site="site-b")
+        _two_and_one(fed, tmp_path, 3, 1)
 
         def restart_site_b(offset: str) -> None:
             os.kill(_pid(fed, "site-b"), signal.SIGKILL)
@@ -290,5 +308,38 @@ def test_a_site_with_a_skewed_clock(tmp_path: Path, skew: str) -> None:
         restart_site_b("+30s")                                                  # within the leeway
         with Client(fed.config("clinician")) as c:
             assert c.download(["/only-b"], tmp_path / "near").downloaded == 1
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_the_metaserver_killed_mid_repair(tmp_path: Path) -> None:
+    """The metaserver dies while a repair copies: the repair stops with a named error; copies
+    made but not yet recorded are orphans, not half-recorded replicas; after the restart the
+    repair completes and the archive is whole."""
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    try:
+        big = tmp_path / "big"
+        big.mkdir()
+        for i in range(8):
+            synth.multiframe(big / f"b{i}.dcm", 20 * 1024 * 1024, seed=40 + i)
+        with Client(fed.config("clinician")) as c:
+            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 8
+        os.kill(_pid(fed, "site-a"), signal.SIGKILL)                      # copies to make again
+        _wait_dead(fed, "site-a")
+        meta = _pid(fed, "metaserver")
+        # The metaserver dies as soon as a site reports a finished copy: mid-repair.
+        with _kill_when_logged(fed, "site-*.log", "replicated", lambda _: meta):
+            cut = _dgf(fed, "admin", "dgf", "fsck", "--repair")
+        assert cut.returncode != 0
+        assert "metaserver" in cut.stdout + cut.stderr
+        _wait_dead(fed, "metaserver")
+        local.up(fed.root)                                               # everything back, site-a too
+        healed = _dgf(fed, "admin", "dgf", "fsck", "--repair", "--grace", "0")
+        assert healed.returncode == 0, healed.stdout + healed.stderr
+        with Client(fed.config("clinician")) as c:
+            for st in c.ls("/big"):
+                assert len([s for s, state in c.stat(st.path).replicas if state == "ok"]) >= 2
+            assert c.download(["/big"], tmp_path / "out").downloaded == 8
+        assert _dgf(fed, "admin", "dgf", "fsck").returncode == 0
     finally:
         local.down(fed.root, quiet=True)

@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from dgf import errors, local, placement
 from dgf.client import Client
@@ -47,15 +45,6 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Federation
     local.down(fed.root, quiet=True)
 
 
-def _fresh(tmp: Path, n: int) -> list[Path]:
-    """``n`` real CT files, each its own instance and series (nothing is a link to another)."""
-    out = []
-    for i in range(n):
-        ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
-        ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.save_as(tmp / f"f{i}.dcm")
-        out.append(tmp / f"f{i}.dcm")
-    return out
 
 
 def _stored(fed: local.Federation, key: str) -> list[str]:
@@ -79,7 +68,7 @@ def test_copies_per_directory_on_distinct_sites(three: local.Federation, tmp_pat
     with Client(three.config("clinician")) as c:
         for where, n in (("/default", 2), ("/one", 1), ("/all/deeper", 3)):
             (tmp_path / where.replace("/", "_")).mkdir()
-            files = _fresh(tmp_path / where.replace("/", "_"), 6)
+            files = corpus.fresh_instances(tmp_path / where.replace("/", "_"), 6)
             report = c.upload(files, to=where)
             assert report.uploaded == len(files) and not report.failed
             for st in c.ls(where):
@@ -110,7 +99,7 @@ def test_the_metaserver_publishes_only_fully_replicated_uploads(three: local.Fed
 
         c.meta.call = strip_copies  # type: ignore[method-assign]
         with pytest.raises(errors.UsageError, match="has 1 durable copy; its directory keeps 2"):
-            c.upload(_fresh(tmp_path, 1), to="/forged")
+            c.upload(corpus.fresh_instances(tmp_path, 1), to="/forged")
         assert sent
         c.meta.call = original  # type: ignore[method-assign]
         with pytest.raises(errors.NotFound):
@@ -148,7 +137,7 @@ def test_fsck_finds_and_repairs_site_to_site(tmp_path: Path) -> None:
     fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
     try:
         with Client(fed.config("clinician")) as c:
-            assert c.upload(_fresh(tmp_path, 8), to="/fs").uploaded == 8
+            assert c.upload(corpus.fresh_instances(tmp_path, 8), to="/fs").uploaded == 8
             files = c.ls("/fs")
             copies = {st.path: [s for s, _ in c.stat(st.path).replicas] for st in files}
         # Damage: a byte flipped in one copy, another copy deleted, two files no record names.
@@ -225,7 +214,7 @@ def test_sites_scrub_in_the_background(tmp_path: Path) -> None:
     fed = local.up(tmp_path / "fed", limits={"scrub_mb_s": "200", "scrub_pause_s": "0.3"})
     try:
         with Client(fed.config("clinician")) as c:
-            c.upload(_fresh(tmp_path, 1), to="/scrub")
+            c.upload(corpus.fresh_instances(tmp_path, 1), to="/scrub")
             st = c.ls("/scrub")[0]
             stored = _obj(fed, "site-b", st.object_key or "")
             data = bytearray(stored.read_bytes())
@@ -253,9 +242,9 @@ def test_drain_moves_everything_off_a_site_while_reads_go_on(tmp_path: Path) -> 
             admin.mkdir("/single")
             admin.meta.call("admin.replicas.set", path="/single", copies=1)
         with Client(fed.config("clinician")) as c:
-            c.upload(_fresh(tmp_path, 12), to="/d")
+            c.upload(corpus.fresh_instances(tmp_path, 12), to="/d")
             (tmp_path / "one").mkdir()
-            c.upload(_fresh(tmp_path / "one", 4), to="/single", site="site-a")   # only copies, on site-a
+            c.upload(corpus.fresh_instances(tmp_path / "one", 4), to="/single", site="site-a")   # only copies, on site-a
             paths = [st.path for st in c.ls("/d") + c.ls("/single")]
             held = [p for p in paths if "site-a" in dict(c.stat(p).replicas)]
         assert held, "site-a holds nothing to drain"
@@ -290,7 +279,7 @@ def test_drain_moves_everything_off_a_site_while_reads_go_on(tmp_path: Path) -> 
                 sites = [s for s, state in c.stat(p).replicas if state == "ok"]
                 assert "site-a" not in sites and len(sites) == (1 if p.startswith("/single") else 2)
             (tmp_path / "new").mkdir()
-            c.upload(_fresh(tmp_path / "new", 4), to="/after")           # nothing new goes to site-a
+            c.upload(corpus.fresh_instances(tmp_path / "new", 4), to="/after")           # nothing new goes to site-a
             assert all("site-a" not in dict(c.stat(st.path).replicas) for st in c.ls("/after"))
         removed = _dgf(fed, "admin", "site", "remove", "site-a")
         assert removed.returncode == 0 and "site site-a removed" in removed.stdout
@@ -307,7 +296,7 @@ def test_backup_online_and_a_restore_drill(tmp_path: Path) -> None:
     try:
         with Client(fed.config("clinician")) as c:
             (tmp_path / "a").mkdir()
-            c.upload(_fresh(tmp_path / "a", 3), to="/before")
+            c.upload(corpus.fresh_instances(tmp_path / "a", 3), to="/before")
             before = {st.path: st.object_key for st in c.ls("/before")}
         backup = tmp_path / "meta-backup.db"
         done = _dgf(fed, "admin", "backup", str(backup))
@@ -321,7 +310,7 @@ def test_backup_online_and_a_restore_drill(tmp_path: Path) -> None:
             assert b"CompressedSamples" not in backup.read_bytes()
         with Client(fed.config("clinician")) as c:
             (tmp_path / "b").mkdir()
-            c.upload(_fresh(tmp_path / "b", 2), to="/after")
+            c.upload(corpus.fresh_instances(tmp_path / "b", 2), to="/after")
             after = [st.object_key for st in c.ls("/after")]
         # Restore: stop, put the copy in place of the database, start.
         local.down(fed.root)
@@ -364,7 +353,7 @@ def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path:
             (fed.root / f"{who}-2.conf").write_text(fed.config(who).read_text().replace(fed.metaserver, other))
         (tmp_path / "src").mkdir()
         with Client(fed.config("clinician")) as a, Client(fed.root / "clinician-2.conf") as b:
-            a.upload(_fresh(tmp_path / "src", 4), to="/pg/first")
+            a.upload(corpus.fresh_instances(tmp_path / "src", 4), to="/pg/first")
             assert len(b.ls("/pg/first")) == 4                            # written at A, read at B
             for c in (a, b):                     # both build their directory maps now
                 found = c.find("/DicomHeader[Modality='CT']", "/pg")
@@ -380,7 +369,7 @@ def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path:
             out = b.download(["/pg/renamed"], tmp_path / "out")
             assert out.downloaded == 4 and not out.failed
             (tmp_path / "more").mkdir()
-            assert b.upload(_fresh(tmp_path / "more", 2), to="/pg/later").uploaded == 2
+            assert b.upload(corpus.fresh_instances(tmp_path / "more", 2), to="/pg/later").uploaded == 2
             assert len(b.find("/DicomHeader", "/pg")) == 6
     finally:
         if second is not None:
@@ -404,7 +393,7 @@ def test_copies_go_to_distinct_zones(tmp_path: Path) -> None:
         with Client(fed.config("admin")) as admin:
             assert {s.name: s.zone for s in admin.sites()} == zones
         with Client(fed.config("clinician")) as c:
-            assert c.upload(_fresh(tmp_path, 10), to="/z").uploaded == 10
+            assert c.upload(corpus.fresh_instances(tmp_path, 10), to="/z").uploaded == 10
             for st in c.ls("/z"):
                 held = [s for s, _ in c.stat(st.path).replicas]
                 assert len(held) == 2 and {zones[s] for s in held} == {"east", "west"}, held

@@ -1,0 +1,44 @@
+"""How the benchmarks time a command: wall seconds, CPU seconds (the command's, plus what the
+given server processes spent meanwhile) and peak RSS, from ``wait4`` and ``/proc``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a running process has spent so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    wall: float          # seconds
+    cpu: float           # seconds, the command and the servers together
+    rss: int             # the command's peak RSS, bytes
+    stdout: str
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, servers: Iterable[int] = (),
+        ok: tuple[int, ...] = (0,)) -> Run:
+    """Run ``cmd`` to its end; raise SystemExit with its stderr unless its status is in ``ok``."""
+    servers = list(servers)
+    before = sum(cpu_of(p) for p in servers)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        spent = usage.ru_utime + usage.ru_stime + sum(cpu_of(p) for p in servers) - before
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) not in ok:
+            raise SystemExit(f"{Path(cmd[0]).name} failed: {err.read().decode(errors='replace')}")
+        return Run(wall, spent, usage.ru_maxrss * 1024, out.read().decode(errors="replace"))
