@@ -564,9 +564,10 @@ class Client:
         uids = sorted(set().union(*(n.uids for n in ok)))
         patients = sorted({n.patient_key for n in ok})
         prep, _ = self.meta.call("up.prepare", uids=uids, patients=patients)
-        sites = sorted(Site.from_wire(s).name for s in prep["sites"])
-        zones = {Site.from_wire(s).name: Site.from_wire(s).zone for s in prep["sites"]}
-        self._learn_sites(Site.from_wire(s) for s in prep["sites"])
+        known = [Site.from_wire(s) for s in prep["sites"]]
+        sites = sorted(s.name for s in known)
+        zones = {s.name: s.zone for s in known}
+        self._learn_sites(known)
         if site is not None and site not in sites:
             raise errors.UsageError(f"site {site!r} is not registered; known sites: {', '.join(sites)}.")
         replication = prep.get("replication") or {"default": 1, "overrides": {}}

@@ -23,15 +23,21 @@ def default_factor(n_sites: int) -> int:
     return DEFAULT_COPIES if n_sites >= DEFAULT_COPIES else 1
 
 
-def factor(path: str, default: int, overrides: Mapping[str, int]) -> int:
-    """The replication factor of the file at ``path``: its nearest ancestor's setting."""
+def set_at(path: str, overrides: Mapping[str, int]) -> str | None:
+    """The nearest directory above ``path`` that sets a replication factor, if any."""
     d = posixpath.dirname(path) or "/"
     while True:
         if d in overrides:
-            return overrides[d]
+            return d
         if d == "/":
-            return default
+            return None
         d = posixpath.dirname(d)
+
+
+def factor(path: str, default: int, overrides: Mapping[str, int]) -> int:
+    """The replication factor of the file at ``path``: its nearest ancestor's setting."""
+    where = set_at(path, overrides)
+    return default if where is None else overrides[where]
 
 
 def choose(basis: str, sites: Sequence[str], n: int, first: str | None = None,

@@ -92,15 +92,6 @@ def _read_order(key: str, sites: list[str]) -> list[str]:
     return sorted(sites, key=lambda site: hashlib.sha256(f"{key}/{site}".encode()).digest())
 
 
-def _ancestors(path: str) -> list[str]:
-    out = []
-    d = path
-    while d != "/":
-        d = d.rsplit("/", 1)[0] or "/"
-        out.append(d)
-    return out
-
-
 @dataclass
 class _Cursor:
     """An open query between pages: no database connection and no worker is held.
@@ -688,7 +679,7 @@ class MetaService(wire.Service):
         default = placement.default_factor(len(self.engine.sites()))
         probe = st.path.rstrip("/") + "/x" if st.is_dir else st.path
         n = placement.factor(probe, default, overrides)
-        where = next((d for d in _ancestors(probe) if d in overrides), None)
+        where = placement.set_at(probe, overrides)
         return wire.Reply({"path": st.path, "copies": n, "set_at": where, "default": default,
                            "sites": len(self.engine.sites())})
 
