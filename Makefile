@@ -9,7 +9,8 @@ DEMO   ?= demo-federation
 
 # Debian packages the tests use: dcmtk (xml2dcm, XML export round trip), postgresql (the
 # engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
-# mounted for real), attr (getfattr on the mount) and faketime (a site whose clock is off).
+# mounted for real), attr (getfattr on the mount), faketime (a site whose clock is off) and
+# iproute2 (a federation across network namespaces).
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,7 @@ system-deps:
 	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
 	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
 	ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$$missing faketime"; \
+	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$missing; \
