@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import quote, unquote
 
 import mfusepy
@@ -513,13 +513,17 @@ class DgfFS(mfusepy.Operations):
                 # so it is read whole once and cached block by block.
                 offset, length = 0, r.size
             last: Exception = errors.NotFound(f"no replica of {r.path} is registered.")
-            for site in r.sites:
+            tried: set[str] = set()
+            missing = False
+            for site in self._replicas(r, tried, lambda: missing):
+                tried.add(site)
                 try:
                     data = self.client.site_link(site).read_range(r.key, offset, length, r.caps[site])
                 except errors.DgfError as exc:
                     log.warning("reading %s from site %s failed (%s); trying the next replica", r.path, site, exc)
                     # The file exists: a copy missing at a site (quarantined, lost) is an I/O
                     # error, not ENOENT for a path the directory listing shows.
+                    missing = missing or isinstance(exc, errors.NotFound)
                     last = errors.IntegrityError(f"the copy of {r.path} at site {site} is missing or "
                                                  "quarantined.") if isinstance(exc, errors.NotFound) else exc
                     continue
@@ -542,6 +546,19 @@ class DgfFS(mfusepy.Operations):
         finally:
             with self._lock:
                 self._inflight.pop((r.key, idx), None)
+
+    def _replicas(self, r: _Reader, tried: set[str], missing: Callable[[], bool]) -> Iterator[str]:
+        """The sites to read ``r`` from, in turn; when a copy was missing where the archive said
+        it was (a drain or a repair moved it), the file is resolved once more for the others."""
+        yield from list(r.sites)
+        if not missing():
+            return
+        self._resolved.pop(r.path, None)
+        fresh = self._resolve(r.path)
+        if fresh.key != r.key:
+            return                                   # replaced meanwhile: not this file's object
+        r.caps, r.sites, r.resolved = fresh.caps, fresh.sites, fresh.resolved
+        yield from [s for s in r.sites if s not in tried]
 
     def _report_corrupt(self, site: str, r: _Reader) -> None:
         """Ask the site to re-hash the object: it quarantines a bad copy and tells the metaserver,

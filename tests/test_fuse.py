@@ -234,3 +234,32 @@ def test_dead_site_gives_clean_eio_and_unmount_with_open_files(fresh_federation:
     while os.path.ismount(m.path) and time.time() < deadline:
         time.sleep(0.1)
     assert not os.path.ismount(m.path)
+
+
+def test_a_copy_moved_while_a_file_is_open_is_found_again(fresh_federation: local.Federation,
+                                                           tmp_path: Path) -> None:
+    """A drain moves the only copy of an open file to another site: the mount's next read finds
+    it there (the file is resolved again), instead of failing with EIO."""
+    from bench import synth
+
+    fed = fresh_federation
+    with Client(fed.config("admin")) as admin:
+        admin.mkdir("/moved")
+        admin.meta.call("admin.replicas.set", path="/moved", copies=1)
+    big = synth.multiframe(tmp_path / "big.dcm", 30 * 1024 * 1024, seed=5)   # 8 blocks; readahead takes 4
+    with Client(fed.config("clinician")) as c:
+        c.upload([big], to="/moved", site="site-a")
+        path = c.ls("/moved")[0].path
+        want = c.read_file(path)
+    m = Mount(fed.config("researcher"), tmp_path / "m")
+    try:
+        with open(m.path / path.lstrip("/"), "rb") as fh:
+            assert fh.read(4096) == want[:4096]                       # resolved, first block read
+            drained = subprocess.run([str(BIN / "dgf"), "admin", "site", "drain", "site-a"],
+                                     capture_output=True, text=True, timeout=120,
+                                     env=dict(os.environ, DGF_CONFIG=str(fed.config("admin"))))
+            assert drained.returncode == 0 and "1 object(s) moved" in drained.stdout, drained.stdout
+            fh.seek(28 * 1024 * 1024)
+            assert fh.read(1024 * 1024) == want[28 * 1024 * 1024:29 * 1024 * 1024]   # from site-b now
+    finally:
+        m.close()
