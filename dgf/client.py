@@ -324,9 +324,13 @@ class Client:
             self._links[name] = link
         return link
 
-    def _drop_link(self, name: str) -> None:
+    def _drop_link(self, name: str, why: errors.DgfError | None = None) -> None:
+        """Forget the link to a site after a failure; a transport failure (the site died or
+        hangs) also marks the site unreachable for a while, so copies are placed elsewhere."""
         with self._lock:
             link = self._links.pop(name, None)
+            if isinstance(why, errors.TransportError):
+                self._unreachable[name] = (time.monotonic(), why)
         if link is not None:
             link.close()
 
@@ -746,7 +750,7 @@ class Client:
                 try:
                     self.site_link(site).put_many(items, caps[site], done)
                 except errors.DgfError as exc:
-                    self._drop_link(site)
+                    self._drop_link(site, exc)
                     for it in items:
                         copy: _Copy = it.tag
                         if not (copy.file.receipt if copy.site == copy.file.site else copy.site in copy.file.copy_receipts):
@@ -914,7 +918,7 @@ class Client:
                 try:
                     self.site_link(site).get_many([(k, sizes[k]) for k in keys], caps[site], deliver, spool)
                 except errors.DgfError as exc:
-                    self._drop_link(site)
+                    self._drop_link(site, exc)
                     log.warning("site %s failed during download: %s", site, exc)
                     with lock:
                         for k in keys:
@@ -1078,7 +1082,7 @@ class Client:
                         raise errors.ServerError(f"site {site} returned a partial volume of the wrong shape.")
                     part = np.frombuffer(payload, dtype=np.float32).reshape(nz, ny, nx)
                 except errors.DgfError as exc:
-                    self._drop_link(site)
+                    self._drop_link(site, exc)
                     with lock:
                         failed[site] = (indices, str(exc))
                     return

@@ -343,3 +343,58 @@ def test_the_metaserver_killed_mid_repair(tmp_path: Path) -> None:
         assert _dgf(fed, "admin", "dgf", "fsck").returncode == 0
     finally:
         local.down(fed.root, quiet=True)
+
+
+def test_a_site_killed_mid_download_and_mid_reconstruction(tmp_path: Path) -> None:
+    """Large objects stream from a site that dies part-way: the download finishes from the other
+    copies, every file whole (no half-written file left); a reconstruction whose site dies while
+    it back-projects redoes that share on the other copies."""
+    import numpy as np
+
+    from dgf.dicom.projections import projection_series, read_projection
+    from ioserver.recon import circular, fdk, phantom
+
+    fed = local.up(tmp_path / "fed")
+    try:
+        big = tmp_path / "big"
+        big.mkdir()
+        for i in range(4):
+            synth.multiframe(big / f"b{i}.dcm", 40 * 1024 * 1024, seed=60 + i)
+        g = circular(30, 500.0, 800.0, (48, 48), (1.6, 1.6), (24, 24, 24), (2.5, 2.5, 2.5))
+        projections = phantom.project(g, 25.0)
+        with Client(fed.config("clinician")) as c:
+            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 4
+            c.recon_import(projections, g, "/scan")
+            keys = {st.path: st.object_key for st in c.ls("/big")}
+        # site-b dies as soon as the first object has arrived: others are streaming meanwhile.
+        out = tmp_path / "out"
+        victim, killed = _pid(fed, "site-b"), []
+
+        def progress(n: int) -> None:
+            if not killed:
+                killed.append(n)
+                os.kill(victim, signal.SIGKILL)
+
+        with Client(fed.config("researcher")) as r:
+            report = r.download(["/big"], out, progress=progress)
+        assert killed
+        assert report.downloaded == 4 and not report.failed, [f.reason for f in report.failed]
+        got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.dcm")}
+        assert sorted(got.values()) == sorted(keys.values())
+        assert not [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".dcm")]
+        _wait_dead(fed, "site-b")
+        local.up(fed.root)
+        # The same for a reconstruction: site-a dies as it starts back-projecting.
+        with _kill_when_logged(fed, "site-a.log", "back-projecting", lambda _: _pid(fed, "site-a")):
+            with Client(fed.config("clinician")) as c:
+                with Client(fed.config("admin")) as admin:
+                    admin.mkdir("/scan-fdk")
+                    admin.meta.call("admin.replicas.set", path="/scan-fdk", copies=1)   # one site is left
+                done = c.recon("/scan", "/scan-fdk")
+        # Whichever sites did the work, every projection was summed once: the single-node result.
+        stack = np.stack([read_projection(f)[3] for f in projection_series(projections, g)])
+        single = fdk(stack, g, "hann")
+        np.testing.assert_allclose(done.volume, single, atol=1e-5 * float(np.abs(single).max()))
+        assert len(done.paths) == 24
+    finally:
+        local.down(fed.root, quiet=True)
