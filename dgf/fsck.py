@@ -204,10 +204,7 @@ def _repair(client: Any, entries: dict[str, Entry], sites: dict[str, Site], caps
                 continue
             for e in part:
                 try:
-                    receipt = client.site_link(target).call(
-                        "replicate", caps[target], wait_s=SITE_WAIT_S, key=e.key, size=e.size,
-                        source=grant["source"], grant=grant["cap"])[0]["receipt"]
-                    client.meta.call("admin.replica.add", key=e.key, site=target, receipt=receipt)
+                    _replicate(client, caps[target], grant, target, e.key, e.size)
                 except errors.DgfError as exc:
                     with lock:
                         report.failures.append(f"{e.path}: copy from site {source} to site {target} failed "
@@ -236,6 +233,14 @@ def _repair(client: Any, entries: dict[str, Entry], sites: dict[str, Site], caps
                     report.dropped.append((e.path, site))
                 except errors.DgfError as exc:
                     report.failures.append(f"{e.path}: the record of its copy at {site} stays ({exc.message})")
+
+
+def _replicate(client: Any, cap: str, grant: dict[str, Any], target: str, key: str, size: int) -> None:
+    """Have ``target`` fetch one object from the source ``grant`` names (site to site) and record
+    the copy on the target's signed receipt."""
+    receipt = client.site_link(target).call("replicate", cap, wait_s=SITE_WAIT_S, key=key, size=size,
+                                            source=grant["source"], grant=grant["cap"])[0]["receipt"]
+    client.meta.call("admin.replica.add", key=key, site=target, receipt=receipt)
 
 
 def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callable[[str], None]) -> None:
@@ -307,10 +312,7 @@ def drain(client: Any, site: str, progress: Callable[[str], None] | None = None)
                     continue
                 if target is not None:
                     grant = client.meta.call("admin.fsck.copy", source=source, target=target, keys=[key])[0]
-                    receipt = client.site_link(target).call(
-                        "replicate", caps[target], wait_s=SITE_WAIT_S, key=key, size=size,
-                        source=grant["source"], grant=grant["cap"])[0]["receipt"]
-                    client.meta.call("admin.replica.add", key=key, site=target, receipt=receipt)
+                    _replicate(client, caps[target], grant, target, key, size)
                     report.moved.append(key)
                     report.bytes_moved += size
                 elif site in sound:
