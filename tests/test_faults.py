@@ -360,7 +360,8 @@ def test_a_site_killed_mid_download_and_mid_reconstruction(tmp_path: Path) -> No
         big.mkdir()
         for i in range(4):
             synth.multiframe(big / f"b{i}.dcm", 40 * 1024 * 1024, seed=60 + i)
-        g = circular(30, 500.0, 800.0, (48, 48), (1.6, 1.6), (24, 24, 24), (2.5, 2.5, 2.5))
+        # A volume large enough that back-projecting takes a while: the kill lands mid-partial.
+        g = circular(30, 500.0, 800.0, (64, 64), (1.6, 1.6), (64, 64, 64), (1.0, 1.0, 1.0))
         projections = phantom.project(g, 25.0)
         with Client(fed.config("clinician")) as c:
             assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 4
@@ -395,6 +396,6 @@ def test_a_site_killed_mid_download_and_mid_reconstruction(tmp_path: Path) -> No
         stack = np.stack([read_projection(f)[3] for f in projection_series(projections, g)])
         single = fdk(stack, g, "hann")
         np.testing.assert_allclose(done.volume, single, atol=1e-5 * float(np.abs(single).max()))
-        assert len(done.paths) == 24
+        assert len(done.paths) == 64 and "site-a" not in done.sites
     finally:
         local.down(fed.root, quiet=True)
