@@ -180,6 +180,12 @@ def _inserted_id(result: Any) -> int:
     return int(key[0])
 
 
+def _slices(keys: list[str], n: int = 500) -> Iterator[list[str]]:
+    """``keys`` in slices short enough for one ``IN (...)`` list."""
+    for i in range(0, len(keys), n):
+        yield keys[i:i + n]
+
+
 def _join(parent: str, name: str) -> str:
     return ("" if parent == "/" else parent) + "/" + name
 
@@ -675,9 +681,9 @@ class SqlEngine(MetaEngine):
                     at_path[names[row.name]] = row
             keys = sorted({key for _, key, _ in files})
             healthy: dict[str, str] = {}
-            for i in range(0, len(keys), 500):
+            for part in _slices(keys):
                 for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
-                        replicas.c.key.in_(keys[i:i + 500]), replicas.c.state == "ok")):
+                        replicas.c.key.in_(part), replicas.c.state == "ok")):
                     healthy.setdefault(r.key, r.site)
             uids = sorted({uid for _, key, uid in files if uid and key not in healthy})
             instances: dict[str, str] = {}       # uid -> path of a stored version
@@ -793,9 +799,9 @@ class SqlEngine(MetaEngine):
         """The hash lists of those of ``keys`` that have one (objects over one block)."""
         def run(conn: Connection) -> dict[str, bytes]:
             out: dict[str, bytes] = {}
-            for i in range(0, len(keys), 500):
+            for part in _slices(keys):
                 for r in conn.execute(sa.select(object_blocks.c.key, object_blocks.c.digests).where(
-                        object_blocks.c.key.in_(keys[i:i + 500]))):
+                        object_blocks.c.key.in_(part))):
                     out[r.key] = bytes(r.digests)
             return out
         return self._read(run)
@@ -804,9 +810,9 @@ class SqlEngine(MetaEngine):
         """Mark ``site``'s replicas of ``keys`` (e.g. quarantined: readers stop using them)."""
         def run(conn: Connection) -> int:
             n = 0
-            for i in range(0, len(keys), 500):
+            for part in _slices(keys):
                 n += conn.execute(replicas.update().where(replicas.c.site == site, replicas.c.key.in_(
-                    keys[i:i + 500])).values(state=state)).rowcount
+                    part)).values(state=state)).rowcount
             return n
         return self._txn(run)
 
@@ -815,14 +821,16 @@ class SqlEngine(MetaEngine):
             sa.select(replicas.c.site, replicas.c.state).where(replicas.c.key == key).order_by(replicas.c.site))])
 
     def replica_rows(self, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
-        def run(conn: Connection) -> dict[str, list[tuple[str, str]]]:
-            out: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
-            for i in range(0, len(keys), 500):
-                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.state).where(
-                        replicas.c.key.in_(keys[i:i + 500])).order_by(replicas.c.site)):
-                    out[r.key].append((r.site, r.state))
-            return out
-        return self._read(run)
+        return self._read(lambda conn: self._replica_rows(conn, keys))
+
+    @staticmethod
+    def _replica_rows(conn: Connection, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
+        for part in _slices(keys):
+            for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.state).where(
+                    replicas.c.key.in_(part)).order_by(replicas.c.site)):
+                out[r.key].append((r.site, r.state))
+        return out
 
     def add_replica(self, key: str, site: str) -> bool:
         def run(conn: Connection) -> bool:
@@ -845,12 +853,7 @@ class SqlEngine(MetaEngine):
             rows = conn.execute(sa.select(objects.c.key, objects.c.size).join(
                 replicas, replicas.c.key == objects.c.key).where(
                 replicas.c.site == site, objects.c.key > after).order_by(objects.c.key).limit(limit)).all()
-            keys = [r.key for r in rows]
-            copies: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
-            for i in range(0, len(keys), 500):
-                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.state).where(
-                        replicas.c.key.in_(keys[i:i + 500])).order_by(replicas.c.site)):
-                    copies[r.key].append((r.site, r.state))
+            copies = self._replica_rows(conn, [r.key for r in rows])
             return [(r.key, int(r.size), copies[r.key]) for r in rows]
         return self._read(run)
 
@@ -882,18 +885,18 @@ class SqlEngine(MetaEngine):
     def recorded_at(self, site: str, keys: list[str]) -> set[str]:
         def run(conn: Connection) -> set[str]:
             out: set[str] = set()
-            for i in range(0, len(keys), 500):
+            for part in _slices(keys):
                 out.update(r.key for r in conn.execute(sa.select(replicas.c.key).where(
-                    replicas.c.site == site, replicas.c.key.in_(keys[i:i + 500]))))
+                    replicas.c.site == site, replicas.c.key.in_(part))))
             return out
         return self._read(run)
 
     def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             out: dict[str, list[str]] = {k: [] for k in keys}
-            for i in range(0, len(keys), 500):
+            for part in _slices(keys):
                 for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
-                        replicas.c.key.in_(keys[i:i + 500]), replicas.c.state == "ok")
+                        replicas.c.key.in_(part), replicas.c.state == "ok")
                         .order_by(replicas.c.site)):
                     out[r.key].append(r.site)
             return out
