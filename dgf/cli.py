@@ -773,6 +773,48 @@ def site_list(config: str | None) -> None:
                    + ("\tdraining" if s["name"] in reply.get("draining", []) else ""))
 
 
+@site_group.command("add")
+@click.argument("name")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False),
+              help="The site's public key (the key.pub 'dgf-ioserver init' wrote); enrols the site.")
+@click.option("--zone", default="", help="Failure domain (building, rack, region): copies go to distinct zones.")
+@click.option("--host-key", "expected", metavar="SHA256:...",
+              help="The host key fingerprint you expect (from 'dgf-ioserver init'); pinned without asking.")
+@click.option("--yes", is_flag=True, help="Pin the host key the site presents without asking.")
+@config_option
+@_run
+def site_add(name: str, address: str, key_file: str | None, zone: str, expected: str | None, yes: bool,
+             config: str | None) -> None:
+    """Add I/O site NAME at HOST:PORT (admin).  The site is contacted first and its SSH host key
+    shown; once you confirm it (or it matches --host-key) the key is pinned: every client
+    refuses a site that presents another, and the site may not change it on registering.
+    The site may already run ('dgf-ioserver serve' waits until it is added).  Audited.
+
+    \b
+    Example (on the site host: dgf-ioserver init --config /etc/dgf/site-east.conf):
+      dgf admin site add site-east 10.0.1.5:7102 --key site-east.pub --zone east
+    """
+    from dgf import config as dgf_config, crypto
+    from dgf.wire import probe_host_key
+
+    host, port = dgf_config.parse_address(address, "HOST:PORT")
+    public_key = Path(key_file).read_text().strip() if key_file else ""
+    with _client(config) as client:
+        host_key = probe_host_key(host, port)
+        fingerprint = crypto.fingerprint(host_key)
+        click.echo(f"site {name} at {host}:{port} presents host key {fingerprint}", err=True)
+        if expected is not None:
+            if expected.strip() != fingerprint:
+                raise errors.AuthenticationFailed(f"{host}:{port} presents host key {fingerprint}, not the "
+                                                  f"{expected.strip()} you expected; nothing was pinned.")
+        elif not yes and not click.confirm("Pin this host key for the site?", err=True):
+            raise errors.UsageError("the host key was not confirmed; nothing was pinned.")
+        client.meta.call("admin.site.add", site=name, host=host, port=port, host_key=host_key,
+                         zone=zone, **({"public_key": public_key} if public_key else {}))
+    click.echo(f"site {name} added at {host}:{port}, host key {fingerprint} pinned")
+
+
 @site_group.command("drain")
 @click.argument("name")
 @click.option("--cancel", is_flag=True, help="Let the site take new copies again.")

@@ -237,7 +237,7 @@ class Client:
         self.requested = options
         self._archive_options: Options | None = None
         self._key = crypto.load_paramiko_key(self.config.key)
-        self.meta = MetaLink(*self.config.metaserver, self._key, self.config.metaserver_host_key,
+        self.meta = MetaLink(self.config.metaserver, self._key, self.config.metaserver_host_key,
                              read_timeout=self.config.timeout)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}

@@ -38,6 +38,15 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_addresses(text: str, what: str) -> tuple[tuple[str, int], ...]:
+    """One or more HOST:PORT, comma-separated: several metaserver processes over one
+    PostgreSQL database, tried in the order given."""
+    parts = [t for t in text.split(",") if t.strip()]
+    if not parts:
+        raise errors.ConfigError(f"{what} must be HOST:PORT (several comma-separated), got {text!r}.")
+    return tuple(parse_address(t, what) for t in parts)
+
+
 def read_section(path: Path, section: str) -> dict[str, str]:
     parser = configparser.ConfigParser(interpolation=None)
     try:
@@ -111,7 +120,8 @@ class ClientConfig:
     path: Path
     principal: str
     key: Path
-    metaserver: tuple[str, int]
+    #: Every metaserver process this client may use (one database behind them), in order.
+    metaserver: tuple[tuple[str, int], ...]
     metaserver_host_key: str
     cache_dir: Path
     #: Seconds to wait for a server's next bytes before naming it as hung (``timeout`` key).
@@ -134,7 +144,7 @@ class ClientConfig:
             path=p,
             principal=_need(v, "principal", p, "dgf"),
             key=_rel(base, _need(v, "key", p, "dgf")),
-            metaserver=parse_address(_need(v, "metaserver", p, "dgf"), "metaserver"),
+            metaserver=parse_addresses(_need(v, "metaserver", p, "dgf"), "metaserver"),
             metaserver_host_key=_need(v, "metaserver_host_key", p, "dgf"),
             cache_dir=_rel(base, cache),
             timeout=_seconds(v.get("timeout", "30"), p),
@@ -169,7 +179,7 @@ class IoserverConfig:
     store: Path
     host_key: Path
     key: Path
-    metaserver: tuple[str, int]
+    metaserver: tuple[tuple[str, int], ...]
     metaserver_host_key: str
     limits: Limits = Limits()
     #: A failure domain (building, rack, cloud region): copies of an object go to distinct zones.
@@ -186,7 +196,7 @@ class IoserverConfig:
             _rel(base, _need(v, "store", p, "ioserver")),
             _rel(base, _need(v, "host_key", p, "ioserver")),
             _rel(base, _need(v, "key", p, "ioserver")),
-            parse_address(_need(v, "metaserver", p, "ioserver"), "metaserver"),
+            parse_addresses(_need(v, "metaserver", p, "ioserver"), "metaserver"),
             _need(v, "metaserver_host_key", p, "ioserver"),
             read_limits(p),
             v.get("zone", ""),

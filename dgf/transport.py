@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import queue
 import threading
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import paramiko
 
 from dgf import errors, wire
 from dgf.types import Site
+
+log = logging.getLogger(__name__)
 
 META_SUBSYSTEM = "dgf-meta"
 IO_SUBSYSTEM = "dgf-io"
@@ -37,22 +40,45 @@ class MetaLink:
     """RPC to the metaserver over a small pool of channels on one SSH connection.
 
     A channel that failed midway (its framing may be out of step) never goes back to the pool:
-    the next call opens a fresh one in its place."""
+    the next call opens a fresh one in its place.  Where several metaserver processes serve one
+    database, a connection that died is replaced by one to the next of them that answers; the
+    call that met the failure raises (it may have been applied), the next one goes through."""
 
-    def __init__(self, host: str, port: int, key: paramiko.PKey, host_key: str, channels: int = 2,
-                 read_timeout: float = wire.READ_TIMEOUT) -> None:
-        self.conn = wire.Connection(host, port, key, host_key, META_SUBSYSTEM, name="the metaserver",
-                                    read_timeout=read_timeout)
+    def __init__(self, addresses: Iterable[tuple[str, int]], key: paramiko.PKey, host_key: str,
+                 channels: int = 2, read_timeout: float = wire.READ_TIMEOUT) -> None:
+        self.addresses = list(addresses)
+        self._key, self._host_key, self._read_timeout = key, host_key, read_timeout
+        self._size = channels
+        self._lock = threading.Lock()
+        self.conn = self._connect(self.addresses)
         self._pool: queue.Queue[wire.RpcChannel] = queue.Queue()
         for _ in range(channels):
             self._pool.put(self.conn.channel())
+
+    def _connect(self, order: list[tuple[str, int]]) -> wire.Connection:
+        return wire.connect_any(order, self._key, self._host_key, META_SUBSYSTEM, "the metaserver",
+                                self._read_timeout)
+
+    def _reconnect(self, dead: wire.Connection) -> None:
+        """Replace a dead connection (once, whichever caller notices first), trying the other
+        metaservers before the one that died."""
+        with self._lock:
+            if self.conn is not dead:
+                return
+            i = self.addresses.index(dead.address) if dead.address in self.addresses else 0
+            self.conn = self._connect(self.addresses[i + 1:] + self.addresses[:i + 1])
+            dead.close()
+            log.warning("reconnected to the metaserver at %s", self.conn.where)
 
     @contextlib.contextmanager
     def _channel(self) -> Iterator[wire.RpcChannel]:
         """A channel from the pool (a fresh one in place of a broken one), back after use."""
         chan = self._pool.get()
         try:
-            if chan.broken:
+            if not self.conn.alive:
+                chan.broken = True
+                self._reconnect(self.conn)
+            if chan.broken or chan.where != self.conn.where:
                 fresh = self.conn.channel()
                 chan.close()
                 chan = fresh

@@ -529,9 +529,7 @@ class SSHServer:
         """Serve in the foreground until SIGTERM or Ctrl-C; first write HOST:PORT to
         ``ready_file`` (atomically) so whoever started this process knows it listens."""
         if ready_file:
-            tmp = Path(ready_file + ".tmp")
-            tmp.write_text("%s:%d\n" % self.address)
-            tmp.replace(ready_file)
+            write_ready(ready_file, self.address)
         signal.signal(signal.SIGTERM, lambda *_: self.close())
         try:
             self.serve_forever()
@@ -563,6 +561,11 @@ class SSHServer:
     def close(self) -> None:
         self._stop.set()
         try:
+            # shutdown wakes an accept() blocked in another thread (close alone does not, on Linux).
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass
@@ -588,6 +591,7 @@ class Connection:
                  subsystem: str, timeout: float = 15.0, name: str = "the dgf server",
                  read_timeout: float | None = READ_TIMEOUT) -> None:
         self.where = f"{name} ({host}:{port})"
+        self.address = (host, port)
         self.subsystem = subsystem
         self.read_timeout = read_timeout
         try:
@@ -642,8 +646,60 @@ class Connection:
         chan.settimeout(self.read_timeout)
         return RpcChannel(chan, self.where, self.read_timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self.transport.is_active()
+
     def close(self) -> None:
         self.transport.close()
+
+
+def connect_any(addresses: Iterable[tuple[str, int]], key: paramiko.PKey, host_key_line: str,
+                subsystem: str, name: str, read_timeout: float | None = READ_TIMEOUT) -> Connection:
+    """A connection to the first of ``addresses`` that answers (several metaserver processes
+    over one database); an unreachable one costs its connect timeout, a refused key fails at
+    once.  The error names every address tried."""
+    tried: list[str] = []
+    last: errors.TransportError | None = None
+    for host, port in addresses:
+        try:
+            return Connection(host, port, key, host_key_line, subsystem, name=name, read_timeout=read_timeout)
+        except errors.TransportError as exc:
+            tried.append(f"{host}:{port}")
+            last = exc
+    if last is None:
+        raise errors.ConfigError(f"no address is configured for {name}.")
+    if len(tried) == 1:
+        raise last
+    raise errors.TransportError(f"none of the {len(tried)} addresses of {name} ({', '.join(tried)}) "
+                                f"answers; the last said: {last.message}") from last
+
+
+def probe_host_key(host: str, port: int, timeout: float = 10.0) -> str:
+    """The host key (``type base64``) a server presents, read from the SSH handshake without
+    authenticating: what an admin confirms before pinning it (first contact)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise errors.TransportError(f"cannot reach {host}:{port} ({exc.strerror or exc}); is it running?") from exc
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    try:
+        transport.start_client(timeout=timeout)
+        remote = transport.get_remote_server_key()
+        return f"{remote.get_name()} {remote.get_base64()}"
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        raise errors.TransportError(f"{host}:{port} did not complete an SSH handshake ({exc}); "
+                                    "is it a dgf server?") from exc
+    finally:
+        transport.close()
+
+
+def write_ready(ready_file: str, address: tuple[str, int]) -> None:
+    """Write HOST:PORT to ``ready_file`` atomically: whoever started a server waits on it."""
+    tmp = Path(ready_file + ".tmp")
+    tmp.write_text("%s:%d\n" % address)
+    tmp.replace(ready_file)
 
 
 class RpcChannel:

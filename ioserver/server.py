@@ -30,6 +30,8 @@ log = logging.getLogger("dgf.ioserver")
 SUBSYSTEM = "dgf-io"
 #: Seconds between refreshes of the enrolled keys: a removed principal is cut off within this.
 KEY_REFRESH_S = 2.0
+#: Seconds between attempts to register while the site waits to be enrolled.
+REGISTER_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,6 @@ class KeyRing:
         self._keys: dict[str, Peer] = {}
         self._last = 0.0
         self._lock = threading.Lock()
-        self.refresh(force=True)
 
     def start(self) -> None:
         def loop() -> None:
@@ -360,8 +361,8 @@ class MetaLink:
             for attempt in (1, 2):
                 try:
                     if self._chan is None or self._chan.broken:
-                        conn = wire.Connection(*self.cfg.metaserver, self._key,
-                                               self.cfg.metaserver_host_key, "dgf-meta", name="the metaserver")
+                        conn = wire.connect_any(self.cfg.metaserver, self._key, self.cfg.metaserver_host_key,
+                                                "dgf-meta", "the metaserver")
                         self._chan = conn.channel()
                     return self._chan.call(verb_name, **args)[0]
                 except errors.TransportError:
@@ -444,11 +445,62 @@ def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tup
     return server, link
 
 
+def _register(server: wire.SSHServer, link: MetaLink, cfg: IoserverConfig, host_key: paramiko.PKey,
+              ready_file: str | None, refused: list[errors.DgfError]) -> None:
+    """Register with the metaserver, waiting (listening meanwhile, so an admin can read the
+    host key on first contact) until an admin has enrolled this site; then start the key
+    refresh and the scrubber and write the ready file.  A registration the metaserver refuses
+    (another host key pinned) stops the server."""
+    host, port = server.address
+    waiting_since: float | None = None
+    while True:
+        try:
+            link.call("site.register", site=cfg.site, host=host, port=port,
+                      host_key=crypto.public_line(host_key), **({"zone": cfg.zone} if cfg.zone else {}))
+            break
+        except errors.AuthenticationFailed:
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.warning("site %s is not enrolled at the metaserver yet; waiting for an admin to run "
+                            "'dgf admin site add %s HOST:%d --key %s.pub' (host key %s)", cfg.site, cfg.site,
+                            port, cfg.key, crypto.fingerprint(host_key))
+        except errors.TransportError as exc:
+            log.warning("cannot register with the metaserver yet (%s); trying again", exc)
+        except errors.DgfError as exc:
+            log.error("the metaserver refused this site's registration: %s", exc)
+            refused.append(exc)
+            server.close()
+            return
+        time.sleep(REGISTER_RETRY_S)
+    keyring: KeyRing = server.service.keyring  # type: ignore[attr-defined]
+    keyring.refresh(force=True)
+    keyring.start()
+    _scrubber(server.service.store, cfg.limits.scrub_mb_s, cfg.limits.scrub_pause_s)  # type: ignore[attr-defined]
+    log.info("site %s registered; serving %s on %s:%d", cfg.site, cfg.store, host, port)
+    if ready_file:
+        wire.write_ready(ready_file, server.address)
+
+
+def init(cfg: IoserverConfig) -> None:
+    """Create the site's host key and its own key where missing, and print what an admin needs
+    to add the site: its public key file and its host key's fingerprint."""
+    for path in (cfg.host_key, cfg.key):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            crypto.generate_keypair(path, f"dgf-{cfg.site}")
+    cfg.store.mkdir(parents=True, exist_ok=True)
+    host_key = crypto.load_paramiko_key(cfg.host_key)
+    print(f"site {cfg.site}: key {cfg.key}.pub, host key {crypto.fingerprint(host_key)}")
+    print(f"an admin adds it with: dgf admin site add {cfg.site} HOST:{cfg.listen[1]} --key {cfg.key.name}.pub")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dgf-ioserver",
         description="Serve one site's object store over SSH (subsystem dgf-io).")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    p_init = sub.add_parser("init", help="create the site's host key, key and store named by the config")
+    p_init.add_argument("--config", required=True, help="ioserver config file (INI, [ioserver])")
     serve = sub.add_parser("serve", help="run the server in the foreground")
     serve.add_argument("--config", required=True, help="ioserver config file (INI, [ioserver])")
     serve.add_argument("--stdio", action="store_true",
@@ -457,8 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--ready-file", help="write HOST:PORT here once registered and listening")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dgf-ioserver %(levelname)s %(message)s")
+    refused: list[errors.DgfError] = []
     try:
         cfg = IoserverConfig.load(args.config)
+        if args.cmd == "init":
+            init(cfg)
+            return 0
         host_key = crypto.load_paramiko_key(cfg.host_key)
         server, link = build(cfg, host_key, cfg.listen[1])
         if args.stdio:
@@ -471,16 +527,16 @@ def main(argv: list[str] | None = None) -> int:
             wire.serve_stream(server.service, server.service.new_session(peer),
                               wire.StdioStream(sys.stdin.buffer, sys.stdout.buffer))
             return 0
-        host, port = server.address
-        server.service.keyring.start()  # type: ignore[attr-defined]
-        link.call("site.register", site=cfg.site, host=host, port=port,
-                  host_key=crypto.public_line(host_key), **({"zone": cfg.zone} if cfg.zone else {}))
-        _scrubber(server.service.store, cfg.limits.scrub_mb_s, cfg.limits.scrub_pause_s)  # type: ignore[attr-defined,arg-type]
+        threading.Thread(target=_register, args=(server, link, cfg, host_key, args.ready_file, refused),
+                         daemon=True, name="dgf-register").start()
     except errors.DgfError as exc:
         print(f"dgf-ioserver: {exc}", file=sys.stderr)
         return exc.exit_code
-    log.info("site %s serving %s on %s:%d", cfg.site, cfg.store, host, port)
-    server.run(args.ready_file)  # the ready file is written only after registration
+    log.info("site %s listening on %s:%d", cfg.site, *server.address)
+    server.run()  # the ready file is written only after registration
+    if refused:
+        print(f"dgf-ioserver: {refused[0]}", file=sys.stderr)
+        return refused[0].exit_code
     return 0
 
 

@@ -66,7 +66,7 @@ POLICY: dict[str, frozenset[str]] = {
     "admin.fsck.delete": frozenset({"admin"}),
     "admin.replica.add": frozenset({"admin"}), "admin.replica.drop": frozenset({"admin"}),
     "admin.site.drain": frozenset({"admin"}), "admin.site.objects": frozenset({"admin"}),
-    "admin.site.remove": frozenset({"admin"}), "admin.backup": frozenset({"admin"}),
+    "admin.site.remove": frozenset({"admin"}), "admin.site.add": frozenset({"admin"}), "admin.backup": frozenset({"admin"}),
 }
 
 #: xattrs the system writes; users may read them but never set or remove them.
@@ -195,6 +195,34 @@ class MetaService(wire.Service):
         self.engine.register_site(Site(site, host, port, host_key, zone[:64]))
         log.info("site %s registered at %s:%d", site, host, port)
         return wire.Reply({})
+
+    @wire.verb("admin.site.add", optional=("zone", "public_key"), site=str, host=str, port=int, host_key=str,
+               public_key=str, zone=str)
+    def site_add(self, p: Principal, site: str, host: str, port: int, host_key: str, public_key: str = "",
+                 zone: str = "") -> wire.Reply:
+        """Add a site at the address an admin gives, its host key pinned (the admin saw it on
+        first contact and confirmed it), and enrol the site's own key (``public_key``) unless
+        it is enrolled already.  The site's registrations may then change its zone only."""
+        crypto.fingerprint(host_key)
+        if not 0 < port < 65536:
+            raise errors.UsageError(f"port must be 1-65535, got {port}.")
+        enrolled = {q.name: q for q in self.engine.principals()}
+        if public_key:
+            q = make_principal(site, "site", public_key)
+            if site in enrolled and (enrolled[site].fingerprint != q.fingerprint or enrolled[site].role != "site"):
+                raise errors.AlreadyExists(f"principal {site!r} is enrolled already with another key or "
+                                           f"role; remove it first ('dgf admin principal remove {site}').")
+            if site not in enrolled:
+                with self.engine.audited(p.name, "grant", site, "role site"):
+                    self.engine.add_principal(q)
+        elif enrolled.get(site) is None or enrolled[site].role != "site":
+            raise errors.UsageError(f"site {site!r} has no enrolled key; pass the site's public key "
+                                    "(--key FILE, the key.pub that 'dgf-ioserver init' wrote).")
+        with self.engine.audited(p.name, "site.add", site, f"{host}:{port} {crypto.fingerprint(host_key)}"):
+            self.engine.register_site(Site(site, host, port, " ".join(host_key.split()[:2]), zone[:64]), pin=True)
+        log.info("site %s added at %s:%d by %s, host key %s pinned", site, host, port, p.name,
+                 crypto.fingerprint(host_key))
+        return wire.Reply({"fingerprint": crypto.fingerprint(host_key)})
 
     @wire.verb("site.keys")
     def site_keys(self, p: Principal) -> wire.Reply:
@@ -916,6 +944,8 @@ def init(cfg_path: Path) -> None:
     if not cfg.vault_key.exists():
         crypto.new_vault_keyfile(cfg.vault_key)
     open_engine(cfg.db).close()
+    # What every client and site config pins as metaserver_host_key.
+    print(f"metaserver_host_key = {crypto.public_line(crypto.load_paramiko_key(cfg.host_key))}")
 
 
 def main(argv: list[str] | None = None) -> int:

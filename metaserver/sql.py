@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError as SAIntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from dgf import errors
+from dgf import crypto, errors
 from dgf.types import Principal, Site, Stat
 from metaserver import index
 from metaserver.engine import MetaEngine, NewFile, norm_path
@@ -97,6 +97,9 @@ sites_t = sa.Table(
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("host_key", sa.String, nullable=False),
     sa.Column("zone", sa.String, nullable=True),
+    # Added by an admin ('dgf admin site add'): the site's own registration may not change its
+    # host key or address, and declares a zone only where the admin gave none.
+    sa.Column("pinned", sa.Boolean, nullable=True),
 )
 settings_t = sa.Table(
     "settings", metadata,
@@ -230,7 +233,8 @@ class SqlEngine(MetaEngine):
     def _upgrade(self) -> None:
         """Columns added since a database was created (create_all adds tables, not columns)."""
         inspector = sa.inspect(self.engine)
-        for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR")):
+        for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR"),
+                                          (sites_t, "pinned", "BOOLEAN")):
             if column not in {c["name"] for c in inspector.get_columns(table.name)}:
                 with self.engine.begin() as conn:
                     conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
@@ -1003,11 +1007,21 @@ class SqlEngine(MetaEngine):
             principals_t.c.fingerprint == fp)).first())
         return None if row is None else Principal(row.name, row.role, row.public_key, row.fingerprint)
 
-    def register_site(self, site: Site) -> None:
+    def register_site(self, site: Site, pin: bool = False) -> None:
         def run(conn: Connection) -> None:
+            old = conn.execute(sa.select(sites_t).where(sites_t.c.name == site.name)).first()
+            if old is not None and old.pinned and not pin:
+                if old.host_key.split()[:2] != site.host_key.split()[:2]:
+                    raise errors.PermissionDenied(
+                        f"site {site.name} presents host key {crypto.fingerprint(site.host_key)}, not the "
+                        f"key {crypto.fingerprint(old.host_key)} an admin pinned; if the site was rebuilt, "
+                        f"add it again with 'dgf admin site add {site.name} {old.host}:{old.port}'.")
+                if not old.zone and site.zone:           # the admin's zone, if given, stands
+                    conn.execute(sites_t.update().where(sites_t.c.name == site.name).values(zone=site.zone))
+                return
             conn.execute(sites_t.delete().where(sites_t.c.name == site.name))
             conn.execute(sites_t.insert().values(name=site.name, host=site.host, port=site.port,
-                                                 host_key=site.host_key, zone=site.zone or None))
+                                                 host_key=site.host_key, zone=site.zone or None, pinned=pin))
         self._txn(run)
 
     def sites(self) -> list[Site]:

@@ -92,7 +92,7 @@ def _pids(f: local.Federation) -> dict[str, int]:
 def _raw(f: local.Federation, who: str) -> Iterator[tuple[wire.Connection, wire.RpcChannel]]:
     """A bare connection and channel to the metaserver, to send what no client would."""
     cfg = ClientConfig.load(f.config(who))
-    conn = wire.Connection(*cfg.metaserver, crypto.load_paramiko_key(cfg.key), cfg.metaserver_host_key,
+    conn = wire.Connection(*cfg.metaserver[0], crypto.load_paramiko_key(cfg.key), cfg.metaserver_host_key,
                            "dgf-meta", name="the metaserver", read_timeout=10)
     try:
         yield conn, conn.channel()

@@ -363,14 +363,24 @@ def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path:
             assert len(paths) == 4 and all(p.startswith("/pg/renamed/") for p in paths), paths  # ... A knows
             b.save_query("pg-ct", "/DicomHeader[Modality='CT']")
             assert "pg-ct" in a.saved_queries()
-        # One metaserver dies; the other serves reads and writes.
-        os.kill(fed.pids["metaserver"], signal.SIGKILL)
-        with Client(fed.root / "clinician-2.conf") as b:
-            out = b.download(["/pg/renamed"], tmp_path / "out")
+        # A client that names both (metaserver = A, B) and holds its session across the death of
+        # the one it talks to: its next call goes to the other, and reads and writes go on.
+        both = fed.root / "clinician-both.conf"
+        both.write_text(fed.config("clinician").read_text().replace(fed.metaserver, f"{fed.metaserver}, {other}"))
+        with Client(both) as c:
+            assert len(c.ls("/pg/renamed")) == 4                           # through A
+            os.kill(fed.pids["metaserver"], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while c.meta.conn.alive:                         # the session notices the peer is gone
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            out = c.download(["/pg/renamed"], tmp_path / "out")
             assert out.downloaded == 4 and not out.failed
+            assert "%s:%d" % c.meta.conn.address == other
             (tmp_path / "more").mkdir()
-            assert b.upload(corpus.fresh_instances(tmp_path / "more", 2), to="/pg/later").uploaded == 2
-            assert len(b.find("/DicomHeader", "/pg")) == 6
+            assert c.upload(corpus.fresh_instances(tmp_path / "more", 2), to="/pg/later").uploaded == 2
+        with Client(both) as c:                                  # a new session skips the dead one
+            assert len(c.find("/DicomHeader", "/pg")) == 6
     finally:
         if second is not None:
             second.kill()
