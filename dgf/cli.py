@@ -505,7 +505,7 @@ def ls_cmd(path: str, long: bool, config: str | None) -> None:
 @main.command("fsck")
 @click.argument("path", default="/")
 @click.option("--repair", is_flag=True, help="Copy under-replicated objects site to site, forget copies "
-              "that are gone, remove orphans older than --grace.")
+              "that are gone, remove extra copies and orphans older than --grace.")
 @click.option("--grace", type=float, default=1.0, show_default=True, metavar="HOURS",
               help="Leave orphans younger than this (an upload may be about to commit them).")
 @config_option
@@ -516,8 +516,8 @@ def fsck_cmd(path: str, repair: bool, grace: float, config: str | None) -> None:
 
     Each site re-hashes its own copies (the bytes stay there); a whole-archive check (PATH /)
     also finds orphans, objects a site stores that no file records there. With --repair, copies
-    are made site to site from a sound one, the records of missing or corrupt copies are dropped
-    and old orphans removed; every step is audited. Exit 0 when the archive is whole, 6 when
+    are made site to site from a sound one, the records of missing or corrupt copies are dropped,
+    copies beyond the directory's count and old orphans removed; every step is audited. Exit 0 when the archive is whole, 6 when
     something is missing, corrupt, under-replicated or a site did not answer.
 
     \b
@@ -549,11 +549,12 @@ def _print_fsck(r: Any) -> None:
     listed("missing copies", r.missing, lambda m: f"{m[0]} at site {m[1]}")
     listed("corrupt copies (quarantined)", r.corrupt, lambda m: f"{m[0]} at site {m[1]}")
     listed("under-replicated", r.under, lambda u: f"{u[0]}: {u[1]} of {u[2]} copies")
-    listed("over-replicated (left as they are)", r.over, lambda u: f"{u[0]}: {u[1]} copies, {u[2]} kept")
+    listed("over-replicated" if r.repair else "over-replicated (--repair removes the extra copies)", r.over, lambda u: f"{u[0]}: {u[1]} copies, {u[2]} kept")
     listed("orphans", r.orphans, lambda o: f"site {o[0]}: {o[1][:16]}... ({o[2]} bytes, {o[3] / 3600:.1f} h old)")
     if r.repair:
         listed("copies made site to site", r.copied, lambda c: f"{c[0]} -> site {c[1]}")
         listed("records of gone copies dropped", r.dropped, lambda d: f"{d[0]} at site {d[1]}")
+        listed("extra copies removed", r.trimmed, lambda t: f"{t[0]} at site {t[1]}")
         listed("orphans removed", r.removed, lambda o: f"site {o[0]}: {o[1][:16]}...")
         listed("repairs that failed", r.failures, str)
     rate = f", {r.bytes_copied / max(r.seconds, 1e-9) / 1e6:.0f} MB/s copied" if r.bytes_copied else ""
@@ -566,7 +567,9 @@ def _print_fsck(r: Any) -> None:
 @config_option
 @_run
 def stat_cmd(path: str, config: str | None) -> None:
-    """Show the attributes of a file or directory, with its replicas."""
+    """Show the attributes of a file or directory, with its replicas: a file with fewer healthy
+    copies than its directory keeps is marked under_replicated (asynchronous replication still
+    copying, or a copy lost: 'dgf fsck --repair')."""
     with _client(config) as client:
         st = client.stat(path)
         info = st.to_wire()
@@ -574,6 +577,8 @@ def stat_cmd(path: str, config: str | None) -> None:
             # Readers are sent only to healthy replicas; a quarantined one shows with its state.
             info["sites"] = [site for site, state in st.replicas if state == "ok"]
             info["replicas"] = [{"site": site, "state": state} for site, state in st.replicas]
+            if len(info["sites"]) < st.copies_wanted:
+                info["under_replicated"] = True     # copies are being made (or 'dgf fsck --repair')
         click.echo(json.dumps(info, indent=1))
 
 
@@ -883,13 +888,35 @@ def replicas_get(path: str, config: str | None) -> None:
 def replicas_set(path: str, copies: int, config: str | None) -> None:
     """Keep COPIES copies (on distinct sites) of every file uploaded under directory PATH from
     now on; 0 inherits from the parent again.  The default is 2 once there are two sites.
-    Uploads publish a file only when all its copies are durable.  Audited.
+    Uploads publish a file only when all its copies are durable (see 'dgf admin replicas mode').
+    Audited.
 
     \b
     Example: dgf admin replicas set /projects/trial 3
     """
     with _client(config) as client:
         _show_replicas(client.meta.call("admin.replicas.set", path=path, copies=copies)[0])
+
+
+@replicas_group.command("mode")
+@click.argument("mode", required=False, type=click.Choice(["sync", "async"]))
+@config_option
+@_run
+def replicas_mode(mode: str | None, config: str | None) -> None:
+    """Show or set how uploads are replicated (admin; audited).
+
+    \b
+    sync   (the default) a file is published only once every copy its directory keeps is
+           durable: when an upload succeeds, losing any one site loses nothing.  This is what
+           a modality that deletes its images after a successful store needs.
+    async  a file is published once one copy is durable; 'dgf stat' shows it
+           under_replicated until the sites have copied it (site to site, in the background,
+           within seconds).  Uploads cost one copy and go on while a site is down; a site lost
+           in that window loses the files it alone held.
+    """
+    with _client(config) as client:
+        got = client.meta.call("admin.replicas.mode", **({"mode": mode} if mode else {}))[0]["mode"]
+    click.echo(f"replication: {got}")
 
 
 @admin_group.group("deid")

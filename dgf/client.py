@@ -575,6 +575,7 @@ class Client:
         if site is not None and site not in sites:
             raise errors.UsageError(f"site {site!r} is not registered; known sites: {', '.join(sites)}.")
         replication = prep.get("replication") or {"default": 1, "overrides": {}}
+        background = replication.get("mode") == "async"
         now = time.monotonic()
         # Sites that just failed to answer are passed over while enough others are left.
         live = [s for s in sites if now - self._unreachable.get(s, (-UNREACHABLE_S, None))[0] >= UNREACHABLE_S]
@@ -603,6 +604,8 @@ class Client:
                         "more copies wanted than there are sites", hint="add a site, or lower "
                         "'dgf admin replicas set' for that directory"))
                     continue
+                if background:
+                    n = 1        # one durable copy publishes the file; the sites make the others
                 chosen = placement.choose(basis, live if len(live) >= n and (site is None or site in live)
                                           else sites, n, first=site, zones=zones)
                 prepared.append(_Prepared(d.name, d, target, chosen[0], derived=options.derived,
@@ -714,23 +717,21 @@ class Client:
     def _put(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
              meter: _Meter | None = None) -> None:
         """Send every copy of each file to its site (all sites at once); a file is durable once
-        every copy has its receipt, and a file with a failed copy is reported, not published."""
-        by_site: dict[str, list[PutItem]] = {}
+        every copy has its receipt, and a file with a failed copy is reported, not published.
+
+        A copy whose site failed in transport (down, unreachable, hung) is sent once more to a
+        site the file has no copy on, where one is left (the way an HDFS write pipeline replaces
+        a failed datanode); a site the uploader named is not replaced."""
         lock = threading.Lock()
-        for p in prepared:
-            for where in (p.site, *p.copies):
-                stream = None
-                if p.result.layout:
-                    # Progress counts the first copy's bytes: what the user's files weigh.
-                    stream = meter.metered(p.source, p.result.pieces) \
-                        if meter is not None and where == p.site else p.result.pieces
-                by_site.setdefault(where, []).append(
-                    PutItem(p.result.key, p.result.data, _Copy(p, where), size=p.result.size, stream=stream))
 
         def failed(p: _Prepared, reason: str, code: int, group: str) -> None:
             with lock:
                 if not any(f.item == p.source for f in report.failed):
                     report.failed.append(Failure(p.source, reason, code, group))
+
+        def received(copy: _Copy) -> bool:
+            p = copy.file
+            return bool(p.receipt) if copy.site == p.site else copy.site in p.copy_receipts
 
         def done(item: PutItem, receipt: str | None, error: str | None) -> None:
             copy: _Copy = item.tag
@@ -745,20 +746,60 @@ class Client:
                 with lock:
                     copy.file.copy_receipts[copy.site] = receipt
 
-        def task(site: str, items: list[PutItem]) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    self.site_link(site).put_many(items, caps[site], done)
-                except errors.DgfError as exc:
-                    self._drop_link(site, exc)
-                    for it in items:
-                        copy: _Copy = it.tag
-                        if not (copy.file.receipt if copy.site == copy.file.site else copy.site in copy.file.copy_receipts):
-                            failed(copy.file, f"upload to site {site} failed: {exc}", exc.exit_code,
-                                   f"site {site} failed: {exc}")
-            return run
+        def send(copies: list[_Copy], last: bool) -> list[tuple[_Copy, errors.DgfError]]:
+            by_site: dict[str, list[PutItem]] = {}
+            for copy in copies:
+                p, stream = copy.file, None
+                if p.result.layout:
+                    # Progress counts the first copy's bytes: what the user's files weigh.
+                    stream = meter.metered(p.source, p.result.pieces) \
+                        if meter is not None and copy.site == p.site and not last else p.result.pieces
+                by_site.setdefault(copy.site, []).append(
+                    PutItem(p.result.key, p.result.data, copy, size=p.result.size, stream=stream))
+            stranded: list[tuple[_Copy, errors.DgfError]] = []
 
-        run_parallel(task(s, items) for s, items in by_site.items())
+            def task(site: str, items: list[PutItem]) -> Callable[[], None]:
+                def run() -> None:
+                    try:
+                        self.site_link(site).put_many(items, caps[site], done)
+                    except errors.DgfError as exc:
+                        self._drop_link(site, exc)
+                        for it in items:
+                            copy: _Copy = it.tag
+                            if received(copy):
+                                continue
+                            if not last and isinstance(exc, errors.TransportError):
+                                with lock:
+                                    stranded.append((copy, exc))
+                            else:
+                                failed(copy.file, f"upload to site {site} failed: {exc}", exc.exit_code,
+                                       f"site {site} failed: {exc}")
+                return run
+
+            run_parallel(task(s, items) for s, items in by_site.items())
+            return stranded
+
+        stranded = send([_Copy(p, where) for p in prepared for where in (p.site, *p.copies)], last=False)
+        moved: list[_Copy] = []
+        now = time.monotonic()
+        for copy, exc in stranded:
+            p = copy.file
+            taken = {p.site, *p.copies}
+            spare = [s for s in caps if s not in taken and s in self._site_info
+                     and now - self._unreachable.get(s, (-UNREACHABLE_S, None))[0] >= UNREACHABLE_S]
+            if not spare or (p.pinned and copy.site == p.site):
+                failed(p, f"upload to site {copy.site} failed: {exc}", exc.exit_code, f"site {copy.site} failed: {exc}")
+                continue
+            zones = {name: site.zone for name, site in self._site_info.items()}
+            new = placement.choose(p.result.key, spare, 1, zones=zones, avoid=sorted(taken - {copy.site}))[0]
+            log.warning("site %s failed (%s); its copy of %s goes to site %s", copy.site, exc.message, p.source, new)
+            if copy.site == p.site:
+                p.site = new
+            else:
+                p.copies[p.copies.index(copy.site)] = new
+            moved.append(_Copy(p, new))
+        if moved:
+            send(moved, last=True)
 
     # -- download -------------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class Limits:
     #: quarantined and reported to the metaserver, as on a read.
     scrub_mb_s: float = 20.0
     scrub_pause_s: float = 86_400.0
+    #: Background replication (mode async): seconds between a site's requests for copies to make.
+    repair_interval_s: float = 5.0
 
     @classmethod
     def from_section(cls, values: dict[str, str], where: str) -> "Limits":

@@ -30,9 +30,14 @@ class Stat:
     #: (site, state) of each replica of a file's object ("ok", or "quarantined" after a site
     #: found its copy corrupt); filled by ``stat``, empty in listings.
     replicas: tuple[tuple[str, str], ...] = ()
+    #: Copies the file's directory keeps (``stat`` only): fewer healthy replicas than this is
+    #: under-replicated (asynchronous replication catching up, or a copy lost to repair).
+    copies_wanted: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.copies_wanted:
+            del d["copies_wanted"]
         if not self.replicas:
             del d["replicas"]
         else:

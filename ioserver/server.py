@@ -23,6 +23,7 @@ from dgf import crypto, errors, wire
 from dgf.config import IoserverConfig
 from dgf.integrity import block_digests, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
+from dgf.types import Site
 from ioserver.store import LocalObjectStore, ObjectStore
 
 log = logging.getLogger("dgf.ioserver")
@@ -316,29 +317,45 @@ class IoService(wire.Service):
         the admin who asks): ``grant`` is the metaserver's get capability at ``source``, issued
         to this site.  Checked and stored as an upload is; the reply is this site's receipt."""
         s.require("fsck", None)
-        from dgf.types import Site
+        (_, receipt, error), = self.copy_from(Site.from_wire(source), grant, [(key, size)])
+        if error is not None:
+            raise error
+        return wire.Reply({"created": True, "receipt": receipt})
 
+    def copy_from(self, origin: Site, grant: str, objects: list[tuple[str, int]]
+                  ) -> list[tuple[str, str | None, errors.DgfError | None]]:
+        """Fetch ``objects`` (key, size) from site ``origin`` over one connection, presenting
+        ``grant`` (the metaserver's get capability there, issued to this site), and store each
+        as an upload is stored: (key, this site's receipt, or the error) for each."""
         if self._peer_key is None:
             raise errors.ServerError(f"site {self.site} has no key to reach other sites with.")
-        origin = Site.from_wire(source)
         if origin.name == self.site:
             raise errors.UsageError("a site cannot replicate from itself.")
         where = f"site {origin.name}"
+        out: list[tuple[str, str | None, errors.DgfError | None]] = []
         conn = wire.Connection(origin.host, origin.port, self._peer_key, origin.host_key, SUBSYSTEM,
                                name=where, read_timeout=wire.READ_TIMEOUT)
         try:
             chan = conn.channel()
             chan.call("auth", token=grant)
-            chan.send("get", {"key": key})
-            header = chan.receive_header()
-            n = int(header.get("n", 0))
-            if n != size:
-                raise errors.IntegrityError(f"{where} holds {n} bytes of object {key[:16]}..., not {size}.")
-            created, digests = self.store.put(key, chan.payload_chunks(n), size)
+            for key, size in objects:
+                try:
+                    chan.send("get", {"key": key})
+                    header = chan.receive_header()
+                    n = int(header.get("n", 0))
+                    if n != size:
+                        raise errors.IntegrityError(f"{where} holds {n} bytes of object {key[:16]}..., not {size}.")
+                    _, digests = self.store.put(key, chan.payload_chunks(n), size)
+                except errors.DgfError as exc:
+                    # The channel may be out of step (a refused or half-read object): the rest
+                    # of the batch waits for the next request.
+                    out.extend((k, None, exc) for k, _ in objects[len(out):])
+                    break
+                log.info("site %s: replicated %s (%d bytes) from %s", self.site, key[:16], size, origin.name)
+                out.append((key, self._receipt(key, size, digests), None))
         finally:
             conn.close()
-        log.info("site %s: replicated %s (%d bytes) from %s", self.site, key[:16], size, origin.name)
-        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests)})
+        return out
 
     @wire.verb("scrub")
     def scrub(self, s: Session) -> wire.Reply:
@@ -432,6 +449,43 @@ def _scrubber(store: LocalObjectStore, rate_mb_s: float, pause_s: float) -> None
     threading.Thread(target=loop, daemon=True, name="dgf-scrub").start()
 
 
+def _repairer(service: IoService, link: MetaLink, interval_s: float) -> None:
+    """Make the copies the metaserver asks this site for (asynchronous replication: files
+    published with fewer copies than their directory keeps), fetching site to site and
+    reporting each on this site's signed receipt; a full page of work is followed at once by
+    the next."""
+    def loop() -> None:
+        while True:
+            try:
+                work = link.call("site.work")["copies"]
+            except errors.DgfError as exc:
+                log.warning("could not ask the metaserver for copies to make (%s)", exc)
+                work = []
+            made = 0
+            for job in work:
+                origin = Site.from_wire(job["source"])
+                try:
+                    results = service.copy_from(origin, job["grant"], [(k, int(n)) for k, n in job["objects"]])
+                except errors.DgfError as exc:
+                    log.warning("copies from site %s failed (%s); asked again later", origin.name, exc)
+                    continue
+                for key, receipt, error in results:
+                    if receipt is None:
+                        log.warning("no copy of %s from site %s (%s)", key[:16], origin.name, error)
+                        continue
+                    try:
+                        link.call("site.replica.add", key=key, receipt=receipt)
+                        made += 1
+                    except errors.DgfError as exc:
+                        log.warning("the copy of %s was not recorded (%s)", key[:16], exc)
+            if made:
+                log.info("background replication: %d copies made", made)
+            if not made:
+                time.sleep(interval_s)
+
+    threading.Thread(target=loop, daemon=True, name="dgf-repair").start()
+
+
 def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
     link = MetaLink(cfg)
     keyring = KeyRing(lambda: link.call("site.keys")["principals"])
@@ -476,6 +530,7 @@ def _register(server: wire.SSHServer, link: MetaLink, cfg: IoserverConfig, host_
     keyring.refresh(force=True)
     keyring.start()
     _scrubber(server.service.store, cfg.limits.scrub_mb_s, cfg.limits.scrub_pause_s)  # type: ignore[attr-defined]
+    _repairer(server.service, link, cfg.limits.repair_interval_s)  # type: ignore[arg-type]
     log.info("site %s registered; serving %s on %s:%d", cfg.site, cfg.store, host, port)
     if ready_file:
         wire.write_ready(ready_file, server.address)
@@ -518,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         host_key = crypto.load_paramiko_key(cfg.host_key)
         server, link = build(cfg, host_key, cfg.listen[1])
         if args.stdio:
+            server.service.keyring.refresh(force=True)  # type: ignore[attr-defined]
             principals = link.call("site.keys")["principals"]
             match = [p for p in principals if p["name"] == args.principal]
             if not match:

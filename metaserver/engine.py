@@ -57,6 +57,7 @@ class NewFile:
     blocks: bytes = b""            # per-block digests (dgf/integrity.py), as the site signed them
     copies: tuple[str, ...] = ()   # further sites holding a durable copy (replication)
     original_size: int | None = None  # the identified original's size (with ``identity``)
+    wanted: int = 0                # copies its directory keeps; more than it has: queued for repair
 
 
 class MetaEngine(ABC):
@@ -188,6 +189,14 @@ class MetaEngine(ABC):
     @abstractmethod
     def add_replica(self, key: str, site: str) -> bool:
         """Record a healthy copy of a known object at ``site``; False if the object is unknown."""
+
+    @abstractmethod
+    def repair_queue(self, limit: int) -> list[tuple[str, int, int, list[tuple[str, str]]]]:
+        """The oldest objects queued for more copies: (key, size, copies wanted, replicas)."""
+
+    @abstractmethod
+    def repairs_done(self, keys: list[str]) -> None:
+        """Take objects that have their copies off the repair queue."""
 
     @abstractmethod
     def drop_replica(self, key: str, site: str) -> bool:

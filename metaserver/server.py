@@ -45,7 +45,8 @@ WRITERS = WRITER_ROLES
 #: own user.* attributes; writers change the namespace; sites only register and learn keys.
 POLICY: dict[str, frozenset[str]] = {
     "whoami": frozenset(ROLES),
-    "site.register": frozenset({"site"}),
+    "site.register": frozenset({"site"}), "site.work": frozenset({"site"}),
+    "site.replica.add": frozenset({"site"}), "admin.replicas.mode": frozenset({"admin"}),
     "site.keys": frozenset({"site"}),
     "site.report": frozenset({"site"}),
     "site.list": USERS,
@@ -81,6 +82,8 @@ QUERY_TIME_LIMIT_S = 300.0
 QUERY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Seconds a cached list of enrolled principals is trusted (removal takes effect within this).
 PRINCIPALS_TTL_S = 2.0
+#: Queued repairs looked at per site.work request (the oldest first).
+REPAIR_SCAN = 2000
 #: The principal an authentication gets while the database cannot say who a key belongs to:
 #: every verb it calls is answered "busy", never a misleading "refused our key".
 BUSY = Principal("(busy)", "busy", "", "")
@@ -303,6 +306,9 @@ class MetaService(wire.Service):
         reply = st.to_wire()
         if st.object_key:
             reply["replicas"] = [list(r) for r in self.engine.replica_states(st.object_key)]
+            takers = [s for s in self.engine.sites() if s.name not in self._draining()]
+            reply["copies_wanted"] = placement.factor(st.path, placement.default_factor(len(takers)),
+                                                      self.engine.replication_overrides())
         return wire.Reply(reply)
 
     @wire.verb("ns.readdir", path=str)
@@ -522,7 +528,8 @@ class MetaService(wire.Service):
             "sites": [s.to_wire() for s in sites],
             "caps": {s.name: self._cap(p, "put", s.name, None) for s in sites},
             "replication": {"default": placement.default_factor(len(sites)),
-                            "overrides": self.engine.replication_overrides()},
+                            "overrides": self.engine.replication_overrides(),
+                            "mode": self._replication_mode()},
         })
 
     @wire.verb("up.check", paths=list, keys=list, uids=list)
@@ -552,6 +559,7 @@ class MetaService(wire.Service):
                      for q in self.engine.principals() if q.role == "site"}
         takers = [st for st in self.engine.sites() if st.name not in self._draining()]
         default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
+        background = self._replication_mode() == "async"
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         new: list[NewFile] = []
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
@@ -585,7 +593,7 @@ class MetaService(wire.Service):
                             f"the block digests for {f['path']} do not match the receipt of site {where}.")
                 held = len({where for where, _ in copies})
                 need = placement.factor(f["path"], default, overrides)
-                if held < need:
+                if held < need and not background:
                     raise errors.UsageError(
                         f"{f['path']} has {held} durable cop{'y' if held == 1 else 'ies'}; its directory keeps "
                         f"{need} (dgf admin replicas), so it is not published.")
@@ -605,7 +613,8 @@ class MetaService(wire.Service):
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
             more = tuple(str(c["site"]) for c in f.get("copies") or [] if f.get("receipt"))
             new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, patient, sealed,
-                               blocks=blocks, original_size=original_size, copies=more))
+                               blocks=blocks, original_size=original_size, copies=more,
+                               wanted=placement.factor(f["path"], default, overrides) if background else 0))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
         return wire.Reply({"created": len(stats), "release": self._released(p, released)})
@@ -830,6 +839,10 @@ class MetaService(wire.Service):
     def replica_add(self, p: Principal, key: str, site: str, receipt: str) -> wire.Reply:
         """Record a copy a repair made, on the site's signed receipt (same size, same block
         list as the object's)."""
+        self._record_copy(p, key, site, receipt)
+        return wire.Reply({})
+
+    def _record_copy(self, p: Principal, key: str, site: str, receipt: str) -> None:
         keyring = {q.name: q for q in self.engine.principals() if q.role == "site"}
         if site not in keyring:
             raise errors.NotFound(f"site {site!r} is not registered.")
@@ -841,6 +854,55 @@ class MetaService(wire.Service):
         with self.engine.audited(p.name, "replica.add", key, site):
             if not self.engine.add_replica(key, site):
                 raise errors.NotFound(f"object {key[:16]}... is not in the archive.")
+
+    # -- replication in the background (mode async) -----------------------------------------
+
+    def _replication_mode(self) -> str:
+        return self.engine.get_setting("replication.mode") or "sync"
+
+    @wire.verb("admin.replicas.mode", optional=("mode",), mode=str)
+    def replicas_mode(self, p: Principal, mode: str = "") -> wire.Reply:
+        """How uploads are replicated: ``sync`` (the default: a file is published only once every
+        copy its directory keeps is durable) or ``async`` (published on one durable copy,
+        visible as under-replicated, the other copies made by the sites in the background)."""
+        if mode:
+            if mode not in ("sync", "async"):
+                raise errors.UsageError(f"replication mode is 'sync' or 'async', not {mode[:32]!r}.")
+            with self.engine.audited(p.name, "replicas.mode", mode):
+                self.engine.set_setting("replication.mode", mode)
+        return wire.Reply({"mode": self._replication_mode()})
+
+    @wire.verb("site.work", optional=("limit",), limit=int)
+    def site_work(self, p: Principal, limit: int = 64) -> wire.Reply:
+        """The copies this site should make now: objects queued as under-replicated whose next
+        copy placement puts here, each with a get capability at a site holding a sound copy
+        (issued to this site, so it fetches site to site)."""
+        limit = max(1, min(limit, 256))
+        sites = {st.name: st for st in self.engine.sites()}
+        draining = self._draining()
+        takers = sorted(n for n in sites if n not in draining)
+        zones = {n: st.zone for n, st in sites.items()}
+        done: list[str] = []
+        work: dict[str, list[tuple[str, int]]] = {}       # source site -> [(key, size)]
+        for key, size, wanted, copies in self.engine.repair_queue(REPAIR_SCAN):
+            sound = [s for s, state in copies if state == "ok" and s in sites]
+            if len(sound) >= wanted or not sound:
+                if len(sound) >= wanted:
+                    done.append(key)
+                continue                          # no sound copy left: only fsck can say more
+            held = {s for s, _ in copies}
+            target = placement.choose(key, [s for s in takers if s not in held], 1, zones=zones, avoid=sound)
+            if target == [p.name] and sum(len(v) for v in work.values()) < limit:
+                work.setdefault(_read_order(key, sound)[0], []).append((key, size))
+        self.engine.repairs_done(done)
+        return wire.Reply({"copies": [
+            {"source": sites[src].to_wire(), "grant": self._cap(p, "get", src, [k for k, _ in items]),
+             "objects": [[k, n] for k, n in items]} for src, items in work.items()]})
+
+    @wire.verb("site.replica.add", key=str, receipt=str)
+    def site_replica_add(self, p: Principal, key: str, receipt: str) -> wire.Reply:
+        """A site made a copy it was asked for (site.work): recorded on its own signed receipt."""
+        self._record_copy(p, key, p.name, receipt)
         return wire.Reply({})
 
     @wire.verb("admin.replica.drop", key=str, site=str)

@@ -115,6 +115,14 @@ queries_t = sa.Table(
 )
 # Per-block digests of objects larger than one digest block (dgf/integrity.py), as signed by
 # the site that stored them; a ranged read checks the blocks it covers against these.
+# Objects published with fewer copies than their directory keeps (asynchronous replication):
+# sites ask for this work (site.work) and copy site to site until each has ``wanted``.
+repairs = sa.Table(
+    "repairs", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("wanted", sa.Integer, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+)
 object_blocks = sa.Table(
     "object_blocks", metadata,
     sa.Column("key", sa.String(64), primary_key=True),
@@ -468,6 +476,7 @@ class SqlEngine(MetaEngine):
         for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(replicas.c.key.in_(gone))):
             out[r.key].append(r.site)
         conn.execute(replicas.delete().where(replicas.c.key.in_(gone)))
+        conn.execute(repairs.delete().where(repairs.c.key.in_(gone)))
         conn.execute(objects.delete().where(objects.c.key.in_(gone)))
         conn.execute(object_blocks.delete().where(object_blocks.c.key.in_(gone)))
         conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
@@ -640,6 +649,10 @@ class SqlEngine(MetaEngine):
             ins = dialect.insert(replicas)
             conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],
                                                    set_={"state": ins.excluded.state}), rep_rows)
+            repair_rows = [{"key": f.object_key, "wanted": f.wanted, "since": now} for f in files
+                           if f.wanted > len(dict.fromkeys((f.site, *f.copies)))]
+            if repair_rows:
+                conn.execute(self._insert_ignore(repairs), repair_rows)
             block_rows = [{"key": f.object_key, "digests": f.blocks} for f in files if f.blocks]
             if block_rows:
                 conn.execute(self._insert_ignore(object_blocks), block_rows)
@@ -847,6 +860,22 @@ class SqlEngine(MetaEngine):
                          [{"key": key, "site": site, "state": "ok"}])
             return True
         return self._txn(run)
+
+    def repair_queue(self, limit: int) -> list[tuple[str, int, int, list[tuple[str, str]]]]:
+        """The oldest queued repairs: (key, size, copies wanted, [(site, state)])."""
+        def run(conn: Connection) -> list[tuple[str, int, int, list[tuple[str, str]]]]:
+            rows = conn.execute(sa.select(repairs.c.key, repairs.c.wanted, objects.c.size).join(
+                objects, objects.c.key == repairs.c.key).order_by(repairs.c.since, repairs.c.key).limit(limit)).all()
+            copies = self._replica_rows(conn, [r.key for r in rows])
+            return [(r.key, int(r.size), int(r.wanted), copies[r.key]) for r in rows]
+        return self._read(run)
+
+    def repairs_done(self, keys: list[str]) -> None:
+        def run(conn: Connection) -> None:
+            for part in _slices(keys):
+                conn.execute(repairs.delete().where(repairs.c.key.in_(part)))
+        if keys:
+            self._txn(run)
 
     def drop_replica(self, key: str, site: str) -> bool:
         return self._txn(lambda c: c.execute(replicas.delete().where(

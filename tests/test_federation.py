@@ -172,7 +172,7 @@ def test_unknown_key_is_refused(federation: local.Federation, tmp_path: Path) ->
     src = ClientConfig.load(federation.config("researcher"))
     conf = tmp_path / "stranger.conf"
     write_section(conf, "dgf", {"principal": "stranger", "key": str(tmp_path / "stranger"),
-                                "metaserver": "%s:%d" % src.metaserver,
+                                "metaserver": "%s:%d" % src.metaserver[0],
                                 "metaserver_host_key": src.metaserver_host_key})
     with pytest.raises(errors.AuthenticationFailed, match="refused our key"):
         Client(conf)
@@ -186,7 +186,7 @@ def test_pinned_host_key_mismatch_is_refused(federation: local.Federation, tmp_p
     other = crypto.generate_keypair(tmp_path / "impostor")
     conf = tmp_path / "pinned.conf"
     write_section(conf, "dgf", {"principal": "clinician", "key": str(src.key),
-                                "metaserver": "%s:%d" % src.metaserver,
+                                "metaserver": "%s:%d" % src.metaserver[0],
                                 "metaserver_host_key": " ".join(other.split()[:2])})
     with pytest.raises(errors.AuthenticationFailed, match="does not match the pinned key"):
         Client(conf)
@@ -201,7 +201,7 @@ def test_principal_enrollment_and_removal(admin: Client, federation: local.Feder
     src = ClientConfig.load(federation.config("researcher"))
     conf = tmp_path / "newbie.conf"
     write_section(conf, "dgf", {"principal": "newbie", "key": str(tmp_path / "newbie"),
-                                "metaserver": "%s:%d" % src.metaserver,
+                                "metaserver": "%s:%d" % src.metaserver[0],
                                 "metaserver_host_key": src.metaserver_host_key})
     with Client(conf) as c:
         assert c.whoami() == {"name": "newbie", "role": "researcher"}
