@@ -7,8 +7,10 @@ On a local federation of three sites (this machine, loopback):
 - upload cost: ``dgf_up`` of ``--files`` small CT files into a directory that keeps one copy
   and, interleaved, into one that keeps two (fresh files each run); the median wall time and
   CPU seconds (client + every server) of each, and their ratio;
-- a site killed for good: every file read back through ``dgf_down`` (and the time to the first
-  file whose first copy was on the dead site);
+- a site killed for good: the first byte of files whose first copy (in read order) was on the
+  dead site, read through a client session and through the mount that were open before the
+  kill (each read notices the failure and goes to the other copy): median and worst seconds;
+  then every file read back through ``dgf_down``;
 - repair: ``dgf fsck --repair`` restores two copies of ``--large`` objects of ``--large-mib``
   MiB from the survivors, site to site; its copy rate.
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import measure, synth  # noqa: E402
 from dgf import local  # noqa: E402
+from dgf.client import Client  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
@@ -78,8 +81,29 @@ def main() -> None:
                        capture_output=True)
         shutil.rmtree(big)
         victim = json.loads((fed.root / local.STATE).read_text())["pids"]["site-a"]
-        os.kill(int(victim), signal.SIGKILL)
-        time.sleep(0.5)
+        mnt = work / "mnt"
+        mnt.mkdir()
+        subprocess.run([str(BIN / "dgf"), "mount", str(mnt)], env=clin, check=True, stdout=subprocess.DEVNULL)
+        with Client(fed.config("clinician")) as c:
+            resolved = c.resolve(["/cost2"])
+            first_on_a = [f[0] for f in resolved["files"] if f[3][0] == "site-a"][:40]
+            os.listdir(mnt / "cost2" / "0")                       # the mount has resolved its entries
+            os.kill(int(victim), signal.SIGKILL)
+            time.sleep(0.5)
+            session, mounted = [], []
+            for path in first_on_a[: len(first_on_a) // 2]:
+                t0 = time.perf_counter()
+                c.read_file(path)
+                session.append(time.perf_counter() - t0)
+            for path in first_on_a[len(first_on_a) // 2:]:
+                t0 = time.perf_counter()
+                with open(mnt / path.lstrip("/"), "rb") as fh:
+                    fh.read(4096)
+                mounted.append(time.perf_counter() - t0)
+        subprocess.run([str(BIN / "dgf"), "umount", str(mnt)], check=False)
+        results["first byte after losing site-a, s (median, worst; files)"] = {
+            "client session": [round(statistics.median(session), 3), round(max(session), 3), len(session)],
+            "mount": [round(statistics.median(mounted), 3), round(max(mounted), 3), len(mounted)]}
         t0 = time.perf_counter()
         out = subprocess.run([str(BIN / "dgf_down"), "/cost2", "/large", "-o", str(work / "out")], env=clin,
                              capture_output=True, text=True)

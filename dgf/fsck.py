@@ -13,7 +13,9 @@ The admin's client orchestrates; the bytes never come to it:
    site** (the target fetches from a sound copy with a capability the metaserver issued to it,
    checks and stores it, and signs a receipt the metaserver checks before recording the copy);
    records of missing or corrupt copies are then dropped; orphans older than ``grace_s`` are
-   removed.  Over-replicated objects are reported, never trimmed.
+   removed; an object with more intact copies than its directory keeps loses the extra ones
+   (placement picks the copies to keep, so zones stay distinct): their records first, then the
+   bytes, so no reader is ever sent to a copy about to go.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class FsckReport:
     copied: list[tuple[str, str]] = field(default_factory=list)         # (path, to site)
     dropped: list[tuple[str, str]] = field(default_factory=list)        # (path, site) records forgotten
     removed: list[tuple[str, str]] = field(default_factory=list)        # (site, key) orphans removed
+    trimmed: list[tuple[str, str]] = field(default_factory=list)        # (path, site) extra copies removed
     failures: list[str] = field(default_factory=list)                   # repair steps that failed
     bytes_copied: int = 0
     seconds: float = 0.0
@@ -126,6 +129,7 @@ def fsck(client: Any, root: str = "/", repair: bool = False, grace_s: float = GR
             report.over.append((e.path, have, e.want))
     if repair:
         _repair(client, entries, sites, caps, report, say)
+        _trim(client, entries, sites, report, say)
         _remove_orphans(client, report, grace_s, say)
     report.seconds = time.perf_counter() - t0
     return report
@@ -241,6 +245,43 @@ def _replicate(client: Any, cap: str, grant: dict[str, Any], target: str, key: s
     receipt = client.site_link(target).call("replicate", cap, wait_s=SITE_WAIT_S, key=key, size=size,
                                             source=grant["source"], grant=grant["cap"])[0]["receipt"]
     client.meta.call("admin.replica.add", key=key, site=target, receipt=receipt)
+
+
+def _trim(client: Any, entries: dict[str, Entry], sites: dict[str, Site], report: FsckReport,
+          say: Callable[[str], None]) -> None:
+    """Remove the intact copies an object has beyond its directory's count (a lowered count,
+    a copy made twice): the record goes first (readers stop being sent there), then the bytes."""
+    zones = {name: site.zone for name, site in sites.items()}
+    extra: dict[str, list[Entry]] = {}
+    for e in entries.values():
+        intact = e.intact
+        if e.want < 1 or len(intact) <= e.want:
+            continue
+        keep = placement.choose(e.key, intact, e.want, zones=zones)
+        for site in intact:
+            if site not in keep:
+                extra.setdefault(site, []).append(e)
+    if extra:
+        say(f"removing {sum(len(v) for v in extra.values())} extra cop(ies)")
+    for site, batch in sorted(extra.items()):
+        dropped: list[Entry] = []
+        for e in batch:
+            try:
+                client.meta.call("admin.replica.drop", key=e.key, site=site)
+                dropped.append(e)
+            except errors.DgfError as exc:
+                report.failures.append(f"{e.path}: its extra copy at {site} stays ({exc.message})")
+        for i in range(0, len(dropped), BATCH):
+            part = dropped[i:i + BATCH]
+            try:
+                cap = client.meta.call("admin.fsck.delete", site=site, keys=[e.key for e in part])[0]["cap"]
+                for e in part:
+                    client.site_link(site).call("delete", cap, key=e.key)
+                    report.trimmed.append((e.path, site))
+                    e.found[site] = "removed"
+            except errors.DgfError as exc:
+                # The record is gone: what stays on the site is an orphan the next fsck removes.
+                report.failures.append(f"extra copies at site {site} are left as orphans ({exc.message})")
 
 
 def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callable[[str], None]) -> None:

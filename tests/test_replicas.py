@@ -118,6 +118,31 @@ def test_the_metaserver_publishes_only_fully_replicated_uploads(three: local.Fed
         assert base64.b64decode(f["blocks"]) == b"" or f["size"] > 0
 
 
+def test_fsck_repair_removes_copies_beyond_the_directorys_count(three: local.Federation, tmp_path: Path) -> None:
+    """A directory that kept three copies now keeps two: fsck reports the extra copies and
+    --repair removes them (record first, then bytes), keeping copies on distinct sites."""
+    with Client(three.config("admin")) as admin:
+        admin.mkdir("/trim")
+    assert _dgf(three, "admin", "replicas", "set", "/trim", "3").returncode == 0
+    with Client(three.config("clinician")) as c:
+        c.upload(corpus.fresh_instances(tmp_path / "src", 3), to="/trim")
+        keys = [c.stat(st.path).object_key for st in c.ls("/trim")]
+    assert all(len(_stored(three, k)) == 3 for k in keys if k)
+    assert _dgf(three, "admin", "replicas", "set", "/trim", "2").returncode == 0
+    check = _dgf(three, "fsck", "/trim")
+    assert "3 over-replicated (--repair removes the extra copies)" in check.stdout, check.stdout
+    fixed = _dgf(three, "fsck", "/trim", "--repair")
+    assert fixed.returncode == 0 and "3 extra copies removed" in fixed.stdout, fixed.stdout + fixed.stderr
+    with Client(three.config("clinician")) as c:
+        for st in c.ls("/trim"):
+            held = sorted(s for s, state in c.stat(st.path).replicas if state == "ok")
+            assert len(held) == 2 and held == sorted(_stored(three, st.object_key or c.stat(st.path).object_key or ""))
+        out = c.download(["/trim"], tmp_path / "out")
+        assert out.downloaded == 3 and not out.failed
+    again = _dgf(three, "fsck", "/trim")
+    assert again.returncode == 0 and "over-replicated" not in again.stdout
+
+
 def test_a_directory_wanting_more_copies_than_sites_fails_by_name(tmp_path: Path) -> None:
     fed = local.up(tmp_path / "fed", sites=("site-a",))
     try:
@@ -328,6 +353,27 @@ def test_backup_online_and_a_restore_drill(tmp_path: Path) -> None:
         # What was written after the backup is found, as orphans, on every site.
         check = _dgf(fed, "fsck")
         assert check.returncode == 0 and f"{2 * len(after)} orphans:" in check.stdout, check.stdout
+        # ... and adopted back, on the sites' signed receipts and the headers they build: each
+        # object becomes a file under /lost+found once, its other copy is recorded.
+        adopted = _dgf(fed, "fsck", "--adopt", "--repair", "--grace", "0")
+        assert adopted.returncode == 0, adopted.stdout + adopted.stderr
+        assert f"{len(after)} orphans adopted as files" in adopted.stdout, adopted.stdout
+        assert f"{len(after)} orphans adopted as copies of known objects" in adopted.stdout
+        assert "orphans removed" not in adopted.stdout
+        with Client(fed.config("clinician")) as c:
+            found = [r["path"] for r in c.find("/DicomHeader", "/lost+found")]
+            assert len(found) == len(after)
+            keys = sorted(c.stat(p).object_key or "" for p in found)
+            assert keys == sorted(after)
+            for p in found:
+                assert len([s for s, state in c.stat(p).replicas if state == "ok"]) == 2
+                assert hashlib.sha256(c.read_file(p)).hexdigest() == c.stat(p).object_key
+            with pytest.raises(errors.NotFound, match="no identity"):
+                c.read_file(found[0], identified=True)       # it was only ever on the metaserver
+        with Client(fed.config("admin")) as admin:
+            assert sum(e["action"] == "object.adopt" for e in admin.audit_log(50)) == len(after)
+        clean = _dgf(fed, "fsck")
+        assert clean.returncode == 0 and "orphans" not in clean.stdout, clean.stdout
     finally:
         local.down(fed.root, quiet=True)
 
@@ -413,5 +459,63 @@ def test_copies_go_to_distinct_zones(tmp_path: Path) -> None:
         with Client(fed.config("clinician")) as c:
             out = c.download(["/z"], tmp_path / "out")
             assert out.downloaded == 10 and not out.failed
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_async_replication_publishes_on_one_copy_and_the_sites_catch_up(tmp_path: Path) -> None:
+    """'dgf admin replicas mode async': a file is published on one durable copy and shows as
+    under-replicated; the sites copy it site to site in the background.  Uploads go on while a
+    site is down, and the site catches up when it returns."""
+    fed = local.up(tmp_path / "fed", limits={"repair_interval_s": "0.3"})
+    try:
+        assert "replication: sync" in _dgf(fed, "admin", "replicas", "mode").stdout
+        assert _dgf(fed, "admin", "replicas", "mode", "async").returncode == 0
+
+        def copies(c: Client, path: str) -> list[str]:
+            return sorted(site for site, state in c.stat(path).replicas if state == "ok")
+
+        def settled(c: Client, paths: list[str], timeout: float = 30) -> None:
+            deadline = time.monotonic() + timeout
+            while any(len(copies(c, p)) < 2 for p in paths):
+                assert time.monotonic() < deadline, {p: copies(c, p) for p in paths}
+                time.sleep(0.2)
+
+        with Client(fed.config("clinician")) as c:
+            report = c.upload(corpus.fresh_instances(tmp_path / "a", 4), to="/async/a")
+            assert report.uploaded == 4 and not report.failed
+            first = [st.path for st in c.ls("/async/a")]
+            settled(c, first)                                    # the sites made the second copies
+            os.kill(fed.pids["site-b"], signal.SIGKILL)
+            later = c.upload(corpus.fresh_instances(tmp_path / "b", 3), to="/async/b")
+            assert later.uploaded == 3 and not later.failed      # sync would refuse these
+            second = [st.path for st in c.ls("/async/b")]
+            assert all(copies(c, p) == ["site-a"] for p in second)
+        shown = json.loads(_dgf(fed, "stat", second[0]).stdout)
+        assert shown["under_replicated"] is True and shown["copies_wanted"] == 2
+        fed = local.up(fed.root)                                 # site-b returns ...
+        with Client(fed.config("clinician")) as c:
+            settled(c, second)                                   # ... and catches up
+        os.kill(fed.pids["site-a"], signal.SIGKILL)              # now the other copies alone serve
+        with Client(fed.config("researcher")) as r:
+            out = r.download(["/async"], tmp_path / "out")
+        assert out.downloaded == 7 and not out.failed, out.failed
+        audit = _dgf(fed, "admin", "audit", "--limit", "200").stdout
+        assert audit.count("replica.add") >= 7 and "site-b" in audit
+    finally:
+        local.down(fed.root, quiet=True)
+
+
+def test_a_copy_whose_site_is_down_goes_to_another_site(tmp_path: Path) -> None:
+    """Synchronous replication with a site down and a spare left: the copies placed on the dead
+    site are sent to the spare, so every upload still has its two durable copies."""
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    try:
+        os.kill(fed.pids["site-c"], signal.SIGKILL)
+        with Client(fed.config("clinician")) as c:
+            report = c.upload(corpus.fresh_instances(tmp_path / "src", 8), to="/spare")
+            assert report.uploaded == 8 and not report.failed, report.failed
+            held = [sorted(s for s, state in c.stat(st.path).replicas if state == "ok") for st in c.ls("/spare")]
+        assert all(h == ["site-a", "site-b"] for h in held), held
     finally:
         local.down(fed.root, quiet=True)
