@@ -506,11 +506,13 @@ def ls_cmd(path: str, long: bool, config: str | None) -> None:
 @click.argument("path", default="/")
 @click.option("--repair", is_flag=True, help="Copy under-replicated objects site to site, forget copies "
               "that are gone, remove extra copies and orphans older than --grace.")
+@click.option("--adopt", is_flag=True, help="After restoring the metadata from a backup: take orphans "
+              "older than --grace back into the archive (under /lost+found) instead of removing them.")
 @click.option("--grace", type=float, default=1.0, show_default=True, metavar="HOURS",
               help="Leave orphans younger than this (an upload may be about to commit them).")
 @config_option
 @_run
-def fsck_cmd(path: str, repair: bool, grace: float, config: str | None) -> None:
+def fsck_cmd(path: str, repair: bool, adopt: bool, grace: float, config: str | None) -> None:
     """Check that every file under PATH has its object, intact, in as many copies as its
     directory keeps (admin).
 
@@ -524,11 +526,15 @@ def fsck_cmd(path: str, repair: bool, grace: float, config: str | None) -> None:
     Examples:
       dgf fsck                      # the whole archive, report only
       dgf fsck /projects --repair   # mend what is under /projects
+      dgf fsck --adopt --repair     # after a restore: files written since the backup come back
     """
     from dgf.fsck import fsck
 
+    if adopt and path.rstrip("/"):
+        raise errors.UsageError("--adopt looks for orphans, which only a whole-archive check (PATH /) finds.")
     with _client(config) as client:
-        report = fsck(client, path, repair, grace * 3600.0, progress=lambda line: click.echo(line, err=True))
+        report = fsck(client, path, repair, grace * 3600.0, progress=lambda line: click.echo(line, err=True),
+                      adopt=adopt)
     _print_fsck(report)
     if not report.whole:
         sys.exit(errors.IntegrityError.exit_code)
@@ -549,14 +555,17 @@ def _print_fsck(r: Any) -> None:
     listed("missing copies", r.missing, lambda m: f"{m[0]} at site {m[1]}")
     listed("corrupt copies (quarantined)", r.corrupt, lambda m: f"{m[0]} at site {m[1]}")
     listed("under-replicated", r.under, lambda u: f"{u[0]}: {u[1]} of {u[2]} copies")
-    listed("over-replicated" if r.repair else "over-replicated (--repair removes the extra copies)", r.over, lambda u: f"{u[0]}: {u[1]} copies, {u[2]} kept")
+    listed("over-replicated" if r.repair else "over-replicated (--repair removes the extra copies)", r.over,
+           lambda u: f"{u[0]}: {u[1]} copies, {u[2]} kept")
     listed("orphans", r.orphans, lambda o: f"site {o[0]}: {o[1][:16]}... ({o[2]} bytes, {o[3] / 3600:.1f} h old)")
     if r.repair:
         listed("copies made site to site", r.copied, lambda c: f"{c[0]} -> site {c[1]}")
         listed("records of gone copies dropped", r.dropped, lambda d: f"{d[0]} at site {d[1]}")
         listed("extra copies removed", r.trimmed, lambda t: f"{t[0]} at site {t[1]}")
         listed("orphans removed", r.removed, lambda o: f"site {o[0]}: {o[1][:16]}...")
-        listed("repairs that failed", r.failures, str)
+    listed("orphans adopted as files", r.adopted, lambda a: f"{a[0]} (site {a[1]})")
+    listed("orphans adopted as copies of known objects", r.readopted, lambda a: f"site {a[0]}: {a[1][:16]}...")
+    listed("repairs that failed", r.failures, str)
     rate = f", {r.bytes_copied / max(r.seconds, 1e-9) / 1e6:.0f} MB/s copied" if r.bytes_copied else ""
     state = "whole" if r.whole else "NOT whole"
     click.echo(f"{r.objects} objects, {r.copies_checked} copies checked in {r.seconds:.1f} s{rate}: {state}")

@@ -33,6 +33,8 @@ from dgf.types import Site
 BATCH = 200
 #: How long one site request may run: re-hashing a batch of large objects takes a while.
 SITE_WAIT_S = 600.0
+#: Orphans per adoption request (each carries its XML header).
+ADOPT_BATCH = 32
 #: Orphans younger than this are left alone: they may be an upload about to commit.
 GRACE_S = 3600.0
 
@@ -66,6 +68,8 @@ class FsckReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)        # (path, site) records forgotten
     removed: list[tuple[str, str]] = field(default_factory=list)        # (site, key) orphans removed
     trimmed: list[tuple[str, str]] = field(default_factory=list)        # (path, site) extra copies removed
+    adopted: list[tuple[str, str]] = field(default_factory=list)        # (path, site) orphans made files again
+    readopted: list[tuple[str, str]] = field(default_factory=list)      # (site, key) copies recorded again
     failures: list[str] = field(default_factory=list)                   # repair steps that failed
     bytes_copied: int = 0
     seconds: float = 0.0
@@ -82,8 +86,10 @@ class FsckReport:
 
 
 def fsck(client: Any, root: str = "/", repair: bool = False, grace_s: float = GRACE_S,
-         progress: Callable[[str], None] | None = None) -> FsckReport:
-    """Check (and with ``repair`` mend) the objects of the files under ``root``."""
+         progress: Callable[[str], None] | None = None, adopt: bool = False) -> FsckReport:
+    """Check (and with ``repair`` mend) the objects of the files under ``root``; with ``adopt``
+    (after a metadata restore), orphans older than ``grace_s`` are taken back into the archive
+    instead of being removed."""
     t0 = time.perf_counter()
     say = progress or (lambda line: None)
     report = FsckReport(repair=repair)
@@ -127,6 +133,8 @@ def fsck(client: Any, root: str = "/", repair: bool = False, grace_s: float = GR
             report.under.append((e.path, have, e.want))
         elif have > e.want:
             report.over.append((e.path, have, e.want))
+    if adopt:
+        _adopt(client, caps, report, grace_s, say)
     if repair:
         _repair(client, entries, sites, caps, report, say)
         _trim(client, entries, sites, report, say)
@@ -245,6 +253,39 @@ def _replicate(client: Any, cap: str, grant: dict[str, Any], target: str, key: s
     receipt = client.site_link(target).call("replicate", cap, wait_s=SITE_WAIT_S, key=key, size=size,
                                             source=grant["source"], grant=grant["cap"])[0]["receipt"]
     client.meta.call("admin.replica.add", key=key, site=target, receipt=receipt)
+
+
+def _adopt(client: Any, caps: dict[str, str], report: FsckReport, grace_s: float,
+           say: Callable[[str], None]) -> None:
+    """Take orphans older than ``grace_s`` back: each site builds the header of its copy and
+    signs a receipt; the metaserver records the copy, or makes the object a file again under
+    /lost+found (its identity, which only the metaserver held, is not recoverable)."""
+    by_site: dict[str, list[str]] = {}
+    for site, key, _, age in report.orphans:
+        if age >= grace_s:
+            by_site.setdefault(site, []).append(key)
+    if by_site:
+        say(f"adopting {sum(len(v) for v in by_site.values())} orphan(s)")
+    adopted: set[str] = set()
+    for site, keys in sorted(by_site.items()):
+        for i in range(0, len(keys), ADOPT_BATCH):
+            part = keys[i:i + ADOPT_BATCH]
+            try:
+                found = client.site_link(site).call("fsck.adopt", caps[site], wait_s=SITE_WAIT_S, keys=part)[0]["objects"]
+                ready = {k: v for k, v in found.items() if "error" not in v}
+                report.failures.extend(f"orphan {k[:16]}... at site {site} stays ({v['error']})"
+                                       for k, v in found.items() if "error" in v)
+                if not ready:
+                    continue
+                reply = client.meta.call("admin.fsck.adopt", site=site, objects=ready)[0]
+            except errors.DgfError as exc:
+                report.failures.append(f"orphans at site {site} were not adopted ({exc.message})")
+                continue
+            report.adopted.extend((path, site) for path in reply["adopted"])
+            report.readopted.extend((site, k) for k in reply["recorded"])
+            report.failures.extend(f"orphan {k[:16]}... at site {site} stays ({why})" for k, why in reply["failed"].items())
+            adopted.update(k for k in ready if k not in reply["failed"])
+    report.orphans = [o for o in report.orphans if o[1] not in adopted]
 
 
 def _trim(client: Any, entries: dict[str, Entry], sites: dict[str, Site], report: FsckReport,

@@ -9,6 +9,7 @@ receipt signed by the site key, which the metaserver checks before an upload bec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import threading
@@ -33,6 +34,8 @@ SUBSYSTEM = "dgf-io"
 KEY_REFRESH_S = 2.0
 #: Seconds between attempts to register while the site waits to be enrolled.
 REGISTER_RETRY_S = 2.0
+#: Objects per fsck.adopt request: each reply carries their XML headers.
+ADOPT_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,47 @@ class IoService(wire.Service):
         limit = max(1, min(limit, self.limits.list_items))
         objects = self.store.listing(after, limit)
         return wire.Reply({"objects": [list(o) for o in objects], "more": len(objects) == limit})
+
+    @wire.verb("fsck.adopt", keys=list)
+    def fsck_adopt(self, s: Session, keys: list[str]) -> wire.Reply:
+        """What the metaserver needs to take back objects this site holds but no file records
+        (written after the backup a metadata restore went back to): for each, re-hashed here,
+        its size, hash list and this site's signed receipt, and the XML header built here from
+        the (de-identified) bytes; or why not.  Nothing leaves but the header."""
+        s.require("fsck", None)
+        if len(keys) > ADOPT_BATCH:
+            raise self.limits.refuse("list_items", f"an adoption of {len(keys)} objects (at most {ADOPT_BATCH})")
+        out: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            key = str(key)
+            try:
+                out[key] = self._adoptable(key)
+            except errors.DgfError as exc:
+                out[key] = {"error": exc.message}
+        return wire.Reply({"objects": out})
+
+    def _adoptable(self, key: str) -> dict[str, Any]:
+        import base64
+        import mmap
+        import tempfile
+
+        from dgf.dicom.xmlheader import header_xml
+        from dgf.integrity import Hasher
+
+        n, chunks = self.store.get(key)          # verified as it is read; a bad copy is quarantined
+        hasher = Hasher()
+        with tempfile.TemporaryFile(prefix="dgf-adopt-") as spool:
+            for chunk in chunks:
+                hasher.update(chunk)
+                spool.write(chunk)
+            spool.flush()
+            if hasher.whole.hexdigest() != key:
+                raise errors.IntegrityError(f"object {key[:16]}... failed its checksum here.")
+            with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if n else contextlib.nullcontext(b"") as data:
+                xml = header_xml(data)  # type: ignore[arg-type]
+        digests = hasher.digests()
+        return {"size": n, "blocks": base64.b64encode(digests).decode(), "xml": xml.decode("utf-8", "surrogateescape"),
+                "receipt": self._receipt(key, n, digests)}
 
     @wire.verb("replicate", key=str, size=int, source=dict, grant=str)
     def replicate(self, s: Session, key: str, size: int, source: dict[str, Any], grant: str) -> wire.Reply:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Generator, Iterator
 
 import paramiko
+from lxml import etree
 
 from dgf import crypto, errors, placement, wire
 from dgf.config import MetaserverConfig
@@ -64,7 +65,7 @@ POLICY: dict[str, frozenset[str]] = {
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
     "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
     "admin.fsck.recorded": frozenset({"admin"}), "admin.fsck.copy": frozenset({"admin"}),
-    "admin.fsck.delete": frozenset({"admin"}),
+    "admin.fsck.delete": frozenset({"admin"}), "admin.fsck.adopt": frozenset({"admin"}),
     "admin.replica.add": frozenset({"admin"}), "admin.replica.drop": frozenset({"admin"}),
     "admin.site.drain": frozenset({"admin"}), "admin.site.objects": frozenset({"admin"}),
     "admin.site.remove": frozenset({"admin"}), "admin.site.add": frozenset({"admin"}), "admin.backup": frozenset({"admin"}),
@@ -87,6 +88,21 @@ REPAIR_SCAN = 2000
 #: The principal an authentication gets while the database cannot say who a key belongs to:
 #: every verb it calls is answered "busy", never a misleading "refused our key".
 BUSY = Principal("(busy)", "busy", "", "")
+
+
+def _lost_and_found(key: str, xml: bytes) -> str:
+    """Where an adopted object goes: /lost+found/PATIENT/STUDY/SERIES/SOP.dcm, from its
+    (de-identified, pseudonymised) header; a value that is absent or not a plain name is
+    replaced by the object's key."""
+    try:
+        root = etree.fromstring(xml, parser=etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError as exc:
+        raise errors.InvalidDicom(f"the header of object {key[:16]}... is not XML ({exc}).") from exc
+    parts = []
+    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = (root.findtext(keyword) or "").strip()
+        parts.append(value if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value) else key[:16])
+    return "/lost+found/" + "/".join(parts[:3]) + f"/{parts[3]}.dcm"
 
 
 def _read_order(key: str, sites: list[str]) -> list[str]:
@@ -820,6 +836,54 @@ class MetaService(wire.Service):
         if len(keys) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"a copy of {len(keys)} objects")
         return wire.Reply({"cap": self._cap(holder, "get", source, keys), "source": sites[source].to_wire()})
+
+    @wire.verb("admin.fsck.adopt", site=str, objects=dict)
+    def fsck_adopt(self, p: Principal, site: str, objects: dict[str, Any]) -> wire.Reply:
+        """Take back objects ``site`` holds but no file records (written after the backup a
+        restore went back to), each on the site's signed receipt and with the XML header the site
+        built from its bytes: an object the archive knows gets its copy recorded; an unknown one
+        becomes a file under /lost+found/PATIENT/STUDY/SERIES/SOP.dcm (pseudonymised values from
+        its de-identified header).  Its identity is not recoverable: it was only ever here."""
+        keyring = {q.name: q for q in self.engine.principals() if q.role == "site"}
+        if site not in keyring:
+            raise errors.NotFound(f"site {site!r} is not registered.")
+        if len(objects) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"an adoption of {len(objects)} objects")
+        public = crypto.load_public(keyring[site].public_key)
+        known = self.engine.object_replicas(list(objects))
+        recorded: list[str] = []
+        new: list[NewFile] = []
+        failed: dict[str, str] = {}
+        for key, info in objects.items():
+            try:
+                if not isinstance(info, dict):
+                    raise errors.UsageError("each object needs its receipt, size, blocks and header.")
+                blocks = base64.b64decode(str(info.get("blocks") or ""))
+                claims = crypto.verify_token(public, str(info.get("receipt") or ""))
+                if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
+                        ("receipt", site, key, info.get("size")) or claims.get("bl", "") != list_digest(blocks):
+                    raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
+                if known.get(key):
+                    if not self.engine.add_replica(key, site):
+                        raise errors.NotFound(f"object {key[:16]}... left the archive meanwhile.")
+                    recorded.append(key)
+                    continue
+                xml = str(info.get("xml") or "").encode("utf-8", "surrogateescape")
+                new.append(NewFile(_lost_and_found(key, xml), key, int(info["size"]), site,
+                                   {query.HEADER_XATTR: xml}, blocks=blocks))
+            except (errors.DgfError, ValueError, KeyError, TypeError) as exc:
+                failed[key] = exc.message if isinstance(exc, errors.DgfError) else "malformed adoption entry"
+        adopted: list[str] = []
+        for f in new:
+            try:
+                with self.engine.audited(p.name, "object.adopt", f.path, f"{f.object_key[:16]} at {site}"):
+                    self.engine.create_files([f], False)
+                adopted.append(f.path)
+            except errors.DgfError as exc:
+                failed[f.object_key] = exc.message
+        if recorded:
+            self.engine.audit(p.name, "replica.add", f"{len(recorded)} adopted copies", site)
+        return wire.Reply({"adopted": adopted, "recorded": recorded, "failed": failed})
 
     @wire.verb("admin.fsck.delete", site=str, keys=list)
     def fsck_delete(self, p: Principal, site: str, keys: list[str]) -> wire.Reply:
