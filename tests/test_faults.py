@@ -399,3 +399,52 @@ def test_a_site_killed_mid_download_and_mid_reconstruction(tmp_path: Path) -> No
         assert len(done.paths) == 64 and "site-a" not in done.sites
     finally:
         local.down(fed.root, quiet=True)
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["with-a-spare-site", "without"])
+def test_a_site_killed_mid_upload(tmp_path: Path, spare: bool) -> None:
+    """A site dies while large objects stream to it.  With a spare site its copies go there and
+    every file is published with its two copies; without one, the files that lost a copy are
+    reported by the site's name and not published, the others are whole.  Nothing half-written
+    is visible, and once the site is back 'fsck --repair' finds the archive whole."""
+    sites = ("site-a", "site-b", "site-c") if spare else ("site-a", "site-b")
+    fed = local.up(tmp_path / "fed", sites=sites)
+    try:
+        big = tmp_path / "big"
+        big.mkdir()
+        for i in range(6):
+            synth.multiframe(big / f"b{i}.dcm", 24 * 1024 * 1024, seed=80 + i)
+        victim, killed = _pid(fed, "site-b"), []
+
+        def progress(n: int) -> None:
+            if not killed:
+                killed.append(n)
+                os.kill(victim, signal.SIGKILL)
+
+        with Client(fed.config("clinician")) as c:
+            report = c.upload(sorted(big.iterdir()), to="/streamed", progress=progress)
+            assert killed
+            published = {st.path: c.stat(st.path) for st in c.ls("/streamed")} if report.paths else {}
+            assert sorted(published) == sorted(report.paths)
+            for st in published.values():
+                assert len([s for s, state in st.replicas if state == "ok"]) == 2
+            if spare:
+                assert report.uploaded == 6 and not report.failed, [f.reason for f in report.failed]
+            else:
+                assert report.failed and report.uploaded + len(report.failed) == 6
+                assert all("site site-b" in f.reason for f in report.failed), [f.reason for f in report.failed]
+        with Client(fed.config("researcher")) as r:                # site-b is still down
+            out = r.download(["/streamed"], tmp_path / "out") if published else None
+        if out is not None:
+            assert out.downloaded == len(published) and not out.failed
+            for f in (tmp_path / "out").rglob("*.dcm"):
+                data = f.read_bytes()
+                assert hashlib.sha256(data).hexdigest() in {st.object_key for st in published.values()}
+        _wait_dead(fed, "site-b")
+        local.up(fed.root)
+        assert not list((fed.root / "store-site-b" / "tmp").iterdir())   # the half-written copy is gone
+        repaired = _dgf(fed, "admin", "dgf", "fsck", "--repair", "--grace", "0")
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert _dgf(fed, "admin", "dgf", "fsck").returncode == 0
+    finally:
+        local.down(fed.root, quiet=True)
