@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from dgf.config import ClientConfig
 from dgf.integrity import block_digests
 from dgf.dicom import identity
 from dgf.dicom.profile import Options
+from dgf.reader import ObjectReader, ObjectRef
 from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
 from dgf.types import Site, Stat
 
@@ -240,6 +240,8 @@ class Client:
         self.meta = MetaLink(self.config.metaserver, self._key, self.config.metaserver_host_key,
                              read_timeout=self.config.timeout)
         self._links: dict[str, SiteLink] = {}
+        #: Every object read (download, read_file, the mount) goes through this one reader.
+        self.reader = ObjectReader(self)
         self._site_info: dict[str, Site] = {}
         self._unreachable: dict[str, tuple[float, errors.TransportError]] = {}
         self._lock = threading.Lock()
@@ -262,6 +264,7 @@ class Client:
         return self._archive_options
 
     def close(self) -> None:
+        self.reader.close()
         for link in self._links.values():
             link.close()
         self.meta.close()
@@ -899,25 +902,19 @@ class Client:
     def _fetch(self, resolved: dict[str, Any], sink: Callable[[list[str], bytes | None, Path | None], None],
                identified: bool, report: DownloadReport, progress: Progress | None,
                spool: Path | None = None) -> None:
-        """Get every resolved object once (replicas in turn), verify, re-identify if asked, and
-        hand it to ``sink(paths, data, spooled_file)``; failures go to ``report``."""
+        """Get every resolved object once through the object reader (replicas in turn, every
+        byte verified), re-identify it if asked, and hand it to ``sink(paths, data,
+        spooled_file)``; failures go to ``report``."""
+        refs = ObjectRef.all_of(resolved)
         targets: dict[str, list[str]] = {}
-        replicas: dict[str, list[str]] = {}
         sizes: dict[str, int] = {}
-        for path, key, size, sites in resolved["files"]:
-            targets.setdefault(key, []).append(path)
-            replicas[key] = list(sites)
-            sizes[key] = size
+        for r in refs:
+            targets.setdefault(r.key, []).append(r.path)
+            sizes[r.key] = r.size
         identities = resolved.get("identities", {})
-        caps = resolved["caps"]
         lock = threading.Lock()
-        pending = set(targets)
-        why: dict[str, str] = {}
-        spool = spool or Path(tempfile.gettempdir()) / "dgf-spool"
 
         def deliver(res: GetResult) -> None:
-            if res.error is not None:
-                return  # tried again at the next replica, reported if none is left
             data, src = res.data, res.path
             try:
                 if identified:
@@ -935,87 +932,39 @@ class Client:
                     else:
                         data = identity.restore(data or b"", record)
                 sink(targets[res.key], data, src)
-                n = sizes[res.key]
             except errors.DgfError as exc:
                 with lock:
-                    pending.discard(res.key)
                     report.failed.extend(Failure.of(p, exc) for p in targets[res.key])
                 return
             except OSError as exc:
                 with lock:
-                    pending.discard(res.key)
                     report.failed.extend(Failure(p, f"cannot be written ({exc.strerror})", 1,
                                                  f"cannot be written ({exc.strerror})") for p in targets[res.key])
                 return
+            n = sizes[res.key] * len(targets[res.key])
             with lock:
-                pending.discard(res.key)
                 report.downloaded += len(targets[res.key])
-                report.bytes += n * len(targets[res.key])
+                report.bytes += n
             if progress is not None:
-                progress(n * len(targets[res.key]))
+                progress(n)
 
-        def task(site: str, keys: list[str]) -> Callable[[], None]:
-            def run() -> None:
-                try:
-                    self.site_link(site).get_many([(k, sizes[k]) for k in keys], caps[site], deliver, spool)
-                except errors.DgfError as exc:
-                    self._drop_link(site, exc)
-                    log.warning("site %s failed during download: %s", site, exc)
-                    with lock:
-                        for k in keys:
-                            why[k] = exc.message   # names the site and what went wrong
-            return run
-
-        def each_replica() -> None:
-            for attempt in range(max((len(r) for r in replicas.values()), default=0)):
-                by_site: dict[str, list[str]] = {}
-                for key in sorted(pending):
-                    if len(replicas[key]) > attempt:
-                        by_site.setdefault(replicas[key][attempt], []).append(key)
-                if not by_site:
-                    break
-                run_parallel(task(s, k) for s, k in by_site.items())
-
-        each_replica()
-        if pending:
-            # Copies may have moved meanwhile (a drain, a repair): ask once where they are now,
-            # and try the copies not tried yet.
-            fresh = self.resolve(sorted({targets[k][0] for k in pending}), identified)
-            for key, sites in ((f[1], f[3]) for f in fresh["files"] if f[1] in pending):
-                replicas[key] = [s for s in sites if s not in replicas[key]]
-            for key in pending - {f[1] for f in fresh["files"]}:
-                replicas[key] = []
-            caps.update(fresh["caps"])
-            identities.update(fresh.get("identities", {}))
-            if any(replicas[k] for k in pending):
-                each_replica()
-        for key in sorted(pending):
-            reason = why.get(key, "no replica could be read (sites down or objects corrupt)")
+        left = self.reader.read_many(refs, deliver, spool or Path(tempfile.gettempdir()) / "dgf-spool")
+        for key, reason in left.items():
             report.failed.extend(Failure(p, reason) for p in targets[key])
 
     def read_file(self, path: str, identified: bool = False) -> bytes:
-        """The whole content of one file (re-identified if asked and allowed)."""
+        """The whole content of one file (re-identified if asked and allowed), verified."""
         resolved = self.resolve([path], identified)
-        if not resolved["files"]:
+        refs = ObjectRef.all_of(resolved)
+        if not refs:
             raise errors.NotFound(f"{path} does not exist.")
-        _, key, _, sites = resolved["files"][0]
-        last: errors.DgfError = errors.NotFound(f"no replica of {path} is registered.")
-        for site in sites:
-            try:
-                _, data = self.site_link(site).call("get", resolved["caps"][site], key=key)
-            except errors.DgfError as exc:
-                last = exc
-                continue
-            if hashlib.sha256(data).hexdigest() != key:
-                last = errors.IntegrityError(f"{path} arrived corrupted from site {site}.")
-                continue
-            if identified:
-                blob = resolved.get("identities", {}).get(key)
-                if blob is None:
-                    raise errors.NotFound(f"no identity is held for {path}.")
-                return identity.restore(data, identity.decode(base64.b64decode(blob)))
-            return data
-        raise last
+        data = self.reader.read(refs[0])
+        if identified:
+            blob = resolved.get("identities", {}).get(refs[0].key)
+            if blob is None:
+                raise errors.NotFound(f"no identity is held for {path}.")
+            return identity.restore(data, identity.decode(base64.b64decode(blob)))
+        return data
 
     def identity_summary(self, path: str) -> dict[str, Any]:
         """What de-identification removed from one file (clinicians; the release is audited)."""

@@ -43,7 +43,8 @@ from urllib.parse import quote, unquote
 import mfusepy
 
 from dgf import errors
-from dgf.integrity import BLOCK as DIGEST_BLOCK, check_range
+from dgf.integrity import BLOCK as DIGEST_BLOCK
+from dgf.reader import ObjectRef
 from dgf.types import Stat, WRITER_ROLES
 
 log = logging.getLogger("dgf.fuse")
@@ -145,15 +146,11 @@ class BlockCache:
             self._disk_size = size
 
 
-class _Reader:
-    """An open de-identified file: its object, sizes, hash list and the capabilities to read it."""
+@dataclasses.dataclass
+class _Reader(ObjectRef):
+    """An open de-identified file: its resolved object and where sequential reading stands."""
 
-    def __init__(self, path: str, key: str, size: int, sites: list[str], caps: dict[str, str],
-                 digests: bytes = b"") -> None:
-        self.path, self.key, self.size, self.sites, self.caps = path, key, size, sites, caps
-        self.digests = digests
-        self.resolved = time.monotonic()
-        self.last_block = -1
+    last_block: int = -1
 
 
 class _Writer:
@@ -385,40 +382,40 @@ class DgfFS(mfusepy.Operations):
         if not files or path not in files:
             return
         start = files.index(path)
-        wanted: dict[str, list[_Reader]] = {}
+        wanted: list[_Reader] = []
         for p in files[start + 1:start + 1 + PREFETCH_FILES]:
             hit = self._resolved.get(p)
             if hit is None:
                 continue
             r = hit[1]
             if r.size <= BLOCK and r.sites and (r.key, 0) not in self._inflight and self.blocks.get(r.key, 0) is None:
-                wanted.setdefault(r.sites[0], []).append(r)
-        for site, readers in wanted.items():
-            futures: dict[str, Future[bytes]] = {}
-            with self._lock:
-                for r in readers:
-                    futures[r.key] = self._inflight.setdefault((r.key, 0), Future())
-            self._pool.submit(self._fetch_batch, site, readers, futures)
+                wanted.append(r)
+        if not wanted:
+            return
+        futures: dict[str, Future[bytes]] = {}
+        with self._lock:
+            for r in wanted:
+                futures[r.key] = self._inflight.setdefault((r.key, 0), Future())
+        self._pool.submit(self._fetch_batch, wanted, futures)
 
-    def _fetch_batch(self, site: str, readers: list[_Reader], futures: dict[str, Future[bytes]]) -> None:
+    def _fetch_batch(self, readers: list[_Reader], futures: dict[str, Future[bytes]]) -> None:
+        """Whole small objects for the block cache, batched per site by the object reader."""
         assert self.blocks is not None
-        by_key = {r.key: r for r in readers}
 
         def done(res: Any) -> None:
-            # A failed object is left to the finally clause below, which fetches it alone from
-            # every replica in turn (a prefetch error must not fail a read another site serves).
             fut = futures.get(res.key)
-            if res.data is not None and res.error is None:
+            if res.data is not None:
                 self.blocks.put(res.key, 0, res.data)      # type: ignore[union-attr]
                 with self._lock:
                     self._inflight.pop((res.key, 0), None)
                 if fut is not None and not fut.done():
                     fut.set_result(res.data)
 
+        by_key = {r.key: r for r in readers}
         try:
-            self.client.site_link(site).get_many([(r.key, r.size) for r in readers], readers[0].caps[site], done)
+            self.client.reader.read_many(readers, done)
         except Exception as exc:  # noqa: BLE001 - a failed prefetch only means reads fetch alone
-            log.info("prefetch from site %s failed (%s)", site, type(exc).__name__)
+            log.info("prefetch failed (%s)", type(exc).__name__)
         finally:
             with self._lock:
                 for key, fut in futures.items():
@@ -437,10 +434,9 @@ class DgfFS(mfusepy.Operations):
         now = time.monotonic()
         if len(self._resolved) > MAX_CACHED_ENTRIES:      # entries expire anyway; bound memory
             self._resolved.clear()
-        blocks = resolved.get("blocks") or {}
-        for path, key, size, sites in resolved["files"]:
-            digests = base64.b64decode(blocks[key]) if key in blocks else b""
-            self._resolved[path] = (now, _Reader(path, key, size, list(sites), resolved["caps"], digests))
+        for ref in ObjectRef.all_of(resolved):
+            self._resolved[ref.path] = (now, _Reader(ref.path, ref.key, ref.size, ref.sites, ref.caps,
+                                                     ref.digests, ref.resolved))
 
     def _resolve(self, path: str) -> _Reader:
         """A fresh reader for ``path``.  The first file opened in a listed directory resolves
@@ -455,7 +451,7 @@ class DgfFS(mfusepy.Operations):
             if hit is None:
                 raise errors.NotFound(f"{path} does not exist.")
         r = hit[1]
-        return _Reader(r.path, r.key, r.size, r.sites, r.caps, r.digests)   # its own read position
+        return _Reader(r.path, r.key, r.size, list(r.sites), r.caps, r.digests, r.resolved)  # its own position
 
     @_errno_of
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -499,79 +495,23 @@ class DgfFS(mfusepy.Operations):
         return fut
 
     def _fetch(self, r: _Reader, idx: int) -> bytes:
-        """One block from the first replica that answers; whole small objects are verified."""
+        """One block through the client's object reader (replicas in turn, verified)."""
         assert self.blocks is not None
         try:
-            if time.monotonic() - r.resolved > 300:      # capabilities live 10 minutes
-                fresh = self._resolve(r.path)
-                r.caps, r.sites, r.resolved = fresh.caps, fresh.sites, fresh.resolved
-            offset = idx * BLOCK
-            length = min(BLOCK, r.size - offset)
-            legacy = r.size > DIGEST_BLOCK and not r.digests
-            if legacy:
+            if r.size > DIGEST_BLOCK and not r.digests:
                 # Stored before objects had hash lists: only the whole object can be checked,
                 # so it is read whole once and cached block by block.
-                offset, length = 0, r.size
-            last: Exception = errors.NotFound(f"no replica of {r.path} is registered.")
-            tried: set[str] = set()
-            missing = False
-            for site in self._replicas(r, tried, lambda: missing):
-                tried.add(site)
-                try:
-                    data = self.client.site_link(site).read_range(r.key, offset, length, r.caps[site])
-                except errors.DgfError as exc:
-                    log.warning("reading %s from site %s failed (%s); trying the next replica", r.path, site, exc)
-                    # The file exists: a copy missing at a site (quarantined, lost) is an I/O
-                    # error, not ENOENT for a path the directory listing shows.
-                    missing = missing or isinstance(exc, errors.NotFound)
-                    last = errors.IntegrityError(f"the copy of {r.path} at site {site} is missing or "
-                                                 "quarantined.") if isinstance(exc, errors.NotFound) else exc
-                    continue
-                try:
-                    # Every block is checked before it is cached or returned: the whole object
-                    # against its key, a block of a large one against its hash list.
-                    check_range(r.key, r.size, r.digests, offset, data, f"site {site}")
-                except errors.IntegrityError as exc:
-                    log.error("%s: %s; asking the site to verify and quarantine it", r.path, exc)
-                    self._report_corrupt(site, r)
-                    last = exc
-                    continue
-                if legacy:
-                    for i in range(0, len(data), BLOCK):
-                        self.blocks.put(r.key, i // BLOCK, data[i:i + BLOCK])
-                    return data[idx * BLOCK:(idx + 1) * BLOCK]
-                self.blocks.put(r.key, idx, data)
-                return data
-            raise last
+                data = self.client.reader.read(r)
+                for i in range(0, len(data), BLOCK):
+                    self.blocks.put(r.key, i // BLOCK, data[i:i + BLOCK])
+                return data[idx * BLOCK:(idx + 1) * BLOCK]
+            offset = idx * BLOCK
+            data = self.client.reader.read(r, offset, min(BLOCK, r.size - offset))
+            self.blocks.put(r.key, idx, data)
+            return data
         finally:
             with self._lock:
                 self._inflight.pop((r.key, idx), None)
-
-    def _replicas(self, r: _Reader, tried: set[str], missing: Callable[[], bool]) -> Iterator[str]:
-        """The sites to read ``r`` from, in turn; when a copy was missing where the archive said
-        it was (a drain or a repair moved it), the file is resolved once more for the others."""
-        yield from list(r.sites)
-        if not missing():
-            return
-        self._resolved.pop(r.path, None)
-        fresh = self._resolve(r.path)
-        if fresh.key != r.key:
-            return                                   # replaced meanwhile: not this file's object
-        r.caps, r.sites, r.resolved = fresh.caps, fresh.sites, fresh.resolved
-        yield from [s for s in r.sites if s not in tried]
-
-    def _report_corrupt(self, site: str, r: _Reader) -> None:
-        """Ask the site to re-hash the object: it quarantines a bad copy and tells the metaserver,
-        which stops offering that replica to anyone."""
-        def verify() -> None:
-            try:
-                ok = self.client.site_link(site).call("verify", r.caps[site], key=r.key)[0].get("ok")
-                log.warning("site %s verified %s: %s", site, r.key[:16], "sound" if ok else "corrupt, quarantined")
-            except errors.DgfError as exc:
-                log.warning("site %s could not verify %s (%s)", site, r.key[:16], exc)
-
-        if self._pool is not None:
-            self._pool.submit(verify)
 
     @_errno_of
     def release(self, path: str, fh: int) -> int:
@@ -770,8 +710,9 @@ def mount(mountpoint: str, config: str | None, identified: bool, foreground: boo
     # Refused writes and failed reads are logged by path (de-identified paths, never identity).
     handler: logging.Handler = logging.StreamHandler() if foreground else logging.FileHandler(cache / "mount.log")
     handler.setFormatter(logging.Formatter("%(asctime)s dgf mount %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    for name in ("dgf.fuse", "dgf.reader"):       # the mount's own lines, and its reads' failovers
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
     if not foreground:
         print(f"mounted {mountpoint}; log: {cache / 'mount.log'}")
     ops = DgfFS(lambda: Client(cfg), cache, identified, read_only)

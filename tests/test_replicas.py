@@ -143,6 +143,33 @@ def test_fsck_repair_removes_copies_beyond_the_directorys_count(three: local.Fed
     assert again.returncode == 0 and "over-replicated" not in again.stdout
 
 
+def test_the_object_reader_reports_a_bad_copy_it_meets_in_a_bulk_download(three: local.Federation,
+                                                                          tmp_path: Path) -> None:
+    """dgf_down, read_file and the mount read through one object reader: a copy that fails its
+    check is passed over for the next and reported to its site, which quarantines it; readers
+    are not sent there again."""
+    with Client(three.config("clinician")) as c:
+        c.upload(corpus.fresh_instances(tmp_path / "src", 2), to="/reader")
+        refs = {f[0]: (f[1], f[3]) for f in c.resolve(["/reader"])["files"]}
+    path, (key, sites) = sorted(refs.items())[0]
+    first = sites[0]                                         # the copy readers try first
+    stored = three.root / f"store-{first}" / "objects" / key[:2] / key[2:4] / key
+    damaged = bytearray(stored.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    stored.write_bytes(bytes(damaged))
+    with Client(three.config("researcher")) as r:
+        out = r.download(["/reader"], tmp_path / "out")
+        assert out.downloaded == 2 and not out.failed
+        assert sorted(hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "out").rglob("*.dcm")) \
+            == sorted(k for k, _ in refs.values())
+        deadline = time.monotonic() + 10
+        while dict(r.stat(path).replicas).get(first) != "quarantined":
+            assert time.monotonic() < deadline, r.stat(path).replicas
+            time.sleep(0.1)
+        assert first not in r.resolve([path])["files"][0][3]     # not offered any more
+        assert hashlib.sha256(r.read_file(path)).hexdigest() == key
+
+
 def test_a_directory_wanting_more_copies_than_sites_fails_by_name(tmp_path: Path) -> None:
     fed = local.up(tmp_path / "fed", sites=("site-a",))
     try:
