@@ -55,22 +55,28 @@ def main() -> None:
         pids = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
         admin = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
         clin = dict(os.environ, DGF_CONFIG=str(fed.config("clinician")))
-        times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+        times: dict[str, list[tuple[float, float]]] = {"1": [], "2": [], "2a": []}
         for run in range(args.runs):
-            for copies in (1, 2):
-                where = f"/cost{copies}/{run}"
+            for variant in ("1", "2", "2a"):          # 2a: two copies, replication mode async
+                copies = variant[0]
+                where = f"/cost{variant}/{run}"
                 subprocess.run([str(BIN / "dgf"), "mkdir", "-p", where], env=admin, check=True)
-                subprocess.run([str(BIN / "dgf"), "admin", "replicas", "set", where, str(copies)], env=admin,
+                subprocess.run([str(BIN / "dgf"), "admin", "replicas", "set", where, copies], env=admin,
                                check=True, capture_output=True)
-                src = synth.small_corpus(work / f"src{copies}_{run}", args.files, seed=1000 * run + copies)
+                subprocess.run([str(BIN / "dgf"), "admin", "replicas", "mode", "async" if variant == "2a" else "sync"],
+                               env=admin, check=True, capture_output=True)
+                src = synth.small_corpus(work / f"src{variant}_{run}", args.files, seed=1000 * run + len(variant) * 7
+                                         + int(copies))
                 up = measure.run([str(BIN / "dgf_up"), str(src[0].parent), "-r", "--to", where], clin, pids)
-                times[copies].append((up.wall, up.cpu))
+                times[variant].append((up.wall, up.cpu))
                 shutil.rmtree(src[0].parent)
-        one = statistics.median(w for w, _ in times[1])
-        two = statistics.median(w for w, _ in times[2])
+        subprocess.run([str(BIN / "dgf"), "admin", "replicas", "mode", "sync"], env=admin, check=True,
+                       capture_output=True)
+        one, two, two_a = (statistics.median(w for w, _ in times[v]) for v in ("1", "2", "2a"))
         results["upload s (1 copy, 2 copies, ratio)"] = [round(one, 2), round(two, 2), round(two / one, 2)]
-        results["upload CPU ms per file (1 copy, 2 copies)"] = [
-            round(statistics.median(c for _, c in times[c_]) / args.files * 1000, 2) for c_ in (1, 2)]
+        results["upload s, 2 copies async (s, ratio to 1 copy)"] = [round(two_a, 2), round(two_a / one, 2)]
+        results["upload CPU ms per file (1 copy, 2 copies, 2 async without the background copies)"] = [
+            round(statistics.median(c for _, c in times[v]) / args.files * 1000, 2) for v in ("1", "2", "2a")]
 
         # Large objects with two copies, then one site lost for good.
         big = work / "big"
