@@ -378,15 +378,19 @@ def query_group() -> None:
 @config_option
 @_run
 def query_save(name: str, xpath: str, config: str | None) -> None:
-    """Save XPATH as NAME (replacing an older NAME); the expression is checked first.
+    """Save XPATH as your query NAME (replacing your older NAME); the expression is checked
+    first.  Queries belong to who saved them: yours is YOU/NAME, which everyone may use and only
+    you (or an admin) may change; an admin's bare NAME is shared.  @NAME finds your own NAME,
+    else the shared one; @OWNER/NAME names anyone's.  Audited.
 
     \b
     Example:
       dgf query save ct-thin "/DicomHeader[Modality='CT' and SliceThickness <= 1]"
       dgf_find @ct-thin --level series
+      dgf_find @alice/ct-thin
     """
     with _client(config) as client:
-        client.save_query(name, xpath)
+        click.echo(f"saved as {client.save_query(name, xpath)}")
 
 
 @query_group.command("list")
@@ -404,9 +408,9 @@ def query_list(config: str | None) -> None:
 @config_option
 @_run
 def query_rm(name: str, config: str | None) -> None:
-    """Remove the saved query NAME."""
+    """Remove your saved query NAME (an admin: any saved query).  Audited."""
     with _client(config) as client:
-        client.remove_query(name)
+        click.echo(f"removed {client.remove_query(name)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -461,15 +461,17 @@ class Client:
         result, _ = self.meta.call("find", xpath=xpath, root=root, explain=True)
         return {**result["explain"], "warnings": list(result.get("warnings") or [])}
 
-    def save_query(self, name: str, xpath: str) -> None:
-        self.meta.call("query.save", name=name, xpath=xpath)
+    def save_query(self, name: str, xpath: str) -> str:
+        """Save ``xpath`` as this principal's query ``name``; returns the full name
+        (``principal/name``, or a shared bare name when an admin saves it)."""
+        return str(self.meta.call("query.save", name=name, xpath=xpath)[0].get("name", name))
 
     def saved_queries(self) -> dict[str, str]:
         result, _ = self.meta.call("query.list")
         return dict(result["queries"])
 
-    def remove_query(self, name: str) -> None:
-        self.meta.call("query.remove", name=name)
+    def remove_query(self, name: str) -> str:
+        return str(self.meta.call("query.remove", name=name)[0].get("name", name))
 
     # -- upload ---------------------------------------------------------------------------
 

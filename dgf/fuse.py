@@ -289,7 +289,9 @@ class DgfFS(mfusepy.Operations):
         if virtual is not None:
             kind, q, _ = virtual
             if not q:
-                return [".", ".."] + (sorted(self.client.saved_queries()) if kind == QUERIES_DIR else [])
+                # A query's owner/name shows as owner:name (a directory name has no '/').
+                return [".", ".."] + (sorted(n.replace("/", ":") for n in self.client.saved_queries())
+                                      if kind == QUERIES_DIR else [])
             return [".", "..", *self._query_entries(kind, q)]
         hit = self._dirs.get(path)
         names = hit[1] if hit is not None and time.monotonic() - hit[0] < ATTR_TTL else self._list(path)
@@ -323,7 +325,7 @@ class DgfFS(mfusepy.Operations):
         if hit is not None and now - hit[0] < ATTR_TTL:
             return hit[1]
         if kind == QUERIES_DIR:
-            xpath = "@" + q
+            xpath = "@" + q.replace(":", "/")
         else:
             xpath = unquote(q)
             if not xpath.startswith(("/", "(")):

@@ -114,15 +114,16 @@ class MetaEngine(ABC):
         return self._do_listxattr(norm_path(path))
 
     def setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
-                 quota: tuple[int, int] | None = None) -> None:
+                 quota: tuple[int, int] | None = None, guard: bool = False) -> None:
         """Set a ``user.*`` attribute; with ``owner``, charged to that principal within its
-        ``quota`` of (attributes, bytes)."""
+        ``quota`` of (attributes, bytes); with ``guard``, refused if another principal set it."""
         if not name.startswith("user.") or len(name) > 255:
             raise errors.UsageError(f"only 'user.*' extended attributes may be set, not {name[:64]!r}.")
-        self._do_setxattr(norm_path(path), name, value, owner, quota)
+        self._do_setxattr(norm_path(path), name, value, owner, quota, guard)
 
-    def removexattr(self, path: str, name: str) -> None:
-        self._do_removexattr(norm_path(path), name)
+    def removexattr(self, path: str, name: str, by: str | None = None) -> None:
+        """Remove an attribute; with ``by``, refused unless that principal set it."""
+        self._do_removexattr(norm_path(path), name, by)
 
     # -- abstract steps -------------------------------------------------------------------
 
@@ -159,10 +160,10 @@ class MetaEngine(ABC):
 
     @abstractmethod
     def _do_setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
-                     quota: tuple[int, int] | None = None) -> None: ...
+                     quota: tuple[int, int] | None = None, guard: bool = False) -> None: ...
 
     @abstractmethod
-    def _do_removexattr(self, path: str, name: str) -> None: ...
+    def _do_removexattr(self, path: str, name: str, by: str | None = None) -> None: ...
 
     # -- objects, query, identity, principals, sites, audit -------------------------------
 

@@ -56,7 +56,7 @@ POLICY: dict[str, frozenset[str]] = {
     "ns.chmod": WRITERS,
     "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
     "find": USERS, "find.next": USERS, "find.close": USERS,
-    "query.save": USERS, "query.list": USERS, "query.remove": WRITERS,
+    "query.save": USERS, "query.list": USERS, "query.remove": USERS,
     "up.prepare": WRITERS, "up.check": WRITERS, "up.commit": WRITERS,
     "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
@@ -385,15 +385,20 @@ class MetaService(wire.Service):
             raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be set by hand.")
         if payload.size > self.limits.xattr_value:
             raise self.limits.refuse("xattr_value", f"an extended attribute value of {payload.size} bytes")
-        self.engine.setxattr(path, name, payload.read(), owner=p.name, quota=(
-            self.limits.xattrs_per_principal, self.limits.xattr_bytes_per_principal))
+        # user.* attributes belong to who set them: others read them, only they (or an admin)
+        # change them; every change is audited.
+        with self.engine.audited(p.name, "xattr.set", path, name):
+            self.engine.setxattr(path, name, payload.read(), owner=p.name, quota=(
+                self.limits.xattrs_per_principal, self.limits.xattr_bytes_per_principal),
+                guard=p.role != "admin")
         return wire.Reply({})
 
     @wire.verb("xattr.remove", path=str, name=str)
     def xattr_remove(self, p: Principal, path: str, name: str) -> wire.Reply:
         if name.startswith(RESERVED_XATTR_PREFIX):
             raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be removed by hand.")
-        self.engine.removexattr(path, name)
+        with self.engine.audited(p.name, "xattr.remove", path, name):
+            self.engine.removexattr(path, name, by=None if p.role == "admin" else p.name)
         return wire.Reply({})
 
     # -- query ----------------------------------------------------------------------------
@@ -407,7 +412,7 @@ class MetaService(wire.Service):
         the first with this reply and the rest through ``find.next`` with the returned cursor."""
         if level not in ("instance", *query.LEVELS):
             raise errors.UsageError(f"--level must be instance, patient, study or series, not {level[:32]!r}.")
-        expr = self._saved_or(xpath)
+        expr = self._saved_or(p, xpath)
         q = query.prepare(expr, self.engine.query_catalogue(), self.dialect, self.engine.query_estimate,
                           self.limits)
         warnings = list(q.warnings)
@@ -497,25 +502,45 @@ class MetaService(wire.Service):
                 del self._cursors[token]
         return len(idle)
 
-    def _saved_or(self, xpath: str) -> str:
+    def _saved_or(self, p: Principal, xpath: str) -> str:
+        """The XPath itself, or the saved query ``@NAME`` names: ``@owner/name`` exactly; a bare
+        ``@name`` is the principal's own query of that name, else the shared (admin's) one."""
         if not xpath.startswith("@"):
             return xpath
-        saved = self.engine.saved_queries().get(xpath[1:])
-        if saved is None:
-            raise errors.NotFound(f"no saved query named {xpath[1:65]!r}; see 'dgf query list'.")
-        return saved
+        name = xpath[1:]
+        saved = self.engine.saved_queries()
+        found = saved.get(name) if "/" in name else saved.get(f"{p.name}/{name}", saved.get(name))
+        if found is None:
+            raise errors.NotFound(f"no saved query named {name[:65]!r}; see 'dgf query list'.")
+        return found
+
+    def _query_name(self, p: Principal, name: str) -> str:
+        """The full name a principal saves ``name`` under: its own ``principal/name``; an admin's
+        bare name is shared (everyone reads it, only admins change it)."""
+        owner, _, short = name.rpartition("/")
+        if not QUERY_NAME.fullmatch(short) or (owner and not QUERY_NAME.fullmatch(owner)):
+            raise errors.UsageError(f"a query name is letters, digits, '.', '_' or '-', optionally after "
+                                    f"'OWNER/' (not {name[:64]!r}).")
+        if owner and owner != p.name:
+            raise errors.PermissionDenied(f"saved query {name!r} belongs to {owner!r}; save your own as "
+                                          f"{p.name}/{short}.")
+        if not owner and p.role != "admin":
+            return f"{p.name}/{short}"
+        return name
 
     @wire.verb("query.save", name=str, xpath=str)
     def query_save(self, p: Principal, name: str, xpath: str) -> wire.Reply:
-        if not QUERY_NAME.fullmatch(name):
-            raise errors.UsageError(f"a query name is letters, digits, '.', '_' or '-' (not {name[:64]!r}).")
+        """Save ``xpath`` as the principal's own query (``principal/name``; an admin's bare name
+        is shared).  Nobody changes another principal's queries.  Audited."""
+        full = self._query_name(p, name)
         query.compile_xpath(xpath, self.limits)
-        if name not in self.engine.saved_queries() and \
+        if full not in self.engine.saved_queries() and \
                 self.engine.saved_query_count(p.name) >= self.limits.saved_queries_per_principal:
             raise self.limits.refuse("saved_queries_per_principal", f"a saved query beyond {p.name!r}'s "
                                      f"{self.limits.saved_queries_per_principal}")
-        self.engine.save_query(name, xpath, p.name)
-        return wire.Reply({})
+        with self.engine.audited(p.name, "query.save", full, xpath[:500]):
+            self.engine.save_query(full, xpath, p.name)
+        return wire.Reply({"name": full})
 
     @wire.verb("query.list")
     def query_list(self, p: Principal) -> wire.Reply:
@@ -523,8 +548,19 @@ class MetaService(wire.Service):
 
     @wire.verb("query.remove", name=str)
     def query_remove(self, p: Principal, name: str) -> wire.Reply:
-        self.engine.remove_query(name)
-        return wire.Reply({})
+        """Remove one of the principal's own queries (a bare name: its own, else a shared one);
+        an admin may remove any.  Audited."""
+        saved = self.engine.saved_queries()
+        full = name if "/" in name else (f"{p.name}/{name}" if f"{p.name}/{name}" in saved else name)
+        if full not in saved:
+            raise errors.NotFound(f"no saved query named {name[:65]!r}; see 'dgf query list'.")
+        owner = full.rpartition("/")[0]
+        if p.role != "admin" and owner != p.name:
+            raise errors.PermissionDenied(f"saved query {full!r} belongs to {owner or 'the admins'}; only "
+                                          f"{'they' if owner else 'an admin'} or an admin may remove it.")
+        with self.engine.audited(p.name, "query.remove", full):
+            self.engine.remove_query(full)
+        return wire.Reply({"name": full})
 
     # -- upload ---------------------------------------------------------------------------
 

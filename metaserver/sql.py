@@ -769,9 +769,11 @@ class SqlEngine(MetaEngine):
         return self._read(run)
 
     def _do_setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
-                     quota: tuple[int, int] | None = None) -> None:
+                     quota: tuple[int, int] | None = None, guard: bool = False) -> None:
         def run(conn: Connection) -> None:
             row = self._resolve(conn, path)
+            if guard:
+                self._check_owner(conn, row.id, path, name, owner, "change")
             if owner is not None:
                 self._charge(conn, row.id, name, len(value), owner, quota)
             conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name))
@@ -781,15 +783,26 @@ class SqlEngine(MetaEngine):
                 self._index(conn, [(row.id, value)])
         self._txn(run)
 
-    def _do_removexattr(self, path: str, name: str) -> None:
+    def _do_removexattr(self, path: str, name: str, by: str | None = None) -> None:
         def run(conn: Connection) -> None:
             row = self._resolve(conn, path)
+            if by is not None:
+                self._check_owner(conn, row.id, path, name, by, "remove")
             if conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name)).rowcount == 0:
                 raise errors.NoAttribute(f"{path} has no extended attribute {name!r}.")
             conn.execute(xattr_owners.delete().where(xattr_owners.c.ino == row.id, xattr_owners.c.name == name))
             if name == index.HEADER_XATTR:
                 self._unindex(conn, [row.id])
         self._txn(run)
+
+    @staticmethod
+    def _check_owner(conn: Connection, ino: int, path: str, name: str, who: str | None, doing: str) -> None:
+        """Refuse to let ``who`` change an attribute another principal set."""
+        setter = conn.execute(sa.select(xattr_owners.c.owner).where(
+            xattr_owners.c.ino == ino, xattr_owners.c.name == name)).scalar()
+        if setter is not None and setter != who:
+            raise errors.PermissionDenied(f"{name} on {path} was set by {setter!r}; only they or an admin "
+                                          f"may {doing} it.")
 
     def _charge(self, conn: Connection, ino: int, name: str, size: int, owner: str,
                 quota: tuple[int, int] | None) -> None:

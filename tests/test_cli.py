@@ -131,13 +131,13 @@ def test_find_for_researchers(federation: local.Federation, tmp_path: Path) -> N
     assert "index, then XPath on each candidate" in explain.stdout and "index: 1 path(s): Modality='CT'" in explain.stdout
     assert _run(["dgf", "query", "save", "ct-thin", ct], res).returncode == 0
     assert _run(["dgf_find", "@ct-thin", "/cohort", "--count"], res).stdout.strip() == "1"
-    assert "ct-thin\t" in _run(["dgf", "query", "list"], res).stdout
+    assert "researcher/ct-thin\t" in _run(["dgf", "query", "list"], res).stdout
     unknown = _run(["dgf_find", "@nope"], res)
     assert unknown.returncode == 3 and "no saved query named 'nope'" in unknown.stderr
     bad = _run(["dgf", "query", "save", "broken", "/DicomHeader[Modality='CT'"], res)
     assert bad.returncode == 2 and "column" in bad.stderr
     gone = _run(["dgf", "query", "rm", "ct-thin"], res)
-    assert gone.returncode == 4          # researchers may use saved queries, writers remove them
+    assert gone.returncode == 0 and "removed researcher/ct-thin" in gone.stdout      # its own
 
 
 def test_find_output_is_typed_and_mistakes_are_named(federation: local.Federation, tmp_path: Path) -> None:

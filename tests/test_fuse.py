@@ -141,8 +141,8 @@ def test_queries_as_directories(federation: local.Federation, mounted: Mount) ->
     assert len(listing) == len(mr) >= 1
     link = mounted.path / ".find" / "Modality='MR'" / listing[0]
     assert os.readlink(link).startswith("../../") and link.resolve().read_bytes()[128:132] == b"DICM"
-    assert "mr-only" in os.listdir(mounted.path / ".queries")
-    assert sorted(os.listdir(mounted.path / ".queries" / "mr-only")) == sorted(listing)
+    assert "researcher:mr-only" in os.listdir(mounted.path / ".queries")      # owner/name as owner:name
+    assert sorted(os.listdir(mounted.path / ".queries" / "researcher:mr-only")) == sorted(listing)
     # ls shows only EINVAL for an invalid expression: the mount log says what is wrong with it.
     with pytest.raises(OSError) as invalid:
         os.listdir(mounted.path / ".find" / "Modality=")
