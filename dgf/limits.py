@@ -41,6 +41,9 @@ class Limits:
     xattrs_per_principal: int = 100_000
     #: Saved queries per principal.
     saved_queries_per_principal: int = 200
+    #: Patient pseudonyms (and date shifts) one principal may be issued per minute, per
+    #: metaserver process: uploads need them, a guessing oracle needs many.
+    pseudonyms_per_minute: int = 6000
     #: XPath: characters, nesting depth of brackets and parentheses, and operators.
     xpath_chars: int = 16_384
     xpath_depth: int = 64

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import hashlib
 import json
@@ -41,6 +42,7 @@ log = logging.getLogger("dgf.metaserver")
 SUBSYSTEM = "dgf-meta"
 USERS = frozenset({"admin", "clinician", "researcher"})
 WRITERS = WRITER_ROLES
+UPLOADERS = IDENTITY_ROLES
 
 #: Which roles may call which verb.  Researchers read de-identified data and annotate with their
 #: own user.* attributes; writers change the namespace; sites only register and learn keys.
@@ -57,7 +59,9 @@ POLICY: dict[str, frozenset[str]] = {
     "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
     "find": USERS, "find.next": USERS, "find.close": USERS,
     "query.save": USERS, "query.list": USERS, "query.remove": USERS,
-    "up.prepare": WRITERS, "up.check": WRITERS, "up.commit": WRITERS,
+    # Uploads learn pseudonyms and date shifts (they link a patient to their de-identified data):
+    # only roles that may see identity upload.
+    "up.prepare": UPLOADERS, "up.check": UPLOADERS, "up.commit": UPLOADERS,
     "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
@@ -182,6 +186,7 @@ class MetaService(wire.Service):
         self.query_time_limit = QUERY_TIME_LIMIT_S
         self._cursors: dict[str, _Cursor] = {}
         self._cursor_lock = threading.Lock()
+        self._issued: dict[str, collections.deque[tuple[float, int]]] = {}    # principal -> (time, n)
         threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
@@ -573,6 +578,12 @@ class MetaService(wire.Service):
         if not sites:
             raise errors.ServerError("no I/O site takes uploads (none registered, or all draining); "
                                      "start an ioserver first.")
+        patients = sorted({k for k in patients if isinstance(k, str)})
+        self._charge_pseudonyms(p, len(patients))
+        if patients:
+            # The audit names how many and which pseudonyms, never the patients' own IDs.
+            self.engine.audit(p.name, "pseudonym.issue", f"{len(patients)} patients", "ok",
+                              ",".join(keys.pseudo_patient(k) for k in patients)[:1000])
         return wire.Reply({
             "uids": {u: keys.pseudo_uid(u) for u in uids if isinstance(u, str)},
             "patients": {k: [keys.pseudo_patient(k), keys.date_offset_days(k)]
@@ -583,6 +594,20 @@ class MetaService(wire.Service):
                             "overrides": self.engine.replication_overrides(),
                             "mode": self._replication_mode()},
         })
+
+    def _charge_pseudonyms(self, p: Principal, n: int) -> None:
+        """Count ``n`` pseudonyms against the principal's rate (a sliding minute)."""
+        now = time.monotonic()
+        with self._cursor_lock:
+            window = self._issued.setdefault(p.name, collections.deque())
+            while window and now - window[0][0] > 60:
+                window.popleft()
+            used = sum(k for _, k in window)
+            if used + n > self.limits.pseudonyms_per_minute:
+                self.engine.audit(p.name, "pseudonym.issue", f"{n} patients", "refused", "rate limit")
+                raise self.limits.refuse("pseudonyms_per_minute", f"{used + n} patient pseudonyms in a minute "
+                                         f"for {p.name!r}")
+            window.append((now, n))
 
     @wire.verb("up.check", paths=list, keys=list, uids=list)
     def up_check(self, p: Principal, paths: list[str], keys: list[str], uids: list[str]) -> wire.Reply:

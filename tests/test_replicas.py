@@ -435,7 +435,7 @@ def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path:
             paths = sorted(r["path"] for r in a.find("/DicomHeader[Modality='CT']", "/pg"))
             assert len(paths) == 4 and all(p.startswith("/pg/renamed/") for p in paths), paths  # ... A knows
             b.save_query("pg-ct", "/DicomHeader[Modality='CT']")
-            assert "pg-ct" in a.saved_queries()
+            assert "clinician/pg-ct" in a.saved_queries()
         # A client that names both (metaserver = A, B) and holds its session across the death of
         # the one it talks to: its next call goes to the other, and reads and writes go on.
         both = fed.root / "clinician-both.conf"
