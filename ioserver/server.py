@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import paramiko
@@ -34,6 +34,8 @@ SUBSYSTEM = "dgf-io"
 KEY_REFRESH_S = 2.0
 #: Seconds between attempts to register while the site waits to be enrolled.
 REGISTER_RETRY_S = 2.0
+#: Seconds the archive's de-identification profile is trusted before it is asked for again.
+PROFILE_REFRESH_S = 30.0
 #: Objects per fsck.adopt request: each reply carries their XML headers.
 ADOPT_BATCH = 32
 
@@ -113,6 +115,38 @@ class KeyRing:
         return peer
 
 
+class ArchiveProfile:
+    """The archive's de-identification profile as the metaserver states it, refreshed every
+    PROFILE_REFRESH_S; the last one known stands while the metaserver is away."""
+
+    def __init__(self, fetch: Callable[[], list[str]]) -> None:
+        self._fetch = fetch
+        self._profile: Any = None
+        self._names: list[str] | None = None
+        self._read = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        from dgf.dicom.profile import Options, Profile
+
+        with self._lock:
+            if self._profile is None or time.monotonic() - self._read > PROFILE_REFRESH_S:
+                try:
+                    names = sorted(self._fetch())
+                    if names != self._names:
+                        # Burned-in and truncated pixel data are the uploader's to acknowledge;
+                        # what the site checks is the header.
+                        self._profile = Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
+                        self._names = names
+                    self._read = time.monotonic()
+                except errors.DgfError as exc:
+                    if self._profile is None:
+                        raise errors.ServerError("this site does not know the archive's de-identification "
+                                                 f"profile yet ({exc.message}); it stores nothing until it does.") from exc
+                    log.warning("could not refresh the de-identification profile (%s); keeping the last", exc)
+            return self._profile
+
+
 class IoService(wire.Service):
     def __init__(self, site: str, store: ObjectStore, cap_public: Any,
                  site_key: Any, keyring: KeyRing | None = None,
@@ -125,6 +159,8 @@ class IoService(wire.Service):
         self._peer_key = peer_key          # this site's SSH identity, to reach other sites
         self.keyring = keyring
         self.limits = limits
+        #: The archive's profile; every object stored for an upload is checked against it.
+        self.profile: ArchiveProfile | None = None
 
     def new_session(self, principal: Peer) -> Session:
         return Session(principal)
@@ -135,11 +171,32 @@ class IoService(wire.Service):
                                           "its sessions at this site are closed to it.")
         return super().dispatch(ctx, header, payload)
 
-    def _receipt(self, key: str, size: int, digests: bytes) -> str:
+    def _receipt(self, key: str, size: int, digests: bytes, header: str = "") -> str:
+        """This site's signed word that it holds ``key`` (``size`` bytes, hash list ``digests``)
+        and, for an upload, the SHA-256 of the XML header it derived from those bytes (``xh``):
+        the metaserver publishes no other header for the object."""
         claims: dict[str, Any] = {"t": "receipt", "site": self.site, "key": key, "size": size}
         if digests:
             claims["bl"] = list_digest(digests)
+        if header:
+            claims["xh"] = header
         return crypto.sign_token(self._site_key, claims)
+
+    def _vet(self, data: bytes | memoryview, key: str) -> str:
+        """Check an object against the archive's profile before it is stored or signed for
+        (PolicyRefused names what is wrong), and return the SHA-256 of its XML header as this
+        site derives it from the bytes."""
+        import hashlib
+
+        from dgf.dicom import validate
+        from dgf.dicom.xmlheader import header_xml
+
+        if self.profile is not None:
+            validate.check(data, self.profile.get(), f"object {key[:16]}...")
+        try:
+            return hashlib.sha256(header_xml(data)).hexdigest()  # type: ignore[arg-type]
+        except errors.InvalidDicom as exc:
+            raise errors.PolicyRefused(f"object {key[:16]}... is not a DICOM file ({exc.message}).") from exc
 
     @wire.verb("hello")
     def hello(self, s: Session) -> wire.Reply:
@@ -157,7 +214,14 @@ class IoService(wire.Service):
         if payload.size != size:
             raise errors.UsageError(f"put declared {size} bytes but sent {payload.size}.")
         created, digests = self.store.put(key, payload.chunks(), size)
-        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests)})
+        try:
+            with self.store.mapped(key) as data:
+                header = self._vet(data, key)
+        except errors.PolicyRefused:
+            if created:
+                self.store.delete(key)       # refused: nothing of it stays here
+            raise
+        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests, header)})
 
     @wire.verb("put.batch", payload=True, keys=list, sizes=list)
     def put_batch(self, s: Session, payload: wire.Payload, keys: list[str], sizes: list[int]) -> wire.Reply:
@@ -177,14 +241,25 @@ class IoService(wire.Service):
             raise self.limits.refuse("batch_bytes", f"a put.batch of {payload.size} bytes")
         s.require("put", None)
         items = [(str(key), b"".join(payload.chunks_of(size))) for key, size in zip(keys, sizes)]
+        headers: dict[int, str] = {}
+        refused: dict[int, str] = {}
+        for i, (key, data) in enumerate(items):
+            try:
+                headers[i] = self._vet(data, key)
+            except errors.PolicyRefused as exc:
+                refused[i] = exc.message
+        vetted = [items[i] for i in sorted(headers)]
+        stored = dict(zip(sorted(headers), self.store.put_many(vetted)))
         receipts: list[str | None] = []
         failures: list[str | None] = []
-        for (key, data), error in zip(items, self.store.put_many(items)):
+        for i, (key, data) in enumerate(items):
+            failed = stored.get(i)
+            error = refused.get(i) or (failed.message if failed is not None else None)
             if error is not None:
                 receipts.append(None)
-                failures.append(error.message)
+                failures.append(error)
                 continue
-            receipts.append(self._receipt(key, len(data), block_digests(data)))
+            receipts.append(self._receipt(key, len(data), block_digests(data), headers[i]))
             failures.append(None)
         return wire.Reply({"receipts": receipts, "errors": failures})
 
@@ -337,6 +412,9 @@ class IoService(wire.Service):
         import mmap
         import tempfile
 
+        import hashlib
+
+        from dgf.dicom import validate
         from dgf.dicom.xmlheader import header_xml
         from dgf.integrity import Hasher
 
@@ -350,10 +428,12 @@ class IoService(wire.Service):
             if hasher.whole.hexdigest() != key:
                 raise errors.IntegrityError(f"object {key[:16]}... failed its checksum here.")
             with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if n else contextlib.nullcontext(b"") as data:
+                if self.profile is not None:        # stored before sites checked, perhaps
+                    validate.check(data, self.profile.get(), f"object {key[:16]}...")  # type: ignore[arg-type]
                 xml = header_xml(data)  # type: ignore[arg-type]
         digests = hasher.digests()
         return {"size": n, "blocks": base64.b64encode(digests).decode(), "xml": xml.decode("utf-8", "surrogateescape"),
-                "receipt": self._receipt(key, n, digests)}
+                "receipt": self._receipt(key, n, digests, hashlib.sha256(xml).hexdigest())}
 
     @wire.verb("replicate", key=str, size=int, source=dict, grant=str)
     def replicate(self, s: Session, key: str, size: int, source: dict[str, Any], grant: str) -> wire.Reply:
@@ -538,6 +618,7 @@ def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tup
     service = IoService(cfg.site, store, crypto.load_public(cfg.metaserver_host_key),
                         crypto.load_signing_key(cfg.key), keyring, cfg.limits,
                         peer_key=crypto.load_paramiko_key(cfg.key))
+    service.profile = ArchiveProfile(lambda: list(link.call("deid.options")["options"]))
     server = wire.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
                             host=cfg.listen[0], port=listen_port, limits=cfg.limits)
     return server, link

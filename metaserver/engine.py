@@ -192,6 +192,10 @@ class MetaEngine(ABC):
         """Record a healthy copy of a known object at ``site``; False if the object is unknown."""
 
     @abstractmethod
+    def object_header(self, key: str) -> bytes | None:
+        """The XML header on record for an object (the one its storing site derived)."""
+
+    @abstractmethod
     def repair_queue(self, limit: int) -> list[tuple[str, int, int, list[tuple[str, str]]]]:
         """The oldest objects queued for more copies: (key, size, copies wanted, replicas)."""
 

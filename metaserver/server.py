@@ -65,7 +65,7 @@ POLICY: dict[str, frozenset[str]] = {
     "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
-    "deid.options": USERS, "admin.deid.set": frozenset({"admin"}),
+    "deid.options": USERS | {"site"}, "admin.deid.set": frozenset({"admin"}),
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
     "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
     "admin.fsck.recorded": frozenset({"admin"}), "admin.fsck.copy": frozenset({"admin"}),
@@ -651,6 +651,11 @@ class MetaService(wire.Service):
                     raise errors.PermissionDenied(f"{f['path']} has no receipt and its object is not "
                                                   f"held at site {site}.")
                 blocks = self.engine.object_blocks([f["key"]]).get(f["key"], b"")
+                # Its header is the stored object's, as a site derived it; not the writer's.
+                stored = self.engine.object_header(f["key"])
+                if stored is None:
+                    raise errors.PermissionDenied(f"{f['path']} names an object with no header on record.")
+                f["xml"] = stored.decode("utf-8", "surrogateescape")
             else:
                 blocks = base64.b64decode(f.get("blocks") or "")
                 if f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK):
@@ -668,6 +673,13 @@ class MetaService(wire.Service):
                     if list_digest(blocks) != claims.get("bl", ""):
                         raise errors.PermissionDenied(
                             f"the block digests for {f['path']} do not match the receipt of site {where}.")
+                    # The header published is the one the storing site derived from the bytes it
+                    # checked against the profile: a writer cannot put anything else beside it.
+                    if where == site and claims.get("xh") != hashlib.sha256(
+                            str(f.get("xml", "")).encode("utf-8", "surrogateescape")).hexdigest():
+                        raise errors.PermissionDenied(
+                            f"the header sent for {f['path']} is not the one site {site} derived from the "
+                            "stored object; nothing was published.")
                 held = len({where for where, _ in copies})
                 need = placement.factor(f["path"], default, overrides)
                 if held < need and not background:
@@ -921,15 +933,16 @@ class MetaService(wire.Service):
                     raise errors.UsageError("each object needs its receipt, size, blocks and header.")
                 blocks = base64.b64decode(str(info.get("blocks") or ""))
                 claims = crypto.verify_token(public, str(info.get("receipt") or ""))
+                xml = str(info.get("xml") or "").encode("utf-8", "surrogateescape")
                 if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
-                        ("receipt", site, key, info.get("size")) or claims.get("bl", "") != list_digest(blocks):
+                        ("receipt", site, key, info.get("size")) or claims.get("bl", "") != list_digest(blocks) \
+                        or claims.get("xh") != hashlib.sha256(xml).hexdigest():
                     raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
                 if known.get(key):
                     if not self.engine.add_replica(key, site):
                         raise errors.NotFound(f"object {key[:16]}... left the archive meanwhile.")
                     recorded.append(key)
                     continue
-                xml = str(info.get("xml") or "").encode("utf-8", "surrogateescape")
                 new.append(NewFile(_lost_and_found(key, xml), key, int(info["size"]), site,
                                    {query.HEADER_XATTR: xml}, blocks=blocks))
             except (errors.DgfError, ValueError, KeyError, TypeError) as exc:

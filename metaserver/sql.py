@@ -874,6 +874,14 @@ class SqlEngine(MetaEngine):
             return True
         return self._txn(run)
 
+    def object_header(self, key: str) -> bytes | None:
+        """The XML header on record for object ``key`` (any of its paths'), if any."""
+        def run(conn: Connection) -> bytes | None:
+            value = conn.execute(sa.select(xattrs.c.value).join(inodes, inodes.c.id == xattrs.c.ino).where(
+                inodes.c.object_key == key, xattrs.c.name == index.HEADER_XATTR).limit(1)).scalar()
+            return bytes(value) if value is not None else None
+        return self._read(run)
+
     def repair_queue(self, limit: int) -> list[tuple[str, int, int, list[tuple[str, str]]]]:
         """The oldest queued repairs: (key, size, copies wanted, [(site, state)])."""
         def run(conn: Connection) -> list[tuple[str, int, int, list[tuple[str, str]]]]:

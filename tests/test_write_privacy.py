@@ -5,6 +5,7 @@ is audited without the patients' own IDs."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -37,3 +38,139 @@ def test_pseudonyms_go_only_to_uploaders_at_a_bounded_rate_and_are_audited(tmp_p
         assert got[guesses[0]][0] in text                                            # pseudonyms are
     finally:
         local.down(fed.root, quiet=True)
+
+
+# -- hostile writers: what a tampered client sends ---------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import pydicom  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+
+from dgf.dicom.xmlheader import header_xml  # noqa: E402
+from dgf.transport import PutItem  # noqa: E402
+from dgf.types import Site  # noqa: E402
+
+TOKEN = "ZQXJVWKD"        # an "identifier" that appears in no corpus file
+_CLEAN: dict[str, bytes] = {}     # one de-identified file, made once for the property test
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Federation]:
+    fed = local.up(tmp_path_factory.mktemp("hostile-writers") / "fed")
+    with Client(fed.config("admin")) as admin:
+        admin.mkdir("/hostile")
+        admin.meta.call("admin.replicas.set", path="/hostile", copies=1)
+    yield fed
+    local.down(fed.root, quiet=True)
+
+
+def _deidentified(fed: local.Federation, tmp_path: Path) -> bytes:
+    """A file the archive de-identified, as a tampered client would start from."""
+    with Client(fed.config("clinician")) as c:
+        c.upload(corpus.fresh_instances(tmp_path / "src", 1), to="/hostile/src")
+        path = c.ls("/hostile/src")[-1].path
+        return c.read_file(path)
+
+
+def _raw_put(c: Client, data: bytes) -> tuple[str, str | None, str | None]:
+    """Put ``data`` on a site directly, as a client that skips de-identification would."""
+    prep = c.meta.call("up.prepare", uids=[], patients=[])[0]
+    site = sorted(prep["caps"])[0]
+    c._learn_sites([Site.from_wire(s) for s in prep["sites"]])
+    got: list[tuple[str | None, str | None]] = []
+    c.site_link(site).put_many([PutItem(hashlib.sha256(data).hexdigest(), data)], prep["caps"][site],
+                               lambda item, receipt, error: got.append((receipt, error)))
+    return site, got[0][0], got[0][1]
+
+
+def _stored(fed: local.Federation, data: bytes) -> bool:
+    key = hashlib.sha256(data).hexdigest()
+    return any((fed.root / f"store-{s}" / "objects" / key[:2] / key[2:4] / key).exists() for s in fed.sites)
+
+
+def _commit(c: Client, site: str, receipt: str, data: bytes, xml: str, path: str) -> None:
+    entry = {"path": path, "key": hashlib.sha256(data).hexdigest(), "size": len(data), "site": site,
+             "receipt": receipt, "xml": xml, "patient": None, "copies": [], "identity": None,
+             "derived_from": None, "blocks": "", "xattrs": {}}
+    c.meta.call("up.commit", json.dumps({"files": [entry]}).encode())
+
+
+def _visible(fed: local.Federation, text: str) -> bool:
+    """Can a researcher see ``text`` anywhere: a header, a query, a downloaded object?"""
+    with Client(fed.config("researcher")) as r:
+        rows = r.find(f"//*[contains(., '{text}')]", "/hostile")
+        if rows:
+            return True
+        out = r.download(["/hostile"], fed.root / "researcher-view")
+    assert not out.failed
+    return any(text.encode() in p.read_bytes() for p in (fed.root / "researcher-view").rglob("*.dcm"))
+
+
+def test_a_raw_identified_file_is_refused_by_the_site(hostile: local.Federation) -> None:
+    original = corpus.file("CT_small.dcm").read_bytes()
+    with Client(hostile.config("clinician")) as c:
+        _, receipt, error = _raw_put(c, original)
+    assert receipt is None and error is not None
+    assert "not de-identified by this archive's profile" in error and "Patient Identity Removed" in error
+    assert not _stored(hostile, original)                     # nothing of it stays on the site
+
+
+def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation, tmp_path: Path) -> None:
+    clean = _deidentified(hostile, tmp_path)
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(clean))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "2.25." + str(int(hashlib.sha256(b"x").hexdigest()[:30], 16))
+    buf = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    with Client(hostile.config("clinician")) as c:
+        site, receipt, error = _raw_put(c, data)
+        assert receipt is not None, error                      # de-identified: the site takes it
+        forged = header_xml(data).decode().replace("</DicomHeader>", f"<PatientAddress>{TOKEN}</PatientAddress>"
+                                                                      "</DicomHeader>")
+        with pytest.raises(errors.PermissionDenied, match="not the one site"):
+            _commit(c, site, receipt, data, forged, "/hostile/forged.dcm")
+        with pytest.raises(errors.NotFound):
+            c.stat("/hostile/forged.dcm")
+        _commit(c, site, receipt, data, header_xml(data).decode(), "/hostile/honest.dcm")   # the site's own
+    assert not _visible(hostile, TOKEN)
+
+
+PLANTS = [
+    ("PatientName", lambda ds, t: setattr(ds, "PatientName", f"{t}^JOHN")),
+    ("PatientID", lambda ds, t: setattr(ds, "PatientID", t)),
+    ("OtherPatientIDs", lambda ds, t: setattr(ds, "OtherPatientIDs", t)),
+    ("PatientAddress", lambda ds, t: setattr(ds, "PatientAddress", f"1 {t} Street")),
+    ("InstitutionName", lambda ds, t: setattr(ds, "InstitutionName", f"{t} Hospital")),
+    ("ReferringPhysicianName", lambda ds, t: setattr(ds, "ReferringPhysicianName", t)),
+    ("AccessionNumber", lambda ds, t: setattr(ds, "AccessionNumber", t)),
+    ("private", lambda ds, t: (ds.private_block(0x0041, "ACME", create=True).add_new(0x01, "LO", t))),
+    ("nested", lambda ds, t: setattr(ds, "RequestAttributesSequence", [Dataset()]) or
+     setattr(ds.RequestAttributesSequence[0], "RequestedProcedureID", t)),
+    ("StudyUID", lambda ds, t: setattr(ds, "StudyInstanceUID", "1.2.840.113619." + str(sum(map(ord, t))))),
+    ("marker", lambda ds, t: (setattr(ds, "PatientIdentityRemoved", "NO"), setattr(ds, "PatientComments", t))),
+]
+
+
+@settings(max_examples=len(PLANTS) * 2, deadline=None, suppress_health_check=list(HealthCheck))
+@given(plant=st.sampled_from(PLANTS), token=st.text(alphabet="ABCDEFGHJKMNPQRSTVWXYZ", min_size=6, max_size=10))
+def test_identifiers_planted_by_a_hostile_writer_never_reach_a_researcher(
+        hostile: local.Federation, tmp_path_factory: pytest.TempPathFactory, plant: tuple[str, Any],
+        token: str) -> None:
+    """A hostile writer plants an identifier in a de-identified file (a name, an ID, an address,
+    a private or nested element, a UID from the hospital's root, a marker turned off) and puts it
+    on a site itself: the site refuses it, and the token is nowhere a researcher can look."""
+    if "clean" not in _CLEAN:
+        _CLEAN["clean"] = _deidentified(hostile, tmp_path_factory.mktemp("clean"))
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_CLEAN["clean"]))
+    plant[1](ds, token)
+    buf = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    with Client(hostile.config("clinician")) as c:
+        site, receipt, error = _raw_put(c, data)
+        assert receipt is None and error and "not de-identified" in error, (plant[0], error)
+    assert not _stored(hostile, data)
+    assert not _visible(hostile, token)

@@ -54,7 +54,7 @@ def _base(sop_class: str, modality: str, patient: dict[str, str], study_uid: str
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=None)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.Modality = modality
     ds.PatientName = patient.get("PatientName", "")
@@ -111,7 +111,7 @@ def projection_series(projections: np.ndarray, geometry: Any, patient: dict[str,
         raise errors.UsageError(f"projections have shape {projections.shape}; the geometry describes "
                                 f"({geometry.n_projections}, {geometry.detector_shape[1]}, {geometry.detector_shape[0]}).")
     patient = patient or {}
-    study, series = generate_uid(), generate_uid()
+    study, series = generate_uid(prefix=None), generate_uid(prefix=None)
     shared = json.loads(geometry.to_json())
     shared.pop("angles_deg", None)
     out = []
@@ -149,8 +149,9 @@ def volume_series(volume: np.ndarray, geometry: Any, provenance: dict[str, Any],
     """CT instances, one per plane across the rotation axis, of ``volume`` [z, y, x]."""
     nz, ny, nx = volume.shape
     patient = patient or {}
-    study = patient.get("StudyInstanceUID") or generate_uid()
-    series = generate_uid()
+    # 2.25.<UUID> UIDs: the form of the archive's pseudonyms, which sites check for.
+    study = patient.get("StudyInstanceUID") or generate_uid(prefix=None)
+    series = generate_uid(prefix=None)
     dx, dy, dz = geometry.voxel_size
     ox, oy, oz = geometry.origin
     out = []
