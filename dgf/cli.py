@@ -990,16 +990,54 @@ def backup_cmd(file: str, config: str | None) -> None:
     click.echo(f"backed up the metadata ({result.get('size', target.stat().st_size) / 1e6:.1f} MB) to {file}")
 
 
-@admin_group.command("audit")
-@click.option("--limit", type=int, default=50, show_default=True)
+@admin_group.group("audit", invoke_without_command=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="How many records.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON lines, oldest first, with each record's chain hash (for a SIEM, or "
+                   "'| logger -t dgf-audit' for syslog).")
+@click.option("--after", type=int, default=0, metavar="ID", help="With --json: the records after this id "
+              "(export the whole log a page at a time).")
+@config_option
+@click.pass_context
+@_run
+def audit_cmd(ctx: click.Context, limit: int, as_json: bool, after: int, config: str | None) -> None:
+    """Show the newest audit entries (identity releases, refusals, grants, deletes, changes).
+
+    Records form a hash chain; 'dgf admin audit verify' checks it.
+
+    \b
+    Examples:
+      dgf admin audit --limit 20
+      dgf admin audit --json --after 0 --limit 10000 > audit.jsonl
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with _client(config) as client:
+        entries = client.audit_log(limit, after) if after else client.audit_log(limit)
+    if as_json:
+        for e in sorted(entries, key=lambda e: e["id"]):
+            click.echo(json.dumps(e, ensure_ascii=False, sort_keys=True))
+        return
+    for e in entries:
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+        click.echo(f"{ts}\t{e['principal']}\t{e['action']}\t{e['outcome']}\t{e['target']}")
+
+
+@audit_cmd.command("verify")
 @config_option
 @_run
-def audit_cmd(limit: int, config: str | None) -> None:
-    """Show the newest audit entries (identity releases, refusals, grants, deletes)."""
+def audit_verify(config: str | None) -> None:
+    """Check the audit log's hash chain (admin): exit 0 when every record follows from the one
+    before and the last is the chain's head; 6, naming the first broken record, when a record
+    was changed, removed or moved, or records were cut off the end."""
     with _client(config) as client:
-        for e in client.audit_log(limit):
-            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
-            click.echo(f"{ts}\t{e['principal']}\t{e['action']}\t{e['outcome']}\t{e['target']}")
+        r = client.audit_verify()
+    legacy = f" ({r['legacy']} from before records were chained)" if r["legacy"] else ""
+    if r["broken_at"] is None:
+        click.echo(f"audit log intact: {r['records']} records{legacy}")
+        return
+    click.echo(f"audit log BROKEN at record {r['broken_at']}: {r['why']}", err=True)
+    sys.exit(errors.IntegrityError.exit_code)
 
 
 class _ReconGroup(click.Group):

@@ -1142,5 +1142,11 @@ class Client:
     def principals(self) -> list[dict[str, Any]]:
         return list(self.meta.call("admin.principal.list")[0]["principals"])
 
-    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+    def audit_log(self, limit: int = 100, after: int = 0) -> list[dict[str, Any]]:
+        """The newest ``limit`` audit records, or the oldest ``limit`` after record id ``after``."""
+        if after:
+            return list(self.meta.call("admin.audit", limit=limit, after=after)[0]["entries"])
         return list(self.meta.call("admin.audit", limit=limit)[0]["entries"])
+
+    def audit_verify(self) -> dict[str, Any]:
+        return dict(self.meta.call("admin.audit.verify")[0])

@@ -333,7 +333,11 @@ class MetaEngine(ABC):
         """Append (principal, action, target, outcome, detail) entries in one transaction."""
 
     @abstractmethod
-    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]: ...
+    def audit_log(self, limit: int = 100, after: int = 0) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def audit_verify(self) -> dict[str, Any]:
+        """Check the audit hash chain: records, legacy (unchained) ones, the first broken id."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -65,6 +65,7 @@ POLICY: dict[str, frozenset[str]] = {
     "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
+    "admin.audit.verify": frozenset({"admin"}),
     "deid.options": USERS | {"site"}, "admin.deid.set": frozenset({"admin"}),
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
     "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
@@ -1104,9 +1105,20 @@ class MetaService(wire.Service):
     def principal_list(self, p: Principal) -> wire.Reply:
         return wire.Reply({"principals": [q.to_wire() for q in self.engine.principals()]})
 
-    @wire.verb("admin.audit", optional=("limit",), limit=int)
-    def audit(self, p: Principal, limit: int = 100) -> wire.Reply:
-        return wire.Reply({"entries": self.engine.audit_log(limit)})
+    @wire.verb("admin.audit", optional=("limit", "after"), limit=int, after=int)
+    def audit(self, p: Principal, limit: int = 100, after: int = 0) -> wire.Reply:
+        """The newest ``limit`` records, or (``after``) the oldest ``limit`` after that id: an
+        export reads the whole log in order, a page at a time."""
+        limit = max(1, min(limit, self.limits.list_items))
+        return wire.Reply({"entries": self.engine.audit_log(limit, after)})
+
+    @wire.verb("admin.audit.verify")
+    def audit_verify(self, p: Principal) -> wire.Reply:
+        """Walk the audit hash chain (see ``SqlEngine.audit_verify``)."""
+        result = self.engine.audit_verify()
+        self.engine.audit(p.name, "audit.verify", "audit", "ok" if result["broken_at"] is None else "broken",
+                          f"{result['records']} records")
+        return wire.Reply(result)
 
 
 def make_principal(name: str, role: str, public_key: str) -> Principal:

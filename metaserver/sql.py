@@ -8,6 +8,8 @@ wait for a batch commit.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import threading
 import time
 from typing import Any, Callable, Iterator, NamedTuple, TypeVar
@@ -115,6 +117,16 @@ queries_t = sa.Table(
 )
 # Per-block digests of objects larger than one digest block (dgf/integrity.py), as signed by
 # the site that stored them; a ranged read checks the blocks it covers against these.
+AUDIT_HEAD = "audit.head"
+
+
+def audit_hash(prev: str, ts: float, principal: str, action: str, target: str, outcome: str, detail: str) -> str:
+    """One link of the audit chain: SHA-256 of the previous hash and the record, canonical JSON."""
+    record = json.dumps([prev, repr(float(ts)), principal, action, target, outcome, detail],
+                        ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(record.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 # Objects published with fewer copies than their directory keeps (asynchronous replication):
 # sites ask for this work (site.work) and copy site to site until each has ``wanted``.
 repairs = sa.Table(
@@ -145,6 +157,9 @@ audit_t = sa.Table(
     sa.Column("target", sa.String, nullable=False),
     sa.Column("outcome", sa.String, nullable=False),
     sa.Column("detail", sa.String, nullable=False, default=""),
+    # SHA-256 over the previous record's hash and this record: a hash chain, so a record
+    # changed, removed or moved breaks every hash after it ('dgf admin audit verify').
+    sa.Column("hash", sa.String(64), nullable=True),
 )
 
 _STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
@@ -242,7 +257,7 @@ class SqlEngine(MetaEngine):
         """Columns added since a database was created (create_all adds tables, not columns)."""
         inspector = sa.inspect(self.engine)
         for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR"),
-                                          (sites_t, "pinned", "BOOLEAN")):
+                                          (sites_t, "pinned", "BOOLEAN"), (audit_t, "hash", "VARCHAR(64)")):
             if column not in {c["name"] for c in inspector.get_columns(table.name)}:
                 with self.engine.begin() as conn:
                     conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
@@ -298,9 +313,54 @@ class SqlEngine(MetaEngine):
         if why and released:
             rows += [(principal, "object.release", key, "ok", why) for key in released]
         if rows:
-            now = time.time()
-            conn.execute(audit_t.insert(), [{"ts": now, "principal": p, "action": a, "target": t,
-                                             "outcome": o, "detail": d} for p, a, t, o, d in rows])
+            self._write_audit(conn, rows)
+
+    def _write_audit(self, conn: Connection, rows: list[tuple[str, str, str, str, str]]) -> None:
+        """Append audit records to the hash chain, in the caller's transaction.  The chain's
+        head is locked for the rest of the transaction (FOR UPDATE; SQLite writes one at a
+        time anyway), so records chain in the order they commit, whichever metaserver writes."""
+        head = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)
+                            .with_for_update()).scalar()
+        if head is None:
+            conn.execute(self._insert_ignore(settings_t), [{"name": AUDIT_HEAD, "value": ""}])
+            head = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)
+                                .with_for_update()).scalar() or ""
+        now = time.time()
+        out = []
+        for p, a, t, o, d in rows:
+            head = audit_hash(head, now, p, a, t, o, d)
+            out.append({"ts": now, "principal": p, "action": a, "target": t, "outcome": o, "detail": d, "hash": head})
+        conn.execute(audit_t.insert(), out)
+        conn.execute(settings_t.update().where(settings_t.c.name == AUDIT_HEAD).values(value=head))
+
+    def audit_verify(self) -> dict[str, Any]:
+        """Walk the audit chain: the first record whose hash does not follow from the one
+        before, or a head that is not the last record's hash (records cut off the end)."""
+        def run(conn: Connection) -> dict[str, Any]:
+            head, legacy, checked, after = "", 0, 0, 0
+            while True:
+                page = conn.execute(sa.select(audit_t).where(audit_t.c.id > after).order_by(audit_t.c.id)
+                                    .limit(5000)).all()
+                if not page:
+                    break
+                for r in page:
+                    after = r.id
+                    if r.hash is None and checked == 0:
+                        legacy += 1              # written before records were chained
+                        continue
+                    expected = audit_hash(head, r.ts, r.principal, r.action, r.target, r.outcome, r.detail)
+                    if r.hash != expected:
+                        return {"records": checked + legacy, "legacy": legacy, "broken_at": r.id,
+                                "why": "its hash does not follow from the record before it (changed, removed "
+                                       "or moved records)"}
+                    head = expected
+                    checked += 1
+            stored = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)).scalar()
+            if checked and (stored or "") != head:
+                return {"records": checked + legacy, "legacy": legacy, "broken_at": after,
+                        "why": "the chain's head is not the last record's hash (records removed from the end)"}
+            return {"records": checked + legacy, "legacy": legacy, "broken_at": None, "why": ""}
+        return self._read(run)
 
     def _txn(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
@@ -1091,12 +1151,13 @@ class SqlEngine(MetaEngine):
     def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
         if not entries:
             return
-        now = time.time()
-        self._txn(lambda c: c.execute(audit_t.insert(), [
-            {"ts": now, "principal": p, "action": a, "target": t, "outcome": o, "detail": d}
-            for p, a, t, o, d in entries]))
+        self._txn(lambda c: self._write_audit(c, entries))
 
-    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+    def audit_log(self, limit: int = 100, after: int = 0) -> list[dict[str, Any]]:
+        """The newest ``limit`` records; with ``after``, the oldest ``limit`` after that id."""
+        if after:
+            return self._read(lambda c: [dict(r._mapping) for r in c.execute(
+                sa.select(audit_t).where(audit_t.c.id > after).order_by(audit_t.c.id).limit(limit))])
         return self._read(lambda c: [dict(r._mapping) for r in c.execute(
             sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit))])
 
