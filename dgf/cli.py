@@ -990,6 +990,30 @@ def backup_cmd(file: str, config: str | None) -> None:
     click.echo(f"backed up the metadata ({result.get('size', target.stat().st_size) / 1e6:.1f} MB) to {file}")
 
 
+@admin_group.command("erase")
+@click.argument("patient", metavar="PSEUDONYM")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@config_option
+@_run
+def erase_cmd(patient: str, yes: bool, config: str | None) -> None:
+    """Erase a patient for good (admin; audited): every file whose header names PSEUDONYM is
+    removed and its objects deleted at the sites, then the patient's identity records and data
+    key are destroyed.  Backups made before hold them still: let them expire.  The pseudonym
+    is the PatientID of their files ('dgf_find "/DicomHeader[...]" --show PatientID').
+
+    \b
+    Example:
+      dgf admin erase PD5GQ2XKMNZ4W7ABC
+    """
+    if not yes and not click.confirm(f"Erase every file and the identity of patient {patient}?", err=True):
+        raise errors.UsageError("not confirmed; nothing was erased.")
+    with _client(config) as client:
+        reply = client.meta.call("admin.erase", patient=patient)[0]
+        client._free(reply.get("release") or {})
+    click.echo(f"patient {patient} erased: {reply['files']} file(s) removed, "
+               f"{reply['identities']} identity record(s) destroyed")
+
+
 @admin_group.group("audit", invoke_without_command=True)
 @click.option("--limit", type=int, default=50, show_default=True, help="How many records.")
 @click.option("--json", "as_json", is_flag=True,

@@ -65,7 +65,7 @@ POLICY: dict[str, frozenset[str]] = {
     "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
-    "admin.audit.verify": frozenset({"admin"}),
+    "admin.audit.verify": frozenset({"admin"}), "admin.erase": frozenset({"admin"}),
     "deid.options": USERS | {"site"}, "admin.deid.set": frozenset({"admin"}),
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
     "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
@@ -1111,6 +1111,28 @@ class MetaService(wire.Service):
         export reads the whole log in order, a page at a time."""
         limit = max(1, min(limit, self.limits.list_items))
         return wire.Reply({"entries": self.engine.audit_log(limit, after)})
+
+    @wire.verb("admin.erase", patient=str)
+    def erase(self, p: Principal, patient: str) -> wire.Reply:
+        """Erase a patient, named by pseudonym: every file whose header names them is removed
+        (its objects released for deletion at the sites), then their identity records and data
+        key are destroyed (a backup made before still holds them).
+        Each step is audited; run again after a failure, it goes on where it stopped."""
+        if not re.fullmatch(r"P[A-Z2-7]{16}", patient):
+            raise errors.UsageError(f"name the patient by pseudonym (P + 16 letters and digits, as in "
+                                    f"'dgf_find ... --show PatientID'), not {patient[:32]!r}.")
+        q = query.prepare(f"/DicomHeader[PatientID='{patient}']", self.engine.query_catalogue(), self.dialect,
+                          self.engine.query_estimate, self.limits, review=False)
+        paths = sorted({r["path"] for r in query.run(self.engine, q, "/", [], 0,
+                                                     time.monotonic() + self.query_time_limit)})
+        released: dict[str, list[str]] = {}          # object key -> sites holding it
+        for path in paths:
+            with self.engine.audited(p.name, "delete", path, released=f"erased {patient}"):
+                released.update(self.engine.unlink(path))
+        with self.engine.audited(p.name, "patient.erase", patient, f"{len(paths)} files"):
+            identities = self.vault.erase(patient)
+        log.warning("patient %s erased by %s: %d files, %d identity records", patient, p.name, len(paths), identities)
+        return wire.Reply({"files": len(paths), "identities": identities, "release": self._released(p, released)})
 
     @wire.verb("admin.audit.verify")
     def audit_verify(self, p: Principal) -> wire.Reply:

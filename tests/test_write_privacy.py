@@ -4,6 +4,9 @@ is audited without the patients' own IDs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,8 +89,8 @@ def _raw_put(c: Client, data: bytes) -> tuple[str, str | None, str | None]:
     return site, got[0][0], got[0][1]
 
 
-def _stored(fed: local.Federation, data: bytes) -> bool:
-    key = hashlib.sha256(data).hexdigest()
+def _stored(fed: local.Federation, data: bytes | str) -> bool:
+    key = data if isinstance(data, str) else hashlib.sha256(data).hexdigest()
     return any((fed.root / f"store-{s}" / "objects" / key[:2] / key[2:4] / key).exists() for s in fed.sites)
 
 
@@ -174,3 +177,35 @@ def test_identifiers_planted_by_a_hostile_writer_never_reach_a_researcher(
         assert receipt is None and error and "not de-identified" in error, (plant[0], error)
     assert not _stored(hostile, data)
     assert not _visible(hostile, token)
+
+
+def test_erasing_a_patient_removes_their_files_objects_and_identity(tmp_path: Path) -> None:
+    fed = local.up(tmp_path / "fed")
+    try:
+        with Client(fed.config("clinician")) as c:
+            c.upload(corpus.fresh_instances(tmp_path / "a", 2), to="/erase/a")       # one patient
+            c.upload([corpus.file("MR_small.dcm")], to="/erase/b")                   # another
+            rows = c.find("/DicomHeader", "/erase", show=["PatientID"])
+            doomed = {r["values"]["PatientID"] for r in rows if r["path"].startswith("/erase/a/")}
+            assert len(doomed) == 1
+            patient = doomed.pop()
+            keys = [c.stat(st.path).object_key or "" for st in c.ls("/erase/a")]
+            kept = c.ls("/erase/b")[0].path
+        assert all(_stored(fed, k) for k in keys)
+        def erase(who: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(Path(sys.executable).parent / "dgf"), "admin", "erase", patient, "--yes"],
+                                  capture_output=True, text=True, env={**os.environ, "DGF_CONFIG": str(fed.config(who))})
+
+        refused = erase("researcher")
+        assert refused.returncode != 0 and "may not call 'admin.erase'" in refused.stderr
+        done = erase("admin")
+        assert done.returncode == 0 and "2 file(s) removed" in done.stdout, done.stdout + done.stderr
+        with Client(fed.config("clinician")) as c:
+            assert c.find(f"/DicomHeader[PatientID='{patient}']") == []
+            assert c.ls("/erase/a") == []
+            assert len(c.read_file(kept, identified=True)) > 0                      # the other patient stays
+        assert not any(_stored(fed, k) for k in keys)                               # bytes gone from the sites
+        with Client(fed.config("admin")) as admin:
+            assert any(e["action"] == "patient.erase" and e["target"] == patient for e in admin.audit_log(30))
+    finally:
+        local.down(fed.root, quiet=True)
