@@ -990,6 +990,29 @@ def backup_cmd(file: str, config: str | None) -> None:
     click.echo(f"backed up the metadata ({result.get('size', target.stat().st_size) / 1e6:.1f} MB) to {file}")
 
 
+@admin_group.group("vault")
+def vault_group() -> None:
+    """The identity vault's key."""
+
+
+@vault_group.command("rotate")
+@config_option
+@_run
+def vault_rotate(config: str | None) -> None:
+    """Replace the key that wraps every patient's data key (admin; audited).  The new key is
+    written beside the old, every data key re-wrapped in one transaction, then the new key takes
+    the old one's place (sealed with the same passphrase, if the old one was).  Pseudonyms do
+    not change.  Other metaserver processes over the same database need the new key file
+    before they next start.
+
+    \b
+    Example: dgf admin vault rotate
+    """
+    with _client(config) as client:
+        reply = client.meta.call("admin.vault.rotate")[0]
+    click.echo(f"vault key rotated: {reply['patients']} patient key(s) re-wrapped, new key {reply['kek']}...")
+
+
 @admin_group.command("erase")
 @click.argument("patient", metavar="PSEUDONYM")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")

@@ -151,13 +151,18 @@ class ClientConfig:
         )
 
 
+def _vault_spec(base: Path, value: str) -> str:
+    return value if value.startswith("env:") else str(_rel(base, value))
+
+
 @dataclass(frozen=True)
 class MetaserverConfig:
     path: Path
     listen: tuple[str, int]
     db: str
     host_key: Path
-    vault_key: Path
+    #: A file path (absolute), or ``env:NAME`` (metaserver/vaultkey.py).
+    vault_key: str
     limits: Limits = Limits()
 
     @classmethod
@@ -168,7 +173,7 @@ class MetaserverConfig:
         db = _need(v, "db", p, "metaserver")
         return cls(p, parse_address(_need(v, "listen", p, "metaserver"), "listen"), db,
                    _rel(base, _need(v, "host_key", p, "metaserver")),
-                   _rel(base, _need(v, "vault_key", p, "metaserver")), read_limits(p))
+                   _vault_spec(base, _need(v, "vault_key", p, "metaserver")), read_limits(p))
 
 
 @dataclass(frozen=True)

@@ -207,10 +207,19 @@ def new_vault_keyfile(path: Path) -> None:
 class VaultKeys:
     """Keys derived from the vault key file, which only the metaserver can read."""
 
-    def __init__(self, secret: bytes) -> None:
-        if len(secret) < 32:
-            raise errors.ConfigError("the vault key file is too short (need 64 random bytes).")
-        self._kek = AESGCM(self._derive(secret, b"dgf vault kek v1"))
+    def __init__(self, secret: bytes, kek_secret: bytes | None = None) -> None:
+        """``secret`` keys the pseudonyms (for ever: changing it changes every pseudonym);
+        ``kek_secret`` (default: the same) wraps the patients' data keys, and is what a
+        rotation replaces."""
+        kek_secret = secret if kek_secret is None else kek_secret
+        if len(secret) < 32 or len(kek_secret) < 32:
+            raise errors.ConfigError("the vault key is too short (need 64 random bytes).")
+        self.secret, self.kek_secret = secret, kek_secret
+        kek = self._derive(kek_secret, b"dgf vault kek v1")
+        self._kek = AESGCM(kek)
+        #: Names the key-encryption key without revealing it: the database records which one
+        #: wraps its data keys, so a mismatched key file is refused at start.
+        self.kek_id = hashlib.sha256(b"dgf kek id\0" + kek).hexdigest()[:32]
         self.pseudonym_key = self._derive(secret, b"dgf pseudonym v1")
 
     @classmethod

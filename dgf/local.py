@@ -149,13 +149,14 @@ def up(root: Path, sites: tuple[str, ...] | None = None, limits: dict[str, str] 
     logs = root / "logs"
     meta_conf = root / "metaserver.conf"
     fresh = not meta_conf.exists()
-    if db is None and not fresh:
-        db = read_section(meta_conf, "metaserver").get("db")     # a restart keeps its database
+    kept = read_section(meta_conf, "metaserver") if not fresh else {}
+    if db is None:
+        db = kept.get("db")                  # a restart keeps its database and its vault key source
     previous = state or {}
     write_section(meta_conf, "metaserver", {
         "listen": f"127.0.0.1:{_free_port(previous.get('metaserver'))}",
         "db": db or f"sqlite:///{root / 'metadata.db'}",
-        "host_key": "keys/metaserver_host", "vault_key": "keys/vault.key"})
+        "host_key": "keys/metaserver_host", "vault_key": kept.get("vault_key") or "keys/vault.key"})
     _add_limits(meta_conf, limits)
     _run(["metaserver.server", "init", "--config", str(meta_conf)])
     for name in [p for p, _ in PRINCIPALS] + list(sites):

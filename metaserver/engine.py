@@ -11,7 +11,7 @@ import dataclasses
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from dgf import errors
 from dgf.types import Principal, Site, Stat
@@ -190,6 +190,10 @@ class MetaEngine(ABC):
     @abstractmethod
     def add_replica(self, key: str, site: str) -> bool:
         """Record a healthy copy of a known object at ``site``; False if the object is unknown."""
+
+    @abstractmethod
+    def rewrap_patient_keys(self, rewrap: Callable[[bytes, bytes], bytes], kek_id: str) -> int:
+        """Re-wrap every patient data key and record the new key-encryption key, atomically."""
 
     @abstractmethod
     def object_header(self, key: str) -> bytes | None:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import sys
@@ -36,6 +37,7 @@ from metaserver import query
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
 from metaserver.vault import Vault
+from metaserver.vaultkey import PASSPHRASE_ENV, VaultSource, open_keys
 
 log = logging.getLogger("dgf.metaserver")
 
@@ -66,6 +68,7 @@ POLICY: dict[str, frozenset[str]] = {
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
     "admin.audit.verify": frozenset({"admin"}), "admin.erase": frozenset({"admin"}),
+    "admin.vault.rotate": frozenset({"admin"}),
     "deid.options": USERS | {"site"}, "admin.deid.set": frozenset({"admin"}),
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
     "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
@@ -188,6 +191,7 @@ class MetaService(wire.Service):
         self._cursors: dict[str, _Cursor] = {}
         self._cursor_lock = threading.Lock()
         self._issued: dict[str, collections.deque[tuple[float, int]]] = {}    # principal -> (time, n)
+        self.vault_source: VaultSource | None = None
         threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
@@ -1134,6 +1138,19 @@ class MetaService(wire.Service):
         log.warning("patient %s erased by %s: %d files, %d identity records", patient, p.name, len(paths), identities)
         return wire.Reply({"files": len(paths), "identities": identities, "release": self._released(p, released)})
 
+    @wire.verb("admin.vault.rotate")
+    def vault_rotate(self, p: Principal) -> wire.Reply:
+        """Replace the key that wraps every patient's data key (pseudonyms stay)."""
+        if self.vault_source is None:
+            raise errors.ServerError("this metaserver does not know where its vault key lives.")
+        with self._cursor_lock:                  # one rotation at a time in this process
+            old = self.vault.keys.kek_id
+            n = self.vault.rotate(self.vault_source)
+        self.engine.audit(p.name, "vault.rotate", "vault", "ok", f"{n} patient keys, {old[:8]} -> "
+                                                                 f"{self.vault.keys.kek_id[:8]}")
+        log.warning("vault key rotated by %s: %d patient keys re-wrapped", p.name, n)
+        return wire.Reply({"patients": n, "kek": self.vault.keys.kek_id[:8]})
+
     @wire.verb("admin.audit.verify")
     def audit_verify(self, p: Principal) -> wire.Reply:
         """Walk the audit hash chain (see ``SqlEngine.audit_verify``)."""
@@ -1158,10 +1175,16 @@ def open_engine(url: str, db_wait_s: float = DEFAULT_LIMITS.db_wait_s) -> SqlEng
 
 def build(cfg: MetaserverConfig) -> wire.SSHServer:
     engine = open_engine(cfg.db, cfg.limits.db_wait_s)
-    vault = Vault(engine, crypto.VaultKeys.load(cfg.vault_key))
+    source = VaultSource(cfg.vault_key, cfg.path.parent)
+    recorded = engine.get_setting("vault.kek_id")
+    keys = open_keys(source, recorded)
+    if recorded is None:
+        engine.set_setting("vault.kek_id", keys.kek_id)      # this database's key from now on
+    vault = Vault(engine, keys)
     host_key = crypto.load_paramiko_key(cfg.host_key)
     principals = Principals(engine)
     service = MetaService(engine, vault, crypto.load_signing_key(cfg.host_key), cfg.limits, principals)
+    service.vault_source = source
 
     def authorize(key: paramiko.PKey) -> Principal | None:
         return principals.lookup(crypto.fingerprint(key))
@@ -1175,11 +1198,33 @@ def init(cfg_path: Path) -> None:
     cfg = MetaserverConfig.load(cfg_path)
     if not cfg.host_key.exists():
         crypto.generate_keypair(cfg.host_key, "dgf-metaserver")
-    if not cfg.vault_key.exists():
-        crypto.new_vault_keyfile(cfg.vault_key)
+    if not cfg.vault_key.startswith("env:") and not Path(cfg.vault_key).exists():
+        crypto.new_vault_keyfile(Path(cfg.vault_key))
     open_engine(cfg.db).close()
     # What every client and site config pins as metaserver_host_key.
     print(f"metaserver_host_key = {crypto.public_line(crypto.load_paramiko_key(cfg.host_key))}")
+
+
+def protect(cfg: MetaserverConfig) -> None:
+    """Seal the vault key file with a passphrase (``DGF_VAULT_NEW_PASSPHRASE``, or typed twice
+    at the terminal); the metaserver then needs it at every start (``DGF_VAULT_PASSPHRASE``)."""
+    import getpass
+
+    source = VaultSource(cfg.vault_key, cfg.path.parent)
+    if source.env is not None:
+        raise errors.UsageError(f"the vault key comes from {source.describe()}; seal a file instead.")
+    keys = source.read()
+    phrase = os.environ.get("DGF_VAULT_NEW_PASSPHRASE")
+    if not phrase:
+        if not sys.stdin.isatty():
+            raise errors.UsageError("set DGF_VAULT_NEW_PASSPHRASE or run this on a terminal.")
+        phrase = getpass.getpass("new passphrase for the vault key: ")
+        if phrase != getpass.getpass("the same again: "):
+            raise errors.UsageError("the two passphrases differ; nothing was changed.")
+    if len(phrase) < 12:
+        raise errors.UsageError("use a passphrase of 12 characters or more.")
+    crypto.write_private(source.path, source.encode(keys, phrase))
+    print(f"vault key {source.path} sealed; start the metaserver with {PASSPHRASE_ENV} set, or on a terminal")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1199,9 +1244,15 @@ def main(argv: list[str] | None = None) -> int:
     p_enroll.add_argument("--name", required=True)
     p_enroll.add_argument("--role", required=True, choices=ROLES)
     p_enroll.add_argument("--public-key", required=True, help="file with an OpenSSH ed25519 public key")
+    p_vault = sub.add_parser("vault", help="seal the vault key file with a passphrase (or change it)")
+    p_vault.add_argument("action", choices=["protect"])
+    p_vault.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dgf-metaserver %(levelname)s %(message)s")
     try:
+        if args.cmd == "vault":
+            protect(MetaserverConfig.load(args.config))
+            return 0
         if args.cmd == "init":
             init(Path(args.config))
             return 0

@@ -1084,6 +1084,19 @@ class SqlEngine(MetaEngine):
                 patients.c.pseudonym == patient)).scalar_one())
         return self._txn(run)
 
+    def rewrap_patient_keys(self, rewrap: Callable[[bytes, bytes], bytes], kek_id: str) -> int:
+        """Re-wrap every patient's data key with ``rewrap(wrapped, label)`` and record the new
+        key-encryption key's id, in one transaction: all or nothing."""
+        def run(conn: Connection) -> int:
+            rows = conn.execute(sa.select(patients.c.pseudonym, patients.c.wrapped_key)).all()
+            for r in rows:
+                conn.execute(patients.update().where(patients.c.pseudonym == r.pseudonym).values(
+                    wrapped_key=rewrap(bytes(r.wrapped_key), r.pseudonym.encode())))
+            conn.execute(settings_t.delete().where(settings_t.c.name == "vault.kek_id"))
+            conn.execute(settings_t.insert().values(name="vault.kek_id", value=kek_id))
+            return len(rows)
+        return self._txn(run)
+
     def erase_patient(self, patient: str) -> int:
         def run(conn: Connection) -> int:
             n = conn.execute(identities.delete().where(identities.c.patient == patient)).rowcount

@@ -13,6 +13,7 @@ import threading
 
 from dgf import crypto, errors
 from metaserver.engine import MetaEngine
+from metaserver.vaultkey import VaultSource
 
 
 class Vault:
@@ -61,6 +62,25 @@ class Vault:
         patient, wrapped, sealed = found
         key = self.keys.unwrap(wrapped, patient.encode())
         return crypto.unseal(key, sealed, object_key.encode())
+
+    def rotate(self, source: "VaultSource") -> int:
+        """Replace the key-encryption key: the new key is written beside the old, every data
+        key is re-wrapped in one transaction, then the new key takes the old one's place (a
+        metaserver stopped in between finishes it at start).  Pseudonyms do not change."""
+        import os as _os
+
+        if source.env is not None:
+            raise errors.UsageError(f"the vault key comes from {source.describe()}, which this server cannot "
+                                    "rewrite; use a key file to rotate.")
+        new = crypto.VaultKeys(self.keys.secret, _os.urandom(64))
+        nxt = source.path.with_name(source.path.name + ".next")
+        crypto.write_private(nxt, source.encode(new, source.passphrase))
+        old = self.keys
+        n = self.engine.rewrap_patient_keys(lambda wrapped, label: new.wrap(old.unwrap(wrapped, label), label),
+                                            new.kek_id)
+        _os.replace(nxt, source.path)
+        self.keys = new
+        return n
 
     def erase(self, patient: str) -> int:
         with self._lock:
