@@ -990,6 +990,82 @@ def backup_cmd(file: str, config: str | None) -> None:
     click.echo(f"backed up the metadata ({result.get('size', target.stat().st_size) / 1e6:.1f} MB) to {file}")
 
 
+@admin_group.command("access")
+@click.argument("mode", required=False, type=click.Choice(["open", "grants"]))
+@config_option
+@_run
+def access_cmd(mode: str | None, config: str | None) -> None:
+    """Show or set who sees what (admin; audited).
+
+    \b
+    open    (the default) every researcher sees the whole de-identified archive.
+    grants  a researcher sees, finds, downloads and mounts only the files of its unexpired
+            cohort grants ('dgf admin grant add'); everything else does not exist for it.
+            Clinicians and admins are not restricted.
+    """
+    with _client(config) as client:
+        got = client.meta.call("admin.access", **({"mode": mode} if mode else {}))[0]["mode"]
+    click.echo(f"access: {got}")
+
+
+@admin_group.group("grant")
+def grant_group() -> None:
+    """Cohort grants: a researcher's access to the files a saved query matches, until a date."""
+
+
+@grant_group.command("add")
+@click.argument("principal")
+@click.argument("saved", metavar="@QUERY")
+@click.option("--until", required=True, metavar="YYYY-MM-DD", help="The last day of the grant (UTC).")
+@config_option
+@_run
+def grant_add(principal: str, saved: str, until: str, config: str | None) -> None:
+    """Grant researcher PRINCIPAL the files saved query @QUERY matches, until the end of the
+    day --until (admin; audited).  The query's XPath is copied into the grant, so a later edit
+    of the query does not widen it.  Takes effect when the archive runs 'dgf admin access grants'.
+
+    \b
+    Example:
+      dgf query save lung-ct "/DicomHeader[Modality='CT' and BodyPartExamined='CHEST']"
+      dgf admin grant add alice @lung-ct --until 2027-06-30
+    """
+    import calendar
+
+    try:
+        day = time.strptime(until, "%Y-%m-%d")
+    except ValueError as exc:
+        raise errors.UsageError(f"--until is a date, YYYY-MM-DD, not {until!r}.") from exc
+    end = calendar.timegm(day) + 86400.0
+    with _client(config) as client:
+        gid = client.meta.call("admin.grant.add", principal=principal, saved=saved, until=end)[0]["id"]
+    click.echo(f"grant {gid}: {principal} sees {saved} until {until} (end of day, UTC)")
+
+
+@grant_group.command("list")
+@click.argument("principal", required=False)
+@config_option
+@_run
+def grant_list(principal: str | None, config: str | None) -> None:
+    """List grants: ID, principal, query, last day, XPath."""
+    with _client(config) as client:
+        rows = client.meta.call("admin.grant.list", **({"principal": principal} if principal else {}))[0]["grants"]
+    for g in rows:
+        last = time.strftime("%Y-%m-%d", time.gmtime(g["until"] - 1))
+        state = "" if g["until"] > time.time() else "\texpired"
+        click.echo(f"{g['id']}\t{g['principal']}\t@{g['query']}\t{last}\t{g['xpath']}{state}")
+
+
+@grant_group.command("remove")
+@click.argument("gid", metavar="ID", type=int)
+@config_option
+@_run
+def grant_remove(gid: int, config: str | None) -> None:
+    """Revoke grant ID (admin; audited); it stops within seconds."""
+    with _client(config) as client:
+        client.meta.call("admin.grant.remove", id=gid)
+    click.echo(f"grant {gid} revoked")
+
+
 @admin_group.group("vault")
 def vault_group() -> None:
     """The identity vault's key."""

@@ -196,6 +196,18 @@ class MetaEngine(ABC):
         """Re-wrap every patient data key and record the new key-encryption key, atomically."""
 
     @abstractmethod
+    def add_grant(self, principal: str, query: str, xpath: str, until: float, by: str,
+                  sign: Callable[[int], str]) -> int:
+        """Record a cohort grant (signed by ``sign(id)``); its id."""
+
+    @abstractmethod
+    def grants(self, principal: str | None = None) -> list[dict[str, Any]]:
+        """Every grant (or one principal's): id, principal, query, xpath, until, token..."""
+
+    @abstractmethod
+    def remove_grant(self, gid: int) -> None: ...
+
+    @abstractmethod
     def object_header(self, key: str) -> bytes | None:
         """The XML header on record for an object (the one its storing site derived)."""
 

@@ -369,7 +369,7 @@ class Page:
 
 
 def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline: float | None,
-         max_rows: int, max_seconds: float) -> Page:
+         max_rows: int, max_seconds: float, allowed: Callable[[str], bool] | None = None) -> Page:
     """The matches after inode ``after``: up to ``max_rows`` or ``max_seconds`` of scanning.
 
     Keyset pagination: nothing is held between pages (no database connection, no worker), the
@@ -383,7 +383,7 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
     try:
         for ino, path, _, found in scan:
             last = ino
-            if found is not None:
+            if found is not None and (allowed is None or allowed(path)):
                 rows.append({"path": path, "values": found[0], "vr": found[1]})
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
@@ -415,10 +415,12 @@ def check_show(show: list[str], level: str) -> None:
 
 
 def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
-        deadline: float | None = None, level: str = "instance") -> Generator[dict[str, Any], None, None]:
+        deadline: float | None = None, level: str = "instance",
+        allowed: Callable[[str], bool] | None = None) -> Generator[dict[str, Any], None, None]:
     """Stream the matches: {"path", "values", "vr"} per file, or per group with ``level``
     (with the computed attributes of :data:`COMPUTED` that ``show`` names).  The counts are of
-    the matching files, as C-FIND counts what matched."""
+    the matching files, as C-FIND counts what matched; ``allowed`` (a principal's cohort
+    grants) leaves out the files it refuses before anything is counted."""
     if q.plan.empty:
         return
     check_show(show, level)
@@ -433,7 +435,7 @@ def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
     scan = _evaluated(engine, q, root, wanted if grouping else show, deadline)
     try:
         for _, path, levels, found in scan:
-            if found is None:
+            if found is None or (allowed is not None and not allowed(path)):
                 continue
             values, vrs = found
             if deadline is not None and time.monotonic() > deadline:
@@ -476,10 +478,11 @@ def run(engine: Any, q: Query, root: str, show: list[str], limit: int = 0,
         yield group
 
 
-def count(engine: Any, q: Query, root: str, deadline: float | None = None, level: str = "instance") -> int:
+def count(engine: Any, q: Query, root: str, deadline: float | None = None, level: str = "instance",
+          allowed: Callable[[str], bool] | None = None) -> int:
     """Matching files, or with ``level`` the patients, studies or series they belong to."""
     if q.plan.empty:
         return 0
-    if q.plan.exact and root == "/" and level == "instance":
+    if q.plan.exact and root == "/" and level == "instance" and allowed is None:
         return int(engine.query_count(q.sql))
-    return sum(1 for _ in run(engine, q, root, [], 0, deadline, level))
+    return sum(1 for _ in run(engine, q, root, [], 0, deadline, level, allowed))

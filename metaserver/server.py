@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import paramiko
 from lxml import etree
@@ -68,7 +68,9 @@ POLICY: dict[str, frozenset[str]] = {
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
     "admin.audit.verify": frozenset({"admin"}), "admin.erase": frozenset({"admin"}),
-    "admin.vault.rotate": frozenset({"admin"}),
+    "admin.vault.rotate": frozenset({"admin"}), "admin.access": frozenset({"admin"}),
+    "admin.grant.add": frozenset({"admin"}), "admin.grant.list": frozenset({"admin"}),
+    "admin.grant.remove": frozenset({"admin"}), "grants.mine": USERS,
     "deid.options": USERS | {"site"}, "admin.deid.set": frozenset({"admin"}),
     "replicas.get": USERS, "admin.replicas.set": frozenset({"admin"}),
     "admin.fsck.objects": frozenset({"admin"}), "admin.fsck.caps": frozenset({"admin"}),
@@ -91,6 +93,8 @@ QUERY_TIME_LIMIT_S = 300.0
 QUERY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Seconds a cached list of enrolled principals is trusted (removal takes effect within this).
 PRINCIPALS_TTL_S = 2.0
+#: Seconds a researcher's granted file set is reused: revocation and expiry take effect within it.
+GRANT_TTL_S = 2.0
 #: Queued repairs looked at per site.work request (the oldest first).
 REPAIR_SCAN = 2000
 #: The principal an authentication gets while the database cannot say who a key belongs to:
@@ -135,6 +139,7 @@ class _Cursor:
     left: int | None = None            # rows still allowed by --limit (None: no limit)
     budget: float = QUERY_TIME_LIMIT_S  # seconds of scanning the query may still spend
     lines: list[bytes] | None = None
+    allowed: "Callable[[str], bool] | None" = None   # a researcher's cohort grants (grant-only)
 
 
 class Principals:
@@ -177,6 +182,22 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@dataclass
+class _Scope:
+    """What a researcher may see in a grant-only archive: the files its unexpired grants'
+    queries match, and the directories above them."""
+
+    files: set[str]
+    dirs: set[str]
+    made: float
+
+    def allows(self, path: str) -> bool:
+        return path in self.files
+
+    def shows(self, path: str, is_dir: bool) -> bool:
+        return path in self.dirs if is_dir else path in self.files
+
+
 class MetaService(wire.Service):
     def __init__(self, engine: MetaEngine, vault: Vault, signing_key: Any,
                  limits: Limits = DEFAULT_LIMITS, principals: Principals | None = None) -> None:
@@ -192,6 +213,7 @@ class MetaService(wire.Service):
         self._cursor_lock = threading.Lock()
         self._issued: dict[str, collections.deque[tuple[float, int]]] = {}    # principal -> (time, n)
         self.vault_source: VaultSource | None = None
+        self._scopes: dict[str, _Scope] = {}
         threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
@@ -208,6 +230,115 @@ class MetaService(wire.Service):
 
     def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None) -> str:
         return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys)
+
+    # -- cohort grants ------------------------------------------------------------------
+
+    def _scope(self, p: Principal) -> _Scope | None:
+        """None when ``p`` sees the whole archive (an open archive, or not a researcher)."""
+        if p.role != "researcher" or (self.engine.get_setting("access.mode") or "open") != "grants":
+            return None
+        now = time.monotonic()
+        with self._cursor_lock:
+            cached = self._scopes.get(p.name)
+        if cached is not None and now - cached.made < GRANT_TTL_S:
+            return cached
+        files: set[str] = set()
+        public = self._signing_key.public_key()
+        for g in self.engine.grants(p.name):
+            if g["until"] <= time.time():
+                continue
+            try:
+                claims = crypto.verify_token(public, g["token"])
+            except errors.DgfError:
+                log.error("grant %s of %s has a bad signature; ignored", g["id"], p.name)
+                continue
+            if (claims.get("id"), claims.get("p"), claims.get("x"), claims.get("u")) != \
+                    (g["id"], g["principal"], g["xpath"], g["until"]):
+                log.error("grant %s of %s does not match its signature; ignored", g["id"], p.name)
+                continue
+            q = query.prepare(g["xpath"], self.engine.query_catalogue(), self.dialect, self.engine.query_estimate,
+                              self.limits, review=False)
+            files.update(r["path"] for r in query.run(self.engine, q, "/", [], 0, time.monotonic() + self.query_time_limit))
+        dirs = {"/"}
+        for f in files:
+            parts = f.split("/")[1:-1]
+            for i in range(1, len(parts) + 1):
+                dirs.add("/" + "/".join(parts[:i]))
+        scope = _Scope(files, dirs, now)
+        with self._cursor_lock:
+            self._scopes[p.name] = scope
+        return scope
+
+    def _hidden(self, p: Principal, path: str, is_dir: bool | None = None) -> None:
+        """Raise NotFound for a path outside ``p``'s grants (a grant-only archive does not even
+        say that it exists)."""
+        scope = self._scope(p)
+        if scope is None:
+            return
+        path = "/" + path.strip("/") if path.strip("/") else "/"
+        visible = (path in scope.files or path in scope.dirs) if is_dir is None else scope.shows(path, is_dir)
+        if not visible:
+            raise errors.NotFound(f"{path} does not exist.")
+
+    @wire.verb("admin.access", optional=("mode",), mode=str)
+    def access(self, p: Principal, mode: str = "") -> wire.Reply:
+        """``open`` (every researcher sees the whole de-identified archive; the default) or
+        ``grants`` (a researcher sees only the files of its unexpired cohort grants)."""
+        if mode:
+            if mode not in ("open", "grants"):
+                raise errors.UsageError(f"access is 'open' or 'grants', not {mode[:32]!r}.")
+            with self.engine.audited(p.name, "access.mode", mode):
+                self.engine.set_setting("access.mode", mode)
+            with self._cursor_lock:
+                self._scopes.clear()
+        return wire.Reply({"mode": self.engine.get_setting("access.mode") or "open"})
+
+    @wire.verb("admin.grant.add", principal=str, saved=str, until=(int, float))
+    def grant_add(self, p: Principal, principal: str, saved: str, until: float) -> wire.Reply:
+        """Grant ``principal`` the files saved query ``query`` matches until ``until`` (epoch
+        seconds).  The query's XPath is copied into the grant: editing the query later does not
+        widen it.  Signed by this metaserver; audited."""
+        target = {q.name: q for q in self.engine.principals()}.get(principal)
+        if target is None or target.role != "researcher":
+            raise errors.UsageError(f"grants are for researchers; {principal!r} is "
+                                    f"{'not enrolled' if target is None else 'a ' + target.role}.")
+        if until <= time.time():
+            raise errors.UsageError("the grant's end date is in the past.")
+        name = saved[1:] if saved.startswith("@") else saved
+        xpath = self.engine.saved_queries().get(name)
+        if xpath is None:
+            raise errors.NotFound(f"no saved query named {name[:65]!r}; grants name a saved query (@NAME).")
+        query.compile_xpath(xpath, self.limits)
+
+        def sign(gid: int) -> str:
+            return crypto.sign_token(self._signing_key, {"t": "grant", "id": gid, "p": principal, "x": xpath,
+                                                         "u": float(until)})
+        with self.engine.audited(p.name, "grant.add", principal, f"@{name} until {time.strftime('%Y-%m-%d', time.gmtime(until))}"):
+            gid = self.engine.add_grant(principal, name, xpath, float(until), p.name, sign)
+        with self._cursor_lock:
+            self._scopes.pop(principal, None)
+        return wire.Reply({"id": gid})
+
+    @wire.verb("admin.grant.list", optional=("principal",), principal=str)
+    def grant_list(self, p: Principal, principal: str = "") -> wire.Reply:
+        rows = self.engine.grants(principal or None)
+        return wire.Reply({"grants": [{k: g[k] for k in ("id", "principal", "query", "xpath", "until", "granted_by")}
+                                      for g in rows]})
+
+    @wire.verb("grants.mine")
+    def grants_mine(self, p: Principal) -> wire.Reply:
+        """A principal's own grants, and whether the archive runs grant-only."""
+        rows = self.engine.grants(p.name)
+        return wire.Reply({"mode": self.engine.get_setting("access.mode") or "open",
+                           "grants": [{k: g[k] for k in ("id", "query", "xpath", "until")} for g in rows]})
+
+    @wire.verb("admin.grant.remove", id=int)
+    def grant_remove(self, p: Principal, id: int) -> wire.Reply:
+        with self.engine.audited(p.name, "grant.remove", str(id)):
+            self.engine.remove_grant(id)
+        with self._cursor_lock:
+            self._scopes.clear()
+        return wire.Reply({})
 
     # -- identity and sites ---------------------------------------------------------------
 
@@ -329,6 +460,7 @@ class MetaService(wire.Service):
     @wire.verb("ns.stat", path=str)
     def ns_stat(self, p: Principal, path: str) -> wire.Reply:
         st = self.engine.stat(path)
+        self._hidden(p, st.path, st.is_dir)
         reply = st.to_wire()
         if st.object_key:
             reply["replicas"] = [list(r) for r in self.engine.replica_states(st.object_key)]
@@ -339,7 +471,10 @@ class MetaService(wire.Service):
 
     @wire.verb("ns.readdir", path=str)
     def ns_readdir(self, p: Principal, path: str) -> wire.Reply:
-        entries = [s.to_wire() for s in self.engine.readdir(path)]
+        scope = self._scope(p)
+        if scope is not None:
+            self._hidden(p, path, True)
+        entries = [s.to_wire() for s in self.engine.readdir(path) if scope is None or scope.shows(s.path, s.is_dir)]
         return wire.Reply({}, payload=json.dumps(entries).encode())
 
     @wire.verb("ns.mkdir", optional=("parents", "mode"), path=str, parents=bool, mode=int)
@@ -383,14 +518,17 @@ class MetaService(wire.Service):
 
     @wire.verb("xattr.get", path=str, name=str)
     def xattr_get(self, p: Principal, path: str, name: str) -> wire.Reply:
+        self._hidden(p, path)
         return wire.Reply({}, payload=self.engine.getxattr(path, name))
 
     @wire.verb("xattr.list", path=str)
     def xattr_list(self, p: Principal, path: str) -> wire.Reply:
+        self._hidden(p, path)
         return wire.Reply({"names": self.engine.listxattr(path)})
 
     @wire.verb("xattr.set", payload=True, path=str, name=str)
     def xattr_set(self, p: Principal, payload: wire.Payload, path: str, name: str) -> wire.Reply:
+        self._hidden(p, path)
         if name.startswith(RESERVED_XATTR_PREFIX):
             raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be set by hand.")
         if payload.size > self.limits.xattr_value:
@@ -405,6 +543,7 @@ class MetaService(wire.Service):
 
     @wire.verb("xattr.remove", path=str, name=str)
     def xattr_remove(self, p: Principal, path: str, name: str) -> wire.Reply:
+        self._hidden(p, path)
         if name.startswith(RESERVED_XATTR_PREFIX):
             raise errors.PermissionDenied(f"{name!r} is maintained by dgf and cannot be removed by hand.")
         with self.engine.audited(p.name, "xattr.remove", path, name):
@@ -431,13 +570,16 @@ class MetaService(wire.Service):
         limit_s = min(float(timeout), self.query_time_limit) if timeout > 0 else self.query_time_limit
         show_keys = [str(s) for s in show or []]
         query.check_show(show_keys, level)
+        scope = self._scope(p)
+        allowed = scope.allows if scope is not None else None
         if count:
-            return wire.Reply({"count": query.count(self.engine, q, root, time.monotonic() + limit_s, level),
-                               "warnings": warnings})
-        cur = _Cursor(p.fingerprint, time.monotonic(), q, root, show_keys, 0, limit if limit > 0 else None, limit_s)
+            return wire.Reply({"count": query.count(self.engine, q, root, time.monotonic() + limit_s, level,
+                                                    allowed), "warnings": warnings})
+        cur = _Cursor(p.fingerprint, time.monotonic(), q, root, show_keys, 0, limit if limit > 0 else None, limit_s,
+                      allowed=allowed)
         if level != "instance":
             # Groups are complete only at the end of the scan: gathered now, then paged out.
-            rows = query.run(self.engine, q, root, show_keys, limit, time.monotonic() + limit_s, level)
+            rows = query.run(self.engine, q, root, show_keys, limit, time.monotonic() + limit_s, level, allowed)
             cur.lines = [json.dumps(row).encode() + b"\n" for row in rows]
         reply = self._page(p, cur)
         reply.result["warnings"] = warnings
@@ -475,7 +617,7 @@ class MetaService(wire.Service):
             started = time.monotonic()
             want = PAGE_ROWS if cur.left is None else min(PAGE_ROWS, cur.left)
             page = query.page(self.engine, cur.query, cur.root, cur.show, cur.after,
-                              started + cur.budget, want, PAGE_SECONDS)
+                              started + cur.budget, want, PAGE_SECONDS, cur.allowed)
             cur.budget -= time.monotonic() - started
             out = [json.dumps(row).encode() + b"\n" for row in page.rows]
             more = page.after is not None
@@ -754,8 +896,11 @@ class MetaService(wire.Service):
         wanted = set(paths)
         roots = ["/"] if "/" in wanted else sorted(
             r for r in wanted if not any("/".join(r.split("/")[:i]) in wanted for i in range(2, r.count("/") + 1)))
+        scope = self._scope(p)
         for path in roots:
             for fp, key, size in self.engine.walk_files(path):
+                if scope is not None and not scope.allows(fp):
+                    continue                      # outside the researcher's grants
                 if seen >= offset:
                     if len(files) == page:
                         more = True

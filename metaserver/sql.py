@@ -117,6 +117,20 @@ queries_t = sa.Table(
 )
 # Per-block digests of objects larger than one digest block (dgf/integrity.py), as signed by
 # the site that stored them; a ranged read checks the blocks it covers against these.
+# Cohort grants: a researcher sees only the files a grant's query (snapshotted when granted)
+# matches, until it expires, when the archive runs grant-only.  Signed by the metaserver.
+grants_t = sa.Table(
+    "grants", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("principal", sa.String, nullable=False, index=True),
+    sa.Column("query", sa.String, nullable=False),
+    sa.Column("xpath", sa.String, nullable=False),
+    sa.Column("until", sa.Float, nullable=False),
+    sa.Column("granted_by", sa.String, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("token", sa.String, nullable=False),
+)
+
 AUDIT_HEAD = "audit.head"
 
 
@@ -933,6 +947,31 @@ class SqlEngine(MetaEngine):
                          [{"key": key, "site": site, "state": "ok"}])
             return True
         return self._txn(run)
+
+    def add_grant(self, principal: str, query: str, xpath: str, until: float, by: str,
+                  sign: Callable[[int], str]) -> int:
+        """Record a grant; ``sign(id)`` makes its signature once the id is known."""
+        def run(conn: Connection) -> int:
+            gid = _inserted_id(conn.execute(grants_t.insert().values(
+                principal=principal, query=query, xpath=xpath, until=until, granted_by=by,
+                created=time.time(), token="")))
+            conn.execute(grants_t.update().where(grants_t.c.id == gid).values(token=sign(gid)))
+            return gid
+        return self._txn(run)
+
+    def grants(self, principal: str | None = None) -> list[dict[str, Any]]:
+        def run(conn: Connection) -> list[dict[str, Any]]:
+            q = sa.select(grants_t).order_by(grants_t.c.id)
+            if principal is not None:
+                q = q.where(grants_t.c.principal == principal)
+            return [dict(r._mapping) for r in conn.execute(q)]
+        return self._read(run)
+
+    def remove_grant(self, gid: int) -> None:
+        def run(conn: Connection) -> None:
+            if conn.execute(grants_t.delete().where(grants_t.c.id == gid)).rowcount == 0:
+                raise errors.NotFound(f"no grant with id {gid}.")
+        self._txn(run)
 
     def object_header(self, key: str) -> bytes | None:
         """The XML header on record for object ``key`` (any of its paths'), if any."""
