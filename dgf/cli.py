@@ -575,6 +575,19 @@ def _print_fsck(r: Any) -> None:
     click.echo(f"{r.objects} objects, {r.copies_checked} copies checked in {r.seconds:.1f} s{rate}: {state}")
 
 
+@main.command("grants")
+@config_option
+@_run
+def grants_cmd(config: str | None) -> None:
+    """Show whether the archive runs grant-only, and your cohort grants (ID, query, last day)."""
+    with _client(config) as client:
+        reply = client.meta.call("grants.mine")[0]
+    click.echo(f"access: {reply['mode']}")
+    for g in reply["grants"]:
+        state = "" if g["until"] > time.time() else "\texpired"
+        click.echo(f"{g['id']}\t@{g['query']}\t{time.strftime('%Y-%m-%d', time.gmtime(g['until'] - 1))}{state}")
+
+
 @main.command("stat")
 @click.argument("path")
 @config_option

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import sys
 import threading
@@ -186,8 +187,6 @@ class IoService(wire.Service):
         """Check an object against the archive's profile before it is stored or signed for
         (PolicyRefused names what is wrong), and return the SHA-256 of its XML header as this
         site derives it from the bytes."""
-        import hashlib
-
         from dgf.dicom import validate
         from dgf.dicom.xmlheader import header_xml
 
@@ -397,7 +396,7 @@ class IoService(wire.Service):
         the (de-identified) bytes; or why not.  Nothing leaves but the header."""
         s.require("fsck", None)
         if len(keys) > ADOPT_BATCH:
-            raise self.limits.refuse("list_items", f"an adoption of {len(keys)} objects (at most {ADOPT_BATCH})")
+            raise errors.UsageError(f"fsck.adopt takes at most {ADOPT_BATCH} objects a request, not {len(keys)}.")
         out: dict[str, dict[str, Any]] = {}
         for key in keys:
             key = str(key)
@@ -411,8 +410,6 @@ class IoService(wire.Service):
         import base64
         import mmap
         import tempfile
-
-        import hashlib
 
         from dgf.dicom import validate
         from dgf.dicom.xmlheader import header_xml

@@ -95,6 +95,8 @@ QUERY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PRINCIPALS_TTL_S = 2.0
 #: Seconds a researcher's granted file set is reused: revocation and expiry take effect within it.
 GRANT_TTL_S = 2.0
+#: Seconds archive-wide settings read on hot paths are reused (the access mode, copy numbers).
+SETTINGS_TTL_S = 2.0
 #: Queued repairs looked at per site.work request (the oldest first).
 REPAIR_SCAN = 2000
 #: The principal an authentication gets while the database cannot say who a key belongs to:
@@ -214,6 +216,7 @@ class MetaService(wire.Service):
         self._issued: dict[str, collections.deque[tuple[float, int]]] = {}    # principal -> (time, n)
         self.vault_source: VaultSource | None = None
         self._scopes: dict[str, _Scope] = {}
+        self._settings: dict[str, tuple[float, Any]] = {}
         threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
@@ -233,9 +236,31 @@ class MetaService(wire.Service):
 
     # -- cohort grants ------------------------------------------------------------------
 
+    def _cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()``, reused for SETTINGS_TTL_S: archive-wide settings read on hot paths (every
+        stat, every researcher's request) change rarely, and a change shows within seconds."""
+        now = time.monotonic()
+        with self._cursor_lock:
+            hit = self._settings.get(name)
+        if hit is not None and now - hit[0] < SETTINGS_TTL_S:
+            return hit[1]
+        value = make()
+        with self._cursor_lock:
+            self._settings[name] = (now, value)
+        return value
+
+    def _replication_cached(self) -> tuple[int, dict[str, int]]:
+        """(default copies, per-directory numbers) for showing a file's wanted copies; uploads
+        read them fresh."""
+        def make() -> tuple[int, dict[str, int]]:
+            takers = [st for st in self.engine.sites() if st.name not in self._draining()]
+            return placement.default_factor(len(takers)), self.engine.replication_overrides()
+        return self._cached("replication", make)  # type: ignore[no-any-return]
+
     def _scope(self, p: Principal) -> _Scope | None:
         """None when ``p`` sees the whole archive (an open archive, or not a researcher)."""
-        if p.role != "researcher" or (self.engine.get_setting("access.mode") or "open") != "grants":
+        if p.role != "researcher" or self._cached(
+                "access.mode", lambda: self.engine.get_setting("access.mode") or "open") != "grants":
             return None
         now = time.monotonic()
         with self._cursor_lock:
@@ -291,11 +316,12 @@ class MetaService(wire.Service):
                 self.engine.set_setting("access.mode", mode)
             with self._cursor_lock:
                 self._scopes.clear()
+                self._settings.pop("access.mode", None)
         return wire.Reply({"mode": self.engine.get_setting("access.mode") or "open"})
 
     @wire.verb("admin.grant.add", principal=str, saved=str, until=(int, float))
     def grant_add(self, p: Principal, principal: str, saved: str, until: float) -> wire.Reply:
-        """Grant ``principal`` the files saved query ``query`` matches until ``until`` (epoch
+        """Grant ``principal`` the files saved query ``saved`` matches until ``until`` (epoch
         seconds).  The query's XPath is copied into the grant: editing the query later does not
         widen it.  Signed by this metaserver; audited."""
         target = {q.name: q for q in self.engine.principals()}.get(principal)
@@ -464,9 +490,8 @@ class MetaService(wire.Service):
         reply = st.to_wire()
         if st.object_key:
             reply["replicas"] = [list(r) for r in self.engine.replica_states(st.object_key)]
-            takers = [s for s in self.engine.sites() if s.name not in self._draining()]
-            reply["copies_wanted"] = placement.factor(st.path, placement.default_factor(len(takers)),
-                                                      self.engine.replication_overrides())
+            default, overrides = self._replication_cached()
+            reply["copies_wanted"] = placement.factor(st.path, default, overrides)
         return wire.Reply(reply)
 
     @wire.verb("ns.readdir", path=str)

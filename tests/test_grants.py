@@ -53,6 +53,9 @@ def test_a_researcher_sees_only_its_grants(tmp_path: Path) -> None:
         added = _dgf(fed, "admin", "grant", "add", "researcher", "@lung-ct", "--until", until)
         assert added.returncode == 0, added.stderr
         gid = added.stdout.split()[1].rstrip(":")
+        mine = subprocess.run([str(Path(sys.executable).parent / "dgf"), "grants"], capture_output=True, text=True,
+                              env=dict(os.environ, DGF_CONFIG=str(fed.config("researcher"))))
+        assert "access: grants" in mine.stdout and f"{gid}\t@lung-ct\t{until}" in mine.stdout, mine.stdout
         with Client(fed.config("admin")) as admin:                 # editing the query does not widen it
             admin.save_query("lung-ct", "/DicomHeader")
         with Client(fed.config("researcher")) as r:
