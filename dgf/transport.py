@@ -48,7 +48,6 @@ class MetaLink:
                  channels: int = 2, read_timeout: float = wire.READ_TIMEOUT) -> None:
         self.addresses = list(addresses)
         self._key, self._host_key, self._read_timeout = key, host_key, read_timeout
-        self._size = channels
         self._lock = threading.Lock()
         self.conn = self._connect(self.addresses)
         self._pool: queue.Queue[wire.RpcChannel] = queue.Queue()
