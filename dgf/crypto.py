@@ -148,14 +148,18 @@ def verify_token(public: Ed25519PublicKey, token: str) -> dict[str, Any]:
 
 
 def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: str,
-                     keys: Iterable[str] | None, ttl: float = 600.0) -> str:
+                     keys: Iterable[str] | None, ttl: float = 600.0, epoch: int | None = None) -> str:
     """A capability for ``op`` ("get", "put", "delete", "recon") at ``site``.
 
     ``keys`` None means any object (used for put, where the key is the content hash and the I/O
-    server checks it, so a put capability cannot overwrite anything).
+    server checks it, so a put capability cannot overwrite anything).  ``epoch``: the archive's
+    grant epoch, for a principal whose access comes from cohort grants; sites refuse it once the
+    epoch has moved on (a grant was revoked).
     """
     now = time.time()
     claims: dict[str, Any] = {"p": principal_fp, "op": op, "site": site, "iat": now, "exp": now + ttl}
+    if epoch is not None:
+        claims["ge"] = epoch
     if keys is not None:
         claims["keys"] = sorted(set(keys))
     return sign_token(key, claims)
@@ -170,6 +174,7 @@ class Capability:
     op: str
     keys: frozenset[str] | None
     expires: float
+    epoch: int | None = None       # the grant epoch it was issued under (cohort grants only)
 
 
 def check_capability(public: Ed25519PublicKey, token: str, principal_fp: str, site: str) -> Capability:
@@ -192,8 +197,9 @@ def check_capability(public: Ed25519PublicKey, token: str, principal_fp: str, si
             CLOCK_LEEWAY_S and issued else ""
         raise errors.PermissionDenied(f"the capability has expired; ask the metaserver for a new one{hint}.")
     keys = claims.get("keys")
+    epoch = claims.get("ge")
     return Capability(str(claims.get("op")), frozenset(keys) if keys is not None else None,
-                      expires + CLOCK_LEEWAY_S)
+                      expires + CLOCK_LEEWAY_S, int(epoch) if isinstance(epoch, int) else None)
 
 
 # --------------------------------------------------------------------------------------------

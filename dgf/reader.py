@@ -99,10 +99,7 @@ class ObjectReader:
         for site in self._replicas(ref, tried, lambda: missing):
             tried.add(site)
             try:
-                if (start, n) == (0, ref.size):
-                    _, data = self.client.site_link(site).call("get", ref.caps[site], key=ref.key)
-                else:
-                    data = self.client.site_link(site).read_range(ref.key, start, n, ref.caps[site])
+                data = self._get(ref, site, start, n)
             except errors.DgfError as exc:
                 log.warning("reading %s from site %s failed (%s); trying the next replica", ref.path, site, exc)
                 if isinstance(exc, errors.TransportError):
@@ -122,6 +119,19 @@ class ObjectReader:
                 continue
             return data[offset:offset + length] if whole else data
         raise last
+
+    def _get(self, ref: ObjectRef, site: str, start: int, n: int) -> bytes:
+        """The bytes from one site; a capability the site no longer honours (expired, or issued
+        under cohort grants that changed) is renewed once and the request made again."""
+        for attempt in (1, 2):
+            try:
+                if (start, n) == (0, ref.size):
+                    return self.client.site_link(site).call("get", ref.caps[site], key=ref.key)[1]
+                return self.client.site_link(site).read_range(ref.key, start, n, ref.caps[site])
+            except errors.PermissionDenied:
+                if attempt == 2 or not self._refresh(ref) or site not in ref.caps:
+                    raise
+        raise AssertionError("unreachable")
 
     def _replicas(self, ref: ObjectRef, tried: set[str], missing: Callable[[], bool]) -> Iterator[str]:
         """The sites to read ``ref`` from, in turn; when a copy was missing where the archive said
@@ -179,12 +189,15 @@ class ObjectReader:
             caps.update(r.caps)
         pending = set(by_key)
         why: dict[str, str] = {}
+        denied: set[str] = set()                     # refused by capability: worth a fresh one
         lock = threading.Lock()
 
         def arrived(res: GetResult) -> None:
             if res.error is not None:
                 with lock:
                     why[res.key] = res.error.message
+                    if isinstance(res.error, errors.PermissionDenied):
+                        denied.add(res.key)
                 return                               # tried again at the next replica
             with lock:
                 pending.discard(res.key)
@@ -206,6 +219,8 @@ class ObjectReader:
                     with lock:
                         for k in keys:
                             why[k] = exc.message     # names the site and what went wrong
+                            if isinstance(exc, errors.PermissionDenied):
+                                denied.add(k)
             return run
 
         def each_replica() -> None:
@@ -222,12 +237,14 @@ class ObjectReader:
 
         each_replica()
         if pending:
-            # Copies may have moved meanwhile (a drain, a repair): ask once where they are now,
-            # and try the copies not tried yet.
+            # Copies may have moved meanwhile (a drain, a repair), capabilities may have been
+            # refused: ask once where they are now, and try the copies not tried yet (and, with
+            # fresh capabilities, those that refused the old ones).
             fresh = {r.key: r for r in ObjectRef.all_of(self.client.resolve(sorted(by_key[k].path for k in pending)))}
             for key in list(pending):
                 now = fresh.get(key)
-                replicas[key] = [s for s in now.sites if s not in replicas[key]] if now is not None else []
+                replicas[key] = [s for s in now.sites if s not in replicas[key] or key in denied] \
+                    if now is not None else []
                 if now is not None:
                     caps.update(now.caps)
             if any(replicas[k] for k in pending):

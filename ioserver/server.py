@@ -78,6 +78,8 @@ class KeyRing:
         self._keys: dict[str, Peer] = {}
         self._last = 0.0
         self._lock = threading.Lock()
+        #: The archive's grant epoch: capabilities issued under an older one are refused.
+        self.grant_epoch = 0
 
     def start(self) -> None:
         def loop() -> None:
@@ -100,9 +102,10 @@ class KeyRing:
             if not force and time.time() - self._last < 0.25:
                 return
             self._last = time.time()
-            principals = self._fetch()
+            reply = self._fetch()
             self._keys = {p["fingerprint"]: Peer(p["name"], p["role"], p["fingerprint"])
-                          for p in principals}
+                          for p in reply["principals"]}
+            self.grant_epoch = int(reply.get("grant_epoch") or 0)
 
     def lookup(self, key: paramiko.PKey) -> Peer | None:
         fp = crypto.fingerprint(key)
@@ -170,7 +173,13 @@ class IoService(wire.Service):
         if self.keyring is not None and not self.keyring.enrolled(ctx.peer.fingerprint):
             raise errors.PermissionDenied(f"principal {ctx.peer.name!r} is no longer enrolled; "
                                           "its sessions at this site are closed to it.")
+        if ctx.caps:
+            # A revoked grant ends the capabilities issued under it within the key refresh.
+            ctx.caps = [c for c in ctx.caps if not self._revoked(c)]
         return super().dispatch(ctx, header, payload)
+
+    def _revoked(self, cap: crypto.Capability) -> bool:
+        return cap.epoch is not None and self.keyring is not None and cap.epoch < self.keyring.grant_epoch
 
     def _receipt(self, key: str, size: int, digests: bytes, header: str = "") -> str:
         """This site's signed word that it holds ``key`` (``size`` bytes, hash list ``digests``)
@@ -204,6 +213,9 @@ class IoService(wire.Service):
     @wire.verb("auth", token=str)
     def auth(self, s: Session, token: str) -> wire.Reply:
         cap = crypto.check_capability(self._cap_public, token, s.peer.fingerprint, self.site)
+        if self._revoked(cap):
+            raise errors.PermissionDenied("the cohort grants this capability was issued under have changed "
+                                          "since; ask the metaserver for a new one.")
         s.caps.append(cap)
         return wire.Reply({"op": cap.op, "expires": cap.expires})
 
@@ -609,7 +621,7 @@ def _repairer(service: IoService, link: MetaLink, interval_s: float) -> None:
 
 def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
     link = MetaLink(cfg)
-    keyring = KeyRing(lambda: link.call("site.keys")["principals"])
+    keyring = KeyRing(lambda: link.call("site.keys"))
     store = LocalObjectStore(cfg.store)
     store.on_quarantine = _reporter(link)
     service = IoService(cfg.site, store, crypto.load_public(cfg.metaserver_host_key),

@@ -192,6 +192,7 @@ class _Scope:
     files: set[str]
     dirs: set[str]
     made: float
+    until: float = 0.0          # when the first of the grants it was made from ends
 
     def allows(self, path: str) -> bool:
         return path in self.files
@@ -232,7 +233,21 @@ class MetaService(wire.Service):
         return super().dispatch(ctx, header, payload)
 
     def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None) -> str:
-        return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys)
+        scope = self._scope(p)
+        if scope is None:
+            return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys)
+        # Access from cohort grants: the capability ends with the first grant that ends, and
+        # sites refuse it once a revocation moves the grant epoch on.
+        ttl = max(1.0, min(600.0, scope.until - time.time()))
+        return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, ttl, self._grant_epoch())
+
+    def _grant_epoch(self) -> int:
+        return int(self.engine.get_setting("grants.epoch") or 0)
+
+    def _bump_grant_epoch(self) -> None:
+        """Every capability issued under the grants so far stops working at the sites within
+        seconds (they learn the epoch with the enrolled keys)."""
+        self.engine.set_setting("grants.epoch", str(self._grant_epoch() + 1))
 
     # -- cohort grants ------------------------------------------------------------------
 
@@ -269,6 +284,7 @@ class MetaService(wire.Service):
             return cached
         files: set[str] = set()
         public = self._signing_key.public_key()
+        until = time.time() + 600.0
         for g in self.engine.grants(p.name):
             if g["until"] <= time.time():
                 continue
@@ -284,12 +300,13 @@ class MetaService(wire.Service):
             q = query.prepare(g["xpath"], self.engine.query_catalogue(), self.dialect, self.engine.query_estimate,
                               self.limits, review=False)
             files.update(r["path"] for r in query.run(self.engine, q, "/", [], 0, time.monotonic() + self.query_time_limit))
+            until = min(until, float(g["until"]))
         dirs = {"/"}
         for f in files:
             parts = f.split("/")[1:-1]
             for i in range(1, len(parts) + 1):
                 dirs.add("/" + "/".join(parts[:i]))
-        scope = _Scope(files, dirs, now)
+        scope = _Scope(files, dirs, now, until)
         with self._cursor_lock:
             self._scopes[p.name] = scope
         return scope
@@ -314,6 +331,7 @@ class MetaService(wire.Service):
                 raise errors.UsageError(f"access is 'open' or 'grants', not {mode[:32]!r}.")
             with self.engine.audited(p.name, "access.mode", mode):
                 self.engine.set_setting("access.mode", mode)
+            self._bump_grant_epoch()
             with self._cursor_lock:
                 self._scopes.clear()
                 self._settings.pop("access.mode", None)
@@ -362,6 +380,7 @@ class MetaService(wire.Service):
     def grant_remove(self, p: Principal, id: int) -> wire.Reply:
         with self.engine.audited(p.name, "grant.remove", str(id)):
             self.engine.remove_grant(id)
+        self._bump_grant_epoch()
         with self._cursor_lock:
             self._scopes.clear()
         return wire.Reply({})
@@ -413,7 +432,8 @@ class MetaService(wire.Service):
     @wire.verb("site.keys")
     def site_keys(self, p: Principal) -> wire.Reply:
         return wire.Reply({"principals": [
-            {"name": q.name, "role": q.role, "fingerprint": q.fingerprint} for q in self.engine.principals()]})
+            {"name": q.name, "role": q.role, "fingerprint": q.fingerprint} for q in self.engine.principals()],
+            "grant_epoch": self._grant_epoch()})
 
     @wire.verb("site.report", keys=list, state=str)
     def site_report(self, p: Principal, keys: list[str], state: str) -> wire.Reply:

@@ -75,7 +75,20 @@ def test_a_researcher_sees_only_its_grants(tmp_path: Path) -> None:
             assert r.resolve([mr])["files"] == []                 # no capability for it either
         with Client(fed.config("clinician")) as c:                 # other roles are not restricted
             assert len(c.find("/DicomHeader", "/cohort")) == 3
-        assert _dgf(fed, "admin", "grant", "remove", gid).returncode == 0
+        with Client(fed.config("researcher")) as held:             # capabilities in hand, in use
+            resolved = held.resolve([ct[0]])
+            _, key, _, sites = resolved["files"][0]
+            link = held.site_link(sites[0])
+            assert len(link.call("get", resolved["caps"][sites[0]], key=key)[1]) > 0
+            assert _dgf(fed, "admin", "grant", "remove", gid).returncode == 0
+
+            def refused_at_the_site() -> bool:
+                try:
+                    link.call("get", resolved["caps"][sites[0]], key=key)
+                    return False
+                except errors.PermissionDenied:
+                    return True
+            _eventually(refused_at_the_site, timeout=6)                # the site learns the revocation
         with Client(fed.config("researcher")) as r:
             _eventually(lambda: r.find("/DicomHeader", "/") == [], timeout=5)
         # A grant that ends: gone once it has.
