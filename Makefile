@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo-federation
 
-.PHONY: demo test typecheck bench clean system-deps
+.PHONY: demo test lint typecheck bench clean system-deps
 
 # Debian packages the tests use: dcmtk (xml2dcm, XML export round trip), postgresql (the
 # engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
@@ -37,10 +37,14 @@ system-deps:
 	  else echo "make test needs Debian packages:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
 
-## test: the whole suite (real servers on loopback, real DICOM), then the type check
+## test: the whole suite (real servers on loopback, real DICOM), then lint and type check
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+	$(PY) -m ruff check .
 	$(PY) -m mypy dgf metaserver ioserver
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
 	$(PY) -m mypy dgf metaserver ioserver

@@ -13,6 +13,7 @@ Warm = the same read again on the same mount.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -22,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,19 +123,22 @@ def measure(system: object, big: str, small_dir: str, many_dir: str, runs: int, 
         drop_caches()
         root: Path = system.mount()  # type: ignore[attr-defined]
         dd = f"dd if={root / big} of=/dev/null bs=1M status=none"
-        cold_big.append(timed(lambda: sh(dd)))
-        warm_big.append(timed(lambda: sh(dd)))
-        small_cold.append(timed(lambda: sh(f"cat {root / small_dir}/* > /dev/null")))
-        small_warm.append(timed(lambda: sh(f"cat {root / small_dir}/* > /dev/null")))
-        sh(f"ls -l {root / small_dir} > /dev/null")
-        ls_warm.append(timed(lambda: sh(f"ls -l {root / small_dir} > /dev/null")))
-        find_cold.append(timed(lambda: sh(f"find {root / many_dir} -type f | wc -l > /dev/null")))
-        find_warm.append(timed(lambda: sh(f"find {root / many_dir} -type f | wc -l > /dev/null")))
+        cat = f"cat {root / small_dir}/* > /dev/null"
+        ls = f"ls -l {root / small_dir} > /dev/null"
+        find = f"find {root / many_dir} -type f | wc -l > /dev/null"
+        cold_big.append(timed(functools.partial(sh, dd)))
+        warm_big.append(timed(functools.partial(sh, dd)))
+        small_cold.append(timed(functools.partial(sh, cat)))
+        small_warm.append(timed(functools.partial(sh, cat)))
+        sh(ls)
+        ls_warm.append(timed(functools.partial(sh, ls)))
+        find_cold.append(timed(functools.partial(sh, find)))
+        find_warm.append(timed(functools.partial(sh, find)))
         system.umount()  # type: ignore[attr-defined]
         drop_caches()
         root = system.mount()  # type: ignore[attr-defined]
-        fio_cold.append(timed(lambda: sh(f"fio --name=r --filename={root / big} --rw=read --bs=1M "
-                                         f"--readonly --ioengine=psync --output=/dev/null")))
+        fio_cold.append(timed(functools.partial(sh, f"fio --name=r --filename={root / big} --rw=read --bs=1M "
+                                                    "--readonly --ioengine=psync --output=/dev/null")))
     size_mb = os.path.getsize(root / big) / 1e6
     med = statistics.median
     system.umount()  # type: ignore[attr-defined]

@@ -7,9 +7,9 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 
 def cpu_of(pid: int) -> float:

@@ -12,8 +12,9 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -673,7 +674,7 @@ def xattr_get(path: str, name: str, pretty: bool, model: str | None, config: str
     with _client(config) as client:
         value = client.getxattr(path, name)
     if model == "native":
-        from dgf.dicom.native import write_native   # without pydicom: no dictionary is needed
+        from dgf.dicom.native import write_native  # without pydicom: no dictionary is needed
 
         write_native(value, sys.stdout.buffer.write)
         sys.stdout.buffer.flush()
@@ -826,7 +827,8 @@ def site_add(name: str, address: str, key_file: str | None, zone: str, expected:
     Example (on the site host: dgf-ioserver init --config /etc/dgf/site-east.conf):
       dgf admin site add site-east 10.0.1.5:7102 --key site-east.pub --zone east
     """
-    from dgf import config as dgf_config, crypto
+    from dgf import config as dgf_config
+    from dgf import crypto
     from dgf.wire import probe_host_key
 
     host, port = dgf_config.parse_address(address, "HOST:PORT")

@@ -24,16 +24,17 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from dgf import crypto, errors, placement
 from dgf.config import ClientConfig
-from dgf.integrity import block_digests
 from dgf.dicom import identity
 from dgf.dicom.profile import Options
+from dgf.integrity import block_digests
 from dgf.reader import ObjectReader, ObjectRef
 from dgf.transport import GetResult, MetaLink, PutItem, SiteLink, run_parallel
 from dgf.types import Site, Stat
@@ -110,7 +111,7 @@ class Failure:
     hint: str = ""
 
     @classmethod
-    def of(cls, item: str, problem: "pipeline.Problem | errors.DgfError") -> "Failure":
+    def of(cls, item: str, problem: pipeline.Problem | errors.DgfError) -> Failure:
         if isinstance(problem, errors.DgfError):
             from dgf.dicom import pipeline
 
@@ -196,7 +197,7 @@ class _Writer:
             raise
 
 
-def _commit_parts(entries: list[tuple["_Prepared", bytes]]) -> Iterator[list[tuple["_Prepared", bytes]]]:
+def _commit_parts(entries: list[tuple[_Prepared, bytes]]) -> Iterator[list[tuple[_Prepared, bytes]]]:
     """Encoded commit entries grouped so that no commit exceeds COMMIT_BYTES."""
     part: list[tuple[_Prepared, bytes]] = []
     size = 0
@@ -269,7 +270,7 @@ class Client:
             link.close()
         self.meta.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -500,7 +501,7 @@ class Client:
         # De-identification is CPU work: large uploads spread it over worker processes (started
         # fresh, not forked, since this process runs SSH threads).  And two stages overlap: while
         # batch N is streamed to the sites and committed, batch N+1 is read and de-identified.
-        from dgf.dicom import pipeline      # de-identification: pydicom's dictionary, loaded for uploads only
+        from dgf.dicom import pipeline  # de-identification: pydicom's dictionary, loaded for uploads only
 
         workers = None
         if len(files) >= POOL_MIN_FILES and POOL_WORKERS > 1:
@@ -1004,7 +1005,7 @@ class Client:
 
     def recon(self, series: str, out: str, shape: tuple[int, int, int] | None = None,
               window: str = "hann", progress: Callable[[str], None] | None = None,
-              replace: bool = False) -> "ReconResult":
+              replace: bool = False) -> ReconResult:
         """FDK of the projection series under ``series``, map-reduce over the sites that hold it.
 
         Each site filters and back-projects its own projections (verb ``recon.partial``) and
@@ -1017,8 +1018,8 @@ class Client:
         import numpy as np
         from lxml import etree
 
-        from dgf.dicom.projections import CREATOR, volume_series
         from dgf.conebeam import Geometry
+        from dgf.dicom.projections import CREATOR, volume_series
 
         t0 = time.perf_counter()
         try:

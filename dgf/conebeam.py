@@ -112,7 +112,7 @@ class Geometry:
         gaps = np.diff(np.concatenate([a, a[:1] + 2 * np.pi]))
         return bool(gaps.max() > np.radians(20.0))
 
-    def subset(self, indices: list[int]) -> "Geometry":
+    def subset(self, indices: list[int]) -> Geometry:
         """The same scan restricted to some projections (one site's share)."""
         return Geometry(self.sid, self.sdd, self.detector_shape, self.pixel_size,
                         tuple(self.angles[i] for i in indices), self.volume_shape, self.voxel_size,
@@ -126,7 +126,7 @@ class Geometry:
         return json.dumps(d, indent=1)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Geometry":
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
         d = dict(d)
         if "angles_deg" in d:
             d["angles"] = [math.radians(a) for a in d.pop("angles_deg")]
@@ -147,7 +147,7 @@ class Geometry:
             raise errors.UsageError(f"the geometry has a malformed field ({exc}).") from exc
 
     @classmethod
-    def from_json(cls, text: str) -> "Geometry":
+    def from_json(cls, text: str) -> Geometry:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -128,7 +128,7 @@ class ClientConfig:
     timeout: float = 30.0
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None) -> "ClientConfig":
+    def load(cls, path: str | os.PathLike[str] | None = None) -> ClientConfig:
         if path is None:
             path = os.environ.get(ENV_CONFIG)
         if not path:
@@ -166,7 +166,7 @@ class MetaserverConfig:
     limits: Limits = Limits()
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "MetaserverConfig":
+    def load(cls, path: str | os.PathLike[str]) -> MetaserverConfig:
         p = Path(path).resolve()
         v = read_section(p, "metaserver")
         base = p.parent
@@ -191,7 +191,7 @@ class IoserverConfig:
     zone: str = ""
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "IoserverConfig":
+    def load(cls, path: str | os.PathLike[str]) -> IoserverConfig:
         p = Path(path).resolve()
         v = read_section(p, "ioserver")
         base = p.parent

@@ -19,9 +19,10 @@ import hmac
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import paramiko
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -31,7 +32,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dgf import errors
-
 
 # --------------------------------------------------------------------------------------------
 # Key files
@@ -229,7 +229,7 @@ class VaultKeys:
         self.pseudonym_key = self._derive(secret, b"dgf pseudonym v1")
 
     @classmethod
-    def load(cls, path: Path) -> "VaultKeys":
+    def load(cls, path: Path) -> VaultKeys:
         try:
             return cls(Path(path).read_bytes())
         except FileNotFoundError as exc:

@@ -22,7 +22,6 @@ percent-encoded, or a predicate such as ``Modality='CT'`` meaning ``/DicomHeader
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import functools
@@ -35,9 +34,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import mfusepy
@@ -45,7 +45,7 @@ import mfusepy
 from dgf import errors
 from dgf.integrity import BLOCK as DIGEST_BLOCK
 from dgf.reader import ObjectRef
-from dgf.types import Stat, WRITER_ROLES
+from dgf.types import WRITER_ROLES, Stat
 
 log = logging.getLogger("dgf.fuse")
 

@@ -69,7 +69,7 @@ class Limits:
     repair_interval_s: float = 5.0
 
     @classmethod
-    def from_section(cls, values: dict[str, str], where: str) -> "Limits":
+    def from_section(cls, values: dict[str, str], where: str) -> Limits:
         """Limits from a config section; unknown keys and non-numbers are refused by name."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         out: dict[str, Any] = {}

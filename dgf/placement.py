@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 #: Copies kept by default once a federation has at least this many sites.
 DEFAULT_COPIES = 2

@@ -24,13 +24,15 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from dgf import errors
-from dgf.integrity import BLOCK as DIGEST_BLOCK, check_range
+from dgf.integrity import BLOCK as DIGEST_BLOCK
+from dgf.integrity import check_range
 from dgf.transport import GetResult, run_parallel
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ class ObjectRef:
     resolved: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def all_of(cls, resolved: dict[str, Any]) -> list["ObjectRef"]:
+    def all_of(cls, resolved: dict[str, Any]) -> list[ObjectRef]:
         """The files of a ``Client.resolve`` reply."""
         blocks = resolved.get("blocks") or {}
         now = time.monotonic()
@@ -64,14 +66,14 @@ class ObjectRef:
                     base64.b64decode(blocks[key]) if key in blocks else b"", now)
                 for path, key, size, sites in resolved["files"]]
 
-    def copy(self) -> "ObjectRef":
+    def copy(self) -> ObjectRef:
         return ObjectRef(self.path, self.key, self.size, list(self.sites), self.caps, self.digests, self.resolved)
 
 
 class ObjectReader:
     """Verified reads of objects from their replicas, for one client (see the module doc)."""
 
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="dgf-verify")
 
@@ -96,7 +98,8 @@ class ObjectReader:
                                                       "quarantined or missing); 'dgf fsck' says more.")
         tried: set[str] = set()
         missing = False
-        for site in self._replicas(ref, tried, lambda: missing):
+        # The generator asks "was a copy missing?" after the loop body set it: late binding wanted.
+        for site in self._replicas(ref, tried, lambda: missing):  # noqa: B023
             tried.add(site)
             try:
                 data = self._get(ref, site, start, n)

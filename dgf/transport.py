@@ -14,9 +14,10 @@ import hashlib
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import paramiko
 
@@ -286,7 +287,7 @@ class SiteLink:
     def call(self, verb: str, cap: str | None = None, wait_s: float | None = None,
              **args: Any) -> tuple[dict[str, Any], bytes]:
         """One request on the first free channel, or on channel 0 once it is free."""
-        for i, slot in enumerate(self._slots):
+        for i, slot in enumerate(self._slots):  # noqa: B007 - the index is used after the loop
             if slot.acquire(blocking=False):
                 break
         else:

@@ -45,7 +45,7 @@ class Stat:
         return d
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "Stat":
+    def from_wire(cls, d: dict[str, Any]) -> Stat:
         d = dict(d)
         d["replicas"] = tuple((str(site), str(state)) for site, state in d.get("replicas") or ())
         return cls(**d)
@@ -70,7 +70,7 @@ class ObjectInfo:
                 "replicas": [[r.site, r.state] for r in self.replicas]}
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "ObjectInfo":
+    def from_wire(cls, d: dict[str, Any]) -> ObjectInfo:
         return cls(d["key"], d["size"], tuple(Replica(s, st) for s, st in d["replicas"]))
 
 
@@ -86,7 +86,7 @@ class Site:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "Site":
+    def from_wire(cls, d: dict[str, Any]) -> Site:
         return cls(str(d["name"]), str(d["host"]), int(d["port"]), str(d["host_key"]), str(d.get("zone") or ""))
 
 
@@ -101,5 +101,5 @@ class Principal:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "Principal":
+    def from_wire(cls, d: dict[str, Any]) -> Principal:
         return cls(**d)

@@ -25,14 +25,16 @@ import struct
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import paramiko
 
 from dgf import errors
-from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
+from dgf.limits import DEFAULT as DEFAULT_LIMITS
+from dgf.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +319,7 @@ def serve_stream(service: Service, ctx: Any, stream: Stream, limits: Limits = DE
         except MalformedFrame as exc:
             _reply_and_close(stream, {"ok": False, "e": "UsageError", "m": exc.message})
             return
-        except socket.timeout:
+        except TimeoutError:
             _reply_and_close(stream, {"ok": False, "e": "TransportError",
                                       "m": f"the request stalled for more than {limits.frame_timeout:.0f} s "
                                            "(limit frame_timeout); the channel is closed."})
@@ -331,7 +333,7 @@ def serve_stream(service: Service, ctx: Any, stream: Stream, limits: Limits = DE
             reply = service.dispatch(ctx, header, payload)
         except errors.DgfError as exc:
             reply_err: dict[str, Any] = {"ok": False, "e": type(exc).__name__, "m": exc.message}
-        except socket.timeout:
+        except TimeoutError:
             _reply_and_close(stream, {"ok": False, "e": "TransportError",
                                       "m": f"the request's payload stalled for more than {limits.frame_timeout:.0f} s "
                                            "(limit frame_timeout); the channel is closed."})
@@ -428,7 +430,7 @@ def _principal_name(principal: Any) -> str:
 
 class _Subsystem(paramiko.SubsystemHandler):
     def __init__(self, channel: paramiko.Channel, name: str, server: _Interface,
-                 owner: "SSHServer") -> None:
+                 owner: SSHServer) -> None:
         super().__init__(channel, name, server)
         self._owner = owner
 
@@ -537,7 +539,7 @@ class SSHServer:
             pass
         self.close()
 
-    def start(self) -> "SSHServer":
+    def start(self) -> SSHServer:
         threading.Thread(target=self.serve_forever, daemon=True, name="dgf-accept").start()
         return self
 
@@ -635,7 +637,7 @@ class Connection:
             self.transport.close()
             raise
 
-    def channel(self) -> "RpcChannel":
+    def channel(self) -> RpcChannel:
         try:
             chan = self.transport.open_session(timeout=15)
             chan.invoke_subsystem(self.subsystem)
@@ -698,7 +700,7 @@ def probe_host_key(host: str, port: int, timeout: float = 10.0) -> str:
 def write_ready(ready_file: str, address: tuple[str, int]) -> None:
     """Write HOST:PORT to ``ready_file`` atomically: whoever started a server waits on it."""
     tmp = Path(ready_file + ".tmp")
-    tmp.write_text("%s:%d\n" % address)
+    tmp.write_text(f"{address[0]}:{address[1]}\n")
     tmp.replace(ready_file)
 
 
@@ -793,7 +795,7 @@ class RpcChannel:
         self.broken = False
 
     @contextlib.contextmanager
-    def exclusive(self, wait_s: float | None = None) -> Iterator["RpcChannel"]:
+    def exclusive(self, wait_s: float | None = None) -> Iterator[RpcChannel]:
         """This channel for one request and its reply; ``wait_s`` replaces the read deadline
         meanwhile (a verb known to compute for long, such as a reconstruction or a backup)."""
         with self.lock:

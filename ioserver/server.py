@@ -15,8 +15,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import paramiko
@@ -24,7 +25,8 @@ import paramiko
 from dgf import crypto, errors, wire
 from dgf.config import IoserverConfig
 from dgf.integrity import block_digests, list_digest
-from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
+from dgf.limits import DEFAULT as DEFAULT_LIMITS
+from dgf.limits import Limits
 from dgf.types import Site
 from ioserver.store import LocalObjectStore, ObjectStore
 

@@ -18,8 +18,8 @@ import os
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from dgf import errors
 from dgf.integrity import Hasher
@@ -196,7 +196,7 @@ class LocalObjectStore(ObjectStore):
                 yield mm  # type: ignore[misc]
 
     def keys(self) -> Iterator[str]:
-        for dirpath, _, files in os.walk(self.objects):
+        for _, _, files in os.walk(self.objects):
             for name in files:
                 if _KEY.fullmatch(name):
                     yield name

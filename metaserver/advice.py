@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
 
 from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_dict
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from dgf import errors
 from dgf.types import Principal, Site, Stat

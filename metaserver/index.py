@@ -17,9 +17,9 @@ import math
 import re
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 from lxml import etree
 from pydicom.datadict import DicomDictionary
-import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 HEADER_XATTR = "user.dgf.dicom"

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Union
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.sql.util import ClauseAdapter
@@ -52,14 +53,14 @@ class Leaf:
 class Sub:
     """A nested plan (``union`` of several, or one plan negated as a whole)."""
 
-    plans: tuple["Plan", ...]
+    plans: tuple[Plan, ...]
 
 
 #: Selects per SQL UNION (SQLite's SQLITE_MAX_COMPOUND_SELECT is 500).
 UNION_TERMS = 256
 
 
-def _alternatives(plan: "Plan") -> tuple["Plan", ...]:
+def _alternatives(plan: Plan) -> tuple[Plan, ...]:
     """The plans a union of ``plan`` with another consists of: its own alternatives when it is
     already a union, else itself."""
     if plan.terms is not None and len(plan.terms) == 1:
@@ -76,7 +77,7 @@ class Corr:
     terms: tuple[tuple[Leaf, bool], ...]
 
 
-Term = tuple[Union[Leaf, Sub, Corr], bool]          # (term, negated)
+Term = tuple[Leaf | Sub | Corr, bool]          # (term, negated)
 
 
 @dataclass(frozen=True)
@@ -414,7 +415,7 @@ class Planner:
             out.append((term, negated))
         return tuple((leaf, False) for leaf in merged.values()) + tuple(out)
 
-    def render_sub(self, sub: Union[Sub, Corr]) -> Any:
+    def render_sub(self, sub: Sub | Corr) -> Any:
         if isinstance(sub, Corr):
             return self.render_corr(sub)
         if len(sub.plans) == 1:
@@ -451,7 +452,7 @@ class Planner:
             where[0] = (v.c.key + 0).in_(ids) if len(ids) > 1 else (v.c.key + 0) == ids[0]
         return sa.exists(sa.select(sa.literal(1)).where(*join(v), *where))
 
-    def estimate_term(self, term: Union[Leaf, Sub, Corr]) -> int:
+    def estimate_term(self, term: Leaf | Sub | Corr) -> int:
         """Rows a term selects, counted up to a cap (the cheapest driver wins)."""
         if self.estimate is None:
             return 1 if isinstance(term, Leaf) and term.cond is not None else 2

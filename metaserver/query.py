@@ -15,14 +15,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any
 
 from lxml import etree
 
 from dgf import errors
 from dgf.dicom.pipeline import _recv, _send
-from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
+from dgf.limits import DEFAULT as DEFAULT_LIMITS
+from dgf.limits import Limits
 from metaserver import advice, xpath
 from metaserver.index import HEADER_XATTR
 from metaserver.planner import Plan, Planner
@@ -207,7 +209,7 @@ class _Evaluators:
                 stop.set()
                 self._drain(order, slots, feeder)
 
-    def _drain(self, order: "queue.SimpleQueue[int | BaseException | None]", slots: threading.Semaphore,
+    def _drain(self, order: queue.SimpleQueue[int | BaseException | None], slots: threading.Semaphore,
                feeder: threading.Thread) -> None:
         """Read and drop the results of every task already sent (the feeder stops at ``stop``)."""
         deadline = time.monotonic() + DRAIN_S

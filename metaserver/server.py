@@ -19,20 +19,22 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Any
 
 import paramiko
 from lxml import etree
 
 from dgf import crypto, errors, placement, wire
 from dgf.config import MetaserverConfig
-from dgf.integrity import BLOCK, DIGEST, list_digest
-from dgf.limits import DEFAULT as DEFAULT_LIMITS, Limits
-from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
 from dgf.dicom import identity
 from dgf.dicom.profile import OPTIONS, Options
+from dgf.integrity import BLOCK, DIGEST, list_digest
+from dgf.limits import DEFAULT as DEFAULT_LIMITS
+from dgf.limits import Limits
+from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
@@ -134,14 +136,14 @@ class _Cursor:
 
     owner: str
     used: float
-    query: "query.Query | None" = None
+    query: query.Query | None = None
     root: str = "/"
     show: list[str] = dataclasses.field(default_factory=list)
     after: int = 0
     left: int | None = None            # rows still allowed by --limit (None: no limit)
     budget: float = QUERY_TIME_LIMIT_S  # seconds of scanning the query may still spend
     lines: list[bytes] | None = None
-    allowed: "Callable[[str], bool] | None" = None   # a researcher's cohort grants (grant-only)
+    allowed: Callable[[str], bool] | None = None   # a researcher's cohort grants (grant-only)
 
 
 class Principals:
@@ -1044,8 +1046,7 @@ class MetaService(wire.Service):
 
         def chunks() -> Iterator[bytes]:
             with fh:
-                for piece in iter(lambda: fh.read(wire.CHUNK), b""):
-                    yield piece
+                yield from iter(lambda: fh.read(wire.CHUNK), b"")
 
         self.engine.audit(p.name, "backup", "metadata", "ok", f"{size} bytes")
         return wire.Reply({"size": size}, stream=chunks(), stream_size=size)

@@ -12,13 +12,15 @@ import hashlib
 import json
 import threading
 import time
-from typing import Any, Callable, Iterator, NamedTuple, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from lxml import etree
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError as SAIntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from dgf import crypto, errors

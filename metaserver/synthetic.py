@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 from xml.sax.saxutils import escape
 
 from metaserver.engine import MetaEngine, NewFile
@@ -51,7 +51,7 @@ def headers(patients: int, instances_per_series: int = 10, seed: int = 1) -> Ite
         pid = f"P{p:07d}"
         sex = rng.choice("FFMMO" if rng.random() < 0.01 else "FM")
         age = rng.randint(1, 95)
-        for s in range(2):
+        for _ in range(2):
             study_uid = _uid(rng)
             date = f"{rng.randint(2010, 2025)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
             modality = rng.choices(modalities, weights)[0]

@@ -63,7 +63,7 @@ class Vault:
         key = self.keys.unwrap(wrapped, patient.encode())
         return crypto.unseal(key, sealed, object_key.encode())
 
-    def rotate(self, source: "VaultSource") -> int:
+    def rotate(self, source: VaultSource) -> int:
         """Replace the key-encryption key: the new key is written beside the old, every data
         key is re-wrapped in one transaction, then the new key takes the old one's place (a
         metaserver stopped in between finishes it at start).  Pseudonyms do not change."""

@@ -9,8 +9,8 @@ grammar of XPath 1.0 section 3 with the lexical rules of section 3.7 (``*`` and 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 from dgf import errors
 
@@ -36,7 +36,7 @@ class Var:
 @dataclass(frozen=True)
 class Call:
     name: str
-    args: tuple["Node", ...]
+    args: tuple[Node, ...]
     span: tuple[int, int]
 
 
@@ -44,7 +44,7 @@ class Call:
 class Step:
     axis: str            # "child", "attribute", "descendant-or-self", "self", "parent", ...
     test: str            # a name, "*", "prefix:*", or a node type such as "node()" / "text()"
-    preds: tuple["Node", ...] = ()
+    preds: tuple[Node, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,31 +52,31 @@ class Path:
     absolute: bool
     steps: tuple[Step, ...]
     span: tuple[int, int]
-    start: Union["Node", None] = None   # a filter expression the path continues (``(a|b)/c``)
+    start: Node | None = None   # a filter expression the path continues (``(a|b)/c``)
 
 
 @dataclass(frozen=True)
 class Binary:
     op: str              # or, and, =, !=, <, <=, >, >=, +, -, *, div, mod, |
-    left: "Node"
-    right: "Node"
+    left: Node
+    right: Node
     span: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Neg:
-    operand: "Node"
+    operand: Node
     span: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Filter:
-    primary: "Node"
-    preds: tuple["Node", ...]
+    primary: Node
+    preds: tuple[Node, ...]
     span: tuple[int, int]
 
 
-Node = Union[Literal, Number, Var, Call, Path, Binary, Neg, Filter]
+Node = Literal | Number | Var | Call | Path | Binary | Neg | Filter
 
 AXES = frozenset({"ancestor", "ancestor-or-self", "attribute", "child", "descendant",
                   "descendant-or-self", "following", "following-sibling", "namespace", "parent",

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import settings
 
+from bench import synth
 from dgf import local
 from dgf.client import Client
-
-from bench import synth
 from tests import corpus
 from tests.pg import PostgresServer
-
 
 # CI runs the property tests derandomized: the same examples every run, so a red build is
 # reproducible and a green one is not luck (HYPOTHESIS_PROFILE=dev explores new examples).

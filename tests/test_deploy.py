@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -275,7 +275,7 @@ def test_the_shipped_units_and_image_run_a_federation(tmp_path: Path) -> None:
     pre, serve = _unit_commands("dgf-metaserver.service", etc)
     out = subprocess.run(pre, capture_output=True, text=True, check=True).stdout
     host_key = out.split("metaserver_host_key = ")[1].strip()
-    for who, role in (("admin", "admin"), ("clinician", "clinician")):
+    for who in ("admin", "clinician"):
         crypto.generate_keypair(etc / who, who)
         (etc / f"{who}.conf").write_text(
             f"[dgf]\nprincipal = {who}\nkey = {who}\nmetaserver = 127.0.0.1:{meta_port}\n"

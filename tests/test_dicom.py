@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import logging
-import os
 import re
 import string
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -22,8 +24,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dgf import crypto, errors
 from dgf.dicom import deid, identity, native, xmlheader
 from dgf.dicom.profile import Options, Profile
-
 from tests import corpus
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 KEYS = crypto.VaultKeys(b"k" * 64)
 PROFILE = Profile(Options(allow_burned_in=True))
@@ -441,7 +445,7 @@ def test_xslt_export_round_trips_through_dcmtk_xml2dcm(tmp_path: Path) -> None:
 _BINARY_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 
-def _native(root: "etree._Element", swap_binary: bool = False) -> list[tuple[object, ...]]:
+def _native(root: etree._Element, swap_binary: bool = False) -> list[tuple[object, ...]]:
     """A Native DICOM Model document as nested tuples: numbers compared as numbers (floats to 14
     digits, dcmtk prints FD values with 17 and rounds the last one), bulk data as a marker, the
     keyword only where dcmtk knows it (its dictionary lacks some retired keywords), binary values
@@ -486,7 +490,7 @@ NATIVE_DCMTK_WRONG = {
 }
 
 
-def _canonical(el: "etree._Element") -> tuple[object, ...]:
+def _canonical(el: etree._Element) -> tuple[object, ...]:
     """An element as (name, attributes, text of a leaf, children): whitespace between elements,
     which indentation adds, is not compared."""
     kids = list(el)
@@ -578,7 +582,7 @@ def _dicom3tools(name: str) -> str:
     return path
 
 
-def _errors(tool: str, *paths: str) -> "collections.Counter[str]":
+def _errors(tool: str, *paths: str) -> collections.Counter[str]:
     import collections
     import re
     import subprocess

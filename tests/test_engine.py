@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from dgf import errors
@@ -51,6 +52,7 @@ class EngineContract:
 
     def test_identified_sizes_survive_an_upgrade(self, engine: MetaEngine) -> None:
         import dataclasses
+
         import sqlalchemy as sa
 
         engine.add_patient_key("P1", b"wrapped")

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -162,7 +162,7 @@ def test_a_site_killed_mid_repair(tmp_path: Path) -> None:
         assert f"site {killed[0]}" in first.stdout and "repairs that failed" in first.stdout
         with Client(fed.config("clinician")) as c:
             for st in c.ls("/big"):
-                for site, state in c.stat(st.path).replicas:
+                for site, _ in c.stat(st.path).replicas:
                     if site == killed[0]:     # recorded there: the whole object is there
                         stored = fed.root / f"store-{site}" / "objects" / (st.object_key or "")[:2] / \
                             (st.object_key or "")[2:4] / (st.object_key or "")

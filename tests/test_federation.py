@@ -15,7 +15,6 @@ import pytest
 
 from dgf import errors, local
 from dgf.client import Client
-
 from tests import corpus
 from tests.conftest import copy_to
 
@@ -82,7 +81,7 @@ def test_sites_are_both_used_and_objects_are_by_key(clinician: Client, federatio
     resolved = clinician.resolve(report.paths)
     used = {f[3][0] for f in resolved["files"]}
     assert used == {"site-a", "site-b"}
-    for path, key, size, sites in resolved["files"]:
+    for _, key, size, sites in resolved["files"]:
         obj = federation.root / f"store-{sites[0]}" / "objects" / key[:2] / key[2:4] / key
         assert obj.stat().st_size == size
         assert hashlib.sha256(obj.read_bytes()).hexdigest() == key
@@ -172,7 +171,7 @@ def test_unknown_key_is_refused(federation: local.Federation, tmp_path: Path) ->
     src = ClientConfig.load(federation.config("researcher"))
     conf = tmp_path / "stranger.conf"
     write_section(conf, "dgf", {"principal": "stranger", "key": str(tmp_path / "stranger"),
-                                "metaserver": "%s:%d" % src.metaserver[0],
+                                "metaserver": "{}:{}".format(*src.metaserver[0]),
                                 "metaserver_host_key": src.metaserver_host_key})
     with pytest.raises(errors.AuthenticationFailed, match="refused our key"):
         Client(conf)
@@ -186,7 +185,7 @@ def test_pinned_host_key_mismatch_is_refused(federation: local.Federation, tmp_p
     other = crypto.generate_keypair(tmp_path / "impostor")
     conf = tmp_path / "pinned.conf"
     write_section(conf, "dgf", {"principal": "clinician", "key": str(src.key),
-                                "metaserver": "%s:%d" % src.metaserver[0],
+                                "metaserver": "{}:{}".format(*src.metaserver[0]),
                                 "metaserver_host_key": " ".join(other.split()[:2])})
     with pytest.raises(errors.AuthenticationFailed, match="does not match the pinned key"):
         Client(conf)
@@ -201,7 +200,7 @@ def test_principal_enrollment_and_removal(admin: Client, federation: local.Feder
     src = ClientConfig.load(federation.config("researcher"))
     conf = tmp_path / "newbie.conf"
     write_section(conf, "dgf", {"principal": "newbie", "key": str(tmp_path / "newbie"),
-                                "metaserver": "%s:%d" % src.metaserver[0],
+                                "metaserver": "{}:{}".format(*src.metaserver[0]),
                                 "metaserver_host_key": src.metaserver_host_key})
     with Client(conf) as c:
         assert c.whoami() == {"name": "newbie", "role": "researcher"}

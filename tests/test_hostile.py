@@ -15,12 +15,12 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pydicom
-from pydicom.uid import generate_uid
 import pytest
+from pydicom.uid import generate_uid
 
 from dgf import crypto, errors, local, wire
 from dgf.client import Client
@@ -64,7 +64,7 @@ def _config(f: local.Federation, who: str, timeout: float | None = None) -> Path
         return f.config(who)
     path = f.root / f"{who}-t{timeout:g}.conf"
     text = f.config(who).read_text().rstrip() + f"\ntimeout = {timeout}\n"
-    path.write_text(text.replace("cache_dir = cache-", f"cache_dir = cache-t-"))
+    path.write_text(text.replace("cache_dir = cache-", "cache_dir = cache-t-"))
     return path
 
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dgf import errors
-from dgf.dicom import deid, identity, raw, xmlheader
+from dgf.dicom import identity, raw, xmlheader
 from dgf.dicom.profile import Options, Profile
-
 from tests import corpus
 from tests.test_dicom import _deidentify
 

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from dgf import errors
-from ioserver.recon import Geometry, circular, fdk, partial_fdk, phantom
-from ioserver.recon import filters, weights
+from ioserver.recon import Geometry, circular, fdk, filters, partial_fdk, phantom, weights
 
 R = 55.0  # phantom radius, mm
 CENTRAL = slice(28, 37)  # central planes across the rotation axis (y), volume indexed [z, y, x]

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -449,7 +449,7 @@ def test_two_metaservers_over_one_postgresql(postgres: PostgresServer, tmp_path:
                 time.sleep(0.05)
             out = c.download(["/pg/renamed"], tmp_path / "out")
             assert out.downloaded == 4 and not out.failed
-            assert "%s:%d" % c.meta.conn.address == other
+            assert "{}:{}".format(*c.meta.conn.address) == other
             (tmp_path / "more").mkdir()
             assert c.upload(corpus.fresh_instances(tmp_path / "more", 2), to="/pg/later").uploaded == 2
         with Client(both) as c:                                  # a new session skips the dead one

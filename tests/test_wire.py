@@ -190,6 +190,6 @@ def test_every_metaserver_verb_has_a_policy_entry() -> None:
     """The policy table covers the verb table exactly, so no verb is open by omission."""
     from metaserver.server import POLICY, MetaService
 
-    verbs = {getattr(getattr(MetaService, a), "_dgf_verb").name for a in dir(MetaService)
+    verbs = {getattr(MetaService, a)._dgf_verb.name for a in dir(MetaService)
              if hasattr(getattr(MetaService, a), "_dgf_verb")}
     assert verbs == set(POLICY)

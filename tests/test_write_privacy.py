@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,8 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 
 import pydicom  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset  # noqa: E402
 
 from dgf.dicom.xmlheader import header_xml  # noqa: E402

@@ -23,9 +23,9 @@ import hashlib
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterator, Union
 
 from dgf import errors, integrity
 from dgf.dicom import raw, safe_private
@@ -64,7 +64,7 @@ DUMMY = {"AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101",
          "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": ""}
 WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 
-Seg = Union[tuple[int, int], bytes]
+Seg = tuple[int, int] | bytes
 
 #: Files at least this large are de-identified from a memory map: the header is parsed in place,
 #: bulk data is never read into memory, and the output is a layout of new bytes and spans of the
@@ -338,7 +338,7 @@ class _Writer:
             self.segs.append(data)
             self.size += len(data)
 
-    def extend(self, other: "_Writer") -> None:
+    def extend(self, other: _Writer) -> None:
         for s in other.segs:
             if isinstance(s, tuple):
                 self.copy(*s)

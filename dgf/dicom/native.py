@@ -10,8 +10,8 @@ document is written as text, one element per line as dcmtk writes it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from itertools import groupby
-from typing import Callable
 
 from lxml import etree
 

@@ -14,12 +14,13 @@ import pickle
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import traceback
-import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, cast
+from typing import Any, BinaryIO, cast
 
 from dgf import errors
 from dgf.dicom import deid, identity
@@ -48,7 +49,7 @@ class Problem:
     hint: str = ""
 
     @classmethod
-    def of(cls, exc: errors.DgfError) -> "Problem":
+    def of(cls, exc: errors.DgfError) -> Problem:
         return cls(str(exc), exc.exit_code, exc.group, exc.detail, exc.hint)
 
 

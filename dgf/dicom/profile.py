@@ -64,7 +64,7 @@ SAFE_PRIVATE_CREATORS = frozenset({"DGF RECON 1"})
 
 #: Removed whatever the table says: digital signatures and the record of original values
 #: (PS3.15 E.1.1 notes), which would otherwise carry identity through.
-ALWAYS_REMOVE = frozenset({0xFFFAFFFA, 0x04000561, 0x04000550, 0x04000500, 0x04000561})
+ALWAYS_REMOVE = frozenset({0xFFFAFFFA, 0x04000561, 0x04000550, 0x04000500})
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Options:
             raise errors.UsageError("choose either full dates or modified dates, not both.")
 
     @classmethod
-    def from_names(cls, names: list[str], base: "Options | None" = None) -> "Options":
+    def from_names(cls, names: list[str], base: Options | None = None) -> Options:
         values = {f.name: getattr(base or cls(), f.name) for f in fields(cls)}
         for name in names:
             key, _, val = name.partition("=")
@@ -121,7 +121,7 @@ class Options:
         return cls(**values)
 
     @classmethod
-    def archive(cls, names: list[str], allow_burned_in: bool = False, allow_truncated: bool = False) -> "Options":
+    def archive(cls, names: list[str], allow_burned_in: bool = False, allow_truncated: bool = False) -> Options:
         """The options an archive set (exactly ``names`` enabled), with the uploader's
         per-upload acknowledgements of burned-in annotation and truncated pixel data."""
         unknown = sorted(set(names) - set(OPTIONS))

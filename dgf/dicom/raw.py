@@ -75,7 +75,7 @@ class Item:
     vstart: int
     length: int
     end: int
-    elems: list["Elem"] = field(default_factory=list)
+    elems: list[Elem] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -26,8 +26,16 @@ import re
 
 from dgf import errors
 from dgf.dicom import raw
-from dgf.dicom.deid import (DEID_METHOD, DUMMY, PATIENT_ID, PATIENT_IDENTITY_REMOVED, PATIENT_NAME,
-                            WELL_KNOWN_UID_ROOT, _actions_by_vr, _safe_private)
+from dgf.dicom.deid import (
+    DEID_METHOD,
+    DUMMY,
+    PATIENT_ID,
+    PATIENT_IDENTITY_REMOVED,
+    PATIENT_NAME,
+    WELL_KNOWN_UID_ROOT,
+    _actions_by_vr,
+    _safe_private,
+)
 from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Profile
 
 PSEUDO_UID = re.compile(r"2\.25\.[1-9][0-9]{0,39}|2\.25\.0")

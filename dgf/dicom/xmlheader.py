@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import re
 import struct
-from functools import lru_cache
-from typing import Iterable
+from collections.abc import Iterable
+from functools import cache
 
 from lxml import etree
-from pydicom.datadict import DicomDictionary
 from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -294,8 +294,8 @@ __all__ = ["header_xml", "to_dataset", "keyword", "export"]
 EXPORTS = {"native": "native-dicom.xsl", "dcmtk": "dcmtk-xml.xsl"}
 
 
-@lru_cache(maxsize=None)
-def _stylesheet(name: str) -> "etree.XSLT":
+@cache
+def _stylesheet(name: str) -> etree.XSLT:
     from importlib import resources
 
     return etree.XSLT(etree.fromstring(resources.files("dgf.dicom").joinpath("data/" + EXPORTS[name]).read_bytes()))

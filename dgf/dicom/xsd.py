@@ -15,8 +15,8 @@ import sys
 from functools import lru_cache
 from importlib import resources
 
-from pydicom.datadict import DicomDictionary
 from lxml import etree
+from pydicom.datadict import DicomDictionary
 
 from dgf import errors
 from dgf.dicom.raw import VALID_VRS
@@ -84,7 +84,7 @@ def validate(xml: bytes) -> None:
     doc = etree.fromstring(xml)
     s = schema()
     if not s.validate(doc):
-        err = getattr(s.error_log, "last_error")  # lxml-stubs do not declare it
+        err = s.error_log.last_error  # type: ignore[attr-defined]  # lxml-stubs do not declare it
         raise errors.UsageError(f"the XML header does not match the schema: {err.message} (line {err.line}).")
 
 
