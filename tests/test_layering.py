@@ -1,0 +1,46 @@
+"""The layers hold (issue 16): the servers never import the client side, and the shared core
+(errors, types, wire, crypto, config, limits, integrity, the DICOM code) imports neither the
+client side nor a server.  Imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = {"dgf.client", "dgf.cli", "dgf.fuse", "dgf.reader", "dgf.transport", "dgf.local", "dgf.fsck"}
+SERVERS = ("metaserver", "ioserver")
+CORE = ["dgf/errors.py", "dgf/types.py", "dgf/wire.py", "dgf/crypto.py", "dgf/config.py", "dgf/limits.py",
+        "dgf/integrity.py", "dgf/placement.py", "dgf/conebeam.py", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "dgf/dicom").glob("*.py"))]
+
+
+def _imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _offending(files: list[Path], forbidden: set[str], prefixes: tuple[str, ...] = ()) -> list[str]:
+    bad = []
+    for f in files:
+        for name in sorted(_imports(f)):
+            if name in forbidden or name.startswith(prefixes):
+                bad.append(f"{f.relative_to(ROOT)} imports {name}")
+    return bad
+
+
+def test_servers_never_import_the_client_side() -> None:
+    files = [p for server in SERVERS for p in sorted((ROOT / server).rglob("*.py"))]
+    assert len(files) > 10
+    assert _offending(files, CLIENT) == []
+
+
+def test_the_core_imports_no_client_and_no_server() -> None:
+    files = [ROOT / f for f in CORE]
+    assert all(f.exists() for f in files)
+    assert _offending(files, CLIENT, tuple(f"{s}." for s in SERVERS) + SERVERS) == []
