@@ -99,6 +99,10 @@ PRINCIPALS_TTL_S = 2.0
 GRANT_TTL_S = 2.0
 #: Seconds archive-wide settings read on hot paths are reused (the access mode, copy numbers).
 SETTINGS_TTL_S = 2.0
+#: A site that has not asked for copies to make (site.work) for this many of its intervals
+#: (repair_interval_s, 5 s) is taken as down by background replication, which places copies on
+#: the others.
+SITE_ALIVE_INTERVALS = 6
 #: Queued repairs looked at per site.work request (the oldest first).
 REPAIR_SCAN = 2000
 #: The principal an authentication gets while the database cannot say who a key belongs to:
@@ -220,6 +224,8 @@ class MetaService(wire.Service):
         self.vault_source: VaultSource | None = None
         self._scopes: dict[str, _Scope] = {}
         self._settings: dict[str, tuple[float, Any]] = {}
+        self._asking: dict[str, float] = {}        # site -> when it last asked for copies to make
+        self._started = time.monotonic()
         threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
     def dispatch(self, ctx: Principal, header: dict[str, Any], payload: wire.Payload) -> wire.Reply:
@@ -1214,7 +1220,15 @@ class MetaService(wire.Service):
         limit = max(1, min(limit, 256))
         sites = {st.name: st for st in self.engine.sites()}
         draining = self._draining()
-        takers = sorted(n for n in sites if n not in draining)
+        now = time.monotonic()
+        window = self.limits.repair_interval_s * SITE_ALIVE_INTERVALS
+        with self._cursor_lock:
+            self._asking[p.name] = now
+            # Sites that asked for work lately are alive: a copy is not placed on a site that is
+            # down (it would wait for it). Until every site has had time to ask, all count.
+            alive = {n for n, t in self._asking.items() if now - t < window}
+            warm = now - self._started > window
+        takers = sorted(n for n in sites if n not in draining and (n in alive or not warm))
         zones = {n: st.zone for n, st in sites.items()}
         done: list[str] = []
         work: dict[str, list[tuple[str, int]]] = {}       # source site -> [(key, size)]

@@ -546,3 +546,26 @@ def test_a_copy_whose_site_is_down_goes_to_another_site(tmp_path: Path) -> None:
         assert all(h == ["site-a", "site-b"] for h in held), held
     finally:
         local.down(fed.root, quiet=True)
+
+
+def test_async_copies_go_around_a_site_that_is_gone(tmp_path: Path) -> None:
+    """Background replication with a site down for good: copies whose placement named that site
+    go to the sites still asking for work."""
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"), limits={"repair_interval_s": "0.3"})
+    try:
+        assert _dgf(fed, "admin", "replicas", "mode", "async").returncode == 0
+        os.kill(fed.pids["site-c"], signal.SIGKILL)
+        with Client(fed.config("clinician")) as c:
+            report = c.upload(corpus.fresh_instances(tmp_path / "src", 8), to="/around")
+            assert report.uploaded == 8 and not report.failed
+            paths = [st.path for st in c.ls("/around")]
+            deadline = time.monotonic() + 30
+            while True:
+                held = [sorted(s for s, state in c.stat(p).replicas if state == "ok") for p in paths]
+                if all(len(h) == 2 for h in held):
+                    break
+                assert time.monotonic() < deadline, held
+                time.sleep(0.3)
+        assert all("site-c" not in h for h in held)
+    finally:
+        local.down(fed.root, quiet=True)
