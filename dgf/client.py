@@ -369,11 +369,9 @@ class Client:
             return 1
         if not recursive:
             raise errors.IsADirectory(f"{path} is a directory; use -r to remove it and its contents.")
-        n = 0
-        for entry in self.ls(path):
-            n += self.rm(entry.path, recursive=True)
-        self.meta.call("ns.rmdir", path=path)
-        return n
+        result, _ = self.meta.call("ns.rmtree", path=path)       # one transaction on the server
+        self._free(result.get("release") or {})
+        return int(result["files"])
 
     def rmdir(self, path: str) -> None:
         self.meta.call("ns.rmdir", path=path)

@@ -94,6 +94,12 @@ class MetaEngine(ABC):
         split_path(path)
         self._do_rmdir(norm_path(path))
 
+    def rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]:
+        """Remove a directory and everything under it in one transaction; return the number of
+        files removed and the released objects (key -> sites holding their bytes)."""
+        split_path(path)
+        return self._do_rmtree(norm_path(path))
+
     def chmod(self, path: str, mode: int) -> None:
         self._do_chmod(norm_path(path), mode & 0o7777)
 
@@ -145,6 +151,9 @@ class MetaEngine(ABC):
 
     @abstractmethod
     def _do_rmdir(self, path: str) -> None: ...
+
+    @abstractmethod
+    def _do_rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]: ...
 
     @abstractmethod
     def _do_chmod(self, path: str, mode: int) -> None: ...

@@ -36,7 +36,7 @@ from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
 from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
 from metaserver import query
-from metaserver.engine import MetaEngine, NewFile
+from metaserver.engine import MetaEngine, NewFile, norm_path
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
 from metaserver.vault import Vault
 from metaserver.vaultkey import PASSPHRASE_ENV, VaultSource, open_keys
@@ -58,7 +58,7 @@ POLICY: dict[str, frozenset[str]] = {
     "site.report": frozenset({"site"}),
     "site.list": USERS,
     "ns.stat": USERS, "ns.readdir": USERS,
-    "ns.mkdir": WRITERS, "ns.rename": WRITERS, "ns.unlink": WRITERS, "ns.rmdir": WRITERS,
+    "ns.mkdir": WRITERS, "ns.rename": WRITERS, "ns.unlink": WRITERS, "ns.rmdir": WRITERS, "ns.rmtree": WRITERS,
     "ns.chmod": WRITERS,
     "xattr.get": USERS, "xattr.list": USERS, "xattr.set": USERS, "xattr.remove": USERS,
     "find": USERS, "find.next": USERS, "find.close": USERS,
@@ -555,6 +555,16 @@ class MetaService(wire.Service):
         with self.engine.audited(p.name, "delete", path, released="unlinked"):
             released = self.engine.unlink(path)
         return wire.Reply({"release": self._released(p, released)})
+
+    @wire.verb("ns.rmtree", path=str)
+    def ns_rmtree(self, p: Principal, path: str) -> wire.Reply:
+        """Remove a directory and everything under it in one transaction (``rm -r``): one
+        request, not one per file; audited with the number of files and each object released."""
+        if norm_path(path) == "/":
+            raise errors.UsageError("refusing to remove the archive's root; remove what is under it.")
+        with self.engine.audited(p.name, "rmtree", path, released="removed with its directory"):
+            files, released = self.engine.rmtree(path)
+        return wire.Reply({"files": files, "release": self._released(p, released)})
 
     @wire.verb("ns.rmdir", path=str)
     def ns_rmdir(self, p: Principal, path: str) -> wire.Reply:

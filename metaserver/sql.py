@@ -222,7 +222,7 @@ def _inserted_id(result: Any) -> int:
     return int(key[0])
 
 
-def _slices(keys: list[str], n: int = 500) -> Iterator[list[str]]:
+def _slices(keys: list[T], n: int = 500) -> Iterator[list[T]]:
     """``keys`` in slices short enough for one ``IN (...)`` list."""
     for i in range(0, len(keys), n):
         yield keys[i:i + n]
@@ -658,6 +658,41 @@ class SqlEngine(MetaEngine):
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
                 nlink=inodes.c.nlink - 1, mtime=time.time()))
         self._txn(run)
+
+    def _do_rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]:
+        def run(conn: Connection) -> tuple[int, dict[str, list[str]]]:
+            conn.info.setdefault("dgf.after", {})["dirs"] = True
+            top = self._resolve(conn, path)
+            if not top.is_dir:
+                raise errors.NotADirectory(f"{path} is not a directory.")
+            files: list[int] = []
+            dirs: list[int] = [top.id]
+            keys: set[str] = set()
+            frontier = [top.id]
+            while frontier:                      # the tree, a level at a time
+                below: list[int] = []
+                for part in _slices(frontier):
+                    for r in conn.execute(sa.select(inodes.c.id, inodes.c.is_dir, inodes.c.object_key)
+                                          .where(inodes.c.parent.in_(part))):
+                        if r.is_dir:
+                            below.append(r.id)
+                        else:
+                            files.append(r.id)
+                            keys.add(r.object_key)
+                dirs.extend(below)
+                frontier = below
+            doomed = files + dirs
+            self._unindex(conn, files)
+            for part in _slices(doomed):
+                conn.execute(xattrs.delete().where(xattrs.c.ino.in_(part)))
+                conn.execute(xattr_owners.delete().where(xattr_owners.c.ino.in_(part)))
+            for part in _slices(files + dirs[::-1]):     # children first
+                conn.execute(inodes.delete().where(inodes.c.id.in_(part)))
+            parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
+            conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
+                nlink=inodes.c.nlink - 1, mtime=time.time()))
+            return len(files), self._release(conn, keys)
+        return self._txn(run)
 
     def _do_chmod(self, path: str, mode: int) -> None:
         def run(conn: Connection) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -155,6 +156,41 @@ def test_namespace_verbs(clinician: Client) -> None:
     assert clinician.rm("/ns", recursive=True) == 1
     with pytest.raises(errors.NotFound):
         clinician.stat("/ns")
+
+
+def test_rm_r_removes_a_tree_in_one_transaction_and_frees_its_objects(federation: local.Federation,
+                                                                     clinician: Client, admin: Client,
+                                                                     tmp_path: Path) -> None:
+    for sub, n in (("/rmtree/a", 2), ("/rmtree/a/b/c", 2), ("/rmtree/d", 1)):
+        clinician.upload(corpus.fresh_instances(tmp_path / sub.strip("/").replace("/", "_"), n), to=sub)
+    clinician.setxattr("/rmtree/a/b", "user.note", b"a directory's attribute goes too")
+    keys = [f[1] for f in clinician.resolve(["/rmtree"])["files"]]
+    assert len(keys) == 5 and all(_on_a_site(federation, k) for k in keys)
+    with pytest.raises(errors.UsageError, match="root"):
+        admin.meta.call("ns.rmtree", path="/")
+    calls: list[str] = []
+    original = clinician.meta.call
+
+    def counted(verb: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(verb)
+        return original(verb, *args, **kwargs)
+
+    clinician.meta.call = counted  # type: ignore[method-assign]
+    try:
+        assert clinician.rm("/rmtree", recursive=True) == 5
+    finally:
+        clinician.meta.call = original  # type: ignore[method-assign]
+    assert calls == ["ns.stat", "ns.rmtree"]                   # not one request per file
+    with pytest.raises(errors.NotFound):
+        clinician.stat("/rmtree")
+    assert not any(_on_a_site(federation, k) for k in keys)    # the bytes are freed at the sites
+    entries = admin.audit_log(40)
+    assert any(e["action"] == "rmtree" and e["target"] == "/rmtree" for e in entries)
+    assert sum(e["action"] == "object.release" and e["target"] in keys for e in entries) == 5
+
+
+def _on_a_site(fed: local.Federation, key: str) -> bool:
+    return any((fed.root / f"store-{s}" / "objects" / key[:2] / key[2:4] / key).exists() for s in fed.sites)
 
 
 def test_bad_xpath_is_a_clear_error_and_server_survives(clinician: Client) -> None:
