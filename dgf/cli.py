@@ -926,6 +926,13 @@ def replicas_set(path: str, copies: int, config: str | None) -> None:
         _show_replicas(client.meta.call("admin.replicas.set", path=path, copies=copies)[0])
 
 
+def _show_or_set(config: str | None, verb: str, label: str, mode: str | None) -> None:
+    """An archive-wide mode: set it when given, then print what the metaserver says it is."""
+    with _client(config) as client:
+        got = client.meta.call(verb, **({"mode": mode} if mode else {}))[0]["mode"]
+    click.echo(f"{label}: {got}")
+
+
 @replicas_group.command("mode")
 @click.argument("mode", required=False, type=click.Choice(["sync", "async"]))
 @config_option
@@ -942,9 +949,7 @@ def replicas_mode(mode: str | None, config: str | None) -> None:
            within seconds).  Uploads cost one copy and go on while a site is down; a site lost
            in that window loses the files it alone held.
     """
-    with _client(config) as client:
-        got = client.meta.call("admin.replicas.mode", **({"mode": mode} if mode else {}))[0]["mode"]
-    click.echo(f"replication: {got}")
+    _show_or_set(config, "admin.replicas.mode", "replication", mode)
 
 
 @admin_group.group("deid")
@@ -1018,9 +1023,7 @@ def access_cmd(mode: str | None, config: str | None) -> None:
             cohort grants ('dgf admin grant add'); everything else does not exist for it.
             Clinicians and admins are not restricted.
     """
-    with _client(config) as client:
-        got = client.meta.call("admin.access", **({"mode": mode} if mode else {}))[0]["mode"]
-    click.echo(f"access: {got}")
+    _show_or_set(config, "admin.access", "access", mode)
 
 
 @admin_group.group("grant")

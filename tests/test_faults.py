@@ -136,17 +136,27 @@ def _kill_when_logged(fed: local.Federation, logs: str, text: str, pick: Callabl
         watcher.join()
 
 
+def _three_sites_with_large_files(tmp_path: Path, seed: int) -> local.Federation:
+    """Three sites holding /big: eight 20 MiB objects, two copies each."""
+    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(8):
+        synth.multiframe(big / f"b{i}.dcm", 20 * 1024 * 1024, seed=seed + i)
+    try:
+        with Client(fed.config("clinician")) as c:
+            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 8
+    except BaseException:
+        local.down(fed.root, quiet=True)
+        raise
+    return fed
+
+
 def test_a_site_killed_mid_repair(tmp_path: Path) -> None:
     """The target of site-to-site copies dies after its first one: the repair names it, every
     copy recorded there is whole, and a later repair completes."""
-    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    fed = _three_sites_with_large_files(tmp_path, seed=20)
     try:
-        big = tmp_path / "big"
-        big.mkdir()
-        for i in range(8):
-            synth.multiframe(big / f"b{i}.dcm", 20 * 1024 * 1024, seed=20 + i)
-        with Client(fed.config("clinician")) as c:
-            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 8
         # Lose site-a for good, then kill whichever site first finishes a copy of the repair.
         os.kill(_pid(fed, "site-a"), signal.SIGKILL)
         _wait_dead(fed, "site-a")
@@ -316,14 +326,8 @@ def test_the_metaserver_killed_mid_repair(tmp_path: Path) -> None:
     """The metaserver dies while a repair copies: the repair stops with a named error; copies
     made but not yet recorded are orphans, not half-recorded replicas; after the restart the
     repair completes and the archive is whole."""
-    fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
+    fed = _three_sites_with_large_files(tmp_path, seed=40)
     try:
-        big = tmp_path / "big"
-        big.mkdir()
-        for i in range(8):
-            synth.multiframe(big / f"b{i}.dcm", 20 * 1024 * 1024, seed=40 + i)
-        with Client(fed.config("clinician")) as c:
-            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 8
         os.kill(_pid(fed, "site-a"), signal.SIGKILL)                      # copies to make again
         _wait_dead(fed, "site-a")
         meta = _pid(fed, "metaserver")
