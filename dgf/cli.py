@@ -585,8 +585,14 @@ def grants_cmd(config: str | None) -> None:
         reply = client.meta.call("grants.mine")[0]
     click.echo(f"access: {reply['mode']}")
     for g in reply["grants"]:
-        state = "" if g["until"] > time.time() else "\texpired"
-        click.echo(f"{g['id']}\t@{g['query']}\t{time.strftime('%Y-%m-%d', time.gmtime(g['until'] - 1))}{state}")
+        click.echo(_grant_line(g))
+
+
+def _grant_line(g: dict[str, Any], *extra: str) -> str:
+    """ID, [extra columns,] @QUERY, last day (UTC), and 'expired' once it has ended."""
+    last = time.strftime("%Y-%m-%d", time.gmtime(g["until"] - 1))
+    state = "" if g["until"] > time.time() else "\texpired"
+    return "\t".join([str(g["id"]), *extra[:1], f"@{g['query']}", last, *extra[1:]]) + state
 
 
 @main.command("stat")
@@ -1068,9 +1074,7 @@ def grant_list(principal: str | None, config: str | None) -> None:
     with _client(config) as client:
         rows = client.meta.call("admin.grant.list", **({"principal": principal} if principal else {}))[0]["grants"]
     for g in rows:
-        last = time.strftime("%Y-%m-%d", time.gmtime(g["until"] - 1))
-        state = "" if g["until"] > time.time() else "\texpired"
-        click.echo(f"{g['id']}\t{g['principal']}\t@{g['query']}\t{last}\t{g['xpath']}{state}")
+        click.echo(_grant_line(g, g["principal"], g["xpath"]))
 
 
 @grant_group.command("remove")

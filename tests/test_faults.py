@@ -136,6 +136,19 @@ def _kill_when_logged(fed: local.Federation, logs: str, text: str, pick: Callabl
         watcher.join()
 
 
+def _kill_on_first_progress(pid: int) -> tuple[Callable[[int], None], list[int]]:
+    """A progress callback that SIGKILLs ``pid`` when the first bytes move, and the list that
+    records it happened."""
+    killed: list[int] = []
+
+    def progress(n: int) -> None:
+        if not killed:
+            killed.append(n)
+            os.kill(pid, signal.SIGKILL)
+
+    return progress, killed
+
+
 def _three_sites_with_large_files(tmp_path: Path, seed: int) -> local.Federation:
     """Three sites holding /big: eight 20 MiB objects, two copies each."""
     fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
@@ -373,13 +386,7 @@ def test_a_site_killed_mid_download_and_mid_reconstruction(tmp_path: Path) -> No
             keys = {st.path: st.object_key for st in c.ls("/big")}
         # site-b dies as soon as the first object has arrived: others are streaming meanwhile.
         out = tmp_path / "out"
-        victim, killed = _pid(fed, "site-b"), []
-
-        def progress(n: int) -> None:
-            if not killed:
-                killed.append(n)
-                os.kill(victim, signal.SIGKILL)
-
+        progress, killed = _kill_on_first_progress(_pid(fed, "site-b"))
         with Client(fed.config("researcher")) as r:
             report = r.download(["/big"], out, progress=progress)
         assert killed
@@ -418,13 +425,7 @@ def test_a_site_killed_mid_upload(tmp_path: Path, spare: bool) -> None:
         big.mkdir()
         for i in range(6):
             synth.multiframe(big / f"b{i}.dcm", 24 * 1024 * 1024, seed=80 + i)
-        victim, killed = _pid(fed, "site-b"), []
-
-        def progress(n: int) -> None:
-            if not killed:
-                killed.append(n)
-                os.kill(victim, signal.SIGKILL)
-
+        progress, killed = _kill_on_first_progress(_pid(fed, "site-b"))
         with Client(fed.config("clinician")) as c:
             report = c.upload(sorted(big.iterdir()), to="/streamed", progress=progress)
             assert killed
