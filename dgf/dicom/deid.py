@@ -128,6 +128,9 @@ class Result:
     layout: list[Seg] | None = None
     size: int = 0
     blocks: bytes = b""
+    #: Byte ranges of the output holding only pixel (or waveform) values: what a sealed object
+    #: may keep from the metaserver's check (:func:`dgf.dicom.raw.opaque_values`).
+    opaque: list[tuple[int, int]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,6 +589,7 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
     data = part.data
     layout: list[Seg] | None = None
     blocks = b""
+    opaque: list[tuple[int, int]] = []
     if part.deflated:
         import zlib
         inflated = b"".join(data[s[0]:s[1]] if isinstance(s, tuple) else s for s in body.segs)
@@ -612,6 +616,7 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
         if orig_pos < len(data):
             delta.append(base64.b64encode(data[orig_pos:]).decode())
         size = out_pos
+        opaque = _output_ranges(layout, raw.opaque_values(data, part.dataset, part.encoding.little))
     if layout is not None and plan.fd is not None:
         if size > MAX_OBJECT:
             raise errors.InvalidDicom(f"the de-identified object would be {size} bytes; an object "
@@ -639,7 +644,24 @@ def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
                   pseudo.uids.get(plan.top_text(STUDY_UID), plan.top_text(STUDY_UID)),
                   pseudo.uids.get(plan.top_text(SERIES_UID), plan.top_text(SERIES_UID)),
                   pseudo.uids.get(plan.top_text(SOP_UID), plan.top_text(SOP_UID)),
-                  identity, list(part.warnings), layout=layout, size=size, blocks=blocks)
+                  identity, list(part.warnings), layout=layout, size=size, blocks=blocks, opaque=opaque)
+
+
+def _output_ranges(layout: list[Seg], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` of the source, where the output copies them whole or in part (output offsets)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for s in layout:
+        if isinstance(s, bytes):
+            pos += len(s)
+            continue
+        a, b = s
+        for lo, hi in ranges:
+            lo, hi = max(lo, a), min(hi, b)
+            if lo < hi:
+                out.append((pos + lo - a, pos + hi - a))
+        pos += b - a
+    return out
 
 
 def pread_span(fd: int, start: int, end: int, chunk: int = _READ) -> Iterator[bytes]:

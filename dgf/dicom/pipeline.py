@@ -80,6 +80,8 @@ class Deidentified:
     #: and the hash list computed while streaming it.
     layout: tuple[bytes | tuple[int, int], ...] = ()
     blocks: bytes | None = None
+    #: Output ranges holding only pixel values (see ``deid.Result.opaque``).
+    opaque: tuple[tuple[int, int], ...] = ()
 
     def pieces(self, chunk: int) -> Iterator[bytes | memoryview]:
         """The object's bytes in pieces of at most ``chunk`` bytes, read from its source file
@@ -98,6 +100,17 @@ class Deidentified:
                     yield from deid.pread_span(fd, s[0], s[1], chunk)
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class SealedStream(Deidentified):
+    """A streamed object sealed for an untrusted site (``dgf.envelope``): ``key``, ``size`` and
+    ``blocks`` are the sealed object's, and ``pieces`` seals the plaintext again as it streams."""
+
+    envelope: Any = None
+
+    def pieces(self, chunk: int) -> Iterator[bytes | memoryview]:
+        yield from self.envelope.seal(super().pieces(chunk))
 
 
 #: Plans from step 1 kept for step 2 in the same process (a worker sees the same files in both
@@ -166,7 +179,8 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
                                 result.patient, result.study_uid, result.series_uid, result.sop_uid,
                                 tuple(result.warnings), spooled=spooled, size=result.size,
                                 layout=tuple(result.layout or ()),
-                                blocks=result.blocks if result.layout is not None else None))
+                                blocks=result.blocks if result.layout is not None else None,
+                                opaque=tuple(result.opaque)))
     _drop_plans()
     return out
 

@@ -385,3 +385,30 @@ def parse_part10(data: bytes) -> Part10:
         raise errors.InvalidDicom("the file has file meta information but no dataset.")
     return Part10(data, has_preamble, meta, pos, ts, enc, dataset, warnings=warnings + parser.warnings,
                   truncated=parser.truncated_pixels)
+
+
+#: Top-level elements whose values no check reads: pixel data (native or encapsulated) and
+#: waveform data.  An object sealed for an untrusted site may keep them from the metaserver
+#: (``dgf.envelope``): nothing the profile or the XML header looks at lies inside them.
+OPAQUE_TAGS = frozenset({PIXEL_DATA, 0x7FE00008, 0x7FE00009, 0x54001010})
+
+
+def opaque_values(data: bytes | memoryview, elems: list[Elem], little: bool) -> list[tuple[int, int]]:
+    """Byte ranges of ``data`` that parsing, validating and describing the dataset never read:
+    the values of top-level :data:`OPAQUE_TAGS` elements (each fragment's value, not the item
+    headers, for encapsulated pixel data)."""
+    u32 = _U32[little]
+    out: list[tuple[int, int]] = []
+    for e in elems:
+        if e.tag not in OPAQUE_TAGS:
+            continue
+        if e.length != UNDEFINED:
+            out.append((e.vstart, e.vstart + e.length))
+            continue
+        p = e.vstart
+        while p + 8 <= e.end - 8:               # the last 8 bytes: the Sequence Delimitation Item
+            n = u32.unpack_from(data, p + 4)[0]
+            if n:
+                out.append((p + 8, p + 8 + n))
+            p += 8 + n
+    return out
