@@ -808,6 +808,7 @@ def site_list(config: str | None) -> None:
         reply = client.meta.call("site.list")[0]
     for s in reply["sites"]:
         click.echo(f"{s['name']}\t{s['host']}:{s['port']}\tzone {s.get('zone') or '-'}"
+                   + ("\tuntrusted" if s.get("untrusted") else "")
                    + ("\tdraining" if s["name"] in reply.get("draining", []) else ""))
 
 
@@ -820,10 +821,12 @@ def site_list(config: str | None) -> None:
 @click.option("--host-key", "expected", metavar="SHA256:...",
               help="The host key fingerprint you expect (from 'dgf-ioserver init'); pinned without asking.")
 @click.option("--yes", is_flag=True, help="Pin the host key the site presents without asking.")
+@click.option("--untrusted", is_flag=True,
+              help="The site (a cloud bucket, a partner) is given sealed objects only; see 'dgf admin site trust'.")
 @config_option
 @_run
 def site_add(name: str, address: str, key_file: str | None, zone: str, expected: str | None, yes: bool,
-             config: str | None) -> None:
+             untrusted: bool, config: str | None) -> None:
     """Add I/O site NAME at HOST:PORT (admin).  The site is contacted first and its SSH host key
     shown; once you confirm it (or it matches --host-key) the key is pinned: every client
     refuses a site that presents another, and the site may not change it on registering.
@@ -851,7 +854,32 @@ def site_add(name: str, address: str, key_file: str | None, zone: str, expected:
             raise errors.UsageError("the host key was not confirmed; nothing was pinned.")
         client.meta.call("admin.site.add", site=name, host=host, port=port, host_key=host_key,
                          zone=zone, **({"public_key": public_key} if public_key else {}))
-    click.echo(f"site {name} added at {host}:{port}, host key {fingerprint} pinned")
+        if untrusted:
+            client.meta.call("admin.site.trust", site=name, untrusted=True)
+    click.echo(f"site {name} added at {host}:{port}, host key {fingerprint} pinned"
+               + (", untrusted (sealed objects only)" if untrusted else ""))
+
+
+@site_group.command("trust")
+@click.argument("name")
+@click.option("--untrusted/--trusted", default=True, show_default=True,
+              help="Untrusted: the site holds only sealed objects and never sees a key.")
+@config_option
+@_run
+def site_trust(name: str, untrusted: bool, config: str | None) -> None:
+    """Say whether site NAME may see de-identified bytes (admin).  An untrusted site (a cloud
+    bucket, a partner hospital) is given only objects sealed by the uploading client with
+    AES-256-GCM under a key per study; the metaserver releases those keys to readers beside
+    their capabilities, and erasing a patient destroys them.  A site that already holds
+    unsealed objects must be drained first.  Audited.
+
+    \b
+    Example:
+      dgf admin site trust cloud-eu --untrusted
+    """
+    with _client(config) as client:
+        client.meta.call("admin.site.trust", site=name, untrusted=untrusted)
+    click.echo(f"site {name} is {'untrusted: it is given sealed objects only' if untrusted else 'trusted'}")
 
 
 @site_group.command("drain")

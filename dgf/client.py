@@ -153,6 +153,16 @@ class _Prepared:
     xattrs: dict[str, str] = field(default_factory=dict)
     copies: list[str] = field(default_factory=list)            # further sites (replication)
     copy_receipts: dict[str, str] = field(default_factory=dict)
+    #: Placed on an untrusted site: sealed under its study's key (dgf/envelope.py).  ``seal``
+    #: is what the metaserver is shown, ``plain_size`` the plaintext's size.
+    sealing: bool = False
+    seal: dict[str, Any] | None = None
+    plain_size: int = 0
+
+    @property
+    def size(self) -> int:
+        """The file's size as readers see it (the plaintext's, for a sealed object)."""
+        return self.plain_size if self.seal is not None else self.result.size
 
     @property
     def durable(self) -> bool:
@@ -209,6 +219,14 @@ def _commit_parts(entries: list[tuple[_Prepared, bytes]]) -> Iterator[list[tuple
         size += len(entry[1]) + 1
     if part:
         yield part
+
+
+def _header_patient(xml: bytes) -> str:
+    """The Patient ID an XML header names (a derived file keeps its source's pseudonym)."""
+    from lxml import etree
+
+    found = etree.fromstring(xml).find("PatientID")
+    return (found.text or "") if found is not None else ""
 
 
 @dataclass
@@ -583,6 +601,7 @@ class Client:
         now = time.monotonic()
         # Sites that just failed to answer are passed over while enough others are left.
         live = [s for s in sites if now - self._unreachable.get(s, (-UNREACHABLE_S, None))[0] >= UNREACHABLE_S]
+        untrusted = {st.name: st.untrusted for st in known}
         good = {n.name for n in ok}
         todo = [(name, data) for name, data in items if name in good]
         pseudo_patients = {k: (v[0], v[1]) for k, v in prep["patients"].items()}
@@ -613,8 +632,54 @@ class Client:
                 chosen = placement.choose(basis, live if len(live) >= n and (site is None or site in live)
                                           else sites, n, first=site, zones=zones)
                 prepared.append(_Prepared(d.name, d, target, chosen[0], derived=options.derived,
-                                          pinned=site is not None, copies=chosen[1:]))
-        return prepared, prep["caps"]
+                                          pinned=site is not None, copies=chosen[1:],
+                                          sealing=any(untrusted.get(s, False) for s in chosen)))
+        return self._sealed(prepared, report), prep["caps"]
+
+    def _sealed(self, prepared: list[_Prepared], report: UploadReport) -> list[_Prepared]:
+        """Seal the files placed on an untrusted site under their studies' data keys (one
+        request for the batch's keys): such a site never sees a plaintext byte nor a key.  The
+        metaserver is shown the plaintext of every hash-list block but those inside pixel data,
+        and checks and derives the header from it (see ``envelope``)."""
+        todo = [p for p in prepared if p.sealing]
+        if not todo:
+            return prepared
+        from dgf import envelope
+        from dgf.dicom import pipeline
+
+        for p in todo:
+            if not p.result.study_uid:
+                report.failed.append(Failure(p.source, "has no Study Instance UID, so it cannot be sealed for "
+                                             "an untrusted site", errors.PolicyRefused.exit_code,
+                                             "no Study Instance UID to seal under"))
+        todo = [p for p in todo if p.result.study_uid]
+        prepared = [p for p in prepared if not p.sealing or p in todo]
+        if not todo:
+            return prepared
+        reply, _ = self.meta.call("up.keys", studies={p.result.study_uid: _header_patient(p.result.xml)
+                                                       for p in todo})
+        keys = {study: base64.b64decode(k) for study, k in reply["keys"].items()}
+        for p in todo:
+            r = p.result
+            env = envelope.Envelope.for_plaintext(keys[r.study_uid], r.key, r.size)
+            holes = env.holes(r.opaque)
+            if r.layout:
+                key, digests, shown = envelope.survey(env, r.pieces(envelope.PER_BLOCK * envelope.PLAIN), holes)
+                fields = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+                sealed: pipeline.Deidentified = pipeline.SealedStream(
+                    **{**fields, "key": key, "size": env.sealed_size, "blocks": digests}, envelope=env)
+            else:
+                data = env.seal_bytes(r.data)
+                view = memoryview(r.data)
+                spans = [env.block_plain(k) for k in range(env.blocks()) if k not in holes] \
+                    if env.blocks() else [(0, r.size)]
+                shown = b"".join(view[lo:hi] for lo, hi in spans)
+                sealed = dataclasses.replace(r, data=data, key=crypto.sha256_hex(data), size=len(data),
+                                             blocks=block_digests(data))
+            p.seal = {"study": r.study_uid, "salt": env.salt.hex(), "holes": holes,
+                      "shown": base64.b64encode(shown).decode()}
+            p.plain_size, p.result = r.size, sealed
+        return prepared
 
     @staticmethod
     def _map(pool: pipeline.Workers | None, step: str, items: list[tuple[str, bytes | None]],
@@ -649,7 +714,7 @@ class Client:
         self._put([p for p in prepared if not p.linked], caps, report, meter)
         done = [p for p in prepared if p.durable or p.linked]
         entries = [(p, json.dumps({
-            "path": p.path, "key": p.result.key, "size": p.result.size, "site": p.site,
+            "path": p.path, "key": p.result.key, "size": p.size, "site": p.site,
             "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
             "copies": [] if p.linked else [{"site": c, "receipt": p.copy_receipts[c]} for c in p.copies],
             # Derived data (computed from de-identified data) has no identity to keep.
@@ -658,6 +723,7 @@ class Client:
             "blocks": base64.b64encode(block_digests(p.result.data) if p.result.blocks is None
                                        else p.result.blocks).decode(),
             "xattrs": p.xattrs,
+            **({"seal": p.seal} if p.seal is not None and not p.linked else {}),
         }).encode()) for p in done]
         for part in _commit_parts(entries):
             try:
@@ -676,7 +742,7 @@ class Client:
         reply, _ = self.meta.call("up.commit", body, replace=replace)
         self._free(reply.get("release") or {})
         report.uploaded += len(part)
-        report.bytes += sum(p.result.size for p, _ in part)
+        report.bytes += sum(p.size for p, _ in part)
         report.paths.extend(p.path for p, _ in part)
 
     def _checked(self, prepared: list[_Prepared], report: UploadReport, replace: bool) -> list[_Prepared]:
@@ -790,6 +856,7 @@ class Client:
             p = copy.file
             taken = {p.site, *p.copies}
             spare = [s for s in caps if s not in taken and s in self._site_info
+                     and (p.seal is not None or not self._site_info[s].untrusted)   # plaintext: trusted only
                      and now - self._unreachable.get(s, (-UNREACHABLE_S, None))[0] >= UNREACHABLE_S]
             if not spare or (p.pinned and copy.site == p.site):
                 failed(p, f"upload to site {copy.site} failed: {exc}", exc.exit_code, f"site {copy.site} failed: {exc}")
@@ -822,6 +889,8 @@ class Client:
                 page = json.loads(body)
                 resolved["files"].extend(page["files"])
                 resolved["blocks"].update(page.get("blocks") or {})
+                resolved.setdefault("seals", {}).update(page.get("seals") or {})
+                resolved.setdefault("study_keys", {}).update(page.get("study_keys") or {})
                 resolved["sites"].extend(page["sites"])
                 for site, cap in page["caps"].items():
                     caps.setdefault(site, []).append(cap)
@@ -1050,7 +1119,17 @@ class Client:
             shared["volume_origin"] = None
         g = Geometry.from_dict(shared)
         resolved = self.resolve([r["path"] for r in rows])
-        where = {f[0]: (f[1], list(f[3])) for f in resolved["files"]}
+        refs = {ref.path: ref for ref in ObjectRef.all_of(resolved)}
+        # A sealed projection is reconstructed on a trusted site only, which is sent its key.
+        where = {path: (ref.key, [s for s in ref.sites if ref.env is None or not self._site_info[s].untrusted])
+                 for path, ref in refs.items()}
+        seals = {ref.key: [base64.b64encode(ref.env.key).decode(), ref.env.salt.hex(), ref.env.size]
+                 for ref in refs.values() if ref.env is not None}
+        stuck = [path for path, (_, sites) in where.items() if not sites]
+        if stuck:
+            raise errors.UsageError(f"{stuck[0]} (and {len(stuck) - 1} more) is held only on untrusted sites, which "
+                                    "cannot reconstruct; give its directory a copy on a trusted site ('dgf admin "
+                                    "replicas set', then 'dgf fsck --repair').")
         jobs: dict[str, list[int]] = {}
         for i, r in enumerate(rows):
             jobs.setdefault(where[r["path"]][1][0], []).append(i)
@@ -1066,9 +1145,11 @@ class Client:
                 try:
                     if progress:
                         progress(f"site {site}: back-projecting {len(keys)} projections")
+                    sealed = {k: seals[k] for k in keys if k in seals}
                     result, payload = self.site_link(site).call(
                         "recon.partial", resolved["caps"][site], wait_s=RECON_WAIT_S, keys=keys,
-                        indices=indices, geometry=json.loads(g.to_json()), window=window)
+                        indices=indices, geometry=json.loads(g.to_json()), window=window,
+                        **({"seals": sealed} if sealed else {}))
                     if list(result.get("shape") or []) != [nz, ny, nx] or len(payload) != nx * ny * nz * 4:
                         raise errors.ServerError(f"site {site} returned a partial volume of the wrong shape.")
                     part = np.frombuffer(payload, dtype=np.float32).reshape(nz, ny, nx)

@@ -154,7 +154,7 @@ BY_NAME: dict[str, type[DgfError]] = {
     cls.__name__: cls
     for cls in (
         DgfError, UsageError, ConfigError, NotFound, AlreadyExists, NotADirectory, IsADirectory,
-        DirectoryNotEmpty, NoAttribute, PermissionDenied, AuthenticationFailed, InvalidDicom,
+        DirectoryNotEmpty, NoAttribute, PermissionDenied, PolicyRefused, AuthenticationFailed, InvalidDicom,
         IntegrityError, TransportError, ServerError, QueryTimeout, LimitExceeded, Busy,
     )
 }

@@ -47,6 +47,7 @@ class Entry:
     want: int                               # copies its directory keeps
     path: str                               # one of its paths, for messages
     recorded: dict[str, str]                # site -> state the metaserver records
+    sealed: bool = False                    # sealed (dgf/envelope.py): untrusted sites may take a copy
     found: dict[str, str] = field(default_factory=dict)   # site -> ok | missing | corrupt | unchecked
 
     @property
@@ -153,10 +154,10 @@ def _objects(client: Any, root: str) -> tuple[dict[str, Entry], dict[str, Site]]
         for s in page["sites"]:
             site = Site.from_wire(s)
             sites[site.name] = site
-        for key, size, want, rows, path in page["objects"]:
+        for key, size, want, rows, path, sealed in page["objects"]:
             e = entries.get(key)
             if e is None:
-                entries[key] = Entry(key, size, want, path, {s: state for s, state in rows})
+                entries[key] = Entry(key, size, want, path, {s: state for s, state in rows}, sealed=sealed)
             else:
                 e.want = max(e.want, want)
         offset = page["next"]
@@ -195,7 +196,9 @@ def _repair(client: Any, entries: dict[str, Entry], sites: dict[str, Site], caps
         need = e.want - len(intact)
         if not intact or need <= 0:
             continue
-        candidates = placement.choose(e.key, [s for s in up if s not in intact], len(up), zones=zones, avoid=intact)
+        # An unsealed object is never copied to an untrusted site.
+        takers = [s for s in up if s not in intact and (e.sealed or not sites[s].untrusted)]
+        candidates = placement.choose(e.key, takers, len(up), zones=zones, avoid=intact)
         if len(candidates) < need:
             report.failures.append(f"{e.path}: {need} more cop{'y' if need == 1 else 'ies'} wanted, "
                                    f"{len(candidates)} site(s) can take one")
@@ -381,12 +384,13 @@ def drain(client: Any, site: str, progress: Callable[[str], None] | None = None)
         if missing_caps:
             caps.update(client.meta.call("admin.fsck.caps", sites=missing_caps)[0]["caps"])
         say(f"site {site}: moving {len(page['objects'])} object(s)")
-        for key, size, copies in page["objects"]:
+        for key, size, copies, sealed in page["objects"]:
             sound = [s for s, state in copies if state == "ok"]
             elsewhere = [s for s in sound if s != site]
             holders = {s for s, _ in copies}
             others = [s for s in sound if s != site]
-            target = next(iter(placement.choose(key, [s for s in takers if s not in holders], 1,
+            target = next(iter(placement.choose(key, [s for s in takers if s not in holders and (
+                                                    sealed or not sites[s].untrusted)], 1,
                                                 zones={n: st.zone for n, st in sites.items()}, avoid=others)), None)
             source = site if site in sound else (elsewhere[0] if elsewhere else None)
             try:

@@ -438,7 +438,7 @@ class DgfFS(mfusepy.Operations):
             self._resolved.clear()
         for ref in ObjectRef.all_of(resolved):
             self._resolved[ref.path] = (now, _Reader(ref.path, ref.key, ref.size, ref.sites, ref.caps,
-                                                     ref.digests, ref.resolved))
+                                                     ref.digests, ref.resolved, ref.env))
 
     def _resolve(self, path: str) -> _Reader:
         """A fresh reader for ``path``.  The first file opened in a listed directory resolves
@@ -453,7 +453,7 @@ class DgfFS(mfusepy.Operations):
             if hit is None:
                 raise errors.NotFound(f"{path} does not exist.")
         r = hit[1]
-        return _Reader(r.path, r.key, r.size, list(r.sites), r.caps, r.digests, r.resolved)  # its own position
+        return _Reader(r.path, r.key, r.size, list(r.sites), r.caps, r.digests, r.resolved, r.env)  # its own position
 
     @_errno_of
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -500,7 +500,7 @@ class DgfFS(mfusepy.Operations):
         """One block through the client's object reader (replicas in turn, verified)."""
         assert self.blocks is not None
         try:
-            if r.size > DIGEST_BLOCK and not r.digests:
+            if r.stored > DIGEST_BLOCK and not r.digests:
                 # Stored before objects had hash lists: only the whole object can be checked,
                 # so it is read whole once and cached block by block.
                 data = self.client.reader.read(r)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dgf import errors
+from dgf.envelope import Envelope, open_file
 from dgf.integrity import BLOCK as DIGEST_BLOCK
 from dgf.integrity import check_range
 from dgf.transport import GetResult, run_parallel
@@ -56,18 +57,37 @@ class ObjectRef:
     caps: dict[str, str]
     digests: bytes = b""
     resolved: float = field(default_factory=time.monotonic)
+    #: A sealed object (on untrusted sites): how to unseal it; ``size`` is its plaintext's.
+    env: Envelope | None = None
+
+    @property
+    def stored(self) -> int:
+        """The size of the object as sites store it."""
+        return self.env.sealed_size if self.env is not None else self.size
 
     @classmethod
     def all_of(cls, resolved: dict[str, Any]) -> list[ObjectRef]:
         """The files of a ``Client.resolve`` reply."""
         blocks = resolved.get("blocks") or {}
+        seals = resolved.get("seals") or {}
+        keys = {study: base64.b64decode(k) for study, k in (resolved.get("study_keys") or {}).items()}
         now = time.monotonic()
-        return [cls(path, key, size, list(sites), resolved["caps"],
-                    base64.b64decode(blocks[key]) if key in blocks else b"", now)
-                for path, key, size, sites in resolved["files"]]
+        out = []
+        for path, key, size, sites in resolved["files"]:
+            env = None
+            if key in seals:
+                salt, study = seals[key]
+                if study not in keys:
+                    raise errors.PermissionDenied(f"{path} is sealed under a study key the archive no longer "
+                                                  "holds (its patient was erased).")
+                env = Envelope(keys[study], bytes.fromhex(salt), size)
+            out.append(cls(path, key, size, list(sites), resolved["caps"],
+                           base64.b64decode(blocks[key]) if key in blocks else b"", now, env))
+        return out
 
     def copy(self) -> ObjectRef:
-        return ObjectRef(self.path, self.key, self.size, list(self.sites), self.caps, self.digests, self.resolved)
+        return ObjectRef(self.path, self.key, self.size, list(self.sites), self.caps, self.digests, self.resolved,
+                         self.env)
 
 
 class ObjectReader:
@@ -91,8 +111,21 @@ class ObjectReader:
         if time.monotonic() - ref.resolved > CAP_REFRESH_S:
             self._refresh(ref)
         length = ref.size - offset if length < 0 else min(length, ref.size - offset)
-        whole = ref.size > DIGEST_BLOCK and not ref.digests and (offset, length) != (0, ref.size)
-        start, n = (0, ref.size) if whole else (offset, length)
+        if length <= 0 and (offset, ref.size) != (0, 0):
+            return b""                   # at or past the end
+        if ref.env is not None:
+            # Sealed: fetch and check the whole hash-list blocks that hold the range, then
+            # authenticate and decrypt just its chunks.
+            _, a, b = ref.env.cipher_range(offset, length)
+            return ref.env.open_range(self._verified(ref, a, b - a), a, offset, length)
+        return self._verified(ref, offset, length)
+
+    def _verified(self, ref: ObjectRef, offset: int, length: int) -> bytes:
+        """Stored bytes ``[offset, offset+length)`` of ``ref``'s object, from the first replica
+        whose copy passes the check."""
+        size = ref.stored
+        whole = size > DIGEST_BLOCK and not ref.digests and (offset, length) != (0, size)
+        start, n = (0, size) if whole else (offset, length)
         # The file exists (it was resolved): no copy to read is an I/O error, not "no such file".
         last: errors.DgfError = errors.IntegrityError(f"no sound copy of {ref.path} is left to read (all "
                                                       "quarantined or missing); 'dgf fsck' says more.")
@@ -114,7 +147,7 @@ class ObjectReader:
                                              "quarantined.") if isinstance(exc, errors.NotFound) else exc
                 continue
             try:
-                check_range(ref.key, ref.size, ref.digests, start, data, f"site {site}")
+                check_range(ref.key, ref.stored, ref.digests, start, data, f"site {site}")
             except errors.IntegrityError as exc:
                 log.error("%s: %s; asking the site to verify and quarantine it", ref.path, exc)
                 self.report_corrupt(site, ref)
@@ -128,7 +161,7 @@ class ObjectReader:
         under cohort grants that changed) is renewed once and the request made again."""
         for attempt in (1, 2):
             try:
-                if (start, n) == (0, ref.size):
+                if (start, n) == (0, ref.stored):
                     return self.client.site_link(site).call("get", ref.caps[site], key=ref.key)[1]
                 return self.client.site_link(site).read_range(ref.key, start, n, ref.caps[site])
             except errors.PermissionDenied:
@@ -154,7 +187,7 @@ class ObjectReader:
             return False                 # removed meanwhile: the read fails as it stands
         if not fresh or fresh[0].key != ref.key:
             return False
-        ref.caps, ref.sites, ref.resolved = fresh[0].caps, fresh[0].sites, fresh[0].resolved
+        ref.caps, ref.sites, ref.resolved, ref.env = fresh[0].caps, fresh[0].sites, fresh[0].resolved, fresh[0].env
         return True
 
     def report_corrupt(self, site: str, ref: ObjectRef) -> None:
@@ -196,6 +229,9 @@ class ObjectReader:
         lock = threading.Lock()
 
         def arrived(res: GetResult) -> None:
+            env = by_key[res.key].env
+            if res.error is None and env is not None:
+                res = _unsealed(res, env)
             if res.error is not None:
                 with lock:
                     why[res.key] = res.error.message
@@ -214,7 +250,7 @@ class ObjectReader:
 
             def run() -> None:
                 try:
-                    self.client.site_link(site).get_many([(k, by_key[k].size) for k in keys], caps[site],
+                    self.client.site_link(site).get_many([(k, by_key[k].stored) for k in keys], caps[site],
                                                          on_result, spool)
                 except errors.DgfError as exc:
                     self.client._drop_link(site, exc)
@@ -253,3 +289,21 @@ class ObjectReader:
             if any(replicas[k] for k in pending):
                 each_replica()
         return {k: why.get(k, "no replica could be read (sites down or objects corrupt)") for k in sorted(pending)}
+
+
+def _unsealed(res: GetResult, env: Envelope) -> GetResult:
+    """A verified sealed object, unsealed (in memory, or spool file to spool file)."""
+    try:
+        if res.path is None:
+            return GetResult(res.key, env.open(res.data or b""))
+        plain = res.path.with_name(res.path.name + ".plain")
+        try:
+            open_file(env, str(res.path), str(plain))
+        except BaseException:
+            plain.unlink(missing_ok=True)
+            raise
+        finally:
+            res.path.unlink(missing_ok=True)
+        return GetResult(res.key, path=plain)
+    except errors.IntegrityError as exc:
+        return GetResult(res.key, error=exc)

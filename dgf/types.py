@@ -81,13 +81,15 @@ class Site:
     port: int
     host_key: str  # OpenSSH public key line of the site's SSH host key
     zone: str = ""  # a failure domain (a building, a rack); copies go to distinct zones
+    untrusted: bool = False  # holds sealed objects only (dgf/envelope.py); set by an admin
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Site:
-        return cls(str(d["name"]), str(d["host"]), int(d["port"]), str(d["host_key"]), str(d.get("zone") or ""))
+        return cls(str(d["name"]), str(d["host"]), int(d["port"]), str(d["host_key"]), str(d.get("zone") or ""),
+                   bool(d.get("untrusted")))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ receipt signed by the site key, which the metaserver checks before an upload bec
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import paramiko
 
-from dgf import crypto, errors, wire
+from dgf import crypto, envelope, errors, wire
 from dgf.config import IoserverConfig
 from dgf.integrity import block_digests, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
@@ -82,6 +83,8 @@ class KeyRing:
         self._lock = threading.Lock()
         #: The archive's grant epoch: capabilities issued under an older one are refused.
         self.grant_epoch = 0
+        #: An admin marked this site untrusted: it stores sealed objects only (dgf/envelope.py).
+        self.untrusted = False
 
     def start(self) -> None:
         def loop() -> None:
@@ -108,6 +111,7 @@ class KeyRing:
             self._keys = {p["fingerprint"]: Peer(p["name"], p["role"], p["fingerprint"])
                           for p in reply["principals"]}
             self.grant_epoch = int(reply.get("grant_epoch") or 0)
+            self.untrusted = bool(reply.get("untrusted"))
 
     def lookup(self, key: paramiko.PKey) -> Peer | None:
         fp = crypto.fingerprint(key)
@@ -201,12 +205,23 @@ class IoService(wire.Service):
         from dgf.dicom import validate
         from dgf.dicom.xmlheader import header_xml
 
+        if self._sealed(data, key):
+            return ""       # sealed: the metaserver checks what the uploader shows it (up.commit)
         if self.profile is not None:
             validate.check(data, self.profile.get(), f"object {key[:16]}...")
         try:
             return hashlib.sha256(header_xml(data)).hexdigest()  # type: ignore[arg-type]
         except errors.InvalidDicom as exc:
             raise errors.PolicyRefused(f"object {key[:16]}... is not a DICOM file ({exc.message}).") from exc
+
+    def _sealed(self, data: bytes | memoryview, key: str) -> bool:
+        """Whether ``data`` is a sealed object; an untrusted site refuses any other."""
+        if envelope.trailer_of(data) is not None:
+            return True
+        if self.keyring is not None and self.keyring.untrusted:
+            raise errors.PolicyRefused(f"site {self.site} is untrusted and stores sealed objects only; object "
+                                       f"{key[:16]}... is not sealed.")
+        return False
 
     @wire.verb("hello")
     def hello(self, s: Session) -> wire.Reply:
@@ -335,12 +350,15 @@ class IoService(wire.Service):
         except errors.IntegrityError:
             return wire.Reply({"ok": False})
 
-    @wire.verb("recon.partial", keys=list, indices=list, geometry=dict, window=str)
+    @wire.verb("recon.partial", optional=("seals",), keys=list, indices=list, geometry=dict, window=str,
+               seals=dict)
     def recon_partial(self, s: Session, keys: list[str], indices: list[int], geometry: dict[str, Any],
-                      window: str) -> wire.Reply:
+                      window: str, seals: dict[str, Any] | None = None) -> wire.Reply:
         """The map step of FDK near the data: filter and back-project the projections this site
         holds (``keys``, which are projections ``indices`` of the scan) into a partial volume,
-        returned as float32 bytes [z, y, x]."""
+        returned as float32 bytes [z, y, x].  Sealed projections are unsealed with the keys the
+        reader sends in ``seals`` (key: [data key base64, salt hex, size]); an untrusted site
+        takes no key and reconstructs nothing sealed."""
         from dgf.dicom.projections import read_projection
         from ioserver.recon import Geometry, partial_fdk
 
@@ -360,9 +378,18 @@ class IoService(wire.Service):
             raise self.limits.refuse("recon_projection_bytes",
                                      f"{len(keys)} projections of {nu}x{nv} ({len(keys) * nu * nv * 4} bytes)")
         projections = np.empty((len(keys), nv, nu), dtype=np.float32)
+        if seals and self.keyring is not None and self.keyring.untrusted:
+            raise errors.PermissionDenied(f"site {self.site} is untrusted: it takes no key, so it cannot "
+                                          "reconstruct sealed projections; reconstruct on a trusted site.")
         for slot, key in enumerate(keys):
             _, chunks = self.store.get(key)
-            _, _, _, image = read_projection(b"".join(chunks))
+            data = b"".join(chunks)
+            if envelope.trailer_of(data) is not None:
+                seal = (seals or {}).get(key)
+                if not isinstance(seal, list) or len(seal) != 3:
+                    raise errors.UsageError(f"projection {key[:16]}... is sealed here; the request must carry its key.")
+                data = envelope.Envelope(base64.b64decode(seal[0]), bytes.fromhex(seal[1]), int(seal[2])).open(data)
+            _, _, _, image = read_projection(data)
             if image.shape != (nv, nu):
                 raise errors.UsageError(f"projection {key[:16]}... is {image.shape[1]}x{image.shape[0]}, "
                                         f"the geometry says {nu}x{nv}.")
@@ -439,6 +466,9 @@ class IoService(wire.Service):
             if hasher.whole.hexdigest() != key:
                 raise errors.IntegrityError(f"object {key[:16]}... failed its checksum here.")
             with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) if n else contextlib.nullcontext(b"") as data:
+                if envelope.trailer_of(data) is not None:  # type: ignore[arg-type]
+                    raise errors.PolicyRefused(f"object {key[:16]}... is sealed: no site can read its header, "
+                                               "so it cannot be adopted.")
                 if self.profile is not None:        # stored before sites checked, perhaps
                     validate.check(data, self.profile.get(), f"object {key[:16]}...")  # type: ignore[arg-type]
                 xml = header_xml(data)  # type: ignore[arg-type]
@@ -480,7 +510,15 @@ class IoService(wire.Service):
                     n = int(header.get("n", 0))
                     if n != size:
                         raise errors.IntegrityError(f"{where} holds {n} bytes of object {key[:16]}..., not {size}.")
-                    _, digests = self.store.put(key, chan.payload_chunks(n), size)
+                    created, digests = self.store.put(key, chan.payload_chunks(n), size)
+                    if self.keyring is not None and self.keyring.untrusted:
+                        try:
+                            with self.store.mapped(key) as data:
+                                self._sealed(data, key)
+                        except errors.PolicyRefused:
+                            if created:
+                                self.store.delete(key)
+                            raise
                 except errors.DgfError as exc:
                     # The channel may be out of step (a refused or half-read object): the rest
                     # of the batch waits for the next request.

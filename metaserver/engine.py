@@ -59,6 +59,8 @@ class NewFile:
     copies: tuple[str, ...] = ()   # further sites holding a durable copy (replication)
     original_size: int | None = None  # the identified original's size (with ``identity``)
     wanted: int = 0                # copies its directory keeps; more than it has: queued for repair
+    stored_size: int = 0           # a sealed object's stored size (``size`` is its plaintext's)
+    seal: str | None = None        # a sealed object's "SALT_HEX:STUDY" (dgf/envelope.py)
 
 
 class MetaEngine(ABC):
@@ -343,6 +345,18 @@ class MetaEngine(ABC):
 
     @abstractmethod
     def sites(self) -> list[Site]: ...
+
+    @abstractmethod
+    def set_site_trust(self, name: str, untrusted: bool) -> None: ...
+
+    @abstractmethod
+    def object_seals(self, keys: list[str]) -> dict[str, str]: ...
+
+    @abstractmethod
+    def study_keys(self, studies: list[str]) -> dict[str, tuple[str, bytes]]: ...
+
+    @abstractmethod
+    def add_study_keys(self, rows: dict[str, tuple[str, bytes]]) -> None: ...
 
     def audit(self, principal: str, action: str, target: str, outcome: str, detail: str = "") -> None:
         self.audit_many([(principal, action, target, outcome, detail)])

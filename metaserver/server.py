@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ from typing import Any
 import paramiko
 from lxml import etree
 
-from dgf import crypto, errors, placement, wire
+from dgf import crypto, envelope, errors, placement, wire
 from dgf.config import MetaserverConfig
 from dgf.dicom import identity
 from dgf.dicom.profile import OPTIONS, Options
@@ -65,7 +66,8 @@ POLICY: dict[str, frozenset[str]] = {
     "query.save": USERS, "query.list": USERS, "query.remove": USERS,
     # Uploads learn pseudonyms and date shifts (they link a patient to their de-identified data):
     # only roles that may see identity upload.
-    "up.prepare": UPLOADERS, "up.check": UPLOADERS, "up.commit": UPLOADERS,
+    "up.prepare": UPLOADERS, "up.check": UPLOADERS, "up.commit": UPLOADERS, "up.keys": UPLOADERS,
+    "admin.site.trust": frozenset({"admin"}),
     "down.resolve": USERS, "identity.sizes": IDENTITY_ROLES,
     "admin.principal.add": frozenset({"admin"}), "admin.principal.remove": frozenset({"admin"}),
     "admin.principal.list": frozenset({"admin"}), "admin.audit": frozenset({"admin"}),
@@ -441,7 +443,17 @@ class MetaService(wire.Service):
     def site_keys(self, p: Principal) -> wire.Reply:
         return wire.Reply({"principals": [
             {"name": q.name, "role": q.role, "fingerprint": q.fingerprint} for q in self.engine.principals()],
-            "grant_epoch": self._grant_epoch()})
+            "grant_epoch": self._grant_epoch(),
+            # An untrusted site refuses to store anything that is not sealed.
+            "untrusted": any(st.untrusted for st in self.engine.sites() if st.name == p.name)})
+
+    @wire.verb("admin.site.trust", site=str, untrusted=bool)
+    def site_trust(self, p: Principal, site: str, untrusted: bool) -> wire.Reply:
+        """Mark a site untrusted (from then on it is given sealed objects only, and never a key)
+        or trusted again; a site holding unsealed objects must be drained first.  Audited."""
+        with self.engine.audited(p.name, "site.trust", site, "untrusted" if untrusted else "trusted"):
+            self.engine.set_site_trust(site, untrusted)
+        return wire.Reply({"site": site, "untrusted": untrusted})
 
     @wire.verb("site.report", keys=list, state=str)
     def site_report(self, p: Principal, keys: list[str], state: str) -> wire.Reply:
@@ -478,7 +490,8 @@ class MetaService(wire.Service):
     def site_objects(self, p: Principal, site: str, after: str = "") -> wire.Reply:
         """The objects recorded at ``site``, a page at a time, with every copy's site and state."""
         rows = self.engine.objects_at(site, after, min(self.limits.list_items, 2000))
-        return wire.Reply({"objects": [[k, n, [list(c) for c in copies]] for k, n, copies in rows],
+        sealed = self.engine.object_seals([k for k, _, _ in rows])
+        return wire.Reply({"objects": [[k, n, [list(c) for c in copies], k in sealed] for k, n, copies in rows],
                            "sites": [st.to_wire() for st in self.engine.sites()],
                            "draining": sorted(self._draining())})
 
@@ -829,6 +842,86 @@ class MetaService(wire.Service):
             raise errors.UsageError("up.check takes three lists of strings of one length.")
         return wire.Reply({"states": self.engine.check_files(list(zip(paths, keys, uids)))})
 
+    @wire.verb("up.keys", studies=dict)
+    def up_keys(self, p: Principal, studies: dict[str, str]) -> wire.Reply:
+        """Data keys for studies ``{study UID: patient pseudonym}`` whose objects go to untrusted
+        sites (sealed by the uploader, dgf/envelope.py), made where missing; audited by count."""
+        if len(studies) > self.limits.list_items:
+            raise self.limits.refuse("list_items", f"keys of {len(studies)} studies")
+        for study, patient in studies.items():
+            if not isinstance(patient, str) or not re.fullmatch(r"P[A-Z2-7]{16}", patient) or \
+                    not re.fullmatch(r"[0-9.]{1,64}", study):
+                raise errors.UsageError("up.keys takes de-identified study UIDs, each with its patient pseudonym.")
+        keys = self.vault.study_keys(dict(studies), create=True)
+        self.engine.audit(p.name, "study-key.issue", f"{len(keys)} studies", "ok", ",".join(sorted(keys))[:1000])
+        return wire.Reply({"keys": {k: _b64(v) for k, v in keys.items()}})
+
+    def _unseal_header(self, f: dict[str, Any], blocks: bytes) -> bytes:
+        """The XML header of a sealed object (``f``, a commit entry), derived here from the
+        plaintext the uploader showed: checked against the stored object by sealing it again,
+        checked against the archive's profile, and whatever was not shown must lie inside pixel
+        values, which no check reads.  Raises PolicyRefused naming the problem."""
+        import mmap
+
+        from dgf import envelope
+        from dgf.dicom import raw, validate
+        from dgf.dicom.profile import Profile
+        from dgf.dicom.xmlheader import header_xml
+
+        seal: Any = f.get("seal")
+        path = str(f.get("path"))[:200]
+        try:
+            study, salt = str(seal["study"]), bytes.fromhex(seal["salt"])
+            holes = [int(k) for k in seal.get("holes") or []]
+            shown = base64.b64decode(seal["shown"])
+            size = int(f["size"])
+            if len(salt) != 8 or size < 1:
+                raise ValueError("salt")
+        except (TypeError, KeyError, ValueError) as exc:
+            raise errors.UsageError(f"the seal of {path} in the commit is malformed.") from exc
+        found = self.engine.study_keys([study]).get(study)
+        key = self.vault.study_keys({study: ""}, create=False).get(study) if found else None
+        if key is None or found is None:
+            raise errors.PolicyRefused(f"{path} is sealed under study {study[:40]}, which has no data key here "
+                                       "(erased, or never issued by 'up.keys').")
+        env = envelope.Envelope(key, salt, size)
+        try:
+            gaps = env.check_shown(shown, holes, str(f["key"]), blocks)
+        except errors.IntegrityError as exc:
+            raise errors.PolicyRefused(f"{path}: {exc.message} Nothing was published.") from exc
+        view = mmap.mmap(-1, size)
+        try:
+            at = 0
+            for k in range(max(1, env.blocks())):
+                lo, hi = env.block_plain(k) if env.blocks() else (0, size)
+                if (lo, hi) in gaps:
+                    continue
+                view[lo:hi] = shown[at:at + hi - lo]
+                at += hi - lo
+            plain = view                    # as long as the plaintext (a DICOM file is never empty)
+            names = sorted(json.loads(self.engine.get_setting("deid.options") or "null") or Options().enabled())
+            profile = Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
+            validate.check(plain, profile, path)  # type: ignore[arg-type]
+            part = raw.parse_part10(plain)  # type: ignore[arg-type]
+            opaque = raw.opaque_values(part.data, part.dataset, part.encoding.little)
+            for lo, hi in gaps:
+                if not any(a <= lo and hi <= b for a, b in opaque):
+                    raise errors.PolicyRefused(f"{path}: bytes {lo}-{hi} were not shown to the metaserver but are "
+                                               "not pixel data; nothing was published.")
+            top = {e.tag: e for e in part.dataset}
+            said = {t: raw.text_value(part.data, top[t]) if t in top else "" for t in (0x0020000D, 0x00100020)}
+            if said[0x0020000D] != study or said[0x00100020] != found[0]:
+                raise errors.PolicyRefused(f"{path} is sealed under the key of another study or patient than its "
+                                           "header names; nothing was published.")
+            xml = header_xml(plain)  # type: ignore[arg-type]
+            del part
+        except errors.InvalidDicom as exc:
+            raise errors.PolicyRefused(f"{path} is not a DICOM file this archive stores ({exc.message}).") from exc
+        finally:
+            with contextlib.suppress(BufferError):
+                view.close()
+        return xml
+
     @wire.verb("up.commit", payload=True, optional=("replace",), replace=bool)
     def up_commit(self, p: Principal, payload: wire.Payload, replace: bool = False) -> wire.Reply:
         if payload.size > self.limits.commit_bytes:
@@ -868,8 +961,13 @@ class MetaService(wire.Service):
                 f["xml"] = stored.decode("utf-8", "surrogateescape")
             else:
                 blocks = base64.b64decode(f.get("blocks") or "")
-                if f["size"] > BLOCK and len(blocks) != DIGEST * ((f["size"] + BLOCK - 1) // BLOCK):
+                stored_size = envelope.sealed_size(int(f["size"])) if f.get("seal") else f["size"]
+                if stored_size > BLOCK and len(blocks) != DIGEST * ((stored_size + BLOCK - 1) // BLOCK):
                     raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
+                if f.get("seal"):
+                    # Sealed for untrusted sites: no site saw the plaintext, so the header is
+                    # derived and checked here, from what the uploader shows.
+                    f["xml"] = self._unseal_header(f, blocks).decode("utf-8", "surrogateescape")
                 copies = [(site, f["receipt"])] + [(str(c.get("site")), str(c.get("receipt")))
                                                    for c in f.get("copies") or [] if isinstance(c, dict)]
                 for where, receipt in copies:
@@ -877,7 +975,7 @@ class MetaService(wire.Service):
                         raise errors.UsageError(f"unknown site {where!r} in commit.")
                     claims = crypto.verify_token(site_keys[where], receipt)
                     if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
-                            ("receipt", where, f["key"], f["size"]):
+                            ("receipt", where, f["key"], stored_size):
                         raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
                     # The hash list is kept only as every site computed it from the bytes it stored.
                     if list_digest(blocks) != claims.get("bl", ""):
@@ -885,7 +983,7 @@ class MetaService(wire.Service):
                             f"the block digests for {f['path']} do not match the receipt of site {where}.")
                     # The header published is the one the storing site derived from the bytes it
                     # checked against the profile: a writer cannot put anything else beside it.
-                    if where == site and claims.get("xh") != hashlib.sha256(
+                    if where == site and not f.get("seal") and claims.get("xh") != hashlib.sha256(
                             str(f.get("xml", "")).encode("utf-8", "surrogateescape")).hexdigest():
                         raise errors.PermissionDenied(
                             f"the header sent for {f['path']} is not the one site {site} derived from the "
@@ -908,12 +1006,15 @@ class MetaService(wire.Service):
                 if not isinstance(original_size, int) or original_size < 0:
                     raise errors.UsageError(f"the identity record for {f['path']} has no original size.")
                 sealed = self.vault.seal(f["patient"], f["key"], record)
-            xattrs = {query.HEADER_XATTR: f["xml"].encode()}
+            xattrs = {query.HEADER_XATTR: f["xml"].encode("utf-8", "surrogateescape")}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
             more = tuple(str(c["site"]) for c in f.get("copies") or [] if f.get("receipt"))
+            seal = f.get("seal")
             new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, patient, sealed,
                                blocks=blocks, original_size=original_size, copies=more,
-                               wanted=placement.factor(f["path"], default, overrides) if background else 0))
+                               wanted=placement.factor(f["path"], default, overrides) if background else 0,
+                               stored_size=envelope.sealed_size(int(f["size"])) if seal else 0,
+                               seal=f"{seal['salt']}:{seal['study']}" if seal else None))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
         return wire.Reply({"created": len(stats), "release": self._released(p, released)})
@@ -979,8 +1080,14 @@ class MetaService(wire.Service):
             f.append(_read_order(f[1], replicas.get(f[1], [])))
             for site in f[3]:
                 by_site.setdefault(site, set()).add(f[1])
+        seals = self.engine.object_seals(keys)
+        studies = self.vault.study_keys({seal.partition(":")[2]: "" for seal in seals.values()}, create=False) \
+            if seals else {}
         out: dict[str, Any] = {
             "files": files,
+            # Sealed objects (untrusted sites): salt and study, and the keys of those studies.
+            "seals": {k: seal.split(":", 1) for k, seal in seals.items()},
+            "study_keys": {study: _b64(key) for study, key in studies.items()},
             "blocks": {k: _b64(v) for k, v in self.engine.object_blocks(keys).items()},
             "sites": [s.to_wire() for s in self.engine.sites() if s.name in by_site],
             "caps": {site: self._cap(p, "get", site, sorted(keys)) for site, keys in by_site.items()},
@@ -1091,8 +1198,12 @@ class MetaService(wire.Service):
                 entry[2] = max(entry[2], placement.factor(path, default, overrides))
             seen += 1
         rows = self.engine.replica_rows(sorted(found))
+        sealed = self.engine.object_seals(sorted(found))
         for key, entry in found.items():
             entry[3] = [list(r) for r in rows.get(key, [])]
+            if key in sealed:                    # the stored size; untrusted sites may hold a copy
+                entry[1] = envelope.sealed_size(entry[1])
+            entry.append(key in sealed)
         return wire.Reply({"objects": list(found.values()), "next": seen if more else None,
                            "sites": [st.to_wire() for st in self.engine.sites()]})
 
@@ -1120,6 +1231,12 @@ class MetaService(wire.Service):
         keys = [str(k) for k in keys]
         if len(keys) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"a copy of {len(keys)} objects")
+        if sites[target].untrusted:
+            sealed = self.engine.object_seals(keys)
+            plain = [k for k in keys if k not in sealed]
+            if plain:
+                raise errors.PermissionDenied(f"site {target} is untrusted and object {plain[0][:16]}... is not "
+                                              "sealed; it may only be copied to trusted sites.")
         return wire.Reply({"cap": self._cap(holder, "get", source, keys), "source": sites[source].to_wire()})
 
     @wire.verb("admin.fsck.adopt", site=str, objects=dict)
@@ -1242,14 +1359,19 @@ class MetaService(wire.Service):
         zones = {n: st.zone for n, st in sites.items()}
         done: list[str] = []
         work: dict[str, list[tuple[str, int]]] = {}       # source site -> [(key, size)]
-        for key, size, wanted, copies in self.engine.repair_queue(REPAIR_SCAN):
+        queue = self.engine.repair_queue(REPAIR_SCAN)
+        sealed = self.engine.object_seals([key for key, *_ in queue]) \
+            if any(st.untrusted for st in sites.values()) else {}
+        for key, size, wanted, copies in queue:
             sound = [s for s, state in copies if state == "ok" and s in sites]
             if len(sound) >= wanted or not sound:
                 if len(sound) >= wanted:
                     done.append(key)
                 continue                          # no sound copy left: only fsck can say more
             held = {s for s, _ in copies}
-            target = placement.choose(key, [s for s in takers if s not in held], 1, zones=zones, avoid=sound)
+            # Unsealed objects go to trusted sites only.
+            target = placement.choose(key, [s for s in takers if s not in held and (
+                key in sealed or not sites[s].untrusted)], 1, zones=zones, avoid=sound)
             if target == [p.name] and sum(len(v) for v in work.values()) < limit:
                 work.setdefault(_read_order(key, sound)[0], []).append((key, size))
         self.engine.repairs_done(done)

@@ -58,6 +58,8 @@ objects = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("created", sa.Float, nullable=False),
+    # Sealed objects (dgf/envelope.py): "SALT_HEX:STUDY_UID", the study whose data key seals it.
+    sa.Column("seal", sa.String, nullable=True),
 )
 replicas = sa.Table(
     "replicas", metadata,
@@ -104,6 +106,17 @@ sites_t = sa.Table(
     # Added by an admin ('dgf admin site add'): the site's own registration may not change its
     # host key or address, and declares a zone only where the admin gave none.
     sa.Column("pinned", sa.Boolean, nullable=True),
+    # Set by an admin only: the site is given sealed objects and never a key or a plaintext byte.
+    sa.Column("untrusted", sa.Boolean, nullable=True),
+)
+# One data key per study for objects sealed for untrusted sites, wrapped by the data key of the
+# study's patient: erasing the patient's key makes every sealed object of theirs unreadable.
+study_keys = sa.Table(
+    "study_keys", metadata,
+    sa.Column("study", sa.String, primary_key=True),
+    sa.Column("patient", sa.String, nullable=False, index=True),
+    sa.Column("wrapped", sa.LargeBinary, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
 )
 settings_t = sa.Table(
     "settings", metadata,
@@ -273,7 +286,8 @@ class SqlEngine(MetaEngine):
         """Columns added since a database was created (create_all adds tables, not columns)."""
         inspector = sa.inspect(self.engine)
         for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR"),
-                                          (sites_t, "pinned", "BOOLEAN"), (audit_t, "hash", "VARCHAR(64)")):
+                                          (sites_t, "pinned", "BOOLEAN"), (audit_t, "hash", "VARCHAR(64)"),
+                                          (sites_t, "untrusted", "BOOLEAN"), (objects, "seal", "VARCHAR")):
             if column not in {c["name"] for c in inspector.get_columns(table.name)}:
                 with self.engine.begin() as conn:
                     conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
@@ -743,7 +757,8 @@ class SqlEngine(MetaEngine):
                                       new_rows)
                 for f, row in zip(new_files, result):
                     inos[f.path] = row.id
-            obj_rows = [{"key": f.object_key, "size": f.size, "created": now} for f in files]
+            obj_rows = [{"key": f.object_key, "size": f.stored_size or f.size, "created": now, "seal": f.seal}
+                        for f in files]
             rep_rows = [{"key": f.object_key, "site": site, "state": "ok"}
                         for f in files for site in dict.fromkeys((f.site, *f.copies))]
             id_rows = [{"object_key": f.object_key, "patient": f.patient, "sealed": f.identity,
@@ -1176,6 +1191,7 @@ class SqlEngine(MetaEngine):
     def erase_patient(self, patient: str) -> int:
         def run(conn: Connection) -> int:
             n = conn.execute(identities.delete().where(identities.c.patient == patient)).rowcount
+            conn.execute(study_keys.delete().where(study_keys.c.patient == patient))
             conn.execute(patients.delete().where(patients.c.pseudonym == patient))
             return n
         return self._txn(run)
@@ -1219,13 +1235,59 @@ class SqlEngine(MetaEngine):
                     conn.execute(sites_t.update().where(sites_t.c.name == site.name).values(zone=site.zone))
                 return
             conn.execute(sites_t.delete().where(sites_t.c.name == site.name))
+            # Only an admin says a site is untrusted; a site registering again cannot undo it.
+            untrusted = bool(old is not None and old.untrusted) or (pin and site.untrusted)
             conn.execute(sites_t.insert().values(name=site.name, host=site.host, port=site.port,
-                                                 host_key=site.host_key, zone=site.zone or None, pinned=pin))
+                                                 host_key=site.host_key, zone=site.zone or None, pinned=pin,
+                                                 untrusted=untrusted))
         self._txn(run)
 
     def sites(self) -> list[Site]:
-        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key, r.zone or "") for r in
-                                     c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
+        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key, r.zone or "", bool(r.untrusted))
+                                     for r in c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
+
+    def set_site_trust(self, name: str, untrusted: bool) -> None:
+        """Mark a site untrusted (it may hold sealed objects only) or trusted again."""
+        def run(conn: Connection) -> None:
+            if conn.execute(sa.select(sites_t.c.name).where(sites_t.c.name == name)).first() is None:
+                raise errors.NotFound(f"no site named {name!r}; see 'dgf admin site list'.")
+            if untrusted:
+                plain = conn.execute(sa.select(sa.func.count()).select_from(replicas).join(
+                    objects, objects.c.key == replicas.c.key).where(
+                    replicas.c.site == name, objects.c.seal.is_(None))).scalar() or 0
+                if plain:
+                    raise errors.UsageError(f"site {name} holds {plain} unsealed objects; drain it first "
+                                            f"('dgf admin site drain {name}'), then mark it untrusted.")
+            conn.execute(sites_t.update().where(sites_t.c.name == name).values(untrusted=untrusted))
+        self._txn(run)
+
+    def object_seals(self, keys: list[str]) -> dict[str, str]:
+        """The seals ("SALT_HEX:STUDY") of those of ``keys`` that are sealed objects."""
+        def run(conn: Connection) -> dict[str, str]:
+            out: dict[str, str] = {}
+            for part in _slices(keys):
+                for r in conn.execute(sa.select(objects.c.key, objects.c.seal).where(
+                        objects.c.key.in_(part), objects.c.seal.isnot(None))):
+                    out[r.key] = r.seal
+            return out
+        return self._read(run)
+
+    def study_keys(self, studies: list[str]) -> dict[str, tuple[str, bytes]]:
+        """(patient, wrapped key) of those of ``studies`` that have a data key."""
+        def run(conn: Connection) -> dict[str, tuple[str, bytes]]:
+            out: dict[str, tuple[str, bytes]] = {}
+            for part in _slices(studies):
+                for r in conn.execute(sa.select(study_keys).where(study_keys.c.study.in_(part))):
+                    out[r.study] = (r.patient, bytes(r.wrapped))
+            return out
+        return self._read(run)
+
+    def add_study_keys(self, rows: dict[str, tuple[str, bytes]]) -> None:
+        """Store new studies' wrapped data keys in one transaction (existing ones win)."""
+        if rows:
+            now = time.time()
+            self._txn(lambda c: c.execute(self._insert_ignore(study_keys), [
+                {"study": k, "patient": p, "wrapped": w, "created": now} for k, (p, w) in rows.items()]))
 
     def get_setting(self, name: str) -> str | None:
         return self._read(lambda c: c.execute(sa.select(settings_t.c.value).where(

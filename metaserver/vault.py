@@ -82,6 +82,31 @@ class Vault:
         self.keys = new
         return n
 
+    def study_keys(self, wanted: dict[str, str], create: bool) -> dict[str, bytes]:
+        """The data keys of studies ``{study: patient}`` (objects sealed for untrusted sites),
+        each wrapped by its patient's data key; with ``create``, missing ones are made.  A study
+        recorded for another patient is refused: a key seals one patient's objects."""
+        stored = self.engine.study_keys(sorted(wanted))
+        for study, (patient, _) in stored.items():
+            if wanted[study] and wanted[study] != patient:
+                raise errors.PermissionDenied(f"study {study[:40]} belongs to another patient in this archive; "
+                                              "its key was not released.")
+        missing = sorted(s for s in wanted if s not in stored)
+        if missing and create:
+            self.ensure_keys({wanted[s] for s in missing})
+            self.engine.add_study_keys({s: (wanted[s], crypto.seal(self.data_key(wanted[s], create=False),
+                                                                   os.urandom(32), b"study\0" + s.encode()))
+                                        for s in missing})
+            stored = self.engine.study_keys(sorted(wanted))   # a concurrent upload's key wins
+        out = {}
+        for study, (patient, wrapped) in stored.items():
+            try:
+                key = self.data_key(patient, create=False)
+            except errors.NotFound:
+                continue                           # the patient was erased: so is the study key
+            out[study] = crypto.unseal(key, wrapped, b"study\0" + study.encode())
+        return out
+
     def erase(self, patient: str) -> int:
         with self._lock:
             self._data_keys.pop(patient, None)
