@@ -656,8 +656,9 @@ class Client:
         prepared = [p for p in prepared if not p.sealing or p in todo]
         if not todo:
             return prepared
-        reply, _ = self.meta.call("up.keys", studies={p.result.study_uid: _header_patient(p.result.xml)
-                                                       for p in todo})
+        # The key belongs to the patient the header names (a derived file keeps its source's).
+        reply, _ = self.meta.call("up.keys", studies={
+            p.result.study_uid: _header_patient(p.result.xml) if p.derived else p.result.patient for p in todo})
         keys = {study: base64.b64decode(k) for study, k in reply["keys"].items()}
         for p in todo:
             r = p.result

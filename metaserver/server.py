@@ -856,7 +856,25 @@ class MetaService(wire.Service):
         self.engine.audit(p.name, "study-key.issue", f"{len(keys)} studies", "ok", ",".join(sorted(keys))[:1000])
         return wire.Reply({"keys": {k: _b64(v) for k, v in keys.items()}})
 
-    def _unseal_header(self, f: dict[str, Any], blocks: bytes) -> bytes:
+    def _seal_keys(self, files: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
+        """(patient, data key) of the studies a commit's sealed files name, in two queries."""
+        studies = sorted({str(f["seal"].get("study")) for f in files if isinstance(f.get("seal"), dict)})
+        if not studies:
+            return {}
+        rows = self.engine.study_keys(studies)
+        keys = self.vault.study_keys({s: "" for s in rows}, create=False)
+        return {s: (rows[s][0], keys[s]) for s in keys}
+
+    def _profile(self) -> Any:
+        """The archive's de-identification profile (rebuilt when its options change)."""
+        from dgf.dicom.profile import Profile
+
+        def make() -> Any:
+            names = sorted(json.loads(self.engine.get_setting("deid.options") or "null") or Options().enabled())
+            return Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
+        return self._cached("deid.profile", make)
+
+    def _unseal_header(self, f: dict[str, Any], blocks: bytes, keys: dict[str, tuple[str, bytes]]) -> bytes:
         """The XML header of a sealed object (``f``, a commit entry), derived here from the
         plaintext the uploader showed: checked against the stored object by sealing it again,
         checked against the archive's profile, and whatever was not shown must lie inside pixel
@@ -865,7 +883,6 @@ class MetaService(wire.Service):
 
         from dgf import envelope
         from dgf.dicom import raw, validate
-        from dgf.dicom.profile import Profile
         from dgf.dicom.xmlheader import header_xml
 
         seal: Any = f.get("seal")
@@ -879,29 +896,28 @@ class MetaService(wire.Service):
                 raise ValueError("salt")
         except (TypeError, KeyError, ValueError) as exc:
             raise errors.UsageError(f"the seal of {path} in the commit is malformed.") from exc
-        found = self.engine.study_keys([study]).get(study)
-        key = self.vault.study_keys({study: ""}, create=False).get(study) if found else None
-        if key is None or found is None:
+        if study not in keys:
             raise errors.PolicyRefused(f"{path} is sealed under study {study[:40]}, which has no data key here "
                                        "(erased, or never issued by 'up.keys').")
+        patient, key = keys[study]
         env = envelope.Envelope(key, salt, size)
         try:
             gaps = env.check_shown(shown, holes, str(f["key"]), blocks)
         except errors.IntegrityError as exc:
             raise errors.PolicyRefused(f"{path}: {exc.message} Nothing was published.") from exc
-        view = mmap.mmap(-1, size)
+        # Shown whole, the plaintext is at hand; else it is laid out in an anonymous map whose
+        # hidden blocks (pixel data) stay zero pages that cost no memory.
+        view: Any = shown if not gaps else mmap.mmap(-1, size)
         try:
             at = 0
-            for k in range(max(1, env.blocks())):
-                lo, hi = env.block_plain(k) if env.blocks() else (0, size)
+            for k in range(env.blocks() if gaps else 0):
+                lo, hi = env.block_plain(k)
                 if (lo, hi) in gaps:
                     continue
                 view[lo:hi] = shown[at:at + hi - lo]
                 at += hi - lo
             plain = view                    # as long as the plaintext (a DICOM file is never empty)
-            names = sorted(json.loads(self.engine.get_setting("deid.options") or "null") or Options().enabled())
-            profile = Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
-            validate.check(plain, profile, path)  # type: ignore[arg-type]
+            validate.check(plain, self._profile(), path)
             part = raw.parse_part10(plain)  # type: ignore[arg-type]
             opaque = raw.opaque_values(part.data, part.dataset, part.encoding.little)
             for lo, hi in gaps:
@@ -910,7 +926,7 @@ class MetaService(wire.Service):
                                                "not pixel data; nothing was published.")
             top = {e.tag: e for e in part.dataset}
             said = {t: raw.text_value(part.data, top[t]) if t in top else "" for t in (0x0020000D, 0x00100020)}
-            if said[0x0020000D] != study or said[0x00100020] != found[0]:
+            if said[0x0020000D] != study or said[0x00100020] != patient:
                 raise errors.PolicyRefused(f"{path} is sealed under the key of another study or patient than its "
                                            "header names; nothing was published.")
             xml = header_xml(plain)  # type: ignore[arg-type]
@@ -918,8 +934,9 @@ class MetaService(wire.Service):
         except errors.InvalidDicom as exc:
             raise errors.PolicyRefused(f"{path} is not a DICOM file this archive stores ({exc.message}).") from exc
         finally:
-            with contextlib.suppress(BufferError):
-                view.close()
+            if gaps:
+                with contextlib.suppress(BufferError):
+                    view.close()
         return xml
 
     @wire.verb("up.commit", payload=True, optional=("replace",), replace=bool)
@@ -941,6 +958,7 @@ class MetaService(wire.Service):
         default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
         background = self._replication_mode() == "async"
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
+        seal_keys = self._seal_keys(files)
         new: list[NewFile] = []
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
         for f in files:
@@ -967,7 +985,7 @@ class MetaService(wire.Service):
                 if f.get("seal"):
                     # Sealed for untrusted sites: no site saw the plaintext, so the header is
                     # derived and checked here, from what the uploader shows.
-                    f["xml"] = self._unseal_header(f, blocks).decode("utf-8", "surrogateescape")
+                    f["xml"] = self._unseal_header(f, blocks, seal_keys).decode("utf-8", "surrogateescape")
                 copies = [(site, f["receipt"])] + [(str(c.get("site")), str(c.get("receipt")))
                                                    for c in f.get("copies") or [] if isinstance(c, dict)]
                 for where, receipt in copies:

@@ -182,3 +182,30 @@ def test_sealed_projections_are_reconstructed_on_a_trusted_site_only(fed: local.
     assert result.sites == ["site-a"]
     single = fdk(np.stack([read_projection(f)[3] for f in projection_series(p, g)]), g, "hann")
     np.testing.assert_allclose(result.volume, single, atol=1e-5 * float(np.abs(single).max()))
+
+
+def test_the_mount_reads_sealed_files(fed: local.Federation, tmp_path: Path) -> None:
+    import os
+
+    from tests.test_fuse import Mount
+
+    sources = corpus.fresh_instances(tmp_path / "src", 2) + [synth.multiframe(tmp_path / "mf.dcm", 9 << 20, seed=21)]
+    with Client(fed.config("clinician")) as c:
+        report = c.upload(sources, to="/mounted", site=UNTRUSTED)
+        assert report.uploaded == 3, report.failed
+    with Client(fed.config("researcher")) as r:
+        expected = {p: r.read_file(p) for p in report.paths}
+    m = Mount(fed.config("researcher"), tmp_path / "mnt")
+    try:
+        for p, data in expected.items():
+            local_path = m.path / p.lstrip("/")
+            assert os.stat(local_path).st_size == len(data)
+            assert local_path.read_bytes() == data
+            fd = os.open(local_path, os.O_RDONLY)
+            try:          # reads across chunk and block boundaries, out of order
+                for off in (len(data) - 3, 65_519, 4 << 20, 0, (4 << 20) - 10, 1_048_000):
+                    assert os.pread(fd, 70_000, off) == data[off:off + 70_000], (p, off)
+            finally:
+                os.close(fd)
+    finally:
+        m.close()
