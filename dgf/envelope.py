@@ -98,24 +98,51 @@ class Envelope:
         return self.salt + struct.pack(">I", i), self.trailer + struct.pack(">Q", i)
 
     def seal(self, pieces: Iterable[bytes | memoryview]) -> Iterator[bytes]:
-        """The sealed object, chunk by chunk, from the plaintext in pieces of any size."""
+        """The sealed object from the plaintext in pieces of any size, a hash-list block (sixteen
+        chunks) at a time, so that whoever hashes it can hash in parallel."""
         aead = AESGCM(self.key)
-        i = 0
-        buf = bytearray()
-        sent = 0
+        i = sent = 0
+        pending = bytearray()
+        group: list[bytes] = []
+
+        def chunk(data: bytes | memoryview) -> bytes | None:
+            nonlocal i, sent
+            nonce, aad = self._nonce_aad(i)
+            group.append(aead.encrypt(nonce, bytes(data), aad))
+            i += 1
+            sent += len(data)
+            if len(group) == PER_BLOCK:
+                out = b"".join(group)
+                group.clear()
+                return out
+            return None
+
         for piece in pieces:
-            buf += piece
-            while len(buf) >= PLAIN and sent + PLAIN < self.size:
-                nonce, aad = self._nonce_aad(i)
-                yield aead.encrypt(nonce, bytes(buf[:PLAIN]), aad)
-                del buf[:PLAIN]
-                sent += PLAIN
-                i += 1
-        if sent + len(buf) != self.size:
-            raise errors.IntegrityError(f"sealing expected {self.size} bytes of plaintext, got {sent + len(buf)}.")
+            view = memoryview(piece).cast("B")
+            while len(view):
+                if not pending and len(view) >= PLAIN and sent + PLAIN < self.size:
+                    block = chunk(view[:PLAIN])           # whole chunks straight from the piece
+                    view = view[PLAIN:]
+                else:
+                    take = PLAIN - len(pending)
+                    pending += view[:take]
+                    view = view[take:]
+                    if len(pending) < PLAIN or sent + PLAIN >= self.size:
+                        if len(pending) == PLAIN and len(view):
+                            break                          # more than the size said: caught below
+                        continue
+                    block = chunk(memoryview(pending))
+                    pending = bytearray()
+                if block is not None:
+                    yield block
+            if len(pending) == PLAIN and len(view):
+                raise errors.IntegrityError(f"sealing was given more than the {self.size} bytes of plaintext declared.")
+        if sent + len(pending) != self.size:
+            raise errors.IntegrityError(f"sealing expected {self.size} bytes of plaintext, got {sent + len(pending)}.")
         nonce, aad = self._nonce_aad(i)
-        yield aead.encrypt(nonce, bytes(buf), aad)
-        yield self.trailer
+        group.append(aead.encrypt(nonce, bytes(pending), aad))
+        group.append(self.trailer)
+        yield b"".join(group)
 
     def seal_bytes(self, data: bytes | memoryview) -> bytes:
         view = memoryview(data)
