@@ -1305,6 +1305,60 @@ def recon_run(series: str, out: str, shape: str | None, window: str, replace: bo
                f"{', '.join(result.sites)} in {result.seconds:.1f} s; {len(result.paths)} slices in {out}")
 
 
+@main.group("dicom")
+def dicom_group() -> None:
+    """The archive as a DICOM node, for modalities and viewers (DIMSE)."""
+
+
+@dicom_group.command("serve")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Gateway config with a [dicom] section (README: 'Speaking DICOM').")
+@click.option("--ready-file", type=click.Path(dir_okay=False), help="Write HOST:PORT here once listening.")
+@_run
+def dicom_serve(config: str, ready_file: str | None) -> None:
+    """Answer C-ECHO, C-STORE, C-FIND, C-GET and C-MOVE as the AE title CONFIG names, until
+    SIGTERM or Ctrl-C.
+
+    Each calling AE title acts as the dgf principal of the client config it is bound to
+    ('callers'); any other is refused.  Stored instances are spooled (fsynced) before the
+    modality is told they are safe, then de-identified and uploaded in batches as dgf_up does;
+    a refused instance waits in SPOOL/failed beside its reason.  C-FIND answers from the header
+    index; C-GET and C-MOVE send de-identified instances, or identified ones to the AE titles
+    listed in 'identified' whose principal may see identity (audited).
+
+    \b
+    Example gateway.conf (client configs relative to it):
+      [dicom]
+      ae_title = DGF
+      listen = 0.0.0.0:11112
+      spool = /var/spool/dgf-dicom
+      callers = CT_SCANNER=clinician.conf, READING=clinician.conf, RESEARCH=researcher.conf
+      identified = READING
+      destinations = READING=10.0.2.7:104
+    """
+    import logging
+    import signal
+    import threading
+
+    from dgf.dimse import DicomConfig, Gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("pynetdicom", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = DicomConfig.load(config)
+    gateway = Gateway(cfg)
+    host, port = gateway.start()
+    click.echo(f"DICOM AE {cfg.ae_title} listening on {host}:{port}; callers {', '.join(sorted(cfg.callers))}; "
+               f"spool {cfg.spool}", err=True)
+    if ready_file:
+        Path(ready_file).write_text(f"{host}:{port}\n")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    gateway.stop()
+
+
 @main.group("local")
 def local_group() -> None:
     """Run a whole federation on loopback (metaserver + two I/O sites) in one directory."""

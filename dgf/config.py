@@ -27,6 +27,8 @@ KNOWN = {
     "dgf": ("principal", "key", "metaserver", "metaserver_host_key", "cache_dir", "timeout"),
     "metaserver": ("listen", "db", "host_key", "vault_key"),
     "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key", "zone"),
+    "dicom": ("ae_title", "listen", "spool", "callers", "identified", "destinations", "max_spool_mb",
+              "find_limit", "max_associations"),
 }
 SECTIONS = (*KNOWN, "limits")
 

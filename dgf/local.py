@@ -196,6 +196,12 @@ def up(root: Path, sites: tuple[str, ...] | None = None, limits: dict[str, str] 
             write_section(root / f"{principal}.conf", "dgf", {
                 "principal": principal, "key": f"keys/{principal}", "metaserver": address,
                 "metaserver_host_key": host_key_line, "cache_dir": f"cache-{principal}"})
+        if not (root / "dicom.conf").exists():
+            # For 'dgf dicom serve --config DIR/dicom.conf' (kept once written: it is the user's).
+            write_section(root / "dicom.conf", "dicom", {
+                "ae_title": "DGF", "listen": "127.0.0.1:11112", "spool": "dicom-spool",
+                "callers": "MODALITY=clinician.conf, WORKSTATION=clinician.conf, RESEARCH=researcher.conf",
+                "identified": "WORKSTATION", "destinations": "WORKSTATION=127.0.0.1:11113"})
         _write_state(root, address, sites, pids, addresses)
         for site, proc in procs.items():
             addresses[site] = _wait_for(root / f"{site}.addr", proc, root / "logs" / f"{site}.log",

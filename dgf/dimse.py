@@ -1,0 +1,552 @@
+"""``dgf dicom serve``: the archive as a DICOM node (DIMSE, through pynetdicom).
+
+Modalities and viewers speak DICOM networking, not dgf's SSH verbs.  This gateway is a DICOM
+application entity that acts, for each calling AE title, as the dgf principal the configuration
+binds it to (a client config and its key); unknown AE titles are refused at association.
+
+- **C-ECHO**.
+- **C-STORE**: each instance is written to a local spool and fsynced before the success status
+  goes back (a modality deletes its copy once a C-STORE succeeds); an uploader thread per
+  principal sends the spool through the same de-identification and upload pipeline as
+  ``dgf_up``, in batches.  Instances the archive refuses move to ``spool/failed`` beside a
+  ``.reason`` file; while the archive is away the spool keeps them and the uploader tries again.
+  A gateway restarted finds what it had not sent yet.
+- **C-FIND** at patient, study, series and image level (Patient Root and Study Root), answered
+  from the header index: single values, ``*``/``?`` wildcards, ranges of dates and times, lists
+  of UIDs (PS3.4 C.2.2.2); keys with exact values become the XPath the metaserver runs, the
+  rest are matched here.  Sequence keys are returned empty (not matched).
+- **C-GET** and **C-MOVE** (destinations from the configuration) of what a C-FIND at the same
+  level matches: de-identified, or identified for the AE titles listed in ``identified`` when
+  their principal may see identity (the metaserver refuses otherwise, and audits every release).
+
+Bounds: associations (``max_associations``), the spool's size (``max_spool_mb``; beyond it
+C-STORE answers Out of Resources), matches per query (``find_limit``), and pynetdicom's ACSE,
+DIMSE and network timeouts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dgf import config as dgf_config
+from dgf import errors
+from dgf.client import Client
+from dgf.types import IDENTITY_ROLES
+
+log = logging.getLogger("dgf.dicom")
+
+#: Instances per upload batch (the uploader sends what the spool holds, up to this many).
+BATCH = 200
+#: Seconds the uploader waits after the archive failed before trying again.
+RETRY_S = 2.0
+#: Statuses (PS3.4 Annex B, C).
+SUCCESS, PENDING = 0x0000, 0xFF00
+OUT_OF_RESOURCES = 0xA700
+NOT_AUTHORIZED = 0x0124
+UNABLE = 0xC000
+MOVE_DESTINATION_UNKNOWN = 0xA801
+#: Query levels: the attribute whose value identifies one entity at each level.
+LEVEL_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+              "IMAGE": "SOPInstanceUID"}
+#: Attributes counted, not stored: (level it counts at, what it counts).
+COUNTED = {"NumberOfPatientRelatedStudies": "StudyInstanceUID",
+           "NumberOfPatientRelatedSeries": "SeriesInstanceUID",
+           "NumberOfPatientRelatedInstances": "SOPInstanceUID",
+           "NumberOfStudyRelatedSeries": "SeriesInstanceUID",
+           "NumberOfStudyRelatedInstances": "SOPInstanceUID",
+           "NumberOfSeriesRelatedInstances": "SOPInstanceUID"}
+RANGE_VRS = frozenset({"DA", "TM", "DT"})
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """The ``[dicom]`` section of a gateway config."""
+
+    path: Path
+    ae_title: str
+    listen: tuple[str, int]
+    spool: Path
+    callers: dict[str, Path]                 # calling AE title -> client config of its principal
+    identified: frozenset[str] = frozenset()
+    destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
+    max_spool_mb: int = 10_240
+    find_limit: int = 10_000
+    max_associations: int = 32
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DicomConfig:
+        p = Path(path).resolve()
+        v = dgf_config.read_section(p, "dicom")
+        base = p.parent
+
+        def pairs(key: str) -> dict[str, str]:
+            out: dict[str, str] = {}
+            for item in filter(None, (x.strip() for x in v.get(key, "").split(","))):
+                name, sep, value = item.partition("=")
+                if not sep or not name.strip() or not value.strip():
+                    raise errors.ConfigError(f"config file {p}: '{key}' takes AE=VALUE pairs separated by commas, "
+                                             f"not {item!r}.")
+                out[name.strip()] = value.strip()
+            return out
+
+        callers = {ae: dgf_config._rel(base, conf) for ae, conf in pairs("callers").items()}
+        if not callers:
+            raise errors.ConfigError(f"config file {p}: [dicom] names no 'callers' (AE=client.conf, ...); "
+                                     "the gateway would refuse everyone.")
+        try:
+            numbers = {k: int(v[k]) for k in ("max_spool_mb", "find_limit", "max_associations") if k in v}
+        except ValueError as exc:
+            raise errors.ConfigError(f"config file {p}: a [dicom] limit is not a whole number.") from exc
+        return cls(
+            path=p, ae_title=v.get("ae_title", "DGF")[:16],
+            listen=dgf_config.parse_address(v.get("listen", "127.0.0.1:11112"), "listen"),
+            spool=dgf_config._rel(base, v.get("spool", "dicom-spool")), callers=callers,
+            identified=frozenset(x.strip() for x in v.get("identified", "").split(",") if x.strip()),
+            destinations={ae: dgf_config.parse_address(a, f"destination {ae}")
+                          for ae, a in pairs("destinations").items()},
+            **numbers)
+
+
+# --------------------------------------------------------------------------------------------
+# Matching (PS3.4 C.2.2.2)
+
+
+@dataclass(frozen=True)
+class Key:
+    keyword: str
+    vr: str
+    value: str            # "" : a return key (universal match)
+
+
+def keys_of(identifier: Dataset) -> list[Key]:
+    out = []
+    for elem in identifier:
+        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "") or elem.tag.group == 0x0002:
+            continue
+        if elem.VR == "SQ" or elem.value is None:
+            value = ""
+        elif elem.VM > 1:
+            value = "\\".join(str(v) for v in elem.value)       # a list of UIDs, a multi-valued key
+        else:
+            value = str(elem.value)
+        out.append(Key(elem.keyword, elem.VR, value.strip()))
+    return out
+
+
+def _exact(key: Key) -> bool:
+    return bool(key.value) and not any(c in key.value for c in "*?\\") and \
+        not (key.vr in RANGE_VRS and "-" in key.value) and "'" not in key.value and key.vr != "SQ"
+
+
+def xpath_for(keys: list[Key]) -> str:
+    """The part of the match the header index answers: exact values and lists of UIDs."""
+    conds = []
+    for k in keys:
+        if _exact(k):
+            conds.append(f"[{k.keyword}='{k.value}']")
+        elif k.vr == "UI" and "\\" in k.value and "'" not in k.value:
+            conds.append("[" + " or ".join(f"{k.keyword}='{u}'" for u in k.value.split("\\") if u) + "]")
+    return "/DicomHeader" + "".join(conds)
+
+
+def matches(key: Key, value: str) -> bool:
+    """Does a stored ``value`` match the request's ``key`` (what the index did not answer)?"""
+    if not key.value or key.vr == "SQ":
+        return True
+    want = key.value
+    if key.vr == "UI" and "\\" in want:
+        return value in want.split("\\")
+    if key.vr in RANGE_VRS and "-" in want:
+        lo, _, hi = want.partition("-")
+        return (not lo or value >= lo) and (not hi or value[:len(hi)] <= hi)
+    if "*" in want or "?" in want:
+        return fnmatch.fnmatchcase(value, want.replace("[", "[[]"))
+    if key.vr == "PN":
+        return value.upper() == want.upper()
+    return value == want
+
+
+@dataclass
+class Entity:
+    """One matched entity at the query level: its first file's values and what it holds."""
+
+    values: dict[str, str]
+    paths: list[str] = field(default_factory=list)
+    members: dict[str, set[str]] = field(default_factory=dict)
+
+
+def find(client: Client, level: str, keys: list[Key], limit: int) -> dict[str, Entity]:
+    """The entities at ``level`` whose files match every key, from the header index."""
+    if level not in LEVEL_KEYS:
+        raise errors.UsageError(f"query level {level!r} is not PATIENT, STUDY, SERIES or IMAGE.")
+    unique = LEVEL_KEYS[level]
+    stored = [k for k in keys if k.keyword not in COUNTED and k.keyword != "ModalitiesInStudy"]
+    show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
+    found: dict[str, Entity] = {}
+    for row in client.find_iter(xpath_for(stored), "/", show=show):
+        values = {k: str(v) for k, v in (row.get("values") or {}).items()}
+        if not all(matches(k, values.get(k.keyword, "")) for k in stored):
+            continue
+        ident = values.get(unique, "")
+        entity = found.get(ident)
+        if entity is None:
+            if len(found) >= limit:
+                raise errors.LimitExceeded(f"the query matches more than {limit} entities (find_limit).")
+            entity = found[ident] = Entity(values)
+        entity.paths.append(row["path"])
+        for counted in set(COUNTED.values()) | {"Modality"}:
+            entity.members.setdefault(counted, set()).add(values.get(counted, ""))
+    return found
+
+
+def answer(level: str, keys: list[Key], entity: Entity, charset: str | None) -> Dataset:
+    """The C-FIND response identifier for one matched entity."""
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.QueryRetrieveLevel = level
+    for k in keys:
+        if k.keyword in COUNTED:
+            value: Any = str(len(entity.members.get(COUNTED[k.keyword], set()) - {""}))
+        elif k.keyword == "ModalitiesInStudy":
+            value = "\\".join(sorted(entity.members.get("Modality", set()) - {""}))
+        elif k.vr == "SQ":
+            ds.add_new(k.keyword, "SQ", [])
+            continue
+        else:
+            value = entity.values.get(k.keyword, "")
+        ds.add_new(k.keyword, k.vr, value)
+    unique = LEVEL_KEYS[level]
+    if unique not in ds:
+        setattr(ds, unique, entity.values.get(unique, ""))
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# The spool: received instances, durable before they are acknowledged
+
+
+class Spool:
+    """``incoming/AE/`` holds instances not yet in the archive, ``failed/AE/`` those it refused
+    (each beside a ``.reason``).  Files appear whole (written, fsynced, renamed)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._bytes = sum(p.stat().st_size for p in root.glob("incoming/*/*.dcm")) if root.exists() else 0
+
+    def incoming(self, ae: str) -> Path:
+        d = self.root / "incoming" / ae
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def put(self, ae: str, data: bytes) -> bool:
+        """Keep ``data`` durably; False when the spool is full."""
+        with self._lock:
+            if self._bytes + len(data) > self.max_bytes:
+                return False
+            self._bytes += len(data)
+        d = self.incoming(ae)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        tmp = d / f".{name}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, d / f"{name}.dcm")
+            dfd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._bytes -= len(data)
+            raise
+        return True
+
+    def pending(self, ae: str, n: int) -> list[Path]:
+        return sorted(self.incoming(ae).glob("*.dcm"))[:n]
+
+    def done(self, path: Path) -> None:
+        size = path.stat().st_size
+        path.unlink()
+        with self._lock:
+            self._bytes -= size
+
+    def refuse(self, ae: str, path: Path, reason: str) -> None:
+        d = self.root / "failed" / ae
+        d.mkdir(parents=True, exist_ok=True)
+        size = path.stat().st_size
+        (d / (path.stem + ".reason")).write_text(reason + "\n")
+        os.replace(path, d / path.name)
+        with self._lock:
+            self._bytes -= size
+
+
+class Uploader(threading.Thread):
+    """Sends one AE's spool to the archive as its principal, in batches, until stopped."""
+
+    def __init__(self, ae: str, client: Client, spool: Spool) -> None:
+        super().__init__(daemon=True, name=f"dgf-dicom-up-{ae}")
+        self.ae, self.client, self.spool = ae, client, spool
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.idle = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            batch = self.spool.pending(self.ae, BATCH)
+            if not batch:
+                self.idle.set()
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            self.idle.clear()
+            try:
+                report = self.client.upload(batch)
+            except errors.DgfError as exc:
+                log.warning("AE %s: the archive did not take %d instance(s) (%s); they stay spooled and are "
+                            "sent again", self.ae, len(batch), exc.message)
+                self.stopping.wait(RETRY_S)
+                continue
+            failed = {f.item: f for f in report.failed}
+            for path in batch:
+                problem = failed.get(str(path))
+                if problem is None:
+                    self.spool.done(path)
+                elif problem.code in (errors.TransportError.exit_code, errors.ServerError.exit_code):
+                    continue                                  # the archive's trouble: sent again later
+                else:
+                    log.error("AE %s: instance %s refused: %s", self.ae, path.name, problem.reason)
+                    self.spool.refuse(self.ae, path, problem.reason)
+            if any(f.code in (errors.TransportError.exit_code, errors.ServerError.exit_code)
+                   for f in report.failed):
+                self.stopping.wait(RETRY_S)
+
+
+# --------------------------------------------------------------------------------------------
+# The application entity
+
+
+class Gateway:
+    def __init__(self, cfg: DicomConfig) -> None:
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool, cfg.max_spool_mb * 1024 * 1024)
+        self._clients: dict[Path, Client] = {}
+        self._roles: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.uploaders: dict[str, Uploader] = {}
+        self.server: Any = None
+
+    def client(self, ae: str) -> Client:
+        conf = self.cfg.callers[ae]
+        with self._lock:
+            c = self._clients.get(conf)
+            if c is None:
+                c = self._clients[conf] = Client(conf)
+            return c
+
+    def _uploader(self, ae: str) -> Uploader:
+        with self._lock:
+            up = self.uploaders.get(ae)
+            if up is None:
+                up = self.uploaders[ae] = Uploader(ae, Client(self.cfg.callers[ae]), self.spool)
+                up.start()
+            return up
+
+    @staticmethod
+    def _caller(event: Any) -> str:
+        return str(event.assoc.requestor.ae_title).strip()
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def role(self, ae: str) -> str:
+        """The role of the principal ``ae`` acts as (asked once)."""
+        with self._lock:
+            known = self._roles.get(ae)
+        if known is None:
+            known = str(self.client(ae).whoami()["role"])
+            with self._lock:
+                self._roles[ae] = known
+        return known
+
+    def on_store(self, event: Any) -> int:
+        ae = self._caller(event)
+        try:
+            if self.role(ae) not in IDENTITY_ROLES:
+                log.warning("C-STORE from %s refused: its principal may not upload", ae)
+                return NOT_AUTHORIZED
+        except errors.DgfError as exc:
+            log.error("C-STORE from %s: the archive cannot say who it is (%s)", ae, exc.message)
+            return OUT_OF_RESOURCES
+        try:
+            if not self.spool.put(ae, event.encoded_dataset(include_meta=True)):
+                log.error("spool %s is full (max_spool_mb); an instance from %s was refused", self.cfg.spool, ae)
+                return OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("could not spool an instance from %s (%s)", ae, exc.strerror)
+            return OUT_OF_RESOURCES
+        self._uploader(ae).wake.set()
+        return SUCCESS
+
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        ae = self._caller(event)
+        identifier = event.identifier
+        level = str(getattr(identifier, "QueryRetrieveLevel", "") or "")
+        keys = keys_of(identifier)
+        try:
+            found = find(self.client(ae), level, keys, self.cfg.find_limit)
+        except errors.DgfError as exc:
+            log.warning("C-FIND from %s failed: %s", ae, exc.message)
+            yield (OUT_OF_RESOURCES if isinstance(exc, errors.LimitExceeded) else UNABLE), None
+            return
+        charset = getattr(identifier, "SpecificCharacterSet", None)
+        for entity in found.values():
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield PENDING, answer(level, keys, entity, charset)
+
+    def _retrieve(self, event: Any) -> tuple[list[str], Callable[[], Iterator[Dataset | None]]] | int:
+        """The files a C-GET/C-MOVE asks for, and a generator of their datasets (None for a
+        file that could not be read); or a failure status."""
+        ae = self._caller(event)
+        identifier = event.identifier
+        level = str(getattr(identifier, "QueryRetrieveLevel", "") or "")
+        try:
+            found = find(self.client(ae), level, keys_of(identifier), self.cfg.find_limit)
+        except errors.DgfError as exc:
+            log.warning("retrieve for %s failed: %s", ae, exc.message)
+            return UNABLE
+        paths = [p for e in found.values() for p in e.paths]
+        identified = ae in self.cfg.identified
+        client = self.client(ae)
+
+        def datasets() -> Iterator[Dataset | None]:
+            import pydicom
+            from pydicom.filebase import DicomBytesIO
+
+            got: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=64)
+
+            def fetch() -> None:
+                try:
+                    report = client.fetch(paths, lambda p, data: got.put((p, data)), identified=identified)
+                    for f in report.failed:
+                        log.warning("retrieve for %s: %s: %s", ae, f.item, f.reason)
+                except errors.DgfError as exc:
+                    log.warning("retrieve for %s failed: %s", ae, exc.message)
+                finally:
+                    got.put(None)
+
+            threading.Thread(target=fetch, daemon=True, name="dgf-dicom-fetch").start()
+            sent = 0
+            while (item := got.get()) is not None:
+                sent += 1
+                yield pydicom.dcmread(DicomBytesIO(item[1]))
+            for _ in range(len(paths) - sent):
+                yield None                               # not delivered: counted as failed
+        return paths, datasets
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        plan = self._retrieve(event)
+        if isinstance(plan, int):
+            yield 0
+            yield plan, None
+            return
+        paths, datasets = plan
+        yield len(paths)
+        for ds in datasets():
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield (PENDING, ds) if ds is not None else (UNABLE, None)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        destination = self.cfg.destinations.get(str(event.move_destination).strip())
+        if destination is None:
+            yield None, None
+            return
+        yield destination[0], destination[1]
+        plan = self._retrieve(event)
+        if isinstance(plan, int):
+            yield 0
+            yield plan, None
+            return
+        paths, datasets = plan
+        yield len(paths)
+        for ds in datasets():
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield (PENDING, ds) if ds is not None else (UNABLE, None)
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            PatientRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelGet,
+            PatientRootQueryRetrieveInformationModelMove,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove,
+            Verification,
+        )
+
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.maximum_associations = self.cfg.max_associations
+        ae.acse_timeout = ae.dimse_timeout = 30
+        ae.network_timeout = 60
+        ae.require_calling_aet = sorted(self.cfg.callers)
+        # Storage: as SCP for C-STORE, and as SCU inside a C-GET (the role the requestor offers).
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)
+        for sop in (Verification, PatientRootQueryRetrieveInformationModelFind,
+                    StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+                    StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelMove,
+                    StudyRootQueryRetrieveInformationModelMove):
+            ae.add_supported_context(sop)
+        for cx in StoragePresentationContexts:
+            ae.add_requested_context(str(cx.abstract_syntax))     # C-MOVE's sub-associations
+        handlers: list[Any] = [(evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
+                    (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
+        self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers)
+        for ae_title in sorted(p.name for p in (self.cfg.spool / "incoming").glob("*") if p.is_dir()) \
+                if (self.cfg.spool / "incoming").exists() else []:
+            if ae_title in self.cfg.callers and self.spool.pending(ae_title, 1):
+                self._uploader(ae_title)                  # left from before a restart
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+        for up in self.uploaders.values():
+            up.stopping.set()
+            up.wake.set()
+        for up in self.uploaders.values():
+            up.join(timeout=10)
+        for c in [*self._clients.values(), *(u.client for u in self.uploaders.values())]:
+            c.close()

@@ -1,0 +1,259 @@
+"""The archive as a DICOM node (issue 15): ``dgf dicom serve`` against real DIMSE clients, dcmtk's
+echoscu, storescu, findscu, getscu, movescu and storescp and pynetdicom's SCUs, on a real
+federation and real corpus files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from dgf import local
+from dgf.client import Client
+from tests import corpus
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Node:
+    """A running ``dgf dicom serve`` and where it listens."""
+
+    def __init__(self, fed: local.Federation, dest_port: int, name: str = "dicom", extra: str = "") -> None:
+        self.fed = fed
+        self.port = _free_port()
+        self.dest_port = dest_port
+        self.conf = fed.root / f"{name}.conf"
+        self.spool = fed.root / f"{name}-spool"
+        self.conf.write_text(
+            "[dicom]\nae_title = DGF\n"
+            f"listen = 127.0.0.1:{self.port}\nspool = {name}-spool\n"
+            "callers = MODALITY=clinician.conf, CLIN=clinician.conf, VIEWER=researcher.conf\n"
+            "identified = CLIN\n"
+            f"destinations = DEST=127.0.0.1:{dest_port}\n" + extra)
+        ready = fed.root / f"{name}.addr"
+        ready.unlink(missing_ok=True)
+        self.log = open(fed.root / "logs" / f"{name}.log", "ab")
+        self.proc = subprocess.Popen([str(BIN / "dgf"), "dicom", "serve", "--config", str(self.conf),
+                                      "--ready-file", str(ready)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert self.proc.poll() is None, (fed.root / "logs" / f"{name}.log").read_text()
+            assert time.monotonic() < deadline, "dgf dicom serve did not start"
+            time.sleep(0.1)
+
+    def args(self, calling: str) -> list[str]:
+        return ["-aet", calling, "-aec", "DGF", "127.0.0.1", str(self.port)]
+
+    def drained(self, timeout: float = 60) -> None:
+        """Wait until every received instance is in the archive (the spool is empty)."""
+        deadline = time.monotonic() + timeout
+        while any((self.spool / "incoming").glob("*/*.dcm")):
+            assert time.monotonic() < deadline, "the spool did not drain"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    fed = local.up(tmp_path_factory.mktemp("dimse") / "fed")
+    n = Node(fed, _free_port())
+    yield n
+    n.stop()
+    local.down(fed.root, quiet=True)
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=120)
+
+
+def test_echo_and_unknown_callers_refused(node: Node) -> None:
+    assert _run("echoscu", *node.args("MODALITY")).returncode == 0
+    refused = _run("echoscu", *node.args("STRANGER"))
+    assert refused.returncode != 0 and "Rejected" in refused.stdout + refused.stderr
+
+
+def test_storescu_into_the_archive_de_identified(node: Node, tmp_path: Path) -> None:
+    sources = corpus.fresh_instances(tmp_path / "ct", 12) + corpus.fresh_instances(tmp_path / "mr", 3, "MR_small.dcm")
+    sent = _run("storescu", *node.args("MODALITY"), *map(str, sources))
+    assert sent.returncode == 0, sent.stderr
+    node.drained()
+    with Client(node.fed.config("researcher")) as r:
+        rows = r.find("/DicomHeader[PatientIdentityRemoved='YES']", "/", show=["Modality", "PatientName"])
+    assert len(rows) == 15
+    assert sorted(row["values"]["Modality"] for row in rows) == ["CT"] * 12 + ["MR"] * 3
+    originals = {str(pydicom.dcmread(s).PatientName) for s in sources}
+    assert not originals & {row["values"]["PatientName"] for row in rows}
+    # A researcher's AE may query and retrieve, not store.
+    refused = _run("storescu", "-v", *node.args("VIEWER"), str(sources[0]))
+    assert refused.returncode != 0
+    assert "0x124" in refused.stdout + refused.stderr, refused.stdout + refused.stderr   # Refused: Not Authorized
+
+
+def _findscu(node: Node, out: Path, calling: str, *keys: str) -> list[Dataset]:
+    out.mkdir(parents=True, exist_ok=True)
+    done = _run("findscu", "-S", "-X", "-od", str(out), *node.args(calling), *[a for k in keys for a in ("-k", k)])
+    assert done.returncode == 0, done.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_findscu_at_each_level_from_the_header_index(node: Node, tmp_path: Path) -> None:
+    with Client(node.fed.config("researcher")) as r:
+        rows = r.find("/DicomHeader", "/", show=["StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID"])
+    studies = {row["values"]["StudyInstanceUID"] for row in rows}
+    studies_rsp = _findscu(node, tmp_path / "studies", "VIEWER", "QueryRetrieveLevel=STUDY", "StudyInstanceUID",
+                           "PatientID", "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
+    assert {str(d.StudyInstanceUID) for d in studies_rsp} == studies
+    for d in studies_rsp:
+        inside = [row for row in rows if row["values"]["StudyInstanceUID"] == d.StudyInstanceUID]
+        assert int(d.NumberOfStudyRelatedInstances) == len(inside)
+        modalities = d.ModalitiesInStudy
+        assert set(modalities if isinstance(modalities, MultiValue) else [modalities]) == {
+            row["values"]["Modality"] for row in inside}
+    one = sorted(studies)[0]
+    series = _findscu(node, tmp_path / "series", "VIEWER", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={one}",
+                      "SeriesInstanceUID", "Modality")
+    assert {str(d.SeriesInstanceUID) for d in series} == {
+        row["values"]["SeriesInstanceUID"] for row in rows if row["values"]["StudyInstanceUID"] == one}
+    # Wildcards and a list of UIDs (matched at the gateway and in the index).
+    ct = _findscu(node, tmp_path / "wild", "VIEWER", "QueryRetrieveLevel=SERIES", "Modality=C?", "SeriesInstanceUID")
+    assert len(ct) == 12
+    pair = sorted(str(d.SeriesInstanceUID) for d in ct)[:2]
+    listed = _findscu(node, tmp_path / "list", "VIEWER", "QueryRetrieveLevel=SERIES",
+                      "SeriesInstanceUID=" + "\\".join(pair))
+    assert sorted(str(d.SeriesInstanceUID) for d in listed) == pair
+    nothing = _findscu(node, tmp_path / "none", "VIEWER", "QueryRetrieveLevel=STUDY", "StudyDate=18000101-18001231")
+    assert nothing == []
+
+
+def test_pynetdicom_find_with_date_ranges(node: Node) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    with Client(node.fed.config("researcher")) as r:
+        rows = r.find("/DicomHeader", "/", show=["StudyDate", "PatientID"])
+    dates = sorted({row["values"]["StudyDate"] for row in rows})
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+    assert assoc.is_established
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel = "PATIENT"
+        q.PatientID = ""
+        q.NumberOfPatientRelatedStudies = ""
+        got = [ds for status, ds in assoc.send_c_find(q, PatientRootQueryRetrieveInformationModelFind)
+               if status and status.Status == 0xFF00]
+        assert {str(d.PatientID) for d in got} == {row["values"]["PatientID"] for row in rows}
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.PatientID = ""
+        q.StudyInstanceUID = ""
+        q.StudyDate = f"{dates[0]}-{dates[0]}"
+        got = [ds for status, ds in assoc.send_c_find(q, PatientRootQueryRetrieveInformationModelFind)
+               if status and status.Status == 0xFF00]
+        assert got and all(str(d.StudyDate) == dates[0] for d in got)
+    finally:
+        assoc.release()
+
+
+def test_getscu_and_movescu_retrieve_de_identified_or_identified(node: Node, tmp_path: Path) -> None:
+    with Client(node.fed.config("researcher")) as r:
+        rows = r.find("/DicomHeader[Modality='MR']", "/", show=["SeriesInstanceUID", "StudyInstanceUID"])
+    study = rows[0]["values"]["StudyInstanceUID"]
+    got = tmp_path / "get"
+    got.mkdir()
+    done = _run("getscu", "-S", "-od", str(got), *node.args("VIEWER"), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}")
+    assert done.returncode == 0, done.stderr
+    files = [pydicom.dcmread(p) for p in got.iterdir()]
+    assert len(files) == len([row for row in rows if row["values"]["StudyInstanceUID"] == study])
+    assert all(f.PatientIdentityRemoved == "YES" and f.Modality == "MR" for f in files)
+
+    # Identified, for the AE bound to a clinician and listed as such.
+    ident = tmp_path / "ident"
+    ident.mkdir()
+    done = _run("getscu", "-S", "-od", str(ident), *node.args("CLIN"), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}")
+    assert done.returncode == 0, done.stderr
+    back = [pydicom.dcmread(p) for p in ident.iterdir()]
+    original = pydicom.dcmread(corpus.file("MR_small.dcm"))
+    assert back and all(str(f.PatientName) == str(original.PatientName) for f in back)
+
+    # C-MOVE to a configured destination: dcmtk's storescp receives them.
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(dest), str(node.dest_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        moved = _run("movescu", "-S", *node.args("VIEWER"), "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study}")
+        assert moved.returncode == 0, moved.stderr
+        deadline = time.monotonic() + 10
+        while len(os.listdir(dest)) < len(files) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        arrived = [pydicom.dcmread(dest / n) for n in os.listdir(dest)]
+        assert len(arrived) == len(files) and all(f.PatientIdentityRemoved == "YES" for f in arrived)
+    finally:
+        scp.terminate()
+        scp.wait(5)
+    unknown = _run("movescu", "-S", *node.args("VIEWER"), "-aem", "NOWHERE", "-k", "QueryRetrieveLevel=STUDY",
+                   "-k", f"StudyInstanceUID={study}")
+    assert unknown.returncode != 0 and "MoveDestinationUnknown" in unknown.stderr
+
+
+def test_a_restarted_gateway_sends_what_it_had_spooled(node: Node, tmp_path: Path) -> None:
+    # What was acknowledged survives the gateway: a spooled instance left behind is sent at start.
+    spooled = node.spool / "incoming" / "MODALITY"
+    spooled.mkdir(parents=True, exist_ok=True)
+    src = corpus.fresh_instances(tmp_path / "left", 1, "CT_small.dcm")[0]
+    (spooled / "00000000000000000001-left.dcm").write_bytes(src.read_bytes())
+    node.stop()
+    restarted = Node(node.fed, node.dest_port)
+    node.proc, node.log, node.port = restarted.proc, restarted.log, restarted.port
+    node.drained()
+    with Client(node.fed.config("researcher")) as r:
+        assert len(r.find("/DicomHeader[PatientIdentityRemoved='YES']", "/")) == 16
+
+
+def test_refused_instances_wait_with_their_reason_and_a_full_spool_says_so(node: Node, tmp_path: Path) -> None:
+    # Burned-in annotation risk (a secondary capture): acknowledged, then refused by the archive's
+    # policy; it waits in the spool's failed/ beside the reason, nothing is published.
+    risky = corpus.fresh_instances(tmp_path / "sc", 1, "SC_rgb.dcm")
+    assert _run("storescu", *node.args("MODALITY"), str(risky[0])).returncode == 0
+    node.drained()
+    reasons = list((node.spool / "failed" / "MODALITY").glob("*.reason"))
+    assert len(reasons) == 1 and "burned-in" in reasons[0].read_text()
+    kept = pydicom.dcmread(node.spool / "failed" / "MODALITY" / (reasons[0].stem + ".dcm"))
+    assert kept.SOPInstanceUID == pydicom.dcmread(risky[0]).SOPInstanceUID
+    # A spool with no room left answers Out of Resources and keeps nothing.
+    full = Node(node.fed, node.dest_port, name="full", extra="max_spool_mb = 0\n")
+    try:
+        sent = _run("storescu", "-v", *full.args("MODALITY"), str(risky[0]))
+        assert sent.returncode != 0 and "Refused: OutOfResources" in sent.stderr
+        assert not list(full.spool.glob("incoming/*/*.dcm"))
+    finally:
+        full.stop()
