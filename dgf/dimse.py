@@ -60,7 +60,6 @@ SUCCESS, PENDING = 0x0000, 0xFF00
 OUT_OF_RESOURCES = 0xA700
 NOT_AUTHORIZED = 0x0124
 UNABLE = 0xC000
-MOVE_DESTINATION_UNKNOWN = 0xA801
 #: Query levels: the attribute whose value identifies one entity at each level.
 LEVEL_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
               "IMAGE": "SOPInstanceUID"}
@@ -475,7 +474,9 @@ class Gateway:
                 yield None                               # not delivered: counted as failed
         return paths, datasets
 
-    def on_get(self, event: Any) -> Iterator[Any]:
+    def _sub_operations(self, event: Any) -> Iterator[Any]:
+        """What C-GET and C-MOVE yield after any destination: the number of sub-operations,
+        then a status and dataset for each."""
         plan = self._retrieve(event)
         if isinstance(plan, int):
             yield 0
@@ -489,24 +490,16 @@ class Gateway:
                 return
             yield (PENDING, ds) if ds is not None else (UNABLE, None)
 
+    def on_get(self, event: Any) -> Iterator[Any]:
+        yield from self._sub_operations(event)
+
     def on_move(self, event: Any) -> Iterator[Any]:
         destination = self.cfg.destinations.get(str(event.move_destination).strip())
         if destination is None:
-            yield None, None
+            yield None, None                      # pynetdicom answers Move Destination Unknown
             return
         yield destination[0], destination[1]
-        plan = self._retrieve(event)
-        if isinstance(plan, int):
-            yield 0
-            yield plan, None
-            return
-        paths, datasets = plan
-        yield len(paths)
-        for ds in datasets():
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield (PENDING, ds) if ds is not None else (UNABLE, None)
+        yield from self._sub_operations(event)
 
     # -- serving ----------------------------------------------------------------------------
 

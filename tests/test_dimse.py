@@ -179,26 +179,25 @@ def test_pynetdicom_find_with_date_ranges(node: Node) -> None:
         assoc.release()
 
 
+def _getscu(node: Node, calling: str, study: str, out: Path) -> list[Dataset]:
+    """A study retrieved with dcmtk's getscu as ``calling``."""
+    out.mkdir()
+    done = _run("getscu", "-S", "-od", str(out), *node.args(calling), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}")
+    assert done.returncode == 0, done.stderr
+    return [pydicom.dcmread(p) for p in out.iterdir()]
+
+
 def test_getscu_and_movescu_retrieve_de_identified_or_identified(node: Node, tmp_path: Path) -> None:
     with Client(node.fed.config("researcher")) as r:
         rows = r.find("/DicomHeader[Modality='MR']", "/", show=["SeriesInstanceUID", "StudyInstanceUID"])
     study = rows[0]["values"]["StudyInstanceUID"]
-    got = tmp_path / "get"
-    got.mkdir()
-    done = _run("getscu", "-S", "-od", str(got), *node.args("VIEWER"), "-k", "QueryRetrieveLevel=STUDY",
-                "-k", f"StudyInstanceUID={study}")
-    assert done.returncode == 0, done.stderr
-    files = [pydicom.dcmread(p) for p in got.iterdir()]
+    files = _getscu(node, "VIEWER", study, tmp_path / "get")
     assert len(files) == len([row for row in rows if row["values"]["StudyInstanceUID"] == study])
     assert all(f.PatientIdentityRemoved == "YES" and f.Modality == "MR" for f in files)
 
     # Identified, for the AE bound to a clinician and listed as such.
-    ident = tmp_path / "ident"
-    ident.mkdir()
-    done = _run("getscu", "-S", "-od", str(ident), *node.args("CLIN"), "-k", "QueryRetrieveLevel=STUDY",
-                "-k", f"StudyInstanceUID={study}")
-    assert done.returncode == 0, done.stderr
-    back = [pydicom.dcmread(p) for p in ident.iterdir()]
+    back = _getscu(node, "CLIN", study, tmp_path / "ident")
     original = pydicom.dcmread(corpus.file("MR_small.dcm"))
     assert back and all(str(f.PatientName) == str(original.PatientName) for f in back)
 
