@@ -256,3 +256,16 @@ def test_refused_instances_wait_with_their_reason_and_a_full_spool_says_so(node:
         assert not list(full.spool.glob("incoming/*/*.dcm"))
     finally:
         full.stop()
+
+
+def test_the_gateway_keeps_no_descriptor_per_instance(node: Node, tmp_path: Path) -> None:
+    # A long-lived uploader: each stored instance used to leave its spool file open (the
+    # de-identifier's small-file read), and pynetdicom's select() fails past 1024 descriptors.
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{node.proc.pid}/fd"))
+
+    before = open_fds()
+    sources = corpus.fresh_instances(tmp_path / "many", 40)
+    assert _run("storescu", *node.args("MODALITY"), *map(str, sources)).returncode == 0
+    node.drained()
+    assert open_fds() <= before + 4

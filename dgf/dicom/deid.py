@@ -139,11 +139,14 @@ class Result:
 
 def analyze_file(path: str, profile: Profile) -> Plan:
     """:func:`analyze` of a file on disk: a memory map for large files (the header is read in
-    place, the original is hashed later while streaming), the bytes otherwise."""
+    place, the original is hashed later while streaming), the bytes otherwise.  Small files'
+    descriptors are closed at once: a long-lived uploader (the DICOM gateway, the mount) must not
+    keep one per file."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise errors.NotFound(f"cannot be read ({exc.strerror})") from exc
+    fh = os.fdopen(fd, "rb")                     # owns fd from here: closed exactly once
     try:
         size = os.fstat(fd).st_size
         if size > MAX_OBJECT:
@@ -151,22 +154,22 @@ def analyze_file(path: str, profile: Profile) -> Plan:
                 f"the file is {size} bytes; an object holds at most {MAX_OBJECT} bytes "
                 "(one DICOM element is limited to 2^32-2 bytes, PS3.5 7.1.1).")
         if size < STREAM_MIN:
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                return analyze(fh.read(), profile)
-        data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            data = fh.read()
+            fh.close()
+            return analyze(data, profile)
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        plan_fd = os.dup(fd)                     # the plan's own descriptor, closed by Plan.close
     except OSError as exc:
-        os.close(fd)
         raise errors.NotFound(f"cannot be read ({exc.strerror})") from exc
-    except BaseException:
-        os.close(fd)
-        raise
+    finally:
+        fh.close()
     try:
-        plan = analyze(data, profile, fd=fd)  # type: ignore[arg-type]
+        plan = analyze(mapped, profile, fd=plan_fd)  # type: ignore[arg-type]
     except BaseException:
-        data.close()
-        os.close(fd)
+        mapped.close()
+        os.close(plan_fd)
         raise
-    data.madvise(mmap.MADV_DONTNEED)    # the header pages the parse touched
+    mapped.madvise(mmap.MADV_DONTNEED)    # the header pages the parse touched
     return plan
 
 
