@@ -7,7 +7,8 @@ DEMO   ?= demo-federation
 
 .PHONY: demo test lint typecheck bench clean system-deps
 
-# Debian packages the tests use: dcmtk (xml2dcm, XML export round trip), postgresql (the
+# Debian packages the tests use: dcmtk (xml2dcm for the XML export round trip; echoscu, storescu,
+# findscu, getscu, movescu and storescp against 'dgf dicom serve'), postgresql (the
 # engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
 # mounted for real), attr (getfattr on the mount), faketime (a site whose clock is off) and
 # iproute2 (a federation across network namespaces).

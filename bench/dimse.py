@@ -54,6 +54,14 @@ def _wait_echo(aet: str, port: int, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.2)
 
 
+def _store(aet: str, port: int, files: list[str], env: dict[str, str]) -> measure.Run:
+    """storescu of ``files`` into ``aet``, one association."""
+    try:
+        return measure.run(["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), *files], env, [])
+    except SystemExit as exc:
+        raise SystemExit(f"into {aet}: {exc}") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1000)
@@ -68,8 +76,9 @@ def main() -> None:
     conf = fed.root / "bench-dicom.conf"
     conf.write_text(f"[dicom]\nae_title = DGF\nlisten = 127.0.0.1:{dgf_port}\nspool = bench-spool\n"
                     "callers = BENCH=clinician.conf\n")
+    gateway_log = open(work / "gateway.log", "wb")
     gateway = subprocess.Popen([str(BIN / "dgf"), "dicom", "serve", "--config", str(conf)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=gateway_log, stderr=gateway_log)
     ocfg = work / "orthanc.json"
     ocfg.write_text(json.dumps({
         "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
@@ -94,8 +103,7 @@ def main() -> None:
             files = [str(p) for p in src]
             before = sum(measure.cpu_of(p) for p in [*servers, gateway.pid])
             t0 = time.perf_counter()
-            sent = measure.run(["storescu", "-aet", "BENCH", "-aec", "DGF", "127.0.0.1", str(dgf_port), *files],
-                               nodelay, [])
+            sent = _store("DGF", dgf_port, files, nodelay)
             ack = time.perf_counter() - t0
             while any(spool.glob("*/*.dcm")):
                 time.sleep(0.02)
@@ -105,8 +113,7 @@ def main() -> None:
             times["dgf archived"].append(archived)
             times["dgf cpu"].append(cpu)
             before = measure.cpu_of(orthanc.pid)
-            o = measure.run(["storescu", "-aet", "BENCH", "-aec", "ORTHANC", "127.0.0.1", str(orthanc_port), *files],
-                            nodelay, [])
+            o = _store("ORTHANC", orthanc_port, files, nodelay)
             times["orthanc ack"].append(o.wall)
             times["orthanc cpu"].append(o.cpu + measure.cpu_of(orthanc.pid) - before)
             shutil.rmtree(src[0].parent)
@@ -118,6 +125,9 @@ def main() -> None:
         results["CPU ms per file, everything: dgf, Orthanc"] = [round(med["dgf cpu"] / n * 1000, 2),
                                                                 round(med["orthanc cpu"] / n * 1000, 2)]
         results["seconds (median): " + ", ".join(med)] = [round(v, 2) for v in med.values()]
+    except BaseException:
+        print((work / "gateway.log").read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         for proc in (gateway, orthanc):
             proc.send_signal(signal.SIGTERM)

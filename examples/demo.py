@@ -3,7 +3,8 @@
 Starts a local federation (metaserver + two I/O sites on loopback), uploads real DICOM files
 (pydicom's CT, MR and RT examples plus a small synthetic cohort) with the real CLI, runs a cohort
 query, downloads de-identified copies as a researcher and exact originals as a clinician, shows
-that the researcher is refused identity (and that the refusal is audited), then stops the servers.
+that the researcher is refused identity (and that the refusal is audited), then shows the DICOM
+side (a modality's storescu into 'dgf dicom serve', a viewer's findscu) and stops the servers.
 """
 
 from __future__ import annotations
@@ -40,6 +41,49 @@ def sh(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check and proc.returncode != 0:
         raise SystemExit(f"demo step failed with exit status {proc.returncode}")
     return proc
+
+
+def dicom_side(fed: local.Federation, tmp: Path, example: Path) -> None:
+    """The archive as a DICOM node: a modality stores with dcmtk's storescu, a viewer queries
+    with findscu (both talk to 'dgf dicom serve' as the AE titles of DIR/dicom.conf)."""
+    if shutil.which("storescu") is None:
+        print("\n(dcmtk is not installed: the DICOM side of the demo is skipped; apt-get install dcmtk)")
+        return
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = fed.root / "dicom.conf"
+    conf.write_text(conf.read_text().replace("listen = 127.0.0.1:11112", f"listen = 127.0.0.1:{port}"))
+    print(f"\n$ dgf dicom serve --config {conf.name} &        # AE DGF on 127.0.0.1:{port}")
+    ready = fed.root / "dicom.addr"
+    ready.unlink(missing_ok=True)
+    gateway = subprocess.Popen([str(BIN / "dgf"), "dicom", "serve", "--config", str(conf), "--ready-file", str(ready)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not ready.exists():
+            if gateway.poll() is not None:
+                raise SystemExit("dgf dicom serve did not start")
+            time.sleep(0.1)
+        for cmd in (["storescu", "-aet", "MODALITY", "-aec", "DGF", "127.0.0.1", str(port), str(example)],
+                    ["findscu", "-S", "-aet", "RESEARCH", "-aec", "DGF", "127.0.0.1", str(port),
+                     "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "ModalitiesInStudy",
+                     "-k", "NumberOfStudyRelatedInstances"]):
+            print("\n$ " + " ".join(cmd))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))
+            shown = [line for line in (out.stdout + out.stderr).splitlines()
+                     if "(0020,000d)" in line or "(0008,0061)" in line or "(0020,1208)" in line]
+            for line in shown[:9]:
+                print("  " + line.strip())
+            if out.returncode != 0:
+                raise SystemExit(f"{cmd[0]} failed with exit status {out.returncode}")
+            while any((fed.root / "dicom-spool" / "incoming").glob("*/*.dcm")):
+                time.sleep(0.1)              # the stored instance is in the archive
+    finally:
+        gateway.terminate()
+        gateway.wait(15)
 
 
 def main(root: Path) -> int:
@@ -80,6 +124,7 @@ def main(root: Path) -> int:
             same = sum(hashlib.sha256(p.read_bytes()).hexdigest() in back for p in originals)
             print(f"\n{same} of {len(originals)} example files came back byte-identical for the clinician.")
             sh(fed.config("admin"), "dgf", "admin", "audit", "--limit", "3")
+            dicom_side(fed, Path(tmp), originals[0])
             if same != len(originals):
                 return 1
     finally:

@@ -16,3 +16,5 @@ def test_demo_runs_and_restores_originals(tmp_path: Path) -> None:
     assert "5 of 5 example files came back byte-identical" in proc.stdout
     assert "may not receive patient identity" in proc.stdout
     assert "Stopped metaserver, site-a, site-b" in proc.stdout
+    # The DICOM side: storescu in, findscu answered from the index (ModalitiesInStudy counted).
+    assert "$ storescu -aet MODALITY" in proc.stdout and "(0008,0061) CS [CT" in proc.stdout
