@@ -954,7 +954,9 @@ class MetaService(wire.Service):
             raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
-        takers = [st for st in self.engine.sites() if st.name not in self._draining()]
+        known = self.engine.sites()
+        takers = [st for st in known if st.name not in self._draining()]
+        untrusted = {st.name for st in known if st.untrusted}
         default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
         background = self._replication_mode() == "async"
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
@@ -1006,6 +1008,12 @@ class MetaService(wire.Service):
                         raise errors.PermissionDenied(
                             f"the header sent for {f['path']} is not the one site {site} derived from the "
                             "stored object; nothing was published.")
+                # Whatever a site may have taken in the seconds before it learnt it is untrusted,
+                # nothing unsealed is published with a copy there.
+                exposed = [where for where, _ in copies if where in untrusted]
+                if exposed and not f.get("seal"):
+                    raise errors.PermissionDenied(f"site {exposed[0]} is untrusted and {f['path']} is not sealed; "
+                                                  "nothing was published.")
                 held = len({where for where, _ in copies})
                 need = placement.factor(f["path"], default, overrides)
                 if held < need and not background:
@@ -1336,6 +1344,9 @@ class MetaService(wire.Service):
         if (claims.get("t"), claims.get("site"), claims.get("key")) != ("receipt", site, key) or \
                 claims.get("bl", "") != (list_digest(blocks) if blocks else ""):
             raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
+        if any(st.untrusted for st in self.engine.sites() if st.name == site) and not self.engine.object_seals([key]):
+            raise errors.PermissionDenied(f"site {site} is untrusted and object {key[:16]}... is not sealed; "
+                                          "its copy there is not recorded.")
         with self.engine.audited(p.name, "replica.add", key, site):
             if not self.engine.add_replica(key, site):
                 raise errors.NotFound(f"object {key[:16]}... is not in the archive.")

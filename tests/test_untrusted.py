@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dgf.client import Client, UploadReport, _Prepared
 from dgf.reader import ObjectRef
 from dgf.transport import PutItem
 from dgf.types import Site
+from ioserver.server import KEY_REFRESH_S
 from tests import corpus
 
 UNTRUSTED = "site-b"
@@ -31,6 +33,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Federation]:
         admin.meta.call("admin.site.trust", site=UNTRUSTED, untrusted=True)
         admin.mkdir("/plain")
         admin.meta.call("admin.replicas.set", path="/plain", copies=1)      # one copy, on site-a
+    time.sleep(KEY_REFRESH_S + 1)          # the site learns it is untrusted with the enrolled keys
     yield fed
     local.down(fed.root, quiet=True)
 
