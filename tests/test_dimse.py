@@ -207,7 +207,10 @@ def test_getscu_and_movescu_retrieve_de_identified_or_identified(node: Node, tmp
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(dest), str(node.dest_port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 15                      # storescp answers C-ECHO once up
+        while _run("echoscu", "-aet", "VIEWER", "-aec", "DEST", "127.0.0.1", str(node.dest_port)).returncode:
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.1)
         moved = _run("movescu", "-S", *node.args("VIEWER"), "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
                      "-k", f"StudyInstanceUID={study}")
         assert moved.returncode == 0, moved.stderr
