@@ -137,16 +137,14 @@ class ArchiveProfile:
         self._lock = threading.Lock()
 
     def get(self) -> Any:
-        from dgf.dicom.profile import Options, Profile
+        from dgf.dicom.profile import stored_profile
 
         with self._lock:
             if self._profile is None or time.monotonic() - self._read > PROFILE_REFRESH_S:
                 try:
                     names = sorted(self._fetch())
                     if names != self._names:
-                        # Burned-in and truncated pixel data are the uploader's to acknowledge;
-                        # what the site checks is the header.
-                        self._profile = Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
+                        self._profile = stored_profile(names)
                         self._names = names
                     self._read = time.monotonic()
                 except errors.DgfError as exc:

@@ -854,25 +854,18 @@ class MetaService(wire.Service):
                 raise errors.UsageError("up.keys takes de-identified study UIDs, each with its patient pseudonym.")
         keys = self.vault.study_keys(dict(studies), create=True)
         self.engine.audit(p.name, "study-key.issue", f"{len(keys)} studies", "ok", ",".join(sorted(keys))[:1000])
-        return wire.Reply({"keys": {k: _b64(v) for k, v in keys.items()}})
+        return wire.Reply({"keys": {k: _b64(v) for k, (_, v) in keys.items()}})
 
     def _seal_keys(self, files: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
-        """(patient, data key) of the studies a commit's sealed files name, in two queries."""
-        studies = sorted({str(f["seal"].get("study")) for f in files if isinstance(f.get("seal"), dict)})
-        if not studies:
-            return {}
-        rows = self.engine.study_keys(studies)
-        keys = self.vault.study_keys({s: "" for s in rows}, create=False)
-        return {s: (rows[s][0], keys[s]) for s in keys}
+        """(patient, data key) of the studies a commit's sealed files name."""
+        studies = {str(f["seal"].get("study")): "" for f in files if isinstance(f.get("seal"), dict)}
+        return self.vault.study_keys(studies, create=False) if studies else {}
 
     def _profile(self) -> Any:
-        """The archive's de-identification profile (rebuilt when its options change)."""
-        from dgf.dicom.profile import Profile
+        """The profile sealed objects are checked against (rebuilt within seconds of a change)."""
+        from dgf.dicom.profile import stored_profile
 
-        def make() -> Any:
-            names = sorted(json.loads(self.engine.get_setting("deid.options") or "null") or Options().enabled())
-            return Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
-        return self._cached("deid.profile", make)
+        return self._cached("deid.profile", lambda: stored_profile(sorted(self._deid_names())))
 
     def _unseal_header(self, f: dict[str, Any], blocks: bytes, keys: dict[str, tuple[str, bytes]]) -> bytes:
         """The XML header of a sealed object (``f``, a commit entry), derived here from the
@@ -1113,7 +1106,7 @@ class MetaService(wire.Service):
             "files": files,
             # Sealed objects (untrusted sites): salt and study, and the keys of those studies.
             "seals": {k: seal.split(":", 1) for k, seal in seals.items()},
-            "study_keys": {study: _b64(key) for study, key in studies.items()},
+            "study_keys": {study: _b64(key) for study, (_, key) in studies.items()},
             "blocks": {k: _b64(v) for k, v in self.engine.object_blocks(keys).items()},
             "sites": [s.to_wire() for s in self.engine.sites() if s.name in by_site],
             "caps": {site: self._cap(p, "get", site, sorted(keys)) for site, keys in by_site.items()},
@@ -1433,9 +1426,11 @@ class MetaService(wire.Service):
     @wire.verb("deid.options")
     def deid_options(self, p: Principal) -> wire.Reply:
         """The archive's de-identification options (names of the enabled PS3.15 options)."""
+        return wire.Reply({"options": self._deid_names()})
+
+    def _deid_names(self) -> list[str]:
         stored = self.engine.get_setting("deid.options")
-        names = json.loads(stored) if stored is not None else Options().enabled()
-        return wire.Reply({"options": names})
+        return list(json.loads(stored)) if stored is not None else Options().enabled()
 
     @wire.verb("admin.deid.set", options=list)
     def deid_set(self, p: Principal, options: list[str]) -> wire.Reply:

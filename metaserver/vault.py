@@ -82,8 +82,8 @@ class Vault:
         self.keys = new
         return n
 
-    def study_keys(self, wanted: dict[str, str], create: bool) -> dict[str, bytes]:
-        """The data keys of studies ``{study: patient}`` (objects sealed for untrusted sites),
+    def study_keys(self, wanted: dict[str, str], create: bool) -> dict[str, tuple[str, bytes]]:
+        """(patient, data key) of studies ``{study: patient}`` (objects sealed for untrusted sites),
         each wrapped by its patient's data key; with ``create``, missing ones are made.  A study
         recorded for another patient is refused: a key seals one patient's objects."""
         stored = self.engine.study_keys(sorted(wanted))
@@ -104,7 +104,7 @@ class Vault:
                 key = self.data_key(patient, create=False)
             except errors.NotFound:
                 continue                           # the patient was erased: so is the study key
-            out[study] = crypto.unseal(key, wrapped, b"study\0" + study.encode())
+            out[study] = (patient, crypto.unseal(key, wrapped, b"study\0" + study.encode()))
         return out
 
     def erase(self, patient: str) -> int:

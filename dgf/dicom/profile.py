@@ -197,6 +197,13 @@ def iod_types() -> dict[str, dict[str, str]]:
     return dict(json.loads(text)["sop_classes"])
 
 
+def stored_profile(names: list[str]) -> Profile:
+    """The profile a stored object is checked against (by its site, or the metaserver for a
+    sealed one): the archive's options ``names``; burned-in and truncated pixel data are the
+    uploader's to acknowledge, what is checked is the header."""
+    return Profile(Options.archive(names, allow_burned_in=True, allow_truncated=True))
+
+
 def build_iod_types(standard_dir: str, table: dict[str, Any]) -> dict[str, Any]:
     """Derive ``iod_types.json`` from highdicom's tables of the standard (``highdicom/_standard``:
     SOP class -> IOD -> modules -> attributes with Types).  Only top-level attributes whose Annex E
