@@ -289,10 +289,6 @@ def survey(env: Envelope, pieces: Iterable[bytes | memoryview], holes: list[int]
 def open_file(env: Envelope, src: str, dst: str) -> None:
     """Unseal the sealed object in file ``src`` into file ``dst``, a hash-list block at a time."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        start = 0
-        while start < env.size or (start == 0 and env.size == 0):
+        for start in range(0, max(env.size, 1), PER_BLOCK * PLAIN):   # an empty object: its one empty chunk
             n = min(PER_BLOCK * PLAIN, env.size - start)
             fout.write(env.open_range(fin.read(BLOCK), (start // PLAIN) * CHUNK, start, n))
-            start += n
-            if n == 0:
-                break
