@@ -282,32 +282,14 @@ def find_cmd(xpath: str, path: str, level: str, show: str, fmt: str, count: bool
         _print_rows(rows, fmt, level, keywords)
 
 
-_INTEGER_VRS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
-_DECIMAL_VRS = frozenset({"DS", "FD", "FL"})
-_SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
-_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-
-
-def _typed(text: str, vr: str) -> list[Any]:
-    """A shown value (multi-values joined by backslashes) as a list of typed values."""
-    if text == "" or vr == "SQ":
-        return []
-    parts = [text] if vr in _SINGLE_TEXT_VRS or vr in _BINARY_VRS else text.split("\\")
-    out: list[Any] = []
-    for part in parts:
-        try:
-            out.append(int(part) if vr in _INTEGER_VRS else float(part) if vr in _DECIMAL_VRS else part)
-        except ValueError:
-            out.append(part)          # a malformed number stays visible as its text
-    return out
-
-
 def _json_row(r: dict[str, Any], keywords: list[str]) -> dict[str, Any]:
     """--format json: values typed, one value as itself, several as a list, absent as null."""
+    from dgf import dicomjson
+
     vrs = r.get("vr", {})
     values = {}
     for k in keywords:
-        typed = _typed(r["values"].get(k, ""), vrs.get(k, ""))
+        typed = dicomjson.typed(r["values"].get(k, ""), vrs.get(k, ""))
         values[k] = None if not typed else typed[0] if len(typed) == 1 else typed
     return {**{k: v for k, v in r.items() if k not in ("values", "vr")}, "values": values}
 
@@ -315,25 +297,13 @@ def _json_row(r: dict[str, Any], keywords: list[str]) -> dict[str, Any]:
 def _dicom_json(r: dict[str, Any], keywords: list[str], group_key: str | None) -> dict[str, Any]:
     """One result as a DICOM JSON dataset (PS3.18 F.2): attributes by tag, with vr and Value;
     the archive path as RetrieveURL (0008,1190)."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from dgf import dicomjson
 
     vrs = dict(r.get("vr", {}))
     values = dict(r["values"])
     if group_key:
         values[group_key], vrs[group_key] = r[group_key], "UI" if group_key != "PatientID" else "LO"
-    out: dict[str, Any] = {}
-    for k in ([group_key] if group_key else []) + keywords:
-        tag = tag_for_keyword(k)
-        if tag is None:
-            continue                  # private or unknown names have no tag to key by
-        vr = vrs.get(k) or dictionary_VR(tag)
-        typed = _typed(values.get(k, ""), vr)
-        entry: dict[str, Any] = {"vr": vr}
-        if typed and vr in _BINARY_VRS:
-            entry["InlineBinary"] = typed[0]      # the header keeps binary values as base64
-        elif typed:
-            entry["Value"] = [{"Alphabetic": v} for v in typed] if vr == "PN" else typed
-        out[f"{tag:08X}"] = entry
+    out = dicomjson.dataset(values, ([group_key] if group_key else []) + keywords, vrs)
     out["00081190"] = {"vr": "UR", "Value": ["dgf:" + r["path"]]}
     return dict(sorted(out.items()))
 

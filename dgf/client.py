@@ -129,6 +129,9 @@ class UploadReport:
     paths: list[str] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
     warnings: list[Failure] = field(default_factory=list)
+    #: Each source in the archive (sent now or held already): its path and its de-identified
+    #: study, series and SOP instance UIDs.
+    stored: dict[str, tuple[str, str, str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +161,11 @@ class _Prepared:
     sealing: bool = False
     seal: dict[str, Any] | None = None
     plain_size: int = 0
+
+    @property
+    def placed(self) -> tuple[str, str, str, str]:
+        r = self.result
+        return self.path, r.study_uid, r.series_uid, r.sop_uid
 
     @property
     def size(self) -> int:
@@ -745,6 +753,7 @@ class Client:
         report.uploaded += len(part)
         report.bytes += sum(p.size for p, _ in part)
         report.paths.extend(p.path for p, _ in part)
+        report.stored.update((p.source, p.placed) for p, _ in part)
 
     def _checked(self, prepared: list[_Prepared], report: UploadReport, replace: bool) -> list[_Prepared]:
         """The files still to send, after asking the archive what it already holds."""
@@ -760,6 +769,7 @@ class Client:
                     todo.append(p)
                 elif state == "stored":
                     report.already += 1
+                    report.stored[p.source] = p.placed
                 elif state == "link":
                     # Stored once: this path becomes one more name of the stored object.
                     p.site, p.linked = where, True

@@ -190,8 +190,9 @@ class Entity:
     members: dict[str, set[str]] = field(default_factory=dict)
 
 
-def find(client: Client, level: str, keys: list[Key], limit: int) -> dict[str, Entity]:
-    """The entities at ``level`` whose files match every key, from the header index."""
+def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool = False) -> dict[str, Entity]:
+    """The entities at ``level`` whose files match every key, from the header index: at most
+    ``limit`` (beyond it LimitExceeded, or with ``truncate`` the first ``limit``, complete)."""
     if level not in LEVEL_KEYS:
         raise errors.UsageError(f"query level {level!r} is not PATIENT, STUDY, SERIES or IMAGE.")
     unique = LEVEL_KEYS[level]
@@ -206,11 +207,17 @@ def find(client: Client, level: str, keys: list[Key], limit: int) -> dict[str, E
         entity = found.get(ident)
         if entity is None:
             if len(found) >= limit:
+                if truncate:
+                    continue
                 raise errors.LimitExceeded(f"the query matches more than {limit} entities (find_limit).")
             entity = found[ident] = Entity(values)
         entity.paths.append(row["path"])
         for counted in set(COUNTED.values()) | {"Modality"}:
             entity.members.setdefault(counted, set()).add(values.get(counted, ""))
+    modalities = next((k for k in keys if k.keyword == "ModalitiesInStudy" and k.value), None)
+    if modalities is not None:          # matches when any of the study's modalities matches
+        found = {u: e for u, e in found.items()
+                 if any(matches(Key("Modality", "CS", modalities.value), m) for m in e.members.get("Modality", ()))}
     return found
 
 
