@@ -10,8 +10,9 @@ DEMO   ?= demo-federation
 # Debian packages the tests use: dcmtk (xml2dcm for the XML export round trip; echoscu, storescu,
 # findscu, getscu, movescu and storescp against 'dgf dicom serve'), postgresql (the
 # engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
-# mounted for real), attr (getfattr on the mount), faketime (a site whose clock is off) and
-# iproute2 (a federation across network namespaces).
+# mounted for real), attr (getfattr on the mount), faketime (a site whose clock is off),
+# iproute2 (a federation across network namespaces), chromium and chromium-driver (the OHIF
+# viewer in a real browser) and npm ('dgf web' fetches the viewer once).
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ system-deps:
 	command -v getfattr >/dev/null 2>&1 || missing="$$missing attr"; \
 	ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$$missing faketime"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$missing; \

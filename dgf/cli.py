@@ -1329,6 +1329,102 @@ def dicom_serve(config: str, ready_file: str | None) -> None:
     gateway.stop()
 
 
+@main.group("web")
+def web_group() -> None:
+    """The archive over DICOMweb (QIDO-RS, WADO-RS, STOW-RS) and the OHIF viewer."""
+
+
+@web_group.command("serve")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Web config with a [web] section (README: 'DICOMweb and the viewer').")
+@click.option("--ready-file", type=click.Path(dir_okay=False), help="Write HOST:PORT here once listening.")
+@_run
+def web_serve(config: str, ready_file: str | None) -> None:
+    """Serve DICOMweb under /dicomweb and the OHIF viewer at /, until SIGTERM or Ctrl-C.
+
+    Every request acts as the dgf principal its bearer token is bound to (dgf web token
+    create): roles, grants and audit apply as on the CLI.  A browser signs in at /login with a
+    token.  QIDO-RS answers from the header index; WADO-RS returns de-identified instances
+    (identified ones for tokens made with --identified, when the principal may see identity);
+    STOW-RS de-identifies and uploads as dgf_up does.  The viewer is fetched once with npm
+    (about 50 MB) unless 'viewer = off'.
+
+    \b
+    Example web.conf (paths relative to it):
+      [web]
+      listen = 0.0.0.0:8443
+      certificate = tls/web.crt
+      private_key = tls/web.key
+      tokens = web-tokens.json
+      spool = /var/spool/dgf-web
+      max_body_mb = 4096
+    """
+    import logging
+
+    from dgf.web import WebConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    cfg = WebConfig.load(config)
+    scheme = "https" if cfg.certificate else "http"
+
+    def ready(host: str, port: int) -> None:
+        click.echo(f"DICOMweb at {scheme}://{host}:{port}/dicomweb; viewer at {scheme}://{host}:{port}/ "
+                   f"(sign in with a token from 'dgf web token create')", err=True)
+        if ready_file:
+            Path(ready_file).write_text(f"{host}:{port}\n")
+    serve(cfg, ready)
+
+
+@web_group.group("token")
+def web_token() -> None:
+    """Bearer tokens: each acts as the principal of one client config."""
+
+
+@web_token.command("create")
+@click.argument("name")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The web config whose token file gets the token.")
+@click.option("--principal", "principal", required=True, type=click.Path(exists=True, dir_okay=False),
+              metavar="CLIENT_CONF", help="Client config (principal and key) the token acts as.")
+@click.option("--identified", is_flag=True,
+              help="WADO-RS returns identified instances (the principal must be allowed; audited).")
+@_run
+def web_token_create(name: str, config: str, principal: str, identified: bool) -> None:
+    """Create token NAME and print it once (only its SHA-256 is kept).
+
+    \b
+      dgf web token create reading-room --config web.conf --principal clinician.conf --identified
+      curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8042/dicomweb/studies
+    """
+    from dgf.web import Tokens, WebConfig
+
+    click.echo(Tokens(WebConfig.load(config).tokens).create(name, Path(principal), identified))
+
+
+@web_token.command("list")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE")
+@_run
+def web_token_list(config: str) -> None:
+    """List tokens: name, principal config, identified, created."""
+    from dgf.web import Tokens, WebConfig
+
+    for t in Tokens(WebConfig.load(config).tokens).list():
+        click.echo(f"{t.name}\t{t.principal}\t{'identified' if t.identified else 'de-identified'}\t{t.created}")
+
+
+@web_token.command("revoke")
+@click.argument("name")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE")
+@_run
+def web_token_revoke(name: str, config: str) -> None:
+    """Revoke token NAME (a running server refuses it from its next request)."""
+    from dgf.web import Tokens, WebConfig
+
+    Tokens(WebConfig.load(config).tokens).revoke(name)
+    click.echo(f"revoked {name}")
+
+
 @main.group("local")
 def local_group() -> None:
     """Run a whole federation on loopback (metaserver + two I/O sites) in one directory."""

@@ -29,6 +29,8 @@ KNOWN = {
     "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key", "zone"),
     "dicom": ("ae_title", "listen", "spool", "callers", "identified", "destinations", "max_spool_mb",
               "find_limit", "max_associations"),
+    "web": ("listen", "tokens", "spool", "viewer", "certificate", "private_key", "max_body_mb", "find_limit",
+            "max_connections"),
 }
 SECTIONS = (*KNOWN, "limits")
 

@@ -202,6 +202,10 @@ def up(root: Path, sites: tuple[str, ...] | None = None, limits: dict[str, str] 
                 "ae_title": "DGF", "listen": "127.0.0.1:11112", "spool": "dicom-spool",
                 "callers": "MODALITY=clinician.conf, WORKSTATION=clinician.conf, RESEARCH=researcher.conf",
                 "identified": "WORKSTATION", "destinations": "WORKSTATION=127.0.0.1:11113"})
+        if not (root / "web.conf").exists():
+            # For 'dgf web serve --config DIR/web.conf'; tokens with 'dgf web token create'.
+            write_section(root / "web.conf", "web", {
+                "listen": "127.0.0.1:8042", "tokens": "web-tokens.json", "spool": "web-spool"})
         _write_state(root, address, sites, pids, addresses)
         for site, proc in procs.items():
             addresses[site] = _wait_for(root / f"{site}.addr", proc, root / "logs" / f"{site}.log",

@@ -1,0 +1,1046 @@
+"""``dgf web``: the archive over DICOMweb (PS3.18), and the OHIF viewer in the browser.
+
+An ASGI application (starlette, served by uvicorn) that acts, for each request, as the dgf
+principal its bearer token is bound to (``dgf web token create``): roles, grants and audit apply
+exactly as on the CLI, since every call goes through that principal's own client.
+
+- **QIDO-RS**: ``/dicomweb/studies``, ``/series``, ``/instances`` (and the nested forms), with
+  attribute matching as C-FIND does it (single values, ``*``/``?``, date and time ranges, UID
+  lists), ``includefield``, ``limit``/``offset``; fuzzy matching is off.  Answered from the
+  header index (``dgf.dimse.find``): no bulk data is read.
+- **WADO-RS**: studies, series and instances as ``multipart/related; type="application/dicom"``
+  (as stored with ``transfer-syntax=*``; Explicit VR Little Endian, the standard's default, when
+  the request names none), metadata as DICOM JSON (from the XML headers, no bulk data read),
+  frames (``multipart/related`` of raw or compressed frames), rendered frames (JPEG or PNG with
+  ``window=center,width``) and bulk data.  Identified instances only for tokens created with
+  ``--identified`` whose principal may see identity (the metaserver decides, and audits).
+- **STOW-RS**: ``POST /dicomweb/studies``: the body is spooled to disk (bounded), split, and sent
+  through the same de-identification and upload pipeline as ``dgf_up``.  De-identification
+  coerces attributes, so stored instances come back with warning 0xB000 (status 202).
+- **The viewer**: ``/`` serves OHIF (``@ohif/app``, fetched once with npm and checked against a
+  pinned digest) configured against this server's own endpoints.  A browser signs in at
+  ``/login`` with a token; the HttpOnly, SameSite=Strict cookie it gets is honoured for reads
+  only (GET), so a cross-site form cannot store through it.
+
+Bounds: request bodies (``max_body_mb``, checked before reading and while reading, 30 s per
+chunk), matches per query (``find_limit``), connections (``max_connections``), header size
+(uvicorn's).  HTTPS when ``certificate`` and ``private_key`` are set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import logging
+import mmap
+import os
+import queue
+import secrets
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dgf import config as dgf_config
+from dgf import dicomjson, dimse, errors
+from dgf.client import Client
+from dgf.types import IDENTITY_ROLES
+
+log = logging.getLogger("dgf.web")
+
+#: The viewer: the npm package, the version this server configures, and its tarball's digest
+#: (npm's ``dist.integrity``): a different tarball is refused.
+VIEWER_PACKAGE = "@ohif/app"
+VIEWER_VERSION = "3.13.2"
+VIEWER_INTEGRITY = "sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA=="
+COOKIE = "dgf_token"
+#: Seconds a client may take to send the next piece of a request body.
+BODY_CHUNK_S = 30.0
+#: Instances' bytes kept for frame and rendered requests (a viewer asks for each frame apart).
+INSTANCE_CACHE_S = 30.0
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", EXPLICIT_LE, "1.2.840.10008.1.2.2"})
+COERCED = 0xB000                         # Warning: coercion of data elements (PS3.4 Annex B)
+FAILED_PROCESSING = 0x0110
+STUDY_MISMATCH = 0xA900                  # the instance's study is not the one in the URL
+
+#: Attributes each level returns by default (PS3.18 Tables 10.6.3-3 to -5, those the index holds).
+STUDY_FIELDS = ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
+                "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                "StudyDescription", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+SERIES_FIELDS = ["Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber", "SeriesDate",
+                 "SeriesTime", "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
+                 "PerformedProcedureStepStartTime", "StudyInstanceUID"]
+INSTANCE_FIELDS = ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+                   "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The ``[web]`` section of a web config."""
+
+    path: Path
+    listen: tuple[str, int]
+    tokens: Path
+    spool: Path
+    viewer: Path | None                    # None: no viewer
+    certificate: Path | None = None
+    private_key: Path | None = None
+    max_body_mb: int = 4096
+    find_limit: int = 10_000
+    max_connections: int = 64
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> WebConfig:
+        p = Path(path).resolve()
+        v = dgf_config.read_section(p, "web")
+        base = p.parent
+        try:
+            numbers = {k: int(v[k]) for k in ("max_body_mb", "find_limit", "max_connections") if k in v}
+        except ValueError as exc:
+            raise errors.ConfigError(f"config file {p}: a [web] limit is not a whole number.") from exc
+        cert, key = v.get("certificate"), v.get("private_key")
+        if bool(cert) != bool(key):
+            raise errors.ConfigError(f"config file {p}: HTTPS needs both 'certificate' and 'private_key'.")
+        viewer = v.get("viewer", "").strip()
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgf" / f"ohif-{VIEWER_VERSION}"
+        return cls(
+            path=p, listen=dgf_config.parse_address(v.get("listen", "127.0.0.1:8042"), "listen"),
+            tokens=dgf_config._rel(base, v.get("tokens", "web-tokens.json")),
+            spool=dgf_config._rel(base, v.get("spool", "web-spool")),
+            viewer=None if viewer == "off" else dgf_config._rel(base, viewer) if viewer else cache,
+            certificate=dgf_config._rel(base, cert) if cert else None,
+            private_key=dgf_config._rel(base, key) if key else None, **numbers)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    principal: Path                  # the client config of the principal the token acts as
+    identified: bool
+    created: str
+
+
+class Tokens:
+    """Bearer tokens, kept as SHA-256 digests in a JSON file (mode 0600) beside the config; a
+    running server sees a created or revoked token at its next request."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._by_digest: dict[str, Token] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _digest(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            return list(json.loads(self.path.read_text())["tokens"])
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError) as exc:
+            raise errors.ConfigError(f"token file {self.path} is not valid ({exc}).") from exc
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"tokens": rows}, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def _token(self, row: dict[str, Any]) -> Token:
+        return Token(str(row["name"]), dgf_config._rel(self.path.parent, str(row["principal"])),
+                     bool(row.get("identified")), str(row.get("created", "")))
+
+    def create(self, name: str, principal: Path, identified: bool = False) -> str:
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise errors.UsageError("a token name is 1-64 letters, digits, '-', '_' or '.'.")
+        dgf_config.ClientConfig.load(principal)          # a config that loads, before a token for it
+        rows = self._read()
+        if any(r["name"] == name for r in rows):
+            raise errors.AlreadyExists(f"a token named {name!r} exists; revoke it first.")
+        token = "dgf_" + secrets.token_urlsafe(32)
+        rows.append({"name": name, "sha256": self._digest(token), "principal": str(principal.resolve()),
+                     "identified": identified, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self._write(rows)
+        return token
+
+    def revoke(self, name: str) -> None:
+        rows = self._read()
+        kept = [r for r in rows if r["name"] != name]
+        if len(kept) == len(rows):
+            raise errors.NotFound(f"no token is named {name!r}.")
+        self._write(kept)
+
+    def list(self) -> list[Token]:
+        return [self._token(r) for r in self._read()]
+
+    def verify(self, token: str) -> Token | None:
+        try:
+            st = self.path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp:
+                self._by_digest = {str(r["sha256"]): self._token(r) for r in self._read()}
+                self._stamp = stamp
+            return self._by_digest.get(self._digest(token))
+
+
+# --------------------------------------------------------------------------------------------
+# Requests: what they ask for
+
+
+class HTTPProblem(Exception):
+    """A request refused: the status and one sentence naming the problem."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def status_of(exc: errors.DgfError) -> int:
+    return {errors.NotFound: 404, errors.PermissionDenied: 403, errors.PolicyRefused: 403,
+            errors.UsageError: 400, errors.LimitExceeded: 413, errors.AlreadyExists: 409,
+            errors.TransportError: 502, errors.ServerError: 502}.get(type(exc), 500)
+
+
+def _attribute(name: str) -> tuple[str, str]:
+    """A query parameter's attribute (keyword or tag) as (keyword, VR)."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+    tag: int | None = None
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        tag = int(name, 16)
+    else:
+        tag = tag_for_keyword(name)
+    keyword = keyword_for_tag(tag) if tag is not None else ""
+    if tag is None or not keyword:
+        raise HTTPProblem(400, f"{name[:64]!r} is not a DICOM attribute keyword or tag "
+                               "(sequence paths are not supported).")
+    return keyword, dictionary_VR(tag)
+
+
+@dataclass
+class Query:
+    keys: list[dimse.Key]
+    fields: list[str]
+    limit: int
+    offset: int
+    warnings: list[str]
+
+
+def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str], cap: int) -> Query:
+    """QIDO-RS query parameters as C-FIND keys, the attributes to return, and the page."""
+    fields = {"STUDY": STUDY_FIELDS, "SERIES": STUDY_FIELDS + SERIES_FIELDS,
+              "IMAGE": STUDY_FIELDS + SERIES_FIELDS + INSTANCE_FIELDS}[level]
+    if scope.get("StudyInstanceUID"):
+        fields = {"STUDY": STUDY_FIELDS, "SERIES": SERIES_FIELDS, "IMAGE": INSTANCE_FIELDS}[level]
+    wanted = list(dict.fromkeys(fields))
+    keys: dict[str, dimse.Key] = {}
+    limit, offset, warnings = cap, 0, []
+    for name, value in params:
+        if name in ("limit", "offset"):
+            if not value.isdigit():
+                raise HTTPProblem(400, f"{name} must be a whole number, not {value[:32]!r}.")
+            if name == "limit":
+                limit = min(int(value), cap)
+            else:
+                offset = int(value)
+        elif name == "includefield":
+            for item in filter(None, (v.strip() for v in value.split(","))):
+                if item != "all":
+                    wanted.append(_attribute(item)[0])
+        elif name == "fuzzymatching":
+            if value.lower() == "true":
+                warnings.append('299 dgf: "fuzzymatching is not supported; exact matching was used"')
+        else:
+            keyword, vr = _attribute(name)
+            text = value.replace(",", "\\") if vr == "UI" else value
+            keys[keyword] = dimse.Key(keyword, vr, text.strip())
+            wanted.append(keyword)
+    for keyword, uid in scope.items():
+        keys[keyword] = dimse.Key(keyword, "UI", uid)
+    for keyword in dict.fromkeys(wanted):
+        if keyword not in keys:
+            keys[keyword] = dimse.Key(keyword, _attribute(keyword)[1], "")
+    return Query(list(keys.values()), list(dict.fromkeys(wanted)), limit, offset, warnings)
+
+
+def answer_json(level: str, fields: list[str], entity: dimse.Entity, base: str) -> dict[str, Any]:
+    """One QIDO-RS result as DICOM JSON, with its RetrieveURL."""
+    values = dict(entity.values)
+    for keyword in fields:
+        if keyword in dimse.COUNTED:
+            values[keyword] = str(len(entity.members.get(dimse.COUNTED[keyword], set()) - {""}))
+        elif keyword == "ModalitiesInStudy":
+            values[keyword] = "\\".join(sorted(entity.members.get("Modality", set()) - {""}))
+    out = dicomjson.dataset(values, fields)
+    url = f"{base}/studies/{values.get('StudyInstanceUID', '')}"
+    if level in ("SERIES", "IMAGE"):
+        url += f"/series/{values.get('SeriesInstanceUID', '')}"
+    if level == "IMAGE":
+        url += f"/instances/{values.get('SOPInstanceUID', '')}"
+    out["00081190"] = {"vr": "UR", "Value": [url]}
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What an Accept header allows for one kind of part: the media types, and the transfer
+    syntaxes each allows (``*``: as stored)."""
+
+    types: dict[str, set[str]]
+
+    @classmethod
+    def parse(cls, header: str, default_type: str) -> Accepted:
+        types: dict[str, set[str]] = {}
+        for item in filter(None, (x.strip() for x in (header or "").split(","))):
+            media, *params = [p.strip() for p in item.split(";")]
+            args = {}
+            for p in params:
+                k, _, v = p.partition("=")
+                args[k.strip().lower()] = v.strip().strip('"')
+            if media.lower() == "multipart/related":
+                media = args.get("type", default_type).lower()
+            else:
+                media = media.lower()
+            if media in ("*/*", "*"):
+                media = default_type
+            types.setdefault(media, set()).add(args.get("transfer-syntax", ""))
+        if not types:
+            types[default_type] = {""}
+        return cls(types)
+
+    def syntax(self, media: str, stored: str, default: str = EXPLICIT_LE) -> str | None:
+        """The transfer syntax to send ``media`` in (None: not acceptable)."""
+        allowed = self.types.get(media)
+        if allowed is None:
+            return None
+        if "*" in allowed or stored in allowed:
+            return stored
+        return next((s for s in sorted(allowed) if s), default)
+
+
+def multipart(parts: Iterator[tuple[str, bytes]], boundary: str) -> Iterator[bytes]:
+    """A multipart/related body of (content type, bytes) parts."""
+    for ctype, data in parts:
+        yield (f"--{boundary}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data + b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def split_multipart(body: Path, boundary: bytes, out_dir: Path, max_parts: int) -> list[tuple[Path, str]]:
+    """The parts of the multipart body in the file ``body``, each written to a file of
+    ``out_dir``: [(file, content type)]."""
+    parts: list[tuple[Path, str]] = []
+    delim = b"--" + boundary
+    if body.stat().st_size == 0:
+        raise HTTPProblem(400, "the request body is empty.")
+    with open(body, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos = m.find(delim)
+        if pos < 0:
+            raise HTTPProblem(400, "the multipart body holds no part (no boundary line).")
+        while True:
+            pos += len(delim)
+            if m[pos:pos + 2] == b"--":
+                return parts
+            eol = m.find(b"\r\n", pos)
+            head_end = m.find(b"\r\n\r\n", eol) if eol >= 0 else -1
+            if head_end < 0:
+                raise HTTPProblem(400, "a multipart part has no end to its headers.")
+            ctype = ""
+            for line in m[eol + 2:head_end].split(b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-type":
+                    ctype = value.strip()
+            start = head_end + 4
+            end = m.find(b"\r\n" + delim, start)
+            if end < 0:
+                raise HTTPProblem(400, "the multipart body ends inside a part (truncated upload?).")
+            if len(parts) >= max_parts:
+                raise HTTPProblem(413, f"the request holds more than {max_parts} parts.")
+            target = out_dir / f"part-{len(parts):06d}.dcm"
+            with open(target, "wb") as w:
+                for i in range(start, end, 1 << 22):
+                    w.write(m[i:min(end, i + (1 << 22))])
+            parts.append((target, ctype))
+            pos = end + 2
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels: frames and rendered images
+
+
+def frame_bytes(ds: Any, index: int) -> bytes:
+    """Frame ``index`` (from 0) of a native (uncompressed) dataset, little endian."""
+    import numpy as np
+
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    if bits == 1:
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise HTTPProblem(406, "frames of multi-frame 1-bit pixel data are not served apart.")
+        return bytes(ds.PixelData)
+    size = rows * cols * spp * bits // 8
+    data = bytes(ds.PixelData[index * size:(index + 1) * size])
+    if len(data) != size:
+        raise HTTPProblem(404, f"frame {index + 1} is not in the pixel data.")
+    if not ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE) == "1.2.840.10008.1.2.2" or bits == 8:
+        return data
+    return np.frombuffer(data, dtype=f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
+
+
+def render(ds: Any, index: int, window: tuple[float, float] | None, media: str, quality: int = 90) -> bytes:
+    """Frame ``index`` of ``ds`` as an 8-bit JPEG or PNG, through the modality LUT and a linear
+    window (the one asked for, else the file's first, else the frame's range)."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels import apply_modality_lut, pixel_array
+
+    arr = pixel_array(ds, index=index)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric.startswith("MONOCHROME"):
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+        if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+            c, w = ds.WindowCenter, ds.WindowWidth
+            window = (float(c[0] if ds["WindowCenter"].VM > 1 else c),
+                      float(w[0] if ds["WindowWidth"].VM > 1 else w))
+        if window is None:
+            lo, hi = float(values.min()), float(values.max())
+            window = ((lo + hi) / 2, max(hi - lo, 1.0))
+        center, width = window
+        out = np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1) * 255
+        if photometric == "MONOCHROME1":
+            out = 255 - out
+        image = Image.fromarray(out.astype(np.uint8), "L")
+    else:
+        if arr.dtype != np.uint8:
+            arr = (arr.astype(np.float64) * 255 / max(float(arr.max()), 1)).astype(np.uint8)
+        image = Image.fromarray(arr, "RGB")
+    buf = io.BytesIO()
+    image.save(buf, "PNG" if media == "image/png" else "JPEG", **({} if media == "image/png" else {"quality": quality}))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# The viewer
+
+
+def ensure_viewer(target: Path) -> bool:
+    """The OHIF viewer's files in ``target``, fetched once with npm and checked against the
+    pinned digest; False (and why, in the log) when it cannot be had."""
+    if (target / "index.html").exists():
+        return True
+    npm = shutil.which("npm")
+    if npm is None:
+        log.warning("the viewer is not installed in %s and npm is missing (apt-get install npm); "
+                    "DICOMweb is served without it", target)
+        return False
+    log.info("fetching the OHIF viewer (%s@%s, about 50 MB, once) into %s", VIEWER_PACKAGE, VIEWER_VERSION, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            subprocess.run([npm, "pack", f"{VIEWER_PACKAGE}@{VIEWER_VERSION}", "--pack-destination", tmp],
+                           cwd=tmp, check=True, capture_output=True, timeout=600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            log.warning("npm could not fetch the viewer (%s); DICOMweb is served without it",
+                        (getattr(exc, "stderr", b"") or b"").decode(errors="replace").strip()[-300:] or exc)
+            return False
+        tarball = next(Path(tmp).glob("*.tgz"))
+        algo, _, want = VIEWER_INTEGRITY.partition("-")
+        digest = hashlib.new(algo)
+        with open(tarball, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if base64.b64encode(digest.digest()).decode() != want:
+            log.error("the fetched viewer tarball does not match its pinned digest; it is not used")
+            return False
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, members=[m for m in tar.getmembers() if m.name.startswith("package/dist/")],
+                           filter="data")
+        os.replace(Path(tmp) / "package" / "dist", target)
+    return True
+
+
+def viewer_config(base: str) -> str:
+    """OHIF's app-config.js: one DICOMweb data source, this server."""
+    source = {
+        "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb", "sourceName": "dgf",
+        "configuration": {
+            "friendlyName": "dgf archive", "name": "dgf", "wadoUriRoot": f"{base}/dicomweb",
+            "qidoRoot": f"{base}/dicomweb", "wadoRoot": f"{base}/dicomweb", "qidoSupportsIncludeField": True,
+            "imageRendering": "wadors", "thumbnailRendering": "wadors", "enableStudyLazyLoad": True,
+            "supportsFuzzyMatching": False, "supportsWildcard": True, "staticWado": False,
+            "singlepart": "", "omitQuotationForMultipartRequest": True,
+            "bulkDataURI": {"enabled": False}}}
+    config = {"routerBasename": "/", "extensions": [], "modes": [], "showStudyList": True,
+              "maxNumberOfWebWorkers": 2, "showWarningMessageForCrossOrigin": False,
+              "showCPUFallbackMessage": False, "showLoadingIndicator": True, "strictZSpacingForVolumeViewport": True,
+              "defaultDataSourceName": "dgf", "dataSources": [source],
+              "maxNumRequests": {"interaction": 100, "thumbnail": 10, "prefetch": 10}}
+    return f"window.config = {json.dumps(config, indent=1)};\n"
+
+
+LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>dgf: sign in</title>
+<style>body{font:16px sans-serif;background:#0b1a2a;color:#eee;display:flex;justify-content:center;margin-top:12vh}
+form{background:#16283d;padding:2em;border-radius:8px;min-width:26em}input{width:100%;font-size:1em;margin:.6em 0;padding:.4em}
+.e{color:#f88}</style></head><body><form method="post" action="/login"><h2>dgf archive</h2>
+<p>Paste the token from <code>dgf web token create</code>.</p>{problem}
+<input type="password" name="token" id="token" autocomplete="off" autofocus>
+<input type="submit" value="Sign in" id="signin"></form></body></html>"""
+
+
+# --------------------------------------------------------------------------------------------
+# The application
+
+
+class Web:
+    def __init__(self, cfg: WebConfig) -> None:
+        self.cfg = cfg
+        self.tokens = Tokens(cfg.tokens)
+        self._clients: dict[Path, Client] = {}
+        self._roles: dict[Path, str] = {}
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._cache_bytes = 0
+        self.viewer: Path | None = None
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dgf-web-meta")
+
+    def client(self, token: Token) -> Client:
+        with self._lock:
+            c = self._clients.get(token.principal)
+            if c is None:
+                c = self._clients[token.principal] = Client(token.principal)
+            return c
+
+    def role(self, token: Token) -> str:
+        with self._lock:
+            known = self._roles.get(token.principal)
+        if known is None:
+            known = str(self.client(token).whoami()["role"])
+            with self._lock:
+                self._roles[token.principal] = known
+        return known
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+        for c in self._clients.values():
+            c.close()
+
+    # -- archive calls (blocking; run in the thread pool) ------------------------------------
+
+    def paths(self, client: Client, study: str, series: str | None = None, instance: str | None = None) -> list[str]:
+        keys = [dimse.Key("StudyInstanceUID", "UI", study)]
+        if series:
+            keys.append(dimse.Key("SeriesInstanceUID", "UI", series))
+        if instance:
+            keys.append(dimse.Key("SOPInstanceUID", "UI", instance))
+        found = dimse.find(client, "IMAGE", keys, self.cfg.find_limit)
+        paths = [p for e in found.values() for p in e.paths]
+        if not paths:
+            what = f"instance {instance}" if instance else f"series {series}" if series else f"study {study}"
+            raise HTTPProblem(404, f"{what} is not in the archive (or not visible to this token).")
+        return sorted(paths)
+
+    def instance(self, client: Client, path: str) -> bytes:
+        """One instance's de-identified bytes, kept a little while: a viewer asks for each frame
+        of a multi-frame instance apart."""
+        key = (str(id(client)), path)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and now - hit[0] < INSTANCE_CACHE_S:
+                self._cache.move_to_end(key)
+                return hit[1]
+        data = client.read_file(path)
+        with self._lock:
+            self._cache[key] = (now, data)
+            self._cache_bytes += len(data)
+            while self._cache_bytes > 256 << 20 and self._cache:
+                _, (_, old) = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
+        return data
+
+    def metadata(self, client: Client, paths: list[str]) -> list[dict[str, Any]]:
+        from dgf.dicom import xmlheader
+
+        def one(path: str) -> dict[str, Any]:
+            _, ds = xmlheader.to_dataset(client.getxattr(path, "user.dgf.dicom"))
+            return dict(ds.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=None))
+        return list(self.pool.map(one, paths))
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def session(self, request: Any) -> Token:
+        auth = request.headers.get("authorization", "")
+        token: Token | None = None
+        if auth[:7].lower() == "bearer ":
+            token = self.tokens.verify(auth[7:].strip())
+        elif request.method in ("GET", "HEAD") and request.cookies.get(COOKIE):
+            token = self.tokens.verify(request.cookies[COOKIE])
+        if token is None:
+            raise HTTPProblem(401, "a valid bearer token is required (dgf web token create).",
+                              {"WWW-Authenticate": 'Bearer realm="dgf"'})
+        return token
+
+    @staticmethod
+    def base(request: Any) -> str:
+        return f"{request.url.scheme}://{request.url.netloc}"
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(fn, *args)
+
+    async def qido(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        token = self.session(request)
+        p = request.path_params
+        level = "IMAGE" if request.url.path.endswith("/instances") else \
+            "SERIES" if request.url.path.endswith("/series") else "STUDY"
+        scope = {k: v for k, v in (("StudyInstanceUID", p.get("study")), ("SeriesInstanceUID", p.get("series"))) if v}
+        q = parse_query(list(request.query_params.multi_items()), level, scope, self.cfg.find_limit)
+        client = self.client(token)
+        found, truncated = await self.call(self._find, client, level, q)
+        page = list(found.values())[q.offset:q.offset + q.limit]
+        body = [answer_json(level, q.fields, e, self.base(request) + "/dicomweb") for e in page]
+        headers = {}
+        warnings = list(q.warnings)
+        if truncated:
+            warnings.append(f'299 dgf: "the query matches more than {self.cfg.find_limit} entities; '
+                            'narrow it to see the rest"')
+        if warnings:
+            headers["Warning"] = ", ".join(warnings)
+        return Response(json.dumps(body), media_type="application/dicom+json", headers=headers)
+
+    def _find(self, client: Client, level: str, q: Query) -> tuple[dict[str, dimse.Entity], bool]:
+        try:
+            return dimse.find(client, level, q.keys, self.cfg.find_limit), False
+        except errors.LimitExceeded:
+            return dimse.find(client, level, q.keys, self.cfg.find_limit, truncate=True), True
+
+    async def retrieve(self, request: Any) -> Any:
+        from starlette.responses import StreamingResponse
+
+        token = self.session(request)
+        p = request.path_params
+        client = self.client(token)
+        paths = await self.call(self.paths, client, p["study"], p.get("series"), p.get("instance"))
+        accepted = Accepted.parse(request.headers.get("accept", ""), "application/dicom")
+        if "application/dicom" not in accepted.types:
+            raise HTTPProblem(406, "instances are sent as multipart/related; type=\"application/dicom\" only.")
+        identified = token.identified
+        boundary = secrets.token_hex(16)
+
+        def parts() -> Iterator[tuple[str, bytes]]:
+            got: queue.Queue[tuple[str, bytes] | BaseException | None] = queue.Queue(maxsize=16)
+            stop = threading.Event()
+
+            def deliver(path: str, data: bytes) -> None:
+                while not stop.is_set():
+                    try:
+                        got.put((path, data), timeout=1.0)
+                        return
+                    except queue.Full:
+                        continue
+                raise errors.TransportError("the HTTP client went away.")
+
+            def fetch() -> None:
+                try:
+                    report = client.fetch(paths, deliver, identified=identified)
+                    if report.failed:
+                        got.put(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
+                                                      f"{report.failed[0].reason}"))
+                except BaseException as exc:                    # noqa: BLE001 - handed to the stream
+                    got.put(exc)
+                finally:
+                    got.put(None)
+
+            threading.Thread(target=fetch, daemon=True, name="dgf-web-fetch").start()
+            try:
+                while (item := got.get()) is not None:
+                    if isinstance(item, BaseException):
+                        log.error("WADO-RS stream for %s ended early: %s", token.name, item)
+                        raise item                       # the client sees a cut multipart body
+                    data = item[1]
+                    stored = _syntax_of(data)
+                    want = accepted.syntax("application/dicom", stored)
+                    if want is None:
+                        raise HTTPProblem(406, "no acceptable transfer syntax")
+                    if want != stored:
+                        data = transcode(data, want)
+                    yield f"application/dicom; transfer-syntax={want}", data
+            finally:
+                stop.set()
+
+        # The first part decides the status (a wrong transfer syntax is a 406, not a cut body).
+        it = parts()
+        first = await self.call(next, it, None)
+
+        def body() -> Iterator[bytes]:
+            def all_parts() -> Iterator[tuple[str, bytes]]:
+                if first is not None:
+                    yield first
+                yield from it
+            yield from multipart(all_parts(), boundary)
+
+        return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+
+    async def metadata_route(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        token = self.session(request)
+        p = request.path_params
+        client = self.client(token)
+        paths = await self.call(self.paths, client, p["study"], p.get("series"), p.get("instance"))
+        body = await self.call(self.metadata, client, paths)
+        return Response(json.dumps(body), media_type="application/dicom+json")
+
+    async def _dataset(self, request: Any) -> Any:
+        import pydicom
+        from pydicom.filebase import DicomBytesIO
+
+        token = self.session(request)
+        p = request.path_params
+        client = self.client(token)
+        paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
+        data = await self.call(self.instance, client, paths[0])
+        return pydicom.dcmread(DicomBytesIO(data))
+
+    @staticmethod
+    def _frame_numbers(text: str, ds: Any) -> list[int]:
+        try:
+            numbers = [int(x) for x in text.split(",")]
+        except ValueError as exc:
+            raise HTTPProblem(400, f"frame numbers are whole numbers separated by commas, not {text[:40]!r}.") from exc
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        bad = [n for n in numbers if not 1 <= n <= count]
+        if bad or "PixelData" not in ds:
+            raise HTTPProblem(404, f"frame {bad[0] if bad else numbers[0]} does not exist "
+                                   f"(the instance has {count if 'PixelData' in ds else 0}).")
+        return numbers
+
+    async def frames(self, request: Any) -> Any:
+        from pydicom.encaps import generate_frames
+        from starlette.responses import Response
+
+        ds = await self._dataset(request)
+        numbers = self._frame_numbers(request.path_params["frames"], ds)
+        stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
+        accepted = Accepted.parse(request.headers.get("accept", ""), "application/octet-stream")
+        if "application/octet-stream" not in accepted.types:
+            raise HTTPProblem(406, "frames are sent as multipart/related; type=\"application/octet-stream\" only.")
+        want = accepted.syntax("application/octet-stream", stored)
+
+        def frames() -> list[bytes]:
+            if want == stored and stored not in NATIVE_SYNTAXES:
+                count = int(ds.get("NumberOfFrames", 1) or 1)
+                all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+                return [all_frames[n - 1] for n in numbers]
+            if want not in NATIVE_SYNTAXES:
+                raise HTTPProblem(406, f"frames are not transcoded to {want}; ask for transfer-syntax=* "
+                                       f"or {EXPLICIT_LE}.")
+            if stored not in NATIVE_SYNTAXES:
+                ds.decompress()
+            return [frame_bytes(ds, n - 1) for n in numbers]
+
+        data = await self.call(frames)
+        sent = want if want is not None else EXPLICIT_LE
+        boundary = secrets.token_hex(16)
+        body = b"".join(multipart(((f"application/octet-stream; transfer-syntax={sent}", f) for f in data), boundary))
+        return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
+
+    async def rendered(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        ds = await self._dataset(request)
+        frame = request.path_params.get("frame")
+        index = self._frame_numbers(frame, ds)[0] - 1 if frame else 0
+        if "PixelData" not in ds:
+            raise HTTPProblem(404, "the instance has no pixel data to render.")
+        window = None
+        if request.query_params.get("window"):
+            try:
+                c, w, *_ = request.query_params["window"].split(",")
+                window = (float(c), float(w))
+            except ValueError as exc:
+                raise HTTPProblem(400, "window is CENTER,WIDTH[,FUNCTION] in numbers.") from exc
+        accept = request.headers.get("accept", "") or "image/jpeg"
+        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept.split("image/png")[0] else "image/jpeg"
+        if not any(m in accept for m in ("image/png", "image/jpeg", "image/*", "*/*")):
+            raise HTTPProblem(406, "rendered frames are image/jpeg or image/png.")
+        quality = int(request.query_params.get("quality", "90")) if request.query_params.get("quality", "90").isdigit() else 90
+        data = await self.call(render, ds, index, window, media, max(1, min(quality, 100)))
+        return Response(data, media_type=media)
+
+    async def stow(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        token = self.session(request)
+        ctype = request.headers.get("content-type", "")
+        media, *params = [x.strip() for x in ctype.split(";")]
+        args = {k.strip().lower(): v.strip().strip('"') for k, _, v in (p.partition("=") for p in params)}
+        if media.lower() != "multipart/related" or args.get("type", "application/dicom").lower() != "application/dicom":
+            raise HTTPProblem(415, 'STOW-RS takes multipart/related; type="application/dicom".')
+        if not args.get("boundary"):
+            raise HTTPProblem(400, "the multipart content type names no boundary.")
+        limit = self.cfg.max_body_mb << 20
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise HTTPProblem(413, f"the body ({int(length) >> 20} MiB) is larger than max_body_mb ({self.cfg.max_body_mb}).")
+        if await self.call(self.role, token) not in IDENTITY_ROLES:
+            raise HTTPProblem(403, f"token {token.name!r} acts as a principal that may not upload.")
+        self.cfg.spool.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="stow-", dir=self.cfg.spool))
+        try:
+            body = work / "body"
+            size = 0
+            with open(body, "wb") as fh:
+                stream = request.stream().__aiter__()
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(stream.__anext__(), BODY_CHUNK_S)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError as exc:
+                        raise HTTPProblem(408, f"the body stalled for {BODY_CHUNK_S:.0f} s.") from exc
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPProblem(413, f"the body is larger than max_body_mb ({self.cfg.max_body_mb}).")
+                    fh.write(chunk)
+            parts = await self.call(split_multipart, body, args["boundary"].encode("latin-1"), work, 100_000)
+            body.unlink()
+            report = await self.call(self._store, self.client(token), parts, request.path_params.get("study"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        stored, failed = report
+        status = 200 if stored and not failed else 202 if stored else 409
+        base = self.base(request) + "/dicomweb"
+        out: dict[str, Any] = {}
+        if stored:
+            out["00081199"] = {"vr": "SQ", "Value": [{
+                "00081150": {"vr": "UI", "Value": [cls]}, "00081155": {"vr": "UI", "Value": [sop]},
+                "00081190": {"vr": "UR", "Value": [f"{base}/studies/{st}/series/{se}/instances/{new}"]},
+                "00081196": {"vr": "US", "Value": [COERCED]}} for cls, sop, (st, se, new) in stored]}
+            status = 202                      # de-identification coerced attributes: a warning
+        if failed:
+            out["00081198"] = {"vr": "SQ", "Value": [{
+                "00081150": {"vr": "UI", "Value": [cls]} if cls else {"vr": "UI"},
+                "00081155": {"vr": "UI", "Value": [sop]} if sop else {"vr": "UI"},
+                "00081197": {"vr": "US", "Value": [code]}} for cls, sop, code, _ in failed]}
+            for _, _, _, reason in failed:
+                log.warning("STOW-RS by %s: an instance was refused: %s", token.name, reason)
+        if stored:
+            first = stored[0][2][0]
+            out["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{first}"]}
+        headers = {}
+        if failed:
+            headers["Warning"] = '299 dgf: "' + "; ".join(sorted({r for *_, r in failed}))[:400].replace('"', "'") + '"'
+        return Response(json.dumps(dict(sorted(out.items()))), status_code=status,
+                        media_type="application/dicom+json", headers=headers)
+
+    def _store(self, client: Client, parts: list[tuple[Path, str]], study: str | None
+               ) -> tuple[list[tuple[str, str, tuple[str, str, str]]], list[tuple[str, str, int, str]]]:
+        import pydicom
+
+        stored: list[tuple[str, str, tuple[str, str, str]]] = []
+        failed: list[tuple[str, str, int, str]] = []
+        sent: dict[str, tuple[str, str]] = {}
+        for path, ctype in parts:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+                    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
+                cls, sop = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+                uid = str(ds.get("StudyInstanceUID", ""))
+            except Exception:                        # noqa: BLE001 - any unreadable part is refused
+                cls = sop = uid = ""
+            if ctype and ctype.split(";")[0].strip().lower() != "application/dicom":
+                failed.append((cls, sop, FAILED_PROCESSING, f"a part of type {ctype[:40]!r} is not application/dicom"))
+            elif study and uid != study:
+                failed.append((cls, sop, STUDY_MISMATCH, "the instance belongs to another study than the URL's"))
+            else:
+                sent[str(path)] = (cls, sop)
+        if sent:
+            report = client.upload(list(sent))
+            refused = {f.item: f.reason for f in report.failed}
+            for src, (cls, sop) in sent.items():
+                if src in report.stored:
+                    _, st, se, new = report.stored[src]
+                    stored.append((cls, sop, (st, se, new)))
+                else:
+                    failed.append((cls, sop, FAILED_PROCESSING, refused.get(src, "not stored")))
+        return stored, failed
+
+    # -- the viewer and signing in --------------------------------------------------------------
+
+    async def login_form(self, request: Any) -> Any:
+        from starlette.responses import HTMLResponse
+
+        return HTMLResponse(LOGIN_PAGE.replace("{problem}", ""))
+
+    async def login(self, request: Any) -> Any:
+        from starlette.responses import HTMLResponse, RedirectResponse
+
+        form = await request.body()
+        if len(form) > 4096:
+            raise HTTPProblem(413, "the sign-in form is too large.")
+        from urllib.parse import parse_qs
+
+        token = (parse_qs(form.decode("latin-1")).get("token") or [""])[0].strip()
+        if self.tokens.verify(token) is None:
+            return HTMLResponse(LOGIN_PAGE.replace("{problem}", '<p class="e">That token is not valid.</p>'),
+                                status_code=401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+        return response
+
+    async def app_config(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(viewer_config(self.base(request)), media_type="text/javascript",
+                        headers={"Cache-Control": "no-store"})
+
+    async def viewer_file(self, request: Any) -> Any:
+        from starlette.responses import FileResponse, HTMLResponse, RedirectResponse
+
+        if self.viewer is None:
+            return HTMLResponse("<p>dgf web: DICOMweb at <code>/dicomweb</code>; the viewer is not installed "
+                                "(set 'viewer' in the [web] config, or install npm).</p>")
+        rel = request.path_params.get("path", "")
+        root = self.viewer.resolve()
+        target = (root / rel).resolve()
+        if rel and target.is_relative_to(root) and target.is_file():
+            return FileResponse(target)
+        # The viewer's pages (its router handles the path): only for a signed-in browser.
+        if self.tokens.verify(request.cookies.get(COOKIE, "")) is None:
+            return RedirectResponse("/login", status_code=303)
+        return FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
+
+
+def _syntax_of(data: bytes) -> str:
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    meta = dcmread(DicomBytesIO(data), stop_before_pixels=True, specific_tags=["TransferSyntaxUID"]).file_meta
+    return str(meta.get("TransferSyntaxUID", EXPLICIT_LE))
+
+
+def transcode(data: bytes, syntax: str) -> bytes:
+    """An instance in another native transfer syntax (decompressing when stored compressed)."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+
+    if syntax not in NATIVE_SYNTAXES:
+        raise HTTPProblem(406, f"instances are not transcoded to {syntax}; ask for transfer-syntax=* "
+                               f"or a native syntax.")
+    ds = pydicom.dcmread(DicomBytesIO(data))
+    stored = ds.file_meta.TransferSyntaxUID
+    little = syntax != "1.2.840.10008.1.2.2"
+    if stored not in NATIVE_SYNTAXES:
+        ds.decompress()
+    elif "PixelData" in ds and stored.is_little_endian != little and int(ds.BitsAllocated) > 8:
+        arr = ds.pixel_array                    # values, in this machine's order: written swapped
+        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<" if little else ">")).tobytes()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    out = DicomBytesIO()
+    pydicom.dcmwrite(out, ds, implicit_vr=syntax == "1.2.840.10008.1.2", little_endian=little,
+                     force_encoding=True)
+    return out.getvalue()
+
+
+def create_app(web: Web) -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def problem(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, HTTPProblem):
+            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        if isinstance(exc, errors.DgfError):
+            return JSONResponse({"error": exc.message}, status_code=status_of(exc))
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": "the server failed to answer; see its log."}, status_code=500)
+
+    s, se, i = "{study}", "{series}", "{instance}"
+    d = "/dicomweb"
+    routes = [
+        Route(f"{d}/studies", web.qido, methods=["GET"]),
+        Route(f"{d}/series", web.qido, methods=["GET"]),
+        Route(f"{d}/instances", web.qido, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series", web.qido, methods=["GET"]),
+        Route(f"{d}/studies/{s}/instances", web.qido, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances", web.qido, methods=["GET"]),
+        Route(f"{d}/studies", web.stow, methods=["POST"]),
+        Route(f"{d}/studies/{s}", web.stow, methods=["POST"]),
+        Route(f"{d}/studies/{s}", web.retrieve, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}", web.retrieve, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}", web.retrieve, methods=["GET"]),
+        Route(f"{d}/studies/{s}/metadata", web.metadata_route, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/metadata", web.metadata_route, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}/metadata", web.metadata_route, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}/frames/{{frames}}", web.frames, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}/rendered", web.rendered, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}/frames/{{frame}}/rendered", web.rendered, methods=["GET"]),
+        Route("/login", web.login_form, methods=["GET"]),
+        Route("/login", web.login, methods=["POST"]),
+        Route("/app-config.js", web.app_config, methods=["GET"]),
+        Route("/{path:path}", web.viewer_file, methods=["GET", "HEAD"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={Exception: problem, HTTPProblem: problem,
+                                                         errors.DgfError: problem})
+
+
+def serve(cfg: WebConfig, ready: Callable[[str, int], None] | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C (uvicorn's handlers)."""
+    import socket
+
+    import uvicorn
+
+    web = Web(cfg)
+    if cfg.viewer is not None and ensure_viewer(cfg.viewer):
+        web.viewer = cfg.viewer
+    app = create_app(web)
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(cfg.listen)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", limit_concurrency=cfg.max_connections,
+                            timeout_keep_alive=5, ssl_certfile=str(cfg.certificate) if cfg.certificate else None,
+                            ssl_keyfile=str(cfg.private_key) if cfg.private_key else None,
+                            server_header=False, access_log=False)
+    server = uvicorn.Server(config)
+    if ready is not None:
+        startup = server.startup
+
+        async def started(sockets: Any = None) -> None:
+            await startup(sockets=sockets)
+            ready(host, port)
+        server.startup = started  # type: ignore[method-assign]
+    try:
+        server.run(sockets=[sock])
+    finally:
+        web.close()

@@ -1,0 +1,442 @@
+"""The archive over DICOMweb and in the browser (issue 15): ``dgf web serve`` on a real federation,
+driven by dicomweb-client (QIDO-RS, WADO-RS, STOW-RS), plain HTTP for what clients must not be
+able to do, and a headless Chromium running the OHIF viewer the server ships."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+
+from dgf import local
+from dgf.client import Client
+from tests import corpus
+
+BIN = Path(sys.executable).parent
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WebNode:
+    """A running ``dgf web serve`` and its tokens."""
+
+    def __init__(self, fed: local.Federation, name: str = "web", extra: str = "") -> None:
+        self.fed = fed
+        self.port = _free_port()
+        self.conf = fed.root / f"{name}.conf"
+        self.conf.write_text(f"[web]\nlisten = 127.0.0.1:{self.port}\ntokens = {name}-tokens.json\n"
+                             f"spool = {name}-spool\n" + extra)
+        self.scheme = "https" if "certificate" in extra else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.tokens = {who: self.token(who, who) for who in ("clinician", "researcher")}
+        self.tokens["identified"] = self.token("identified", "clinician", "--identified")
+        self.tokens["researcher-identified"] = self.token("researcher-identified", "researcher", "--identified")
+        ready = fed.root / f"{name}.addr"
+        ready.unlink(missing_ok=True)
+        self.log_path = fed.root / "logs" / f"{name}.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(BIN / "dgf"), "web", "serve", "--config", str(self.conf),
+                                      "--ready-file", str(ready)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 300          # the first start fetches the viewer
+        while not ready.exists():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, "dgf web serve did not start"
+            time.sleep(0.1)
+
+    def token(self, name: str, principal: str, *flags: str) -> str:
+        done = subprocess.run([str(BIN / "dgf"), "web", "token", "create", name, "--config", str(self.conf),
+                               "--principal", str(self.fed.config(principal)), *flags],
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    def client(self, who: str, **kw: object) -> DICOMwebClient:
+        return DICOMwebClient(f"{self.url}/dicomweb", headers={"Authorization": f"Bearer {self.tokens[who]}"},
+                              **kw)  # type: ignore[arg-type]
+
+    def get(self, path: str, who: str | None = "researcher", **headers: str) -> requests.Response:
+        if who is not None:
+            headers["Authorization"] = f"Bearer {self.tokens[who]}"
+        return requests.get(self.url + path, headers=headers, timeout=30)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _series(out: Path, name: str, n: int) -> list[Path]:
+    """``n`` instances of one new series of one new study, made from a real corpus file."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i in range(n):
+        ds = pydicom.dcmread(corpus.file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        if "ImagePositionPatient" in ds:
+            ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.save_as(out / f"{i}.dcm")
+        paths.append(out / f"{i}.dcm")
+    return paths
+
+
+KINDS = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
+         "JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm", "emri_small.dcm"]
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebNode]:
+    root = tmp_path_factory.mktemp("web")
+    fed = local.up(root / "fed")
+    sources = _series(root / "ct", "CT_small.dcm", 5)
+    for kind in KINDS[1:]:
+        sources += _series(root / kind, kind, 1)
+    with Client(fed.config("clinician")) as c:
+        report = c.upload(sources)
+        assert not report.failed, report.failed
+    node = WebNode(fed)
+    node.sources = sources  # type: ignore[attr-defined]
+    yield node
+    node.stop()
+    local.down(fed.root, quiet=True)
+
+
+def _uid(ds: dict, tag: str) -> str:
+    return str(ds[tag]["Value"][0])
+
+
+def _study_of(web: WebNode, modality: str) -> dict:
+    """The fixture's study of ``modality`` (for CT, the five-instance series; tests may add more)."""
+    found = web.client("researcher").search_for_studies(search_filters={"ModalitiesInStudy": modality})
+    if modality == "CT":
+        found = [s for s in found if s["00201208"]["Value"] == [5]]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_qido_answers_from_the_index_with_dicom_matching(web: WebNode) -> None:
+    dw = web.client("researcher")
+    studies = dw.search_for_studies()
+    assert len(studies) == len(KINDS)
+    ct = _study_of(web, "CT")
+    assert ct["00201208"]["Value"] == [5] and ct["00201206"]["Value"] == [1]      # instances, series
+    assert ct["00080061"]["Value"] == ["CT"]
+    # The index holds de-identified headers only: no original name can match or come back.
+    original = str(pydicom.dcmread(corpus.file("CT_small.dcm")).PatientName)
+    assert original not in json.dumps(studies)
+    assert dw.search_for_studies(search_filters={"PatientName": original}) == []
+    study = _uid(ct, "0020000D")
+    series = dw.search_for_series(study)
+    assert len(series) == 1 and series[0]["00201209"]["Value"] == [5]
+    instances = dw.search_for_instances(study, _uid(series[0], "0020000E"))
+    assert sorted(i["00200013"]["Value"][0] for i in instances) == [1, 2, 3, 4, 5]
+    # Paging, wildcards, a date range, a UID list, includefield.
+    page = dw.search_for_instances(study, _uid(series[0], "0020000E"), limit=2, offset=1)
+    assert len(page) == 2 and {p["00080018"]["Value"][0] for p in page} < {i["00080018"]["Value"][0] for i in instances}
+    assert len(dw.search_for_studies(search_filters={"ModalitiesInStudy": "M?"})) == 5
+    assert len(dw.search_for_series(search_filters={"Modality": "C*"})) == 1
+    date = ct["00080020"]["Value"][0]
+    assert [_uid(s, "0020000D") for s in dw.search_for_studies(search_filters={"StudyDate": f"{date}-{date}"})
+            if "CT" in s["00080061"]["Value"]] == [study]
+    assert dw.search_for_studies(search_filters={"StudyDate": "20990101-"}) == []
+    two = [_uid(s, "0020000D") for s in studies[:2]]
+    assert sorted(_uid(s, "0020000D") for s in dw.search_for_studies(
+        search_filters={"StudyInstanceUID": ",".join(two)})) == sorted(two)
+    got = dw.search_for_instances(study, fields=["ImageType", "00280030"])
+    assert "00080008" in got[0] and "00280030" in got[0]
+    # Mistakes are named, with a 400.
+    bad = web.get("/dicomweb/studies?NoSuchAttribute=1")
+    assert bad.status_code == 400 and "NoSuchAttribute" in bad.json()["error"]
+    assert web.get("/dicomweb/studies?limit=many").status_code == 400
+
+
+def test_wado_returns_the_verified_de_identified_instances(web: WebNode) -> None:
+    dw = web.client("researcher")
+    with Client(web.fed.config("researcher")) as c:
+        archived = {pydicom.dcmread(DicomBytesIO(c.read_file(r["path"]))).SOPInstanceUID: c.read_file(r["path"])
+                    for r in c.find("/DicomHeader", "/")}
+    seen = 0
+    for study in dw.search_for_studies():
+        for inst in dw.search_for_instances(_uid(study, "0020000D")):
+            st, se, sop = _uid(inst, "0020000D"), _uid(inst, "0020000E"), _uid(inst, "00080018")
+            # As stored (transfer-syntax=*): the archive's exact bytes.
+            r = requests.get(f"{web.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}", timeout=30, headers={
+                "Authorization": f"Bearer {web.tokens['researcher']}",
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+            assert r.status_code == 200
+            body = r.content
+            assert archived[sop] in body
+            # No transfer syntax named: Explicit VR Little Endian, transcoded (decompressed) here.
+            default = web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}",
+                              Accept='multipart/related; type="application/dicom"')
+            assert default.status_code == 200
+            part = default.content.split(b"\r\n\r\n", 1)[1]
+            ds = pydicom.dcmread(DicomBytesIO(part))
+            assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
+            stored = pydicom.dcmread(DicomBytesIO(archived[sop]))
+            assert np.array_equal(ds.pixel_array, stored.pixel_array)
+            seen += 1
+    assert seen == len(archived) == 4 + len(KINDS)
+    study = _uid(_study_of(web, "CT"), "0020000D")
+    assert len(dw.retrieve_study(study)) == 5
+    assert web.get(f"/dicomweb/studies/{generate_uid()}").status_code == 404
+
+
+def test_metadata_comes_from_the_headers_and_frames_from_the_pixels(web: WebNode) -> None:
+    dw = web.client("researcher")
+    for study in dw.search_for_studies():
+        st = _uid(study, "0020000D")
+        for inst in dw.search_for_instances(st):
+            se, sop = _uid(inst, "0020000E"), _uid(inst, "00080018")
+            ds = dw.retrieve_instance(st, se, sop)
+            meta = dw.retrieve_instance_metadata(st, se, sop)
+            assert meta["00080018"]["Value"] == [sop] and meta["00280010"]["Value"] == [ds.Rows]
+            assert "7FE00010" not in meta
+            count = int(ds.get("NumberOfFrames", 1) or 1)
+            # Native frames (transcoded when stored compressed) equal the decoded pixels.
+            frames = dw.retrieve_instance_frames(st, se, sop, list(range(1, count + 1)))
+            pixels = ds.pixel_array.reshape(count, -1)
+            for i, frame in enumerate(frames):
+                assert np.frombuffer(frame, dtype=pixels.dtype.newbyteorder("<")).tolist() == pixels[i].tolist()
+            # As stored: compressed frames come back as the encapsulated fragments.
+            if not ds.file_meta.TransferSyntaxUID.is_compressed:
+                continue
+            raw = dw.retrieve_instance_frames(st, se, sop, [1], media_types=(("application/octet-stream", "*"),))
+            from pydicom.encaps import generate_frames
+            assert raw[0] == next(generate_frames(ds.PixelData, number_of_frames=count))
+    # Rendered: an image of the frame's size, windowed as asked.
+    st = _uid(_study_of(web, "CT"), "0020000D")
+    inst = dw.search_for_instances(st)[0]
+    se, sop = _uid(inst, "0020000E"), _uid(inst, "00080018")
+    from PIL import Image
+    png = dw.retrieve_instance_rendered(st, se, sop, media_types=("image/png",))
+    image = Image.open(io.BytesIO(png))
+    assert image.size == (128, 128) and image.mode == "L"
+    narrow = Image.open(io.BytesIO(dw.retrieve_instance_rendered(
+        st, se, sop, media_types=("image/png",), params={"window": "40,1"})))
+    assert set(np.asarray(narrow).ravel().tolist()) <= {0, 255}      # a 1-wide window is binary
+    assert web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/2").status_code == 404
+    assert web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/x").status_code == 400
+
+
+def test_identity_only_for_identified_tokens_of_principals_who_may_see_it(web: WebNode) -> None:
+    ct = _study_of(web, "CT")
+    st = _uid(ct, "0020000D")
+    original = str(pydicom.dcmread(corpus.file("CT_small.dcm")).PatientName)
+    got = web.client("identified").retrieve_study(st)
+    assert {str(ds.PatientName) for ds in got} == {original}
+    assert original not in {str(ds.PatientName) for ds in web.client("clinician").retrieve_study(st)}
+    refused = web.get(f"/dicomweb/studies/{st}", who="researcher-identified",
+                      Accept='multipart/related; type="application/dicom"; transfer-syntax=*')
+    assert refused.status_code == 403, refused.text
+    assert original not in refused.text
+    with Client(web.fed.config("admin")) as admin:
+        actions = [e for e in admin.audit_log(limit=500) if "identit" in json.dumps(e)]
+    assert actions, "identified releases are audited"
+
+
+def test_stow_de_identifies_through_the_upload_pipeline(web: WebNode, tmp_path: Path) -> None:
+    sources = _series(tmp_path / "stow", "CT_small.dcm", 3)
+    dw = web.client("clinician")
+    reply = dw.store_instances([pydicom.dcmread(p) for p in sources])
+    refs = reply.ReferencedSOPSequence
+    assert len(refs) == 3 and "FailedSOPSequence" not in reply
+    assert {r.ReferencedSOPInstanceUID for r in refs} == {pydicom.dcmread(p).SOPInstanceUID for p in sources}
+    assert all(r.WarningReason == 0xB000 for r in refs)            # coerced: de-identified
+    url = refs[0].RetrieveURL
+    st = url.split("/studies/")[1].split("/")[0]
+    stored = web.client("researcher").retrieve_study(st)
+    assert len(stored) == 3
+    original = str(pydicom.dcmread(sources[0]).PatientName)
+    assert all(str(ds.PatientName) != original and ds.PatientIdentityRemoved == "YES" for ds in stored)
+    # Sending again is idempotent.
+    assert len(dw.store_instances([pydicom.dcmread(p) for p in sources]).ReferencedSOPSequence) == 3
+    # A researcher may not store; nothing arrives.
+    more = _series(tmp_path / "more", "CT_small.dcm", 1)
+    with pytest.raises(requests.HTTPError) as refused:
+        web.client("researcher").store_instances([pydicom.dcmread(more[0])])
+    assert refused.value.response.status_code == 403
+    # Storing into the wrong study's URL fails that instance (0xA900).
+    with pytest.raises(requests.HTTPError) as wrong:
+        dw.store_instances([pydicom.dcmread(more[0])], study_instance_uid=generate_uid())
+    answer = wrong.value.response
+    assert answer.status_code == 409 and "00081199" not in answer.json()
+    assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+
+def _post(web: WebNode, body: bytes, who: str = "clinician", ctype: str | None = None,
+          **headers: str) -> requests.Response:
+    headers.setdefault("Authorization", f"Bearer {web.tokens[who]}")
+    headers["Content-Type"] = ctype or 'multipart/related; type="application/dicom"; boundary=XX'
+    return requests.post(f"{web.url}/dicomweb/studies", data=body, headers=headers, timeout=30)
+
+
+def test_hostile_requests_are_refused_and_leave_nothing(web: WebNode, tmp_path: Path) -> None:
+    part = _series(tmp_path / "h", "CT_small.dcm", 1)[0].read_bytes()
+    with Client(web.fed.config("researcher")) as c:
+        before = c.find_count("/DicomHeader")
+    # Truncated body, no parts, wrong media type, a body over max_body_mb (no read of it).
+    cut = b"--XX\r\nContent-Type: application/dicom\r\n\r\n" + part[: len(part) // 2]
+    assert _post(web, cut).status_code == 400
+    assert _post(web, b"garbage").status_code == 400
+    assert _post(web, b"{}", ctype="application/json").status_code == 415
+    huge = requests.post(f"{web.url}/dicomweb/studies", timeout=30, headers={
+        "Authorization": f"Bearer {web.tokens['clinician']}", "Content-Length": str(1 << 40),
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'}, data=b"")
+    assert huge.status_code in (400, 413)
+    # A part that is not DICOM fails alone, with a reason.
+    junk = b"--XX\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n--XX--\r\n"
+    failed = _post(web, junk)
+    assert failed.status_code == 409 and "00081198" in failed.json()
+    assert not any((web.fed.root / "web-spool").iterdir())           # nothing half-written stays
+    with Client(web.fed.config("researcher")) as c:
+        assert c.find_count("/DicomHeader") == before
+    # Tokens: none, wrong, revoked; a cookie is honoured for reads only.
+    assert web.get("/dicomweb/studies", who=None).status_code == 401
+    assert web.get("/dicomweb/studies", who=None, Authorization="Bearer dgf_nope").status_code == 401
+    spare = web.token("spare", "clinician")
+    ok = requests.get(f"{web.url}/dicomweb/studies", headers={"Authorization": f"Bearer {spare}"}, timeout=10)
+    assert ok.status_code == 200
+    subprocess.run([str(BIN / "dgf"), "web", "token", "revoke", "spare", "--config", str(web.conf)], check=True)
+    gone = requests.get(f"{web.url}/dicomweb/studies", headers={"Authorization": f"Bearer {spare}"}, timeout=10)
+    assert gone.status_code == 401
+    cookie = {"dgf_token": web.tokens["clinician"]}
+    assert requests.get(f"{web.url}/dicomweb/studies", cookies=cookie, timeout=10).status_code == 200
+    csrf = requests.post(f"{web.url}/dicomweb/studies", cookies=cookie, data=b"x", timeout=10,
+                         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'})
+    assert csrf.status_code == 401
+    # Signing in: a wrong token is refused; a right one gets an HttpOnly, SameSite=Strict cookie.
+    assert requests.post(f"{web.url}/login", data={"token": "dgf_wrong"}, timeout=10).status_code == 401
+    signed = requests.post(f"{web.url}/login", data={"token": web.tokens["researcher"]}, timeout=10,
+                           allow_redirects=False)
+    assert signed.status_code == 303
+    assert "httponly" in signed.headers["set-cookie"].lower() and "samesite=strict" in signed.headers["set-cookie"].lower()
+    # Tokens are kept as digests only.
+    kept = (web.fed.root / "web-tokens.json").read_text()
+    assert web.tokens["clinician"] not in kept and oct((web.fed.root / "web-tokens.json").stat().st_mode)[-3:] == "600"
+
+
+def _certificate(out: Path) -> tuple[Path, Path]:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    crt, pem = out / "web.crt", out / "web.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return crt, pem
+
+
+def test_https_when_given_a_certificate(web: WebNode) -> None:
+    crt, pem = _certificate(web.fed.root)
+    tls = WebNode(web.fed, "tls", f"certificate = {crt}\nprivate_key = {pem}\nviewer = off\n")
+    try:
+        session = requests.Session()
+        session.trust_env = False            # else REQUESTS_CA_BUNDLE overrides the session's CA
+        session.verify = str(crt)
+        dw = tls.client("researcher", session=session)
+        assert len(dw.search_for_studies()) >= len(KINDS)
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{tls.url}/dicomweb/studies", timeout=10)          # not trusted without the CA
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{tls.port}/dicomweb/studies", timeout=10)
+        signed = session.post(f"{tls.url}/login", data={"token": tls.tokens["researcher"]}, allow_redirects=False)
+        assert "secure" in signed.headers["set-cookie"].lower()
+    finally:
+        tls.stop()
+
+
+def _chromium() -> object:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=opts)
+
+
+def test_the_viewer_shows_a_ct_frame_in_a_real_browser(web: WebNode, tmp_path: Path) -> None:
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ct = _study_of(web, "CT")
+    study, pseudonym = _uid(ct, "0020000D"), _uid(ct, "00100020")
+    inst = sorted(web.client("researcher").search_for_instances(study), key=lambda i: i["00200013"]["Value"][0])[0]
+    reference = Image.open(io.BytesIO(web.client("researcher").retrieve_instance_rendered(
+        study, _uid(inst, "0020000E"), _uid(inst, "00080018"), media_types=("image/png",))))
+    driver = _chromium()
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(web.url + "/")                                   # not signed in: the sign-in page
+        WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.ID, "token")))
+        driver.find_element(By.ID, "token").send_keys(web.tokens["researcher"])
+        driver.find_element(By.ID, "signin").click()
+        # The study list: every study, by its pseudonym (never a name).
+        WebDriverWait(driver, 60).until(lambda d: pseudonym in d.find_element(By.TAG_NAME, "body").text)
+        listed = driver.find_element(By.TAG_NAME, "body").text
+        assert str(pydicom.dcmread(corpus.file("CT_small.dcm")).PatientName).split("^")[0] not in listed
+        driver.get(f"{web.url}/viewer?StudyInstanceUIDs={study}")
+        canvas = WebDriverWait(driver, 60).until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, ".cornerstone-viewport-element canvas, canvas.cornerstone-canvas, canvas")))
+
+        def shown() -> list[np.ndarray]:
+            shot = Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("L")
+            w, h = shot.size
+            side = min(w, h)
+            square = shot.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+            pixels = np.asarray(square.resize(reference.size, Image.BILINEAR), dtype=np.float64)
+            return [pixels] if pixels.std() > 10 else []             # blank until the frame is drawn
+
+        pixels = WebDriverWait(driver, 90, poll_frequency=1).until(lambda d: shown())[0]
+        ref = np.asarray(reference, dtype=np.float64)
+        # The middle of the frame: the viewer's own notices may cover its top and bottom edges.
+        h, w = ref.shape
+        pixels, ref = pixels[h // 5:-h // 5, w // 5:-w // 5], ref[h // 5:-h // 5, w // 5:-w // 5]
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "viewer.png")
+        corr = float(np.corrcoef(pixels.ravel(), ref.ravel())[0, 1])
+        assert corr > 0.9, f"the viewer's frame differs from the archive's rendering (correlation {corr:.2f})"
+    finally:
+        driver.quit()
