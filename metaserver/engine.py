@@ -265,6 +265,10 @@ class MetaEngine(ABC):
         """(path, object key, size) of every file at or under ``root``."""
 
     @abstractmethod
+    def walk_files_many(self, roots: list[str]) -> Iterator[tuple[str, str, int]]:
+        """``walk_files`` of each of ``roots`` in turn, in one pass where the roots are files."""
+
+    @abstractmethod
     def query_catalogue(self) -> Any:
         """The catalogue of indexed element paths the planner resolves patterns against."""
 

@@ -1080,18 +1080,15 @@ class MetaService(wire.Service):
         roots = ["/"] if "/" in wanted else sorted(
             r for r in wanted if not any("/".join(r.split("/")[:i]) in wanted for i in range(2, r.count("/") + 1)))
         scope = self._scope(p)
-        for path in roots:
-            for fp, key, size in self.engine.walk_files(path):
-                if scope is not None and not scope.allows(fp):
-                    continue                      # outside the researcher's grants
-                if seen >= offset:
-                    if len(files) == page:
-                        more = True
-                        break
-                    files.append([fp, key, size])
-                seen += 1
-            if more:
-                break
+        for fp, key, size in self.engine.walk_files_many(roots):
+            if scope is not None and not scope.allows(fp):
+                continue                          # outside the researcher's grants
+            if seen >= offset:
+                if len(files) == page:
+                    more = True
+                    break
+                files.append([fp, key, size])
+            seen += 1
         keys = sorted({f[1] for f in files})
         replicas = self.engine.object_replicas(keys)
         by_site: dict[str, set[str]] = {}

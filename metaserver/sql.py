@@ -1113,6 +1113,34 @@ class SqlEngine(MetaEngine):
                                        .where(inodes.c.is_dir.is_(False))):
             yield path, row.object_key, row.size
 
+    def walk_files_many(self, roots: list[str]) -> Iterator[tuple[str, str, int]]:
+        """``walk_files`` of each root in turn.  Roots that name files (a series' instances, as a
+        viewer or ``dgf_down`` asks for them) resolve in one query per directory, not in one
+        recursive query each."""
+        named: dict[str, Any] = {}
+        by_parent: dict[str, list[str]] = {}
+        for root in roots:
+            parent, _, name = root.rpartition("/")
+            if name and (parent == "" or parent.startswith("/")):
+                by_parent.setdefault(parent or "/", []).append(name)
+        with self._connect() as conn:
+            cache: dict[str, Any] = {}
+            for parent, names in by_parent.items():
+                try:
+                    prow = self._resolve_dir(conn, parent, cache)
+                except (errors.NotFound, errors.NotADirectory):
+                    continue                             # named when the root itself is walked
+                for part in _slices(sorted(set(names))):
+                    for row in conn.execute(sa.select(*_STAT_COLS).where(inodes.c.parent == prow.id,
+                                                                         inodes.c.name.in_(part))):
+                        named[_join(parent, row.name)] = row
+        for root in roots:
+            found = named.get(root)
+            if found is not None and not found.is_dir:
+                yield root, found.object_key, found.size
+            else:
+                yield from self.walk_files(root)
+
     def _subtree(self, root: str, extra: Any) -> Iterator[tuple[str, Any]]:
         """Stream (path, row) of the inodes under ``root`` selected by ``extra`` (a select whose
         FROM is ``inodes``), with paths built by a recursive CTE in the database."""

@@ -102,6 +102,12 @@ class EngineContract:
         assert [p for _, p, _, _ in engine.query_candidates("/", None, True)] == ["/x/1.dcm", "/y/2.dcm"]
         assert [p for _, p, _, x in engine.query_candidates("/y", None, True)] == ["/y/2.dcm"]
         assert [p for p, _, _ in engine.walk_files("/x/1.dcm")] == ["/x/1.dcm"]
+        # Named files in one query per directory, directories walked, in the order asked.
+        engine.create_files([_file("/x/3.dcm", "c")])
+        walked = list(engine.walk_files_many(["/x/1.dcm", "/x/3.dcm", "/y"]))
+        assert [(p, k) for p, k, _ in walked] == [("/x/1.dcm", _key("a")), ("/x/3.dcm", _key("c")), ("/y/2.dcm", _key("b"))]
+        with pytest.raises(errors.NotFound):
+            list(engine.walk_files_many(["/x/1.dcm", "/x/nope.dcm"]))
 
     def test_principals_sites_audit(self, engine: MetaEngine) -> None:
         p = Principal("alice", "clinician", "ssh-ed25519 AAAA", "SHA256:abc")
