@@ -37,7 +37,6 @@ import json
 import logging
 import mmap
 import os
-import queue
 import secrets
 import shutil
 import subprocess
@@ -642,7 +641,10 @@ class Web:
             return dimse.find(client, level, q.keys, self.cfg.find_limit, truncate=True), True
 
     async def retrieve(self, request: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
         from starlette.responses import StreamingResponse
+
+        from dgf.dicom.raw import stored_syntax
 
         token = self.session(request)
         p = request.path_params
@@ -651,60 +653,75 @@ class Web:
         accepted = Accepted.parse(request.headers.get("accept", ""), "application/dicom")
         if "application/dicom" not in accepted.types:
             raise HTTPProblem(406, "instances are sent as multipart/related; type=\"application/dicom\" only.")
-        identified = token.identified
-        boundary = secrets.token_hex(16)
+        # The fetch (verified, failover) runs in a thread and hands each instance to the event
+        # loop, which sends it: no thread hop per part, no copy of the bytes.
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=8)
+        stop = threading.Event()
 
-        def parts() -> Iterator[tuple[str, bytes]]:
-            got: queue.Queue[tuple[str, bytes] | BaseException | None] = queue.Queue(maxsize=16)
-            stop = threading.Event()
-
-            def deliver(path: str, data: bytes) -> None:
-                while not stop.is_set():
-                    try:
-                        got.put((path, data), timeout=1.0)
-                        return
-                    except queue.Full:
-                        continue
-                raise errors.TransportError("the HTTP client went away.")
-
-            def fetch() -> None:
+        def hand(item: bytes | BaseException | None) -> None:
+            fut = asyncio.run_coroutine_threadsafe(got.put(item), loop)
+            while not stop.is_set():
                 try:
-                    report = client.fetch(paths, deliver, identified=identified)
-                    if report.failed:
-                        got.put(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
-                                                      f"{report.failed[0].reason}"))
-                except BaseException as exc:                    # noqa: BLE001 - handed to the stream
-                    got.put(exc)
-                finally:
-                    got.put(None)
+                    fut.result(timeout=1.0)
+                    return
+                except TimeoutError:
+                    continue
+            fut.cancel()
+            raise errors.TransportError("the HTTP client went away.")
 
-            threading.Thread(target=fetch, daemon=True, name="dgf-web-fetch").start()
+        def fetch() -> None:
             try:
-                while (item := got.get()) is not None:
-                    if isinstance(item, BaseException):
-                        log.error("WADO-RS stream for %s ended early: %s", token.name, item)
-                        raise item                       # the client sees a cut multipart body
-                    data = item[1]
-                    stored = _syntax_of(data)
-                    want = accepted.syntax("application/dicom", stored)
-                    if want is None:
-                        raise HTTPProblem(406, "no acceptable transfer syntax")
-                    if want != stored:
-                        data = transcode(data, want)
-                    yield f"application/dicom; transfer-syntax={want}", data
+                report = client.fetch(paths, lambda _path, data: hand(data), identified=token.identified)
+                if report.failed:
+                    hand(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
+                                               f"{report.failed[0].reason}"))
+            except BaseException as exc:                        # noqa: BLE001 - handed to the stream
+                if not stop.is_set():
+                    hand(exc)
+            finally:
+                if not stop.is_set():
+                    hand(None)
+
+        async def part(data: bytes) -> tuple[bytes, bytes]:
+            stored = stored_syntax(data)
+            want = accepted.syntax("application/dicom", stored)
+            if want is None:
+                raise HTTPProblem(406, "no acceptable transfer syntax.")
+            if want != stored:
+                data = await run_in_threadpool(transcode, data, want)
+            head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={want}\r\n" \
+                   f"Content-Length: {len(data)}\r\n\r\n"
+            return head.encode(), data
+
+        async def next_part() -> tuple[bytes, bytes] | None:
+            item = await got.get()
+            if isinstance(item, BaseException):
+                raise item
+            return None if item is None else await part(item)
+
+        boundary = secrets.token_hex(16)
+        threading.Thread(target=fetch, daemon=True, name="dgf-web-fetch").start()
+        try:
+            first = await next_part()           # the first part decides the status (404, 406, 403...)
+        except BaseException:
+            stop.set()
+            raise
+
+        async def body() -> Any:
+            try:
+                current = first
+                while current is not None:
+                    yield current[0]
+                    yield current[1]
+                    yield b"\r\n"
+                    current = await next_part()
+                yield f"--{boundary}--\r\n".encode()
+            except BaseException as exc:
+                log.error("WADO-RS stream for token %s ended early: %s", token.name, exc)
+                raise                               # the client sees a cut multipart body
             finally:
                 stop.set()
-
-        # The first part decides the status (a wrong transfer syntax is a 406, not a cut body).
-        it = parts()
-        first = await self.call(next, it, None)
-
-        def body() -> Iterator[bytes]:
-            def all_parts() -> Iterator[tuple[str, bytes]]:
-                if first is not None:
-                    yield first
-                yield from it
-            yield from multipart(all_parts(), boundary)
 
         return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
@@ -940,14 +957,6 @@ class Web:
         return FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
 
 
-def _syntax_of(data: bytes) -> str:
-    from pydicom import dcmread
-    from pydicom.filebase import DicomBytesIO
-
-    meta = dcmread(DicomBytesIO(data), stop_before_pixels=True, specific_tags=["TransferSyntaxUID"]).file_meta
-    return str(meta.get("TransferSyntaxUID", EXPLICIT_LE))
-
-
 def transcode(data: bytes, syntax: str) -> bytes:
     """An instance in another native transfer syntax (decompressing when stored compressed)."""
     import pydicom
@@ -1024,7 +1033,10 @@ def serve(cfg: WebConfig, ready: Callable[[str, int], None] | None = None) -> No
     if cfg.viewer is not None and ensure_viewer(cfg.viewer):
         web.viewer = cfg.viewer
     app = create_app(web)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET)
+    # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only on sockets that say TCP, and
+    # with it on, a keep-alive client waits out its delayed ACK (40 ms) for each body.
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(cfg.listen)
     host, port = sock.getsockname()[:2]

@@ -387,6 +387,18 @@ def parse_part10(data: bytes) -> Part10:
                   truncated=parser.truncated_pixels)
 
 
+def stored_syntax(data: bytes | memoryview) -> str:
+    """The transfer syntax a Part 10 file names in its file meta (Implicit VR Little Endian when
+    it names none), read without parsing the dataset."""
+    pos = 132 if bytes(data[128:132]) == b"DICM" else 0
+    parser = Parser(data)
+    while pos + 8 <= len(data) and struct.unpack_from("<H", data, pos)[0] == 0x0002:
+        elems, pos = parser.parse(pos, pos + 1, EXPLICIT)
+        if elems and elems[0].tag == 0x00020010:
+            return text_value(data, elems[0])
+    return IMPLICIT_LE
+
+
 #: Top-level elements whose values no check reads: pixel data (native or encapsulated) and
 #: waveform data.  An object sealed for an untrusted site may keep them from the metaserver
 #: (``dgf.envelope``): nothing the profile or the XML header looks at lies inside them.
