@@ -18,6 +18,11 @@ binds it to (a client config and its key); unknown AE titles are refused at asso
 - **C-GET** and **C-MOVE** (destinations from the configuration) of what a C-FIND at the same
   level matches: de-identified, or identified for the AE titles listed in ``identified`` when
   their principal may see identity (the metaserver refuses otherwise, and audits every release).
+  A compressed instance goes as stored where the receiver accepted that transfer syntax, else
+  decompressed to Explicit VR Little Endian (``dgf.pixels``).
+
+TLS (PS3.15 B.1) when ``certificate`` and ``private_key`` are set; with ``client_ca``, callers
+must present a certificate it signed (the AE title check still applies).
 
 Bounds: associations (``max_associations``), the spool's size (``max_spool_mb``; beyond it
 C-STORE answers Out of Resources), matches per query (``find_limit``), and pynetdicom's ACSE,
@@ -31,6 +36,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -42,7 +48,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dgf import config as dgf_config
-from dgf import errors
+from dgf import errors, pixels
 from dgf.client import Client
 from dgf.types import IDENTITY_ROLES
 
@@ -87,6 +93,11 @@ class DicomConfig:
     max_spool_mb: int = 10_240
     find_limit: int = 10_000
     max_associations: int = 32
+    #: TLS (PS3.15 B.1): the port speaks TLS with this certificate; with ``client_ca`` callers
+    #: must also present a certificate it signed.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    client_ca: Path | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DicomConfig:
@@ -112,6 +123,10 @@ class DicomConfig:
             numbers = {k: int(v[k]) for k in ("max_spool_mb", "find_limit", "max_associations") if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [dicom] limit is not a whole number.") from exc
+        tls = {k: dgf_config._rel(base, v[k]) for k in ("certificate", "private_key", "client_ca") if v.get(k)}
+        if ("certificate" in tls) != ("private_key" in tls) or ("client_ca" in tls and "certificate" not in tls):
+            raise errors.ConfigError(f"config file {p}: TLS needs 'certificate' and 'private_key' "
+                                     "('client_ca' only with them).")
         return cls(
             path=p, ae_title=v.get("ae_title", "DGF")[:16],
             listen=dgf_config.parse_address(v.get("listen", "127.0.0.1:11112"), "listen"),
@@ -119,7 +134,24 @@ class DicomConfig:
             identified=frozenset(x.strip() for x in v.get("identified", "").split(",") if x.strip()),
             destinations={ae: dgf_config.parse_address(a, f"destination {ae}")
                           for ae, a in pairs("destinations").items()},
+            certificate=tls.get("certificate"), private_key=tls.get("private_key"), client_ca=tls.get("client_ca"),
             **numbers)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (TLS 1.2 at least), or None for plain DICOM."""
+        if self.certificate is None or self.private_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.certificate, self.private_key)
+            if self.client_ca is not None:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(self.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise errors.ConfigError(f"config file {self.path}: the TLS certificate, key or client CA cannot "
+                                     f"be loaded ({exc}).") from exc
+        return ctx
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +487,11 @@ class Gateway:
         paths = [p for e in found.values() for p in e.paths]
         identified = ae in self.cfg.identified
         client = self.client(ae)
+        # What the receiving end takes: a C-GET's own association (the contexts the requestor
+        # accepted as storage SCP); a C-MOVE's sub-association offers uncompressed syntaxes only.
+        takes = None if getattr(event, "move_destination", None) is not None else {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in event.assoc.accepted_contexts
+            if cx.transfer_syntax}
 
         def datasets() -> Iterator[Dataset | None]:
             import pydicom
@@ -476,7 +513,18 @@ class Gateway:
             sent = 0
             while (item := got.get()) is not None:
                 sent += 1
-                yield pydicom.dcmread(DicomBytesIO(item[1]))
+                ds = pydicom.dcmread(DicomBytesIO(item[1]))
+                syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+                if syntax not in pixels.NATIVE_SYNTAXES and (
+                        takes is None or (str(ds.get("SOPClassUID", "")), syntax) not in takes):
+                    try:                     # the peer cannot take it compressed: decompressed
+                        ds = pydicom.dcmread(DicomBytesIO(pixels.transcode(item[1], pixels.EXPLICIT_LE)))
+                    except Exception as exc:                     # noqa: BLE001 - one failed sub-operation
+                        log.warning("retrieve for %s: an instance in %s could not be decompressed (%s)",
+                                    ae, syntax, exc)
+                        yield None
+                        continue
+                yield ds
             for _ in range(len(paths) - sent):
                 yield None                               # not delivered: counted as failed
         return paths, datasets
@@ -542,7 +590,8 @@ class Gateway:
             ae.add_requested_context(str(cx.abstract_syntax))     # C-MOVE's sub-associations
         handlers: list[Any] = [(evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
                     (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
-        self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers)
+        self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers,
+                                      ssl_context=self.cfg.ssl_context())
         accept = self.server.get_request
 
         def get_request() -> Any:

@@ -11,8 +11,8 @@ exactly as on the CLI, since every call goes through that principal's own client
 - **WADO-RS**: studies, series and instances as ``multipart/related; type="application/dicom"``
   (as stored with ``transfer-syntax=*``; Explicit VR Little Endian, the standard's default, when
   the request names none), metadata as DICOM JSON (from the XML headers, no bulk data read),
-  frames (``multipart/related`` of raw or compressed frames), rendered frames (JPEG or PNG with
-  ``window=center,width``) and bulk data.  Identified instances only for tokens created with
+  frames (``multipart/related`` of raw or compressed frames) and rendered frames (JPEG or PNG
+  with ``window=center,width``).  Identified instances only for tokens created with
   ``--identified`` whose principal may see identity (the metaserver decides, and audits).
 - **STOW-RS**: ``POST /dicomweb/studies``: the body is spooled to disk (bounded), split, and sent
   through the same de-identification and upload pipeline as ``dgf_up``.  De-identification
@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import logging
 import mmap
@@ -52,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from dgf import config as dgf_config
-from dgf import dicomjson, dimse, errors
+from dgf import dicomjson, dimse, errors, pixels
 from dgf.client import Client
+from dgf.pixels import EXPLICIT_LE, NATIVE_SYNTAXES
 from dgf.types import IDENTITY_ROLES
 
 log = logging.getLogger("dgf.web")
@@ -68,8 +68,6 @@ COOKIE = "dgf_token"
 BODY_CHUNK_S = 30.0
 #: Instances' bytes kept for frame and rendered requests (a viewer asks for each frame apart).
 INSTANCE_CACHE_S = 30.0
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", EXPLICIT_LE, "1.2.840.10008.1.2.2"})
 COERCED = 0xB000                         # Warning: coercion of data elements (PS3.4 Annex B)
 FAILED_PROCESSING = 0x0110
 STUDY_MISMATCH = 0xA900                  # the instance's study is not the one in the URL
@@ -388,61 +386,6 @@ def split_multipart(body: Path, boundary: bytes, out_dir: Path, max_parts: int) 
 
 
 # --------------------------------------------------------------------------------------------
-# Pixels: frames and rendered images
-
-
-def frame_bytes(ds: Any, index: int) -> bytes:
-    """Frame ``index`` (from 0) of a native (uncompressed) dataset, little endian."""
-    import numpy as np
-
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
-    if bits == 1:
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise HTTPProblem(406, "frames of multi-frame 1-bit pixel data are not served apart.")
-        return bytes(ds.PixelData)
-    size = rows * cols * spp * bits // 8
-    data = bytes(ds.PixelData[index * size:(index + 1) * size])
-    if len(data) != size:
-        raise HTTPProblem(404, f"frame {index + 1} is not in the pixel data.")
-    if not ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE) == "1.2.840.10008.1.2.2" or bits == 8:
-        return data
-    return np.frombuffer(data, dtype=f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
-
-
-def render(ds: Any, index: int, window: tuple[float, float] | None, media: str, quality: int = 90) -> bytes:
-    """Frame ``index`` of ``ds`` as an 8-bit JPEG or PNG, through the modality LUT and a linear
-    window (the one asked for, else the file's first, else the frame's range)."""
-    import numpy as np
-    from PIL import Image
-    from pydicom.pixels import apply_modality_lut, pixel_array
-
-    arr = pixel_array(ds, index=index)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric.startswith("MONOCHROME"):
-        values = apply_modality_lut(arr, ds).astype(np.float64)
-        if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
-            c, w = ds.WindowCenter, ds.WindowWidth
-            window = (float(c[0] if ds["WindowCenter"].VM > 1 else c),
-                      float(w[0] if ds["WindowWidth"].VM > 1 else w))
-        if window is None:
-            lo, hi = float(values.min()), float(values.max())
-            window = ((lo + hi) / 2, max(hi - lo, 1.0))
-        center, width = window
-        out = np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1) * 255
-        if photometric == "MONOCHROME1":
-            out = 255 - out
-        image = Image.fromarray(out.astype(np.uint8), "L")
-    else:
-        if arr.dtype != np.uint8:
-            arr = (arr.astype(np.float64) * 255 / max(float(arr.max()), 1)).astype(np.uint8)
-        image = Image.fromarray(arr, "RGB")
-    buf = io.BytesIO()
-    image.save(buf, "PNG" if media == "image/png" else "JPEG", **({} if media == "image/png" else {"quality": quality}))
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------------------------
 # The viewer
 
 
@@ -689,7 +632,7 @@ class Web:
             if want is None:
                 raise HTTPProblem(406, "no acceptable transfer syntax.")
             if want != stored:
-                data = await run_in_threadpool(transcode, data, want)
+                data = await run_in_threadpool(pixels.transcode, data, want)
             head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={want}\r\n" \
                    f"Content-Length: {len(data)}\r\n\r\n"
             return head.encode(), data
@@ -780,8 +723,8 @@ class Web:
                 raise HTTPProblem(406, f"frames are not transcoded to {want}; ask for transfer-syntax=* "
                                        f"or {EXPLICIT_LE}.")
             if stored not in NATIVE_SYNTAXES:
-                ds.decompress()
-            return [frame_bytes(ds, n - 1) for n in numbers]
+                ds.decompress(generate_instance_uid=False)
+            return [pixels.frame_bytes(ds, n - 1) for n in numbers]
 
         data = await self.call(frames)
         sent = want if want is not None else EXPLICIT_LE
@@ -809,7 +752,7 @@ class Web:
         if not any(m in accept for m in ("image/png", "image/jpeg", "image/*", "*/*")):
             raise HTTPProblem(406, "rendered frames are image/jpeg or image/png.")
         quality = int(request.query_params.get("quality", "90")) if request.query_params.get("quality", "90").isdigit() else 90
-        data = await self.call(render, ds, index, window, media, max(1, min(quality, 100)))
+        data = await self.call(pixels.render, ds, index, window, media, max(1, min(quality, 100)))
         return Response(data, media_type=media)
 
     async def stow(self, request: Any) -> Any:
@@ -957,29 +900,6 @@ class Web:
         return FileResponse(root / "index.html", headers={"Cache-Control": "no-store"})
 
 
-def transcode(data: bytes, syntax: str) -> bytes:
-    """An instance in another native transfer syntax (decompressing when stored compressed)."""
-    import pydicom
-    from pydicom.filebase import DicomBytesIO
-
-    if syntax not in NATIVE_SYNTAXES:
-        raise HTTPProblem(406, f"instances are not transcoded to {syntax}; ask for transfer-syntax=* "
-                               f"or a native syntax.")
-    ds = pydicom.dcmread(DicomBytesIO(data))
-    stored = ds.file_meta.TransferSyntaxUID
-    little = syntax != "1.2.840.10008.1.2.2"
-    if stored not in NATIVE_SYNTAXES:
-        ds.decompress()
-    elif "PixelData" in ds and stored.is_little_endian != little and int(ds.BitsAllocated) > 8:
-        arr = ds.pixel_array                    # values, in this machine's order: written swapped
-        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<" if little else ">")).tobytes()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
-    out = DicomBytesIO()
-    pydicom.dcmwrite(out, ds, implicit_vr=syntax == "1.2.840.10008.1.2", little_endian=little,
-                     force_encoding=True)
-    return out.getvalue()
-
-
 def create_app(web: Web) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -991,6 +911,8 @@ def create_app(web: Web) -> Any:
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         if isinstance(exc, errors.DgfError):
             return JSONResponse({"error": exc.message}, status_code=status_of(exc))
+        if isinstance(exc, pixels.NotAcceptable):
+            return JSONResponse({"error": str(exc)}, status_code=406)
         log.exception("request %s %s failed", request.method, request.url.path)
         return JSONResponse({"error": "the server failed to answer; see its log."}, status_code=500)
 
@@ -1019,8 +941,28 @@ def create_app(web: Web) -> Any:
         Route("/app-config.js", web.app_config, methods=["GET"]),
         Route("/{path:path}", web.viewer_file, methods=["GET", "HEAD"]),
     ]
-    return Starlette(routes=routes, exception_handlers={Exception: problem, HTTPProblem: problem,
-                                                         errors.DgfError: problem})
+    app = Starlette(routes=routes, exception_handlers={Exception: problem, HTTPProblem: problem,
+                                                        errors.DgfError: problem, pixels.NotAcceptable: problem})
+    return _hardened(app)
+
+
+def _hardened(app: Any) -> Any:
+    """Headers every response carries: no MIME sniffing, no framing (clickjacking), no referrer
+    (URLs name studies)."""
+    extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+             (b"referrer-policy", b"no-referrer")]
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+        await app(scope, receive, sending)
+    return wrapped
 
 
 def serve(cfg: WebConfig, ready: Callable[[str, int], None] | None = None) -> None:

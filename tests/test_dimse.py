@@ -13,14 +13,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.multival import MultiValue
 
 from dgf import local
 from dgf.client import Client
-from tests import corpus
+from tests import corpus, tlscerts
 
 BIN = Path(sys.executable).parent
 
@@ -272,3 +274,65 @@ def test_the_gateway_keeps_no_descriptor_per_instance(node: Node, tmp_path: Path
     assert _run("storescu", *node.args("MODALITY"), *map(str, sources)).returncode == 0
     node.drained()
     assert open_fds() <= before + 4
+
+
+def test_compressed_instances_are_decompressed_for_peers_that_cannot_take_them(node: Node, tmp_path: Path) -> None:
+    # getscu and storescp (C-MOVE) take uncompressed syntaxes only unless told otherwise: JPEG
+    # 2000, JPEG-LS and RLE instances reach them decompressed, with the stored pixels.
+    sources = [p for kind in ("JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm")
+               for p in corpus.fresh_instances(tmp_path / kind, 1, kind)]
+    with Client(node.fed.config("clinician")) as c:
+        report = c.upload(sources)
+        assert not report.failed, report.failed
+        stored = {new: pydicom.dcmread(DicomBytesIO(c.read_file(path)))
+                  for path, _, _, new in report.stored.values()}
+    assert all(ds.file_meta.TransferSyntaxUID.is_compressed for ds in stored.values())
+    got = tmp_path / "got"
+    got.mkdir()
+    done = _run("getscu", "-od", str(got), *node.args("VIEWER"), "-k", "QueryRetrieveLevel=IMAGE",
+                "-k", "SOPInstanceUID=" + "\\".join(stored))
+    assert done.returncode == 0, done.stderr
+    arrived = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p) for p in got.iterdir())}
+    assert set(arrived) == set(stored)
+    for uid, ds in arrived.items():
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(ds.pixel_array, stored[uid].pixel_array)
+
+
+def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ca = tlscerts.issue(tmp_path, "ca")
+    server = tlscerts.issue(tmp_path, "server", ca)
+    client = tlscerts.issue(tmp_path, "client", ca)
+    stranger = tlscerts.issue(tmp_path, "stranger")             # signed by no CA the gateway trusts
+    tls = Node(node.fed, node.dest_port, name="tls", extra=(
+        f"certificate = {server[0]}\nprivate_key = {server[1]}\nclient_ca = {ca[0]}\n"))
+
+    def echo(cert: tuple[Path, Path] | None, secure: bool = True) -> bool:
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 10
+        args = None
+        if secure:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca[0]))
+            if cert is not None:
+                ctx.load_cert_chain(*cert)
+            args = (ctx, "127.0.0.1")
+        assoc = ae.associate("127.0.0.1", tls.port, ae_title="DGF", tls_args=args)
+        try:
+            return bool(assoc.is_established and assoc.send_c_echo().Status == 0)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    try:
+        assert echo(client)
+        assert not echo(None)                 # no client certificate
+        assert not echo(stranger)             # one the gateway's CA did not sign
+        assert not echo(None, secure=False)   # plain DICOM on the TLS port
+    finally:
+        tls.stop()

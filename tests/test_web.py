@@ -4,7 +4,6 @@ able to do, and a headless Chromium running the OHIF viewer the server ships."""
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import shutil
@@ -26,7 +25,7 @@ from pydicom.uid import generate_uid
 
 from dgf import local
 from dgf.client import Client
-from tests import corpus
+from tests import corpus, tlscerts
 
 BIN = Path(sys.executable).parent
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -197,7 +196,7 @@ def test_wado_returns_the_verified_de_identified_instances(web: WebNode) -> None
             assert default.status_code == 200
             part = default.content.split(b"\r\n\r\n", 1)[1]
             ds = pydicom.dcmread(DicomBytesIO(part))
-            assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
+            assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE and ds.SOPInstanceUID == sop   # same instance
             stored = pydicom.dcmread(DicomBytesIO(archived[sop]))
             assert np.array_equal(ds.pixel_array, stored.pixel_array)
             seen += 1
@@ -335,38 +334,15 @@ def test_hostile_requests_are_refused_and_leave_nothing(web: WebNode, tmp_path: 
     signed = requests.post(f"{web.url}/login", data={"token": web.tokens["researcher"]}, timeout=10,
                            allow_redirects=False)
     assert signed.status_code == 303
+    assert signed.headers["x-frame-options"] == "DENY" and signed.headers["x-content-type-options"] == "nosniff"
     assert "httponly" in signed.headers["set-cookie"].lower() and "samesite=strict" in signed.headers["set-cookie"].lower()
     # Tokens are kept as digests only.
     kept = (web.fed.root / "web-tokens.json").read_text()
     assert web.tokens["clinician"] not in kept and oct((web.fed.root / "web-tokens.json").stat().st_mode)[-3:] == "600"
 
 
-def _certificate(out: Path) -> tuple[Path, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    crt, pem = out / "web.crt", out / "web.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    return crt, pem
-
-
 def test_https_when_given_a_certificate(web: WebNode) -> None:
-    crt, pem = _certificate(web.fed.root)
+    crt, pem = tlscerts.issue(web.fed.root, "web")
     tls = WebNode(web.fed, "tls", f"certificate = {crt}\nprivate_key = {pem}\nviewer = off\n")
     try:
         session = requests.Session()
