@@ -4,7 +4,8 @@ Starts a local federation (metaserver + two I/O sites on loopback), uploads real
 (pydicom's CT, MR and RT examples plus a small synthetic cohort) with the real CLI, runs a cohort
 query, downloads de-identified copies as a researcher and exact originals as a clinician, shows
 that the researcher is refused identity (and that the refusal is audited), then shows the DICOM
-side (a modality's storescu into 'dgf dicom serve', a viewer's findscu) and stops the servers.
+side (a modality's storescu into 'dgf dicom serve', a viewer's findscu), the web side (STOW-RS
+and QIDO-RS against 'dgf web serve', which also serves the OHIF viewer) and stops the servers.
 """
 
 from __future__ import annotations
@@ -86,6 +87,68 @@ def dicom_side(fed: local.Federation, tmp: Path, example: Path) -> None:
         gateway.wait(15)
 
 
+def web_side(fed: local.Federation, example: Path) -> None:
+    """The archive over DICOMweb: a token, 'dgf web serve', a STOW-RS of one file, QIDO-RS and
+    a rendered frame back (the OHIF viewer is at the same address)."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = fed.root / "web.conf"
+    conf.write_text(conf.read_text().replace("listen = 127.0.0.1:8042", f"listen = 127.0.0.1:{port}"))
+    token_file = fed.root / "demo-web.token"
+    if not token_file.exists():
+        print(f"\n$ dgf web token create demo --config {conf.name} --principal clinician.conf")
+        made = subprocess.run([str(BIN / "dgf"), "web", "token", "create", "demo", "--config", str(conf),
+                               "--principal", str(fed.config("clinician"))], capture_output=True, text=True)
+        if made.returncode != 0:
+            raise SystemExit(f"dgf web token create failed: {made.stderr.strip()}")
+        token_file.touch(0o600)
+        token_file.write_text(made.stdout.strip() + "\n")
+        print(f"  dgf_**** (kept in {token_file})")
+    token = token_file.read_text().strip()
+    print(f"\n$ dgf web serve --config {conf.name} &        # http://127.0.0.1:{port}/")
+    ready = fed.root / "web.addr"
+    ready.unlink(missing_ok=True)
+    log = open(fed.root / "logs" / "web.log", "ab")
+    server = subprocess.Popen([str(BIN / "dgf"), "web", "serve", "--config", str(conf), "--ready-file", str(ready)],
+                              stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}/dicomweb"
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.monotonic() + 300          # the first start fetches the viewer (npm)
+        while not ready.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"dgf web serve did not start; see {fed.root / 'logs' / 'web.log'}")
+            time.sleep(0.1)
+        boundary = "dgfdemo"
+        body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + example.read_bytes()
+                + f"\r\n--{boundary}--\r\n".encode())
+        print(f"\n$ POST {base}/studies   (STOW-RS of {example.name})")
+        stow = urllib.request.Request(f"{base}/studies", data=body, method="POST", headers={
+            **auth, "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        with urllib.request.urlopen(stow, timeout=60) as r:
+            answer = json.load(r)
+            print(f"  {r.status}: stored as {answer['00081199']['Value'][0]['00081190']['Value'][0]}")
+        print(f"\n$ GET {base}/studies?ModalitiesInStudy=MR   (QIDO-RS)")
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/studies?ModalitiesInStudy=MR", headers=auth),
+                                    timeout=60) as r:
+            studies = json.load(r)
+        for st in studies[:3]:
+            print(f"  study {st['0020000D']['Value'][0]}  patient {st['00100020']['Value'][0]}  "
+                  f"{st['00201208']['Value'][0]} instance(s)")
+        print(f"\nOpen http://127.0.0.1:{port}/ and sign in with the token in {token_file} to browse the archive "
+              f"in the OHIF viewer (after the demo: dgf local up {fed.root.name}; dgf web serve --config {conf}).")
+    finally:
+        server.terminate()
+        server.wait(15)
+        log.close()
+
+
 def main(root: Path) -> int:
     from pydicom.data import get_testdata_file
 
@@ -125,6 +188,7 @@ def main(root: Path) -> int:
             print(f"\n{same} of {len(originals)} example files came back byte-identical for the clinician.")
             sh(fed.config("admin"), "dgf", "admin", "audit", "--limit", "3")
             dicom_side(fed, Path(tmp), originals[0])
+            web_side(fed, originals[1])
             if same != len(originals):
                 return 1
     finally:

@@ -18,3 +18,6 @@ def test_demo_runs_and_restores_originals(tmp_path: Path) -> None:
     assert "Stopped metaserver, site-a, site-b" in proc.stdout
     # The DICOM side: storescu in, findscu answered from the index (ModalitiesInStudy counted).
     assert "$ storescu -aet MODALITY" in proc.stdout and "(0008,0061) CS [CT" in proc.stdout
+    # The web side: STOW-RS stored (coerced: de-identified), QIDO-RS finds the MR study.
+    assert "202: stored as http://127.0.0.1:" in proc.stdout
+    assert "(QIDO-RS)" in proc.stdout and "1 instance(s)" in proc.stdout
