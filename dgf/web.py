@@ -22,9 +22,9 @@ exactly as on the CLI, since every call goes through that principal's own client
   ``/login`` with a token; the HttpOnly, SameSite=Strict cookie it gets is honoured for reads
   only (GET), so a cross-site form cannot store through it.
 
-Bounds: request bodies (``max_body_mb``, checked before reading and while reading, 30 s per
-chunk), matches per query (``find_limit``), connections (``max_connections``), header size
-(uvicorn's).  HTTPS when ``certificate`` and ``private_key`` are set.
+Bounds: request heads (``header_timeout_s`` to arrive whole; size, h11's), request bodies
+(``max_body_mb``, checked before reading and while reading, 30 s per chunk), matches per query
+(``find_limit``), connections (``max_connections``).  HTTPS when ``certificate`` and ``private_key`` are set.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ class WebConfig:
     max_body_mb: int = 4096
     find_limit: int = 10_000
     max_connections: int = 64
+    header_timeout_s: int = 10              # a request head must arrive within this
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WebConfig:
@@ -104,7 +105,8 @@ class WebConfig:
         v = dgf_config.read_section(p, "web")
         base = p.parent
         try:
-            numbers = {k: int(v[k]) for k in ("max_body_mb", "find_limit", "max_connections") if k in v}
+            numbers = {k: int(v[k]) for k in ("max_body_mb", "find_limit", "max_connections", "header_timeout_s")
+                       if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [web] limit is not a whole number.") from exc
         cert, key = v.get("certificate"), v.get("private_key")
@@ -863,9 +865,17 @@ class Web:
     async def login(self, request: Any) -> Any:
         from starlette.responses import HTMLResponse, RedirectResponse
 
-        form = await request.body()
-        if len(form) > 4096:
-            raise HTTPProblem(413, "the sign-in form is too large.")
+        async def read() -> bytes:
+            got = b""
+            async for chunk in request.stream():
+                got += chunk
+                if len(got) > 4096:
+                    raise HTTPProblem(413, "the sign-in form is too large.")
+            return got
+        try:
+            form = await asyncio.wait_for(read(), BODY_CHUNK_S)
+        except asyncio.TimeoutError as exc:
+            raise HTTPProblem(408, f"the sign-in form did not arrive within {BODY_CHUNK_S:.0f} s.") from exc
         from urllib.parse import parse_qs
 
         token = (parse_qs(form.decode("latin-1")).get("token") or [""])[0].strip()
@@ -965,6 +975,43 @@ def _hardened(app: Any) -> Any:
     return wrapped
 
 
+def _bounded_protocol(header_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline for request headers: a connection that has
+    not sent a whole request head within ``header_s`` of connecting (or of its last response)
+    is closed.  uvicorn bounds only idle keep-alive time, and any byte resets that, so a few
+    dozen clients sending one byte at a time would hold every connection slot (slowloris)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Bounded(H11Protocol):
+        _head_deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            self._head_deadline = self.loop.call_later(header_s, self._head_late)
+
+        def _head_late(self) -> None:
+            self._head_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()          # still no complete request head
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_deadline is not None:
+                self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+    return Bounded
+
+
 def serve(cfg: WebConfig, ready: Callable[[str, int], None] | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C (uvicorn's handlers)."""
     import socket
@@ -983,6 +1030,7 @@ def serve(cfg: WebConfig, ready: Callable[[str, int], None] | None = None) -> No
     sock.bind(cfg.listen)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", limit_concurrency=cfg.max_connections,
+                            http=_bounded_protocol(cfg.header_timeout_s),
                             timeout_keep_alive=5, ssl_certfile=str(cfg.certificate) if cfg.certificate else None,
                             ssl_keyfile=str(cfg.private_key) if cfg.private_key else None,
                             server_header=False, access_log=False)

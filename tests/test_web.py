@@ -341,6 +341,39 @@ def test_hostile_requests_are_refused_and_leave_nothing(web: WebNode, tmp_path: 
     assert web.tokens["clinician"] not in kept and oct((web.fed.root / "web-tokens.json").stat().st_mode)[-3:] == "600"
 
 
+def test_slow_clients_cannot_hold_every_connection(web: WebNode) -> None:
+    # Slowloris: more clients than connection slots, each sending its request head a byte at a
+    # time. Each is cut off when its head is late, and a real client still gets its answer.
+    small = WebNode(web.fed, "slow", "max_connections = 6\nheader_timeout_s = 2\nviewer = off\n")
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(12):
+            s = socket.create_connection(("127.0.0.1", small.port), timeout=10)
+            s.sendall(b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        started = time.monotonic()
+        while time.monotonic() - started < 3.5:
+            for s in slow:
+                try:
+                    s.sendall(b"X")
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        ok = requests.get(f"{small.url}/dicomweb/studies", timeout=10,
+                          headers={"Authorization": f"Bearer {small.tokens['researcher']}"})
+        assert ok.status_code == 200, ok.text
+        for s in slow:
+            s.settimeout(5)
+            try:
+                assert s.recv(100) == b""            # closed by the server
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in slow:
+            s.close()
+        small.stop()
+
+
 def test_https_when_given_a_certificate(web: WebNode) -> None:
     crt, pem = tlscerts.issue(web.fed.root, "web")
     tls = WebNode(web.fed, "tls", f"certificate = {crt}\nprivate_key = {pem}\nviewer = off\n")
