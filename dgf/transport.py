@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paramiko
-
 from dgf import errors, wire
+from dgf.sshlib import paramiko
 from dgf.types import Site
 
 log = logging.getLogger(__name__)

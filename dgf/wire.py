@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-import paramiko
-
 from dgf import errors
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
+from dgf.sshlib import paramiko
 
 log = logging.getLogger(__name__)
 

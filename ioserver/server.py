@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import paramiko
 
 from dgf import crypto, envelope, errors, wire
 from dgf.config import IoserverConfig
 from dgf.integrity import block_digests, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
+from dgf.sshlib import paramiko
 from dgf.types import Site
 from ioserver.store import LocalObjectStore, ObjectStore
 

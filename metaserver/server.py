@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paramiko
 from lxml import etree
 
 from dgf import crypto, envelope, errors, placement, wire
@@ -35,6 +34,7 @@ from dgf.dicom.profile import OPTIONS, Options
 from dgf.integrity import BLOCK, DIGEST, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
+from dgf.sshlib import paramiko
 from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile, norm_path
