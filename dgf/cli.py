@@ -1268,7 +1268,7 @@ def recon_run(series: str, out: str, shape: str | None, window: str, replace: bo
         if len(dims) != 3 or min(dims) <= 0:
             raise errors.UsageError(f"--shape must be three positive integers, got {shape!r}.")
     with _client(config) as client:
-        result = client.recon(series, out, dims, window,  # type: ignore[arg-type]
+        result = client.recon(series, out, dims, window,
                               progress=lambda line: click.echo(line, err=True), replace=replace)
     nx, ny, nz = result.geometry.volume_shape
     click.echo(f"reconstructed {nx}x{ny}x{nz} from {result.geometry.n_projections} projections on "

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, unquote
 
 import mfusepy
@@ -46,6 +46,9 @@ from dgf import errors
 from dgf.integrity import BLOCK as DIGEST_BLOCK
 from dgf.reader import ObjectRef
 from dgf.types import WRITER_ROLES, Stat
+
+if TYPE_CHECKING:
+    from dgf.client import Client
 
 log = logging.getLogger("dgf.fuse")
 
@@ -167,13 +170,13 @@ class _Writer:
 class DgfFS(mfusepy.Operations):
     use_ns = True
 
-    def __init__(self, client_factory: Callable[[], Any], cache_dir: Path, identified: bool = False,
+    def __init__(self, client_factory: Callable[[], Client], cache_dir: Path, identified: bool = False,
                  read_only: bool = False) -> None:
         self.client_factory = client_factory
         self.cache_dir = cache_dir
         self.identified = identified
         self.read_only = read_only
-        self.client: Any = None
+        self._client: Client | None = None
         self.role = ""
         self._attrs: dict[str, tuple[float, Stat]] = {}
         self._dirs: dict[str, tuple[float, list[str]]] = {}
@@ -189,11 +192,18 @@ class DgfFS(mfusepy.Operations):
         self._pool: ThreadPoolExecutor | None = None
         self.uid, self.gid = os.getuid(), os.getgid()
 
+    @property
+    def client(self) -> Client:
+        """The connection, made in ``init`` (in the mounted process)."""
+        if self._client is None:
+            raise errors.TransportError("the mount is not connected yet.")
+        return self._client
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def init(self, path: str) -> None:
         """Runs in the mounted (possibly daemonized) process: connect here, not before the fork."""
-        self.client = self.client_factory()
+        self._client = self.client_factory()
         self.role = self.client.whoami()["role"]
         self.blocks = BlockCache(self.cache_dir / "blocks")
         self.spool = self.cache_dir / "spool"
@@ -203,8 +213,8 @@ class DgfFS(mfusepy.Operations):
     def destroy(self, path: str) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.client is not None:
-            self.client.close()
+        if self._client is not None:
+            self._client.close()
 
     # -- attributes -----------------------------------------------------------------------
 

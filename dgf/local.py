@@ -58,7 +58,8 @@ def _alive(pid: int) -> bool:
 
 def _read_state(root: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((root / STATE).read_text())
+        state: dict[str, Any] = json.loads((root / STATE).read_text())
+        return state
     except (FileNotFoundError, ValueError):
         return None
 

@@ -50,7 +50,8 @@ def choose(basis: str, sites: Sequence[str], n: int, first: str | None = None,
         return []
     start = ring.index(first) if first in ring else int(hashlib.sha256(basis.encode()).hexdigest()[:8], 16) % len(ring)
     order = [ring[(start + i) % len(ring)] for i in range(len(ring))]
-    zone = (lambda s: zones.get(s) or s) if zones else (lambda s: s)   # no zone: a zone of its own
+    def zone(site: str) -> str:
+        return (zones or {}).get(site) or site                          # no zone: a zone of its own
     chosen: list[str] = []
     used = {zone(s) for s in avoid}
     for s in order:                              # first pass: distinct zones

@@ -24,7 +24,7 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,7 +209,7 @@ class ObjectReader:
 
     # -- many objects at once (dgf_down) --------------------------------------------------
 
-    def read_many(self, refs: list[ObjectRef], deliver: Callable[[GetResult], None],
+    def read_many(self, refs: Sequence[ObjectRef], deliver: Callable[[GetResult], None],
                   spool: Path | None = None) -> dict[str, str]:
         """Fetch every object of ``refs`` once, replicas in turn: each site's share is pipelined
         in batches (large objects stream to ``spool``), verified as it arrives, and handed to

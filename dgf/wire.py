@@ -406,19 +406,19 @@ class _Interface(paramiko.ServerInterface):
             log.exception("authorization hook failed")
             principal = None
         if principal is None:
-            return paramiko.AUTH_FAILED
+            return int(paramiko.AUTH_FAILED)
         self.principal = principal
-        return paramiko.AUTH_SUCCESSFUL
+        return int(paramiko.AUTH_SUCCESSFUL)
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session" or self.principal is None:
-            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
-        return paramiko.OPEN_SUCCEEDED
+            return int(paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED)
+        return int(paramiko.OPEN_SUCCEEDED)
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         if name != self._subsystem:
             return False
-        return super().check_channel_subsystem_request(channel, name)
+        return bool(super().check_channel_subsystem_request(channel, name))
 
     # No shell, no exec, no pty, no forwarding: paramiko's defaults already refuse them.
 
@@ -649,7 +649,7 @@ class Connection:
 
     @property
     def alive(self) -> bool:
-        return self.transport.is_active()
+        return bool(self.transport.is_active())
 
     def close(self) -> None:
         self.transport.close()

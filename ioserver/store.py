@@ -34,7 +34,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
     """syncfs(2) from libc: flushes one filesystem, the group-commit primitive (Linux)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.syncfs  # type: ignore[no-any-return]
+        return libc.syncfs
     except (OSError, AttributeError):
         return None
 

@@ -139,7 +139,8 @@ class Options:
 
 def load_table() -> dict[str, Any]:
     text = resources.files("dgf.dicom").joinpath("data/annex_e.json").read_text()
-    return json.loads(text)
+    table: dict[str, Any] = json.loads(text)
+    return table
 
 
 class Profile:

@@ -156,7 +156,7 @@ class Parser:
     def read_tag(self, pos: int, enc: Encoding) -> int:
         self._need(pos, 4, "a tag")
         g, e = _TAG[enc.little].unpack_from(self.data, pos)
-        return (g << 16) | e
+        return int((g << 16) | e)
 
     def parse(self, pos: int, end: int, enc: Encoding, depth: int = 0,
               stop_at_item_end: bool = False) -> tuple[list[Elem], int]:

@@ -26,7 +26,7 @@ def _window(name: str, f: np.ndarray) -> np.ndarray:
     if name == "ram-lak":
         return np.ones_like(f)
     if name == "shepp-logan":
-        return np.sinc(f)
+        return np.asarray(np.sinc(f), dtype=np.float64)
     if name == "cosine":
         return np.cos(np.pi * f)
     if name == "hamming":
@@ -53,7 +53,8 @@ def ramp(n: int, spacing: float, window: str = "ram-lak") -> np.ndarray:
     h[odd] = -1.0 / (np.pi * k[odd] * spacing) ** 2
     response = np.real(np.fft.rfft(np.fft.ifftshift(h))) * spacing
     f = np.fft.rfftfreq(length)
-    return (response * _window(window, f)).astype(np.float64)
+    out: np.ndarray = (response * _window(window, f)).astype(np.float64)
+    return out
 
 
 def filter_rows(projections: np.ndarray, spacing: float, window: str = "ram-lak") -> np.ndarray:

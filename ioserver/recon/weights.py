@@ -19,7 +19,8 @@ def iso_coordinates(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
 def cosine(g: Geometry) -> np.ndarray:
     """Feldkamp's cosine weight SID / sqrt(SID^2 + a^2 + b^2), shape (nv, nu)."""
     a, b = iso_coordinates(g)
-    return (g.sid / np.sqrt(g.sid ** 2 + a[None, :] ** 2 + b[:, None] ** 2)).astype(np.float32)
+    weight: np.ndarray = (g.sid / np.sqrt(g.sid ** 2 + a[None, :] ** 2 + b[:, None] ** 2)).astype(np.float32)
+    return weight
 
 
 def angular(g: Geometry) -> np.ndarray:
