@@ -263,9 +263,9 @@ class SqlEngine(MetaEngine):
                                            pool_timeout=db_wait_s)
         self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
         self._local = threading.local()
-        metadata.create_all(self.engine)
-        index.metadata.create_all(self.engine)
-        self._upgrade()
+        from metaserver import migrate
+
+        self.schema_revision = migrate.upgrade(self.engine, self._legacy_schema)
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
         self._multi: set[str] = set()                # committed paths flagged multi-valued
         self._catalogue: tuple[int, Catalogue] | None = None
@@ -282,15 +282,18 @@ class SqlEngine(MetaEngine):
                     raise errors.ServerError(f"the database gave the root directory id {root}, not {ROOT}; "
                                              "use an empty database.")
 
-    def _upgrade(self) -> None:
-        """Columns added since a database was created (create_all adds tables, not columns)."""
-        inspector = sa.inspect(self.engine)
+    @staticmethod
+    def _legacy_schema(conn: Connection) -> None:
+        """A database made before schema revisions (metaserver/migrate.py), brought to the
+        baseline: the tables and the columns added since it was created."""
+        metadata.create_all(conn)
+        index.metadata.create_all(conn)
+        inspector = sa.inspect(conn)
         for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR"),
                                           (sites_t, "pinned", "BOOLEAN"), (audit_t, "hash", "VARCHAR(64)"),
                                           (sites_t, "untrusted", "BOOLEAN"), (objects, "seal", "VARCHAR")):
             if column not in {c["name"] for c in inspector.get_columns(table.name)}:
-                with self.engine.begin() as conn:
-                    conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
 
     @staticmethod
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

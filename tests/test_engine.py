@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from dgf import errors
 from dgf.types import Principal
+from metaserver import migrate
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import SqlEngine
 from tests.pg import PostgresServer
@@ -58,17 +59,32 @@ class EngineContract:
         engine.add_patient_key("P1", b"wrapped")
         engine.create_files([dataclasses.replace(_file("/id/a.dcm"), original_size=1234), _file("/id/b.dcm", "y")])
         assert engine.identified_sizes([_key("x"), _key("y"), _key("absent")]) == {_key("x"): 1234}
-        # A database made before the column existed gains it when a newer metaserver opens it.
+        # A database made before the column (and before schema revisions) existed gains it when a
+        # newer metaserver opens it, and is stamped with the baseline revision.
         assert isinstance(engine, SqlEngine)
         with engine.engine.begin() as conn:
             conn.execute(sa.text("ALTER TABLE vault_identities DROP COLUMN size"))
+            conn.execute(sa.text("DROP TABLE alembic_version"))
         again = SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
         try:
             assert again.identified_sizes([_key("x")]) == {}
+            assert again.schema_revision == migrate.head()
             again.create_files([dataclasses.replace(_file("/id/c.dcm", "z"), original_size=7)])
             assert again.identified_sizes([_key("z")]) == {_key("z"): 7}
         finally:
             again.close()
+
+    def test_schema_revisions(self, engine: MetaEngine) -> None:
+        import sqlalchemy as sa
+
+        # A new database is at the newest revision; one a newer dgf wrote is refused, unchanged.
+        assert isinstance(engine, SqlEngine)
+        assert engine.schema_revision == migrate.head() == migrate.current(engine.engine)
+        with engine.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+        with pytest.raises(errors.ServerError, match="newer dgf"):
+            SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
+        assert migrate.current(engine.engine) == "9999"
 
     def test_unlink_releases_unreferenced_objects_only(self, engine: MetaEngine) -> None:
         engine.create_files([_file("/a.dcm", "same"), _file("/b.dcm", "same")])
