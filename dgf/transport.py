@@ -25,6 +25,9 @@ from dgf.types import Site
 
 log = logging.getLogger(__name__)
 
+#: Seconds a site that could not be reached is reported as such without trying again (a hung
+#: site costs one handshake deadline, not one per block a reader asks for).
+UNREACHABLE_S = 5.0
 META_SUBSYSTEM = "dgf-meta"
 IO_SUBSYSTEM = "dgf-io"
 #: Small objects travel many to a frame (put.batch / get.batch); a few frames are in flight.

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ROLES = ("admin", "clinician", "researcher", "site")
+#: The extended attribute holding a file's de-identified header as XML.
+HEADER_XATTR = "user.dgf.dicom"
 
 #: Roles that may receive patient identity (re-identified files, the identity record).  Admins
 #: manage principals but see identity only if they also hold a clinician principal.

@@ -377,10 +377,10 @@ def test_large_uploads_use_worker_processes(fresh_federation: local.Federation, 
                                             workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker-process path (taken for large uploads) de-identifies, spools large outputs,
     reports bad files and round-trips exactly, like the in-process path."""
-    import dgf.client
+    import dgf.upload
     from bench import synth
 
-    monkeypatch.setattr(dgf.client, "POOL_MIN_FILES", 4)
+    monkeypatch.setattr(dgf.upload, "POOL_MIN_FILES", 4)
     big = synth.ct_corpus(workdir / "ct", 3, patients=2)
     bad = workdir / "bad.dcm"
     bad.write_bytes(b"\0" * 200)

@@ -16,10 +16,11 @@ import pytest
 
 from bench import synth
 from dgf import envelope, errors, local
-from dgf.client import Client, UploadReport, _Prepared
+from dgf.client import Client, UploadReport
 from dgf.reader import ObjectRef
 from dgf.transport import PutItem
 from dgf.types import Site
+from dgf.upload import Uploads, _Prepared
 from ioserver.server import KEY_REFRESH_S
 from tests import corpus
 
@@ -110,7 +111,7 @@ def test_writers_cannot_give_an_untrusted_site_plaintext_nor_the_metaserver_a_fa
         assert got[0][0] is None and "stores sealed objects only" in str(got[0][1])
         assert not any(p.name == key for p in _store(fed, UNTRUSTED))
 
-    class Tampered(Client):
+    class Tampered(Uploads):
         """Shows the metaserver one plaintext and seals another."""
 
         def _sealed(self, prepared: list[_Prepared], report: UploadReport) -> list[_Prepared]:
@@ -123,8 +124,9 @@ def test_writers_cannot_give_an_untrusted_site_plaintext_nor_the_metaserver_a_fa
                     p.seal["shown"] = base64.b64encode(bytes(shown)).decode()
             return out
 
-    with Tampered(fed.config("clinician")) as t, \
+    with Client(fed.config("clinician")) as t, \
             pytest.raises(errors.PolicyRefused, match="not what the sealed object holds"):
+        t.uploads = Tampered(t)
         t.upload([corpus.file("CT_small.dcm")], to="/forged", site=UNTRUSTED)
     with Client(fed.config("researcher")) as r, pytest.raises(errors.NotFound):
         r.stat("/forged")

@@ -1,0 +1,245 @@
+"""Downloads: one resolve (files, replicas, get capabilities and, for principals allowed to see
+it, identity records), pipelined gets from the sites through the one object reader, every byte
+verified, re-identification when asked, each file written to a temp name and renamed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dgf import errors
+from dgf.dicom import identity
+from dgf.reader import ObjectRef
+from dgf.reports import DownloadReport, Failure, Progress
+from dgf.transport import GetResult
+from dgf.types import Site
+
+if TYPE_CHECKING:
+    from dgf.client import Client
+
+#: Paths per down.resolve request (the server's limit list_items is 10,000 by default).
+RESOLVE_PATHS = 5000
+
+
+class AtomicWriter:
+    """Writes downloaded files atomically: a temp name in the target's directory, then rename.
+
+    Directories already made are remembered, so a download of many small files costs about
+    three system calls per file."""
+
+    def __init__(self) -> None:
+        self._dirs: set[str] = set()
+        self._lock = threading.Lock()
+
+    def write(self, target: str, data: bytes | None = None, src: Path | None = None) -> None:
+        parent = os.path.dirname(target)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            with self._lock:
+                self._dirs.add(parent)
+        if src is not None:
+            os.replace(src, target)
+            return
+        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data or b"")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class Downloads:
+    """The download side of one client."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+
+    def resolve(self, paths: list[str], identified: bool = False) -> dict[str, Any]:
+        """Files under ``paths`` with replicas, hash lists, capabilities (and identities when
+        asked), gathered over as many requests and pages as the server's limits call for."""
+        resolved: dict[str, Any] = {"files": [], "blocks": {}, "sites": [], "caps": {}}
+        if identified:
+            resolved["identities"] = {}
+        caps: dict[str, list[str]] = {}
+        for i in range(0, max(1, len(paths)), RESOLVE_PATHS):
+            offset: int | None = 0
+            while offset is not None:
+                _, body = self.client.meta.call("down.resolve", paths=paths[i:i + RESOLVE_PATHS],
+                                         identified=identified, offset=offset)
+                page = json.loads(body)
+                resolved["files"].extend(page["files"])
+                resolved["blocks"].update(page.get("blocks") or {})
+                resolved.setdefault("seals", {}).update(page.get("seals") or {})
+                resolved.setdefault("study_keys", {}).update(page.get("study_keys") or {})
+                resolved["sites"].extend(page["sites"])
+                for site, cap in page["caps"].items():
+                    caps.setdefault(site, []).append(cap)
+                if identified:
+                    resolved["identities"].update(page.get("identities") or {})
+                offset = page.get("next")
+        # One capability per site and page, presented together (SiteLink splits them).
+        resolved["caps"] = {site: " ".join(tokens) for site, tokens in caps.items()}
+        self.client._learn_sites(Site.from_wire(s) for s in resolved["sites"])
+        return resolved
+
+    def download(self, paths: list[str], out_dir: str | os.PathLike[str], identified: bool = False,
+                 xpath: str | None = None, progress: Progress | None = None,
+                 on_total: Progress | None = None) -> DownloadReport:
+        """Fetch files (directories recursively) into ``out_dir``, mirroring names like ``cp -r``;
+        with ``xpath``, the files under ``paths`` whose header matches, at their full paths."""
+        out = Path(out_dir)
+        report = DownloadReport()
+        base_dir = os.path.abspath(out)
+        if xpath is not None:
+            roots = paths or ["/"]
+            wanted = [m["path"] for r in roots for m in self.client.find(xpath, r)]
+            if not wanted:
+                return report
+            resolved = self.resolve(wanted, identified)
+            local = {f[0]: base_dir + f[0] for f in resolved["files"]}
+        else:
+            resolved = self.resolve(paths, identified)
+            local = {}
+            # Like cp -r: a requested path lands in out/ under its own name.
+            cuts = []
+            for p in paths:
+                p = p.rstrip("/") or "/"
+                parent = posixpath.dirname(p)
+                cuts.append((p, 0 if parent == "/" else len(parent)))
+            for f in resolved["files"]:
+                cut = max((c for c in cuts if f[0] == c[0] or f[0].startswith(c[0].rstrip("/") + "/")),
+                          key=lambda c: len(c[0]))[1]
+                local[f[0]] = base_dir + f[0][cut:]
+        writer = AtomicWriter()
+        if on_total is not None:
+            on_total(sum(f[2] for f in resolved["files"]))
+
+        def sink(paths: list[str], data: bytes | None, src: Path | None) -> None:
+            for i, path in enumerate(paths):
+                if src is not None and i == len(paths) - 1:
+                    writer.write(local[path], src=src)
+                elif src is not None:
+                    writer.write(local[path], src.read_bytes())
+                else:
+                    writer.write(local[path], data)
+            report.files.extend(Path(local[p]) for p in paths)
+
+        # Large objects stream to a spool inside the output directory: the rename that
+        # publishes each one stays on one file system.
+        spool = Path(base_dir) / ".dgf-partial"
+        try:
+            self._fetch(resolved, sink, identified, report, progress, spool)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+        return report
+
+    def fetch(self, paths: list[str], on_file: Callable[[str, bytes], None], identified: bool = False,
+              progress: Progress | None = None) -> DownloadReport:
+        """Fetch files (directories recursively) and hand each one's verified bytes to
+        ``on_file(path, data)`` instead of writing them; called from transfer threads."""
+        report = DownloadReport()
+
+        def sink(targets: list[str], data: bytes | None, src: Path | None) -> None:
+            if data is None and src is not None:
+                data = src.read_bytes()
+                src.unlink(missing_ok=True)
+            for t in targets:
+                on_file(t, data or b"")
+
+        self._fetch(self.resolve(paths, identified), sink, identified, report, progress)
+        return report
+
+    def _fetch(self, resolved: dict[str, Any], sink: Callable[[list[str], bytes | None, Path | None], None],
+               identified: bool, report: DownloadReport, progress: Progress | None,
+               spool: Path | None = None) -> None:
+        """Get every resolved object once through the object reader (replicas in turn, every
+        byte verified), re-identify it if asked, and hand it to ``sink(paths, data,
+        spooled_file)``; failures go to ``report``."""
+        refs = ObjectRef.all_of(resolved)
+        targets: dict[str, list[str]] = {}
+        sizes: dict[str, int] = {}
+        for r in refs:
+            targets.setdefault(r.key, []).append(r.path)
+            sizes[r.key] = r.size
+        identities = resolved.get("identities", {})
+        lock = threading.Lock()
+
+        def deliver(res: GetResult) -> None:
+            data, src = res.data, res.path
+            try:
+                if identified:
+                    blob = identities.get(res.key)
+                    if blob is None:
+                        raise errors.NotFound("no identity is held for this file (erased or uploaded without).")
+                    record = identity.decode(base64.b64decode(blob))
+                    if data is None and src is not None:
+                        restored = src.with_suffix(".original")
+                        try:
+                            identity.reidentify_file(str(src), record, str(restored))
+                        finally:
+                            src.unlink(missing_ok=True)
+                        src = restored
+                    else:
+                        data = identity.restore(data or b"", record)
+                sink(targets[res.key], data, src)
+            except errors.DgfError as exc:
+                with lock:
+                    report.failed.extend(Failure.of(p, exc) for p in targets[res.key])
+                return
+            except OSError as exc:
+                with lock:
+                    report.failed.extend(Failure(p, f"cannot be written ({exc.strerror})", 1,
+                                                 f"cannot be written ({exc.strerror})") for p in targets[res.key])
+                return
+            n = sizes[res.key] * len(targets[res.key])
+            with lock:
+                report.downloaded += len(targets[res.key])
+                report.bytes += n
+            if progress is not None:
+                progress(n)
+
+        left = self.client.reader.read_many(refs, deliver, spool or Path(tempfile.gettempdir()) / "dgf-spool")
+        for key, reason in left.items():
+            report.failed.extend(Failure(p, reason) for p in targets[key])
+
+    def read_file(self, path: str, identified: bool = False) -> bytes:
+        """The whole content of one file (re-identified if asked and allowed), verified."""
+        resolved = self.resolve([path], identified)
+        refs = ObjectRef.all_of(resolved)
+        if not refs:
+            raise errors.NotFound(f"{path} does not exist.")
+        data = self.client.reader.read(refs[0])
+        if identified:
+            blob = resolved.get("identities", {}).get(refs[0].key)
+            if blob is None:
+                raise errors.NotFound(f"no identity is held for {path}.")
+            return identity.restore(data, identity.decode(base64.b64decode(blob)))
+        return data
+
+    def identity_summary(self, path: str) -> dict[str, Any]:
+        """What de-identification removed from one file (clinicians; the release is audited)."""
+        resolved = self.resolve([path], identified=True)
+        if not resolved["files"]:
+            raise errors.NotFound(f"{path} does not exist.")
+        _, key, _, sites = resolved["files"][0]
+        blob = resolved["identities"].get(key)
+        if blob is None:
+            raise errors.NoAttribute(f"no identity is held for {path}.")
+        record = identity.decode(base64.b64decode(blob))
+        if record.get("derived_from"):
+            raise errors.NoAttribute(f"{path} is derived data; it carries the identity of the object "
+                                     f"it was computed from ({record['derived_from'][:12]}...).")
+        data = self.read_file(path)
+        return identity.summary(record, identity.reidentify(data, record))
+
