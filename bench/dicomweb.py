@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -173,12 +172,7 @@ def main() -> None:
         print((work / "web.log").read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        for proc in (web, orthanc):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        measure.stop(web, orthanc)
         local.down(fed.root, quiet=True)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))

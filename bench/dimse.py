@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -129,12 +128,7 @@ def main() -> None:
         print((work / "gateway.log").read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        for proc in (gateway, orthanc):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        measure.stop(gateway, orthanc)
         local.down(fed.root, quiet=True)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))

@@ -42,3 +42,15 @@ def run(cmd: list[str], env: dict[str, str] | None = None, servers: Iterable[int
         if os.waitstatus_to_exitcode(status) not in ok:
             raise SystemExit(f"{Path(cmd[0]).name} failed: {err.read().decode(errors='replace')}")
         return Run(wall, spent, usage.ru_maxrss * 1024, out.read().decode(errors="replace"))
+
+
+def stop(*procs: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM each process, then SIGKILL any that has not exited within ``timeout`` seconds."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

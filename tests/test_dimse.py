@@ -5,8 +5,6 @@ federation and real corpus files."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +20,9 @@ from pydicom.multival import MultiValue
 
 from dgf import local
 from dgf.client import Client
-from tests import corpus, tlscerts
+from tests import corpus, serving, tlscerts
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Node:
@@ -38,7 +30,7 @@ class Node:
 
     def __init__(self, fed: local.Federation, dest_port: int, name: str = "dicom", extra: str = "") -> None:
         self.fed = fed
-        self.port = _free_port()
+        self.port = serving.free_port()
         self.dest_port = dest_port
         self.conf = fed.root / f"{name}.conf"
         self.spool = fed.root / f"{name}-spool"
@@ -70,18 +62,14 @@ class Node:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        serving.stop(self.proc)
         self.log.close()
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     fed = local.up(tmp_path_factory.mktemp("dimse") / "fed")
-    n = Node(fed, _free_port())
+    n = Node(fed, serving.free_port())
     yield n
     n.stop()
     local.down(fed.root, quiet=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,16 +24,10 @@ from pydicom.uid import generate_uid
 
 from dgf import local
 from dgf.client import Client
-from tests import corpus, tlscerts
+from tests import corpus, serving, tlscerts
 
 BIN = Path(sys.executable).parent
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class WebNode:
@@ -42,7 +35,7 @@ class WebNode:
 
     def __init__(self, fed: local.Federation, name: str = "web", extra: str = "") -> None:
         self.fed = fed
-        self.port = _free_port()
+        self.port = serving.free_port()
         self.conf = fed.root / f"{name}.conf"
         self.conf.write_text(f"[web]\nlisten = 127.0.0.1:{self.port}\ntokens = {name}-tokens.json\n"
                              f"spool = {name}-spool\n" + extra)
@@ -79,11 +72,7 @@ class WebNode:
         return requests.get(self.url + path, headers=headers, timeout=30)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        serving.stop(self.proc)
         self.log.close()
 
 
