@@ -156,7 +156,7 @@ class _Reader(ObjectRef):
     last_block: int = -1
 
 
-class _Writer:
+class _OpenWrite:
     """A file being written into the mount: spooled locally, uploaded when closed."""
 
     def __init__(self, path: str, spool: Path, mode: int) -> None:
@@ -183,8 +183,8 @@ class DgfFS(mfusepy.Operations):
         self._finds: dict[str, tuple[float, list[str]]] = {}
         self._resolved: dict[str, tuple[float, _Reader]] = {}
         self._listed: dict[str, list[str]] = {}         # directory -> its files, listing order
-        self._handles: dict[int, _Reader | _Writer | bytes] = {}
-        self._pending: dict[str, _Writer] = {}
+        self._handles: dict[int, _Reader | _OpenWrite | bytes] = {}
+        self._pending: dict[str, _OpenWrite] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future[bytes]] = {}
@@ -364,7 +364,7 @@ class DgfFS(mfusepy.Operations):
 
     # -- reading --------------------------------------------------------------------------
 
-    def _new_fh(self, handle: _Reader | _Writer | bytes) -> int:
+    def _new_fh(self, handle: _Reader | _OpenWrite | bytes) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -470,7 +470,7 @@ class DgfFS(mfusepy.Operations):
         handle = self._handles[fh]
         if isinstance(handle, bytes):
             return handle[offset:offset + size]
-        if isinstance(handle, _Writer):
+        if isinstance(handle, _OpenWrite):
             return os.pread(handle.fd, size, offset)
         if offset >= handle.size:
             return b""
@@ -528,7 +528,7 @@ class DgfFS(mfusepy.Operations):
     @_errno_of
     def release(self, path: str, fh: int) -> int:
         handle = self._handles.pop(fh, None)
-        if isinstance(handle, _Writer):
+        if isinstance(handle, _OpenWrite):
             try:
                 self._upload(handle)
             finally:
@@ -548,19 +548,19 @@ class DgfFS(mfusepy.Operations):
         self._writable()
         if self._virtual(path) is not None:
             raise mfusepy.FuseOSError(errno.EPERM)
-        writer = _Writer(path, self.spool, mode & 0o7777 or 0o644)
+        writer = _OpenWrite(path, self.spool, mode & 0o7777 or 0o644)
         self._pending[path] = writer
         return self._new_fh(writer)
 
     @_errno_of
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         handle = self._handles.get(fh)
-        if not isinstance(handle, _Writer):
+        if not isinstance(handle, _OpenWrite):
             raise mfusepy.FuseOSError(errno.EBADF)
         handle.dirty = True
         return os.pwrite(handle.fd, data, offset)
 
-    def _rewrite(self, path: str, truncate: bool) -> _Writer:
+    def _rewrite(self, path: str, truncate: bool) -> _OpenWrite:
         """Writing over an existing file replaces it whole (objects are immutable): allowed when
         the file is truncated first (cp, shell redirection), refused for in-place edits."""
         self._writable()
@@ -568,7 +568,7 @@ class DgfFS(mfusepy.Operations):
         if writer is None:
             if not truncate:
                 raise errors.PermissionDenied(f"{path} cannot be changed in place; write it whole.")
-            writer = _Writer(path, self.spool, self._stat(path).mode & 0o7777)
+            writer = _OpenWrite(path, self.spool, self._stat(path).mode & 0o7777)
             self._pending[path] = writer
         return writer
 
@@ -583,7 +583,7 @@ class DgfFS(mfusepy.Operations):
         handle = self._handles.get(fh)
         # close() of every duplicate descriptor flushes; a shell's redirection closes one before
         # anything is written, so an empty file waits for the next flush or the release.
-        if isinstance(handle, _Writer) and handle.dirty and os.fstat(handle.fd).st_size > 0:
+        if isinstance(handle, _OpenWrite) and handle.dirty and os.fstat(handle.fd).st_size > 0:
             try:
                 self._upload(handle)
             except Exception:
@@ -591,7 +591,7 @@ class DgfFS(mfusepy.Operations):
                 raise
         return 0
 
-    def _upload(self, w: _Writer) -> None:
+    def _upload(self, w: _OpenWrite) -> None:
         if not w.dirty:
             return
         w.dirty = False
@@ -608,7 +608,7 @@ class DgfFS(mfusepy.Operations):
         self._pending.pop(w.path, None)
         self._forget(w.path)
 
-    def _discard(self, w: _Writer) -> None:
+    def _discard(self, w: _OpenWrite) -> None:
         if self._pending.get(w.path) is w:
             del self._pending[w.path]
         try:

@@ -535,7 +535,7 @@ class IoService(wire.Service):
         return wire.Reply({"corrupt": self.store.scrub()})
 
 
-class MetaLink:
+class SiteMetaLink:
     """The site's own authenticated channel to the metaserver (registration, enrolled keys)."""
 
     def __init__(self, cfg: IoserverConfig) -> None:
@@ -560,7 +560,7 @@ class MetaLink:
             raise AssertionError("unreachable")
 
 
-def _reporter(link: MetaLink) -> Any:
+def _reporter(link: SiteMetaLink) -> Any:
     """Report quarantined objects to the metaserver from a thread of their own (a read that
     found the corruption must not wait for the metaserver)."""
     pending: list[str] = []
@@ -620,7 +620,7 @@ def _scrubber(store: LocalObjectStore, rate_mb_s: float, pause_s: float) -> None
     threading.Thread(target=loop, daemon=True, name="dgf-scrub").start()
 
 
-def _repairer(service: IoService, link: MetaLink, interval_s: float) -> None:
+def _repairer(service: IoService, link: SiteMetaLink, interval_s: float) -> None:
     """Make the copies the metaserver asks this site for (asynchronous replication: files
     published with fewer copies than their directory keeps), fetching site to site and
     reporting each on this site's signed receipt; a full page of work is followed at once by
@@ -657,8 +657,8 @@ def _repairer(service: IoService, link: MetaLink, interval_s: float) -> None:
     threading.Thread(target=loop, daemon=True, name="dgf-repair").start()
 
 
-def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, MetaLink]:
-    link = MetaLink(cfg)
+def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, SiteMetaLink]:
+    link = SiteMetaLink(cfg)
     keyring = KeyRing(lambda: link.call("site.keys"))
     store = LocalObjectStore(cfg.store)
     store.on_quarantine = _reporter(link)
@@ -671,7 +671,7 @@ def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tup
     return server, link
 
 
-def _register(server: wire.SSHServer, link: MetaLink, cfg: IoserverConfig, host_key: paramiko.PKey,
+def _register(server: wire.SSHServer, link: SiteMetaLink, cfg: IoserverConfig, host_key: paramiko.PKey,
               ready_file: str | None, refused: list[errors.DgfError]) -> None:
     """Register with the metaserver, waiting (listening meanwhile, so an admin can read the
     host key on first contact) until an admin has enrolled this site; then start the key

@@ -53,14 +53,14 @@ class Leaf:
 class Sub:
     """A nested plan (``union`` of several, or one plan negated as a whole)."""
 
-    plans: tuple[Plan, ...]
+    plans: tuple[QueryPlan, ...]
 
 
 #: Selects per SQL UNION (SQLite's SQLITE_MAX_COMPOUND_SELECT is 500).
 UNION_TERMS = 256
 
 
-def _alternatives(plan: Plan) -> tuple[Plan, ...]:
+def _alternatives(plan: QueryPlan) -> tuple[QueryPlan, ...]:
     """The plans a union of ``plan`` with another consists of: its own alternatives when it is
     already a union, else itself."""
     if plan.terms is not None and len(plan.terms) == 1:
@@ -81,7 +81,7 @@ Term = tuple[Leaf | Sub | Corr, bool]          # (term, negated)
 
 
 @dataclass(frozen=True)
-class Plan:
+class QueryPlan:
     """Candidate files: a conjunction of terms (None: every indexed file; ``empty``: none, which
     is always exact).  ``exact``: the SQL alone decides, no header needs parsing."""
 
@@ -91,12 +91,12 @@ class Plan:
     per_item: bool = False      # terms are leaves that hold within one sequence item (see Corr)
 
 
-ALL = Plan()
-NONE = Plan(empty=True)
+ALL = QueryPlan()
+NONE = QueryPlan(empty=True)
 
 
-def _inexact() -> Plan:
-    return Plan(exact=False)
+def _inexact() -> QueryPlan:
+    return QueryPlan(exact=False)
 
 
 @dataclass
@@ -122,8 +122,8 @@ class Planner:
 
     # -- entry ----------------------------------------------------------------------------
 
-    def plan(self, node: xpath.Node) -> Plan:
-        """Plan the top-level expression; its context node is the DicomHeader element."""
+    def plan(self, node: xpath.Node) -> QueryPlan:
+        """QueryPlan the top-level expression; its context node is the DicomHeader element."""
         return self.boolean(node, _ROOT_RE, single=True)
 
     def note(self, node: xpath.Node, how: str) -> None:
@@ -131,7 +131,7 @@ class Planner:
 
     # -- boolean expressions in a context -------------------------------------------------
 
-    def boolean(self, node: xpath.Node, ctx: str, single: bool) -> Plan:
+    def boolean(self, node: xpath.Node, ctx: str, single: bool) -> QueryPlan:
         """Files where some context node (matching regex ``ctx``) makes ``node`` true.
 
         ``single``: the context is the root element, one node per file, so conjunction and
@@ -143,7 +143,7 @@ class Planner:
                 return self.union(self.file_level(left), self.file_level(right))
             if left.per_item and right.per_item:
                 # Both sides test children of the same item: correlate on (ino, item).
-                return Plan(left.terms + right.terms, left.exact and right.exact,  # type: ignore[operator]
+                return QueryPlan(left.terms + right.terms, left.exact and right.exact,  # type: ignore[operator]
                             per_item=True)
             plan = self.intersect(self.file_level(left), self.file_level(right))
             return plan if single or plan.empty else replace(plan, exact=False)
@@ -156,9 +156,9 @@ class Planner:
         self.note(node, "not indexed: evaluated on each candidate")
         return _inexact()
 
-    def call(self, node: xpath.Call, ctx: str, single: bool) -> Plan:
+    def call(self, node: xpath.Call, ctx: str, single: bool) -> QueryPlan:
         if node.name == "true" and not node.args:
-            return Plan()
+            return QueryPlan()
         if node.name == "false" and not node.args:
             return NONE
         if node.name == "boolean" and len(node.args) == 1 and isinstance(node.args[0], xpath.Path):
@@ -167,17 +167,17 @@ class Planner:
             inner = self.boolean(node.args[0], ctx, single)
             if inner.per_item and inner.exact and inner.terms is not None and len(inner.terms) == 1:
                 term, negated = inner.terms[0]
-                return Plan(((term, not negated),), per_item=True)   # NOT EXISTS in the same item
+                return QueryPlan(((term, not negated),), per_item=True)   # NOT EXISTS in the same item
             if not single or not inner.exact:
                 return _inexact()
             if inner.empty:
-                return Plan()
+                return QueryPlan()
             if inner.terms is None:
                 return NONE
             if len(inner.terms) == 1:
                 term, negated = inner.terms[0]
-                return Plan(((term, not negated),))
-            return Plan(((Sub((inner,)), True),))
+                return QueryPlan(((term, not negated),))
+            return QueryPlan(((Sub((inner,)), True),))
         if node.name in ("contains", "starts-with") and len(node.args) == 2:
             return self.substring(node, ctx, single)
         self.note(node, "not indexed: evaluated on each candidate")
@@ -200,14 +200,14 @@ class Planner:
                 return None
         return out
 
-    def path(self, node: xpath.Path, ctx: str) -> Plan:
+    def path(self, node: xpath.Path, ctx: str) -> QueryPlan:
         """Files where the location path selects at least one node."""
         if node.start is not None:
             self.note(node, "not indexed: evaluated on each candidate")
             return _inexact()
         base = "" if node.absolute else ctx
         regex = base
-        plans: list[Plan] = []
+        plans: list[QueryPlan] = []
         preds_total = sum(len(s.preds) for s in node.steps)
         for i, step in enumerate(node.steps):
             ext = self.steps_regex([Step_without_preds(step)])
@@ -234,9 +234,9 @@ class Planner:
             return NONE
         self.note(node, f"index: existence of {len(keys)} path(s)")
         if regex == _ROOT_RE:
-            result = Plan()
+            result = QueryPlan()
         else:
-            result = Plan(((Leaf(tuple(k for _, k, _ in keys)), False),),
+            result = QueryPlan(((Leaf(tuple(k for _, k, _ in keys)), False),),
                           per_item=not plans and _item_child(ctx, node))
         for plan in plans:
             result = self.intersect(result, plan)
@@ -257,7 +257,7 @@ class Planner:
             return None
         return keys, not any(s.preds for s in node.steps)
 
-    def comparison(self, node: xpath.Binary, ctx: str, single: bool) -> Plan:
+    def comparison(self, node: xpath.Binary, ctx: str, single: bool) -> QueryPlan:
         op, left, right = node.op, node.left, node.right
         if _literal(left) is not None and _literal(right) is None:
             op, left, right = _FLIP[op], right, left
@@ -294,9 +294,9 @@ class Planner:
                 cond = text == value if op == "=" else text != value
         self.note(node, f"index: {len(keys)} path(s)")
         leaf = Leaf(tuple(ids), cond, by_text=op == "=" and isinstance(value, str))
-        return Plan(((leaf, False),), exact, per_item=_item_child(ctx, left))
+        return QueryPlan(((leaf, False),), exact, per_item=_item_child(ctx, left))
 
-    def substring(self, node: xpath.Call, ctx: str, single: bool) -> Plan:
+    def substring(self, node: xpath.Call, ctx: str, single: bool) -> QueryPlan:
         """contains(path, 'lit') and starts-with(path, 'lit'): on string(path), the first node."""
         lit = _literal(node.args[1])
         found = self.operand_keys(node.args[0], ctx)
@@ -305,7 +305,7 @@ class Planner:
             return _inexact()
         value = lit[0]
         if value == "":
-            return Plan()                       # every string contains and starts with ''
+            return QueryPlan()                       # every string contains and starts with ''
         keys, exact = found
         if not keys:
             self.note(node, "index: no header has this path")
@@ -323,11 +323,11 @@ class Planner:
         else:
             exact = False                        # string() reads the first node per context
         self.note(node, f"index: {len(keys)} path(s)")
-        return Plan(((Leaf(tuple(k for _, k, _ in keys), cond), False),), exact)
+        return QueryPlan(((Leaf(tuple(k for _, k, _ in keys), cond), False),), exact)
 
     # -- SQL ------------------------------------------------------------------------------
 
-    def file_level(self, plan: Plan) -> Plan:
+    def file_level(self, plan: QueryPlan) -> QueryPlan:
         """A per-item plan as a set of files: one leaf is itself; several are one Corr term; a
         plan with only negated leaves cannot be checked per item in SQL (lxml does it)."""
         if not plan.per_item or plan.terms is None:
@@ -335,34 +335,34 @@ class Planner:
         if all(negated for _, negated in plan.terms):
             return _inexact()
         if len(plan.terms) == 1:
-            return Plan(plan.terms, plan.exact)
+            return QueryPlan(plan.terms, plan.exact)
         leaves = tuple((t, n) for t, n in plan.terms if isinstance(t, Leaf))
-        return Plan(((Corr(leaves), False),), plan.exact)
+        return QueryPlan(((Corr(leaves), False),), plan.exact)
 
-    def intersect(self, a: Plan, b: Plan) -> Plan:
+    def intersect(self, a: QueryPlan, b: QueryPlan) -> QueryPlan:
         if a.empty or b.empty:
             return NONE
         exact = a.exact and b.exact
         if a.terms is None:
-            return Plan(b.terms, exact)
+            return QueryPlan(b.terms, exact)
         if b.terms is None:
-            return Plan(a.terms, exact)
-        return Plan(a.terms + b.terms, exact)
+            return QueryPlan(a.terms, exact)
+        return QueryPlan(a.terms + b.terms, exact)
 
-    def union(self, a: Plan, b: Plan) -> Plan:
+    def union(self, a: QueryPlan, b: QueryPlan) -> QueryPlan:
         if a.empty:
             return b
         if b.empty:
             return a
         if a.terms is None or b.terms is None:
-            return Plan(None, a.terms is None and a.exact or b.terms is None and b.exact)
+            return QueryPlan(None, a.terms is None and a.exact or b.terms is None and b.exact)
         # A chain of 'or' becomes one union of n plans, not n nested unions: rendering and
         # estimating recurse once per nesting level.
-        return Plan(((Sub(_alternatives(a) + _alternatives(b)), False),), a.exact and b.exact)
+        return QueryPlan(((Sub(_alternatives(a) + _alternatives(b)), False),), a.exact and b.exact)
 
     # -- rendering ------------------------------------------------------------------------
 
-    def render(self, plan: Plan) -> Any:
+    def render(self, plan: QueryPlan) -> Any:
         """SQL selecting the distinct inode numbers of ``plan`` (None: every indexed file).
 
         A conjunction is driven by its most selective positive term (by a capped row count);

@@ -27,7 +27,7 @@ from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
 from metaserver import advice, xpath
 from metaserver.index import HEADER_XATTR
-from metaserver.planner import Plan, Planner
+from metaserver.planner import Planner, QueryPlan
 
 __all__ = ["HEADER_XATTR", "LEVELS", "Page", "Query", "page", "prepare", "run"]
 
@@ -40,7 +40,7 @@ LEVELS = {"patient": ("PatientID", 0), "study": ("StudyInstanceUID", 1), "series
 class Query:
     expr: str
     compiled: etree.XPath
-    plan: Plan
+    plan: QueryPlan
     sql: Any                                     # the plan as SQL (None: every indexed file)
     notes: list[tuple[str, str]]
     #: What the user should hear about the expression (metaserver/advice.py), one sentence each.
@@ -117,7 +117,7 @@ def prepare(expr: str, catalogue: Any, dialect: str, estimate: Callable[[Any], i
             expr = reviewed.expr
             compiled, tree = compile_xpath(expr, limits)
     planner = Planner(expr, catalogue, dialect, estimate)
-    plan = planner.plan(tree) if tree is not None else Plan(exact=False)
+    plan = planner.plan(tree) if tree is not None else QueryPlan(exact=False)
     sql = None if plan.empty else planner.render(plan)
     return Query(expr, compiled, plan, sql, planner.notes, warnings)
 

@@ -77,7 +77,7 @@ _READ = 1024 * 1024
 
 
 @dataclass
-class Plan:
+class DeidPlan:
     """What :func:`analyze` found: the parse, each element's action, and what needs pseudonyms."""
 
     part: Part10
@@ -137,7 +137,7 @@ class Result:
 # Step 1: analyze
 
 
-def analyze_file(path: str, profile: Profile) -> Plan:
+def analyze_file(path: str, profile: Profile) -> DeidPlan:
     """:func:`analyze` of a file on disk: a memory map for large files (the header is read in
     place, the original is hashed later while streaming), the bytes otherwise.  Small files'
     descriptors are closed at once: a long-lived uploader (the DICOM gateway, the mount) must not
@@ -158,7 +158,7 @@ def analyze_file(path: str, profile: Profile) -> Plan:
             fh.close()
             return analyze(data, profile)
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        plan_fd = os.dup(fd)                     # the plan's own descriptor, closed by Plan.close
+        plan_fd = os.dup(fd)                     # the plan's own descriptor, closed by DeidPlan.close
     except OSError as exc:
         raise errors.NotFound(f"cannot be read ({exc.strerror})") from exc
     finally:
@@ -173,7 +173,7 @@ def analyze_file(path: str, profile: Profile) -> Plan:
     return plan
 
 
-def analyze(data: bytes, profile: Profile, fd: int | None = None) -> Plan:
+def analyze(data: bytes, profile: Profile, fd: int | None = None) -> DeidPlan:
     part = raw.parse_part10(data)
     if part.truncated is not None and not profile.options.allow_truncated:
         have, want = part.truncated
@@ -181,7 +181,7 @@ def analyze(data: bytes, profile: Profile, fd: int | None = None) -> Plan:
             f"the file is truncated: its pixel data (7FE0,0010) has {have} of {want} bytes "
             f"({want - have} missing); -O allow_truncated keeps such a file as it is, marked in its XML header.")
     top = {e.tag: e for e in part.dataset}
-    plan = Plan(part, {}, set(), set(), "", top,
+    plan = DeidPlan(part, {}, set(), set(), "", top,
                 "" if fd is not None else hashlib.sha256(data).hexdigest(), fd=fd)
     _check_burned_in(plan, profile)
     pid, issuer = plan.top_text(PATIENT_ID), plan.top_text(ISSUER_OF_PATIENT_ID)
@@ -210,7 +210,7 @@ def _fmt_tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def _check_burned_in(plan: Plan, profile: Profile) -> None:
+def _check_burned_in(plan: DeidPlan, profile: Profile) -> None:
     if profile.options.allow_burned_in:
         return
     value = plan.top_text(BURNED_IN).upper()
@@ -237,7 +237,7 @@ def _actions_by_vr(opts: Options) -> dict[str, str]:
     return {"PN": "Z", "DA": dates, "DT": dates, "TM": times}
 
 
-def _walk(plan: Plan, elems: list[Elem], profile: Profile, data: bytes,
+def _walk(plan: DeidPlan, elems: list[Elem], profile: Profile, data: bytes,
           actions: dict[int, str] | None = None) -> bool:
     """Decide actions for ``elems``; return True if any byte under them changes.  ``actions``:
     the top level's, resolved by the SOP class's IOD; nested elements use the Type-agnostic ones."""
@@ -309,7 +309,7 @@ def _safe_private(elems: list[Elem], creators: dict[tuple[int, int], str]) -> se
     return out
 
 
-def _walk_items(plan: Plan, e: Elem, profile: Profile, data: bytes) -> bool:
+def _walk_items(plan: DeidPlan, e: Elem, profile: Profile, data: bytes) -> bool:
     changed = False
     for item in e.items or ():
         if _walk(plan, item.elems, profile, data):
@@ -322,7 +322,7 @@ def _walk_items(plan: Plan, e: Elem, profile: Profile, data: bytes) -> bool:
 # Step 2: apply
 
 
-class _Writer:
+class _Segments:
     """Collects output segments: spans of the original (copied) or new bytes."""
 
     def __init__(self) -> None:
@@ -344,7 +344,7 @@ class _Writer:
             self.segs.append(data)
             self.size += len(data)
 
-    def extend(self, other: _Writer) -> None:
+    def extend(self, other: _Segments) -> None:
         for s in other.segs:
             if isinstance(s, tuple):
                 self.copy(*s)
@@ -388,7 +388,7 @@ def _shift_date(text: str, days: int) -> str | None:
 
 
 class _Applier:
-    def __init__(self, plan: Plan, pseudo: Pseudonyms, profile: Profile) -> None:
+    def __init__(self, plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> None:
         self.plan = plan
         self.data = plan.part.data
         self.pseudo = pseudo
@@ -450,8 +450,8 @@ class _Applier:
         self.removed.append([path, e.tag, e.vr, act, creator, e.vstart, e.value_end])
 
     def elems(self, elems: list[Elem], enc: Encoding, path: str,
-              inserts: dict[int, bytes] | None = None) -> _Writer:
-        w = _Writer()
+              inserts: dict[int, bytes] | None = None) -> _Segments:
+        w = _Segments()
         creators = self._creators(elems)
         pending = sorted(inserts.items()) if inserts else []
         for e in elems:
@@ -503,17 +503,17 @@ class _Applier:
                 out[(g, el)] = raw.text_value(self.data, e)
         return out
 
-    def sequence(self, e: Elem, enc: Encoding, path: str) -> _Writer:
+    def sequence(self, e: Elem, enc: Encoding, path: str) -> _Segments:
         item_enc = raw.IMPLICIT if e.implicit_items else enc
-        body = _Writer()
+        body = _Segments()
         for i, item in enumerate(e.items or ()):
             body.extend(self.item(item, item_enc, f"{path}{_fmt_tag(e.tag)}[{i}]/"))
         return _container(e.start, e.vstart, e.end, e.length, body,
                           lambda n: _header(e.tag, e.vr, n, enc))
 
-    def item(self, item: Item, enc: Encoding, path: str) -> _Writer:
+    def item(self, item: Item, enc: Encoding, path: str) -> _Segments:
         if item.start not in self.plan.dirty:
-            w = _Writer()
+            w = _Segments()
             w.copy(item.start, item.end)
             return w
         return _container(item.start, item.vstart, item.end, item.length,
@@ -521,11 +521,11 @@ class _Applier:
                           lambda n: raw._TAG[enc.little].pack(0xFFFE, 0xE000) + enc.u32.pack(n))
 
 
-def _container(start: int, vstart: int, end: int, length: int, body: _Writer,
-               header: Callable[[int], bytes]) -> _Writer:
+def _container(start: int, vstart: int, end: int, length: int, body: _Segments,
+               header: Callable[[int], bytes]) -> _Segments:
     """A sequence or item around new contents: undefined length keeps its original header and
     delimiter (copied), a defined length gets a new header with the new length."""
-    w = _Writer()
+    w = _Segments()
     if length == UNDEFINED:
         w.copy(start, vstart)
         w.extend(body)
@@ -563,7 +563,7 @@ def _encoded_markers(options: Options, edition: str, enc: Encoding) -> dict[int,
     return out
 
 
-def _file_meta(plan: Plan, pseudo: Pseudonyms) -> bytes:
+def _file_meta(plan: DeidPlan, pseudo: Pseudonyms) -> bytes:
     """New file meta (PS3.10 7.1): the originals' class and transfer syntax, pseudonymous
     instance UID, dgf as implementation; no source AE title or private meta."""
     part = plan.part
@@ -582,7 +582,7 @@ def _file_meta(plan: Plan, pseudo: Pseudonyms) -> bytes:
     return b"\0" * 128 + b"DICM" + group_length + body
 
 
-def apply(plan: Plan, pseudo: Pseudonyms, profile: Profile) -> Result:
+def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
     """The de-identified object and its identity record; for a memory-mapped plan, a streamed
     result: its layout, key and hash list computed in one pass over the source."""
     part = plan.part
@@ -704,7 +704,7 @@ def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, 
     return out.whole.hexdigest(), out.digests(), original.hexdigest()
 
 
-def skeleton(plan: Plan, result: Result) -> mmap.mmap:
+def skeleton(plan: DeidPlan, result: Result) -> mmap.mmap:
     """The streamed output with the interior of its top-level bulk values left as zeros, in an
     anonymous map (untouched pages cost no memory): what the XML header is built from, since
     bulk values never enter it.  Encapsulated fragments keep their item headers so the output
@@ -754,6 +754,6 @@ def _copy(fd: int, sk: mmap.mmap, at: int, start: int, end: int) -> None:
         at += len(piece)
 
 
-def plan_original(plan: Plan) -> bytes:
+def plan_original(plan: DeidPlan) -> bytes:
     """The original file bytes (for deflated files the parse works on an inflated copy)."""
     return plan.part.original if plan.part.deflated else plan.part.data

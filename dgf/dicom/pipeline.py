@@ -115,7 +115,7 @@ class SealedStream(Deidentified):
 
 #: Plans from step 1 kept for step 2 in the same process (a worker sees the same files in both
 #: steps), so each file is parsed once.  Step 2 drops them.
-_PLANS: dict[str, deid.Plan] = {}
+_PLANS: dict[str, deid.DeidPlan] = {}
 SPOOL_MIN = 128 * 1024
 
 
