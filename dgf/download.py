@@ -20,7 +20,7 @@ from dgf.dicom import identity
 from dgf.reader import ObjectRef
 from dgf.reports import DownloadReport, Failure, Progress
 from dgf.transport import GetResult
-from dgf.types import Site
+from dgf.types import ResolvedFile, Site
 
 if TYPE_CHECKING:
     from dgf.client import Client
@@ -107,7 +107,7 @@ class Downloads:
             if not wanted:
                 return report
             resolved = self.resolve(wanted, identified)
-            local = {f[0]: base_dir + f[0] for f in resolved["files"]}
+            local = {f.path: base_dir + f.path for f in ResolvedFile.all_of(resolved)}
         else:
             resolved = self.resolve(paths, identified)
             local = {}
@@ -117,13 +117,13 @@ class Downloads:
                 p = p.rstrip("/") or "/"
                 parent = posixpath.dirname(p)
                 cuts.append((p, 0 if parent == "/" else len(parent)))
-            for f in resolved["files"]:
-                cut = max((c for c in cuts if f[0] == c[0] or f[0].startswith(c[0].rstrip("/") + "/")),
+            for f in ResolvedFile.all_of(resolved):
+                cut = max((c for c in cuts if f.path == c[0] or f.path.startswith(c[0].rstrip("/") + "/")),
                           key=lambda c: len(c[0]))[1]
-                local[f[0]] = base_dir + f[0][cut:]
+                local[f.path] = base_dir + f.path[cut:]
         writer = AtomicWriter()
         if on_total is not None:
-            on_total(sum(f[2] for f in resolved["files"]))
+            on_total(sum(f.size for f in ResolvedFile.all_of(resolved)))
 
         def sink(paths: list[str], data: bytes | None, src: Path | None) -> None:
             for i, path in enumerate(paths):
@@ -230,9 +230,10 @@ class Downloads:
     def identity_summary(self, path: str) -> dict[str, Any]:
         """What de-identification removed from one file (clinicians; the release is audited)."""
         resolved = self.resolve([path], identified=True)
-        if not resolved["files"]:
+        files = ResolvedFile.all_of(resolved)
+        if not files:
             raise errors.NotFound(f"{path} does not exist.")
-        _, key, _, sites = resolved["files"][0]
+        key = files[0].key
         blob = resolved["identities"].get(key)
         if blob is None:
             raise errors.NoAttribute(f"no identity is held for {path}.")

@@ -45,7 +45,7 @@ import mfusepy
 from dgf import errors
 from dgf.integrity import BLOCK as DIGEST_BLOCK
 from dgf.reader import ObjectRef
-from dgf.types import WRITER_ROLES, Stat
+from dgf.types import WRITER_ROLES, ResolvedFile, Stat
 
 if TYPE_CHECKING:
     from dgf.client import Client
@@ -674,7 +674,7 @@ class DgfFS(mfusepy.Operations):
                 raise mfusepy.FuseOSError(errno.ENODATA)
             if name == "user.dgf.checksum":
                 return f"sha256:{st.object_key}".encode()
-            return ",".join(self.client.resolve([path])["files"][0][3]).encode()
+            return ",".join(ResolvedFile.all_of(self.client.resolve([path]))[0].sites).encode()
         return bytes(self.client.getxattr(path, name))
 
     @_errno_of

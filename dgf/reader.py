@@ -35,6 +35,7 @@ from dgf.envelope import Envelope, open_file
 from dgf.integrity import BLOCK as DIGEST_BLOCK
 from dgf.integrity import check_range
 from dgf.transport import GetResult, run_parallel
+from dgf.types import ResolvedFile
 
 if TYPE_CHECKING:
     from dgf.client import Client
@@ -73,7 +74,7 @@ class ObjectRef:
         keys = {study: base64.b64decode(k) for study, k in (resolved.get("study_keys") or {}).items()}
         now = time.monotonic()
         out = []
-        for path, key, size, sites in resolved["files"]:
+        for path, key, size, sites in ResolvedFile.all_of(resolved):
             env = None
             if key in seals:
                 salt, study = seals[key]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 ROLES = ("admin", "clinician", "researcher", "site")
 #: The extended attribute holding a file's de-identified header as XML.
@@ -107,3 +107,16 @@ class Principal:
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Principal:
         return cls(**d)
+
+
+class ResolvedFile(NamedTuple):
+    """One file of a ``down.resolve`` reply (on the wire: ``[path, key, size, sites]``)."""
+
+    path: str
+    key: str
+    size: int
+    sites: list[str]            # the sites holding a copy, in the order to read them
+
+    @classmethod
+    def all_of(cls, resolved: dict[str, Any]) -> list[ResolvedFile]:
+        return [cls(str(p), str(k), int(n), list(s)) for p, k, n, s in resolved["files"]]

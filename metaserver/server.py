@@ -35,7 +35,7 @@ from dgf.integrity import BLOCK, DIGEST, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
 from dgf.sshlib import paramiko
-from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, Site
+from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, ResolvedFile, Site
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile, norm_path
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
@@ -1072,7 +1072,7 @@ class MetaService(wire.Service):
         if offset < 0:
             raise errors.UsageError("offset must not be negative.")
         page = self.limits.resolve_files
-        files: list[list[Any]] = []
+        found: list[tuple[str, str, int]] = []
         seen = 0
         more = False
         # Duplicates and nested paths name the same files once ("/" 3000 times is "/").
@@ -1084,23 +1084,23 @@ class MetaService(wire.Service):
             if scope is not None and not scope.allows(fp):
                 continue                          # outside the researcher's grants
             if seen >= offset:
-                if len(files) == page:
+                if len(found) == page:
                     more = True
                     break
-                files.append([fp, key, size])
+                found.append((fp, key, size))
             seen += 1
-        keys = sorted({f[1] for f in files})
+        keys = sorted({key for _, key, _ in found})
         replicas = self.engine.object_replicas(keys)
+        files = [ResolvedFile(fp, key, size, _read_order(key, replicas.get(key, []))) for fp, key, size in found]
         by_site: dict[str, set[str]] = {}
         for f in files:
-            f.append(_read_order(f[1], replicas.get(f[1], [])))
-            for site in f[3]:
-                by_site.setdefault(site, set()).add(f[1])
+            for site in f.sites:
+                by_site.setdefault(site, set()).add(f.key)
         seals = self.engine.object_seals(keys)
         studies = self.vault.study_keys({seal.partition(":")[2]: "" for seal in seals.values()}, create=False) \
             if seals else {}
         out: dict[str, Any] = {
-            "files": files,
+            "files": [list(f) for f in files],
             # Sealed objects (untrusted sites): salt and study, and the keys of those studies.
             "seals": {k: seal.split(":", 1) for k, seal in seals.items()},
             "study_keys": {study: _b64(key) for study, (_, key) in studies.items()},
@@ -1115,7 +1115,7 @@ class MetaService(wire.Service):
                 record = self.vault.open(key)
                 if record is not None:
                     ids[key] = _b64(record)
-            self.engine.audit_many([(p.name, "identity.release", f[0], "ok" if f[1] in ids else "none-held", "")
+            self.engine.audit_many([(p.name, "identity.release", f.path, "ok" if f.key in ids else "none-held", "")
                                     for f in files])
             out["identities"] = ids
         return wire.Reply({}, payload=json.dumps(out).encode())
