@@ -12,10 +12,18 @@ import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dgf import errors
 from dgf.types import Principal, Site, Stat
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from metaserver.planner import Catalogue
+
+    #: What the query planner hands the engine: a select of inode numbers (None: every indexed file).
+    CandidateSelect = sa.Select[Any] | None
 
 MAX_NAME = 255
 MAX_PATH = 4096
@@ -268,22 +276,27 @@ class MetaEngine(ABC):
     def walk_files_many(self, roots: list[str]) -> Iterator[tuple[str, str, int]]:
         """``walk_files`` of each of ``roots`` in turn, in one pass where the roots are files."""
 
+    @property
     @abstractmethod
-    def query_catalogue(self) -> Any:
+    def dialect(self) -> str:
+        """The SQL dialect the query planner writes for: "sqlite" or "postgresql"."""
+
+    @abstractmethod
+    def query_catalogue(self) -> Catalogue:
         """The catalogue of indexed element paths the planner resolves patterns against."""
 
     @abstractmethod
-    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None,
+    def query_candidates(self, root: str, plan: CandidateSelect, with_xml: bool, deadline: float | None = None,
                          after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
         """(ino, path, (patient, study, series), XML if asked) of indexed files under ``root`` in
         ``plan`` with an inode above ``after``, in inode order."""
 
     @abstractmethod
-    def query_estimate(self, select: Any, sample: int = 20_000) -> int:
+    def query_estimate(self, select: sa.Select[Any], sample: int = 20_000) -> int:
         """Rows a candidate select returns among a sample of the indexed files."""
 
     @abstractmethod
-    def query_count(self, plan: Any) -> int:
+    def query_count(self, plan: CandidateSelect) -> int:
         """How many indexed files ``plan`` selects archive-wide."""
 
     @abstractmethod

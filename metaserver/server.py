@@ -218,7 +218,7 @@ class MetaService(wire.Service):
         self._signing_key = signing_key
         self.limits = limits
         self.principals = principals
-        self.dialect = "sqlite" if getattr(engine, "is_sqlite", True) else "postgresql"
+        self.dialect = engine.dialect
         self.query_time_limit = QUERY_TIME_LIMIT_S
         self._cursors: dict[str, _Cursor] = {}
         self._cursor_lock = threading.Lock()

@@ -1396,7 +1396,7 @@ class SqlEngine(MetaEngine):
         conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
         yield
 
-    def query_candidates(self, root: str, plan: Any, with_xml: bool, deadline: float | None = None,
+    def query_candidates(self, root: str, plan: sa.Select[Any] | None, with_xml: bool, deadline: float | None = None,
                          after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
         """Stream (ino, path, (patient, study, series), XML or None) of the indexed files at or
         under ``root`` whose inode is selected by ``plan`` (a select of inos; None: all) and is
@@ -1445,7 +1445,7 @@ class SqlEngine(MetaEngine):
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
             raise
 
-    def query_count(self, plan: Any) -> int:
+    def query_count(self, plan: sa.Select[Any] | None) -> int:
         """How many indexed files ``plan`` selects, archive-wide (exact plans only)."""
         source: Any = sa.select(levels_t.c.ino) if plan is None else plan
         counted: Any = sa.select(sa.func.count()).select_from(source.subquery())
@@ -1454,7 +1454,7 @@ class SqlEngine(MetaEngine):
             return int(conn.execute(counted).scalar_one())
         return self._read(run)
 
-    def query_estimate(self, select: Any, sample: int = 20_000) -> int:
+    def query_estimate(self, select: sa.Select[Any], sample: int = 20_000) -> int:
         """Rows ``select`` (of inos) returns among the first ``sample`` indexed files: a cheap,
         proportional selectivity estimate the planner uses to pick the driving predicate."""
         def run(conn: Connection) -> int:
@@ -1466,6 +1466,10 @@ class SqlEngine(MetaEngine):
 
     def query_catalogue(self) -> Catalogue:
         return self._read(self.catalogue)
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self.is_sqlite else "postgresql"
 
     def save_query(self, name: str, xpath: str, owner: str) -> None:
         def run(conn: Connection) -> None:
