@@ -11,8 +11,6 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -21,8 +19,7 @@ from typing import Any
 
 from lxml import etree
 
-from dgf import errors
-from dgf.dicom.pipeline import _recv, _send
+from dgf import errors, workers
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
 from metaserver import advice, xpath
@@ -152,21 +149,20 @@ DRAIN_S = 30.0
 
 
 class _Evaluators:
-    """Worker processes (``python -c``, so no main module is re-imported) that evaluate chunks
-    of headers; results come back in task order.  One scan uses them at a time, and a scan
-    that stops early (a limit, a page boundary, a closed cursor) reads back every result still
-    in flight before it lets the next scan in: otherwise the next scan would read them."""
+    """Worker processes (dgf/workers.py) that evaluate chunks of headers; results come back in
+    task order.  One scan uses them at a time, and a scan that stops early (a limit, a page
+    boundary, a closed cursor) reads back every result still in flight before it lets the next
+    scan in: otherwise the next scan would read them."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.lock = threading.Lock()
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[workers.Worker] = []
         self._start()
         atexit.register(self.close)
 
     def _start(self) -> None:
-        self.procs = [subprocess.Popen([sys.executable, "-c", "from metaserver.query import serve; serve()"],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(self.n)]
+        self.procs = [workers.Worker("metaserver.query:serve") for _ in range(self.n)]
 
     def restart(self) -> None:
         """Fresh workers, when draining failed (a worker died or hung)."""
@@ -181,7 +177,7 @@ class _Evaluators:
             try:
                 for i, task in enumerate(tasks):
                     w = i % len(self.procs)
-                    _send(self.procs[w].stdin, task)  # type: ignore[arg-type]
+                    self.procs[w].send(task)
                     order.put(w)
                 order.put(None)
             except BaseException as exc:  # noqa: BLE001 - handed to the reading side
@@ -199,7 +195,7 @@ class _Evaluators:
                 if isinstance(w, BaseException):
                     finished = True
                     raise w
-                result = _recv(self.procs[w].stdout)  # type: ignore[arg-type]
+                result = self.procs[w].recv()
                 slots.release()
                 if isinstance(result, BaseException):
                     raise result
@@ -218,7 +214,7 @@ class _Evaluators:
                 w = order.get(timeout=max(0.01, deadline - time.monotonic()))
                 if w is None or isinstance(w, BaseException):
                     break
-                _recv(self.procs[w].stdout)  # type: ignore[arg-type]
+                self.procs[w].recv()
                 slots.release()
             feeder.join(timeout=max(0.01, deadline - time.monotonic()))
             if feeder.is_alive():
@@ -227,13 +223,8 @@ class _Evaluators:
             self.restart()
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        for worker in self.procs:
+            worker.kill()
 
 
 _compiled: dict[str, etree.XPath] = {}
@@ -274,20 +265,9 @@ def _workers() -> _Evaluators | None:
 
 
 def serve() -> None:
-    """Worker loop: evaluate chunks read from stdin, answer on stdout."""
-    rfile, wfile = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        try:
-            task = _recv(rfile)
-        except EOFError:
-            return
-        try:
-            result: object = _evaluate_chunk(task)  # type: ignore[arg-type]
-        except errors.DgfError as exc:
-            result = exc
-        except Exception as exc:  # noqa: BLE001 - returned to the parent, which raises it
-            result = errors.ServerError(f"a query worker failed ({type(exc).__name__}).")
-        _send(wfile, result)
+    """A query worker's loop (``_Evaluators`` starts it): evaluate chunks of headers."""
+    workers.serve(_evaluate_chunk,  # type: ignore[arg-type]
+                  lambda exc: errors.ServerError(f"a query worker failed ({type(exc).__name__})."))
 
 
 Candidate = tuple[int, str, tuple[str, str, str], "Found | None"]

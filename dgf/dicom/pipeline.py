@@ -10,19 +10,14 @@ header and the encoded identity record.
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
-import struct
-import subprocess
-import sys
 import tempfile
-import traceback
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
-from dgf import errors
+from dgf import errors, workers
 from dgf.dicom import deid, identity
 from dgf.dicom.profile import Options, Profile
 from dgf.dicom.xmlheader import header_xml
@@ -186,31 +181,11 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
 
 
 # --------------------------------------------------------------------------------------------
-# Worker processes answer pickled requests on stdin/stdout (started with ``-c`` so that results
-# pickle under this module's real name, not ``__main__``).
-# Our own processes rather than multiprocessing, whose spawn mode re-imports the caller's main
-# module (a script without a main guard would run twice) and whose fork mode would copy the
-# SSH threads' locks.
+# Worker processes (dgf/workers.py): our own rather than multiprocessing, whose spawn mode
+# re-imports the caller's main module (a script without a main guard would run twice) and whose
+# fork mode would copy the SSH threads' locks.
 
 STEPS: dict[str, Any] = {"analyze": analyze_items, "deidentify": deidentify_items}
-_LEN = struct.Struct(">Q")
-
-
-def _send(fh: BinaryIO, obj: object) -> None:
-    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    fh.write(_LEN.pack(len(blob)) + blob)
-    fh.flush()
-
-
-def _recv(fh: BinaryIO) -> object:
-    head = fh.read(_LEN.size)
-    if len(head) < _LEN.size:
-        raise EOFError
-    (n,) = _LEN.unpack(head)
-    blob = fh.read(n)
-    if len(blob) < n:
-        raise EOFError
-    return pickle.loads(blob)
 
 
 class Workers:
@@ -220,12 +195,10 @@ class Workers:
         # Large outputs come back through files on tmpfs when there is one.
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self.spool = tempfile.mkdtemp(prefix="dgf-spool-", dir=shm) if shm else ""
-        self._procs = [subprocess.Popen([sys.executable, "-c", "from dgf.dicom.pipeline import serve; serve()"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-                       for _ in range(n)]
+        self._workers = [workers.Worker("dgf.dicom.pipeline:serve") for _ in range(n)]
 
     def map(self, step: str, items: list[tuple[str, bytes | None]], *args: object) -> list[list[Any]]:
-        n = len(self._procs)
+        n = len(self._workers)
         # A file goes to the same worker in both steps (by a stable hash of its name), so the
         # worker can reuse the parse from step 1.
         parts: list[list[tuple[str, bytes | None]]] = [[] for _ in range(n)]
@@ -234,14 +207,14 @@ class Workers:
             parts[zlib.crc32(name.encode("utf-8", "surrogateescape")) % n].append(
                 (name, b"" if step == "deidentify" else data))
         busy = []
-        for proc, part in zip(self._procs, parts):
+        for worker, part in zip(self._workers, parts):
             if part:
-                _send(proc.stdin, (step, part, args))  # type: ignore[arg-type]
-                busy.append(proc)
+                worker.send((step, part, args))
+                busy.append(worker)
         out: list[list[Any]] = []
-        for proc in busy:
+        for worker in busy:
             try:
-                result = _recv(proc.stdout)  # type: ignore[arg-type]
+                result = worker.recv()
             except EOFError as exc:
                 raise errors.DgfError("a de-identification worker process died; see its error above.") from exc
             if isinstance(result, BaseException):
@@ -250,33 +223,17 @@ class Workers:
         return out
 
     def close(self) -> None:
-        for proc in self._procs:
-            try:
-                proc.stdin.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for worker in self._workers:
+            worker.close()
         if self.spool:
             shutil.rmtree(self.spool, ignore_errors=True)
 
 
-def serve() -> None:
-    rfile, wfile = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        try:
-            request = cast(tuple[str, list[tuple[str, bytes | None]], tuple[Any, ...]], _recv(rfile))
-        except EOFError:
-            return
-        try:
-            step, items, args = request
-            result: object = STEPS[step](items, *args)
-        except Exception as exc:  # noqa: BLE001 - returned to the parent, which raises it
-            # Where it failed goes to stderr; the message stays out (it may quote values).
-            sys.stderr.write("".join(traceback.format_tb(exc.__traceback__)) + type(exc).__name__ + "\n")
-            result = errors.DgfError(f"de-identification worker failed ({type(exc).__name__}).")
-        _send(wfile, result)
+def _step(request: object) -> object:
+    step, items, args = cast(tuple[str, list[tuple[str, bytes | None]], tuple[Any, ...]], request)
+    return STEPS[step](items, *args)
 
+
+def serve() -> None:
+    """A de-identification worker's loop (``Workers`` starts it)."""
+    workers.serve(_step, lambda exc: errors.DgfError(f"de-identification worker failed ({type(exc).__name__})."))
