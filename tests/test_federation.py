@@ -7,7 +7,6 @@ import collections
 import hashlib
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 from dgf import errors, local
 from dgf.client import Client
-from tests import corpus
+from tests import corpus, serving
 from tests.conftest import copy_to
 
 RT_FILES = ["rtplan.dcm", "rtdose.dcm", "rtstruct.dcm"]
@@ -307,10 +306,7 @@ def test_metaserver_restart_keeps_everything(fresh_federation: local.Federation,
         c.setxattr(c.ls("/keep")[0].path, "user.note", b"persist")
     config_before = fed.config("clinician").read_text()
     pid = _pids(fed)["metaserver"]
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while local.status(fed.root)["processes"]["metaserver"]["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)                                  # the kill lands asynchronously
+    serving.kill(pid)
     # The sites still run: up restarts the whole federation, the metaserver on its old port, so
     # configs handed out before stay valid.
     again = local.up(fed.root)
@@ -334,8 +330,7 @@ def test_download_fails_over_and_reports_dead_sites(fresh_federation: local.Fede
         c.upload([corpus.file("CT_small.dcm")], to="/one", site="site-a")
         c.upload([corpus.file("MR_small.dcm")], to="/two", site="site-a")     # two copies, the default
         assert [len(c.stat(s.path).replicas) for s in c.ls("/one") + c.ls("/two")] == [1, 2]
-        os.kill(_pids(fed)["site-a"], signal.SIGKILL)
-        time.sleep(0.2)
+        serving.kill(_pids(fed)["site-a"])
         # The second copy serves what the dead site held.
         both = c.download(["/two"], workdir / "two")
         assert both.downloaded == 1 and not both.failed

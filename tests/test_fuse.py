@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ import pytest
 
 from dgf import local
 from dgf.client import Client
-from tests import corpus
+from tests import corpus, serving
 
 BIN = Path(sys.executable).parent
 
@@ -216,8 +215,7 @@ def test_dead_site_gives_clean_eio_and_unmount_with_open_files(fresh_federation:
     m = Mount(fed.config("clinician"), tmp_path / "m")
     try:
         pid = int(local.status(fed.root)["processes"]["site-a"]["pid"])  # type: ignore[index]
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.3)
+        serving.kill(pid)
         assert (m.path / kept.lstrip("/")).read_bytes() == corpus.file("MR_small.dcm").read_bytes() or \
             (m.path / kept.lstrip("/")).read_bytes()[128:132] == b"DICM"    # read from the other copy
         with pytest.raises(OSError) as eio:

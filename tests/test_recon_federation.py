@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import time
 
 import numpy as np
 import pydicom
@@ -17,6 +15,7 @@ from dgf import errors, local
 from dgf.client import Client
 from dgf.dicom.projections import projection_series, read_projection
 from ioserver.recon import circular, fdk, phantom
+from tests import serving
 
 R = 25.0
 
@@ -86,8 +85,7 @@ def test_a_site_lost_mid_task_is_reported_or_replaced_by_a_replica(fresh_federat
         c.recon_import(stack, g, "/scan")
         c.recon_import(stack, g, "/kept")                                  # two copies (the default)
         pid = int(local.status(fresh_federation.root)["processes"]["site-b"]["pid"])
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
+        serving.kill(pid)
         with pytest.raises(errors.TransportError, match="site site-b failed during reconstruction.*no other replica"):
             c.recon("/scan", "/scan-fdk")
         assert sorted(s.path for s in c.ls("/")) == ["/kept", "/kept-fdk", "/scan"]  # nothing half-stored
