@@ -86,6 +86,18 @@ class EngineContract:
             SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
         assert migrate.current(engine.engine) == "9999"
 
+    def test_the_revisions_build_the_tables_the_code_declares(self, engine: MetaEngine) -> None:
+        # A table definition changed without a revision would show up here as a difference.
+        from alembic.autogenerate import compare_metadata
+        from alembic.runtime.migration import MigrationContext
+
+        from metaserver import index, schema
+
+        assert isinstance(engine, SqlEngine)
+        with engine.engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), [schema.metadata, index.metadata])
+        assert [d for d in diffs if not (d[0] == "remove_table" and d[1].name == "alembic_version")] == []
+
     def test_unlink_releases_unreferenced_objects_only(self, engine: MetaEngine) -> None:
         engine.create_files([_file("/a.dcm", "same"), _file("/b.dcm", "same")])
         assert engine.unlink("/a.dcm") == {}
