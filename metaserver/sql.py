@@ -136,6 +136,7 @@ class SqlEngine(MetaEngine):
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
         self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
+        self._dir_ids_of: tuple[dict[int, str], dict[str, int]] | None = None
         now = time.time()
         with self.engine.begin() as conn:
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
@@ -361,12 +362,36 @@ class SqlEngine(MetaEngine):
 
     # -- namespace steps ------------------------------------------------------------------
 
+    def _looked_up(self, conn: Connection, path: str) -> Any:
+        """``path``'s row for a read: its parent directory from the directory map (rebuilt only
+        when the tree changes), then one query by (parent, name), instead of one per component
+        from the root.  Anything the map cannot answer takes the walk, with its precise errors."""
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if name:
+            ids = self._dir_ids(conn)
+            pid = ids.get(parent or "/")
+            if pid is not None:
+                row = conn.execute(_Q_CHILD, {"b_parent": pid, "b_name": name}).first()
+                if row is not None:
+                    return row
+        return self._resolve(conn, path)
+
+    def _dir_ids(self, conn: Connection) -> dict[str, int]:
+        """Every directory's id by path (the inverse of ``_dir_paths``, kept with it)."""
+        dirs = self._dir_paths(conn)
+        cached = self._dir_ids_of
+        if cached is None or cached[0] is not dirs:
+            cached = self._dir_ids_of = (dirs, {p: i for i, p in dirs.items()})
+        return cached[1]
+
     def _do_stat(self, path: str) -> Stat:
-        return _stat(path, self._read(lambda c: self._resolve(c, path)))
+        return _stat(path, self._read(lambda c: self._looked_up(c, path)))
 
     def _do_readdir(self, path: str) -> list[Stat]:
         def run(conn: Connection) -> list[Stat]:
-            d = self._resolve_dir(conn, path)
+            d = self._looked_up(conn, path)
+            if not d.is_dir:
+                raise errors.NotADirectory(f"{path} is not a directory.")
             rows = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.parent == d.id)
                                 .order_by(inodes.c.name))
             return [_stat(_join(path, r.name), r) for r in rows]

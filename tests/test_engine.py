@@ -104,6 +104,25 @@ class EngineContract:
         assert engine.unlink("/b.dcm") == {_key("same"): ["site-a"]}
         assert engine.object_replicas([_key("same")]) == {_key("same"): []}
 
+    def test_reads_follow_tree_changes_made_by_another_process(self, engine: MetaEngine) -> None:
+        # stat and readdir find the parent in a directory map; a tree changed by another
+        # metaserver process over the same database must not leave them reading the old tree.
+        assert isinstance(engine, SqlEngine)
+        other = SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
+        try:
+            engine.create_files([_file("/a/b/f.dcm", "1")])
+            assert engine.stat("/a/b/f.dcm").size == 1 and [s.path for s in engine.readdir("/a/b")] == ["/a/b/f.dcm"]
+            other.rename("/a/b", "/a/c")
+            other.mkdir("/a/b")
+            with pytest.raises(errors.NotFound):
+                engine.stat("/a/b/f.dcm")
+            assert engine.stat("/a/c/f.dcm").size == 1
+            assert engine.readdir("/a/b") == [] and [s.path for s in engine.readdir("/a/c")] == ["/a/c/f.dcm"]
+            with pytest.raises(errors.NotADirectory):
+                engine.readdir("/a/c/f.dcm")
+        finally:
+            other.close()
+
     def test_rename_semantics(self, engine: MetaEngine) -> None:
         engine.mkdir("/d1")
         engine.mkdir("/d2")
