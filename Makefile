@@ -12,7 +12,8 @@ DEMO   ?= demo-federation
 # engine contract runs on a real server, started by the tests themselves), fuse3 (dgf mount,
 # mounted for real), attr (getfattr on the mount), faketime (a site whose clock is off),
 # iproute2 (a federation across network namespaces), chromium and chromium-driver (the OHIF
-# viewer in a real browser) and npm ('dgf web' fetches the viewer once).
+# viewer in a real browser), npm ('dgf web' fetches the viewer once) and strace (counts the
+# mount's FUSE calls).
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,7 @@ system-deps:
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq $$missing; \

@@ -596,8 +596,12 @@ class DgfFS(mfusepy.Operations):
 
     @_errno_of
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        if self._virtual(path) is not None or not name.startswith("user."):
-            # ls -l asks every file for security.* and system.posix_acl_*: only user.* exists.
+        if not name.startswith("user."):
+            # Security labels and POSIX ACLs are not supported (only user.* exists). ENOTSUP,
+            # not ENODATA: ls -l then stops asking every file of the mount for them (coreutils
+            # remembers a device that does not support them), which halves its FUSE calls.
+            raise mfusepy.FuseOSError(errno.ENOTSUP)
+        if self._virtual(path) is not None:
             raise mfusepy.FuseOSError(errno.ENODATA)
         if name == IDENTITY_XATTR:
             if not self.identified:

@@ -3,6 +3,7 @@ queries as directories, identified mounts, concurrent readers, a dead site, and 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -84,6 +85,14 @@ def test_browse_read_and_xattrs(federation: local.Federation, mounted: Mount, tm
     with pytest.raises(OSError) as no_identity:
         os.getxattr(root / paths[0].lstrip("/"), "user.dgf.identity")
     assert no_identity.value.errno == 61                       # ENODATA on a de-identified mount
+    # Security labels and ACLs are not supported (ENOTSUP, so ls -l stops asking each file).
+    for unsupported in ("security.selinux", "system.posix_acl_access"):
+        with pytest.raises(OSError) as err:
+            os.getxattr(root / paths[0].lstrip("/"), unsupported)
+        assert err.value.errno == errno.ENOTSUP
+    traced = subprocess.run(["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l", str(root / "fuse/a")],
+                            capture_output=True, text=True)
+    assert traced.stderr.count("getxattr(") <= 2, traced.stderr[-500:]       # once per device, not per file
     os.setxattr(root / paths[0].lstrip("/"), "user.note", b"reviewed")
     with Client(federation.config("researcher")) as c:
         assert c.getxattr(paths[0], "user.note") == b"reviewed"
