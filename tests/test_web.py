@@ -396,6 +396,11 @@ def _chromium() -> object:
 
 def test_the_viewer_shows_a_ct_frame_in_a_real_browser(web: WebNode, tmp_path: Path) -> None:
     from PIL import Image
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -412,29 +417,38 @@ def test_the_viewer_shows_a_ct_frame_in_a_real_browser(web: WebNode, tmp_path: P
         WebDriverWait(driver, 30).until(ec.presence_of_element_located((By.ID, "token")))
         driver.find_element(By.ID, "token").send_keys(web.tokens["researcher"])
         driver.find_element(By.ID, "signin").click()
-        # The study list: every study, by its pseudonym (never a name).
-        WebDriverWait(driver, 60).until(lambda d: pseudonym in d.find_element(By.TAG_NAME, "body").text)
+        # The study list: every study, by its pseudonym (never a name). The page is replaced as
+        # the viewer loads, so an element found a moment ago may be gone: looked up each time.
+        patient = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: pseudonym in d.find_element(By.TAG_NAME, "body").text)
+        assert patient
         listed = driver.find_element(By.TAG_NAME, "body").text
         assert str(pydicom.dcmread(corpus.file("CT_small.dcm")).PatientName).split("^")[0] not in listed
         driver.get(f"{web.url}/viewer?StudyInstanceUIDs={study}")
-        canvas = WebDriverWait(driver, 60).until(ec.presence_of_element_located(
-            (By.CSS_SELECTOR, ".cornerstone-viewport-element canvas, canvas.cornerstone-canvas, canvas")))
-
-        def shown() -> list[np.ndarray]:
-            shot = Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("L")
-            w, h = shot.size
-            side = min(w, h)
-            square = shot.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-            pixels = np.asarray(square.resize(reference.size, Image.BILINEAR), dtype=np.float64)
-            return [pixels] if pixels.std() > 10 else []             # blank until the frame is drawn
-
-        pixels = WebDriverWait(driver, 90, poll_frequency=1).until(lambda d: shown())[0]
         ref = np.asarray(reference, dtype=np.float64)
-        # The middle of the frame: the viewer's own notices may cover its top and bottom edges.
         h, w = ref.shape
-        pixels, ref = pixels[h // 5:-h // 5, w // 5:-w // 5], ref[h // 5:-h // 5, w // 5:-w // 5]
-        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "viewer.png")
-        corr = float(np.corrcoef(pixels.ravel(), ref.ravel())[0, 1])
-        assert corr > 0.9, f"the viewer's frame differs from the archive's rendering (correlation {corr:.2f})"
+        # The middle of the frame: the viewer's own notices may cover its top and bottom edges.
+        middle = (slice(h // 5, -h // 5), slice(w // 5, -w // 5))
+        seen: dict[str, float] = {}
+
+        def drawn(d: object) -> bool:
+            """Does the viewport show the frame (as the archive renders it) yet?"""
+            canvas = driver.find_element(By.CSS_SELECTOR, ".cornerstone-viewport-element canvas, canvas")
+            shot = Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("L")
+            cw, ch = shot.size
+            side = min(cw, ch)
+            square = shot.crop(((cw - side) // 2, (ch - side) // 2, (cw + side) // 2, (ch + side) // 2))
+            pixels = np.asarray(square.resize(reference.size, Image.BILINEAR), dtype=np.float64)[middle]
+            if pixels.std() <= 10:
+                return False                                            # blank until drawn
+            seen["corr"] = float(np.corrcoef(pixels.ravel(), ref[middle].ravel())[0, 1])
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "viewer.png")
+            return seen["corr"] > 0.9
+        try:
+            WebDriverWait(driver, 90, poll_frequency=1,
+                          ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(drawn)
+        except TimeoutException:
+            pytest.fail(f"the viewer did not show the archive's frame within 90 s "
+                        f"(last correlation {seen.get('corr')}; its view is in {tmp_path / 'viewer.png'})")
     finally:
         driver.quit()
