@@ -13,8 +13,8 @@ binds it to (a client config and its key); unknown AE titles are refused at asso
   A gateway restarted finds what it had not sent yet.
 - **C-FIND** at patient, study, series and image level (Patient Root and Study Root), answered
   from the header index: single values, ``*``/``?`` wildcards, ranges of dates and times, lists
-  of UIDs (PS3.4 C.2.2.2); keys with exact values become the XPath the metaserver runs, the
-  rest are matched here.  Sequence keys are returned empty (not matched).
+  of UIDs, sequence items with exact values (PS3.4 C.2.2.2); keys with exact values and sequence
+  items become the XPath the metaserver runs, the rest are matched here.
 - **C-GET** and **C-MOVE** (destinations from the configuration) of what a C-FIND at the same
   level matches: de-identified, or identified for the AE titles listed in ``identified`` when
   their principal may see identity (the metaserver refuses otherwise, and audits every release).
@@ -50,7 +50,7 @@ from pydicom.dataset import Dataset
 from dgf import config as dgf_config
 from dgf import errors, pixels
 from dgf.client import Client
-from dgf.types import IDENTITY_ROLES
+from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
 log = logging.getLogger("dgf.dicom")
 
@@ -165,6 +165,9 @@ class Key:
     keyword: str
     vr: str
     value: str            # "" : a return key (universal match)
+    #: A sequence key's item keys (sequence matching, PS3.4 C.2.2.2.6): the sequence matches
+    #: when one of its items matches every item key with a value.
+    items: tuple[Key, ...] = ()
 
 
 def keys_of(identifier: Dataset) -> list[Key]:
@@ -172,7 +175,10 @@ def keys_of(identifier: Dataset) -> list[Key]:
     for elem in identifier:
         if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "") or elem.tag.group == 0x0002:
             continue
-        if elem.VR == "SQ" or elem.value is None:
+        if elem.VR == "SQ":
+            out.append(Key(elem.keyword, "SQ", "", tuple(keys_of(elem.value[0])) if elem.value else ()))
+            continue
+        if elem.value is None:
             value = ""
         elif elem.VM > 1:
             value = "\\".join(str(v) for v in elem.value)       # a list of UIDs, a multi-valued key
@@ -187,11 +193,27 @@ def _exact(key: Key) -> bool:
         not (key.vr in RANGE_VRS and "-" in key.value) and "'" not in key.value and key.vr != "SQ"
 
 
+def _item_conditions(k: Key) -> str:
+    """The XPath of a sequence key's item matching; exact values only (else UsageError)."""
+    conds = []
+    for item in k.items:
+        if item.vr == "SQ" and any(i.value or i.items for i in item.items) or item.vr != "SQ" and item.value \
+                and not _exact(item):
+            raise errors.UsageError(f"sequence matching on {k.keyword} takes exact values of its item's "
+                                    f"attributes, not {item.keyword}={item.value[:40]!r} or nested sequences.")
+        if item.vr != "SQ" and item.value:
+            conds.append(f"{item.keyword}='{item.value}'")
+    return " and ".join(conds)
+
+
 def xpath_for(keys: list[Key]) -> str:
-    """The part of the match the header index answers: exact values and lists of UIDs."""
+    """The part of the match the header index answers: exact values, lists of UIDs, and
+    sequence items with exact values."""
     conds = []
     for k in keys:
-        if _exact(k):
+        if k.vr == "SQ" and (inner := _item_conditions(k)):
+            conds.append(f"[{k.keyword}/Item[{inner}]]")
+        elif _exact(k):
             conds.append(f"[{k.keyword}='{k.value}']")
         elif k.vr == "UI" and "\\" in k.value and "'" not in k.value:
             conds.append("[" + " or ".join(f"{k.keyword}='{u}'" for u in k.value.split("\\") if u) + "]")
@@ -222,6 +244,25 @@ class Entity:
     values: dict[str, str]
     paths: list[str] = field(default_factory=list)
     members: dict[str, set[str]] = field(default_factory=dict)
+    #: For sequence keys with item keys: the matching item's values, by sequence (None when
+    #: the first file has no such item).
+    items: dict[str, dict[str, str] | None] = field(default_factory=dict)
+
+
+def _sequence_items(client: Client, entity: Entity, sequences: list[Key]) -> None:
+    """The values a response shows for sequence keys, from the entity's first XML header."""
+    from lxml import etree
+
+    root = etree.fromstring(client.getxattr(entity.paths[0], HEADER_XATTR))
+    for k in sequences:
+        want = {i.keyword: i.value for i in k.items if i.vr != "SQ" and i.value}
+        entity.items[k.keyword] = None
+        for item in root.findall(f"{k.keyword}/Item"):
+            values = {i.keyword: "\\".join(e.text or "" for e in item.findall(i.keyword)) for i in k.items
+                      if i.vr != "SQ"}
+            if all(values.get(name) == v for name, v in want.items()):
+                entity.items[k.keyword] = values
+                break
 
 
 def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool = False) -> dict[str, Entity]:
@@ -248,6 +289,10 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
         entity.paths.append(row["path"])
         for counted in set(COUNTED.values()) | {"Modality"}:
             entity.members.setdefault(counted, set()).add(values.get(counted, ""))
+    sequences = [k for k in keys if k.vr == "SQ" and k.items]
+    if sequences:
+        for entity in found.values():
+            _sequence_items(client, entity, sequences)
     modalities = next((k for k in keys if k.keyword == "ModalitiesInStudy" and k.value), None)
     if modalities is not None:          # matches when any of the study's modalities matches
         found = {u: e for u, e in found.items()
@@ -267,7 +312,12 @@ def answer(level: str, keys: list[Key], entity: Entity, charset: str | None) -> 
         elif k.keyword == "ModalitiesInStudy":
             value = "\\".join(sorted(entity.members.get("Modality", set()) - {""}))
         elif k.vr == "SQ":
-            ds.add_new(k.keyword, "SQ", [])
+            found = entity.items.get(k.keyword)
+            item = Dataset()
+            for i in k.items:
+                if i.vr != "SQ":
+                    item.add_new(i.keyword, i.vr, (found or {}).get(i.keyword, ""))
+            ds.add_new(k.keyword, "SQ", [item] if found is not None else [])
             continue
         else:
             value = entity.values.get(k.keyword, "")

@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +237,7 @@ def _attribute(name: str) -> tuple[str, str]:
     keyword = keyword_for_tag(tag) if tag is not None else ""
     if tag is None or not keyword:
         raise HTTPProblem(400, f"{name[:64]!r} is not a DICOM attribute keyword or tag "
-                               "(sequence paths are not supported).")
+                               "(a sequence item's attribute is SEQUENCE.ATTRIBUTE).")
     return keyword, dictionary_VR(tag)
 
 
@@ -259,6 +259,18 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
     wanted = list(dict.fromkeys(fields))
     keys: dict[str, dimse.Key] = {}
     limit, offset, warnings = cap, 0, []
+    def item_key(name: str, value: str) -> None:
+        """SEQUENCE.ATTRIBUTE: an item key of a sequence key (matching, or returned)."""
+        outer, _, inner = name.partition(".")
+        seq, seq_vr = _attribute(outer)
+        keyword, vr = _attribute(inner) if "." not in inner else ("", "")
+        if seq_vr != "SQ" or not keyword or vr == "SQ":
+            raise HTTPProblem(400, f"{name[:64]!r}: a sequence's attribute is SEQUENCE.ATTRIBUTE, one level deep.")
+        text = value.replace(",", "\\") if vr == "UI" else value
+        before = keys.get(seq, dimse.Key(seq, "SQ", ""))
+        keys[seq] = dimse.Key(seq, "SQ", "", (*before.items, dimse.Key(keyword, vr, text.strip())))
+        wanted.append(seq)
+
     for name, value in params:
         if name in ("limit", "offset"):
             if not value.isdigit():
@@ -269,11 +281,15 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
                 offset = int(value)
         elif name == "includefield":
             for item in filter(None, (v.strip() for v in value.split(","))):
-                if item != "all":
+                if "." in item:
+                    item_key(item, "")
+                elif item != "all":
                     wanted.append(_attribute(item)[0])
         elif name == "fuzzymatching":
             if value.lower() == "true":
                 warnings.append('299 dgf: "fuzzymatching is not supported; exact matching was used"')
+        elif "." in name:                        # sequence matching: SEQUENCE.ATTRIBUTE=value
+            item_key(name, value)
         else:
             keyword, vr = _attribute(name)
             text = value.replace(",", "\\") if vr == "UI" else value
@@ -287,8 +303,10 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
     return Query(list(keys.values()), list(dict.fromkeys(wanted)), limit, offset, warnings)
 
 
-def answer_json(level: str, fields: list[str], entity: dimse.Entity, base: str) -> dict[str, Any]:
-    """One QIDO-RS result as DICOM JSON, with its RetrieveURL."""
+def answer_json(level: str, fields: list[str], entity: dimse.Entity, base: str,
+                sequences: Sequence[dimse.Key] = ()) -> dict[str, Any]:
+    """One QIDO-RS result as DICOM JSON, with its RetrieveURL (and, for sequence keys, the item
+    that matched)."""
     values = dict(entity.values)
     for keyword in fields:
         if keyword in dimse.COUNTED:
@@ -296,6 +314,12 @@ def answer_json(level: str, fields: list[str], entity: dimse.Entity, base: str) 
         elif keyword == "ModalitiesInStudy":
             values[keyword] = "\\".join(sorted(entity.members.get("Modality", set()) - {""}))
     out = dicomjson.dataset(values, fields)
+    from pydicom.datadict import tag_for_keyword
+
+    for k in sequences:
+        found = entity.items.get(k.keyword)
+        item = dicomjson.dataset(found or {}, [i.keyword for i in k.items])
+        out[f"{tag_for_keyword(k.keyword):08X}"] = {"vr": "SQ", "Value": [item] if found is not None else []}
     url = f"{base}/studies/{values.get('StudyInstanceUID', '')}"
     if level in ("SERIES", "IMAGE"):
         url += f"/series/{values.get('SeriesInstanceUID', '')}"
@@ -569,7 +593,8 @@ class Web:
         client = self.client(token)
         found, truncated = await self.call(self._find, client, level, q)
         page = list(found.values())[q.offset:q.offset + q.limit]
-        body = [answer_json(level, q.fields, e, self.base(request) + "/dicomweb") for e in page]
+        sequences = [k for k in q.keys if k.vr == "SQ" and k.items]
+        body = [answer_json(level, q.fields, e, self.base(request) + "/dicomweb", sequences) for e in page]
         headers = {}
         warnings = list(q.warnings)
         if truncated:

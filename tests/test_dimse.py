@@ -324,3 +324,40 @@ def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
         assert not echo(None, secure=False)   # plain DICOM on the TLS port
     finally:
         tls.stop()
+
+
+def test_sequence_matching(node: Node, tmp_path: Path) -> None:
+    # PS3.4 C.2.2.2.6: a sequence key matches when one item matches every item key given; the
+    # response carries that item's requested attributes (from the de-identified header).
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    dose = corpus.fresh_instances(tmp_path / "rt", 1, "rtdose.dcm")
+    with Client(node.fed.config("clinician")) as c:
+        assert not c.upload(dose).failed
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+    assert assoc.is_established
+
+    def find(sop_class: str) -> tuple[list[Dataset], int]:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.SOPInstanceUID = ""
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = ""
+        q.ReferencedRTPlanSequence = [item]
+        answers = list(assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind))
+        return [ds for status, ds in answers if status and status.Status == 0xFF00], answers[-1][0].Status
+
+    try:
+        plan = "1.2.840.10008.5.1.4.1.1.481.5"                      # RT Plan Storage
+        got, status = find(plan)
+        assert status == 0 and len(got) == 1
+        item = got[0].ReferencedRTPlanSequence[0]
+        assert item.ReferencedSOPClassUID == plan and str(item.ReferencedSOPInstanceUID).startswith("2.25.")
+        assert find("1.2.840.10008.5.1.4.1.1.2")[0] == []            # CT Image Storage: no item matches
+        assert find("1.2.840.10008.5.1.4.1.1.*")[1] == 0xC000        # wildcards in items: refused, named
+    finally:
+        assoc.release()
