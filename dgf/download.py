@@ -107,9 +107,11 @@ class Downloads:
             if not wanted:
                 return report
             resolved = self.resolve(wanted, identified)
-            local = {f.path: base_dir + f.path for f in ResolvedFile.all_of(resolved)}
+            files = ResolvedFile.all_of(resolved)
+            local = {f.path: base_dir + f.path for f in files}
         else:
             resolved = self.resolve(paths, identified)
+            files = ResolvedFile.all_of(resolved)
             local = {}
             # Like cp -r: a requested path lands in out/ under its own name.
             cuts = []
@@ -117,13 +119,13 @@ class Downloads:
                 p = p.rstrip("/") or "/"
                 parent = posixpath.dirname(p)
                 cuts.append((p, 0 if parent == "/" else len(parent)))
-            for f in ResolvedFile.all_of(resolved):
+            for f in files:
                 cut = max((c for c in cuts if f.path == c[0] or f.path.startswith(c[0].rstrip("/") + "/")),
                           key=lambda c: len(c[0]))[1]
                 local[f.path] = base_dir + f.path[cut:]
         writer = AtomicWriter()
         if on_total is not None:
-            on_total(sum(f.size for f in ResolvedFile.all_of(resolved)))
+            on_total(sum(f.size for f in files))
 
         def sink(paths: list[str], data: bytes | None, src: Path | None) -> None:
             for i, path in enumerate(paths):

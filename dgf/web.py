@@ -54,7 +54,7 @@ from dgf import config as dgf_config
 from dgf import dicomjson, dimse, errors, pixels
 from dgf.client import Client
 from dgf.pixels import EXPLICIT_LE, NATIVE_SYNTAXES
-from dgf.types import IDENTITY_ROLES
+from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
 log = logging.getLogger("dgf.web")
 
@@ -490,7 +490,7 @@ class Web:
         self._clients: dict[Path, Client] = {}
         self._roles: dict[Path, str] = {}
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._cache_bytes = 0
         self.viewer: Path | None = None
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dgf-web-meta")
@@ -533,8 +533,9 @@ class Web:
 
     def instance(self, client: Client, path: str) -> bytes:
         """One instance's de-identified bytes, kept a little while: a viewer asks for each frame
-        of a multi-frame instance apart."""
-        key = (str(id(client)), path)
+        of a multi-frame instance apart.  Keyed by path: the bytes are the same de-identified
+        object for every principal, and a caller has found the path visible first (``paths``)."""
+        key = path
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
@@ -554,7 +555,7 @@ class Web:
         from dgf.dicom import xmlheader
 
         def one(path: str) -> dict[str, Any]:
-            _, ds = xmlheader.to_dataset(client.getxattr(path, "user.dgf.dicom"))
+            _, ds = xmlheader.to_dataset(client.getxattr(path, HEADER_XATTR))
             return dict(ds.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=None))
         return list(self.pool.map(one, paths))
 
@@ -605,10 +606,13 @@ class Web:
         return Response(json.dumps(body), media_type="application/dicom+json", headers=headers)
 
     def _find(self, client: Client, level: str, q: Query) -> tuple[dict[str, dimse.Entity], bool]:
-        try:
-            return dimse.find(client, level, q.keys, self.cfg.find_limit), False
-        except errors.LimitExceeded:
-            return dimse.find(client, level, q.keys, self.cfg.find_limit, truncate=True), True
+        """The matching entities, at most find_limit, in one scan: one more is kept to tell
+        that there are more."""
+        limit = self.cfg.find_limit
+        found = dimse.find(client, level, q.keys, limit + 1, truncate=True)
+        if len(found) <= limit:
+            return found, False
+        return dict(list(found.items())[:limit]), True
 
     async def retrieve(self, request: Any) -> Any:
         from starlette.concurrency import run_in_threadpool
@@ -774,12 +778,15 @@ class Web:
                 window = (float(c), float(w))
             except ValueError as exc:
                 raise HTTPProblem(400, "window is CENTER,WIDTH[,FUNCTION] in numbers.") from exc
-        accept = request.headers.get("accept", "") or "image/jpeg"
-        media = "image/png" if "image/png" in accept and "image/jpeg" not in accept.split("image/png")[0] else "image/jpeg"
-        if not any(m in accept for m in ("image/png", "image/jpeg", "image/*", "*/*")):
+        # The first of JPEG (the default, also for image/* and */*) or PNG the client accepts.
+        accepted = Accepted.parse(request.headers.get("accept", ""), "image/jpeg")
+        media = next((m if m != "image/*" else "image/jpeg" for m in accepted.types
+                      if m in ("image/jpeg", "image/png", "image/*")), None)
+        if media is None:
             raise HTTPProblem(406, "rendered frames are image/jpeg or image/png.")
-        quality = int(request.query_params.get("quality", "90")) if request.query_params.get("quality", "90").isdigit() else 90
-        data = await self.call(pixels.render, ds, index, window, media, max(1, min(quality, 100)))
+        quality = request.query_params.get("quality", "90")
+        level = max(1, min(int(quality), 100)) if quality.isdigit() else 90
+        data = await self.call(pixels.render, ds, index, window, media, level)
         return Response(data, media_type=media)
 
     async def stow(self, request: Any) -> Any:

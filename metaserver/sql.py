@@ -1017,15 +1017,13 @@ class SqlEngine(MetaEngine):
             if name and (parent == "" or parent.startswith("/")):
                 by_parent.setdefault(parent or "/", []).append(name)
         with self._connect() as conn:
-            cache: dict[str, Any] = {}
+            ids = self._dir_ids(conn)
             for parent, names in by_parent.items():
-                try:
-                    prow = self._resolve_dir(conn, parent, cache)
-                except (errors.NotFound, errors.NotADirectory):
+                pid = ids.get(parent)
+                if pid is None:
                     continue                             # named when the root itself is walked
                 for part in _slices(sorted(set(names))):
-                    for row in conn.execute(sa.select(*_STAT_COLS).where(inodes.c.parent == prow.id,
-                                                                         inodes.c.name.in_(part))):
+                    for row in conn.execute(_Q_CHILDREN_NAMED, {"b_parent": pid, "b_names": part}):
                         named[_join(parent, row.name)] = row
         for root in roots:
             found = named.get(root)

@@ -341,6 +341,21 @@ def test_hostile_requests_are_refused_and_leave_nothing(web: WebNode, tmp_path: 
     assert web.tokens["clinician"] not in kept and oct((web.fed.root / "web-tokens.json").stat().st_mode)[-3:] == "600"
 
 
+def test_qido_beyond_find_limit_answers_the_first_with_a_warning(web: WebNode) -> None:
+    capped = WebNode(web.fed, "capped", "find_limit = 2\nviewer = off\n")
+    try:
+        r = capped.get("/dicomweb/studies")
+        assert r.status_code == 200 and len(r.json()) == 2
+        assert "narrow it" in r.headers.get("warning", "")
+        counts = [s["00201208"]["Value"][0] for s in r.json()]
+        everything = {_uid(s, "0020000D"): s["00201208"]["Value"][0] for s in web.client("researcher").search_for_studies()}
+        assert counts == [everything[_uid(s, "0020000D")] for s in r.json()]      # the entities shown are whole
+        one = capped.get(f"/dicomweb/studies?StudyInstanceUID={_uid(r.json()[0], '0020000D')}")
+        assert len(one.json()) == 1 and "warning" not in one.headers
+    finally:
+        capped.stop()
+
+
 def test_slow_clients_cannot_hold_every_connection(web: WebNode) -> None:
     # Slowloris: more clients than connection slots, each sending its request head a byte at a
     # time. Each is cut off when its head is late, and a real client still gets its answer.
