@@ -1291,7 +1291,8 @@ def dicom_serve(config: str, ready_file: str | None) -> None:
 
     Each calling AE title acts as the dgf principal of the client config it is bound to
     ('callers'); any other is refused.  Stored instances are spooled (fsynced) before the
-    modality is told they are safe, then de-identified and uploaded in batches as dgf_up does;
+    modality is told they are safe, then de-identified and uploaded in batches as dgf_up does,
+    once the modalities pause or the oldest has waited 'defer_upload_s' (default 30 seconds);
     a refused instance waits in SPOOL/failed beside its reason.  C-FIND answers from the header
     index; C-GET and C-MOVE send de-identified instances, or identified ones to the AE titles
     listed in 'identified' whose principal may see identity (audited).

@@ -254,14 +254,125 @@ def test_refused_instances_wait_with_their_reason_and_a_full_spool_says_so(node:
 def test_the_gateway_keeps_no_descriptor_per_instance(node: Node, tmp_path: Path) -> None:
     # A long-lived uploader: each stored instance used to leave its spool file open (the
     # de-identifier's small-file read), and pynetdicom's select() fails past 1024 descriptors.
-    def open_fds() -> int:
-        return len(os.listdir(f"/proc/{node.proc.pid}/fd"))
+    # Nor one per association (each has a socket pair that wakes its network thread).
+    fds = Path(f"/proc/{node.proc.pid}/fd")
 
+    def open_fds() -> int:           # the spool's blank files, made ahead, come and go
+        return sum(1 for fd in fds.iterdir() if "/blank/" not in os.readlink(fd))
+
+    sources = corpus.fresh_instances(tmp_path / "many", 41)
+    assert _run("storescu", *node.args("MODALITY"), str(sources[0])).returncode == 0
+    node.drained()                    # the uploader is connected to the archive, the spool made
     before = open_fds()
-    sources = corpus.fresh_instances(tmp_path / "many", 40)
-    assert _run("storescu", *node.args("MODALITY"), *map(str, sources)).returncode == 0
+    assert _run("storescu", *node.args("MODALITY"), *map(str, sources[1:])).returncode == 0
+    for _ in range(15):
+        assert _run("echoscu", *node.args("MODALITY")).returncode == 0
     node.drained()
     assert open_fds() <= before + 4
+
+
+def _stream(node: Node, sources: list[Path], every_s: float) -> int:
+    """C-STORE ``sources`` in one association, one every ``every_s``; the instances the spool
+    held when the last was acknowledged."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+    assert assoc.is_established
+    try:
+        for src in sources:
+            assert assoc.send_c_store(pydicom.dcmread(src)).Status == 0x0000
+            time.sleep(every_s)
+        return len(list((node.spool / "incoming").glob("*/*.dcm")))
+    finally:
+        assoc.release()
+
+
+def test_uploads_wait_while_a_modality_sends_but_no_longer_than_defer_upload_s(node: Node, tmp_path: Path) -> None:
+    # Upload beside a sending association and both share the CPU: its acknowledgements slow
+    # down.  So the spool holds what arrives until the association is quiet ...
+    sources = corpus.fresh_instances(tmp_path / "busy", 40)
+    node.drained()
+    assert _stream(node, sources[:20], 0.1) >= 18
+    node.drained(timeout=30)
+    # ... but not past defer_upload_s: a modality that never pauses still sees its instances
+    # archived while it sends.
+    eager = Node(node.fed, node.dest_port, name="eager", extra="defer_upload_s = 1\n")
+    try:
+        assert _stream(eager, sources[20:], 0.1) < 15
+        eager.drained()
+    finally:
+        eager.stop()
+    with Client(node.fed.config("clinician")) as c:
+        uids = {str(row["values"]["SOPInstanceUID"]) for row in c.find("/DicomHeader", "/", show=["SOPInstanceUID"])}
+    assert len(uids) >= 40
+
+
+def test_the_spool_keeps_instances_whole_and_blanks_never_count(tmp_path: Path) -> None:
+    from dgf import dimse
+
+    spool = dimse.Spool(tmp_path / "spool", 10 * 1024 * 1024)
+    try:
+        src = corpus.fresh_instances(tmp_path / "one", 1)[0].read_bytes()
+        assert spool.put("MODALITY", src[:1000], src[1000:])
+        kept = list((tmp_path / "spool" / "incoming" / "MODALITY").glob("*.dcm"))
+        assert len(kept) == 1 and kept[0].read_bytes() == src
+        assert os.stat(kept[0]).st_mode & 0o777 == 0o600
+        # Names sort in arrival order and say when.
+        assert spool.put("MODALITY", src)
+        later = sorted((tmp_path / "spool" / "incoming" / "MODALITY").glob("*.dcm"))
+        assert later[0] == kept[0] and abs(dimse.Spool.arrived(later[1]) - time.time()) < 60
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / "spool" / "blank").iterdir()):
+            assert time.monotonic() < deadline, "no blank files were made ahead"
+            time.sleep(0.05)
+    finally:
+        spool.close()
+    # A blank written but never renamed (a crash before the acknowledgement) is no instance: a
+    # restarted spool drops blanks and counts only what it had kept.
+    next((tmp_path / "spool" / "blank").iterdir()).write_bytes(src[:500])
+    again = dimse.Spool(tmp_path / "spool", 3 * len(src), blanks=0)
+    try:
+        assert not list((tmp_path / "spool" / "blank").iterdir())
+        assert len(again.pending("MODALITY", 10)) == 2
+        assert again.crowded() and not again.put("MODALITY", src, src)     # no room for a third and fourth
+    finally:
+        again.close()
+
+
+def test_how_long_an_upload_waits(tmp_path: Path) -> None:
+    from dgf import dimse
+
+    spool = dimse.Spool(tmp_path / "spool", 10 * 1024 * 1024, blanks=0)
+    try:
+        spool.put("MODALITY", b"x" * 100)
+        batch = spool.pending("MODALITY", 10)
+        patient = dimse.Uploader("MODALITY", None, spool, defer_s=30)   # type: ignore[arg-type]
+        assert 0 < patient.hold(batch) <= dimse.GATHER_S                 # instances still arriving
+        spool.last_put -= dimse.GATHER_S
+        assert patient.hold(batch) == 0                                  # quiet: send
+        spool.last_put = time.monotonic()
+        old = tmp_path / "spool" / "incoming" / "MODALITY" / f"{time.time_ns() - 31 * 10**9:020d}-old.dcm"
+        assert patient.hold([old]) == 0                                  # waited defer_s already
+        eager = dimse.Uploader("MODALITY", None, spool, defer_s=0)      # type: ignore[arg-type]
+        assert 0 < eager.hold(batch) <= dimse.GATHER_S                   # a batch still gathers ...
+        assert eager.hold(batch * dimse.BATCH) == 0                      # ... until it is full
+    finally:
+        spool.close()
+
+
+def test_defer_upload_s_is_checked(tmp_path: Path) -> None:
+    from dgf import dimse, errors
+
+    base = "[dicom]\ncallers = MODALITY=clinician.conf\n"
+    for bad in ("-1", "soon", "7200"):
+        (tmp_path / "d.conf").write_text(base + f"defer_upload_s = {bad}\n")
+        with pytest.raises(errors.ConfigError, match="defer_upload_s"):
+            dimse.DicomConfig.load(tmp_path / "d.conf")
+    (tmp_path / "d.conf").write_text(base + "defer_upload_s = 2.5\n")
+    assert dimse.DicomConfig.load(tmp_path / "d.conf").defer_upload_s == 2.5
 
 
 def test_compressed_instances_are_decompressed_for_peers_that_cannot_take_them(node: Node, tmp_path: Path) -> None:

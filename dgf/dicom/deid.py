@@ -571,11 +571,17 @@ def _file_meta(plan: DeidPlan, pseudo: Pseudonyms) -> bytes:
     sop_class = raw.text_value(part.data, meta[0x00020002]) if 0x00020002 in meta else plan.top_text(SOP_CLASS)
     # A dataset without SOP Instance UID (a DICOMDIR) keeps its meta's instance UID, pseudonymised.
     sop_uid = plan.top_text(SOP_UID) or (raw.text_value(part.data, meta[0x00020003]) if 0x00020003 in meta else "")
+    return file_meta(sop_class, pseudo.uids.get(sop_uid, sop_uid), part.transfer_syntax)
+
+
+def file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """A Part 10 file's preamble and meta (PS3.10 7.1) for a dataset encoded in
+    ``transfer_syntax``, dgf as the implementation."""
     enc = raw.EXPLICIT
     body = (_encode_element(0x00020001, "OB", b"\x00\x01", enc)
             + _encode_element(0x00020002, "UI", sop_class.encode(), enc)
-            + _encode_element(0x00020003, "UI", pseudo.uids.get(sop_uid, sop_uid).encode(), enc)
-            + _encode_element(0x00020010, "UI", part.transfer_syntax.encode(), enc)
+            + _encode_element(0x00020003, "UI", sop_uid.encode(), enc)
+            + _encode_element(0x00020010, "UI", transfer_syntax.encode(), enc)
             + _encode_element(0x00020012, "UI", IMPLEMENTATION_UID.encode(), enc)
             + _encode_element(0x00020013, "SH", IMPLEMENTATION_VERSION.encode(), enc))
     group_length = _encode_element(0x00020000, "UL", struct.pack("<I", len(body)), enc)
