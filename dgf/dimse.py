@@ -14,8 +14,9 @@ binds it to (a client config and its key); unknown AE titles are refused at asso
   A gateway restarted finds what it had not sent yet.
 - **C-FIND** at patient, study, series and image level (Patient Root and Study Root), answered
   from the header index: single values, ``*``/``?`` wildcards, ranges of dates and times, lists
-  of UIDs, sequence items with exact values (PS3.4 C.2.2.2); keys with exact values and sequence
-  items become the XPath the metaserver runs, the rest are matched here.
+  of UIDs, sequence matching, recursive (PS3.4 C.2.2.2); keys with exact values, top-level or in
+  a sequence's item, become the XPath the metaserver runs, the rest are matched here (items in
+  each candidate's XML header, at most ``find_limit`` reads).
 - **C-GET** and **C-MOVE** (destinations from the configuration) of what a C-FIND at the same
   level matches: de-identified, or identified for the AE titles listed in ``identified`` when
   their principal may see identity (the metaserver refuses otherwise, and audits every release).
@@ -87,6 +88,8 @@ COUNTED = {"NumberOfPatientRelatedStudies": "StudyInstanceUID",
            "NumberOfStudyRelatedInstances": "SOPInstanceUID",
            "NumberOfSeriesRelatedInstances": "SOPInstanceUID"}
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
+#: Sequence keys nest at most this deep (in C-FIND identifiers and QIDO-RS attribute paths).
+MAX_SEQUENCE_DEPTH = 4
 
 
 @dataclass(frozen=True)
@@ -190,13 +193,15 @@ class Key:
     items: tuple[Key, ...] = ()
 
 
-def keys_of(identifier: Dataset) -> list[Key]:
+def keys_of(identifier: Dataset, depth: int = 0) -> list[Key]:
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise errors.UsageError(f"sequence keys nest more than {MAX_SEQUENCE_DEPTH} deep.")
     out = []
     for elem in identifier:
         if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "") or elem.tag.group == 0x0002:
             continue
         if elem.VR == "SQ":
-            out.append(Key(elem.keyword, "SQ", "", tuple(keys_of(elem.value[0])) if elem.value else ()))
+            out.append(Key(elem.keyword, "SQ", "", tuple(keys_of(elem.value[0], depth + 1)) if elem.value else ()))
             continue
         if elem.value is None:
             value = ""
@@ -213,17 +218,43 @@ def _exact(key: Key) -> bool:
         not (key.vr in RANGE_VRS and "-" in key.value) and "'" not in key.value and key.vr != "SQ"
 
 
+def _valued(key: Key) -> bool:
+    """Does ``key`` constrain the match (a value, or a sequence with an item key that does)?"""
+    return any(_valued(i) for i in key.items) if key.vr == "SQ" else bool(key.value)
+
+
 def _item_conditions(k: Key) -> str:
-    """The XPath of a sequence key's item matching; exact values only (else UsageError)."""
-    conds = []
-    for item in k.items:
-        if item.vr == "SQ" and any(i.value or i.items for i in item.items) or item.vr != "SQ" and item.value \
-                and not _exact(item):
-            raise errors.UsageError(f"sequence matching on {k.keyword} takes exact values of its item's "
-                                    f"attributes, not {item.keyword}={item.value[:40]!r} or nested sequences.")
-        if item.vr != "SQ" and item.value:
-            conds.append(f"{item.keyword}='{item.value}'")
-    return " and ".join(conds)
+    """The part of a sequence key's item matching the header index answers: item keys with
+    exact values.  The rest (wildcards, ranges, lists, nested sequences) the gateway matches."""
+    return " and ".join(f"{i.keyword}='{i.value}'" for i in k.items if i.vr != "SQ" and _exact(i))
+
+
+def _indexed(k: Key) -> bool:
+    """Does the index answer all of sequence key ``k``'s matching?"""
+    return all(not _valued(i) or (i.vr != "SQ" and _exact(i)) for i in k.items)
+
+
+def match_item(item: Any, keys: tuple[Key, ...] | list[Key]) -> dict[str, Any] | None:
+    """The values of ``keys`` in the XML header element ``item`` when it matches all of them, else
+    None.  A sequence key matches when one of its items does, recursively (PS3.4 C.2.2.2.6); its
+    value is that item's values, or None for a key that asks nothing of an absent sequence."""
+    values: dict[str, Any] = {}
+    for k in keys:
+        if k.vr == "SQ":
+            found = None
+            for sub in item.findall(f"{k.keyword}/Item"):
+                found = match_item(sub, k.items)
+                if found is not None:
+                    break
+            if found is None and _valued(k):
+                return None
+            values[k.keyword] = found
+        else:
+            value = "\\".join(e.text or "" for e in item.findall(k.keyword))
+            if not matches(k, value):
+                return None
+            values[k.keyword] = value
+    return values
 
 
 def xpath_for(keys: list[Key]) -> str:
@@ -264,25 +295,16 @@ class Entity:
     values: dict[str, str]
     paths: list[str] = field(default_factory=list)
     members: dict[str, set[str]] = field(default_factory=dict)
-    #: For sequence keys with item keys: the matching item's values, by sequence (None when
-    #: the first file has no such item).
-    items: dict[str, dict[str, str] | None] = field(default_factory=dict)
+    #: For sequence keys with item keys: the matching item's values (match_item), by sequence
+    #: (None when the matching file has no such item).
+    items: dict[str, Any] = field(default_factory=dict)
 
 
-def _sequence_items(client: Client, entity: Entity, sequences: list[Key]) -> None:
-    """The values a response shows for sequence keys, from the entity's first XML header."""
+def _header_items(client: Client, path: str, sequences: list[Key]) -> dict[str, Any] | None:
+    """The matching items of ``sequences`` in ``path``'s XML header (None: they do not match)."""
     from lxml import etree
 
-    root = etree.fromstring(client.getxattr(entity.paths[0], HEADER_XATTR))
-    for k in sequences:
-        want = {i.keyword: i.value for i in k.items if i.vr != "SQ" and i.value}
-        entity.items[k.keyword] = None
-        for item in root.findall(f"{k.keyword}/Item"):
-            values = {i.keyword: "\\".join(e.text or "" for e in item.findall(i.keyword)) for i in k.items
-                      if i.vr != "SQ"}
-            if all(values.get(name) == v for name, v in want.items()):
-                entity.items[k.keyword] = values
-                break
+    return match_item(etree.fromstring(client.getxattr(path, HEADER_XATTR)), sequences)
 
 
 def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool = False) -> dict[str, Entity]:
@@ -293,6 +315,11 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
     unique = LEVEL_KEYS[level]
     stored = [k for k in keys if k.keyword not in COUNTED and k.keyword != "ModalitiesInStudy"]
     show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
+    sequences = [k for k in stored if k.vr == "SQ" and k.items]
+    # Item keys the index cannot answer are matched here, in each candidate file's XML header:
+    # one read per file until its entity matched, at most ``limit`` reads.
+    read_items = any(not _indexed(k) for k in sequences)
+    reads = 0
     found: dict[str, Entity] = {}
     for row in client.find_iter(xpath_for(stored), "/", show=show):
         values = {k: str(v) for k, v in (row.get("values") or {}).items()}
@@ -305,14 +332,24 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
                 if truncate:
                     continue
                 raise errors.LimitExceeded(f"the query matches more than {limit} entities (find_limit).")
-            entity = found[ident] = Entity(values)
+            items = None
+            if read_items:
+                reads += 1
+                if reads > limit:
+                    raise errors.LimitExceeded(
+                        f"matching sequence items with wildcards, ranges or nested sequences reads each "
+                        f"candidate's header, and more than {limit} (find_limit) are candidates; give exact "
+                        f"values too.")
+                items = _header_items(client, row["path"], sequences)
+                if items is None:
+                    continue
+            entity = found[ident] = Entity(values, items=items or {})
         entity.paths.append(row["path"])
         for counted in set(COUNTED.values()) | {"Modality"}:
             entity.members.setdefault(counted, set()).add(values.get(counted, ""))
-    sequences = [k for k in keys if k.vr == "SQ" and k.items]
-    if sequences:
-        for entity in found.values():
-            _sequence_items(client, entity, sequences)
+    if sequences and not read_items:
+        for entity in found.values():       # the index matched them: show the matching items
+            entity.items = _header_items(client, entity.paths[0], sequences) or {}
     modalities = next((k for k in keys if k.keyword == "ModalitiesInStudy" and k.value), None)
     if modalities is not None:          # matches when any of the study's modalities matches
         found = {u: e for u, e in found.items()
@@ -333,11 +370,7 @@ def answer(level: str, keys: list[Key], entity: Entity, charset: str | None) -> 
             value = "\\".join(sorted(entity.members.get("Modality", set()) - {""}))
         elif k.vr == "SQ":
             found = entity.items.get(k.keyword)
-            item = Dataset()
-            for i in k.items:
-                if i.vr != "SQ":
-                    item.add_new(i.keyword, i.vr, (found or {}).get(i.keyword, ""))
-            ds.add_new(k.keyword, "SQ", [item] if found is not None else [])
+            ds.add_new(k.keyword, "SQ", [_item_dataset(k.items, found)] if found is not None else [])
             continue
         else:
             value = entity.values.get(k.keyword, "")
@@ -346,6 +379,17 @@ def answer(level: str, keys: list[Key], entity: Entity, charset: str | None) -> 
     if unique not in ds:
         setattr(ds, unique, entity.values.get(unique, ""))
     return ds
+
+
+def _item_dataset(keys: tuple[Key, ...], found: dict[str, Any]) -> Dataset:
+    item = Dataset()
+    for i in keys:
+        if i.vr == "SQ":
+            sub = found.get(i.keyword)
+            item.add_new(i.keyword, "SQ", [_item_dataset(i.items, sub)] if sub is not None else [])
+        else:
+            item.add_new(i.keyword, i.vr, found.get(i.keyword, ""))
+    return item
 
 
 # --------------------------------------------------------------------------------------------

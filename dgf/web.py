@@ -260,15 +260,16 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
     keys: dict[str, dimse.Key] = {}
     limit, offset, warnings = cap, 0, []
     def item_key(name: str, value: str) -> None:
-        """SEQUENCE.ATTRIBUTE: an item key of a sequence key (matching, or returned)."""
-        outer, _, inner = name.partition(".")
-        seq, seq_vr = _attribute(outer)
-        keyword, vr = _attribute(inner) if "." not in inner else ("", "")
-        if seq_vr != "SQ" or not keyword or vr == "SQ":
-            raise HTTPProblem(400, f"{name[:64]!r}: a sequence's attribute is SEQUENCE.ATTRIBUTE, one level deep.")
+        """SEQUENCE[.SEQUENCE...].ATTRIBUTE: an item key of a sequence key (matching, or returned)."""
+        path = [_attribute(part) for part in name.split(".")]
+        if len(path) > dimse.MAX_SEQUENCE_DEPTH + 1 or any(vr != "SQ" for _, vr in path[:-1]) or path[-1][1] == "SQ":
+            raise HTTPProblem(400, f"{name[:64]!r}: a sequence's attribute is SEQUENCE.ATTRIBUTE (sequences "
+                                   f"nested at most {dimse.MAX_SEQUENCE_DEPTH} deep).")
+        keyword, vr = path[-1]
         text = value.replace(",", "\\") if vr == "UI" else value
-        before = keys.get(seq, dimse.Key(seq, "SQ", ""))
-        keys[seq] = dimse.Key(seq, "SQ", "", (*before.items, dimse.Key(keyword, vr, text.strip())))
+        seq = path[0][0]
+        keys[seq] = _nest(keys.get(seq, dimse.Key(seq, "SQ", "")), [k for k, _ in path[1:-1]],
+                          dimse.Key(keyword, vr, text.strip()))
         wanted.append(seq)
 
     for name, value in params:
@@ -303,6 +304,29 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
     return Query(list(keys.values()), list(dict.fromkeys(wanted)), limit, offset, warnings)
 
 
+def _nest(seq: dimse.Key, path: list[str], leaf: dimse.Key) -> dimse.Key:
+    """Sequence key ``seq`` with ``leaf`` added as an item key, inside the sequences ``path`` names."""
+    if not path:
+        return dimse.Key(seq.keyword, "SQ", "", (*seq.items, leaf))
+    inner = next((i for i in seq.items if i.keyword == path[0]), dimse.Key(path[0], "SQ", ""))
+    rest = tuple(i for i in seq.items if i.keyword != path[0])
+    return dimse.Key(seq.keyword, "SQ", "", (*rest, _nest(inner, path[1:], leaf)))
+
+
+def _item_json(keys: tuple[dimse.Key, ...], found: dict[str, Any]) -> dict[str, Any]:
+    """A matched sequence item (dimse.match_item) as DICOM JSON."""
+    from pydicom.datadict import tag_for_keyword
+
+    out = dicomjson.dataset({k: v for k, v in found.items() if isinstance(v, str)},
+                            [i.keyword for i in keys if i.vr != "SQ"])
+    for i in keys:
+        if i.vr == "SQ":
+            sub = found.get(i.keyword)
+            out[f"{tag_for_keyword(i.keyword):08X}"] = {"vr": "SQ",
+                                                       "Value": [_item_json(i.items, sub)] if sub is not None else []}
+    return dict(sorted(out.items()))
+
+
 def answer_json(level: str, fields: list[str], entity: dimse.Entity, base: str,
                 sequences: Sequence[dimse.Key] = ()) -> dict[str, Any]:
     """One QIDO-RS result as DICOM JSON, with its RetrieveURL (and, for sequence keys, the item
@@ -318,8 +342,8 @@ def answer_json(level: str, fields: list[str], entity: dimse.Entity, base: str,
 
     for k in sequences:
         found = entity.items.get(k.keyword)
-        item = dicomjson.dataset(found or {}, [i.keyword for i in k.items])
-        out[f"{tag_for_keyword(k.keyword):08X}"] = {"vr": "SQ", "Value": [item] if found is not None else []}
+        out[f"{tag_for_keyword(k.keyword):08X}"] = {"vr": "SQ",
+                                                   "Value": [_item_json(k.items, found)] if found is not None else []}
     url = f"{base}/studies/{values.get('StudyInstanceUID', '')}"
     if level in ("SERIES", "IMAGE"):
         url += f"/series/{values.get('SeriesInstanceUID', '')}"

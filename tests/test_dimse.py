@@ -469,6 +469,32 @@ def test_sequence_matching(node: Node, tmp_path: Path) -> None:
         item = got[0].ReferencedRTPlanSequence[0]
         assert item.ReferencedSOPClassUID == plan and str(item.ReferencedSOPInstanceUID).startswith("2.25.")
         assert find("1.2.840.10008.5.1.4.1.1.2")[0] == []            # CT Image Storage: no item matches
-        assert find("1.2.840.10008.5.1.4.1.1.*")[1] == 0xC000        # wildcards in items: refused, named
+        assert len(find("1.2.840.10008.5.1.4.1.1.48?.*")[0]) == 1     # wildcards inside an item
+        assert find("1.2.840.10008.5.1.4.1.1.2*")[0] == []
+        # A sequence inside a sequence: the plan whose photon beam has a control point 1; the
+        # answer carries the matched beam with its matched control point.
+        with Client(node.fed.config("clinician")) as c:
+            assert not c.upload(corpus.fresh_instances(tmp_path / "plan", 1, "rtplan.dcm")).failed
+
+        def beams(index: str) -> list[Dataset]:
+            q = Dataset()
+            q.QueryRetrieveLevel = "IMAGE"
+            q.SOPInstanceUID = ""
+            beam, point = Dataset(), Dataset()
+            beam.RadiationType = "PHOT*"
+            beam.BeamType = ""
+            point.ControlPointIndex = index
+            beam.ControlPointSequence = [point]
+            q.BeamSequence = [beam]
+            answers = list(assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind))
+            assert answers[-1][0].Status == 0
+            return [ds for status, ds in answers if status and status.Status == 0xFF00]
+
+        got = beams("1")
+        assert len(got) == 1
+        beam = got[0].BeamSequence[0]
+        assert beam.BeamType == "STATIC" and beam.RadiationType == "PHOTON"
+        assert beam.ControlPointSequence[0].ControlPointIndex == 1
+        assert beams("7") == []
     finally:
         assoc.release()
