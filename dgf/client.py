@@ -309,11 +309,11 @@ class Client:
 
     # -- download (dgf/download.py) -----------------------------------------------------
 
-    def resolve(self, paths: list[str], identified: bool = False) -> dict[str, Any]:
-        """Files under ``paths`` with replicas, hash lists, capabilities (and identities when
-        asked), gathered over as many requests and pages as the server's limits call for. See
-        :meth:`dgf.download.Downloads.resolve`."""
-        return self.downloads.resolve(paths=paths, identified=identified)
+    def resolve(self, paths: list[str], identified: bool = False, xpath: str | None = None) -> dict[str, Any]:
+        """Files under ``paths`` (with ``xpath``: whose header matches) with replicas, hash lists,
+        capabilities (and identities when asked), gathered over as many requests and pages as
+        the server's limits call for. See :meth:`dgf.download.Downloads.resolve`."""
+        return self.downloads.resolve(paths=paths, identified=identified, xpath=xpath)
 
     def download(self, paths: list[str], out_dir: str | os.PathLike[str], identified: bool = False,
                  xpath: str | None = None, progress: Progress | None = None,

@@ -58,6 +58,14 @@ class AtomicWriter:
             raise
 
 
+def outermost(paths: list[str]) -> list[str]:
+    """``paths`` without those inside another of them (each file is under one root once)."""
+    roots = sorted({p.rstrip("/") or "/" for p in paths})
+    if "/" in roots:
+        return ["/"]
+    return [r for r in roots if not any(r.startswith(o + "/") for o in roots)]
+
+
 class Downloads:
     """The download side of one client."""
 
@@ -65,18 +73,22 @@ class Downloads:
         self.client = client
 
 
-    def resolve(self, paths: list[str], identified: bool = False) -> dict[str, Any]:
-        """Files under ``paths`` with replicas, hash lists, capabilities (and identities when
-        asked), gathered over as many requests and pages as the server's limits call for."""
+    def resolve(self, paths: list[str], identified: bool = False, xpath: str | None = None) -> dict[str, Any]:
+        """Files under ``paths`` (with ``xpath``, those whose header matches it, found by the
+        metaserver) with replicas, hash lists, capabilities (and identities when asked),
+        gathered over as many requests and pages as the server's limits call for."""
         resolved: dict[str, Any] = {"files": [], "blocks": {}, "sites": [], "caps": {}}
         if identified:
             resolved["identities"] = {}
         caps: dict[str, list[str]] = {}
-        for i in range(0, max(1, len(paths)), RESOLVE_PATHS):
+        # An XPath runs under one root per request; plain paths go RESOLVE_PATHS at a time.
+        step = 1 if xpath is not None else RESOLVE_PATHS
+        for i in range(0, max(1, len(paths)), step):
             offset: int | None = 0
             while offset is not None:
-                _, body = self.client.meta.call("down.resolve", paths=paths[i:i + RESOLVE_PATHS],
-                                         identified=identified, offset=offset)
+                ask: dict[str, Any] = {"xpath": xpath} if xpath is not None else {}
+                _, body = self.client.meta.call("down.resolve", paths=paths[i:i + step],
+                                                identified=identified, offset=offset, **ask)
                 page = json.loads(body)
                 resolved["files"].extend(page["files"])
                 resolved["blocks"].update(page.get("blocks") or {})
@@ -102,12 +114,10 @@ class Downloads:
         report = DownloadReport()
         base_dir = os.path.abspath(out)
         if xpath is not None:
-            roots = paths or ["/"]
-            wanted = [m["path"] for r in roots for m in self.client.find(xpath, r)]
-            if not wanted:
-                return report
-            resolved = self.resolve(wanted, identified)
+            resolved = self.resolve(outermost(paths or ["/"]), identified, xpath)
             files = ResolvedFile.all_of(resolved)
+            if not files:
+                return report
             local = {f.path: base_dir + f.path for f in files}
         else:
             resolved = self.resolve(paths, identified)

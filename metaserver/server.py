@@ -1054,13 +1054,15 @@ class MetaService(wire.Service):
 
     # -- download -------------------------------------------------------------------------
 
-    @wire.verb("down.resolve", optional=("identified", "offset"), paths=list, identified=bool, offset=int)
+    @wire.verb("down.resolve", optional=("identified", "offset", "xpath"), paths=list, identified=bool,
+               offset=int, xpath=str)
     def down_resolve(self, p: Principal, paths: list[str], identified: bool = False,
-                     offset: int = 0) -> wire.Reply:
-        """Files under ``paths`` with their replicas, hash lists, get capabilities and (for
-        principals with that authority) identity records, at most ``resolve_files`` per reply:
-        ``next`` is the offset of the following page (None at the end).  Every identity release
-        or refusal is audited before anything is returned."""
+                     offset: int = 0, xpath: str | None = None) -> wire.Reply:
+        """Files under ``paths`` (with ``xpath``: under its one root, whose header matches) with
+        their replicas, hash lists, get capabilities and (for principals with that authority)
+        identity records, at most ``resolve_files`` per reply: ``next`` is where the following
+        page starts (None at the end).  Every identity release or refusal is audited before
+        anything is returned."""
         if identified and p.role not in IDENTITY_ROLES:
             self.engine.audit(p.name, "identity.release", ",".join(map(str, paths))[:1000], "refused",
                               f"role {p.role}")
@@ -1071,6 +1073,29 @@ class MetaService(wire.Service):
             raise errors.UsageError("paths must be strings.")
         if offset < 0:
             raise errors.UsageError("offset must not be negative.")
+        if xpath is not None:
+            found, after = self._matching_files(p, xpath, paths, offset)
+        else:
+            found, after = self._files_under(p, paths, offset)
+        return self._resolved(p, found, after, identified)
+
+    def _matching_files(self, p: Principal, xpath: str, paths: list[str],
+                        after: int) -> tuple[list[tuple[str, str, int]], int | None]:
+        """One page of the files under the root ``paths`` names whose header matches ``xpath``,
+        and the inode the next page starts after: the query runs here, so the matched paths
+        need not travel to the client and back."""
+        if len(paths) != 1:
+            raise errors.UsageError("with an XPath, down.resolve takes one root path.")
+        q = query.prepare(self._saved_or(p, xpath), self.engine.query_catalogue(), self.dialect,
+                          self.engine.query_estimate, self.limits)
+        scope = self._scope(p)
+        page = query.page(self.engine, q, paths[0], [], after, time.monotonic() + self.query_time_limit,
+                          self.limits.resolve_files, PAGE_SECONDS, scope.allows if scope is not None else None)
+        return list(self.engine.walk_files_many([row["path"] for row in page.rows])), page.after
+
+    def _files_under(self, p: Principal, paths: list[str], offset: int) -> tuple[list[tuple[str, str, int]],
+                                                                                   int | None]:
+        """One page of the files under ``paths`` from ``offset``, and the next page's offset."""
         page = self.limits.resolve_files
         found: list[tuple[str, str, int]] = []
         seen = 0
@@ -1089,6 +1114,11 @@ class MetaService(wire.Service):
                     break
                 found.append((fp, key, size))
             seen += 1
+        return found, offset + len(found) if more else None
+
+    def _resolved(self, p: Principal, found: list[tuple[str, str, int]], after: int | None,
+                  identified: bool) -> wire.Reply:
+        """``found`` files as down.resolve answers them (auditing any identity released)."""
         keys = sorted({key for _, key, _ in found})
         replicas = self.engine.object_replicas(keys)
         files = [ResolvedFile(fp, key, size, _read_order(key, replicas.get(key, []))) for fp, key, size in found]
@@ -1107,7 +1137,7 @@ class MetaService(wire.Service):
             "blocks": {k: _b64(v) for k, v in self.engine.object_blocks(keys).items()},
             "sites": [s.to_wire() for s in self.engine.sites() if s.name in by_site],
             "caps": {site: self._cap(p, "get", site, sorted(keys)) for site, keys in by_site.items()},
-            "next": offset + len(files) if more else None,
+            "next": after,
         }
         if identified:
             ids: dict[str, str] = {}

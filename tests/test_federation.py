@@ -57,6 +57,22 @@ def test_round_trip_ct_mr_rt(clinician: Client, workdir: Path) -> None:
                 assert value.encode() not in blob, f"{kw} of {orig_path.name} leaked"
 
 
+def test_download_by_xpath(clinician: Client, researcher: Client, workdir: Path) -> None:
+    """dgf_down --find: what the XPath matches under the paths given, at its full path; the
+    metaserver resolves it (the matched paths do not travel to the client and back)."""
+    got = clinician.download(["/roundtrip", "/roundtrip/MR_small"], workdir / "mr", identified=True,
+                             xpath="/DicomHeader[Modality='MR']")
+    [only] = _files_under(workdir / "mr")
+    assert got.downloaded == 1 and only.read_bytes() == corpus.file("MR_small.dcm").read_bytes()
+    assert only.relative_to(workdir / "mr").parts[:2] == ("roundtrip", "MR_small")
+    assert clinician.download(["/roundtrip"], workdir / "none", xpath="/DicomHeader[Modality='XA']").downloaded == 0
+    with pytest.raises(errors.PermissionDenied):
+        researcher.download(["/roundtrip"], workdir / "r", identified=True, xpath="/DicomHeader[Modality='MR']")
+    with pytest.raises(errors.DgfError, match="XPath|xpath|expression"):
+        clinician.download(["/roundtrip"], workdir / "bad", xpath="/DicomHeader[")
+    assert not (workdir / "bad").exists() or not any((workdir / "bad").rglob("*.dcm"))
+
+
 def test_default_placement_and_header_query(clinician: Client, small_files: list[Path]) -> None:
     report = clinician.upload(small_files[:10])
     assert report.uploaded == 10

@@ -158,6 +158,15 @@ def test_oversized_requests_are_refused_by_name_before_allocation(fed: local.Fed
         with pytest.raises(errors.LimitExceeded, match="recon_voxels"):
             link.call("recon.partial", resolved["caps"][site], keys=[key], indices=[0],
                       geometry=geometry, window="hann")
+        # dgf_down --find: the metaserver runs the XPath and resolves what it matches, a page of
+        # at most resolve_files (40) at a time, one root per request.
+        _, body = c.meta.call("down.resolve", paths=["/load"], xpath="/DicomHeader[Modality='MR']")
+        page = json.loads(body)
+        assert len(page["files"]) == 40 and page["next"] is not None
+        mr = [f[0] for f in c.resolve(["/load"], xpath="/DicomHeader[Modality='MR']")["files"]]
+        assert len(mr) == len(set(mr)) == HEADERS // 2 and all(int(f[-9:-4]) % 2 == 0 for f in mr)
+        with pytest.raises(errors.UsageError, match="one root"):
+            c.meta.call("down.resolve", paths=["/load", "/limits"], xpath="/DicomHeader")
         # "/" three thousand times is "/": one page of at most resolve_files (40) files.
         _, body = c.meta.call("down.resolve", paths=["/"] * 3000)
         page = json.loads(body)
