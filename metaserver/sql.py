@@ -1,4 +1,7 @@
-"""The SQLAlchemy implementation of :class:`MetaEngine` (SQLite by default, PostgreSQL for scale).
+"""The SQLAlchemy implementation of :class:`MetaEngine` (SQLite by default, PostgreSQL for scale):
+the namespace (inodes, files, xattrs, objects and their replicas) over the header index
+(:mod:`metaserver.sqlindex`) and the administrative tables (:mod:`metaserver.sqladmin`), both
+on :mod:`metaserver.sqlbase`.
 
 Every write goes through :meth:`SqlEngine._txn`, one transaction with retry on conflict; reads use
 a plain connection.  SQLite runs in WAL mode with writers serialised in-process, so readers never
@@ -7,342 +10,57 @@ wait for a batch commit.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import sqlalchemy as sa
-from lxml import etree
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import IntegrityError as SAIntegrityError
-from sqlalchemy.exc import TimeoutError as SATimeoutError
 
-from dgf import crypto, errors
-from dgf.types import Principal, Site, Stat
+from dgf import errors
+from dgf.types import Stat
 from metaserver import index
 from metaserver.engine import MetaEngine, NewFile, norm_path
-from metaserver.index import keys_t, levels_t, values_t
-from metaserver.planner import Catalogue, load_catalogue
+from metaserver.index import keys_t, values_t
 from metaserver.schema import (
-    AUDIT_HEAD,
-    audit_hash,
-    audit_t,
-    grants_t,
     identities,
     inodes,
-    metadata,
     object_blocks,
     objects,
-    patients,
-    principals_t,
-    queries_t,
     repairs,
     replicas,
-    settings_t,
-    sites_t,
-    study_keys,
     xattr_owners,
     xattrs,
 )
+from metaserver.sqladmin import AdminStore
+from metaserver.sqlbase import (
+    Q_CHILDREN_NAMED,
+    REPLICAS_XATTR,
+    STAT_COLS,
+    U_FILE,
+    U_MTIME,
+    U_NLINK,
+    InodeRow,
+    inserted_id,
+    join_path,
+    slices,
+    stat_of,
+)
+from metaserver.sqlindex import HeaderIndexStore
 
-T = TypeVar("T")
-#: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
-DIRS_VERSION = "ns.dirs_version"
-#: A directory's replication factor (set by admins through ``admin.replicas.set``).
-REPLICAS_XATTR = "user.dgf.replicas"
-ROOT = 1
-
-_STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
-              inodes.c.nlink, inodes.c.mtime, inodes.c.ctime, inodes.c.object_key)
-
-
-class _Row(NamedTuple):
-    """An inode row built locally after an insert, shaped like a selected row."""
-
-    id: int
-    name: str
-    is_dir: bool
-    mode: int
-    size: int
-    nlink: int
-    mtime: float
-    ctime: float
-    object_key: str | None
+__all__ = ["REPLICAS_XATTR", "SqlEngine"]
 
 
-# Statements on the hot paths, built once: SQLAlchemy's per-call construction of selects and
-# updates cost more than SQLite executing them.
-_Q_CHILD = sa.select(*_STAT_COLS).where(inodes.c.parent == sa.bindparam("b_parent"),
-                                        inodes.c.name == sa.bindparam("b_name"))
-_Q_CHILDREN_NAMED = sa.select(*_STAT_COLS).where(
-    inodes.c.parent == sa.bindparam("b_parent"), inodes.c.name.in_(sa.bindparam("b_names", expanding=True)))
-_U_NLINK = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
-    nlink=inodes.c.nlink + sa.bindparam("b_delta"), mtime=sa.bindparam("b_now"))
-_U_MTIME = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(mtime=sa.bindparam("b_now"))
-_U_FILE = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
-    object_key=sa.bindparam("b_key"), size=sa.bindparam("b_size"), mtime=sa.bindparam("b_now"),
-    ctime=sa.bindparam("b_now"))
-
-
-def _stat(path: str, row: Any) -> Stat:
-    return Stat(path=path, ino=row.id, is_dir=bool(row.is_dir), mode=row.mode, size=row.size,
-                mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
-
-
-def _inserted_id(result: Any) -> int:
-    key = result.inserted_primary_key
-    if key is None:
-        raise errors.ServerError("the database returned no id for a new entry.")
-    return int(key[0])
-
-
-def _slices(keys: list[T], n: int = 500) -> Iterator[list[T]]:
-    """``keys`` in slices short enough for one ``IN (...)`` list."""
-    for i in range(0, len(keys), n):
-        yield keys[i:i + n]
-
-
-def _join(parent: str, name: str) -> str:
-    return ("" if parent == "/" else parent) + "/" + name
-
-
-class SqlEngine(MetaEngine):
-    def __init__(self, url: str, db_wait_s: float = 5.0) -> None:
-        if url.startswith(("postgresql://", "postgres://")):
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]   # psycopg 3, not psycopg2
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        #: A request waits this long for a pooled connection, then is answered "busy".
-        self.db_wait_s = db_wait_s
-        if self.is_sqlite:
-            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False,
-                                                              "timeout": 30},
-                                           pool_size=5, max_overflow=10, pool_timeout=db_wait_s)
-            sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
-        else:
-            self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
-                                           pool_timeout=db_wait_s)
-        self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
-        self._local = threading.local()
-        from metaserver import migrate
-
-        self.schema_revision = migrate.upgrade(self.engine, self._legacy_schema)
-        self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
-        self._multi: set[str] = set()                # committed paths flagged multi-valued
-        self._catalogue: tuple[int, Catalogue] | None = None
-        self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
-        self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
-        self._dir_ids_of: tuple[dict[int, str], dict[str, int]] | None = None
-        now = time.time()
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
-                # The database assigns the id (an explicit one would not advance PostgreSQL's
-                # sequence); in a fresh database the first inode is 1.
-                root = _inserted_id(conn.execute(inodes.insert().values(
-                    parent=None, name="", is_dir=True, mode=0o755, size=0, nlink=2, mtime=now, ctime=now)))
-                if root != ROOT:
-                    raise errors.ServerError(f"the database gave the root directory id {root}, not {ROOT}; "
-                                             "use an empty database.")
-
-    @staticmethod
-    def _legacy_schema(conn: Connection) -> None:
-        """A database made before schema revisions (metaserver/migrate.py), brought to the
-        baseline: the tables and the columns added since it was created."""
-        metadata.create_all(conn)
-        index.metadata.create_all(conn)
-        inspector = sa.inspect(conn)
-        for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR"),
-                                          (sites_t, "pinned", "BOOLEAN"), (audit_t, "hash", "VARCHAR(64)"),
-                                          (sites_t, "untrusted", "BOOLEAN"), (objects, "seal", "VARCHAR")):
-            if column not in {c["name"] for c in inspector.get_columns(table.name)}:
-                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
-
-    @staticmethod
-    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA cache_size=-131072")  # 128 MiB: the header index is large
-        cur.close()
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    # -- the one transaction helper -------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[Connection]:
-        """A pooled connection, or :class:`~dgf.errors.Busy` when every one stays taken for
-        ``db_wait_s`` (never a hang, never a misleading error further up)."""
-        try:
-            conn = self.engine.connect()
-        except SATimeoutError as exc:
-            raise self._busy() from exc
-        with conn:
-            yield conn
-
-    def _busy(self) -> errors.Busy:
-        return errors.Busy(f"the metadata server is busy (every database connection stayed in use for "
-                           f"{self.db_wait_s:.0f} s); retry in a moment.")
-
-    @contextlib.contextmanager
-    def audited(self, principal: str, action: str = "", target: str = "", detail: str = "",
-                released: str = "") -> Iterator[None]:
-        """Audit the next transaction of this thread in that same transaction: the entry
-        (``action`` on ``target``) and, with ``released``, one ``object.release`` entry per object
-        it frees.  If the transaction fails, no record claims it happened; if the record cannot
-        be written, the action does not happen."""
-        self._local.audit = (principal, action, target, detail, released)
-        try:
-            yield
-        finally:
-            self._local.audit = None
-
-    def _audit_in(self, conn: Connection, released: dict[str, list[str]] | None) -> None:
-        pending = getattr(self._local, "audit", None)
-        if pending is None:
-            return
-        principal, action, target, detail, why = pending
-        rows = [(principal, action, target, "ok", detail)] if action else []
-        if why and released:
-            rows += [(principal, "object.release", key, "ok", why) for key in released]
-        if rows:
-            self._write_audit(conn, rows)
-
-    def _write_audit(self, conn: Connection, rows: list[tuple[str, str, str, str, str]]) -> None:
-        """Append audit records to the hash chain, in the caller's transaction.  The chain's
-        head is locked for the rest of the transaction (FOR UPDATE; SQLite writes one at a
-        time anyway), so records chain in the order they commit, whichever metaserver writes."""
-        head = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)
-                            .with_for_update()).scalar()
-        if head is None:
-            conn.execute(self._insert_ignore(settings_t), [{"name": AUDIT_HEAD, "value": ""}])
-            head = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)
-                                .with_for_update()).scalar() or ""
-        now = time.time()
-        out = []
-        for p, a, t, o, d in rows:
-            head = audit_hash(head, now, p, a, t, o, d)
-            out.append({"ts": now, "principal": p, "action": a, "target": t, "outcome": o, "detail": d, "hash": head})
-        conn.execute(audit_t.insert(), out)
-        conn.execute(settings_t.update().where(settings_t.c.name == AUDIT_HEAD).values(value=head))
-
-    def audit_verify(self) -> dict[str, Any]:
-        """Walk the audit chain: the first record whose hash does not follow from the one
-        before, or a head that is not the last record's hash (records cut off the end)."""
-        def run(conn: Connection) -> dict[str, Any]:
-            head, legacy, checked, after = "", 0, 0, 0
-            while True:
-                page = conn.execute(sa.select(audit_t).where(audit_t.c.id > after).order_by(audit_t.c.id)
-                                    .limit(5000)).all()
-                if not page:
-                    break
-                for r in page:
-                    after = r.id
-                    if r.hash is None and checked == 0:
-                        legacy += 1              # written before records were chained
-                        continue
-                    expected = audit_hash(head, r.ts, r.principal, r.action, r.target, r.outcome, r.detail)
-                    if r.hash != expected:
-                        return {"records": checked + legacy, "legacy": legacy, "broken_at": r.id,
-                                "why": "its hash does not follow from the record before it (changed, removed "
-                                       "or moved records)"}
-                    head = expected
-                    checked += 1
-            stored = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)).scalar()
-            if checked and (stored or "") != head:
-                return {"records": checked + legacy, "legacy": legacy, "broken_at": after,
-                        "why": "the chain's head is not the last record's hash (records removed from the end)"}
-            return {"records": checked + legacy, "legacy": legacy, "broken_at": None, "why": ""}
-        return self._read(run)
-
-    def _txn(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
-        for attempt in range(6):
-            try:
-                with self._write_lock or contextlib.nullcontext(), self._begin() as conn:
-                    conn.info.pop("dgf.after", None)
-                    result = fn(conn)
-                    self._audit_in(conn, conn.info.get("dgf.released"))
-                    if conn.info.get("dgf.after", {}).get("dirs"):
-                        self._bump_dirs(conn)
-                    after = conn.info.pop("dgf.after", {})
-                self._local.audit = None         # written once, with the first transaction
-                # Committed: now in-process caches may learn what the transaction did.
-                self._key_ids.update(after.get("keys", {}))
-                self._multi.update(after.get("multi", ()))
-                if after.get("dirs"):
-                    self._dirs = None
-                return result
-            except (OperationalError, DBAPIError) as exc:
-                if attempt == 5 or not self._retryable(exc):
-                    raise
-                time.sleep(0.01 * 2 ** attempt)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _retryable(exc: DBAPIError) -> bool:
-        text = str(exc.orig).lower() if exc.orig is not None else ""
-        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-        return "locked" in text or "busy" in text or code in ("40001", "40P01")
-
-    @contextlib.contextmanager
-    def _begin(self) -> Iterator[Connection]:
-        with self._connect() as conn, conn.begin():
-            yield conn
-
-    def _read(self, fn: Callable[[Connection], T]) -> T:
-        with self._connect() as conn:
-            return fn(conn)
-
-    def _insert_ignore(self, table: sa.Table) -> Any:
-        dialect = postgresql if not self.is_sqlite else sqlite
-        return dialect.insert(table).on_conflict_do_nothing()
-
-    # -- path resolution ------------------------------------------------------------------
-
-    def _resolve(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
-        if cache is not None and path in cache:
-            return cache[path]
-        row: Any = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.id == ROOT)).one()
-        walked = ""
-        for part in [p for p in path.split("/") if p]:
-            if not row.is_dir:
-                raise errors.NotADirectory(f"{walked} is not a directory.")
-            walked += "/" + part
-            if cache is not None and walked in cache:
-                row = cache[walked]
-                continue
-            row = conn.execute(sa.select(*_STAT_COLS).where(
-                inodes.c.parent == row.id, inodes.c.name == part)).first()
-            if row is None:
-                raise errors.NotFound(f"{walked} does not exist.")
-            if cache is not None and row.is_dir:
-                cache[walked] = row
-        return row
-
-    def _resolve_dir(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
-        row = self._resolve(conn, path, cache)
-        if not row.is_dir:
-            raise errors.NotADirectory(f"{path} is not a directory.")
-        return row
-
-    def _child(self, conn: Connection, parent_id: int, name: str) -> Any:
-        return conn.execute(_Q_CHILD, {"b_parent": parent_id, "b_name": name}).first()
-
+class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
         conn.info.setdefault("dgf.after", {})["dirs"] = True
         now = time.time()
-        ino = _inserted_id(conn.execute(inodes.insert().values(
+        ino = inserted_id(conn.execute(inodes.insert().values(
             parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
             mtime=now, ctime=now)))
-        conn.execute(_U_NLINK, {"b_id": parent_id, "b_delta": 1, "b_now": now})
-        return _Row(ino, name, True, mode, 0, 2, now, now, None)
+        conn.execute(U_NLINK, {"b_id": parent_id, "b_delta": 1, "b_now": now})
+        return InodeRow(ino, name, True, mode, 0, 2, now, now, None)
 
     def _makedirs(self, conn: Connection, path: str, cache: dict[str, Any]) -> Any:
         if path in cache:
@@ -362,39 +80,17 @@ class SqlEngine(MetaEngine):
 
     # -- namespace steps ------------------------------------------------------------------
 
-    def _looked_up(self, conn: Connection, path: str) -> Any:
-        """``path``'s row for a read: its parent directory from the directory map (rebuilt only
-        when the tree changes), then one query by (parent, name), instead of one per component
-        from the root.  Anything the map cannot answer takes the walk, with its precise errors."""
-        parent, _, name = path.rstrip("/").rpartition("/")
-        if name:
-            ids = self._dir_ids(conn)
-            pid = ids.get(parent or "/")
-            if pid is not None:
-                row = conn.execute(_Q_CHILD, {"b_parent": pid, "b_name": name}).first()
-                if row is not None:
-                    return row
-        return self._resolve(conn, path)
-
-    def _dir_ids(self, conn: Connection) -> dict[str, int]:
-        """Every directory's id by path (the inverse of ``_dir_paths``, kept with it)."""
-        dirs = self._dir_paths(conn)
-        cached = self._dir_ids_of
-        if cached is None or cached[0] is not dirs:
-            cached = self._dir_ids_of = (dirs, {p: i for i, p in dirs.items()})
-        return cached[1]
-
     def _do_stat(self, path: str) -> Stat:
-        return _stat(path, self._read(lambda c: self._looked_up(c, path)))
+        return stat_of(path, self._read(lambda c: self._looked_up(c, path)))
 
     def _do_readdir(self, path: str) -> list[Stat]:
         def run(conn: Connection) -> list[Stat]:
             d = self._looked_up(conn, path)
             if not d.is_dir:
                 raise errors.NotADirectory(f"{path} is not a directory.")
-            rows = conn.execute(sa.select(*_STAT_COLS).where(inodes.c.parent == d.id)
+            rows = conn.execute(sa.select(*STAT_COLS).where(inodes.c.parent == d.id)
                                 .order_by(inodes.c.name))
-            return [_stat(_join(path, r.name), r) for r in rows]
+            return [stat_of(join_path(path, r.name), r) for r in rows]
         return self._read(run)
 
     def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat:
@@ -402,12 +98,12 @@ class SqlEngine(MetaEngine):
             conn.info.setdefault("dgf.after", {})["dirs"] = True
             if parents:
                 row = self._makedirs(conn, path, {})
-                return _stat(path, row)
+                return stat_of(path, row)
             parent_path, name = path.rsplit("/", 1)
             parent = self._resolve_dir(conn, parent_path or "/")
             if self._child(conn, parent.id, name) is not None:
                 raise errors.AlreadyExists(f"{path} already exists.")
-            return _stat(path, self._new_dir(conn, parent.id, name, mode))
+            return stat_of(path, self._new_dir(conn, parent.id, name, mode))
         return self._txn(run)
 
     def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
@@ -472,74 +168,6 @@ class SqlEngine(MetaEngine):
         self._unindex(conn, [ino])
         conn.execute(inodes.delete().where(inodes.c.id == ino))
 
-    # -- the header index -----------------------------------------------------------------
-
-    def _unindex(self, conn: Connection, inos: list[int]) -> None:
-        for i in range(0, len(inos), 500):
-            chunk = inos[i:i + 500]
-            conn.execute(values_t.delete().where(values_t.c.ino.in_(chunk)))
-            conn.execute(levels_t.delete().where(levels_t.c.ino.in_(chunk)))
-
-    def _index(self, conn: Connection, headers: list[tuple[int, bytes]]) -> None:
-        """Index XML headers in the caller's transaction (see metaserver/index.py)."""
-        if not headers:
-            return
-        indexed = []
-        for ino, xml in headers:
-            try:
-                indexed.append((ino, index.index_header(xml)))
-            except (ValueError, etree.XMLSyntaxError) as exc:
-                raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
-        ids = self._key_id_map(conn, {r[0] for _, h in indexed for r in h.rows},
-                               set().union(*(h.long_keys for _, h in indexed)),
-                               set().union(*(h.multi_keys for _, h in indexed)))
-        # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
-        rows = [(ids[k], t, ino, i, n, f) for ino, h in indexed for k, t, n, f, i in h.rows]
-        rows.sort(key=lambda r: (r[0], r[1]))     # in key order: each index page is touched once
-        if self.is_sqlite:
-            conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, item, num, "first") VALUES (?, ?, ?, ?, ?, ?)',
-                                 rows)
-        else:
-            with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
-                    'COPY hvalues ("key", text, ino, item, num, "first") FROM STDIN') as copy:
-                for row in rows:
-                    copy.write_row(row)
-        conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
-                                          "series": h.series} for ino, h in indexed])
-
-    def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
-                    multi_paths: set[str]) -> dict[str, int]:
-        """Catalogue ids for ``paths``, adding new ones in this transaction.  The in-process
-        cache learns them only from rows read back, so a rolled-back insert leaves no trace."""
-        missing = paths - self._key_ids.keys()
-        out = {p: self._key_ids[p] for p in paths - missing}
-        if missing:
-            conn.execute(self._insert_ignore(keys_t), [{"path": p, "has_long": False, "multi": False}
-                                                       for p in sorted(missing)])
-            for r in conn.execute(sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.path.in_(missing))):
-                out[r.path] = r.id
-        if long_paths:
-            conn.execute(keys_t.update().where(keys_t.c.path.in_(long_paths)).values(has_long=True))
-        flagged = multi_paths - self._multi
-        if flagged:
-            conn.execute(keys_t.update().where(keys_t.c.path.in_(flagged)).values(multi=True))
-            conn.info.setdefault("dgf.after", {}).setdefault("multi", set()).update(flagged)
-        if missing:
-            conn.info.setdefault("dgf.after", {}).setdefault("keys", {}).update({p: out[p] for p in missing})
-        return out
-
-    def catalogue(self, conn: Connection) -> Catalogue:
-        """The catalogue of indexed paths, reloaded when it has grown or changed."""
-        stamp = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(keys_t.c.has_long, sa.Integer)),
-                                       sa.func.sum(sa.cast(keys_t.c.multi, sa.Integer)))
-                             .select_from(keys_t)).one()
-        version = hash(tuple(stamp))
-        if self._catalogue is None or self._catalogue[0] != version:
-            cat = load_catalogue(conn)
-            self._catalogue = (version, cat)
-            self._key_ids.update({p: i for p, (i, _) in cat.keys.items()})
-        return self._catalogue[1]
-
     def _do_unlink(self, path: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             row = self._resolve(conn, path)
@@ -578,7 +206,7 @@ class SqlEngine(MetaEngine):
             frontier = [top.id]
             while frontier:                      # the tree, a level at a time
                 below: list[int] = []
-                for part in _slices(frontier):
+                for part in slices(frontier):
                     for r in conn.execute(sa.select(inodes.c.id, inodes.c.is_dir, inodes.c.object_key)
                                           .where(inodes.c.parent.in_(part))):
                         if r.is_dir:
@@ -590,10 +218,10 @@ class SqlEngine(MetaEngine):
                 frontier = below
             doomed = files + dirs
             self._unindex(conn, files)
-            for part in _slices(doomed):
+            for part in slices(doomed):
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_(part)))
                 conn.execute(xattr_owners.delete().where(xattr_owners.c.ino.in_(part)))
-            for part in _slices(files + dirs[::-1]):     # children first
+            for part in slices(files + dirs[::-1]):     # children first
                 conn.execute(inodes.delete().where(inodes.c.id.in_(part)))
             parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
@@ -625,7 +253,7 @@ class SqlEngine(MetaEngine):
                 parent = self._makedirs(conn, parent_path, dirs)
                 names = [f.path.rsplit("/", 1)[1] for f in group]
                 existing: dict[str, Any] = {r.name: r for r in conn.execute(
-                    _Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": names})}
+                    Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": names})}
                 for f, name in zip(group, names):
                     old = existing.get(name)
                     if old is None:
@@ -633,7 +261,7 @@ class SqlEngine(MetaEngine):
                                          "size": f.size, "nlink": 1, "mtime": now, "ctime": now,
                                          "object_key": f.object_key})
                         new_files.append(f)
-                        existing[name] = _Row(0, name, False, f.mode, f.size, 1, now, now, f.object_key)
+                        existing[name] = InodeRow(0, name, False, f.mode, f.size, 1, now, now, f.object_key)
                         continue
                     if old.is_dir:
                         raise errors.IsADirectory(f"{f.path} is a directory.")
@@ -642,7 +270,7 @@ class SqlEngine(MetaEngine):
                             raise errors.AlreadyExists(f"{f.path} already exists with other content; remove it first.")
                         replaced.add(old.object_key)
                     if old.id:
-                        conn.execute(_U_FILE, {"b_id": old.id, "b_key": f.object_key, "b_size": f.size, "b_now": now})
+                        conn.execute(U_FILE, {"b_id": old.id, "b_key": f.object_key, "b_size": f.size, "b_now": now})
                         inos[f.path] = old.id
             if new_rows:
                 # One multi-row INSERT ... RETURNING, ids in parameter order.
@@ -684,7 +312,7 @@ class SqlEngine(MetaEngine):
                 self._unindex(conn, [ino for ino, _ in headers])
                 self._index(conn, headers)
             if dirs:
-                conn.execute(_U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
+                conn.execute(U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
         return self._txn(run)
@@ -713,11 +341,11 @@ class SqlEngine(MetaEngine):
                 except (errors.NotFound, errors.NotADirectory):
                     continue
                 names = {p.rsplit("/", 1)[1]: p for p in paths}
-                for row in conn.execute(_Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": list(names)}):
+                for row in conn.execute(Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": list(names)}):
                     at_path[names[row.name]] = row
             keys = sorted({key for _, key, _ in files})
             healthy: dict[str, str] = {}
-            for part in _slices(keys):
+            for part in slices(keys):
                 for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
                         replicas.c.key.in_(part), replicas.c.state == "ok")):
                     healthy.setdefault(r.key, r.site)
@@ -733,7 +361,7 @@ class SqlEngine(MetaEngine):
                 if found:
                     dirs = self._dir_paths(conn)
                     for text, parent_id, name in found:
-                        instances.setdefault(text, _join(dirs.get(parent_id, "/"), name))
+                        instances.setdefault(text, join_path(dirs.get(parent_id, "/"), name))
             out: list[tuple[str, str]] = []
             for path, key, uid in files:
                 path = norm_path(path)
@@ -748,23 +376,6 @@ class SqlEngine(MetaEngine):
                     out.append(("instance", instances[uid]))
                 else:
                     out.append(("new", ""))
-            return out
-        return self._read(run)
-
-    def add_patient_keys(self, wrapped: dict[str, bytes]) -> None:
-        """Store the wrapped data keys of new patients in one transaction (existing ones win)."""
-        if wrapped:
-            now = time.time()
-            self._txn(lambda c: c.execute(self._insert_ignore(patients), [
-                {"pseudonym": k, "wrapped_key": v, "created": now} for k, v in wrapped.items()]))
-
-    def patient_keys(self, names: list[str]) -> dict[str, bytes]:
-        def run(conn: Connection) -> dict[str, bytes]:
-            out: dict[str, bytes] = {}
-            for i in range(0, len(names), 500):
-                for r in conn.execute(sa.select(patients.c.pseudonym, patients.c.wrapped_key).where(
-                        patients.c.pseudonym.in_(names[i:i + 500]))):
-                    out[r.pseudonym] = bytes(r.wrapped_key)
             return out
         return self._read(run)
 
@@ -848,7 +459,7 @@ class SqlEngine(MetaEngine):
         """The hash lists of those of ``keys`` that have one (objects over one block)."""
         def run(conn: Connection) -> dict[str, bytes]:
             out: dict[str, bytes] = {}
-            for part in _slices(keys):
+            for part in slices(keys):
                 for r in conn.execute(sa.select(object_blocks.c.key, object_blocks.c.digests).where(
                         object_blocks.c.key.in_(part))):
                     out[r.key] = bytes(r.digests)
@@ -859,7 +470,7 @@ class SqlEngine(MetaEngine):
         """Mark ``site``'s replicas of ``keys`` (e.g. quarantined: readers stop using them)."""
         def run(conn: Connection) -> int:
             n = 0
-            for part in _slices(keys):
+            for part in slices(keys):
                 n += conn.execute(replicas.update().where(replicas.c.site == site, replicas.c.key.in_(
                     part)).values(state=state)).rowcount
             return n
@@ -875,7 +486,7 @@ class SqlEngine(MetaEngine):
     @staticmethod
     def _replica_rows(conn: Connection, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
         out: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}
-        for part in _slices(keys):
+        for part in slices(keys):
             for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.state).where(
                     replicas.c.key.in_(part)).order_by(replicas.c.site)):
                 out[r.key].append((r.site, r.state))
@@ -892,31 +503,6 @@ class SqlEngine(MetaEngine):
                          [{"key": key, "site": site, "state": "ok"}])
             return True
         return self._txn(run)
-
-    def add_grant(self, principal: str, query: str, xpath: str, until: float, by: str,
-                  sign: Callable[[int], str]) -> int:
-        """Record a grant; ``sign(id)`` makes its signature once the id is known."""
-        def run(conn: Connection) -> int:
-            gid = _inserted_id(conn.execute(grants_t.insert().values(
-                principal=principal, query=query, xpath=xpath, until=until, granted_by=by,
-                created=time.time(), token="")))
-            conn.execute(grants_t.update().where(grants_t.c.id == gid).values(token=sign(gid)))
-            return gid
-        return self._txn(run)
-
-    def grants(self, principal: str | None = None) -> list[dict[str, Any]]:
-        def run(conn: Connection) -> list[dict[str, Any]]:
-            q = sa.select(grants_t).order_by(grants_t.c.id)
-            if principal is not None:
-                q = q.where(grants_t.c.principal == principal)
-            return [dict(r._mapping) for r in conn.execute(q)]
-        return self._read(run)
-
-    def remove_grant(self, gid: int) -> None:
-        def run(conn: Connection) -> None:
-            if conn.execute(grants_t.delete().where(grants_t.c.id == gid)).rowcount == 0:
-                raise errors.NotFound(f"no grant with id {gid}.")
-        self._txn(run)
 
     def object_header(self, key: str) -> bytes | None:
         """The XML header on record for object ``key`` (any of its paths'), if any."""
@@ -937,7 +523,7 @@ class SqlEngine(MetaEngine):
 
     def repairs_done(self, keys: list[str]) -> None:
         def run(conn: Connection) -> None:
-            for part in _slices(keys):
+            for part in slices(keys):
                 conn.execute(repairs.delete().where(repairs.c.key.in_(part)))
         if keys:
             self._txn(run)
@@ -955,35 +541,10 @@ class SqlEngine(MetaEngine):
             return [(r.key, int(r.size), copies[r.key]) for r in rows]
         return self._read(run)
 
-    def backup_to(self, path: str) -> None:
-        if not self.is_sqlite:
-            raise errors.UsageError("this metaserver keeps its data in PostgreSQL: back it up with pg_dump "
-                                    "(README, 'Backup'), which is online and consistent.")
-        import sqlite3
-
-        raw = self.engine.raw_connection()
-        try:
-            target = sqlite3.connect(path)
-            try:
-                # SQLite's online backup API: pages copied in steps, writers not blocked for long.
-                raw.driver_connection.backup(target, pages=1024)  # type: ignore[union-attr]
-            finally:
-                target.close()
-        finally:
-            raw.close()
-
-    def remove_site(self, name: str) -> int:
-        def run(conn: Connection) -> int:
-            n = conn.execute(replicas.delete().where(replicas.c.site == name)).rowcount
-            if conn.execute(sites_t.delete().where(sites_t.c.name == name)).rowcount == 0:
-                raise errors.NotFound(f"no site named {name!r} is registered.")
-            return n
-        return self._txn(run)
-
     def recorded_at(self, site: str, keys: list[str]) -> set[str]:
         def run(conn: Connection) -> set[str]:
             out: set[str] = set()
-            for part in _slices(keys):
+            for part in slices(keys):
                 out.update(r.key for r in conn.execute(sa.select(replicas.c.key).where(
                     replicas.c.site == site, replicas.c.key.in_(part))))
             return out
@@ -992,7 +553,7 @@ class SqlEngine(MetaEngine):
     def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             out: dict[str, list[str]] = {k: [] for k in keys}
-            for part in _slices(keys):
+            for part in slices(keys):
                 for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
                         replicas.c.key.in_(part), replicas.c.state == "ok")
                         .order_by(replicas.c.site)):
@@ -1022,9 +583,9 @@ class SqlEngine(MetaEngine):
                 pid = ids.get(parent)
                 if pid is None:
                     continue                             # named when the root itself is walked
-                for part in _slices(sorted(set(names))):
-                    for row in conn.execute(_Q_CHILDREN_NAMED, {"b_parent": pid, "b_names": part}):
-                        named[_join(parent, row.name)] = row
+                for part in slices(sorted(set(names))):
+                    for row in conn.execute(Q_CHILDREN_NAMED, {"b_parent": pid, "b_names": part}):
+                        named[join_path(parent, row.name)] = row
         for root in roots:
             found = named.get(root)
             if found is not None and not found.is_dir:
@@ -1049,332 +610,15 @@ class SqlEngine(MetaEngine):
             for row in conn.execution_options(stream_results=True).execute(query):
                 yield (row.path or "/"), row
 
-    # -- identity vault storage -----------------------------------------------------------
-
-    def identity(self, object_key: str) -> tuple[str, bytes, bytes] | None:
-        def run(conn: Connection) -> tuple[str, bytes, bytes] | None:
-            row = conn.execute(sa.select(identities.c.patient, identities.c.sealed, patients.c.wrapped_key)
-                               .join(patients, patients.c.pseudonym == identities.c.patient)
-                               .where(identities.c.object_key == object_key)).first()
-            return None if row is None else (row.patient, bytes(row.wrapped_key), bytes(row.sealed))
-        return self._read(run)
-
-    def replication_overrides(self) -> dict[str, int]:
-        def run(conn: Connection) -> dict[str, int]:
-            rows = conn.execute(sa.select(xattrs.c.ino, xattrs.c.value).where(xattrs.c.name == REPLICAS_XATTR))
-            dirs = self._dir_paths(conn)
-            out = {}
-            for r in rows:
-                try:
-                    n = int(bytes(r.value))
-                except ValueError:
-                    continue
-                if r.ino in dirs:
-                    out[dirs[r.ino]] = n
-            return out
-        return self._read(run)
-
-    def identified_sizes(self, keys: list[str]) -> dict[str, int]:
-        def run(conn: Connection) -> dict[str, int]:
-            rows = conn.execute(sa.select(identities.c.object_key, identities.c.size).where(
-                identities.c.object_key.in_(keys), identities.c.size.is_not(None)))
-            return {r.object_key: int(r.size) for r in rows}
-        return self._read(run) if keys else {}
-
-    def patient_key(self, patient: str) -> bytes | None:
-        value = self._read(lambda c: c.execute(sa.select(patients.c.wrapped_key).where(
-            patients.c.pseudonym == patient)).scalar())
-        return None if value is None else bytes(value)
-
-    def add_patient_key(self, patient: str, wrapped: bytes) -> bytes:
-        def run(conn: Connection) -> bytes:
-            conn.execute(self._insert_ignore(patients), [{"pseudonym": patient, "wrapped_key": wrapped,
-                                                          "created": time.time()}])
-            return bytes(conn.execute(sa.select(patients.c.wrapped_key).where(
-                patients.c.pseudonym == patient)).scalar_one())
-        return self._txn(run)
-
-    def rewrap_patient_keys(self, rewrap: Callable[[bytes, bytes], bytes], kek_id: str) -> int:
-        """Re-wrap every patient's data key with ``rewrap(wrapped, label)`` and record the new
-        key-encryption key's id, in one transaction: all or nothing."""
-        def run(conn: Connection) -> int:
-            rows = conn.execute(sa.select(patients.c.pseudonym, patients.c.wrapped_key)).all()
-            for r in rows:
-                conn.execute(patients.update().where(patients.c.pseudonym == r.pseudonym).values(
-                    wrapped_key=rewrap(bytes(r.wrapped_key), r.pseudonym.encode())))
-            conn.execute(settings_t.delete().where(settings_t.c.name == "vault.kek_id"))
-            conn.execute(settings_t.insert().values(name="vault.kek_id", value=kek_id))
-            return len(rows)
-        return self._txn(run)
-
-    def erase_patient(self, patient: str) -> int:
-        def run(conn: Connection) -> int:
-            n = conn.execute(identities.delete().where(identities.c.patient == patient)).rowcount
-            conn.execute(study_keys.delete().where(study_keys.c.patient == patient))
-            conn.execute(patients.delete().where(patients.c.pseudonym == patient))
-            return n
-        return self._txn(run)
-
-    # -- principals, sites, audit ---------------------------------------------------------
-
-    def add_principal(self, p: Principal) -> None:
-        def run(conn: Connection) -> None:
-            try:
-                conn.execute(principals_t.insert().values(name=p.name, role=p.role,
-                                                          public_key=p.public_key, fingerprint=p.fingerprint))
-            except SAIntegrityError as exc:
-                raise errors.AlreadyExists(f"principal {p.name!r} or its key is already enrolled.") from exc
-        self._txn(run)
-
-    def remove_principal(self, name: str) -> None:
-        def run(conn: Connection) -> None:
-            if conn.execute(principals_t.delete().where(principals_t.c.name == name)).rowcount == 0:
-                raise errors.NotFound(f"no principal named {name!r}.")
-        self._txn(run)
-
-    def principals(self) -> list[Principal]:
-        return self._read(lambda c: [Principal(r.name, r.role, r.public_key, r.fingerprint) for r in
-                                     c.execute(sa.select(principals_t).order_by(principals_t.c.name))])
-
-    def principal_by_fingerprint(self, fp: str) -> Principal | None:
-        row = self._read(lambda c: c.execute(sa.select(principals_t).where(
-            principals_t.c.fingerprint == fp)).first())
-        return None if row is None else Principal(row.name, row.role, row.public_key, row.fingerprint)
-
-    def register_site(self, site: Site, pin: bool = False) -> None:
-        def run(conn: Connection) -> None:
-            old = conn.execute(sa.select(sites_t).where(sites_t.c.name == site.name)).first()
-            if old is not None and old.pinned and not pin:
-                if old.host_key.split()[:2] != site.host_key.split()[:2]:
-                    raise errors.PermissionDenied(
-                        f"site {site.name} presents host key {crypto.fingerprint(site.host_key)}, not the "
-                        f"key {crypto.fingerprint(old.host_key)} an admin pinned; if the site was rebuilt, "
-                        f"add it again with 'dgf admin site add {site.name} {old.host}:{old.port}'.")
-                if not old.zone and site.zone:           # the admin's zone, if given, stands
-                    conn.execute(sites_t.update().where(sites_t.c.name == site.name).values(zone=site.zone))
-                return
-            conn.execute(sites_t.delete().where(sites_t.c.name == site.name))
-            # Only an admin says a site is untrusted; a site registering again cannot undo it.
-            untrusted = bool(old is not None and old.untrusted) or (pin and site.untrusted)
-            conn.execute(sites_t.insert().values(name=site.name, host=site.host, port=site.port,
-                                                 host_key=site.host_key, zone=site.zone or None, pinned=pin,
-                                                 untrusted=untrusted))
-        self._txn(run)
-
-    def sites(self) -> list[Site]:
-        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key, r.zone or "", bool(r.untrusted))
-                                     for r in c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
-
-    def set_site_trust(self, name: str, untrusted: bool) -> None:
-        """Mark a site untrusted (it may hold sealed objects only) or trusted again."""
-        def run(conn: Connection) -> None:
-            if conn.execute(sa.select(sites_t.c.name).where(sites_t.c.name == name)).first() is None:
-                raise errors.NotFound(f"no site named {name!r}; see 'dgf admin site list'.")
-            if untrusted:
-                plain = conn.execute(sa.select(sa.func.count()).select_from(replicas).join(
-                    objects, objects.c.key == replicas.c.key).where(
-                    replicas.c.site == name, objects.c.seal.is_(None))).scalar() or 0
-                if plain:
-                    raise errors.UsageError(f"site {name} holds {plain} unsealed objects; drain it first "
-                                            f"('dgf admin site drain {name}'), then mark it untrusted.")
-            conn.execute(sites_t.update().where(sites_t.c.name == name).values(untrusted=untrusted))
-        self._txn(run)
+    # -- object seals ---------------------------------------------------------------------
 
     def object_seals(self, keys: list[str]) -> dict[str, str]:
         """The seals ("SALT_HEX:STUDY") of those of ``keys`` that are sealed objects."""
         def run(conn: Connection) -> dict[str, str]:
             out: dict[str, str] = {}
-            for part in _slices(keys):
+            for part in slices(keys):
                 for r in conn.execute(sa.select(objects.c.key, objects.c.seal).where(
                         objects.c.key.in_(part), objects.c.seal.isnot(None))):
                     out[r.key] = r.seal
             return out
         return self._read(run)
-
-    def study_keys(self, studies: list[str]) -> dict[str, tuple[str, bytes]]:
-        """(patient, wrapped key) of those of ``studies`` that have a data key."""
-        def run(conn: Connection) -> dict[str, tuple[str, bytes]]:
-            out: dict[str, tuple[str, bytes]] = {}
-            for part in _slices(studies):
-                for r in conn.execute(sa.select(study_keys).where(study_keys.c.study.in_(part))):
-                    out[r.study] = (r.patient, bytes(r.wrapped))
-            return out
-        return self._read(run)
-
-    def add_study_keys(self, rows: dict[str, tuple[str, bytes]]) -> None:
-        """Store new studies' wrapped data keys in one transaction (existing ones win)."""
-        if rows:
-            now = time.time()
-            self._txn(lambda c: c.execute(self._insert_ignore(study_keys), [
-                {"study": k, "patient": p, "wrapped": w, "created": now} for k, (p, w) in rows.items()]))
-
-    def get_setting(self, name: str) -> str | None:
-        return self._read(lambda c: c.execute(sa.select(settings_t.c.value).where(
-            settings_t.c.name == name)).scalar())
-
-    def set_setting(self, name: str, value: str) -> None:
-        def run(conn: Connection) -> None:
-            conn.execute(settings_t.delete().where(settings_t.c.name == name))
-            conn.execute(settings_t.insert().values(name=name, value=value))
-        self._txn(run)
-
-    def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
-        if not entries:
-            return
-        self._txn(lambda c: self._write_audit(c, entries))
-
-    def audit_log(self, limit: int = 100, after: int = 0) -> list[dict[str, Any]]:
-        """The newest ``limit`` records; with ``after``, the oldest ``limit`` after that id."""
-        if after:
-            return self._read(lambda c: [dict(r._mapping) for r in c.execute(
-                sa.select(audit_t).where(audit_t.c.id > after).order_by(audit_t.c.id).limit(limit))])
-        return self._read(lambda c: [dict(r._mapping) for r in c.execute(
-            sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit))])
-
-    # -- queries --------------------------------------------------------------------------
-
-    def _bump_dirs(self, conn: Connection) -> None:
-        """Count a change of the directory tree in the database, in the transaction that makes
-        it: every metaserver process over this database rebuilds its directory map when the
-        count moves, not only the one that made the change."""
-        changed = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
-            value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))).rowcount
-        if not changed:
-            conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "1"}])
-
-    def _dir_paths(self, conn: Connection) -> dict[int, str]:
-        """Every directory's path, built once after each change of the tree (a few ms per
-        10,000), by whichever metaserver process made it (the database keeps the count)."""
-        version = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
-        dirs = self._dirs
-        if dirs is not None and version == self._dirs_version:
-            return dirs
-        self._dirs_version = version
-        links = {r.id: (r.parent, r.name) for r in conn.execute(
-            sa.select(inodes.c.id, inodes.c.parent, inodes.c.name).where(inodes.c.is_dir.is_(True)))}
-        dirs = {ROOT: "/"}
-        for start in links:
-            chain = []
-            node = start
-            while node not in dirs and node in links:
-                chain.append(node)
-                node = links[node][0]
-            base = dirs.get(node, "/")
-            for i in reversed(chain):
-                base = _join(base, links[i][1])
-                dirs[i] = base
-        self._dirs = dirs
-        return dirs
-
-    @contextlib.contextmanager
-    def _deadline(self, conn: Connection, deadline: float | None) -> Iterator[None]:
-        """Interrupt the database's own work past ``deadline`` (a time.monotonic() value)."""
-        if deadline is None:
-            yield
-            return
-        if self.is_sqlite:
-            raw = conn.connection.driver_connection
-            raw.set_progress_handler(lambda: time.monotonic() > deadline, 20000)  # type: ignore[union-attr]
-            try:
-                yield
-            finally:
-                raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
-            return
-        ms = max(1, int((deadline - time.monotonic()) * 1000))
-        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
-        yield
-
-    def query_candidates(self, root: str, plan: sa.Select[Any] | None, with_xml: bool, deadline: float | None = None,
-                         after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
-        """Stream (ino, path, (patient, study, series), XML or None) of the indexed files at or
-        under ``root`` whose inode is selected by ``plan`` (a select of inos; None: all) and is
-        above ``after``, in inode order (keyset pagination resumes after the last one seen)."""
-        try:
-            with self._connect() as conn, self._deadline(conn, deadline):
-                top = self._resolve(conn, root)
-                dirs = self._dir_paths(conn)
-                cols = [inodes.c.id, inodes.c.parent, inodes.c.name, levels_t.c.patient, levels_t.c.study,
-                        levels_t.c.series]
-                joined = inodes.join(levels_t, levels_t.c.ino == inodes.c.id)
-                if with_xml:
-                    cols.append(xattrs.c.value)
-                    joined = joined.join(xattrs, sa.and_(xattrs.c.ino == inodes.c.id,
-                                                         xattrs.c.name == index.HEADER_XATTR))
-                query = sa.select(*cols).select_from(joined)
-                if after:
-                    query = query.where(inodes.c.id > after)
-                if plan is not None:
-                    query = query.where(inodes.c.id.in_(plan))
-                allowed: set[int] | None = None
-                if not top.is_dir:
-                    query = query.where(inodes.c.id == top.id)
-                elif root != "/":
-                    allowed = {i for i, p in dirs.items() if p == root or p.startswith(root + "/")}
-                rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
-                    query.order_by(inodes.c.id))
-                for row in rows:
-                    if allowed is not None and row.parent not in allowed:
-                        continue
-                    parent = dirs.get(row.parent)
-                    if parent is None:                 # created after the map was built
-                        self._dirs = None
-                        dirs = self._dir_paths(conn)
-                        parent = dirs.get(row.parent)
-                        if parent is None:             # removed meanwhile
-                            continue
-                    yield (row.id, _join(parent, row.name), (row.patient, row.study, row.series),
-                           bytes(row.value) if with_xml else None)
-        except OperationalError as exc:
-            if "interrupt" in str(exc).lower():
-                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
-            raise
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) == "57014":
-                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
-            raise
-
-    def query_count(self, plan: sa.Select[Any] | None) -> int:
-        """How many indexed files ``plan`` selects, archive-wide (exact plans only)."""
-        source: Any = sa.select(levels_t.c.ino) if plan is None else plan
-        counted: Any = sa.select(sa.func.count()).select_from(source.subquery())
-
-        def run(conn: Connection) -> int:
-            return int(conn.execute(counted).scalar_one())
-        return self._read(run)
-
-    def query_estimate(self, select: sa.Select[Any], sample: int = 20_000) -> int:
-        """Rows ``select`` (of inos) returns among the first ``sample`` indexed files: a cheap,
-        proportional selectivity estimate the planner uses to pick the driving predicate."""
-        def run(conn: Connection) -> int:
-            bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino)
-                                 .limit(1).offset(sample)).scalar()
-            query = select if bound is None else select.where(list(select.selected_columns)[0] <= bound)
-            return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
-        return self._read(run)
-
-    def query_catalogue(self) -> Catalogue:
-        return self._read(self.catalogue)
-
-    @property
-    def dialect(self) -> str:
-        return "sqlite" if self.is_sqlite else "postgresql"
-
-    def save_query(self, name: str, xpath: str, owner: str) -> None:
-        def run(conn: Connection) -> None:
-            conn.execute(queries_t.delete().where(queries_t.c.name == name))
-            conn.execute(queries_t.insert().values(name=name, xpath=xpath, owner=owner, created=time.time()))
-        self._txn(run)
-
-    def saved_query_count(self, owner: str) -> int:
-        return int(self._read(lambda c: c.execute(sa.select(sa.func.count()).select_from(queries_t).where(
-            queries_t.c.owner == owner)).scalar_one()))
-
-    def saved_queries(self) -> dict[str, str]:
-        return self._read(lambda c: {r.name: r.xpath for r in c.execute(
-            sa.select(queries_t.c.name, queries_t.c.xpath).order_by(queries_t.c.name))})
-
-    def remove_query(self, name: str) -> None:
-        def run(conn: Connection) -> None:
-            if conn.execute(queries_t.delete().where(queries_t.c.name == name)).rowcount == 0:
-                raise errors.NotFound(f"no saved query named {name!r}.")
-        self._txn(run)

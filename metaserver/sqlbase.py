@@ -1,0 +1,389 @@
+"""What every part of the SQL metadata engine stands on: the database connection, the one
+transaction helper (retry on conflict, audit in the same transaction), path resolution and the
+directory map.  The namespace (:mod:`metaserver.sql`), the header index
+(:mod:`metaserver.sqlindex`) and the administrative tables (:mod:`metaserver.sqladmin`) build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+
+from dgf import errors
+from dgf.types import Stat
+from metaserver import index
+from metaserver.planner import Catalogue
+from metaserver.schema import (
+    AUDIT_HEAD,
+    audit_hash,
+    audit_t,
+    identities,
+    inodes,
+    metadata,
+    objects,
+    settings_t,
+    sites_t,
+)
+
+T = TypeVar("T")
+#: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
+DIRS_VERSION = "ns.dirs_version"
+#: A directory's replication factor (set by admins through ``admin.replicas.set``).
+REPLICAS_XATTR = "user.dgf.replicas"
+ROOT = 1
+
+STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
+              inodes.c.nlink, inodes.c.mtime, inodes.c.ctime, inodes.c.object_key)
+
+
+class InodeRow(NamedTuple):
+    """An inode row built locally after an insert, shaped like a selected row."""
+
+    id: int
+    name: str
+    is_dir: bool
+    mode: int
+    size: int
+    nlink: int
+    mtime: float
+    ctime: float
+    object_key: str | None
+
+
+# Statements on the hot paths, built once: SQLAlchemy's per-call construction of selects and
+# updates cost more than SQLite executing them.
+Q_CHILD = sa.select(*STAT_COLS).where(inodes.c.parent == sa.bindparam("b_parent"),
+                                        inodes.c.name == sa.bindparam("b_name"))
+Q_CHILDREN_NAMED = sa.select(*STAT_COLS).where(
+    inodes.c.parent == sa.bindparam("b_parent"), inodes.c.name.in_(sa.bindparam("b_names", expanding=True)))
+U_NLINK = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
+    nlink=inodes.c.nlink + sa.bindparam("b_delta"), mtime=sa.bindparam("b_now"))
+U_MTIME = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(mtime=sa.bindparam("b_now"))
+U_FILE = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
+    object_key=sa.bindparam("b_key"), size=sa.bindparam("b_size"), mtime=sa.bindparam("b_now"),
+    ctime=sa.bindparam("b_now"))
+
+
+def stat_of(path: str, row: Any) -> Stat:
+    return Stat(path=path, ino=row.id, is_dir=bool(row.is_dir), mode=row.mode, size=row.size,
+                mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
+
+
+def inserted_id(result: Any) -> int:
+    key = result.inserted_primary_key
+    if key is None:
+        raise errors.ServerError("the database returned no id for a new entry.")
+    return int(key[0])
+
+
+def slices(keys: list[T], n: int = 500) -> Iterator[list[T]]:
+    """``keys`` in slices short enough for one ``IN (...)`` list."""
+    for i in range(0, len(keys), n):
+        yield keys[i:i + n]
+
+
+def join_path(parent: str, name: str) -> str:
+    return ("" if parent == "/" else parent) + "/" + name
+
+
+
+
+class SqlBase:
+    """Connections, transactions, the audit chain, path resolution and the directory map."""
+
+    def __init__(self, url: str, db_wait_s: float = 5.0) -> None:
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]   # psycopg 3, not psycopg2
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        #: A request waits this long for a pooled connection, then is answered "busy".
+        self.db_wait_s = db_wait_s
+        if self.is_sqlite:
+            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False,
+                                                              "timeout": 30},
+                                           pool_size=5, max_overflow=10, pool_timeout=db_wait_s)
+            sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
+        else:
+            self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
+                                           pool_timeout=db_wait_s)
+        self._write_lock: threading.Lock | None = threading.Lock() if self.is_sqlite else None
+        self._local = threading.local()
+        from metaserver import migrate
+
+        self.schema_revision = migrate.upgrade(self.engine, self._legacy_schema)
+        self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
+        self._multi: set[str] = set()                # committed paths flagged multi-valued
+        self._catalogue: tuple[int, Catalogue] | None = None
+        self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
+        self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
+        self._dir_ids_of: tuple[dict[int, str], dict[str, int]] | None = None
+        now = time.time()
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
+                # The database assigns the id (an explicit one would not advance PostgreSQL's
+                # sequence); in a fresh database the first inode is 1.
+                root = inserted_id(conn.execute(inodes.insert().values(
+                    parent=None, name="", is_dir=True, mode=0o755, size=0, nlink=2, mtime=now, ctime=now)))
+                if root != ROOT:
+                    raise errors.ServerError(f"the database gave the root directory id {root}, not {ROOT}; "
+                                             "use an empty database.")
+
+    @staticmethod
+    def _legacy_schema(conn: Connection) -> None:
+        """A database made before schema revisions (metaserver/migrate.py), brought to the
+        baseline: the tables and the columns added since it was created."""
+        metadata.create_all(conn)
+        index.metadata.create_all(conn)
+        inspector = sa.inspect(conn)
+        for table, column, sql_type in ((identities, "size", "BIGINT"), (sites_t, "zone", "VARCHAR"),
+                                          (sites_t, "pinned", "BOOLEAN"), (audit_t, "hash", "VARCHAR(64)"),
+                                          (sites_t, "untrusted", "BOOLEAN"), (objects, "seal", "VARCHAR")):
+            if column not in {c["name"] for c in inspector.get_columns(table.name)}:
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {sql_type}"))
+
+    @staticmethod
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA cache_size=-131072")  # 128 MiB: the header index is large
+        cur.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A pooled connection, or :class:`~dgf.errors.Busy` when every one stays taken for
+        ``db_wait_s`` (never a hang, never a misleading error further up)."""
+        try:
+            conn = self.engine.connect()
+        except SATimeoutError as exc:
+            raise self._busy() from exc
+        with conn:
+            yield conn
+
+    def _busy(self) -> errors.Busy:
+        return errors.Busy(f"the metadata server is busy (every database connection stayed in use for "
+                           f"{self.db_wait_s:.0f} s); retry in a moment.")
+
+    @contextlib.contextmanager
+    def audited(self, principal: str, action: str = "", target: str = "", detail: str = "",
+                released: str = "") -> Iterator[None]:
+        """Audit the next transaction of this thread in that same transaction: the entry
+        (``action`` on ``target``) and, with ``released``, one ``object.release`` entry per object
+        it frees.  If the transaction fails, no record claims it happened; if the record cannot
+        be written, the action does not happen."""
+        self._local.audit = (principal, action, target, detail, released)
+        try:
+            yield
+        finally:
+            self._local.audit = None
+
+    def _audit_in(self, conn: Connection, released: dict[str, list[str]] | None) -> None:
+        pending = getattr(self._local, "audit", None)
+        if pending is None:
+            return
+        principal, action, target, detail, why = pending
+        rows = [(principal, action, target, "ok", detail)] if action else []
+        if why and released:
+            rows += [(principal, "object.release", key, "ok", why) for key in released]
+        if rows:
+            self._write_audit(conn, rows)
+
+    def _write_audit(self, conn: Connection, rows: list[tuple[str, str, str, str, str]]) -> None:
+        """Append audit records to the hash chain, in the caller's transaction.  The chain's
+        head is locked for the rest of the transaction (FOR UPDATE; SQLite writes one at a
+        time anyway), so records chain in the order they commit, whichever metaserver writes."""
+        head = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)
+                            .with_for_update()).scalar()
+        if head is None:
+            conn.execute(self._insert_ignore(settings_t), [{"name": AUDIT_HEAD, "value": ""}])
+            head = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)
+                                .with_for_update()).scalar() or ""
+        now = time.time()
+        out = []
+        for p, a, t, o, d in rows:
+            head = audit_hash(head, now, p, a, t, o, d)
+            out.append({"ts": now, "principal": p, "action": a, "target": t, "outcome": o, "detail": d, "hash": head})
+        conn.execute(audit_t.insert(), out)
+        conn.execute(settings_t.update().where(settings_t.c.name == AUDIT_HEAD).values(value=head))
+
+    def audit_verify(self) -> dict[str, Any]:
+        """Walk the audit chain: the first record whose hash does not follow from the one
+        before, or a head that is not the last record's hash (records cut off the end)."""
+        def run(conn: Connection) -> dict[str, Any]:
+            head, legacy, checked, after = "", 0, 0, 0
+            while True:
+                page = conn.execute(sa.select(audit_t).where(audit_t.c.id > after).order_by(audit_t.c.id)
+                                    .limit(5000)).all()
+                if not page:
+                    break
+                for r in page:
+                    after = r.id
+                    if r.hash is None and checked == 0:
+                        legacy += 1              # written before records were chained
+                        continue
+                    expected = audit_hash(head, r.ts, r.principal, r.action, r.target, r.outcome, r.detail)
+                    if r.hash != expected:
+                        return {"records": checked + legacy, "legacy": legacy, "broken_at": r.id,
+                                "why": "its hash does not follow from the record before it (changed, removed "
+                                       "or moved records)"}
+                    head = expected
+                    checked += 1
+            stored = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == AUDIT_HEAD)).scalar()
+            if checked and (stored or "") != head:
+                return {"records": checked + legacy, "legacy": legacy, "broken_at": after,
+                        "why": "the chain's head is not the last record's hash (records removed from the end)"}
+            return {"records": checked + legacy, "legacy": legacy, "broken_at": None, "why": ""}
+        return self._read(run)
+
+    def _txn(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
+        for attempt in range(6):
+            try:
+                with self._write_lock or contextlib.nullcontext(), self._begin() as conn:
+                    conn.info.pop("dgf.after", None)
+                    result = fn(conn)
+                    self._audit_in(conn, conn.info.get("dgf.released"))
+                    if conn.info.get("dgf.after", {}).get("dirs"):
+                        self._bump_dirs(conn)
+                    after = conn.info.pop("dgf.after", {})
+                self._local.audit = None         # written once, with the first transaction
+                # Committed: now in-process caches may learn what the transaction did.
+                self._key_ids.update(after.get("keys", {}))
+                self._multi.update(after.get("multi", ()))
+                if after.get("dirs"):
+                    self._dirs = None
+                return result
+            except (OperationalError, DBAPIError) as exc:
+                if attempt == 5 or not self._retryable(exc):
+                    raise
+                time.sleep(0.01 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _retryable(exc: DBAPIError) -> bool:
+        text = str(exc.orig).lower() if exc.orig is not None else ""
+        code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
+        return "locked" in text or "busy" in text or code in ("40001", "40P01")
+
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        with self._connect() as conn, conn.begin():
+            yield conn
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        with self._connect() as conn:
+            return fn(conn)
+
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        dialect = postgresql if not self.is_sqlite else sqlite
+        return dialect.insert(table).on_conflict_do_nothing()
+
+    def _resolve(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
+        if cache is not None and path in cache:
+            return cache[path]
+        row: Any = conn.execute(sa.select(*STAT_COLS).where(inodes.c.id == ROOT)).one()
+        walked = ""
+        for part in [p for p in path.split("/") if p]:
+            if not row.is_dir:
+                raise errors.NotADirectory(f"{walked} is not a directory.")
+            walked += "/" + part
+            if cache is not None and walked in cache:
+                row = cache[walked]
+                continue
+            row = conn.execute(sa.select(*STAT_COLS).where(
+                inodes.c.parent == row.id, inodes.c.name == part)).first()
+            if row is None:
+                raise errors.NotFound(f"{walked} does not exist.")
+            if cache is not None and row.is_dir:
+                cache[walked] = row
+        return row
+
+    def _resolve_dir(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
+        row = self._resolve(conn, path, cache)
+        if not row.is_dir:
+            raise errors.NotADirectory(f"{path} is not a directory.")
+        return row
+
+    def _child(self, conn: Connection, parent_id: int, name: str) -> Any:
+        return conn.execute(Q_CHILD, {"b_parent": parent_id, "b_name": name}).first()
+
+    def _looked_up(self, conn: Connection, path: str) -> Any:
+        """``path``'s row for a read: its parent directory from the directory map (rebuilt only
+        when the tree changes), then one query by (parent, name), instead of one per component
+        from the root.  Anything the map cannot answer takes the walk, with its precise errors."""
+        parent, _, name = path.rstrip("/").rpartition("/")
+        if name:
+            ids = self._dir_ids(conn)
+            pid = ids.get(parent or "/")
+            if pid is not None:
+                row = conn.execute(Q_CHILD, {"b_parent": pid, "b_name": name}).first()
+                if row is not None:
+                    return row
+        return self._resolve(conn, path)
+
+    def _dir_ids(self, conn: Connection) -> dict[str, int]:
+        """Every directory's id by path (the inverse of ``_dir_paths``, kept with it)."""
+        dirs = self._dir_paths(conn)
+        cached = self._dir_ids_of
+        if cached is None or cached[0] is not dirs:
+            cached = self._dir_ids_of = (dirs, {p: i for i, p in dirs.items()})
+        return cached[1]
+
+    def _bump_dirs(self, conn: Connection) -> None:
+        """Count a change of the directory tree in the database, in the transaction that makes
+        it: every metaserver process over this database rebuilds its directory map when the
+        count moves, not only the one that made the change."""
+        changed = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
+            value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))).rowcount
+        if not changed:
+            conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "1"}])
+
+    def _dir_paths(self, conn: Connection) -> dict[int, str]:
+        """Every directory's path, built once after each change of the tree (a few ms per
+        10,000), by whichever metaserver process made it (the database keeps the count)."""
+        version = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
+        dirs = self._dirs
+        if dirs is not None and version == self._dirs_version:
+            return dirs
+        self._dirs_version = version
+        links = {r.id: (r.parent, r.name) for r in conn.execute(
+            sa.select(inodes.c.id, inodes.c.parent, inodes.c.name).where(inodes.c.is_dir.is_(True)))}
+        dirs = {ROOT: "/"}
+        for start in links:
+            chain = []
+            node = start
+            while node not in dirs and node in links:
+                chain.append(node)
+                node = links[node][0]
+            base = dirs.get(node, "/")
+            for i in reversed(chain):
+                base = join_path(base, links[i][1])
+                dirs[i] = base
+        self._dirs = dirs
+        return dirs
+
+    def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
+        if not entries:
+            return
+        self._txn(lambda c: self._write_audit(c, entries))
+
+    def audit_log(self, limit: int = 100, after: int = 0) -> list[dict[str, Any]]:
+        """The newest ``limit`` records; with ``after``, the oldest ``limit`` after that id."""
+        if after:
+            return self._read(lambda c: [dict(r._mapping) for r in c.execute(
+                sa.select(audit_t).where(audit_t.c.id > after).order_by(audit_t.c.id).limit(limit))])
+        return self._read(lambda c: [dict(r._mapping) for r in c.execute(
+            sa.select(audit_t).order_by(audit_t.c.id.desc()).limit(limit))])

@@ -1,0 +1,208 @@
+"""The header index's storage: the rows metaserver/index.py derives from each XML header, the
+catalogue of indexed paths, candidate scans for the query planner, and saved queries."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from lxml import etree
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from dgf import errors
+from metaserver import index
+from metaserver.index import keys_t, levels_t, values_t
+from metaserver.planner import Catalogue, load_catalogue
+from metaserver.schema import (
+    inodes,
+    queries_t,
+    xattrs,
+)
+from metaserver.sqlbase import SqlBase, join_path
+
+
+class HeaderIndexStore(SqlBase):
+    """The header index, written in the namespace's transactions and read by the planner."""
+
+    def _unindex(self, conn: Connection, inos: list[int]) -> None:
+        for i in range(0, len(inos), 500):
+            chunk = inos[i:i + 500]
+            conn.execute(values_t.delete().where(values_t.c.ino.in_(chunk)))
+            conn.execute(levels_t.delete().where(levels_t.c.ino.in_(chunk)))
+
+    def _index(self, conn: Connection, headers: list[tuple[int, bytes]]) -> None:
+        """Index XML headers in the caller's transaction (see metaserver/index.py)."""
+        if not headers:
+            return
+        indexed = []
+        for ino, xml in headers:
+            try:
+                indexed.append((ino, index.index_header(xml)))
+            except (ValueError, etree.XMLSyntaxError) as exc:
+                raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
+        ids = self._key_id_map(conn, {r[0] for _, h in indexed for r in h.rows},
+                               set().union(*(h.long_keys for _, h in indexed)),
+                               set().union(*(h.multi_keys for _, h in indexed)))
+        # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
+        rows = [(ids[k], t, ino, i, n, f) for ino, h in indexed for k, t, n, f, i in h.rows]
+        rows.sort(key=lambda r: (r[0], r[1]))     # in key order: each index page is touched once
+        if self.is_sqlite:
+            conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, item, num, "first") VALUES (?, ?, ?, ?, ?, ?)',
+                                 rows)
+        else:
+            with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
+                    'COPY hvalues ("key", text, ino, item, num, "first") FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row(row)
+        conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
+                                          "series": h.series} for ino, h in indexed])
+
+    def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
+                    multi_paths: set[str]) -> dict[str, int]:
+        """Catalogue ids for ``paths``, adding new ones in this transaction.  The in-process
+        cache learns them only from rows read back, so a rolled-back insert leaves no trace."""
+        missing = paths - self._key_ids.keys()
+        out = {p: self._key_ids[p] for p in paths - missing}
+        if missing:
+            conn.execute(self._insert_ignore(keys_t), [{"path": p, "has_long": False, "multi": False}
+                                                       for p in sorted(missing)])
+            for r in conn.execute(sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.path.in_(missing))):
+                out[r.path] = r.id
+        if long_paths:
+            conn.execute(keys_t.update().where(keys_t.c.path.in_(long_paths)).values(has_long=True))
+        flagged = multi_paths - self._multi
+        if flagged:
+            conn.execute(keys_t.update().where(keys_t.c.path.in_(flagged)).values(multi=True))
+            conn.info.setdefault("dgf.after", {}).setdefault("multi", set()).update(flagged)
+        if missing:
+            conn.info.setdefault("dgf.after", {}).setdefault("keys", {}).update({p: out[p] for p in missing})
+        return out
+
+    def catalogue(self, conn: Connection) -> Catalogue:
+        """The catalogue of indexed paths, reloaded when it has grown or changed."""
+        stamp = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.cast(keys_t.c.has_long, sa.Integer)),
+                                       sa.func.sum(sa.cast(keys_t.c.multi, sa.Integer)))
+                             .select_from(keys_t)).one()
+        version = hash(tuple(stamp))
+        if self._catalogue is None or self._catalogue[0] != version:
+            cat = load_catalogue(conn)
+            self._catalogue = (version, cat)
+            self._key_ids.update({p: i for p, (i, _) in cat.keys.items()})
+        return self._catalogue[1]
+
+    @contextlib.contextmanager
+    def _deadline(self, conn: Connection, deadline: float | None) -> Iterator[None]:
+        """Interrupt the database's own work past ``deadline`` (a time.monotonic() value)."""
+        if deadline is None:
+            yield
+            return
+        if self.is_sqlite:
+            raw = conn.connection.driver_connection
+            raw.set_progress_handler(lambda: time.monotonic() > deadline, 20000)  # type: ignore[union-attr]
+            try:
+                yield
+            finally:
+                raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
+            return
+        ms = max(1, int((deadline - time.monotonic()) * 1000))
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+        yield
+
+    def query_candidates(self, root: str, plan: sa.Select[Any] | None, with_xml: bool, deadline: float | None = None,
+                         after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
+        """Stream (ino, path, (patient, study, series), XML or None) of the indexed files at or
+        under ``root`` whose inode is selected by ``plan`` (a select of inos; None: all) and is
+        above ``after``, in inode order (keyset pagination resumes after the last one seen)."""
+        try:
+            with self._connect() as conn, self._deadline(conn, deadline):
+                top = self._resolve(conn, root)
+                dirs = self._dir_paths(conn)
+                cols = [inodes.c.id, inodes.c.parent, inodes.c.name, levels_t.c.patient, levels_t.c.study,
+                        levels_t.c.series]
+                joined = inodes.join(levels_t, levels_t.c.ino == inodes.c.id)
+                if with_xml:
+                    cols.append(xattrs.c.value)
+                    joined = joined.join(xattrs, sa.and_(xattrs.c.ino == inodes.c.id,
+                                                         xattrs.c.name == index.HEADER_XATTR))
+                query = sa.select(*cols).select_from(joined)
+                if after:
+                    query = query.where(inodes.c.id > after)
+                if plan is not None:
+                    query = query.where(inodes.c.id.in_(plan))
+                allowed: set[int] | None = None
+                if not top.is_dir:
+                    query = query.where(inodes.c.id == top.id)
+                elif root != "/":
+                    allowed = {i for i, p in dirs.items() if p == root or p.startswith(root + "/")}
+                rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
+                    query.order_by(inodes.c.id))
+                for row in rows:
+                    if allowed is not None and row.parent not in allowed:
+                        continue
+                    parent = dirs.get(row.parent)
+                    if parent is None:                 # created after the map was built
+                        self._dirs = None
+                        dirs = self._dir_paths(conn)
+                        parent = dirs.get(row.parent)
+                        if parent is None:             # removed meanwhile
+                            continue
+                    yield (row.id, join_path(parent, row.name), (row.patient, row.study, row.series),
+                           bytes(row.value) if with_xml else None)
+        except OperationalError as exc:
+            if "interrupt" in str(exc).lower():
+                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
+            raise
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "57014":
+                raise errors.QueryTimeout("the query ran past its time limit; narrow the expression.") from exc
+            raise
+
+    def query_count(self, plan: sa.Select[Any] | None) -> int:
+        """How many indexed files ``plan`` selects, archive-wide (exact plans only)."""
+        source: Any = sa.select(levels_t.c.ino) if plan is None else plan
+        counted: Any = sa.select(sa.func.count()).select_from(source.subquery())
+
+        def run(conn: Connection) -> int:
+            return int(conn.execute(counted).scalar_one())
+        return self._read(run)
+
+    def query_estimate(self, select: sa.Select[Any], sample: int = 20_000) -> int:
+        """Rows ``select`` (of inos) returns among the first ``sample`` indexed files: a cheap,
+        proportional selectivity estimate the planner uses to pick the driving predicate."""
+        def run(conn: Connection) -> int:
+            bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino)
+                                 .limit(1).offset(sample)).scalar()
+            query = select if bound is None else select.where(list(select.selected_columns)[0] <= bound)
+            return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
+        return self._read(run)
+
+    def query_catalogue(self) -> Catalogue:
+        return self._read(self.catalogue)
+
+    @property
+    def dialect(self) -> str:
+        return "sqlite" if self.is_sqlite else "postgresql"
+
+    def save_query(self, name: str, xpath: str, owner: str) -> None:
+        def run(conn: Connection) -> None:
+            conn.execute(queries_t.delete().where(queries_t.c.name == name))
+            conn.execute(queries_t.insert().values(name=name, xpath=xpath, owner=owner, created=time.time()))
+        self._txn(run)
+
+    def saved_query_count(self, owner: str) -> int:
+        return int(self._read(lambda c: c.execute(sa.select(sa.func.count()).select_from(queries_t).where(
+            queries_t.c.owner == owner)).scalar_one()))
+
+    def saved_queries(self) -> dict[str, str]:
+        return self._read(lambda c: {r.name: r.xpath for r in c.execute(
+            sa.select(queries_t.c.name, queries_t.c.xpath).order_by(queries_t.c.name))})
+
+    def remove_query(self, name: str) -> None:
+        def run(conn: Connection) -> None:
+            if conn.execute(queries_t.delete().where(queries_t.c.name == name)).rowcount == 0:
+                raise errors.NotFound(f"no saved query named {name!r}.")
+        self._txn(run)
