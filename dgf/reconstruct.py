@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dgf import errors
-from dgf.reader import ObjectRef
 from dgf.reports import Meter, Progress, UploadReport
 from dgf.transport import run_parallel
 from dgf.types import HEADER_XATTR
@@ -109,6 +108,8 @@ class Reconstruction:
             shared["voxel_size"] = [f / n for f, n in zip(fov, shape)]
             shared["volume_origin"] = None
         g = Geometry.from_dict(shared)
+        from dgf.reader import ObjectRef
+
         resolved = self.client.downloads.resolve([r["path"] for r in rows])
         refs = {ref.path: ref for ref in ObjectRef.all_of(resolved)}
         # A sealed projection is reconstructed on a trusted site only, which is sent its key.

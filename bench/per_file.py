@@ -1,0 +1,141 @@
+"""CPU per file of ingest and download, dgf against Orthanc in the same run (issue 16).
+
+    .venv/bin/python bench/per_file.py [--files 1000] [--runs 3]
+
+Each run makes ``--files`` fresh small CT files (39 KB, ``bench/synth.py``) and, interleaved:
+
+- **dgf**: ``dgf_up`` of them into a local federation, then ``dgf_down`` of them to disk;
+- **Orthanc** (the Debian package, SQLite index, storage on disk, no compression): a Python
+  client on one keep-alive connection ``POST``s each file to ``/instances``, then ``GET``s each
+  ``/instances/ID/file`` and writes it to disk (what Orthanc's own import script does, and what
+  a client must do to get files out of it).
+
+CPU seconds are the client's (with its children) plus every server process's over the same
+interval (dgf: metaserver and both sites; Orthanc: itself), from ``wait4`` and ``/proc``: they
+hold on a busy machine where wall time does not.  Prints one JSON object; medians of the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import measure, synth  # noqa: E402
+from dgf import local  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+#: The Orthanc client: argv = mode (up|down), port, list file, output; one keep-alive session.
+ORTHANC_CLIENT = r"""
+import json, sys
+from pathlib import Path
+import requests
+mode, port, listing, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+s = requests.Session()
+base = f"http://127.0.0.1:{port}"
+if mode == "up":
+    ids = []
+    for p in listing.read_text().split():
+        r = s.post(f"{base}/instances", data=Path(p).read_bytes(), timeout=60)
+        r.raise_for_status()
+        ids.append(r.json()["ID"])
+    out.write_text("\n".join(ids))
+else:
+    out.mkdir(parents=True, exist_ok=True)
+    for i in listing.read_text().split():
+        r = s.get(f"{base}/instances/{i}/file", timeout=60)
+        r.raise_for_status()
+        (out / f"{i}.dcm").write_bytes(r.content)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_orthanc(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import requests
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/system", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("Orthanc did not start")
+        time.sleep(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    orthanc_bin = shutil.which("Orthanc")
+    if orthanc_bin is None:
+        raise SystemExit("Orthanc is not installed (Debian: apt-get install orthanc).")
+    work = Path(tempfile.mkdtemp(prefix="dgf-bench-per-file-"))
+    fed = local.up(work / "fed")
+    env = {"DGF_CONFIG": str(fed.config("clinician")), "PATH": str(BIN) + ":/usr/bin:/bin"}
+    port = _free_port()
+    (work / "orthanc.json").write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
+        "HttpPort": port, "DicomPort": _free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "StorageCompression": False, "Plugins": []}))
+    orthanc = subprocess.Popen([orthanc_bin, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    client = work / "orthanc_client.py"
+    client.write_text(ORTHANC_CLIENT)
+    servers = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("dgf up", "dgf down", "Orthanc up", "Orthanc down")}
+    n = args.files
+    try:
+        _wait_orthanc(port, orthanc)
+        for run in range(args.runs):
+            src = synth.small_corpus(work / f"src{run}", n, seed=900 + run)
+            listing = work / f"files{run}.txt"
+            listing.write_text("\n".join(map(str, src)))
+            up = measure.run([str(BIN / "dgf_up"), str(src[0].parent), "--to", f"/run{run}", "-r"], env, servers)
+            down = measure.run([str(BIN / "dgf_down"), f"/run{run}", "-o", str(work / f"down{run}")], env, servers)
+            ids = work / f"ids{run}.txt"
+            oup = measure.run([sys.executable, str(client), "up", str(port), str(listing), str(ids)], None,
+                              [orthanc.pid])
+            odown = measure.run([sys.executable, str(client), "down", str(port), str(ids), str(work / f"odown{run}")],
+                                None, [orthanc.pid])
+            got = sum(1 for _ in (work / f"down{run}").rglob("*.dcm")), sum(1 for _ in (work / f"odown{run}").iterdir())
+            if got != (n, n):
+                raise SystemExit(f"run {run}: downloaded {got}, not {n} each")
+            for key, r in (("dgf up", up), ("dgf down", down), ("Orthanc up", oup), ("Orthanc down", odown)):
+                runs[key].append((r.wall, r.cpu))
+            for d in (src[0].parent, work / f"down{run}", work / f"odown{run}"):
+                shutil.rmtree(d)
+    finally:
+        measure.stop(orthanc)
+        local.down(fed.root, quiet=True)
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
+    out: dict[str, object] = {"files": n, "runs": args.runs}
+    for what in ("up", "down"):
+        d, o = med[f"dgf {what}"], med[f"Orthanc {what}"]
+        out[f"{what}: CPU ms per file, dgf / Orthanc / ratio"] = [round(d[1] / n * 1000, 2), round(o[1] / n * 1000, 2),
+                                                               round(d[1] / o[1], 2)]
+        out[f"{what}: files/s, dgf / Orthanc / ratio"] = [round(n / d[0]), round(n / o[0]), round(o[0] / d[0], 2)]
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
