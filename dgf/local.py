@@ -159,16 +159,15 @@ def up(root: Path, sites: tuple[str, ...] | None = None, limits: dict[str, str] 
         "db": db or f"sqlite:///{root / 'metadata.db'}",
         "host_key": "keys/metaserver_host", "vault_key": kept.get("vault_key") or "keys/vault.key"})
     _add_limits(meta_conf, limits)
-    _run(["metaserver.server", "init", "--config", str(meta_conf)])
     for name in [p for p, _ in PRINCIPALS] + list(sites):
         for suffix in ("", "_host") if name in sites else ("",):
             path = keys / f"{name}{suffix}"
             if not path.exists():
                 crypto.generate_keypair(path, f"dgf-{name}{suffix}")
-    if fresh:
-        for name, role in list(PRINCIPALS) + [(s, "site") for s in sites]:
-            _run(["metaserver.server", "enroll", "--config", str(meta_conf), "--name", name,
-                  "--role", role, "--public-key", str(keys / f"{name}.pub")])
+    # One process initialises and (the first time) enrolls everyone: each start costs ~0.8 s.
+    enroll = [a for name, role in list(PRINCIPALS) + [(s, "site") for s in sites]
+              for a in ("--name", name, "--role", role, "--public-key", str(keys / f"{name}.pub"))] if fresh else []
+    _run(["metaserver.server", "init", "--config", str(meta_conf), *enroll])
     pids: dict[str, int] = {}
     ready = root / "metaserver.addr"
     ready.unlink(missing_ok=True)

@@ -1621,17 +1621,21 @@ def main(argv: list[str] | None = None) -> int:
         description="dgf metadata server: namespace, XML headers, identity vault, principals, audit, "
                     "served over SSH (subsystem dgf-meta).")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_init = sub.add_parser("init", help="create the host key, vault key and database named by the config")
+    p_init = sub.add_parser("init", help="create the host key, vault key and database named by the config "
+                                         "(and enroll principals, as enroll does)")
     p_init.add_argument("--config", required=True)
     p_serve = sub.add_parser("serve", help="run the server in the foreground")
     p_serve.add_argument("--config", required=True, help="metaserver config file (INI, [metaserver])")
     p_serve.add_argument("--db", help="database URL overriding the config, e.g. postgresql://user@host/dgf")
     p_serve.add_argument("--ready-file", help="write HOST:PORT here once listening")
-    p_enroll = sub.add_parser("enroll", help="enroll a principal directly in the database (bootstrap)")
+    p_enroll = sub.add_parser("enroll", help="enroll principals directly in the database (bootstrap); "
+                                             "repeat --name/--role/--public-key for several at once")
     p_enroll.add_argument("--config", required=True)
-    p_enroll.add_argument("--name", required=True)
-    p_enroll.add_argument("--role", required=True, choices=ROLES)
-    p_enroll.add_argument("--public-key", required=True, help="file with an OpenSSH ed25519 public key")
+    for p, needed in ((p_enroll, True), (p_init, False)):
+        p.add_argument("--name", required=needed, action="append", default=[])
+        p.add_argument("--role", required=needed, choices=ROLES, action="append", default=[])
+        p.add_argument("--public-key", required=needed, action="append", default=[],
+                       help="file with an OpenSSH ed25519 public key")
     p_vault = sub.add_parser("vault", help="seal the vault key file with a passphrase (or change it)")
     p_vault.add_argument("action", choices=["protect"])
     p_vault.add_argument("--config", required=True)
@@ -1643,13 +1647,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "init":
             init(Path(args.config))
-            return 0
         cfg = MetaserverConfig.load(args.config)
-        if args.cmd == "enroll":
-            engine = open_engine(cfg.db)
-            engine.add_principal(make_principal(args.name, args.role, Path(args.public_key).read_text().strip()))
-            engine.audit("bootstrap", "grant", args.name, "ok", f"role {args.role}")
-            engine.close()
+        if args.cmd in ("init", "enroll"):
+            if not len(args.name) == len(args.role) == len(args.public_key):
+                raise errors.UsageError("enroll takes one --role and one --public-key per --name.")
+            if args.name:
+                engine = open_engine(cfg.db)
+                try:
+                    for name, role, key in zip(args.name, args.role, args.public_key):
+                        engine.add_principal(make_principal(name, role, Path(key).read_text().strip()))
+                        engine.audit("bootstrap", "grant", name, "ok", f"role {role}")
+                finally:
+                    engine.close()
             return 0
         if args.db:
             cfg = dataclasses.replace(cfg, db=args.db)

@@ -282,6 +282,10 @@ def test_the_shipped_units_and_image_run_a_federation(tmp_path: Path) -> None:
             f"metaserver_host_key = {host_key}\ncache_dir = {var}/cache-{who}\n")
     subprocess.run([pre[0], "enroll", "--config", str(etc / "metaserver.conf"), "--name", "admin",
                     "--role", "admin", "--public-key", str(etc / "admin.pub")], check=True, capture_output=True)
+    uneven = subprocess.run([pre[0], "enroll", "--config", str(etc / "metaserver.conf"), "--name", "clinician",
+                             "--name", "other", "--role", "clinician", "--public-key", str(etc / "clinician.pub")],
+                            capture_output=True, text=True)
+    assert uneven.returncode != 0 and "one --role and one --public-key per --name" in uneven.stderr
     procs: list[subprocess.Popen[bytes]] = []
     logs = {name: tmp_path / f"{name}.log" for name in ("meta", "site", "image")}
 
