@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,31 +33,12 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import measure, synth  # noqa: E402
+from bench import measure, orthanc, synth  # noqa: E402
 from dgf import local  # noqa: E402
 from dgf.client import Client  # noqa: E402
 
 BIN = Path(sys.executable).parent
-ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 ALL_SYNTAXES = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{what} did not start") from None
-            time.sleep(0.2)
 
 
 def _retrieve(session: requests.Session, url: str) -> int:
@@ -77,13 +57,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    orthanc_bin = shutil.which("Orthanc")
-    if orthanc_bin is None or not Path(ORTHANC_PLUGIN).exists():
-        raise SystemExit("Orthanc and its DICOMweb plugin are needed (apt-get install orthanc orthanc-dicomweb).")
     work = Path(tempfile.mkdtemp(prefix="dgf-bench-dicomweb-"))
     # One patient per study: the load issues more pseudonyms than a clinician may in a minute.
     fed = local.up(work / "fed", limits={"pseudonyms_per_minute": str(args.studies * 2)})
-    web_port, orthanc_port = _free_port(), _free_port()
+    web_port = orthanc.free_port()
     conf = fed.root / "bench-web.conf"
     conf.write_text(f"[web]\nlisten = 127.0.0.1:{web_port}\ntokens = bench-tokens.json\nviewer = off\n"
                     f"find_limit = {max(10_000, args.studies + 10)}\n")
@@ -92,19 +69,15 @@ def main() -> None:
                            capture_output=True, text=True, check=True).stdout.strip()
     web_log = open(work / "web.log", "wb")
     web = subprocess.Popen([str(BIN / "dgf"), "web", "serve", "--config", str(conf)], stdout=web_log, stderr=web_log)
-    ocfg = work / "orthanc.json"
-    ocfg.write_text(json.dumps({
-        "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-        "HttpPort": orthanc_port, "DicomPort": _free_port(), "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "StorageCompression": False, "Plugins": [ORTHANC_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}}))
-    orthanc = subprocess.Popen([orthanc_bin, str(ocfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer = orthanc.start(work, (orthanc.DICOMWEB_PLUGIN,),
+                         DicomWeb={"Enable": True, "Root": "/dicom-web/", "EnableWado": False})
+    orthanc_port = peer.http_port
     results: dict[str, object] = {"studies": args.studies, "series instances": args.series,
                                   "queries": args.queries, "runs": args.runs}
     try:
         dgf_url, orthanc_url = f"http://127.0.0.1:{web_port}/dicomweb", f"http://127.0.0.1:{orthanc_port}/dicom-web"
-        _wait_http(dgf_url, web, "dgf web serve")
-        _wait_http(f"http://127.0.0.1:{orthanc_port}/system", orthanc, "Orthanc")
+        orthanc.wait_http(dgf_url, web, "dgf web serve")
+        orthanc.wait_http(f"http://127.0.0.1:{orthanc_port}/system", peer.proc, "Orthanc")
         small = synth.small_corpus(work / "small", args.studies, patients=args.studies, seed=77)
         series = synth.ct_corpus(work / "series", args.series, patients=1, seed=78)
         t0 = time.perf_counter()
@@ -154,7 +127,7 @@ def main() -> None:
         cpu: dict[str, list[float]] = {"dgf": [], "orthanc": []}
         size = 0
         for _ in range(args.runs):
-            for name, session, url, pids in (("dgf", d, dgf_series, dgf_pids), ("orthanc", o, orthanc_series, [orthanc.pid])):
+            for name, session, url, pids in (("dgf", d, dgf_series, dgf_pids), ("orthanc", o, orthanc_series, [peer.pid])):
                 before = sum(measure.cpu_of(p) for p in pids)
                 t = time.perf_counter()
                 size = _retrieve(session, url)
@@ -172,7 +145,7 @@ def main() -> None:
         print((work / "web.log").read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        measure.stop(web, orthanc)
+        measure.stop(web, peer.proc)
         local.down(fed.root, quiet=True)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import measure, synth  # noqa: E402
+from bench import measure, orthanc, synth  # noqa: E402
 from dgf import local  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_echo(aet: str, port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -66,35 +59,26 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    orthanc_bin = shutil.which("Orthanc")
-    if orthanc_bin is None:
-        raise SystemExit("Orthanc is not installed (Debian: apt-get install orthanc).")
     work = Path(tempfile.mkdtemp(prefix="dgf-bench-dimse-"))
+    # dcmtk (storescu, and Orthanc, built on it) leaves Nagle's algorithm on unless told: with it,
+    # each instance waits out the peer's delayed ACK (40 ms here); both sides run without it.
+    nodelay = dict(os.environ, TCP_NODELAY="1")
+    peer = orthanc.start(work, env=nodelay, DicomAet="ORTHANC")
+    orthanc_port = peer.dicom_port
     fed = local.up(work / "fed")
-    dgf_port, orthanc_port = _free_port(), _free_port()
+    dgf_port = orthanc.free_port()
     conf = fed.root / "bench-dicom.conf"
     conf.write_text(f"[dicom]\nae_title = DGF\nlisten = 127.0.0.1:{dgf_port}\nspool = bench-spool\n"
                     "callers = BENCH=clinician.conf\n")
     gateway_log = open(work / "gateway.log", "wb")
     gateway = subprocess.Popen([str(BIN / "dgf"), "dicom", "serve", "--config", str(conf)],
                                stdout=gateway_log, stderr=gateway_log)
-    ocfg = work / "orthanc.json"
-    ocfg.write_text(json.dumps({
-        "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-        "DicomAet": "ORTHANC", "DicomPort": orthanc_port, "HttpPort": _free_port(), "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "StorageCompression": False,
-        "Plugins": []}))
-    # dcmtk (storescu, and Orthanc, built on it) leaves Nagle's algorithm on unless told: with it,
-    # each instance waits out the peer's delayed ACK (40 ms here); both sides run without it.
-    nodelay = dict(os.environ, TCP_NODELAY="1")
-    orthanc = subprocess.Popen([orthanc_bin, str(ocfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=nodelay)
     results: dict[str, object] = {"files": args.files, "runs": args.runs}
     times: dict[str, list[float]] = {k: [] for k in ("dgf ack", "dgf archived", "dgf cpu", "orthanc ack",
                                                      "orthanc cpu")}
     try:
         _wait_echo("DGF", dgf_port, gateway)
-        _wait_echo("ORTHANC", orthanc_port, orthanc)
+        _wait_echo("ORTHANC", orthanc_port, peer.proc)
         servers = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
         spool = fed.root / "bench-spool" / "incoming"
         for run in range(args.runs):
@@ -111,10 +95,10 @@ def main() -> None:
             times["dgf ack"].append(ack)
             times["dgf archived"].append(archived)
             times["dgf cpu"].append(cpu)
-            before = measure.cpu_of(orthanc.pid)
+            before = measure.cpu_of(peer.pid)
             o = _store("ORTHANC", orthanc_port, files, nodelay)
             times["orthanc ack"].append(o.wall)
-            times["orthanc cpu"].append(o.cpu + measure.cpu_of(orthanc.pid) - before)
+            times["orthanc cpu"].append(o.cpu + measure.cpu_of(peer.pid) - before)
             shutil.rmtree(src[0].parent)
         med = {k: statistics.median(v) for k, v in times.items()}
         n = args.files
@@ -128,7 +112,7 @@ def main() -> None:
         print((work / "gateway.log").read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        measure.stop(gateway, orthanc)
+        measure.stop(gateway, peer.proc)
         local.down(fed.root, quiet=True)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))

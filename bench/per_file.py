@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import measure, synth  # noqa: E402
+from bench import measure, orthanc, synth  # noqa: E402
 from dgf import local  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -59,52 +56,23 @@ else:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_orthanc(port: int, proc: subprocess.Popen[bytes]) -> None:
-    import requests
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/system", timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("Orthanc did not start")
-        time.sleep(0.2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    orthanc_bin = shutil.which("Orthanc")
-    if orthanc_bin is None:
-        raise SystemExit("Orthanc is not installed (Debian: apt-get install orthanc).")
     work = Path(tempfile.mkdtemp(prefix="dgf-bench-per-file-"))
+    peer = orthanc.start(work)
+    port = peer.http_port
     fed = local.up(work / "fed")
     env = {"DGF_CONFIG": str(fed.config("clinician")), "PATH": str(BIN) + ":/usr/bin:/bin"}
-    port = _free_port()
-    (work / "orthanc.json").write_text(json.dumps({
-        "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-        "HttpPort": port, "DicomPort": _free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "StorageCompression": False, "Plugins": []}))
-    orthanc = subprocess.Popen([orthanc_bin, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
     client = work / "orthanc_client.py"
     client.write_text(ORTHANC_CLIENT)
     servers = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("dgf up", "dgf down", "Orthanc up", "Orthanc down")}
     n = args.files
     try:
-        _wait_orthanc(port, orthanc)
+        orthanc.wait_http(f"http://127.0.0.1:{port}/system", peer.proc, "Orthanc")
         for run in range(args.runs):
             src = synth.small_corpus(work / f"src{run}", n, seed=900 + run)
             listing = work / f"files{run}.txt"
@@ -113,9 +81,9 @@ def main() -> None:
             down = measure.run([str(BIN / "dgf_down"), f"/run{run}", "-o", str(work / f"down{run}")], env, servers)
             ids = work / f"ids{run}.txt"
             oup = measure.run([sys.executable, str(client), "up", str(port), str(listing), str(ids)], None,
-                              [orthanc.pid])
+                              [peer.pid])
             odown = measure.run([sys.executable, str(client), "down", str(port), str(ids), str(work / f"odown{run}")],
-                                None, [orthanc.pid])
+                                None, [peer.pid])
             got = sum(1 for _ in (work / f"down{run}").rglob("*.dcm")), sum(1 for _ in (work / f"odown{run}").iterdir())
             if got != (n, n):
                 raise SystemExit(f"run {run}: downloaded {got}, not {n} each")
@@ -124,7 +92,7 @@ def main() -> None:
             for d in (src[0].parent, work / f"down{run}", work / f"odown{run}"):
                 shutil.rmtree(d)
     finally:
-        measure.stop(orthanc)
+        measure.stop(peer.proc)
         local.down(fed.root, quiet=True)
         shutil.rmtree(work, ignore_errors=True)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
