@@ -802,8 +802,8 @@ class Gateway:
         ae = self._caller(event)
         identifier = event.identifier
         level = str(getattr(identifier, "QueryRetrieveLevel", "") or "")
-        keys = keys_of(identifier)
         try:
+            keys = keys_of(identifier)
             found = find(self.client(ae), level, keys, self.cfg.find_limit)
         except errors.DgfError as exc:
             log.warning("C-FIND from %s failed: %s", ae, exc.message)

@@ -115,8 +115,12 @@ class DgfFS(mfusepy.Operations):
     def init(self, path: str) -> None:
         """Runs in the mounted (possibly daemonized) process: connect here, not before the fork."""
         source = self.source_factory()
-        self.role = source.whoami()["role"]
-        self._tree = ArchiveTree(source, self.cache_dir, self.identified)
+        try:
+            self.role = source.whoami()["role"]
+            self._tree = ArchiveTree(source, self.cache_dir, self.identified)
+        except BaseException:
+            source.close()
+            raise
         self.spool = self.cache_dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
 

@@ -261,8 +261,9 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
     limit, offset, warnings = cap, 0, []
     def item_key(name: str, value: str) -> None:
         """SEQUENCE[.SEQUENCE...].ATTRIBUTE: an item key of a sequence key (matching, or returned)."""
-        path = [_attribute(part) for part in name.split(".")]
-        if len(path) > dimse.MAX_SEQUENCE_DEPTH + 1 or any(vr != "SQ" for _, vr in path[:-1]) or path[-1][1] == "SQ":
+        parts = name.split(".")
+        path = [_attribute(part) for part in parts] if len(parts) <= dimse.MAX_SEQUENCE_DEPTH + 1 else []
+        if not path or any(vr != "SQ" for _, vr in path[:-1]) or path[-1][1] == "SQ":
             raise HTTPProblem(400, f"{name[:64]!r}: a sequence's attribute is SEQUENCE.ATTRIBUTE (sequences "
                                    f"nested at most {dimse.MAX_SEQUENCE_DEPTH} deep).")
         keyword, vr = path[-1]

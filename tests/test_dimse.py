@@ -496,5 +496,16 @@ def test_sequence_matching(node: Node, tmp_path: Path) -> None:
         assert beam.BeamType == "STATIC" and beam.RadiationType == "PHOTON"
         assert beam.ControlPointSequence[0].ControlPointIndex == 1
         assert beams("7") == []
+        # Sequences nested past 4 deep are refused by name, not walked.
+        deep = Dataset()
+        deep.BeamType = "STATIC"
+        for _ in range(6):
+            outer = Dataset()
+            outer.BeamSequence = [deep]
+            deep = outer
+        deep.QueryRetrieveLevel = "IMAGE"
+        deep.SOPInstanceUID = ""
+        answers = list(assoc.send_c_find(deep, StudyRootQueryRetrieveInformationModelFind))
+        assert answers[-1][0].Status == 0xC000
     finally:
         assoc.release()
