@@ -74,6 +74,15 @@ def test_cli_round_trip_and_errors(federation: local.Federation, tmp_path: Path)
     assert down.returncode == 0, down.stderr
     [got] = list((tmp_path / "ok").rglob("*.dcm"))
     assert got.read_bytes() == corpus.file("CT_small.dcm").read_bytes()
+    # --find: what the XPath matches, resolved by the metaserver, at its full path; a bad
+    # expression is one line naming it, with nothing written.
+    by_query = _run(["dgf_down", "/cli", "--find", "/DicomHeader[Modality='CT']", "-o", str(tmp_path / "q")], res)
+    assert by_query.returncode == 0, by_query.stderr
+    [hit] = list((tmp_path / "q").rglob("*.dcm"))
+    assert hit.relative_to(tmp_path / "q").parts[0] == "cli"
+    wrong = _run(["dgf_down", "/cli", "--find", "/DicomHeader[", "-o", str(tmp_path / "w")], res)
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "XPath" in wrong.stderr
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.dcm"))
     [path] = [line.split()[-1] for line in _run(["dgf", "ls", "/cli"], res).stdout.splitlines()]
     native = _run(["dgf", "xattr", "get", f"/cli/{path}", "--as", "native"], res)
     assert native.returncode == 0 and "<NativeDicomModel" in native.stdout
