@@ -52,6 +52,17 @@ from metaserver.sqlindex import HeaderIndexStore
 __all__ = ["REPLICAS_XATTR", "SqlEngine"]
 
 
+# up.check runs these for every batch: built once, like the hot statements in sqlbase (a profile
+# of an ingest put SQLAlchemy's per-call construction here at up to a seventh of the
+# metaserver's samples; the metaserver's CPU per file did not move measurably, 1.3 ms either way).
+_Q_HEALTHY = sa.select(replicas.c.key, replicas.c.site).where(
+    replicas.c.key.in_(sa.bindparam("b_keys", expanding=True)), replicas.c.state == "ok")
+_Q_VERSIONS = sa.select(values_t.c.text, inodes.c.parent, inodes.c.name).join(
+    inodes, inodes.c.id == values_t.c.ino).where(
+    values_t.c.key == sa.bindparam("b_key"), values_t.c.item == 0,
+    values_t.c.text.in_(sa.bindparam("b_uids", expanding=True)))
+
+
 class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
         conn.info.setdefault("dgf.after", {})["dirs"] = True
@@ -346,18 +357,15 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             keys = sorted({key for _, key, _ in files})
             healthy: dict[str, str] = {}
             for part in slices(keys):
-                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(
-                        replicas.c.key.in_(part), replicas.c.state == "ok")):
+                for r in conn.execute(_Q_HEALTHY, {"b_keys": part}):
                     healthy.setdefault(r.key, r.site)
             uids = sorted({uid for _, key, uid in files if uid and key not in healthy})
             instances: dict[str, str] = {}       # uid -> path of a stored version
             hkey = conn.execute(sa.select(keys_t.c.id).where(
                 keys_t.c.path == "/DicomHeader/SOPInstanceUID")).scalar() if uids else None
             if hkey is not None:
-                found = conn.execute(sa.select(values_t.c.text, inodes.c.parent, inodes.c.name)
-                                     .join(inodes, inodes.c.id == values_t.c.ino)
-                                     .where(values_t.c.key == hkey, values_t.c.item == 0,
-                                            values_t.c.text.in_(uids))).all()
+                found = [r for part in slices(uids)
+                         for r in conn.execute(_Q_VERSIONS, {"b_key": hkey, "b_uids": part})]
                 if found:
                     dirs = self._dir_paths(conn)
                     for text, parent_id, name in found:
