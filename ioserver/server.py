@@ -200,17 +200,23 @@ class IoService(wire.Service):
         """Check an object against the archive's profile before it is stored or signed for
         (PolicyRefused names what is wrong), and return the SHA-256 of its XML header as this
         site derives it from the bytes."""
-        from dgf.dicom import validate
-        from dgf.dicom.xmlheader import header_xml
-
         if self._sealed(data, key):
             return ""       # sealed: the metaserver checks what the uploader shows it (up.commit)
-        if self.profile is not None:
-            validate.check(data, self.profile.get(), f"object {key[:16]}...")
+        return hashlib.sha256(self._checked_header(data, key)).hexdigest()
+
+    def _checked_header(self, data: bytes | memoryview, key: str) -> bytes:
+        """The XML header of object ``key`` once it passed the profile (parsed once for both)."""
+        from dgf.dicom import raw, validate
+        from dgf.dicom.xmlheader import header_xml
+
+        what = f"object {key[:16]}..."
         try:
-            return hashlib.sha256(header_xml(data)).hexdigest()  # type: ignore[arg-type]
+            part = raw.parse_part10(data)  # type: ignore[arg-type]
+            if self.profile is not None:
+                validate.check(part, self.profile.get(), what)
+            return header_xml(part)
         except errors.InvalidDicom as exc:
-            raise errors.PolicyRefused(f"object {key[:16]}... is not a DICOM file ({exc.message}).") from exc
+            raise errors.PolicyRefused(f"{what} is not a DICOM file this archive stores ({exc.message}).") from exc
 
     def _sealed(self, data: bytes | memoryview, key: str) -> bool:
         """Whether ``data`` is a sealed object; an untrusted site refuses any other."""
@@ -450,8 +456,6 @@ class IoService(wire.Service):
         import mmap
         import tempfile
 
-        from dgf.dicom import validate
-        from dgf.dicom.xmlheader import header_xml
         from dgf.integrity import Hasher
 
         n, chunks = self.store.get(key)          # verified as it is read; a bad copy is quarantined
@@ -467,9 +471,7 @@ class IoService(wire.Service):
                 if envelope.trailer_of(data) is not None:  # type: ignore[arg-type]
                     raise errors.PolicyRefused(f"object {key[:16]}... is sealed: no site can read its header, "
                                                "so it cannot be adopted.")
-                if self.profile is not None:        # stored before sites checked, perhaps
-                    validate.check(data, self.profile.get(), f"object {key[:16]}...")  # type: ignore[arg-type]
-                xml = header_xml(data)  # type: ignore[arg-type]
+                xml = self._checked_header(data, key)  # type: ignore[arg-type]   # stored before sites checked, perhaps
         digests = hasher.digests()
         return {"size": n, "blocks": base64.b64encode(digests).decode(), "xml": xml.decode("utf-8", "surrogateescape"),
                 "receipt": self._receipt(key, n, digests, hashlib.sha256(xml).hexdigest())}

@@ -910,8 +910,8 @@ class MetaService(wire.Service):
                 view[lo:hi] = shown[at:at + hi - lo]
                 at += hi - lo
             plain = view                    # as long as the plaintext (a DICOM file is never empty)
-            validate.check(plain, self._profile(), path)
             part = raw.parse_part10(plain)
+            validate.check(part, self._profile(), path)
             opaque = raw.opaque_values(part.data, part.dataset, part.encoding.little)
             for lo, hi in gaps:
                 if not any(a <= lo and hi <= b for a, b in opaque):
@@ -922,7 +922,7 @@ class MetaService(wire.Service):
             if said[0x0020000D] != study or said[0x00100020] != patient:
                 raise errors.PolicyRefused(f"{path} is sealed under the key of another study or patient than its "
                                            "header names; nothing was published.")
-            xml = header_xml(plain)
+            xml = header_xml(part)
             del part
         except errors.InvalidDicom as exc:
             raise errors.PolicyRefused(f"{path} is not a DICOM file this archive stores ({exc.message}).") from exc

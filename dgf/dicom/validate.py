@@ -48,10 +48,10 @@ NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"})
 MAX_PROBLEMS = 5
 
 
-def problems(data: bytes | memoryview, profile: Profile) -> list[str]:
-    """What in the Part 10 file ``data`` the archive's profile would not have left there (empty
-    when it is de-identified as the profile says)."""
-    part = raw.parse_part10(data)  # type: ignore[arg-type]
+def problems(data: bytes | memoryview | raw.Part10, profile: Profile) -> list[str]:
+    """What in the Part 10 file ``data`` (or its parse) the archive's profile would not have left
+    there (empty when it is de-identified as the profile says)."""
+    part = data if isinstance(data, raw.Part10) else raw.parse_part10(data)  # type: ignore[arg-type]
     found: list[str] = []
     opts = profile.options
     if not opts.retain_uids:
@@ -69,7 +69,7 @@ def problems(data: bytes | memoryview, profile: Profile) -> list[str]:
     return found[:MAX_PROBLEMS]
 
 
-def check(data: bytes | memoryview, profile: Profile, what: str) -> None:
+def check(data: bytes | memoryview | raw.Part10, profile: Profile, what: str) -> None:
     """Raise :class:`~dgf.errors.PolicyRefused` naming the first problems of ``data``."""
     try:
         found = problems(data, profile)

@@ -213,9 +213,9 @@ def _resolve_vr(tag: int, vr: str, pixel_rep: int) -> str:
     return vr
 
 
-def header_xml(data: bytes) -> bytes:
-    """The XML header of a (de-identified) Part 10 file."""
-    part = raw.parse_part10(data)
+def header_xml(data: bytes | raw.Part10) -> bytes:
+    """The XML header of a (de-identified) Part 10 file, or of its parse."""
+    part = data if isinstance(data, raw.Part10) else raw.parse_part10(data)
     builder = _Builder(part.data)
     # A file kept with truncated pixel data (-O allow_truncated) says so, queryable as @truncated.
     missing = f' truncated="{part.truncated[1] - part.truncated[0]}"' if part.truncated else ""
