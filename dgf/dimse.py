@@ -558,10 +558,14 @@ class Uploader(threading.Thread):
                 self.wake.clear()
                 continue
             self.idle.clear()
-            hold = self.hold(batch)
-            if hold > 0:
-                self.stopping.wait(hold)
-                continue
+            if self.hold(batch) > 0:
+                # Wait on the batch in hand (a busy spool is not listed again every quarter
+                # second), then take what gathered meanwhile.
+                while (hold := self.hold(batch)) > 0 and not self.stopping.is_set():
+                    self.stopping.wait(hold)
+                batch = self.spool.pending(self.ae, BATCH)
+                if not batch or self.stopping.is_set():
+                    continue
             try:
                 report = self.client.upload(batch)
             except errors.DgfError as exc:
