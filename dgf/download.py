@@ -20,7 +20,7 @@ from dgf.dicom import identity
 from dgf.reader import ObjectRef
 from dgf.reports import DownloadReport, Failure, Progress
 from dgf.transport import GetResult
-from dgf.types import ResolvedFile, Site
+from dgf.types import ResolvedFile, Site, outermost
 
 if TYPE_CHECKING:
     from dgf.client import Client
@@ -56,14 +56,6 @@ class AtomicWriter:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def outermost(paths: list[str]) -> list[str]:
-    """``paths`` without those inside another of them (each file is under one root once)."""
-    roots = sorted({p.rstrip("/") or "/" for p in paths})
-    if "/" in roots:
-        return ["/"]
-    return [r for r in roots if not any(r.startswith(o + "/") for o in roots)]
 
 
 class Downloads:

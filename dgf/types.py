@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -120,3 +121,13 @@ class ResolvedFile(NamedTuple):
     @classmethod
     def all_of(cls, resolved: dict[str, Any]) -> list[ResolvedFile]:
         return [cls(str(p), str(k), int(n), list(s)) for p, k, n, s in resolved["files"]]
+
+
+def outermost(paths: Iterable[str]) -> list[str]:
+    """``paths`` once each, without those inside another of them: each file under them is under
+    exactly one ("/" three thousand times is "/"; "/a" and "/a/b" are "/a")."""
+    wanted = {p.rstrip("/") or "/" for p in paths}
+    if "/" in wanted:
+        return ["/"]
+    return sorted(r for r in wanted
+                  if not any("/".join(r.split("/")[:i]) in wanted for i in range(2, r.count("/") + 1)))

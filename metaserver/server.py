@@ -35,7 +35,7 @@ from dgf.integrity import BLOCK, DIGEST, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
 from dgf.sshlib import paramiko
-from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, ResolvedFile, Site
+from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, ResolvedFile, Site, outermost
 from metaserver import query
 from metaserver.engine import MetaEngine, NewFile, norm_path
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
@@ -1100,12 +1100,8 @@ class MetaService(wire.Service):
         found: list[tuple[str, str, int]] = []
         seen = 0
         more = False
-        # Duplicates and nested paths name the same files once ("/" 3000 times is "/").
-        wanted = set(paths)
-        roots = ["/"] if "/" in wanted else sorted(
-            r for r in wanted if not any("/".join(r.split("/")[:i]) in wanted for i in range(2, r.count("/") + 1)))
         scope = self._scope(p)
-        for fp, key, size in self.engine.walk_files_many(roots):
+        for fp, key, size in self.engine.walk_files_many(outermost(paths)):
             if scope is not None and not scope.allows(fp):
                 continue                          # outside the researcher's grants
             if seen >= offset:
