@@ -185,11 +185,15 @@ class SiteLink:
                 raise
 
     def put_many(self, items: list[PutItem], cap: str,
-                 done: Callable[[PutItem, str | None, str | None], None]) -> None:
+                 done: Callable[[PutItem, str | None, str | None], None],
+                 tokens: dict[str, str] | None = None) -> None:
         """Upload ``items`` over all channels; ``done(item, receipt, error)`` for each.
 
         Small objects travel many to a ``put.batch`` frame; an object larger than a batch
-        streams alone with ``put``, so no frame is ever larger than BATCH_BYTES plus one object."""
+        streams alone with ``put``, so no frame is ever larger than BATCH_BYTES plus one object.
+        A batch's objects share one signed receipt: each object's receipt is then ``REF#i``, and
+        ``tokens[REF]`` the batch's token, which a commit naming them carries once."""
+        tokens = {} if tokens is None else tokens
 
         def single(b: list[PutItem]) -> bool:
             return len(b) == 1 and b[0].size > BATCH_BYTES
@@ -215,8 +219,10 @@ class SiteLink:
             if single(b):
                 done(b[0], result["receipt"], None)
                 return
+            ref = hashlib.sha256(str(result.get("batch", "")).encode()).hexdigest()[:16]
+            tokens[ref] = str(result.get("batch", ""))
             for it, receipt, error in zip(b, result["receipts"], result["errors"]):
-                done(it, receipt, error)
+                done(it, None if receipt is None else ref + receipt, error)
 
         small = [it for it in items if it.size <= BATCH_BYTES]
         large = [[it] for it in items if it.size > BATCH_BYTES]

@@ -347,7 +347,8 @@ class Uploads:
                                              errors.AlreadyExists.exit_code,
                                              "same SOP Instance UID as another file of the upload"))
         prepared = self._checked(unique, report, replace) if check else unique
-        self._put([p for p in prepared if not p.linked], caps, report, meter)
+        tokens: dict[str, str] = {}      # the batches' signed receipts (transport.put_many)
+        self._put([p for p in prepared if not p.linked], caps, report, meter, tokens)
         done = [p for p in prepared if p.durable or p.linked]
         entries = [(p, json.dumps({
             "path": p.path, "key": p.result.key, "size": p.size, "site": p.site,
@@ -363,18 +364,22 @@ class Uploads:
         }).encode()) for p in done]
         for part in _commit_parts(entries):
             try:
-                self._commit(part, replace, report)
+                self._commit(part, replace, report, tokens)
             except errors.AlreadyExists:
                 # Another writer got there between the check and the commit: commit the rest.
                 ok = {p.path for p in self._checked([p for p, _ in part], report, replace)}
                 rest = [e for e in part if e[0].path in ok]
                 if rest:
-                    self._commit(rest, replace, report)
+                    self._commit(rest, replace, report, tokens)
         if meter is not None:
             meter.finish(sources or ())
 
-    def _commit(self, part: list[tuple[_Prepared, bytes]], replace: bool, report: UploadReport) -> None:
-        body = b'{"files":[' + b",".join(e for _, e in part) + b"]}"
+    def _commit(self, part: list[tuple[_Prepared, bytes]], replace: bool, report: UploadReport,
+                tokens: dict[str, str]) -> None:
+        # Each batch receipt the part's files name (REF#i) travels once.
+        refs = {r.partition("#")[0] for p, _ in part for r in (p.receipt, *p.copy_receipts.values()) if "#" in r}
+        body = b'{"files":[' + b",".join(e for _, e in part) + b'],"receipts":' + \
+            json.dumps({ref: tokens[ref] for ref in refs}).encode() + b"}"
         reply, _ = self.client.meta.call("up.commit", body, replace=replace)
         self.client._free(reply.get("release") or {})
         report.uploaded += len(part)
@@ -423,7 +428,7 @@ class Uploads:
                f"{result.series_uid or 'NoSeriesUID'}/{sop}.dcm"
 
     def _put(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
-             meter: Meter | None = None) -> None:
+             meter: Meter | None = None, tokens: dict[str, str] | None = None) -> None:
         """Send every copy of each file to its site (all sites at once); a file is durable once
         every copy has its receipt, and a file with a failed copy is reported, not published.
 
@@ -469,7 +474,7 @@ class Uploads:
             def task(site: str, items: list[PutItem]) -> Callable[[], None]:
                 def run() -> None:
                     try:
-                        self.client.site_link(site).put_many(items, caps[site], done)
+                        self.client.site_link(site).put_many(items, caps[site], done, tokens)
                     except errors.DgfError as exc:
                         self.client._drop_link(site, exc)
                         for it in items:

@@ -209,6 +209,37 @@ class _Scope:
         return path in self.dirs if is_dir else path in self.files
 
 
+class _Receipts:
+    """A commit's receipts, verified: a site's own token for one object, or ``REF#i``, entry
+    ``i`` of the batch receipt the commit carries as ``receipts[REF]`` (ioserver
+    ``_batch_receipt``), whose signature is checked once however many files name it."""
+
+    def __init__(self, site_keys: dict[str, Any], batches: dict[str, str]) -> None:
+        self._keys, self._batches = site_keys, batches
+        self._verified: dict[tuple[str, str], list[Any]] = {}
+
+    def __call__(self, site: str, receipt: str) -> dict[str, Any]:
+        ref, sep, index = receipt.partition("#")
+        if not sep:
+            return crypto.verify_token(self._keys[site], receipt)
+        objs = self._verified.get((site, ref))
+        if objs is None:
+            if ref not in self._batches:
+                raise errors.PermissionDenied(f"receipt {receipt[:40]!r} names a batch receipt the commit does not carry.")
+            claims = crypto.verify_token(self._keys[site], self._batches[ref])
+            objs = claims.get("objs")
+            if (claims.get("t"), claims.get("site")) != ("receipts", site) or not isinstance(objs, list):
+                raise errors.PermissionDenied(f"batch receipt {ref!r} is not site {site}'s.")
+            self._verified[site, ref] = objs
+        entry = objs[int(index)] if index.isdigit() and int(index) < len(objs) else None
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise errors.PermissionDenied(f"receipt {receipt[:40]!r} names no object of its batch.")
+        key, size, blocks, header = entry
+        # The claims a single receipt carries (ioserver _receipt), absent where empty.
+        return {"t": "receipt", "site": site, "key": key, "size": size,
+                **({"bl": blocks} if blocks else {}), **({"xh": header} if header else {})}
+
+
 class MetaService(wire.Service):
     def __init__(self, engine: MetaEngine, vault: Vault, signing_key: Any,
                  limits: Limits = DEFAULT_LIMITS, principals: Principals | None = None) -> None:
@@ -941,6 +972,9 @@ class MetaService(wire.Service):
             files = batch["files"]
             if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
                 raise TypeError("files")
+            batch_receipts = batch.get("receipts") or {}
+            if not isinstance(batch_receipts, dict) or not all(isinstance(t, str) for t in batch_receipts.values()):
+                raise TypeError("receipts")
         except (ValueError, KeyError, TypeError) as exc:
             raise errors.UsageError("the commit payload is not a valid batch.") from exc
         if len(files) > self.limits.list_items:
@@ -954,6 +988,7 @@ class MetaService(wire.Service):
         background = self._replication_mode() == "async"
         self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         seal_keys = self._seal_keys(files)
+        receipt_of = _Receipts(site_keys, batch_receipts)
         new: list[NewFile] = []
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
         for f in files:
@@ -986,7 +1021,7 @@ class MetaService(wire.Service):
                 for where, receipt in copies:
                     if where not in site_keys:
                         raise errors.UsageError(f"unknown site {where!r} in commit.")
-                    claims = crypto.verify_token(site_keys[where], receipt)
+                    claims = receipt_of(where, receipt)
                     if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
                             ("receipt", where, f["key"], stored_size):
                         raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")

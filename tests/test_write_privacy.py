@@ -46,6 +46,7 @@ def test_pseudonyms_go_only_to_uploaders_at_a_bounded_rate_and_are_audited(tmp_p
 
 # -- hostile writers: what a tampered client sends ---------------------------------------------
 
+import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 
@@ -80,6 +81,10 @@ def _deidentified(fed: local.Federation, tmp_path: Path) -> bytes:
         return c.read_file(path)
 
 
+#: The batch receipts the site signed for _raw_put (REF -> token), which a commit carries.
+TOKENS: dict[str, str] = {}
+
+
 def _raw_put(c: Client, data: bytes) -> tuple[str, str | None, str | None]:
     """Put ``data`` on a site directly, as a client that skips de-identification would."""
     prep = c.meta.call("up.prepare", uids=[], patients=[])[0]
@@ -87,7 +92,7 @@ def _raw_put(c: Client, data: bytes) -> tuple[str, str | None, str | None]:
     c._learn_sites([Site.from_wire(s) for s in prep["sites"]])
     got: list[tuple[str | None, str | None]] = []
     c.site_link(site).put_many([PutItem(hashlib.sha256(data).hexdigest(), data)], prep["caps"][site],
-                               lambda item, receipt, error: got.append((receipt, error)))
+                               lambda item, receipt, error: got.append((receipt, error)), TOKENS)
     return site, got[0][0], got[0][1]
 
 
@@ -100,7 +105,7 @@ def _commit(c: Client, site: str, receipt: str, data: bytes, xml: str, path: str
     entry = {"path": path, "key": hashlib.sha256(data).hexdigest(), "size": len(data), "site": site,
              "receipt": receipt, "xml": xml, "patient": None, "copies": [], "identity": None,
              "derived_from": None, "blocks": "", "xattrs": {}}
-    c.meta.call("up.commit", json.dumps({"files": [entry]}).encode())
+    c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
 
 
 def _visible(fed: local.Federation, text: str) -> bool:
@@ -141,6 +146,56 @@ def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation,
             c.stat("/hostile/forged.dcm")
         _commit(c, site, receipt, data, header_xml(data).decode(), "/hostile/honest.dcm")   # the site's own
     assert not _visible(hostile, TOKEN)
+
+
+def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federation, tmp_path: Path) -> None:
+    """A put.batch's objects share one signed receipt; a commit cannot make it vouch for
+    another object, another site, or claims the site did not sign."""
+    clean = _deidentified(hostile, tmp_path)
+    datas = []
+    for n in (1, 2):
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(clean))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{7700 + n}"
+        buf = pydicom.filebase.DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        datas.append(buf.getvalue())
+    with Client(hostile.config("clinician")) as c:
+        prep = c.meta.call("up.prepare", uids=[], patients=[])[0]
+        site = sorted(prep["caps"])[0]
+        c._learn_sites([Site.from_wire(s) for s in prep["sites"]])
+        tokens: dict[str, str] = {}
+        got: list[str | None] = []
+        c.site_link(site).put_many([PutItem(hashlib.sha256(d).hexdigest(), d) for d in datas], prep["caps"][site],
+                                   lambda item, receipt, error: got.append(receipt), tokens)
+        assert len(tokens) == 1 and all(r is not None and r.startswith(next(iter(tokens)) + "#") for r in got)
+        ref = next(iter(tokens))
+        first = {r.partition("#")[2]: r for r in got if r}
+        entry = {"path": "/hostile/batch-0.dcm", "key": hashlib.sha256(datas[0]).hexdigest(), "size": len(datas[0]),
+                 "site": site, "receipt": first["1"], "xml": header_xml(datas[0]).decode(), "patient": None,
+                 "copies": [], "identity": None, "derived_from": None, "blocks": "", "xattrs": {}}
+
+        def commit(receipts: dict[str, str], **change: object) -> None:
+            c.meta.call("up.commit", json.dumps({"files": [{**entry, **change}], "receipts": receipts}).encode())
+
+        with pytest.raises(errors.PermissionDenied, match="does not match its object"):
+            commit(tokens)                                           # object 1's entry for object 0
+        with pytest.raises(errors.PermissionDenied, match="names no object of its batch"):
+            commit(tokens, receipt=ref + "#7")
+        with pytest.raises(errors.PermissionDenied, match="does not carry"):
+            commit({})
+        body, sig = tokens[ref].split(".")
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        claims["objs"][1][0] = entry["key"]                          # vouch for object 0 unsigned
+        forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=") + "." + sig
+        with pytest.raises(errors.PermissionDenied, match="invalid signature"):
+            commit({ref: forged})
+        other = next(s for s in hostile.sites if s != site)
+        with pytest.raises(errors.PermissionDenied, match="invalid signature"):
+            commit(tokens, receipt=first["0"], site=other)           # site A's receipt as site B's
+        with pytest.raises(errors.NotFound):
+            c.stat("/hostile/batch-0.dcm")
+        commit(tokens, receipt=first["0"])                          # its own entry: published
+        assert c.stat("/hostile/batch-0.dcm").size == len(datas[0])
 
 
 PLANTS = [
