@@ -12,7 +12,10 @@ Each run makes ``--files`` fresh small CT files (39 KB, ``bench/synth.py``) and,
 
 CPU seconds are the client's (with its children) plus every server process's over the same
 interval (dgf: metaserver and both sites; Orthanc: itself), from ``wait4`` and ``/proc``: they
-hold on a busy machine where wall time does not.  Prints one JSON object; medians of the runs.
+hold on a busy machine where wall time does not.  Prints one JSON object; medians of the runs,
+dgf's ingest also split by process, and the kernel CPU this machine charges to create one empty
+file in the work directory (a floor under every per-file figure that writes files: dgf stores
+two copies, Orthanc one, and each download writes one).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def main() -> None:
     env = {"DGF_CONFIG": str(fed.config("clinician")), "PATH": str(BIN) + ":/usr/bin:/bin"}
     client = work / "orthanc_client.py"
     client.write_text(ORTHANC_CLIENT)
-    servers = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
+    pids = {k: int(p) for k, p in json.loads((fed.root / local.STATE).read_text())["pids"].items()}
+    servers = list(pids.values())
+    split: dict[str, list[float]] = {k: [] for k in ("client", *pids)}
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("dgf up", "dgf down", "Orthanc up", "Orthanc down")}
     n = args.files
     try:
@@ -77,7 +82,11 @@ def main() -> None:
             src = synth.small_corpus(work / f"src{run}", n, seed=900 + run)
             listing = work / f"files{run}.txt"
             listing.write_text("\n".join(map(str, src)))
+            before = {k: measure.cpu_of(p) for k, p in pids.items()}
             up = measure.run([str(BIN / "dgf_up"), str(src[0].parent), "--to", f"/run{run}", "-r"], env, servers)
+            spent = {k: measure.cpu_of(p) - before[k] for k, p in pids.items()}
+            for k, v in {"client": up.cpu - sum(spent.values()), **spent}.items():
+                split[k].append(v)
             down = measure.run([str(BIN / "dgf_down"), f"/run{run}", "-o", str(work / f"down{run}")], env, servers)
             ids = work / f"ids{run}.txt"
             oup = measure.run([sys.executable, str(client), "up", str(port), str(listing), str(ids)], None,
@@ -91,6 +100,7 @@ def main() -> None:
                 runs[key].append((r.wall, r.cpu))
             for d in (src[0].parent, work / f"down{run}", work / f"odown{run}"):
                 shutil.rmtree(d)
+        create_cost = measure.create_cost(work)
     finally:
         measure.stop(peer.proc)
         local.down(fed.root, quiet=True)
@@ -102,6 +112,8 @@ def main() -> None:
         out[f"{what}: CPU ms per file, dgf / Orthanc / ratio"] = [round(d[1] / n * 1000, 2), round(o[1] / n * 1000, 2),
                                                                round(d[1] / o[1], 2)]
         out[f"{what}: files/s, dgf / Orthanc / ratio"] = [round(n / d[0]), round(n / o[0]), round(o[0] / d[0], 2)]
+    out["dgf up: CPU ms per file by process"] = {k: round(statistics.median(v) / n * 1000, 2) for k, v in split.items()}
+    out["kernel CPU ms to create one empty file here"] = round(create_cost, 3)
     print(json.dumps(out, indent=1))
 
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 UNREACHABLE_S = 5.0
 META_SUBSYSTEM = "dgf-meta"
 IO_SUBSYSTEM = "dgf-io"
+#: Bytes of XML headers a site may send back for one put or put.batch frame.
+HEADERS_MAX = 64 * 1024 * 1024
 #: Small objects travel many to a frame (put.batch / get.batch); a few frames are in flight.
 BATCH_OBJECTS = 64
 BATCH_BYTES = 4 * 1024 * 1024
@@ -115,6 +117,10 @@ class PutItem:
     #: A streamed object: its size, and its bytes in pieces (``data`` is then empty).
     size: int = -1
     stream: Callable[[int], Iterator[bytes | memoryview]] | None = None
+    #: Whether the site should send back the XML header it derives from the object (the copy
+    #: whose header is published), and that header once it has.
+    want_header: bool = False
+    header: bytes = b""
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -200,25 +206,40 @@ class SiteLink:
 
         def send(chan: wire.RpcChannel, b: list[PutItem]) -> None:
             if single(b):
-                chan.send("put", {"key": b[0].key, "size": b[0].size},
+                chan.send("put", {"key": b[0].key, "size": b[0].size, "header": b[0].want_header},
                           stream=b[0].pieces(), stream_size=b[0].size)
                 return
-            chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [it.size for it in b]},
+            chan.send("put.batch", {"keys": [it.key for it in b], "sizes": [it.size for it in b],
+                                    "headers": [i for i, it in enumerate(b) if it.want_header]},
                       stream=(piece for it in b for piece in it.pieces()),
                       stream_size=sum(it.size for it in b))
 
         def receive(chan: wire.RpcChannel, b: list[PutItem]) -> None:
             try:
-                result, _ = chan.receive()
+                head = chan.receive_header()
             except errors.TransportError:
                 raise
             except errors.DgfError as exc:       # the whole frame refused (a limit, a capability)
                 for it in b:
                     done(it, None, exc.message)
                 return
+            result, n = head.get("r") or {}, int(head.get("n", 0))
+            if n > HEADERS_MAX:
+                chan.broken = True
+                raise errors.TransportError(f"site {self.site.name} sent {n} bytes of headers for a put; "
+                                            f"at most {HEADERS_MAX} are taken.")
+            xmls = chan.read_payload(n)
             if single(b):
+                b[0].header = xmls
                 done(b[0], result["receipt"], None)
                 return
+            wanted = [it for it in b if it.want_header]
+            sizes = result.get("header_sizes") or []
+            if len(sizes) != len(wanted) or sum(sizes) != n:
+                raise errors.TransportError(f"site {self.site.name} sent headers that do not match its objects.")
+            pos = 0
+            for it, size in zip(wanted, sizes):
+                it.header, pos = xmls[pos:pos + size], pos + size
             ref = hashlib.sha256(str(result.get("batch", "")).encode()).hexdigest()[:16]
             tokens[ref] = str(result.get("batch", ""))
             for it, receipt, error in zip(b, result["receipts"], result["errors"]):

@@ -59,6 +59,9 @@ class _Prepared:
     path: str
     site: str
     receipt: str = ""
+    #: The XML header the site holding the first copy derived from the bytes it checked: the
+    #: one the metaserver publishes (its SHA-256 is in that site's receipt).
+    header: bytes = b""
     linked: bool = False  # published as another name of an object already stored
     pinned: bool = False  # the uploader named the site: a copy elsewhere does not count
     derived: bool = False
@@ -352,7 +355,7 @@ class Uploads:
         done = [p for p in prepared if p.durable or p.linked]
         entries = [(p, json.dumps({
             "path": p.path, "key": p.result.key, "size": p.size, "site": p.site,
-            "receipt": p.receipt, "xml": p.result.xml.decode(), "patient": p.result.patient,
+            "receipt": p.receipt, "xml": (p.header or p.result.xml).decode(), "patient": p.result.patient,
             "copies": [] if p.linked else [{"site": c, "receipt": p.copy_receipts[c]} for c in p.copies],
             # Derived data (computed from de-identified data) has no identity to keep.
             "identity": None if p.derived else base64.b64encode(p.result.identity).decode(),
@@ -454,7 +457,7 @@ class Uploads:
                 failed(copy.file, f"site {copy.site} refused the object: {error}", errors.ServerError.exit_code,
                        f"refused by site {copy.site}")
             elif copy.site == copy.file.site:
-                copy.file.receipt = receipt
+                copy.file.receipt, copy.file.header = receipt, item.header
             else:
                 with lock:
                     copy.file.copy_receipts[copy.site] = receipt
@@ -468,7 +471,8 @@ class Uploads:
                     stream = meter.metered(p.source, p.result.pieces) \
                         if meter is not None and copy.site == p.site and not last else p.result.pieces
                 by_site.setdefault(copy.site, []).append(
-                    PutItem(p.result.key, p.result.data, copy, size=p.result.size, stream=stream))
+                    PutItem(p.result.key, p.result.data, copy, size=p.result.size, stream=stream,
+                            want_header=copy.site == p.site and p.seal is None))
             stranded: list[tuple[_Copy, errors.DgfError]] = []
 
             def task(site: str, items: list[PutItem]) -> Callable[[], None]:

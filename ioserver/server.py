@@ -44,6 +44,11 @@ PROFILE_REFRESH_S = 30.0
 ADOPT_BATCH = 32
 
 
+def _xh(xml: bytes) -> str:
+    """What a receipt signs for an XML header: its SHA-256 ("" when none was derived)."""
+    return hashlib.sha256(xml).hexdigest() if xml else ""
+
+
 @dataclass(frozen=True)
 class Peer:
     name: str
@@ -204,15 +209,16 @@ class IoService(wire.Service):
         return crypto.sign_token(self._site_key, {"t": "receipts", "site": self.site, "objs": [
             None if o is None else [o[0], o[1], list_digest(o[2]), o[3]] for o in objects]})
 
-    def _vet(self, data: bytes | memoryview, key: str) -> str:
+    def _vet(self, data: bytes | memoryview, key: str, derive: bool = True) -> bytes:
         """Check an object against the archive's profile before it is stored or signed for
-        (PolicyRefused names what is wrong), and return the SHA-256 of its XML header as this
-        site derives it from the bytes."""
+        (PolicyRefused names what is wrong), and return its XML header as this site derives it
+        from the bytes: the one header the metaserver publishes for it.  Empty for a sealed
+        object, and unless ``derive`` (an uploader's extra copies: their headers go unused)."""
         if self._sealed(data, key):
-            return ""       # sealed: the metaserver checks what the uploader shows it (up.commit)
-        return hashlib.sha256(self._checked_header(data, key)).hexdigest()
+            return b""      # sealed: the metaserver checks what the uploader shows it (up.commit)
+        return self._checked_header(data, key, derive)
 
-    def _checked_header(self, data: bytes | memoryview, key: str) -> bytes:
+    def _checked_header(self, data: bytes | memoryview, key: str, derive: bool = True) -> bytes:
         """The XML header of object ``key`` once it passed the profile (parsed once for both)."""
         from dgf.dicom import raw, validate
         from dgf.dicom.xmlheader import header_xml
@@ -222,7 +228,7 @@ class IoService(wire.Service):
             part = raw.parse_part10(data)  # type: ignore[arg-type]
             if self.profile is not None:
                 validate.check(part, self.profile.get(), what)
-            return header_xml(part)
+            return header_xml(part) if derive else b""
         except errors.InvalidDicom as exc:
             raise errors.PolicyRefused(f"{what} is not a DICOM file this archive stores ({exc.message}).") from exc
 
@@ -248,27 +254,33 @@ class IoService(wire.Service):
         s.caps.append(cap)
         return wire.Reply({"op": cap.op, "expires": cap.expires})
 
-    @wire.verb("put", payload=True, key=str, size=int)
-    def put(self, s: Session, payload: wire.Payload, key: str, size: int) -> wire.Reply:
+    @wire.verb("put", payload=True, optional=("header",), key=str, size=int, header=bool)
+    def put(self, s: Session, payload: wire.Payload, key: str, size: int, header: bool = False) -> wire.Reply:
+        """One object, streamed; with ``header``, the XML header derived here is the reply's payload."""
         s.require("put", key)
         if payload.size != size:
             raise errors.UsageError(f"put declared {size} bytes but sent {payload.size}.")
         created, digests = self.store.put(key, payload.chunks(), size)
         try:
             with self.store.mapped(key) as data:
-                header = self._vet(data, key)
+                xml = self._vet(data, key)
         except errors.PolicyRefused:
             if created:
                 self.store.delete(key)       # refused: nothing of it stays here
             raise
-        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests, header)})
+        return wire.Reply({"created": created, "receipt": self._receipt(key, size, digests, _xh(xml))},
+                          payload=xml if header else b"")
 
-    @wire.verb("put.batch", payload=True, keys=list, sizes=list)
-    def put_batch(self, s: Session, payload: wire.Payload, keys: list[str], sizes: list[int]) -> wire.Reply:
+    @wire.verb("put.batch", payload=True, optional=("headers",), keys=list, sizes=list, headers=list)
+    def put_batch(self, s: Session, payload: wire.Payload, keys: list[str], sizes: list[int],
+                  headers: list[int] | None = None) -> wire.Reply:
         """Many small objects in one frame: the payload is their bytes back to back.
 
         Each object is checked and stored on its own; the reply has a receipt or an error per
-        object, so one bad object does not fail its neighbours."""
+        object, so one bad object does not fail its neighbours.  ``headers`` names the objects
+        (by index) whose XML headers the uploader wants back, the ones it will publish: only
+        those are derived, and the reply's payload is them back to back (``header_sizes``).
+        Without it every header is derived and none sent."""
         if len(keys) != len(sizes) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                               for n in sizes):
             raise errors.UsageError("put.batch needs one non-negative size per key.")
@@ -279,25 +291,31 @@ class IoService(wire.Service):
             raise self.limits.refuse("batch_objects", f"a put.batch of {len(keys)} objects")
         if payload.size > self.limits.batch_bytes:
             raise self.limits.refuse("batch_bytes", f"a put.batch of {payload.size} bytes")
+        if headers is not None and len(headers) > len(keys):
+            raise errors.UsageError("put.batch asks for more headers than it sends objects.")
+        wanted = None if headers is None else {i for i in headers if isinstance(i, int)}
         s.require("put", None)
         items = [(str(key), b"".join(payload.chunks_of(size))) for key, size in zip(keys, sizes)]
-        headers: dict[int, str] = {}
+        xmls: dict[int, bytes] = {}
         refused: dict[int, str] = {}
         for i, (key, data) in enumerate(items):
             try:
-                headers[i] = self._vet(data, key)
+                xmls[i] = self._vet(data, key, derive=wanted is None or i in wanted)
             except errors.PolicyRefused as exc:
                 refused[i] = exc.message
-        vetted = [items[i] for i in sorted(headers)]
-        stored = dict(zip(sorted(headers), self.store.put_many(vetted)))
+        vetted = [items[i] for i in sorted(xmls)]
+        stored = dict(zip(sorted(xmls), self.store.put_many(vetted)))
         objects: list[tuple[str, int, bytes, str] | None] = []
         failures: list[str | None] = []
         for i, (key, data) in enumerate(items):
             failed = stored.get(i)
             failures.append(refused.get(i) or (failed.message if failed is not None else None))
-            objects.append(None if failures[-1] is not None else (key, len(data), block_digests(data), headers[i]))
+            objects.append(None if failures[-1] is not None else
+                           (key, len(data), block_digests(data), _xh(xmls[i])))
+        sent = [xmls[i] if objects[i] is not None else b"" for i in sorted(wanted or ()) if 0 <= i < len(items)]
         return wire.Reply({"batch": self._batch_receipt(objects), "errors": failures,
-                           "receipts": [None if o is None else f"#{i}" for i, o in enumerate(objects)]})
+                           "receipts": [None if o is None else f"#{i}" for i, o in enumerate(objects)],
+                           "header_sizes": [len(x) for x in sent]}, payload=b"".join(sent))
 
     @wire.verb("get.batch", keys=list)
     def get_batch(self, s: Session, keys: list[str]) -> wire.Reply:
@@ -478,7 +496,7 @@ class IoService(wire.Service):
                 xml = self._checked_header(data, key)  # type: ignore[arg-type]   # stored before sites checked, perhaps
         digests = hasher.digests()
         return {"size": n, "blocks": base64.b64encode(digests).decode(), "xml": xml.decode("utf-8", "surrogateescape"),
-                "receipt": self._receipt(key, n, digests, hashlib.sha256(xml).hexdigest())}
+                "receipt": self._receipt(key, n, digests, _xh(xml))}
 
     @wire.verb("replicate", key=str, size=int, source=dict, grant=str)
     def replicate(self, s: Session, key: str, size: int, source: dict[str, Any], grant: str) -> wire.Reply:

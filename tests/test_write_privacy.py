@@ -91,8 +91,8 @@ def _raw_put(c: Client, data: bytes) -> tuple[str, str | None, str | None]:
     site = sorted(prep["caps"])[0]
     c._learn_sites([Site.from_wire(s) for s in prep["sites"]])
     got: list[tuple[str | None, str | None]] = []
-    c.site_link(site).put_many([PutItem(hashlib.sha256(data).hexdigest(), data)], prep["caps"][site],
-                               lambda item, receipt, error: got.append((receipt, error)), TOKENS)
+    c.site_link(site).put_many([PutItem(hashlib.sha256(data).hexdigest(), data, want_header=True)],
+                               prep["caps"][site], lambda item, receipt, error: got.append((receipt, error)), TOKENS)
     return site, got[0][0], got[0][1]
 
 
@@ -165,11 +165,17 @@ def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federat
         c._learn_sites([Site.from_wire(s) for s in prep["sites"]])
         tokens: dict[str, str] = {}
         got: list[str | None] = []
-        c.site_link(site).put_many([PutItem(hashlib.sha256(d).hexdigest(), d) for d in datas], prep["caps"][site],
-                                   lambda item, receipt, error: got.append(receipt), tokens)
+        # The uploader asks for the header of the copy it publishes (object 0) only.
+        items = [PutItem(hashlib.sha256(d).hexdigest(), d, want_header=(n == 0)) for n, d in enumerate(datas)]
+        c.site_link(site).put_many(items, prep["caps"][site], lambda item, receipt, error: got.append(receipt),
+                                   tokens)
         assert len(tokens) == 1 and all(r is not None and r.startswith(next(iter(tokens)) + "#") for r in got)
         ref = next(iter(tokens))
         first = {r.partition("#")[2]: r for r in got if r}
+        assert items[0].header == header_xml(datas[0]) and items[1].header == b""
+        body = tokens[ref].split(".")[0]
+        signed = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["objs"]
+        assert signed[0][3] == hashlib.sha256(items[0].header).hexdigest() and signed[1][3] == ""
         entry = {"path": "/hostile/batch-0.dcm", "key": hashlib.sha256(datas[0]).hexdigest(), "size": len(datas[0]),
                  "site": site, "receipt": first["1"], "xml": header_xml(datas[0]).decode(), "patient": None,
                  "copies": [], "identity": None, "derived_from": None, "blocks": "", "xattrs": {}}
@@ -192,6 +198,10 @@ def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federat
         other = next(s for s in hostile.sites if s != site)
         with pytest.raises(errors.PermissionDenied, match="invalid signature"):
             commit(tokens, receipt=first["0"], site=other)           # site A's receipt as site B's
+        # Object 1 was checked but its header not derived: it cannot be the published copy.
+        with pytest.raises(errors.PermissionDenied, match="not the one site"):
+            commit(tokens, path="/hostile/batch-1.dcm", key=hashlib.sha256(datas[1]).hexdigest(),
+                   size=len(datas[1]), xml=header_xml(datas[1]).decode())
         with pytest.raises(errors.NotFound):
             c.stat("/hostile/batch-0.dcm")
         commit(tokens, receipt=first["0"])                          # its own entry: published

@@ -150,13 +150,17 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
                 plan = deid.analyze(data, prof) if data else deid.analyze_file(name, prof)
             patient, offset = patients[plan.patient_key]
             result = deid.apply(plan, deid.Pseudonyms(uids, patient, offset), prof)
-            if result.layout is not None:
+            # The header published is the one the storing site derives from the bytes it
+            # checks (ioserver put); only derived data, whose patient the header names, needs
+            # it here.
+            xml = b""
+            if options.derived and result.layout is not None:
                 sk = deid.skeleton(plan, result)
                 try:
                     xml = header_xml(sk)  # type: ignore[arg-type]
                 finally:
                     sk.close()
-            else:
+            elif options.derived:
                 xml = header_xml(result.data)
         except errors.DgfError as exc:
             out.append(Deidentified(name, error=Problem.of(exc)))
