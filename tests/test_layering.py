@@ -44,3 +44,29 @@ def test_the_core_imports_no_client_and_no_server() -> None:
     files = [ROOT / f for f in CORE]
     assert all(f.exists() for f in files)
     assert _offending(files, CLIENT, tuple(f"{s}." for s in SERVERS) + SERVERS) == []
+
+
+def _fresh(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); its stdout."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_an_upload_imports_neither_pydicom_nor_numpy() -> None:
+    """De-identifying and uploading needs pydicom's dictionary only (dgf.dicom.dictionary): its
+    package (numpy, requests, pixel plugins: 0.18 s of CPU) stays out of dgf_up."""
+    out = _fresh("import sys; import dgf.cli, dgf.client, dgf.upload, dgf.dicom.pipeline, dgf.dicom.validate; "
+                 "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydicom', 'numpy', 'lxml')))")
+    assert out.strip() == "[]"
+
+
+def test_the_standalone_dictionary_is_pydicoms() -> None:
+    out = _fresh("import dgf.dicom.dictionary as d; standalone = d._source.__name__; "
+                 "from pydicom import datadict; "
+                 "print(standalone, d.DicomDictionary == datadict.DicomDictionary, "
+                 "d.RepeatersDictionary == datadict.RepeatersDictionary, len(d.DicomDictionary) > 4000)")
+    assert out.split() == ["dgf.dicom._pydicom_dict", "True", "True", "True"]

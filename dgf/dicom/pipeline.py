@@ -20,7 +20,6 @@ from typing import Any, cast
 from dgf import errors, workers
 from dgf.dicom import deid, identity
 from dgf.dicom.profile import Options, Profile
-from dgf.dicom.xmlheader import header_xml
 
 _PROFILES: dict[Options, Profile] = {}
 
@@ -137,6 +136,19 @@ def analyze_items(items: list[tuple[str, bytes | None]], options: Options) -> li
     return out
 
 
+def _header(plan: deid.DeidPlan, result: deid.Result) -> bytes:
+    """The XML header of a de-identified object (a streamed one: from its skeleton)."""
+    from dgf.dicom.xmlheader import header_xml  # pydicom and its charsets: for derived data only
+
+    if result.layout is None:
+        return header_xml(result.data)
+    sk = deid.skeleton(plan, result)
+    try:
+        return header_xml(sk)  # type: ignore[arg-type]
+    finally:
+        sk.close()
+
+
 def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, uids: dict[str, str],
                      patients: dict[str, tuple[str, int]], spool: str = "") -> list[Deidentified]:
     """Step 2.  With ``spool`` (a directory on tmpfs), outputs above SPOOL_MIN bytes are written
@@ -153,15 +165,7 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
             # The header published is the one the storing site derives from the bytes it
             # checks (ioserver put); only derived data, whose patient the header names, needs
             # it here.
-            xml = b""
-            if options.derived and result.layout is not None:
-                sk = deid.skeleton(plan, result)
-                try:
-                    xml = header_xml(sk)  # type: ignore[arg-type]
-                finally:
-                    sk.close()
-            elif options.derived:
-                xml = header_xml(result.data)
+            xml = _header(plan, result) if options.derived else b""
         except errors.DgfError as exc:
             out.append(Deidentified(name, error=Problem.of(exc)))
             continue

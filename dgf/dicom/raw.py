@@ -16,9 +16,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from pydicom.datadict import DicomDictionary, RepeatersDictionary
-
 from dgf import errors
+from dgf.dicom.dictionary import DicomDictionary, RepeatersDictionary
 
 UNDEFINED = 0xFFFFFFFF
 ITEM = 0xFFFEE000
