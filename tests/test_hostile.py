@@ -381,3 +381,22 @@ def test_a_flipped_byte_is_never_served_and_a_reupload_repairs_it(fed: local.Fed
     finally:
         mount.close()
     assert stored.read_bytes() == original
+
+
+def test_a_site_reply_past_the_header_bound_fails_the_upload_by_name(fed: local.Federation, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The XML headers a site sends back for a put are bounded by the uploader before they are
+    read (transport.HEADERS_MAX, lowered here so a real site's honest reply exceeds it): the
+    upload fails by name and nothing is published."""
+    import dgf.transport
+
+    monkeypatch.setattr(dgf.transport, "HEADERS_MAX", 100)
+    _one_copy(fed, "/bounded")
+    with Client(fed.config("clinician")) as c:
+        report = c.upload(corpus.fresh_instances(tmp_path, 2), to="/bounded")
+        assert report.uploaded == 0 and len(report.failed) == 2
+        assert all("bytes of headers for a put; at most 100 are taken" in f.reason for f in report.failed)
+        assert c.ls("/bounded") == []
+    monkeypatch.undo()
+    with Client(fed.config("clinician")) as c:          # the bound restored, the same upload works
+        assert c.upload(corpus.fresh_instances(tmp_path / "again", 2), to="/bounded").uploaded == 2
