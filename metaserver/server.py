@@ -218,7 +218,9 @@ class _Receipts:
         self._keys, self._batches = site_keys, batches
         self._verified: dict[tuple[str, str], list[Any]] = {}
 
-    def __call__(self, site: str, receipt: str) -> dict[str, Any]:
+    def __call__(self, site: str, receipt: object) -> dict[str, Any]:
+        if not isinstance(receipt, str):
+            raise errors.PermissionDenied("a receipt in the commit is not a string.")
         ref, sep, index = receipt.partition("#")
         if not sep:
             return crypto.verify_token(self._keys[site], receipt)
@@ -231,7 +233,7 @@ class _Receipts:
             if (claims.get("t"), claims.get("site")) != ("receipts", site) or not isinstance(objs, list):
                 raise errors.PermissionDenied(f"batch receipt {ref!r} is not site {site}'s.")
             self._verified[site, ref] = objs
-        entry = objs[int(index)] if index.isdigit() and int(index) < len(objs) else None
+        entry = objs[int(index)] if index.isascii() and index.isdigit() and int(index) < len(objs) else None
         if not isinstance(entry, list) or len(entry) != 4:
             raise errors.PermissionDenied(f"receipt {receipt[:40]!r} names no object of its batch.")
         key, size, blocks, header = entry

@@ -185,8 +185,11 @@ def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federat
 
         with pytest.raises(errors.PermissionDenied, match="does not match its object"):
             commit(tokens)                                           # object 1's entry for object 0
-        with pytest.raises(errors.PermissionDenied, match="names no object of its batch"):
-            commit(tokens, receipt=ref + "#7")
+        for index in ("7", "\u00b2", "-1", ""):                      # out of range, not ASCII digits
+            with pytest.raises(errors.PermissionDenied, match="names no object of its batch"):
+                commit(tokens, receipt=ref + "#" + index)
+        with pytest.raises(errors.PermissionDenied, match="not a string"):
+            commit(tokens, receipt=[ref, 0])
         with pytest.raises(errors.PermissionDenied, match="does not carry"):
             commit({})
         body, sig = tokens[ref].split(".")
