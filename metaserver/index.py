@@ -30,25 +30,66 @@ MAX_TEXT = 256
 LONG_MARK = "\uffff"
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=True)
-_PLAIN_NUMBER = re.compile(r"[ \t\r\n]*-?(?:\d+(?:\.\d*)?|\.\d+)[ \t\r\n]*")
-_HAS_DIGIT = re.compile(r"\d")
-_XPATH_NUMBER = etree.XPath("number($v)")
-_DUMMY = etree.Element("n")
+#: What XPath's number() reads as a number, as libxml2 parses it (xmlXPathStringEvalNumber):
+#: blanks, an optional '-', ASCII digits with an optional fraction, an optional exponent whose
+#: digits libxml2 does not even require ('1e' is 1), blanks.  ASCII digits only: Python's \\d
+#: and float() would read U+0663 as 3, where XPath gives NaN.
+_NUMBER = re.compile(r"[ \t\r\n]*(-?)([0-9]*)(?:\.([0-9]*))?(?:[eE]([+-]?)([0-9]*))?[ \t\r\n]*")
+#: libxml2 reads at most this many fraction digits after the leading zeros.
+_MAX_FRAC = 20
 _NON_SQ_KEYWORDS = frozenset(entry[4] for entry in DicomDictionary.values() if entry[4] and entry[0] != "SQ")
 
 
 def xpath_number(text: str) -> float | None:
     """XPath 1.0 ``number()`` of a string as lxml computes it; None for NaN.
 
-    Plain decimals convert exactly as Python's float() does (checked against libxml2); anything
-    else that could be a number (exponents, which libxml2 accepts) asks libxml2 itself.
+    A plain decimal converts as float() does, correctly rounded, as the index has always stored
+    it (libxml2's own sum of digits can be one unit in the last place away: '2.704' is
+    2.7039999999999997 to it; both sides of a comparison are converted the same way in each
+    world, so results agree).  A decimal with an exponent is computed as libxml2 computes it
+    (it used to be asked).  Nothing else is a number: names, codes, UIDs, '000Y', and digits
+    other than ASCII ones, which float() would read.  tests/test_query checks this against lxml.
     """
-    if _PLAIN_NUMBER.fullmatch(text):
+    m = _NUMBER.fullmatch(text)
+    if m is None:
+        return None
+    sign, whole, frac, exp_sign, exp = m.groups()
+    if not whole and not frac:
+        return None                    # no digit before the exponent: '', '-', '.', 'e5'
+    if exp is None:
         return float(text)
-    if text.count(".") > 1 or not _HAS_DIGIT.search(text):
-        return None                          # UIDs, names, codes: never a number
-    value = float(_XPATH_NUMBER(_DUMMY, v=text))  # type: ignore[arg-type]
-    return None if math.isnan(value) else value
+    ret = _digits(whole)
+    if frac:
+        zeros = len(frac) - len(frac.lstrip("0"))
+        read = frac[zeros:zeros + _MAX_FRAC]
+        ret = ret + _digits(read) / _pow10(zeros + len(read))
+    if sign:
+        ret = -ret
+    exponent = 0
+    for c in exp:
+        if exponent < 1000000:
+            exponent = exponent * 10 + (ord(c) - 48)
+    ret *= _pow10(-exponent if exp_sign == "-" else exponent)
+    return None if math.isnan(ret) else ret       # 0E400: zero times infinity
+
+
+def _digits(digits: str) -> float:
+    """libxml2's sum of decimal digits (value * 10 + digit, in doubles); exact, and so equal to
+    int(), up to 15 digits."""
+    if len(digits) <= 15:
+        return float(int(digits or "0"))
+    value = 0.0
+    for c in digits:
+        value = value * 10 + (ord(c) - 48)
+    return value
+
+
+def _pow10(n: int) -> float:
+    """C's pow(10.0, n), which overflows to infinity where Python raises."""
+    try:
+        return math.pow(10.0, n)
+    except OverflowError:
+        return math.inf
 
 
 def comparable(name: str) -> bool:

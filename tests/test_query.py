@@ -377,3 +377,29 @@ def test_queries_researchers_write_are_reviewed(engine: SqlEngine) -> None:
         prepared("/DicomHeader[StudyDate > date('2010-01-01')]")
     with pytest.raises(errors.UsageError, match=r"^lower-case\(\) is not an XPath 1.0 function"):
         prepared("/DicomHeader[lower-case(Modality)='ct']")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(
+    st.text(alphabet="0123456789.-+eE \t\n\rxY^\u0663\u00b2\u00a0", max_size=12),
+    st.from_regex(r"[ \t]?-?[0-9]{0,4}\.?[0-9]{0,4}([eE][+-]?[0-9]{1,3})?[ \n]?", fullmatch=True),
+    st.from_regex(r"-?[0-9]{0,25}\.0{0,6}[0-9]{0,30}([eE]-?[0-9]{1,4})?", fullmatch=True),    # past 20 digits
+    st.sampled_from(["1.2.840.10008.1.2", "000Y", "ISO_IR 100", "-0500", ".5", "5.", "-.5", "1e3", " 2E-2 ",
+                     "+1", "1e", "0E+", "e5", ".", "-", "1.5e+2", "0x10", "Infinity", "NaN", "1 2", "\u0663",
+                     "1\u0663"])))
+def test_index_numbers_are_xpath_numbers(text: str) -> None:
+    """The index stores a value's number() as libxml2 computes it: a number exactly when XPath
+    sees one, the same one with an exponent, and within libxml2's rounding of plain decimals
+    (the index keeps those correctly rounded, as it always has)."""
+    import math
+
+    from metaserver.index import xpath_number
+
+    expected = float(etree.XPath("number($v)")(etree.Element("n"), v=text))  # type: ignore[arg-type]
+    got = xpath_number(text)
+    if math.isnan(expected):
+        assert got is None, (text, got)
+    elif "e" in text.lower():
+        assert got == expected, (text, got, expected)
+    else:
+        assert got == float(text) and math.isclose(got, expected, rel_tol=1e-15, abs_tol=1e-300), (text, got)
