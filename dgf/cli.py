@@ -49,9 +49,13 @@ def config_option(fn: F) -> F:
 
 def _client(config: str | None, options: list[str] | None = None) -> Any:
     from dgf.client import Client
-    from dgf.dicom.profile import Options
 
-    client = Client(config, Options.from_names(options or []))
+    requested = None            # none asked: the archive's (a command that uploads nothing never loads them)
+    if options:
+        from dgf.dicom.profile import Options
+
+        requested = Options.from_names(options)
+    client = Client(config, requested)
     try:
         mismatch = client.check_principal()
     except BaseException:
