@@ -50,6 +50,10 @@ RESOLVE_PATHS = 5000
 #: (215 vs 280 files/s; 0.5 MB CT files 68-90 vs 75-93 files/s).
 POOL_MIN_FILES = 400
 POOL_WORKERS = max(1, min(4, (os.cpu_count() or 1) - 1))
+#: Batches in the store stage at once (sent to the sites, then committed): with two, one
+#: batch's commit overlaps the next one's transfer.  1000 small files on this 2-core machine:
+#: 339 files/s with one, 417 with two, 398 with three, at the same CPU per file.
+STORE_STAGES = 2
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Uploads:
 
     def __init__(self, client: Client) -> None:
         self.client = client
+        self._tally = threading.Lock()      # report counters, updated by concurrent store stages
 
 
     def upload(self, paths: Iterable[str | os.PathLike[str]], to: str | None = None,
@@ -153,27 +158,28 @@ class Uploads:
             on_total(sum(sizes.values()))
         meter = Meter(progress, sizes)
         # De-identification is CPU work: large uploads spread it over worker processes (started
-        # fresh, not forked, since this process runs SSH threads).  And two stages overlap: while
-        # batch N is streamed to the sites and committed, batch N+1 is read and de-identified.
+        # fresh, not forked, since this process runs SSH threads).  And the stages overlap: while
+        # batches N-1 and N are streamed to the sites and committed (STORE_STAGES at once, so
+        # one's commit overlaps the other's transfer), batch N+1 is read and de-identified.
         from dgf.dicom import pipeline  # de-identification: pydicom's dictionary, loaded for uploads only
 
         workers = None
         if len(files) >= POOL_MIN_FILES and POOL_WORKERS > 1:
             workers = pipeline.Workers(POOL_WORKERS)
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgf-store") as store:
-                pending: Future[None] | None = None
+            with ThreadPoolExecutor(max_workers=STORE_STAGES, thread_name_prefix="dgf-store") as store:
+                pendings: list[Future[None]] = []
                 for i in range(0, len(files), batch):
                     chunk = files[i:i + batch]
                     # Files are read where they are de-identified (a worker, or here).
                     items: list[tuple[str, bytes | None]] = [(str(f), None) for f in chunk]
                     prepared, caps = self._prepare(items, to, site, report, pool=workers, spread=spread)
-                    if pending is not None:
-                        pending.result()
-                    pending = store.submit(self._store, prepared, caps, report, replace, meter,
-                                           [str(f) for f in chunk])
-                if pending is not None:
-                    pending.result()
+                    while len(pendings) >= STORE_STAGES:
+                        pendings.pop(0).result()
+                    pendings.append(store.submit(self._store, prepared, caps, report, replace, meter,
+                                                 [str(f) for f in chunk]))
+                for done in pendings:
+                    done.result()
         finally:
             if workers is not None:
                 workers.close()
@@ -385,8 +391,9 @@ class Uploads:
             json.dumps({ref: tokens[ref] for ref in refs}).encode() + b"}"
         reply, _ = self.client.meta.call("up.commit", body, replace=replace)
         self.client._free(reply.get("release") or {})
-        report.uploaded += len(part)
-        report.bytes += sum(p.size for p, _ in part)
+        with self._tally:
+            report.uploaded += len(part)
+            report.bytes += sum(p.size for p, _ in part)
         report.paths.extend(p.path for p, _ in part)
         report.stored.update((p.source, p.placed) for p, _ in part)
 
@@ -403,12 +410,14 @@ class Uploads:
                         state == "link" and p.pinned and where != p.site:
                     todo.append(p)
                 elif state == "stored":
-                    report.already += 1
+                    with self._tally:
+                        report.already += 1
                     report.stored[p.source] = p.placed
                 elif state == "link":
                     # Stored once: this path becomes one more name of the stored object.
                     p.site, p.linked = where, True
-                    report.already += 1
+                    with self._tally:
+                        report.already += 1
                     todo.append(p)
                 elif state == "conflict":
                     report.failed.append(Failure(

@@ -127,3 +127,26 @@ def test_an_instance_is_stored_once(federation: local.Federation, tmp_path: Path
         three = c.upload([edited], to="/once/z")
         assert three.uploaded == 0 and three.failed
         assert "/once/x/" in three.failed[0].reason and three.failed[0].code == 3
+
+
+def test_batches_stored_side_by_side_count_every_file_once(federation: local.Federation, tmp_path: Path) -> None:
+    """Uploads keep STORE_STAGES batches in flight (one's commit beside the next one's
+    transfer): stored, already stored and failed files are each counted once, whatever the
+    batch they fell in."""
+    import dgf.upload
+
+    assert dgf.upload.STORE_STAGES >= 2
+    old = corpus.fresh_instances(tmp_path / "old", 10)
+    new = corpus.fresh_instances(tmp_path / "new", 12)
+    bad = [tmp_path / "bad1.dcm", tmp_path / "bad2.dcm"]
+    for b in bad:
+        b.write_bytes(b"\0" * 300)
+    with Client(federation.config("clinician")) as c:
+        first = c.upload(old, to="/stages", batch=4)
+        assert (first.uploaded, first.already, len(first.failed)) == (10, 0, 0)
+        mixed = [p for pair in zip(old, new) for p in pair] + new[len(old):] + bad
+        report = c.upload(mixed, to="/stages", batch=3)               # 8 batches
+        assert (report.uploaded, report.already, len(report.failed)) == (12, 10, 2)
+        assert len(report.paths) == 12 and len(set(report.paths)) == 12
+        assert {Path(f.item).name for f in report.failed} == {"bad1.dcm", "bad2.dcm"}
+        assert len(c.find("/DicomHeader", "/stages")) == 22
