@@ -84,6 +84,12 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+def _where(path: str, tag: int) -> str:
+    """An element's place for a message: formatted only when a problem names it (a site checks
+    every element of every object it stores)."""
+    return f"{path}{_tag(tag)}"
+
+
 def _check_uids(data: bytes, e: raw.Elem, found: list[str]) -> None:
     for uid in raw.text_value(data, e).split("\\"):
         if uid and not uid.startswith(WELL_KNOWN_UID_ROOT) and not PSEUDO_UID.fullmatch(uid):
@@ -102,23 +108,22 @@ def _check(data: bytes, elems: list[raw.Elem], profile: Profile, actions: dict[i
         if len(found) >= MAX_PROBLEMS:
             return
         tag, group = e.tag, e.tag >> 16
-        where = f"{path}{_tag(tag)}"
         vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
         if group & 1:
             el = tag & 0xFFFF
             creator = creators.get((group, el)) if 0x10 <= el <= 0xFF else creators.get((group, el >> 8))
             if creator not in SAFE_PRIVATE_CREATORS and e.start not in safe:
-                found.append(f"private element {where} is present")
+                found.append(f"private element {_where(path, tag)} is present")
             continue
         if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
-            found.append(f"curve or overlay element {where} is present")
+            found.append(f"curve or overlay element {_where(path, tag)} is present")
             continue
         if e.vr == "UN" and e.items is None and vr == "SQ" and e.length:
-            found.append(f"{where} is an unparsed sequence")
+            found.append(f"{_where(path, tag)} is an unparsed sequence")
             continue
         if path == "" and tag in (PATIENT_ID, PATIENT_NAME):
             if not PSEUDO_PATIENT.fullmatch(raw.text_value(data, e)):
-                found.append(f"{where} is not a patient pseudonym")
+                found.append(f"{_where(path, tag)} is not a patient pseudonym")
             continue
         act = actions.get(tag)
         if act is None:
@@ -128,22 +133,22 @@ def _check(data: bytes, elems: list[raw.Elem], profile: Profile, actions: dict[i
         # Only values with a dummy are decoded (never pixel data, which may be gigabytes).
         empty = e.length == 0 or (vr in DUMMY and e.items is None and raw.text_value(data, e) == "")
         if act == "X" and e.items is None and not empty:
-            found.append(f"{where} is present; the profile removes it")
+            found.append(f"{_where(path, tag)} is present; the profile removes it")
         elif act == "X" and e.items:
-            found.append(f"sequence {where} is present; the profile removes it")
+            found.append(f"sequence {_where(path, tag)} is present; the profile removes it")
         elif act == "Z" and not empty and e.items is None:
-            found.append(f"{where} has a value; the profile empties it")
+            found.append(f"{_where(path, tag)} has a value; the profile empties it")
         elif act == "Z" and e.items:
-            found.append(f"sequence {where} has items; the profile empties it")
+            found.append(f"sequence {_where(path, tag)} has items; the profile empties it")
         elif act == "D" and e.items is None and not empty:
             if not _is_dummy(data, e, vr, opts.retain_long_modified_dates):
-                found.append(f"{where} holds a value other than the profile's dummy")
+                found.append(f"{_where(path, tag)} holds a value other than the profile's dummy")
         elif act == "U" and vr == "UI":
             _check_uids(data, e, found)
         if e.items is not None and act not in ("X", "Z"):
             sub = profile.actions
             for i, item in enumerate(e.items):
-                _check(data, item.elems, profile, sub, f"{where}[{i}]", found)
+                _check(data, item.elems, profile, sub, f"{_where(path, tag)}[{i}]", found)
 
 
 def _is_dummy(data: bytes, e: raw.Elem, vr: str, shifted_dates: bool) -> bool:
