@@ -89,17 +89,25 @@ def test_the_metaserver_killed_mid_upload(tmp_path: Path) -> None:
     try:
         files = synth.small_corpus(tmp_path / "src", 40, seed=3)
         meta = _pid(fed, "metaserver")
-        killed: list[bool] = []
-
-        def progress(n: int) -> None:
-            if not killed:
-                killed.append(True)
-                threading.Timer(0.05, os.kill, (meta, signal.SIGKILL)).start()
+        killed: list[str] = []
 
         with Client(fed.config("clinician")) as c:
+            original = c.meta.call
+
+            def call(verb: str, payload: bytes = b"", wait_s: float | None = None,
+                     **args: object) -> tuple[dict[str, object], bytes]:
+                # The fault at its point, not after a guessed delay (an upload of 40 small files
+                # can be over in 50 ms): every object is on the sites, the commit is next.
+                if verb == "up.commit" and not killed:
+                    killed.append(verb)
+                    os.kill(meta, signal.SIGKILL)
+                    _wait_dead(fed, "metaserver")
+                return original(verb, payload, wait_s, **args)
+
+            c.meta.call = call  # type: ignore[method-assign]
             with pytest.raises(errors.TransportError, match="metaserver"):
-                c.upload(files, to="/cut", batch=40, progress=progress)
-        _wait_dead(fed, "metaserver")
+                c.upload(files, to="/cut", batch=40)
+        assert killed == ["up.commit"]
         again = local.up(fed.root)
         assert set(again.started) == {"metaserver", "site-a", "site-b"}
         with Client(fed.config("clinician")) as c:
