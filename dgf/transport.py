@@ -240,8 +240,9 @@ class SiteLink:
             pos = 0
             for it, size in zip(wanted, sizes):
                 it.header, pos = xmls[pos:pos + size], pos + size
-            ref = hashlib.sha256(str(result.get("batch", "")).encode()).hexdigest()[:16]
-            tokens[ref] = str(result.get("batch", ""))
+            token = str(result.get("batch", ""))
+            ref = hashlib.sha256(token.encode()).hexdigest()[:16]
+            tokens[ref] = token
             for it, receipt, error in zip(b, result["receipts"], result["errors"]):
                 done(it, None if receipt is None else ref + receipt, error)
 
