@@ -122,7 +122,7 @@ def main() -> None:
             v.sort()
             results[f"QIDO-RS one study among {args.studies}, ms p50/p95: {name}"] = [
                 round(statistics.median(v) * 1000, 1), round(v[int(len(v) * 0.95)] * 1000, 1)]
-        dgf_pids = [web.pid, *(int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values())]
+        dgf_pids = [web.pid, *local.pids(fed.root).values()]
         wado: dict[str, list[float]] = {"dgf": [], "orthanc": []}
         cpu: dict[str, list[float]] = {"dgf": [], "orthanc": []}
         size = 0

@@ -79,7 +79,7 @@ def main() -> None:
     try:
         _wait_echo("DGF", dgf_port, gateway)
         _wait_echo("ORTHANC", orthanc_port, peer.proc)
-        servers = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
+        servers = list(local.pids(fed.root).values())
         spool = fed.root / "bench-spool" / "incoming"
         for run in range(args.runs):
             src = synth.small_corpus(work / f"src{run}", args.files, seed=500 + run)

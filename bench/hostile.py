@@ -58,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fed = local.up(Path(tmp) / "fed")
         try:
-            pids = {k: int(v) for k, v in json.loads((fed.root / local.STATE).read_text())["pids"].items()}
+            pids = local.pids(fed.root)
             engine = SqlEngine(f"sqlite:///{fed.root / 'metadata.db'}")
             engine.create_files([NewFile(f"/load/{i // 1000}/{i:06d}.dcm", f"{i:064x}", 1, "site-a",
                                          {"user.dgf.dicom": _header(i)}) for i in range(args.headers)])

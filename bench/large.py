@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("DGF_BENCH_TMP")) as tmp:
         fed = local.up(Path(tmp) / "fed")
         try:
-            pids = {k: int(v) for k, v in json.loads((fed.root / local.STATE).read_text())["pids"].items()}
+            pids = local.pids(fed.root)
             conf = str(fed.config("clinician"))
             for mib in (int(s) for s in args.sizes.split(",")):
                 ups, downs, rss_up, rss_down, cpu_up, cpu_down = [], [], [], [], [], []

@@ -71,7 +71,7 @@ def main() -> None:
     env = {"DGF_CONFIG": str(fed.config("clinician")), "PATH": str(BIN) + ":/usr/bin:/bin"}
     client = work / "orthanc_client.py"
     client.write_text(ORTHANC_CLIENT)
-    pids = {k: int(p) for k, p in json.loads((fed.root / local.STATE).read_text())["pids"].items()}
+    pids = local.pids(fed.root)
     servers = list(pids.values())
     split: dict[str, list[float]] = {k: [] for k in ("client", *pids)}
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("dgf up", "dgf down", "Orthanc up", "Orthanc down")}

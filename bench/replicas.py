@@ -52,7 +52,7 @@ def main() -> None:
     fed = local.up(work / "fed", sites=("site-a", "site-b", "site-c"))
     results: dict[str, object] = {"files": args.files, "runs": args.runs}
     try:
-        pids = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
+        pids = list(local.pids(fed.root).values())
         admin = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
         clin = dict(os.environ, DGF_CONFIG=str(fed.config("clinician")))
         times: dict[str, list[tuple[float, float]]] = {"1": [], "2": [], "2a": []}
@@ -86,7 +86,7 @@ def main() -> None:
         subprocess.run([str(BIN / "dgf_up"), str(big), "-r", "--to", "/large"], env=clin, check=True,
                        capture_output=True)
         shutil.rmtree(big)
-        victim = json.loads((fed.root / local.STATE).read_text())["pids"]["site-a"]
+        victim = local.pids(fed.root)["site-a"]
         mnt = work / "mnt"
         mnt.mkdir()
         subprocess.run([str(BIN / "dgf"), "mount", str(mnt)], env=clin, check=True, stdout=subprocess.DEVNULL)
@@ -94,7 +94,7 @@ def main() -> None:
             resolved = c.resolve(["/cost2"])
             first_on_a = [f[0] for f in resolved["files"] if f[3][0] == "site-a"][:40]
             os.listdir(mnt / "cost2" / "0")                       # the mount has resolved its entries
-            os.kill(int(victim), signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
             time.sleep(0.5)
             session, mounted = [], []
             for path in first_on_a[: len(first_on_a) // 2]:
@@ -116,7 +116,7 @@ def main() -> None:
         results["read after losing site-a: files, failed, s"] = [
             sum(1 for _ in (work / "out").rglob("*.dcm")), out.returncode, round(time.perf_counter() - t0, 2)]
         shutil.rmtree(work / "out", ignore_errors=True)
-        living = [p for p in pids if p != int(victim)]
+        living = [p for p in pids if p != victim]
         repair = measure.run([str(BIN / "dgf"), "fsck", "/large", "--repair"], admin, living, ok=(0, 6))
         wall, cpu, report = repair.wall, repair.cpu, repair.stdout
         made = next((int(line.split()[0]) for line in report.splitlines() if "copies made site to site" in line), 0)

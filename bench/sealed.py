@@ -47,7 +47,7 @@ def main() -> None:
     fed = local.up(work / "fed")
     times: dict[str, list[tuple[float, float]]] = {}
     try:
-        pids = [int(p) for p in json.loads((fed.root / local.STATE).read_text())["pids"].values()]
+        pids = list(local.pids(fed.root).values())
         admin = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
         clin = dict(os.environ, DGF_CONFIG=str(fed.config("clinician")))
         subprocess.run([str(BIN / "dgf"), "admin", "site", "trust", SITES["sealed"], "--untrusted"], env=admin,

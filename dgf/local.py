@@ -298,6 +298,11 @@ def down(root: Path, quiet: bool = False, pids: dict[str, int] | None = None) ->
     return stopped
 
 
+def pids(root: Path) -> dict[str, int]:
+    """The process id of each server of the federation at ``root``, as started (alive or not)."""
+    return {name: int(proc["pid"]) for name, proc in status(root)["processes"].items()}
+
+
 def status(root: Path) -> dict[str, Any]:
     root = root.resolve()
     state = _read_state(root)

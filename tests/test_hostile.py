@@ -85,7 +85,7 @@ def _others_still_work(f: local.Federation) -> None:
 
 
 def _pids(f: local.Federation) -> dict[str, int]:
-    return {k: int(v) for k, v in json.loads((f.root / local.STATE).read_text())["pids"].items()}
+    return local.pids(f.root)
 
 
 @contextlib.contextmanager
