@@ -364,7 +364,12 @@ class LocalObjectStore(ObjectStore):
 
     def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]:
         path = self._path(key)
-        fh = open(path, "rb")
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError as exc:
+            # Deleted (drained, freed) since its size was read: a named miss, never an OSError
+            # that would break a get.batch frame others are still reading.
+            raise errors.NotFound(f"object {key[:16]}... is not stored at this site.") from exc
 
         def chunks() -> Iterator[bytes]:
             h = hashlib.sha256() if verify else None

@@ -89,6 +89,27 @@ class TestLocalObjectStore(ObjectStoreContract):
         assert store.scrub() == [key]
         assert (tmp_path / "store" / "quarantine" / key).exists() and not path.exists()
 
+    def test_an_object_deleted_between_its_size_and_its_bytes_is_not_found(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A drain or a release deletes an object while a get.batch reads: the reader gets
+        NotFound (its frame stays whole, padded), not an OSError that closes the channel.
+        Seen in test_drain_moves_everything_off_a_site_while_reads_go_on, once in eight runs;
+        the delete is placed in the window here."""
+        store = LocalObjectStore(tmp_path / "store")
+        data = b"y" * 5000
+        key = _key(data)
+        store.put(key, [data], len(data))
+        sized = store._do_stat
+
+        def size_then_gone(k: str) -> int | None:
+            size = sized(k)
+            store.delete(k)
+            return size
+
+        monkeypatch.setattr(store, "_do_stat", size_then_gone)
+        with pytest.raises(errors.NotFound, match="not stored at this site"):
+            store.get(key)
+
     def test_stale_temp_files_are_cleared_at_start(self, tmp_path: Path) -> None:
         LocalObjectStore(tmp_path / "store")
         (tmp_path / "store" / "tmp" / "half-written").write_bytes(b"partial")
