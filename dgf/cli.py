@@ -812,7 +812,7 @@ def site_add(name: str, address: str, key_file: str | None, zone: str, expected:
     """
     from dgf import config as dgf_config
     from dgf import crypto
-    from dgf.wire import probe_host_key
+    from dgf.ssh import probe_host_key
 
     host, port = dgf_config.parse_address(address, "HOST:PORT")
     public_key = Path(key_file).read_text().strip() if key_file else ""

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from dgf import crypto, errors
+from dgf import errors
 from dgf.config import ClientConfig
 from dgf.reports import DownloadReport, Failure, Progress, UploadReport
 from dgf.transport import UNREACHABLE_S, MetaLink, SiteLink
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from dgf.download import Downloads
     from dgf.reader import ObjectReader
     from dgf.reconstruct import ReconResult, Reconstruction
+    from dgf.sshlib import paramiko
     from dgf.upload import BATCH, Uploads
 
 __all__ = ["BATCH", "HEADER_XATTR", "Client", "DownloadReport", "Failure", "ReconResult", "UploadReport"]
@@ -71,13 +72,19 @@ class Client:
         #: What the caller asked for; the archive's policy decides (see upload_options).
         self.requested = options
         self._archive_options: Options | None = None
-        self._key = crypto.load_paramiko_key(self.config.key)
-        self.meta = MetaLink(self.config.metaserver, self._key, self.config.metaserver_host_key,
+        self.meta = MetaLink(self.config.metaserver, lambda: self._key, self.config.metaserver_host_key,
                              read_timeout=self.config.timeout)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}
         self._unreachable: dict[str, tuple[float, errors.TransportError]] = {}
         self._lock = threading.Lock()
+
+    @functools.cached_property
+    def _key(self) -> paramiko.PKey:
+        """The principal's key, loaded when a connection is made."""
+        from dgf import crypto
+
+        return crypto.load_paramiko_key(self.config.key)
 
     # A command that reads or writes no object (ls, stat, find) imports none of these (17 ms).
 

@@ -17,11 +17,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dgf import errors, wire
-from dgf.sshlib import paramiko
 from dgf.types import Site
+
+if TYPE_CHECKING:
+    from dgf import ssh
+    from dgf.sshlib import paramiko
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +52,25 @@ class MetaLink:
     database, a connection that died is replaced by one to the next of them that answers; the
     call that met the failure raises (it may have been applied), the next one goes through."""
 
-    def __init__(self, addresses: Iterable[tuple[str, int]], key: paramiko.PKey, host_key: str,
+    def __init__(self, addresses: Iterable[tuple[str, int]], key: Callable[[], paramiko.PKey], host_key: str,
                  channels: int = 2, read_timeout: float = wire.READ_TIMEOUT) -> None:
+        """``key`` loads the principal's key when a connection is made."""
         self.addresses = list(addresses)
         self._key, self._host_key, self._read_timeout = key, host_key, read_timeout
         self._lock = threading.Lock()
-        self.conn = self._connect(self.addresses)
-        self._pool: queue.Queue[wire.RpcChannel] = queue.Queue()
+        self.conn: ssh.Connection = self._connect(self.addresses)
+        # Channels are opened at first use: a short command needs one.
+        self._pool: queue.Queue[wire.RpcChannel | None] = queue.Queue()
         for _ in range(channels):
-            self._pool.put(self.conn.channel())
+            self._pool.put(None)
 
-    def _connect(self, order: list[tuple[str, int]]) -> wire.Connection:
-        return wire.connect_any(order, self._key, self._host_key, META_SUBSYSTEM, "the metaserver",
-                                self._read_timeout)
+    def _connect(self, order: list[tuple[str, int]]) -> ssh.Connection:
+        from dgf import ssh
 
-    def _reconnect(self, dead: wire.Connection) -> None:
+        return ssh.connect_any(order, self._key(), self._host_key, META_SUBSYSTEM, "the metaserver",
+                               self._read_timeout)
+
+    def _reconnect(self, dead: ssh.Connection) -> None:
         """Replace a dead connection (once, whichever caller notices first), trying the other
         metaservers before the one that died."""
         with self._lock:
@@ -80,11 +87,19 @@ class MetaLink:
         chan = self._pool.get()
         try:
             if not self.conn.alive:
-                chan.broken = True
+                if chan is not None:
+                    chan.broken = True
                 self._reconnect(self.conn)
-            if chan.broken or chan.where != self.conn.where:
-                fresh = self.conn.channel()
-                chan.close()
+            if chan is None or chan.broken or chan.where != self.conn.where:
+                try:
+                    fresh = self.conn.channel()
+                except errors.TransportError:
+                    if self.conn.alive:
+                        raise
+                    self._reconnect(self.conn)      # it died just now: once more on a new one
+                    fresh = self.conn.channel()
+                if chan is not None:
+                    chan.close()
                 chan = fresh
             yield chan
         finally:
@@ -106,6 +121,13 @@ class MetaLink:
             return dict(header.get("r") or {})
 
     def close(self) -> None:
+        while True:
+            try:
+                chan = self._pool.get_nowait()
+            except queue.Empty:
+                break
+            if chan is not None:
+                chan.close()
         self.conn.close()
 
 
@@ -146,8 +168,10 @@ class SiteLink:
 
     def __init__(self, site: Site, key: paramiko.PKey, channels: int = CHANNELS_PER_SITE,
                  read_timeout: float = wire.READ_TIMEOUT) -> None:
+        from dgf import ssh
+
         self.site = site
-        self.conn = wire.Connection(site.host, site.port, key, site.host_key, IO_SUBSYSTEM,
+        self.conn = ssh.Connection(site.host, site.port, key, site.host_key, IO_SUBSYSTEM,
                                     name=f"site {site.name}", read_timeout=read_timeout)
         self.channels = [self.conn.channel() for _ in range(channels)]
         self._slots = [threading.Lock() for _ in range(channels)]

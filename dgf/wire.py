@@ -1,5 +1,5 @@
-"""The wire: message framing, verb dispatch and the paramiko SSH plumbing, shared by both servers
-and the client's transport so that neither server writes its own.
+"""The wire: message framing and verb dispatch, shared by both servers and the client's transport
+so that neither server writes its own (the SSH plumbing under it is :mod:`dgf.ssh`).
 
 Framing (one request or reply)::
 
@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import socket
 import struct
+import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from typing import Any, BinaryIO, Protocol
 from dgf import errors
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
-from dgf.sshlib import paramiko
 
 log = logging.getLogger(__name__)
 
@@ -384,323 +382,18 @@ def _send_reply(stream: Stream, reply: Reply) -> None:
         raise errors.TransportError(f"reply stream sent {sent} of {reply.stream_size} bytes.")
 
 
-# --------------------------------------------------------------------------------------------
-# SSH server plumbing
-
-
-class _Interface(paramiko.ServerInterface):
-    """Deny by default: public-key auth against ``authorize``, one session channel, one subsystem."""
-
-    def __init__(self, authorize: Callable[[paramiko.PKey], Any], subsystem: str) -> None:
-        self._authorize = authorize
-        self._subsystem = subsystem
-        self.principal: Any = None
-
-    def get_allowed_auths(self, username: str) -> str:
-        return "publickey"
-
-    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
-        try:
-            principal = self._authorize(key)
-        except Exception:  # noqa: BLE001 - an auth hook failure must refuse, never crash
-            log.exception("authorization hook failed")
-            principal = None
-        if principal is None:
-            return int(paramiko.AUTH_FAILED)
-        self.principal = principal
-        return int(paramiko.AUTH_SUCCESSFUL)
-
-    def check_channel_request(self, kind: str, chanid: int) -> int:
-        if kind != "session" or self.principal is None:
-            return int(paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED)
-        return int(paramiko.OPEN_SUCCEEDED)
-
-    def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
-        if name != self._subsystem:
-            return False
-        return bool(super().check_channel_subsystem_request(channel, name))
-
-    # No shell, no exec, no pty, no forwarding: paramiko's defaults already refuse them.
-
-
-def _principal_name(principal: Any) -> str:
-    return str(getattr(principal, "name", principal))
-
-
-class _Subsystem(paramiko.SubsystemHandler):
-    def __init__(self, channel: paramiko.Channel, name: str, server: _Interface,
-                 owner: SSHServer) -> None:
-        super().__init__(channel, name, server)
-        self._owner = owner
-
-    def start_subsystem(self, name: str, transport: paramiko.Transport,
-                        channel: paramiko.Channel) -> None:
-        iface = self.get_server()
-        owner = self._owner
-        if not owner.admit_channel(iface.principal):
-            # Said in-band, so the client's first call reports the limit by name.
-            _reply_and_close(channel, {"ok": False, "e": "LimitExceeded", "m": (
-                f"principal {_principal_name(iface.principal)!r} already has "
-                f"{owner.limits.channels_per_principal} open channels here (limit channels_per_principal); "
-                "close other sessions and retry.")})
-            # Wait (briefly) for the client to read the refusal and close: closing first would
-            # race its subsystem request and show it a bare "channel closed".
-            try:
-                _settimeout(channel, 2.0)
-                while channel.recv(CHUNK):
-                    pass
-            except (OSError, EOFError):
-                pass
-            _close_quietly(channel)
-            return
-        try:
-            serve_stream(owner.service, owner.service.new_session(iface.principal), channel, owner.limits)
-        finally:
-            owner.channel_closed(iface.principal)
-            _close_quietly(channel)
-
-
-def _close_quietly(channel: paramiko.Channel) -> None:
-    """Close a channel whose peer may already be gone (a reset connection is not an error)."""
-    try:
-        channel.close()
-    except (OSError, EOFError, paramiko.SSHException):
-        pass
-
-
-class SSHServer:
-    """A paramiko SSH server on one TCP socket that serves one :class:`Service` as a subsystem."""
-
-    def __init__(self, host_key: paramiko.PKey, service: Service, subsystem: str,
-                 authorize: Callable[[paramiko.PKey], Any], host: str = "127.0.0.1",
-                 port: int = 0, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.host_key = host_key
-        self.service = service
-        self.limits = limits
-        service.limits = limits
-        self._channels: dict[str, int] = {}
-        self.subsystem = subsystem
-        self.authorize = authorize
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(64)
-        self.address: tuple[str, int] = self._sock.getsockname()[:2]
-        self._stop = threading.Event()
-        self._transports: list[paramiko.Transport] = []
-        self._lock = threading.Lock()
-
-    def serve_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                break
-            with self._lock:
-                self._transports = [t for t in self._transports if t.is_active()]
-                full = len(self._transports) >= self.limits.connections
-            if full:
-                log.warning("refused a connection: %d are open (limit connections)", self.limits.connections)
-                conn.close()
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def admit_channel(self, principal: Any) -> bool:
-        """Count a new channel of ``principal``; False past limits.channels_per_principal."""
-        name = _principal_name(principal)
-        with self._lock:
-            n = self._channels.get(name, 0)
-            if n >= self.limits.channels_per_principal:
-                log.warning("refused a channel of %s: limit channels_per_principal reached", name)
-                return False
-            self._channels[name] = n + 1
-        return True
-
-    def channel_closed(self, principal: Any) -> None:
-        name = _principal_name(principal)
-        with self._lock:
-            n = self._channels.get(name, 0) - 1
-            if n > 0:
-                self._channels[name] = n
-            else:
-                self._channels.pop(name, None)
-
-    def run(self, ready_file: str | None = None) -> None:
-        """Serve in the foreground until SIGTERM or Ctrl-C; first write HOST:PORT to
-        ``ready_file`` (atomically) so whoever started this process knows it listens."""
-        if ready_file:
-            write_ready(ready_file, self.address)
-        signal.signal(signal.SIGTERM, lambda *_: self.close())
-        try:
-            self.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        self.close()
-
-    def start(self) -> SSHServer:
-        threading.Thread(target=self.serve_forever, daemon=True, name="dgf-accept").start()
-        return self
-
-    def _handle(self, conn: socket.socket) -> None:
-        transport = paramiko.Transport(conn, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
-        transport.get_security_options().ciphers = CIPHERS
-        transport.add_server_key(self.host_key)
-        # A client that connects and never authenticates is dropped (paramiko's default is 30 s
-        # for the banner and auth; the handshake gets the same bound as any started frame).
-        transport.banner_timeout = transport.auth_timeout = self.limits.frame_timeout
-        transport.set_subsystem_handler(self.subsystem, _Subsystem, self)
-        iface = _Interface(self.authorize, self.subsystem)
-        with self._lock:
-            self._transports.append(transport)
-        try:
-            transport.start_server(server=iface)
-        except (paramiko.SSHException, OSError, EOFError):
-            transport.close()
-            return
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            # shutdown wakes an accept() blocked in another thread (close alone does not, on Linux).
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        with self._lock:
-            for t in self._transports:
-                t.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Client side
-
-
-class Connection:
-    """An authenticated SSH connection to one dgf server, with pinned host key.
-
-    Channels are long-lived (paramiko issue 822: closing channels during a rekey can deadlock the
-    transport), so callers open a few and keep them.  ``name`` says which server this is in
-    every error ("site site-a (127.0.0.1:4022)"); ``read_timeout`` bounds every wait for the
-    server's next bytes, so a hung server costs a named error, never a hang.
-    """
-
-    def __init__(self, host: str, port: int, key: paramiko.PKey, host_key_line: str,
-                 subsystem: str, timeout: float = 15.0, name: str = "the dgf server",
-                 read_timeout: float | None = READ_TIMEOUT) -> None:
-        self.where = f"{name} ({host}:{port})"
-        self.address = (host, port)
-        self.subsystem = subsystem
-        self.read_timeout = read_timeout
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise errors.TransportError(
-                f"cannot reach {self.where} ({exc.strerror or exc}); is it running?"
-            ) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)
-        # A server that accepts the connection and then says nothing (stopped, hung) fails the
-        # handshake within the read deadline too.
-        if read_timeout is not None:
-            timeout = min(timeout, read_timeout)
-        self.transport = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=MAX_PACKET)
-        self.transport.get_security_options().ciphers = CIPHERS
-        self.transport.banner_timeout = timeout
-        self.transport.auth_timeout = timeout
-        started = time.monotonic()
-        try:
-            self.transport.start_client(timeout=timeout)
-            remote = self.transport.get_remote_server_key()
-            expected = host_key_line.split()
-            if [remote.get_name(), remote.get_base64()] != expected[:2]:
-                raise errors.AuthenticationFailed(
-                    f"the host key of {self.where} does not match the pinned key; refusing to connect."
-                )
-            self.transport.auth_publickey("dgf", key)
-        except paramiko.AuthenticationException as exc:
-            self.transport.close()
-            raise errors.AuthenticationFailed(
-                f"{self.where} refused our key; is this principal enrolled?"
-            ) from exc
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            self.transport.close()
-            if time.monotonic() - started >= timeout * 0.9:
-                raise errors.TransportError(f"{self.where} did not complete the SSH handshake within "
-                                            f"{timeout:.0f} s; it may be hung or overloaded.") from exc
-            raise errors.TransportError(f"SSH handshake with {self.where} failed ({exc}).") from exc
-        except errors.DgfError:
-            self.transport.close()
-            raise
-
-    def channel(self) -> RpcChannel:
-        try:
-            chan = self.transport.open_session(timeout=15)
-            chan.invoke_subsystem(self.subsystem)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise errors.TransportError(
-                f"cannot open the {self.subsystem} subsystem on {self.where} ({exc})."
-            ) from exc
-        chan.settimeout(self.read_timeout)
-        return RpcChannel(chan, self.where, self.read_timeout)
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.transport.is_active())
-
-    def close(self) -> None:
-        self.transport.close()
-
-
-def connect_any(addresses: Iterable[tuple[str, int]], key: paramiko.PKey, host_key_line: str,
-                subsystem: str, name: str, read_timeout: float | None = READ_TIMEOUT) -> Connection:
-    """A connection to the first of ``addresses`` that answers (several metaserver processes
-    over one database); an unreachable one costs its connect timeout, a refused key fails at
-    once.  The error names every address tried."""
-    tried: list[str] = []
-    last: errors.TransportError | None = None
-    for host, port in addresses:
-        try:
-            return Connection(host, port, key, host_key_line, subsystem, name=name, read_timeout=read_timeout)
-        except errors.TransportError as exc:
-            tried.append(f"{host}:{port}")
-            last = exc
-    if last is None:
-        raise errors.ConfigError(f"no address is configured for {name}.")
-    if len(tried) == 1:
-        raise last
-    raise errors.TransportError(f"none of the {len(tried)} addresses of {name} ({', '.join(tried)}) "
-                                f"answers; the last said: {last.message}") from last
-
-
-def probe_host_key(host: str, port: int, timeout: float = 10.0) -> str:
-    """The host key (``type base64``) a server presents, read from the SSH handshake without
-    authenticating: what an admin confirms before pinning it (first contact)."""
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise errors.TransportError(f"cannot reach {host}:{port} ({exc.strerror or exc}); is it running?") from exc
-    transport = paramiko.Transport(sock)
-    transport.banner_timeout = timeout
-    try:
-        transport.start_client(timeout=timeout)
-        remote = transport.get_remote_server_key()
-        return f"{remote.get_name()} {remote.get_base64()}"
-    except (paramiko.SSHException, OSError, EOFError) as exc:
-        raise errors.TransportError(f"{host}:{port} did not complete an SSH handshake ({exc}); "
-                                    "is it a dgf server?") from exc
-    finally:
-        transport.close()
-
-
 def write_ready(ready_file: str, address: tuple[str, int]) -> None:
     """Write HOST:PORT to ``ready_file`` atomically: whoever started a server waits on it."""
     tmp = Path(ready_file + ".tmp")
     tmp.write_text(f"{address[0]}:{address[1]}\n")
     tmp.replace(ready_file)
+
+
+def _channel_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """What a failing channel raises: OS errors, and paramiko's own once paramiko is loaded (a
+    channel through a connection master is a plain socket, and such a process never loads it)."""
+    ssh = sys.modules.get("paramiko")
+    return (OSError, EOFError, *more) if ssh is None else (OSError, EOFError, ssh.SSHException, *more)
 
 
 class RpcChannel:
@@ -709,7 +402,7 @@ class RpcChannel:
     A channel whose framing may be out of step (a transfer that failed or was abandoned midway)
     is marked ``broken``; pools replace it instead of reusing it."""
 
-    def __init__(self, chan: paramiko.Channel | Stream, where: str,
+    def __init__(self, chan: Stream, where: str,
                  read_timeout: float | None = None) -> None:
         self._chan = chan
         self.where = where
@@ -736,13 +429,13 @@ class RpcChannel:
         except errors.DgfError:
             self.broken = True      # the source failed mid-frame (a file that changed)
             raise
-        except (OSError, EOFError, paramiko.SSHException) as exc:
+        except _channel_errors() as exc:
             error = self._broke("sending", exc)
             # A server that refuses a request before reading its payload answers, then closes:
             # its answer says more than the broken pipe.
             try:
                 header = read_header(self._chan)
-            except (OSError, EOFError, paramiko.SSHException, errors.DgfError):
+            except _channel_errors(errors.DgfError):
                 header = None
             if header is not None and not header.get("ok"):
                 raise errors.from_wire(str(header.get("e")), str(header.get("m"))) from exc
@@ -755,7 +448,7 @@ class RpcChannel:
         except MalformedFrame as exc:
             self.broken = True
             raise errors.TransportError(f"{self.where} sent a malformed reply ({exc.message})") from exc
-        except (OSError, EOFError, paramiko.SSHException, ValueError) as exc:
+        except _channel_errors(ValueError) as exc:
             raise self._broke("receiving", exc) from exc
         if header is None:
             self.broken = True
@@ -774,7 +467,7 @@ class RpcChannel:
         except errors.TransportError as exc:
             self.broken = True
             raise errors.TransportError(f"{self.where}: {exc.message}") from exc
-        except (OSError, EOFError, paramiko.SSHException) as exc:
+        except _channel_errors() as exc:
             raise self._broke("receiving", exc) from exc
 
     def payload_chunks(self, n: int) -> Iterator[bytes]:
@@ -785,7 +478,7 @@ class RpcChannel:
         while left:
             try:
                 data = self._chan.recv(min(RECV, left))
-            except (OSError, EOFError, paramiko.SSHException) as exc:
+            except _channel_errors() as exc:
                 raise self._broke("transferring", exc) from exc
             if not data:
                 raise errors.TransportError(f"{self.where} closed the connection mid-transfer.")

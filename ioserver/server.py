@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dgf import crypto, envelope, errors, wire
+from dgf import crypto, envelope, errors, ssh, wire
 from dgf.config import IoserverConfig
 from dgf.integrity import block_digests, list_digest
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
@@ -520,7 +520,7 @@ class IoService(wire.Service):
             raise errors.UsageError("a site cannot replicate from itself.")
         where = f"site {origin.name}"
         out: list[tuple[str, str | None, errors.DgfError | None]] = []
-        conn = wire.Connection(origin.host, origin.port, self._peer_key, origin.host_key, SUBSYSTEM,
+        conn = ssh.Connection(origin.host, origin.port, self._peer_key, origin.host_key, SUBSYSTEM,
                                name=where, read_timeout=wire.READ_TIMEOUT)
         try:
             chan = conn.channel()
@@ -573,7 +573,7 @@ class SiteMetaLink:
             for attempt in (1, 2):
                 try:
                     if self._chan is None or self._chan.broken:
-                        conn = wire.connect_any(self.cfg.metaserver, self._key, self.cfg.metaserver_host_key,
+                        conn = ssh.connect_any(self.cfg.metaserver, self._key, self.cfg.metaserver_host_key,
                                                 "dgf-meta", "the metaserver")
                         self._chan = conn.channel()
                     return self._chan.call(verb_name, **args)[0]
@@ -681,7 +681,7 @@ def _repairer(service: IoService, link: SiteMetaLink, interval_s: float) -> None
     threading.Thread(target=loop, daemon=True, name="dgf-repair").start()
 
 
-def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[wire.SSHServer, SiteMetaLink]:
+def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tuple[ssh.SSHServer, SiteMetaLink]:
     link = SiteMetaLink(cfg)
     keyring = KeyRing(lambda: link.call("site.keys"))
     store = LocalObjectStore(cfg.store)
@@ -690,12 +690,12 @@ def build(cfg: IoserverConfig, host_key: paramiko.PKey, listen_port: int) -> tup
                         crypto.load_signing_key(cfg.key), keyring, cfg.limits,
                         peer_key=crypto.load_paramiko_key(cfg.key))
     service.profile = ArchiveProfile(lambda: list(link.call("deid.options")["options"]))
-    server = wire.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
+    server = ssh.SSHServer(host_key, service, SUBSYSTEM, keyring.lookup,
                             host=cfg.listen[0], port=listen_port, limits=cfg.limits)
     return server, link
 
 
-def _register(server: wire.SSHServer, link: SiteMetaLink, cfg: IoserverConfig, host_key: paramiko.PKey,
+def _register(server: ssh.SSHServer, link: SiteMetaLink, cfg: IoserverConfig, host_key: paramiko.PKey,
               ready_file: str | None, refused: list[errors.DgfError]) -> None:
     """Register with the metaserver, waiting (listening meanwhile, so an admin can read the
     host key on first contact) until an admin has enrolled this site; then start the key

@@ -27,7 +27,7 @@ from typing import Any
 
 from lxml import etree
 
-from dgf import crypto, envelope, errors, placement, wire
+from dgf import crypto, envelope, errors, placement, ssh, wire
 from dgf.config import MetaserverConfig
 from dgf.dicom import identity
 from dgf.dicom.profile import OPTIONS, Options
@@ -1594,7 +1594,7 @@ def open_engine(url: str, db_wait_s: float = DEFAULT_LIMITS.db_wait_s) -> SqlEng
     return SqlEngine(url, db_wait_s)
 
 
-def build(cfg: MetaserverConfig) -> wire.SSHServer:
+def build(cfg: MetaserverConfig) -> ssh.SSHServer:
     engine = open_engine(cfg.db, cfg.limits.db_wait_s)
     source = VaultSource(cfg.vault_key, cfg.path.parent)
     recorded = engine.get_setting("vault.kek_id")
@@ -1610,7 +1610,7 @@ def build(cfg: MetaserverConfig) -> wire.SSHServer:
     def authorize(key: paramiko.PKey) -> Principal | None:
         return principals.lookup(crypto.fingerprint(key))
 
-    return wire.SSHServer(host_key, service, SUBSYSTEM, authorize, host=cfg.listen[0], port=cfg.listen[1],
+    return ssh.SSHServer(host_key, service, SUBSYSTEM, authorize, host=cfg.listen[0], port=cfg.listen[1],
                           limits=cfg.limits)
 
 

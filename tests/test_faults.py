@@ -268,11 +268,11 @@ def test_a_partitioned_site_costs_a_named_error_and_reads_go_to_the_other_copy(t
         # a site behind NAT would), with its own key.
         address = (fed.root / "site-b.addr").read_text().strip()
         proxy = _Proxy(int(address.rsplit(":", 1)[1]))
-        from dgf import crypto, wire
+        from dgf import crypto, ssh
 
         host, port = fed.metaserver.rsplit(":", 1)
         meta_key = " ".join((fed.root / "keys" / "metaserver_host.pub").read_text().split()[:2])
-        conn = wire.Connection(host, int(port), crypto.load_paramiko_key(fed.root / "keys" / "site-b"), meta_key,
+        conn = ssh.Connection(host, int(port), crypto.load_paramiko_key(fed.root / "keys" / "site-b"), meta_key,
                                "dgf-meta", name="the metaserver")
         try:
             conn.channel().call("site.register", site="site-b", host="127.0.0.1", port=proxy.port,

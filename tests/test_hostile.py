@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dgf import crypto, errors, local, wire
+from dgf import crypto, errors, local, ssh, wire
 from dgf.client import Client
 from dgf.config import ClientConfig, write_section
 from metaserver.engine import NewFile
@@ -89,10 +89,10 @@ def _pids(f: local.Federation) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _raw(f: local.Federation, who: str) -> Iterator[tuple[wire.Connection, wire.RpcChannel]]:
+def _raw(f: local.Federation, who: str) -> Iterator[tuple[ssh.Connection, wire.RpcChannel]]:
     """A bare connection and channel to the metaserver, to send what no client would."""
     cfg = ClientConfig.load(f.config(who))
-    conn = wire.Connection(*cfg.metaserver[0], crypto.load_paramiko_key(cfg.key), cfg.metaserver_host_key,
+    conn = ssh.Connection(*cfg.metaserver[0], crypto.load_paramiko_key(cfg.key), cfg.metaserver_host_key,
                            "dgf-meta", name="the metaserver", read_timeout=10)
     try:
         yield conn, conn.channel()

@@ -10,7 +10,7 @@ from typing import Any
 import paramiko
 import pytest
 
-from dgf import crypto, errors, wire
+from dgf import crypto, errors, ssh, wire
 
 
 class Echo(wire.Service):
@@ -91,7 +91,7 @@ def ssh_server(tmp_path: Path) -> Any:
     host_line = crypto.generate_keypair(tmp_path / "host")
     user_line = crypto.generate_keypair(tmp_path / "user")
     allowed = crypto.fingerprint(user_line)
-    server = wire.SSHServer(crypto.load_paramiko_key(tmp_path / "host"), Echo(), "dgf-test",
+    server = ssh.SSHServer(crypto.load_paramiko_key(tmp_path / "host"), Echo(), "dgf-test",
                             lambda key: "user" if crypto.fingerprint(key) == allowed else None).start()
     yield server, host_line, tmp_path
     server.close()
@@ -99,7 +99,7 @@ def ssh_server(tmp_path: Path) -> Any:
 
 def test_ssh_round_trip_uses_aes_gcm(ssh_server: Any) -> None:
     server, host_line, tmp = ssh_server
-    conn = wire.Connection(*server.address, crypto.load_paramiko_key(tmp / "user"), host_line, "dgf-test")
+    conn = ssh.Connection(*server.address, crypto.load_paramiko_key(tmp / "user"), host_line, "dgf-test")
     chan = conn.channel()
     result, body = chan.call("echo", b"payload" * 50_000, text="ok")
     assert result == {"text": "ok", "who": "user"} and body == b"payload" * 50_000
@@ -115,8 +115,8 @@ def test_server_denies_unknown_keys_shell_exec_and_other_subsystems(ssh_server: 
     server, host_line, tmp = ssh_server
     crypto.generate_keypair(tmp / "stranger")
     with pytest.raises(errors.AuthenticationFailed):
-        wire.Connection(*server.address, crypto.load_paramiko_key(tmp / "stranger"), host_line, "dgf-test")
-    conn = wire.Connection(*server.address, crypto.load_paramiko_key(tmp / "user"), host_line, "dgf-test")
+        ssh.Connection(*server.address, crypto.load_paramiko_key(tmp / "stranger"), host_line, "dgf-test")
+    conn = ssh.Connection(*server.address, crypto.load_paramiko_key(tmp / "user"), host_line, "dgf-test")
     for attempt in ("shell", "exec", "subsystem"):
         chan = conn.transport.open_session()
         with pytest.raises(paramiko.SSHException):
@@ -169,7 +169,7 @@ def test_vault_keys_pseudonyms_are_stable_and_keyed() -> None:
 
 def test_concurrent_channels_on_one_connection(ssh_server: Any) -> None:
     server, host_line, tmp = ssh_server
-    conn = wire.Connection(*server.address, crypto.load_paramiko_key(tmp / "user"), host_line, "dgf-test")
+    conn = ssh.Connection(*server.address, crypto.load_paramiko_key(tmp / "user"), host_line, "dgf-test")
     results: list[int] = []
 
     def work(base: int) -> None:
