@@ -47,7 +47,9 @@ def config_option(fn: F) -> F:
                         help=f"Client config (principal, key, metaserver). Default: ${ENV_CONFIG}.")(fn)
 
 
-def _client(config: str | None, options: list[str] | None = None) -> Any:
+def _client(config: str | None, options: list[str] | None = None, shared: bool = True) -> Any:
+    """The command's client.  ``shared``: the metaserver link goes through a connection master
+    (dgf.mux); commands that move objects pass False, since they talk SSH to the sites anyway."""
     from dgf.client import Client
 
     requested = None            # none asked: the archive's (a command that uploads nothing never loads them)
@@ -55,7 +57,7 @@ def _client(config: str | None, options: list[str] | None = None) -> Any:
         from dgf.dicom.profile import Options
 
         requested = Options.from_names(options)
-    client = Client(config, requested)
+    client = Client(config, requested, shared=shared)
     try:
         mismatch = client.check_principal()
     except BaseException:
@@ -147,7 +149,7 @@ def up_cmd(paths: tuple[str, ...], to: str | None, site: str | None, recursive: 
       dgf_up scans/ -r
       dgf_up CT1.dcm CT2.dcm --to /projects/lung --site site-a
     """
-    client = _client(config, list(options))
+    client = _client(config, list(options), shared=False)
     with client:
         bars: list[_Bar] = []
         t0 = time.perf_counter()
@@ -196,7 +198,7 @@ def down_cmd(paths: tuple[str, ...], out: str, identified: bool, xpath: str | No
     """
     if not paths and xpath is None:
         raise errors.UsageError("name at least one archive path, or use --find XPATH.")
-    with _client(config) as client:
+    with _client(config, shared=False) as client:
         t0 = time.perf_counter()
         bars: list[_Bar] = []
         try:
@@ -511,7 +513,7 @@ def fsck_cmd(path: str, repair: bool, adopt: bool, grace: float, config: str | N
 
     if adopt and path.rstrip("/"):
         raise errors.UsageError("--adopt looks for orphans, which only a whole-archive check (PATH /) finds.")
-    with _client(config) as client:
+    with _client(config, shared=False) as client:
         report = fsck(client, path, repair, grace * 3600.0, progress=lambda line: click.echo(line, err=True),
                       adopt=adopt)
     _print_fsck(report)
@@ -1231,7 +1233,7 @@ def recon_import(projections: str, geometry: str, to: str, patient_id: str, pati
         stack = np.load(projections, mmap_mode="r")
     except (ValueError, OSError) as exc:
         raise errors.UsageError(f"{projections} is not a .npy array ({exc}).") from exc
-    with _client(config) as client:
+    with _client(config, shared=False) as client:
         bar = _Bar(g.n_projections, "importing projections", unit="projection")
         try:
             report = client.recon_import(np.asarray(stack, dtype=np.float32), g, to,
@@ -1271,7 +1273,7 @@ def recon_run(series: str, out: str, shape: str | None, window: str, replace: bo
             raise errors.UsageError(f"--shape must be NX,NY,NZ integers, got {shape!r}.") from exc
         if len(dims) != 3 or min(dims) <= 0:
             raise errors.UsageError(f"--shape must be three positive integers, got {shape!r}.")
-    with _client(config) as client:
+    with _client(config, shared=False) as client:
         result = client.recon(series, out, dims, window,
                               progress=lambda line: click.echo(line, err=True), replace=replace)
     nx, ny, nz = result.geometry.volume_shape

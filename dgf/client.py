@@ -27,6 +27,7 @@ from dgf.types import HEADER_XATTR, Site, Stat
 if TYPE_CHECKING:
     from dgf.dicom.profile import Options
     from dgf.download import Downloads
+    from dgf.mux import Sharing
     from dgf.reader import ObjectReader
     from dgf.reconstruct import ReconResult, Reconstruction
     from dgf.sshlib import paramiko
@@ -64,16 +65,26 @@ class Client:
         A :class:`ClientConfig`, a config file path, or None for ``$DGF_CONFIG``.
     options
         De-identification options for uploads (defaults: :class:`Options`).
+    shared
+        Reach the metaserver through a connection master (:mod:`dgf.mux`) when one runs for
+        this config, and start one for the next command when none does: what the CLI's short
+        commands do.  Off by default: a program that holds its client keeps its own connection.
     """
 
     def __init__(self, config: ClientConfig | str | os.PathLike[str] | None = None,
-                 options: Options | None = None) -> None:
+                 options: Options | None = None, shared: bool = False) -> None:
         self.config = config if isinstance(config, ClientConfig) else ClientConfig.load(config)
         #: What the caller asked for; the archive's policy decides (see upload_options).
         self.requested = options
         self._archive_options: Options | None = None
+        self._sharing: Sharing | None = None
+        if shared:
+            from dgf.mux import Sharing
+
+            self._sharing = Sharing(self.config)
         self.meta = MetaLink(self.config.metaserver, lambda: self._key, self.config.metaserver_host_key,
-                             read_timeout=self.config.timeout)
+                             read_timeout=self.config.timeout,
+                             shared=self._sharing.attach if self._sharing is not None else None)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}
         self._unreachable: dict[str, tuple[float, errors.TransportError]] = {}
@@ -81,7 +92,8 @@ class Client:
 
     @functools.cached_property
     def _key(self) -> paramiko.PKey:
-        """The principal's key, loaded when a connection is made."""
+        """The principal's key, loaded for a connection of this client's own (a command whose
+        metaserver link goes through a connection master never loads paramiko)."""
         from dgf import crypto
 
         return crypto.load_paramiko_key(self.config.key)
@@ -133,11 +145,14 @@ class Client:
         return self._archive_options
 
     def close(self) -> None:
+        connected = self.meta.conn.alive
         if "reader" in self.__dict__:
             self.reader.close()
         for link in self._links.values():
             link.close()
         self.meta.close()
+        if self._sharing is not None:
+            self._sharing.close(connected)   # none answered: one starts for the next command
 
     def __enter__(self) -> Client:
         return self

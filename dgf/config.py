@@ -8,7 +8,6 @@ that pin.  Relative paths in a config file are relative to the file's directory.
 from __future__ import annotations
 
 import configparser
-import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ log = logging.getLogger("dgf.config")
 #: The keys each section understands; any other key is named in a warning (a typo such as
 #: ``cahce_dir`` silently falling back to a default is worse than a line on stderr).
 KNOWN = {
-    "dgf": ("principal", "key", "metaserver", "metaserver_host_key", "cache_dir", "timeout"),
+    "dgf": ("principal", "key", "metaserver", "metaserver_host_key", "cache_dir", "timeout",
+            "shared_connection"),
     "metaserver": ("listen", "db", "host_key", "vault_key"),
     "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key", "zone"),
     "dicom": ("ae_title", "listen", "spool", "callers", "identified", "destinations", "max_spool_mb",
@@ -75,6 +75,8 @@ def read_section(path: Path, section: str) -> dict[str, str]:
 
 
 def _nearest(word: str, known: tuple[str, ...]) -> str:
+    import difflib
+
     close = difflib.get_close_matches(word.lower(), known, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
 
@@ -104,13 +106,14 @@ def _need(values: dict[str, str], key: str, path: Path, section: str) -> str:
     return values[key]
 
 
-def _seconds(text: str, path: Path) -> float:
+def _seconds(text: str, path: Path, key: str = "timeout", zero: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise errors.ConfigError(f"config file {path}: 'timeout' must be a positive number of seconds, got {text!r}.")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise errors.ConfigError(f"config file {path}: {key!r} must be a "
+                                 f"{'non-negative' if zero else 'positive'} number of seconds, got {text!r}.")
     return value
 
 
@@ -130,6 +133,9 @@ class ClientConfig:
     cache_dir: Path
     #: Seconds to wait for a server's next bytes before naming it as hung (``timeout`` key).
     timeout: float = 30.0
+    #: Seconds a short command's shared metaserver connection (:mod:`dgf.mux`) outlives the
+    #: last channel through it; 0: every command connects by itself.
+    shared_connection: float = 300.0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> ClientConfig:
@@ -152,6 +158,7 @@ class ClientConfig:
             metaserver_host_key=_need(v, "metaserver_host_key", p, "dgf"),
             cache_dir=_rel(base, cache),
             timeout=_seconds(v.get("timeout", "30"), p),
+            shared_connection=_seconds(v.get("shared_connection", "300"), p, "shared_connection", zero=True),
         )
 
 

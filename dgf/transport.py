@@ -24,6 +24,7 @@ from dgf.types import Site
 
 if TYPE_CHECKING:
     from dgf import ssh
+    from dgf.mux import Shared
     from dgf.sshlib import paramiko
 
 log = logging.getLogger(__name__)
@@ -53,24 +54,31 @@ class MetaLink:
     call that met the failure raises (it may have been applied), the next one goes through."""
 
     def __init__(self, addresses: Iterable[tuple[str, int]], key: Callable[[], paramiko.PKey], host_key: str,
-                 channels: int = 2, read_timeout: float = wire.READ_TIMEOUT) -> None:
-        """``key`` loads the principal's key when a connection is made."""
+                 channels: int = 2, read_timeout: float = wire.READ_TIMEOUT,
+                 shared: Callable[[], Shared | None] | None = None) -> None:
+        """``key`` loads the principal's key when a connection of our own is made; ``shared``
+        finds a connection master's channels (:mod:`dgf.mux`) to use instead, or None."""
         self.addresses = list(addresses)
         self._key, self._host_key, self._read_timeout = key, host_key, read_timeout
+        self._shared = shared
         self._lock = threading.Lock()
-        self.conn: ssh.Connection = self._connect(self.addresses)
+        self.conn: ssh.Connection | Shared = self._connect(self.addresses)
         # Channels are opened at first use: a short command needs one.
         self._pool: queue.Queue[wire.RpcChannel | None] = queue.Queue()
         for _ in range(channels):
             self._pool.put(None)
 
-    def _connect(self, order: list[tuple[str, int]]) -> ssh.Connection:
+    def _connect(self, order: list[tuple[str, int]]) -> ssh.Connection | Shared:
+        if self._shared is not None:
+            found = self._shared()
+            if found is not None:
+                return found
         from dgf import ssh
 
         return ssh.connect_any(order, self._key(), self._host_key, META_SUBSYSTEM, "the metaserver",
                                self._read_timeout)
 
-    def _reconnect(self, dead: ssh.Connection) -> None:
+    def _reconnect(self, dead: ssh.Connection | Shared) -> None:
         """Replace a dead connection (once, whichever caller notices first), trying the other
         metaservers before the one that died."""
         with self._lock:
@@ -127,7 +135,7 @@ class MetaLink:
             except queue.Empty:
                 break
             if chan is not None:
-                chan.close()
+                chan.close()            # a socket to a connection master is a file of its own
         self.conn.close()
 
 

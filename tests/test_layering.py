@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENT = {"dgf.client", "dgf.cli", "dgf.fuse", "dgf.reader", "dgf.transport", "dgf.local", "dgf.fsck"}
+CLIENT = {"dgf.client", "dgf.cli", "dgf.fuse", "dgf.reader", "dgf.transport", "dgf.local", "dgf.fsck", "dgf.mux"}
 SERVERS = ("metaserver", "ioserver")
 CORE = ["dgf/errors.py", "dgf/types.py", "dgf/wire.py", "dgf/crypto.py", "dgf/config.py", "dgf/limits.py",
         "dgf/integrity.py", "dgf/placement.py", "dgf/conebeam.py", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "dgf/dicom").glob("*.py"))]
