@@ -86,6 +86,30 @@ class EngineContract:
             SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
         assert migrate.current(engine.engine) == "9999"
 
+    def test_revision_0002_takes_the_number_of_non_ascii_values_away(self, engine: MetaEngine) -> None:
+        import sqlalchemy as sa
+
+        # Indexed before 2026-11-30, '\u0663' (ARABIC-INDIC DIGIT THREE) was the number 3; XPath
+        # says NaN.  Upgrading a database from revision 0001 drops such numbers, and only those.
+        assert isinstance(engine, SqlEngine)
+        xml = "<DicomHeader><SeriesNumber>\u0663</SeriesNumber><InstanceNumber>7</InstanceNumber>" \
+              "<AcquisitionNumber>1\u00a0</AcquisitionNumber></DicomHeader>"
+        engine.create_files([NewFile("/n/a.dcm", _key("n"), 1, "site-a", {"user.dgf.dicom": xml.encode()},
+                                     "P1", b"sealed")])
+        values = sa.text("SELECT text, num FROM hvalues WHERE text IN ('\u0663', '7', '1\u00a0')")
+        with engine.engine.begin() as conn:
+            assert dict(conn.execute(values).all()) == {"\u0663": None, "7": 7.0, "1\u00a0": None}
+            conn.execute(sa.text("UPDATE hvalues SET num = 3 WHERE text = '\u0663'"))       # as written then
+            conn.execute(sa.text("UPDATE hvalues SET num = 1 WHERE text = '1\u00a0'"))
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+        again = SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
+        try:
+            assert again.schema_revision == migrate.head() == "0002"
+            with again.engine.connect() as conn:
+                assert dict(conn.execute(values).all()) == {"\u0663": None, "7": 7.0, "1\u00a0": None}
+        finally:
+            again.close()
+
     def test_the_revisions_build_the_tables_the_code_declares(self, engine: MetaEngine) -> None:
         # A table definition changed without a revision would show up here as a difference.
         from alembic.autogenerate import compare_metadata
