@@ -126,14 +126,12 @@ def _header_patient(xml: bytes) -> str:
     return (found.text or "") if found is not None else ""
 
 
-
 class Uploads:
     """The upload pipeline of one client (its metaserver link, site links and reader)."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self._tally = threading.Lock()      # report counters, updated by concurrent store stages
-
 
     def upload(self, paths: Iterable[str | os.PathLike[str]], to: str | None = None,
                site: str | None = None, recursive: bool = False, progress: Progress | None = None,
