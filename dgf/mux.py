@@ -51,8 +51,9 @@ if TYPE_CHECKING:
 MAX_CHANNELS = 64
 #: Bytes of a greeting line, at most.
 GREETING_MAX = 512
-#: Seconds a client waits for the master's greeting (it opens one SSH channel meanwhile).
-GREETING_S = 10.0
+#: Seconds a client waits for the master's greeting (it opens one SSH channel meanwhile, about
+#: a millisecond); a master that is stopped or swamped costs this, then the client connects itself.
+GREETING_S = 5.0
 #: The longest Unix socket path Linux takes (sun_path is 108 bytes with its NUL).
 PATH_MAX = 107
 

@@ -75,6 +75,12 @@ def test_a_short_command_starts_a_master_and_the_next_imports_no_ssh_library(
         federation: local.Federation, tmp_path: Path) -> None:
     conf = _fed_config(federation, "researcher", tmp_path)
     sock = _socket(conf)
+    # A command that moves objects keeps its own connection and starts no master.
+    env = dict(os.environ, DGF_CONFIG=str(conf))
+    bulk = subprocess.run([str(BIN / "dgf_down"), "/no-such-dir", "-o", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert bulk.returncode == 3, bulk.stderr
+    assert not sock.exists() and _master_pid(sock) is None
     first = _dgf(conf, "whoami")
     assert first.returncode == 0, first.stderr
     _wait(sock.exists, "the first command started no connection master")
