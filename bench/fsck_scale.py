@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgf import local  # noqa: E402
+from ioserver.store import object_path  # noqa: E402
 from metaserver.engine import NewFile  # noqa: E402
 from metaserver.sql import SqlEngine  # noqa: E402
 
@@ -50,7 +51,7 @@ def main() -> None:
             data = os.urandom(512) + i.to_bytes(8, "little")
             key = hashlib.sha256(data).hexdigest()
             for site in ("site-a", "site-b"):
-                path = fed.root / f"store-{site}" / "objects" / key[:2] / key[2:4] / key
+                path = object_path(fed.root / f"store-{site}", key)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             batch.append(NewFile(f"/scale/{i // 1000:03d}/{i:06d}.dcm", key, len(data), "site-a",

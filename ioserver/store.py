@@ -170,8 +170,34 @@ class ObjectStore(ABC):
     def _do_delete(self, key: str) -> bool: ...
 
 
+#: The store's layout, in a file of that name at its root: objects in 256 directories named by
+#: the key's first byte.  A store without the file keeps the two levels it was made with.
+LAYOUT_FILE = "layout"
+FLAT = "objects/xx/KEY\n"
+
+
+def levels_of(root: Path) -> int:
+    """Directory levels under ``root/objects``: 1 (``ab/KEY``) for a store made with the layout
+    file, 2 (``ab/cd/KEY``) for one made before it."""
+    try:
+        return 1 if (Path(root) / LAYOUT_FILE).read_text() == FLAT else 2
+    except FileNotFoundError:
+        return 2
+
+
+def object_path(root: Path, key: str) -> Path:
+    """Where the store at ``root`` keeps object ``key``."""
+    objects = Path(root) / "objects"
+    return objects / key[:2] / key if levels_of(root) == 1 else objects / key[:2] / key[2:4] / key
+
+
 class LocalObjectStore(ObjectStore):
-    """Objects as files ``root/objects/ab/cd/<key>``; writes go temp -> fsync -> rename."""
+    """Objects as files ``root/objects/ab/<key>``; writes go temp -> fsync -> rename.
+
+    One level of 256 directories: a new object creates no directory once they exist (with the
+    two levels of stores made before, ``ab/cd/``, nearly every one of a young store's first
+    hundred thousand objects created a directory too, an inode's worth of kernel time each).
+    ext4 indexes large directories, so 40,000 objects per directory at 10 million is fine."""
 
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -179,15 +205,28 @@ class LocalObjectStore(ObjectStore):
         self.tmp = self.root / "tmp"
         self.quarantine = self.root / "quarantine"
         self.fsync = fsync
+        fresh = not self.objects.exists() or not any(self.objects.iterdir())
         for d in (self.objects, self.tmp, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
+        if fresh and levels_of(self.root) == 2:
+            marker = self.root / (LAYOUT_FILE + ".tmp")
+            marker.write_text(FLAT)
+            os.replace(marker, self.root / LAYOUT_FILE)
+        self.levels = levels_of(self.root)
         # Temp files left by a crash are never visible objects; clear them at start.
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
         self._dirs_made: set[str] = set()
 
     def _path(self, key: str) -> Path:
-        return self.objects / key[:2] / key[2:4] / key
+        return self.objects / key[:2] / key if self.levels == 1 else self.objects / key[:2] / key[2:4] / key
+
+    def _made(self, final: Path) -> None:
+        """Make the directory ``final`` goes in, once per process."""
+        sub = final.parent.name if self.levels == 1 else final.parent.parent.name + final.parent.name
+        if sub not in self._dirs_made:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs_made.add(sub)
 
     @contextlib.contextmanager
     def mapped(self, key: str) -> Iterator[bytes | memoryview]:
@@ -213,20 +252,20 @@ class LocalObjectStore(ObjectStore):
 
     def listing(self, after: str, limit: int) -> list[tuple[str, int, float]]:
         """(key, size, mtime) of up to ``limit`` stored objects with keys after ``after``, in
-        key order (the two directory levels are the key's first bytes, so a walk in name order
-        is key order)."""
+        key order (the directory levels are the key's first bytes, so a walk in name order is
+        key order)."""
         out: list[tuple[str, int, float]] = []
         for top in sorted(os.listdir(self.objects)):
             if top < after[:2]:
                 continue
-            for mid in sorted(os.listdir(self.objects / top)):
-                if top + mid < after[:4]:
-                    continue
-                for name in sorted(os.listdir(self.objects / top / mid)):
+            dirs = [self.objects / top] if self.levels == 1 else \
+                [self.objects / top / mid for mid in sorted(os.listdir(self.objects / top)) if top + mid >= after[:4]]
+            for d in dirs:
+                for name in sorted(os.listdir(d)):
                     if name <= after or not _KEY.fullmatch(name):
                         continue
                     try:
-                        st = os.stat(self.objects / top / mid / name)
+                        st = os.stat(d / name)
                     except FileNotFoundError:
                         continue
                     out.append((name, st.st_size, st.st_mtime))
@@ -284,10 +323,7 @@ class LocalObjectStore(ObjectStore):
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
-            sub = key[:4]
-            if sub not in self._dirs_made:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self._dirs_made.add(sub)
+            self._made(final)
             os.replace(tmp, final)
             if self.fsync:
                 dfd = os.open(final.parent, os.O_RDONLY)
@@ -348,9 +384,7 @@ class LocalObjectStore(ObjectStore):
                 try:
                     _sync(self.tmp)
                     for tmp, final in staged:
-                        if final.name[:4] not in self._dirs_made:
-                            final.parent.mkdir(parents=True, exist_ok=True)
-                            self._dirs_made.add(final.name[:4])
+                        self._made(final)
                         os.replace(tmp, final)
                         placed += 1
                     _sync(self.objects)

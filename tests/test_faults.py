@@ -21,6 +21,7 @@ import pytest
 from bench import synth
 from dgf import errors, local
 from dgf.client import Client
+from ioserver.store import object_path
 from tests import corpus
 
 BIN = Path(sys.executable).parent
@@ -195,8 +196,7 @@ def test_a_site_killed_mid_repair(tmp_path: Path) -> None:
             for st in c.ls("/big"):
                 for site, _ in c.stat(st.path).replicas:
                     if site == killed[0]:     # recorded there: the whole object is there
-                        stored = fed.root / f"store-{site}" / "objects" / (st.object_key or "")[:2] / \
-                            (st.object_key or "")[2:4] / (st.object_key or "")
+                        stored = object_path(fed.root / f"store-{site}", st.object_key or "")
                         assert hashlib.sha256(stored.read_bytes()).hexdigest() == st.object_key
         _wait_dead(fed, killed[0])
         local.up(fed.root)                                         # site-a and the victim come back

@@ -15,6 +15,7 @@ import pytest
 
 from dgf import errors, local
 from dgf.client import Client
+from ioserver.store import object_path
 from tests import corpus, serving
 from tests.conftest import copy_to
 
@@ -98,7 +99,7 @@ def test_sites_are_both_used_and_objects_are_by_key(clinician: Client, federatio
     used = {f[3][0] for f in resolved["files"]}
     assert used == {"site-a", "site-b"}
     for _, key, size, sites in resolved["files"]:
-        obj = federation.root / f"store-{sites[0]}" / "objects" / key[:2] / key[2:4] / key
+        obj = object_path(federation.root / f"store-{sites[0]}", key)
         assert obj.stat().st_size == size
         assert hashlib.sha256(obj.read_bytes()).hexdigest() == key
 
@@ -205,7 +206,7 @@ def test_rm_r_removes_a_tree_in_one_transaction_and_frees_its_objects(federation
 
 
 def _on_a_site(fed: local.Federation, key: str) -> bool:
-    return any((fed.root / f"store-{s}" / "objects" / key[:2] / key[2:4] / key).exists() for s in fed.sites)
+    return any(object_path(fed.root / f"store-{s}", key).exists() for s in fed.sites)
 
 
 def test_bad_xpath_is_a_clear_error_and_server_survives(clinician: Client) -> None:

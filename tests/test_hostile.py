@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 from dgf import crypto, errors, local, ssh, wire
 from dgf.client import Client
 from dgf.config import ClientConfig, write_section
+from ioserver.store import object_path
 from metaserver.engine import NewFile
 from metaserver.sql import SqlEngine
 from tests import corpus
@@ -352,7 +353,7 @@ def test_a_flipped_byte_is_never_served_and_a_reupload_repairs_it(fed: local.Fed
         path = c.ls("/flip")[0].path
         st = c.stat(path)
     site = st.replicas[0][0]
-    stored = fed.root / f"store-{site}" / "objects" / st.object_key[:2] / st.object_key[2:4] / st.object_key
+    stored = object_path(fed.root / f"store-{site}", st.object_key)
     original = stored.read_bytes()
     flipped = bytearray(original)
     flipped[4 * 1024 * 1024 + 12345] ^= 0x01           # in the second 4 MiB block of the mount

@@ -18,6 +18,7 @@ import pytest
 
 from dgf import errors, local, placement
 from dgf.client import Client
+from ioserver.store import object_path
 from tests import corpus
 from tests.pg import PostgresServer
 
@@ -49,7 +50,7 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.Federation
 
 def _stored(fed: local.Federation, key: str) -> list[str]:
     return [site for site in fed.sites
-            if (fed.root / f"store-{site}" / "objects" / key[:2] / key[2:4] / key).is_file()]
+            if object_path(fed.root / f"store-{site}", key).is_file()]
 
 
 def test_copies_per_directory_on_distinct_sites(three: local.Federation, tmp_path: Path) -> None:
@@ -153,7 +154,7 @@ def test_the_object_reader_reports_a_bad_copy_it_meets_in_a_bulk_download(three:
         refs = {f[0]: (f[1], f[3]) for f in c.resolve(["/reader"])["files"]}
     path, (key, sites) = sorted(refs.items())[0]
     first = sites[0]                                         # the copy readers try first
-    stored = three.root / f"store-{first}" / "objects" / key[:2] / key[2:4] / key
+    stored = object_path(three.root / f"store-{first}", key)
     damaged = bytearray(stored.read_bytes())
     damaged[len(damaged) // 2] ^= 0x01
     stored.write_bytes(bytes(damaged))
@@ -182,7 +183,7 @@ def test_a_directory_wanting_more_copies_than_sites_fails_by_name(tmp_path: Path
 
 
 def _obj(fed: local.Federation, site: str, key: str) -> Path:
-    return fed.root / f"store-{site}" / "objects" / key[:2] / key[2:4] / key
+    return object_path(fed.root / f"store-{site}", key)
 
 
 def test_fsck_finds_and_repairs_site_to_site(tmp_path: Path) -> None:

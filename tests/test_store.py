@@ -115,3 +115,36 @@ class TestLocalObjectStore(ObjectStoreContract):
         (tmp_path / "store" / "tmp" / "half-written").write_bytes(b"partial")
         LocalObjectStore(tmp_path / "store")
         assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_a_new_store_is_flat_and_an_old_one_keeps_its_two_levels(tmp_path: Path) -> None:
+    """A new store keeps objects in 256 directories (ab/KEY), so once those exist an object
+    creates no directory; a store made before the layout file keeps ab/cd/KEY, readable and
+    listed in key order as before, also after a restart."""
+    from ioserver.store import object_path
+
+    blobs = [os.urandom(200 + i) for i in range(300)]
+    new = LocalObjectStore(tmp_path / "new", fsync=False)
+    assert new.levels == 1 and (tmp_path / "new" / "layout").is_file()
+    assert all(r is None for r in new.put_many([(_key(b), b) for b in blobs]))
+    dirs = {p for p in (tmp_path / "new" / "objects").rglob("*") if p.is_dir()}
+    assert all(p.parent == tmp_path / "new" / "objects" for p in dirs) and len(dirs) <= 256
+    assert all(object_path(tmp_path / "new", _key(b)) == new._path(_key(b)) and new._path(_key(b)).is_file()
+               for b in blobs)
+
+    old_root = tmp_path / "old"
+    for b in blobs[:50]:                    # as a store made before the layout file wrote them
+        k = _key(b)
+        (old_root / "objects" / k[:2] / k[2:4]).mkdir(parents=True, exist_ok=True)
+        (old_root / "objects" / k[:2] / k[2:4] / k).write_bytes(b)
+    old = LocalObjectStore(old_root, fsync=False)
+    assert old.levels == 2 and not (old_root / "layout").exists()
+    assert all(r is None for r in old.put_many([(_key(b), b) for b in blobs[50:]]))
+    for store in (new, old, LocalObjectStore(old_root, fsync=False)):
+        assert [k for k, _, _ in store.listing("", 1000)] == sorted(_key(b) for b in blobs)
+        middle = sorted(_key(b) for b in blobs)[140]
+        assert [k for k, _, _ in store.listing(middle, 5)] == sorted(_key(b) for b in blobs)[141:146]
+        n, chunks = store.get(_key(blobs[7]))
+        assert b"".join(chunks) == blobs[7]
+    assert object_path(old_root, _key(blobs[0])) == old_root / "objects" / _key(blobs[0])[:2] / \
+        _key(blobs[0])[2:4] / _key(blobs[0])

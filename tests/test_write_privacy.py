@@ -58,6 +58,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from dgf.dicom.xmlheader import header_xml  # noqa: E402
 from dgf.transport import PutItem  # noqa: E402
 from dgf.types import Site  # noqa: E402
+from ioserver.store import object_path
 
 TOKEN = "ZQXJVWKD"        # an "identifier" that appears in no corpus file
 _CLEAN: dict[str, bytes] = {}     # one de-identified file, made once for the property test
@@ -98,7 +99,7 @@ def _raw_put(c: Client, data: bytes) -> tuple[str, str | None, str | None]:
 
 def _stored(fed: local.Federation, data: bytes | str) -> bool:
     key = data if isinstance(data, str) else hashlib.sha256(data).hexdigest()
-    return any((fed.root / f"store-{s}" / "objects" / key[:2] / key[2:4] / key).exists() for s in fed.sites)
+    return any(object_path(fed.root / f"store-{s}", key).exists() for s in fed.sites)
 
 
 def _commit(c: Client, site: str, receipt: str, data: bytes, xml: str, path: str) -> None:
