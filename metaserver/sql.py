@@ -65,11 +65,12 @@ _Q_VERSIONS = sa.select(values_t.c.text, inodes.c.parent, inodes.c.name).join(
 
 class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
-        conn.info.setdefault("dgf.after", {})["dirs"] = True
         now = time.time()
         ino = inserted_id(conn.execute(inodes.insert().values(
             parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
             mtime=now, ctime=now)))
+        # Learnt by this process's directory map once committed (SqlBase._add_dirs).
+        conn.info.setdefault("dgf.after", {}).setdefault("new_dirs", []).append((ino, parent_id, name))
         conn.execute(U_NLINK, {"b_id": parent_id, "b_delta": 1, "b_now": now})
         return InodeRow(ino, name, True, mode, 0, 2, now, now, None)
 

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from dgf import crypto, errors
 from dgf.types import Principal, Site
 from metaserver.schema import (
+    REPLICAS_ONLY,
     grants_t,
     identities,
     objects,
@@ -25,7 +26,7 @@ from metaserver.schema import (
     study_keys,
     xattrs,
 )
-from metaserver.sqlbase import REPLICAS_XATTR, SqlBase, inserted_id, slices
+from metaserver.sqlbase import SqlBase, inserted_id, slices
 
 
 class AdminStore(SqlBase):
@@ -239,7 +240,9 @@ class AdminStore(SqlBase):
 
     def replication_overrides(self) -> dict[str, int]:
         def run(conn: Connection) -> dict[str, int]:
-            rows = conn.execute(sa.select(xattrs.c.ino, xattrs.c.value).where(xattrs.c.name == REPLICAS_XATTR))
+            rows = conn.execute(sa.select(xattrs.c.ino, xattrs.c.value).where(REPLICAS_ONLY)).all()
+            if not rows:
+                return {}                  # the usual case: no directory map needed
             dirs = self._dir_paths(conn)
             out = {}
             for r in rows:

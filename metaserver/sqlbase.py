@@ -24,6 +24,7 @@ from metaserver import index
 from metaserver.planner import Catalogue
 from metaserver.schema import (
     AUDIT_HEAD,
+    REPLICAS_NAME,
     audit_hash,
     audit_t,
     identities,
@@ -38,7 +39,7 @@ T = TypeVar("T")
 #: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
 DIRS_VERSION = "ns.dirs_version"
 #: A directory's replication factor (set by admins through ``admin.replicas.set``).
-REPLICAS_XATTR = "user.dgf.replicas"
+REPLICAS_XATTR = REPLICAS_NAME
 ROOT = 1
 
 STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
@@ -126,6 +127,7 @@ class SqlBase:
         self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
         self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
         self._dir_ids_of: tuple[dict[int, str], dict[str, int]] | None = None
+        self._dirs_lock = threading.Lock()           # learning new directories (_add_dirs)
         now = time.time()
         with self.engine.begin() as conn:
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.id == ROOT)).first() is None:
@@ -256,8 +258,9 @@ class SqlBase:
                     conn.info.pop("dgf.after", None)
                     result = fn(conn)
                     self._audit_in(conn, conn.info.get("dgf.released"))
-                    if conn.info.get("dgf.after", {}).get("dirs"):
-                        self._bump_dirs(conn)
+                    version = None
+                    if conn.info.get("dgf.after", {}).get("dirs") or conn.info.get("dgf.after", {}).get("new_dirs"):
+                        version = self._bump_dirs(conn)
                     after = conn.info.pop("dgf.after", {})
                 self._local.audit = None         # written once, with the first transaction
                 # Committed: now in-process caches may learn what the transaction did.
@@ -265,6 +268,8 @@ class SqlBase:
                 self._multi.update(after.get("multi", ()))
                 if after.get("dirs"):
                     self._dirs = None
+                elif after.get("new_dirs"):
+                    self._add_dirs(after["new_dirs"], version)
                 return result
             except (OperationalError, DBAPIError) as exc:
                 if attempt == 5 or not self._retryable(exc):
@@ -342,23 +347,50 @@ class SqlBase:
             cached = self._dir_ids_of = (dirs, {p: i for i, p in dirs.items()})
         return cached[1]
 
-    def _bump_dirs(self, conn: Connection) -> None:
+    def _bump_dirs(self, conn: Connection) -> str | None:
         """Count a change of the directory tree in the database, in the transaction that makes
         it: every metaserver process over this database rebuilds its directory map when the
-        count moves, not only the one that made the change."""
+        count moves, not only the one that made the change.  Returns the new count."""
         changed = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
             value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))).rowcount
         if not changed:
             conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "1"}])
+        value = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
+        return None if value is None else str(value)
+
+    def _add_dirs(self, added: list[tuple[int, int, str]], version: str | None) -> None:
+        """Directories this process just created (id, parent, name), committed as tree version
+        ``version``: when the map it holds was built at the version right before, it learns
+        them (a copy, so readers of the old map are undisturbed) instead of being rebuilt from
+        the database.  An upload into new series creates directories in most of its commits;
+        rebuilding cost O(directories) each time (118 ms at 45,000)."""
+        with self._dirs_lock:
+            dirs, built = self._dirs, self._dirs_version
+            ids = self._dir_ids_of[1] if self._dir_ids_of is not None and self._dir_ids_of[0] is dirs else None
+            if dirs is None or version is None or built is None or not built.isdigit() or \
+                    not version.isdigit() or int(version) != int(built) + 1:
+                self._dirs = None                  # another process changed the tree meanwhile
+                return
+            dirs = dict(dirs)
+            ids = dict(ids) if ids is not None else {p: i for i, p in dirs.items()}
+            for ino, parent, name in added:
+                if parent not in dirs:
+                    self._dirs = None
+                    return
+                path = join_path(dirs[parent], name)
+                dirs[ino] = path
+                ids[path] = ino
+            self._dirs, self._dirs_version, self._dir_ids_of = dirs, version, (dirs, ids)
 
     def _dir_paths(self, conn: Connection) -> dict[int, str]:
         """Every directory's path, built once after each change of the tree (a few ms per
         10,000), by whichever metaserver process made it (the database keeps the count)."""
         version = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
-        dirs = self._dirs
-        if dirs is not None and version == self._dirs_version:
-            return dirs
-        self._dirs_version = version
+        with self._dirs_lock:
+            dirs = self._dirs
+            if dirs is not None and version == self._dirs_version:
+                return dirs
+        # Read after the version: the map is never older than the version it is filed under.
         links = {r.id: (r.parent, r.name) for r in conn.execute(
             sa.select(inodes.c.id, inodes.c.parent, inodes.c.name).where(inodes.c.is_dir.is_(True)))}
         dirs = {ROOT: "/"}
@@ -372,7 +404,8 @@ class SqlBase:
             for i in reversed(chain):
                 base = join_path(base, links[i][1])
                 dirs[i] = base
-        self._dirs = dirs
+        with self._dirs_lock:
+            self._dirs, self._dirs_version = dirs, version
         return dirs
 
     def audit_many(self, entries: list[tuple[str, str, str, str, str]]) -> None:
