@@ -216,9 +216,13 @@ def start_master(cfg: ClientConfig, path: Path) -> None:
     except OSError:
         return
     try:
+        # In "/", not the command's directory, which it would otherwise keep busy (an unmount),
+        # and running this very dgf, wherever it was imported from.
+        here = os.fspath(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH")))))
         subprocess.Popen([sys.executable, "-m", "dgf.mux", os.fspath(cfg.path), os.fspath(path)],
                          stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
-                         start_new_session=True)
+                         start_new_session=True, cwd="/", env=env)
     except OSError:
         pass
     finally:
