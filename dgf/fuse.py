@@ -443,11 +443,30 @@ def mount(mountpoint: str, config: str | None, identified: bool, foreground: boo
         # Originals are read whole at open; reads must reach us unclipped by any size the kernel
         # cached before (stat gives the original's size, but a file replaced meanwhile differs).
         options["direct_io"] = True
+    if not foreground:
+        _only_this_thread()
     try:
         mfusepy.FUSE(ops, str(target), foreground=foreground, **options)
     except RuntimeError as exc:
         raise errors.UsageError(f"cannot mount {mountpoint} ({exc}); is it already mounted, and is "
                                 "/dev/fuse usable here?") from exc
+
+
+def _only_this_thread(wait_s: float = 10.0) -> None:
+    """Wait until no other Python thread runs, before libfuse daemonizes.
+
+    libfuse forks in C, inside a call that has let go of the GIL.  A thread still alive then
+    (the probe client's SSH transport, finishing its close) may hold the GIL at that instant;
+    the daemon inherits a GIL held by a thread it does not have, and its first callback (FUSE's
+    INIT) waits for it forever, and so does every process that touches the mount."""
+    deadline = time.monotonic() + wait_s
+    for t in threading.enumerate():
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if left:
+        raise errors.ServerError(f"cannot start the mount safely: thread(s) {', '.join(left)} did not end "
+                                 f"within {wait_s:.0f} s; retry, or mount with --foreground.")
 
 
 def umount(mountpoint: str, lazy: bool = False) -> None:

@@ -270,3 +270,18 @@ def test_a_copy_moved_while_a_file_is_open_is_found_again(fresh_federation: loca
             assert fh.read(1024 * 1024) == want[28 * 1024 * 1024:29 * 1024 * 1024]   # from site-b now
     finally:
         m.close()
+
+
+def test_the_mount_daemonizes_only_when_no_other_thread_runs() -> None:
+    """libfuse forks in C with the GIL let go: a thread alive then (a closing SSH transport)
+    could leave the daemon waiting for a GIL no thread of it holds (seen once: every access to
+    the mount hung).  The mount first waits for other threads to end, and says so if one does
+    not."""
+    code = ("import threading, time\nfrom dgf import errors, fuse\n"
+            "t = threading.Thread(target=time.sleep, args=(0.3,)); t.start()\n"
+            "fuse._only_this_thread(5)\nassert not t.is_alive()\n"
+            "threading.Thread(target=time.sleep, args=(30,), daemon=True, name='stuck').start()\n"
+            "try:\n    fuse._only_this_thread(0.2)\nexcept errors.ServerError as e:\n    print(e.message)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "stuck" in out.stdout and "--foreground" in out.stdout
