@@ -435,7 +435,12 @@ def test_a_site_killed_mid_upload(tmp_path: Path, spare: bool) -> None:
             synth.multiframe(big / f"b{i}.dcm", 24 * 1024 * 1024, seed=80 + i)
         progress, killed = _kill_on_first_progress(_pid(fed, "site-b"))
         with Client(fed.config("clinician")) as c:
-            report = c.upload(sorted(big.iterdir()), to="/streamed", progress=progress)
+            # Progress counts the bytes of each file's first copy.  Without a spare, site-b holds
+            # every first copy, so the kill lands while site-b still has objects to take (a
+            # placement that streamed site-b's copies before site-a's first bytes once let
+            # site-b finish everything before it was killed).  A named site is not replaced.
+            report = c.upload(sorted(big.iterdir()), to="/streamed", progress=progress,
+                              site=None if spare else "site-b")
             assert killed
             published = {st.path: c.stat(st.path) for st in c.ls("/streamed")} if report.paths else {}
             assert sorted(published) == sorted(report.paths)
