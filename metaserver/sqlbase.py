@@ -351,12 +351,13 @@ class SqlBase:
         """Count a change of the directory tree in the database, in the transaction that makes
         it: every metaserver process over this database rebuilds its directory map when the
         count moves, not only the one that made the change.  Returns the new count."""
-        changed = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
-            value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))).rowcount
-        if not changed:
+        value = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
+            value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))
+            .returning(settings_t.c.value)).scalar()
+        if value is None:
             conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "1"}])
-        value = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
-        return None if value is None else str(value)
+            return "1"
+        return str(value)
 
     def _add_dirs(self, added: list[tuple[int, int, str]], version: str | None) -> None:
         """Directories this process just created (id, parent, name), committed as tree version
