@@ -187,7 +187,7 @@ class Sharing:
         shared = Shared(self.path, self.cfg.timeout)
         try:
             shared.attach()
-        except (Unavailable, errors.TransportError):
+        except Unavailable:
             self.missed = True
             return None
         return shared
