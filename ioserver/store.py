@@ -216,17 +216,16 @@ class LocalObjectStore(ObjectStore):
         # Temp files left by a crash are never visible objects; clear them at start.
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
-        self._dirs_made: set[str] = set()
+        self._dirs_made: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         return self.objects / key[:2] / key if self.levels == 1 else self.objects / key[:2] / key[2:4] / key
 
     def _made(self, final: Path) -> None:
         """Make the directory ``final`` goes in, once per process."""
-        sub = final.parent.name if self.levels == 1 else final.parent.parent.name + final.parent.name
-        if sub not in self._dirs_made:
+        if final.parent not in self._dirs_made:
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs_made.add(sub)
+            self._dirs_made.add(final.parent)
 
     @contextlib.contextmanager
     def mapped(self, key: str) -> Iterator[bytes | memoryview]:
