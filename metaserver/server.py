@@ -965,12 +965,22 @@ class MetaService(wire.Service):
                     view.close()
         return xml
 
-    @wire.verb("up.commit", payload=True, optional=("replace",), replace=bool)
-    def up_commit(self, p: Principal, payload: wire.Payload, replace: bool = False) -> wire.Reply:
+    @wire.verb("up.commit", payload=True, optional=("replace", "xml_sizes"), replace=bool, xml_sizes=list)
+    def up_commit(self, p: Principal, payload: wire.Payload, replace: bool = False,
+                  xml_sizes: list[int] | None = None) -> wire.Reply:
+        """Publish uploaded files.  The payload is a JSON batch; with ``xml_sizes``, the files'
+        XML headers follow it as bytes, one per file in order (otherwise each entry's ``xml``)."""
         if payload.size > self.limits.commit_bytes:
             raise self.limits.refuse("commit_bytes", f"a commit of {payload.size} bytes")
+        body = payload.read()
+        headers_at = len(body)
+        if xml_sizes is not None:
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in xml_sizes) \
+                    or sum(xml_sizes) > len(body):
+                raise errors.UsageError("the commit's xml_sizes do not fit its payload.")
+            headers_at -= sum(xml_sizes)
         try:
-            batch = json.loads(payload.read())
+            batch = json.loads(body[:headers_at] if xml_sizes else body)
             files = batch["files"]
             if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
                 raise TypeError("files")
@@ -981,6 +991,15 @@ class MetaService(wire.Service):
             raise errors.UsageError("the commit payload is not a valid batch.") from exc
         if len(files) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
+        if xml_sizes is None:
+            headers = [str(f.get("xml") or "").encode("utf-8", "surrogateescape") for f in files]
+        elif len(xml_sizes) != len(files):
+            raise errors.UsageError(f"the commit has {len(files)} files but {len(xml_sizes)} xml_sizes.")
+        else:
+            headers, view = [], memoryview(body)
+            for n in xml_sizes:
+                headers.append(bytes(view[headers_at:headers_at + n]))
+                headers_at += n
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
         known = self.engine.sites()
@@ -993,7 +1012,7 @@ class MetaService(wire.Service):
         receipt_of = _Receipts(site_keys, batch_receipts)
         new: list[NewFile] = []
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
-        for f in files:
+        for f, xml in zip(files, headers):
             site = f["site"]
             if site not in site_keys:
                 raise errors.UsageError(f"unknown site {site!r} in commit.")
@@ -1008,7 +1027,7 @@ class MetaService(wire.Service):
                 stored = self.engine.object_header(f["key"])
                 if stored is None:
                     raise errors.PermissionDenied(f"{f['path']} names an object with no header on record.")
-                f["xml"] = stored.decode("utf-8", "surrogateescape")
+                xml = stored
             else:
                 blocks = base64.b64decode(f.get("blocks") or "")
                 stored_size = envelope.sealed_size(int(f["size"])) if f.get("seal") else f["size"]
@@ -1017,7 +1036,7 @@ class MetaService(wire.Service):
                 if f.get("seal"):
                     # Sealed for untrusted sites: no site saw the plaintext, so the header is
                     # derived and checked here, from what the uploader shows.
-                    f["xml"] = self._unseal_header(f, blocks, seal_keys).decode("utf-8", "surrogateescape")
+                    xml = self._unseal_header(f, blocks, seal_keys)
                 copies = [(site, f["receipt"])] + [(str(c.get("site")), str(c.get("receipt")))
                                                    for c in f.get("copies") or [] if isinstance(c, dict)]
                 for where, receipt in copies:
@@ -1033,8 +1052,7 @@ class MetaService(wire.Service):
                             f"the block digests for {f['path']} do not match the receipt of site {where}.")
                     # The header published is the one the storing site derived from the bytes it
                     # checked against the profile: a writer cannot put anything else beside it.
-                    if where == site and not f.get("seal") and claims.get("xh") != hashlib.sha256(
-                            str(f.get("xml", "")).encode("utf-8", "surrogateescape")).hexdigest():
+                    if where == site and not f.get("seal") and claims.get("xh") != hashlib.sha256(xml).hexdigest():
                         raise errors.PermissionDenied(
                             f"the header sent for {f['path']} is not the one site {site} derived from the "
                             "stored object; nothing was published.")
@@ -1062,7 +1080,7 @@ class MetaService(wire.Service):
                 if not isinstance(original_size, int) or original_size < 0:
                     raise errors.UsageError(f"the identity record for {f['path']} has no original size.")
                 sealed = self.vault.seal(f["patient"], f["key"], record)
-            xattrs = {query.HEADER_XATTR: f["xml"].encode("utf-8", "surrogateescape")}
+            xattrs = {query.HEADER_XATTR: xml}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
             more = tuple(str(c["site"]) for c in f.get("copies") or [] if f.get("receipt"))
             seal = f.get("seal")

@@ -91,9 +91,13 @@ def test_the_metaserver_publishes_only_fully_replicated_uploads(three: local.Fed
 
         def strip_copies(verb: str, payload: bytes = b"", wait_s: float | None = None, **args: object):  # type: ignore[no-untyped-def]
             if verb == "up.commit":
-                batch = json.loads(payload)
-                for f in batch["files"]:
-                    f["copies"] = []
+                # The batch's JSON, then its files' XML headers (xml_sizes) as bytes: sent back
+                # as the JSON strings the metaserver also reads.
+                at = len(payload) - sum(args["xml_sizes"])  # type: ignore[arg-type]
+                batch = json.loads(payload[:at])
+                for f, n in zip(batch["files"], args.pop("xml_sizes")):  # type: ignore[call-overload]
+                    f["copies"], f["xml"] = [], payload[at:at + n].decode()
+                    at += n
                 payload = json.dumps(batch).encode()
                 sent.append(payload)
             return original(verb, payload, wait_s, **args)

@@ -102,11 +102,19 @@ def _stored(fed: local.Federation, data: bytes | str) -> bool:
     return any(object_path(fed.root / f"store-{s}", key).exists() for s in fed.sites)
 
 
-def _commit(c: Client, site: str, receipt: str, data: bytes, xml: str, path: str) -> None:
+def _commit(c: Client, site: str, receipt: str, data: bytes, xml: str, path: str, binary: bool = False,
+            **wire: Any) -> None:
+    """Commit one file as a tampered client would; ``binary``: its header as bytes after the
+    JSON (``xml_sizes``), as dgf_up sends it, else as the entry's JSON string."""
     entry = {"path": path, "key": hashlib.sha256(data).hexdigest(), "size": len(data), "site": site,
-             "receipt": receipt, "xml": xml, "patient": None, "copies": [], "identity": None,
+             "receipt": receipt, "patient": None, "copies": [], "identity": None,
              "derived_from": None, "blocks": "", "xattrs": {}}
-    c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
+    if not binary:
+        c.meta.call("up.commit", json.dumps({"files": [{**entry, "xml": xml}], "receipts": TOKENS}).encode())
+        return
+    header = xml.encode()
+    c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode() + header,
+                **{"xml_sizes": [len(header)], **wire})
 
 
 def _visible(fed: local.Federation, text: str) -> bool:
@@ -141,11 +149,22 @@ def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation,
         assert receipt is not None, error                      # de-identified: the site takes it
         forged = header_xml(data).decode().replace("</DicomHeader>", f"<PatientAddress>{TOKEN}</PatientAddress>"
                                                                       "</DicomHeader>")
-        with pytest.raises(errors.PermissionDenied, match="not the one site"):
-            _commit(c, site, receipt, data, forged, "/hostile/forged.dcm")
+        for binary in (False, True):
+            with pytest.raises(errors.PermissionDenied, match="not the one site"):
+                _commit(c, site, receipt, data, forged, "/hostile/forged.dcm", binary)
+        # Header sizes that do not fit the payload, or one per file, are refused by name.
+        honest = header_xml(data).decode()
+        for sizes, why in (([len(honest) + 10**6], "do not fit its payload"), ([-1], "do not fit"),
+                           ([1, len(honest) - 1], "1 files but 2 xml_sizes"), ([True], "do not fit")):
+            with pytest.raises(errors.UsageError, match=why):
+                _commit(c, site, receipt, data, honest, "/hostile/forged.dcm", True, xml_sizes=sizes)
+        # A size that moves the split between JSON and header: the JSON no longer parses.
+        with pytest.raises(errors.UsageError, match="not a valid batch"):
+            _commit(c, site, receipt, data, honest, "/hostile/forged.dcm", True, xml_sizes=[len(honest) + 3])
         with pytest.raises(errors.NotFound):
             c.stat("/hostile/forged.dcm")
-        _commit(c, site, receipt, data, header_xml(data).decode(), "/hostile/honest.dcm")   # the site's own
+        _commit(c, site, receipt, data, honest, "/hostile/honest.dcm", True)        # the site's own
+        assert c.getxattr("/hostile/honest.dcm", "user.dgf.dicom") == honest.encode()
     assert not _visible(hostile, TOKEN)
 
 
