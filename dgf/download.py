@@ -32,12 +32,14 @@ RESOLVE_PATHS = 5000
 class AtomicWriter:
     """Writes downloaded files atomically: a temp name in the target's directory, then rename.
 
-    Directories already made are remembered, so a download of many small files costs about
-    three system calls per file."""
+    Directories already made are remembered, and the file is written with raw system calls (a
+    buffered file adds an fstat, an ioctl and an lseek), so a download of many small files
+    costs four system calls per file: open, write, close, rename."""
 
     def __init__(self) -> None:
         self._dirs: set[str] = set()
         self._lock = threading.Lock()
+        self._pid = os.getpid()          # a system call each time it is asked
 
     def write(self, target: str, data: bytes | None = None, src: Path | None = None) -> None:
         parent = os.path.dirname(target)
@@ -48,10 +50,15 @@ class AtomicWriter:
         if src is not None:
             os.replace(src, target)
             return
-        tmp = f"{target}.{os.getpid()}.{threading.get_ident()}.part"
+        tmp = f"{target}.{self._pid}.{threading.get_ident()}.part"
         try:
-            with open(tmp, "xb") as fh:
-                fh.write(data or b"")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                view = memoryview(data or b"")
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
