@@ -112,53 +112,47 @@ class HeaderIndex:
 def index_header(xml: bytes) -> HeaderIndex:
     """The index rows and the patient/study/series keys of one XML header."""
     root = etree.fromstring(xml, _PARSER)
-    rows: list[tuple[str, str, float | None, bool, int]] = []
-    items = [0]
-    seen: set[str] = set()
+    if root.tag != "DicomHeader":
+        raise ValueError("the header's root element is not DicomHeader.")
+    # One row per (key, text, item): repeated values (multi-valued attributes, items) add
+    # nothing, and the row of the first node in document order carries the flag.
+    unique: dict[tuple[str, str, int], tuple[str, str, float | None, bool, int]] = {}
+    per_key: dict[str, int] = {}
     long_keys: set[str] = set()
-    levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
+    items = [0]
+    keywords = _NON_SQ_KEYWORDS
 
     def visit(el: etree._Element, key: str, item: int) -> None:
-        first = key not in seen
-        seen.add(key)
+        tag = el.tag
         n_children = len(el)
-        if not comparable(el.tag):
-            text, num = "", None
-        else:
-            text = "".join(str(t) for t in el.itertext()) if n_children else (el.text or "")
-            num = xpath_number(text) if text else None
+        if tag in keywords:
+            text = full = "".join(str(t) for t in el.itertext()) if n_children else (el.text or "")
             if len(text) > MAX_TEXT:
                 text = text[:MAX_TEXT] + LONG_MARK
                 long_keys.add(key)
-        rows.append((key, text, num, first, item))
+        else:
+            text = full = ""
+        seen = (key, text, item)
+        if seen not in unique:
+            count = per_key.get(key, 0)
+            per_key[key] = count + 1
+            unique[seen] = (key, text, xpath_number(full) if full else None, not count, item)
         if n_children:
             for child in el:
-                if isinstance(child.tag, str):
-                    if child.tag == "Item":
-                        items[0] += 1
-                        visit(child, key + "/Item", items[0])
-                    else:
-                        visit(child, key + "/" + child.tag, item)
+                name = child.tag
+                if name == "Item":
+                    items[0] += 1
+                    visit(child, key + "/Item", items[0])
+                elif isinstance(name, str):
+                    visit(child, key + "/" + name, item)
 
-    if root.tag != "DicomHeader":
-        raise ValueError("the header's root element is not DicomHeader.")
     visit(root, ROOT_KEY, 0)
-    # One row per (key, text): repeated values (multi-valued attributes, items) add nothing, and
-    # the row of the first node in document order carries the flag.
-    unique: dict[tuple[str, str, int], tuple[str, str, float | None, bool, int]] = {}
-    for row in rows:
-        if (row[0], row[1], row[4]) not in unique:
-            unique[(row[0], row[1], row[4])] = row
-    rows = list(unique.values())
-    per_key: dict[str, int] = {}
-    for row in rows:
-        per_key[row[0]] = per_key.get(row[0], 0) + 1
-    multi_keys = {k for k, n in per_key.items() if n > 1}
+    levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
     for child in root:
         if child.tag in levels and not levels[child.tag]:
             levels[child.tag] = child.text or ""
-    return HeaderIndex(rows, long_keys, multi_keys, levels["PatientID"], levels["StudyInstanceUID"],
-                       levels["SeriesInstanceUID"])
+    return HeaderIndex(list(unique.values()), long_keys, {k for k, n in per_key.items() if n > 1},
+                       levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
 
 
 # -- tables ------------------------------------------------------------------------------------

@@ -218,6 +218,19 @@ def test_index_follows_namespace_changes(engine: SqlEngine) -> None:
     assert _paths(engine, "/DicomHeader") == []
 
 
+def test_long_values_sharing_a_prefix_index_once_and_match_exactly(engine: SqlEngine) -> None:
+    """Values longer than the index keeps are stored by their prefix: two that share it are one
+    row (a second would break the table's key), and each still matches only itself."""
+    long = "7" * 300
+    header = (f"<DicomHeader>{_el('PatientID', 'P1')}{_el('ImageComments', long + '1')}"
+              f"{_el('ImageComments', long + '2')}{_el('ImageComments', long)}</DicomHeader>").encode()
+    engine.create_files([NewFile("/l/1", "1" * 64, 1, "s", {"user.dgf.dicom": header}),
+                         NewFile("/l/2", "2" * 64, 1, "s", {"user.dgf.dicom": _hdr("CT")})])
+    assert _paths(engine, f"/DicomHeader[ImageComments='{long}2']") == ["/l/1"]
+    assert _paths(engine, f"/DicomHeader[ImageComments='{long}3']") == []
+    assert _paths(engine, "/DicomHeader[ImageComments > 1000]") == ["/l/1"]    # numbers of whole values
+
+
 def test_levels_limit_and_count(engine: SqlEngine) -> None:
     engine.create_files([NewFile(f"/p/s{i % 2}/{i}", f"{i:064x}", 1, "s",
                                  {"user.dgf.dicom": _hdr("CT", series=f"1.{i % 2}")}) for i in range(6)])
