@@ -64,6 +64,25 @@ def test_an_upload_imports_neither_pydicom_nor_numpy() -> None:
     assert out.strip() == "['pydicom._dicom_dict']"      # the table alone, not its package
 
 
+def test_a_site_derives_headers_without_pydicom_until_a_text_needs_its_charsets() -> None:
+    """A site checks objects and derives their XML headers with dgf.dicom alone: pydicom's package
+    (0.3 s of CPU on a site's first upload) comes only for text in a character set beyond ASCII,
+    and then reads it as before (the header of a French Latin-1 file keeps its accents)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    plain = get_testdata_file("CT_small.dcm", download=False)
+    french = Path(pydicom.__file__).parent / "data" / "charset_files" / "chrFren.dcm"
+    assert plain is not None and french.exists()
+    out = _fresh("import sys; import ioserver.server; from dgf.dicom import raw, validate; "
+                 "from dgf.dicom.xmlheader import header_xml; "
+                 f"x = header_xml(open({str(plain)!r}, 'rb').read()); "
+                 "print(sorted(m for m in sys.modules if m.startswith('pydicom')), len(x) > 20000); "
+                 f"y = header_xml(open({str(french)!r}, 'rb').read()).decode(); "
+                 "print('pydicom.charset' in sys.modules, 'Buc^J\u00e9r\u00f4me' in y)")
+    assert out.split("\n")[:2] == ["['pydicom._dicom_dict'] True", "True True"]
+
+
 def test_the_standalone_dictionary_is_pydicoms() -> None:
     """Loaded alone, the table is the very one pydicom uses once imported: held once."""
     out = _fresh("import sys; import dgf.dicom.dictionary as d; alone = 'pydicom' not in sys.modules; "

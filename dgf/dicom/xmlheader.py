@@ -15,16 +15,21 @@ import re
 import struct
 from collections.abc import Iterable
 from functools import cache
+from typing import TYPE_CHECKING
 
 from lxml import etree
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import DicomDictionary
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 from dgf import errors
 from dgf.dicom import raw
+from dgf.dicom.dictionary import DicomDictionary
 from dgf.dicom.raw import Elem, Encoding
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+# pydicom itself (its package imports numpy, PIL and requests: ~0.3 s of CPU on a site's first
+# upload) is imported only to read text in a character set other than ASCII, and to rebuild a
+# Dataset from XML.
 
 ROOT = "DicomHeader"
 #: Bulk data that stays out of the XML (pixel data, waveforms, encapsulated documents).
@@ -64,8 +69,18 @@ class _Builder:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.encodings = ["iso8859"]
+        #: Specific Character Set's values, converted to Python codecs when a text first needs
+        #: them (most text is ASCII, which every DICOM character set reads alike).
+        self.charsets: list[str] | None = None
+        self._encodings: list[str] | None = ["iso8859"]
         self.out: list[str] = []
+
+    def encodings(self) -> list[str]:
+        if self._encodings is None:
+            from pydicom.charset import convert_encodings
+
+            self._encodings = convert_encodings(self.charsets or [""])
+        return self._encodings
 
     def add(self, elems: list[Elem], enc: Encoding, pixel_rep: int = 0) -> None:
         out = self.out
@@ -77,8 +92,8 @@ class _Builder:
             tag = e.tag
             g, el = tag >> 16, tag & 0xFFFF
             if tag == 0x00080005:
-                values = [v.strip() for v in raw.text_value(self.data, e).split("\\")]
-                self.encodings = convert_encodings(values or [""])
+                self.charsets = [v.strip() for v in raw.text_value(self.data, e).split("\\")]
+                self._encodings = None
             # Public elements written as UN are read by their dictionary VR, as pydicom does; the
             # dictionary's ambiguous VRs (implicit VR files) are resolved as PS3.5 says.
             vr = e.vr
@@ -183,7 +198,9 @@ class _Builder:
             if value.isascii() and b"\x1b" not in value:
                 text = value.decode("ascii")  # every DICOM character set is ASCII in G0
             elif vr in _CHARSET_VRS:
-                text = decode_bytes(value, self.encodings, _CHARSET_VRS[vr])
+                from pydicom.charset import decode_bytes
+
+                text = decode_bytes(value, self.encodings(), _CHARSET_VRS[vr])
             else:
                 text = value.decode("latin-1")
             text = text.rstrip("\0 ") if vr != "UI" else text.rstrip("\0")
@@ -241,6 +258,9 @@ def _group(children: Iterable[etree._Element]) -> list[list[etree._Element]]:
 
 
 def _dataset(node: etree._Element, little: bool) -> Dataset:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
     ds = Dataset()
     for group in _group(node):
         first = group[0]
@@ -280,8 +300,7 @@ def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
     if root.tag != ROOT:
         raise errors.UsageError(f"the XML root must be <{ROOT}>, not <{root.tag}>.")
     full = _dataset(root, True)
-    meta = Dataset()
-    ds = Dataset()
+    meta, ds = type(full)(), type(full)()
     for elem in full:
         (meta if elem.tag.group == 2 else ds).add(elem)
     return meta, ds
