@@ -54,6 +54,8 @@ MAX_PACKET = 256 * 1024
 #: hands over its whole buffer at once, but a smaller read copies the rest of the buffer down
 #: (8 MiB moved for every 256 KiB read, 16 GiB of copying per GiB received).
 RECV = WINDOW + MAX_PACKET
+#: What :class:`ReadAhead` asks a socket or a pipe for (below malloc's mmap threshold).
+SMALL_REFILL = 64 * 1024
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
@@ -83,20 +85,24 @@ class ReadAhead:
 
     paramiko's pipe copies its whole remaining buffer down on every partial read, so reading
     a batch of small objects one at a time out of a full window moved megabytes per object;
-    here each byte is copied once.  Reads of RECV or more with nothing held go straight through.
+    here each byte is copied once.  A socket or a pipe (a connection master's, a forced
+    command's stdin) is asked for 64 KiB at a time: a larger request costs an allocation of its
+    size per call.  Reads of a refill or more with nothing held go straight through.
     """
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
+        # paramiko's Channel (the one stream with recv_ready) hands over its whole buffer.
+        self.refill = RECV if hasattr(stream, "recv_ready") else SMALL_REFILL
         self._held = b""
         self._at = 0
 
     def recv(self, n: int) -> bytes:
         held, at = self._held, self._at
         if at >= len(held):
-            if n >= RECV:
+            if n >= self.refill:
                 return self.stream.recv(n)
-            held, at = self.stream.recv(RECV), 0
+            held, at = self.stream.recv(self.refill), 0
         end = at + n
         if end >= len(held):
             self._held, self._at = b"", 0

@@ -57,8 +57,9 @@ def _replies(raw: bytes) -> list[tuple[dict[str, Any], bytes]]:
         out.append((h, wire.recv_exact(p, h.get("n", 0))))
 
 
-class Trickle:
-    """A channel that hands over what it holds in uneven pieces and records what was asked."""
+class Piecemeal:
+    """A socket-like stream that hands over what it holds in uneven pieces and records what was
+    asked of it."""
 
     def __init__(self, data: bytes, pieces: list[int]) -> None:
         self.data, self.pieces = data, pieces
@@ -72,6 +73,13 @@ class Trickle:
 
     def sendall(self, data: bytes) -> None:
         raise AssertionError("not written")
+
+
+class Trickle(Piecemeal):
+    """The same, looking like paramiko's channel (``recv_ready``)."""
+
+    def recv_ready(self) -> bool:
+        return bool(self.data)
 
 
 def test_read_ahead_takes_what_the_channel_holds_and_serves_small_reads_from_it() -> None:
@@ -90,6 +98,13 @@ def test_read_ahead_takes_what_the_channel_holds_and_serves_small_reads_from_it(
     # A bulk read with nothing held goes straight through.
     bulk = Trickle(b"z" * (wire.RECV + 10), [])
     assert wire.ReadAhead(bulk).recv(wire.RECV + 10) == b"z" * (wire.RECV + 10) and bulk.asked == [wire.RECV + 10]
+    # A socket or pipe is asked for 64 KiB at a time (more would allocate that much per call).
+    sock = Piecemeal(frames, [])
+    stream = wire.ReadAhead(sock)
+    for o in objects:
+        header = wire.read_header(stream)
+        assert header is not None and wire.recv_exact(stream, header["n"]) == o
+    assert set(sock.asked) <= {wire.SMALL_REFILL, 4 * wire.CHUNK} and wire.SMALL_REFILL in sock.asked
 
 
 def test_dispatch_validates_and_keeps_framing_in_sync() -> None:
