@@ -80,8 +80,8 @@ class StdioStream:
 
 
 class ReadAhead:
-    """A :class:`Stream` that takes everything its channel holds at each refill (up to RECV)
-    and serves smaller reads from that: headers, and the small objects of a batch one by one.
+    """A :class:`Stream` that takes everything its channel holds at each refill and serves
+    smaller reads from that: headers, and the small objects of a batch one by one.
 
     paramiko's pipe copies its whole remaining buffer down on every partial read, so reading
     a batch of small objects one at a time out of a full window moved megabytes per object;

@@ -975,6 +975,8 @@ class MetaService(wire.Service):
         body = payload.read()
         headers_at = len(body)
         if xml_sizes is not None:
+            if len(xml_sizes) > self.limits.list_items:
+                raise self.limits.refuse("list_items", f"a commit of {len(xml_sizes)} headers")
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in xml_sizes) \
                     or sum(xml_sizes) > len(body):
                 raise errors.UsageError("the commit's xml_sizes do not fit its payload.")

@@ -158,6 +158,8 @@ def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation,
                            ([1, len(honest) - 1], "1 files but 2 xml_sizes"), ([True], "do not fit")):
             with pytest.raises(errors.UsageError, match=why):
                 _commit(c, site, receipt, data, honest, "/hostile/forged.dcm", True, xml_sizes=sizes)
+        with pytest.raises(errors.LimitExceeded, match="list_items"):
+            _commit(c, site, receipt, data, honest, "/hostile/forged.dcm", True, xml_sizes=[0] * 10_001)
         # A size that moves the split between JSON and header: the JSON no longer parses.
         with pytest.raises(errors.UsageError, match="not a valid batch"):
             _commit(c, site, receipt, data, honest, "/hostile/forged.dcm", True, xml_sizes=[len(honest) + 3])
