@@ -48,13 +48,13 @@ xattrs = sa.Table(
     sa.Column("name", sa.String, primary_key=True),
     sa.Column("value", sa.LargeBinary, nullable=False),
 )
-#: The directories that keep their own number of copies (``dgf admin replicas set``), asked for
-#: at every upload: without this index that question read every attribute of every file.  The
-#: query must name the attribute as a literal (``REPLICAS_ONLY``) for SQLite to use it.
-REPLICAS_NAME = "user.dgf.replicas"
-REPLICAS_ONLY = sa.text(f"xattrs.name = '{REPLICAS_NAME}'")
-sa.Index("ix_xattrs_replicas", xattrs.c.ino, sqlite_where=sa.text(f"name = '{REPLICAS_NAME}'"),
-         postgresql_where=sa.text(f"name = '{REPLICAS_NAME}'"))
+#: A directory's number of copies (``dgf admin replicas set``), asked for at every upload: without
+#: the index below that question read every attribute of every file.  The query must name the
+#: attribute as a literal (``REPLICAS_ONLY``) for SQLite to use the index.
+REPLICAS_XATTR = "user.dgf.replicas"
+REPLICAS_ONLY = sa.text(f"xattrs.name = '{REPLICAS_XATTR}'")
+sa.Index("ix_xattrs_replicas", xattrs.c.ino, sqlite_where=sa.text(f"name = '{REPLICAS_XATTR}'"),
+         postgresql_where=sa.text(f"name = '{REPLICAS_XATTR}'"))
 # The identity vault: separate tables, values sealed with one data key per patient.
 patients = sa.Table(
     "vault_patients", metadata,

@@ -24,6 +24,7 @@ from metaserver import index
 from metaserver.engine import MetaEngine, NewFile, norm_path
 from metaserver.index import keys_t, values_t
 from metaserver.schema import (
+    REPLICAS_XATTR,
     identities,
     inodes,
     object_blocks,
@@ -36,7 +37,6 @@ from metaserver.schema import (
 from metaserver.sqladmin import AdminStore
 from metaserver.sqlbase import (
     Q_CHILDREN_NAMED,
-    REPLICAS_XATTR,
     STAT_COLS,
     U_FILE,
     U_MTIME,

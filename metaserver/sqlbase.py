@@ -24,7 +24,6 @@ from metaserver import index
 from metaserver.planner import Catalogue
 from metaserver.schema import (
     AUDIT_HEAD,
-    REPLICAS_NAME,
     audit_hash,
     audit_t,
     identities,
@@ -38,8 +37,6 @@ from metaserver.schema import (
 T = TypeVar("T")
 #: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
 DIRS_VERSION = "ns.dirs_version"
-#: A directory's replication factor (set by admins through ``admin.replicas.set``).
-REPLICAS_XATTR = REPLICAS_NAME
 ROOT = 1
 
 STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,

@@ -175,7 +175,7 @@ class EngineContract:
     def test_the_replicas_question_reads_only_directories_that_have_an_answer(self, engine: MetaEngine) -> None:
         import sqlalchemy as sa
 
-        from metaserver.sqlbase import REPLICAS_XATTR
+        from metaserver.schema import REPLICAS_XATTR
 
         assert isinstance(engine, SqlEngine)
         engine.create_files([_file("/r/a.dcm", "1"), _file("/r/b/c.dcm", "2")])
