@@ -185,10 +185,13 @@ def levels_of(root: Path) -> int:
         return 2
 
 
+def _placed(objects: Path, key: str, levels: int) -> Path:
+    return objects / key[:2] / key if levels == 1 else objects / key[:2] / key[2:4] / key
+
+
 def object_path(root: Path, key: str) -> Path:
     """Where the store at ``root`` keeps object ``key``."""
-    objects = Path(root) / "objects"
-    return objects / key[:2] / key if levels_of(root) == 1 else objects / key[:2] / key[2:4] / key
+    return _placed(Path(root) / "objects", key, levels_of(root))
 
 
 class LocalObjectStore(ObjectStore):
@@ -219,7 +222,7 @@ class LocalObjectStore(ObjectStore):
         self._dirs_made: set[Path] = set()
 
     def _path(self, key: str) -> Path:
-        return self.objects / key[:2] / key if self.levels == 1 else self.objects / key[:2] / key[2:4] / key
+        return _placed(self.objects, key, self.levels)
 
     def _made(self, final: Path) -> None:
         """Make the directory ``final`` goes in, once per process."""

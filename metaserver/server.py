@@ -982,7 +982,7 @@ class MetaService(wire.Service):
                 raise errors.UsageError("the commit's xml_sizes do not fit its payload.")
             headers_at -= sum(xml_sizes)
         try:
-            batch = json.loads(body[:headers_at] if xml_sizes else body)
+            batch = json.loads(body[:headers_at])
             files = batch["files"]
             if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
                 raise TypeError("files")
@@ -998,9 +998,9 @@ class MetaService(wire.Service):
         elif len(xml_sizes) != len(files):
             raise errors.UsageError(f"the commit has {len(files)} files but {len(xml_sizes)} xml_sizes.")
         else:
-            headers, view = [], memoryview(body)
+            headers = []
             for n in xml_sizes:
-                headers.append(bytes(view[headers_at:headers_at + n]))
+                headers.append(body[headers_at:headers_at + n])
                 headers_at += n
         site_keys = {q.name: crypto.load_public(q.public_key)
                      for q in self.engine.principals() if q.role == "site"}
