@@ -244,9 +244,9 @@ def _walk(plan: DeidPlan, elems: list[Elem], profile: Profile, data: bytes,
     actions = profile.actions if actions is None else actions
     derived = profile.options.derived
     by_vr = _actions_by_vr(profile.options)
+    decided, dirty = plan.actions, plan.dirty
     changed = False
-    creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
-                if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
+    creators = raw.private_creators(elems, data)
     safe = _safe_private(elems, creators) if creators and profile.options.retain_safe_private else set()
     for e in elems:
         tag = e.tag
@@ -255,11 +255,12 @@ def _walk(plan: DeidPlan, elems: list[Elem], profile: Profile, data: bytes,
             # Private elements (and their creators) go, but for dgf's own blocks and, with Retain
             # Safe Private, the elements known to be safe (and their blocks' creators).
             el = tag & 0xFFFF
-            creator = creators.get((group, el)) if 0x10 <= el <= 0xFF else creators.get((group, el >> 8))
-            act: str | None = None if creator in SAFE_PRIVATE_CREATORS or e.start in safe else "X"
-            if act == "X":  # the common case, whole private groups
-                plan.actions[e.start] = act
-                plan.dirty.add(e.start)
+            block = group << 8 | (el if el <= 0xFF else el >> 8)     # raw.private_block, inline
+            if creators.get(block) in SAFE_PRIVATE_CREATORS or e.start in safe:
+                act: str | None = None
+            else:  # the common case, whole private groups
+                decided[e.start] = "X"
+                dirty.add(e.start)
                 changed = True
                 continue
         elif 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
@@ -276,8 +277,8 @@ def _walk(plan: DeidPlan, elems: list[Elem], profile: Profile, data: bytes,
             act = "K"
         if act is None or act == "K":
             if e.items is not None and _walk_items(plan, e, profile, data):
-                plan.actions[e.start] = "K"
-                plan.dirty.add(e.start)
+                decided[e.start] = "K"
+                dirty.add(e.start)
                 changed = True
             continue
         if act == "U":
@@ -289,23 +290,23 @@ def _walk(plan: DeidPlan, elems: list[Elem], profile: Profile, data: bytes,
         if e.items is not None and act not in ("X", "Z"):
             _walk_items(plan, e, profile, data)
             act = "K"  # recurse: the sequence itself stays, its items are de-identified
-        plan.actions[e.start] = act
-        plan.dirty.add(e.start)
+        decided[e.start] = act
+        dirty.add(e.start)
         changed = True
     return changed
 
 
-def _safe_private(elems: list[Elem], creators: dict[tuple[int, int], str]) -> set[int]:
+def _safe_private(elems: list[Elem], creators: dict[int, str]) -> set[int]:
     """Start offsets of the private elements that Retain Safe Private keeps: the safe ones and
     the creator elements of their blocks."""
     out: set[int] = set()
-    blocks: set[tuple[int, int]] = set()
+    blocks: set[int] = set()
     for e in elems:
-        group, el = e.tag >> 16, e.tag & 0xFFFF
-        if group & 1 and el >= 0x1000 and safe_private.is_safe(creators.get((group, el >> 8)), e.tag):
+        if (e.tag >> 16) & 1 and e.tag & 0xFFFF >= 0x1000 and \
+                safe_private.is_safe(creators.get(raw.private_block(e.tag)), e.tag):
             out.add(e.start)
-            blocks.add((group, el >> 8))
-    out.update(e.start for e in elems if (e.tag >> 16, e.tag & 0xFFFF) in blocks)
+            blocks.add(raw.private_block(e.tag))
+    out.update(e.start for e in elems if e.tag & 0x1FF00 == 0x10000 and raw.private_block(e.tag) in blocks)
     return out
 
 
@@ -387,6 +388,10 @@ def _shift_date(text: str, days: int) -> str | None:
     return shifted.strftime("%Y%m%d") + digits[8:]
 
 
+#: Above every tag: no marker left to insert.
+_NO_TAG = 1 << 32
+
+
 class _Applier:
     def __init__(self, plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> None:
         self.plan = plan
@@ -452,56 +457,65 @@ class _Applier:
     def elems(self, elems: list[Elem], enc: Encoding, path: str,
               inserts: dict[int, bytes] | None = None) -> _Segments:
         w = _Segments()
-        creators = self._creators(elems)
+        dirty, actions, runs = self.plan.dirty, self.plan.actions, self.removed_runs
         pending = sorted(inserts.items()) if inserts else []
+        next_insert = pending[0][0] if pending else _NO_TAG
+        # Unchanged elements are copied as one span until something changes (most of a header).
+        span_start = span_end = -1
         for e in elems:
-            while pending and pending[0][0] < e.tag:
-                w.new(pending.pop(0)[1])
-            if pending and pending[0][0] == e.tag:
-                # A marker replaces an element already present (e.g. Patient Identity Removed NO).
-                self.record(e, "D", path, None)
-                w.new(pending.pop(0)[1])
+            tag, start = e.tag, e.start
+            if tag >= next_insert:
+                w.copy(span_start, span_end)
+                span_start = span_end = -1
+                while pending and pending[0][0] < tag:
+                    w.new(pending.pop(0)[1])
+                replaces = bool(pending) and pending[0][0] == tag
+                if replaces:
+                    # A marker replaces an element already present (e.g. Patient Identity Removed NO).
+                    self.record(e, "D", path, None)
+                    w.new(pending.pop(0)[1])
+                next_insert = pending[0][0] if pending else _NO_TAG
+                if replaces:
+                    continue
+            if start not in dirty:
+                if start != span_end:
+                    w.copy(span_start, span_end)
+                    span_start = start
+                span_end = e.end
                 continue
-            if e.start not in self.plan.dirty:
-                w.copy(e.start, e.end)
-                continue
-            act = self.plan.actions[e.start]
-            creator = creators.get((e.tag >> 16, (e.tag & 0xFF00) >> 8)) if (e.tag >> 16) & 1 else None
+            act = actions[start]
             if act == "X":
                 # The common case (whole private groups): contiguous removed elements are noted
                 # as one run of the original's bytes, which :func:`identity.summary` lists
-                # element by element.
-                runs = self.removed_runs
-                if runs and runs[-1][2] == e.start and runs[-1][0] == path:
+                # element by element.  Nothing is written, so the copied span just ends.
+                if runs and runs[-1][2] == start and runs[-1][0] == path:
                     runs[-1][2] = e.end
                 else:
-                    runs.append([path, e.start, e.end])
+                    runs.append([path, start, e.end])
                 continue
+            w.copy(span_start, span_end)
+            span_start = span_end = -1
             if e.items is not None and act == "K":
                 w.extend(self.sequence(e, enc, path))
                 continue
             if act != "K":
+                creator = None
+                if tag >> 16 & 1 and tag & 0xFFFF > 0xFF:   # never so far: private data goes whole
+                    creator = raw.private_creators(elems, self.data).get(raw.private_block(tag))
                 self.record(e, act, path, creator)
             if e.items is not None:  # X or Z on a sequence
                 if act == "Z":
-                    w.new(_header(e.tag, e.vr, 0, enc))
+                    w.new(_header(tag, e.vr, 0, enc))
                 continue
             value = self.new_value(e, act, path)
             if value is not None:
                 # Padding follows the element's real VR: a PN written as UN still pads with a space.
-                pad_vr = raw.dictionary_vr(e.tag) if e.vr == "UN" else e.vr
-                w.new(_encode_element(e.tag, e.vr, _pad(value, pad_vr), enc))
+                pad_vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
+                w.new(_encode_element(tag, e.vr, _pad(value, pad_vr), enc))
+        w.copy(span_start, span_end)
         for _, encoded in pending:
             w.new(encoded)
         return w
-
-    def _creators(self, elems: list[Elem]) -> dict[tuple[int, int], str]:
-        out = {}
-        for e in elems:
-            g, el = e.tag >> 16, e.tag & 0xFFFF
-            if g & 1 and 0x10 <= el <= 0xFF:
-                out[(g, el)] = raw.text_value(self.data, e)
-        return out
 
     def sequence(self, e: Elem, enc: Encoding, path: str) -> _Segments:
         item_enc = raw.IMPLICIT if e.implicit_items else enc

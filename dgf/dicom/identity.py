@@ -249,12 +249,11 @@ def _runs(runs: list[list[Any]], dataset: list[Any], data: bytes) -> list[list[A
 
     def walk(elems: list[raw.Elem], path: str) -> None:
         spans = by_path.get(path, ())
-        creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
-                    if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
+        creators = raw.private_creators(elems, data)
         for e in elems:
             if any(a <= e.start < b for a, b in spans):
                 g = e.tag >> 16
-                creator = creators.get((g, (e.tag & 0xFF00) >> 8)) if g & 1 and (e.tag & 0xFFFF) > 0xFF else None
+                creator = creators.get(raw.private_block(e.tag)) if g & 1 and (e.tag & 0xFFFF) > 0xFF else None
                 out.append([path + _tag(e.tag), "SQ" if e.items is not None else e.vr, "X", creator,
                             e.vstart, e.value_end])
             elif e.items is not None:

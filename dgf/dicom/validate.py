@@ -101,8 +101,7 @@ def _check(data: bytes, elems: list[raw.Elem], profile: Profile, actions: dict[i
            found: list[str]) -> None:
     opts = profile.options
     by_vr = _actions_by_vr(opts)
-    creators = {(e.tag >> 16, e.tag & 0xFFFF): raw.text_value(data, e) for e in elems
-                if (e.tag >> 16) & 1 and 0x10 <= (e.tag & 0xFFFF) <= 0xFF}
+    creators = raw.private_creators(elems, data)
     safe = _safe_private(elems, creators) if creators and opts.retain_safe_private else set()
     for e in elems:
         if len(found) >= MAX_PROBLEMS:
@@ -110,9 +109,7 @@ def _check(data: bytes, elems: list[raw.Elem], profile: Profile, actions: dict[i
         tag, group = e.tag, e.tag >> 16
         vr = raw.dictionary_vr(tag) if e.vr == "UN" else e.vr
         if group & 1:
-            el = tag & 0xFFFF
-            creator = creators.get((group, el)) if 0x10 <= el <= 0xFF else creators.get((group, el >> 8))
-            if creator not in SAFE_PRIVATE_CREATORS and e.start not in safe:
+            if creators.get(raw.private_block(tag)) not in SAFE_PRIVATE_CREATORS and e.start not in safe:
                 found.append(f"private element {_where(path, tag)} is present")
             continue
         if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
