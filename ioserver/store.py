@@ -185,13 +185,16 @@ def levels_of(root: Path) -> int:
         return 2
 
 
-def _placed(objects: Path, key: str, levels: int) -> Path:
-    return objects / key[:2] / key if levels == 1 else objects / key[:2] / key[2:4] / key
+def _placed(objects: str, key: str, levels: int) -> str:
+    """The layout rule: where under ``objects`` object ``key`` lies.  A string: the store
+    computes it for every object it writes, reads or stats, where a ``Path`` cost several
+    microseconds to build and hash."""
+    return f"{objects}/{key[:2]}/{key}" if levels == 1 else f"{objects}/{key[:2]}/{key[2:4]}/{key}"
 
 
 def object_path(root: Path, key: str) -> Path:
     """Where the store at ``root`` keeps object ``key``."""
-    return _placed(Path(root) / "objects", key, levels_of(root))
+    return Path(_placed(str(Path(root) / "objects"), key, levels_of(root)))
 
 
 class LocalObjectStore(ObjectStore):
@@ -219,16 +222,21 @@ class LocalObjectStore(ObjectStore):
         # Temp files left by a crash are never visible objects; clear them at start.
         for stale in self.tmp.iterdir():
             stale.unlink(missing_ok=True)
-        self._dirs_made: set[Path] = set()
+        self._objects, self._tmp = str(self.objects), str(self.tmp)
+        self._dirs_made: set[str] = set()
+
+    def _file(self, key: str) -> str:
+        return _placed(self._objects, key, self.levels)
 
     def _path(self, key: str) -> Path:
-        return _placed(self.objects, key, self.levels)
+        return Path(self._file(key))
 
-    def _made(self, final: Path) -> None:
+    def _made(self, final: str) -> None:
         """Make the directory ``final`` goes in, once per process."""
-        if final.parent not in self._dirs_made:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs_made.add(final.parent)
+        parent = os.path.dirname(final)
+        if parent not in self._dirs_made:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs_made.add(parent)
 
     @contextlib.contextmanager
     def mapped(self, key: str) -> Iterator[bytes | memoryview]:
@@ -236,7 +244,7 @@ class LocalObjectStore(ObjectStore):
         its pixel data."""
         check_key(key)
         try:
-            fh = open(self._path(key), "rb")
+            fh = open(self._file(key), "rb")
         except FileNotFoundError as exc:
             raise errors.NotFound(f"object {key[:16]}... is not stored at this site.") from exc
         with fh:
@@ -277,7 +285,7 @@ class LocalObjectStore(ObjectStore):
 
     def _do_stat(self, key: str) -> int | None:
         try:
-            return os.stat(self._path(key)).st_size
+            return os.stat(self._file(key)).st_size
         except FileNotFoundError:
             return None
 
@@ -290,7 +298,7 @@ class LocalObjectStore(ObjectStore):
         if stored == size:
             h = hashlib.sha256()
             try:
-                with open(self._path(key), "rb") as fh:
+                with open(self._file(key), "rb") as fh:
                     while data := fh.read(READ_CHUNK):
                         h.update(data)
             except FileNotFoundError:
@@ -301,7 +309,7 @@ class LocalObjectStore(ObjectStore):
         return False
 
     def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]:
-        final = self._path(key)
+        final = self._file(key)
         tmp = self.tmp / f"{key}.{uuid.uuid4().hex}"
         h = Hasher()
         got = 0
@@ -328,7 +336,7 @@ class LocalObjectStore(ObjectStore):
             self._made(final)
             os.replace(tmp, final)
             if self.fsync:
-                dfd = os.open(final.parent, os.O_RDONLY)
+                dfd = os.open(os.path.dirname(final), os.O_RDONLY)
                 try:
                     os.fsync(dfd)
                 finally:
@@ -354,7 +362,7 @@ class LocalObjectStore(ObjectStore):
         if not self.fsync or _syncfs is None:
             return super().put_many(items)
         out: list[errors.DgfError | None] = []
-        staged: list[tuple[str, Path]] = []
+        staged: list[tuple[str, str]] = []
         placed = 0
         # One random part per batch keeps temp names unique; per object it was a getrandom().
         # Raw os calls: a buffered file costs an ioctl, an lseek and an fstat more per object,
@@ -370,10 +378,10 @@ class LocalObjectStore(ObjectStore):
                     out.append(exc)
                     continue
                 out.append(None)
-                final = self._path(key)
+                final = self._file(key)
                 if self._intact(key, len(data)):
                     continue
-                tmp = os.path.join(self.tmp, f"{key}.{batch}.{n}")
+                tmp = f"{self._tmp}/{key}.{batch}.{n}"
                 try:
                     _write_file(tmp, data)
                 except OSError as exc:
@@ -391,7 +399,7 @@ class LocalObjectStore(ObjectStore):
                         placed += 1
                     _sync(self.objects)
                 except OSError as exc:
-                    raise self._write_error(exc, staged[0][1].name, 0) from exc
+                    raise self._write_error(exc, os.path.basename(staged[0][1]), 0) from exc
         finally:
             for tmp, _ in staged[placed:]:         # what a failure left behind
                 with contextlib.suppress(OSError):
@@ -399,7 +407,7 @@ class LocalObjectStore(ObjectStore):
         return out
 
     def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]:
-        path = self._path(key)
+        path = self._file(key)
         try:
             fh = open(path, "rb")
         except FileNotFoundError as exc:
@@ -429,14 +437,14 @@ class LocalObjectStore(ObjectStore):
     def _quarantine(self, key: str) -> None:
         log.error("object %s failed its checksum; moved to quarantine", key)
         try:
-            os.replace(self._path(key), self.quarantine / key)
+            os.replace(self._file(key), self.quarantine / key)
         except FileNotFoundError:
             return
         self._reported(key)
 
     def _do_delete(self, key: str) -> bool:
         try:
-            os.unlink(self._path(key))
+            os.unlink(self._file(key))
             return True
         except FileNotFoundError:
             return False

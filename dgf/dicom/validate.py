@@ -127,21 +127,22 @@ def _check(data: bytes, elems: list[raw.Elem], profile: Profile, actions: dict[i
             act = by_vr.get(vr)
         if act == "U" and opts.retain_uids:
             act = "K"
-        # Only values with a dummy are decoded (never pixel data, which may be gigabytes).
-        empty = e.length == 0 or (vr in DUMMY and e.items is None and raw.text_value(data, e) == "")
-        if act == "X" and e.items is None and not empty:
-            found.append(f"{_where(path, tag)} is present; the profile removes it")
-        elif act == "X" and e.items:
+        if e.items is None:
+            # Only the values the profile changes are read, and of those only values with a
+            # dummy are decoded (never pixel data, which may be gigabytes).
+            if act in ("X", "Z", "D") and e.length and not (vr in DUMMY and raw.text_value(data, e) == ""):
+                if act == "X":
+                    found.append(f"{_where(path, tag)} is present; the profile removes it")
+                elif act == "Z":
+                    found.append(f"{_where(path, tag)} has a value; the profile empties it")
+                elif not _is_dummy(data, e, vr, opts.retain_long_modified_dates):
+                    found.append(f"{_where(path, tag)} holds a value other than the profile's dummy")
+            elif act == "U" and vr == "UI":
+                _check_uids(data, e, found)
+        elif e.items and act == "X":
             found.append(f"sequence {_where(path, tag)} is present; the profile removes it")
-        elif act == "Z" and not empty and e.items is None:
-            found.append(f"{_where(path, tag)} has a value; the profile empties it")
-        elif act == "Z" and e.items:
+        elif e.items and act == "Z":
             found.append(f"sequence {_where(path, tag)} has items; the profile empties it")
-        elif act == "D" and e.items is None and not empty:
-            if not _is_dummy(data, e, vr, opts.retain_long_modified_dates):
-                found.append(f"{_where(path, tag)} holds a value other than the profile's dummy")
-        elif act == "U" and vr == "UI":
-            _check_uids(data, e, found)
         if e.items is not None and act not in ("X", "Z"):
             sub = profile.actions
             for i, item in enumerate(e.items):
