@@ -102,6 +102,7 @@ def comparable(name: str) -> bool:
 @dataclass(frozen=True)
 class HeaderIndex:
     rows: list[tuple[str, str, float | None, bool, int]]   # key, text, num, first, item
+    keys: set[str]              # every key of the rows
     long_keys: set[str]
     multi_keys: set[str]        # keys with more than one distinct value (node) in this header
     patient: str
@@ -151,7 +152,7 @@ def index_header(xml: bytes) -> HeaderIndex:
     for child in root:
         if child.tag in levels and not levels[child.tag]:
             levels[child.tag] = child.text or ""
-    return HeaderIndex(list(unique.values()), long_keys, {k for k, n in per_key.items() if n > 1},
+    return HeaderIndex(list(unique.values()), set(per_key), long_keys, {k for k, n in per_key.items() if n > 1},
                        levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
 
 

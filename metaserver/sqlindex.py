@@ -44,12 +44,13 @@ class HeaderIndexStore(SqlBase):
                 indexed.append((ino, index.index_header(xml)))
             except (ValueError, etree.XMLSyntaxError) as exc:
                 raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
-        ids = self._key_id_map(conn, {r[0] for _, h in indexed for r in h.rows},
+        ids = self._key_id_map(conn, set().union(*(h.keys for _, h in indexed)),
                                set().union(*(h.long_keys for _, h in indexed)),
                                set().union(*(h.multi_keys for _, h in indexed)))
         # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
+        # Rows go in header by header, unsorted: sorting them by (key, text) cost ~0.4 us a row
+        # and made SQLite's inserts no cheaper (the (ino, ...) index then took them at random).
         rows = [(ids[k], t, ino, i, n, f) for ino, h in indexed for k, t, n, f, i in h.rows]
-        rows.sort(key=lambda r: (r[0], r[1]))     # in key order: each index page is touched once
         if self.is_sqlite:
             conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, item, num, "first") VALUES (?, ?, ?, ?, ?, ?)',
                                  rows)
