@@ -110,6 +110,11 @@ class HeaderIndex:
     series: str
 
 
+#: number() of short values seen before: most of a header repeats across a series ("CT",
+#: "0.5", "MONOCHROME2"), and a hit costs a tenth of the conversion.  Cleared when full.
+_NUMBERS: dict[str, tuple[float | None]] = {}
+
+
 def index_header(xml: bytes) -> HeaderIndex:
     """The index rows and the patient/study/series keys of one XML header."""
     root = etree.fromstring(xml, _PARSER)
@@ -137,7 +142,15 @@ def index_header(xml: bytes) -> HeaderIndex:
         if seen not in unique:
             count = per_key.get(key, 0)
             per_key[key] = count + 1
-            unique[seen] = (key, text, xpath_number(full) if full else None, not count, item)
+            known = _NUMBERS.get(full) if full else (None,)    # one lookup: other threads clear it
+            if known is None:
+                known = (xpath_number(full),)
+                if len(full) <= 64:
+                    if len(_NUMBERS) >= 50_000:
+                        _NUMBERS.clear()
+                    _NUMBERS[full] = known
+            num = known[0]
+            unique[seen] = (key, text, num, not count, item)
         if n_children:
             for child in el:
                 name = child.tag
