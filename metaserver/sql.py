@@ -319,14 +319,15 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
                                                    xattrs.c.name.in_({r["name"] for r in xa_rows})))
                 conn.execute(xattrs.insert(), xa_rows)
-                headers = [(inos[f.path], f.xattrs[index.HEADER_XATTR]) for f in files
-                           if index.HEADER_XATTR in f.xattrs]
+                headers = [(inos[path], parsed) for path, parsed in indexed.items()]
                 self._unindex(conn, [ino for ino, _ in headers])
                 self._index(conn, headers)
             if dirs:
                 conn.execute(U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
+        indexed = {f.path: self._parsed(f.xattrs[index.HEADER_XATTR]) for f in files
+                   if index.HEADER_XATTR in f.xattrs}
         return self._txn(run)
 
     def check_files(self, files: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
@@ -417,9 +418,10 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 self._charge(conn, row.id, name, len(value), owner, quota)
             conn.execute(xattrs.delete().where(xattrs.c.ino == row.id, xattrs.c.name == name))
             conn.execute(xattrs.insert().values(ino=row.id, name=name, value=value))
-            if name == index.HEADER_XATTR:
+            if parsed is not None:
                 self._unindex(conn, [row.id])
-                self._index(conn, [(row.id, value)])
+                self._index(conn, [(row.id, parsed)])
+        parsed = self._parsed(value) if name == index.HEADER_XATTR else None
         self._txn(run)
 
     def _do_removexattr(self, path: str, name: str, by: str | None = None) -> None:

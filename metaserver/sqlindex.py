@@ -34,16 +34,20 @@ class HeaderIndexStore(SqlBase):
             conn.execute(values_t.delete().where(values_t.c.ino.in_(chunk)))
             conn.execute(levels_t.delete().where(levels_t.c.ino.in_(chunk)))
 
-    def _index(self, conn: Connection, headers: list[tuple[int, bytes]]) -> None:
-        """Index XML headers in the caller's transaction (see metaserver/index.py)."""
-        if not headers:
+    @staticmethod
+    def _parsed(xml: bytes) -> index.HeaderIndex:
+        """A header's index rows, computed before its transaction: a commit holds the database's
+        write lock (SQLite's, and ours around it) only for the inserts, not for lxml and the walk."""
+        try:
+            return index.index_header(xml)
+        except (ValueError, etree.XMLSyntaxError) as exc:
+            raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
+
+    def _index(self, conn: Connection, indexed: list[tuple[int, index.HeaderIndex]]) -> None:
+        """Insert the index rows of parsed headers (:meth:`_parsed`) in the caller's transaction
+        (see metaserver/index.py)."""
+        if not indexed:
             return
-        indexed = []
-        for ino, xml in headers:
-            try:
-                indexed.append((ino, index.index_header(xml)))
-            except (ValueError, etree.XMLSyntaxError) as exc:
-                raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
         ids = self._key_id_map(conn, set().union(*(h.keys for _, h in indexed)),
                                set().union(*(h.long_keys for _, h in indexed)),
                                set().union(*(h.multi_keys for _, h in indexed)))
