@@ -248,6 +248,11 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         self._txn(run)
 
     def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], dict[str, list[str]]]:
+        # The headers are parsed before the transaction, which then holds the write lock only
+        # for the inserts.
+        indexed = {f.path: self._parsed(f.xattrs[index.HEADER_XATTR]) for f in files
+                   if index.HEADER_XATTR in f.xattrs}
+
         def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
             # The directory map changes only if a directory is made (_new_dir marks it).
             now = time.time()
@@ -326,8 +331,6 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 conn.execute(U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
-        indexed = {f.path: self._parsed(f.xattrs[index.HEADER_XATTR]) for f in files
-                   if index.HEADER_XATTR in f.xattrs}
         return self._txn(run)
 
     def check_files(self, files: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
@@ -410,6 +413,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def _do_setxattr(self, path: str, name: str, value: bytes, owner: str | None = None,
                      quota: tuple[int, int] | None = None, guard: bool = False) -> None:
+        parsed = self._parsed(value) if name == index.HEADER_XATTR else None
+
         def run(conn: Connection) -> None:
             row = self._resolve(conn, path)
             if guard:
@@ -421,7 +426,6 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             if parsed is not None:
                 self._unindex(conn, [row.id])
                 self._index(conn, [(row.id, parsed)])
-        parsed = self._parsed(value) if name == index.HEADER_XATTR else None
         self._txn(run)
 
     def _do_removexattr(self, path: str, name: str, by: str | None = None) -> None:
