@@ -350,14 +350,17 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             for path, _, _ in files:
                 path = norm_path(path)
                 by_parent.setdefault(path.rsplit("/", 1)[0] or "/", []).append(path)
-            cache: dict[str, Any] = {}
+            # Parents from the directory map (one query for its version), not one query per
+            # path component: an upload into new series names dozens of new directories per
+            # batch.  A directory the map lacks holds nothing yet; the check only advises (the
+            # commit decides), so one made meanwhile by another writer costs nothing here.
+            dir_ids = self._dir_ids(conn)
             for parent_path, paths in by_parent.items():
-                try:
-                    parent = self._resolve_dir(conn, parent_path, cache)
-                except (errors.NotFound, errors.NotADirectory):
+                parent_id = dir_ids.get(parent_path)
+                if parent_id is None:
                     continue
                 names = {p.rsplit("/", 1)[1]: p for p in paths}
-                for row in conn.execute(Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": list(names)}):
+                for row in conn.execute(Q_CHILDREN_NAMED, {"b_parent": parent_id, "b_names": list(names)}):
                     at_path[names[row.name]] = row
             keys = sorted({key for _, key, _ in files})
             healthy: dict[str, str] = {}
