@@ -59,6 +59,10 @@ class InodeRow(NamedTuple):
 
 # Statements on the hot paths, built once: SQLAlchemy's per-call construction of selects and
 # updates cost more than SQLite executing them.
+# Statements built once: SQLAlchemy keeps a statement's cache key, where one built per call
+# is traversed again each time (a step of a path walk: 82 us built, 18 us prepared).
+Q_ROOT = sa.select(*STAT_COLS).where(inodes.c.id == ROOT)
+Q_DIRS_VERSION = sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)
 Q_CHILD = sa.select(*STAT_COLS).where(inodes.c.parent == sa.bindparam("b_parent"),
                                         inodes.c.name == sa.bindparam("b_name"))
 Q_CHILDREN_NAMED = sa.select(*STAT_COLS).where(
@@ -296,7 +300,7 @@ class SqlBase:
     def _resolve(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
         if cache is not None and path in cache:
             return cache[path]
-        row: Any = conn.execute(sa.select(*STAT_COLS).where(inodes.c.id == ROOT)).one()
+        row: Any = conn.execute(Q_ROOT).one()
         walked = ""
         for part in [p for p in path.split("/") if p]:
             if not row.is_dir:
@@ -305,8 +309,7 @@ class SqlBase:
             if cache is not None and walked in cache:
                 row = cache[walked]
                 continue
-            row = conn.execute(sa.select(*STAT_COLS).where(
-                inodes.c.parent == row.id, inodes.c.name == part)).first()
+            row = conn.execute(Q_CHILD, {"b_parent": row.id, "b_name": part}).first()
             if row is None:
                 raise errors.NotFound(f"{walked} does not exist.")
             if cache is not None and row.is_dir:
@@ -383,7 +386,7 @@ class SqlBase:
     def _dir_paths(self, conn: Connection) -> dict[int, str]:
         """Every directory's path, built once after each change of the tree (a few ms per
         10,000), by whichever metaserver process made it (the database keeps the count)."""
-        version = conn.execute(sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)).scalar()
+        version = conn.execute(Q_DIRS_VERSION).scalar()
         with self._dirs_lock:
             dirs = self._dirs
             if dirs is not None and version == self._dirs_version:
