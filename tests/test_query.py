@@ -440,3 +440,37 @@ def test_index_header_numbers_from_its_memo_are_the_conversions() -> None:
     assert nums == {"2.5": 2.5, " 120 ": 120.0, "CT": None, "-0.5": -0.5, "1e3": 1000.0,
                     long_number: float(long_number), "": None}
     assert all(num == index.xpath_number(text) for text, num in nums.items() if text)
+
+
+def test_index_header_rows_follow_document_order_items_and_string_values() -> None:
+    """One row per distinct (key, string-value, item): an element with children is indexed by
+    its whole string-value (comments left out), items are numbered in document order wherever
+    they nest, a repeated value adds no row, the first row of a key carries the flag, and
+    comments and processing instructions are no elements."""
+    from metaserver import index
+
+    xml = (b"<DicomHeader><!-- c --><?pi x?><Modality>C<!-- x -->T</Modality>"
+           b"<ImageType>A</ImageType><ImageType>B</ImageType><ImageType>A</ImageType>"
+           b"<ReferencedImageSequence><Item><ReferencedSOPInstanceUID>1.2</ReferencedSOPInstanceUID></Item>"
+           b"<Item><ReferencedSOPInstanceUID>1.2</ReferencedSOPInstanceUID>"
+           b"<ReferencedImageSequence><Item><InstanceNumber>7</InstanceNumber></Item></ReferencedImageSequence>"
+           b"</Item></ReferencedImageSequence><PrivateElement>hidden</PrivateElement></DicomHeader>")
+    h = index.index_header(xml)
+    seq, ref = "/DicomHeader/ReferencedImageSequence", "/DicomHeader/ReferencedImageSequence/Item"
+    assert h.rows == [
+        ("/DicomHeader", "", None, True, 0),
+        ("/DicomHeader/Modality", "CT", None, True, 0),
+        ("/DicomHeader/ImageType", "A", None, True, 0),
+        ("/DicomHeader/ImageType", "B", None, False, 0),
+        (seq, "", None, True, 0),
+        (ref, "1.2", 1.2, True, 1),
+        (ref + "/ReferencedSOPInstanceUID", "1.2", 1.2, True, 1),
+        (ref, "1.27", 1.27, False, 2),
+        (ref + "/ReferencedSOPInstanceUID", "1.2", 1.2, False, 2),
+        (ref + "/ReferencedImageSequence", "", None, True, 2),
+        (ref + "/ReferencedImageSequence/Item", "7", 7.0, True, 3),
+        (ref + "/ReferencedImageSequence/Item/InstanceNumber", "7", 7.0, True, 3),
+        ("/DicomHeader/PrivateElement", "", None, True, 0),
+    ]
+    assert h.multi_keys == {"/DicomHeader/ImageType", ref, ref + "/ReferencedSOPInstanceUID"}
+    assert h.long_keys == set() and h.keys == {r[0] for r in h.rows}
