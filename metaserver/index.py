@@ -120,52 +120,63 @@ def index_header(xml: bytes) -> HeaderIndex:
     root = etree.fromstring(xml, _PARSER)
     if root.tag != "DicomHeader":
         raise ValueError("the header's root element is not DicomHeader.")
-    # One row per (key, text, item): repeated values (multi-valued attributes, items) add
-    # nothing, and the row of the first node in document order carries the flag.
-    unique: dict[tuple[str, str, int], tuple[str, str, float | None, bool, int]] = {}
-    per_key: dict[str, int] = {}
-    long_keys: set[str] = set()
-    items = [0]
+    # Every node's (key, string-value, item), in document order; then one row per distinct
+    # triple (repeated values of multi-valued attributes and items add nothing), the row of
+    # the first node in document order flagged.
+    nodes: list[tuple[str, str, int]] = [(ROOT_KEY, "", 0)]
+    append = nodes.append
     keywords = _NON_SQ_KEYWORDS
+    items = 0
 
     def visit(el: etree._Element, key: str, item: int) -> None:
-        tag = el.tag
-        n_children = len(el)
-        if tag in keywords:
-            text = full = "".join(str(t) for t in el.itertext()) if n_children else (el.text or "")
-            if len(text) > MAX_TEXT:
-                text = text[:MAX_TEXT] + LONG_MARK
-                long_keys.add(key)
-        else:
-            text = full = ""
-        seen = (key, text, item)
-        if seen not in unique:
-            count = per_key.get(key, 0)
-            per_key[key] = count + 1
-            known = _NUMBERS.get(full) if full else (None,)    # one lookup: other threads clear it
-            if known is None:
-                known = (xpath_number(full),)
-                if len(full) <= 64:
-                    if len(_NUMBERS) >= 50_000:
-                        _NUMBERS.clear()
-                    _NUMBERS[full] = known
-            num = known[0]
-            unique[seen] = (key, text, num, not count, item)
-        if n_children:
-            for child in el:
-                name = child.tag
-                if name == "Item":
-                    items[0] += 1
-                    visit(child, key + "/Item", items[0])
-                elif isinstance(name, str):
-                    visit(child, key + "/" + name, item)
+        """The nodes under ``el`` (whose key is ``key``).  Most elements are leaves holding one
+        value: they take no call of their own."""
+        nonlocal items
+        for child in el:
+            name = child.tag
+            if not isinstance(name, str):
+                continue                     # a comment or processing instruction
+            at = item
+            if name == "Item":
+                items += 1
+                at = items
+            sub = key + "/" + name
+            if not len(child):
+                append((sub, (child.text or "") if name in keywords else "", at))
+            else:
+                append((sub, "".join(str(t) for t in child.itertext()) if name in keywords else "", at))
+                visit(child, sub, at)
 
     visit(root, ROOT_KEY, 0)
+    rows: list[tuple[str, str, float | None, bool, int]] = []
+    per_key: dict[str, int] = {}
+    long_keys: set[str] = set()
+    cut: set[tuple[str, str, int]] = set()
+    numbers = _NUMBERS
+    for node in dict.fromkeys(nodes):
+        key, full, item = node
+        text = full
+        if len(full) > MAX_TEXT:
+            text = full[:MAX_TEXT] + LONG_MARK
+            long_keys.add(key)
+            if (key, text, item) in cut:     # two long values alike in their first MAX_TEXT
+                continue
+            cut.add((key, text, item))
+        count = per_key.get(key, 0)
+        per_key[key] = count + 1
+        known = numbers.get(full) if full else (None,)     # one lookup: other threads clear it
+        if known is None:
+            known = (xpath_number(full),)
+            if len(full) <= 64:
+                if len(numbers) >= 50_000:
+                    numbers.clear()
+                numbers[full] = known
+        rows.append((key, text, known[0], not count, item))
     levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
     for child in root:
         if child.tag in levels and not levels[child.tag]:
             levels[child.tag] = child.text or ""
-    return HeaderIndex(list(unique.values()), set(per_key), long_keys, {k for k, n in per_key.items() if n > 1},
+    return HeaderIndex(rows, set(per_key), long_keys, {k for k, n in per_key.items() if n > 1},
                        levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
 
 
