@@ -1,6 +1,6 @@
 """CPU per file of ingest and download, dgf against Orthanc in the same run (issue 16).
 
-    .venv/bin/python bench/per_file.py [--files 1000] [--runs 3] [--dir DIR]
+    .venv/bin/python bench/per_file.py [--files 1000] [--runs 3] [--dir DIR] [--orthanc-connections K]
 
 Each run makes ``--files`` fresh small CT files (39 KB, ``bench/synth.py``) and, interleaved:
 
@@ -8,7 +8,10 @@ Each run makes ``--files`` fresh small CT files (39 KB, ``bench/synth.py``) and,
 - **Orthanc** (the Debian package, SQLite index, storage on disk, no compression): a Python
   client on one keep-alive connection ``POST``s each file to ``/instances``, then ``GET``s each
   ``/instances/ID/file`` and writes it to disk (what Orthanc's own import script does, and what
-  a client must do to get files out of it).
+  a client must do to get files out of it).  With ``--orthanc-connections K`` it sends on K
+  connections at once, one thread each, each taking a contiguous share of the files: Orthanc
+  serves requests in parallel (HttpThreadsCount), so its files/s with one connection may say
+  more about its client than about it.
 
 CPU seconds are the client's (with its children) plus every server process's over the same
 interval (dgf: metaserver and both sites; Orthanc: itself), from ``wait4`` and ``/proc``: they
@@ -41,27 +44,41 @@ from dgf import local  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
-#: The Orthanc client: argv = mode (up|down), port, list file, output; one keep-alive session.
+#: The Orthanc client: argv = mode (up|down), port, list file, output, connections; each
+#: connection a keep-alive session in its own thread, taking a contiguous share of the files.
 ORTHANC_CLIENT = r"""
-import json, sys
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import requests
-mode, port, listing, out = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
-s = requests.Session()
+mode, port, listing, out, k = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
 base = f"http://127.0.0.1:{port}"
-if mode == "up":
-    ids = []
-    for p in listing.read_text().split():
+items = listing.read_text().split()
+shares = [items[len(items) * i // k:len(items) * (i + 1) // k] for i in range(k)]
+def up(share):
+    s, ids = requests.Session(), []
+    for p in share:
         r = s.post(f"{base}/instances", data=Path(p).read_bytes(), timeout=60)
         r.raise_for_status()
         ids.append(r.json()["ID"])
-    out.write_text("\n".join(ids))
-else:
-    out.mkdir(parents=True, exist_ok=True)
-    for i in listing.read_text().split():
+    return ids
+def down(share):
+    s = requests.Session()
+    for i in share:
         r = s.get(f"{base}/instances/{i}/file", timeout=60)
         r.raise_for_status()
         (out / f"{i}.dcm").write_bytes(r.content)
+    return []
+if mode == "down":
+    out.mkdir(parents=True, exist_ok=True)
+work = up if mode == "up" else down
+if k == 1:
+    done = [work(items)]
+else:
+    with ThreadPoolExecutor(k) as pool:
+        done = list(pool.map(work, shares))
+if mode == "up":
+    out.write_text("\n".join(i for ids in done for i in ids))
 """
 
 
@@ -70,6 +87,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where the work directory goes (default: the system's temp)")
+    ap.add_argument("--orthanc-connections", type=int, default=1, metavar="K",
+                    help="Orthanc's client sends on K keep-alive connections at once, one thread each "
+                         "(default 1, as Orthanc's own import script does)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dgf-bench-per-file-", dir=args.dir))
     peer = orthanc.start(work)
@@ -97,9 +117,11 @@ def main() -> None:
                 split[k].append(v)
             down = measure.run([str(BIN / "dgf_down"), f"/run{run}", "-o", str(work / f"down{run}")], env, servers)
             ids = work / f"ids{run}.txt"
-            oup = measure.run([sys.executable, str(client), "up", str(port), str(listing), str(ids)], None,
+            oup = measure.run([sys.executable, str(client), "up", str(port), str(listing), str(ids),
+                               str(args.orthanc_connections)], None,
                               [peer.pid])
-            odown = measure.run([sys.executable, str(client), "down", str(port), str(ids), str(work / f"odown{run}")],
+            odown = measure.run([sys.executable, str(client), "down", str(port), str(ids), str(work / f"odown{run}"),
+                                 str(args.orthanc_connections)],
                                 None, [peer.pid])
             got = sum(1 for _ in (work / f"down{run}").rglob("*.dcm")), sum(1 for _ in (work / f"odown{run}").iterdir())
             if got != (n, n):
@@ -114,7 +136,7 @@ def main() -> None:
         local.down(fed.root, quiet=True)
         shutil.rmtree(work, ignore_errors=True)
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
-    out: dict[str, object] = {"files": n, "runs": args.runs}
+    out: dict[str, object] = {"files": n, "runs": args.runs, "Orthanc connections": args.orthanc_connections}
     for what in ("up", "down"):
         d, o = med[f"dgf {what}"], med[f"Orthanc {what}"]
         out[f"{what}: CPU ms per file, dgf / Orthanc / ratio"] = [round(d[1] / n * 1000, 2), round(o[1] / n * 1000, 2),
