@@ -90,6 +90,60 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         cache[path] = row
         return row
 
+    def _make_parents(self, conn: Connection, paths: set[str]) -> tuple[dict[str, int], set[int]]:
+        """The id of each directory in ``paths``, those missing made (0755, as ``mkdir -p``
+        does), and the ids of the directories made.
+
+        Committed directories come from the directory map (its version is read in this
+        transaction).  The missing ones are made depth by depth, one multi-row INSERT a depth,
+        so a commit into a hundred new series directories costs a few statements, not a few per
+        directory.  Under a directory that already existed, the names are first looked up (one
+        query per such parent): an entry of another kind in the way is refused by name, and a
+        directory the map has not learnt yet is used."""
+        known = self._dir_ids(conn)
+        ids: dict[str, int] = {}
+        missing: set[str] = set()
+        fresh: set[int] = set()
+        for path in paths:
+            while path not in ids and path not in missing:
+                if path in known:
+                    ids[path] = known[path]
+                    break
+                missing.add(path)
+                path = path.rsplit("/", 1)[0] or "/"
+        by_depth: dict[int, list[str]] = {}
+        for path in missing:
+            by_depth.setdefault(path.count("/"), []).append(path)
+        for depth in sorted(by_depth):
+            under: dict[int, dict[str, str]] = {}       # parent id -> name -> path
+            for path in sorted(by_depth[depth]):
+                parent, name = path.rsplit("/", 1)
+                under.setdefault(ids[parent or "/"], {})[name] = path
+            for pid, names in under.items():
+                if pid in fresh:
+                    continue                             # made by this commit: empty
+                for part in slices(sorted(names)):
+                    for row in conn.execute(Q_CHILDREN_NAMED, {"b_parent": pid, "b_names": part}):
+                        path = names.pop(row.name)
+                        if not row.is_dir:
+                            raise errors.NotADirectory(f"{path} exists and is not a directory.")
+                        ids[path] = row.id
+            new = [(pid, name, path) for pid, names in under.items() for name, path in names.items()]
+            if not new:
+                continue
+            now = time.time()
+            result = conn.execute(inodes.insert().returning(inodes.c.id, sort_by_parameter_order=True), [
+                {"parent": pid, "name": name, "is_dir": True, "mode": 0o755, "size": 0, "nlink": 2,
+                 "mtime": now, "ctime": now} for pid, name, _ in new])
+            made = conn.info.setdefault("dgf.after", {}).setdefault("new_dirs", [])
+            for (pid, name, path), row in zip(new, result):
+                ids[path] = row.id
+                fresh.add(row.id)
+                made.append((row.id, pid, name))     # learnt by the directory map once committed
+            conn.execute(U_NLINK, [{"b_id": pid, "b_delta": len(names), "b_now": now}
+                                   for pid, names in under.items() if names])
+        return {path: ids[path] for path in paths}, fresh
+
     # -- namespace steps ------------------------------------------------------------------
 
     def _do_stat(self, path: str) -> Stat:
@@ -254,27 +308,28 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                    if index.HEADER_XATTR in f.xattrs}
 
         def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
-            # The directory map changes only if a directory is made (_new_dir marks it).
+            # The directory map changes only if a directory is made (_make_parents marks it).
             now = time.time()
-            dirs: dict[str, Any] = {}
             by_parent: dict[str, list[NewFile]] = {}
             if len({f.path for f in files}) != len(files):
                 raise errors.UsageError("a commit names the same path twice.")
             for f in files:
                 by_parent.setdefault(f.path.rsplit("/", 1)[0] or "/", []).append(f)
+            parents, fresh = self._make_parents(conn, set(by_parent))
             new_rows: list[dict[str, Any]] = []
             new_files: list[NewFile] = []
             inos: dict[str, int] = {}
             replaced: set[str] = set()
             for parent_path, group in by_parent.items():
-                parent = self._makedirs(conn, parent_path, dirs)
+                parent_id = parents[parent_path]
                 names = [f.path.rsplit("/", 1)[1] for f in group]
-                existing: dict[str, Any] = {r.name: r for r in conn.execute(
-                    Q_CHILDREN_NAMED, {"b_parent": parent.id, "b_names": names})}
+                # A directory made by this commit holds nothing yet.
+                existing: dict[str, Any] = {} if parent_id in fresh else {r.name: r for r in conn.execute(
+                    Q_CHILDREN_NAMED, {"b_parent": parent_id, "b_names": names})}
                 for f, name in zip(group, names):
                     old = existing.get(name)
                     if old is None:
-                        new_rows.append({"parent": parent.id, "name": name, "is_dir": False, "mode": f.mode,
+                        new_rows.append({"parent": parent_id, "name": name, "is_dir": False, "mode": f.mode,
                                          "size": f.size, "nlink": 1, "mtime": now, "ctime": now,
                                          "object_key": f.object_key})
                         new_files.append(f)
@@ -327,8 +382,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 headers = [(inos[path], parsed) for path, parsed in indexed.items()]
                 self._unindex(conn, [ino for ino, _ in headers])
                 self._index(conn, headers)
-            if dirs:
-                conn.execute(U_MTIME, [{"b_id": d.id, "b_now": now} for d in dirs.values()])
+            if parents:           # the files' directories; those made here have this mtime already
+                conn.execute(U_MTIME, [{"b_id": pid, "b_now": now} for pid in parents.values()])
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
         return self._txn(run)

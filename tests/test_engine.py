@@ -172,6 +172,29 @@ class EngineContract:
         finally:
             other.close()
 
+    def test_a_commit_makes_every_missing_directory_once_or_refuses_it_whole(self, engine: MetaEngine) -> None:
+        # A commit into many new series makes their directories depth by depth; each is made
+        # once, links its parent, joins the directory map, and holds its files.  An entry of
+        # another kind in the way refuses the whole commit, by name, with nothing made.
+        assert isinstance(engine, SqlEngine)
+        engine.create_files([_file("/x/old/a.dcm", "1"), _file("/x/blocker", "2")])
+        engine.create_files([_file("/x/old/b.dcm", "3"), _file("/x/new1/s1/c.dcm", "4"),
+                             _file("/x/new1/s2/d.dcm", "5"), _file("/x/new2/s1/e.dcm", "6"),
+                             _file("/x/new1/s1/f.dcm", "7"), _file("/top.dcm", "8")])
+        assert engine.stat("/x").nlink == 2 + 3 and engine.stat("/x/new1").nlink == 2 + 2
+        assert engine.stat("/x/new2/s1").is_dir and engine.stat("/x/new2/s1").nlink == 2
+        assert [s.path for s in engine.readdir("/x/new1/s1")] == ["/x/new1/s1/c.dcm", "/x/new1/s1/f.dcm"]
+        assert [s.path for s in engine.readdir("/x/old")] == ["/x/old/a.dcm", "/x/old/b.dcm"]
+        assert engine.stat("/top.dcm").size == 1
+        learnt = engine._dirs
+        engine._dirs = None
+        assert learnt is not None and engine._read(engine._dir_paths) == learnt
+        with pytest.raises(errors.NotADirectory, match="/x/blocker exists and is not a directory"):
+            engine.create_files([_file("/x/new3/g.dcm", "9"), _file("/x/blocker/h.dcm", "10")])
+        with pytest.raises(errors.NotFound):
+            engine.stat("/x/new3")
+        assert engine.stat("/x").nlink == 5 and engine._read(engine._dir_paths) == learnt
+
     def test_the_replicas_question_reads_only_directories_that_have_an_answer(self, engine: MetaEngine) -> None:
         import sqlalchemy as sa
 
