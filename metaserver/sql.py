@@ -302,6 +302,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         self._txn(run)
 
     def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], dict[str, list[str]]]:
+        if not files:
+            return [], {}          # an empty commit (a client may send one): nothing to write
         # The headers are parsed before the transaction, which then holds the write lock only
         # for the inserts.
         indexed = {f.path: self._parsed(f.xattrs[index.HEADER_XATTR]) for f in files

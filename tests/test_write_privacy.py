@@ -137,6 +137,17 @@ def test_a_raw_identified_file_is_refused_by_the_site(hostile: local.Federation)
     assert not _stored(hostile, original)                     # nothing of it stays on the site
 
 
+def test_an_empty_commit_publishes_nothing_and_breaks_nothing(hostile: local.Federation) -> None:
+    # A client may commit no files at all (its whole batch failed, or it is probing): the
+    # answer is "none created", not an internal error from an INSERT with no rows.
+    with Client(hostile.config("clinician")) as c:
+        reply, _ = c.meta.call("up.commit", json.dumps({"files": [], "receipts": {}}).encode())
+        assert reply["created"] == 0
+        reply, _ = c.meta.call("up.commit", json.dumps({"files": []}).encode(), xml_sizes=[])
+        assert reply["created"] == 0
+        assert c.stat("/").is_dir
+
+
 def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation, tmp_path: Path) -> None:
     clean = _deidentified(hostile, tmp_path)
     ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(clean))
