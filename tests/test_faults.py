@@ -66,10 +66,13 @@ def test_a_full_disk_is_named_and_keeps_nothing(tmp_path: Path, tmpfs: Path) -> 
     try:
         big = synth.multiframe(tmp_path / "big.dcm", 6 * 1024 * 1024, seed=9)   # more than the disk
         (tmp_path / "small").mkdir()
-        up = _dgf(fed, "clinician", "dgf_up", str(big), str(corpus.fresh_instances(tmp_path / "small", 1)[0]), "--to", "/full")
+        # The small file first, on its own: sent beside the big one (another channel), it could
+        # find the disk already filled by the big one's partial write, and fail with it.
+        up = _dgf(fed, "clinician", "dgf_up", str(corpus.fresh_instances(tmp_path / "small", 1)[0]), "--to", "/full")
+        assert up.returncode == 0 and "uploaded 1 file(s)" in up.stdout, up.stderr
+        up = _dgf(fed, "clinician", "dgf_up", str(big), "--to", "/full")
         assert up.returncode == 8, up.stderr
         assert f"error: {big}: site site-b refused the object: the site's disk is full" in up.stderr
-        assert "uploaded 1 file(s)" in up.stdout                  # the small one fitted on both sites
         with Client(fed.config("clinician")) as c:
             assert len(c.ls("/full")) == 1
         # Nothing half-written stays on the full disk; site-a's copy of the big one is an orphan.
