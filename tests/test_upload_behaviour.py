@@ -150,3 +150,39 @@ def test_batches_stored_side_by_side_count_every_file_once(federation: local.Fed
         assert len(report.paths) == 12 and len(set(report.paths)) == 12
         assert {Path(f.item).name for f in report.failed} == {"bad1.dcm", "bad2.dcm"}
         assert len(c.find("/DicomHeader", "/stages")) == 22
+
+
+def test_commits_run_one_at_a_time_in_batch_order(federation: local.Federation, tmp_path: Path) -> None:
+    """Batches are sent to the sites side by side, but committed by one committer: never two
+    commits in flight at once (they only contended at the metaserver), and in batch order."""
+    import threading
+
+    files = corpus.fresh_instances(tmp_path / "in", 12)
+    in_flight, most, order = [0], [0], []
+    lock = threading.Lock()
+    with Client(federation.config("clinician")) as c:
+        original = c.meta.call
+
+        def call(verb: str, payload: bytes = b"", wait_s: float | None = None,
+                 **args: object) -> tuple[dict[str, object], bytes]:
+            if verb != "up.commit":
+                return original(verb, payload, wait_s, **args)
+            with lock:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            try:
+                return original(verb, payload, wait_s, **args)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+                    order.append(payload)
+
+        c.meta.call = call  # type: ignore[method-assign]
+        report = c.upload(files, to="/one-committer", batch=3)               # 4 batches
+    assert report.uploaded == 12 and not report.failed
+    assert most[0] == 1 and len(order) == 4
+    # Each commit holds its batch's files, in the order the batches were read.
+    placed = [report.stored[str(f)][0] for f in files]
+    assert report.paths == placed
+    for i, body in enumerate(order):
+        assert all(p.encode() in body for p in placed[3 * i:3 * i + 3])
