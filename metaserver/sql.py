@@ -74,22 +74,6 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         conn.execute(U_NLINK, {"b_id": parent_id, "b_delta": 1, "b_now": now})
         return InodeRow(ino, name, True, mode, 0, 2, now, now, None)
 
-    def _makedirs(self, conn: Connection, path: str, cache: dict[str, Any]) -> Any:
-        if path in cache:
-            return cache[path]
-        if path == "/":
-            row = self._resolve(conn, "/")
-        else:
-            parent_path, name = path.rsplit("/", 1)
-            parent = self._makedirs(conn, parent_path or "/", cache)
-            row = self._child(conn, parent.id, name)
-            if row is None:
-                row = self._new_dir(conn, parent.id, name, 0o755)
-            elif not row.is_dir:
-                raise errors.NotADirectory(f"{path} exists and is not a directory.")
-        cache[path] = row
-        return row
-
     def _make_parents(self, conn: Connection, paths: set[str]) -> tuple[dict[str, int], set[int]]:
         """The id of each directory in ``paths``, those missing made (0755, as ``mkdir -p``
         does), and the ids of the directories made.
@@ -163,8 +147,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         def run(conn: Connection) -> Stat:
             conn.info.setdefault("dgf.after", {})["dirs"] = True
             if parents:
-                row = self._makedirs(conn, path, {})
-                return stat_of(path, row)
+                self._make_parents(conn, {path})
+                return stat_of(path, self._looked_up(conn, path))
             parent_path, name = path.rsplit("/", 1)
             parent = self._resolve_dir(conn, parent_path or "/")
             if self._child(conn, parent.id, name) is not None:
