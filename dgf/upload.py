@@ -115,6 +115,29 @@ class _Copy:
 _Entry = tuple[_Prepared, bytes, bytes]
 
 
+class _InOrder:
+    """Hands the batches' commits to the one committer thread in the order the batches were
+    read: a store that finished sending before an earlier one waits until that one has queued
+    its commit (or failed).  Tickets are issued by the reading thread, one per batch."""
+
+    def __init__(self, committer: ThreadPoolExecutor) -> None:
+        self._committer = committer
+        self._turn = threading.Condition()
+        self._next = 0             # the ticket whose commit is queued next
+        self._issued = 0
+
+    def ticket(self) -> int:
+        self._issued += 1
+        return self._issued - 1
+
+    def queue(self, ticket: int, publish: Callable[[], None] | None) -> Future[None] | None:
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == ticket)
+            self._next += 1
+            self._turn.notify_all()
+            return None if publish is None else self._committer.submit(publish)
+
+
 def _commit_parts(entries: list[_Entry]) -> Iterator[list[_Entry]]:
     """Encoded commit entries grouped so that no commit exceeds COMMIT_BYTES."""
     part: list[_Entry] = []
@@ -182,6 +205,7 @@ class Uploads:
             # queue their commits (what reached the sites is published, not stranded).
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgf-commit") as committer, \
                     ThreadPoolExecutor(max_workers=STORE_STAGES, thread_name_prefix="dgf-store") as store:
+                order = _InOrder(committer)
                 pendings: list[Future[Future[None] | None]] = []
                 commits: list[Future[None]] = []
                 for i in range(0, len(files), batch):
@@ -195,8 +219,8 @@ class Uploads:
                             commits.append(c)
                     while len(commits) >= COMMITS_QUEUED:
                         commits.pop(0).result()
-                    pendings.append(store.submit(self._store, prepared, caps, report, replace, meter,
-                                                 [str(f) for f in chunk], committer=committer))
+                    pendings.append(store.submit(self._send, order, order.ticket(), prepared, caps, report,
+                                                 replace, meter, [str(f) for f in chunk]))
                 for done in pendings:
                     c = done.result()
                     if c is not None:
@@ -359,11 +383,21 @@ class Uploads:
             return [pipeline.STEPS[step](items, *args)]
         return pool.map(step, items, *args)
 
+    def _send(self, order: _InOrder, ticket: int, prepared: list[_Prepared], caps: dict[str, str],
+              report: UploadReport, replace: bool, meter: Meter, sources: list[str]) -> Future[None] | None:
+        """:meth:`_store` a batch, its commit queued in batch order (the future of the commit)."""
+        publish: Callable[[], None] | None = None
+        try:
+            publish = self._store(prepared, caps, report, replace, meter, sources, defer=True)
+        finally:
+            queued = order.queue(ticket, publish)        # a failed batch still gives up its turn
+        return queued
+
     def _store(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
                replace: bool, meter: Meter | None = None, sources: list[str] | None = None,
-               check: bool = True, committer: ThreadPoolExecutor | None = None) -> Future[None] | None:
+               check: bool = True, defer: bool = False) -> Callable[[], None] | None:
         """Stream a prepared batch to its sites, then publish what arrived in one commit: here,
-        or queued on ``committer`` (whose future is returned), with the bytes let go.
+        or with ``defer`` returned as a callable to run later, the bytes let go.
 
         With ``check``, the archive is asked first what it holds: files already stored are
         skipped, conflicts fail per file, and an instance is stored once (a file whose SOP
@@ -407,11 +441,11 @@ class Uploads:
                         self._commit(rest, replace, report, tokens)
             if meter is not None:
                 meter.finish(sources or ())
-        if committer is not None:
+        if defer:
             # The bytes are on the sites: a queued commit needs the entries, not the data.
             for p in done:
                 p.result = dataclasses.replace(p.result, data=b"")
-            return committer.submit(publish)
+            return publish
         publish()
         return None
 

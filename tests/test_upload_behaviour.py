@@ -154,8 +154,11 @@ def test_batches_stored_side_by_side_count_every_file_once(federation: local.Fed
 
 def test_commits_run_one_at_a_time_in_batch_order(federation: local.Federation, tmp_path: Path) -> None:
     """Batches are sent to the sites side by side, but committed by one committer: never two
-    commits in flight at once (they only contended at the metaserver), and in batch order."""
+    commits in flight at once (they only contended at the metaserver), and in batch order even
+    when a later batch reaches the sites first."""
     import threading
+    import time
+    from typing import Any
 
     files = corpus.fresh_instances(tmp_path / "in", 12)
     in_flight, most, order = [0], [0], []
@@ -177,7 +180,16 @@ def test_commits_run_one_at_a_time_in_batch_order(federation: local.Federation, 
                     in_flight[0] -= 1
                     order.append(payload)
 
+        # The first batch reaches the sites last: its commit must still go first.
+        put = c.uploads._put
+
+        def slow_first(prepared: list[Any], *args: Any, **kwargs: Any) -> None:
+            if any(p.source == str(files[0]) for p in prepared):
+                time.sleep(0.5)
+            put(prepared, *args, **kwargs)
+
         c.meta.call = call  # type: ignore[method-assign]
+        c.uploads._put = slow_first  # type: ignore[method-assign]
         report = c.upload(files, to="/one-committer", batch=3)               # 4 batches
     assert report.uploaded == 12 and not report.failed
     assert most[0] == 1 and len(order) == 4
