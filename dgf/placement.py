@@ -24,14 +24,16 @@ def default_factor(n_sites: int) -> int:
 
 
 def set_at(path: str, overrides: Mapping[str, int]) -> str | None:
-    """The nearest directory above ``path`` that sets a replication factor, if any."""
+    """The nearest directory above ``path`` that sets a replication factor, if any.  A relative
+    path (a caller's bug, or a hostile request) ends at its first component, never loops."""
     d = posixpath.dirname(path) or "/"
     while True:
         if d in overrides:
             return d
-        if d == "/":
+        parent = posixpath.dirname(d)
+        if parent == d or not parent:
             return None
-        d = posixpath.dirname(d)
+        d = parent
 
 
 def factor(path: str, default: int, overrides: Mapping[str, int]) -> int:

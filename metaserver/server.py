@@ -209,6 +209,56 @@ class _Scope:
         return path in self.dirs if is_dir else path in self.files
 
 
+#: Each commit entry's fields: their types (absent counts as None where None is allowed).
+_ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
+    "path": (str,), "key": (str,), "size": (int,), "site": (str,),
+    "receipt": (str, type(None)), "patient": (str, type(None)), "identity": (str, type(None)),
+    "derived_from": (str, type(None)), "blocks": (str, type(None)), "copies": (list, type(None)),
+    "xattrs": (dict, type(None)), "seal": (dict, type(None)), "xml": (str, type(None)),
+}
+#: The one attribute a commit may set beside the header: a reconstruction's provenance.
+_COMMIT_XATTRS = frozenset({"user.dgf.provenance"})
+_HEX_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_entry(n: int, f: dict[str, Any], limits: Limits) -> None:
+    """Refuse commit entry ``n`` by name unless each field has its type (its path is
+    normalised in place), before anything of the commit is used.  A commit may set no attribute
+    but a derived file's provenance: the header is the one its site derived, and user.*
+    attributes are set through xattr.set, which knows their owner and quota."""
+    for name, types in _ENTRY_FIELDS.items():
+        value = f.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "int": "an integer",
+                               "list": "a list", "dict": "an object"}[t.__name__] for t in types)
+            raise errors.UsageError(f"entry {n} of the commit: its {name!r} is not {want}.")
+    where = f"entry {n} of the commit ({str(f['path'])[:200]!r})"
+    path = norm_path(f["path"])
+    if path == "/":
+        raise errors.UsageError(f"{where} names the root directory, which is not a file.")
+    f["path"] = path
+    if not _HEX_KEY.fullmatch(f["key"]) or f["size"] < 0:
+        raise errors.UsageError(f"{where} needs an object key of 64 hex digits and a size of 0 or more.")
+    for c in f.get("copies") or []:
+        if not isinstance(c, dict) or not isinstance(c.get("site"), str) or not isinstance(c.get("receipt"), str):
+            raise errors.UsageError(f"{where} lists a copy that is not a site and a receipt.")
+    for name in ("identity", "blocks"):
+        try:
+            base64.b64decode(f.get(name) or "", validate=True)
+        except ValueError as exc:
+            raise errors.UsageError(f"{where}: its {name!r} is not base64.") from exc
+    if f.get("identity") is not None and f.get("patient") is None:
+        raise errors.UsageError(f"{where} carries an identity record but no patient.")
+    for name, value in (f.get("xattrs") or {}).items():
+        if name not in _COMMIT_XATTRS or not f.get("derived_from"):
+            raise errors.PermissionDenied(
+                f"{where} sets the attribute {str(name)[:64]!r}; a commit sets none but a derived file's "
+                "provenance (others go through xattr.set once the file exists); nothing was published.")
+        if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) > limits.xattr_value:
+            raise errors.UsageError(f"{where}: its provenance is not a string of at most "
+                                    f"{limits.xattr_value} bytes.")
+
+
 class _Receipts:
     """A commit's receipts, verified: a site's own token for one object, or ``REF#i``, entry
     ``i`` of the batch receipt the commit carries as ``receipts[REF]`` (ioserver
@@ -993,6 +1043,8 @@ class MetaService(wire.Service):
             raise errors.UsageError("the commit payload is not a valid batch.") from exc
         if len(files) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
+        for n, f in enumerate(files):
+            _check_entry(n, f, self.limits)
         if xml_sizes is None:
             headers = [str(f.get("xml") or "").encode("utf-8", "surrogateescape") for f in files]
         elif len(xml_sizes) != len(files):

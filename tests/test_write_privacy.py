@@ -49,6 +49,8 @@ def test_pseudonyms_go_only_to_uploaders_at_a_bounded_rate_and_are_audited(tmp_p
 import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
 
 import pydicom  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -181,6 +183,82 @@ def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation,
     assert not _visible(hostile, TOKEN)
 
 
+def test_a_commit_sets_no_attribute_beside_the_header_its_site_derived(hostile: local.Federation,
+                                                                       tmp_path: Path) -> None:
+    """The header checked by the site could be overridden through the entry's ``xattrs`` (a forged
+    ``user.dgf.dicom`` was published and indexed), as could reserved or non-user attributes.  A
+    commit now sets none but a derived file's provenance: everything else is refused by name,
+    nothing is published, and the honest commit that follows carries the site's header."""
+    data = _deidentified(hostile, tmp_path)
+    honest = header_xml(data).decode()
+    forged = honest.replace("</DicomHeader>", f"<PatientAddress>{TOKEN}</PatientAddress></DicomHeader>")
+    with Client(hostile.config("clinician")) as c:
+        site, receipt, error = _raw_put(c, data)
+        assert receipt is not None, error
+        entry = {"path": "/hostile/attrs.dcm", "key": hashlib.sha256(data).hexdigest(), "size": len(data),
+                 "site": site, "receipt": receipt, "patient": None, "copies": [], "identity": None,
+                 "derived_from": None, "blocks": "", "xml": honest}
+        for attrs in ({"user.dgf.dicom": forged}, {"user.dgf.replicas": "9"}, {"trusted.x": TOKEN},
+                      {"user.note": TOKEN}, {"user.dgf.provenance": "{}"}):
+            with pytest.raises(errors.PermissionDenied, match=f"sets the attribute '{next(iter(attrs))}'"):
+                c.meta.call("up.commit", json.dumps({"files": [{**entry, "xattrs": attrs}],
+                                                     "receipts": TOKENS}).encode())
+            with pytest.raises(errors.NotFound):
+                c.stat("/hostile/attrs.dcm")
+        c.meta.call("up.commit", json.dumps({"files": [{**entry, "xattrs": {}}], "receipts": TOKENS}).encode())
+        assert c.getxattr("/hostile/attrs.dcm", "user.dgf.dicom") == honest.encode()
+        assert c.listxattr("/hostile/attrs.dcm") == ["user.dgf.dicom"]
+    assert not _visible(hostile, TOKEN)
+
+
+def test_malformed_commit_entries_are_refused_by_name_within_seconds(hostile: local.Federation,
+                                                                     tmp_path: Path) -> None:
+    """Each field of a commit entry is checked before the commit is used: a wrong type was an
+    internal error (KeyError, TypeError), and a relative path sent the metaserver's thread into
+    an endless loop (the client gave up after 30 s; the thread spun on)."""
+    data = _deidentified(hostile, tmp_path)
+    with Client(hostile.config("clinician")) as c:
+        site, receipt, error = _raw_put(c, data)
+        assert receipt is not None, error
+        entry = {"path": "/hostile/shape.dcm", "key": hashlib.sha256(data).hexdigest(), "size": len(data),
+                 "site": site, "receipt": receipt, "patient": None, "copies": [], "identity": None,
+                 "derived_from": None, "blocks": "", "xattrs": {}, "xml": header_xml(data).decode()}
+        cases: list[tuple[dict[str, Any], type[errors.DgfError], str]] = [
+            ({"path": "hostile/shape.dcm"}, errors.UsageError, "namespace paths are absolute"),
+            ({"path": "/"}, errors.UsageError, "names the root directory"),
+            ({"path": None}, errors.UsageError, "its 'path' is not a string"),
+            ({"size": "12"}, errors.UsageError, "its 'size' is not an integer"),
+            ({"size": True}, errors.UsageError, "its 'size' is not an integer"),
+            ({"key": "x" * 64}, errors.UsageError, "64 hex digits"),
+            ({"site": ["a"]}, errors.UsageError, "its 'site' is not a string"),
+            ({"copies": "site-b"}, errors.UsageError, "its 'copies' is not a list or null"),
+            ({"copies": ["site-b"]}, errors.UsageError, "lists a copy that is not a site and a receipt"),
+            ({"identity": "!!", "patient": "p"}, errors.UsageError, "its 'identity' is not base64"),
+            ({"identity": "AAAA"}, errors.UsageError, "an identity record but no patient"),
+            ({"blocks": 5}, errors.UsageError, "its 'blocks' is not a string or null"),
+            ({"xattrs": "x"}, errors.UsageError, "its 'xattrs' is not an object or null"),
+        ]
+        for change, kind, why in cases:
+            bad = {**entry, **change}
+            t = time.monotonic()
+            with pytest.raises(kind, match=re.escape(why)):
+                c.meta.call("up.commit", json.dumps({"files": [entry | {"path": "/hostile/ok-first.dcm"}, bad],
+                                                     "receipts": TOKENS}).encode())
+            assert time.monotonic() - t < 10, change
+        for what in ("/hostile/shape.dcm", "/hostile/ok-first.dcm"):      # nothing of any of them
+            with pytest.raises(errors.NotFound):
+                c.stat(what)
+        # A file and, below it, another file in one commit: named, whichever comes first.
+        for order in (1, -1):
+            pair = [entry | {"path": "/hostile/new/x"}, entry | {"path": "/hostile/new/x/y.dcm"}][::order]
+            with pytest.raises(errors.NotADirectory, match="both a file and a directory in this commit"):
+                c.meta.call("up.commit", json.dumps({"files": pair, "receipts": TOKENS}).encode())
+        with pytest.raises(errors.NotFound):
+            c.stat("/hostile/new")
+        c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
+        assert c.stat("/hostile/shape.dcm").size == len(data)
+
+
 def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federation, tmp_path: Path) -> None:
     """A put.batch's objects share one signed receipt; a commit cannot make it vouch for
     another object, another site, or claims the site did not sign."""
@@ -221,7 +299,7 @@ def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federat
         for index in ("7", "\u00b2", "-1", ""):                      # out of range, not ASCII digits
             with pytest.raises(errors.PermissionDenied, match="names no object of its batch"):
                 commit(tokens, receipt=ref + "#" + index)
-        with pytest.raises(errors.PermissionDenied, match="not a string"):
+        with pytest.raises(errors.UsageError, match="its 'receipt' is not a string"):
             commit(tokens, receipt=[ref, 0])
         with pytest.raises(errors.PermissionDenied, match="does not carry"):
             commit({})
