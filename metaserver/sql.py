@@ -11,7 +11,7 @@ wait for a batch commit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,6 +61,20 @@ _Q_VERSIONS = sa.select(values_t.c.text, inodes.c.parent, inodes.c.name).join(
     inodes, inodes.c.id == values_t.c.ino).where(
     values_t.c.key == sa.bindparam("b_key"), values_t.c.item == 0,
     values_t.c.text.in_(sa.bindparam("b_uids", expanding=True)))
+
+
+def _refuse_files_as_parents(paths: set[str], parents: Iterable[str]) -> None:
+    """A commit may not hold a file and, below it, another file: the first would need to be a
+    directory too.  Refused by name before anything is written (otherwise which of the two
+    came first in the batch decided between a named error and a failed INSERT)."""
+    seen: set[str] = set()
+    for d in parents:
+        while d != "/" and d not in seen:
+            if d in paths:
+                raise errors.NotADirectory(f"{d} is both a file and a directory in this commit; "
+                                           "nothing was published.")
+            seen.add(d)
+            d = d.rsplit("/", 1)[0] or "/"
 
 
 class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
@@ -301,6 +315,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 raise errors.UsageError("a commit names the same path twice.")
             for f in files:
                 by_parent.setdefault(f.path.rsplit("/", 1)[0] or "/", []).append(f)
+            _refuse_files_as_parents({f.path for f in files}, by_parent)
             parents, fresh = self._make_parents(conn, set(by_parent))
             new_rows: list[dict[str, Any]] = []
             new_files: list[NewFile] = []

@@ -194,6 +194,16 @@ class EngineContract:
         with pytest.raises(errors.NotFound):
             engine.stat("/x/new3")
         assert engine.stat("/x").nlink == 5 and engine._read(engine._dir_paths) == learnt
+        # A file and, below it, another file of the same commit: refused by name in either
+        # order, in a new directory or an old one (one order used to fail inside the INSERT).
+        for parent in ("/x/new4", "/x/old"):
+            for pair in ([f"{parent}/y", f"{parent}/y/z.dcm"], [f"{parent}/y/s/z.dcm", f"{parent}/y"]):
+                with pytest.raises(errors.NotADirectory, match=f"{parent}/y is both a file and a directory"):
+                    engine.create_files([_file(p, str(n + 11)) for n, p in enumerate(pair)])
+        with pytest.raises(errors.NotFound):
+            engine.stat("/x/new4")
+        assert [s.path for s in engine.readdir("/x/old")] == ["/x/old/a.dcm", "/x/old/b.dcm"]
+        assert engine.stat("/x").nlink == 5 and engine._read(engine._dir_paths) == learnt
 
     def test_the_replicas_question_reads_only_directories_that_have_an_answer(self, engine: MetaEngine) -> None:
         import sqlalchemy as sa
