@@ -176,6 +176,8 @@ def read_header(stream: Stream, max_size: int = MAX_HEADER,
         raise MalformedFrame(f"a frame header of {size} bytes exceeds the limit frame_header = {max_size}.")
     try:
         header = json.loads(recv_exact(stream, size))
+    except RecursionError as exc:
+        raise MalformedFrame("the frame header's JSON is nested too deeply.") from exc
     except ValueError as exc:
         raise MalformedFrame("the frame header is not valid JSON.") from exc
     if not isinstance(header, dict):
@@ -302,7 +304,10 @@ class Service:
             value = args[arg]
             if typ is int and isinstance(value, bool) or not isinstance(value, typ):
                 raise errors.UsageError(f"argument {arg!r} of {name!r} has the wrong type.")
-            self._check_value(str(name), arg, value)
+            try:
+                self._check_value(str(name), arg, value)
+            except RecursionError:
+                raise errors.UsageError(f"argument {arg!r} of {name!r} is nested too deeply.") from None
         if spec.payload:
             return spec.func(self, ctx, payload, **args)
         if payload.size:
@@ -312,8 +317,13 @@ class Service:
 
     def _check_value(self, verb_name: str, arg: str, value: Any) -> None:
         """Strings must be valid Unicode (JSON admits lone surrogates, which no database or file
-        name takes) and lists are bounded, before any handler sees them."""
-        if isinstance(value, str):
+        name takes), integers fit in 64 bits (JSON admits any, databases do not) and lists are
+        bounded, before any handler sees them."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:
+                raise errors.UsageError(f"argument {arg!r} of {verb_name!r} is out of range "
+                                        "(integers are 64-bit signed).")
+        elif isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
@@ -323,12 +333,12 @@ class Service:
             if len(value) > self.limits.list_items:
                 raise self.limits.refuse("list_items", f"argument {arg!r} of {verb_name!r} ({len(value)} items)")
             for item in value:
-                if isinstance(item, (str, list)):
+                if isinstance(item, (str, list, dict, int)):
                     self._check_value(verb_name, arg, item)
         elif isinstance(value, dict):
             for k, item in value.items():
                 self._check_value(verb_name, arg, k)
-                if isinstance(item, (str, list, dict)):
+                if isinstance(item, (str, list, dict, int)):
                     self._check_value(verb_name, arg, item)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
@@ -80,10 +81,19 @@ def check_bounds(expr: str, limits: Limits = DEFAULT_LIMITS) -> None:
 _COMPARISONS = frozenset({"=", "!=", "<", "<=", ">", ">=", "|"})
 
 
+#: What lxml refuses in an expression (ValueError, not a syntax error): control characters
+#: other than tab, CR and LF, and U+FFFE/U+FFFF.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def compile_xpath(expr: str, limits: Limits = DEFAULT_LIMITS) -> tuple[etree.XPath, xpath.Node | None]:
     """lxml's compiled expression and our syntax tree, or a one-line error with the position."""
     if not expr.strip():
         raise errors.UsageError("the XPath expression is empty; try /DicomHeader[Modality='CT'].")
+    unfit = _NOT_XML.search(expr)
+    if unfit is not None:
+        raise errors.UsageError(f"the XPath expression holds U+{ord(unfit.group()):04X} at position "
+                                f"{unfit.start() + 1}, a character XML cannot carry.")
     check_bounds(expr, limits)
     tree: xpath.Node | None = None
     try:

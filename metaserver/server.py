@@ -1039,7 +1039,7 @@ class MetaService(wire.Service):
             batch_receipts = batch.get("receipts") or {}
             if not isinstance(batch_receipts, dict) or not all(isinstance(t, str) for t in batch_receipts.values()):
                 raise TypeError("receipts")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise errors.UsageError("the commit payload is not a valid batch.") from exc
         if len(files) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"a commit of {len(files)} files")
@@ -1361,9 +1361,10 @@ class MetaService(wire.Service):
     @wire.verb("admin.fsck.caps", sites=list)
     def fsck_caps(self, p: Principal, sites: list[str]) -> wire.Reply:
         """Capabilities to check, list and repair at these sites (``fsck``), for this admin."""
+        if not all(isinstance(site, str) for site in sites):
+            raise errors.UsageError("sites must be site names (strings).")
         known = {st.name for st in self.engine.sites()}
-        return wire.Reply({"caps": {str(site): self._cap(p, "fsck", str(site), None)
-                                    for site in sites if site in known}})
+        return wire.Reply({"caps": {site: self._cap(p, "fsck", site, None) for site in sites if site in known}})
 
     @wire.verb("admin.fsck.recorded", site=str, keys=list)
     def fsck_recorded(self, p: Principal, site: str, keys: list[str]) -> wire.Reply:

@@ -222,6 +222,13 @@ def test_stalled_and_malformed_frames_are_answered_then_closed(fed: local.Federa
         wire._send_header(chan._chan, {"v": "whoami", "a": {}, "n": -5})
         with pytest.raises(errors.UsageError, match="payload length"):
             chan.receive()
+    with _raw(fed, "researcher") as (_, chan):
+        # JSON nested deeper than the parser recurses: it used to end the channel's thread
+        # with a RecursionError and no answer at all.
+        raw = b'{"v": "whoami", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b', "n": 0}'
+        chan._chan.sendall(len(raw).to_bytes(4, "big") + raw)
+        with pytest.raises(errors.UsageError, match="nested too deeply"):
+            chan.receive()
     _others_still_work(fed)
 
 
@@ -238,9 +245,25 @@ def test_bad_text_and_monster_xpaths_are_usage_errors_never_logged(fed: local.Fe
             r.find("(" * 5000 + "1" + ")" * 5000)
         with pytest.raises(errors.LimitExceeded, match="xpath_operators"):
             r.find("/DicomHeader[" + " or ".join(f"PatientID='P{i}'" for i in range(600)) + "]")
+        # A control character lxml refuses (ValueError, not a syntax error) was an internal
+        # error in find, query.save and down.resolve; integers past 64 bits failed in the
+        # database driver; a site name that is not a string failed in a set lookup.
+        for call in (lambda x: r.find(x), lambda x: r.save_query("nul", x),
+                     lambda x: r.meta.call("down.resolve", paths=["/load"], xpath=x)):
+            with pytest.raises(errors.UsageError, match="holds U\\+0000 at position 35"):
+                call(f"/DicomHeader[PatientID='{secret}\0']")
         # The largest expression within the limits plans and runs.
         assert r.find_count("/DicomHeader[" + " or ".join(f"PatientID='P{i}'" for i in range(200)) + "]",
                             "/load/0") == 1000
+    with Client(fed.config("admin")) as admin:
+        for value in (2**63, -(2**63) - 1, 10**30):
+            with pytest.raises(errors.UsageError, match="'after' of 'admin.audit' is out of range"):
+                admin.meta.call("admin.audit", after=value)
+        with pytest.raises(errors.UsageError, match="out of range"):
+            admin.meta.call("admin.fsck.recorded", site="x", keys=[2**64])
+        assert admin.meta.call("admin.audit", after=2**63 - 1)[0] is not None
+        with pytest.raises(errors.UsageError, match="sites must be site names"):
+            admin.meta.call("admin.fsck.caps", sites=[{}])
     log = (fed.root / "logs" / "metaserver.log").read_text(errors="replace")
     assert secret not in log and "Traceback" not in log and "ServerError" not in log
     _others_still_work(fed)
