@@ -65,6 +65,7 @@ class MetaLink:
         self.conn: ssh.Connection | Shared = self._connect(self.addresses)
         # Channels are opened at first use: a short command needs one.
         self._pool: queue.Queue[wire.RpcChannel | None] = queue.Queue()
+        self._closed = False
         for _ in range(channels):
             self._pool.put(None)
 
@@ -92,6 +93,9 @@ class MetaLink:
     @contextlib.contextmanager
     def _channel(self) -> Iterator[wire.RpcChannel]:
         """A channel from the pool (a fresh one in place of a broken one), back after use."""
+        if self._closed:
+            # close() emptied the pool: waiting on it would wait for ever.
+            raise errors.TransportError("this client closed its connection to the metaserver; open a new client.")
         chan = self._pool.get()
         try:
             if not self.conn.alive:
@@ -129,6 +133,7 @@ class MetaLink:
             return dict(header.get("r") or {})
 
     def close(self) -> None:
+        self._closed = True
         while True:
             try:
                 chan = self._pool.get_nowait()

@@ -269,6 +269,17 @@ def test_bad_text_and_monster_xpaths_are_usage_errors_never_logged(fed: local.Fe
     _others_still_work(fed)
 
 
+def test_a_closed_client_fails_by_name_instead_of_waiting(fed: local.Federation) -> None:
+    # close() empties the channel pool; a call after it waited on the empty pool for ever.
+    c = Client(fed.config("researcher"))
+    assert c.stat("/").is_dir
+    c.close()
+    t0 = time.monotonic()
+    with pytest.raises(errors.TransportError, match="closed its connection"):
+        c.stat("/")
+    assert time.monotonic() - t0 < 2
+
+
 def test_a_stale_reply_never_answers_the_next_call(fed: local.Federation) -> None:
     pid = _pids(fed)["metaserver"]
     with Client(_config(fed, "clinician", timeout=2)) as c:
