@@ -504,7 +504,14 @@ class IoService(wire.Service):
         the admin who asks): ``grant`` is the metaserver's get capability at ``source``, issued
         to this site.  Checked and stored as an upload is; the reply is this site's receipt."""
         s.require("fsck", None)
-        (_, receipt, error), = self.copy_from(Site.from_wire(source), grant, [(key, size)])
+        try:
+            origin = Site.from_wire(source)
+            if not 0 < origin.port < 65536:
+                raise ValueError(origin.port)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise errors.UsageError("the replication source is not a site (name, host, port 1-65535 "
+                                    "and host key).") from exc
+        (_, receipt, error), = self.copy_from(origin, grant, [(key, size)])
         if error is not None:
             raise error
         return wire.Reply({"created": True, "receipt": receipt})

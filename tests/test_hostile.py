@@ -269,6 +269,21 @@ def test_bad_text_and_monster_xpaths_are_usage_errors_never_logged(fed: local.Fe
     _others_still_work(fed)
 
 
+def test_a_malformed_replication_source_is_refused_by_name(fed: local.Federation) -> None:
+    # A 'replicate' request names the site to copy from; a source missing a field, or with a
+    # port no socket has, was an internal error (KeyError) at the site.
+    site = sorted(fed.sites)[0]
+    key = "0" * 64
+    with Client(fed.config("admin")) as admin:
+        cap = admin.meta.call("admin.fsck.caps", sites=[site])[0]["caps"][site]
+        for source in ({}, {"name": "x", "host": "127.0.0.1", "port": 70000, "host_key": "k"},
+                       {"name": "x", "host": "127.0.0.1", "port": "ssh", "host_key": "k"}):
+            with pytest.raises(errors.UsageError, match="replication source is not a site"):
+                admin.site_link(site).call("replicate", cap, key=key, size=1, source=source, grant="g")
+    log = (fed.root / "logs" / f"{site}.log").read_text(errors="replace")
+    assert "Traceback" not in log and "failed with" not in log
+
+
 def test_a_closed_client_fails_by_name_instead_of_waiting(fed: local.Federation) -> None:
     # close() empties the channel pool; a call after it waited on the empty pool for ever.
     c = Client(fed.config("researcher"))
