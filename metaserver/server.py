@@ -242,11 +242,6 @@ def _check_entry(n: int, f: dict[str, Any], limits: Limits) -> None:
     for c in f.get("copies") or []:
         if not isinstance(c, dict) or not isinstance(c.get("site"), str) or not isinstance(c.get("receipt"), str):
             raise errors.UsageError(f"{where} lists a copy that is not a site and a receipt.")
-    for name in ("identity", "blocks"):
-        try:
-            base64.b64decode(f.get(name) or "", validate=True)
-        except ValueError as exc:
-            raise errors.UsageError(f"{where}: its {name!r} is not base64.") from exc
     if f.get("identity") is not None and f.get("patient") is None:
         raise errors.UsageError(f"{where} carries an identity record but no patient.")
     for name, value in (f.get("xattrs") or {}).items():
@@ -257,6 +252,14 @@ def _check_entry(n: int, f: dict[str, Any], limits: Limits) -> None:
         if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) > limits.xattr_value:
             raise errors.UsageError(f"{where}: its provenance is not a string of at most "
                                     f"{limits.xattr_value} bytes.")
+
+
+def _base64(f: dict[str, Any], name: str) -> bytes:
+    """Field ``name`` of a (checked) commit entry, decoded; decoded once, where it is used."""
+    try:
+        return base64.b64decode(f.get(name) or "", validate=True)
+    except ValueError as exc:
+        raise errors.UsageError(f"{f['path']} in the commit: its {name!r} is not base64.") from exc
 
 
 class _Receipts:
@@ -1083,7 +1086,7 @@ class MetaService(wire.Service):
                     raise errors.PermissionDenied(f"{f['path']} names an object with no header on record.")
                 xml = stored
             else:
-                blocks = base64.b64decode(f.get("blocks") or "")
+                blocks = _base64(f, "blocks")
                 stored_size = envelope.sealed_size(int(f["size"])) if f.get("seal") else f["size"]
                 if stored_size > BLOCK and len(blocks) != DIGEST * ((stored_size + BLOCK - 1) // BLOCK):
                     raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
@@ -1129,7 +1132,7 @@ class MetaService(wire.Service):
                 # computed from: its record is the source's, marked as such, sealed for it.
                 patient, sealed = self._derived_identity(str(f["derived_from"]), f["key"], inherited)
             elif f.get("identity") is not None:
-                record = base64.b64decode(f["identity"])
+                record = _base64(f, "identity")
                 original_size = identity.decode(record).get("original_size")
                 if not isinstance(original_size, int) or original_size < 0:
                     raise errors.UsageError(f"the identity record for {f['path']} has no original size.")
