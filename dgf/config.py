@@ -37,7 +37,7 @@ SECTIONS = (*KNOWN, "limits")
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise errors.ConfigError(f"{what} must be HOST:PORT, got {text!r}.")
     return host, int(port)
 

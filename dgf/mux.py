@@ -121,7 +121,7 @@ class Shared:
         self._spare = wire.RpcChannel(sock, where, self.read_timeout)
         self.where = where
         host, _, port = where.rpartition("(")[2].rstrip(")").rpartition(":")
-        self.address = (host, int(port)) if port.isdigit() else ("", 0)
+        self.address = (host, int(port)) if port.isascii() and port.isdigit() else ("", 0)
         return self
 
     def _open(self) -> tuple[socket.socket, str]:

@@ -275,7 +275,7 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
 
     for name, value in params:
         if name in ("limit", "offset"):
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):      # '²' is a digit int() refuses
                 raise HTTPProblem(400, f"{name} must be a whole number, not {value[:32]!r}.")
             if name == "limit":
                 limit = min(int(value), cap)
@@ -752,6 +752,10 @@ class Web:
         except ValueError as exc:
             raise HTTPProblem(400, f"frame numbers are whole numbers separated by commas, not {text[:40]!r}.") from exc
         count = int(ds.get("NumberOfFrames", 1) or 1)
+        if len(numbers) > count:
+            # Each frame is decoded and sent once per mention: a list longer than the instance
+            # (frames/1,1,1,...) would cost a decode per item for nothing.
+            raise HTTPProblem(400, f"{len(numbers)} frame numbers were asked of an instance with {count} frame(s).")
         bad = [n for n in numbers if not 1 <= n <= count]
         if bad or "PixelData" not in ds:
             raise HTTPProblem(404, f"frame {bad[0] if bad else numbers[0]} does not exist "
@@ -810,7 +814,7 @@ class Web:
         if media is None:
             raise HTTPProblem(406, "rendered frames are image/jpeg or image/png.")
         quality = request.query_params.get("quality", "90")
-        level = max(1, min(int(quality), 100)) if quality.isdigit() else 90
+        level = max(1, min(int(quality), 100)) if quality.isascii() and quality.isdigit() else 90
         data = await self.call(pixels.render, ds, index, window, media, level)
         return Response(data, media_type=media)
 
@@ -827,7 +831,7 @@ class Web:
             raise HTTPProblem(400, "the multipart content type names no boundary.")
         limit = self.cfg.max_body_mb << 20
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
+        if length and length.isascii() and length.isdigit() and int(length) > limit:
             raise HTTPProblem(413, f"the body ({int(length) >> 20} MiB) is larger than max_body_mb ({self.cfg.max_body_mb}).")
         if await self.call(self.role, token) not in IDENTITY_ROLES:
             raise HTTPProblem(403, f"token {token.name!r} acts as a principal that may not upload.")
@@ -958,8 +962,12 @@ class Web:
                                 "(set 'viewer' in the [web] config, or install npm).</p>")
         rel = request.path_params.get("path", "")
         root = self.viewer.resolve()
-        target = (root / rel).resolve()
-        if rel and target.is_relative_to(root) and target.is_file():
+        try:
+            target = (root / rel).resolve()
+            found = bool(rel) and target.is_relative_to(root) and target.is_file()
+        except (ValueError, OSError):      # a NUL in the path, a name too long: not a file here
+            found = False
+        if found:
             return FileResponse(target)
         # The viewer's pages (its router handles the path): only for a signed-in browser.
         if self.tokens.verify(request.cookies.get(COOKIE, "")) is None:

@@ -264,6 +264,19 @@ def test_metadata_comes_from_the_headers_and_frames_from_the_pixels(web: WebNode
     assert set(np.asarray(narrow).ravel().tolist()) <= {0, 255}      # a 1-wide window is binary
     assert web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/2").status_code == 404
     assert web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/x").status_code == 400
+    # Hostile values: '²' passes str.isdigit() and fails int() (was a 500); a frame list longer
+    # than the instance cost a decode per item (20,000 mentions of frame 1: 17 s, answered 200).
+    base = f"/dicomweb/studies/{st}/series/{se}/instances/{sop}"
+    for path in ("/dicomweb/studies?limit=\u00b2", "/dicomweb/studies?offset=\u00b2",
+                 f"{base}/frames/\u00b2", f"{base}/frames/" + ",".join(["1"] * 20_000)):
+        t0 = time.monotonic()
+        refused = web.get(path)
+        assert refused.status_code == 400 and time.monotonic() - t0 < 5, (path[-40:], refused.text)
+    assert "2 frame numbers were asked of an instance with 1" in web.get(f"{base}/frames/1,1").text
+    assert web.get(f"{base}/rendered?quality=\u00b2", Accept="image/png").status_code == 200   # the default
+    nul = requests.get(web.url + "/index.html%00", allow_redirects=False, timeout=30)
+    assert nul.status_code == 303 and nul.headers["location"] == "/login"        # not a file; sign in
+    assert "Traceback" not in web.log_path.read_text(errors="replace")
 
 
 def test_identity_only_for_identified_tokens_of_principals_who_may_see_it(web: WebNode) -> None:
