@@ -246,8 +246,12 @@ class Uploads:
                     for name in sorted(names):
                         if not name.startswith("."):
                             yield Path(root) / name
-            elif p.exists():
+            elif p.is_file():
                 yield p
+            elif p.exists():
+                # A pipe or a device: opening one waits for a writer, reading /dev/zero never ends.
+                report.failed.append(Failure(str(p), "is not a regular file (a pipe, a device or a socket); "
+                                                     "save it to a file and upload that", errors.UsageError.exit_code))
             else:
                 report.failed.append(Failure(str(p), "no such file", errors.NotFound.exit_code))
 

@@ -43,12 +43,12 @@ def test_console_scripts_have_help(script: str) -> None:
     assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr
 
 
-def _run(args: list[str], config: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], config: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("DGF_CONFIG", None)
     if config is not None:
         env["DGF_CONFIG"] = str(config)
-    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env)
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_cli_round_trip_and_errors(federation: local.Federation, tmp_path: Path) -> None:

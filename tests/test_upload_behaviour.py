@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import pydicom
@@ -74,6 +75,16 @@ def test_exit_codes_and_grouped_summary(federation: local.Federation, tmp_path: 
     (folder / "a.dcm").write_bytes(corpus.file("CT_small.dcm").read_bytes())
     no_r = _run(["dgf_up", str(folder)], clin)
     assert no_r.returncode == 2 and "use -r" in no_r.stderr
+    # A pipe or a device: opening a FIFO waited for a writer and /dev/zero was read for ever.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for special in (fifo, Path("/dev/zero")):
+        refused = _run(["dgf_up", str(special), "--to", "/special"], clin, timeout=60)
+        assert refused.returncode == 2 and "is not a regular file" in refused.stderr, refused.stderr
+    os.mkfifo(folder / "b.dcm")               # met inside a folder (-r): that file fails, a.dcm goes
+    walked = _run(["dgf_up", "-r", str(folder), "--to", "/special"], clin, timeout=60)
+    assert "uploaded 1 file(s)" in walked.stdout and "not a regular file" in walked.stderr, walked.stderr
+    (folder / "b.dcm").unlink()
     us = tmp_path / "us"
     us.mkdir()
     for i in range(6):

@@ -22,6 +22,7 @@ import datetime as dt
 import hashlib
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -143,12 +144,15 @@ def analyze_file(path: str, profile: Profile) -> DeidPlan:
     descriptors are closed at once: a long-lived uploader (the DICOM gateway, the mount) must not
     keep one per file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # a FIFO would block the open
     except OSError as exc:
         raise errors.NotFound(f"cannot be read ({exc.strerror})") from exc
     fh = os.fdopen(fd, "rb")                     # owns fd from here: closed exactly once
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.InvalidDicom("it is not a regular file (a pipe, a device or a socket).")
+        size = st.st_size
         if size > MAX_OBJECT:
             raise errors.InvalidDicom(
                 f"the file is {size} bytes; an object holds at most {MAX_OBJECT} bytes "
