@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -669,18 +670,23 @@ class Web:
             fut.cancel()
             raise errors.TransportError("the HTTP client went away.")
 
+        def last(item: BaseException | None) -> None:
+            """Hand the stream its error or its end, unless the HTTP client went away (before or
+            while this waits): then nobody reads it, and the thread ends quietly."""
+            if not stop.is_set():
+                with contextlib.suppress(errors.TransportError):
+                    hand(item)
+
         def fetch() -> None:
             try:
                 report = client.fetch(paths, lambda _path, data: hand(data), identified=token.identified)
                 if report.failed:
-                    hand(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
+                    last(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
                                                f"{report.failed[0].reason}"))
             except BaseException as exc:                        # noqa: BLE001 - handed to the stream
-                if not stop.is_set():
-                    hand(exc)
+                last(exc)
             finally:
-                if not stop.is_set():
-                    hand(None)
+                last(None)
 
         async def part(data: bytes) -> tuple[bytes, bytes]:
             stored = stored_syntax(data)
