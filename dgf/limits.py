@@ -30,6 +30,9 @@ class Limits:
     channels_per_principal: int = 32
     #: SSH connections the server holds at once, over all principals.
     connections: int = 256
+    #: Connections from one address that may be in their SSH handshake (not yet authenticated)
+    #: at once; a handshake takes milliseconds, an idle socket holds its slot until frame_timeout.
+    handshakes_per_address: int = 16
     # -- the metadata server ------------------------------------------------------------------
     #: Files one ``down.resolve`` reply describes; more come in further pages.
     resolve_files: int = 10_000

@@ -108,6 +108,10 @@ def _close_quietly(channel: paramiko.Channel) -> None:
         pass
 
 
+#: Seconds between two log lines about refused connections of one kind (and address).
+REFUSALS_LOGGED_S = 10.0
+
+
 class SSHServer:
     """A paramiko SSH server on one TCP socket that serves one :class:`wire.Service` as a subsystem."""
 
@@ -128,23 +132,49 @@ class SSHServer:
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._stop = threading.Event()
         self._transports: list[paramiko.Transport] = []
+        #: Connections not yet authenticated, per peer address (limit handshakes_per_address).
+        self._handshakes: dict[str, int] = {}
+        self._refusals: dict[tuple[str, tuple[Any, ...]], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def serve_forever(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, peer = self._sock.accept()
             except OSError:
                 break
+            address = str(peer[0])
             with self._lock:
                 self._transports = [t for t in self._transports if t.is_active()]
                 full = len(self._transports) >= self.limits.connections
-            if full:
-                log.warning("refused a connection: %d are open (limit connections)", self.limits.connections)
+                # Anyone who can reach the port can open connections without a key: from one
+                # address, only a few may be unauthenticated at once, or idle sockets from one
+                # host would hold every slot and lock every principal out.
+                crowded = self._handshakes.get(address, 0) >= self.limits.handshakes_per_address
+                if not (full or crowded):
+                    self._handshakes[address] = self._handshakes.get(address, 0) + 1
+            if full or crowded:
+                if full:
+                    self._refused("refused connections: %d are open (limit connections)", self.limits.connections)
+                else:
+                    self._refused("refused connections from %s: %d from there are not authenticated yet "
+                                  "(limit handshakes_per_address)", address, self.limits.handshakes_per_address)
                 conn.close()
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn, address), daemon=True).start()
+
+    def _refused(self, what: str, *args: Any) -> None:
+        """Log a refusal at most every REFUSALS_LOGGED_S seconds per kind and address, with how
+        many went unlogged: a flood of refused connections must not become a flood of lines."""
+        now = time.monotonic()
+        with self._lock:
+            last, quiet = self._refusals.get((what, args), (-REFUSALS_LOGGED_S, 0))
+            if now - last < REFUSALS_LOGGED_S:
+                self._refusals[(what, args)] = (last, quiet + 1)
+                return
+            self._refusals[(what, args)] = (now, 0)
+        log.warning(what + (f" ({quiet} more since the last such line)" if quiet else ""), *args)
 
     def admit_channel(self, principal: Any) -> bool:
         """Count a new channel of ``principal``; False past limits.channels_per_principal."""
@@ -182,8 +212,14 @@ class SSHServer:
         threading.Thread(target=self.serve_forever, daemon=True, name="dgf-accept").start()
         return self
 
-    def _handle(self, conn: socket.socket) -> None:
-        transport = paramiko.Transport(conn, default_window_size=wire.WINDOW, default_max_packet_size=wire.MAX_PACKET)
+    def _handle(self, conn: socket.socket, address: str) -> None:
+        try:
+            transport = paramiko.Transport(conn, default_window_size=wire.WINDOW,
+                                           default_max_packet_size=wire.MAX_PACKET)
+        except BaseException:
+            conn.close()
+            self._handshake_over(address)
+            raise
         transport.get_security_options().ciphers = wire.CIPHERS
         transport.add_server_key(self.host_key)
         # A client that connects and never authenticates is dropped (paramiko's default is 30 s
@@ -195,9 +231,26 @@ class SSHServer:
             self._transports.append(transport)
         try:
             transport.start_server(server=iface)
+            # The connection counts against its address until it authenticates (paramiko's
+            # own thread does that) or ends; past the deadline it is closed here.
+            deadline = time.monotonic() + self.limits.frame_timeout
+            while transport.is_active() and not transport.is_authenticated():
+                if time.monotonic() > deadline:
+                    transport.close()
+                    break
+                time.sleep(0.02)
         except (paramiko.SSHException, OSError, EOFError):
             transport.close()
-            return
+        finally:
+            self._handshake_over(address)
+
+    def _handshake_over(self, address: str) -> None:
+        with self._lock:
+            n = self._handshakes.get(address, 0) - 1
+            if n > 0:
+                self._handshakes[address] = n
+            else:
+                self._handshakes.pop(address, None)
 
     def close(self) -> None:
         self._stop.set()

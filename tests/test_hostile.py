@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -202,6 +203,45 @@ def test_channels_per_principal_are_bounded(fed: local.Federation) -> None:
         channels[0].close()
         time.sleep(0.3)
         assert conn.channel().call("whoami")[0]["name"] == "admin"   # one closed, one admitted
+
+
+def test_idle_sockets_from_one_address_lock_nobody_else_out(fed: local.Federation) -> None:
+    # Anyone who reaches the port can open TCP connections without a key.  300 idle sockets
+    # used to take every connection slot (limit connections) for frame_timeout, renewable:
+    # every principal was refused.  Now one address may hold 16 unauthenticated connections.
+    host, port = ClientConfig.load(fed.config("researcher")).metaserver[0]
+    def idle(n: int) -> list[socket.socket]:
+        return [socket.create_connection((host, port), timeout=5, source_address=("127.0.0.2", 0))
+                for _ in range(n)]
+    def banner(s: socket.socket) -> bytes:
+        s.settimeout(5)
+        try:
+            return s.recv(7)
+        except OSError:
+            return b""
+    flood = idle(300)
+    try:
+        time.sleep(0.5)
+        served = [s for s in flood if banner(s) == b"SSH-2.0"]
+        assert len(served) == 16                                    # the rest were closed at once
+        t0 = time.monotonic()
+        with Client(fed.config("researcher")) as r:                 # another address: served
+            assert r.stat("/").is_dir
+        assert time.monotonic() - t0 < 5
+    finally:
+        for s in flood:
+            s.close()
+    time.sleep(0.5)
+    again = idle(16)                                                # the address's slots came back
+    try:
+        assert all(banner(s) == b"SSH-2.0" for s in again)
+    finally:
+        for s in again:
+            s.close()
+    log = (fed.root / "logs" / "metaserver.log").read_text()
+    assert "from 127.0.0.2" in log and "limit handshakes_per_address" in log
+    assert log.count("limit handshakes_per_address") <= 2                 # not a line per refusal
+    _others_still_work(fed)
 
 
 def test_stalled_and_malformed_frames_are_answered_then_closed(fed: local.Federation) -> None:
