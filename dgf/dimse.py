@@ -26,9 +26,10 @@ binds it to (a client config and its key); unknown AE titles are refused at asso
 TLS (PS3.15 B.1) when ``certificate`` and ``private_key`` are set; with ``client_ca``, callers
 must present a certificate it signed (the AE title check still applies).
 
-Bounds: associations (``max_associations``), the spool's size (``max_spool_mb``; beyond it
-C-STORE answers Out of Resources), matches per query (``find_limit``), and pynetdicom's ACSE,
-DIMSE and network timeouts.
+Bounds: associations (``max_associations``), of which a quarter may be connections from one
+address whose association is not yet accepted (idle sockets from one host would otherwise take
+every slot), the spool's size (``max_spool_mb``; beyond it C-STORE answers Out of Resources),
+matches per query (``find_limit``), and pynetdicom's ACSE, DIMSE and network timeouts.
 """
 
 from __future__ import annotations
@@ -733,6 +734,10 @@ class Gateway:
         self._lock = threading.Lock()
         self.uploaders: dict[str, Uploader] = {}
         self._wakeups: dict[int, _Wakeup] = {}
+        #: Connections admitted but not yet associated, per peer address, and which those are.
+        self._negotiating: dict[str, int] = {}
+        self._unsettled: dict[int, str] = {}
+        self._refusals_logged = 0.0
         self.server: Any = None
 
     def client(self, ae: str) -> Client:
@@ -761,13 +766,45 @@ class Gateway:
     def on_echo(self, event: Any) -> int:
         return SUCCESS
 
+    def admit(self, request: Any, client_address: Any) -> bool:
+        """socketserver's verify_request: a connection is served unless its address already
+        has a quarter of the association slots in negotiation (an A-ASSOCIATE-RQ not yet
+        accepted); it counts there until its association is established or it closes."""
+        address = str(client_address[0])
+        cap = max(1, self.cfg.max_associations // 4)
+        with self._lock:
+            n = self._negotiating.get(address, 0)
+            if n < cap:
+                self._negotiating[address] = n + 1
+                return True
+            quiet = time.monotonic() - self._refusals_logged < 10
+            if not quiet:
+                self._refusals_logged = time.monotonic()
+        if not quiet:
+            log.warning("refused connections from %s: %d from there have no association yet", address, cap)
+        return False
+
+    def _settled(self, event: Any) -> None:
+        """The association of ``event`` was established or closed: its address's slot is free."""
+        with self._lock:
+            address = self._unsettled.pop(id(event.assoc), None)
+            if address is not None:
+                n = self._negotiating.get(address, 0) - 1
+                if n > 0:
+                    self._negotiating[address] = n
+                else:
+                    self._negotiating.pop(address, None)
+
     def on_open(self, event: Any) -> None:
+        with self._lock:
+            self._unsettled[id(event.assoc)] = str(event.address[0])
         wakeup = _wake_on_work(event.assoc)
         if wakeup is not None:
             with self._lock:
                 self._wakeups[id(event.assoc)] = wakeup
 
     def on_close(self, event: Any) -> None:
+        self._settled(event)
         with self._lock:
             wakeup = self._wakeups.pop(id(event.assoc), None)
         if wakeup is not None:
@@ -936,19 +973,26 @@ class Gateway:
         for cx in StoragePresentationContexts:
             ae.add_requested_context(str(cx.abstract_syntax))     # C-MOVE's sub-associations
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, self.on_open), (evt.EVT_CONN_CLOSE, self.on_close),
+                               (evt.EVT_ESTABLISHED, self._settled),
                                (evt.EVT_C_ECHO, self.on_echo),
                                (evt.EVT_C_STORE, self.on_store),
                     (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
-        self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers,
-                                      ssl_context=self.cfg.ssl_context())
-        accept = self.server.get_request
+        tls = self.cfg.ssl_context()
+        self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers, ssl_context=tls)
+        listener = self.server.socket
 
         def get_request() -> Any:
+            conn, addr = listener.accept()
             # Replies go out at once (no Nagle delay against the peer's delayed ACKs).
-            conn, addr = accept()
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                # The TLS handshake happens at the association's first read, in its own thread
+                # (pynetdicom's wrap does it here, where one silent peer held up every accept
+                # for network_timeout); a failed handshake ends that association alone.
+                conn = tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             return conn, addr
         self.server.get_request = get_request
+        self.server.verify_request = self.admit
         for ae_title in sorted(p.name for p in (self.cfg.spool / "incoming").glob("*") if p.is_dir()) \
                 if (self.cfg.spool / "incoming").exists() else []:
             if ae_title in self.cfg.callers and self.spool.pending(ae_title, 1):

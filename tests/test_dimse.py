@@ -5,6 +5,7 @@ federation and real corpus files."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -398,6 +399,42 @@ def test_compressed_instances_are_decompressed_for_peers_that_cannot_take_them(n
         assert np.array_equal(ds.pixel_array, stored[uid].pixel_array)
 
 
+def test_idle_sockets_from_one_address_leave_associations_for_others(node: Node) -> None:
+    # 40 TCP connections that never send an A-ASSOCIATE-RQ used to take every association slot
+    # (max_associations = 32) for the ACSE timeout: every modality was refused.  An address may
+    # hold a quarter of the slots before its association is accepted.
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    idle = [socket.create_connection(("127.0.0.1", node.port), timeout=5, source_address=("127.0.0.2", 0))
+            for _ in range(40)]
+    try:
+        time.sleep(0.5)
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 10
+        t0 = time.monotonic()
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+        try:
+            assert assoc.is_established and assoc.send_c_echo().Status == 0
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        assert time.monotonic() - t0 < 5
+        def closed(s: socket.socket) -> bool:
+            s.settimeout(0.2)
+            try:
+                return s.recv(1) == b""
+            except TimeoutError:
+                return False                                  # admitted: waiting for its RQ
+        assert sum(map(closed, idle)) == 40 - 8               # refused ones were closed at once
+    finally:
+        for s in idle:
+            s.close()
+    log = (node.fed.root / "logs" / "dicom.log").read_text(errors="replace")
+    assert "refused connections from 127.0.0.2" in log
+
+
 def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
     import ssl
 
@@ -429,7 +466,13 @@ def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
                 assoc.release()
 
     try:
+        # A peer that connects and never starts its TLS handshake: pynetdicom shook hands in
+        # its accept loop, so this one socket held up every other caller for network_timeout.
+        silent = socket.create_connection(("127.0.0.1", tls.port), timeout=5)
+        t0 = time.monotonic()
         assert echo(client)
+        assert time.monotonic() - t0 < 5
+        silent.close()
         assert not echo(None)                 # no client certificate
         assert not echo(stranger)             # one the gateway's CA did not sign
         assert not echo(None, secure=False)   # plain DICOM on the TLS port
