@@ -112,6 +112,28 @@ def _close_quietly(channel: paramiko.Channel) -> None:
 REFUSALS_LOGGED_S = 10.0
 
 
+class _QuietBanners(logging.Filter):
+    """paramiko logs a peer that connects and never sends its SSH banner (a port scan, a load
+    balancer's TCP check, the idle sockets handshakes_per_address bounds) as an ERROR and a
+    traceback, a record per line.  That record and the traceback after it, in the same
+    thread, are dropped; everything else paramiko logs passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._after = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if str(record.msg).startswith("Exception (server): Error reading SSH protocol banner"):
+            self._after.banner = True                  # the traceback lines follow in this thread
+            return False
+        return not getattr(self._after, "banner", False)
+
+
+_QUIET_BANNERS = _QuietBanners()
+
+
 class SSHServer:
     """A paramiko SSH server on one TCP socket that serves one :class:`wire.Service` as a subsystem."""
 
@@ -121,6 +143,9 @@ class SSHServer:
         self.host_key = host_key
         self.service = service
         self.limits = limits
+        paramiko_log = logging.getLogger("paramiko.transport")
+        if _QUIET_BANNERS not in paramiko_log.filters:
+            paramiko_log.addFilter(_QUIET_BANNERS)
         service.limits = limits
         self._channels: dict[str, int] = {}
         self.subsystem = subsystem

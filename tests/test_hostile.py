@@ -221,13 +221,14 @@ def test_idle_sockets_from_one_address_lock_nobody_else_out(fed: local.Federatio
             return b""
     flood = idle(300)
     try:
-        time.sleep(0.5)
-        served = [s for s in flood if banner(s) == b"SSH-2.0"]
-        assert len(served) == 16                                    # the rest were closed at once
         t0 = time.monotonic()
         with Client(fed.config("researcher")) as r:                 # another address: served
             assert r.stat("/").is_dir
         assert time.monotonic() - t0 < 5
+        # 16 at a time (more as this fixture's 2 s frame_timeout drops the first); the rest
+        # were closed at once.  Before, every socket up to the 256 slots was served.
+        served = [s for s in flood if banner(s) == b"SSH-2.0"]
+        assert 16 <= len(served) < 100
     finally:
         for s in flood:
             s.close()
@@ -241,6 +242,8 @@ def test_idle_sockets_from_one_address_lock_nobody_else_out(fed: local.Federatio
     log = (fed.root / "logs" / "metaserver.log").read_text()
     assert "from 127.0.0.2" in log and "limit handshakes_per_address" in log
     assert log.count("limit handshakes_per_address") <= 2                 # not a line per refusal
+    # Sockets that never sent a banner leave no paramiko traceback (a port scan, a TCP check).
+    assert "Error reading SSH protocol banner" not in log and "Traceback" not in log
     _others_still_work(fed)
 
 
