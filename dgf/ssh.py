@@ -194,6 +194,8 @@ class SSHServer:
         many went unlogged: a flood of refused connections must not become a flood of lines."""
         now = time.monotonic()
         with self._lock:
+            if len(self._refusals) > 1024:             # many addresses: forget the quiet ones
+                self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSALS_LOGGED_S}
             last, quiet = self._refusals.get((what, args), (-REFUSALS_LOGGED_S, 0))
             if now - last < REFUSALS_LOGGED_S:
                 self._refusals[(what, args)] = (last, quiet + 1)
