@@ -63,6 +63,15 @@ class _Interface(paramiko.ServerInterface):
     # No shell, no exec, no pty, no forwarding: paramiko's defaults already refuse them.
 
 
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer open for ``key``; at none the key goes, so the table holds only what is open."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
 def _principal_name(principal: Any) -> str:
     return str(getattr(principal, "name", principal))
 
@@ -215,13 +224,8 @@ class SSHServer:
         return True
 
     def channel_closed(self, principal: Any) -> None:
-        name = _principal_name(principal)
         with self._lock:
-            n = self._channels.get(name, 0) - 1
-            if n > 0:
-                self._channels[name] = n
-            else:
-                self._channels.pop(name, None)
+            _count_down(self._channels, _principal_name(principal))
 
     def run(self, ready_file: str | None = None) -> None:
         """Serve in the foreground until SIGTERM or Ctrl-C; first write HOST:PORT to
@@ -273,11 +277,7 @@ class SSHServer:
 
     def _handshake_over(self, address: str) -> None:
         with self._lock:
-            n = self._handshakes.get(address, 0) - 1
-            if n > 0:
-                self._handshakes[address] = n
-            else:
-                self._handshakes.pop(address, None)
+            _count_down(self._handshakes, address)
 
     def close(self) -> None:
         self._stop.set()
