@@ -162,7 +162,11 @@ def _kill_on_first_progress(pid: int) -> tuple[Callable[[int], None], list[int]]
 
 
 def _three_sites_with_large_files(tmp_path: Path, seed: int) -> local.Federation:
-    """Three sites holding /big: eight 20 MiB objects, two copies each."""
+    """Three sites holding /big: eight 20 MiB objects, two copies each, every first copy on
+    site-a.  Placement is by the series' pseudonym (a random vault key per federation), so
+    without ``site`` site-a held one or two of the eight in a few runs in a hundred: the tests
+    that kill it and then a site mid-repair had a repair of one or two copies, which could end
+    before the kill."""
     fed = local.up(tmp_path / "fed", sites=("site-a", "site-b", "site-c"))
     big = tmp_path / "big"
     big.mkdir()
@@ -170,7 +174,8 @@ def _three_sites_with_large_files(tmp_path: Path, seed: int) -> local.Federation
         synth.multiframe(big / f"b{i}.dcm", 20 * 1024 * 1024, seed=seed + i)
     try:
         with Client(fed.config("clinician")) as c:
-            assert c.upload(sorted(big.iterdir()), to="/big").uploaded == 8
+            assert c.upload(sorted(big.iterdir()), to="/big", site="site-a").uploaded == 8
+            assert all("site-a" in dict(c.stat(st.path).replicas) for st in c.ls("/big"))
     except BaseException:
         local.down(fed.root, quiet=True)
         raise
