@@ -1087,15 +1087,14 @@ class MetaService(wire.Service):
                 xml = stored
             else:
                 blocks = _base64(f, "blocks")
-                stored_size = envelope.sealed_size(int(f["size"])) if f.get("seal") else f["size"]
+                stored_size = envelope.sealed_size(f["size"]) if f.get("seal") else f["size"]
                 if stored_size > BLOCK and len(blocks) != DIGEST * ((stored_size + BLOCK - 1) // BLOCK):
                     raise errors.PermissionDenied(f"the block digests for {f['path']} do not match the site's receipt.")
                 if f.get("seal"):
                     # Sealed for untrusted sites: no site saw the plaintext, so the header is
                     # derived and checked here, from what the uploader shows.
                     xml = self._unseal_header(f, blocks, seal_keys)
-                copies = [(site, f["receipt"])] + [(str(c.get("site")), str(c.get("receipt")))
-                                                   for c in f.get("copies") or [] if isinstance(c, dict)]
+                copies = [(site, f["receipt"])] + [(c["site"], c["receipt"]) for c in f.get("copies") or []]
                 for where, receipt in copies:
                     if where not in site_keys:
                         raise errors.UsageError(f"unknown site {where!r} in commit.")
@@ -1130,7 +1129,7 @@ class MetaService(wire.Service):
             if f.get("derived_from") and f.get("identity") is None:
                 # A derived file (a reconstruction) inherits the identity of the instance it was
                 # computed from: its record is the source's, marked as such, sealed for it.
-                patient, sealed = self._derived_identity(str(f["derived_from"]), f["key"], inherited)
+                patient, sealed = self._derived_identity(f["derived_from"], f["key"], inherited)
             elif f.get("identity") is not None:
                 record = _base64(f, "identity")
                 original_size = identity.decode(record).get("original_size")
@@ -1139,12 +1138,12 @@ class MetaService(wire.Service):
                 sealed = self.vault.seal(f["patient"], f["key"], record)
             xattrs = {query.HEADER_XATTR: xml}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
-            more = tuple(str(c["site"]) for c in f.get("copies") or [] if f.get("receipt"))
+            more = tuple(c["site"] for c in f.get("copies") or [] if f.get("receipt"))
             seal = f.get("seal")
             new.append(NewFile(f["path"], f["key"], f["size"], site, xattrs, patient, sealed,
                                blocks=blocks, original_size=original_size, copies=more,
                                wanted=placement.factor(f["path"], default, overrides) if background else 0,
-                               stored_size=envelope.sealed_size(int(f["size"])) if seal else 0,
+                               stored_size=envelope.sealed_size(f["size"]) if seal else 0,
                                seal=f"{seal['salt']}:{seal['study']}" if seal else None))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
