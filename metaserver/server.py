@@ -1064,10 +1064,10 @@ class MetaService(wire.Service):
         untrusted = {st.name for st in known if st.untrusted}
         default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
         background = self._replication_mode() == "async"
-        self.vault.ensure_keys({f["patient"] for f in files if f.get("identity") is not None})
         seal_keys = self._seal_keys(files)
         receipt_of = _Receipts(site_keys, batch_receipts)
         new: list[NewFile] = []
+        to_seal: list[tuple[int, str, bytes]] = []     # (index in new, patient, identity record)
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
         for f, xml in zip(files, headers):
             site = f["site"]
@@ -1135,7 +1135,7 @@ class MetaService(wire.Service):
                 original_size = identity.decode(record).get("original_size")
                 if not isinstance(original_size, int) or original_size < 0:
                     raise errors.UsageError(f"the identity record for {f['path']} has no original size.")
-                sealed = self.vault.seal(f["patient"], f["key"], record)
+                to_seal.append((len(new), f["patient"], record))
             xattrs = {query.HEADER_XATTR: xml}
             xattrs.update({k: v.encode() for k, v in (f.get("xattrs") or {}).items()})
             more = tuple(c["site"] for c in f.get("copies") or [] if f.get("receipt"))
@@ -1145,6 +1145,12 @@ class MetaService(wire.Service):
                                wanted=placement.factor(f["path"], default, overrides) if background else 0,
                                stored_size=envelope.sealed_size(f["size"]) if seal else 0,
                                seal=f"{seal['salt']}:{seal['study']}" if seal else None))
+        # Patient keys are made only once every entry has passed its checks: a refused commit
+        # leaves no key behind (a hostile writer could otherwise fill the vault with them).
+        if to_seal:
+            self.vault.ensure_keys({patient for _, patient, _ in to_seal})
+            for i, patient, record in to_seal:
+                new[i] = dataclasses.replace(new[i], identity=self.vault.seal(patient, new[i].object_key, record))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
         return wire.Reply({"created": len(stats), "release": self._released(p, released)})

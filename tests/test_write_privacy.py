@@ -57,6 +57,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset  # noqa: E402
 
+from dgf.dicom import identity  # noqa: E402
 from dgf.dicom.xmlheader import header_xml  # noqa: E402
 from dgf.transport import PutItem  # noqa: E402
 from dgf.types import Site  # noqa: E402
@@ -257,6 +258,31 @@ def test_malformed_commit_entries_are_refused_by_name_within_seconds(hostile: lo
             c.stat("/hostile/new")
         c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
         assert c.stat("/hostile/shape.dcm").size == len(data)
+
+
+def test_a_refused_commit_leaves_no_patient_key_in_the_vault(hostile: local.Federation, tmp_path: Path) -> None:
+    """Patient data keys were made before a commit's entries were checked, so a writer could
+    fill the vault with keys of made-up patients by sending commits it knew would be refused.
+    Keys are now made only for a commit every entry of which passed."""
+    import sqlite3
+
+    data = _deidentified(hostile, tmp_path)
+    record = base64.b64encode(identity.encode({"v": 2, "original_size": len(data), "delta": []})).decode()
+    with Client(hostile.config("clinician")) as c:
+        site, receipt, error = _raw_put(c, data)
+        assert receipt is not None, error
+        entry = {"path": "/hostile/keyed.dcm", "key": hashlib.sha256(data).hexdigest(), "size": len(data),
+                 "site": site, "receipt": receipt, "patient": "PSEUDO-KEYED", "copies": [], "identity": record,
+                 "derived_from": None, "blocks": "", "xattrs": {}, "xml": header_xml(data).decode()}
+        refused = [entry | {"path": "/hostile/refused-1.dcm", "patient": "PSEUDO-REFUSED-1"},
+                   entry | {"path": "/hostile/refused-2.dcm", "patient": "PSEUDO-REFUSED-2", "receipt": "forged"}]
+        with pytest.raises(errors.PermissionDenied):
+            c.meta.call("up.commit", json.dumps({"files": refused, "receipts": TOKENS}).encode())
+        c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
+        assert c.stat("/hostile/keyed.dcm").size == len(data)
+    with sqlite3.connect(hostile.root / "metadata.db", timeout=30) as db:
+        held = {row[0] for row in db.execute("SELECT pseudonym FROM vault_patients WHERE pseudonym LIKE 'PSEUDO-%'")}
+    assert held == {"PSEUDO-KEYED"}
 
 
 def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federation, tmp_path: Path) -> None:
