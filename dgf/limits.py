@@ -30,6 +30,8 @@ class Limits:
     channels_per_principal: int = 32
     #: SSH connections the server holds at once, over all principals.
     connections: int = 256
+    #: Authenticated SSH connections of one principal at once: one key cannot hold every slot.
+    connections_per_principal: int = 64
     #: Connections from one address that may be in their SSH handshake (not yet authenticated)
     #: at once; a handshake takes milliseconds, an idle socket holds its slot until frame_timeout.
     handshakes_per_address: int = 16

@@ -31,10 +31,14 @@ log = logging.getLogger("dgf.wire")
 class _Interface(paramiko.ServerInterface):
     """Deny by default: public-key auth against ``authorize``, one session channel, one subsystem."""
 
-    def __init__(self, authorize: Callable[[paramiko.PKey], Any], subsystem: str) -> None:
+    def __init__(self, authorize: Callable[[paramiko.PKey], Any], subsystem: str,
+                 admit: Callable[[Any], str | None] = lambda principal: None) -> None:
         self._authorize = authorize
+        self._admit = admit
         self._subsystem = subsystem
         self.principal: Any = None
+        #: Set when the connection is over its principal's limit: its channels are refused in-band.
+        self.refusal: str | None = None
 
     def get_allowed_auths(self, username: str) -> str:
         return "publickey"
@@ -48,6 +52,9 @@ class _Interface(paramiko.ServerInterface):
         if principal is None:
             return int(paramiko.AUTH_FAILED)
         self.principal = principal
+        # Decided here, before paramiko reads the client's channel request: a connection over
+        # its principal's limit is authenticated only to be told why, in-band.
+        self.refusal = self._admit(principal)
         return int(paramiko.AUTH_SUCCESSFUL)
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
@@ -86,27 +93,34 @@ class _Subsystem(paramiko.SubsystemHandler):
                         channel: paramiko.Channel) -> None:
         iface = self.get_server()
         owner = self._owner
+        if iface.refusal is not None:
+            _refuse_in_band(channel, iface.refusal)
+            transport.close()
+            return
         if not owner.admit_channel(iface.principal):
-            # Said in-band, so the client's first call reports the limit by name.
-            wire._reply_and_close(channel, {"ok": False, "e": "LimitExceeded", "m": (
-                f"principal {_principal_name(iface.principal)!r} already has "
-                f"{owner.limits.channels_per_principal} open channels here (limit channels_per_principal); "
-                "close other sessions and retry.")})
-            # Wait (briefly) for the client to read the refusal and close: closing first would
-            # race its subsystem request and show it a bare "channel closed".
-            try:
-                wire._settimeout(channel, 2.0)
-                while channel.recv(wire.CHUNK):
-                    pass
-            except (OSError, EOFError):
-                pass
-            _close_quietly(channel)
+            _refuse_in_band(channel, f"principal {_principal_name(iface.principal)!r} already has "
+                                     f"{owner.limits.channels_per_principal} open channels here "
+                                     "(limit channels_per_principal); close other sessions and retry.")
             return
         try:
             wire.serve_stream(owner.service, owner.service.new_session(iface.principal), channel, owner.limits)
         finally:
             owner.channel_closed(iface.principal)
             _close_quietly(channel)
+
+
+def _refuse_in_band(channel: paramiko.Channel, message: str) -> None:
+    """Refuse a channel with a LimitExceeded the client's first call reports by name."""
+    wire._reply_and_close(channel, {"ok": False, "e": "LimitExceeded", "m": message})
+    # Wait (briefly) for the client to read the refusal and close: closing first would race its
+    # subsystem request and show it a bare "channel closed".
+    try:
+        wire._settimeout(channel, 2.0)
+        while channel.recv(wire.CHUNK):
+            pass
+    except (OSError, EOFError):
+        pass
+    _close_quietly(channel)
 
 
 def _close_quietly(channel: paramiko.Channel) -> None:
@@ -119,6 +133,8 @@ def _close_quietly(channel: paramiko.Channel) -> None:
 
 #: Seconds between two log lines about refused connections of one kind (and address).
 REFUSALS_LOGGED_S = 10.0
+#: Seconds a connection over its principal's limit is kept for its client to read why.
+REFUSED_CONNECTION_S = 5.0
 
 
 class _QuietBanners(logging.Filter):
@@ -166,6 +182,8 @@ class SSHServer:
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._stop = threading.Event()
         self._transports: list[paramiko.Transport] = []
+        #: Authenticated connections and their principals (limit connections_per_principal).
+        self._owners: dict[paramiko.Transport, str] = {}
         #: Connections not yet authenticated, per peer address (limit handshakes_per_address).
         self._handshakes: dict[str, int] = {}
         self._refusals: dict[tuple[str, tuple[Any, ...]], tuple[float, int]] = {}
@@ -257,7 +275,7 @@ class SSHServer:
         # for the banner and auth; the handshake gets the same bound as any started frame).
         transport.banner_timeout = transport.auth_timeout = self.limits.frame_timeout
         transport.set_subsystem_handler(self.subsystem, _Subsystem, self)
-        iface = _Interface(self.authorize, self.subsystem)
+        iface = _Interface(self.authorize, self.subsystem, lambda principal: self._admit_connection(transport, principal))
         with self._lock:
             self._transports.append(transport)
         try:
@@ -274,6 +292,26 @@ class SSHServer:
             transport.close()
         finally:
             self._handshake_over(address)
+        if iface.refusal is not None:
+            # Its channel is answered with the refusal; a connection that opens none goes soon.
+            deadline = time.monotonic() + min(self.limits.frame_timeout, REFUSED_CONNECTION_S)
+            while transport.is_active() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            transport.close()
+
+    def _admit_connection(self, transport: paramiko.Transport, principal: Any) -> str | None:
+        """Count an authenticated connection of ``principal``, or say why it is refused: past
+        limits.connections_per_principal, since one key must not hold every connection slot."""
+        name = _principal_name(principal)
+        limit = self.limits.connections_per_principal
+        with self._lock:
+            self._owners = {t: n for t, n in self._owners.items() if t.is_active()}
+            if sum(1 for n in self._owners.values() if n == name) < limit:
+                self._owners[transport] = name
+                return None
+        self._refused("refused connections of %s: it holds %d (limit connections_per_principal)", name, limit)
+        return (f"principal {name!r} already holds {limit} connections here (limit "
+                "connections_per_principal); close other clients and retry.")
 
     def _handshake_over(self, address: str) -> None:
         with self._lock:

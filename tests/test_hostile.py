@@ -33,7 +33,7 @@ from tests import corpus
 from tests.test_fuse import Mount
 
 #: Limits tight enough to reach in a test; every other limit keeps its default.
-LIMITS = {"channels_per_principal": "8", "frame_timeout": "2", "cursors_per_principal": "3",
+LIMITS = {"channels_per_principal": "8", "connections_per_principal": "6", "frame_timeout": "2", "cursors_per_principal": "3",
           "cursor_idle_s": "4", "xattr_bytes_per_principal": "65536", "saved_queries_per_principal": "3",
           "resolve_files": "40"}
 #: The memory bound stated in bench/RESULTS.md: peak RSS of each server process after the attacks.
@@ -203,6 +203,39 @@ def test_channels_per_principal_are_bounded(fed: local.Federation) -> None:
         channels[0].close()
         time.sleep(0.3)
         assert conn.channel().call("whoami")[0]["name"] == "admin"   # one closed, one admitted
+
+
+def test_connections_per_principal_are_bounded(fed: local.Federation) -> None:
+    # A valid key could open connections without channels up to the server's whole limit
+    # (connections, 256), locking every other principal out.  One principal now holds at most
+    # connections_per_principal (6 here) at once; the next is told why by name.
+    cfg = ClientConfig.load(fed.config("researcher"))
+    key = crypto.load_paramiko_key(cfg.key)
+
+    def connect() -> ssh.Connection:
+        return ssh.Connection(*cfg.metaserver[0], key, cfg.metaserver_host_key, "dgf-meta",
+                              name="the metaserver", read_timeout=10)
+
+    held = [connect() for _ in range(6)]
+    try:
+        with pytest.raises(errors.LimitExceeded, match="already holds 6 connections here .limit connections_per_principal"):
+            connect().channel().call("whoami")
+        idle = connect()                       # over the limit and opens no channel: closed soon
+        deadline = time.monotonic() + 10
+        while idle.alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not idle.alive
+        _others_still_work(fed)                # another principal is not counted against it
+        held.pop().close()
+        time.sleep(0.3)
+        again = connect()                      # one closed, one admitted
+        assert again.channel().call("whoami")[0]["role"] == "researcher"
+        again.close()
+    finally:
+        for c in held:
+            c.close()
+    log = (fed.root / "logs" / "metaserver.log").read_text()
+    assert log.count("limit connections_per_principal") <= 2            # not a line per refusal
 
 
 def test_idle_sockets_from_one_address_lock_nobody_else_out(fed: local.Federation) -> None:
