@@ -59,6 +59,7 @@ from dgf import config as dgf_config
 from dgf import errors, pixels
 from dgf.client import Client
 from dgf.dicom.deid import file_meta
+from dgf.limits import RefusalLog
 from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
 log = logging.getLogger("dgf.dicom")
@@ -737,7 +738,7 @@ class Gateway:
         #: Connections admitted but not yet associated, per peer address, and which those are.
         self._negotiating: dict[str, int] = {}
         self._unsettled: dict[int, str] = {}
-        self._refusals_logged = 0.0
+        self._refused = RefusalLog(log)
         self.server: Any = None
 
     def client(self, ae: str) -> Client:
@@ -777,11 +778,7 @@ class Gateway:
             if n < cap:
                 self._negotiating[address] = n + 1
                 return True
-            quiet = time.monotonic() - self._refusals_logged < 10
-            if not quiet:
-                self._refusals_logged = time.monotonic()
-        if not quiet:
-            log.warning("refused connections from %s: %d from there have no association yet", address, cap)
+        self._refused("refused connections from %s: %d from there have no association yet", address, cap)
         return False
 
     def _settled(self, event: Any) -> None:

@@ -9,6 +9,9 @@ operator knows what to raise and a user knows what to split.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,3 +100,27 @@ class Limits:
 
 
 DEFAULT = Limits()
+
+
+class RefusalLog:
+    """Lines about refused connections and requests, at most one every ``every`` seconds per
+    message and subject (its arguments: an address, a principal), each saying how many went
+    unlogged since the last: a flood of refusals must not become a flood of lines, and one
+    flooding address must not hide another's refusals.  The memory of subjects is bounded."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0, remember: int = 1024) -> None:
+        self._log, self._every, self._remember = logger, every, remember
+        self._last: dict[tuple[str, tuple[Any, ...]], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, what: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._last) > self._remember:        # many subjects: forget the quiet ones
+                self._last = {k: v for k, v in self._last.items() if now - v[0] < self._every}
+            last, quiet = self._last.get((what, args), (-self._every, 0))
+            if now - last < self._every:
+                self._last[(what, args)] = (last, quiet + 1)
+                return
+            self._last[(what, args)] = (now, 0)
+        self._log.warning(what + (f" ({quiet} more since the last such line)" if quiet else ""), *args)

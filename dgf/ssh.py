@@ -18,7 +18,7 @@ from typing import Any
 
 from dgf import errors, wire
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
-from dgf.limits import Limits
+from dgf.limits import Limits, RefusalLog
 from dgf.sshlib import paramiko
 
 log = logging.getLogger("dgf.wire")
@@ -131,8 +131,6 @@ def _close_quietly(channel: paramiko.Channel) -> None:
         pass
 
 
-#: Seconds between two log lines about refused connections of one kind (and address).
-REFUSALS_LOGGED_S = 10.0
 #: Seconds a connection over its principal's limit is kept for its client to read why.
 REFUSED_CONNECTION_S = 5.0
 
@@ -186,7 +184,7 @@ class SSHServer:
         self._owners: dict[paramiko.Transport, str] = {}
         #: Connections not yet authenticated, per peer address (limit handshakes_per_address).
         self._handshakes: dict[str, int] = {}
-        self._refusals: dict[tuple[str, tuple[Any, ...]], tuple[float, int]] = {}
+        self._refused = RefusalLog(log)
         self._lock = threading.Lock()
 
     def serve_forever(self) -> None:
@@ -215,20 +213,6 @@ class SSHServer:
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._handle, args=(conn, address), daemon=True).start()
-
-    def _refused(self, what: str, *args: Any) -> None:
-        """Log a refusal at most every REFUSALS_LOGGED_S seconds per kind and address, with how
-        many went unlogged: a flood of refused connections must not become a flood of lines."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._refusals) > 1024:             # many addresses: forget the quiet ones
-                self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < REFUSALS_LOGGED_S}
-            last, quiet = self._refusals.get((what, args), (-REFUSALS_LOGGED_S, 0))
-            if now - last < REFUSALS_LOGGED_S:
-                self._refusals[(what, args)] = (last, quiet + 1)
-                return
-            self._refusals[(what, args)] = (now, 0)
-        log.warning(what + (f" ({quiet} more since the last such line)" if quiet else ""), *args)
 
     def admit_channel(self, principal: Any) -> bool:
         """Count a new channel of ``principal``; False past limits.channels_per_principal."""
