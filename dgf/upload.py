@@ -408,6 +408,7 @@ class Uploads:
         Instance UID is stored at another path is not stored again; the report says where)."""
         seen: dict[str, _Prepared] = {}
         unique: list[_Prepared] = []
+        twins: list[tuple[_Prepared, _Prepared]] = []   # (a copy of a file of this batch, that file)
         for p in prepared:
             first = seen.setdefault(p.path, p)
             if first is p:
@@ -417,6 +418,8 @@ class Uploads:
                                                        "but other content; it was not uploaded",
                                              errors.AlreadyExists.exit_code,
                                              "same SOP Instance UID as another file of the upload"))
+            else:
+                twins.append((p, first))
         prepared = self._checked(unique, report, replace) if check else unique
         tokens: dict[str, str] = {}      # the batches' signed receipts (transport.put_many)
         self._put([p for p in prepared if not p.linked], caps, report, meter, tokens)
@@ -443,6 +446,7 @@ class Uploads:
                     rest = [e for e in part if e[0].path in ok]
                     if rest:
                         self._commit(rest, replace, report, tokens)
+            self._settle_twins(twins, report)
             if meter is not None:
                 meter.finish(sources or ())
         if defer:
@@ -452,6 +456,23 @@ class Uploads:
             return publish
         publish()
         return None
+
+    def _settle_twins(self, twins: list[tuple[_Prepared, _Prepared]], report: UploadReport) -> None:
+        """A file that is a copy of another of its batch (the same instance, twice in a folder
+        or a STOW-RS request) was not sent: it ends as that file did, stored (counted as
+        already stored) or failed for the same reason, never unaccounted for."""
+        if not twins:
+            return
+        failed = {f.item: f for f in report.failed}
+        for copy, first in twins:
+            if first.source in report.stored:
+                report.stored[copy.source] = report.stored[first.source]
+                with self._tally:
+                    report.already += 1
+            else:
+                why = failed.get(first.source)
+                report.failed.append(dataclasses.replace(why, item=copy.source) if why is not None else Failure(
+                    copy.source, f"is a copy of {first.source}, which was not stored", errors.ServerError.exit_code))
 
     def _commit(self, part: list[_Entry], replace: bool, report: UploadReport,
                 tokens: dict[str, str]) -> None:

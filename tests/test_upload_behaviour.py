@@ -140,6 +140,27 @@ def test_an_instance_is_stored_once(federation: local.Federation, tmp_path: Path
         assert "/once/x/" in three.failed[0].reason and three.failed[0].code == 3
 
 
+def test_a_file_twice_in_one_upload_is_accounted_for(federation: local.Federation, tmp_path: Path) -> None:
+    """Two copies of one new instance in one batch: the second was dropped from the report (not
+    uploaded, not already stored, not failed; a STOW-RS request called it "not stored")."""
+    src = _variant(tmp_path, "a.dcm", SOPInstanceUID=generate_uid())
+    copy = tmp_path / "copy-of-a.dcm"
+    copy.write_bytes(src.read_bytes())
+    with Client(federation.config("clinician")) as c:
+        report = c.upload([src, copy], to="/twice")
+        assert (report.uploaded, report.already, report.failed) == (1, 1, [])
+        assert report.stored[str(src)] == report.stored[str(copy)]
+    # A copy of a file that fails at the archive fails with it, for the same reason: here
+    # another version of the instance holds the path.
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    _variant(edited, "b.dcm", SOPInstanceUID=pydicom.dcmread(src).SOPInstanceUID, KVP="135")
+    (edited / "copy-of-b.dcm").write_bytes((edited / "b.dcm").read_bytes())
+    up = _run(["dgf_up", str(edited), "-r", "--to", "/twice"], federation.config("clinician"))
+    assert up.returncode == 3 and up.stderr.count("already exists with other content") == 2, up.stderr
+    assert "uploaded 0 file(s)" in up.stdout and "2 failed" in up.stdout
+
+
 def test_batches_stored_side_by_side_count_every_file_once(federation: local.Federation, tmp_path: Path) -> None:
     """Uploads keep STORE_STAGES batches in flight (one's commit beside the next one's
     transfer): stored, already stored and failed files are each counted once, whatever the

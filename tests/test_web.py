@@ -311,6 +311,11 @@ def test_stow_de_identifies_through_the_upload_pipeline(web: WebNode, tmp_path: 
     assert all(str(ds.PatientName) != original and ds.PatientIdentityRemoved == "YES" for ds in stored)
     # Sending again is idempotent.
     assert len(dw.store_instances([pydicom.dcmread(p) for p in sources]).ReferencedSOPSequence) == 3
+    # The same new instance twice in one request (a retried part): both stored, neither failed
+    # (the second was "not stored", 0x0110, though its twin was).
+    twice = _series(tmp_path / "twice", "CT_small.dcm", 1)[0]
+    reply = dw.store_instances([pydicom.dcmread(twice), pydicom.dcmread(twice)])
+    assert len(reply.ReferencedSOPSequence) == 2 and "FailedSOPSequence" not in reply
     # A researcher may not store; nothing arrives.
     more = _series(tmp_path / "more", "CT_small.dcm", 1)
     with pytest.raises(requests.HTTPError) as refused:
