@@ -139,7 +139,10 @@ class LimitExceeded(UsageError):
 
 
 class StorageFull(ServerError):
-    """A site has no room left for an object (ENOSPC, a quota): nothing of it is kept."""
+    """A site has no room left for an object, or the metaserver's database for a write (ENOSPC,
+    a quota): nothing of the request is kept."""
+
+    errno = _errno.ENOSPC
 
 
 class Busy(ServerError):
@@ -155,7 +158,7 @@ BY_NAME: dict[str, type[DgfError]] = {
     for cls in (
         DgfError, UsageError, ConfigError, NotFound, AlreadyExists, NotADirectory, IsADirectory,
         DirectoryNotEmpty, NoAttribute, PermissionDenied, PolicyRefused, AuthenticationFailed, InvalidDicom,
-        IntegrityError, TransportError, ServerError, QueryTimeout, LimitExceeded, Busy,
+        IntegrityError, TransportError, ServerError, QueryTimeout, LimitExceeded, Busy, StorageFull,
     )
 }
 

@@ -7,6 +7,7 @@ directory map.  The namespace (:mod:`metaserver.sql`), the header index
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from dgf import errors
+from dgf.limits import RefusalLog
 from dgf.types import Stat
 from metaserver import index
 from metaserver.planner import Catalogue
@@ -35,6 +37,8 @@ from metaserver.schema import (
 )
 
 T = TypeVar("T")
+#: A full disk refuses every write: said once every 10 s, not once a request.
+_FULL_LOG = RefusalLog(logging.getLogger("dgf.metaserver"))
 #: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
 DIRS_VERSION = "ns.dirs_version"
 ROOT = 1
@@ -271,10 +275,22 @@ class SqlBase:
                     self._add_dirs(after["new_dirs"], version)
                 return result
             except (OperationalError, DBAPIError) as exc:
+                if self._full(exc):
+                    _FULL_LOG("the database has no room left (its disk is full): every write is refused "
+                              "until space is freed; reads go on")
+                    raise errors.StorageFull("the metadata server's database has no room left (its disk is full); "
+                                             "nothing was changed. An admin must free space on the metaserver.") from exc
                 if attempt == 5 or not self._retryable(exc):
                     raise
                 time.sleep(0.01 * 2 ** attempt)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _full(exc: DBAPIError) -> bool:
+        """SQLite's SQLITE_FULL, PostgreSQL's disk_full (SQLSTATE 53100)."""
+        orig = exc.orig
+        code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+        return getattr(orig, "sqlite_errorname", "") == "SQLITE_FULL" or code == "53100"
 
     @staticmethod
     def _retryable(exc: DBAPIError) -> bool:

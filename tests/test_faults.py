@@ -85,6 +85,36 @@ def test_a_full_disk_is_named_and_keeps_nothing(tmp_path: Path, tmpfs: Path) -> 
         local.down(fed.root, quiet=True)
 
 
+def test_a_full_metaserver_disk_is_named_and_reads_go_on(tmp_path: Path, tmpfs: Path) -> None:
+    """The metaserver's database on a disk that fills up: every write (a mkdir, an upload's
+    audited pseudonyms) was "the server failed on verb ... (OperationalError)" with a traceback
+    per request.  Now the refusal names the full disk, reads go on, the log says so once, and
+    writes work again once space is freed."""
+    fed = local.up(tmp_path / "fed", db=f"sqlite:///{tmpfs / 'metadata.db'}")
+    try:
+        first, second = corpus.fresh_instances(tmp_path / "src", 2)
+        assert _dgf(fed, "clinician", "dgf_up", str(first), "--to", "/in").returncode == 0
+        with open(tmpfs / "filler", "wb") as fh:            # the disk, full
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+        full = "the metadata server's database has no room left (its disk is full); nothing was changed"
+        for args in (("dgf", "mkdir", "/more"), ("dgf_up", str(second), "--to", "/in")):
+            refused = _dgf(fed, "clinician", *args)
+            assert refused.returncode == 8 and full in refused.stderr, refused.stderr
+        listed = _dgf(fed, "clinician", "dgf", "ls", "/in")                 # reads go on
+        assert listed.returncode == 0 and len(listed.stdout.split()) == 1, listed.stderr
+        log = (fed.root / "logs" / "metaserver.log").read_text()
+        assert log.count("the database has no room left") == 1 and "OperationalError" not in log
+        (tmpfs / "filler").unlink()
+        assert _dgf(fed, "clinician", "dgf", "mkdir", "/more").returncode == 0
+        again = _dgf(fed, "clinician", "dgf_up", str(second), "--to", "/in")
+        assert again.returncode == 0 and "uploaded 1 file(s)" in again.stdout, again.stderr
+    finally:
+        local.down(fed.root, quiet=True)
+
+
 def test_the_metaserver_killed_mid_upload(tmp_path: Path) -> None:
     """The objects reached the sites, the commit never happened: nothing is visible, the upload
     fails with a named error, a re-run after the restart completes, and the first run's copies
