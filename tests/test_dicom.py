@@ -215,6 +215,57 @@ def test_xml_header_resolves_ambiguous_vrs_of_implicit_files() -> None:
     assert b'<PixelData tag="7FE00010" vr="OW"' in xml
 
 
+def _with_large_values(big: bytes, small: bytes, pixels: int = 0) -> bytes:
+    """CT_small with a retained OW value of ``big`` bytes and one of ``small``; ``pixels``:
+    native pixel data of that many bytes (a file the uploader streams)."""
+    ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    ds.RedPaletteColorLookupTableData = big
+    ds.GreenPaletteColorLookupTableData = small
+    # Text of 1.08 MB stays, however long.  DS has a 16-bit length in explicit VR, so pydicom
+    # writes it as UN: the header reads it by its dictionary VR, as text.
+    ds.FrameTimeVector = ["33.25"] * 180_000
+    if pixels:
+        ds.NumberOfFrames = pixels // (ds.Rows * ds.Columns * 2)
+        ds.PixelData = bytes(ds.NumberOfFrames * ds.Rows * ds.Columns * 2)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # "the data element VR is changed to UN"
+        ds.save_as(buf)
+    return buf.getvalue()
+
+
+def test_values_over_a_mib_are_described_not_copied_into_the_header(tmp_path: Path) -> None:
+    """A retained 20 MB OW element made a 28 MB XML header, stored and indexed at the metaserver
+    and read by every query scan that reached it.  A value over BULK_VALUE_MAX is now described
+    as bulk data is (its length); smaller ones (a palette LUT) and text stay, lossless."""
+    import os
+
+    big, small = os.urandom(xmlheader.BULK_VALUE_MAX + 2), os.urandom(128 * 1024)
+    xml = xmlheader.header_xml(_deidentify(_with_large_values(big, small)).data)
+    assert f'<RedPaletteColorLookupTableData tag="00281201" vr="OW" bulk="true" length="{len(big)}"/>'.encode() in xml
+    _, back = xmlheader.to_dataset(xml)
+    assert back.GreenPaletteColorLookupTableData == small and "RedPaletteColorLookupTableData" not in back
+    assert len(back.FrameTimeVector) == 180_000
+    # A streamed file: the header comes from a skeleton that leaves such values out unread,
+    # and is the header of the whole output.
+    path = tmp_path / "streamed.dcm"
+    path.write_bytes(_with_large_values(big, small, pixels=deid.STREAM_MIN))
+    plan = deid.analyze_file(str(path), PROFILE)
+    try:
+        pseudo = deid.Pseudonyms({u: KEYS.pseudo_uid(u) for u in plan.uids},
+                                 KEYS.pseudo_patient(plan.patient_key), KEYS.date_offset_days(plan.patient_key))
+        result = deid.apply(plan, pseudo, PROFILE)
+        assert result.layout is not None
+        source = path.read_bytes()
+        whole = b"".join(s if isinstance(s, bytes) else source[s[0]:s[1]] for s in result.layout)
+        skeleton = deid.skeleton(plan, result)
+        assert bytes(skeleton) != whole                                  # the LUT was left unread
+        assert xmlheader.header_xml(skeleton) == xmlheader.header_xml(whole)
+        assert f'length="{len(big)}"'.encode() in xmlheader.header_xml(whole)
+    finally:
+        plan.close()
+
+
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:
     compared = 0
     for path, result in _deidentified_corpus(3):

@@ -733,12 +733,13 @@ def skeleton(plan: DeidPlan, result: Result) -> mmap.mmap:
     anonymous map (untouched pages cost no memory): what the XML header is built from, since
     bulk values never enter it.  Encapsulated fragments keep their item headers so the output
     still parses."""
-    from dgf.dicom.xmlheader import BULK_TAGS
+    from dgf.dicom.xmlheader import is_bulk, reading_vr
 
     assert result.layout is not None and plan.fd is not None
     holes: list[tuple[int, int, list[int]]] = []        # (start, end, fragment header offsets)
     for e in plan.part.dataset:
-        if e.tag not in BULK_TAGS or e.end - e.vstart < _READ:
+        if e.items is not None or e.end - e.vstart < _READ or \
+                not is_bulk(e.tag, reading_vr(e, plan.part.encoding.implicit), e.length):
             continue
         if e.length != UNDEFINED:
             holes.append((e.vstart, e.value_end, []))

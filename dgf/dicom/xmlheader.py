@@ -3,7 +3,8 @@
 ``<DicomHeader>`` holds one element per DICOM attribute, named by its keyword, with ``tag`` and
 ``vr`` attributes (and ``creator`` for private elements); a multi-valued attribute is repeated,
 one sibling per value, so XPath comparisons test each value (``ImageType='LOCALIZER'``);
-sequences hold ``<Item>`` children; binary values other than bulk pixel data are base64 with
+sequences hold ``<Item>`` children; binary values other than bulk data (pixel data, and any
+value over ``BULK_VALUE_MAX``, shown as ``bulk="true"`` with its length) are base64 with
 ``enc="base64"``, as is any text XML cannot carry.  File meta elements come first.  The mapping is
 lossless for every non-bulk element: :func:`to_dataset` rebuilds the header.
 """
@@ -34,6 +35,27 @@ if TYPE_CHECKING:
 ROOT = "DicomHeader"
 #: Bulk data that stays out of the XML (pixel data, waveforms, encapsulated documents).
 BULK_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x54001010, 0x56000020, 0x00420011})
+#: A binary value (bytes or numbers) longer than this is described, not copied, as bulk data
+#: is: the header stays metadata whatever a file carries.  A 20 MB OW element made a 28 MB
+#: header, stored and indexed at the metaserver and read by every query scan that reached it.
+#: Real non-pixel values stay well below (palette LUTs of 128 KB, ICC profiles); text, however
+#: long (an RT structure's contour points), stays.
+BULK_VALUE_MAX = 1 << 20
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN",
+                         "AT", "FD", "FL", "SL", "SS", "SV", "UL", "US", "UV"})
+
+
+def is_bulk(tag: int, vr: str, length: int) -> bool:
+    """Is an element (not a sequence) left out of the XML, described by its length?  ``vr`` as
+    the header reads it (:func:`reading_vr`)."""
+    return tag in BULK_TAGS or (length > BULK_VALUE_MAX and vr in _BINARY_VRS)
+
+
+def reading_vr(e: Elem, implicit: bool) -> str:
+    """The VR the header reads ``e`` by: a public element the file does not give one (implicit
+    VR, or UN) is read by the dictionary's; where that is ambiguous (US or SS, OB or OW) the
+    choice is binary either way, so :func:`is_bulk` holds for the choice made later."""
+    return raw.dictionary_vr(e.tag) if (e.vr == "UN" or implicit) and not (e.tag >> 16) & 1 else e.vr
 _NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
 _SINGLE_VALUE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
 _CHARSET_VRS = {"PN": {0x5C, 0x3D, 0x5E}, "SH": {0x5C}, "LO": {0x5C}, "UC": {0x5C},
@@ -107,7 +129,7 @@ class _Builder:
                     creators[(g, el)] = raw.text_value(self.data, e)
                 else:
                     creator = creators.get((g, el >> 8))
-            if creator is None and e.items is None and tag not in BULK_TAGS:
+            if creator is None and e.items is None and tag not in BULK_TAGS and e.length <= BULK_VALUE_MAX:
                 # The common case, from a cache: name and opening tag of (tag, VR).
                 key = (tag, vr)
                 cached = _HEADS.get(key)
@@ -148,7 +170,7 @@ class _Builder:
                     out.append("</Item>")
                 out.append(f"</{name}>")
                 continue
-            if tag in BULK_TAGS:
+            if is_bulk(tag, vr, e.length):
                 attrs["bulk"] = "true"
                 attrs["length"] = str(e.length if e.length != raw.UNDEFINED else e.end - e.vstart)
                 out.append(f"<{name}{_attrs(attrs)}/>")
