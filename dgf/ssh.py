@@ -133,6 +133,8 @@ def _close_quietly(channel: paramiko.Channel) -> None:
 
 #: Seconds a connection over its principal's limit is kept for its client to read why.
 REFUSED_CONNECTION_S = 5.0
+#: Seconds between tries of accept() when it fails (no descriptor left, for one).
+ACCEPT_RETRY_S = 0.1
 
 
 class _QuietBanners(logging.Filter):
@@ -191,8 +193,15 @@ class SSHServer:
         while not self._stop.is_set():
             try:
                 conn, peer = self._sock.accept()
-            except OSError:
-                break
+            except OSError as exc:
+                if self._stop.is_set():
+                    break                                # close() shut the socket
+                # Out of descriptors or buffers (a flood, a busy site's open files), or a peer
+                # gone before its accept: this ended the loop, and the server with it.  The
+                # connection waits in the backlog; accepting resumes once something is freed.
+                self._refused("cannot accept connections for now (%s); retrying", exc.strerror or exc)
+                self._stop.wait(ACCEPT_RETRY_S)
+                continue
             address = str(peer[0])
             with self._lock:
                 self._transports = [t for t in self._transports if t.is_active()]

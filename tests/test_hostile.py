@@ -205,6 +205,32 @@ def test_channels_per_principal_are_bounded(fed: local.Federation) -> None:
         assert conn.channel().call("whoami")[0]["name"] == "admin"   # one closed, one admitted
 
 
+def test_a_server_out_of_descriptors_waits_and_serves_again(fed: local.Federation) -> None:
+    # accept() failing with EMFILE ended the SSH server's accept loop, and the metaserver's
+    # process with it: a flood of connections (or a busy site's open files) stopped it for
+    # good.  Now it waits for descriptors to come back, and serves.
+    import resource
+
+    pid = _pids(fed)["metaserver"]
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 8, hard))
+    host, port = ClientConfig.load(fed.config("researcher")).metaserver[0]
+    flood: list[socket.socket] = []
+    try:
+        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):      # past the per-address limit
+            flood += [socket.create_connection((host, port), timeout=5, source_address=(source, 0))
+                      for _ in range(12)]
+        time.sleep(1.0)
+    finally:
+        for s in flood:
+            s.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    time.sleep(0.3)
+    _others_still_work(fed)
+    log = (fed.root / "logs" / "metaserver.log").read_text()
+    assert 1 <= log.count("cannot accept connections for now (Too many open files)") <= 2
+
+
 def test_connections_per_principal_are_bounded(fed: local.Federation) -> None:
     # A valid key could open connections without channels up to the server's whole limit
     # (connections, 256), locking every other principal out.  One principal now holds at most
