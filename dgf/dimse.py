@@ -59,7 +59,7 @@ from dgf import config as dgf_config
 from dgf import errors, pixels
 from dgf.client import Client
 from dgf.dicom.deid import file_meta
-from dgf.limits import RefusalLog
+from dgf.limits import ACCEPT_RETRY_S, RefusalLog
 from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
 log = logging.getLogger("dgf.dicom")
@@ -979,7 +979,14 @@ class Gateway:
         listener = self.server.socket
 
         def get_request() -> Any:
-            conn, addr = listener.accept()
+            try:
+                conn, addr = listener.accept()
+            except OSError as exc:
+                # socketserver skips a failed accept and selects again at once: out of
+                # descriptors, the node would spin on the waiting connection until one is freed.
+                self._refused("cannot accept connections for now (%s); retrying", exc.strerror or exc)
+                time.sleep(ACCEPT_RETRY_S)
+                raise
             # Replies go out at once (no Nagle delay against the peer's delayed ACKs).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:

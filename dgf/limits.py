@@ -102,6 +102,10 @@ class Limits:
 DEFAULT = Limits()
 
 
+#: Seconds between tries of a listener's accept() when it fails (no descriptor left, for one).
+ACCEPT_RETRY_S = 0.1
+
+
 class RefusalLog:
     """Lines about refused connections and requests, at most one every ``every`` seconds per
     message and subject (its arguments: an address, a principal), each saying how many went

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from dgf import errors, wire
+from dgf.limits import ACCEPT_RETRY_S, Limits, RefusalLog
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
-from dgf.limits import Limits, RefusalLog
 from dgf.sshlib import paramiko
 
 log = logging.getLogger("dgf.wire")
@@ -133,8 +133,6 @@ def _close_quietly(channel: paramiko.Channel) -> None:
 
 #: Seconds a connection over its principal's limit is kept for its client to read why.
 REFUSED_CONNECTION_S = 5.0
-#: Seconds between tries of accept() when it fails (no descriptor left, for one).
-ACCEPT_RETRY_S = 0.1
 
 
 class _QuietBanners(logging.Filter):

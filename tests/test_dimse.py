@@ -437,6 +437,51 @@ def test_idle_sockets_from_one_address_leave_associations_for_others(node: Node)
     assert log.count("refused connections from 127.0.0.2") == log.count("refused connections from 127.0.0.3") == 1
 
 
+def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
+    # socketserver skips a failed accept() and selects again at once: a node out of file
+    # descriptors spun a core on the waiting connections until one was freed.
+    import resource
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    pid = node.proc.pid
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 4, hard))
+    flood: list[socket.socket] = []
+    try:
+        for source in ("127.0.0.4", "127.0.0.5"):
+            for _ in range(6):
+                try:                               # past the listen backlog a connect times out
+                    flood.append(socket.create_connection(("127.0.0.1", node.port), timeout=1,
+                                                          source_address=(source, 0)))
+                except OSError:
+                    break
+        assert len(flood) > 4
+        time.sleep(0.5)
+        before = cpu()
+        time.sleep(2.0)
+        assert cpu() - before < 0.5                         # waiting, not spinning (2.0 before)
+    finally:
+        for s in flood:
+            s.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log = (node.fed.root / "logs" / "dicom.log").read_text(errors="replace")
+    assert 1 <= log.count("cannot accept connections for now (Too many open files)") <= 2
+
+
 def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
     import ssl
 
