@@ -30,7 +30,7 @@ KNOWN = {
     "dicom": ("ae_title", "listen", "spool", "callers", "identified", "destinations", "max_spool_mb",
               "find_limit", "max_associations", "certificate", "private_key", "client_ca"),
     "web": ("listen", "tokens", "spool", "viewer", "certificate", "private_key", "max_body_mb", "find_limit",
-            "max_connections", "header_timeout_s"),
+            "max_connections", "connections_per_address", "header_timeout_s"),
 }
 SECTIONS = (*KNOWN, "limits")
 

@@ -975,7 +975,11 @@ class Gateway:
                                (evt.EVT_C_STORE, self.on_store),
                     (evt.EVT_C_FIND, self.on_find), (evt.EVT_C_GET, self.on_get), (evt.EVT_C_MOVE, self.on_move)]
         tls = self.cfg.ssl_context()
-        self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers, ssl_context=tls)
+        try:
+            self.server = ae.start_server(self.cfg.listen, block=False, evt_handlers=handlers, ssl_context=tls)
+        except OSError as exc:
+            raise errors.ConfigError(f"cannot listen on {self.cfg.listen[0]}:{self.cfg.listen[1]} "
+                                     f"({exc.strerror or exc}); is another server using that address?") from exc
         listener = self.server.socket
 
         def get_request() -> Any:

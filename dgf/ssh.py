@@ -175,7 +175,12 @@ class SSHServer:
         self.authorize = authorize
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise errors.ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                                     "is another server using that address?") from exc
         self._sock.listen(64)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._stop = threading.Event()

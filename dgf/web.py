@@ -24,7 +24,8 @@ exactly as on the CLI, since every call goes through that principal's own client
 
 Bounds: request heads (``header_timeout_s`` to arrive whole; size, h11's), request bodies
 (``max_body_mb``, checked before reading and while reading, 30 s per chunk), matches per query
-(``find_limit``), connections (``max_connections``).  HTTPS when ``certificate`` and ``private_key`` are set.
+(``find_limit``), connections (``max_connections``, ``connections_per_address`` of them from one
+client address).  HTTPS when ``certificate`` and ``private_key`` are set.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from typing import Any
 from dgf import config as dgf_config
 from dgf import dicomjson, dimse, errors, pixels
 from dgf.client import Client
+from dgf.limits import RefusalLog
 from dgf.pixels import EXPLICIT_LE, NATIVE_SYNTAXES
 from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
@@ -98,7 +100,16 @@ class WebConfig:
     max_body_mb: int = 4096
     find_limit: int = 10_000
     max_connections: int = 64
+    #: Connections one client address may hold at once; 0: no bound (behind a reverse proxy,
+    #: where every connection comes from the proxy).  Default: a quarter of max_connections.
+    connections_per_address: int | None = None
     header_timeout_s: int = 10              # a request head must arrive within this
+
+    @property
+    def per_address(self) -> int:
+        if self.connections_per_address is not None:
+            return self.connections_per_address
+        return max(1, self.max_connections // 4)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WebConfig:
@@ -106,8 +117,8 @@ class WebConfig:
         v = dgf_config.read_section(p, "web")
         base = p.parent
         try:
-            numbers = {k: int(v[k]) for k in ("max_body_mb", "find_limit", "max_connections", "header_timeout_s")
-                       if k in v}
+            numbers = {k: int(v[k]) for k in ("max_body_mb", "find_limit", "max_connections",
+                                               "connections_per_address", "header_timeout_s") if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [web] limit is not a whole number.") from exc
         cert, key = v.get("certificate"), v.get("private_key")
@@ -1046,16 +1057,24 @@ def _hardened(app: Any) -> Any:
     return wrapped
 
 
-def _bounded_protocol(header_s: float) -> type:
+def _bounded_protocol(header_s: float, per_address: int = 0) -> type:
     """uvicorn's HTTP/1.1 protocol with a deadline for request headers: a connection that has
     not sent a whole request head within ``header_s`` of connecting (or of its last response)
     is closed.  uvicorn bounds only idle keep-alive time, and any byte resets that, so a few
-    dozen clients sending one byte at a time would hold every connection slot (slowloris)."""
+    dozen clients sending one byte at a time would hold every connection slot (slowloris).
+
+    And at most ``per_address`` connections from one client address (0: any number): one
+    client keeping max_connections connections alive with requests, even refused ones, had
+    every other client answered 503."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    held: dict[str, int] = {}           # connections per address (the event loop's thread only)
+    refused = RefusalLog(log)
+
     class Bounded(H11Protocol):
         _head_deadline: asyncio.TimerHandle | None = None
+        _address: str | None = None
 
         def _arm(self) -> None:
             if self._head_deadline is not None:
@@ -1069,11 +1088,25 @@ def _bounded_protocol(header_s: float) -> type:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if peer else ""
+            if per_address and held.get(address, 0) >= per_address:
+                refused("refused connections from %s: it holds %d (limit connections_per_address)",
+                        address, per_address)
+                transport.close()
+                return
+            self._address = address
+            held[address] = held.get(address, 0) + 1
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._head_deadline is not None:
                 self._head_deadline.cancel()
+            if self._address is not None:
+                left = held.pop(self._address) - 1
+                if left:
+                    held[self._address] = left
+                self._address = None
             super().connection_lost(exc)
 
         def on_response_complete(self) -> None:
@@ -1098,10 +1131,15 @@ def serve(cfg: WebConfig, ready: Callable[[str, int], None] | None = None) -> No
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen[0] else socket.AF_INET, socket.SOCK_STREAM,
                          socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(cfg.listen)
+    try:
+        sock.bind(cfg.listen)
+    except OSError as exc:
+        sock.close()
+        raise errors.ConfigError(f"cannot listen on {cfg.listen[0]}:{cfg.listen[1]} ({exc.strerror or exc}); "
+                                 f"is another server using that address? (listen in {cfg.path})") from exc
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", limit_concurrency=cfg.max_connections,
-                            http=_bounded_protocol(cfg.header_timeout_s),
+                            http=_bounded_protocol(cfg.header_timeout_s, cfg.per_address),
                             timeout_keep_alive=5, ssl_certfile=str(cfg.certificate) if cfg.certificate else None,
                             ssl_keyfile=str(cfg.private_key) if cfg.private_key else None,
                             server_header=False, access_log=False)

@@ -480,6 +480,11 @@ def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
             assoc.release()
     log = (node.fed.root / "logs" / "dicom.log").read_text(errors="replace")
     assert 1 <= log.count("cannot accept connections for now (Too many open files)") <= 2
+    # A second node on the same address: one line naming it, no traceback.
+    taken = subprocess.run([str(BIN / "dgf"), "dicom", "serve", "--config", str(node.conf)],
+                           capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{node.port} (Address already in use)" \
+        in taken.stderr and "Traceback" not in taken.stderr, taken.stderr
 
 
 def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:

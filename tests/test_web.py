@@ -403,7 +403,8 @@ def test_qido_beyond_find_limit_answers_the_first_with_a_warning(web: WebNode) -
 def test_slow_clients_cannot_hold_every_connection(web: WebNode) -> None:
     # Slowloris: more clients than connection slots, each sending its request head a byte at a
     # time. Each is cut off when its head is late, and a real client still gets its answer.
-    small = WebNode(web.fed, "slow", "max_connections = 6\nheader_timeout_s = 2\nviewer = off\n")
+    small = WebNode(web.fed, "slow", "max_connections = 6\nconnections_per_address = 0\nheader_timeout_s = 2\n"
+                                     "viewer = off\n")
     slow: list[socket.socket] = []
     try:
         for _ in range(12):
@@ -431,6 +432,43 @@ def test_slow_clients_cannot_hold_every_connection(web: WebNode) -> None:
         for s in slow:
             s.close()
         small.stop()
+
+
+def test_one_address_cannot_hold_every_connection(web: WebNode) -> None:
+    # One client keeping max_connections connections alive with requests (refused ones do)
+    # had every other client answered 503.  An address now holds connections_per_address of
+    # them (a quarter of max_connections by default); more are closed at once.
+    small = WebNode(web.fed, "crowd", "max_connections = 8\nviewer = off\n")
+    flood: list[socket.socket] = []
+
+    def answer(s: socket.socket) -> bytes:
+        try:
+            s.sendall(b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            return s.recv(12)
+        except OSError:
+            return b""                                     # closed (or reset) by the server
+    try:
+        for _ in range(12):
+            flood.append(socket.create_connection(("127.0.0.1", small.port), timeout=10,
+                                                  source_address=("127.0.0.2", 0)))
+        time.sleep(0.3)
+        answers = [answer(s) for s in flood]
+        assert answers.count(b"HTTP/1.1 401") == 2 and answers.count(b"") == 10, answers
+        ok = requests.get(f"{small.url}/dicomweb/studies", timeout=10,      # another address: served
+                          headers={"Authorization": f"Bearer {small.tokens['researcher']}"})
+        assert ok.status_code == 200, ok.text
+    finally:
+        for s in flood:
+            s.close()
+        small.stop()
+    log = small.log_path.read_text()
+    assert log.count("refused connections from 127.0.0.2") == 1 and "limit connections_per_address" in log
+    # A server already on the port: one line naming the address, no traceback.
+    taken = subprocess.run([str(BIN / "dgf"), "web", "serve", "--config", str(web.conf)],
+                           capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{web.port} (Address already in use)" \
+        in taken.stderr and "Traceback" not in taken.stderr, taken.stderr
 
 
 def test_https_when_given_a_certificate(web: WebNode) -> None:

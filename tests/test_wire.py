@@ -161,6 +161,14 @@ def test_ssh_round_trip_uses_aes_gcm(ssh_server: Any) -> None:
     conn.close()
 
 
+def test_a_taken_address_is_named_not_a_traceback(ssh_server: Any) -> None:
+    # The metaserver and the sites showed a bind traceback when their port was taken.
+    server, _, tmp = ssh_server
+    host, port = server.address
+    with pytest.raises(errors.ConfigError, match=f"cannot listen on {host}:{port} .Address already in use"):
+        ssh.SSHServer(crypto.load_paramiko_key(tmp / "host"), Echo(), "dgf-test", lambda key: None, host, port)
+
+
 def test_server_denies_unknown_keys_shell_exec_and_other_subsystems(ssh_server: Any) -> None:
     server, host_line, tmp = ssh_server
     crypto.generate_keypair(tmp / "stranger")
