@@ -709,7 +709,10 @@ def _wake_on_work(assoc: Any) -> _Wakeup | None:
             and isinstance(getattr(dimse, "msg_queue", None), queue.Queue)
             and all(getattr(m, "time", None) in (time, _CLOCK) for m in (pa, pd))):
         return None
-    wakeup = _Wakeup(peer)
+    try:
+        wakeup = _Wakeup(peer)
+    except OSError:                  # no descriptors for its socket pair: this one polls
+        return None
     for owner, name, ring in ((dul, "to_provider_queue", wakeup.ring_network), (dimse, "msg_queue", wakeup.bell.set)):
         old, new = getattr(owner, name), _Doorbell(ring)
         while not old.empty():

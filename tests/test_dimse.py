@@ -449,8 +449,11 @@ def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
     def cpu() -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # The limit bounds descriptor numbers, and a new one takes the lowest free: at the lowest
+    # free number, the next accept() fails.
+    numbers = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 4, hard))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(set(range(len(numbers) + 1)) - numbers), hard))
     flood: list[socket.socket] = []
     try:
         for source in ("127.0.0.4", "127.0.0.5"):

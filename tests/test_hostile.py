@@ -212,8 +212,12 @@ def test_a_server_out_of_descriptors_waits_and_serves_again(fed: local.Federatio
     import resource
 
     pid = _pids(fed)["metaserver"]
+    # The limit bounds descriptor numbers, and a new one takes the lowest free: a few above
+    # the lowest free number, accept() soon fails.
+    numbers = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(numbers) + 1)) - numbers)
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + 8, hard))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free + 4, hard))
     host, port = ClientConfig.load(fed.config("researcher")).metaserver[0]
     flood: list[socket.socket] = []
     try:
