@@ -26,9 +26,10 @@ binds it to (a client config and its key); unknown AE titles are refused at asso
 TLS (PS3.15 B.1) when ``certificate`` and ``private_key`` are set; with ``client_ca``, callers
 must present a certificate it signed (the AE title check still applies).
 
-Bounds: associations (``max_associations``), of which a quarter may be connections from one
-address whose association is not yet accepted (idle sockets from one host would otherwise take
-every slot), the spool's size (``max_spool_mb``; beyond it C-STORE answers Out of Resources),
+Bounds: associations (``max_associations``), of which ``associations_per_address`` (half, by
+default) may come from one address, and a quarter may be connections from one address whose
+association is not yet accepted (idle sockets from one host would otherwise take every slot),
+the spool's size (``max_spool_mb``; beyond it C-STORE answers Out of Resources),
 matches per query (``find_limit``), and pynetdicom's ACSE, DIMSE and network timeouts.
 """
 
@@ -59,7 +60,7 @@ from dgf import config as dgf_config
 from dgf import errors, pixels
 from dgf.client import Client
 from dgf.dicom.deid import file_meta
-from dgf.limits import ACCEPT_RETRY_S, RefusalLog
+from dgf.limits import ACCEPT_RETRY_S, RefusalLog, count_down
 from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
 log = logging.getLogger("dgf.dicom")
@@ -108,6 +109,9 @@ class DicomConfig:
     max_spool_mb: int = 10_240
     find_limit: int = 10_000
     max_associations: int = 32
+    #: Associations open at once from one address; 0: any number (callers behind one NAT or
+    #: router).  Default: half of max_associations.
+    associations_per_address: int | None = None
     #: While associations keep sending, an instance waits up to this long in the spool before
     #: it is de-identified and uploaded (0: as soon as a batch gathers).
     defer_upload_s: float = 30.0
@@ -138,8 +142,8 @@ class DicomConfig:
             raise errors.ConfigError(f"config file {p}: [dicom] names no 'callers' (AE=client.conf, ...); "
                                      "the gateway would refuse everyone.")
         try:
-            numbers: dict[str, Any] = {k: int(v[k]) for k in ("max_spool_mb", "find_limit", "max_associations")
-                                       if k in v}
+            numbers: dict[str, Any] = {k: int(v[k]) for k in ("max_spool_mb", "find_limit", "max_associations",
+                                                              "associations_per_address") if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [dicom] limit is not a whole number.") from exc
         if "defer_upload_s" in v:
@@ -738,9 +742,12 @@ class Gateway:
         self._lock = threading.Lock()
         self.uploaders: dict[str, Uploader] = {}
         self._wakeups: dict[int, _Wakeup] = {}
-        #: Connections admitted but not yet associated, per peer address, and which those are.
+        #: Connections admitted but not yet associated, per peer address, and which those are;
+        #: and every connection admitted and not yet closed, per peer address.
         self._negotiating: dict[str, int] = {}
         self._unsettled: dict[int, str] = {}
+        self._open: dict[str, int] = {}
+        self._opened: dict[int, str] = {}
         self._refused = RefusalLog(log)
         self.server: Any = None
 
@@ -773,15 +780,24 @@ class Gateway:
     def admit(self, request: Any, client_address: Any) -> bool:
         """socketserver's verify_request: a connection is served unless its address already
         has a quarter of the association slots in negotiation (an A-ASSOCIATE-RQ not yet
-        accepted); it counts there until its association is established or it closes."""
+        accepted), counted until its association is established or it closes, or holds
+        associations_per_address connections, counted until they close."""
         address = str(client_address[0])
         cap = max(1, self.cfg.max_associations // 4)
+        most = self.cfg.associations_per_address
+        if most is None:
+            most = max(1, self.cfg.max_associations // 2)
         with self._lock:
-            n = self._negotiating.get(address, 0)
-            if n < cap:
-                self._negotiating[address] = n + 1
+            negotiating, held = self._negotiating.get(address, 0), self._open.get(address, 0)
+            if negotiating < cap and (not most or held < most):
+                self._negotiating[address] = negotiating + 1
+                self._open[address] = held + 1
                 return True
-        self._refused("refused connections from %s: %d from there have no association yet", address, cap)
+        if negotiating >= cap:
+            self._refused("refused connections from %s: %d from there have no association yet", address, cap)
+        else:
+            self._refused("refused connections from %s: %d from there are open (limit associations_per_address)",
+                          address, most)
         return False
 
     def _settled(self, event: Any) -> None:
@@ -789,15 +805,11 @@ class Gateway:
         with self._lock:
             address = self._unsettled.pop(id(event.assoc), None)
             if address is not None:
-                n = self._negotiating.get(address, 0) - 1
-                if n > 0:
-                    self._negotiating[address] = n
-                else:
-                    self._negotiating.pop(address, None)
+                count_down(self._negotiating, address)
 
     def on_open(self, event: Any) -> None:
         with self._lock:
-            self._unsettled[id(event.assoc)] = str(event.address[0])
+            self._unsettled[id(event.assoc)] = self._opened[id(event.assoc)] = str(event.address[0])
         wakeup = _wake_on_work(event.assoc)
         if wakeup is not None:
             with self._lock:
@@ -806,6 +818,9 @@ class Gateway:
     def on_close(self, event: Any) -> None:
         self._settled(event)
         with self._lock:
+            address = self._opened.pop(id(event.assoc), None)
+            if address is not None:
+                count_down(self._open, address)
             wakeup = self._wakeups.pop(id(event.assoc), None)
         if wakeup is not None:
             wakeup.close()

@@ -102,6 +102,15 @@ class Limits:
 DEFAULT = Limits()
 
 
+def count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer open for ``key``; at none the key goes, so the table holds only what is open."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
 #: Seconds between tries of a listener's accept() when it fails (no descriptor left, for one).
 ACCEPT_RETRY_S = 0.1
 

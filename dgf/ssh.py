@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from dgf import errors, wire
-from dgf.limits import ACCEPT_RETRY_S, Limits, RefusalLog
+from dgf.limits import ACCEPT_RETRY_S, Limits, RefusalLog, count_down
 from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.sshlib import paramiko
 
@@ -68,15 +68,6 @@ class _Interface(paramiko.ServerInterface):
         return bool(super().check_channel_subsystem_request(channel, name))
 
     # No shell, no exec, no pty, no forwarding: paramiko's defaults already refuse them.
-
-
-def _count_down(counts: dict[str, int], key: str) -> None:
-    """One fewer open for ``key``; at none the key goes, so the table holds only what is open."""
-    n = counts.get(key, 0) - 1
-    if n > 0:
-        counts[key] = n
-    else:
-        counts.pop(key, None)
 
 
 def _principal_name(principal: Any) -> str:
@@ -239,7 +230,7 @@ class SSHServer:
 
     def channel_closed(self, principal: Any) -> None:
         with self._lock:
-            _count_down(self._channels, _principal_name(principal))
+            count_down(self._channels, _principal_name(principal))
 
     def run(self, ready_file: str | None = None) -> None:
         """Serve in the foreground until SIGTERM or Ctrl-C; first write HOST:PORT to
@@ -311,7 +302,7 @@ class SSHServer:
 
     def _handshake_over(self, address: str) -> None:
         with self._lock:
-            _count_down(self._handshakes, address)
+            count_down(self._handshakes, address)
 
     def close(self) -> None:
         self._stop.set()

@@ -55,7 +55,7 @@ from typing import Any
 from dgf import config as dgf_config
 from dgf import dicomjson, dimse, errors, pixels
 from dgf.client import Client
-from dgf.limits import RefusalLog
+from dgf.limits import RefusalLog, count_down
 from dgf.pixels import EXPLICIT_LE, NATIVE_SYNTAXES
 from dgf.types import HEADER_XATTR, IDENTITY_ROLES
 
@@ -1103,9 +1103,7 @@ def _bounded_protocol(header_s: float, per_address: int = 0) -> type:
             if self._head_deadline is not None:
                 self._head_deadline.cancel()
             if self._address is not None:
-                left = held.pop(self._address) - 1
-                if left:
-                    held[self._address] = left
+                count_down(held, self._address)
                 self._address = None
             super().connection_lost(exc)
 

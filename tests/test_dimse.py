@@ -437,6 +437,45 @@ def test_idle_sockets_from_one_address_leave_associations_for_others(node: Node)
     assert log.count("refused connections from 127.0.0.2") == log.count("refused connections from 127.0.0.3") == 1
 
 
+def test_one_address_holds_at_most_half_of_the_associations(node: Node) -> None:
+    # A caller's AE title is no secret: one host could establish max_associations
+    # associations, keep them alive with echoes, and have every modality refused.  One address
+    # now holds associations_per_address (half of max_associations by default) at once.
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    small = Node(node.fed, node.dest_port, name="crowd", extra="max_associations = 8\n")
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    try:
+        held = [ae.associate("127.0.0.1", small.port, ae_title="DGF", bind_address=("127.0.0.6", 0))
+                for _ in range(5)]
+        try:
+            assert [a.is_established for a in held] == [True] * 4 + [False]
+            other = ae.associate("127.0.0.1", small.port, ae_title="DGF")          # another address
+            try:
+                assert other.is_established and other.send_c_echo().Status == 0
+            finally:
+                if other.is_established:
+                    other.release()
+        finally:
+            for a in held:
+                if a.is_established:
+                    a.release()
+        time.sleep(0.5)
+        again = ae.associate("127.0.0.1", small.port, ae_title="DGF", bind_address=("127.0.0.6", 0))
+        try:
+            assert again.is_established                             # released ones were counted down
+        finally:
+            if again.is_established:
+                again.release()
+    finally:
+        small.stop()
+    log = (node.fed.root / "logs" / "crowd.log").read_text(errors="replace")
+    assert log.count("refused connections from 127.0.0.6: 4 from there are open (limit associations_per_address)") == 1
+
+
 def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
     # socketserver skips a failed accept() and selects again at once: a node out of file
     # descriptors spun a core on the waiting connections until one was freed.
