@@ -399,28 +399,33 @@ def test_compressed_instances_are_decompressed_for_peers_that_cannot_take_them(n
         assert np.array_equal(ds.pixel_array, stored[uid].pixel_array)
 
 
+def _echoed(port: int) -> bool:
+    """Does an association from VIEWER get established and its C-ECHO answered?  Released."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="DGF")
+    try:
+        return bool(assoc.is_established and assoc.send_c_echo().Status == 0)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 def test_idle_sockets_from_one_address_leave_associations_for_others(node: Node) -> None:
     # 40 TCP connections that never send an A-ASSOCIATE-RQ used to take every association slot
     # (max_associations = 32) for the ACSE timeout: every modality was refused.  An address may
     # hold a quarter of the slots before its association is accepted.
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
     # Two flooding addresses: each is refused, and logged, on its own.
     idle = [socket.create_connection(("127.0.0.1", node.port), timeout=5, source_address=(source, 0))
             for source in ("127.0.0.2", "127.0.0.3") for _ in range(40)]
     try:
         time.sleep(0.5)
-        ae = AE(ae_title="VIEWER")
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = 10
         t0 = time.monotonic()
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
-        try:
-            assert assoc.is_established and assoc.send_c_echo().Status == 0
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        assert _echoed(node.port)
         assert time.monotonic() - t0 < 5
         def closed(s: socket.socket) -> bool:
             s.settimeout(0.2)
@@ -453,12 +458,7 @@ def test_one_address_holds_at_most_half_of_the_associations(node: Node) -> None:
                 for _ in range(5)]
         try:
             assert [a.is_established for a in held] == [True] * 4 + [False]
-            other = ae.associate("127.0.0.1", small.port, ae_title="DGF")          # another address
-            try:
-                assert other.is_established and other.send_c_echo().Status == 0
-            finally:
-                if other.is_established:
-                    other.release()
+            assert _echoed(small.port)                               # another address
         finally:
             for a in held:
                 if a.is_established:
@@ -481,8 +481,6 @@ def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
     # descriptors spun a core on the waiting connections until one was freed.
     import resource
 
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     pid = node.proc.pid
     def cpu() -> float:
@@ -511,15 +509,7 @@ def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
         for s in flood:
             s.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-    ae = AE(ae_title="VIEWER")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
-    try:
-        assert assoc.is_established and assoc.send_c_echo().Status == 0
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    assert _echoed(node.port)
     log = (node.fed.root / "logs" / "dicom.log").read_text(errors="replace")
     assert 1 <= log.count("cannot accept connections for now (Too many open files)") <= 2
     # A second node on the same address: one line naming it, no traceback.
