@@ -136,6 +136,7 @@ class ArchiveTree:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.blocks.close()
         self.source.close()
 
     # -- attributes and listings ---------------------------------------------------------

@@ -3,6 +3,7 @@ queries as directories, identified mounts, concurrent readers, a dead site, and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -178,6 +179,65 @@ def test_concurrent_readers(federation: local.Federation, mounted: Mount) -> Non
     for t in threads:
         t.join()
     assert not errors
+
+
+def _cached_at(fed: local.Federation, cache: Path) -> Path:
+    """A clinician's config whose cache (the mount's block cache among it) is ``cache``."""
+    conf = fed.root / f"clinician-{cache.name}.conf"
+    text = fed.config("clinician").read_text()
+    conf.write_text("\n".join(f"cache_dir = {cache}" if line.startswith("cache_dir") else line
+                              for line in text.splitlines()) + "\n")
+    return conf
+
+
+def test_the_disk_cache_serves_no_damaged_block_and_a_full_one_fails_no_read(
+        federation: local.Federation, tmp_path: Path) -> None:
+    """The mount's disk cache returned what it found on disk unchecked: a block damaged there (a
+    crash before it reached the disk, a bad sector) was served as file content.  And a full
+    cache disk failed the read of a block already fetched and verified (ENOSPC)."""
+    [path] = _upload(federation, "/fuse/cache", "rtdose.dcm")
+    with Client(federation.config("clinician")) as c:
+        want = c.read_file(path)
+    conf = _cached_at(federation, tmp_path / "cache")
+    m = Mount(conf, tmp_path / "first")
+    try:
+        assert (m.path / path.lstrip("/")).read_bytes() == want
+    finally:
+        m.close()
+    def written() -> list[Path]:                 # by the mount's writer thread, at the latest on unmount
+        return [p for p in (tmp_path / "cache" / "mount" / "blocks").glob("*/*") if not p.name.startswith(".")]
+    deadline = time.monotonic() + 10
+    while not written() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [block] = written()
+    damaged = bytearray(block.read_bytes())
+    damaged[-1] ^= 0xFF
+    block.write_bytes(damaged)
+    m = Mount(conf, tmp_path / "second")                 # memory empty: the disk is read
+    try:
+        assert (m.path / path.lstrip("/")).read_bytes() == want
+        assert "held damaged blocks; they are fetched again" in m.log.read_text()
+    finally:
+        m.close()
+    if os.geteuid() != 0:
+        return                                           # a disk that fills up needs root (CI has it)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        m = Mount(_cached_at(federation, small), tmp_path / "third")
+        try:
+            with open(small / "filler", "wb") as fh:    # the cache's disk, full
+                with contextlib.suppress(OSError):
+                    while True:
+                        fh.write(b"\0" * 65536)
+                        fh.flush()
+            assert (m.path / path.lstrip("/")).read_bytes() == want
+        finally:
+            m.close()
+        assert not list((small / "mount" / "blocks").glob("*/.*"))     # no half-written block left
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_identified_mount_is_for_clinicians(federation: local.Federation, tmp_path: Path) -> None:
