@@ -146,6 +146,8 @@ class DicomConfig:
                                                               "associations_per_address") if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [dicom] limit is not a whole number.") from exc
+        if any(n < 0 for n in numbers.values()):
+            raise errors.ConfigError(f"config file {p}: a [dicom] limit is negative.")
         if "defer_upload_s" in v:
             try:
                 numbers["defer_upload_s"] = float(v["defer_upload_s"])

@@ -121,6 +121,8 @@ class WebConfig:
                                                "connections_per_address", "header_timeout_s") if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [web] limit is not a whole number.") from exc
+        if any(n < 0 for n in numbers.values()):
+            raise errors.ConfigError(f"config file {p}: a [web] limit is negative.")
         cert, key = v.get("certificate"), v.get("private_key")
         if bool(cert) != bool(key):
             raise errors.ConfigError(f"config file {p}: HTTPS needs both 'certificate' and 'private_key'.")

@@ -472,6 +472,12 @@ def test_one_address_holds_at_most_half_of_the_associations(node: Node) -> None:
                 again.release()
     finally:
         small.stop()
+    negative = node.fed.root / "negative.conf"
+    negative.write_text(node.conf.read_text() + "associations_per_address = -1\n")
+    from dgf import errors
+    from dgf.dimse import DicomConfig
+    with pytest.raises(errors.ConfigError, match="a .dicom. limit is negative"):
+        DicomConfig.load(negative)
     log = (node.fed.root / "logs" / "crowd.log").read_text(errors="replace")
     assert log.count("refused connections from 127.0.0.6: 4 from there are open (limit associations_per_address)") == 1
 

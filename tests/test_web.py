@@ -464,6 +464,13 @@ def test_one_address_cannot_hold_every_connection(web: WebNode) -> None:
         small.stop()
     log = small.log_path.read_text()
     assert log.count("refused connections from 127.0.0.2") == 1 and "limit connections_per_address" in log
+    # A negative bound would refuse every connection: refused as a config error instead.
+    negative = web.fed.root / "negative.conf"
+    negative.write_text("[web]\nconnections_per_address = -1\n")
+    from dgf import errors
+    from dgf.web import WebConfig
+    with pytest.raises(errors.ConfigError, match="a .web. limit is negative"):
+        WebConfig.load(negative)
     # A server already on the port: one line naming the address, no traceback.
     taken = subprocess.run([str(BIN / "dgf"), "web", "serve", "--config", str(web.conf)],
                            capture_output=True, text=True, timeout=60)
