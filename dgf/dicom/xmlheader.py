@@ -56,6 +56,8 @@ def reading_vr(e: Elem, implicit: bool) -> str:
     VR, or UN) is read by the dictionary's; where that is ambiguous (US or SS, OB or OW) the
     choice is binary either way, so :func:`is_bulk` holds for the choice made later."""
     return raw.dictionary_vr(e.tag) if (e.vr == "UN" or implicit) and not (e.tag >> 16) & 1 else e.vr
+
+
 _NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
 _SINGLE_VALUE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
 _CHARSET_VRS = {"PN": {0x5C, 0x3D, 0x5E}, "SH": {0x5C}, "LO": {0x5C}, "UC": {0x5C},
