@@ -101,7 +101,8 @@ class WebConfig:
     find_limit: int = 10_000
     max_connections: int = 64
     #: Connections one client address may hold at once; 0: no bound (behind a reverse proxy,
-    #: where every connection comes from the proxy).  Default: a quarter of max_connections.
+    #: where every connection comes from the proxy).  Default: half of max_connections, so that
+    #: browsers behind one NAT (six connections each) are not cut off.
     connections_per_address: int | None = None
     header_timeout_s: int = 10              # a request head must arrive within this
 
@@ -109,7 +110,7 @@ class WebConfig:
     def per_address(self) -> int:
         if self.connections_per_address is not None:
             return self.connections_per_address
-        return max(1, self.max_connections // 4)
+        return max(1, self.max_connections // 2)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WebConfig:
