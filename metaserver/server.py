@@ -1755,6 +1755,9 @@ def main(argv: list[str] | None = None) -> int:
     p_vault.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dgf-metaserver %(levelname)s %(message)s")
+    # Alembic says ~16 lines at INFO on every start ("setup plugin ...", "Context impl ..."):
+    # they buried the one line that says why a start failed.  Its warnings and errors remain.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.cmd == "vault":
             protect(MetaserverConfig.load(args.config))
