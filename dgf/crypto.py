@@ -148,13 +148,15 @@ def verify_token(public: Ed25519PublicKey, token: str) -> dict[str, Any]:
 
 
 def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: str,
-                     keys: Iterable[str] | None, ttl: float = 600.0, epoch: int | None = None) -> str:
+                     keys: Iterable[str] | None, ttl: float = 600.0, epoch: int | None = None,
+                     at: list[Any] | None = None) -> str:
     """A capability for ``op`` ("get", "put", "delete", "recon") at ``site``.
 
     ``keys`` None means any object (used for put, where the key is the content hash and the I/O
     server checks it, so a put capability cannot overwrite anything).  ``epoch``: the archive's
     grant epoch, for a principal whose access comes from cohort grants; sites refuse it once the
-    epoch has moved on (a grant was revoked).
+    epoch has moved on (a grant was revoked).  ``at``: [host, port, host key] of ``site``, for a
+    capability issued to another site, which then connects only where the metaserver says.
     """
     now = time.time()
     claims: dict[str, Any] = {"p": principal_fp, "op": op, "site": site, "iat": now, "exp": now + ttl}
@@ -162,6 +164,8 @@ def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: s
         claims["ge"] = epoch
     if keys is not None:
         claims["keys"] = sorted(set(keys))
+    if at is not None:
+        claims["at"] = at
     return sign_token(key, claims)
 
 

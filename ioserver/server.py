@@ -525,6 +525,13 @@ class IoService(wire.Service):
             raise errors.ServerError(f"site {self.site} has no key to reach other sites with.")
         if origin.name == self.site:
             raise errors.UsageError("a site cannot replicate from itself.")
+        # The source is the one the metaserver named in the grant, address included: a site
+        # connects (and presents its key) only where the metaserver says, whoever asks.
+        claims = crypto.verify_token(self._cap_public, grant)
+        if (claims.get("op"), claims.get("site"), claims.get("at")) != \
+                ("get", origin.name, [origin.host, origin.port, origin.host_key]):
+            raise errors.PermissionDenied(f"the replication source {origin.name!r} at {origin.host}:{origin.port} "
+                                          "is not the site the metaserver's grant names; nothing was copied.")
         where = f"site {origin.name}"
         out: list[tuple[str, str | None, errors.DgfError | None]] = []
         conn = ssh.Connection(origin.host, origin.port, self._peer_key, origin.host_key, SUBSYSTEM,

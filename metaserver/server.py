@@ -328,14 +328,18 @@ class MetaService(wire.Service):
             raise errors.PermissionDenied(f"role {ctx.role!r} may not call {str(verb_name)[:64]!r}.")
         return super().dispatch(ctx, header, payload)
 
-    def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None) -> str:
+    def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None, at: Site | None = None) -> str:
+        """A capability for ``p``; ``at``: the site it is for, named with its address, when it goes
+        to another site (which connects only where the metaserver says)."""
         scope = self._scope(p)
+        where = [at.host, at.port, at.host_key] if at is not None else None
         if scope is None:
-            return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys)
+            return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, at=where)
         # Access from cohort grants: the capability ends with the first grant that ends, and
         # sites refuse it once a revocation moves the grant epoch on.
         ttl = max(1.0, min(600.0, scope.until - time.time()))
-        return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, ttl, self._grant_epoch())
+        return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, ttl, self._grant_epoch(),
+                                       at=where)
 
     def _grant_epoch(self) -> int:
         return int(self.engine.get_setting("grants.epoch") or 0)
@@ -1397,7 +1401,8 @@ class MetaService(wire.Service):
             if plain:
                 raise errors.PermissionDenied(f"site {target} is untrusted and object {plain[0][:16]}... is not "
                                               "sealed; it may only be copied to trusted sites.")
-        return wire.Reply({"cap": self._cap(holder, "get", source, keys), "source": sites[source].to_wire()})
+        return wire.Reply({"cap": self._cap(holder, "get", source, keys, at=sites[source]),
+                           "source": sites[source].to_wire()})
 
     @wire.verb("admin.fsck.adopt", site=str, objects=dict)
     def fsck_adopt(self, p: Principal, site: str, objects: dict[str, Any]) -> wire.Reply:
@@ -1539,7 +1544,7 @@ class MetaService(wire.Service):
                 work.setdefault(_read_order(key, sound)[0], []).append((key, size))
         self.engine.repairs_done(done)
         return wire.Reply({"copies": [
-            {"source": sites[src].to_wire(), "grant": self._cap(p, "get", src, [k for k, _ in items]),
+            {"source": sites[src].to_wire(), "grant": self._cap(p, "get", src, [k for k, _ in items], at=sites[src]),
              "objects": [[k, n] for k, n in items]} for src, items in work.items()]})
 
     @wire.verb("site.replica.add", key=str, receipt=str)

@@ -387,6 +387,18 @@ def test_a_malformed_replication_source_is_refused_by_name(fed: local.Federation
                        {"name": "x", "host": "127.0.0.1", "port": "ssh", "host_key": "k"}):
             with pytest.raises(errors.UsageError, match="replication source is not a site"):
                 admin.site_link(site).call("replicate", cap, key=key, size=1, source=source, grant="g")
+        # A well-formed source that is not the one the metaserver's grant names (another
+        # address, a forged grant): the site connected wherever the admin's request said.
+        other = next(s for s in sorted(fed.sites) if s != site)
+        granted = admin.meta.call("admin.fsck.copy", source=other, target=site, keys=[key])[0]
+        elsewhere = {**granted["source"], "port": ClientConfig.load(fed.config("admin")).metaserver[0][1]}
+        for source, grant in ((elsewhere, granted["cap"]), (granted["source"], "g")):
+            with pytest.raises(errors.PermissionDenied, match="grant names|invalid signature"):
+                admin.site_link(site).call("replicate", cap, key=key, size=1, source=source, grant=grant)
+        # The source the grant names is reached, and says it holds no such object.
+        with pytest.raises(errors.NotFound, match="is not stored at this site"):
+            admin.site_link(site).call("replicate", cap, key=key, size=1, source=granted["source"],
+                                       grant=granted["cap"])
     log = (fed.root / "logs" / f"{site}.log").read_text(errors="replace")
     assert "Traceback" not in log and "failed with" not in log
 
