@@ -121,6 +121,12 @@ class DicomConfig:
     private_key: Path | None = None
     client_ca: Path | None = None
 
+    @property
+    def per_address(self) -> int:
+        if self.associations_per_address is not None:
+            return self.associations_per_address
+        return max(1, self.max_associations // 2)
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DicomConfig:
         p = Path(path).resolve()
@@ -785,10 +791,7 @@ class Gateway:
         accepted), counted until its association is established or it closes, or holds
         associations_per_address connections, counted until they close."""
         address = str(client_address[0])
-        cap = max(1, self.cfg.max_associations // 4)
-        most = self.cfg.associations_per_address
-        if most is None:
-            most = max(1, self.cfg.max_associations // 2)
+        cap, most = max(1, self.cfg.max_associations // 4), self.cfg.per_address
         with self._lock:
             negotiating, held = self._negotiating.get(address, 0), self._open.get(address, 0)
             if negotiating < cap and (not most or held < most):
