@@ -1,10 +1,16 @@
-"""Helpers for tests that run a server process of their own (the DICOM and web gateways)."""
+"""Helpers for tests that run a server process of their own (the DICOM and web gateways), and
+for the faults they put it through (a full disk, no file descriptors left)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -23,12 +29,32 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait()
 
 
+def fill(disk: Path) -> None:
+    """Write zeros to ``disk`` until it has no room left (``filler`` there)."""
+    with open(disk / "filler", "wb") as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+
+
+@contextlib.contextmanager
+def descriptors_spent(pid: int, spare: int = 0) -> Iterator[None]:
+    """Process ``pid`` may open ``spare`` more descriptors (about) until the block ends.  The
+    limit bounds descriptor numbers, not how many are open, and a new one takes the lowest free
+    number: set at the lowest free number plus ``spare``, the next opens soon fail."""
+    numbers = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(set(range(len(numbers) + 1)) - numbers) + spare, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def kill(pid: int, timeout: float = 10) -> None:
     """SIGKILL ``pid`` and return once it is dead (reaped if it is our child, else gone or a
     zombie): a test that kills a server must not race the signal."""
-    import os
     import time
-    from pathlib import Path
 
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout

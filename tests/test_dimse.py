@@ -485,36 +485,28 @@ def test_one_address_holds_at_most_half_of_the_associations(node: Node) -> None:
 def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
     # socketserver skips a failed accept() and selects again at once: a node out of file
     # descriptors spun a core on the waiting connections until one was freed.
-    import resource
-
-
     pid = node.proc.pid
     def cpu() -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    # The limit bounds descriptor numbers, and a new one takes the lowest free: at the lowest
-    # free number, the next accept() fails.
-    numbers = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(set(range(len(numbers) + 1)) - numbers), hard))
     flood: list[socket.socket] = []
-    try:
-        for source in ("127.0.0.4", "127.0.0.5"):
-            for _ in range(6):
-                try:                               # past the listen backlog a connect times out
-                    flood.append(socket.create_connection(("127.0.0.1", node.port), timeout=1,
-                                                          source_address=(source, 0)))
-                except OSError:
-                    break
-        assert len(flood) > 4
-        time.sleep(0.5)
-        before = cpu()
-        time.sleep(2.0)
-        assert cpu() - before < 0.5                         # waiting, not spinning (2.0 before)
-    finally:
-        for s in flood:
-            s.close()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    with serving.descriptors_spent(pid):                    # the next accept() fails
+        try:
+            for source in ("127.0.0.4", "127.0.0.5"):
+                for _ in range(6):
+                    try:                               # past the listen backlog a connect times out
+                        flood.append(socket.create_connection(("127.0.0.1", node.port), timeout=1,
+                                                              source_address=(source, 0)))
+                    except OSError:
+                        break
+            assert len(flood) > 4
+            time.sleep(0.5)
+            before = cpu()
+            time.sleep(2.0)
+            assert cpu() - before < 0.5                         # waiting, not spinning (2.0 before)
+        finally:
+            for s in flood:
+                s.close()
     assert _echoed(node.port)
     log = (node.fed.root / "logs" / "dicom.log").read_text(errors="replace")
     assert 1 <= log.count("cannot accept connections for now (Too many open files)") <= 2

@@ -22,7 +22,7 @@ from bench import synth
 from dgf import errors, local
 from dgf.client import Client
 from ioserver.store import object_path
-from tests import corpus
+from tests import corpus, serving
 
 BIN = Path(sys.executable).parent
 
@@ -40,22 +40,6 @@ def _wait_dead(fed: local.Federation, name: str) -> None:
     deadline = time.monotonic() + 10
     while local.status(fed.root)["processes"][name]["running"] and time.monotonic() < deadline:  # type: ignore[index]
         time.sleep(0.05)
-
-
-
-
-@pytest.fixture()
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs: a disk that really fills up (needs root, as CI has)."""
-    where = tmp_path / "small-disk"
-    where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_full_disk_is_named_and_keeps_nothing(tmp_path: Path, tmpfs: Path) -> None:
@@ -94,11 +78,7 @@ def test_a_full_metaserver_disk_is_named_and_reads_go_on(tmp_path: Path, tmpfs: 
     try:
         first, second = corpus.fresh_instances(tmp_path / "src", 2)
         assert _dgf(fed, "clinician", "dgf_up", str(first), "--to", "/in").returncode == 0
-        with open(tmpfs / "filler", "wb") as fh:            # the disk, full
-            with contextlib.suppress(OSError):
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
+        serving.fill(tmpfs)                                  # the disk, full
         full = "the metadata server's database has no room left (its disk is full); nothing was changed"
         for args in (("dgf", "mkdir", "/more"), ("dgf_up", str(second), "--to", "/in")):
             refused = _dgf(fed, "clinician", *args)

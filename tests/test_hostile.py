@@ -29,7 +29,7 @@ from dgf.config import ClientConfig, write_section
 from ioserver.store import object_path
 from metaserver.engine import NewFile
 from metaserver.sql import SqlEngine
-from tests import corpus
+from tests import corpus, serving
 from tests.test_fuse import Mount
 
 #: Limits tight enough to reach in a test; every other limit keeps its default.
@@ -209,26 +209,17 @@ def test_a_server_out_of_descriptors_waits_and_serves_again(fed: local.Federatio
     # accept() failing with EMFILE ended the SSH server's accept loop, and the metaserver's
     # process with it: a flood of connections (or a busy site's open files) stopped it for
     # good.  Now it waits for descriptors to come back, and serves.
-    import resource
-
-    pid = _pids(fed)["metaserver"]
-    # The limit bounds descriptor numbers, and a new one takes the lowest free: a few above
-    # the lowest free number, accept() soon fails.
-    numbers = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = min(set(range(len(numbers) + 1)) - numbers)
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free + 4, hard))
     host, port = ClientConfig.load(fed.config("researcher")).metaserver[0]
     flood: list[socket.socket] = []
-    try:
-        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):      # past the per-address limit
-            flood += [socket.create_connection((host, port), timeout=5, source_address=(source, 0))
-                      for _ in range(12)]
-        time.sleep(1.0)
-    finally:
-        for s in flood:
-            s.close()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    with serving.descriptors_spent(_pids(fed)["metaserver"], spare=4):
+        try:
+            for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):      # past the per-address limit
+                flood += [socket.create_connection((host, port), timeout=5, source_address=(source, 0))
+                          for _ in range(12)]
+            time.sleep(1.0)
+        finally:
+            for s in flood:
+                s.close()
     time.sleep(0.3)
     _others_still_work(fed)
     log = (fed.root / "logs" / "metaserver.log").read_text()
