@@ -6,7 +6,9 @@ Files are found on disk (never through ``get_testdata_files()``, which may try t
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,3 +74,19 @@ def fresh_instances(out: Path, n: int, name: str = "CT_small.dcm") -> list[Path]
         ds.save_as(out / f"{name.rsplit('.', 1)[0]}-{i}.dcm")
         paths.append(out / f"{name.rsplit('.', 1)[0]}-{i}.dcm")
     return paths
+
+
+def deflate_bomb(padding_mib: int) -> bytes:
+    """A deflated-syntax file (``image_dfl.dcm``, 4.6 KB) ending with ``padding_mib`` MiB of
+    Data Set Trailing Padding (FFFC,FFFC): about 1 KB of file per MiB it inflates to.  Blocks
+    ended with a full flush start afresh, so one compressed MiB of zeros is repeated."""
+    from dgf.dicom import raw
+
+    data = file("image_dfl.dcm").read_bytes()
+    part = raw.parse_part10(data)
+    mib = 1 << 20
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    padding = struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, padding_mib * mib)
+    head = comp.compress(part.data[part.meta_end:] + padding) + comp.flush(zlib.Z_FULL_FLUSH)
+    zeros = comp.compress(bytes(mib)) + comp.flush(zlib.Z_FULL_FLUSH)
+    return data[:part.meta_end] + head + zeros * padding_mib + comp.flush()

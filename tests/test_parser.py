@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import warnings
 from typing import Any
 
@@ -175,6 +176,36 @@ def test_trailing_garbage_is_still_refused() -> None:
     data = corpus.file("CT_small.dcm").read_bytes() + b"\0\0\0\0junkjunk"
     with pytest.raises(errors.InvalidDicom, match="byte"):
         raw.parse_part10(data)
+
+
+def test_a_deflate_bomb_is_refused_within_bounded_memory() -> None:
+    # A 0.5 MB deflated file that inflates to 512 MiB was inflated whole (and copied once more)
+    # wherever it was parsed: the uploader, each site that checks it, the metaserver.
+    modest = raw.parse_part10(corpus.deflate_bomb(4))                     # the same file, 4 MiB
+    assert modest.dataset[-1].tag == 0xFFFCFFFC and modest.dataset[-1].length == 4 << 20
+    bomb = corpus.deflate_bomb(512)
+    assert len(bomb) < 600_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.InvalidDicom, match=f"inflates to more than {raw.INFLATED_MAX} bytes"):
+            raw.parse_part10(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * raw.INFLATED_MAX
+    with pytest.raises(errors.InvalidDicom, match="cut short"):
+        raw.parse_part10(bomb[:50_000])                           # ~48 MiB, then nothing
+
+
+def test_an_identity_record_bomb_is_refused_by_its_bound() -> None:
+    record = {"v": 2, "original_size": 1, "delta": ["A" * (64 << 20)]}
+    blob = identity.encode(record)
+    assert len(blob) < 1 << 20
+    with pytest.raises(errors.LimitExceeded, match="more than 1048576 bytes"):
+        identity.decode(blob, limit=1 << 20)
+    assert identity.decode(blob, limit=65 << 20)["original_size"] == 1
+    with pytest.raises(errors.IntegrityError, match="corrupt"):
+        identity.decode(blob[:1000], limit=65 << 20)
 
 
 # -- fuzz ---------------------------------------------------------------------------------

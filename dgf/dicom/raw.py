@@ -42,6 +42,11 @@ _SHORT_VRS = {vr.encode(): vr for vr in VALID_VRS - LONG_VRS}
 _LONG_VRS = {vr.encode(): vr for vr in LONG_VRS}
 #: Nesting beyond this is refused: real data stays far below, and recursion must stay bounded.
 MAX_DEPTH = 64
+#: The most bytes a deflated dataset (PS3.5 A.5) may inflate to.  Deflate reaches ~1000:1, so
+#: without a bound a 1 MB file would claim a gigabyte of memory wherever it is parsed: the
+#: uploader, every site that checks it, the metaserver.  Deflated datasets in practice are
+#: reports and small images, far below this.
+INFLATED_MAX = 128 * 1024 * 1024
 
 
 def dictionary_vr(tag: int) -> str:
@@ -343,6 +348,21 @@ def _looks_explicit(data: bytes, pos: int) -> bool:
     return len(data) >= pos + 6 and data[pos + 4:pos + 6].decode("latin-1") in VALID_VRS
 
 
+def _inflate(deflated: bytes | memoryview) -> bytes:
+    """A deflated dataset's bytes, never more than :data:`INFLATED_MAX` of them."""
+    stream = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = stream.decompress(deflated, INFLATED_MAX + 1)
+    except zlib.error as exc:
+        raise errors.InvalidDicom("the deflated dataset cannot be inflated.") from exc
+    if len(inflated) > INFLATED_MAX:
+        raise errors.InvalidDicom(f"the deflated dataset inflates to more than {INFLATED_MAX} bytes, "
+                                  "the most this archive inflates (store it uncompressed, e.g. dcmconv +te).")
+    if not stream.eof:
+        raise errors.InvalidDicom("the deflated dataset cannot be inflated (it is cut short).")
+    return inflated
+
+
 def parse_part10(data: bytes) -> Part10:
     """Parse a DICOM Part 10 file (PS3.10 7.1); raise :class:`InvalidDicom` with the reason.
 
@@ -394,11 +414,7 @@ def parse_part10(data: bytes) -> Part10:
         warnings.append(f"the dataset is implicit VR although the transfer syntax {ts} is explicit; "
                         "it was read as implicit VR")
     if ts == DEFLATED_LE:
-        try:
-            inflated = zlib.decompress(data[pos:], -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise errors.InvalidDicom("the deflated dataset cannot be inflated.") from exc
-        body = data[:pos] + inflated
+        body = data[:pos] + _inflate(memoryview(data)[pos:])
         dataset, _ = Parser(body).parse(pos, len(body), EXPLICIT)
         return Part10(body, has_preamble, meta, pos, ts, EXPLICIT, dataset, deflated=True,
                       original=data, warnings=warnings)
