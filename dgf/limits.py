@@ -43,6 +43,8 @@ class Limits:
     resolve_files: int = 10_000
     #: Bytes of one upload commit (headers and identity records of a batch).
     commit_bytes: int = 64 * MiB
+    #: Bytes one identity record of a commit may inflate to (it arrives zlib-compressed).
+    identity_bytes: int = 64 * MiB
     #: Bytes of one user.* attribute value, and of all of one principal's values together.
     xattr_value: int = 1 * MiB
     xattr_bytes_per_principal: int = 64 * MiB

@@ -51,6 +51,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 
 import pydicom  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -283,6 +284,50 @@ def test_a_refused_commit_leaves_no_patient_key_in_the_vault(hostile: local.Fede
     with sqlite3.connect(hostile.root / "metadata.db", timeout=30) as db:
         held = {row[0] for row in db.execute("SELECT pseudonym FROM vault_patients WHERE pseudonym LIKE 'PSEUDO-%'")}
     assert held == {"PSEUDO-KEYED"}
+
+
+def _identity_bomb(mib: int) -> bytes:
+    """An identity record of ~``mib`` KB that inflates to ``mib`` MiB of JSON."""
+    comp = zlib.compressobj(1)
+    chunk = b"A" * (1 << 20)
+    parts = [comp.compress(b'{"v":2,"original_size":1,"delta":["')]
+    parts += [comp.compress(chunk) for _ in range(mib)]
+    return b"".join(parts) + comp.compress(b'"]}') + comp.flush()
+
+
+def test_decompression_bombs_are_refused_by_name_in_bounded_memory(hostile: local.Federation,
+                                                                     tmp_path: Path) -> None:
+    """A deflated DICOM dataset and an identity record are inflated by whoever parses them:
+    ~0.5 MB of either used to claim 0.3-1 GB of a site's or the metaserver's memory."""
+    from tests.test_hostile import SERVER_RSS_BOUND, _peak_rss
+
+    pids = local.pids(hostile.root)
+    bomb = corpus.deflate_bomb(512)                     # 0.5 MB inflating to 512 MiB
+    with Client(hostile.config("clinician")) as c:
+        site, receipt, error = _raw_put(c, bomb)       # a writer that skips the uploader
+        assert receipt is None and error is not None
+        assert "inflates to more than 134217728 bytes" in error
+        assert not _stored(hostile, bomb)
+        (tmp_path / "bomb.dcm").write_bytes(bomb)
+        report = c.upload([tmp_path / "bomb.dcm"], to="/hostile/bombs")
+        assert report.uploaded == 0 and "inflates to more than" in report.failed[0].reason
+        # An identity record of 0.3 MB that inflates to 320 MiB, on an object the site took.
+        data = _deidentified(hostile, tmp_path)
+        site, receipt, error = _raw_put(c, data)
+        assert receipt is not None, error
+        entry = {"path": "/hostile/bombed.dcm", "key": hashlib.sha256(data).hexdigest(), "size": len(data),
+                 "site": site, "receipt": receipt, "patient": "PSEUDO-BOMB", "copies": [],
+                 "identity": base64.b64encode(_identity_bomb(320)).decode(), "derived_from": None,
+                 "blocks": "", "xattrs": {}, "xml": header_xml(data).decode()}
+        with pytest.raises(errors.LimitExceeded, match="/hostile/bombed.dcm, inflated, exceeds the server's "
+                                                       "limit identity_bytes = 67108864"):
+            c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
+        with pytest.raises(errors.NotFound):
+            c.stat("/hostile/bombed.dcm")
+    for name in ("metaserver", site):
+        assert _peak_rss(pids[name]) < SERVER_RSS_BOUND, name
+    with Client(hostile.config("researcher")) as r:              # both still serve
+        assert r.ls("/hostile/src")
 
 
 def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federation, tmp_path: Path) -> None:

@@ -32,9 +32,17 @@ def encode(record: dict[str, Any]) -> bytes:
     return zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 1)
 
 
-def decode(blob: bytes) -> dict[str, Any]:
+def decode(blob: bytes, limit: int | None = None) -> dict[str, Any]:
+    """The record in ``blob``.  ``limit``: the most bytes a record from outside (an uploader's)
+    may inflate to; zlib reaches ~1000:1, so a small blob could otherwise claim gigabytes."""
     try:
-        record = json.loads(zlib.decompress(blob))
+        stream = zlib.decompressobj()
+        text = stream.decompress(blob, 0 if limit is None else limit + 1)
+        if limit is not None and len(text) > limit:
+            raise errors.LimitExceeded(f"the identity record inflates to more than {limit} bytes.")
+        if not stream.eof:
+            raise ValueError("cut short")
+        record = json.loads(text)
     except (zlib.error, ValueError) as exc:
         raise errors.IntegrityError("the identity record is corrupt.") from exc
     if not isinstance(record, dict) or record.get("v") not in (1, 2):
