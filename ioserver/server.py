@@ -415,10 +415,10 @@ class IoService(wire.Service):
                 if not isinstance(seal, list) or len(seal) != 3:
                     raise errors.UsageError(f"projection {key[:16]}... is sealed here; the request must carry its key.")
                 data = envelope.Envelope(base64.b64decode(seal[0]), bytes.fromhex(seal[1]), int(seal[2])).open(data)
-            _, _, _, image = read_projection(data)
-            if image.shape != (nv, nu):
-                raise errors.UsageError(f"projection {key[:16]}... is {image.shape[1]}x{image.shape[0]}, "
-                                        f"the geometry says {nu}x{nv}.")
+            try:
+                _, _, _, image = read_projection(data, (nv, nu))
+            except errors.UsageError as exc:
+                raise errors.UsageError(f"projection {key[:16]}...: {exc.message}") from None
             projections[slot] = image
         log.info("site %s: back-projecting %d projections into %s", self.site, len(keys), g.volume_shape)
         volume = partial_fdk(projections, g, [int(i) for i in indices], window)

@@ -9,7 +9,9 @@ where ours gives 0.0580 for the full-scan case below, and the two volumes differ
 
 from __future__ import annotations
 
+import io
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -154,3 +156,35 @@ def test_projection_shape_mismatch_is_a_clear_error() -> None:
     g = _scan()
     with pytest.raises(errors.UsageError, match=r"expects \(180, 128, 128\)"):
         fdk(np.zeros((180, 64, 128), dtype=np.float32), g)
+
+
+def test_a_stored_projection_of_another_shape_is_refused_before_it_is_decoded() -> None:
+    # A site decoded each stored projection before comparing its shape with the geometry's, and
+    # compressed pixels decode to whatever the header declares: one instance of 1000 blank
+    # 4096 x 4096 JPEG 2000 frames (300 KB) asked a site for 32 GiB.
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEG2000Lossless
+
+    from dgf.dicom.projections import projection_series, read_projection
+
+    g = _scan(n_projections=2, detector_shape=(16, 8))
+    files = projection_series(np.ones((2, 8, 16), dtype=np.float32), g)
+    assert read_projection(files[0], (8, 16))[3].shape == (8, 16)
+    with pytest.raises(errors.UsageError, match=r"is 16x8 in 1 frame\(s\) where the geometry says 8x16 in one"):
+        read_projection(files[0], (16, 8))
+    ds = pydicom.dcmread(io.BytesIO(files[1]))
+    ds.Rows = ds.Columns = 4096
+    ds.compress(JPEG2000Lossless, np.zeros((4096, 4096), dtype=np.uint16))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.NumberOfFrames, ds.PixelData = 1000, encapsulate([frame] * 1000)
+    out = io.BytesIO()
+    ds.save_as(out)
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.UsageError, match="is 4096x4096 in 1000 frame"):
+            read_projection(out.getvalue(), (8, 16))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20

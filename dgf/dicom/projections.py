@@ -130,11 +130,16 @@ def projection_series(projections: np.ndarray, geometry: Any, patient: dict[str,
     return out
 
 
-def read_projection(data: bytes) -> tuple[int, float, dict[str, Any], np.ndarray]:
+def read_projection(data: bytes, shape: tuple[int, int] | None = None) -> tuple[int, float, dict[str, Any], np.ndarray]:
     """(index, angle in degrees, shared geometry fields, image float32 (nv, nu)) of one
-    projection instance."""
+    projection instance; with ``shape`` (nv, nu), one of another shape is refused before its
+    pixels are decoded (compressed pixels decode to whatever size the header declares)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        found = (int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1))
+        if shape is not None and found != (*shape, 1):
+            raise errors.UsageError(f"the projection is {found[1]}x{found[0]} in {found[2]} frame(s) where "
+                                    f"the geometry says {shape[1]}x{shape[0]} in one.")
         block = ds.private_block(GROUP, CREATOR)
         shared = json.loads(block[0x10].value)["geometry"]
         image = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
