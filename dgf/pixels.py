@@ -15,8 +15,55 @@ EXPLICIT_BE = "1.2.840.10008.1.2.2"
 NATIVE_SYNTAXES = frozenset({IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE})
 
 
+#: The most bytes of pixel values one request decodes: the frames asked for, or a whole
+#: instance to transcode.  A compressed frame decodes to the size its header declares, and JPEG
+#: 2000 packs a blank 4096 x 4096 frame into 300 bytes: a 300 KB instance can declare 32 GB.
+DECODE_MAX = 1 << 30
+#: The most pixels of one rendered frame (rendering holds ~20 bytes a pixel).
+RENDER_MAX = 1 << 25
+
+
 class NotAcceptable(ValueError):
     """The pixels cannot be given in the form asked for."""
+
+
+def frame_size(ds: Any) -> int:
+    """Bytes of one decoded frame, as the header declares it."""
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    spp, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 8)
+    return rows * cols * spp * ((bits + 7) // 8)
+
+
+def frame_count(ds: Any) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def check_decode(ds: Any, frames: int, what: str, instead: str) -> None:
+    """Refuse to decode ``frames`` frames of ``ds`` past :data:`DECODE_MAX` bytes, before any
+    is decoded; ``instead`` says what the caller may ask for."""
+    size = frame_size(ds) * frames
+    if size > DECODE_MAX:
+        raise NotAcceptable(f"{what} would decode to {size} bytes, more than the {DECODE_MAX} this "
+                            f"server decodes for one request; {instead}.")
+
+
+def decoded_frames(ds: Any, indices: list[int]) -> list[bytes]:
+    """Frames ``indices`` (from 0) of a compressed dataset, decoded, little endian: only those
+    frames are decoded (one frame of a whole-slide image is not thousands)."""
+    import numpy as np
+    from pydicom.pixels import pixel_array
+
+    check_decode(ds, len(indices), f"{len(indices)} frame(s) of {frame_size(ds)} bytes",
+                 "ask for transfer-syntax=* to receive them as stored")
+    if int(ds.get("BitsAllocated") or 8) == 1:                  # packed bits: one frame at most
+        check_decode(ds, frame_count(ds), "the instance", "ask for transfer-syntax=*")
+        ds.decompress(generate_instance_uid=False)
+        return [frame_bytes(ds, i) for i in indices]
+    out = []
+    for i in indices:
+        arr = pixel_array(ds, index=i)
+        out.append(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+    return out
 
 
 def frame_bytes(ds: Any, index: int) -> bytes:
@@ -45,6 +92,11 @@ def render(ds: Any, index: int, window: tuple[float, float] | None, media: str, 
     from PIL import Image
     from pydicom.pixels import apply_modality_lut, pixel_array
 
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows * cols > RENDER_MAX:
+        raise NotAcceptable(f"a frame of {cols} x {rows} pixels is larger than this server renders "
+                            f"({RENDER_MAX} pixels); fetch the frame itself.")
+    check_decode(ds, 1, "the frame", "fetch the frame as stored")
     arr = pixel_array(ds, index=index)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric.startswith("MONOCHROME"):
@@ -82,6 +134,7 @@ def transcode(data: bytes, syntax: str) -> bytes:
     stored = ds.file_meta.TransferSyntaxUID
     little = syntax != EXPLICIT_BE
     if stored not in NATIVE_SYNTAXES:
+        check_decode(ds, frame_count(ds), "the instance", "ask for it as stored")
         ds.decompress(generate_instance_uid=False)      # the same instance, another transfer syntax
     elif "PixelData" in ds and stored.is_little_endian != little and int(ds.BitsAllocated) > 8:
         arr = ds.pixel_array                    # values, in this machine's order: written swapped

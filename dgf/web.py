@@ -803,7 +803,7 @@ class Web:
                 raise HTTPProblem(406, f"frames are not transcoded to {want}; ask for transfer-syntax=* "
                                        f"or {EXPLICIT_LE}.")
             if stored not in NATIVE_SYNTAXES:
-                ds.decompress(generate_instance_uid=False)
+                return pixels.decoded_frames(ds, [n - 1 for n in numbers])
             return [pixels.frame_bytes(ds, n - 1) for n in numbers]
 
         data = await self.call(frames)

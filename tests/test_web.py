@@ -567,3 +567,54 @@ def test_the_viewer_shows_a_ct_frame_in_a_real_browser(web: WebNode, tmp_path: P
                         f"(last correlation {seen.get('corr')}; its view is in {tmp_path / 'viewer.png'})")
     finally:
         driver.quit()
+
+
+def _pixel_bomb(frames: int, size: int) -> pydicom.Dataset:
+    """A new instance of ``frames`` blank ``size`` x ``size`` JPEG 2000 frames (~300 bytes each)."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Rows = ds.Columns = size
+    ds.compress(JPEG2000Lossless, np.full((size, size), 100, dtype=np.int16))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.NumberOfFrames, ds.PixelData = frames, encapsulate([frame] * frames)
+    return ds
+
+
+def test_pixel_bombs_are_refused_before_they_are_decoded(web: WebNode) -> None:
+    """A 300 KB instance of 1000 blank 4096 x 4096 JPEG 2000 frames declares 32 GiB of pixels:
+    one native frame asked of it decoded all 1000 (a MemoryError, or the server killed), as did
+    a transcode of it. Only the frames asked for are decoded now, and a request that would
+    decode more than 1 GiB, or render a frame of more than 2^25 pixels, is refused (406)."""
+    from pydicom.uid import JPEG2000Lossless
+
+    dw = web.client("clinician")
+    refs = dw.store_instances([_pixel_bomb(1000, 4096), _pixel_bomb(1, 8192)]).ReferencedSOPSequence
+    (st, se, many), (st2, se2, wide) = [r.RetrieveURL.split("/studies/")[1].replace("/series/", "/instances/")
+                                    .split("/instances/") for r in refs]
+    reader = web.client("researcher")
+    t0 = time.monotonic()
+    [frame] = reader.retrieve_instance_frames(st, se, many, [500])
+    assert time.monotonic() - t0 < 10
+    assert np.frombuffer(frame, dtype="<i2").tolist() == [100] * 4096 * 4096
+    base = f"/dicomweb/studies/{st}/series/{se}/instances"
+    native = {"Accept": f'multipart/related; type="application/octet-stream"; transfer-syntax={EXPLICIT_LE}'}
+    refused = [web.get(f"{base}/{many}/frames/" + ",".join(map(str, range(1, 41))), **native),
+               web.get(f"{base}/{many}", Accept=f'multipart/related; type="application/dicom"; '
+                                                f'transfer-syntax={EXPLICIT_LE}'),
+               web.get(f"/dicomweb/studies/{st2}/series/{se2}/instances/{wide}/rendered", Accept="image/png")]
+    assert [r.status_code for r in refused] == [406] * 3, [r.text for r in refused]
+    assert "would decode to 1342177280 bytes, more than the 1073741824" in refused[0].json()["error"]
+    assert "transfer-syntax=*" in refused[0].json()["error"]
+    assert "would decode to 33554432000 bytes" in refused[1].json()["error"]
+    assert "8192 x 8192 pixels is larger than this server renders" in refused[2].json()["error"]
+    # As stored, both come whole: nothing is decoded for that.
+    stored = reader.retrieve_instance(st, se, many)
+    assert stored.file_meta.TransferSyntaxUID == JPEG2000Lossless and stored.NumberOfFrames == 1000
+    status = Path(f"/proc/{web.proc.pid}/status").read_text()
+    peak = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    assert peak < 1 << 30
+    assert "Traceback" not in web.log_path.read_text(errors="replace")
