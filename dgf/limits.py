@@ -43,7 +43,8 @@ class Limits:
     resolve_files: int = 10_000
     #: Bytes of one upload commit (headers and identity records of a batch).
     commit_bytes: int = 64 * MiB
-    #: Bytes one identity record of a commit may inflate to (it arrives zlib-compressed).
+    #: Bytes of one identity record of a commit (zlib-compressed) the metaserver inflates to
+    #: check it whole; of a larger one (a large element removed) only the head is read.
     identity_bytes: int = 64 * MiB
     #: Bytes of one user.* attribute value, and of all of one principal's values together.
     xattr_value: int = 1 * MiB

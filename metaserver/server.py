@@ -1136,11 +1136,7 @@ class MetaService(wire.Service):
                 patient, sealed = self._derived_identity(f["derived_from"], f["key"], inherited)
             elif f.get("identity") is not None:
                 record = _base64(f, "identity")
-                try:
-                    original_size = identity.decode(record, self.limits.identity_bytes).get("original_size")
-                except errors.LimitExceeded:
-                    raise self.limits.refuse("identity_bytes", f"the identity record for {f['path']}, inflated,") \
-                        from None
+                original_size = identity.leading(record, self.limits.identity_bytes).get("original_size")
                 if not isinstance(original_size, int) or original_size < 0:
                     raise errors.UsageError(f"the identity record for {f['path']} has no original size.")
                 to_seal.append((len(new), f["patient"], record))

@@ -197,15 +197,25 @@ def test_a_deflate_bomb_is_refused_within_bounded_memory() -> None:
         raw.parse_part10(bomb[:50_000])                           # ~48 MiB, then nothing
 
 
-def test_an_identity_record_bomb_is_refused_by_its_bound() -> None:
-    record = {"v": 2, "original_size": 1, "delta": ["A" * (64 << 20)]}
+def test_an_identity_record_is_read_within_its_bound() -> None:
+    # up.commit inflated each uploaded record whole to read its original size: 0.3 MB could
+    # claim gigabytes.  Past its limit only the head is read (a file whose profile removed a
+    # large element has a large record, legitimately).
+    record = {"v": 2, "original_sha256": "ab" * 32, "original_size": 5, "delta": ["A" * (64 << 20)]}
     blob = identity.encode(record)
     assert len(blob) < 1 << 20
-    with pytest.raises(errors.LimitExceeded, match="more than 1048576 bytes"):
-        identity.decode(blob, limit=1 << 20)
-    assert identity.decode(blob, limit=65 << 20)["original_size"] == 1
+    tracemalloc.start()
+    try:
+        head = identity.leading(blob, limit=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert head == {"v": 2, "original_sha256": "ab" * 32, "original_size": 5} and peak < 4 << 20
+    assert identity.leading(blob, limit=65 << 20) == record                  # within it: whole
     with pytest.raises(errors.IntegrityError, match="corrupt"):
-        identity.decode(blob[:1000], limit=65 << 20)
+        identity.leading(blob[:1000], limit=65 << 20)
+    with pytest.raises(errors.IntegrityError, match="unknown format version"):
+        identity.leading(identity.encode({"v": 9, "delta": ["A" * (2 << 20)]}), limit=1 << 20)
 
 
 # -- fuzz ---------------------------------------------------------------------------------

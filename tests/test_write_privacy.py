@@ -50,6 +50,7 @@ import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import struct  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 
@@ -295,8 +296,7 @@ def _identity_bomb(mib: int) -> bytes:
     return b"".join(parts) + comp.compress(b'"]}') + comp.flush()
 
 
-def test_decompression_bombs_are_refused_by_name_in_bounded_memory(hostile: local.Federation,
-                                                                     tmp_path: Path) -> None:
+def test_decompression_bombs_cost_bounded_memory(hostile: local.Federation, tmp_path: Path) -> None:
     """A deflated DICOM dataset and an identity record are inflated by whoever parses them:
     ~0.5 MB of either used to claim 0.3-1 GB of a site's or the metaserver's memory."""
     from tests.test_hostile import SERVER_RSS_BOUND, _peak_rss
@@ -311,7 +311,7 @@ def test_decompression_bombs_are_refused_by_name_in_bounded_memory(hostile: loca
         (tmp_path / "bomb.dcm").write_bytes(bomb)
         report = c.upload([tmp_path / "bomb.dcm"], to="/hostile/bombs")
         assert report.uploaded == 0 and "inflates to more than" in report.failed[0].reason
-        # An identity record of 0.3 MB that inflates to 320 MiB, on an object the site took.
+        # An identity record of 0.3 MB that inflates to 320 MiB: only its head is read.
         data = _deidentified(hostile, tmp_path)
         site, receipt, error = _raw_put(c, data)
         assert receipt is not None, error
@@ -319,11 +319,20 @@ def test_decompression_bombs_are_refused_by_name_in_bounded_memory(hostile: loca
                  "site": site, "receipt": receipt, "patient": "PSEUDO-BOMB", "copies": [],
                  "identity": base64.b64encode(_identity_bomb(320)).decode(), "derived_from": None,
                  "blocks": "", "xattrs": {}, "xml": header_xml(data).decode()}
-        with pytest.raises(errors.LimitExceeded, match="/hostile/bombed.dcm, inflated, exceeds the server's "
-                                                       "limit identity_bytes = 67108864"):
-            c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
-        with pytest.raises(errors.NotFound):
-            c.stat("/hostile/bombed.dcm")
+        c.meta.call("up.commit", json.dumps({"files": [entry], "receipts": TOKENS}).encode())
+        assert c.stat("/hostile/bombed.dcm").size == len(data)
+        # A real file whose profile removes 100 MiB (Data Set Trailing Padding): its record
+        # inflates past identity_bytes (64 MiB), and is taken and restores the exact original.
+        padded = corpus.fresh_instances(tmp_path / "padded", 1)[0]
+        with open(padded, "ab") as fh:
+            fh.write(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 100 << 20))
+            fh.truncate(fh.tell() + (100 << 20))
+        report = c.upload([padded], to="/hostile/padded")
+        assert report.uploaded == 1, report.failed
+        [stored] = c.ls("/hostile/padded")
+        assert stored.size < 1 << 20                                      # the padding went
+        got = c.read_file(stored.path, identified=True)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(padded.read_bytes()).digest()
     for name in ("metaserver", site):
         assert _peak_rss(pids[name]) < SERVER_RSS_BOUND, name
     with Client(hostile.config("researcher")) as r:              # both still serve

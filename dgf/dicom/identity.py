@@ -32,19 +32,55 @@ def encode(record: dict[str, Any]) -> bytes:
     return zlib.compress(json.dumps(record, separators=(",", ":")).encode(), 1)
 
 
-def decode(blob: bytes, limit: int | None = None) -> dict[str, Any]:
-    """The record in ``blob``.  ``limit``: the most bytes a record from outside (an uploader's)
-    may inflate to; zlib reaches ~1000:1, so a small blob could otherwise claim gigabytes."""
+def decode(blob: bytes) -> dict[str, Any]:
     try:
-        stream = zlib.decompressobj()
-        text = stream.decompress(blob, 0 if limit is None else limit + 1)
-        if limit is not None and len(text) > limit:
-            raise errors.LimitExceeded(f"the identity record inflates to more than {limit} bytes.")
-        if not stream.eof:
-            raise ValueError("cut short")
-        record = json.loads(text)
+        record = json.loads(zlib.decompress(blob))
     except (zlib.error, ValueError) as exc:
         raise errors.IntegrityError("the identity record is corrupt.") from exc
+    return _versioned(record)
+
+
+#: What :func:`leading` reads of a record that inflates past its limit.
+HEAD = 64 * 1024
+
+
+def leading(blob: bytes, limit: int) -> dict[str, Any]:
+    """A record from outside (an uploader's), read within ``limit`` bytes of memory: whole (and
+    checked as :func:`decode` does) when it inflates to at most ``limit`` bytes, else only its
+    members before the first that does not end within its first HEAD bytes (``original_size``
+    comes before ``delta``).  zlib reaches ~1000:1, and a file whose profile removed a large
+    element has a legitimately large record: neither is inflated whole."""
+    stream = zlib.decompressobj()
+    try:
+        text = stream.decompress(blob, limit + 1)
+    except zlib.error as exc:
+        raise errors.IntegrityError("the identity record is corrupt.") from exc
+    if len(text) <= limit:
+        if not stream.eof:
+            raise errors.IntegrityError("the identity record is corrupt (it is cut short).")
+        try:
+            return _versioned(json.loads(text))
+        except ValueError as exc:
+            raise errors.IntegrityError("the identity record is corrupt.") from exc
+    head = text[:HEAD].decode("ascii", "replace")
+    del text
+    members: dict[str, Any] = {}
+    scan, pos = json.JSONDecoder(), 1
+    while head.startswith("{"):
+        try:
+            key, pos = scan.raw_decode(head, pos)
+            if head[pos] != ":":
+                break
+            members[key], pos = scan.raw_decode(head, pos + 1)
+        except (ValueError, IndexError):
+            break
+        if head[pos:pos + 1] != ",":
+            break
+        pos += 1
+    return _versioned(members)
+
+
+def _versioned(record: object) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("v") not in (1, 2):
         raise errors.IntegrityError("the identity record has an unknown format version.")
     return record
