@@ -29,7 +29,9 @@ must present a certificate it signed (the AE title check still applies).
 Bounds: associations (``max_associations``), of which ``associations_per_address`` (half, by
 default) may come from one address, and a quarter may be connections from one address whose
 association is not yet accepted (idle sockets from one host would otherwise take every slot),
-the spool's size (``max_spool_mb``; beyond it C-STORE answers Out of Resources),
+the spool's size (``max_spool_mb``; beyond it C-STORE answers Out of Resources, and an instance
+that outgrows it while arriving has its association aborted), memory per incoming instance
+(past ``IN_MEMORY_MAX`` it is written on into the spool as it arrives),
 matches per query (``find_limit``), and pynetdicom's ACSE, DIMSE and network timeouts.
 """
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import collections
 import errno
 import fnmatch
+import io
 import itertools
 import logging
 import os
@@ -75,6 +78,10 @@ RETRY_S = 2.0
 GATHER_S = 0.25
 #: Empty files the spool keeps made ahead (see Spool).
 BLANKS = 32
+#: Bytes of one incoming C-STORE dataset held in memory; past them the rest goes straight to a
+#: file in the spool, counted against max_spool_mb as it comes: pynetdicom would otherwise hold
+#: a whole instance in memory, gigabytes from any sender that knows a caller's AE title.
+IN_MEMORY_MAX = 16 * 1024 * 1024
 #: Statuses (PS3.4 Annex B, C).
 SUCCESS, PENDING = 0x0000, 0xFF00
 OUT_OF_RESOURCES = 0xA700
@@ -429,8 +436,10 @@ class Spool:
         self._names = itertools.count()
         self._tag = uuid.uuid4().hex[:6]                      # names stay unique across restarts
         self._blank_dir = root / "blank"
-        shutil.rmtree(self._blank_dir, ignore_errors=True)
-        self._blank_dir.mkdir(parents=True, exist_ok=True)
+        self._receiving = root / "receiving"             # instances still arriving (see _Spilled)
+        for d in (self._blank_dir, self._receiving):
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True, exist_ok=True)
         self._blanks: collections.deque[tuple[int, Path]] = collections.deque()
         self._want = blanks
         self._low = threading.Event()
@@ -492,13 +501,40 @@ class Spool:
                     known = self._dirs[ae] = (d, os.open(d, os.O_RDONLY | os.O_DIRECTORY))
         return known
 
-    def put(self, ae: str, *parts: bytes) -> bool:
-        """Keep the file ``parts`` make durably; False when the spool is full."""
-        size = sum(map(len, parts))
+    def reserve(self, size: int) -> bool:
+        """Count ``size`` more bytes as spooled; False when the spool cannot take them."""
         with self._lock:
             if self._bytes + size > self.max_bytes:
                 return False
             self._bytes += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._bytes -= size
+
+    def receiving(self) -> tuple[int, Path]:
+        """A new file for an instance still arriving (``receiving/`` is emptied at start)."""
+        path = self._receiving / self._name()
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
+
+    def keep(self, ae: str, fd: int, path: Path) -> None:
+        """Make the arrived file ``path`` (open as ``fd``, which this closes) durable in
+        ``incoming/AE/``; its bytes were reserved as they came."""
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        d, dfd = self._dir(ae)
+        os.replace(path, d / f"{path.name}.dcm")
+        os.fsync(dfd)
+        self.last_put = time.monotonic()
+
+    def put(self, ae: str, *parts: bytes) -> bool:
+        """Keep the file ``parts`` make durably; False when the spool is full."""
+        size = sum(map(len, parts))
+        if not self.reserve(size):
+            return False
         d, dfd = self._dir(ae)
         name = self._name()
         tmp: Path | None = None
@@ -516,8 +552,7 @@ class Spool:
         except OSError:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            with self._lock:
-                self._bytes -= size
+            self.release(size)
             raise
         self.last_put = time.monotonic()
         return True
@@ -551,6 +586,55 @@ class Spool:
         os.replace(path, d / path.name)
         with self._lock:
             self._bytes -= size
+
+
+class SpoolFull(Exception):
+    """The spool cannot take the rest of an instance that is arriving."""
+
+
+class _Spilled(io.BytesIO):
+    """A C-STORE dataset past IN_MEMORY_MAX.  pynetdicom writes each further fragment into the
+    message's dataset, which must be a BytesIO: this one sends them to a file in the spool's
+    ``receiving/`` (the file meta first), reserving their bytes in the spool as they come."""
+
+    def __init__(self, spool: Spool, meta: bytes, head: memoryview) -> None:
+        super().__init__()
+        self.spool = spool
+        self.size = 0
+        self.fd, self.path = spool.receiving()
+        try:
+            self.write(meta)
+            self.write(head)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if not self.spool.reserve(len(view)):
+            raise SpoolFull
+        self.size += len(view)
+        n = len(view)
+        while view:
+            view = view[os.write(self.fd, view):]
+        return n
+
+    def keep(self, ae: str) -> None:
+        fd, self.fd = self.fd, -1
+        try:
+            self.spool.keep(ae, fd, self.path)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            self.spool.release(self.size)
+            raise
+
+    def discard(self) -> None:
+        """Forget what arrived (an association that ended early, a refused caller)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.path.unlink(missing_ok=True)
+            self.spool.release(self.size)
 
 
 class Uploader(threading.Thread):
@@ -616,6 +700,13 @@ class Uploader(threading.Thread):
         waited = time.time() - Spool.arrived(batch[0])
         limit = max(self.defer_s, GATHER_S)
         return 0.0 if waited >= limit else min(GATHER_S - quiet, limit - waited)
+
+
+def _discard(dimse: Any) -> None:
+    """Discard the _Spilled dataset of the message ``dimse`` is receiving, if it has one."""
+    data = getattr(getattr(dimse, "message", None), "data_set", None)
+    if isinstance(data, _Spilled):
+        data.discard()
 
 
 def _part10(event: Any) -> tuple[bytes, bytes]:
@@ -778,7 +869,11 @@ class Gateway:
 
     @staticmethod
     def _caller(event: Any) -> str:
-        return str(event.assoc.requestor.ae_title).strip()
+        return Gateway._caller_of(event.assoc)
+
+    @staticmethod
+    def _caller_of(assoc: Any) -> str:
+        return str(assoc.requestor.ae_title).strip()
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -819,8 +914,52 @@ class Gateway:
         if wakeup is not None:
             with self._lock:
                 self._wakeups[id(event.assoc)] = wakeup
+        self._spill_large(event.assoc)
+
+    def _spill_large(self, assoc: Any) -> None:
+        """Have ``assoc`` hold at most IN_MEMORY_MAX bytes of an arriving C-STORE dataset: past
+        them the dataset goes on into a _Spilled file.  A caller that may not store, or a spool
+        that cannot take the rest, aborts the association (A-ABORT) at once."""
+        from pynetdicom.dimse_messages import C_STORE_RQ
+
+        dimse = assoc.dimse
+        inner = dimse.receive_primitive
+
+        def abort(why: str) -> None:
+            _discard(dimse)
+            dimse.message = None
+            log.error("an instance arriving from %s was dropped: %s", self._caller_of(assoc), why)
+            dimse.dul.event_queue.put("Evt19")              # pynetdicom's A-ABORT
+
+        def receive(primitive: Any) -> None:
+            try:
+                inner(primitive)
+            except SpoolFull:
+                return abort(f"spool {self.cfg.spool} is full (max_spool_mb)")
+            except OSError as exc:
+                return abort(f"it could not be spooled ({exc.strerror})")
+            msg = dimse.message
+            data = getattr(msg, "data_set", None)
+            if type(data) is not io.BytesIO or data.tell() <= IN_MEMORY_MAX or not isinstance(msg, C_STORE_RQ):
+                return None
+            ae = self._caller_of(assoc)
+            try:
+                if self.role(ae) not in IDENTITY_ROLES:
+                    return abort("its principal may not upload")
+                cs = msg.command_set
+                meta = file_meta(str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID),
+                                 str(assoc._accepted_cx[msg.context_id].transfer_syntax[0]))
+                msg.data_set = _Spilled(self.spool, meta, data.getbuffer())
+            except SpoolFull:
+                return abort(f"spool {self.cfg.spool} is full (max_spool_mb)")
+            except (OSError, errors.DgfError, KeyError, AttributeError, IndexError) as exc:
+                return abort(f"it could not be spooled ({exc})")
+            return None
+
+        dimse.receive_primitive = receive
 
     def on_close(self, event: Any) -> None:
+        _discard(getattr(event.assoc, "dimse", None))      # an instance cut off while arriving
         self._settled(event)
         with self._lock:
             address = self._opened.pop(id(event.assoc), None)
@@ -842,6 +981,15 @@ class Gateway:
 
     def on_store(self, event: Any) -> int:
         ae = self._caller(event)
+        data = event.request.DataSet
+        spilled = data if isinstance(data, _Spilled) else None
+        try:
+            return self._store(ae, event, spilled)
+        finally:
+            if spilled is not None:
+                spilled.discard()                          # nothing, once kept
+
+    def _store(self, ae: str, event: Any, spilled: _Spilled | None) -> int:
         try:
             if self.role(ae) not in IDENTITY_ROLES:
                 log.warning("C-STORE from %s refused: its principal may not upload", ae)
@@ -850,7 +998,9 @@ class Gateway:
             log.error("C-STORE from %s: the archive cannot say who it is (%s)", ae, exc.message)
             return OUT_OF_RESOURCES
         try:
-            if not self.spool.put(ae, *_part10(event)):
+            if spilled is not None:
+                spilled.keep(ae)
+            elif not self.spool.put(ae, *_part10(event)):
                 log.error("spool %s is full (max_spool_mb); an instance from %s was refused", self.cfg.spool, ae)
                 return OUT_OF_RESOURCES
         except OSError as exc:

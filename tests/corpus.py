@@ -76,6 +76,15 @@ def fresh_instances(out: Path, n: int, name: str = "CT_small.dcm") -> list[Path]
     return paths
 
 
+def pad(path: Path, mib: int) -> Path:
+    """Append ``mib`` MiB of Data Set Trailing Padding (FFFC,FFFC) to the file ``path``, as a
+    hole (no disk, no memory): a large instance that de-identification shrinks back."""
+    with open(path, "ab") as fh:
+        fh.write(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, mib << 20))
+        fh.truncate(fh.tell() + (mib << 20))
+    return path
+
+
 def deflate_bomb(padding_mib: int) -> bytes:
     """A deflated-syntax file (``image_dfl.dcm``, 4.6 KB) ending with ``padding_mib`` MiB of
     Data Set Trailing Padding (FFFC,FFFC): about 1 KB of file per MiB it inflates to.  Blocks

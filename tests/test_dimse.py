@@ -517,6 +517,67 @@ def test_a_node_out_of_descriptors_waits_without_spinning(node: Node) -> None:
         in taken.stderr and "Traceback" not in taken.stderr, taken.stderr
 
 
+def _send(port: int, path: Path, calling: str = "MODALITY") -> int | None:
+    """C-STORE the file ``path`` read in pieces (pynetdicom's chunked send); its status, or
+    None when the association was aborted."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title="DGF")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status) if "Status" in status else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_a_large_instance_arrives_on_disk_not_in_memory(node: Node, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom gathers a C-STORE dataset in memory: a 600 MB instance took the node to 697 MB,
+    # and a sender that knows a caller's AE title could send gigabytes.  Past 16 MiB the
+    # dataset now goes on into the spool as it arrives, counted against max_spool_mb.
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    big = corpus.pad(corpus.fresh_instances(tmp_path / "big", 1)[0], 200)
+    with Client(node.fed.config("researcher")) as r:
+        before = r.find_count("/DicomHeader")
+    fresh = Node(node.fed, node.dest_port, name="big")
+    try:
+        assert _send(fresh.port, big) == 0
+        status = Path(f"/proc/{fresh.proc.pid}/status").read_text()
+        peak = next(int(line.split()[1]) << 10 for line in status.splitlines() if line.startswith("VmHWM:"))
+        assert peak < 200 << 20                                  # ~120 MB; 330 MB before
+        fresh.drained(120)
+        with Client(node.fed.config("researcher")) as r:
+            assert r.find_count("/DicomHeader") == before + 1
+    finally:
+        fresh.stop()
+    # A spool too small for it: the association is aborted as soon as the spool is full, what
+    # arrived is gone, and its bytes are counted no more (a 40 MB instance still fits in 64).
+    small = Node(node.fed, node.dest_port, name="small-spool", extra="max_spool_mb = 64\n")
+    try:
+        t0 = time.monotonic()
+        assert _send(small.port, big) is None
+        assert time.monotonic() - t0 < 20
+        assert not any((small.spool / "receiving").iterdir())
+        assert not list((small.spool / "incoming").glob("*/*.dcm"))
+        # A caller that may not upload is cut off at 16 MiB, not after 200 MB.
+        assert _send(small.port, big, calling="VIEWER") is None
+        assert _send(small.port, corpus.pad(corpus.fresh_instances(tmp_path / "fits", 1)[0], 40)) == 0
+        small.drained(60)
+        log = (node.fed.root / "logs" / "small-spool.log").read_text(errors="replace")
+        assert "is full (max_spool_mb)" in log and "its principal may not upload" in log
+        assert "Traceback" not in log
+    finally:
+        small.stop()
+
+
 def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
     import ssl
 

@@ -50,7 +50,6 @@ import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import struct  # noqa: E402
 import time  # noqa: E402
 import zlib  # noqa: E402
 
@@ -323,10 +322,7 @@ def test_decompression_bombs_cost_bounded_memory(hostile: local.Federation, tmp_
         assert c.stat("/hostile/bombed.dcm").size == len(data)
         # A real file whose profile removes 100 MiB (Data Set Trailing Padding): its record
         # inflates past identity_bytes (64 MiB), and is taken and restores the exact original.
-        padded = corpus.fresh_instances(tmp_path / "padded", 1)[0]
-        with open(padded, "ab") as fh:
-            fh.write(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, 100 << 20))
-            fh.truncate(fh.tell() + (100 << 20))
+        padded = corpus.pad(corpus.fresh_instances(tmp_path / "padded", 1)[0], 100)
         report = c.upload([padded], to="/hostile/padded")
         assert report.uploaded == 1, report.failed
         [stored] = c.ls("/hostile/padded")
