@@ -82,6 +82,19 @@ BLANKS = 32
 #: file in the spool, counted against max_spool_mb as it comes: pynetdicom would otherwise hold
 #: a whole instance in memory, gigabytes from any sender that knows a caller's AE title.
 IN_MEMORY_MAX = 16 * 1024 * 1024
+#: Bytes of one DIMSE command set (a few hundred in practice).
+COMMAND_MAX = 64 * 1024
+#: The PDU length the node asks peers to keep to.  pynetdicom handles each PDU in Python, so a
+#: 40 KB instance in one PDU costs a third of what it does in 16 KB ones.
+MAX_PDU = 4 * 1024 * 1024
+#: The longest PDU the node reads (MAX_PDU, and room for a peer that counts its headers in it):
+#: pynetdicom reads whatever length a PDU's header claims into memory, up to 4 GiB, before any
+#: association is accepted.
+PDU_READ_MAX = MAX_PDU + 64 * 1024
+#: A PDU must arrive within PDU_GRACE_S plus a second per PDU_RATE_MIN bytes: pynetdicom waits
+#: network_timeout for each piece of it, so a peer sending a byte a minute held a slot for ever.
+PDU_GRACE_S = 10.0
+PDU_RATE_MIN = 16 * 1024
 #: Statuses (PS3.4 Annex B, C).
 SUCCESS, PENDING = 0x0000, 0xFF00
 OUT_OF_RESOURCES = 0xA700
@@ -702,6 +715,46 @@ class Uploader(threading.Thread):
         return 0.0 if waited >= limit else min(GATHER_S - quiet, limit - waited)
 
 
+def _bound_reads(assoc: Any, address: str) -> None:
+    """Have ``assoc`` read a PDU of at most PDU_READ_MAX bytes, within PDU_GRACE_S and a second
+    per PDU_RATE_MIN bytes of it.  A PDU cut short (refused, too slow, the peer gone) ends the
+    association as pynetdicom ends one whose peer closed mid-PDU."""
+    sock = assoc.dul.socket
+
+    def recv(n: int) -> bytearray:
+        if n > PDU_READ_MAX:
+            log.error("a PDU of %d bytes from %s was refused (at most %d are read)", n, address, PDU_READ_MAX)
+            return bytearray()
+        raw = sock.socket
+        before = raw.gettimeout()
+        t0 = time.monotonic()
+        deadline = t0 + PDU_GRACE_S + n / PDU_RATE_MIN
+        got = bytearray()
+        try:
+            while len(got) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                raw.settimeout(left if before is None else min(left, before))
+                piece = raw.recv(min(n - len(got), 1 << 16))
+                if not piece:
+                    break
+                got += piece
+        except TimeoutError:
+            log.error("a PDU from %s was cut off: %d of its %d bytes came in %.0f s", address, len(got), n,
+                      time.monotonic() - t0)
+        except OSError:                                    # a reset: the PDU is short
+            pass
+        finally:
+            try:
+                raw.settimeout(before)
+            except OSError:
+                pass
+        return got
+
+    sock.recv = recv
+
+
 def _discard(dimse: Any) -> None:
     """Discard the _Spilled dataset of the message ``dimse`` is receiving, if it has one."""
     data = getattr(getattr(dimse, "message", None), "data_set", None)
@@ -914,12 +967,14 @@ class Gateway:
         if wakeup is not None:
             with self._lock:
                 self._wakeups[id(event.assoc)] = wakeup
+        _bound_reads(event.assoc, str(event.address[0]))
         self._spill_large(event.assoc)
 
     def _spill_large(self, assoc: Any) -> None:
         """Have ``assoc`` hold at most IN_MEMORY_MAX bytes of an arriving C-STORE dataset: past
-        them the dataset goes on into a _Spilled file.  A caller that may not store, or a spool
-        that cannot take the rest, aborts the association (A-ABORT) at once."""
+        them the dataset goes on into a _Spilled file.  A caller that may not store, a spool
+        that cannot take the rest, a command set past COMMAND_MAX or another message's dataset
+        past IN_MEMORY_MAX (a query has no use for it) abort the association (A-ABORT) at once."""
         from pynetdicom.dimse_messages import C_STORE_RQ
 
         dimse = assoc.dimse
@@ -928,7 +983,7 @@ class Gateway:
         def abort(why: str) -> None:
             _discard(dimse)
             dimse.message = None
-            log.error("an instance arriving from %s was dropped: %s", self._caller_of(assoc), why)
+            log.error("a message arriving from %s was dropped: %s", self._caller_of(assoc), why)
             dimse.dul.event_queue.put("Evt19")              # pynetdicom's A-ABORT
 
         def receive(primitive: Any) -> None:
@@ -939,9 +994,15 @@ class Gateway:
             except OSError as exc:
                 return abort(f"it could not be spooled ({exc.strerror})")
             msg = dimse.message
-            data = getattr(msg, "data_set", None)
-            if type(data) is not io.BytesIO or data.tell() <= IN_MEMORY_MAX or not isinstance(msg, C_STORE_RQ):
+            if msg is None:
                 return None
+            if msg.encoded_command_set.tell() > COMMAND_MAX:
+                return abort(f"its command set is larger than {COMMAND_MAX} bytes")
+            data = msg.data_set
+            if type(data) is not io.BytesIO or data.tell() <= IN_MEMORY_MAX:
+                return None
+            if not isinstance(msg, C_STORE_RQ):
+                return abort(f"a dataset larger than {IN_MEMORY_MAX} bytes came with no C-STORE request")
             ae = self._caller_of(assoc)
             try:
                 if self.role(ae) not in IDENTITY_ROLES:
@@ -1129,9 +1190,7 @@ class Gateway:
         ae.acse_timeout = ae.dimse_timeout = 30
         ae.network_timeout = 60
         ae.require_calling_aet = sorted(self.cfg.callers)
-        # Large PDUs: pynetdicom handles each PDU in Python, so a 40 KB instance in one PDU costs
-        # a third of what it does in 16 KB ones (the peer still sends at most what it can).
-        ae.maximum_pdu_size = 4 * 1024 * 1024
+        ae.maximum_pdu_size = MAX_PDU                 # the peer still sends at most what it can
         # Storage: as SCP for C-STORE, and as SCU inside a C-GET (the role the requestor offers).
         for cx in StoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -576,6 +577,99 @@ def test_a_large_instance_arrives_on_disk_not_in_memory(node: Node, tmp_path: Pa
         assert "Traceback" not in log
     finally:
         small.stop()
+
+
+def _vm(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) << 10 for line in status.splitlines() if line.startswith(field + ":"))
+
+
+def _flood(port: int, first: bytes, total: int) -> int:
+    """Send ``first``, then zeros up to ``total`` bytes; how many went before the node closed."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(first)
+        zeros = bytes(1 << 20)
+        try:
+            while sent < total:
+                s.sendall(zeros)
+                sent += len(zeros)
+        except OSError:
+            pass
+    return sent
+
+
+def _closed_within(port: int, first: bytes, seconds: float) -> float | None:
+    """Send ``first``, then a byte every half second: when the node closed, or None."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(first)
+        s.settimeout(0.5)
+        while time.monotonic() - t0 < seconds:
+            try:
+                s.sendall(b"\0")
+                if s.recv(1) == b"":
+                    return time.monotonic() - t0
+            except TimeoutError:
+                continue                                   # still open: the node is waiting
+            except OSError:
+                return time.monotonic() - t0
+    return None
+
+
+def test_hostile_pdus_cost_neither_memory_nor_time(node: Node) -> None:
+    # pynetdicom reads whatever length a PDU's header claims (up to 4 GiB) into memory before any
+    # association is accepted, waits network_timeout (60 s) for each piece of it, and gathers
+    # any message's command set and dataset in memory: one unauthenticated peer could fill the
+    # node's memory, or hold a slot for ever with a byte a minute.
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import P_DATA
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dgf import dimse
+
+    log_path = node.fed.root / "logs" / "dicom.log"
+    start = log_path.stat().st_size
+    grown = _vm(node.proc.pid, "VmHWM")
+    # An A-ASSOCIATE-RQ that claims 4 GB: refused at its header, not read.
+    assert _flood(node.port, b"\x01\x00" + struct.pack(">L", 0xFFFFFF00), 256 << 20) < 64 << 20
+    # A P-DATA PDU past the node's maximum, from no association at all.
+    assert _flood(node.port, b"\x04\x00" + struct.pack(">L", 64 << 20), 256 << 20) < 64 << 20
+    assert _vm(node.proc.pid, "VmHWM") - grown < 64 << 20
+    # A PDU that comes a byte at a time is cut off after PDU_GRACE_S, not after its last byte.
+    took = _closed_within(node.port, b"\x01\x00" + struct.pack(">L", 200), 30)
+    assert took is not None and took < dimse.PDU_GRACE_S + 5, took
+    # Past the association: a command set that never ends, a dataset with no command.
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = 10
+    ae.network_timeout = 60                                 # our side does not give up first
+    for control, pieces in ((b"\x01", 200), (b"\x00", 40)):      # 200 x 1 KiB, 40 x 1 MiB
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+        assert assoc.is_established
+        cx = assoc.accepted_contexts[0].context_id
+        piece = bytes(1024 if control == b"\x01" else 1 << 20)
+        try:
+            for _ in range(pieces):
+                if not assoc.is_established:
+                    break
+                pdata = P_DATA()
+                pdata.presentation_data_value_list = [[cx, control + piece]]
+                assoc.dul.send_pdu(pdata)
+            deadline = time.monotonic() + 5
+            while not assoc.is_aborted and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert assoc.is_aborted
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+    assert _echoed(node.port)
+    log = log_path.read_bytes()[start:].decode(errors="replace")
+    assert "a PDU of 4294967040 bytes from 127.0.0.1 was refused" in log
+    assert "a PDU from 127.0.0.1 was cut off" in log
+    assert "its command set is larger than 65536 bytes" in log
+    assert "a dataset larger than 16777216 bytes came with no C-STORE request" in log
+    assert "Traceback" not in log
 
 
 def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
