@@ -95,6 +95,21 @@ PDU_READ_MAX = MAX_PDU + 64 * 1024
 #: network_timeout for each piece of it, so a peer sending a byte a minute held a slot for ever.
 PDU_GRACE_S = 10.0
 PDU_RATE_MIN = 16 * 1024
+#: The longest PDU other than P-DATA the node reads: an A-ASSOCIATE-RQ of 128 presentation
+#: contexts with 64 transfer syntaxes each takes about 220 KB.
+ASSOCIATE_MAX = 256 * 1024
+#: Items and sub-items one A-ASSOCIATE-RQ may hold (the most that 128 contexts of 62 transfer
+#: syntaxes need): pynetdicom spends some 15 us of CPU on each before any association is
+#: accepted, so 3.6 MB of one-character transfer syntaxes cost the node 11 s.
+ASSOCIATE_ITEMS_MAX = 8192
+#: Presentation data values one P-DATA PDU may hold (peers send one or two): 4 MiB of empty
+#: ones cost the node 1.1 s of CPU, associated or not.
+PDVS_MAX = 64
+#: A message may come in at most MESSAGE_FRAGMENTS fragments plus one per FRAGMENT_MIN bytes
+#: of it: each fragment costs pynetdicom a PDU's work (50 us), so 16 MB of a dataset in 16-byte
+#: fragments would cost the node 50 s of CPU.
+MESSAGE_FRAGMENTS = 64
+FRAGMENT_MIN = 512
 #: Statuses (PS3.4 Annex B, C).
 SUCCESS, PENDING = 0x0000, 0xFF00
 OUT_OF_RESOURCES = 0xA700
@@ -715,16 +730,61 @@ class Uploader(threading.Thread):
         return 0.0 if waited >= limit else min(GATHER_S - quiet, limit - waited)
 
 
+def _too_many_items(pdu_type: int, body: bytes | bytearray) -> int | None:
+    """The limit that an A-ASSOCIATE-RQ (its items, and its contexts' and user information's
+    sub-items) or a P-DATA PDU (its values) of ``body``, the PDU past its 6-byte header, goes
+    past; None for any other PDU, or one within it.  pynetdicom's work on a PDU grows with its
+    items; a malformed one is left for pynetdicom to refuse."""
+    count, end = 0, len(body)
+    if pdu_type == 0x04:                                   # P-DATA-TF: 4-byte length, value
+        at = 0
+        while at + 4 <= end:
+            count += 1
+            if count > PDVS_MAX:
+                return PDVS_MAX
+            at += 4 + int.from_bytes(body[at:at + 4], "big")
+        return None
+    if pdu_type != 0x01:
+        return None
+    at = 68                                                # past version, AE titles, reserved
+    while at + 4 <= end and count <= ASSOCIATE_ITEMS_MAX:
+        kind, length = body[at], int.from_bytes(body[at + 2:at + 4], "big")
+        count += 1
+        nested = {0x20: at + 8, 0x50: at + 4}.get(kind)   # a context: past its id and reserved
+        at += 4 + length
+        while nested is not None and nested + 4 <= min(at, end) and count <= ASSOCIATE_ITEMS_MAX:
+            count += 1
+            nested += 4 + int.from_bytes(body[nested + 2:nested + 4], "big")
+    return ASSOCIATE_ITEMS_MAX if count > ASSOCIATE_ITEMS_MAX else None
+
+
 def _bound_reads(assoc: Any, address: str) -> None:
-    """Have ``assoc`` read a PDU of at most PDU_READ_MAX bytes, within PDU_GRACE_S and a second
-    per PDU_RATE_MIN bytes of it.  A PDU cut short (refused, too slow, the peer gone) ends the
-    association as pynetdicom ends one whose peer closed mid-PDU."""
+    """Have ``assoc`` read a PDU of at most PDU_READ_MAX bytes (ASSOCIATE_MAX but for P-DATA),
+    within PDU_GRACE_S and a second per PDU_RATE_MIN bytes of it, holding at most
+    ASSOCIATE_ITEMS_MAX items (an A-ASSOCIATE-RQ) or PDVS_MAX values (a P-DATA).  A PDU cut short
+    (refused, too slow, the peer gone) ends the association as pynetdicom ends one whose peer
+    closed mid-PDU."""
     sock = assoc.dul.socket
+    header: list[int] = []                                 # [type, length] of the PDU under way
 
     def recv(n: int) -> bytearray:
-        if n > PDU_READ_MAX:
-            log.error("a PDU of %d bytes from %s was refused (at most %d are read)", n, address, PDU_READ_MAX)
+        pdu_type = header[0] if header and header[1] == n else None
+        header.clear()
+        limit = PDU_READ_MAX if pdu_type in (None, 0x04) else ASSOCIATE_MAX
+        if n > limit:
+            log.error("a PDU of %d bytes from %s was refused (at most %d are read)", n, address, limit)
             return bytearray()
+        got = read(n)
+        if pdu_type is None and len(got) == 6:
+            header.extend((got[0], int.from_bytes(got[2:6], "big")))
+        elif pdu_type is not None and len(got) == n:
+            most = _too_many_items(pdu_type, got)
+            if most is not None:
+                log.error("a PDU from %s was refused: it holds more than %d items", address, most)
+                return bytearray()
+        return got
+
+    def read(n: int) -> bytearray:
         raw = sock.socket
         before = raw.gettimeout()
         t0 = time.monotonic()
@@ -979,10 +1039,12 @@ class Gateway:
 
         dimse = assoc.dimse
         inner = dimse.receive_primitive
+        fragments = [0]                                    # of the message under way
 
         def abort(why: str) -> None:
             _discard(dimse)
             dimse.message = None
+            fragments[0] = 0
             log.error("a message arriving from %s was dropped: %s", self._caller_of(assoc), why)
             dimse.dul.event_queue.put("Evt19")              # pynetdicom's A-ABORT
 
@@ -995,10 +1057,15 @@ class Gateway:
                 return abort(f"it could not be spooled ({exc.strerror})")
             msg = dimse.message
             if msg is None:
+                fragments[0] = 0
                 return None
             if msg.encoded_command_set.tell() > COMMAND_MAX:
                 return abort(f"its command set is larger than {COMMAND_MAX} bytes")
             data = msg.data_set
+            fragments[0] += 1
+            size = msg.encoded_command_set.tell() + (data.size if isinstance(data, _Spilled) else data.tell())
+            if fragments[0] > MESSAGE_FRAGMENTS + size // FRAGMENT_MIN:
+                return abort(f"it came in {fragments[0]} fragments of {size // fragments[0]} bytes on average")
             if type(data) is not io.BytesIO or data.tell() <= IN_MEMORY_MAX:
                 return None
             if not isinstance(msg, C_STORE_RQ):

@@ -5,6 +5,7 @@ federation and real corpus files."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -669,6 +670,106 @@ def test_hostile_pdus_cost_neither_memory_nor_time(node: Node) -> None:
     assert "a PDU from 127.0.0.1 was cut off" in log
     assert "its command set is larger than 65536 bytes" in log
     assert "a dataset larger than 16777216 bytes came with no C-STORE request" in log
+    assert "Traceback" not in log
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user and system) the process ``pid`` has spent."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _item(kind: int, value: bytes) -> bytes:
+    return bytes((kind, 0)) + struct.pack(">H", len(value)) + value
+
+
+def _associate_rq(contexts: int, syntaxes: int) -> bytes:
+    """An A-ASSOCIATE-RQ from MODALITY of ``contexts`` presentation contexts, each proposing
+    Verification in ``syntaxes`` one-character transfer syntaxes."""
+    items = _item(0x10, b"1.2.840.10008.3.1.1.1")
+    for i in range(contexts):
+        items += _item(0x20, bytes((2 * i + 1, 0, 0, 0)) + _item(0x30, b"1.2.840.10008.1.1")
+                       + _item(0x40, b"1") * syntaxes)
+    body = b"\x00\x01\x00\x00" + b"DGF".ljust(16) + b"MODALITY".ljust(16) + bytes(32) + items
+    return b"\x01\x00" + struct.pack(">L", len(body)) + body
+
+
+def _refused(port: int, pdu: bytes) -> bool:
+    """Send ``pdu`` on a new connection: did the node close it without answering?"""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(pdu)
+            return s.recv(1) == b""
+        except OSError:
+            return True
+
+
+def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
+    # pynetdicom decodes every item of a PDU into a Python object before anything looks at it:
+    # these cost the node 11 s of CPU (3.6 MB of one-character transfer syntaxes), 2.5 s (the
+    # same in 225 KB), 1.1 s (4 MiB of empty values, from a peer not even associated) and 1 s
+    # (20 000 fragments of 16 bytes: 50 s for a 16 MB dataset).
+    from io import BytesIO
+
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu_primitives import P_DATA
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from dgf import dimse
+
+    log_path = node.fed.root / "logs" / "dicom.log"
+    start = log_path.stat().st_size
+    spent = _cpu(node.proc.pid)
+    # An A-ASSOCIATE-RQ past ASSOCIATE_MAX is refused at its header; one within it of more than
+    # ASSOCIATE_ITEMS_MAX items is refused before pynetdicom decodes it.
+    huge, crowded = _associate_rq(60, 12_000), _associate_rq(30, 1_500)
+    assert len(huge) > dimse.ASSOCIATE_MAX > len(crowded)
+    assert _refused(node.port, huge) and _refused(node.port, crowded)
+    # A P-DATA of 4 MiB of empty values (no association needed to have it decoded).
+    pdvs = (struct.pack(">L", 2) + b"\x01\x00") * ((4 << 20) // 6)
+    assert _refused(node.port, b"\x04\x00" + struct.pack(">L", len(pdvs)) + pdvs)
+    # A C-STORE whose dataset comes 16 bytes a PDU, from an associated caller.
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+    assert assoc.is_established
+    cx = assoc.accepted_contexts[0].context_id
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, generate_uid()
+    request.DataSet = BytesIO(bytes(16))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    sent = 0
+    try:
+        for pdata in message.encode_msg(cx, 16384):
+            if pdata.presentation_data_value_list[0][1][0] & 1:        # the command set, whole
+                assoc.dul.send_pdu(pdata)
+        while assoc.is_established and sent < 20_000:
+            fragment = P_DATA()
+            fragment.presentation_data_value_list = [[cx, b"\x00" + bytes(16)]]
+            assoc.dul.send_pdu(fragment)
+            sent += 1
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not assoc.is_established
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    spent = _cpu(node.proc.pid) - spent
+    assert spent < 2.0, f"the node spent {spent:.1f} s of CPU on them"
+    assert _echoed(node.port)
+    log = log_path.read_bytes()[start:].decode(errors="replace")
+    assert f"was refused (at most {dimse.ASSOCIATE_MAX} are read)" in log
+    assert f"more than {dimse.ASSOCIATE_ITEMS_MAX}" in log
+    assert f"more than {dimse.PDVS_MAX}" in log
+    cut = re.search(r"it came in (\d+) fragments of (\d+) bytes on average", log)
+    assert cut is not None and int(cut[1]) < 100 and int(cut[2]) < 32, log   # not after 20 000
     assert "Traceback" not in log
 
 
