@@ -1235,7 +1235,12 @@ class Gateway:
         if destination is None:
             yield None, None                      # pynetdicom answers Move Destination Unknown
             return
-        yield destination[0], destination[1]
+        from pynetdicom import evt
+
+        def bound(opened: Any) -> None:                  # the destination's PDUs, as a caller's
+            _bound_reads(opened.assoc, f"move destination {destination[0]}")
+
+        yield destination[0], destination[1], {"evt_handlers": [(evt.EVT_CONN_OPEN, bound)]}
         yield from self._sub_operations(event)
 
     # -- serving ----------------------------------------------------------------------------

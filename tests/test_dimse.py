@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -771,6 +772,53 @@ def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
     cut = re.search(r"it came in (\d+) fragments of (\d+) bytes on average", log)
     assert cut is not None and int(cut[1]) < 100 and int(cut[2]) < 32, log   # not after 20 000
     assert "Traceback" not in log
+
+
+def test_a_hostile_move_destination_is_bounded_as_a_caller_is(node: Node) -> None:
+    # For a C-MOVE the node calls the destination, and pynetdicom reads that association's PDUs
+    # as it reads a caller's: an A-ASSOCIATE-AC claiming 4 GiB was read into memory.
+    listener = socket.create_server(("127.0.0.1", 0))
+    flooded: list[int] = []
+
+    def destination() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            sent = 0
+            try:
+                conn.recv(1 << 16)                                       # the A-ASSOCIATE-RQ
+                conn.sendall(b"\x02\x00" + struct.pack(">L", 0xFFFFFF00))
+                zeros = bytes(1 << 20)
+                while sent < 256 << 20:
+                    conn.sendall(zeros)
+                    sent += len(zeros)
+            except OSError:
+                pass
+            flooded.append(sent)
+
+    serving_thread = threading.Thread(target=destination, daemon=True)
+    serving_thread.start()
+    hostile = Node(node.fed, listener.getsockname()[1], name="hostile-dest")
+    try:
+        with Client(node.fed.config("researcher")) as r:
+            study = r.find("/DicomHeader[Modality='MR']", "/", show=["StudyInstanceUID"])[0]["values"][
+                "StudyInstanceUID"]
+        grown = _vm(hostile.proc.pid, "VmHWM")
+        t0 = time.monotonic()
+        moved = _run("movescu", "-S", *hostile.args("VIEWER"), "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                     "-k", f"StudyInstanceUID={study}")
+        assert moved.returncode != 0
+        assert time.monotonic() - t0 < 30
+        serving_thread.join(15)
+        assert flooded and flooded[0] < 64 << 20
+        assert _vm(hostile.proc.pid, "VmHWM") - grown < 64 << 20
+        assert _echoed(hostile.port)
+        log = (node.fed.root / "logs" / "hostile-dest.log").read_text(errors="replace")
+        assert "a PDU of 4294967040 bytes from move destination 127.0.0.1 was refused" in log
+        assert "Traceback" not in log
+    finally:
+        hostile.stop()
+        listener.close()
 
 
 def test_tls_with_client_certificates(node: Node, tmp_path: Path) -> None:
