@@ -28,7 +28,8 @@ KNOWN = {
     "metaserver": ("listen", "db", "host_key", "vault_key"),
     "ioserver": ("site", "listen", "store", "host_key", "key", "metaserver", "metaserver_host_key", "zone"),
     "dicom": ("ae_title", "listen", "spool", "callers", "identified", "destinations", "max_spool_mb",
-              "find_limit", "max_associations", "associations_per_address", "certificate", "private_key", "client_ca"),
+              "max_memory_mb", "find_limit", "max_associations", "associations_per_address", "defer_upload_s",
+              "certificate", "private_key", "client_ca"),
     "web": ("listen", "tokens", "spool", "viewer", "certificate", "private_key", "max_body_mb", "find_limit",
             "max_connections", "connections_per_address", "header_timeout_s"),
 }

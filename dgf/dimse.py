@@ -82,6 +82,9 @@ BLANKS = 32
 #: file in the spool, counted against max_spool_mb as it comes: pynetdicom would otherwise hold
 #: a whole instance in memory, gigabytes from any sender that knows a caller's AE title.
 IN_MEMORY_MAX = 16 * 1024 * 1024
+#: Bytes of the dataset of any message but a C-STORE (a query's identifier: a list of 10 000
+#: UIDs takes 650 KB).
+QUERY_DATASET_MAX = 1024 * 1024
 #: Bytes of one DIMSE command set (a few hundred in practice).
 COMMAND_MAX = 64 * 1024
 #: The PDU length the node asks peers to keep to.  pynetdicom handles each PDU in Python, so a
@@ -142,6 +145,9 @@ class DicomConfig:
     identified: frozenset[str] = frozenset()
     destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
     max_spool_mb: int = 10_240
+    #: Bytes of arriving instances held in memory, all associations together; past them an
+    #: instance goes on into the spool as it arrives (0: every one does).
+    max_memory_mb: int = 256
     find_limit: int = 10_000
     max_associations: int = 32
     #: Associations open at once from one address; 0: any number (callers behind one NAT or
@@ -183,8 +189,9 @@ class DicomConfig:
             raise errors.ConfigError(f"config file {p}: [dicom] names no 'callers' (AE=client.conf, ...); "
                                      "the gateway would refuse everyone.")
         try:
-            numbers: dict[str, Any] = {k: int(v[k]) for k in ("max_spool_mb", "find_limit", "max_associations",
-                                                              "associations_per_address") if k in v}
+            numbers: dict[str, Any] = {k: int(v[k]) for k in ("max_spool_mb", "max_memory_mb", "find_limit",
+                                                              "max_associations", "associations_per_address")
+                                    if k in v}
         except ValueError as exc:
             raise errors.ConfigError(f"config file {p}: a [dicom] limit is not a whole number.") from exc
         if any(n < 0 for n in numbers.values()):
@@ -961,6 +968,9 @@ class Gateway:
         self._open: dict[str, int] = {}
         self._opened: dict[int, str] = {}
         self._refused = RefusalLog(log)
+        #: Bytes of arriving C-STORE datasets held in memory, per association and in all.
+        self._held: dict[int, int] = {}
+        self._held_total = 0
         self.server: Any = None
 
     def client(self, ae: str) -> Client:
@@ -1030,21 +1040,32 @@ class Gateway:
         _bound_reads(event.assoc, str(event.address[0]))
         self._spill_large(event.assoc)
 
+    def _hold(self, assoc: Any, size: int) -> int:
+        """``assoc`` now holds ``size`` bytes of an arriving dataset in memory: what all do."""
+        with self._lock:
+            self._held_total += size - self._held.pop(id(assoc), 0)
+            if size:
+                self._held[id(assoc)] = size
+            return self._held_total
+
     def _spill_large(self, assoc: Any) -> None:
-        """Have ``assoc`` hold at most IN_MEMORY_MAX bytes of an arriving C-STORE dataset: past
-        them the dataset goes on into a _Spilled file.  A caller that may not store, a spool
-        that cannot take the rest, a command set past COMMAND_MAX or another message's dataset
-        past IN_MEMORY_MAX (a query has no use for it) abort the association (A-ABORT) at once."""
+        """Have ``assoc`` hold at most IN_MEMORY_MAX bytes of an arriving C-STORE dataset, and
+        all associations together at most max_memory_mb: past them the dataset goes on into a
+        _Spilled file.  A caller that may not store, a spool that cannot take the rest, a
+        command set past COMMAND_MAX or another message's dataset past QUERY_DATASET_MAX abort
+        the association (A-ABORT) at once."""
         from pynetdicom.dimse_messages import C_STORE_RQ
 
         dimse = assoc.dimse
         inner = dimse.receive_primitive
         fragments = [0]                                    # of the message under way
+        budget = self.cfg.max_memory_mb * 1024 * 1024
 
         def abort(why: str) -> None:
             _discard(dimse)
             dimse.message = None
             fragments[0] = 0
+            self._hold(assoc, 0)
             log.error("a message arriving from %s was dropped: %s", self._caller_of(assoc), why)
             dimse.dul.event_queue.put("Evt19")              # pynetdicom's A-ABORT
 
@@ -1058,6 +1079,7 @@ class Gateway:
             msg = dimse.message
             if msg is None:
                 fragments[0] = 0
+                self._hold(assoc, 0)
                 return None
             if msg.encoded_command_set.tell() > COMMAND_MAX:
                 return abort(f"its command set is larger than {COMMAND_MAX} bytes")
@@ -1066,10 +1088,15 @@ class Gateway:
             size = msg.encoded_command_set.tell() + (data.size if isinstance(data, _Spilled) else data.tell())
             if fragments[0] > MESSAGE_FRAGMENTS + size // FRAGMENT_MIN:
                 return abort(f"it came in {fragments[0]} fragments of {size // fragments[0]} bytes on average")
-            if type(data) is not io.BytesIO or data.tell() <= IN_MEMORY_MAX:
+            if type(data) is not io.BytesIO:
                 return None
             if not isinstance(msg, C_STORE_RQ):
-                return abort(f"a dataset larger than {IN_MEMORY_MAX} bytes came with no C-STORE request")
+                if data.tell() > QUERY_DATASET_MAX:
+                    return abort(f"a dataset larger than {QUERY_DATASET_MAX} bytes came with no C-STORE request")
+                return None
+            if self._hold(assoc, data.tell()) <= budget and data.tell() <= IN_MEMORY_MAX:
+                return None
+            self._hold(assoc, 0)
             ae = self._caller_of(assoc)
             try:
                 if self.role(ae) not in IDENTITY_ROLES:
@@ -1088,6 +1115,7 @@ class Gateway:
 
     def on_close(self, event: Any) -> None:
         _discard(getattr(event.assoc, "dimse", None))      # an instance cut off while arriving
+        self._hold(event.assoc, 0)
         self._settled(event)
         with self._lock:
             address = self._opened.pop(id(event.assoc), None)

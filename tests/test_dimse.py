@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -581,6 +582,79 @@ def test_a_large_instance_arrives_on_disk_not_in_memory(node: Node, tmp_path: Pa
         small.stop()
 
 
+def _store_request(assoc: Any) -> list[Any]:
+    """The P-DATA of a C-STORE-RQ command set for a CT instance, on ``assoc``'s first context."""
+    from io import BytesIO
+
+    from pydicom.uid import generate_uid
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, generate_uid()
+    request.DataSet = BytesIO(bytes(16))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    cx = assoc.accepted_contexts[0].context_id
+    return [p for p in message.encode_msg(cx, 16384) if p.presentation_data_value_list[0][1][0] & 1]
+
+
+def test_arriving_instances_share_one_memory_budget(node: Node, tmp_path: Path) -> None:
+    # Each association held up to 16 MiB of an arriving instance in memory, so 32 of them held
+    # 512 MiB.  With max_memory_mb the associations share one budget: past it an instance goes
+    # on into the spool as it arrives, whatever its own size.
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import P_DATA
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    budget = Node(node.fed, node.dest_port, name="budget", extra="max_memory_mb = 16\n")
+    receiving = budget.spool / "receiving"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    sent = 3 * (10 << 20)
+    associations = []
+    try:
+        for _ in range(3):                                    # 10 MiB each, none of them finished
+            assoc = ae.associate("127.0.0.1", budget.port, ae_title="DGF")
+            assert assoc.is_established
+            associations.append(assoc)
+            for pdata in _store_request(assoc):
+                assoc.dul.send_pdu(pdata)
+            cx = assoc.accepted_contexts[0].context_id
+            for _ in range((10 << 20) // 16384):
+                fragment = P_DATA()
+                fragment.presentation_data_value_list = [[cx, b"\x00" + bytes(16384)]]
+                assoc.dul.send_pdu(fragment)
+
+        def spilled() -> int:
+            return sum(p.stat().st_size for p in receiving.iterdir())
+
+        # What is not in the spool is in memory: at most the budget and a fragment.
+        deadline = time.monotonic() + 20
+        while spilled() < sent - (16 << 20) - 16384 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert spilled() >= sent - (16 << 20) - 16384, spilled()
+        assert len(list(receiving.iterdir())) in (1, 2)
+        for assoc in associations:
+            assoc.abort()
+        deadline = time.monotonic() + 10
+        while any(receiving.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(receiving.iterdir())                  # what was cut off is gone
+        assert _send(budget.port, corpus.fresh_instances(tmp_path / "after", 1)[0]) == 0
+        budget.drained()
+        log = (node.fed.root / "logs" / "budget.log").read_text(errors="replace")
+        assert "Traceback" not in log and "unknown key" not in log
+    finally:
+        for assoc in associations:
+            if assoc.is_established:
+                assoc.abort()
+        budget.stop()
+
+
 def _vm(pid: int, field: str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return next(int(line.split()[1]) << 10 for line in status.splitlines() if line.startswith(field + ":"))
@@ -670,7 +744,7 @@ def test_hostile_pdus_cost_neither_memory_nor_time(node: Node) -> None:
     assert "a PDU of 4294967040 bytes from 127.0.0.1 was refused" in log
     assert "a PDU from 127.0.0.1 was cut off" in log
     assert "its command set is larger than 65536 bytes" in log
-    assert "a dataset larger than 16777216 bytes came with no C-STORE request" in log
+    assert f"a dataset larger than {dimse.QUERY_DATASET_MAX} bytes came with no C-STORE request" in log
     assert "Traceback" not in log
 
 
@@ -710,12 +784,7 @@ def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
     # these cost the node 11 s of CPU (3.6 MB of one-character transfer syntaxes), 2.5 s (the
     # same in 225 KB), 1.1 s (4 MiB of empty values, from a peer not even associated) and 1 s
     # (20 000 fragments of 16 bytes: 50 s for a 16 MB dataset).
-    from io import BytesIO
-
-    from pydicom.uid import generate_uid
     from pynetdicom import AE
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu_primitives import P_DATA
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -739,17 +808,10 @@ def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
     assert assoc.is_established
     cx = assoc.accepted_contexts[0].context_id
-    request = C_STORE()
-    request.MessageID, request.Priority = 1, 2
-    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, generate_uid()
-    request.DataSet = BytesIO(bytes(16))
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
     sent = 0
     try:
-        for pdata in message.encode_msg(cx, 16384):
-            if pdata.presentation_data_value_list[0][1][0] & 1:        # the command set, whole
-                assoc.dul.send_pdu(pdata)
+        for pdata in _store_request(assoc):                          # the command set, whole
+            assoc.dul.send_pdu(pdata)
         while assoc.is_established and sent < 20_000:
             fragment = P_DATA()
             fragment.presentation_data_value_list = [[cx, b"\x00" + bytes(16)]]
