@@ -768,7 +768,8 @@ def _too_many_items(pdu_type: int, body: bytes | bytearray) -> int | None:
 def _bound_reads(assoc: Any, address: str) -> None:
     """Have ``assoc`` read a PDU of at most PDU_READ_MAX bytes (ASSOCIATE_MAX but for P-DATA),
     within PDU_GRACE_S and a second per PDU_RATE_MIN bytes of it, holding at most
-    ASSOCIATE_ITEMS_MAX items (an A-ASSOCIATE-RQ) or PDVS_MAX values (a P-DATA).  A PDU cut short
+    ASSOCIATE_ITEMS_MAX items (an A-ASSOCIATE-RQ) or PDVS_MAX values (a P-DATA, read only once
+    the association is accepted: pynetdicom read and decoded one first).  A PDU cut short
     (refused, too slow, the peer gone) ends the association as pynetdicom ends one whose peer
     closed mid-PDU."""
     sock = assoc.dul.socket
@@ -783,6 +784,9 @@ def _bound_reads(assoc: Any, address: str) -> None:
             return bytearray()
         got = read(n)
         if pdu_type is None and len(got) == 6:
+            if got[0] == 0x04 and assoc.dul.state_machine.current_state not in ("Sta6", "Sta7"):
+                log.error("a P-DATA PDU from %s came before its association was accepted", address)
+                return bytearray()
             header.extend((got[0], int.from_bytes(got[2:6], "big")))
         elif pdu_type is not None and len(got) == n:
             most = _too_many_items(pdu_type, got)

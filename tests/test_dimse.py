@@ -798,13 +798,22 @@ def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
     huge, crowded = _associate_rq(60, 12_000), _associate_rq(30, 1_500)
     assert len(huge) > dimse.ASSOCIATE_MAX > len(crowded)
     assert _refused(node.port, huge) and _refused(node.port, crowded)
-    # A P-DATA of 4 MiB of empty values (no association needed to have it decoded).
+    # A P-DATA of 4 MiB of empty values: before any association it is refused at its header;
+    # within one, before pynetdicom decodes it.
     pdvs = (struct.pack(">L", 2) + b"\x01\x00") * ((4 << 20) // 6)
-    assert _refused(node.port, b"\x04\x00" + struct.pack(">L", len(pdvs)) + pdvs)
-    # A C-STORE whose dataset comes 16 bytes a PDU, from an associated caller.
+    empties = b"\x04\x00" + struct.pack(">L", len(pdvs)) + pdvs
+    assert _refused(node.port, empties)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
+    assert assoc.is_established
+    assoc.dul.socket.send(empties)
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established
+    # A C-STORE whose dataset comes 16 bytes a PDU.
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
     assert assoc.is_established
     cx = assoc.accepted_contexts[0].context_id
@@ -831,6 +840,7 @@ def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
     assert f"was refused (at most {dimse.ASSOCIATE_MAX} are read)" in log
     assert f"more than {dimse.ASSOCIATE_ITEMS_MAX}" in log
     assert f"more than {dimse.PDVS_MAX}" in log
+    assert "a P-DATA PDU from 127.0.0.1 came before its association was accepted" in log
     cut = re.search(r"it came in (\d+) fragments of (\d+) bytes on average", log)
     assert cut is not None and int(cut[1]) < 100 and int(cut[2]) < 32, log   # not after 20 000
     assert "Traceback" not in log
