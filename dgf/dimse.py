@@ -49,6 +49,7 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -82,9 +83,12 @@ BLANKS = 32
 #: file in the spool, counted against max_spool_mb as it comes: pynetdicom would otherwise hold
 #: a whole instance in memory, gigabytes from any sender that knows a caller's AE title.
 IN_MEMORY_MAX = 16 * 1024 * 1024
-#: Bytes of the dataset of any message but a C-STORE (a query's identifier: a list of 10 000
-#: UIDs takes 650 KB).
-QUERY_DATASET_MAX = 1024 * 1024
+#: Bytes of the dataset of any message but a C-STORE (a query's identifier: a list of 4000 UIDs
+#: takes 260 KB).  pydicom decodes one at 3 us an element: 4 MiB of empty elements in one
+#: C-FIND cost the node 25 s of CPU, with its keys read.
+QUERY_DATASET_MAX = 256 * 1024
+#: Keys one identifier (or one item of a sequence key) may hold: reading one costs ~18 us.
+KEYS_MAX = 1024
 #: Bytes of one DIMSE command set (a few hundred in practice).
 COMMAND_MAX = 64 * 1024
 #: The PDU length the node asks peers to keep to.  pynetdicom handles each PDU in Python, so a
@@ -115,6 +119,8 @@ MESSAGE_FRAGMENTS = 64
 FRAGMENT_MIN = 512
 #: Statuses (PS3.4 Annex B, C).
 SUCCESS, PENDING = 0x0000, 0xFF00
+#: The Command Field of a C-STORE request (PS3.7 E.1).
+C_STORE_RQ_FIELD = 0x0001
 OUT_OF_RESOURCES = 0xA700
 NOT_AUTHORIZED = 0x0124
 UNABLE = 0xC000
@@ -252,6 +258,8 @@ class Key:
 def keys_of(identifier: Dataset, depth: int = 0) -> list[Key]:
     if depth > MAX_SEQUENCE_DEPTH:
         raise errors.UsageError(f"sequence keys nest more than {MAX_SEQUENCE_DEPTH} deep.")
+    if len(identifier) > KEYS_MAX:
+        raise errors.UsageError(f"the identifier holds more than {KEYS_MAX} keys.")
     out = []
     for elem in identifier:
         if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "") or elem.tag.group == 0x0002:
@@ -765,6 +773,18 @@ def _too_many_items(pdu_type: int, body: bytes | bytearray) -> int | None:
     return ASSOCIATE_ITEMS_MAX if count > ASSOCIATE_ITEMS_MAX else None
 
 
+def _command_field(command: bytes) -> int | None:
+    """The Command Field (0000,0100) of an encoded command set (Implicit VR Little Endian), or
+    None where it does not hold one."""
+    at = 0
+    while at + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, at)
+        if (group, element, length) == (0x0000, 0x0100, 2):
+            return int.from_bytes(command[at + 8:at + 10], "little")
+        at += 8 + length
+    return None
+
+
 def _bound_reads(assoc: Any, address: str) -> None:
     """Have ``assoc`` read a PDU of at most PDU_READ_MAX bytes (ASSOCIATE_MAX but for P-DATA),
     within PDU_GRACE_S and a second per PDU_RATE_MIN bytes of it, holding at most
@@ -1074,6 +1094,12 @@ class Gateway:
             dimse.dul.event_queue.put("Evt19")              # pynetdicom's A-ABORT
 
         def receive(primitive: Any) -> None:
+            values = primitive.presentation_data_value_list
+            if sum(len(v) - 1 for _, v in values if not v[0] & 1) > QUERY_DATASET_MAX and \
+                    not isinstance(dimse.message, C_STORE_RQ):  # a whole message in this PDU, say
+                held = dimse.message.encoded_command_set.getvalue() if dimse.message is not None else b""
+                if _command_field(held + b"".join(v[1:] for _, v in values if v[0] & 1)) != C_STORE_RQ_FIELD:
+                    return abort(f"a dataset larger than {QUERY_DATASET_MAX} bytes came with no C-STORE request")
             try:
                 inner(primitive)
             except SpoolFull:
@@ -1169,9 +1195,25 @@ class Gateway:
         self._uploader(ae).wake.set()
         return SUCCESS
 
+    @staticmethod
+    def _identifier(event: Any, ae: str, what: str) -> Dataset | None:
+        """The identifier of a query or retrieve, or None (logged in a line) where pydicom
+        cannot decode it: one nesting 3000 sequences deep raised RecursionError in pynetdicom's
+        handler call, which logged a 180 KB traceback for a 96 KB request."""
+        try:
+            identifier: Dataset = event.identifier
+        except Exception as exc:                             # noqa: BLE001 - any decoding failure
+            log.warning("%s from %s failed: its identifier could not be decoded (%s)", what, ae,
+                        type(exc).__name__)
+            return None
+        return identifier
+
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         ae = self._caller(event)
-        identifier = event.identifier
+        identifier = self._identifier(event, ae, "C-FIND")
+        if identifier is None:
+            yield UNABLE, None
+            return
         level = str(getattr(identifier, "QueryRetrieveLevel", "") or "")
         try:
             keys = keys_of(identifier)
@@ -1191,7 +1233,9 @@ class Gateway:
         """The files a C-GET/C-MOVE asks for, and a generator of their datasets (None for a
         file that could not be read); or a failure status."""
         ae = self._caller(event)
-        identifier = event.identifier
+        identifier = self._identifier(event, ae, "retrieve")
+        if identifier is None:
+            return UNABLE
         level = str(getattr(identifier, "QueryRetrieveLevel", "") or "")
         try:
             found = find(self.client(ae), level, keys_of(identifier), self.cfg.find_limit)
@@ -1278,7 +1322,7 @@ class Gateway:
     # -- serving ----------------------------------------------------------------------------
 
     def start(self) -> tuple[str, int]:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, _config, evt
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]
             PatientRootQueryRetrieveInformationModelFind,
             PatientRootQueryRetrieveInformationModelGet,
@@ -1289,6 +1333,11 @@ class Gateway:
             Verification,
         )
 
+        # pynetdicom decodes and formats every request's identifier, and every PDU and message,
+        # for INFO and DEBUG lines the node does not log: the CPU of decoding each identifier
+        # twice, and identifiers hold patients' values, which no log line may.
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+        _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.acse_timeout = ae.dimse_timeout = 30

@@ -846,6 +846,62 @@ def test_pdus_that_would_cost_the_node_cpu_are_refused(node: Node) -> None:
     assert "Traceback" not in log
 
 
+def _find_raw(port: int, identifier: bytes) -> list[int] | None:
+    """A C-FIND from VIEWER whose identifier is ``identifier`` as encoded (Implicit VR Little
+    Endian): the statuses answered, or None when the node aborted the association."""
+    from pynetdicom import AE, association
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, "1.2.840.10008.1.2")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", port, ae_title="DGF")
+    assert assoc.is_established
+    encode = association.encode                              # what send_c_find encodes with
+    association.encode = lambda *args, **kwargs: identifier  # type: ignore[assignment]
+    try:
+        statuses = [int(s.Status) for s, _ in assoc.send_c_find(Dataset(), StudyRootQueryRetrieveInformationModelFind)
+                    if s and "Status" in s]
+        deadline = time.monotonic() + 5
+        while not statuses and assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)                                 # an abort on its way
+        return statuses if assoc.is_established else None
+    finally:
+        association.encode = encode                          # type: ignore[assignment]
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_identifiers_that_would_cost_the_node_cpu_or_its_log_are_refused(node: Node) -> None:
+    # pydicom decodes an identifier at ~3 us an element and the keys are read at ~18 us each:
+    # 480 000 empty elements in one 3.8 MB PDU cost the node 25 s of CPU.  An identifier nesting
+    # 3000 sequences raised RecursionError in the handler, which pynetdicom logged as a 180 KB
+    # traceback for a 96 KB request.
+    from dgf import dimse
+
+    level = struct.pack("<HHI", 0x0008, 0x0052, 6) + b"STUDY "
+
+    def empties(n: int) -> bytes:
+        return level + b"".join(struct.pack("<HHI", 0x0011 + 2 * (i >> 16), i & 0xFFFF, 0) for i in range(n))
+
+    deep = (level + (struct.pack("<HHI", 0x0008, 0x1115, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF))
+            * 3000 + (struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)) * 3000)
+    log_path = node.fed.root / "logs" / "dicom.log"
+    start = log_path.stat().st_size
+    spent = _cpu(node.proc.pid)
+    assert _find_raw(node.port, empties(30_000)) == [dimse.UNABLE]          # 240 KB, one PDU
+    assert _find_raw(node.port, deep) == [dimse.UNABLE]
+    assert _find_raw(node.port, empties(480_000)) is None                    # 3.8 MB, one PDU
+    spent = _cpu(node.proc.pid) - spent
+    assert spent < 2.0, f"the node spent {spent:.1f} s of CPU on them"
+    assert _echoed(node.port)
+    log = log_path.read_bytes()[start:].decode(errors="replace")
+    assert f"C-FIND from VIEWER failed: the identifier holds more than {dimse.KEYS_MAX} keys" in log
+    assert "C-FIND from VIEWER failed: its identifier could not be decoded (RecursionError)" in log
+    assert f"a dataset larger than {dimse.QUERY_DATASET_MAX} bytes came with no C-STORE request" in log
+    assert "Traceback" not in log and len(log) < 4096, len(log)
+
+
 def test_a_hostile_move_destination_is_bounded_as_a_caller_is(node: Node) -> None:
     # For a C-MOVE the node calls the destination, and pynetdicom reads that association's PDUs
     # as it reads a caller's: an A-ASSOCIATE-AC claiming 4 GiB was read into memory.
