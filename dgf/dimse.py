@@ -1076,8 +1076,8 @@ class Gateway:
         """Have ``assoc`` hold at most IN_MEMORY_MAX bytes of an arriving C-STORE dataset, and
         all associations together at most max_memory_mb: past them the dataset goes on into a
         _Spilled file.  A caller that may not store, a spool that cannot take the rest, a
-        command set past COMMAND_MAX or another message's dataset past QUERY_DATASET_MAX abort
-        the association (A-ABORT) at once."""
+        command set past COMMAND_MAX, another message's dataset past QUERY_DATASET_MAX or a
+        message in too many fragments abort the association (A-ABORT) at once."""
         from pynetdicom.dimse_messages import C_STORE_RQ
 
         dimse = assoc.dimse
@@ -1094,11 +1094,14 @@ class Gateway:
             dimse.dul.event_queue.put("Evt19")              # pynetdicom's A-ABORT
 
         def receive(primitive: Any) -> None:
-            values = primitive.presentation_data_value_list
-            if sum(len(v) - 1 for _, v in values if not v[0] & 1) > QUERY_DATASET_MAX and \
-                    not isinstance(dimse.message, C_STORE_RQ):  # a whole message in this PDU, say
-                held = dimse.message.encoded_command_set.getvalue() if dimse.message is not None else b""
-                if _command_field(held + b"".join(v[1:] for _, v in values if v[0] & 1)) != C_STORE_RQ_FIELD:
+            # Before pynetdicom takes the PDU, which may hold a whole message: its dataset, with
+            # what arrived of it before, is within QUERY_DATASET_MAX unless it is a C-STORE's.
+            values, msg = primitive.presentation_data_value_list, dimse.message
+            held = msg.data_set.tell() if msg is not None and type(msg.data_set) is io.BytesIO else 0
+            if held + sum(len(v) - 1 for _, v in values if not v[0] & 1) > QUERY_DATASET_MAX and \
+                    not isinstance(msg, C_STORE_RQ):
+                command = msg.encoded_command_set.getvalue() if msg is not None else b""
+                if _command_field(command + b"".join(v[1:] for _, v in values if v[0] & 1)) != C_STORE_RQ_FIELD:
                     return abort(f"a dataset larger than {QUERY_DATASET_MAX} bytes came with no C-STORE request")
             try:
                 inner(primitive)
@@ -1118,11 +1121,7 @@ class Gateway:
             size = msg.encoded_command_set.tell() + (data.size if isinstance(data, _Spilled) else data.tell())
             if fragments[0] > MESSAGE_FRAGMENTS + size // FRAGMENT_MIN:
                 return abort(f"it came in {fragments[0]} fragments of {size // fragments[0]} bytes on average")
-            if type(data) is not io.BytesIO:
-                return None
-            if not isinstance(msg, C_STORE_RQ):
-                if data.tell() > QUERY_DATASET_MAX:
-                    return abort(f"a dataset larger than {QUERY_DATASET_MAX} bytes came with no C-STORE request")
+            if type(data) is not io.BytesIO or not isinstance(msg, C_STORE_RQ):
                 return None
             if self._hold(assoc, data.tell()) <= budget and data.tell() <= IN_MEMORY_MAX:
                 return None
