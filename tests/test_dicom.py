@@ -262,8 +262,100 @@ def test_values_over_a_mib_are_described_not_copied_into_the_header(tmp_path: Pa
         assert bytes(skeleton) != whole                                  # the LUT was left unread
         assert xmlheader.header_xml(skeleton) == xmlheader.header_xml(whole)
         assert f'length="{len(big)}"'.encode() in xmlheader.header_xml(whole)
+        # The streamed record is the one the in-memory path builds, and gives the original back.
+        assert result.identity == _deidentify(source).identity
+        assert identity.reidentify(whole, result.identity) == source
     finally:
         plan.close()
+
+
+def _with_shared_span() -> tuple[bytes, deid.Result]:
+    """A corpus file whose record leaves a span of the de-identified file out of its digest."""
+    for path in corpus.readable_files():
+        data = path.read_bytes()
+        if len(data) < 4 * identity.SHARED_MIN:
+            continue
+        try:
+            result = _deidentify(data)
+        except errors.InvalidDicom:
+            continue
+        if any(identity.shared(p, identity.SHARED_MIN) for p in result.identity["delta"]):  # type: ignore[attr-defined]
+            return data, result
+    raise AssertionError("no corpus file has pixel data of SHARED_MIN bytes")
+
+
+def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 3 hashes the original without the spans the de-identified file holds (its bulk),
+    so an upload hashes a 0.5 MB CT once, not twice; every byte of the rebuilt original is still
+    checked: the spans by the de-identified file's digest, the rest by ``rest_sha256``."""
+    import hashlib
+    import json
+
+    data, result = _with_shared_span()
+    record = identity.decode(identity.encode(result.identity))
+    assert record["v"] == 3 and "original_sha256" not in record and record["shared_min"] == identity.SHARED_MIN
+
+    def shared(piece: object) -> bool:
+        return identity.shared(piece, identity.SHARED_MIN)
+
+    kept = sum(p[1] for p in record["delta"] if shared(p))
+    rest = b"".join(base64.b64decode(p) if isinstance(p, str) else
+                    (b"" if shared(p) else result.data[p[0]:p[0] + p[1]]) for p in record["delta"])
+    assert len(rest) == len(data) - kept and hashlib.sha256(rest).hexdigest() == record["rest_sha256"]
+    assert identity.reidentify(result.data, record) == data
+    assert identity.summary(record, data)["original_sha256"] == hashlib.sha256(data).hexdigest()
+
+    def tampered(change) -> dict:  # type: ignore[no-untyped-def,type-arg]
+        copy = json.loads(json.dumps(record))
+        change(copy)
+        return copy  # type: ignore[no-any-return]
+
+    first = next(i for i, p in enumerate(record["delta"]) if isinstance(p, str) and len(p) > 8)
+    span = next(i for i, p in enumerate(record["delta"]) if shared(p))
+    flipped = bytearray(base64.b64decode(record["delta"][first]))
+    flipped[-1] ^= 1
+
+    def flip(r: dict) -> None:  # type: ignore[type-arg]
+        r["delta"][first] = base64.b64encode(bytes(flipped)).decode()
+
+    def overrun(r: dict) -> None:  # type: ignore[type-arg]
+        r["delta"][span][1] = len(result.data)
+
+    def older(r: dict) -> None:  # type: ignore[type-arg]
+        r["v"], r["original_sha256"] = 2, "0" * 64
+
+    def unbounded(r: dict) -> None:  # type: ignore[type-arg]
+        del r["shared_min"]
+
+    for change, words in ((flip, "did not reproduce"), (overrun, "does not have"), (older, "did not reproduce"),
+                          (unbounded, "shared_min")):
+        with pytest.raises(errors.IntegrityError, match=words):
+            identity.reidentify(result.data, tampered(change))
+    bad = bytearray(result.data)
+    bad[record["delta"][span][0] + 7] ^= 1
+    with pytest.raises(errors.IntegrityError, match="does not match"):
+        identity.reidentify(bytes(bad), record)
+    # Records of version 2 (the whole original's SHA-256) still re-identify.
+    v2 = tampered(lambda r: r.update(v=2, original_sha256=hashlib.sha256(data).hexdigest()))
+    assert identity.reidentify(result.data, v2) == data
+    # A record says which spans it left out: one built with another bound checks under this one,
+    # and a bound changed afterwards is caught.
+    monkeypatch.setattr(identity, "SHARED_MIN", len(data) + 1)
+    whole = _deidentify(data).identity
+    monkeypatch.undo()
+    assert whole["rest_sha256"] == hashlib.sha256(data).hexdigest()
+    assert identity.reidentify(result.data, whole) == data
+    with pytest.raises(errors.IntegrityError, match="did not reproduce"):
+        identity.reidentify(result.data, tampered(lambda r: r.update(shared_min=len(data) + 1)))
+    # From file to file: the same checks, and nothing is left behind when one fails.
+    src, out = tmp_path / "deid.dcm", tmp_path / "original.dcm"
+    src.write_bytes(result.data)
+    identity.reidentify_file(str(src), record, str(out))
+    assert out.read_bytes() == data
+    out.unlink()
+    with pytest.raises(errors.IntegrityError, match="did not reproduce"):
+        identity.reidentify_file(str(src), tampered(flip), str(out))
+    assert not out.exists()
 
 
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from dgf import errors, integrity
+from dgf.dicom import identity as identity_record
 from dgf.dicom import raw, safe_private
 from dgf.dicom.profile import SAFE_PRIVATE_CREATORS, Options, Profile
 from dgf.dicom.raw import UNDEFINED, Elem, Encoding, Item, Part10
@@ -87,7 +88,6 @@ class DeidPlan:
     uids: set[str]
     patient_key: str
     top: dict[int, Elem]
-    original_sha256: str = ""
     #: For a memory-mapped file (:func:`analyze_file`): its descriptor, read with pread.
     fd: int | None = None
 
@@ -185,8 +185,7 @@ def analyze(data: bytes, profile: Profile, fd: int | None = None) -> DeidPlan:
             f"the file is truncated: its pixel data (7FE0,0010) has {have} of {want} bytes "
             f"({want - have} missing); -O allow_truncated keeps such a file as it is, marked in its XML header.")
     top = {e.tag: e for e in part.dataset}
-    plan = DeidPlan(part, {}, set(), set(), "", top,
-                "" if fd is not None else hashlib.sha256(data).hexdigest(), fd=fd)
+    plan = DeidPlan(part, {}, set(), set(), "", top, fd=fd)
     _check_burned_in(plan, profile)
     pid, issuer = plan.top_text(PATIENT_ID), plan.top_text(ISSUER_OF_PATIENT_ID)
     if pid:
@@ -617,23 +616,35 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
     layout: list[Seg] | None = None
     blocks = b""
     opaque: list[tuple[int, int]] = []
+    # The original's digest (identity record v3): every byte but the spans the output copies
+    # whole in pieces of identity.SHARED_MIN or more, which the output's own digest covers.
+    rest = hashlib.sha256()
     if part.deflated:
         import zlib
         inflated = b"".join(data[s[0]:s[1]] if isinstance(s, tuple) else s for s in body.segs)
         comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
         out = head + comp.compress(inflated) + comp.flush()
         # Spans of the inflated stream do not exist in the deflated original: keep it all.
-        delta: list[object] = [base64.b64encode(plan_original(plan)).decode()]
+        original = plan_original(plan)
+        delta: list[object] = [base64.b64encode(original).decode()]
+        rest.update(original)
         size = len(out)
     else:
+        streamed = plan.fd is not None
         layout = [head]
         delta = [base64.b64encode(data[:part.meta_end]).decode()]
+        if not streamed:
+            rest.update(data[:part.meta_end])
         out_pos, orig_pos = len(head), part.meta_end
         for s in body.segs:
             if isinstance(s, tuple):
                 a, b = s
                 if a > orig_pos:
                     delta.append(base64.b64encode(data[orig_pos:a]).decode())
+                    if not streamed:
+                        rest.update(data[orig_pos:a])
+                if not streamed and b - a < identity_record.SHARED_MIN:
+                    rest.update(data[a:b])
                 delta.append([out_pos, b - a])
                 orig_pos = b
                 out_pos += b - a
@@ -642,23 +653,27 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
             layout.append(s)
         if orig_pos < len(data):
             delta.append(base64.b64encode(data[orig_pos:]).decode())
+            if not streamed:
+                rest.update(data[orig_pos:])
         size = out_pos
         opaque = _output_ranges(layout, raw.opaque_values(data, part.dataset, part.encoding.little))
     if layout is not None and plan.fd is not None:
         if size > MAX_OBJECT:
             raise errors.InvalidDicom(f"the de-identified object would be {size} bytes; an object "
                                       f"holds at most {MAX_OBJECT} bytes (PS3.5 7.1.1).")
-        key, blocks, plan.original_sha256 = _stream_digests(plan.fd, layout, len(data))
+        key, blocks, rest_hex = _stream_digests(plan.fd, layout, len(data))
         out = b""
     else:
+        rest_hex = rest.hexdigest()
         if layout is not None:
             view = memoryview(data)
             out = b"".join(s if isinstance(s, bytes) else view[s[0]:s[1]] for s in layout)
             layout = None
         key = hashlib.sha256(out).hexdigest()
     identity = {
-        "v": 2,
-        "original_sha256": plan.original_sha256,
+        "v": 3,
+        "rest_sha256": rest_hex,
+        "shared_min": identity_record.SHARED_MIN,
         "original_size": len(data) if not part.deflated else len(plan_original(plan)),
         "deid_sha256": key,
         "profile": f"PS3.15 E {profile.edition}",
@@ -703,10 +718,11 @@ def pread_span(fd: int, start: int, end: int, chunk: int = _READ) -> Iterator[by
 
 
 def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, bytes, str]:
-    """One pass over the source: (key, hash list) of the output and the original's SHA-256."""
+    """One pass over the source: (key, hash list) of the output and the original's digest of
+    identity record v3 (the spans copied whole in pieces of identity.SHARED_MIN or more left
+    out, as :func:`apply` builds the record's delta)."""
     out = integrity.Hasher()
-    original = hashlib.sha256()
-    pool = integrity.helper()
+    rest = hashlib.sha256()
     pos = 0
     for s in layout:
         if isinstance(s, bytes):
@@ -714,18 +730,15 @@ def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, 
             continue
         a, b = s
         for piece in pread_span(fd, pos, a):
-            original.update(piece)
+            rest.update(piece)
         for piece in pread_span(fd, a, b, 4 * _READ):
-            # Three SHA-256 passes (original, output, output's blocks) run side by side.
-            done = pool.submit(original.update, piece)
-            try:
-                out.update(piece)
-            finally:
-                done.result()
+            if b - a < identity_record.SHARED_MIN:
+                rest.update(piece)
+            out.update(piece)
         pos = b
     for piece in pread_span(fd, pos, source_size):
-        original.update(piece)
-    return out.whole.hexdigest(), out.digests(), original.hexdigest()
+        rest.update(piece)
+    return out.whole.hexdigest(), out.digests(), rest.hexdigest()
 
 
 def skeleton(plan: DeidPlan, result: Result) -> mmap.mmap:

@@ -12,7 +12,12 @@ An identity record (built by :func:`dgf.dicom.deid.apply`) holds, for one instan
   the original;
 - ``removed_runs``: ``[item path, start, end]`` for runs of whole elements removed one after
   another (private groups, mostly): the same information, listed per element by :func:`summary`;
-- the SHA-256 of the original and of the de-identified file, so re-identification is verified.
+- the SHA-256 of the de-identified file, and of the original: whole in versions 1 and 2
+  (``original_sha256``); in version 3 (``rest_sha256``) of the original's bytes outside the
+  pieces the de-identified file holds in spans of at least ``shared_min`` bytes (the pixel
+  data, mostly), which the de-identified file's own digest covers; so re-identification is
+  verified either way, and an upload hashes a large file's bulk once, not twice.  The whole
+  original's SHA-256 is what :func:`summary` shows, computed from the re-identified file.
 
 Records travel to the metaserver compressed (:func:`encode`) and are sealed there per patient.
 """
@@ -26,6 +31,16 @@ import zlib
 from typing import Any
 
 from dgf import errors
+
+#: Version 3 leaves copy pieces of at least this many bytes out of ``rest_sha256``; each record
+#: says which bound it was built with (``shared_min``), so the bound may change.
+SHARED_MIN = 16 * 1024
+
+
+def shared(piece: object, least: int) -> bool:
+    """Whether a delta piece is a span of the de-identified file left out of ``rest_sha256`` by a
+    record built with ``shared_min`` = ``least``."""
+    return isinstance(piece, list) and piece[1] >= least
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -81,7 +96,7 @@ def leading(blob: bytes, limit: int) -> dict[str, Any]:
 
 
 def _versioned(record: object) -> dict[str, Any]:
-    if not isinstance(record, dict) or record.get("v") not in (1, 2):
+    if not isinstance(record, dict) or record.get("v") not in (1, 2, 3):
         raise errors.IntegrityError("the identity record has an unknown format version.")
     return record
 
@@ -100,15 +115,20 @@ def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
         raise errors.IntegrityError("the de-identified object does not match its identity record.")
     parts: list[bytes | memoryview] = []
     view = memoryview(deid)
+    check = _OriginalCheck(record)
     for piece in record["delta"]:
         if isinstance(piece, str):
-            parts.append(base64.b64decode(piece))
+            part: bytes | memoryview = base64.b64decode(piece)
         else:
             offset, length = piece
-            parts.append(view[offset:offset + length])
+            part = view[offset:offset + length]
+            if offset < 0 or len(part) != length:
+                raise errors.IntegrityError("the identity record names bytes the de-identified object "
+                                            "does not have.")
+        check.update(piece, part)
+        parts.append(part)
     original = b"".join(parts)
-    if hashlib.sha256(original).hexdigest() != record["original_sha256"]:
-        raise errors.IntegrityError("re-identification did not reproduce the original file.")
+    check.verify(len(original))
     return original
 
 
@@ -122,14 +142,15 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
             out.write(restore_derived(fh.read(), record))
         return
 
-    check = hashlib.sha256()
+    digest = hashlib.sha256()
     with open(deid_path, "rb") as fh:
         for piece in iter(lambda: fh.read(1 << 20), b""):
-            check.update(piece)
-    if check.hexdigest() != record["deid_sha256"]:
+            digest.update(piece)
+    if digest.hexdigest() != record["deid_sha256"]:
         raise errors.IntegrityError("the de-identified object does not match its identity record.")
-    original = hashlib.sha256()
+    check = _OriginalCheck(record)
     fd = os.open(deid_path, os.O_RDONLY)
+    size = 0
     try:
         with open(out_path, "xb") as out:
             for piece in record["delta"]:
@@ -139,13 +160,38 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
                     offset, length = piece
                     chunks = _pread(fd, offset, length)
                 for chunk in chunks:
-                    original.update(chunk)
+                    check.update(piece, chunk)
                     out.write(chunk)
+                    size += len(chunk)
+        check.verify(size)
+    except BaseException:
+        os.unlink(out_path)
+        raise
     finally:
         os.close(fd)
-    if original.hexdigest() != record["original_sha256"]:
-        os.unlink(out_path)
-        raise errors.IntegrityError("re-identification did not reproduce the original file.")
+
+
+class _OriginalCheck:
+    """The digest a record keeps of its original (see the module's docstring), fed piece by
+    piece as the original is rebuilt."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.rest = record.get("v") == 3
+        least = record.get("shared_min") if self.rest else None
+        if self.rest and (not isinstance(least, int) or least < 1):
+            raise errors.IntegrityError("the identity record has no valid shared_min.")
+        self.least = least or 0
+        self.digest = hashlib.sha256()
+
+    def update(self, piece: object, data: bytes | memoryview) -> None:
+        if not (self.rest and shared(piece, self.least)):
+            self.digest.update(data)
+
+    def verify(self, size: int) -> None:
+        want = self.record.get("rest_sha256" if self.rest else "original_sha256")
+        if size != self.record.get("original_size", size) or self.digest.hexdigest() != want:
+            raise errors.IntegrityError("re-identification did not reproduce the original file.")
 
 
 def _pread(fd: int, offset: int, length: int) -> Any:
@@ -208,7 +254,7 @@ def restore_derived(derived: bytes, record: dict[str, Any]) -> bytes:
     from dgf.dicom import raw
 
     wanted = [(tag, vr, start, end) for parent, tag, vr, _action, _creator, start, end in record.get("removed", [])
-              if record.get("v") == 2 and parent == "" and vr != "SQ" and shared_with_derived(tag)]
+              if record.get("v") in (2, 3) and parent == "" and vr != "SQ" and shared_with_derived(tag)]
     values = _original_ranges(record, [(start, end) for _, _, start, end in wanted])
     if any(v is None for v in values):
         raise errors.IntegrityError("the source's identity record does not hold the values a derived "
@@ -273,6 +319,7 @@ def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:
         removed.append(entry)
     out: dict[str, Any] = {k: record[k] for k in ("original_sha256", "original_size", "profile", "options")
                            if k in record}
+    out.setdefault("original_sha256", hashlib.sha256(original).hexdigest())
     out["removed"] = removed
     return out
 
