@@ -90,11 +90,20 @@ def test_echo_and_unknown_callers_refused(node: Node) -> None:
     assert refused.returncode != 0 and "Rejected" in refused.stdout + refused.stderr
 
 
-def test_storescu_into_the_archive_de_identified(node: Node, tmp_path: Path) -> None:
-    sources = corpus.fresh_instances(tmp_path / "ct", 12) + corpus.fresh_instances(tmp_path / "mr", 3, "MR_small.dcm")
+@pytest.fixture(scope="module")
+def stored(node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """12 CT and 3 MR instances sent by dcmtk's storescu and in the archive: what the query and
+    retrieve tests look for, so each of them also runs alone."""
+    tmp = tmp_path_factory.mktemp("stored")
+    sources = corpus.fresh_instances(tmp / "ct", 12) + corpus.fresh_instances(tmp / "mr", 3, "MR_small.dcm")
     sent = _run("storescu", *node.args("MODALITY"), *map(str, sources))
     assert sent.returncode == 0, sent.stderr
     node.drained()
+    return sources
+
+
+def test_storescu_into_the_archive_de_identified(node: Node, stored: list[Path]) -> None:
+    sources = stored
     with Client(node.fed.config("researcher")) as r:
         rows = r.find("/DicomHeader[PatientIdentityRemoved='YES']", "/", show=["Modality", "PatientName"])
     assert len(rows) == 15
@@ -114,7 +123,7 @@ def _findscu(node: Node, out: Path, calling: str, *keys: str) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
-def test_findscu_at_each_level_from_the_header_index(node: Node, tmp_path: Path) -> None:
+def test_findscu_at_each_level_from_the_header_index(node: Node, stored: list[Path], tmp_path: Path) -> None:
     with Client(node.fed.config("researcher")) as r:
         rows = r.find("/DicomHeader", "/", show=["StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID"])
     studies = {row["values"]["StudyInstanceUID"] for row in rows}
@@ -143,7 +152,7 @@ def test_findscu_at_each_level_from_the_header_index(node: Node, tmp_path: Path)
     assert nothing == []
 
 
-def test_pynetdicom_find_with_date_ranges(node: Node) -> None:
+def test_pynetdicom_find_with_date_ranges(node: Node, stored: list[Path]) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
@@ -183,7 +192,7 @@ def _getscu(node: Node, calling: str, study: str, out: Path) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in out.iterdir()]
 
 
-def test_getscu_and_movescu_retrieve_de_identified_or_identified(node: Node, tmp_path: Path) -> None:
+def test_getscu_and_movescu_retrieve_de_identified_or_identified(node: Node, stored: list[Path], tmp_path: Path) -> None:
     with Client(node.fed.config("researcher")) as r:
         rows = r.find("/DicomHeader[Modality='MR']", "/", show=["SeriesInstanceUID", "StudyInstanceUID"])
     study = rows[0]["values"]["StudyInstanceUID"]
