@@ -142,7 +142,7 @@ def web_side(fed: local.Federation, example: Path) -> None:
             print(f"  study {st['0020000D']['Value'][0]}  patient {st['00100020']['Value'][0]}  "
                   f"{st['00201208']['Value'][0]} instance(s)")
         print(f"\nOpen http://127.0.0.1:{port}/ and sign in with the token in {token_file} to browse the archive "
-              f"in the OHIF viewer (after the demo: dgf local up {fed.root.name}; dgf web serve --config {conf}).")
+              f"in the OHIF viewer (after the demo: dgf local up {fed.root}; dgf web serve --config {conf}).")
     finally:
         server.terminate()
         server.wait(15)
