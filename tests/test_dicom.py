@@ -10,6 +10,7 @@ import logging
 import re
 import string
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -327,8 +328,13 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
     def unbounded(r: dict) -> None:  # type: ignore[type-arg]
         del r["shared_min"]
 
+    def piece(value: object) -> Callable[[dict], None]:  # type: ignore[type-arg]
+        return lambda r: r["delta"].__setitem__(span, value)
+
     for change, words in ((flip, "did not reproduce"), (overrun, "does not have"), (older, "did not reproduce"),
-                          (unbounded, "shared_min")):
+                          (unbounded, "shared_min"), (piece([-2, 10]), "malformed"), (piece(["0", 10]), "malformed"),
+                          (piece([0, 1, 2]), "malformed"), (piece("A"), "not base64"), (piece(None), "malformed"),
+                          (lambda r: r.pop("delta"), "no delta")):
         with pytest.raises(errors.IntegrityError, match=words):
             identity.reidentify(result.data, tampered(change))
     bad = bytearray(result.data)
@@ -353,9 +359,10 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
     identity.reidentify_file(str(src), record, str(out))
     assert out.read_bytes() == data
     out.unlink()
-    with pytest.raises(errors.IntegrityError, match="did not reproduce"):
-        identity.reidentify_file(str(src), tampered(flip), str(out))
-    assert not out.exists()
+    for change in (flip, piece([-2, 10])):
+        with pytest.raises(errors.IntegrityError):
+            identity.reidentify_file(str(src), tampered(change), str(out))
+        assert not out.exists()
 
 
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:

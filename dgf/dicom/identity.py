@@ -28,6 +28,7 @@ import base64
 import hashlib
 import json
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from dgf import errors
@@ -111,18 +112,18 @@ def restore(deid: bytes, record: dict[str, Any]) -> bytes:
 
 def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
     """Rebuild the original file from the de-identified bytes and the identity record."""
-    if hashlib.sha256(deid).hexdigest() != record["deid_sha256"]:
+    if hashlib.sha256(deid).hexdigest() != record.get("deid_sha256"):
         raise errors.IntegrityError("the de-identified object does not match its identity record.")
     parts: list[bytes | memoryview] = []
     view = memoryview(deid)
     check = _OriginalCheck(record)
-    for piece in record["delta"]:
-        if isinstance(piece, str):
-            part: bytes | memoryview = base64.b64decode(piece)
+    for piece in _delta(record):
+        if isinstance(piece, bytes):
+            part: bytes | memoryview = piece
         else:
             offset, length = piece
             part = view[offset:offset + length]
-            if offset < 0 or len(part) != length:
+            if len(part) != length:
                 raise errors.IntegrityError("the identity record names bytes the de-identified object "
                                             "does not have.")
         check.update(piece, part)
@@ -144,18 +145,18 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
 
     digest = hashlib.sha256()
     with open(deid_path, "rb") as fh:
-        for piece in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(piece)
-    if digest.hexdigest() != record["deid_sha256"]:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != record.get("deid_sha256"):
         raise errors.IntegrityError("the de-identified object does not match its identity record.")
     check = _OriginalCheck(record)
     fd = os.open(deid_path, os.O_RDONLY)
     size = 0
     try:
         with open(out_path, "xb") as out:
-            for piece in record["delta"]:
-                if isinstance(piece, str):
-                    chunks: Any = [base64.b64decode(piece)]
+            for piece in _delta(record):
+                if isinstance(piece, bytes):
+                    chunks: Any = [piece]
                 else:
                     offset, length = piece
                     chunks = _pread(fd, offset, length)
@@ -171,6 +172,24 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
         os.close(fd)
 
 
+def _delta(record: dict[str, Any]) -> Iterator[bytes | list[int]]:
+    """The record's delta, piece by piece: the original's own bytes, or ``[offset, length]`` of
+    the de-identified file; anything else is a corrupt record, said so."""
+    delta = record.get("delta")
+    if not isinstance(delta, list):
+        raise errors.IntegrityError("the identity record is corrupt (it has no delta).")
+    for piece in delta:
+        if isinstance(piece, str):
+            try:
+                yield base64.b64decode(piece)
+            except ValueError:
+                raise errors.IntegrityError("the identity record is corrupt (a piece is not base64).") from None
+        elif isinstance(piece, list) and len(piece) == 2 and all(type(v) is int and v >= 0 for v in piece):
+            yield piece
+        else:
+            raise errors.IntegrityError("the identity record is corrupt (a piece of its delta is malformed).")
+
+
 class _OriginalCheck:
     """The digest a record keeps of its original (see the module's docstring), fed piece by
     piece as the original is rebuilt."""
@@ -184,7 +203,7 @@ class _OriginalCheck:
         self.least = least or 0
         self.digest = hashlib.sha256()
 
-    def update(self, piece: object, data: bytes | memoryview) -> None:
+    def update(self, piece: bytes | list[int], data: bytes | memoryview) -> None:
         if not (self.rest and shared(piece, self.least)):
             self.digest.update(data)
 
