@@ -459,3 +459,31 @@ def test_identity_summary_for_clinicians_only(clinician: Client, researcher: Cli
     assert summary["original_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     with pytest.raises(errors.PermissionDenied):
         researcher.identity_summary(path)
+
+
+def test_identity_summary_of_a_large_object_is_rebuilt_on_disk(federation: local.Federation, clinician: Client,
+                                                               workdir: Path) -> None:
+    """'dgf identity' (and the mount's user.dgf.identity) of an object past the download's
+    streaming threshold rebuilds the original on disk: it held the object and the original in
+    memory, 2x the object (~320 MB here, 4 GB for a 2 GB multi-frame)."""
+    import json
+    import subprocess
+    import sys
+
+    from bench import synth
+
+    src = synth.multiframe(workdir / "large.dcm", 150 * 1024 * 1024)
+    clinician.upload([src], to="/summary-large")
+    path = clinician.ls("/summary-large")[0].path
+    out, err = workdir / "identity.json", workdir / "identity.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dgf"), "identity", path,
+                                 "--config", str(federation.config("clinician"))], stdout=o, stderr=e)
+    _, status, usage = os.wait4(proc.pid, 0)          # its peak RSS, which Popen.wait does not give
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err.read_text()
+    summary = json.loads(out.read_text())
+    assert summary["original_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    by_path = {e["path"]: e for e in summary["removed"]}
+    assert by_path["(0010,0010)"]["value"] == str(pydicom.dcmread(src, stop_before_pixels=True).PatientName)
+    assert usage.ru_maxrss << 10 < 150 * 1024 * 1024, usage.ru_maxrss

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import mmap
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -133,15 +134,16 @@ def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
     return original
 
 
-def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> None:
+def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str, whole: bool = False) -> str:
     """:func:`restore` from a file to a file, in pieces (objects of any size), both digests
-    checked on the way."""
+    checked on the way.  With ``whole``, the original's SHA-256 (for :func:`summary`, which
+    then need not read the original again), else an empty string."""
     import os
 
     if record.get("derived_from"):
         with open(deid_path, "rb") as fh, open(out_path, "xb") as out:
             out.write(restore_derived(fh.read(), record))
-        return
+        return ""
 
     digest = hashlib.sha256()
     with open(deid_path, "rb") as fh:
@@ -150,6 +152,7 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
     if digest.hexdigest() != record.get("deid_sha256"):
         raise errors.IntegrityError("the de-identified object does not match its identity record.")
     check = _OriginalCheck(record)
+    original = hashlib.sha256()
     fd = os.open(deid_path, os.O_RDONLY)
     size = 0
     try:
@@ -162,6 +165,8 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
                     chunks = _pread(fd, offset, length)
                 for chunk in chunks:
                     check.update(piece, chunk)
+                    if whole:
+                        original.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
         check.verify(size)
@@ -170,6 +175,7 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str) -> No
         raise
     finally:
         os.close(fd)
+    return original.hexdigest() if whole else ""
 
 
 def _delta(record: dict[str, Any]) -> Iterator[bytes | list[int]]:
@@ -305,12 +311,14 @@ def restore_derived(derived: bytes, record: dict[str, Any]) -> bytes:
     return bytes(out)
 
 
-def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:
+def summary(record: dict[str, Any], original: bytes | mmap.mmap, original_sha256: str = "") -> dict[str, Any]:
     """The human part of a record: what was removed or replaced, with the original values
-    (read from ``original``, the re-identified file), for people and user.dgf.identity."""
+    (read from ``original``, the re-identified file, in memory or mapped), for people and
+    user.dgf.identity.  The original's SHA-256 is the record's (versions 1 and 2), else
+    ``original_sha256`` when the caller has it, else computed here."""
     from dgf.dicom import raw
 
-    part = raw.parse_part10(original)
+    part = raw.parse_part10(original)  # type: ignore[arg-type]  # a map reads as bytes do
     data = part.data  # inflated, for deflated files: the offsets' frame
     rows = []
     for row in record.get("removed", []):
@@ -338,7 +346,7 @@ def summary(record: dict[str, Any], original: bytes) -> dict[str, Any]:
         removed.append(entry)
     out: dict[str, Any] = {k: record[k] for k in ("original_sha256", "original_size", "profile", "options")
                            if k in record}
-    out.setdefault("original_sha256", hashlib.sha256(original).hexdigest())
+    out.setdefault("original_sha256", original_sha256 or hashlib.sha256(original).hexdigest())
     out["removed"] = removed
     return out
 
