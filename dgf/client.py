@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dgf import errors
 from dgf.config import ClientConfig
@@ -25,6 +25,8 @@ from dgf.transport import UNREACHABLE_S, MetaLink, SiteLink
 from dgf.types import HEADER_XATTR, Site, Stat
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dgf.dicom.profile import Options
     from dgf.download import Downloads
     from dgf.mux import Sharing
@@ -401,6 +403,11 @@ class Client:
         """The whole content of one file (re-identified if asked and allowed), verified. See
         :meth:`dgf.download.Downloads.read_file`."""
         return self.downloads.read_file(path=path, identified=identified)
+
+    def read_original(self, path: str, spool: Path) -> bytes | BinaryIO:
+        """The exact original of one file, in memory or (large) as an open, unlinked file. See
+        :meth:`dgf.download.Downloads.read_original`."""
+        return self.downloads.read_original(path=path, spool=spool)
 
     def identity_summary(self, path: str) -> dict[str, Any]:
         """What de-identification removed from one file (clinicians; the release is audited). See

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dgf import errors
 from dgf.dicom import identity
@@ -239,32 +239,59 @@ class Downloads:
             return identity.restore(data, identity.decode(base64.b64decode(blob)))
         return data
 
-    def identity_summary(self, path: str) -> dict[str, Any]:
-        """What de-identification removed from one file (clinicians; the release is audited).
-        An object past the streaming threshold is rebuilt on disk and read through a map, so
-        the summary of a 2 GB multi-frame costs no more memory than that of a small file."""
+    def _identified_one(self, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``path`` resolved for identity (an audited release) and its identity record."""
         resolved = self.resolve([path], identified=True)
         files = ResolvedFile.all_of(resolved)
         if not files:
             raise errors.NotFound(f"{path} does not exist.")
-        key = files[0].key
-        blob = resolved["identities"].get(key)
+        blob = resolved.get("identities", {}).get(files[0].key)
         if blob is None:
             raise errors.NoAttribute(f"no identity is held for {path}.")
-        record = identity.decode(base64.b64decode(blob))
+        return resolved, identity.decode(base64.b64decode(blob))
+
+    def _object(self, resolved: dict[str, Any], path: str, spool: Path) -> GetResult:
+        """The one resolved object, verified: in memory, or past the streaming threshold a file
+        in ``spool``."""
+        got: list[GetResult] = []
+        left = self.client.reader.read_many(ObjectRef.all_of(resolved)[:1], got.append, spool)
+        if not got:
+            raise errors.IntegrityError(f"{path} could not be read: {next(iter(left.values()), 'no replica answered')}")
+        return got[0]
+
+    def read_original(self, path: str, spool: Path) -> bytes | BinaryIO:
+        """The exact original of one file (clinicians; the release is audited), verified: in
+        memory, or for an object past the streaming threshold an open file rebuilt in a fresh
+        directory under ``spool`` and unlinked at once (closing it frees the space), so a
+        2 GB multi-frame costs the caller disk, not memory."""
+        resolved, record = self._identified_one(path)
+        spool.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="dgf-original-", dir=spool)
+        try:
+            got = self._object(resolved, path, Path(tmp))
+            if got.path is None:
+                return identity.restore(got.data or b"", record)
+            original = os.path.join(tmp, "original")
+            identity.reidentify_file(str(got.path), record, original)
+            return open(original, "rb")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def identity_summary(self, path: str) -> dict[str, Any]:
+        """What de-identification removed from one file (clinicians; the release is audited).
+        An object past the streaming threshold is rebuilt on disk and read through a map, so
+        the summary of a 2 GB multi-frame costs no more memory than that of a small file."""
+        resolved, record = self._identified_one(path)
         if record.get("derived_from"):
             raise errors.NoAttribute(f"{path} is derived data; it carries the identity of the object "
                                      f"it was computed from ({record['derived_from'][:12]}...).")
-        got: list[GetResult] = []
         with tempfile.TemporaryDirectory(prefix="dgf-identity-") as tmp:
-            left = self.client.reader.read_many(ObjectRef.all_of(resolved)[:1], got.append, Path(tmp))
-            if not got:
-                raise errors.IntegrityError(f"{path} could not be read: {left.get(key, 'no replica answered')}")
-            if got[0].path is None:
-                return identity.summary(record, identity.reidentify(got[0].data or b"", record))
+            got = self._object(resolved, path, Path(tmp))
+            if got.path is None:
+                return identity.summary(record, identity.reidentify(got.data or b"", record))
             original = os.path.join(tmp, "original")
-            digest = identity.reidentify_file(str(got[0].path), record, original, whole=True)
-            os.unlink(got[0].path)
+            digest = identity.reidentify_file(str(got.path), record, original, whole=True)
+            os.unlink(got.path)
             with open(original, "rb") as fh:
                 mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             try:

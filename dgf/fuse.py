@@ -6,7 +6,9 @@ adds is what only a file system has: file handles, files being written, and the 
 ``.find``/``.queries`` directories.  See :mod:`dgf.mountsource` for reading and freshness.
 
 With ``--identified`` (clinicians only) a file opens as the exact original, re-identified in
-memory; every such open is an audited identity release.
+memory, or for an object over 8 MiB into an unlinked file in the mount's spool (a 2 GB
+multi-frame would otherwise cost 4 GB per open); every such open is an audited identity
+release.
 
 Writing: a file copied in (or over an existing one, which it replaces whole; objects are never
 edited in place) is spooled locally and, when closed, uploaded like ``dgf_up`` (de-
@@ -20,6 +22,7 @@ percent-encoded, or a predicate such as ``Modality='CT'`` meaning ``/DicomHeader
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -32,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote
 
 import mfusepy
@@ -93,7 +96,7 @@ class DgfFS(mfusepy.Operations):
         self.read_only = read_only
         self._tree: ArchiveTree | None = None
         self.role = ""
-        self._handles: dict[int, Reader | _OpenWrite | bytes] = {}
+        self._handles: dict[int, Reader | _OpenWrite | bytes | BinaryIO] = {}
         self._pending: dict[str, _OpenWrite] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
@@ -123,6 +126,12 @@ class DgfFS(mfusepy.Operations):
             raise
         self.spool = self.cache_dir / "spool"
         self.spool.mkdir(parents=True, exist_ok=True)
+        # Originals rebuilt for an identified open are unlinked once open; a mount that died
+        # while rebuilding one left it here (another mount of this cache may be rebuilding now).
+        for left in (self.spool / "originals").glob("dgf-original-*"):
+            with contextlib.suppress(OSError):
+                if time.time() - left.stat().st_mtime > 3600:
+                    shutil.rmtree(left, ignore_errors=True)
 
     def destroy(self, path: str) -> None:
         if self._tree is not None:
@@ -200,7 +209,7 @@ class DgfFS(mfusepy.Operations):
 
     # -- reading --------------------------------------------------------------------------
 
-    def _new_fh(self, handle: Reader | _OpenWrite | bytes) -> int:
+    def _new_fh(self, handle: Reader | _OpenWrite | bytes | BinaryIO) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -214,9 +223,10 @@ class DgfFS(mfusepy.Operations):
         if self._virtual(path) is not None:
             raise mfusepy.FuseOSError(errno.EISDIR)
         if self.identified:
-            data = self.source.read_file(path, identified=True)
-            self.tree.opened_whole(path, len(data))
-            return self._new_fh(data)
+            original = self.source.read_original(path, self.spool / "originals")
+            self.tree.opened_whole(path, len(original) if isinstance(original, bytes)
+                                   else os.fstat(original.fileno()).st_size)
+            return self._new_fh(original)
         return self._new_fh(self.tree.open(path))
 
     @_errno_of
@@ -226,7 +236,9 @@ class DgfFS(mfusepy.Operations):
             return handle[offset:offset + size]
         if isinstance(handle, _OpenWrite):
             return os.pread(handle.fd, size, offset)
-        return self.tree.read(handle, size, offset)
+        if isinstance(handle, Reader):
+            return self.tree.read(handle, size, offset)
+        return os.pread(handle.fileno(), size, offset)             # an original rebuilt on disk
 
     @_errno_of
     def release(self, path: str, fh: int) -> int:
@@ -236,6 +248,8 @@ class DgfFS(mfusepy.Operations):
                 self._upload(handle)
             finally:
                 self._discard(handle)
+        elif handle is not None and not isinstance(handle, (bytes, Reader)):
+            handle.close()                                 # an original rebuilt on disk: its space
         return 0
 
     # -- writing --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote, unquote
 
 from dgf import errors
@@ -75,6 +75,8 @@ class MountSource(Protocol):
     def resolve(self, paths: list[str]) -> dict[str, Any]: ...
 
     def read_file(self, path: str, identified: bool = False) -> bytes: ...
+
+    def read_original(self, path: str, spool: Path) -> bytes | BinaryIO: ...
 
     def identity_summary(self, path: str) -> dict[str, Any]: ...
 

@@ -262,6 +262,46 @@ def test_identified_mount_is_for_clinicians(federation: local.Federation, tmp_pa
         assert any(e["action"] == "identity.release" and e["target"] == path for e in admin.audit_log(50))
 
 
+def _mount_pid(where: Path) -> int:
+    """The pid of the (daemonized) ``dgf mount`` serving ``where``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and str(where).encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no dgf mount process serves {where}")
+
+
+def test_identified_mount_rebuilds_large_originals_on_disk(federation: local.Federation, tmp_path: Path) -> None:
+    """An identified open of an object over 8 MiB rebuilds the original into an unlinked file in
+    the mount's spool: it held the object and its original in memory for each open (two opens of
+    a 150 MB multi-frame: ~700 MB in the mount's process)."""
+    from bench import synth
+
+    src = synth.multiframe(tmp_path / "large.dcm", 150 * 1024 * 1024)
+    with Client(federation.config("clinician")) as c:
+        c.upload([src], to="/fuse/large-id")
+        [path] = [s.path for s in c.ls("/fuse/large-id")]
+    cache = tmp_path / "cache"
+    m = Mount(_cached_at(federation, cache), tmp_path / "id", "--identified")
+    try:
+        target = m.path / path.lstrip("/")
+        want = hashlib.sha256(src.read_bytes()).hexdigest()
+        with open(target, "rb") as one, open(target, "rb") as two:      # two originals open at once
+            assert two.read(1 << 20) == src.read_bytes()[:1 << 20]
+            assert hashlib.sha256(one.read()).hexdigest() == want
+            spooled = cache / "mount" / "spool" / "originals"
+            assert spooled.is_dir() and not any(spooled.iterdir())     # unlinked once open
+        status = (Path("/proc") / str(_mount_pid(m.path)) / "status").read_text()
+        peak = next(int(line.split()[1]) << 10 for line in status.splitlines() if line.startswith("VmHWM:"))
+        assert peak < 300 * 1024 * 1024, peak
+        assert json.loads(os.getxattr(target, "user.dgf.identity"))["original_sha256"] == want
+    finally:
+        m.close()
+
+
 def test_dead_site_gives_clean_eio_and_unmount_with_open_files(fresh_federation: local.Federation,
                                                               tmp_path: Path) -> None:
     fed = fresh_federation
