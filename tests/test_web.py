@@ -618,3 +618,37 @@ def test_pixel_bombs_are_refused_before_they_are_decoded(web: WebNode) -> None:
     peak = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
     assert peak < 1 << 30
     assert "Traceback" not in web.log_path.read_text(errors="replace")
+
+
+def _memory(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) << 10 for line in status.splitlines() if line.startswith(field + ":"))
+
+
+def test_frames_of_a_large_instance_are_read_by_range(web: WebNode, tmp_path: Path) -> None:
+    """A viewer asks for a multi-frame instance's frames one request at a time; each request
+    read the whole instance (past the 256 MB instance cache, again for every frame) and parsed
+    it with pydicom. Frames of a large native instance are now read from the blocks that hold
+    them, verified as every read is."""
+    from bench import synth
+
+    src = synth.multiframe(tmp_path / "large.dcm", 100 * 1024 * 1024)
+    with Client(web.fed.config("clinician")) as c:
+        assert not c.upload([src], to="/web-large").failed
+        [row] = c.find("/DicomHeader[NumberOfFrames > 100]", "/web-large",
+                       show=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "NumberOfFrames"])
+    st, se, sop, count = (row["values"][k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                      "NumberOfFrames"))
+    pixels = pydicom.dcmread(src).PixelData
+    size = 512 * 512 * 2
+    Path(f"/proc/{web.proc.pid}/clear_refs").write_text("5")         # the peak starts again from now
+    before = _memory(web.proc.pid, "VmRSS")
+    dw = web.client("researcher")
+    frames = dw.retrieve_instance_frames(st, se, sop, [2, int(count)])
+    assert frames == [pixels[size:2 * size], pixels[(int(count) - 1) * size:int(count) * size]]
+    assert _memory(web.proc.pid, "VmHWM") - before < 48 * 1024 * 1024
+    # Asked as stored (transfer-syntax=*), the same bytes; a frame past the end is still a 404.
+    assert dw.retrieve_instance_frames(st, se, sop, [3], media_types=(("application/octet-stream", "*"),)) == \
+        [pixels[2 * size:3 * size]]
+    missing = web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/{int(count) + 1}")
+    assert missing.status_code == 404 and "does not exist" in missing.text
