@@ -172,6 +172,28 @@ class Downloads:
         self._fetch(self.resolve(paths, identified), sink, identified, report, progress)
         return report
 
+    def fetch_streams(self, paths: list[str], on_file: Callable[[str, bytes | BinaryIO], None],
+                      identified: bool = False, progress: Progress | None = None) -> DownloadReport:
+        """:meth:`fetch`, but an object past the streaming threshold comes as an open file
+        (spooled, verified, already unlinked; ``on_file`` must close it) instead of bytes, so a
+        2 GB instance costs the caller disk, not memory."""
+        report = DownloadReport()
+
+        def sink(targets: list[str], data: bytes | None, src: Path | None) -> None:
+            if data is not None or src is None:
+                for t in targets:
+                    on_file(t, data or b"")
+                return
+            try:
+                handles = [open(src, "rb") for _ in targets]       # one position each
+            finally:
+                src.unlink(missing_ok=True)
+            for t, handle in zip(targets, handles):
+                on_file(t, handle)
+
+        self._fetch(self.resolve(paths, identified), sink, identified, report, progress)
+        return report
+
     def _fetch(self, resolved: dict[str, Any], sink: Callable[[list[str], bytes | None, Path | None], None],
                identified: bool, report: DownloadReport, progress: Progress | None,
                spool: Path | None = None) -> None:

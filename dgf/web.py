@@ -34,6 +34,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import mmap
@@ -50,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dgf import config as dgf_config
 from dgf import dicomjson, dimse, errors, pixels
@@ -671,12 +672,14 @@ class Web:
         if "application/dicom" not in accepted.types:
             raise HTTPProblem(406, "instances are sent as multipart/related; type=\"application/dicom\" only.")
         # The fetch (verified, failover) runs in a thread and hands each instance to the event
-        # loop, which sends it: no thread hop per part, no copy of the bytes.
+        # loop, which sends it: no thread hop per part, no copy of the bytes.  An instance past
+        # the download's streaming threshold comes as an open (unlinked) spool file and is sent
+        # a MiB at a time: a 2 GB instance costs this server disk, not memory.
         loop = asyncio.get_running_loop()
-        got: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=8)
+        got: asyncio.Queue[bytes | BinaryIO | BaseException | None] = asyncio.Queue(maxsize=8)
         stop = threading.Event()
 
-        def hand(item: bytes | BaseException | None) -> None:
+        def hand(item: bytes | BinaryIO | BaseException | None) -> None:
             fut = asyncio.run_coroutine_threadsafe(got.put(item), loop)
             while not stop.is_set():
                 try:
@@ -684,8 +687,16 @@ class Web:
                     return
                 except TimeoutError:
                     continue
-            fut.cancel()
+            if (fut.cancel() or fut.exception() is not None) and isinstance(item, io.IOBase):
+                item.close()                        # not queued (a queued one drain() closes)
             raise errors.TransportError("the HTTP client went away.")
+
+        def drain() -> None:
+            """Close the spool files left queued when the stream ends early."""
+            while not got.empty():
+                item = got.get_nowait()
+                if isinstance(item, io.IOBase):
+                    item.close()
 
         def last(item: BaseException | None) -> None:
             """Hand the stream its error or its end, unless the HTTP client went away (before or
@@ -696,7 +707,7 @@ class Web:
 
         def fetch() -> None:
             try:
-                report = client.fetch(paths, lambda _path, data: hand(data), identified=token.identified)
+                report = client.fetch_streams(paths, lambda _path, data: hand(data), identified=token.identified)
                 if report.failed:
                     last(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
                                                f"{report.failed[0].reason}"))
@@ -705,18 +716,28 @@ class Web:
             finally:
                 last(None)
 
-        async def part(data: bytes) -> tuple[bytes, bytes]:
-            stored = stored_syntax(data)
-            want = accepted.syntax("application/dicom", stored)
-            if want is None:
-                raise HTTPProblem(406, "no acceptable transfer syntax.")
-            if want != stored:
-                data = await run_in_threadpool(pixels.transcode, data, want)
+        async def part(item: bytes | BinaryIO) -> tuple[bytes, bytes | BinaryIO]:
+            payload: bytes | BinaryIO = item
+            try:
+                stored = stored_syntax(item if isinstance(item, bytes) else os.pread(item.fileno(), 64 * 1024, 0))
+                want = accepted.syntax("application/dicom", stored)
+                if want is None:
+                    raise HTTPProblem(406, "no acceptable transfer syntax.")
+                if want != stored:
+                    data = item if isinstance(item, bytes) else await run_in_threadpool(item.read)
+                    payload = await run_in_threadpool(pixels.transcode, data, want)
+            except BaseException:
+                if not isinstance(item, bytes):
+                    item.close()
+                raise
+            if not isinstance(item, bytes) and payload is not item:
+                item.close()
+            size = len(payload) if isinstance(payload, bytes) else os.fstat(payload.fileno()).st_size
             head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={want}\r\n" \
-                   f"Content-Length: {len(data)}\r\n\r\n"
-            return head.encode(), data
+                   f"Content-Length: {size}\r\n\r\n"
+            return head.encode(), payload
 
-        async def next_part() -> tuple[bytes, bytes] | None:
+        async def next_part() -> tuple[bytes, bytes | BinaryIO] | None:
             item = await got.get()
             if isinstance(item, BaseException):
                 raise item
@@ -728,6 +749,7 @@ class Web:
             first = await next_part()           # the first part decides the status (404, 406, 403...)
         except BaseException:
             stop.set()
+            drain()
             raise
 
         async def body() -> Any:
@@ -735,7 +757,13 @@ class Web:
                 current = first
                 while current is not None:
                     yield current[0]
-                    yield current[1]
+                    payload = current[1]
+                    if isinstance(payload, bytes):
+                        yield payload
+                    else:
+                        with payload:
+                            while chunk := await run_in_threadpool(payload.read, 1 << 20):
+                                yield chunk
                     yield b"\r\n"
                     current = await next_part()
                 yield f"--{boundary}--\r\n".encode()
@@ -744,6 +772,9 @@ class Web:
                 raise                               # the client sees a cut multipart body
             finally:
                 stop.set()
+                if current is not None and not isinstance(current[1], bytes):
+                    current[1].close()
+                drain()
 
         return StreamingResponse(body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 

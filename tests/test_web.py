@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -652,3 +653,13 @@ def test_frames_of_a_large_instance_are_read_by_range(web: WebNode, tmp_path: Pa
         [pixels[2 * size:3 * size]]
     missing = web.get(f"/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/{int(count) + 1}")
     assert missing.status_code == 404 and "does not exist" in missing.text
+    # The whole instance, de-identified and identified, is sent from a spool file a MiB at a
+    # time (it was held in memory, the identified one twice: 2-4 GB for a 2 GB instance).
+    Path(f"/proc/{web.proc.pid}/clear_refs").write_text("5")
+    before = _memory(web.proc.pid, "VmRSS")
+    assert dw.retrieve_instance(st, se, sop).PixelData == pixels
+    identified = web.client("identified").retrieve_instance(st, se, sop)
+    assert identified.PixelData == pixels
+    assert str(identified.PatientName) == str(pydicom.dcmread(src, stop_before_pixels=True).PatientName)
+    assert _memory(web.proc.pid, "VmHWM") - before < 128 * 1024 * 1024      # ~55 MB; 449 MB before
+    assert not list(Path(tempfile.gettempdir(), "dgf-spool").glob("*"))     # nothing left spooled
