@@ -38,6 +38,7 @@ matches per query (``find_limit``), and pynetdicom's ACSE, DIMSE and network tim
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import fnmatch
 import io
@@ -56,7 +57,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 
@@ -1254,36 +1255,74 @@ class Gateway:
             import pydicom
             from pydicom.filebase import DicomBytesIO
 
-            got: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=64)
+            # Instances past the download's streaming threshold wait here as open, unlinked
+            # spool files, not in memory; each is read when its turn comes.
+            got: queue.Queue[tuple[str, bytes | BinaryIO] | None] = queue.Queue(maxsize=64)
+            stop = threading.Event()
+
+            def put(item: tuple[str, bytes | BinaryIO] | None) -> None:
+                """Queue ``item`` unless the retrieve ended (cancelled, or its association gone):
+                then the fetch stops instead of waiting on a full queue for ever."""
+                while not stop.is_set():
+                    try:
+                        got.put(item, timeout=1.0)
+                        return
+                    except queue.Full:
+                        continue
+                if item is not None and not isinstance(item[1], bytes):
+                    item[1].close()
+                raise errors.TransportError("the retrieve ended before every instance was sent.")
 
             def fetch() -> None:
                 try:
-                    report = client.fetch(paths, lambda p, data: got.put((p, data)), identified=identified)
+                    report = client.fetch_streams(paths, lambda p, data: put((p, data)), identified=identified)
                     for f in report.failed:
                         log.warning("retrieve for %s: %s: %s", ae, f.item, f.reason)
                 except errors.DgfError as exc:
-                    log.warning("retrieve for %s failed: %s", ae, exc.message)
+                    if not stop.is_set():
+                        log.warning("retrieve for %s failed: %s", ae, exc.message)
                 finally:
-                    got.put(None)
+                    with contextlib.suppress(errors.TransportError):
+                        put(None)
 
             threading.Thread(target=fetch, daemon=True, name="dgf-dicom-fetch").start()
             sent = 0
-            while (item := got.get()) is not None:
-                sent += 1
-                ds = pydicom.dcmread(DicomBytesIO(item[1]))
-                syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-                if syntax not in pixels.NATIVE_SYNTAXES and (
-                        takes is None or (str(ds.get("SOPClassUID", "")), syntax) not in takes):
-                    try:                     # the peer cannot take it compressed: decompressed
-                        ds = pydicom.dcmread(DicomBytesIO(pixels.transcode(item[1], pixels.EXPLICIT_LE)))
-                    except Exception as exc:                     # noqa: BLE001 - one failed sub-operation
-                        log.warning("retrieve for %s: an instance in %s could not be decompressed (%s)",
-                                    ae, syntax, exc)
-                        yield None
-                        continue
-                yield ds
-            for _ in range(len(paths) - sent):
-                yield None                               # not delivered: counted as failed
+            try:
+                while (item := got.get()) is not None:
+                    sent += 1
+                    data = item[1]
+                    ds = pydicom.dcmread(DicomBytesIO(data) if isinstance(data, bytes) else data)
+                    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+                    if syntax not in pixels.NATIVE_SYNTAXES and (
+                            takes is None or (str(ds.get("SOPClassUID", "")), syntax) not in takes):
+                        try:                 # the peer cannot take it compressed: decompressed
+                            if not isinstance(data, bytes):
+                                data.seek(0)
+                                data = data.read()
+                            ds = pydicom.dcmread(DicomBytesIO(pixels.transcode(data, pixels.EXPLICIT_LE)))
+                        except Exception as exc:                 # noqa: BLE001 - one failed sub-operation
+                            log.warning("retrieve for %s: an instance in %s could not be decompressed (%s)",
+                                        ae, syntax, exc)
+                            yield None
+                            continue
+                        finally:
+                            if not isinstance(item[1], bytes):
+                                item[1].close()
+                    elif not isinstance(data, bytes):
+                        data.close()
+                    del data, item
+                    yield ds
+                for _ in range(len(paths) - sent):
+                    yield None                           # not delivered: counted as failed
+            finally:
+                stop.set()
+                while True:                              # close what waits; the fetch thread ends
+                    try:
+                        left = got.get_nowait()
+                    except queue.Empty:
+                        break
+                    if left is not None and not isinstance(left[1], bytes):
+                        left[1].close()
         return paths, datasets
 
     def _sub_operations(self, event: Any) -> Iterator[Any]:

@@ -1075,3 +1075,69 @@ def test_sequence_matching(node: Node, tmp_path: Path) -> None:
         assert answers[-1][0].Status == 0xC000
     finally:
         assoc.release()
+
+
+def test_a_cancelled_retrieve_leaves_no_fetch_behind(node: Node, tmp_path: Path) -> None:
+    """A C-GET of a study larger than the node's prefetch queue (64), cancelled after its first
+    instance: the fetch thread waited on the full queue for ever, holding 64 instances in the
+    node and the principal's connections to the sites, so the AE's next retrieve got no answer.
+    It now stops with the retrieve."""
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+    study, patient = generate_uid(), "CANCEL-7"
+    sources = corpus.fresh_instances(tmp_path / "many", 100)
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID = study, patient
+        ds.save_as(path)
+    with Client(node.fed.config("clinician")) as c:
+        assert not c.upload(sources, to="/cancelled").failed
+        [row] = {r["values"]["StudyInstanceUID"]: r for r in c.find("/DicomHeader", "/cancelled",
+                                                                       show=["StudyInstanceUID"])}.values()
+    pseudo_study = row["values"]["StudyInstanceUID"]
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{node.proc.pid}/task"))
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    state = {"first": True, "context": 0}
+
+    def on_store(event: Any) -> int:
+        if state["first"]:                                   # the retrieve's first instance: cancel it
+            state["first"] = False
+            event.assoc.send_c_cancel(1, state["context"])
+        return 0x0000
+
+    def cancelled_retrieve() -> None:
+        state["first"] = True
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF", evt_handlers=[(evt.EVT_C_STORE, on_store)],
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)])
+        assert assoc.is_established
+        state["context"] = next(cx.context_id for cx in assoc.accepted_contexts
+                                if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet)
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", pseudo_study
+        statuses = [status.Status for status, _ in
+                    assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet, msg_id=1) if status]
+        assoc.release()
+        # Before: the second retrieve got no answer at all, its fetch queued behind the first's,
+        # which held the principal's connection to the sites while it waited.
+        assert statuses, "the C-GET got no answer"
+        assert statuses[-1] == 0xFE00, [hex(s) for s in statuses]       # cancelled, well before the 100th
+
+    def settled(bound: int) -> int:
+        deadline = time.monotonic() + 15
+        while threads() > bound and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return threads()
+
+    cancelled_retrieve()                 # the first also opens the VIEWER principal's connections
+    time.sleep(2)
+    baseline = threads()
+    for _ in range(3):
+        cancelled_retrieve()
+    assert settled(baseline) <= baseline, (threads(), baseline)
