@@ -261,15 +261,18 @@ class Downloads:
             return identity.restore(data, identity.decode(base64.b64decode(blob)))
         return data
 
-    def _identified_one(self, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``path`` resolved for identity (an audited release) and its identity record."""
+    def _identified_one(self, path: str, missing: type[errors.DgfError] = errors.NoAttribute
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``path`` resolved for identity (an audited release) and its identity record; a file
+        without one is ``missing`` (an attribute that is not there, or a file to open that is
+        not: as ``read_file`` says)."""
         resolved = self.resolve([path], identified=True)
         files = ResolvedFile.all_of(resolved)
         if not files:
             raise errors.NotFound(f"{path} does not exist.")
         blob = resolved.get("identities", {}).get(files[0].key)
         if blob is None:
-            raise errors.NoAttribute(f"no identity is held for {path}.")
+            raise missing(f"no identity is held for {path}.")
         return resolved, identity.decode(base64.b64decode(blob))
 
     def _object(self, resolved: dict[str, Any], path: str, spool: Path) -> GetResult:
@@ -286,7 +289,7 @@ class Downloads:
         memory, or for an object past the streaming threshold an open file rebuilt in a fresh
         directory under ``spool`` and unlinked at once (closing it frees the space), so a
         2 GB multi-frame costs the caller disk, not memory."""
-        resolved, record = self._identified_one(path)
+        resolved, record = self._identified_one(path, errors.NotFound)
         spool.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="dgf-original-", dir=spool)
         try:

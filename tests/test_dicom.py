@@ -363,6 +363,10 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
         with pytest.raises(errors.IntegrityError):
             identity.reidentify_file(str(src), tampered(change), str(out))
         assert not out.exists()
+    out.write_bytes(b"someone's file")                       # the target exists: left alone
+    with pytest.raises(FileExistsError):
+        identity.reidentify_file(str(src), record, str(out))
+    assert out.read_bytes() == b"someone's file"
 
 
 def test_xml_header_is_lossless_for_non_bulk_elements() -> None:

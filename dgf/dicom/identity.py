@@ -155,8 +155,10 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str, whole
     original = hashlib.sha256()
     fd = os.open(deid_path, os.O_RDONLY)
     size = 0
+    made = False
     try:
         with open(out_path, "xb") as out:
+            made = True
             for piece in _delta(record):
                 if isinstance(piece, bytes):
                     chunks: Any = [piece]
@@ -171,7 +173,8 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str, whole
                     size += len(chunk)
         check.verify(size)
     except BaseException:
-        os.unlink(out_path)
+        if made:                               # never a file that was there before
+            os.unlink(out_path)
         raise
     finally:
         os.close(fd)
