@@ -295,13 +295,21 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
     data, result = _with_shared_span()
     record = identity.decode(identity.encode(result.identity))
     assert record["v"] == 3 and "original_sha256" not in record and record["shared_min"] == identity.SHARED_MIN
+    edge = record["shared_edge"]
+    assert edge == identity.SHARED_EDGE > 0
 
     def shared(piece: object) -> bool:
         return identity.shared(piece, identity.SHARED_MIN)
 
-    kept = sum(p[1] for p in record["delta"] if shared(p))
-    rest = b"".join(base64.b64decode(p) if isinstance(p, str) else
-                    (b"" if shared(p) else result.data[p[0]:p[0] + p[1]]) for p in record["delta"])
+    kept = sum(p[1] - 2 * edge for p in record["delta"] if shared(p))
+
+    def held(p: object) -> bytes:          # what rest_sha256 covers of a piece
+        if isinstance(p, str):
+            return base64.b64decode(p)
+        span = result.data[p[0]:p[0] + p[1]]     # type: ignore[index]
+        return span[:edge] + span[-edge:] if shared(p) else span
+
+    rest = b"".join(held(p) for p in record["delta"])
     assert len(rest) == len(data) - kept and hashlib.sha256(rest).hexdigest() == record["rest_sha256"]
     assert identity.reidentify(result.data, record) == data
     assert identity.summary(record, data)["original_sha256"] == hashlib.sha256(data).hexdigest()
@@ -322,6 +330,9 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
     def overrun(r: dict) -> None:  # type: ignore[type-arg]
         r["delta"][span][1] = len(result.data)
 
+    def misplaced(r: dict) -> None:  # type: ignore[type-arg]
+        r["delta"][span][0] -= 2                   # the span taken two bytes too early
+
     def older(r: dict) -> None:  # type: ignore[type-arg]
         r["v"], r["original_sha256"] = 2, "0" * 64
 
@@ -332,7 +343,7 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
         return lambda r: r["delta"].__setitem__(span, value)
 
     for change, words in ((flip, "did not reproduce"), (overrun, "does not have"), (older, "did not reproduce"),
-                          (unbounded, "shared_min"), (piece([-2, 10]), "malformed"), (piece(["0", 10]), "malformed"),
+                          (misplaced, "did not reproduce"), (unbounded, "shared_min"), (piece([-2, 10]), "malformed"), (piece(["0", 10]), "malformed"),
                           (piece([0, 1, 2]), "malformed"), (piece("A"), "not base64"), (piece(None), "malformed"),
                           (lambda r: r.pop("delta"), "no delta")):
         with pytest.raises(errors.IntegrityError, match=words):
@@ -359,7 +370,7 @@ def test_identity_record_v3_still_verifies_the_original(tmp_path: Path, monkeypa
     identity.reidentify_file(str(src), record, str(out))
     assert out.read_bytes() == data
     out.unlink()
-    for change in (flip, piece([-2, 10])):
+    for change in (flip, misplaced, piece([-2, 10])):
         with pytest.raises(errors.IntegrityError):
             identity.reidentify_file(str(src), tampered(change), str(out))
         assert not out.exists()

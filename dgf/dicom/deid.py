@@ -617,7 +617,8 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
     blocks = b""
     opaque: list[tuple[int, int]] = []
     # The original's digest (identity record v3): every byte but the spans the output copies
-    # whole in pieces of identity.SHARED_MIN or more, which the output's own digest covers.
+    # whole in pieces of identity.SHARED_MIN or more, which the output's own digest covers;
+    # of those, their first and last SHARED_EDGE bytes.
     rest = hashlib.sha256()
     if part.deflated:
         import zlib
@@ -645,6 +646,9 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
                         rest.update(data[orig_pos:a])
                 if not streamed and b - a < identity_record.SHARED_MIN:
                     rest.update(data[a:b])
+                elif not streamed:                      # a shared span: its edges only
+                    rest.update(data[a:a + identity_record.SHARED_EDGE])
+                    rest.update(data[b - identity_record.SHARED_EDGE:b])
                 delta.append([out_pos, b - a])
                 orig_pos = b
                 out_pos += b - a
@@ -674,6 +678,7 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
         "v": 3,
         "rest_sha256": rest_hex,
         "shared_min": identity_record.SHARED_MIN,
+        "shared_edge": identity_record.SHARED_EDGE,
         "original_size": len(data) if not part.deflated else len(plan_original(plan)),
         "deid_sha256": key,
         "profile": f"PS3.15 E {profile.edition}",
@@ -731,10 +736,15 @@ def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, 
         a, b = s
         for piece in pread_span(fd, pos, a):
             rest.update(piece)
+        shared = b - a >= identity_record.SHARED_MIN
+        if shared:                                      # its edges only
+            rest.update(b"".join(pread_span(fd, a, a + identity_record.SHARED_EDGE)))
         for piece in pread_span(fd, a, b, 4 * _READ):
-            if b - a < identity_record.SHARED_MIN:
+            if not shared:
                 rest.update(piece)
             out.update(piece)
+        if shared:
+            rest.update(b"".join(pread_span(fd, b - identity_record.SHARED_EDGE, b)))
         pos = b
     for piece in pread_span(fd, pos, source_size):
         rest.update(piece)

@@ -15,8 +15,10 @@ An identity record (built by :func:`dgf.dicom.deid.apply`) holds, for one instan
 - the SHA-256 of the de-identified file, and of the original: whole in versions 1 and 2
   (``original_sha256``); in version 3 (``rest_sha256``) of the original's bytes outside the
   pieces the de-identified file holds in spans of at least ``shared_min`` bytes (the pixel
-  data, mostly), which the de-identified file's own digest covers; so re-identification is
-  verified either way, and an upload hashes a large file's bulk once, not twice.  The whole
+  data, mostly), which the de-identified file's own digest covers, and of the first and last
+  ``shared_edge`` bytes of each such span, so a span taken from the wrong place is caught too;
+  so re-identification is verified either way, and an upload hashes a large file's bulk once,
+  not twice.  The whole
   original's SHA-256 is what :func:`summary` shows, computed from the re-identified file.
 
 Records travel to the metaserver compressed (:func:`encode`) and are sealed there per patient.
@@ -34,9 +36,11 @@ from typing import Any
 
 from dgf import errors
 
-#: Version 3 leaves copy pieces of at least this many bytes out of ``rest_sha256``; each record
-#: says which bound it was built with (``shared_min``), so the bound may change.
+#: Version 3 leaves copy pieces of at least this many bytes out of ``rest_sha256`` but for
+#: their first and last SHARED_EDGE bytes; each record says which bounds it was built with
+#: (``shared_min``, ``shared_edge``), so they may change.
 SHARED_MIN = 16 * 1024
+SHARED_EDGE = 64
 
 
 def shared(piece: object, least: int) -> bool:
@@ -207,16 +211,38 @@ class _OriginalCheck:
         self.record = record
         self.rest = record.get("v") == 3
         least = record.get("shared_min") if self.rest else None
-        if self.rest and (not isinstance(least, int) or least < 1):
-            raise errors.IntegrityError("the identity record has no valid shared_min.")
-        self.least = least or 0
+        edge = record.get("shared_edge") if self.rest else None
+        if self.rest and (not isinstance(least, int) or not isinstance(edge, int) or not 0 <= 2 * edge <= least
+                          or least < 1):
+            raise errors.IntegrityError("the identity record has no valid shared_min and shared_edge.")
+        self.least, self.edge = least or 0, edge or 0
         self.digest = hashlib.sha256()
+        self._span: object = None                   # the shared piece under way, and its tail so far
+        self._tail = b""
+        self._seen = 0
 
     def update(self, piece: bytes | list[int], data: bytes | memoryview) -> None:
+        """``data``: the next bytes of ``piece`` (a shared span may come in several chunks)."""
         if not (self.rest and shared(piece, self.least)):
+            self._close_span()
             self.digest.update(data)
+            return
+        if piece is not self._span:
+            self._close_span()
+            self._span, self._tail, self._seen = piece, b"", 0
+        if self._seen < self.edge:
+            self.digest.update(data[:self.edge - self._seen])
+        self._seen += len(data)
+        if self.edge:
+            self._tail = (self._tail + bytes(data[-self.edge:]))[-self.edge:]
+
+    def _close_span(self) -> None:
+        if self._span is not None:
+            self.digest.update(self._tail)
+            self._span = None
 
     def verify(self, size: int) -> None:
+        self._close_span()
         want = self.record.get("rest_sha256" if self.rest else "original_sha256")
         if size != self.record.get("original_size", size) or self.digest.hexdigest() != want:
             raise errors.IntegrityError("re-identification did not reproduce the original file.")
