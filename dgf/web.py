@@ -410,6 +410,31 @@ class Accepted:
         return next((s for s in sorted(allowed) if s), default)
 
 
+@dataclass(frozen=True)
+class _Ranged:
+    """A large native instance read by range (see ``Web.ranged``)."""
+
+    syntax: str
+    head: bytes                         # the file up to its pixel data element
+    count: int                          # frames
+    size: int                           # bytes per frame
+    pixels_at: int                      # where the pixel data's value starts
+    read: Callable[[int, int], bytes]   # verified bytes of the object
+
+    def frame(self, index: int) -> bytes:
+        return self.read(self.pixels_at + index * self.size, self.size)
+
+    def dataset(self, index: int) -> Any:
+        """The header with frame ``index`` alone as its pixel data, to render."""
+        import pydicom
+        from pydicom.filebase import DicomBytesIO
+
+        ds = pydicom.dcmread(DicomBytesIO(self.head))
+        ds.NumberOfFrames = 1
+        ds.add_new(0x7FE00010, "OW" if int(ds.BitsAllocated) > 8 else "OB", self.frame(index))
+        return ds
+
+
 def multipart(parts: Iterator[tuple[str, bytes]], boundary: str) -> Iterator[bytes]:
     """A multipart/related body of (content type, bytes) parts."""
     for ctype, data in parts:
@@ -788,13 +813,13 @@ class Web:
         body = await self.call(self.metadata, client, paths)
         return Response(json.dumps(body), media_type="application/dicom+json")
 
-    def native_frames(self, client: Client, path: str, text: str) -> tuple[str, list[bytes]] | None:
-        """Frames of a large instance stored with native little-endian pixel data, each read by
-        range (the header from the object's first block, each frame from the blocks that hold
-        it; every byte verified), with the transfer syntax they are in; None where the instance
-        is small (the instance cache answers), compressed, big endian, 1-bit or its header does
-        not fit the first block: the whole-instance path answers those.  A viewer asks for a
-        2000-frame instance frame by frame; each request read and parsed all of it."""
+    def ranged(self, client: Client, path: str) -> _Ranged | None:
+        """A large instance stored with native little-endian pixel data, ready to read frame by
+        frame by range (the header from the object's first block, each frame from the blocks
+        that hold it; every byte verified); None where the instance is small (the instance
+        cache answers), compressed, big endian, 1-bit or its header does not fit the first
+        block: the whole-instance path answers those.  A viewer asks for a 2000-frame
+        instance frame by frame; each request read and parsed all of it."""
         from dgf.dicom import raw
         from dgf.integrity import BLOCK
         from dgf.reader import ObjectRef
@@ -836,18 +861,13 @@ class Web:
         length = part.truncated[1] if part.truncated is not None else pixel.length
         if bits == 1 or size <= 0 or count * size > length or pixel.vstart + length > ref.size:
             return None
-        numbers = self._frame_numbers(text, count, True)
-        return part.transfer_syntax, [read(pixel.vstart + (n - 1) * size, size) for n in numbers]
+        return _Ranged(part.transfer_syntax, bytes(part.data[:pixel.start]), count, size, pixel.vstart, read)
 
-    async def _dataset(self, request: Any) -> Any:
+    async def _dataset(self, client: Client, path: str) -> Any:
         import pydicom
         from pydicom.filebase import DicomBytesIO
 
-        token = self.session(request)
-        p = request.path_params
-        client = self.client(token)
-        paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
-        data = await self.call(self.instance, client, paths[0])
+        data = await self.call(self.instance, client, path)
         return pydicom.dcmread(DicomBytesIO(data))
 
     @staticmethod
@@ -870,22 +890,23 @@ class Web:
         from pydicom.encaps import generate_frames
         from starlette.responses import Response
 
-        accepted = Accepted.parse(request.headers.get("accept", ""), "application/octet-stream")
-        if "application/octet-stream" not in accepted.types:
-            raise HTTPProblem(406, "frames are sent as multipart/related; type=\"application/octet-stream\" only.")
         token = self.session(request)
         p = request.path_params
         client = self.client(token)
         paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
-        ranged = await self.call(self.native_frames, client, paths[0], p["frames"])
-        wanted = accepted.syntax("application/octet-stream", ranged[0]) if ranged is not None else None
+        accepted = Accepted.parse(request.headers.get("accept", ""), "application/octet-stream")
+        if "application/octet-stream" not in accepted.types:
+            raise HTTPProblem(406, "frames are sent as multipart/related; type=\"application/octet-stream\" only.")
+        ranged = await self.call(self.ranged, client, paths[0])
+        wanted = accepted.syntax("application/octet-stream", ranged.syntax) if ranged is not None else None
         if ranged is not None and wanted in (EXPLICIT_LE, pixels.IMPLICIT_LE):
-            sent, data = wanted, ranged[1]                 # little-endian frame bytes, either syntax
+            numbers = self._frame_numbers(p["frames"], ranged.count, True)
+            sent, data = wanted, await self.call(lambda: [ranged.frame(n - 1) for n in numbers])
             boundary = secrets.token_hex(16)
             body = b"".join(multipart(((f"application/octet-stream; transfer-syntax={sent}", f) for f in data),
                                       boundary))
             return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
-        ds = await self._dataset(request)
+        ds = await self._dataset(client, paths[0])
         numbers = self._frame_numbers(p["frames"], int(ds.get("NumberOfFrames", 1) or 1), "PixelData" in ds)
         stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
         want = accepted.syntax("application/octet-stream", stored)
@@ -911,10 +932,19 @@ class Web:
     async def rendered(self, request: Any) -> Any:
         from starlette.responses import Response
 
-        ds = await self._dataset(request)
         frame = request.path_params.get("frame")
-        index = self._frame_numbers(frame, int(ds.get("NumberOfFrames", 1) or 1), "PixelData" in ds)[0] - 1 \
-            if frame else 0
+        p = request.path_params
+        client = self.client(self.session(request))
+        paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
+        ranged = await self.call(self.ranged, client, paths[0])
+        if ranged is not None:                        # the header and the one frame, by range
+            index = self._frame_numbers(frame, ranged.count, True)[0] - 1 if frame else 0
+            ds = await self.call(ranged.dataset, index)
+            index = 0
+        else:
+            ds = await self._dataset(client, paths[0])
+            index = self._frame_numbers(frame, int(ds.get("NumberOfFrames", 1) or 1), "PixelData" in ds)[0] - 1 \
+                if frame else 0
         if "PixelData" not in ds:
             raise HTTPProblem(404, "the instance has no pixel data to render.")
         window = None

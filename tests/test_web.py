@@ -647,6 +647,16 @@ def test_frames_of_a_large_instance_are_read_by_range(web: WebNode, tmp_path: Pa
     dw = web.client("researcher")
     frames = dw.retrieve_instance_frames(st, se, sop, [2, int(count)])
     assert frames == [pixels[size:2 * size], pixels[(int(count) - 1) * size:int(count) * size]]
+    # Rendered: the header and the one frame, by range; the image is that frame's.
+    from PIL import Image
+    png = dw.retrieve_instance_frames_rendered(st, se, sop, [5], media_types=("image/png",),
+                                               params={"window": "2048,4096"})
+    image = np.asarray(Image.open(io.BytesIO(png)))
+    head = pydicom.dcmread(src, stop_before_pixels=True)
+    frame = np.frombuffer(pixels[4 * size:5 * size], dtype="<i2" if head.PixelRepresentation else "<u2")
+    values = frame.reshape(512, 512) * float(head.RescaleSlope) + float(head.RescaleIntercept)
+    want = np.clip((values - 2047.5) / 4095 + 0.5, 0, 1) * 255
+    assert image.shape == (512, 512) and np.abs(image.astype(np.float64) - want).max() <= 1.0
     assert _memory(web.proc.pid, "VmHWM") - before < 48 * 1024 * 1024
     # Asked as stored (transfer-syntax=*), the same bytes; a frame past the end is still a 404.
     assert dw.retrieve_instance_frames(st, se, sop, [3], media_types=(("application/octet-stream", "*"),)) == \
