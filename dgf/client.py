@@ -400,10 +400,12 @@ class Client:
         return self.downloads.fetch(paths=paths, on_file=on_file, identified=identified, progress=progress)
 
     def fetch_streams(self, paths: list[str], on_file: Callable[[str, bytes | BinaryIO], None],
-                      identified: bool = False, progress: Progress | None = None) -> DownloadReport:
-        """Fetch files, large ones as open, unlinked files ``on_file`` closes. See
+                      identified: bool = False, progress: Progress | None = None,
+                      stop: threading.Event | None = None) -> DownloadReport:
+        """Fetch files, large ones as open, unlinked files ``on_file`` closes, until ``stop``. See
         :meth:`dgf.download.Downloads.fetch_streams`."""
-        return self.downloads.fetch_streams(paths=paths, on_file=on_file, identified=identified, progress=progress)
+        return self.downloads.fetch_streams(paths=paths, on_file=on_file, identified=identified, progress=progress,
+                                            stop=stop)
 
     def read_file(self, path: str, identified: bool = False) -> bytes:
         """The whole content of one file (re-identified if asked and allowed), verified. See

@@ -1275,8 +1275,9 @@ class Gateway:
 
             def fetch() -> None:
                 try:
-                    report = client.fetch_streams(paths, lambda p, data: put((p, data)), identified=identified)
-                    for f in report.failed:
+                    report = client.fetch_streams(paths, lambda p, data: put((p, data)), identified=identified,
+                                                  stop=stop)
+                    for f in report.failed if not stop.is_set() else ():
                         log.warning("retrieve for %s: %s: %s", ae, f.item, f.reason)
                 except errors.DgfError as exc:
                     if not stop.is_set():

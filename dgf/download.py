@@ -5,6 +5,7 @@ verified, re-identification when asked, each file written to a temp name and ren
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import mmap
 import os
@@ -20,7 +21,7 @@ from dgf import errors
 from dgf.dicom import identity
 from dgf.reader import ObjectRef
 from dgf.reports import DownloadReport, Failure, Progress
-from dgf.transport import GetResult
+from dgf.transport import GetResult, Stopped
 from dgf.types import ResolvedFile, Site, outermost
 
 if TYPE_CHECKING:
@@ -173,10 +174,12 @@ class Downloads:
         return report
 
     def fetch_streams(self, paths: list[str], on_file: Callable[[str, bytes | BinaryIO], None],
-                      identified: bool = False, progress: Progress | None = None) -> DownloadReport:
+                      identified: bool = False, progress: Progress | None = None,
+                      stop: threading.Event | None = None) -> DownloadReport:
         """:meth:`fetch`, but an object past the streaming threshold comes as an open file
         (spooled, verified, already unlinked; ``on_file`` must close it) instead of bytes, so a
-        2 GB instance costs the caller disk, not memory."""
+        2 GB instance costs the caller disk, not memory.  Once ``stop`` is set (the consumer
+        went away) nothing more is asked of the sites, and what was delivered is reported."""
         report = DownloadReport()
 
         def sink(targets: list[str], data: bytes | None, src: Path | None) -> None:
@@ -191,12 +194,13 @@ class Downloads:
             for t, handle in zip(targets, handles):
                 on_file(t, handle)
 
-        self._fetch(self.resolve(paths, identified), sink, identified, report, progress)
+        with contextlib.suppress(Stopped):
+            self._fetch(self.resolve(paths, identified), sink, identified, report, progress, stop=stop)
         return report
 
     def _fetch(self, resolved: dict[str, Any], sink: Callable[[list[str], bytes | None, Path | None], None],
                identified: bool, report: DownloadReport, progress: Progress | None,
-               spool: Path | None = None) -> None:
+               spool: Path | None = None, stop: threading.Event | None = None) -> None:
         """Get every resolved object once through the object reader (replicas in turn, every
         byte verified), re-identify it if asked, and hand it to ``sink(paths, data,
         spooled_file)``; failures go to ``report``."""
@@ -243,7 +247,7 @@ class Downloads:
             if progress is not None:
                 progress(n)
 
-        left = self.client.reader.read_many(refs, deliver, spool or Path(tempfile.gettempdir()) / "dgf-spool")
+        left = self.client.reader.read_many(refs, deliver, spool or Path(tempfile.gettempdir()) / "dgf-spool", stop)
         for key, reason in left.items():
             report.failed.extend(Failure(p, reason) for p in targets[key])
 

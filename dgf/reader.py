@@ -211,12 +211,13 @@ class ObjectReader:
     # -- many objects at once (dgf_down) --------------------------------------------------
 
     def read_many(self, refs: Sequence[ObjectRef], deliver: Callable[[GetResult], None],
-                  spool: Path | None = None) -> dict[str, str]:
+                  spool: Path | None = None, stop: threading.Event | None = None) -> dict[str, str]:
         """Fetch every object of ``refs`` once, replicas in turn: each site's share is pipelined
         in batches (large objects stream to ``spool``), verified as it arrives, and handed to
         ``deliver`` (from transfer threads).  A copy that fails its check is reported to its
         site.  Objects left undelivered after every replica (and one fresh resolve) are returned
-        with the reason, by key."""
+        with the reason, by key.  Once ``stop`` is set no further request is sent, and
+        :class:`dgf.transport.Stopped` is raised."""
         by_key: dict[str, ObjectRef] = {}
         for r in refs:
             by_key.setdefault(r.key, r)
@@ -252,7 +253,7 @@ class ObjectReader:
             def run() -> None:
                 try:
                     self.client.site_link(site).get_many([(k, by_key[k].stored) for k in keys], caps[site],
-                                                         on_result, spool)
+                                                         on_result, spool, stop)
                 except errors.DgfError as exc:
                     self.client._drop_link(site, exc)
                     log.warning("site %s failed during download: %s", site, exc)

@@ -173,6 +173,11 @@ class GetResult:
     error: errors.DgfError | None = None
 
 
+class Stopped(Exception):
+    """The consumer of a transfer went away (a WADO-RS client, a cancelled C-GET): the rest is
+    not fetched.  Not a :class:`DgfError`: no site failed."""
+
+
 class SiteLink:
     """Channels to one I/O site; capabilities are presented once per channel.
 
@@ -289,13 +294,17 @@ class SiteLink:
                      lambda i, frames: self._pipelined(i, cap, frames, send, receive))
 
     def get_many(self, wanted: list[tuple[str, int]], cap: str, done: Callable[[GetResult], None],
-                 spool: Path | None = None) -> None:
-        """Fetch ``(key, size)`` objects: small ones in batches, large ones streamed to ``spool``."""
+                 spool: Path | None = None, stop: threading.Event | None = None) -> None:
+        """Fetch ``(key, size)`` objects: small ones in batches, large ones streamed to ``spool``.
+        Once ``stop`` is set no further request is sent (:class:`Stopped`; a channel with
+        replies still in flight is replaced before its next use)."""
 
         def single(b: list[tuple[str, int]]) -> bool:
             return len(b) == 1 and b[0][1] > STREAM_THRESHOLD
 
         def send(chan: wire.RpcChannel, b: list[tuple[str, int]]) -> None:
+            if stop is not None and stop.is_set():
+                raise Stopped
             if single(b):
                 chan.send("get", {"key": b[0][0]})
             else:

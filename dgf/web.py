@@ -732,7 +732,8 @@ class Web:
 
         def fetch() -> None:
             try:
-                report = client.fetch_streams(paths, lambda _path, data: hand(data), identified=token.identified)
+                report = client.fetch_streams(paths, lambda _path, data: hand(data), identified=token.identified,
+                                              stop=stop)
                 if report.failed:
                     last(errors.TransportError(f"{len(report.failed)} instance(s) could not be read: "
                                                f"{report.failed[0].reason}"))

@@ -489,3 +489,36 @@ def test_identity_summary_of_a_large_object_is_rebuilt_on_disk(federation: local
     assert by_path["(0010,0010)"]["value"] == str(pydicom.dcmread(src, stop_before_pixels=True).PatientName)
     peak = int(done.stderr.rsplit("VmHWM:", 1)[1].split()[0]) << 10
     assert peak < 150 * 1024 * 1024, peak
+
+
+def test_a_fetch_stops_asking_the_sites_once_its_consumer_goes_away(federation: local.Federation,
+                                                                    clinician: Client, workdir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WADO-RS client that goes away, a C-GET cancelled: the fetch behind them went on asking
+    the sites for every object and threw each away. With ``stop`` set, no further request is
+    sent; the objects already asked for may still arrive."""
+    import threading
+
+    from bench import synth
+
+    sources = [synth.multiframe(workdir / f"big-{i}.dcm", 9 * 1024 * 1024, seed=100 + i) for i in range(12)]
+    assert not clinician.upload(sources, to="/stopped").failed
+    paths = [s.path for s in clinician.ls("/stopped")]
+    # One request in flight per channel (of four: two sites, two channels each), so what a stop
+    # saves shows with twelve objects rather than hundreds.
+    monkeypatch.setattr("dgf.transport.BATCH_WINDOW", 1)
+    stop = threading.Event()
+    got: list[str] = []
+
+    def on_file(path: str, data: Any) -> None:
+        got.append(path)
+        if not isinstance(data, bytes):
+            data.close()
+        stop.set()                                       # the consumer leaves after the first
+
+    report = clinician.fetch_streams(paths, on_file, stop=stop)
+    assert 1 <= len(got) <= 8 and report.downloaded == len(got), (len(got), report.downloaded)
+    # Unstopped, the same fetch delivers all twelve, and the links still work after a stop.
+    everything: list[str] = []
+    clinician.fetch_streams(paths, lambda p, d: (everything.append(p), None if isinstance(d, bytes) else d.close()))
+    assert sorted(everything) == sorted(paths)
