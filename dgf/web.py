@@ -561,6 +561,9 @@ class Web:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._cache_bytes = 0
+        #: What ``ranged`` found of an instance, per reading client and path, for as long as
+        #: the instance cache keeps bytes: a viewer asks for frame after frame.
+        self._geometry: OrderedDict[tuple[int, str], tuple[float, _Ranged | None]] = OrderedDict()
         self.viewer: Path | None = None
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dgf-web-meta")
 
@@ -815,6 +818,22 @@ class Web:
         return Response(json.dumps(body), media_type="application/dicom+json")
 
     def ranged(self, client: Client, path: str) -> _Ranged | None:
+        """:meth:`_ranged`, remembered for INSTANCE_CACHE_S: one resolve and one header read per
+        instance, not per frame (a small instance's None spares its frames the resolve)."""
+        key, now = (id(client), path), time.monotonic()
+        with self._lock:
+            hit = self._geometry.get(key)
+            if hit is not None and now - hit[0] < INSTANCE_CACHE_S:
+                return hit[1]
+        found = self._ranged(client, path)
+        with self._lock:
+            self._geometry[key] = (now, found)
+            self._geometry.move_to_end(key)
+            while len(self._geometry) > 1024:
+                self._geometry.popitem(last=False)
+        return found
+
+    def _ranged(self, client: Client, path: str) -> _Ranged | None:
         """A large instance stored with native little-endian pixel data, ready to read frame by
         frame by range (the header from the object's first block, each frame from the blocks
         that hold it; every byte verified); None where the instance is small (the instance
