@@ -616,10 +616,10 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
     layout: list[Seg] | None = None
     blocks = b""
     opaque: list[tuple[int, int]] = []
-    # The original's digest (identity record v3): every byte but the spans the output copies
-    # whole in pieces of identity.SHARED_MIN or more, which the output's own digest covers;
-    # of those, their first and last SHARED_EDGE bytes.
+    # The original's digest (identity record v3): every byte but what the output copies of it,
+    # of which only identity.covered's parts (the output's own digest covers the rest).
     rest = hashlib.sha256()
+    bounds = identity_record.SHARED_MIN, identity_record.SHARED_EDGE      # as the record says
     if part.deflated:
         import zlib
         inflated = b"".join(data[s[0]:s[1]] if isinstance(s, tuple) else s for s in body.segs)
@@ -644,11 +644,8 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
                     delta.append(base64.b64encode(data[orig_pos:a]).decode())
                     if not streamed:
                         rest.update(data[orig_pos:a])
-                if not streamed and b - a < identity_record.SHARED_MIN:
-                    rest.update(data[a:b])
-                elif not streamed:                      # a shared span: its edges only
-                    rest.update(data[a:a + identity_record.SHARED_EDGE])
-                    rest.update(data[b - identity_record.SHARED_EDGE:b])
+                for x, y in identity_record.covered(a, b, *bounds) if not streamed else ():
+                    rest.update(data[x:y])
                 delta.append([out_pos, b - a])
                 orig_pos = b
                 out_pos += b - a
@@ -665,7 +662,7 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
         if size > MAX_OBJECT:
             raise errors.InvalidDicom(f"the de-identified object would be {size} bytes; an object "
                                       f"holds at most {MAX_OBJECT} bytes (PS3.5 7.1.1).")
-        key, blocks, rest_hex = _stream_digests(plan.fd, layout, len(data))
+        key, blocks, rest_hex = _stream_digests(plan.fd, layout, len(data), bounds)
         out = b""
     else:
         rest_hex = rest.hexdigest()
@@ -677,8 +674,8 @@ def apply(plan: DeidPlan, pseudo: Pseudonyms, profile: Profile) -> Result:
     identity = {
         "v": 3,
         "rest_sha256": rest_hex,
-        "shared_min": identity_record.SHARED_MIN,
-        "shared_edge": identity_record.SHARED_EDGE,
+        "shared_min": bounds[0],
+        "shared_edge": bounds[1],
         "original_size": len(data) if not part.deflated else len(plan_original(plan)),
         "deid_sha256": key,
         "profile": f"PS3.15 E {profile.edition}",
@@ -722,10 +719,11 @@ def pread_span(fd: int, start: int, end: int, chunk: int = _READ) -> Iterator[by
         pos += len(piece)
 
 
-def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, bytes, str]:
+def _stream_digests(fd: int, layout: list[Seg], source_size: int, bounds: tuple[int, int]
+                    ) -> tuple[str, bytes, str]:
     """One pass over the source: (key, hash list) of the output and the original's digest of
-    identity record v3 (the spans copied whole in pieces of identity.SHARED_MIN or more left
-    out, as :func:`apply` builds the record's delta)."""
+    identity record v3 (of the copied spans, only :func:`identity.covered`'s parts), as
+    :func:`apply` builds the record's delta."""
     out = integrity.Hasher()
     rest = hashlib.sha256()
     pos = 0
@@ -736,15 +734,11 @@ def _stream_digests(fd: int, layout: list[Seg], source_size: int) -> tuple[str, 
         a, b = s
         for piece in pread_span(fd, pos, a):
             rest.update(piece)
-        shared = b - a >= identity_record.SHARED_MIN
-        if shared:                                      # its edges only
-            rest.update(b"".join(pread_span(fd, a, a + identity_record.SHARED_EDGE)))
         for piece in pread_span(fd, a, b, 4 * _READ):
-            if not shared:
-                rest.update(piece)
             out.update(piece)
-        if shared:
-            rest.update(b"".join(pread_span(fd, b - identity_record.SHARED_EDGE, b)))
+        for x, y in identity_record.covered(a, b, *bounds):   # under SHARED_MIN: read again
+            for piece in pread_span(fd, x, y):
+                rest.update(piece)
         pos = b
     for piece in pread_span(fd, pos, source_size):
         rest.update(piece)

@@ -43,10 +43,14 @@ SHARED_MIN = 16 * 1024
 SHARED_EDGE = 64
 
 
-def shared(piece: object, least: int) -> bool:
-    """Whether a delta piece is a span of the de-identified file left out of ``rest_sha256`` by a
-    record built with ``shared_min`` = ``least``."""
-    return isinstance(piece, list) and piece[1] >= least
+def covered(start: int, end: int, least: int, edge: int) -> tuple[tuple[int, int], ...]:
+    """The parts of a span [start, end) that the original and the de-identified file share
+    which version 3's ``rest_sha256`` covers, in order: all of it, or for a span of ``least``
+    bytes or more its first and last ``edge`` bytes.  The one statement of the rule: the
+    de-identifier hashes these parts of the original, re-identification of the rebuilt one."""
+    if end - start < least:
+        return ((start, end),)
+    return ((start, start + edge), (end - edge, end))
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -125,13 +129,15 @@ def reidentify(deid: bytes, record: dict[str, Any]) -> bytes:
     for piece in _delta(record):
         if isinstance(piece, bytes):
             part: bytes | memoryview = piece
+            check.digest.update(piece)
         else:
             offset, length = piece
             part = view[offset:offset + length]
             if len(part) != length:
                 raise errors.IntegrityError("the identity record names bytes the de-identified object "
                                             "does not have.")
-        check.update(piece, part)
+            for a, b in check.covered(offset, length):
+                check.digest.update(view[a:b])
         parts.append(part)
     original = b"".join(parts)
     check.verify(len(original))
@@ -166,15 +172,23 @@ def reidentify_file(deid_path: str, record: dict[str, Any], out_path: str, whole
             for piece in _delta(record):
                 if isinstance(piece, bytes):
                     chunks: Any = [piece]
+                    parts: tuple[tuple[int, int], ...] = ()
+                    hashed = True                  # the original's own bytes: all of them
                 else:
                     offset, length = piece
                     chunks = _pread(fd, offset, length)
+                    parts = check.covered(offset, length)
+                    hashed = parts == ((offset, offset + length),)     # all of it, as it streams
                 for chunk in chunks:
-                    check.update(piece, chunk)
+                    if hashed:
+                        check.digest.update(chunk)
                     if whole:
                         original.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+                for a, b in parts if not hashed else ():               # a shared span's edges
+                    for chunk in _pread(fd, a, b - a):
+                        check.digest.update(chunk)
         check.verify(size)
     except BaseException:
         if made:                               # never a file that was there before
@@ -204,45 +218,28 @@ def _delta(record: dict[str, Any]) -> Iterator[bytes | list[int]]:
 
 
 class _OriginalCheck:
-    """The digest a record keeps of its original (see the module's docstring), fed piece by
-    piece as the original is rebuilt."""
+    """The digest a record keeps of its original (see the module's docstring), fed in order as
+    the original is rebuilt: its own bytes whole, the spans it shares with the de-identified
+    file as far as :meth:`covered` says."""
 
     def __init__(self, record: dict[str, Any]) -> None:
         self.record = record
         self.rest = record.get("v") == 3
-        least = record.get("shared_min") if self.rest else None
-        edge = record.get("shared_edge") if self.rest else None
+        least, edge = record.get("shared_min"), record.get("shared_edge")
         if self.rest and (not isinstance(least, int) or not isinstance(edge, int) or not 0 <= 2 * edge <= least
                           or least < 1):
             raise errors.IntegrityError("the identity record has no valid shared_min and shared_edge.")
-        self.least, self.edge = least or 0, edge or 0
+        self.least, self.edge = (int(least or 0), int(edge or 0)) if self.rest else (0, 0)
         self.digest = hashlib.sha256()
-        self._span: object = None                   # the shared piece under way, and its tail so far
-        self._tail = b""
-        self._seen = 0
 
-    def update(self, piece: bytes | list[int], data: bytes | memoryview) -> None:
-        """``data``: the next bytes of ``piece`` (a shared span may come in several chunks)."""
-        if not (self.rest and shared(piece, self.least)):
-            self._close_span()
-            self.digest.update(data)
-            return
-        if piece is not self._span:
-            self._close_span()
-            self._span, self._tail, self._seen = piece, b"", 0
-        if self._seen < self.edge:
-            self.digest.update(data[:self.edge - self._seen])
-        self._seen += len(data)
-        if self.edge:
-            self._tail = (self._tail + bytes(data[-self.edge:]))[-self.edge:]
-
-    def _close_span(self) -> None:
-        if self._span is not None:
-            self.digest.update(self._tail)
-            self._span = None
+    def covered(self, offset: int, length: int) -> tuple[tuple[int, int], ...]:
+        """The parts of the de-identified file's [offset, offset + length) that the digest
+        covers: all of it before version 3."""
+        if not self.rest:
+            return ((offset, offset + length),)
+        return covered(offset, offset + length, self.least, self.edge)
 
     def verify(self, size: int) -> None:
-        self._close_span()
         want = self.record.get("rest_sha256" if self.rest else "original_sha256")
         if size != self.record.get("original_size", size) or self.digest.hexdigest() != want:
             raise errors.IntegrityError("re-identification did not reproduce the original file.")
