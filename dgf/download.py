@@ -161,17 +161,14 @@ class Downloads:
               progress: Progress | None = None) -> DownloadReport:
         """Fetch files (directories recursively) and hand each one's verified bytes to
         ``on_file(path, data)`` instead of writing them; called from transfer threads."""
-        report = DownloadReport()
 
-        def sink(targets: list[str], data: bytes | None, src: Path | None) -> None:
-            if data is None and src is not None:
-                data = src.read_bytes()
-                src.unlink(missing_ok=True)
-            for t in targets:
-                on_file(t, data or b"")
+        def as_bytes(path: str, data: bytes | BinaryIO) -> None:
+            if not isinstance(data, bytes):
+                with data:
+                    data = data.read()
+            on_file(path, data)
 
-        self._fetch(self.resolve(paths, identified), sink, identified, report, progress)
-        return report
+        return self.fetch_streams(paths, as_bytes, identified, progress)
 
     def fetch_streams(self, paths: list[str], on_file: Callable[[str, bytes | BinaryIO], None],
                       identified: bool = False, progress: Progress | None = None,

@@ -522,3 +522,7 @@ def test_a_fetch_stops_asking_the_sites_once_its_consumer_goes_away(federation: 
     everything: list[str] = []
     clinician.fetch_streams(paths, lambda p, d: (everything.append(p), None if isinstance(d, bytes) else d.close()))
     assert sorted(everything) == sorted(paths)
+    # fetch, on top of fetch_streams, hands over bytes, large objects read back from their spool.
+    sizes: dict[str, int] = {}
+    clinician.fetch(paths[:3], lambda p, d: sizes.__setitem__(p, len(d) if isinstance(d, bytes) else -1))
+    assert sizes == {s.path: s.size for s in clinician.ls("/stopped") if s.path in paths[:3]}
