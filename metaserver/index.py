@@ -180,6 +180,44 @@ def index_header(xml: bytes) -> HeaderIndex:
                        levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
 
 
+#: A series set is made only where its headers have at least this many rows in common.
+SHARE_LEAST = 4
+Row = tuple[str, str, float | None, bool, int]
+
+
+@dataclass(frozen=True)
+class SeriesSet:
+    series: str
+    rows: list[Row]             # the rows every member has, as HeaderIndex.rows
+    inos: list[int]             # its members
+
+
+def share(indexed: list[tuple[int, HeaderIndex]]) -> tuple[list[tuple[int, Row]], list[SeriesSet]]:
+    """Split headers' rows into series sets and each header's own rows.
+
+    The headers of one series written together have most rows in common (a CT series differs
+    image to image in a handful of elements: SOP Instance UID, instance number, position), so
+    those rows are stored once per set and each header keeps only the rest: a header's own rows
+    plus its set's rows are exactly its rows, and the index reads the two as one (``values_t``).
+    """
+    groups: dict[str, list[tuple[int, HeaderIndex]]] = {}
+    for ino, h in indexed:
+        groups.setdefault(h.series, []).append((ino, h))
+    own: list[tuple[int, Row]] = []
+    sets: list[SeriesSet] = []
+    for series, group in groups.items():
+        common: set[Row] = set()
+        if len(group) > 1:
+            common = set(group[0][1].rows).intersection(*(h.rows for _, h in group[1:]))
+        if len(common) < SHARE_LEAST:
+            own.extend((ino, row) for ino, h in group for row in h.rows)
+            continue
+        sets.append(SeriesSet(series, list(common), [ino for ino, _ in group]))
+        # Set differences, in C: a header's rows are distinct, and their order does not matter.
+        own.extend((ino, row) for ino, h in group for row in set(h.rows).difference(common))
+    return own, sets
+
+
 # -- tables ------------------------------------------------------------------------------------
 
 metadata = sa.MetaData()
@@ -194,8 +232,9 @@ keys_t = sa.Table(
     # Some header has two or more values at this path: conjunctions on it cannot be merged.
     sa.Column("multi", sa.Boolean, nullable=False, default=False),
 )
-#: One row per element of every header; the primary key is the equality/prefix index.
-values_t = sa.Table(
+#: One row per element of every header that is not in its series set (below); the primary key
+#: is the equality/prefix index.
+own_t = sa.Table(
     "hvalues", metadata,
     sa.Column("key", sa.Integer, primary_key=True),
     sa.Column("text", _TEXT, primary_key=True),
@@ -206,9 +245,39 @@ values_t = sa.Table(
     sqlite_with_rowid=False,
 )
 # Per-file probes (ino, key) and deletes; numeric ranges (key, num) where a value is a number.
-sa.Index("ix_hvalues_ino", values_t.c.ino, values_t.c.key, values_t.c.item, values_t.c.num)
-sa.Index("ix_hvalues_num", values_t.c.key, values_t.c.num, values_t.c.ino,
-         sqlite_where=values_t.c.num.isnot(None), postgresql_where=values_t.c.num.isnot(None))
+sa.Index("ix_hvalues_ino", own_t.c.ino, own_t.c.key, own_t.c.item, own_t.c.num)
+sa.Index("ix_hvalues_num", own_t.c.key, own_t.c.num, own_t.c.ino,
+         sqlite_where=own_t.c.num.isnot(None), postgresql_where=own_t.c.num.isnot(None))
+#: Series sets: the rows that every header of a series committed together has in common (most of
+#: a header: the patient's, the study's and the series' elements), stored once per set.
+sets_t = sa.Table(
+    "hsets", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("series", sa.String, nullable=False),
+    sqlite_autoincrement=True,                # a removed set's id is never given to a new one
+)
+shared_t = sa.Table(
+    "hshared", metadata,
+    sa.Column("key", sa.Integer, primary_key=True),
+    sa.Column("text", _TEXT, primary_key=True),
+    sa.Column("set_id", sa.Integer, primary_key=True),
+    sa.Column("item", sa.Integer, primary_key=True),
+    sa.Column("num", sa.Float, nullable=True),
+    sa.Column("first", sa.Boolean, nullable=False),
+    sqlite_with_rowid=False,
+)
+sa.Index("ix_hshared_set", shared_t.c.set_id, shared_t.c.key, shared_t.c.item, shared_t.c.num)
+sa.Index("ix_hshared_num", shared_t.c.key, shared_t.c.num, shared_t.c.set_id,
+         sqlite_where=shared_t.c.num.isnot(None), postgresql_where=shared_t.c.num.isnot(None))
+#: The headers of each set.  A header is in one set at most: the unique index on ``ino`` alone
+#: also tells SQLite's planner that a probe by file meets one set, so it looks the file up first.
+members_t = sa.Table(
+    "hmembers", metadata,
+    sa.Column("set_id", sa.Integer, primary_key=True),
+    sa.Column("ino", sa.Integer, primary_key=True),
+    sqlite_with_rowid=False,
+)
+sa.Index("ix_hmembers_ino", members_t.c.ino, unique=True)
 #: The patient, study and series of every indexed header (for --level grouping).
 levels_t = sa.Table(
     "hlevels", metadata,
@@ -216,4 +285,27 @@ levels_t = sa.Table(
     sa.Column("patient", sa.String, nullable=False),
     sa.Column("study", sa.String, nullable=False),
     sa.Column("series", sa.String, nullable=False),
+)
+
+#: What the planner reads: every header's rows, its own and its set's, as one relation.  A view
+#: (made by revision 0004, as is sample_t), declared in its own MetaData so that create_all and Alembic's
+#: comparison leave it alone; SQLite and PostgreSQL push a query's conditions, a probe's file
+#: included, into each branch.
+views = sa.MetaData()
+values_t = sa.Table(
+    "hindex", views,
+    sa.Column("key", sa.Integer),
+    sa.Column("text", _TEXT),
+    sa.Column("ino", sa.Integer),
+    sa.Column("item", sa.Integer),
+    sa.Column("num", sa.Float),
+    sa.Column("first", sa.Boolean),
+)
+#: The same rows with their series set (0 for a file's own rows), for the planner's sampled
+#: estimates (sqlindex.query_estimate), which bound the sets they read as well as the files.  A
+#: view apart: a computed column stops SQLite pushing a probe's file into the branches.
+sample_t = sa.Table(
+    "hsample", views,
+    *(sa.Column(c.name, c.type) for c in values_t.c),
+    sa.Column("set_id", sa.Integer),
 )

@@ -24,10 +24,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.sql.util import ClauseAdapter
+from sqlalchemy.sql.visitors import replacement_traverse
 
 from metaserver import xpath
-from metaserver.index import LONG_MARK, MAX_TEXT, ROOT_KEY, comparable, keys_t, levels_t, values_t, xpath_number
+from metaserver.index import (
+    LONG_MARK,
+    MAX_TEXT,
+    ROOT_KEY,
+    comparable,
+    keys_t,
+    levels_t,
+    sample_t,
+    values_t,
+    xpath_number,
+)
 
 _FLIP = {"=": "=", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _RELATIONAL = ("<", "<=", ">", ">=")
@@ -46,7 +56,14 @@ class Leaf:
         key = t.c.key.in_(self.ids) if len(self.ids) > 1 else t.c.key == self.ids[0]
         if self.cond is None:
             return [key]
-        return [key, ClauseAdapter(t).traverse(self.cond) if t is not values_t else self.cond]
+        if t is values_t:
+            return [key, self.cond]
+
+        def column(element: Any, **_: Any) -> Any:
+            """values_t's columns by name in ``t`` (an alias of it or of sample_t)."""
+            return t.c[element.name] if isinstance(element, sa.Column) and element.table is values_t else None
+        opts: dict[str, Any] = {}
+        return [key, replacement_traverse(self.cond, opts, column)]
 
 
 @dataclass(frozen=True)
@@ -457,7 +474,7 @@ class Planner:
         if self.estimate is None:
             return 1 if isinstance(term, Leaf) and term.cond is not None else 2
         if isinstance(term, Leaf):
-            v = values_t.alias()
+            v = sample_t.alias()           # the rows with their series set: sampled by set too
             return self.estimate(sa.select(v.c.ino).where(*term.where(v)))
         return self.estimate(self.render_sub(term))
 

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dgf import errors
 from metaserver import index
-from metaserver.index import keys_t, levels_t, values_t
+from metaserver.index import keys_t, levels_t, members_t, own_t, sets_t, shared_t
 from metaserver.planner import Catalogue, load_catalogue
 from metaserver.schema import (
     inodes,
@@ -29,10 +29,23 @@ class HeaderIndexStore(SqlBase):
     """The header index, written in the namespace's transactions and read by the planner."""
 
     def _unindex(self, conn: Connection, inos: list[int]) -> None:
+        """Remove files' index rows; a series set left without members goes with its last one."""
+        left: set[int] = set()
         for i in range(0, len(inos), 500):
             chunk = inos[i:i + 500]
-            conn.execute(values_t.delete().where(values_t.c.ino.in_(chunk)))
+            conn.execute(own_t.delete().where(own_t.c.ino.in_(chunk)))
+            left.update(conn.execute(sa.select(members_t.c.set_id).where(members_t.c.ino.in_(chunk))).scalars())
+            conn.execute(members_t.delete().where(members_t.c.ino.in_(chunk)))
             conn.execute(levels_t.delete().where(levels_t.c.ino.in_(chunk)))
+        ids = sorted(left)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            alive = set(conn.execute(sa.select(members_t.c.set_id).where(members_t.c.set_id.in_(chunk))
+                                     .distinct()).scalars())
+            gone = [s for s in chunk if s not in alive]
+            if gone:
+                conn.execute(shared_t.delete().where(shared_t.c.set_id.in_(gone)))
+                conn.execute(sets_t.delete().where(sets_t.c.id.in_(gone)))
 
     @staticmethod
     def _parsed(xml: bytes) -> index.HeaderIndex:
@@ -44,27 +57,41 @@ class HeaderIndexStore(SqlBase):
             raise errors.UsageError(f"an XML header is not well-formed ({exc}).") from exc
 
     def _index(self, conn: Connection, indexed: list[tuple[int, index.HeaderIndex]]) -> None:
-        """Insert the index rows of parsed headers (:meth:`_parsed`) in the caller's transaction
-        (see metaserver/index.py)."""
+        """Insert the index rows of parsed headers (:meth:`_parsed`) in the caller's transaction:
+        the rows a series has in common once per set, the rest per file (metaserver/index.py)."""
         if not indexed:
             return
         ids = self._key_id_map(conn, set().union(*(h.keys for _, h in indexed)),
                                set().union(*(h.long_keys for _, h in indexed)),
                                set().union(*(h.multi_keys for _, h in indexed)))
-        # The one hot insert (dozens of rows per header) skips SQLAlchemy's per-row processing.
+        own, shared = index.share(indexed)
+        # The hot inserts (dozens of rows per header) skip SQLAlchemy's per-row processing.
         # Rows go in header by header, unsorted: sorting them by (key, text) cost ~0.4 us a row
         # and made SQLite's inserts no cheaper (the (ino, ...) index then took them at random).
-        rows = [(ids[k], t, ino, i, n, f) for ino, h in indexed for k, t, n, f, i in h.rows]
-        if self.is_sqlite:
-            conn.exec_driver_sql('INSERT INTO hvalues ("key", text, ino, item, num, "first") VALUES (?, ?, ?, ?, ?, ?)',
-                                 rows)
-        else:
-            with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
-                    'COPY hvalues ("key", text, ino, item, num, "first") FROM STDIN') as copy:
-                for row in rows:
-                    copy.write_row(row)
+        self._bulk(conn, "hvalues", ("key", "text", "ino", "item", "num", "first"),
+                   [(ids[k], t, ino, i, n, f) for ino, (k, t, n, f, i) in own])
+        if shared:
+            made = conn.execute(sets_t.insert().returning(sets_t.c.id, sort_by_parameter_order=True),
+                                [{"series": s.series} for s in shared]).scalars().all()
+            self._bulk(conn, "hshared", ("key", "text", "set_id", "item", "num", "first"),
+                       [(ids[k], t, sid, i, n, f) for s, sid in zip(shared, made) for k, t, n, f, i in s.rows])
+            self._bulk(conn, "hmembers", ("set_id", "ino"), [(sid, ino) for s, sid in zip(shared, made)
+                                                             for ino in s.inos])
         conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
                                           "series": h.series} for ino, h in indexed])
+
+    def _bulk(self, conn: Connection, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """Insert many rows by the driver's own bulk path (executemany; COPY on PostgreSQL)."""
+        if not rows:
+            return
+        names = ", ".join(f'"{c}"' for c in columns)
+        if self.is_sqlite:
+            conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})", rows)
+            return
+        with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
+                f"COPY {table} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
     def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
                     multi_paths: set[str]) -> dict[str, int]:
@@ -181,7 +208,19 @@ class HeaderIndexStore(SqlBase):
         def run(conn: Connection) -> int:
             bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino)
                                  .limit(1).offset(sample)).scalar()
-            query = select if bound is None else select.where(list(select.selected_columns)[0] <= bound)
+            if bound is None:
+                query = select
+            else:
+                ino = list(select.selected_columns)[0]
+                query = select.where(ino <= bound)
+                rows = getattr(ino, "table", None)
+                if rows is not None and "set_id" in rows.c:
+                    # Series sets are made in the order of their files: the sets up to the
+                    # sample's last one, so that a common value (Modality 'CT') is not read
+                    # for every set in the archive only to drop the members past the bound.
+                    last = conn.execute(sa.select(members_t.c.set_id).where(members_t.c.ino <= bound)
+                                        .order_by(members_t.c.ino.desc()).limit(1)).scalar()
+                    query = query.where(rows.c.set_id <= (last or 0))        # own rows: 0
             return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
         return self._read(run)
 

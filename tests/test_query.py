@@ -60,6 +60,7 @@ def headers(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         parts.append('<PrivateElement tag="00090010" vr="LO">x</PrivateElement>')
     parts.append(_el("StudyInstanceUID", draw(st.sampled_from(["1.2.1", "1.2.2"]))))
+    parts.append(_el("SeriesInstanceUID", draw(st.sampled_from(["1.2.1.1", "1.2.1.2"]))))
     return ("<DicomHeader>" + "".join(parts) + "</DicomHeader>").encode()
 
 
@@ -163,9 +164,13 @@ PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 
 @pytest.fixture()
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scans fan out to the worker processes after two candidates, two per chunk."""
+    """Scans fan out to the worker processes after two candidates, two per chunk; headers of a
+    series share a set for a single row in common, so most checks read rows from both sides."""
+    from metaserver import index
+
     monkeypatch.setattr(query, "SERIAL_CANDIDATES", 2)
     monkeypatch.setattr(query, "CHUNK", 2)
+    monkeypatch.setattr(index, "SHARE_LEAST", 1)
 
 
 @PROPERTY
@@ -216,6 +221,55 @@ def test_index_follows_namespace_changes(engine: SqlEngine) -> None:
     assert _paths(engine, ct) == []
     engine.removexattr("/b/1", "user.dgf.dicom")
     assert _paths(engine, "/DicomHeader") == []
+
+
+def _index_rows(engine: SqlEngine) -> dict[str, int]:
+    import sqlalchemy as sa
+
+    with engine.engine.connect() as conn:
+        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()
+                for t in ("hvalues", "hshared", "hmembers", "hsets")}
+
+
+def test_a_series_keeps_its_common_rows_once_and_they_leave_with_its_last_file(engine: SqlEngine) -> None:
+    def ct(i: int, kvp: str = "120") -> bytes:
+        return (f"<DicomHeader>{_el('PatientID', 'P1')}{_el('StudyInstanceUID', '1.2')}"
+                f"{_el('SeriesInstanceUID', '1.2.3')}{_el('Modality', 'CT')}{_el('KVP', kvp)}"
+                f"{_el('InstanceNumber', str(i))}</DicomHeader>").encode()
+
+    engine.create_files([NewFile(f"/s/{i}", f"{i:064x}", 1, "s", {"user.dgf.dicom": ct(i)}) for i in range(1, 4)]
+                        + [NewFile("/o/1", "9" * 64, 1, "s", {"user.dgf.dicom": _hdr("MR")})])
+    # Seven rows each; six in common (root, patient, study, series, modality, kVp): one set of
+    # six, each file keeps its instance number, and the lone MR header all its rows.
+    assert _index_rows(engine) == {"hvalues": 3 + 5, "hshared": 6, "hmembers": 3, "hsets": 1}
+    assert _paths(engine, "/DicomHeader[Modality='CT' and KVP >= 120 and InstanceNumber > 1]") == ["/s/2", "/s/3"]
+    assert _paths(engine, "/DicomHeader[KVP = 120 and not(Modality = 'MR')]") == ["/s/1", "/s/2", "/s/3"]
+    engine.unlink("/s/1")
+    engine.create_files([NewFile("/s/2", "8" * 64, 1, "s", {"user.dgf.dicom": ct(2, "80")})], replace=True)
+    assert _paths(engine, "/DicomHeader[KVP = 120]") == ["/s/3"]
+    assert _paths(engine, "/DicomHeader[KVP < 100 and InstanceNumber = 2]") == ["/s/2"]
+    assert _index_rows(engine)["hsets"] == 1           # /s/3 is still a member
+    engine.unlink("/s/3")
+    assert _index_rows(engine) == {"hvalues": 7 + 5, "hshared": 0, "hmembers": 0, "hsets": 0}
+
+
+def test_share_splits_rows_exactly() -> None:
+    """A header's own rows and its set's rows are its rows, none twice."""
+    from metaserver import index
+
+    hdrs = [index.index_header(x) for x in (
+        b"<DicomHeader><SeriesInstanceUID>1</SeriesInstanceUID><ImageType>A</ImageType><ImageType>B</ImageType>"
+        b"<Modality>CT</Modality><KVP>80</KVP><Rows>5</Rows></DicomHeader>",
+        b"<DicomHeader><SeriesInstanceUID>1</SeriesInstanceUID><ImageType>B</ImageType><ImageType>A</ImageType>"
+        b"<Modality>CT</Modality><KVP>80</KVP><Rows>5</Rows></DicomHeader>",
+        b"<DicomHeader><SeriesInstanceUID>2</SeriesInstanceUID><Modality>CT</Modality></DicomHeader>")]
+    own, sets = index.share(list(zip((10, 11, 12), hdrs)))
+    assert [(s.series, s.inos) for s in sets] == [("1", [10, 11])]
+    for ino, h in zip((10, 11, 12), hdrs):
+        mine = [row for i, row in own if i == ino] + [row for s in sets if ino in s.inos for row in s.rows]
+        assert sorted(mine, key=repr) == sorted(h.rows, key=repr) and len(set(mine)) == len(mine)
+    # The ImageType values differ in order, so in which of them is first: neither row is shared.
+    assert ("/DicomHeader/ImageType", "A", None, True, 0) not in sets[0].rows
 
 
 def test_long_values_sharing_a_prefix_index_once_and_match_exactly(engine: SqlEngine) -> None:
