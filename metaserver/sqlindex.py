@@ -215,9 +215,11 @@ class HeaderIndexStore(SqlBase):
                 query = select.where(ino <= bound)
                 rows = getattr(ino, "table", None)
                 if rows is not None and "set_id" in rows.c:
-                    # Series sets are made in the order of their files: the sets up to the
-                    # sample's last one, so that a common value (Modality 'CT') is not read
-                    # for every set in the archive only to drop the members past the bound.
+                    # Series sets are made in about the order of their files: the sets up to
+                    # the sample's last one, so that a common value (Modality 'CT') is not read
+                    # for every set in the archive only to drop the members past the bound.  A
+                    # file replaced later keeps its inode and joins a newer set: an estimate
+                    # may leave it out, which only skews the choice of the driving term.
                     last = conn.execute(sa.select(members_t.c.set_id).where(members_t.c.ino <= bound)
                                         .order_by(members_t.c.ino.desc()).limit(1)).scalar()
                     query = query.where(rows.c.set_id <= (last or 0))        # own rows: 0
