@@ -34,7 +34,15 @@ class HeaderIndexStore(SqlBase):
         for i in range(0, len(inos), 500):
             chunk = inos[i:i + 500]
             conn.execute(own_t.delete().where(own_t.c.ino.in_(chunk)))
-            left.update(conn.execute(sa.select(members_t.c.set_id).where(members_t.c.ino.in_(chunk))).scalars())
+            sets = sorted(set(conn.execute(sa.select(members_t.c.set_id).where(members_t.c.ino.in_(chunk)))
+                              .scalars()))
+            if sets:
+                # Locked before their members go (PostgreSQL; SQLite has one writer): two
+                # commits removing a set's last two members would otherwise each see the
+                # other's member still there, and neither would remove the set.
+                conn.execute(sa.select(sets_t.c.id).where(sets_t.c.id.in_(sets)).order_by(sets_t.c.id)
+                             .with_for_update())
+                left.update(sets)
             conn.execute(members_t.delete().where(members_t.c.ino.in_(chunk)))
             conn.execute(levels_t.delete().where(levels_t.c.ino.in_(chunk)))
         ids = sorted(left)

@@ -155,6 +155,31 @@ class EngineContract:
         finally:
             again.close()
 
+    def test_a_series_set_goes_when_its_last_members_go_at_once(self, engine: MetaEngine) -> None:
+        import threading
+
+        import sqlalchemy as sa
+
+        hdr = b"<DicomHeader><SeriesInstanceUID>1.9</SeriesInstanceUID><Modality>CT</Modality><KVP>80</KVP>" \
+              b"<PatientSex>M</PatientSex></DicomHeader>"
+        assert isinstance(engine, SqlEngine)
+        for r in range(12):
+            engine.create_files([NewFile(f"/c{r}/{n}", _key(f"{r}{n}"), 1, "site-a", {"user.dgf.dicom": hdr})
+                                 for n in "ab"])
+            barrier = threading.Barrier(2)
+
+            def unlink(path: str, barrier: threading.Barrier) -> None:
+                barrier.wait()
+                engine.unlink(path)
+            threads = [threading.Thread(target=unlink, args=(f"/c{r}/{n}", barrier)) for n in "ab"]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        with engine.engine.connect() as conn:
+            assert [conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()
+                    for t in ("hsets", "hshared", "hmembers")] == [0, 0, 0]
+
     def test_the_revisions_build_the_tables_the_code_declares(self, engine: MetaEngine) -> None:
         # A table definition changed without a revision would show up here as a difference.
         from alembic.autogenerate import compare_metadata
