@@ -298,6 +298,18 @@ def test_levels_limit_and_count(engine: SqlEngine) -> None:
     assert q.explain()["strategy"] == "index only"
 
 
+def test_a_file_matching_on_several_rows_counts_and_lists_once(engine: SqlEngine) -> None:
+    # Three ImageType values, three index rows of one key: the plan's SQL names the file once
+    # per row (its consumers test membership), and a count counts files.
+    hdr = (f"<DicomHeader>{_el('SeriesInstanceUID', '1.5')}{_el('ImageType', 'ORIGINAL')}"
+           f"{_el('ImageType', 'PRIMARY')}{_el('ImageType', 'AXIAL')}</DicomHeader>").encode()
+    engine.create_files([NewFile(f"/m/{i}", f"{i + 50:064x}", 1, "s", {"user.dgf.dicom": hdr}) for i in range(3)])
+    q = query.prepare("/DicomHeader[ImageType != 'X']", engine.query_catalogue(), "sqlite")
+    assert q.explain()["strategy"] == "index only"
+    assert query.count(engine, q, "/") == 3 and _paths(engine, "/DicomHeader[ImageType != 'X']") == [
+        "/m/0", "/m/1", "/m/2"]
+
+
 def test_invalid_xpath_names_position_and_token() -> None:
     with pytest.raises(errors.UsageError, match=r"column 23 near '\]'"):
         query.compile_xpath("/DicomHeader[Modality=]")
