@@ -309,3 +309,5 @@ sample_t = sa.Table(
     *(sa.Column(c.name, c.type) for c in values_t.c),
     sa.Column("set_id", sa.Integer),
 )
+#: The last series set of an estimate's sample: estimates read sample_t's rows up to it.
+LAST_SET = sa.bindparam("b_last_set", type_=sa.Integer)

@@ -28,6 +28,7 @@ from sqlalchemy.sql.visitors import replacement_traverse
 
 from metaserver import xpath
 from metaserver.index import (
+    LAST_SET,
     LONG_MARK,
     MAX_TEXT,
     ROOT_KEY,
@@ -136,6 +137,8 @@ class Planner:
     dialect: str                          # "sqlite" or "postgresql"
     estimate: Callable[[Any], int] | None = None
     notes: list[tuple[str, str]] = field(default_factory=list)
+    #: What drivers read: values_t, or sample_t while a nested term is rendered to be estimated.
+    rows: Any = field(default=values_t, repr=False)
 
     # -- entry ----------------------------------------------------------------------------
 
@@ -396,8 +399,8 @@ class Planner:
         # probe is one primary-key lookup, a range probe a walk of the file's index rows.)
         terms = tuple(sorted(terms, key=lambda tn: tn[1]))
         if isinstance(driver, Leaf):
-            d = values_t.alias("d")
-            query = sa.select(d.c.ino).where(*driver.where(d))
+            d = self.rows.alias("d")
+            query = sa.select(d.c.ino).where(*driver.where(d), *self.sampled(d))
             ino = d.c.ino
         elif driver is not None:
             sub = self.render_sub(driver).subquery("d")
@@ -449,8 +452,8 @@ class Planner:
         """Files with one item in which every positive leaf holds and no negated one does."""
         positive = [t for t, negated in corr.terms if not negated]
         driver = min(positive, key=self.estimate_term)
-        d = values_t.alias("i")
-        query = sa.select(d.c.ino).where(*driver.where(d))
+        d = self.rows.alias("i")
+        query = sa.select(d.c.ino).where(*driver.where(d), *self.sampled(d))
         for term, negated in corr.terms:
             if term is driver and not negated:
                 continue
@@ -474,10 +477,21 @@ class Planner:
         if self.estimate is None:
             return 1 if isinstance(term, Leaf) and term.cond is not None else 2
         if isinstance(term, Leaf):
-            v = sample_t.alias()           # the rows with their series set: sampled by set too
-            return self.estimate(sa.select(v.c.ino).where(*term.where(v)))
-        return self.estimate(self.render_sub(term))
+            v = sample_t.alias()
+            return self.estimate(sa.select(v.c.ino).where(*term.where(v), *self.sampled(v)))
+        prior, self.rows = self.rows, sample_t
+        try:
+            select = self.render_sub(term)
+        finally:
+            self.rows = prior
+        return self.estimate(select)
 
+    @staticmethod
+    def sampled(rows: Any) -> list[Any]:
+        """An estimate's rows (sample_t) stop at the sample's last series set: sets are made in
+        about the order of their files, and a common value ('CT') would otherwise be read for
+        every set in the archive only for the members past the sample to be dropped."""
+        return [rows.c.set_id <= LAST_SET] if "set_id" in rows.c else []
 
 def Step_without_preds(step: xpath.Step) -> xpath.Step:  # noqa: N802 - reads as a constructor
     return xpath.Step(step.axis, step.test)

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dgf import errors
 from metaserver import index
-from metaserver.index import keys_t, levels_t, members_t, own_t, sets_t, shared_t
+from metaserver.index import LAST_SET, keys_t, levels_t, members_t, own_t, sets_t, shared_t
 from metaserver.planner import Catalogue, load_catalogue
 from metaserver.schema import (
     inodes,
@@ -216,22 +216,15 @@ class HeaderIndexStore(SqlBase):
         def run(conn: Connection) -> int:
             bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino)
                                  .limit(1).offset(sample)).scalar()
-            if bound is None:
-                query = select
-            else:
-                ino = list(select.selected_columns)[0]
-                query = select.where(ino <= bound)
-                rows = getattr(ino, "table", None)
-                if rows is not None and "set_id" in rows.c:
-                    # Series sets are made in about the order of their files: the sets up to
-                    # the sample's last one, so that a common value (Modality 'CT') is not read
-                    # for every set in the archive only to drop the members past the bound.  A
-                    # file replaced later keeps its inode and joins a newer set: an estimate
-                    # may leave it out, which only skews the choice of the driving term.
-                    last = conn.execute(sa.select(members_t.c.set_id).where(members_t.c.ino <= bound)
-                                        .order_by(members_t.c.ino.desc()).limit(1)).scalar()
-                    query = query.where(rows.c.set_id <= (last or 0))        # own rows: 0
-            return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one())
+            query = select if bound is None else select.where(list(select.selected_columns)[0] <= bound)
+            # The planner's estimates read series sets up to the sample's last one (LAST_SET).
+            # A file replaced later keeps its inode and joins a newer set: an estimate may
+            # leave it out, which only skews the choice of the driving term.
+            last = None if bound is None else conn.execute(
+                sa.select(members_t.c.set_id).where(members_t.c.ino <= bound)
+                .order_by(members_t.c.ino.desc()).limit(1)).scalar()
+            params = {LAST_SET.key: 2**31 - 1 if bound is None else (last or 0)}      # set ids are int4
+            return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery()), params).scalar_one())
         return self._read(run)
 
     def query_catalogue(self) -> Catalogue:
