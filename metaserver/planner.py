@@ -493,6 +493,7 @@ class Planner:
         every set in the archive only for the members past the sample to be dropped."""
         return [rows.c.set_id <= LAST_SET] if "set_id" in rows.c else []
 
+
 def Step_without_preds(step: xpath.Step) -> xpath.Step:  # noqa: N802 - reads as a constructor
     return xpath.Step(step.axis, step.test)
 

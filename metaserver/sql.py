@@ -130,14 +130,16 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             if not new:
                 continue
             now = time.time()
-            result = conn.execute(inodes.insert().returning(inodes.c.id, sort_by_parameter_order=True), [
-                {"parent": pid, "name": name, "is_dir": True, "mode": 0o755, "size": 0, "nlink": 2,
-                 "mtime": now, "ctime": now} for pid, name, _ in new])
+            # Ids matched by (parent, name), as for files (_do_create_files).
+            got = {(r.parent, r.name): r.id for r in conn.execute(
+                inodes.insert().returning(inodes.c.id, inodes.c.parent, inodes.c.name), [
+                    {"parent": pid, "name": name, "is_dir": True, "mode": 0o755, "size": 0, "nlink": 2,
+                     "mtime": now, "ctime": now} for pid, name, _ in new])}
             made = conn.info.setdefault("dgf.after", {}).setdefault("new_dirs", [])
-            for (pid, name, path), row in zip(new, result):
-                ids[path] = row.id
-                fresh.add(row.id)
-                made.append((row.id, pid, name))     # learnt by the directory map once committed
+            for pid, name, path in new:
+                ids[path] = got[pid, name]
+                fresh.add(ids[path])
+                made.append((ids[path], pid, name))     # learnt by the directory map once committed
             conn.execute(U_NLINK, [{"b_id": pid, "b_delta": len(names), "b_now": now}
                                    for pid, names in under.items() if names])
         return {path: ids[path] for path in paths}, fresh
@@ -346,11 +348,12 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                         conn.execute(U_FILE, {"b_id": old.id, "b_key": f.object_key, "b_size": f.size, "b_now": now})
                         inos[f.path] = old.id
             if new_rows:
-                # One multi-row INSERT ... RETURNING, ids in parameter order.
-                result = conn.execute(inodes.insert().returning(inodes.c.id, sort_by_parameter_order=True),
-                                      new_rows)
-                for f, row in zip(new_files, result):
-                    inos[f.path] = row.id
+                # Multi-row INSERT ... RETURNING, each id matched by its (parent, name): asking
+                # for parameter order made SQLAlchemy insert row by row on SQLite.
+                made = {(r.parent, r.name): r.id for r in conn.execute(
+                    inodes.insert().returning(inodes.c.id, inodes.c.parent, inodes.c.name), new_rows)}
+                for f, row in zip(new_files, new_rows):
+                    inos[f.path] = made[row["parent"], row["name"]]
             obj_rows = [{"key": f.object_key, "size": f.stored_size or f.size, "created": now, "seal": f.seal}
                         for f in files]
             rep_rows = [{"key": f.object_key, "site": site, "state": "ok"}
