@@ -883,6 +883,13 @@ class Web:
             return None
         return _Ranged(part.transfer_syntax, bytes(part.data[:pixel.start]), count, size, pixel.vstart, read)
 
+    async def _instance(self, request: Any) -> tuple[Client, str]:
+        """The session's client and the archive path of the instance the URL names."""
+        p = request.path_params
+        client = self.client(self.session(request))
+        paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
+        return client, paths[0]
+
     async def _dataset(self, client: Client, path: str) -> Any:
         import pydicom
         from pydicom.filebase import DicomBytesIO
@@ -910,41 +917,37 @@ class Web:
         from pydicom.encaps import generate_frames
         from starlette.responses import Response
 
-        token = self.session(request)
-        p = request.path_params
-        client = self.client(token)
-        paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
+        client, path = await self._instance(request)
+        frames_asked = request.path_params["frames"]
         accepted = Accepted.parse(request.headers.get("accept", ""), "application/octet-stream")
         if "application/octet-stream" not in accepted.types:
             raise HTTPProblem(406, "frames are sent as multipart/related; type=\"application/octet-stream\" only.")
-        ranged = await self.call(self.ranged, client, paths[0])
+        ranged = await self.call(self.ranged, client, path)
         wanted = accepted.syntax("application/octet-stream", ranged.syntax) if ranged is not None else None
         if ranged is not None and wanted in (EXPLICIT_LE, pixels.IMPLICIT_LE):
-            numbers = self._frame_numbers(p["frames"], ranged.count, True)
-            sent, data = wanted, await self.call(lambda: [ranged.frame(n - 1) for n in numbers])
-            boundary = secrets.token_hex(16)
-            body = b"".join(multipart(((f"application/octet-stream; transfer-syntax={sent}", f) for f in data),
-                                      boundary))
-            return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
-        ds = await self._dataset(client, paths[0])
-        numbers = self._frame_numbers(p["frames"], int(ds.get("NumberOfFrames", 1) or 1), "PixelData" in ds)
-        stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
-        want = accepted.syntax("application/octet-stream", stored)
+            numbers = self._frame_numbers(frames_asked, ranged.count, True)
+            data = await self.call(lambda: [ranged.frame(n - 1) for n in numbers])
+            sent = wanted
+        else:
+            ds = await self._dataset(client, path)
+            numbers = self._frame_numbers(frames_asked, int(ds.get("NumberOfFrames", 1) or 1), "PixelData" in ds)
+            stored = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
+            want = accepted.syntax("application/octet-stream", stored)
 
-        def frames() -> list[bytes]:
-            if want == stored and stored not in NATIVE_SYNTAXES:
-                count = int(ds.get("NumberOfFrames", 1) or 1)
-                all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
-                return [all_frames[n - 1] for n in numbers]
-            if want not in NATIVE_SYNTAXES:
-                raise HTTPProblem(406, f"frames are not transcoded to {want}; ask for transfer-syntax=* "
-                                       f"or {EXPLICIT_LE}.")
-            if stored not in NATIVE_SYNTAXES:
-                return pixels.decoded_frames(ds, [n - 1 for n in numbers])
-            return [pixels.frame_bytes(ds, n - 1) for n in numbers]
+            def frames() -> list[bytes]:
+                if want == stored and stored not in NATIVE_SYNTAXES:
+                    count = int(ds.get("NumberOfFrames", 1) or 1)
+                    all_frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+                    return [all_frames[n - 1] for n in numbers]
+                if want not in NATIVE_SYNTAXES:
+                    raise HTTPProblem(406, f"frames are not transcoded to {want}; ask for transfer-syntax=* "
+                                           f"or {EXPLICIT_LE}.")
+                if stored not in NATIVE_SYNTAXES:
+                    return pixels.decoded_frames(ds, [n - 1 for n in numbers])
+                return [pixels.frame_bytes(ds, n - 1) for n in numbers]
 
-        data = await self.call(frames)
-        sent = want if want is not None else EXPLICIT_LE
+            data = await self.call(frames)
+            sent = want if want is not None else EXPLICIT_LE
         boundary = secrets.token_hex(16)
         body = b"".join(multipart(((f"application/octet-stream; transfer-syntax={sent}", f) for f in data), boundary))
         return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
@@ -953,16 +956,14 @@ class Web:
         from starlette.responses import Response
 
         frame = request.path_params.get("frame")
-        p = request.path_params
-        client = self.client(self.session(request))
-        paths = await self.call(self.paths, client, p["study"], p["series"], p["instance"])
-        ranged = await self.call(self.ranged, client, paths[0])
+        client, path = await self._instance(request)
+        ranged = await self.call(self.ranged, client, path)
         if ranged is not None:                        # the header and the one frame, by range
             index = self._frame_numbers(frame, ranged.count, True)[0] - 1 if frame else 0
             ds = await self.call(ranged.dataset, index)
             index = 0
         else:
-            ds = await self._dataset(client, paths[0])
+            ds = await self._dataset(client, path)
             index = self._frame_numbers(frame, int(ds.get("NumberOfFrames", 1) or 1), "PixelData" in ds)[0] - 1 \
                 if frame else 0
         if "PixelData" not in ds:
