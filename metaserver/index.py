@@ -144,7 +144,8 @@ def index_header(xml: bytes) -> HeaderIndex:
             if not len(child):
                 append((sub, (child.text or "") if name in keywords else "", at))
             else:
-                append((sub, "".join(str(t) for t in child.itertext()) if name in keywords else "", at))
+                # lxml yields str (its stubs say bytes too): joined in C, no generator.
+                append((sub, "".join(child.itertext()) if name in keywords else "", at))  # type: ignore[arg-type]
                 visit(child, sub, at)
 
     visit(root, ROOT_KEY, 0)

@@ -380,6 +380,59 @@ class EngineContract:
             engine.rmdir("/")
 
 
+def test_commits_pause_the_cycle_collector_and_resume_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit runs with the cycle collector off (its rows would make it traverse them again
+    and again); it is back on afterwards, after a refused commit too, stays off for a caller
+    that had turned it off, and stays off until the last of two overlapping commits ends."""
+    import gc
+    import threading
+
+    from metaserver import engine as engine_mod
+
+    e = SqlEngine(f"sqlite:///{tmp_path / 'meta.db'}")
+    seen: list[bool] = []
+    real = e._do_create_files
+
+    def spy(files: list[NewFile], replace: bool) -> object:
+        seen.append(gc.isenabled())
+        return real(files, replace)
+
+    monkeypatch.setattr(e, "_do_create_files", spy)
+    try:
+        assert gc.isenabled()
+        e.add_patient_key("P1", b"wrapped")
+        e.create_files([_file("/gc/a.dcm")])
+        assert seen == [False] and gc.isenabled()
+        with pytest.raises(errors.AlreadyExists):
+            e.create_files([_file("/gc/a.dcm", "other")])
+        assert seen == [False, False] and gc.isenabled()
+        gc.disable()
+        e.create_files([_file("/gc/b.dcm", "y")])
+        assert not gc.isenabled()
+        gc.enable()
+    finally:
+        gc.enable()
+        e.close()
+    # Two threads' commits overlap: the first to end must not turn the collector back on.
+    entered, release_first, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with engine_mod.collector_paused:
+            entered.set()
+            release_first.wait(10)
+        first_done.set()
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert entered.wait(10)
+    with engine_mod.collector_paused:
+        release_first.set()
+        assert first_done.wait(10)
+        assert not gc.isenabled()
+    t.join(10)
+    assert gc.isenabled()
+
+
 class TestSqliteEngine(EngineContract):
     @pytest.fixture()
     def engine(self, tmp_path: Path) -> Iterator[MetaEngine]:
