@@ -36,6 +36,7 @@ from metaserver.schema import (
 )
 from metaserver.sqladmin import AdminStore
 from metaserver.sqlbase import (
+    IGNORE,
     Q_CHILDREN_NAMED,
     STAT_COLS,
     U_FILE,
@@ -354,35 +355,27 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                     inodes.insert().returning(inodes.c.id, inodes.c.parent, inodes.c.name), new_rows)}
                 for f, row in zip(new_files, new_rows):
                     inos[f.path] = made[row["parent"], row["name"]]
-            obj_rows = [{"key": f.object_key, "size": f.stored_size or f.size, "created": now, "seal": f.seal}
-                        for f in files]
-            rep_rows = [{"key": f.object_key, "site": site, "state": "ok"}
-                        for f in files for site in dict.fromkeys((f.site, *f.copies))]
-            id_rows = [{"object_key": f.object_key, "patient": f.patient, "sealed": f.identity,
-                        "size": f.original_size}
-                       for f in files if f.identity is not None and f.patient is not None]
-            xa_rows = [{"ino": inos[f.path], "name": xname, "value": value}
-                       for f in files for xname, value in f.xattrs.items()]
-            for table, rows in ((objects, obj_rows), (identities, id_rows)):
-                if rows:
-                    conn.execute(self._insert_ignore(table), rows)
+            # Tuples by the driver's bulk path (_bulk): a dozen rows a file.
+            self._bulk(conn, objects.name, ("key", "size", "created", "seal"),
+                       [(f.object_key, f.stored_size or f.size, now, f.seal) for f in files], IGNORE)
+            self._bulk(conn, identities.name, ("object_key", "patient", "sealed", "size"),
+                       [(f.object_key, f.patient, f.identity, f.original_size) for f in files
+                        if f.identity is not None and f.patient is not None], IGNORE)
             # A fresh receipt proves the site holds verified bytes: a replica quarantined
             # earlier and now re-uploaded is healthy again.
-            dialect = postgresql if not self.is_sqlite else sqlite
-            ins = dialect.insert(replicas)
-            conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],
-                                                   set_={"state": ins.excluded.state}), rep_rows)
-            repair_rows = [{"key": f.object_key, "wanted": f.wanted, "since": now} for f in files
-                           if f.wanted > len(dict.fromkeys((f.site, *f.copies)))]
-            if repair_rows:
-                conn.execute(self._insert_ignore(repairs), repair_rows)
-            block_rows = [{"key": f.object_key, "digests": f.blocks} for f in files if f.blocks]
-            if block_rows:
-                conn.execute(self._insert_ignore(object_blocks), block_rows)
+            self._bulk(conn, replicas.name, ("key", "site", "state"),
+                       [(f.object_key, site, "ok") for f in files for site in dict.fromkeys((f.site, *f.copies))],
+                       'ON CONFLICT ("key", "site") DO UPDATE SET "state" = excluded."state"')
+            self._bulk(conn, repairs.name, ("key", "wanted", "since"),
+                       [(f.object_key, f.wanted, now) for f in files
+                        if f.wanted > len(dict.fromkeys((f.site, *f.copies)))], IGNORE)
+            self._bulk(conn, object_blocks.name, ("key", "digests"),
+                       [(f.object_key, f.blocks) for f in files if f.blocks], IGNORE)
+            xa_rows = [(inos[f.path], xname, value) for f in files for xname, value in f.xattrs.items()]
             if xa_rows:
-                conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r["ino"] for r in xa_rows}),
-                                                   xattrs.c.name.in_({r["name"] for r in xa_rows})))
-                conn.execute(xattrs.insert(), xa_rows)
+                conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r[0] for r in xa_rows}),
+                                                   xattrs.c.name.in_({r[1] for r in xa_rows})))
+                self._bulk(conn, xattrs.name, ("ino", "name", "value"), xa_rows)
                 headers = [(inos[path], parsed) for path, parsed in indexed.items()]
                 self._unindex(conn, [ino for ino, _ in headers])
                 self._index(conn, headers)

@@ -47,6 +47,10 @@ STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.
               inodes.c.nlink, inodes.c.mtime, inodes.c.ctime, inodes.c.object_key)
 
 
+#: The conflict clause of an insert that leaves rows already there alone (SQLite and PostgreSQL).
+IGNORE = "ON CONFLICT DO NOTHING"
+
+
 class InodeRow(NamedTuple):
     """An inode row built locally after an insert, shaped like a selected row."""
 
@@ -306,6 +310,25 @@ class SqlBase:
     def _read(self, fn: Callable[[Connection], T]) -> T:
         with self._connect() as conn:
             return fn(conn)
+
+    def _bulk(self, conn: Connection, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]],
+              conflict: str = "") -> None:
+        """Insert many rows by the driver's own bulk path: executemany, or COPY on PostgreSQL
+        where no ``conflict`` clause (``ON CONFLICT ...``) is given.  Commits write a dozen
+        rows a file, and SQLAlchemy's per-row parameter handling cost more than SQLite's insert
+        of the small ones; the values must already be what the columns store."""
+        if not rows:
+            return
+        names = ", ".join(f'"{c}"' for c in columns)
+        if self.is_sqlite or conflict:
+            mark = "?" if self.is_sqlite else "%s"
+            conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({', '.join([mark] * len(columns))}) "
+                                 f"{conflict}", rows)
+            return
+        with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
+                f"COPY {table} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         dialect = postgresql if not self.is_sqlite else sqlite

@@ -85,21 +85,8 @@ class HeaderIndexStore(SqlBase):
                        [(ids[k], t, sid, i, n, f) for s, sid in zip(shared, made) for k, t, n, f, i in s.rows])
             self._bulk(conn, "hmembers", ("set_id", "ino"), [(sid, ino) for s, sid in zip(shared, made)
                                                              for ino in s.inos])
-        conn.execute(levels_t.insert(), [{"ino": ino, "patient": h.patient, "study": h.study,
-                                          "series": h.series} for ino, h in indexed])
-
-    def _bulk(self, conn: Connection, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        """Insert many rows by the driver's own bulk path (executemany; COPY on PostgreSQL)."""
-        if not rows:
-            return
-        names = ", ".join(f'"{c}"' for c in columns)
-        if self.is_sqlite:
-            conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))})", rows)
-            return
-        with conn.connection.driver_connection.cursor().copy(  # type: ignore[union-attr]
-                f"COPY {table} ({names}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        self._bulk(conn, levels_t.name, ("ino", "patient", "study", "series"),
+                   [(ino, h.patient, h.study, h.series) for ino, h in indexed])
 
     def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
                     multi_paths: set[str]) -> dict[str, int]:
