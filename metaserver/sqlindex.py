@@ -79,8 +79,11 @@ class HeaderIndexStore(SqlBase):
         self._bulk(conn, "hvalues", ("key", "text", "ino", "item", "num", "first"),
                    [(ids[k], t, ino, i, n, f) for ino, (k, t, n, f, i) in own])
         if shared:
-            made = conn.execute(sets_t.insert().returning(sets_t.c.id, sort_by_parameter_order=True),
-                                [{"series": s.series} for s in shared]).scalars().all()
+            # One multi-row INSERT ... RETURNING, ids matched by series (one set a series in a
+            # commit): asking for parameter order makes SQLAlchemy insert row by row on SQLite.
+            ids_by_series = {r.series: r.id for r in conn.execute(
+                sets_t.insert().returning(sets_t.c.series, sets_t.c.id), [{"series": s.series} for s in shared])}
+            made = [ids_by_series[s.series] for s in shared]
             self._bulk(conn, "hshared", ("key", "text", "set_id", "item", "num", "first"),
                        [(ids[k], t, sid, i, n, f) for s, sid in zip(shared, made) for k, t, n, f, i in s.rows])
             self._bulk(conn, "hmembers", ("set_id", "ino"), [(sid, ino) for s, sid in zip(shared, made)
