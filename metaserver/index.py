@@ -174,8 +174,8 @@ def index_header(xml: bytes) -> HeaderIndex:
                 numbers[full] = known
         rows.append((key, text, known[0], not count, item))
     levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
-    for child in root:
-        if child.tag in levels and not levels[child.tag]:
+    for child in root.iterchildren(*levels):      # lxml picks them out in C
+        if not levels[child.tag]:
             levels[child.tag] = child.text or ""
     return HeaderIndex(rows, set(per_key), long_keys, {k for k, n in per_key.items() if n > 1},
                        levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
