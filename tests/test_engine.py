@@ -431,6 +431,23 @@ def test_commits_pause_the_cycle_collector_and_resume_it(tmp_path: Path, monkeyp
         assert not gc.isenabled()
     t.join(10)
     assert gc.isenabled()
+    # Commits that overlap without end: one ending after LONGEST_S of the pause collects the
+    # cycles made meanwhile, though the collector stays paused for the others.
+    import weakref
+
+    class Node:
+        ref: object = None
+
+    monkeypatch.setattr(engine_mod.collector_paused, "LONGEST_S", 0.0)
+    with engine_mod.collector_paused:
+        with engine_mod.collector_paused:
+            a, b = Node(), Node()
+            a.ref, b.ref = b, a              # a cycle: reference counting cannot free it
+            gone = weakref.ref(a)
+            del a, b
+            assert gone() is not None
+        assert gone() is None and not gc.isenabled()
+    assert gc.isenabled()
 
 
 class TestSqliteEngine(EngineContract):
