@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +50,20 @@ STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.
 
 #: The conflict clause of an insert that leaves rows already there alone (SQLite and PostgreSQL).
 IGNORE = "ON CONFLICT DO NOTHING"
+
+
+def _bind_plain_values_directly() -> None:
+    """Have the sqlite3 module bind None, bools and bytes without its adaptation protocol.
+
+    For a parameter that is not exactly an int, float, str or bytearray, sqlite3 looks for an
+    adapter, finds none, then asks the protocol class for ``__adapt__``, which raises and clears
+    an AttributeError each time: ~2,600 instructions a value, 10 % of a commit's (an index row
+    binds a NULL number and a boolean flag).  Registered adapters that hand the value back (or
+    its int, for a bool: what sqlite3 stores anyway) bind the same values with one dict hit.
+    Module-wide and idempotent: every sqlite3 user in the process binds the same values as before."""
+    sqlite3.register_adapter(type(None), {None: None}.__getitem__)    # a C callable: None -> None
+    sqlite3.register_adapter(bool, int)
+    sqlite3.register_adapter(bytes, bytes)                              # bytes(b) is b
 
 
 class InodeRow(NamedTuple):
@@ -120,6 +135,7 @@ class SqlBase:
                                                               "timeout": 30},
                                            pool_size=5, max_overflow=10, pool_timeout=db_wait_s)
             sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
+            _bind_plain_values_directly()
         else:
             self.engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
                                            pool_timeout=db_wait_s)
