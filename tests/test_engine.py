@@ -380,6 +380,28 @@ class EngineContract:
             engine.rmdir("/")
 
 
+def test_sqlite_binds_none_bools_and_bytes_as_before(tmp_path: Path) -> None:
+    """The engine's sqlite3 adapters (which skip the module's slow adaptation protocol) bind the
+    values sqlite3 bound without them: NULL, integers 1 and 0, blobs; and the index's flags and
+    missing numbers read back as such."""
+    import sqlite3
+
+    e = SqlEngine(f"sqlite:///{tmp_path / 'meta.db'}")
+    try:
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (a, b, c, d)")
+        conn.execute("INSERT INTO t VALUES (?, ?, ?, ?)", (None, True, b"\x00xy", False))
+        assert conn.execute("SELECT typeof(a), b, typeof(b), c, typeof(c), d FROM t").fetchall() == [
+            ("null", 1, "integer", b"\x00xy", "blob", 0)]
+        e.create_files([NewFile("/b/a.dcm", _key("a"), 1, "site-a", {"user.dgf.dicom": b"<DicomHeader><Modality>CT"
+                                                                       b"</Modality></DicomHeader>"})])
+        with e.engine.connect() as c:
+            rows = c.exec_driver_sql("SELECT typeof(num), typeof(first), first FROM hindex").all()
+        assert ("null", "integer", 1) in rows and all(r[1] == "integer" for r in rows)
+    finally:
+        e.close()
+
+
 def test_commits_pause_the_cycle_collector_and_resume_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A commit runs with the cycle collector off (its rows would make it traverse them again
     and again); it is back on afterwards, after a refused commit too, stays off for a caller
