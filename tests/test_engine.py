@@ -51,6 +51,22 @@ class EngineContract:
         assert released == {_key("x"): ["site-a"]}
         assert engine.identity(_key("x")) is None and engine.identity(_key("other")) is not None
 
+    def test_commit_rows_keep_every_byte_and_null(self, engine: MetaEngine) -> None:
+        """A commit's rows go by the driver's bulk path (executemany; COPY on PostgreSQL): an
+        attribute's every byte value, a sealed record with NUL and backslash bytes, an object
+        with no seal (NULL) and one with a seal come back as they were sent."""
+        import dataclasses
+
+        every = bytes(range(256)) + b"\\N\t\n"
+        engine.add_patient_key("P1", b"wrapped")
+        plain = dataclasses.replace(_file("/b/plain.dcm", "p"), identity=b"\x00\\x\n" + every,
+                                    xattrs={"user.dgf.dicom": b"<DicomHeader/>", "user.raw": every})
+        sealed = dataclasses.replace(_file("/b/sealed.dcm", "s"), seal="00ff:1.2.3", stored_size=99)
+        engine.create_files([plain, sealed])
+        assert engine.getxattr("/b/plain.dcm", "user.raw") == every
+        assert engine.identity(_key("p")) == ("P1", b"wrapped", b"\x00\\x\n" + every)
+        assert engine.object_seals([_key("p"), _key("s")]) == {_key("s"): "00ff:1.2.3"}
+
     def test_identified_sizes_survive_an_upgrade(self, engine: MetaEngine) -> None:
         import dataclasses
 
