@@ -33,14 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"upload": (400, 1600, 200), "loader": (2000, 6000, 10000)}
 
 
-def _upload(tree: Path, files: int, batch: int) -> None:
+def _upload(work: Path, files: int, batch: int) -> None:
     from bench import synth
     from dgf.dicom import deid, pipeline, xmlheader
     from dgf.dicom.profile import Options
     from metaserver.engine import NewFile
     from metaserver.sql import SqlEngine
 
-    work = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     prof = pipeline._profile(Options())
     uids: dict[str, str] = {}
     headers = []
@@ -62,12 +61,11 @@ def _upload(tree: Path, files: int, batch: int) -> None:
     engine.close()
 
 
-def _loader(tree: Path, files: int, batch: int) -> None:
+def _loader(work: Path, files: int, batch: int) -> None:
     from metaserver import synthetic
     from metaserver.sql import SqlEngine
 
-    work = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    engine = SqlEngine(f"sqlite:///{work}/meta.db")
+    engine = SqlEngine(f"sqlite:///{work / 'meta.db'}")
     records = list(synthetic.headers(SIZES["loader"][1] // 100 + 10))   # the same for both sizes
     synthetic.load(engine, iter(records[:1000]), batch=1000)            # warms the caches
     synthetic.load(engine, iter(records[1000:1000 + files]), batch=batch)
@@ -96,7 +94,8 @@ def main() -> None:
     sys.path.insert(0, str(tree))
     if args.inner:
         what, files = args.inner[0], int(args.inner[1])
-        (_upload if what == "upload" else _loader)(tree, files, SIZES[what][2])
+        with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as work:
+            (_upload if what == "upload" else _loader)(Path(work), files, SIZES[what][2])
         return
     for what in args.what or sorted(SIZES):
         small, large, _ = SIZES[what]
