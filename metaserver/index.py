@@ -14,8 +14,11 @@ never disagree with the header it describes.
 from __future__ import annotations
 
 import math
+import operator
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from lxml import etree
@@ -115,27 +118,60 @@ class HeaderIndex:
 _NUMBERS: dict[str, tuple[float | None]] = {}
 
 
-def index_header(xml: bytes) -> HeaderIndex:
-    """The index rows and the patient/study/series keys of one XML header."""
-    root = etree.fromstring(xml, _PARSER)
-    if root.tag != "DicomHeader":
-        raise ValueError("the header's root element is not DicomHeader.")
-    # Every node's (key, string-value, item), in document order; then one row per distinct
-    # triple (repeated values of multi-valued attributes and items add nothing), the row of
-    # the first node in document order flagged.
+#: Element shapes seen before: a header's tags and child counts in document order (which
+#: determine its tree) -> each element's key, item and what its text is (:func:`_shape`).  The
+#: headers of a series, and most of a modality's, share one.  Bounded; cleared when full.
+_SHAPES: dict[tuple[str | int, ...], tuple[list[str], list[int], list[int], list[int]]] = {}
+_TAG_OF = operator.attrgetter("tag")
+_TEXT_OF = operator.attrgetter("text")
+
+
+def _shape(tags: list[str], lens: list[int]) -> tuple[list[str], list[int], list[int], list[int]]:
+    """Keys, items, the elements whose text is not indexed (not a comparable keyword) and those
+    whose text is their whole string-value (elements with children), for a tree given in
+    document order by its tags and child counts, every child an element."""
+    keys, items, blank, joined = [ROOT_KEY], [0], [0], []
+    keywords = _NON_SQ_KEYWORDS
+    count = 0
+    open_: list[list[Any]] = [[ROOT_KEY, 0, lens[0]]]       # key, item, children still to come
+    for i in range(1, len(tags)):
+        while not open_[-1][2]:
+            open_.pop()
+        parent = open_[-1]
+        parent[2] -= 1
+        name = tags[i]
+        at = parent[1]
+        if name == "Item":
+            count += 1
+            at = count
+        key = parent[0] + "/" + name
+        keys.append(key)
+        items.append(at)
+        if name not in keywords:
+            blank.append(i)
+        elif lens[i]:
+            joined.append(i)
+        if lens[i]:
+            open_.append([key, at, lens[i]])
+    return keys, items, blank, joined
+
+
+def _walk(root: etree._Element) -> list[tuple[str, str, int]]:
+    """Every element's (key, string-value, item) in document order, comments, processing
+    instructions and entity references skipped.  Most headers take :func:`_nodes`'s shortcut;
+    this is the general walk, with a stack of open elements (a recursive closure would make a
+    reference cycle per header, left to the cycle collector)."""
     nodes: list[tuple[str, str, int]] = [(ROOT_KEY, "", 0)]
     append = nodes.append
     keywords = _NON_SQ_KEYWORDS
     items = 0
-
-    def visit(el: etree._Element, key: str, item: int) -> None:
-        """The nodes under ``el`` (whose key is ``key``).  Most elements are leaves holding one
-        value: they take no call of their own."""
-        nonlocal items
-        for child in el:
+    open_: list[tuple[Iterator[Any], str, int]] = [(iter(root), ROOT_KEY, 0)]
+    while open_:
+        children, key, item = open_[-1]
+        for child in children:
             name = child.tag
             if not isinstance(name, str):
-                continue                     # a comment or processing instruction
+                continue                     # a comment, processing instruction or entity
             at = item
             if name == "Item":
                 items += 1
@@ -144,11 +180,52 @@ def index_header(xml: bytes) -> HeaderIndex:
             if not len(child):
                 append((sub, (child.text or "") if name in keywords else "", at))
             else:
-                # lxml yields str (its stubs say bytes too): joined in C, no generator.
-                append((sub, "".join(child.itertext()) if name in keywords else "", at))  # type: ignore[arg-type]
-                visit(child, sub, at)
+                append((sub, "".join(child.itertext()) if name in keywords else "", at))   # in C
+                open_.append((iter(child), sub, at))
+                break
+        else:
+            open_.pop()
+    return nodes
 
-    visit(root, ROOT_KEY, 0)
+
+def _nodes(root: etree._Element) -> list[tuple[str, str, int]]:
+    """What :func:`_walk` returns, read in C where the header's shape was seen before: lxml
+    lists the elements, their tags, child counts and texts, and the keys and items come from
+    the shape's memo."""
+    els = list(root.iter(etree.Element))
+    lens = list(map(len, els))
+    if sum(lens) != len(els) - 1:
+        return _walk(root)                   # some child is no element: the general walk
+    tags = list(map(_TAG_OF, els))
+    sig = (*tags, *lens)
+    shape = _SHAPES.get(sig)
+    if shape is None:
+        shape = _shape(tags, lens)
+        # At most ~200 KB a shape (keys grow with depth): a hostile header's would not be
+        # met again, and the memo stays under ~100 MB whatever is sent.
+        if len(els) <= 2000 and sum(map(len, shape[0])) <= 100_000:
+            if len(_SHAPES) >= 512:
+                _SHAPES.clear()
+            _SHAPES[sig] = shape
+    keys, items, blank, joined = shape
+    texts = list(map(_TEXT_OF, els))
+    for i in blank:
+        texts[i] = ""
+    for i in joined:
+        # lxml yields str (its stubs say bytes too): joined in C, no generator.
+        texts[i] = "".join(els[i].itertext())  # type: ignore[arg-type]
+    return list(zip(keys, [t or "" for t in texts], items))
+
+
+def index_header(xml: bytes) -> HeaderIndex:
+    """The index rows and the patient/study/series keys of one XML header."""
+    root = etree.fromstring(xml, _PARSER)
+    if root.tag != "DicomHeader":
+        raise ValueError("the header's root element is not DicomHeader.")
+    # Every node's (key, string-value, item), in document order; then one row per distinct
+    # triple (repeated values of multi-valued attributes and items add nothing), the row of
+    # the first node in document order flagged.
+    nodes = _nodes(root)
     rows: list[tuple[str, str, float | None, bool, int]] = []
     per_key: dict[str, int] = {}
     long_keys: set[str] = set()
