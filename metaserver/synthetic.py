@@ -66,52 +66,64 @@ def headers(patients: int, instances_per_series: int = 10, seed: int = 1) -> Ite
                 kvp = rng.choice(["80", "100", "120", "140"])
                 frame = _uid(rng)
                 series_desc = f"{body} {rng.choice(['AX', 'COR', 'SAG'])} {thickness}mm"
+                # The series' elements are written once; an instance adds its UID, image type,
+                # time, number and position (drawn in the order they appear, as they always were).
+                head = (_e("MediaStorageSOPClassUID", "00020002", "UI", SOP_CLASSES[modality])
+                        + '<MediaStorageSOPInstanceUID tag="00020003" vr="UI">')
+                after_sop = ("</MediaStorageSOPInstanceUID>"
+                             + _e("TransferSyntaxUID", "00020010", "UI", "1.2.840.10008.1.2.1")
+                             + _e("SpecificCharacterSet", "00080005", "CS", "ISO_IR 100")
+                             + _e("ImageType", "00080008", "CS", "ORIGINAL", "PRIMARY"))
+                after_type = (_e("SOPClassUID", "00080016", "UI", SOP_CLASSES[modality])
+                              + '<SOPInstanceUID tag="00080018" vr="UI">')
+                after_sop2 = ("</SOPInstanceUID>" + _e("StudyDate", "00080020", "DA", date)
+                              + _e("SeriesDate", "00080021", "DA", date) + '<StudyTime tag="00080030" vr="TM">')
+                parts = [
+                    "</StudyTime>",
+                    _e("Modality", "00080060", "CS", modality),
+                    _e("Manufacturer", "00080070", "LO", maker),
+                    _e("StudyDescription", "00081030", "LO", proc[1]),
+                    "<ProcedureCodeSequence tag=\"00081032\" vr=\"SQ\">" + _code(*proc) + "</ProcedureCodeSequence>",
+                    _e("SeriesDescription", "0008103E", "LO", series_desc),
+                    _e("PatientID", "00100020", "LO", pid),
+                    _e("PatientSex", "00100040", "CS", sex),
+                    _e("PatientAge", "00101010", "AS", f"{age:03d}Y"),
+                    _e("PatientIdentityRemoved", "00120062", "CS", "YES"),
+                    _e("DeidentificationMethod", "00120063", "LO", "DICOM PS3.15 E.1-1 Basic; dgf"),
+                    "<DeidentificationMethodCodeSequence tag=\"00120064\" vr=\"SQ\">" + _code("113100", "Basic Application Confidentiality Profile")
+                    + _code("113107", "Retain Longitudinal Temporal Information Modified Dates Option") + "</DeidentificationMethodCodeSequence>",
+                    _e("BodyPartExamined", "00180015", "CS", body),
+                    _e("SliceThickness", "00180050", "DS", thickness),
+                    _e("KVP", "00180060", "DS", kvp),
+                ]
+                if contrast:
+                    parts.append(_e("ContrastBolusAgent", "00180010", "LO", agent[1]))
+                    parts.append("<ContrastBolusAgentSequence tag=\"00180012\" vr=\"SQ\">" + _code(*agent)
+                                 + "</ContrastBolusAgentSequence>")
+                parts += [
+                    _e("StudyInstanceUID", "0020000D", "UI", study_uid),
+                    _e("SeriesInstanceUID", "0020000E", "UI", series_uid),
+                    _e("SeriesNumber", "00200011", "IS", str(r + 1)),
+                ]
+                after_time = "".join(parts)
+                tail = (_e("ImageOrientationPatient", "00200037", "DS", "1", "0", "0", "0", "1", "0")
+                        + _e("FrameOfReferenceUID", "00200052", "UI", frame)
+                        + _e("Rows", "00280010", "US", "512") + _e("Columns", "00280011", "US", "512")
+                        + _e("PixelSpacing", "00280030", "DS", "0.7", "0.7")
+                        + _e("BitsAllocated", "00280100", "US", "16")
+                        + _e("LongitudinalTemporalInformationModified", "00280303", "CS", "MODIFIED")
+                        + "</DicomHeader>")
+                step = float(thickness)
                 for i in range(instances_per_series):
                     sop = _uid(rng)
-                    parts = [
-                        _e("MediaStorageSOPClassUID", "00020002", "UI", SOP_CLASSES[modality]),
-                        _e("MediaStorageSOPInstanceUID", "00020003", "UI", sop),
-                        _e("TransferSyntaxUID", "00020010", "UI", "1.2.840.10008.1.2.1"),
-                        _e("SpecificCharacterSet", "00080005", "CS", "ISO_IR 100"),
-                        _e("ImageType", "00080008", "CS", "ORIGINAL", "PRIMARY", rng.choice(["AXIAL", "LOCALIZER"])),
-                        _e("SOPClassUID", "00080016", "UI", SOP_CLASSES[modality]),
-                        _e("SOPInstanceUID", "00080018", "UI", sop),
-                        _e("StudyDate", "00080020", "DA", date), _e("SeriesDate", "00080021", "DA", date),
-                        _e("StudyTime", "00080030", "TM", f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00"),
-                        _e("Modality", "00080060", "CS", modality),
-                        _e("Manufacturer", "00080070", "LO", maker),
-                        _e("StudyDescription", "00081030", "LO", proc[1]),
-                        "<ProcedureCodeSequence tag=\"00081032\" vr=\"SQ\">" + _code(*proc) + "</ProcedureCodeSequence>",
-                        _e("SeriesDescription", "0008103E", "LO", series_desc),
-                        _e("PatientID", "00100020", "LO", pid),
-                        _e("PatientSex", "00100040", "CS", sex),
-                        _e("PatientAge", "00101010", "AS", f"{age:03d}Y"),
-                        _e("PatientIdentityRemoved", "00120062", "CS", "YES"),
-                        _e("DeidentificationMethod", "00120063", "LO", "DICOM PS3.15 E.1-1 Basic; dgf"),
-                        "<DeidentificationMethodCodeSequence tag=\"00120064\" vr=\"SQ\">" + _code("113100", "Basic Application Confidentiality Profile")
-                        + _code("113107", "Retain Longitudinal Temporal Information Modified Dates Option") + "</DeidentificationMethodCodeSequence>",
-                        _e("BodyPartExamined", "00180015", "CS", body),
-                        _e("SliceThickness", "00180050", "DS", thickness),
-                        _e("KVP", "00180060", "DS", kvp),
-                    ]
-                    if contrast:
-                        parts.append(_e("ContrastBolusAgent", "00180010", "LO", agent[1]))
-                        parts.append("<ContrastBolusAgentSequence tag=\"00180012\" vr=\"SQ\">" + _code(*agent)
-                                     + "</ContrastBolusAgentSequence>")
-                    parts += [
-                        _e("StudyInstanceUID", "0020000D", "UI", study_uid),
-                        _e("SeriesInstanceUID", "0020000E", "UI", series_uid),
-                        _e("SeriesNumber", "00200011", "IS", str(r + 1)),
+                    image_type = rng.choice(["AXIAL", "LOCALIZER"])
+                    time = f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00"
+                    xml = "".join((
+                        "<DicomHeader>", head, sop, after_sop,
+                        '<ImageType tag="00080008" vr="CS">', image_type, "</ImageType>", after_type, sop, after_sop2,
+                        time, after_time,
                         _e("InstanceNumber", "00200013", "IS", str(i + 1)),
-                        _e("ImagePositionPatient", "00200032", "DS", "-250", "-250", f"{-i * float(thickness):g}"),
-                        _e("ImageOrientationPatient", "00200037", "DS", "1", "0", "0", "0", "1", "0"),
-                        _e("FrameOfReferenceUID", "00200052", "UI", frame),
-                        _e("Rows", "00280010", "US", "512"), _e("Columns", "00280011", "US", "512"),
-                        _e("PixelSpacing", "00280030", "DS", "0.7", "0.7"),
-                        _e("BitsAllocated", "00280100", "US", "16"),
-                        _e("LongitudinalTemporalInformationModified", "00280303", "CS", "MODIFIED"),
-                    ]
-                    xml = "<DicomHeader>" + "".join(parts) + "</DicomHeader>"
+                        _e("ImagePositionPatient", "00200032", "DS", "-250", "-250", f"{-i * step:g}"), tail))
                     yield f"/synthetic/{pid}/{study_uid}/{series_uid}/{i:04d}.dcm", xml.encode()
 
 
