@@ -13,10 +13,12 @@ never disagree with the header it describes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,10 +104,13 @@ def comparable(name: str) -> bool:
     return name in _NON_SQ_KEYWORDS
 
 
+Row = tuple[str, str, float | None, bool, int]     # key, text, num, first, item
+
+
 @dataclass(frozen=True)
 class HeaderIndex:
-    rows: list[tuple[str, str, float | None, bool, int]]   # key, text, num, first, item
-    keys: set[str]              # every key of the rows
+    rows: list[Row]
+    keys: AbstractSet[str]      # every key of the rows
     long_keys: set[str]
     multi_keys: set[str]        # keys with more than one distinct value (node) in this header
     patient: str
@@ -115,28 +120,59 @@ class HeaderIndex:
 
 #: number() of short values seen before: most of a header repeats across a series ("CT",
 #: "0.5", "MONOCHROME2"), and a hit costs a tenth of the conversion.  Cleared when full.
-_NUMBERS: dict[str, tuple[float | None]] = {}
+_NUMBERS: dict[str, float | None] = {}
+_MISS = math.nan                 # not in the memo (xpath_number gives None, never NaN)
+_TAG_OF = operator.attrgetter("tag")
+_TEXT_OF = operator.attrgetter("text")
+_TAIL_OF = operator.attrgetter("tail")
+
+
+def _numbers(texts: list[str]) -> list[float | None]:
+    """number() of each text, from the memo where it can."""
+    numbers = _NUMBERS
+    nums = list(map(numbers.get, texts, itertools.repeat(_MISS)))
+    if _MISS in nums:
+        for i in itertools.compress(range(len(nums)), map(operator.is_, nums, itertools.repeat(_MISS))):
+            text = texts[i]
+            num = xpath_number(text)
+            if len(text) <= 64:
+                if len(numbers) >= 50_000:
+                    numbers.clear()
+                numbers[text] = num
+            nums[i] = num
+    return nums
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a header's element tree alone determines (:func:`_shape`)."""
+    keys: list[str]
+    items: list[int]
+    blank: list[int]                  # elements whose text is not indexed (no comparable keyword)
+    joined: list[tuple[int, int]]     # comparable elements with children: (index, end of subtree)
+    firsts: list[bool]                # the first element of its key in document order
+    repeated: list[int]               # elements whose key others have too
+    keyset: frozenset[str]
 
 
 #: Element shapes seen before: a header's tags and child counts in document order (which
 #: determine its tree) -> each element's key, item and what its text is (:func:`_shape`).  The
 #: headers of a series, and most of a modality's, share one.  Bounded; cleared when full.
-_SHAPES: dict[tuple[str | int, ...], tuple[list[str], list[int], list[int], list[int]]] = {}
-_TAG_OF = operator.attrgetter("tag")
-_TEXT_OF = operator.attrgetter("text")
+_SHAPES: dict[tuple[str | int, ...], _Shape] = {}
 
 
-def _shape(tags: list[str], lens: list[int]) -> tuple[list[str], list[int], list[int], list[int]]:
-    """Keys, items, the elements whose text is not indexed (not a comparable keyword) and those
-    whose text is their whole string-value (elements with children), for a tree given in
-    document order by its tags and child counts, every child an element."""
-    keys, items, blank, joined = [ROOT_KEY], [0], [0], []
+def _shape(tags: list[str], lens: list[int]) -> _Shape:
+    """The shape of a tree given in document order by its tags and child counts, every child an
+    element."""
+    n = len(tags)
+    keys, items, blank = [ROOT_KEY], [0], [0]
+    ends = [n] * n
     keywords = _NON_SQ_KEYWORDS
     count = 0
-    open_: list[list[Any]] = [[ROOT_KEY, 0, lens[0]]]       # key, item, children still to come
-    for i in range(1, len(tags)):
+    open_: list[list[Any]] = [[ROOT_KEY, 0, lens[0], 0]]    # key, item, children still to come, index
+    for i in range(1, n):
         while not open_[-1][2]:
-            open_.pop()
+            ends[open_.pop()[3]] = i
         parent = open_[-1]
         parent[2] -= 1
         name = tags[i]
@@ -149,18 +185,80 @@ def _shape(tags: list[str], lens: list[int]) -> tuple[list[str], list[int], list
         items.append(at)
         if name not in keywords:
             blank.append(i)
-        elif lens[i]:
-            joined.append(i)
         if lens[i]:
-            open_.append([key, at, lens[i]])
-    return keys, items, blank, joined
+            open_.append([key, at, lens[i], i])
+    joined = [(i, ends[i]) for i in range(1, n) if lens[i] and tags[i] in keywords]
+    seen: dict[str, int] = {}
+    for key in keys:
+        seen[key] = seen.get(key, 0) + 1
+    firsts, met = [], set()
+    for key in keys:
+        firsts.append(key not in met)
+        met.add(key)
+    return _Shape(keys, items, blank, joined, firsts, [i for i, k in enumerate(keys) if seen[k] > 1],
+                  frozenset(keys))
+
+
+def _by_shape(root: etree._Element) -> tuple[list[Row], AbstractSet[str], set[str], set[str]] | None:
+    """:func:`_by_walk`'s answer, read in C where the header's shape was seen before: lxml lists
+    the elements, tags, child counts and texts, and the keys, items and first flags come from
+    the shape's memo.  None where some child is no element (a comment, processing instruction
+    or entity reference) or a value is long: the general walk knows those."""
+    els = list(root.iter(etree.Element))
+    lens = list(map(len, els))
+    if sum(lens) != len(els) - 1:
+        return None
+    tags = list(map(_TAG_OF, els))
+    sig = (*tags, *lens)
+    shape = _SHAPES.get(sig)
+    if shape is None:
+        shape = _shape(tags, lens)
+        # At most ~200 KB a shape (keys grow with depth): a hostile header's would not be
+        # met again, and the memo stays under ~100 MB whatever is sent.
+        if len(els) <= 2000 and sum(map(len, shape.keys)) <= 100_000:
+            if len(_SHAPES) >= 512:
+                _SHAPES.clear()
+            _SHAPES[sig] = shape
+    texts = list(map(_TEXT_OF, els))
+    if shape.joined:
+        # An element with children has its descendants' texts for string-value, in document
+        # order; text after an element (a tail) is left to lxml, which knows where it belongs.
+        if any(map(_TAIL_OF, els)):
+            values = ["".join(els[i].itertext()) for i, _ in shape.joined]  # type: ignore[arg-type]
+        else:
+            values = ["".join(filter(None, texts[i:end])) for i, end in shape.joined]
+        for (i, _), value in zip(shape.joined, values):
+            texts[i] = value
+    for i in shape.blank:
+        texts[i] = ""
+    texts = [t or "" for t in texts]
+    if max(map(len, texts)) > MAX_TEXT:
+        return None
+    keys, items = shape.keys, shape.items
+    drop: list[int] = []
+    multi: set[str] = set()
+    if shape.repeated:
+        # A repeated (key, value, item) adds no row: only keys the shape repeats can repeat one.
+        seen: set[tuple[str, str, int]] = set()
+        counts: dict[str, int] = {}
+        for i in shape.repeated:
+            node = (keys[i], texts[i], items[i])
+            if node in seen:
+                drop.append(i)
+                continue
+            seen.add(node)
+            counts[node[0]] = counts.get(node[0], 0) + 1
+        multi = {k for k, c in counts.items() if c > 1}
+    rows = list(zip(keys, texts, _numbers(texts), shape.firsts, items))
+    for i in reversed(drop):
+        del rows[i]
+    return rows, shape.keyset, set(), multi
 
 
 def _walk(root: etree._Element) -> list[tuple[str, str, int]]:
     """Every element's (key, string-value, item) in document order, comments, processing
-    instructions and entity references skipped.  Most headers take :func:`_nodes`'s shortcut;
-    this is the general walk, with a stack of open elements (a recursive closure would make a
-    reference cycle per header, left to the cycle collector)."""
+    instructions and entity references skipped, with a stack of open elements (a recursive
+    closure would make a reference cycle per header, left to the cycle collector)."""
     nodes: list[tuple[str, str, int]] = [(ROOT_KEY, "", 0)]
     append = nodes.append
     keywords = _NON_SQ_KEYWORDS
@@ -188,51 +286,18 @@ def _walk(root: etree._Element) -> list[tuple[str, str, int]]:
     return nodes
 
 
-def _nodes(root: etree._Element) -> list[tuple[str, str, int]]:
-    """What :func:`_walk` returns, read in C where the header's shape was seen before: lxml
-    lists the elements, their tags, child counts and texts, and the keys and items come from
-    the shape's memo."""
-    els = list(root.iter(etree.Element))
-    lens = list(map(len, els))
-    if sum(lens) != len(els) - 1:
-        return _walk(root)                   # some child is no element: the general walk
-    tags = list(map(_TAG_OF, els))
-    sig = (*tags, *lens)
-    shape = _SHAPES.get(sig)
-    if shape is None:
-        shape = _shape(tags, lens)
-        # At most ~200 KB a shape (keys grow with depth): a hostile header's would not be
-        # met again, and the memo stays under ~100 MB whatever is sent.
-        if len(els) <= 2000 and sum(map(len, shape[0])) <= 100_000:
-            if len(_SHAPES) >= 512:
-                _SHAPES.clear()
-            _SHAPES[sig] = shape
-    keys, items, blank, joined = shape
-    texts = list(map(_TEXT_OF, els))
-    for i in blank:
-        texts[i] = ""
-    for i in joined:
-        # lxml yields str (its stubs say bytes too): joined in C, no generator.
-        texts[i] = "".join(els[i].itertext())  # type: ignore[arg-type]
-    return list(zip(keys, [t or "" for t in texts], items))
-
-
-def index_header(xml: bytes) -> HeaderIndex:
-    """The index rows and the patient/study/series keys of one XML header."""
-    root = etree.fromstring(xml, _PARSER)
-    if root.tag != "DicomHeader":
-        raise ValueError("the header's root element is not DicomHeader.")
-    # Every node's (key, string-value, item), in document order; then one row per distinct
-    # triple (repeated values of multi-valued attributes and items add nothing), the row of
-    # the first node in document order flagged.
-    nodes = _nodes(root)
-    rows: list[tuple[str, str, float | None, bool, int]] = []
+def _by_walk(root: etree._Element) -> tuple[list[Row], AbstractSet[str], set[str], set[str]]:
+    """Rows, keys, long keys and multi-valued keys of any header: every node's (key,
+    string-value, item) in document order (:func:`_walk`), then one row per distinct triple
+    (repeated values of multi-valued attributes and items add nothing), the row of the first
+    node of its key flagged, long values cut."""
+    rows: list[Row] = []
     per_key: dict[str, int] = {}
     long_keys: set[str] = set()
     cut: set[tuple[str, str, int]] = set()
-    numbers = _NUMBERS
-    for node in dict.fromkeys(nodes):
-        key, full, item = node
+    nodes = list(dict.fromkeys(_walk(root)))
+    kept = []
+    for key, full, item in nodes:
         text = full
         if len(full) > MAX_TEXT:
             text = full[:MAX_TEXT] + LONG_MARK
@@ -242,27 +307,28 @@ def index_header(xml: bytes) -> HeaderIndex:
             cut.add((key, text, item))
         count = per_key.get(key, 0)
         per_key[key] = count + 1
-        known = numbers.get(full) if full else (None,)     # one lookup: other threads clear it
-        if known is None:
-            known = (xpath_number(full),)
-            if len(full) <= 64:
-                if len(numbers) >= 50_000:
-                    numbers.clear()
-                numbers[full] = known
-        rows.append((key, text, known[0], not count, item))
+        kept.append(full)
+        rows.append((key, text, None, not count, item))
+    rows = [(k, t, num, f, i) for (k, t, _, f, i), num in zip(rows, _numbers(kept))]
+    return rows, set(per_key), long_keys, {k for k, n in per_key.items() if n > 1}
+
+
+def index_header(xml: bytes) -> HeaderIndex:
+    """The index rows and the patient/study/series keys of one XML header."""
+    root = etree.fromstring(xml, _PARSER)
+    if root.tag != "DicomHeader":
+        raise ValueError("the header's root element is not DicomHeader.")
+    rows, keys, long_keys, multi_keys = _by_shape(root) or _by_walk(root)
     levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
     for child in root.iterchildren(*levels):      # lxml picks them out in C
         if not levels[child.tag]:
             levels[child.tag] = child.text or ""
-    return HeaderIndex(rows, set(per_key), long_keys, {k for k, n in per_key.items() if n > 1},
+    return HeaderIndex(rows, keys, long_keys, multi_keys,
                        levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
 
 
 #: A series set is made only where its headers have at least this many rows in common.
 SHARE_LEAST = 4
-Row = tuple[str, str, float | None, bool, int]
-
-
 @dataclass(frozen=True)
 class SeriesSet:
     series: str
