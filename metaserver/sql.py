@@ -323,6 +323,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             new_rows: list[dict[str, Any]] = []
             new_files: list[NewFile] = []
             inos: dict[str, int] = {}
+            kept: set[int] = set()          # existing files this commit writes over
             replaced: set[str] = set()
             for parent_path, group in by_parent.items():
                 parent_id = parents[parent_path]
@@ -348,6 +349,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                     if old.id:
                         conn.execute(U_FILE, {"b_id": old.id, "b_key": f.object_key, "b_size": f.size, "b_now": now})
                         inos[f.path] = old.id
+                        kept.add(old.id)
             if new_rows:
                 # Multi-row INSERT ... RETURNING, each id matched by its (parent, name): asking
                 # for parameter order made SQLAlchemy insert row by row on SQLite.
@@ -373,11 +375,15 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                        [(f.object_key, f.blocks) for f in files if f.blocks], IGNORE)
             xa_rows = [(inos[f.path], xname, value) for f in files for xname, value in f.xattrs.items()]
             if xa_rows:
-                conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r[0] for r in xa_rows}),
-                                                   xattrs.c.name.in_({r[1] for r in xa_rows})))
+                # A new inode has no attributes or index rows (every removal takes them with
+                # it): only files written over have old ones to clear.
+                over = [r for r in xa_rows if r[0] in kept]
+                if over:
+                    conn.execute(xattrs.delete().where(xattrs.c.ino.in_({r[0] for r in over}),
+                                                       xattrs.c.name.in_({r[1] for r in over})))
                 self._bulk(conn, xattrs.name, ("ino", "name", "value"), xa_rows)
                 headers = [(inos[path], parsed) for path, parsed in indexed.items()]
-                self._unindex(conn, [ino for ino, _ in headers])
+                self._unindex(conn, [ino for ino, _ in headers if ino in kept])
                 self._index(conn, headers)
             if parents:           # the files' directories; those made here have this mtime already
                 conn.execute(U_MTIME, [{"b_id": pid, "b_now": now} for pid in parents.values()])

@@ -225,12 +225,38 @@ def test_index_follows_namespace_changes(engine: SqlEngine) -> None:
     assert _paths(engine, "/DicomHeader") == []
 
 
-def _index_rows(engine: SqlEngine) -> dict[str, int]:
+def _index_rows(engine: SqlEngine, tables: tuple[str, ...] = ("hvalues", "hshared", "hmembers", "hsets")
+                ) -> dict[str, int]:
     import sqlalchemy as sa
 
     with engine.engine.connect() as conn:
-        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()
-                for t in ("hvalues", "hshared", "hmembers", "hsets")}
+        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one() for t in tables}
+
+
+def test_a_commit_clears_the_rows_of_what_it_writes_over_and_a_reused_inode_starts_clean(
+        engine: SqlEngine, tmp_path: Path) -> None:
+    """A commit clears old attributes and index rows only of the files it writes over: a new
+    inode has none, even where SQLite hands out the number of one removed just before."""
+    engine.create_files([NewFile("/r/1", "1" * 64, 1, "s", {"user.dgf.dicom": _hdr("CT", series="9.1")}),
+                         NewFile("/r/2", "2" * 64, 1, "s", {"user.dgf.dicom": _hdr("CT", series="9.2")})])
+    gone = engine.stat("/r/2").ino
+    engine.unlink("/r/2")
+    engine.create_files([NewFile("/r/1", "3" * 64, 1, "s", {"user.dgf.dicom": _hdr("MR", series="9.1")}),
+                         NewFile("/r/3", "4" * 64, 1, "s", {"user.dgf.dicom": _hdr("US", series="9.3")})],
+                        replace=True)
+    assert engine.stat("/r/3").ino == gone          # the removed file's number, used again
+    assert _paths(engine, "/DicomHeader[Modality='CT']") == []
+    assert _paths(engine, "/DicomHeader[Modality='MR']") == ["/r/1"]
+    assert _paths(engine, "/DicomHeader[Modality='US']") == ["/r/3"]
+    assert engine.getxattr("/r/1", "user.dgf.dicom") == _hdr("MR", series="9.1")
+    fresh = SqlEngine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    try:
+        fresh.create_files([NewFile("/r/1", "3" * 64, 1, "s", {"user.dgf.dicom": _hdr("MR", series="9.1")}),
+                            NewFile("/r/3", "4" * 64, 1, "s", {"user.dgf.dicom": _hdr("US", series="9.3")})])
+        tables = ("hvalues", "hshared", "hmembers", "hsets", "hlevels", "xattrs")
+        assert _index_rows(engine, tables) == _index_rows(fresh, tables)
+    finally:
+        fresh.close()
 
 
 def test_a_series_keeps_its_common_rows_once_and_they_leave_with_its_last_file(engine: SqlEngine) -> None:
