@@ -30,11 +30,11 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
 
 
 def fill(disk: Path) -> None:
-    """Write zeros to ``disk`` until it has no room left (``filler`` there)."""
-    with open(disk / "filler", "wb") as fh, contextlib.suppress(OSError):
+    """Write zeros to ``disk`` until it has no room left (``filler`` there).  Unbuffered: a
+    buffered file kept the bytes of the write that did not fit and raised again on close."""
+    with open(disk / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
         while True:
             fh.write(b"\0" * 65536)
-            fh.flush()
 
 
 @contextlib.contextmanager
