@@ -17,7 +17,7 @@ import itertools
 import math
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -336,30 +336,62 @@ class SeriesSet:
     inos: list[int]             # its members
 
 
-def share(indexed: list[tuple[int, HeaderIndex]]) -> tuple[list[tuple[int, Row]], list[SeriesSet]]:
+def share(indexed: list[tuple[int, HeaderIndex]], existing: Mapping[str, tuple[int, AbstractSet[Row]]] | None = None
+          ) -> tuple[list[tuple[int, Row]], list[SeriesSet], list[tuple[int, int]]]:
     """Split headers' rows into series sets and each header's own rows.
 
-    The headers of one series written together have most rows in common (a CT series differs
-    image to image in a handful of elements: SOP Instance UID, instance number, position), so
-    those rows are stored once per set and each header keeps only the rest: a header's own rows
-    plus its set's rows are exactly its rows, and the index reads the two as one (``values_t``).
+    The headers of one series have most rows in common (a CT series differs image to image in a
+    handful of elements: SOP Instance UID, instance number, position), so those rows are stored
+    once per set and each header keeps only the rest: a header's own rows plus its set's rows
+    are exactly its rows, and the index reads the two as one (``values_t``).
+
+    ``existing`` maps a series to its newest set already stored, (id, rows): a header that has
+    all of that set's rows joins it, so a series written over many commits (one image per
+    DIMSE association or STOW-RS request, or an upload whose batches interleave series) keeps
+    its common rows once instead of once per commit or in every file.  The headers of a series
+    that cannot join, two or more, make a new set.  Returns the own rows, the new sets and the
+    (set id, ino) of each header that joins an existing set.
     """
     groups: dict[str, list[tuple[int, HeaderIndex]]] = {}
     for ino, h in indexed:
         groups.setdefault(h.series, []).append((ino, h))
     own: list[tuple[int, Row]] = []
     sets: list[SeriesSet] = []
+    joined: list[tuple[int, int]] = []
     for series, group in groups.items():
+        old = existing.get(series) if existing else None
         common: set[Row] = set()
         if len(group) > 1:
             common = set(group[0][1].rows).intersection(*(h.rows for _, h in group[1:]))
+        if old is not None and (len(common) < SHARE_LEAST or
+                                _joining_costs_less(len(old[1]), len(common), len(group))):
+            set_id, rows = old
+            rest = []
+            for ino, h in group:
+                mine = set(h.rows)
+                if mine.issuperset(rows):
+                    joined.append((set_id, ino))
+                    own.extend((ino, row) for row in mine.difference(rows))
+                else:
+                    rest.append((ino, h))
+            if len(rest) != len(group):
+                group = rest
+                common = set(group[0][1].rows).intersection(*(h.rows for _, h in group[1:])) \
+                    if len(group) > 1 else set()
         if len(common) < SHARE_LEAST:
             own.extend((ino, row) for ino, h in group for row in h.rows)
             continue
         sets.append(SeriesSet(series, list(common), [ino for ino, _ in group]))
         # Set differences, in C: a header's rows are distinct, and their order does not matter.
         own.extend((ino, row) for ino, h in group for row in set(h.rows).difference(common))
-    return own, sets
+    return own, sets, joined
+
+
+def _joining_costs_less(old: int, common: int, members: int) -> bool:
+    """Whether ``members`` headers joining a stored set of ``old`` rows store fewer rows than
+    their own new set of the ``common`` rows they share (its rows once, plus a member row each;
+    one member row each either way)."""
+    return members * (common - old) <= common
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -400,6 +432,8 @@ sets_t = sa.Table(
     sa.Column("series", sa.String, nullable=False),
     sqlite_autoincrement=True,                # a removed set's id is never given to a new one
 )
+# A commit finds the newest set of each of its series (headers join it: index.share).
+sa.Index("ix_hsets_series", sets_t.c.series, sets_t.c.id)
 shared_t = sa.Table(
     "hshared", metadata,
     sa.Column("key", sa.Integer, primary_key=True),

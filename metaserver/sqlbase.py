@@ -96,6 +96,10 @@ U_FILE = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
     ctime=sa.bindparam("b_now"))
 
 
+#: Series sets whose rows a metaserver keeps in memory for headers to join (~20 KB each).
+SET_ROWS_KEPT = 2048
+
+
 def stat_of(path: str, row: Any) -> Stat:
     return Stat(path=path, ino=row.id, is_dir=bool(row.is_dir), mode=row.mode, size=row.size,
                 mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
@@ -146,6 +150,7 @@ class SqlBase:
         self.schema_revision = migrate.upgrade(self.engine, self._legacy_schema)
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
         self._multi: set[str] = set()                # committed paths flagged multi-valued
+        self._set_rows: dict[int, frozenset[Any]] = {}  # committed series sets' rows (sqlindex)
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
         self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
@@ -289,6 +294,9 @@ class SqlBase:
                 # Committed: now in-process caches may learn what the transaction did.
                 self._key_ids.update(after.get("keys", {}))
                 self._multi.update(after.get("multi", ()))
+                if len(self._set_rows) > SET_ROWS_KEPT:
+                    self._set_rows.clear()
+                self._set_rows.update(after.get("sets", {}))
                 if after.get("dirs"):
                     self._dirs = None
                 elif after.get("new_dirs"):

@@ -22,11 +22,16 @@ from metaserver.schema import (
     queries_t,
     xattrs,
 )
-from metaserver.sqlbase import SqlBase, join_path
+from metaserver.sqlbase import SET_ROWS_KEPT, SqlBase, join_path
+
+#: How long a query's estimates reuse their sample's bounds (HeaderIndexStore._sample_bounds).
+SAMPLE_BOUNDS_S = 2.0
 
 
 class HeaderIndexStore(SqlBase):
     """The header index, written in the namespace's transactions and read by the planner."""
+
+    _bounds: tuple[int, float, int | None, int | None] | None = None
 
     def _unindex(self, conn: Connection, inos: list[int]) -> None:
         """Remove files' index rows; a series set left without members goes with its last one."""
@@ -72,7 +77,7 @@ class HeaderIndexStore(SqlBase):
         ids = self._key_id_map(conn, set().union(*(h.keys for _, h in indexed)),
                                set().union(*(h.long_keys for _, h in indexed)),
                                set().union(*(h.multi_keys for _, h in indexed)))
-        own, shared = index.share(indexed)
+        own, shared, joined = index.share(indexed, self._stored_sets(conn, {h.series for _, h in indexed}))
         # The hot inserts (dozens of rows per header) skip SQLAlchemy's per-row processing.
         # Rows go in header by header, unsorted: sorting them by (key, text) cost ~0.4 us a row
         # and made SQLite's inserts no cheaper (the (ino, ...) index then took them at random).
@@ -86,10 +91,57 @@ class HeaderIndexStore(SqlBase):
             made = [ids_by_series[s.series] for s in shared]
             self._bulk(conn, "hshared", ("key", "text", "set_id", "item", "num", "first"),
                        [(ids[k], t, sid, i, n, f) for s, sid in zip(shared, made) for k, t, n, f, i in s.rows])
-            self._bulk(conn, "hmembers", ("set_id", "ino"), [(sid, ino) for s, sid in zip(shared, made)
-                                                             for ino in s.inos])
+            joined.extend((sid, ino) for s, sid in zip(shared, made) for ino in s.inos)
+            # Once committed, the next commits of these series find the sets' rows in memory.
+            conn.info.setdefault("dgf.after", {}).setdefault("sets", {}).update(
+                {sid: frozenset(s.rows) for s, sid in zip(shared, made)})
+        if joined:
+            self._bulk(conn, "hmembers", ("set_id", "ino"), joined)
         self._bulk(conn, levels_t.name, ("ino", "patient", "study", "series"),
                    [(ino, h.patient, h.study, h.series) for ino, h in indexed])
+
+    def _stored_sets(self, conn: Connection, series: set[str]) -> dict[str, tuple[int, frozenset[index.Row]]]:
+        """The newest stored set of each of ``series``, with its rows, for headers to join
+        (index.share).  A set's rows never change, so they are read once and kept in memory
+        (``_set_rows``); which sets exist is read in this transaction."""
+        names = sorted(series)
+        latest: dict[str, int] = {}
+        for i in range(0, len(names), 500):
+            latest.update((r[0], r[1]) for r in conn.execute(
+                sa.select(sets_t.c.series, sa.func.max(sets_t.c.id))
+                .where(sets_t.c.series.in_(names[i:i + 500])).group_by(sets_t.c.series)))
+        if not latest:
+            return {}
+        ids = sorted(latest.values())
+        if not self.is_sqlite:
+            # Locked until this commit ends, against one removing the sets' last members
+            # (_unindex locks them for update): a set joined here is not gone when its new
+            # members are written.  A set removed meanwhile is not returned.  SQLite has one writer.
+            alive: set[int] = set()
+            for i in range(0, len(ids), 500):
+                alive.update(conn.execute(sa.select(sets_t.c.id).where(sets_t.c.id.in_(ids[i:i + 500]))
+                                          .order_by(sets_t.c.id).with_for_update(read=True)).scalars())
+            latest = {s: i for s, i in latest.items() if i in alive}
+        known = self._set_rows
+        rows = {i: known[i] for i in latest.values() if i in known}
+        missing = sorted(set(latest.values()) - rows.keys())
+        if missing:
+            stored: dict[int, list[tuple[int, str, float | None, bool, int]]] = {i: [] for i in missing}
+            for i in range(0, len(missing), 500):
+                for r in conn.execute(sa.select(shared_t.c.set_id, shared_t.c.key, shared_t.c.text, shared_t.c.num,
+                                                shared_t.c.first, shared_t.c.item)
+                                      .where(shared_t.c.set_id.in_(missing[i:i + 500]))):
+                    stored[r[0]].append((r[1], r[2], r[3], bool(r[4]), r[5]))
+            paths = {v: k for k, v in self._key_ids.items()}
+            unknown = {k for got in stored.values() for k, *_ in got} - paths.keys()
+            if unknown:
+                paths.update({r.id: r.path for r in conn.execute(
+                    sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.id.in_(sorted(unknown))))})
+            if len(known) + len(missing) > SET_ROWS_KEPT:
+                known.clear()
+            for i, got in stored.items():
+                rows[i] = known[i] = frozenset((paths[k], t, n, f, item) for k, t, n, f, item in got)
+        return {s: (i, rows[i]) for s, i in latest.items()}
 
     def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
                     multi_paths: set[str]) -> dict[str, int]:
@@ -204,18 +256,29 @@ class HeaderIndexStore(SqlBase):
         """Rows ``select`` (of inos) returns among the first ``sample`` indexed files: a cheap,
         proportional selectivity estimate the planner uses to pick the driving predicate."""
         def run(conn: Connection) -> int:
-            bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino)
-                                 .limit(1).offset(sample)).scalar()
+            bound, last = self._sample_bounds(conn, sample)
             query = select if bound is None else select.where(list(select.selected_columns)[0] <= bound)
-            # The planner's estimates read series sets up to the sample's last one (LAST_SET).
-            # A file replaced later keeps its inode and joins a newer set: an estimate may
-            # leave it out, which only skews the choice of the driving term.
-            last = None if bound is None else conn.execute(
-                sa.select(members_t.c.set_id).where(members_t.c.ino <= bound)
-                .order_by(members_t.c.ino.desc()).limit(1)).scalar()
             params = {LAST_SET.key: 2**31 - 1 if bound is None else (last or 0)}      # set ids are int4
             return int(conn.execute(sa.select(sa.func.count()).select_from(query.subquery()), params).scalar_one())
         return self._read(run)
+
+    def _sample_bounds(self, conn: Connection, sample: int) -> tuple[int | None, int | None]:
+        """The last file of an estimate's sample (None: the archive is smaller than the sample)
+        and the newest series set of a file in it, which estimates read sets up to (LAST_SET): a
+        file may join a set made long before it.  Each is a scan of the sample's index entries
+        (~1 ms for 20,000), so a query's estimates share them for a few seconds; an estimate
+        only picks the driving term, so one from a sample a few commits old is as good."""
+        now = time.monotonic()
+        kept = self._bounds
+        if kept is not None and kept[0] == sample and now - kept[1] < SAMPLE_BOUNDS_S:
+            return kept[2], kept[3]
+        bound = conn.execute(sa.select(levels_t.c.ino).order_by(levels_t.c.ino).limit(1).offset(sample)).scalar()
+        # "+ 0": the maximum is taken over the sample's entries of the ino index, not by walking
+        # the primary key down from the newest set, past every set made after the sample.
+        last = None if bound is None else conn.execute(
+            sa.select(sa.func.max(members_t.c.set_id + 0)).where(members_t.c.ino <= bound)).scalar()
+        self._bounds = (sample, now, bound, last)
+        return bound, last
 
     def query_catalogue(self) -> Catalogue:
         return self._read(self.catalogue)

@@ -30,6 +30,38 @@ def _file(path: str, content: str = "x", site: str = "site-a") -> NewFile:
                    "P1", b"sealed")
 
 
+def _index_tables(engine: SqlEngine) -> dict[str, int]:
+    import sqlalchemy as sa
+
+    with engine.engine.connect() as conn:
+        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()
+                for t in ("hvalues", "hshared", "hmembers", "hsets")}
+
+
+def _index_matches_headers(engine: SqlEngine) -> bool:
+    """Every indexed file reads exactly its header's rows through the index view, every member's
+    set exists and every set has members."""
+    import collections
+
+    import sqlalchemy as sa
+
+    from metaserver import index
+
+    with engine.engine.connect() as conn:
+        headers = {r[0]: bytes(r[1]) for r in conn.execute(
+            sa.text("SELECT ino, value FROM xattrs WHERE name = 'user.dgf.dicom'"))}
+        read: dict[int, collections.Counter[tuple[object, ...]]] = collections.defaultdict(collections.Counter)
+        for ino, path, text, num, first, item in conn.execute(sa.text(
+                'SELECT v.ino, k.path, v.text, v.num, v."first", v.item FROM hindex v JOIN hkeys k ON k.id = v."key"')):
+            read[ino][(path, text, num, bool(first), item)] += 1
+        orphans = conn.execute(sa.text("SELECT count(*) FROM hmembers m WHERE NOT EXISTS "
+                                       "(SELECT 1 FROM hsets s WHERE s.id = m.set_id)")).scalar_one()
+        empty = conn.execute(sa.text("SELECT count(*) FROM hsets s WHERE NOT EXISTS "
+                                     "(SELECT 1 FROM hmembers m WHERE m.set_id = s.id)")).scalar_one()
+    want = {ino: collections.Counter(index.index_header(xml).rows) for ino, xml in headers.items()}
+    return read == want and orphans == 0 and empty == 0
+
+
 def engine_urls(tmp: Path) -> list[str]:
     return [f"sqlite:///{tmp / 'meta.db'}"]
 
@@ -195,6 +227,98 @@ class EngineContract:
         with engine.engine.connect() as conn:
             assert [conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()
                     for t in ("hsets", "hshared", "hmembers")] == [0, 0, 0]
+
+    def test_a_header_committed_after_its_series_set_joins_it(self, engine: MetaEngine) -> None:
+        from metaserver import query
+
+        def ct(i: int, kvp: str = "120") -> bytes:
+            return (f"<DicomHeader><SeriesInstanceUID>7.7</SeriesInstanceUID><Modality>CT</Modality>"
+                    f"<KVP>{kvp}</KVP><InstanceNumber>{i}</InstanceNumber></DicomHeader>").encode()
+
+        def found(expr: str) -> list[str]:
+            assert isinstance(engine, SqlEngine)
+            q = query.prepare(expr, engine.query_catalogue(), engine.dialect, engine.query_estimate)
+            return sorted(r["path"] for r in query.run(engine, q, "/", []))
+
+        def commit(*numbers: int, kvp: str = "120") -> None:
+            engine.create_files([NewFile(f"/j/{i}", _key(f"j{i}"), 1, "site-a", {"user.dgf.dicom": ct(i, kvp)})
+                                 for i in numbers])
+
+        assert isinstance(engine, SqlEngine)
+        commit(1, 2)                    # five rows each; four in common make a set
+        for i in (3, 4, 5):
+            commit(i)                   # one image a commit, as DIMSE or STOW-RS store them
+        commit(6, kvp="80")             # lacks the set's kVp row: keeps all its rows
+        assert _index_tables(engine) == {"hvalues": 5 + 5, "hshared": 4, "hmembers": 5, "hsets": 1}
+        assert _index_matches_headers(engine)
+        assert found("/DicomHeader[KVP = 120]") == [f"/j/{i}" for i in range(1, 6)]
+        assert found("/DicomHeader[Modality = 'CT' and KVP >= 100 and InstanceNumber > 3]") == ["/j/4", "/j/5"]
+        assert found("/DicomHeader[KVP < 100]") == ["/j/6"]
+        engine.unlink("/j/1")
+        engine.unlink("/j/2")
+        assert _index_tables(engine)["hsets"] == 1          # the later members keep it
+        assert found("/DicomHeader[KVP = 120]") == ["/j/3", "/j/4", "/j/5"]
+        for i in (3, 4, 5):
+            engine.unlink(f"/j/{i}")
+        assert _index_tables(engine) == {"hvalues": 5, "hshared": 0, "hmembers": 0, "hsets": 0}
+
+    def test_estimates_read_every_set_of_the_sample_when_its_last_file_joined_an_old_one(
+            self, engine: MetaEngine) -> None:
+        import sqlalchemy as sa
+
+        from metaserver.index import LAST_SET, sample_t
+
+        def hdr(series: str, modality: str, i: int) -> dict[str, bytes]:
+            return {"user.dgf.dicom": (f"<DicomHeader><SeriesInstanceUID>{series}</SeriesInstanceUID><Modality>"
+                                       f"{modality}</Modality><KVP>90</KVP><Rows>5</Rows><InstanceNumber>{i}"
+                                       "</InstanceNumber></DicomHeader>").encode()}
+
+        def commit(*files: tuple[str, str, str, int]) -> None:
+            engine.create_files([NewFile(p, _key(p), 1, "site-a", hdr(s, m, i)) for p, s, m, i in files])
+
+        assert isinstance(engine, SqlEngine)
+        commit(("/e/a1", "1", "CT", 1), ("/e/a2", "1", "CT", 2))      # set 1
+        commit(("/e/b1", "2", "MR", 1), ("/e/b2", "2", "MR", 2))      # set 2
+        commit(("/e/a3", "1", "CT", 3))                              # joins set 1
+        commit(("/e/c1", "3", "US", 1))                              # past the sample
+        # The sample (four files past the first) ends at /e/a3, a member of set 1; the MR files
+        # before it are in set 2, which the estimate must still read.
+        modality = engine.query_catalogue().keys["/DicomHeader/Modality"][0]
+        v = sample_t.alias()
+        for text, want in (("MR", 2), ("CT", 3), ("US", 0)):
+            select = sa.select(v.c.ino).where(v.c.key == modality, v.c.text == text, v.c.set_id <= LAST_SET)
+            assert engine.query_estimate(select, sample=4) == want
+
+    def test_a_set_joined_while_its_last_member_goes_stays_whole_or_goes_whole(self, engine: MetaEngine) -> None:
+        import threading
+
+        def hdr(r: int, i: int) -> dict[str, bytes]:
+            return {"user.dgf.dicom": (f"<DicomHeader><SeriesInstanceUID>8.{r}</SeriesInstanceUID><Modality>MR"
+                                       f"</Modality><KVP>90</KVP><InstanceNumber>{i}</InstanceNumber>"
+                                       "</DicomHeader>").encode()}
+
+        assert isinstance(engine, SqlEngine)
+        for r in range(12):
+            engine.create_files([NewFile(f"/k{r}/{i}", _key(f"k{r}{i}"), 1, "site-a", hdr(r, i)) for i in (1, 2)])
+            engine.unlink(f"/k{r}/1")
+            barrier = threading.Barrier(2)
+
+            def unlink(r: int = r, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                engine.unlink(f"/k{r}/2")
+
+            def join(r: int = r, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                engine.create_files([NewFile(f"/k{r}/3", _key(f"k{r}3"), 1, "site-a", hdr(r, 3))])
+            threads = [threading.Thread(target=unlink), threading.Thread(target=join)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        # Every file reads exactly its header's rows, and no set outlives its members or leaves one.
+        assert _index_matches_headers(engine)
+        tables = _index_tables(engine)
+        assert tables["hmembers"] <= 12 and (tables["hsets"] == 0) == (tables["hmembers"] == 0)
 
     def test_the_revisions_build_the_tables_the_code_declares(self, engine: MetaEngine) -> None:
         # A table definition changed without a revision would show up here as a difference.

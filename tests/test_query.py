@@ -291,7 +291,8 @@ def test_share_splits_rows_exactly() -> None:
         b"<DicomHeader><SeriesInstanceUID>1</SeriesInstanceUID><ImageType>B</ImageType><ImageType>A</ImageType>"
         b"<Modality>CT</Modality><KVP>80</KVP><Rows>5</Rows></DicomHeader>",
         b"<DicomHeader><SeriesInstanceUID>2</SeriesInstanceUID><Modality>CT</Modality></DicomHeader>")]
-    own, sets = index.share(list(zip((10, 11, 12), hdrs)))
+    own, sets, joined = index.share(list(zip((10, 11, 12), hdrs)))
+    assert joined == []
     assert [(s.series, s.inos) for s in sets] == [("1", [10, 11])]
     for ino, h in zip((10, 11, 12), hdrs):
         mine = [row for i, row in own if i == ino] + [row for s in sets if ino in s.inos for row in s.rows]
