@@ -122,8 +122,11 @@ class HeaderIndexStore(SqlBase):
                 alive.update(conn.execute(sa.select(sets_t.c.id).where(sets_t.c.id.in_(ids[i:i + 500]))
                                           .order_by(sets_t.c.id).with_for_update(read=True)).scalars())
             latest = {s: i for s, i in latest.items() if i in alive}
+        # Sets this transaction made are read from its own record of them, and kept in memory
+        # only once it commits (SqlBase._txn): a rolled-back set's id may be given again.
+        made = conn.info.get("dgf.after", {}).get("sets", {})
         known = self._set_rows
-        rows = {i: known[i] for i in latest.values() if i in known}
+        rows = {i: got for i in latest.values() if (got := made.get(i) or known.get(i)) is not None}
         missing = sorted(set(latest.values()) - rows.keys())
         if missing:
             stored: dict[int, list[tuple[int, str, float | None, bool, int]]] = {i: [] for i in missing}
