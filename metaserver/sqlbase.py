@@ -96,8 +96,27 @@ U_FILE = inodes.update().where(inodes.c.id == sa.bindparam("b_id")).values(
     ctime=sa.bindparam("b_now"))
 
 
-#: Series sets whose rows a metaserver keeps in memory for headers to join (~20 KB each).
-SET_ROWS_KEPT = 2048
+class SetRows:
+    """The rows of committed series sets by set id, which headers join (sqlindex): a set's rows
+    never change, and no id is given twice.  Bounded by rows, not sets (a set of a multi-frame
+    series' headers can hold thousands): cleared when full."""
+
+    #: ~150 bytes a row in memory: ~75 MB at most.
+    LIMIT = 500_000
+
+    def __init__(self) -> None:
+        self._sets: dict[int, frozenset[Any]] = {}
+        self._rows = 0
+
+    def get(self, set_id: int) -> frozenset[Any] | None:
+        return self._sets.get(set_id)
+
+    def add(self, sets: dict[int, frozenset[Any]]) -> None:
+        n = sum(map(len, sets.values()))
+        if self._rows + n > self.LIMIT:
+            self._sets, self._rows = {}, 0
+        self._sets.update(sets)
+        self._rows += n
 
 
 def stat_of(path: str, row: Any) -> Stat:
@@ -150,7 +169,7 @@ class SqlBase:
         self.schema_revision = migrate.upgrade(self.engine, self._legacy_schema)
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
         self._multi: set[str] = set()                # committed paths flagged multi-valued
-        self._set_rows: dict[int, frozenset[Any]] = {}  # committed series sets' rows (sqlindex)
+        self._set_rows = SetRows()                   # committed series sets' rows (sqlindex)
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path, rebuilt after changes
         self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
@@ -294,9 +313,7 @@ class SqlBase:
                 # Committed: now in-process caches may learn what the transaction did.
                 self._key_ids.update(after.get("keys", {}))
                 self._multi.update(after.get("multi", ()))
-                if len(self._set_rows) > SET_ROWS_KEPT:
-                    self._set_rows.clear()
-                self._set_rows.update(after.get("sets", {}))
+                self._set_rows.add(after.get("sets", {}))
                 if after.get("dirs"):
                     self._dirs = None
                 elif after.get("new_dirs"):

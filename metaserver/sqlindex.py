@@ -22,7 +22,7 @@ from metaserver.schema import (
     queries_t,
     xattrs,
 )
-from metaserver.sqlbase import SET_ROWS_KEPT, SqlBase, join_path
+from metaserver.sqlbase import SqlBase, join_path
 
 #: How long a query's estimates reuse their sample's bounds (HeaderIndexStore._sample_bounds).
 SAMPLE_BOUNDS_S = 2.0
@@ -140,10 +140,9 @@ class HeaderIndexStore(SqlBase):
             if unknown:
                 paths.update({r.id: r.path for r in conn.execute(
                     sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.id.in_(sorted(unknown))))})
-            if len(known) + len(missing) > SET_ROWS_KEPT:
-                known.clear()
-            for i, got in stored.items():
-                rows[i] = known[i] = frozenset((paths[k], t, n, f, item) for k, t, n, f, item in got)
+            loaded = {i: frozenset((paths[k], t, n, f, item) for k, t, n, f, item in got) for i, got in stored.items()}
+            known.add(loaded)
+            rows.update(loaded)
         return {s: (i, rows[i]) for s, i in latest.items()}
 
     def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],

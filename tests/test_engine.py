@@ -246,8 +246,14 @@ class EngineContract:
 
         assert isinstance(engine, SqlEngine)
         commit(1, 2)                    # five rows each; four in common make a set
-        for i in (3, 4, 5):
+        for i in (3, 4):
             commit(i)                   # one image a commit, as DIMSE or STOW-RS store them
+        # Another metaserver process over the same database reads the set's rows from it.
+        other = SqlEngine(engine.engine.url.render_as_string(hide_password=False))
+        try:
+            other.create_files([NewFile("/j/5", _key("j5"), 1, "site-a", {"user.dgf.dicom": ct(5)})])
+        finally:
+            other.close()
         commit(6, kvp="80")             # lacks the set's kVp row: keeps all its rows
         assert _index_tables(engine) == {"hvalues": 5 + 5, "hshared": 4, "hmembers": 5, "hsets": 1}
         assert _index_matches_headers(engine)
@@ -518,6 +524,18 @@ class EngineContract:
                 engine.stat(bad)
         with pytest.raises(errors.UsageError):
             engine.rmdir("/")
+
+
+def test_the_set_rows_kept_in_memory_are_bounded_by_rows() -> None:
+    from metaserver.sqlbase import SetRows
+
+    kept = SetRows()
+    big = frozenset(range(SetRows.LIMIT // 2))
+    kept.add({1: big})
+    kept.add({2: big})
+    assert kept.get(1) is big and kept.get(2) is big
+    kept.add({3: frozenset(range(10))})          # over the limit: what was kept goes
+    assert kept.get(1) is None and kept.get(2) is None and kept.get(3) == frozenset(range(10))
 
 
 def test_sqlite_binds_none_bools_and_bytes_as_before(tmp_path: Path) -> None:
