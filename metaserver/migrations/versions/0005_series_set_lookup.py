@@ -12,7 +12,6 @@ as they are.
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
 
 revision = '0005'
@@ -22,10 +21,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # A database made before revisions existed was given every index the code declares (this
-    # one included) before it was stamped with the baseline: create it only where it is missing.
-    if "ix_hsets_series" not in {ix["name"] for ix in sa.inspect(op.get_bind()).get_indexes("hsets")}:
-        op.create_index('ix_hsets_series', 'hsets', ['series', 'id'])
+    # IF NOT EXISTS: a database made before revisions existed is first brought to the tables the
+    # code declares, this index included, then stamped with the baseline and upgraded.
+    op.execute("CREATE INDEX IF NOT EXISTS ix_hsets_series ON hsets (series, id)")
 
 
 def downgrade() -> None:
