@@ -19,6 +19,7 @@ from metaserver import migrate
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import SqlEngine
 from tests.pg import PostgresServer
+from tests.test_query import _index_rows
 
 
 def _key(name: str) -> str:
@@ -28,14 +29,6 @@ def _key(name: str) -> str:
 def _file(path: str, content: str = "x", site: str = "site-a") -> NewFile:
     return NewFile(path, _key(content), len(content), site, {"user.dgf.dicom": b"<DicomHeader/>"},
                    "P1", b"sealed")
-
-
-def _index_tables(engine: SqlEngine) -> dict[str, int]:
-    import sqlalchemy as sa
-
-    with engine.engine.connect() as conn:
-        return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one()
-                for t in ("hvalues", "hshared", "hmembers", "hsets")}
 
 
 def _index_matches_headers(engine: SqlEngine) -> bool:
@@ -255,18 +248,18 @@ class EngineContract:
         finally:
             other.close()
         commit(6, kvp="80")             # lacks the set's kVp row: keeps all its rows
-        assert _index_tables(engine) == {"hvalues": 5 + 5, "hshared": 4, "hmembers": 5, "hsets": 1}
+        assert _index_rows(engine) == {"hvalues": 5 + 5, "hshared": 4, "hmembers": 5, "hsets": 1}
         assert _index_matches_headers(engine)
         assert found("/DicomHeader[KVP = 120]") == [f"/j/{i}" for i in range(1, 6)]
         assert found("/DicomHeader[Modality = 'CT' and KVP >= 100 and InstanceNumber > 3]") == ["/j/4", "/j/5"]
         assert found("/DicomHeader[KVP < 100]") == ["/j/6"]
         engine.unlink("/j/1")
         engine.unlink("/j/2")
-        assert _index_tables(engine)["hsets"] == 1          # the later members keep it
+        assert _index_rows(engine)["hsets"] == 1          # the later members keep it
         assert found("/DicomHeader[KVP = 120]") == ["/j/3", "/j/4", "/j/5"]
         for i in (3, 4, 5):
             engine.unlink(f"/j/{i}")
-        assert _index_tables(engine) == {"hvalues": 5, "hshared": 0, "hmembers": 0, "hsets": 0}
+        assert _index_rows(engine) == {"hvalues": 5, "hshared": 0, "hmembers": 0, "hsets": 0}
 
     def test_estimates_read_every_set_of_the_sample_when_its_last_file_joined_an_old_one(
             self, engine: MetaEngine) -> None:
@@ -323,7 +316,7 @@ class EngineContract:
                 t.join()
         # Every file reads exactly its header's rows, and no set outlives its members or leaves one.
         assert _index_matches_headers(engine)
-        tables = _index_tables(engine)
+        tables = _index_rows(engine)
         assert tables["hmembers"] <= 12 and (tables["hsets"] == 0) == (tables["hmembers"] == 0)
 
     def test_the_revisions_build_the_tables_the_code_declares(self, engine: MetaEngine) -> None:
