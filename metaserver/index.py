@@ -231,7 +231,12 @@ def _by_shape(root: etree._Element) -> tuple[list[Row], AbstractSet[str], set[st
             texts[i] = value
     for i in shape.blank:
         texts[i] = ""
-    texts = [t or "" for t in texts]
+    return _rows(shape, [t or "" for t in texts])
+
+
+def _rows(shape: _Shape, texts: list[str]) -> tuple[list[Row], AbstractSet[str], set[str], set[str]] | None:
+    """The rows of a header of this shape whose elements' indexed texts (string-values, "" where
+    not indexed) are ``texts``; None where a value is long (the general walk cuts those)."""
     if max(map(len, texts)) > MAX_TEXT:
         return None
     keys, items = shape.keys, shape.items
@@ -253,6 +258,167 @@ def _by_shape(root: etree._Element) -> tuple[list[Row], AbstractSet[str], set[st
     for i in reversed(drop):
         del rows[i]
     return rows, shape.keyset, set(), multi
+
+
+# -- the token reader ------------------------------------------------------------------------
+#
+# Most headers are what dgf/dicom/xmlheader.py writes: elements with a few attributes and text,
+# no comments, CDATA, declarations or namespaces.  For those a split of the text at its angle
+# brackets lists every tag and every text in C, and the tags (a tuple, looked up in a memo) fix
+# the tree; lxml's parse and a proxy object per element (two thirds of indexing a header) are
+# left out.  Only what is certainly well-formed XML, read exactly as lxml reads it, is taken
+# this way (the rules below, each checked once per memoised tag sequence where it can be);
+# anything else goes to lxml, which parses it or names its error.
+
+#: Bytes whose presence sends a header to the careful checks: angle brackets must alternate,
+#: and '&', ']' and control characters need a look (entities, ']]>', characters XML forbids).
+_NOT_PLAIN = bytes(b for b in range(256) if b not in b"<>&]" and (b >= 0x20 or b in b"\t\n"))
+_NOT_ANGLE = bytes(b for b in range(256) if b not in b"<>")
+#: Control characters XML cannot carry, and the carriage return, which XML reads as a line feed.
+_NOT_CONTROL = bytes(b for b in range(256) if b >= 0x20 or b in b"\t\n")
+_NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
+#: A start tag: a name, attributes in double quotes (the five named entities the only
+#: references), optional blanks and an optional '/' (an empty element).
+_START = re.compile(rf'({_NAME})((?:[ \t\n]+{_NAME}="(?:[^"&]|&(?:amp|lt|gt|quot|apos);)*")*)[ \t\n]*(/?)')
+_ATTR = re.compile(rf'[ \t\n]+({_NAME})="(?:[^"&]|&(?:amp|lt|gt|quot|apos);)*"')
+_END = re.compile(rf"/({_NAME})[ \t\n]*")
+_ENTITY = re.compile(r"&(?:(amp|lt|gt|quot|apos)|#([0-9]{1,7})|#x([0-9A-Fa-f]{1,6}));")
+_NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
+#: Deeper documents go to lxml, which has a depth limit of its own.
+_MAX_DEPTH = 256
+
+
+@dataclass(frozen=True)
+class _Tags:
+    """What a sequence of tags determines (:func:`_tags`): the tree's shape, where each element's
+    text is among the texts after the tags, and the token span of each element whose
+    string-value joins its descendants' texts."""
+    shape: _Shape
+    text_of: Any                             # operator.itemgetter over the texts
+    spans: list[tuple[int, int, int]]        # (element, first token, end token)
+    levels: list[tuple[str, list[int]]]      # (PatientID..., texts of the root's such children)
+
+
+_TAGS: dict[tuple[str, ...], _Tags] = {}
+
+
+def _tags(tokens: list[str]) -> _Tags | None:
+    """The tree of a document given as the tags between its angle brackets, or None where those
+    are not one DicomHeader element, well-formed and nested, in the forms the reader takes."""
+    n = len(tokens)
+    names: list[str] = []
+    lens: list[int] = []
+    text_at: list[int] = []          # the token after which the element's own text is
+    first: list[int] = []
+    last: list[int] = []
+    open_: list[int] = []
+    for t, token in enumerate(tokens):
+        if token[:1] == "/":
+            m = _END.fullmatch(token)
+            if m is None or not open_ or names[open_[-1]] != m.group(1):
+                return None
+            last[open_.pop()] = t
+            continue
+        m = _START.fullmatch(token)
+        if m is None or (t and not open_):
+            return None                      # not a start tag the reader takes, or a second root
+        attrs = _ATTR.findall(m.group(2))
+        if len(set(attrs)) != len(attrs) or any(a.startswith("xml") for a in attrs):
+            return None                      # a repeated attribute, or a namespace declaration
+        if open_:
+            lens[open_[-1]] += 1
+        names.append(m.group(1))
+        lens.append(0)
+        first.append(t)
+        last.append(t)
+        if m.group(3):
+            text_at.append(n - 1)            # an empty element: the text after the root, cleared
+        else:
+            text_at.append(t)
+            open_.append(len(names) - 1)
+            if len(open_) > _MAX_DEPTH:
+                return None
+    if open_ or not names or names[0] != "DicomHeader":
+        return None
+    shape = _shape(names, lens)
+    spans = [(i, first[i], last[i]) for i, _ in shape.joined]
+    levels = [(level, [text_at[i] for i in range(1, len(names))
+                       if names[i] == level and shape.keys[i] == ROOT_KEY + "/" + level])
+              for level in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")]
+    blank = set(shape.blank)
+    # Elements whose text is not indexed read "" too; one index more keeps itemgetter's answer
+    # a tuple for a lone root.
+    at = [n - 1 if i in blank else text_at[i] for i in range(len(names))]
+    return _Tags(shape, operator.itemgetter(*at, n - 1), spans, levels)
+
+
+def _unescaped(text: str) -> str | None:
+    """A text with its character and entity references replaced, as XML reads them; None where
+    some '&' starts none of those or a reference names a character XML cannot carry."""
+    def one(m: re.Match[str]) -> str:
+        if m.group(1):
+            return _NAMED[m.group(1)]
+        code = int(m.group(2), 10) if m.group(2) else int(m.group(3), 16)
+        if not (code in (0x9, 0xA, 0xD) or 0x20 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD
+                or 0x10000 <= code <= 0x10FFFF):
+            raise ValueError(code)
+        return chr(code)
+
+    if "&" in _ENTITY.sub("", text):
+        return None                          # a '&' that starts no reference
+    try:
+        return _ENTITY.sub(one, text)
+    except ValueError:
+        return None
+
+
+def _read(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[str]], dict[str, str]] | None:
+    """A header's rows, keys, long and multi-valued keys, and its PatientID, StudyInstanceUID and
+    SeriesInstanceUID, read by the token reader (above); None where lxml must read it."""
+    try:
+        doc = xml.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    parts = doc.replace(">", "<").split("<")
+    tokens = parts[1::2]
+    if parts[0] or parts[-1].strip(" \t\n"):
+        return None                          # text before the root, or other than blanks after
+    if xml.translate(None, _NOT_PLAIN) != b"<>" * len(tokens):
+        # Something to look at: the brackets must still alternate, no character may be one XML
+        # cannot carry, and no text may hold ']]>'; references are replaced below.
+        if xml.translate(None, _NOT_ANGLE) != b"<>" * len(tokens) or \
+                xml.translate(None, _NOT_CONTROL) or "]]>" in doc:
+            return None
+        ampersand = "&" in doc
+    else:
+        ampersand = False
+    if not doc.isascii() and ("\ufffe" in doc or "\uffff" in doc):
+        return None                          # not characters in XML
+    tags = _TAGS.get(tuple(tokens))
+    if tags is None:
+        tags = _tags(tokens)
+        if tags is None:
+            return None
+        # At most ~300 KB a memo (the tags and the shape's keys): a hostile header's would not
+        # be met again, and the memo stays under ~150 MB whatever is sent.
+        if sum(map(len, tokens)) <= 100_000 and sum(map(len, tags.shape.keys)) <= 100_000:
+            if len(_TAGS) >= 512:
+                _TAGS.clear()
+            _TAGS[tuple(tokens)] = tags
+    texts = parts[2::2]
+    if ampersand:
+        read = [_unescaped(t) if "&" in t else t for t in texts]
+        if None in read:
+            return None
+        texts = read        # type: ignore[assignment]
+    texts[-1] = ""                           # the blanks after the root: read as "" (_tags)
+    values = list(tags.text_of(texts))
+    values.pop()
+    for i, start, end in tags.spans:
+        values[i] = "".join(texts[start:end])
+    shape = tags.shape
+    rows = _rows(shape, values) or _node_rows(list(zip(shape.keys, values, shape.items)))
+    return rows, {level: next((texts[i] for i in at if texts[i]), "") for level, at in tags.levels}
 
 
 def _walk(root: etree._Element) -> list[tuple[str, str, int]]:
@@ -288,14 +454,19 @@ def _walk(root: etree._Element) -> list[tuple[str, str, int]]:
 
 def _by_walk(root: etree._Element) -> tuple[list[Row], AbstractSet[str], set[str], set[str]]:
     """Rows, keys, long keys and multi-valued keys of any header: every node's (key,
-    string-value, item) in document order (:func:`_walk`), then one row per distinct triple
-    (repeated values of multi-valued attributes and items add nothing), the row of the first
-    node of its key flagged, long values cut."""
+    string-value, item) in document order (:func:`_walk`), then :func:`_node_rows`."""
+    return _node_rows(_walk(root))
+
+
+def _node_rows(nodes: list[tuple[str, str, int]]) -> tuple[list[Row], AbstractSet[str], set[str], set[str]]:
+    """Rows, keys, long keys and multi-valued keys of a header's nodes, (key, string-value, item)
+    in document order: one row per distinct triple (repeated values of multi-valued attributes
+    and items add nothing), the row of the first node of its key flagged, long values cut."""
     rows: list[Row] = []
     per_key: dict[str, int] = {}
     long_keys: set[str] = set()
     cut: set[tuple[str, str, int]] = set()
-    nodes = list(dict.fromkeys(_walk(root)))
+    nodes = list(dict.fromkeys(nodes))
     kept = []
     for key, full, item in nodes:
         text = full
@@ -313,16 +484,22 @@ def _by_walk(root: etree._Element) -> tuple[list[Row], AbstractSet[str], set[str
     return rows, set(per_key), long_keys, {k for k, n in per_key.items() if n > 1}
 
 
-def index_header(xml: bytes) -> HeaderIndex:
-    """The index rows and the patient/study/series keys of one XML header."""
+def _by_lxml(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[str]], dict[str, str]]:
+    """What :func:`_read` answers, from lxml's parse: any header XML can carry."""
     root = etree.fromstring(xml, _PARSER)
     if root.tag != "DicomHeader":
         raise ValueError("the header's root element is not DicomHeader.")
-    rows, keys, long_keys, multi_keys = _by_shape(root) or _by_walk(root)
+    rows = _by_shape(root) or _by_walk(root)
     levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
     for child in root.iterchildren(*levels):      # lxml picks them out in C
         if not levels[child.tag]:
             levels[child.tag] = child.text or ""
+    return rows, levels
+
+
+def index_header(xml: bytes) -> HeaderIndex:
+    """The index rows and the patient/study/series keys of one XML header."""
+    (rows, keys, long_keys, multi_keys), levels = _read(xml) or _by_lxml(xml)
     return HeaderIndex(rows, keys, long_keys, multi_keys,
                        levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
 
