@@ -284,6 +284,8 @@ _ATTR = re.compile(rf'[ \t\n]+({_NAME})="(?:[^"&]|&(?:amp|lt|gt|quot|apos);)*"')
 _END = re.compile(rf"/({_NAME})[ \t\n]*")
 _ENTITY = re.compile(r"&(?:(amp|lt|gt|quot|apos)|#([0-9]{1,7})|#x([0-9A-Fa-f]{1,6}));")
 _NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
+#: The levels a header is grouped by (HeaderIndex.patient, .study, .series).
+_LEVELS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 #: Deeper documents go to lxml, which has a depth limit of its own.
 _MAX_DEPTH = 256
 
@@ -296,7 +298,8 @@ class _Tags:
     shape: _Shape
     text_of: Any                             # operator.itemgetter over the texts
     spans: list[tuple[int, int, int]]        # (element, first token, end token)
-    levels: list[tuple[str, list[int]]]      # (PatientID..., texts of the root's such children)
+    levels: list[list[int]]                  # the texts of the root's PatientID, ... children
+    level_of: Any                            # the first of each, where none has two: itemgetter
 
 
 _TAGS: dict[tuple[str, ...], _Tags] = {}
@@ -342,14 +345,15 @@ def _tags(tokens: list[str]) -> _Tags | None:
         return None
     shape = _shape(names, lens)
     spans = [(i, first[i], last[i]) for i, _ in shape.joined]
-    levels = [(level, [text_at[i] for i in range(1, len(names))
-                       if names[i] == level and shape.keys[i] == ROOT_KEY + "/" + level])
-              for level in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")]
+    levels = [[text_at[i] for i in range(1, len(names)) if shape.keys[i] == ROOT_KEY + "/" + level]
+              for level in _LEVELS]
+    level_of = None if any(len(at) > 1 for at in levels) else \
+        operator.itemgetter(*(at[0] if at else n - 1 for at in levels))
     blank = set(shape.blank)
     # Elements whose text is not indexed read "" too; one index more keeps itemgetter's answer
     # a tuple for a lone root.
     at = [n - 1 if i in blank else text_at[i] for i in range(len(names))]
-    return _Tags(shape, operator.itemgetter(*at, n - 1), spans, levels)
+    return _Tags(shape, operator.itemgetter(*at, n - 1), spans, levels, level_of)
 
 
 def _unescaped(text: str) -> str | None:
@@ -372,7 +376,7 @@ def _unescaped(text: str) -> str | None:
         return None
 
 
-def _read(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[str]], dict[str, str]] | None:
+def _read(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[str]], tuple[str, ...]] | None:
     """A header's rows, keys, long and multi-valued keys, and its PatientID, StudyInstanceUID and
     SeriesInstanceUID, read by the token reader (above); None where lxml must read it."""
     try:
@@ -418,7 +422,9 @@ def _read(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[
         values[i] = "".join(texts[start:end])
     shape = tags.shape
     rows = _rows(shape, values) or _node_rows(list(zip(shape.keys, values, shape.items)))
-    return rows, {level: next((texts[i] for i in at if texts[i]), "") for level, at in tags.levels}
+    if tags.level_of is not None:
+        return rows, tags.level_of(texts)
+    return rows, tuple(next((texts[i] for i in at if texts[i]), "") for at in tags.levels)
 
 
 def _walk(root: etree._Element) -> list[tuple[str, str, int]]:
@@ -484,24 +490,23 @@ def _node_rows(nodes: list[tuple[str, str, int]]) -> tuple[list[Row], AbstractSe
     return rows, set(per_key), long_keys, {k for k, n in per_key.items() if n > 1}
 
 
-def _by_lxml(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[str]], dict[str, str]]:
+def _by_lxml(xml: bytes) -> tuple[tuple[list[Row], AbstractSet[str], set[str], set[str]], tuple[str, ...]]:
     """What :func:`_read` answers, from lxml's parse: any header XML can carry."""
     root = etree.fromstring(xml, _PARSER)
     if root.tag != "DicomHeader":
         raise ValueError("the header's root element is not DicomHeader.")
     rows = _by_shape(root) or _by_walk(root)
-    levels = {"PatientID": "", "StudyInstanceUID": "", "SeriesInstanceUID": ""}
+    levels = dict.fromkeys(_LEVELS, "")
     for child in root.iterchildren(*levels):      # lxml picks them out in C
         if not levels[child.tag]:
             levels[child.tag] = child.text or ""
-    return rows, levels
+    return rows, tuple(levels.values())
 
 
 def index_header(xml: bytes) -> HeaderIndex:
     """The index rows and the patient/study/series keys of one XML header."""
-    (rows, keys, long_keys, multi_keys), levels = _read(xml) or _by_lxml(xml)
-    return HeaderIndex(rows, keys, long_keys, multi_keys,
-                       levels["PatientID"], levels["StudyInstanceUID"], levels["SeriesInstanceUID"])
+    (rows, keys, long_keys, multi_keys), (patient, study, series) = _read(xml) or _by_lxml(xml)
+    return HeaderIndex(rows, keys, long_keys, multi_keys, patient, study, series)
 
 
 #: A series set is made only where its headers have at least this many rows in common.

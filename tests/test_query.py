@@ -686,10 +686,13 @@ def test_the_token_reader_takes_references_empty_elements_and_mixed_content() ->
         b"</DicomHeader>\n",
         b"<DicomHeader/>",
         "<DicomHeader><PatientName>\u00e9\u20ac\U0001f600</PatientName></DicomHeader>".encode(),
+        b"<DicomHeader><PatientID/><Item><PatientID>R</PatientID></Item><PatientID>Q</PatientID>"
+        b"<PatientID>S</PatientID><StudyInstanceUID>1.2</StudyInstanceUID></DicomHeader>",
     ]
     for xml in taken:
         assert _same_reading(xml) is not None
         assert index._read(xml) is not None, xml
+    assert (index.index_header(taken[3]).patient, index.index_header(taken[3]).study) == ("Q", "1.2")
     h = index.index_header(taken[0])
     assert h.patient == "P&1 <2> AB\r"
     assert ("/DicomHeader/AdmittingDiagnosesDescription", "abc", None, True, 0) in h.rows
