@@ -63,6 +63,9 @@ _Q_VERSIONS = sa.select(values_t.c.text, inodes.c.parent, inodes.c.name).join(
     values_t.c.key == sa.bindparam("b_key"), values_t.c.item == 0,
     values_t.c.text.in_(sa.bindparam("b_uids", expanding=True)))
 
+#: The columns of a new inode, in the order commits give them (_bulk_returning).
+_NEW_INODE = ("parent", "name", "is_dir", "mode", "size", "nlink", "mtime", "ctime", "object_key")
+
 
 def _refuse_files_as_parents(paths: set[str], parents: Iterable[str]) -> None:
     """A commit may not hold a file and, below it, another file: the first would need to be a
@@ -132,10 +135,9 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 continue
             now = time.time()
             # Ids matched by (parent, name), as for files (_do_create_files).
-            got = {(r.parent, r.name): r.id for r in conn.execute(
-                inodes.insert().returning(inodes.c.id, inodes.c.parent, inodes.c.name), [
-                    {"parent": pid, "name": name, "is_dir": True, "mode": 0o755, "size": 0, "nlink": 2,
-                     "mtime": now, "ctime": now} for pid, name, _ in new])}
+            got = {(r.parent, r.name): r.id for r in self._bulk_returning(
+                conn, inodes.name, _NEW_INODE, [(pid, name, True, 0o755, 0, 2, now, now, None) for pid, name, _ in new],
+                ("id", "parent", "name"))}
             made = conn.info.setdefault("dgf.after", {}).setdefault("new_dirs", [])
             for pid, name, path in new:
                 ids[path] = got[pid, name]
@@ -320,7 +322,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 by_parent.setdefault(f.path.rsplit("/", 1)[0] or "/", []).append(f)
             _refuse_files_as_parents({f.path for f in files}, by_parent)
             parents, fresh = self._make_parents(conn, set(by_parent))
-            new_rows: list[dict[str, Any]] = []
+            new_rows: list[tuple[Any, ...]] = []
             new_files: list[NewFile] = []
             inos: dict[str, int] = {}
             kept: set[int] = set()          # existing files this commit writes over
@@ -334,9 +336,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 for f, name in zip(group, names):
                     old = existing.get(name)
                     if old is None:
-                        new_rows.append({"parent": parent_id, "name": name, "is_dir": False, "mode": f.mode,
-                                         "size": f.size, "nlink": 1, "mtime": now, "ctime": now,
-                                         "object_key": f.object_key})
+                        new_rows.append((parent_id, name, False, f.mode, f.size, 1, now, now, f.object_key))
                         new_files.append(f)
                         existing[name] = InodeRow(0, name, False, f.mode, f.size, 1, now, now, f.object_key)
                         continue
@@ -353,10 +353,10 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             if new_rows:
                 # Multi-row INSERT ... RETURNING, each id matched by its (parent, name): asking
                 # for parameter order made SQLAlchemy insert row by row on SQLite.
-                made = {(r.parent, r.name): r.id for r in conn.execute(
-                    inodes.insert().returning(inodes.c.id, inodes.c.parent, inodes.c.name), new_rows)}
+                made = {(r.parent, r.name): r.id for r in self._bulk_returning(
+                    conn, inodes.name, _NEW_INODE, new_rows, ("id", "parent", "name"))}
                 for f, row in zip(new_files, new_rows):
-                    inos[f.path] = made[row["parent"], row["name"]]
+                    inos[f.path] = made[row[0], row[1]]
             # Tuples by the driver's bulk path (_bulk): a dozen rows a file.
             self._bulk(conn, objects.name, ("key", "size", "created", "seal"),
                        [(f.object_key, f.stored_size or f.size, now, f.seal) for f in files], IGNORE)

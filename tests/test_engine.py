@@ -3,6 +3,7 @@ dict model, comparing results and error classes (after JuiceFS's random tests)."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from collections.abc import Iterator
@@ -80,8 +81,6 @@ class EngineContract:
         """A commit's rows go by the driver's bulk path (executemany; COPY on PostgreSQL): an
         attribute's every byte value, a sealed record with NUL and backslash bytes, an object
         with no seal (NULL) and one with a seal come back as they were sent."""
-        import dataclasses
-
         every = bytes(range(256)) + b"\\N\t\n"
         engine.add_patient_key("P1", b"wrapped")
         plain = dataclasses.replace(_file("/b/plain.dcm", "p"), identity=b"\x00\\x\n" + every,
@@ -93,8 +92,6 @@ class EngineContract:
         assert engine.object_seals([_key("p"), _key("s")]) == {_key("s"): "00ff:1.2.3"}
 
     def test_identified_sizes_survive_an_upgrade(self, engine: MetaEngine) -> None:
-        import dataclasses
-
         import sqlalchemy as sa
 
         engine.add_patient_key("P1", b"wrapped")
@@ -413,6 +410,23 @@ class EngineContract:
             engine.stat("/x/new4")
         assert [s.path for s in engine.readdir("/x/old")] == ["/x/old/a.dcm", "/x/old/b.dcm"]
         assert engine.stat("/x").nlink == 5 and engine._read(engine._dir_paths) == learnt
+
+    def test_a_commit_larger_than_one_statement_gives_every_entry_its_own_inode(self, engine: MetaEngine) -> None:
+        """New inodes go in as multi-row INSERTs of at most 3,333 rows each, their ids matched
+        back by (parent, name): in a commit of 3,500 files over 3,400 new directories, every
+        file and directory gets a distinct inode, its own name, size and place."""
+        assert isinstance(engine, SqlEngine)
+        files = [_file(f"/big/d{i % 3400:04d}/f{i:04d}.dcm", str(i)) for i in range(3500)]
+        files = [dataclasses.replace(f, size=i + 1) for i, f in enumerate(files)]
+        stats, _ = engine.create_files(files)
+        assert len({s.ino for s in stats}) == 3500
+        assert [(s.path, s.size) for s in stats] == [(f.path, f.size) for f in files]
+        again = {s.path: s for s in (engine.stat(f.path) for f in files)}
+        assert all(again[s.path].ino == s.ino and again[s.path].size == s.size for s in stats)
+        dirs = engine.readdir("/big")
+        assert len(dirs) == 3400 and len({d.ino for d in dirs} | {s.ino for s in stats}) == 6900
+        assert [s.path for s in engine.readdir("/big/d0007")] == ["/big/d0007/f0007.dcm", "/big/d0007/f3407.dcm"]
+        assert engine.stat("/big").nlink == 2 + 3400
 
     def test_the_replicas_question_reads_only_directories_that_have_an_answer(self, engine: MetaEngine) -> None:
         import sqlalchemy as sa
