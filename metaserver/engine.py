@@ -38,6 +38,9 @@ def norm_path(path: str) -> str:
         raise errors.UsageError(f"namespace paths are absolute, got {path!r}.")
     if len(path) > MAX_PATH or "\0" in path:
         raise errors.UsageError("the path is too long or contains a NUL byte.")
+    if path.isascii() and "//" not in path and "/." not in path and path[-1] != "/" \
+            and max(map(len, path.split("/"))) <= MAX_NAME:
+        return path            # normal already (a commit's every path, as clients send them)
     parts = [p for p in path.split("/") if p and p != "."]
     if ".." in parts:
         raise errors.UsageError(f"'..' is not allowed in namespace paths: {path!r}.")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -531,6 +531,38 @@ class EngineContract:
                 engine.stat(bad)
         with pytest.raises(errors.UsageError):
             engine.rmdir("/")
+
+
+def _norm_path_by_parts(path: str) -> str:
+    """norm_path as it reads every path, by its parts (the shortcut for normal paths aside)."""
+    from metaserver.engine import MAX_NAME, MAX_PATH
+
+    if not path.startswith("/"):
+        raise errors.UsageError("relative")
+    if len(path) > MAX_PATH or "\0" in path:
+        raise errors.UsageError("long or NUL")
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts or any(len(p.encode()) > MAX_NAME for p in parts):
+        raise errors.UsageError("'..' or a long name")
+    return "/" + "/".join(parts)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from(["/", ".", "..", "a", "b.dcm", "\u00e9", "\0", "x" * 120, "y" * 255, "\u20ac" * 80]),
+                max_size=8))
+def test_norm_path_takes_normal_paths_as_they_are_and_normalises_or_refuses_the_rest(pieces: list[str]) -> None:
+    from metaserver.engine import norm_path
+
+    path = "/" + "".join(pieces)
+    try:
+        want: str | type[Exception] = _norm_path_by_parts(path)
+    except errors.UsageError:
+        want = errors.UsageError
+    if want is errors.UsageError:
+        with pytest.raises(errors.UsageError):
+            norm_path(path)
+    else:
+        assert norm_path(path) == want
 
 
 def test_the_set_rows_kept_in_memory_are_bounded_by_rows() -> None:
