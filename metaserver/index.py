@@ -134,6 +134,11 @@ def _numbers(texts: list[str]) -> list[float | None]:
     if _MISS in nums:
         for i in itertools.compress(range(len(nums)), map(operator.is_, nums, itertools.repeat(_MISS))):
             text = texts[i]
+            if text.count(".") > 1:
+                # Never a number (number() reads one '.' at most): a UID, new in every header,
+                # which would only churn the memo.
+                nums[i] = None
+                continue
             num = xpath_number(text)
             if len(text) <= 64:
                 if len(numbers) >= 50_000:

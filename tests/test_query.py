@@ -516,24 +516,26 @@ def test_index_numbers_are_xpath_numbers(text: str) -> None:
 def test_index_header_numbers_from_its_memo_are_the_conversions() -> None:
     """index_header remembers number() of short values it has seen; a value met again (in the
     same header, a later one, or after the memo was cleared) gets the same number, and a long
-    value is converted each time without entering the memo."""
+    value is converted each time without entering the memo, as is a value with two dots (a UID)."""
     from metaserver import index
 
     long_number = "1" * 70
     xml = ("<DicomHeader><SliceThickness>2.5</SliceThickness><KVP> 120 </KVP>"
            "<Modality>CT</Modality><ImagePositionPatient>-0.5</ImagePositionPatient>"
            "<ImagePositionPatient>1e3</ImagePositionPatient>"
-           f"<PatientWeight>{long_number}</PatientWeight></DicomHeader>").encode()
+           f"<PatientWeight>{long_number}</PatientWeight><StudyInstanceUID>1.2.840.5</StudyInstanceUID>"
+           "<KVP>1.5.</KVP></DicomHeader>").encode()
     index._NUMBERS.clear()
     first = index.index_header(xml).rows
     assert "2.5" in index._NUMBERS and long_number not in index._NUMBERS
+    assert "1.2.840.5" not in index._NUMBERS          # a UID is never a number, nor met again
     again = index.index_header(xml).rows                    # every number now from the memo
     index._NUMBERS.clear()
     cleared = index.index_header(xml).rows
     assert first == again == cleared
     nums = {text: num for _, text, num, _, _ in first}
     assert nums == {"2.5": 2.5, " 120 ": 120.0, "CT": None, "-0.5": -0.5, "1e3": 1000.0,
-                    long_number: float(long_number), "": None}
+                    long_number: float(long_number), "": None, "1.2.840.5": None, "1.5.": None}
     assert all(num == index.xpath_number(text) for text, num in nums.items() if text)
 
 
