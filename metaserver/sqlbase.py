@@ -120,6 +120,11 @@ class SetRows:
         self._rows += n
 
 
+def _quoted(columns: tuple[str, ...]) -> str:
+    """Column names for a statement written by hand (_bulk, _bulk_returning)."""
+    return ", ".join(f'"{c}"' for c in columns)
+
+
 def stat_of(path: str, row: Any) -> Stat:
     return Stat(path=path, ino=row.id, is_dir=bool(row.is_dir), mode=row.mode, size=row.size,
                 mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
@@ -361,7 +366,7 @@ class SqlBase:
         of the small ones; the values must already be what the columns store."""
         if not rows:
             return
-        names = ", ".join(f'"{c}"' for c in columns)
+        names = _quoted(columns)
         if self.is_sqlite or conflict:
             mark = "?" if self.is_sqlite else "%s"
             conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({', '.join([mark] * len(columns))}) "
@@ -379,8 +384,8 @@ class SqlBase:
         own multi-row path handled each row's parameters in Python (~10 us a new inode)."""
         mark = "?" if self.is_sqlite else "%s"
         one = "(" + ", ".join([mark] * len(columns)) + ")"
-        head = f"INSERT INTO {table} ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in columns)}) VALUES "
-        tail = " RETURNING " + ", ".join(f'"{c}"' for c in returning)
+        head = f"INSERT INTO {table} ({_quoted(columns)}) VALUES "
+        tail = f" RETURNING {_quoted(returning)}"
         per = 30_000 // len(columns)                # SQLite binds at most 32,766 values a statement
         out: list[Any] = []
         for i in range(0, len(rows), per):
