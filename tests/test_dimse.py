@@ -285,9 +285,9 @@ def test_the_gateway_keeps_no_descriptor_per_instance(node: Node, tmp_path: Path
     assert open_fds() <= before + 4
 
 
-def _stream(node: Node, sources: list[Path], every_s: float) -> int:
+def _stream(node: Node, sources: list[Path], every_s: float) -> tuple[int, float]:
     """C-STORE ``sources`` in one association, one every ``every_s``; the instances the spool
-    held when the last was acknowledged."""
+    held when the last was acknowledged, and the longest time between two acknowledgements."""
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -295,11 +295,14 @@ def _stream(node: Node, sources: list[Path], every_s: float) -> int:
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DGF")
     assert assoc.is_established
+    acks: list[float] = []
     try:
         for src in sources:
             assert assoc.send_c_store(pydicom.dcmread(src)).Status == 0x0000
+            acks.append(time.monotonic())
             time.sleep(every_s)
-        return len(list((node.spool / "incoming").glob("*/*.dcm")))
+        gap = max((b - a for a, b in zip(acks, acks[1:])), default=0.0)
+        return len(list((node.spool / "incoming").glob("*/*.dcm"))), gap
     finally:
         assoc.release()
 
@@ -307,17 +310,26 @@ def _stream(node: Node, sources: list[Path], every_s: float) -> int:
 def test_uploads_wait_while_a_modality_sends_but_no_longer_than_defer_upload_s(node: Node, tmp_path: Path) -> None:
     # Upload beside a sending association and both share the CPU: its acknowledgements slow
     # down.  So the spool holds what arrives until the association is quiet ...
-    sources = corpus.fresh_instances(tmp_path / "busy", 40)
+    from dgf.dimse import GATHER_S
+
+    sources = corpus.fresh_instances(tmp_path / "busy", 80)
     node.drained()
-    # One every 0.05 s: the spool is quiet after 0.25 s without an instance (GATHER_S), and on a
-    # loaded machine a 0.1 s pause plus one slow C-STORE once came close enough to cross it.
-    assert _stream(node, sources[:20], 0.05) >= 18
-    node.drained(timeout=30)
+    # One every 0.05 s: the spool is quiet after 0.25 s without an instance (GATHER_S).  On a
+    # loaded machine one slow C-STORE can leave a longer gap, after which the spool rightly
+    # sends what it holds; such a run proves nothing, and the stream is tried again (three
+    # times at most) until the sender kept every gap well inside GATHER_S.
+    for attempt in range(3):
+        held, gap = _stream(node, sources[20 * attempt:20 * attempt + 20], 0.05)
+        node.drained(timeout=30)
+        if gap < 0.8 * GATHER_S:
+            break
+    assert gap < 0.8 * GATHER_S, f"the sender paused {gap:.2f} s in each of three streams"
+    assert held >= 18
     # ... but not past defer_upload_s: a modality that never pauses still sees its instances
     # archived while it sends.
     eager = Node(node.fed, node.dest_port, name="eager", extra="defer_upload_s = 1\n")
     try:
-        assert _stream(eager, sources[20:], 0.1) < 15
+        assert _stream(eager, sources[60:], 0.1)[0] < 15
         eager.drained()
     finally:
         eager.stop()
