@@ -221,7 +221,8 @@ class HeaderIndexStore(SqlBase):
                 if not top.is_dir:
                     query = query.where(inodes.c.id == top.id)
                 elif root != "/":
-                    allowed = {i for i, p in dirs.items() if p == root or p.startswith(root + "/")}
+                    with self._dirs_lock:            # the map may be growing (_add_dirs)
+                        allowed = {i for i, p in dirs.items() if p == root or p.startswith(root + "/")}
                 rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
                     query.order_by(inodes.c.id))
                 for row in rows:
