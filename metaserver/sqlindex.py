@@ -222,7 +222,8 @@ class HeaderIndexStore(SqlBase):
                     query = query.where(inodes.c.id == top.id)
                 elif root != "/":
                     with self._dirs_lock:            # the map may be growing (_add_dirs)
-                        allowed = {i for i, p in dirs.items() if p == root or p.startswith(root + "/")}
+                        every = dict(dirs)           # a copy in C: the lock is held briefly
+                    allowed = {i for i, p in every.items() if p == root or p.startswith(root + "/")}
                 rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
                     query.order_by(inodes.c.id))
                 for row in rows:
