@@ -16,9 +16,10 @@ Each run makes ``--files`` fresh small CT files (39 KB, ``bench/synth.py``) and,
 CPU seconds are the client's (with its children) plus every server process's over the same
 interval (dgf: metaserver and both sites; Orthanc: itself), from ``wait4`` and ``/proc``: they
 hold on a busy machine where wall time does not.  Prints one JSON object; medians of the runs,
-dgf's ingest also split by process, and the kernel CPU this machine charges to create one empty
-file in the work directory, before and after the runs (a floor under every per-file figure
-that writes files: dgf stores two copies, Orthanc one, and each download writes one).
+dgf's ingest and download also split by process, and the kernel CPU this machine charges to
+create one empty file in the work directory, before and after the runs (a floor under every
+per-file figure that writes files: dgf stores two copies, Orthanc one, and each download
+writes one).
 
 On this project's VM that cost moves between 0.02 and 0.8 ms from one directory to another of
 the same ext4, and over minutes in the same one (/tmp, /var/tmp, /home took turns): ``--dir``
@@ -100,7 +101,7 @@ def main() -> None:
     client.write_text(ORTHANC_CLIENT)
     pids = local.pids(fed.root)
     servers = list(pids.values())
-    split: dict[str, list[float]] = {k: [] for k in ("client", *pids)}
+    split: dict[str, dict[str, list[float]]] = {w: {k: [] for k in ("client", *pids)} for w in ("up", "down")}
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("dgf up", "dgf down", "Orthanc up", "Orthanc down")}
     n = args.files
     try:
@@ -110,12 +111,16 @@ def main() -> None:
             src = synth.small_corpus(work / f"src{run}", n, seed=900 + run)
             listing = work / f"files{run}.txt"
             listing.write_text("\n".join(map(str, src)))
-            before = {k: measure.cpu_of(p) for k, p in pids.items()}
-            up = measure.run([str(BIN / "dgf_up"), str(src[0].parent), "--to", f"/run{run}", "-r"], env, servers)
-            spent = {k: measure.cpu_of(p) - before[k] for k, p in pids.items()}
-            for k, v in {"client": up.cpu - sum(spent.values()), **spent}.items():
-                split[k].append(v)
-            down = measure.run([str(BIN / "dgf_down"), f"/run{run}", "-o", str(work / f"down{run}")], env, servers)
+            commands = {"up": [str(BIN / "dgf_up"), str(src[0].parent), "--to", f"/run{run}", "-r"],
+                        "down": [str(BIN / "dgf_down"), f"/run{run}", "-o", str(work / f"down{run}")]}
+            done = {}
+            for what, command in commands.items():
+                before = {k: measure.cpu_of(p) for k, p in pids.items()}
+                done[what] = measure.run(command, env, servers)
+                spent = {k: measure.cpu_of(p) - before[k] for k, p in pids.items()}
+                for k, v in {"client": done[what].cpu - sum(spent.values()), **spent}.items():
+                    split[what][k].append(v)
+            up, down = done["up"], done["down"]
             ids = work / f"ids{run}.txt"
             oup = measure.run([sys.executable, str(client), "up", str(port), str(listing), str(ids),
                                str(args.orthanc_connections)], None,
@@ -142,7 +147,9 @@ def main() -> None:
         out[f"{what}: CPU ms per file, dgf / Orthanc / ratio"] = [round(d[1] / n * 1000, 2), round(o[1] / n * 1000, 2),
                                                                round(d[1] / o[1], 2)]
         out[f"{what}: files/s, dgf / Orthanc / ratio"] = [round(n / d[0]), round(n / o[0]), round(o[0] / d[0], 2)]
-    out["dgf up: CPU ms per file by process"] = {k: round(statistics.median(v) / n * 1000, 2) for k, v in split.items()}
+    for what, by_process in split.items():
+        out[f"dgf {what}: CPU ms per file by process"] = {k: round(statistics.median(v) / n * 1000, 2)
+                                                          for k, v in by_process.items()}
     out["kernel CPU ms to create one file here, before / after the runs"] = [round(create_before, 3),
                                                                             round(create_cost, 3)]
     print(json.dumps(out, indent=1))
