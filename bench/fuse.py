@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import socket
@@ -33,6 +32,7 @@ import pydicom  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
 from bench import synth  # noqa: E402
+from bench.measure import save  # noqa: E402
 from dgf import local  # noqa: E402
 from dgf.client import Client  # noqa: E402
 
@@ -195,10 +195,7 @@ def main() -> None:
             ssh.close()
     finally:
         local.down(work / "fed", quiet=True)
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "fuse.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    save("fuse", report)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,8 +1,10 @@
 """How the benchmarks time a command: wall seconds, CPU seconds (the command's, plus what the
-given server processes spent meanwhile) and peak RSS, from ``wait4`` and ``/proc``."""
+given server processes spent meanwhile) and peak RSS, from ``wait4`` and ``/proc``; and how
+they report (``save``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -71,3 +73,11 @@ def create_cost(directory: Path, files: int = 500) -> float:
         return (os.times().system - t0.system) / files * 1000
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def save(name: str, report: dict[str, object]) -> None:
+    """Print a benchmark's report as JSON and keep it as ``bench/out/<name>.json``."""
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))

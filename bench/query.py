@@ -12,8 +12,8 @@ Prints a JSON summary (also written to bench/out/query.json); nothing identifyin
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa  # noqa: E402
 
+from bench.measure import save  # noqa: E402
 from metaserver import query, synthetic  # noqa: E402
 from metaserver.sql import SqlEngine  # noqa: E402
 
@@ -126,12 +127,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-scan", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the SQLite database (6 GB at a million "
+                    "headers) and print where it is; by default it is removed")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dgf-qbench-", dir=os.environ.get("DGF_BENCH_DIR")))
     report: dict[str, object] = {"patients": args.patients, "runs": args.runs}
     print("SQLite", file=sys.stderr)
-    report["sqlite"] = bench_backend(f"sqlite:///{work / 'meta.db'}", "sqlite", args.patients, args.runs,
-                                     not args.no_scan)
+    try:
+        report["sqlite"] = bench_backend(f"sqlite:///{work / 'meta.db'}", "sqlite", args.patients, args.runs,
+                                         not args.no_scan)
+    finally:
+        if args.keep:
+            print(f"kept {work / 'meta.db'}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     if not args.no_postgres:
         from tests.pg import PostgresServer
 
@@ -148,10 +157,7 @@ def main() -> None:
             report["gfarm_style_10k"] = gfarm_style(small, min(args.runs, 5))
         finally:
             pg.stop()
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "query.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    save("query", report)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import os
+import shutil
 import statistics
 import struct
 import sys
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa  # noqa: E402
 
+from bench.measure import save  # noqa: E402
 from metaserver import synthetic  # noqa: E402
 from metaserver.engine import NewFile  # noqa: E402
 from metaserver.index import HEADER_XATTR  # noqa: E402
@@ -141,27 +142,34 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=10000, help="100 headers each (default 10000 = 1M)")
     ap.add_argument("--db", type=Path, help="an archive loaded before (this adds to it); skips the load")
     ap.add_argument("--commits", type=int, default=60, help="200-file commits to time (default 60)")
+    ap.add_argument("--keep", action="store_true", help="keep the database it loads (for --db next time) and "
+                    "print where it is; by default it is removed")
     args = ap.parse_args()
     report: dict[str, Any] = {}
+    work: Path | None = None
     if args.db:
         db = args.db
     else:
-        db = Path(tempfile.mkdtemp(prefix="dgf-scale-", dir=os.environ.get("DGF_BENCH_DIR"))) / "meta.db"
-    engine = SqlEngine(f"sqlite:///{db}")
-    if not args.db:
-        print(f"loading {args.patients * 100} headers into {db}", file=sys.stderr)
-        report["load"] = load(engine, args.patients)
-    seed = int(time.time())
-    print("one commit of 10,000 headers, pages per B-tree", file=sys.stderr)
-    report["commit_10000"] = pages_per_tree(engine, db, seed)
-    print(f"{args.commits} commits of 200 files into new series", file=sys.stderr)
-    report["commit_200"] = upload_commits(engine, args.commits, seed + 1)
-    report["db_bytes"] = db.stat().st_size
-    engine.close()
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+        work = Path(tempfile.mkdtemp(prefix="dgf-scale-", dir=os.environ.get("DGF_BENCH_DIR")))
+        db = work / "meta.db"
+    try:
+        engine = SqlEngine(f"sqlite:///{db}")
+        if not args.db:
+            print(f"loading {args.patients * 100} headers into {db}", file=sys.stderr)
+            report["load"] = load(engine, args.patients)
+        seed = int(time.time())
+        print("one commit of 10,000 headers, pages per B-tree", file=sys.stderr)
+        report["commit_10000"] = pages_per_tree(engine, db, seed)
+        print(f"{args.commits} commits of 200 files into new series", file=sys.stderr)
+        report["commit_200"] = upload_commits(engine, args.commits, seed + 1)
+        report["db_bytes"] = db.stat().st_size
+        engine.close()
+    finally:
+        if work is not None and args.keep:
+            print(f"kept {db}", file=sys.stderr)
+        elif work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    save("scale", report)
 
 
 if __name__ == "__main__":
