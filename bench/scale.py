@@ -1,7 +1,8 @@
 """What a grown archive costs per file: the header index and the namespace at N headers (SQLite).
 
     .venv/bin/python bench/scale.py --patients 10000        # a million headers (~8 min), then measure
-    .venv/bin/python bench/scale.py --db /path/meta.db      # measure an archive loaded before
+    .venv/bin/python bench/scale.py --patients 10000 --keep # the same, keeping the database
+    .venv/bin/python bench/scale.py --db /path/meta.db      # measure a kept database again (adds to it)
     .venv/bin/python bench/scale.py --patients 200          # a quick look at 20,000
 
 Three measurements, printed as one JSON object (also written to bench/out/scale.json):
