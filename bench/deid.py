@@ -44,11 +44,12 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=400)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    corpora = {
-        "CT_small (39 KB)": [p.read_bytes() for p in synth.small_corpus(tmp / "s", args.files * 2, 20)[::2]],
-        "CT 0.5 MB": [p.read_bytes() for p in synth.ct_corpus(tmp / "c", args.files // 4, 10)],
-    }
+    with tempfile.TemporaryDirectory(prefix="dgf-bench-deid-") as where:    # read into memory, then gone
+        tmp = Path(where)
+        corpora = {
+            "CT_small (39 KB)": [p.read_bytes() for p in synth.small_corpus(tmp / "s", args.files * 2, 20)[::2]],
+            "CT 0.5 MB": [p.read_bytes() for p in synth.ct_corpus(tmp / "c", args.files // 4, 10)],
+        }
     profile, keys = Profile(), VaultKeys(os.urandom(64))
     print("| corpus | work | files per CPU second (median) | runs |")
     print("|---|---|---|---|")
