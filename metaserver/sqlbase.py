@@ -492,7 +492,9 @@ class SqlBase:
 
     def _dir_paths(self, conn: Connection) -> dict[int, str]:
         """Every directory's path, built once after each change of the tree (a few ms per
-        10,000), by whichever metaserver process made it (the database keeps the count)."""
+        10,000), by whichever metaserver process made it (the database keeps the count).
+        The map grows in place as this process makes directories (``_add_dirs``): look
+        entries up freely, but iterate over it only under ``_dirs_lock``."""
         version = conn.execute(Q_DIRS_VERSION).scalar()
         with self._dirs_lock:
             dirs = self._dirs
