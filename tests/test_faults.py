@@ -334,13 +334,21 @@ def test_a_site_with_a_skewed_clock(tmp_path: Path, skew: str) -> None:
     try:
         _two_and_one(fed, tmp_path, 3, 1)
 
+        faked: list[int] = []
+
         def restart_site_b(offset: str) -> None:
-            os.kill(_pid(fed, "site-b"), signal.SIGKILL)
+            pid = _pid(fed, "site-b")
+            os.kill(pid, signal.SIGKILL)
             _wait_dead(fed, "site-b")
+            if pid in faked:              # libfaketime's shared memory outlives a killed process
+                for leftover in (f"/dev/shm/faketime_shm_{pid}", f"/dev/shm/sem.faketime_sem_{pid}"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
             saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "FAKETIME", "FAKETIME_DONT_RESET")}
             os.environ.update(LD_PRELOAD=_libfaketime(), FAKETIME=offset, FAKETIME_DONT_RESET="1")
             try:
                 assert local.up(fed.root).started == ("site-b",)
+                faked.append(_pid(fed, "site-b"))
             finally:
                 for k, v in saved.items():
                     if v is None:
