@@ -229,7 +229,12 @@ def test_a_full_cache_disk_fails_no_read(federation: local.Federation, tmp_path:
         assert (m.path / path.lstrip("/")).read_bytes() == want
     finally:
         m.close()
-    assert not list((tmpfs / "mount" / "blocks").glob("*/.*"))     # no half-written block left
+    # The unmount is lazy: the mount process closes its cache (its writer's last, failing
+    # write included) after umount returns.  Once it has, no half-written block is left.
+    deadline = time.monotonic() + 10
+    while list((tmpfs / "mount" / "blocks").glob("*/.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list((tmpfs / "mount" / "blocks").glob("*/.*"))
 
 
 def test_identified_mount_is_for_clinicians(federation: local.Federation, tmp_path: Path) -> None:
