@@ -42,11 +42,15 @@ from metaserver.sqlbase import (
     U_FILE,
     U_MTIME,
     U_NLINK,
+    DirGone,
+    DirMade,
+    DirMoved,
     InodeRow,
     inserted_id,
     join_path,
     slices,
     stat_of,
+    tree_changed,
 )
 from metaserver.sqlindex import HeaderIndexStore
 
@@ -87,8 +91,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         ino = inserted_id(conn.execute(inodes.insert().values(
             parent=parent_id, name=name, is_dir=True, mode=mode, size=0, nlink=2,
             mtime=now, ctime=now)))
-        # Learnt by this process's directory map once committed (SqlBase._add_dirs).
-        conn.info.setdefault("dgf.after", {}).setdefault("new_dirs", []).append((ino, parent_id, name))
+        tree_changed(conn, DirMade(ino, parent_id, name))
         conn.execute(U_NLINK, {"b_id": parent_id, "b_delta": 1, "b_now": now})
         return InodeRow(ino, name, True, mode, 0, 2, now, now, None)
 
@@ -138,11 +141,10 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             got = {(r.parent, r.name): r.id for r in self._bulk_returning(
                 conn, inodes.name, _NEW_INODE, [(pid, name, True, 0o755, 0, 2, now, now, None) for pid, name, _ in new],
                 ("id", "parent", "name"))}
-            made = conn.info.setdefault("dgf.after", {}).setdefault("new_dirs", [])
             for pid, name, path in new:
                 ids[path] = got[pid, name]
                 fresh.add(ids[path])
-                made.append((ids[path], pid, name))     # learnt by the directory map once committed
+            tree_changed(conn, *(DirMade(ids[path], pid, name) for pid, name, path in new))
             conn.execute(U_NLINK, [{"b_id": pid, "b_delta": len(names), "b_now": now}
                                    for pid, names in under.items() if names])
         return {path: ids[path] for path in paths}, fresh
@@ -164,7 +166,6 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat:
         def run(conn: Connection) -> Stat:
-            conn.info.setdefault("dgf.after", {})["dirs"] = True
             if parents:
                 self._make_parents(conn, {path})
                 return stat_of(path, self._looked_up(conn, path))
@@ -177,7 +178,6 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
-            conn.info.setdefault("dgf.after", {})["dirs"] = True
             s = self._resolve(conn, src)
             if (dst + "/").startswith(src + "/"):
                 raise errors.UsageError(f"cannot move {src!r} into itself.")
@@ -196,9 +196,12 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                     if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == existing.id).limit(1)).first():
                         raise errors.DirectoryNotEmpty(f"{dst} is not empty.")
                     conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink - 1))
+                    tree_changed(conn, DirGone(existing.id))
                 self._drop_inode(conn, existing.id)
             conn.execute(inodes.update().where(inodes.c.id == s.id).values(
                 parent=dparent.id, name=dname, ctime=now))
+            if s.is_dir:
+                tree_changed(conn, DirMoved(s.id, dparent.id, dname))
             if s.is_dir and sparent_id != dparent.id:
                 conn.execute(inodes.update().where(inodes.c.id == sparent_id).values(nlink=inodes.c.nlink - 1))
                 conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink + 1))
@@ -251,12 +254,12 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def _do_rmdir(self, path: str) -> None:
         def run(conn: Connection) -> None:
-            conn.info.setdefault("dgf.after", {})["dirs"] = True
             row = self._resolve(conn, path)
             if not row.is_dir:
                 raise errors.NotADirectory(f"{path} is not a directory.")
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == row.id).limit(1)).first():
                 raise errors.DirectoryNotEmpty(f"{path} is not empty.")
+            tree_changed(conn, DirGone(row.id))
             self._drop_inode(conn, row.id)
             parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
@@ -265,7 +268,6 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def _do_rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]:
         def run(conn: Connection) -> tuple[int, dict[str, list[str]]]:
-            conn.info.setdefault("dgf.after", {})["dirs"] = True
             top = self._resolve(conn, path)
             if not top.is_dir:
                 raise errors.NotADirectory(f"{path} is not a directory.")
@@ -286,6 +288,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 dirs.extend(below)
                 frontier = below
             doomed = files + dirs
+            tree_changed(conn, *(DirGone(d) for d in dirs))
             self._unindex(conn, files)
             for part in slices(doomed):
                 conn.execute(xattrs.delete().where(xattrs.c.ino.in_(part)))

@@ -221,7 +221,7 @@ class HeaderIndexStore(SqlBase):
                 if not top.is_dir:
                     query = query.where(inodes.c.id == top.id)
                 elif root != "/":
-                    with self._dirs_lock:            # the map may be growing (_add_dirs)
+                    with self._dirs_lock:            # the map may be growing (_learn_dirs)
                         every = dict(dirs)           # a copy in C: the lock is held briefly
                     allowed = {i for i, p in every.items() if p == root or p.startswith(root + "/")}
                 rows = conn.execution_options(stream_results=True, yield_per=2000).execute(

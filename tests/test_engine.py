@@ -21,6 +21,7 @@ from dgf.types import Principal
 from metaserver import migrate
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.sql import SqlEngine
+from metaserver.sqlbase import Q_DIRS_VERSION
 from tests.pg import PostgresServer
 from tests.test_query import _index_rows
 
@@ -379,6 +380,41 @@ class EngineContract:
             assert {"/q", "/p3", "/p9/s1"} <= paths and "/p1" not in paths
         finally:
             other.close()
+
+    def test_moves_and_removals_join_the_map_without_a_rebuild(self, engine: MetaEngine) -> None:
+        # mkdir, a directory's rename (its subtree with it; over an empty directory too), rmdir and
+        # rm -r are learnt by the process that made them: a rebuild reads every directory in the
+        # database (a second at 250,000, after each of them).  A file's rename leaves the tree.
+        assert isinstance(engine, SqlEngine)
+        engine.create_files([_file("/t/p1/s1/a.dcm", "1"), _file("/t/p1/s2/b.dcm", "2"),
+                             _file("/t/p2/s1/c.dcm", "3")])
+        engine._read(engine._dir_ids)
+        steps = [
+            (lambda: engine.mkdir("/t/p3"), {"/t/p3"}, set()),
+            (lambda: engine.mkdir("/t/p4/s9", parents=True), {"/t/p4", "/t/p4/s9"}, set()),
+            (lambda: engine.rename("/t/p1", "/t/p3/moved"), {"/t/p3/moved", "/t/p3/moved/s1", "/t/p3/moved/s2"},
+             {"/t/p1", "/t/p1/s1", "/t/p1/s2"}),
+            (lambda: engine.rename("/t/p2", "/t/p4/s9"), {"/t/p4/s9/s1"}, {"/t/p2", "/t/p2/s1"}),
+            (lambda: engine.mkdir("/t/e"), {"/t/e"}, set()),
+            (lambda: engine.rmdir("/t/e"), set(), {"/t/e"}),
+            (lambda: engine.rmtree("/t/p3"), set(), {"/t/p3", "/t/p3/moved", "/t/p3/moved/s1", "/t/p3/moved/s2"}),
+        ]
+        expected = {"/", "/t", "/t/p1", "/t/p1/s1", "/t/p1/s2", "/t/p2", "/t/p2/s1"}
+        for step, made, gone in steps:
+            step()
+            expected = (expected - gone) | made
+            learnt, inverse = engine._dirs, engine._dir_ids_of
+            assert learnt is not None and inverse is not None and inverse[0] is learnt   # learnt, not dropped
+            assert set(learnt.values()) == expected and inverse[1] == {p: i for i, p in learnt.items()}
+            engine._dirs = None
+            assert engine._read(engine._dir_paths) == learnt                   # what a rebuild finds
+            engine._read(engine._dir_ids)
+        assert engine.stat("/t/p4/s9/s1/c.dcm").size == 1
+        version = engine._read(lambda conn: conn.execute(Q_DIRS_VERSION).scalar())
+        held = engine._dirs
+        engine.rename("/t/p4/s9/s1/c.dcm", "/t/p4/s9/d.dcm")
+        assert engine._read(lambda conn: conn.execute(Q_DIRS_VERSION).scalar()) == version
+        assert engine._dirs is held and engine.stat("/t/p4/s9/d.dcm").size == 1
 
     def test_the_map_learns_new_directories_in_place_while_readers_walk_it(self, engine: MetaEngine) -> None:
         # Learning a commit's directories costs what the commit made, not a copy of the whole map
@@ -846,6 +882,46 @@ class NamespaceModel(RuleBasedStateMachine):
                 del self.model[p]
             for p, k in moved.items():
                 self.model[dst + p[len(src):]] = k
+
+    @rule(path=PATHS)
+    def rmtree(self, path: str) -> None:
+        kind = self.model.get(path)
+        err = self._parent_error(path) or (errors.NotFound if kind is None else
+                                            errors.NotADirectory if kind == "f" else None)
+        if self._expect(lambda: self.engine.rmtree(path), err):
+            for p in [p for p in self.model if p == path or p.startswith(path + "/")]:
+                del self.model[p]
+
+    @rule(data=st.data())
+    def move_or_remove_what_exists(self, data: st.DataObject) -> None:
+        # Drawn from the paths the model holds (directories, mostly): random paths rarely name
+        # a directory to move, and moves are what the directory map must learn right.
+        existing = sorted(p for p in self.model if p != "/")
+        dirs = [p for p in existing if self.model[p] == "d"]
+        if not existing:
+            return
+        action = data.draw(st.sampled_from(["rename", "rename", "rename", "rmtree", "rmdir"]))
+        src = data.draw(st.sampled_from(dirs if dirs and action != "rmtree" else existing))
+        if action == "rename":                   # to a name in a directory that exists
+            into = data.draw(st.sampled_from(["/", *dirs]))
+            self.rename(src, ("" if into == "/" else into) + "/" + data.draw(NAMES))
+        else:
+            getattr(self, action)(src)
+
+    @invariant()
+    def map_is_what_a_rebuild_finds(self) -> None:
+        # The directory map learns each committed change of the tree instead of being rebuilt
+        # (SqlBase._learn_dirs); what it learnt, and its inverse, must be what a rebuild reads.
+        if not hasattr(self, "engine"):
+            return
+        held, held_ids, version = self.engine._dirs, self.engine._dir_ids_of, self.engine._dirs_version
+        if held is None:
+            return
+        self.engine._dirs = None
+        assert self.engine._read(self.engine._dir_paths) == held
+        if held_ids is not None and held_ids[0] is held:
+            assert held_ids[1] == {p: i for i, p in held.items()}
+        self.engine._dirs, self.engine._dir_ids_of, self.engine._dirs_version = held, held_ids, version
 
     @invariant()
     def same_tree(self) -> None:
