@@ -42,6 +42,20 @@ replicas = sa.Table(
     sa.Column("site", sa.String, primary_key=True),
     sa.Column("state", sa.String, nullable=False),
 )
+#: The directory tree's changes, filed under the tree version each commit moved it to (the
+#: settings row ``ns.dirs_version``): another metaserver process over this database replays them
+#: into its directory map instead of rebuilding the map from every directory (sqlbase).  Kind
+#: ``m``ade and ``v`` (moved) name the directory's new parent and name; ``g``one neither.  Only
+#: the last versions are kept (sqlbase.DIR_CHANGES_KEPT); a map older than those is rebuilt.
+dir_changes = sa.Table(
+    "dir_changes", metadata,
+    sa.Column("version", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("kind", sa.String(1), nullable=False),
+    sa.Column("ino", sa.Integer, nullable=False),
+    sa.Column("parent", sa.Integer, nullable=True),
+    sa.Column("name", sa.String, nullable=True),
+)
 xattrs = sa.Table(
     "xattrs", metadata,
     sa.Column("ino", sa.Integer, primary_key=True),

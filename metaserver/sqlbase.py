@@ -30,6 +30,7 @@ from metaserver.schema import (
     AUDIT_HEAD,
     audit_hash,
     audit_t,
+    dir_changes,
     identities,
     inodes,
     metadata,
@@ -43,6 +44,10 @@ T = TypeVar("T")
 _FULL_LOG = RefusalLog(logging.getLogger("dgf.metaserver"))
 #: The settings row counting changes of the directory tree (see SqlEngine._bump_dirs).
 DIRS_VERSION = "ns.dirs_version"
+#: The tree versions whose changes are kept (dir_changes) for other processes to replay; a map
+#: further behind is rebuilt.  Older ones are removed every DIR_CHANGES_PRUNE versions.
+DIR_CHANGES_KEPT = 1000
+DIR_CHANGES_PRUNE = 100
 ROOT = 1
 
 STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
@@ -85,6 +90,9 @@ class InodeRow(NamedTuple):
 # updates cost more than SQLite executing them (a step of a path walk: 82 us built, 18 us here).
 Q_ROOT = sa.select(*STAT_COLS).where(inodes.c.id == ROOT)
 Q_DIRS_VERSION = sa.select(settings_t.c.value).where(settings_t.c.name == DIRS_VERSION)
+Q_DIR_CHANGES = sa.select(dir_changes).where(
+    dir_changes.c.version > sa.bindparam("b_since"), dir_changes.c.version <= sa.bindparam("b_upto")
+).order_by(dir_changes.c.version, dir_changes.c.seq)
 Q_CHILD = sa.select(*STAT_COLS).where(inodes.c.parent == sa.bindparam("b_parent"),
                                         inodes.c.name == sa.bindparam("b_name"))
 Q_CHILDREN_NAMED = sa.select(*STAT_COLS).where(
@@ -176,16 +184,22 @@ def tree_changed(conn: Connection, *changes: TreeChange) -> None:
     conn.info.setdefault("dgf.after", {}).setdefault("tree", []).extend(changes)
 
 
-def _made(dirs: dict[int, str], made: list[DirMade]) -> dict[int, str] | None:
-    """The paths of directories made (parents before their children) under those of ``dirs``,
-    or None when one's parent is unknown."""
-    learnt: dict[int, str] = {}
-    for ino, parent, name in made:
-        base = learnt.get(parent) or dirs.get(parent)
-        if base is None:
-            return None
-        learnt[ino] = join_path(base, name)
-    return learnt
+def _journal_row(version: int, seq: int, change: TreeChange) -> dict[str, Any]:
+    if isinstance(change, DirGone):
+        return {"version": version, "seq": seq, "kind": "g", "ino": change.ino, "parent": None, "name": None}
+    return {"version": version, "seq": seq, "kind": "m" if isinstance(change, DirMade) else "v",
+            "ino": change.ino, "parent": change.parent, "name": change.name}
+
+
+def _journalled(row: Any) -> TreeChange:
+    if row.kind == "g":
+        return DirGone(row.ino)
+    return (DirMade if row.kind == "m" else DirMoved)(row.ino, row.parent, row.name)
+
+
+def _count(value: Any) -> int | None:
+    """The tree's version as stored (a string of digits), as a number."""
+    return int(value) if value is not None and str(value).isdigit() else None
 
 
 def _apply(dirs: dict[int, str], ids: dict[str, int] | None, changes: list[TreeChange]) -> bool:
@@ -252,7 +266,7 @@ class SqlBase:
         self._set_rows = SetRows()                   # committed series sets' rows (sqlindex)
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path (_dir_paths, _learn_dirs)
-        self._dirs_version: str | None = None        # the database's DIRS_VERSION it was built at
+        self._dirs_version: int | None = None        # the database's DIRS_VERSION it is at
         self._dir_ids_of: tuple[dict[int, str], dict[str, int]] | None = None
         self._dirs_lock = threading.Lock()           # learning tree changes (_learn_dirs)
         now = time.time()
@@ -265,6 +279,9 @@ class SqlBase:
                 if root != ROOT:
                     raise errors.ServerError(f"the database gave the root directory id {root}, not {ROOT}; "
                                              "use an empty database.")
+            # The tree's version exists before any change: each change then moves it by an UPDATE,
+            # whose row lock puts concurrent changes in order (_bump_dirs).
+            conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "0"}])
 
     @staticmethod
     def _legacy_schema(conn: Connection) -> None:
@@ -387,15 +404,15 @@ class SqlBase:
                     self._audit_in(conn, conn.info.get("dgf.released"))
                     version = None
                     if conn.info.get("dgf.after", {}).get("tree"):
-                        version = self._bump_dirs(conn)
+                        version = self._bump_dirs(conn, conn.info["dgf.after"]["tree"])
                     after = conn.info.pop("dgf.after", {})
                 self._local.audit = None         # written once, with the first transaction
                 # Committed: now in-process caches may learn what the transaction did.
                 self._key_ids.update(after.get("keys", {}))
                 self._multi.update(after.get("multi", ()))
                 self._set_rows.add(after.get("sets", {}))
-                if after.get("tree"):
-                    self._learn_dirs(after["tree"], version)
+                if after.get("tree") and version is not None:
+                    self._learn_dirs(after["tree"], version - 1, version)
                 return result
             except (OperationalError, DBAPIError) as exc:
                 if self._full(exc):
@@ -521,70 +538,86 @@ class SqlBase:
                 cached = self._dir_ids_of = (dirs, {p: i for i, p in dirs.items()})
         return cached[1]
 
-    def _bump_dirs(self, conn: Connection) -> str | None:
-        """Count a change of the directory tree in the database, in the transaction that makes
-        it: every metaserver process over this database rebuilds its directory map when the
-        count moves, not only the one that made the change.  Returns the new count."""
+    def _bump_dirs(self, conn: Connection, changes: list[TreeChange]) -> int | None:
+        """Count a change of the directory tree in the database and file ``changes`` under the
+        new count, in the transaction that makes them: every metaserver process over this
+        database sees the count move and replays the changes into its directory map
+        (``_dir_paths``).  Returns the new count (None if the stored one is not a number)."""
         value = conn.execute(settings_t.update().where(settings_t.c.name == DIRS_VERSION).values(
             value=sa.cast(sa.cast(settings_t.c.value, sa.BigInteger) + 1, sa.String))
             .returning(settings_t.c.value)).scalar()
-        if value is None:
-            conn.execute(self._insert_ignore(settings_t), [{"name": DIRS_VERSION, "value": "1"}])
-            return "1"
-        return str(value)
+        if value is None or not str(value).isdigit():
+            return None
+        version = int(value)
+        conn.execute(dir_changes.insert(), [_journal_row(version, seq, c) for seq, c in enumerate(changes)])
+        if version % DIR_CHANGES_PRUNE == 0:
+            conn.execute(dir_changes.delete().where(dir_changes.c.version <= version - DIR_CHANGES_KEPT))
+        return version
 
-    def _learn_dirs(self, changes: list[TreeChange], version: str | None) -> None:
-        """A committed transaction's changes of the directory tree, in order, committed as tree
-        version ``version``: when the map this process holds was built at the version right
-        before, it learns them instead of being rebuilt from every directory in the database
-        (a rebuild costs ~4 us a directory: a second at 250,000, after every mkdir, rmdir or
-        directory rename on the mount).  Otherwise, or when a change names a directory the map
-        does not hold, the map is dropped and rebuilt when next needed.
+    def _learn_dirs(self, changes: list[TreeChange], since: int, version: int) -> bool:
+        """Changes of the directory tree committed from tree version ``since`` to ``version``,
+        in order: when the map this process holds is at ``since``, it learns them instead of
+        being rebuilt from every directory in the database (~4 us a directory: a second at
+        250,000, after every mkdir, rmdir or directory rename on the mount).  A map at
+        ``version`` or later has them already (a reader replayed them first); one further
+        behind is left for the next lookup to replay (``_dir_paths``).  A change naming a
+        directory the map does not hold drops the map.  Returns whether the map has them.
 
-        New directories join the map in place, under ``_dirs_lock``: an upload into new series
-        makes some in most of its commits, and copying the map to learn them cost 17.5 ms of a
-        200-file commit at 240,000 directories.  A map only ever gains true entries that way (a
-        reader may meet a directory its transaction does not see yet, which its query then does
-        not find).  A removal or a move is learnt on copies of the map and its inverse, which
-        then replace them (a few ms at 250,000): a reader holding the old map keeps a
-        consistent one.  Whatever iterates over a map holds the lock."""
+        Directories made or removed are learnt in place, under ``_dirs_lock``: an upload into new
+        series makes some in most of its commits, ``rm -r`` on the mount removes them one by
+        one, and copying the map cost 17.5 ms of a 200-file commit at 240,000 directories.  A
+        reader may then meet a directory its transaction does not see yet, which its query does
+        not find, or miss one it still sees, which it then looks up from the root.  A move is
+        learnt on copies of the map and its inverse, which then replace them (30-50 ms at
+        130,000 directories): a reader holding the old map keeps every path as it was, not
+        some moved and some not.  Whatever iterates over a map holds the lock."""
         with self._dirs_lock:
-            dirs, built = self._dirs, self._dirs_version or "0"   # no count yet: none made
-            if dirs is None or version is None or not built.isdigit() or \
-                    not version.isdigit() or int(version) != int(built) + 1:
-                self._dirs = None                  # another process changed the tree meanwhile
-                return
+            dirs, built = self._dirs, self._dirs_version
+            if dirs is None or built is None or built < since:
+                return False
+            if built >= version:
+                return True
+            if built != since:
+                return False
             cached = self._dir_ids_of
             ids = cached[1] if cached is not None and cached[0] is dirs else None
-            made = [c for c in changes if isinstance(c, DirMade)]
-            if len(made) == len(changes):
-                learnt = _made(dirs, made)
-                if learnt is None:
-                    self._dirs = None
-                    return
-                dirs.update(learnt)
-                if ids is not None:
-                    ids.update({p: i for i, p in learnt.items()})
-            else:
+            moves = any(isinstance(c, DirMoved) for c in changes)
+            if moves:
                 dirs, ids = dict(dirs), dict(ids) if ids is not None else None
-                if not _apply(dirs, ids, changes):
-                    self._dirs = None
-                    return
+            if not _apply(dirs, ids, changes):
+                self._dirs = None
+                return False
+            if moves:
                 self._dirs = dirs
                 self._dir_ids_of = (dirs, ids) if ids is not None else None
             self._dirs_version = version
+            return True
 
     def _dir_paths(self, conn: Connection) -> dict[int, str]:
-        """Every directory's path, built when first needed and again after another metaserver
-        process over this database changes the tree (the database keeps the count; ~4 us a
-        directory).  This process's own changes are learnt instead (``_learn_dirs``), and the
-        map grows in place as it makes directories: look entries up freely, but iterate over it
-        only under ``_dirs_lock``."""
-        version = conn.execute(Q_DIRS_VERSION).scalar()
+        """Every directory's path.  Built when first needed (~4 us a directory); after that this
+        process learns its own changes of the tree as it commits them (``_learn_dirs``) and
+        replays other processes' from ``dir_changes`` when the database's count of changes has
+        moved; a map more than ``DIR_CHANGES_KEPT`` changes behind is rebuilt.  The map grows in
+        place as directories are made: look entries up freely, but iterate over it only under
+        ``_dirs_lock``."""
+        version = _count(conn.execute(Q_DIRS_VERSION).scalar())
         with self._dirs_lock:
-            dirs = self._dirs
-            if dirs is not None and version == self._dirs_version:
-                return dirs
+            dirs, built = self._dirs, self._dirs_version
+        if dirs is not None and version == built:
+            return dirs
+        if dirs is not None and built is not None and version is not None and 0 < version - built <= DIR_CHANGES_KEPT:
+            rows = conn.execute(Q_DIR_CHANGES, {"b_since": built, "b_upto": version}).all()
+            # Every version in between, or none replayed: older ones were removed, or written
+            # by a dgf that kept none.
+            if {r.version for r in rows} == set(range(built + 1, version + 1)) and \
+                    self._learn_dirs([_journalled(r) for r in rows], built, version):
+                with self._dirs_lock:
+                    if self._dirs is not None and self._dirs_version == version:
+                        return self._dirs
+        return self._rebuilt_dirs(conn, version)
+
+    def _rebuilt_dirs(self, conn: Connection, version: int | None) -> dict[int, str]:
+        """The directory map read from every directory in the database, filed under ``version``."""
         # Read after the version: the map is never older than the version it is filed under.
         links = {r.id: (r.parent, r.name) for r in conn.execute(
             sa.select(inodes.c.id, inodes.c.parent, inodes.c.name).where(inodes.c.is_dir.is_(True)))}

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -20,6 +21,7 @@ from dgf import errors
 from dgf.types import Principal
 from metaserver import migrate
 from metaserver.engine import MetaEngine, NewFile
+from metaserver.schema import dir_changes
 from metaserver.sql import SqlEngine
 from metaserver.sqlbase import Q_DIRS_VERSION
 from tests.pg import PostgresServer
@@ -416,6 +418,55 @@ class EngineContract:
         assert engine._read(lambda conn: conn.execute(Q_DIRS_VERSION).scalar()) == version
         assert engine._dirs is held and engine.stat("/t/p4/s9/d.dcm").size == 1
 
+    def test_another_process_replays_tree_changes_and_rebuilds_only_past_what_is_kept(
+            self, engine: MetaEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Several metaserver processes may serve one database.  Each files its changes of the tree
+        # under the version they move it to; the others replay them into their maps instead of
+        # rebuilding from every directory, unless the changes they missed are no longer kept.
+        from metaserver import sqlbase
+
+        assert isinstance(engine, SqlEngine)
+        other = SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
+        rebuilds: list[int | None] = []
+        rebuilt = other._rebuilt_dirs
+
+        def counted(conn, version):  # type: ignore[no-untyped-def]
+            rebuilds.append(version)
+            return rebuilt(conn, version)
+
+        monkeypatch.setattr(other, "_rebuilt_dirs", counted)
+        try:
+            engine.create_files([_file("/r/p1/s1/a.dcm", "1"), _file("/r/p1/s2/b.dcm", "2")])
+            assert other.stat("/r/p1/s1/a.dcm").size == 1 and len(rebuilds) == 1
+            engine.create_files([_file("/r/p2/s1/c.dcm", "3")])
+            engine.mkdir("/r/p3")
+            engine.rename("/r/p1", "/r/p3/moved")
+            engine.mkdir("/r/e")
+            engine.rmdir("/r/e")
+            engine.rmtree("/r/p2")
+            engine.rename("/r/p3/moved/s2/b.dcm", "/r/p3/moved/s2/d.dcm")   # a file: no change of the tree
+            assert other.stat("/r/p3/moved/s2/d.dcm").size == 1 and len(rebuilds) == 1
+            for gone in ("/r/p1/s1/a.dcm", "/r/p2", "/r/e"):
+                with pytest.raises(errors.NotFound):
+                    other.stat(gone)
+            assert set(other._read(other._dir_ids)) == {"/", "/r", "/r/p3", "/r/p3/moved", "/r/p3/moved/s1",
+                                                         "/r/p3/moved/s2"}
+            assert len(rebuilds) == 1 and other._read(other._dir_ids) == engine._read(engine._dir_ids)
+            # Only the last DIR_CHANGES_KEPT versions are kept: a process further behind rebuilds.
+            monkeypatch.setattr(sqlbase, "DIR_CHANGES_KEPT", 3)
+            monkeypatch.setattr(sqlbase, "DIR_CHANGES_PRUNE", 1)
+            for n in range(5):
+                engine.mkdir(f"/r/k{n}")
+            with engine.engine.connect() as conn:
+                kept = conn.execute(sa.select(sa.func.count()).select_from(dir_changes)).scalar()
+            assert kept == 3
+            assert other.stat("/r/k4").is_dir and len(rebuilds) == 2
+            assert other._read(other._dir_ids) == engine._read(engine._dir_ids)
+            engine.mkdir("/r/k5")
+            assert other.stat("/r/k5").is_dir and len(rebuilds) == 2
+        finally:
+            other.close()
+
     def test_the_map_learns_new_directories_in_place_while_readers_walk_it(self, engine: MetaEngine) -> None:
         # Learning a commit's directories costs what the commit made, not a copy of the whole map
         # (a copy was 17.5 ms of a 200-file commit at 240,000 directories); a query under a
@@ -786,10 +837,21 @@ class NamespaceModel(RuleBasedStateMachine):
         if self.url == "postgresql":
             url = _PG[0].create_database(f"model{next(_databases)}")
         self.engine = SqlEngine(url)
+        # A second metaserver process over the same database, which only reads: it replays the
+        # first one's changes of the tree into its directory map, and never rebuilds it.
+        self.other = SqlEngine(url)
+        self.other_rebuilds = 0
+        rebuilt = self.other._rebuilt_dirs
+
+        def counted(conn, version):  # type: ignore[no-untyped-def]
+            self.other_rebuilds += 1
+            return rebuilt(conn, version)
+        self.other._rebuilt_dirs = counted  # type: ignore[method-assign]
         self.model: dict[str, str] = {"/": "d"}
 
     def teardown(self) -> None:
         self.engine.close()
+        self.other.close()
         self.tmp.cleanup()
 
     def _parent(self, path: str) -> str:
@@ -922,6 +984,15 @@ class NamespaceModel(RuleBasedStateMachine):
         if held_ids is not None and held_ids[0] is held:
             assert held_ids[1] == {p: i for i, p in held.items()}
         self.engine._dirs, self.engine._dir_ids_of, self.engine._dirs_version = held, held_ids, version
+
+    @invariant()
+    def another_process_replays_the_changes(self) -> None:
+        if not hasattr(self, "engine"):
+            return
+        ids = self.other._read(self.other._dir_ids)
+        assert set(ids) == {p for p, kind in self.model.items() if kind == "d"}
+        assert ids == self.engine._read(self.engine._dir_ids)
+        assert self.other_rebuilds == 1                     # the first build only
 
     @invariant()
     def same_tree(self) -> None:
