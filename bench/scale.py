@@ -13,7 +13,9 @@ Three measurements, printed as one JSON object (also written to bench/out/scale.
   any checkpoint), and what the process read and wrote per header (``/proc/self/io``), i.e.
   where a grown archive's extra cost goes;
 - commits of 200 files into new series directories, an upload's commit: median ms, and CPU and
-  wall per file including the checkpoints they cause.
+  wall per file including the checkpoints they cause;
+- changes of the namespace one at a time, as a mount makes them (mkdir, rmdir, renames), each
+  with the stat after it, and the stat in this process after another process's change: median ms.
 
 Synthetic headers only (metaserver/synthetic.py): nothing identifying is involved.
 """
@@ -50,8 +52,7 @@ def io_counters() -> dict[str, int]:
 
 
 def cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
+    return time.process_time()
 
 
 def load(engine: SqlEngine, patients: int) -> dict[str, Any]:
@@ -129,11 +130,49 @@ def upload_commits(engine: SqlEngine, commits: int, seed: int) -> dict[str, Any]
             "wall_ms_per_file": round((time.perf_counter() - t0) / files * 1000, 3)}
 
 
+def tree_changes(engine: SqlEngine, runs: int) -> dict[str, Any]:
+    """What a change of the namespace costs on a grown archive, as a mount makes them one at a
+    time: mkdir, rmdir, a series directory's rename (and back), a file's rename (and back), each
+    with one stat after it, which finds its parent in the directory map.  Then mkdir and rmdir
+    made by a second metaserver process over the same database, with the stat in this one,
+    whose map must catch up.  Median ms (wall and CPU) over ``runs`` series."""
+    dirs = engine._read(engine._dir_paths)
+    series = sorted(p for p in dirs.values() if p.startswith("/synthetic/") and p.count("/") == 4)[:runs]
+    probe = series[-1]
+    spent: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    other = SqlEngine(str(engine.engine.url))         # a second metaserver process
+
+    def timed(kind: str, by: SqlEngine, change: Any, *args: str) -> None:
+        t0, c0 = time.perf_counter(), cpu_s()
+        change(*args)
+        if by is not engine:
+            t0, c0 = time.perf_counter(), cpu_s()     # what the change costs this process
+        engine.stat(probe)
+        spent[kind].append((time.perf_counter() - t0, cpu_s() - c0))
+
+    for path in series[:-1]:
+        timed("mkdir", engine, engine.mkdir, path + "-new")
+        timed("rmdir", engine, engine.rmdir, path + "-new")
+        timed("rename a directory", engine, engine.rename, path, path + "-moved")
+        timed("rename a directory", engine, engine.rename, path + "-moved", path)
+        file = engine.readdir(path)[0].path
+        timed("rename a file", engine, engine.rename, file, file + ".x")
+        timed("rename a file", engine, engine.rename, file + ".x", file)
+    for path in series[:-1]:
+        timed("mkdir by another process: the stat here", other, other.mkdir, path + "-new")
+        timed("rmdir by another process: the stat here", other, other.rmdir, path + "-new")
+    other.close()
+    return {"directories": len(dirs), **{kind: {
+        "median_ms": round(statistics.median(w for w, _ in pairs) * 1000, 2),
+        "cpu_ms": round(statistics.median(c for _, c in pairs) * 1000, 2)} for kind, pairs in spent.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=10000, help="100 headers each (default 10000 = 1M)")
     ap.add_argument("--db", type=Path, help="an archive loaded before (this adds to it); skips the load")
-    ap.add_argument("--commits", type=int, default=60, help="200-file commits to time (default 60)")
+    ap.add_argument("--commits", type=int, default=60, help="200-file commits to time (default 60; 0: none)")
+    ap.add_argument("--changes", type=int, default=20, help="mkdir/rmdir/rename pairs to time (default 20)")
     ap.add_argument("--keep", action="store_true", help="keep the database it loads (for --db next time) and "
                     "print where it is; by default it is removed")
     args = ap.parse_args()
@@ -152,8 +191,11 @@ def main() -> None:
         seed = int(time.time())
         print("one commit of 10,000 headers, pages per B-tree", file=sys.stderr)
         report["commit_10000"] = pages_per_tree(engine, db, seed)
-        print(f"{args.commits} commits of 200 files into new series", file=sys.stderr)
-        report["commit_200"] = upload_commits(engine, args.commits, seed + 1)
+        if args.commits:
+            print(f"{args.commits} commits of 200 files into new series", file=sys.stderr)
+            report["commit_200"] = upload_commits(engine, args.commits, seed + 1)
+        print(f"namespace changes, {args.changes} of each", file=sys.stderr)
+        report["tree_changes"] = tree_changes(engine, args.changes + 1)
         report["db_bytes"] = db.stat().st_size
         engine.close()
     finally:
