@@ -179,8 +179,9 @@ TreeChange = DirMade | DirMoved | DirGone
 
 def tree_changed(conn: Connection, *changes: TreeChange) -> None:
     """Record changes of the directory tree in the transaction that makes them.  Committed, they
-    move the tree's version in the database (so that other metaserver processes rebuild their
-    maps) and are learnt by this process's map (``SqlBase._learn_dirs``), in this order."""
+    move the tree's version in the database and are filed under it (``dir_changes``), for other
+    metaserver processes to replay into their maps; this process's map learns them at once
+    (``SqlBase._learn_dirs``), in this order."""
     conn.info.setdefault("dgf.after", {}).setdefault("tree", []).extend(changes)
 
 
