@@ -397,7 +397,7 @@ class SqlBase:
         return self._read(run)
 
     def _txn(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` in one transaction, retrying on lock or serialization conflicts."""
+        """Run ``fn`` in one transaction, retrying on conflicts with other writers (``_retryable``)."""
         for attempt in range(6):
             try:
                 with self._write_lock or contextlib.nullcontext(), self._begin() as conn:
@@ -436,9 +436,14 @@ class SqlBase:
 
     @staticmethod
     def _retryable(exc: DBAPIError) -> bool:
+        """Locks, serialization failures and deadlocks; and a unique key another metaserver
+        process committed between this transaction's check and its insert (two uploads making
+        the same new directory through two metaservers): the retry finds it and uses it, or
+        refuses by name."""
         text = str(exc.orig).lower() if exc.orig is not None else ""
         code = getattr(exc.orig, "pgcode", None) or getattr(exc.orig, "sqlstate", None)
-        return "locked" in text or "busy" in text or code in ("40001", "40P01")
+        return "locked" in text or "busy" in text or "unique constraint failed" in text or \
+            code in ("40001", "40P01", "23505")
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[Connection]:

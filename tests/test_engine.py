@@ -467,6 +467,63 @@ class EngineContract:
         finally:
             other.close()
 
+    def test_two_processes_making_the_same_directories_at_once_both_succeed(self, engine: MetaEngine) -> None:
+        # Two uploads into the same new study through two metaserver processes make the same
+        # directories at the same moment.  The one whose check came before the other's commit
+        # met a unique key (an internal error); it now retries, finds the directory and uses it.
+        # Afterwards both processes' maps, learnt and replayed, are the database's tree.
+        import random
+
+        assert isinstance(engine, SqlEngine)
+        url = str(engine.engine.url.render_as_string(hide_password=False))
+        other, judge = SqlEngine(url), SqlEngine(url)
+        failed: list[BaseException] = []
+
+        def churn(e: SqlEngine, seed: int) -> None:
+            rng = random.Random(seed)
+            names = [f"/w/{a}/{b}" for a in "abcd" for b in "xyz"]
+            for n in range(60):
+                path = rng.choice(names)
+                step = rng.choice(["mkdir -p", "mkdir", "file", "stat"])
+                try:
+                    if step == "mkdir -p":
+                        e.mkdir(path, parents=True)
+                    elif step == "mkdir":
+                        e.mkdir(path.rsplit("/", 1)[0] + f"/m{n % 3}")
+                    elif step == "file":
+                        e.create_files([_file(f"{path}/s{n % 2}/f{seed}-{n}.dcm", f"{seed}-{n}")])
+                    else:
+                        e.stat(path)
+                except (errors.AlreadyExists, errors.NotFound):
+                    pass                                # the other made it first, or not yet
+                except BaseException as exc:           # noqa: BLE001 - reported below
+                    failed.append(exc)
+                    return
+
+        try:
+            engine.mkdir("/w")
+            for e in (engine, other):
+                e._read(e._dir_ids)
+            threads = [threading.Thread(target=churn, args=(e, seed)) for e, seed in ((engine, 1), (other, 2))]
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(1e-5)
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:
+                sys.setswitchinterval(switch)
+            assert failed == []
+            truth = judge._read(judge._dir_ids)              # built from the database
+            assert len(truth) > 20
+            for e in (engine, other):
+                assert e._read(e._dir_ids) == truth
+            assert {s.path for s in judge.readdir("/w/a/x")} <= {"/w/a/x/s0", "/w/a/x/s1"}
+        finally:
+            other.close()
+            judge.close()
+
     def test_the_map_learns_new_directories_in_place_while_readers_walk_it(self, engine: MetaEngine) -> None:
         # Learning a commit's directories costs what the commit made, not a copy of the whole map
         # (a copy was 17.5 ms of a 200-file commit at 240,000 directories); a query under a
