@@ -36,8 +36,10 @@ from metaserver.schema import (
 )
 from metaserver.sqladmin import AdminStore
 from metaserver.sqlbase import (
+    EXCLUSIVE,
     IGNORE,
     Q_CHILDREN_NAMED,
+    SHARED,
     STAT_COLS,
     U_FILE,
     U_MTIME,
@@ -174,7 +176,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             if self._child(conn, parent.id, name) is not None:
                 raise errors.AlreadyExists(f"{path} already exists.")
             return stat_of(path, self._new_dir(conn, parent.id, name, mode))
-        return self._txn(run)
+        return self._txn(run, SHARED)
 
     def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
@@ -207,7 +209,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink + 1))
             conn.execute(inodes.update().where(inodes.c.id.in_({sparent_id, dparent.id})).values(mtime=now))
             return self._release(conn, {existing.object_key} if existing is not None else set())
-        return self._txn(run)
+        return self._txn(run, EXCLUSIVE)
 
     def _release(self, conn: Connection, keys: set[str]) -> dict[str, list[str]]:
         """Forget the objects among ``keys`` that no file references any more.
@@ -264,7 +266,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
                 nlink=inodes.c.nlink - 1, mtime=time.time()))
-        self._txn(run)
+        self._txn(run, EXCLUSIVE)
 
     def _do_rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]:
         def run(conn: Connection) -> tuple[int, dict[str, list[str]]]:
@@ -299,7 +301,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
                 nlink=inodes.c.nlink - 1, mtime=time.time()))
             return len(files), self._release(conn, keys)
-        return self._txn(run)
+        return self._txn(run, EXCLUSIVE)
 
     def _do_chmod(self, path: str, mode: int) -> None:
         def run(conn: Connection) -> None:
@@ -392,7 +394,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 conn.execute(U_MTIME, [{"b_id": pid, "b_now": now} for pid in parents.values()])
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
-        return self._txn(run)
+        return self._txn(run, SHARED)
 
     def check_files(self, files: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         """What the archive already holds for ``(path, object key, SOP Instance UID)`` entries,

@@ -48,6 +48,10 @@ DIRS_VERSION = "ns.dirs_version"
 #: further behind is rebuilt.  Older ones are removed every DIR_CHANGES_PRUNE versions.
 DIR_CHANGES_KEPT = 1000
 DIR_CHANGES_PRUNE = 100
+#: PostgreSQL advisory lock key of the directory tree ("dgf-tree" as a number), taken by a
+#: transaction that adds entries under directories (shared) or removes or moves them (exclusive).
+TREE_LOCK_KEY = 0x6467662D74726565
+SHARED, EXCLUSIVE = "shared", "exclusive"
 ROOT = 1
 
 STAT_COLS = (inodes.c.id, inodes.c.name, inodes.c.is_dir, inodes.c.mode, inodes.c.size,
@@ -396,11 +400,23 @@ class SqlBase:
             return {"records": checked + legacy, "legacy": legacy, "broken_at": None, "why": ""}
         return self._read(run)
 
-    def _txn(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` in one transaction, retrying on conflicts with other writers (``_retryable``)."""
+    def _txn(self, fn: Callable[[Connection], T], tree: str | None = None) -> T:
+        """Run ``fn`` in one transaction, retrying on conflicts with other writers (``_retryable``).
+
+        ``tree`` says how the transaction changes the directory tree, where it does.  Adding
+        entries under directories (``SHARED``) and removing or moving them (``EXCLUSIVE``)
+        check the tree, then write: a removal checked a directory empty while an upload added
+        to it, or two renames each moved a directory under the other, and files were left
+        where no path reaches them.  On PostgreSQL, whose transactions run side by side, these
+        take an advisory lock before reading anything: any number of adders at once, a remover
+        or mover alone.  SQLite has one writer at a time, which every write transaction
+        becomes before its first read (``BEGIN IMMEDIATE``)."""
         for attempt in range(6):
             try:
                 with self._write_lock or contextlib.nullcontext(), self._begin() as conn:
+                    if tree is not None and not self.is_sqlite:
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock_shared(:k)" if tree == SHARED else
+                                             "SELECT pg_advisory_xact_lock(:k)"), {"k": TREE_LOCK_KEY})
                     conn.info.pop("dgf.after", None)
                     result = fn(conn)
                     self._audit_in(conn, conn.info.get("dgf.released"))
@@ -448,6 +464,10 @@ class SqlBase:
     @contextlib.contextmanager
     def _begin(self) -> Iterator[Connection]:
         with self._connect() as conn, conn.begin():
+            if self.is_sqlite:
+                # The driver would begin at the first write, after this transaction's reads: a
+                # check made by them could be stale by its first insert.  Writer from the start.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
             yield conn
 
     def _read(self, fn: Callable[[Connection], T]) -> T:

@@ -21,7 +21,7 @@ from dgf import errors
 from dgf.types import Principal
 from metaserver import migrate
 from metaserver.engine import MetaEngine, NewFile
-from metaserver.schema import dir_changes
+from metaserver.schema import dir_changes, inodes
 from metaserver.sql import SqlEngine
 from metaserver.sqlbase import Q_DIRS_VERSION
 from tests.pg import PostgresServer
@@ -520,6 +520,72 @@ class EngineContract:
             for e in (engine, other):
                 assert e._read(e._dir_ids) == truth
             assert {s.path for s in judge.readdir("/w/a/x")} <= {"/w/a/x/s0", "/w/a/x/s1"}
+        finally:
+            other.close()
+            judge.close()
+
+    def test_two_processes_adding_removing_and_moving_at_once_leave_every_entry_reachable(
+            self, engine: MetaEngine) -> None:
+        # One process removes or moves directories while another adds under them, or moves the
+        # other way.  A removal that checked a directory before an upload added to it, or two
+        # moves each putting a directory under the other, left files no path reaches.  Every
+        # entry must stay reachable from the root, and both maps must be the database's tree.
+        import random
+
+        assert isinstance(engine, SqlEngine)
+        url = str(engine.engine.url.render_as_string(hide_password=False))
+        other, judge = SqlEngine(url), SqlEngine(url)
+        failed: list[BaseException] = []
+
+        def churn(e: SqlEngine, seed: int) -> None:
+            rng = random.Random(seed)
+            names = [f"/w/{a}" for a in "abc"] + [f"/w/{a}/{b}" for a in "abc" for b in "xy"]
+            for n in range(80):
+                src, dst = rng.choice(names), rng.choice(names)
+                step = rng.choice(["mkdir", "mkdir", "file", "file", "rename", "rmdir", "rmtree"])
+                try:
+                    if step == "mkdir":
+                        e.mkdir(src, parents=True)
+                    elif step == "file":
+                        e.create_files([_file(f"{src}/f{seed}-{n}.dcm", f"{seed}-{n}")])
+                    elif step == "rename":
+                        e.rename(src, dst)
+                    elif step == "rmdir":
+                        e.rmdir(src)
+                    else:
+                        e.rmtree(src)
+                except errors.DgfError:
+                    pass                                # refused by name: the tree decided
+                except BaseException as exc:           # noqa: BLE001 - reported below
+                    failed.append(exc)
+                    return
+
+        try:
+            engine.mkdir("/w")
+            for e in (engine, other):
+                e._read(e._dir_ids)
+            threads = [threading.Thread(target=churn, args=(e, seed)) for e, seed in ((engine, 3), (other, 4))]
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(1e-5)
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:
+                sys.setswitchinterval(switch)
+            assert failed == []
+            reached, stack = 0, ["/"]
+            while stack:
+                entries = judge.readdir(stack.pop())
+                reached += len(entries)
+                stack.extend(s.path for s in entries if s.is_dir)
+            with judge.engine.connect() as conn:
+                stored = conn.execute(sa.select(sa.func.count()).select_from(inodes)).scalar()
+            assert reached == stored - 1                     # every entry but the root
+            truth = judge._read(judge._dir_ids)
+            for e in (engine, other):
+                assert e._read(e._dir_ids) == truth
         finally:
             other.close()
             judge.close()
