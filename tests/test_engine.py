@@ -3,12 +3,14 @@ dict model, comparing results and error classes (after JuiceFS's random tests)."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
+import random
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,53 @@ def _key(name: str) -> str:
 def _file(path: str, content: str = "x", site: str = "site-a") -> NewFile:
     return NewFile(path, _key(content), len(content), site, {"user.dgf.dicom": b"<DicomHeader/>"},
                    "P1", b"sealed")
+
+
+@contextlib.contextmanager
+def _two_processes_at_once(engine: SqlEngine, step: Callable[[SqlEngine, random.Random, int, int], None],
+                           refused: tuple[type[BaseException], ...], steps: int,
+                           seeds: tuple[int, int]) -> Iterator[SqlEngine]:
+    """Run ``steps`` random steps under ``/w`` in ``engine`` and in a second engine over the same
+    database (another metaserver process) from two threads at once, switching every 10 us.
+    A step may fail only with ``refused``.  Then both directory maps, learnt and replayed, must
+    be what a third engine reads from the database; that engine is yielded for more checks."""
+    url = str(engine.engine.url.render_as_string(hide_password=False))
+    other, judge = SqlEngine(url), SqlEngine(url)
+    failed: list[BaseException] = []
+
+    def churn(e: SqlEngine, seed: int) -> None:
+        rng = random.Random(seed)
+        for n in range(steps):
+            try:
+                step(e, rng, seed, n)
+            except refused:
+                pass
+            except BaseException as exc:               # noqa: BLE001 - reported below
+                failed.append(exc)
+                return
+
+    try:
+        engine.mkdir("/w")
+        for e in (engine, other):
+            e._read(e._dir_ids)
+        threads = [threading.Thread(target=churn, args=(e, seed)) for e, seed in zip((engine, other), seeds)]
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(switch)
+        assert failed == []
+        truth = judge._read(judge._dir_ids)              # built from the database
+        for e in (engine, other):
+            assert e._read(e._dir_ids) == truth
+        yield judge
+    finally:
+        other.close()
+        judge.close()
 
 
 def _index_matches_headers(engine: SqlEngine) -> bool:
@@ -471,110 +520,48 @@ class EngineContract:
         # Two uploads into the same new study through two metaserver processes make the same
         # directories at the same moment.  The one whose check came before the other's commit
         # met a unique key (an internal error); it now retries, finds the directory and uses it.
-        # Afterwards both processes' maps, learnt and replayed, are the database's tree.
-        import random
+        def step(e: SqlEngine, rng: random.Random, seed: int, n: int) -> None:
+            path = rng.choice([f"/w/{a}/{b}" for a in "abcd" for b in "xyz"])
+            action = rng.choice(["mkdir -p", "mkdir", "file", "stat"])
+            if action == "mkdir -p":
+                e.mkdir(path, parents=True)
+            elif action == "mkdir":
+                e.mkdir(path.rsplit("/", 1)[0] + f"/m{n % 3}")
+            elif action == "file":
+                e.create_files([_file(f"{path}/s{n % 2}/f{seed}-{n}.dcm", f"{seed}-{n}")])
+            else:
+                e.stat(path)
 
         assert isinstance(engine, SqlEngine)
-        url = str(engine.engine.url.render_as_string(hide_password=False))
-        other, judge = SqlEngine(url), SqlEngine(url)
-        failed: list[BaseException] = []
-
-        def churn(e: SqlEngine, seed: int) -> None:
-            rng = random.Random(seed)
-            names = [f"/w/{a}/{b}" for a in "abcd" for b in "xyz"]
-            for n in range(60):
-                path = rng.choice(names)
-                step = rng.choice(["mkdir -p", "mkdir", "file", "stat"])
-                try:
-                    if step == "mkdir -p":
-                        e.mkdir(path, parents=True)
-                    elif step == "mkdir":
-                        e.mkdir(path.rsplit("/", 1)[0] + f"/m{n % 3}")
-                    elif step == "file":
-                        e.create_files([_file(f"{path}/s{n % 2}/f{seed}-{n}.dcm", f"{seed}-{n}")])
-                    else:
-                        e.stat(path)
-                except (errors.AlreadyExists, errors.NotFound):
-                    pass                                # the other made it first, or not yet
-                except BaseException as exc:           # noqa: BLE001 - reported below
-                    failed.append(exc)
-                    return
-
-        try:
-            engine.mkdir("/w")
-            for e in (engine, other):
-                e._read(e._dir_ids)
-            threads = [threading.Thread(target=churn, args=(e, seed)) for e, seed in ((engine, 1), (other, 2))]
-            switch = sys.getswitchinterval()
-            sys.setswitchinterval(1e-5)
-            try:
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            finally:
-                sys.setswitchinterval(switch)
-            assert failed == []
-            truth = judge._read(judge._dir_ids)              # built from the database
-            assert len(truth) > 20
-            for e in (engine, other):
-                assert e._read(e._dir_ids) == truth
+        # Refused only because the other made it first, or has not yet.
+        with _two_processes_at_once(engine, step, (errors.AlreadyExists, errors.NotFound), 60, (1, 2)) as judge:
+            assert len(judge._read(judge._dir_ids)) > 20
             assert {s.path for s in judge.readdir("/w/a/x")} <= {"/w/a/x/s0", "/w/a/x/s1"}
-        finally:
-            other.close()
-            judge.close()
 
     def test_two_processes_adding_removing_and_moving_at_once_leave_every_entry_reachable(
             self, engine: MetaEngine) -> None:
         # One process removes or moves directories while another adds under them, or moves the
         # other way.  A removal that checked a directory before an upload added to it, or two
         # moves each putting a directory under the other, left files no path reaches.  Every
-        # entry must stay reachable from the root, and both maps must be the database's tree.
-        import random
+        # entry must stay reachable from the root.
+        def step(e: SqlEngine, rng: random.Random, seed: int, n: int) -> None:
+            names = [f"/w/{a}" for a in "abc"] + [f"/w/{a}/{b}" for a in "abc" for b in "xy"]
+            src, dst = rng.choice(names), rng.choice(names)
+            action = rng.choice(["mkdir", "mkdir", "file", "file", "rename", "rmdir", "rmtree"])
+            if action == "mkdir":
+                e.mkdir(src, parents=True)
+            elif action == "file":
+                e.create_files([_file(f"{src}/f{seed}-{n}.dcm", f"{seed}-{n}")])
+            elif action == "rename":
+                e.rename(src, dst)
+            elif action == "rmdir":
+                e.rmdir(src)
+            else:
+                e.rmtree(src)
 
         assert isinstance(engine, SqlEngine)
-        url = str(engine.engine.url.render_as_string(hide_password=False))
-        other, judge = SqlEngine(url), SqlEngine(url)
-        failed: list[BaseException] = []
-
-        def churn(e: SqlEngine, seed: int) -> None:
-            rng = random.Random(seed)
-            names = [f"/w/{a}" for a in "abc"] + [f"/w/{a}/{b}" for a in "abc" for b in "xy"]
-            for n in range(80):
-                src, dst = rng.choice(names), rng.choice(names)
-                step = rng.choice(["mkdir", "mkdir", "file", "file", "rename", "rmdir", "rmtree"])
-                try:
-                    if step == "mkdir":
-                        e.mkdir(src, parents=True)
-                    elif step == "file":
-                        e.create_files([_file(f"{src}/f{seed}-{n}.dcm", f"{seed}-{n}")])
-                    elif step == "rename":
-                        e.rename(src, dst)
-                    elif step == "rmdir":
-                        e.rmdir(src)
-                    else:
-                        e.rmtree(src)
-                except errors.DgfError:
-                    pass                                # refused by name: the tree decided
-                except BaseException as exc:           # noqa: BLE001 - reported below
-                    failed.append(exc)
-                    return
-
-        try:
-            engine.mkdir("/w")
-            for e in (engine, other):
-                e._read(e._dir_ids)
-            threads = [threading.Thread(target=churn, args=(e, seed)) for e, seed in ((engine, 3), (other, 4))]
-            switch = sys.getswitchinterval()
-            sys.setswitchinterval(1e-5)
-            try:
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            finally:
-                sys.setswitchinterval(switch)
-            assert failed == []
+        # Any refusal by name is the tree deciding; anything else fails the test.
+        with _two_processes_at_once(engine, step, (errors.DgfError,), 80, (3, 4)) as judge:
             reached, stack = 0, ["/"]
             while stack:
                 entries = judge.readdir(stack.pop())
@@ -583,12 +570,6 @@ class EngineContract:
             with judge.engine.connect() as conn:
                 stored = conn.execute(sa.select(sa.func.count()).select_from(inodes)).scalar()
             assert reached == stored - 1                     # every entry but the root
-            truth = judge._read(judge._dir_ids)
-            for e in (engine, other):
-                assert e._read(e._dir_ids) == truth
-        finally:
-            other.close()
-            judge.close()
 
     def test_the_map_learns_new_directories_in_place_while_readers_walk_it(self, engine: MetaEngine) -> None:
         # Learning a commit's directories costs what the commit made, not a copy of the whole map
