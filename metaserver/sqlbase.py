@@ -417,9 +417,12 @@ class SqlBase:
                     if tree is not None and not self.is_sqlite:
                         conn.execute(sa.text("SELECT pg_advisory_xact_lock_shared(:k)" if tree == SHARED else
                                              "SELECT pg_advisory_xact_lock(:k)"), {"k": TREE_LOCK_KEY})
+                    # conn.info belongs to the pooled DBAPI connection, which outlives this
+                    # transaction: what an earlier one left there is not this one's.
                     conn.info.pop("dgf.after", None)
+                    conn.info.pop("dgf.released", None)
                     result = fn(conn)
-                    self._audit_in(conn, conn.info.get("dgf.released"))
+                    self._audit_in(conn, conn.info.pop("dgf.released", None))
                     version = None
                     if conn.info.get("dgf.after", {}).get("tree"):
                         version = self._bump_dirs(conn, conn.info["dgf.after"]["tree"])

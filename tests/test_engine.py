@@ -736,6 +736,11 @@ class EngineContract:
         with engine.audited("alice", "delete", "/au/1", released="unlinked"):
             engine.unlink("/au/1")
         engine.audit("bob", "whoami", "-", "ok")         # outside the context: its own transaction
+        # A later audited action that released nothing claims no release: what the unlink's
+        # transaction noted on its pooled connection stays with it.
+        engine.create_files([NewFile("/au/2", "c" * 64, 1, "s", {})])
+        with engine.audited("carol", released="replaced by rename"):
+            engine.rename("/au/2", "/au/3")
         assert [(e["principal"], e["action"], e["target"]) for e in engine.audit_log(10)] == [
             ("bob", "whoami", "-"), ("alice", "object.release", "a" * 64), ("alice", "delete", "/au/1")]
 
