@@ -121,6 +121,7 @@ class NewFile:
     wanted: int = 0                # copies its directory keeps; more than it has: queued for repair
     stored_size: int = 0           # a sealed object's stored size (``size`` is its plaintext's)
     seal: str | None = None        # a sealed object's "SALT_HEX:STUDY" (dgf/envelope.py)
+    linked: bool = False           # no bytes travelled: another name for an object already stored
 
 
 class MetaEngine(ABC):

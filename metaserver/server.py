@@ -1148,7 +1148,8 @@ class MetaService(wire.Service):
                                blocks=blocks, original_size=original_size, copies=more,
                                wanted=placement.factor(f["path"], default, overrides) if background else 0,
                                stored_size=envelope.sealed_size(f["size"]) if seal else 0,
-                               seal=f"{seal['salt']}:{seal['study']}" if seal else None))
+                               seal=f"{seal['salt']}:{seal['study']}" if seal else None,
+                               linked=not f.get("receipt")))
         # Patient keys are made only once every entry has passed its checks: a refused commit
         # leaves no key behind (a hostile writer could otherwise fill the vault with them).
         if to_seal:

@@ -199,7 +199,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                         raise errors.DirectoryNotEmpty(f"{dst} is not empty.")
                     conn.execute(inodes.update().where(inodes.c.id == dparent.id).values(nlink=inodes.c.nlink - 1))
                     tree_changed(conn, DirGone(existing.id))
-                self._drop_inode(conn, existing.id)
+                self._drop_inode(conn, existing.id, dst)
             conn.execute(inodes.update().where(inodes.c.id == s.id).values(
                 parent=dparent.id, name=dname, ctime=now))
             if s.is_dir:
@@ -220,9 +220,17 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         keys = {k for k in keys if k}
         if not keys:
             return {}
+        # The objects' rows are locked before they are found unused: a commit that links a new
+        # name to one of them locks it too (create_files), so one of the two waits for the other
+        # and either sees the new name or finds the object gone, never both at once.
+        # An object another transaction released first has no row left: it is not released twice.
+        held: set[str] = set()
+        for part in slices(sorted(keys)):
+            held.update(conn.execute(sa.select(objects.c.key).where(objects.c.key.in_(part))
+                                     .order_by(objects.c.key).with_for_update()).scalars())
         used = {r.object_key for r in conn.execute(
-            sa.select(inodes.c.object_key).where(inodes.c.object_key.in_(keys)).distinct())}
-        gone = sorted(keys - used)
+            sa.select(inodes.c.object_key).where(inodes.c.object_key.in_(held)).distinct())}
+        gone = sorted(held - used)
         if not gone:
             return {}
         out: dict[str, list[str]] = {k: [] for k in gone}
@@ -236,18 +244,23 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         conn.info.setdefault("dgf.released", {}).update(out)
         return out
 
-    def _drop_inode(self, conn: Connection, ino: int) -> None:
+    def _drop_inode(self, conn: Connection, ino: int, path: str) -> None:
+        """Remove inode ``ino`` (found at ``path``) with its attributes and index rows.  On
+        PostgreSQL another transaction may have removed it since it was found: then this one
+        removed nothing, and says so (two unlinks of one name both succeeded, each releasing
+        the object)."""
         conn.execute(xattrs.delete().where(xattrs.c.ino == ino))
         conn.execute(xattr_owners.delete().where(xattr_owners.c.ino == ino))
         self._unindex(conn, [ino])
-        conn.execute(inodes.delete().where(inodes.c.id == ino))
+        if conn.execute(inodes.delete().where(inodes.c.id == ino)).rowcount == 0:
+            raise errors.NotFound(f"{path} does not exist.")
 
     def _do_unlink(self, path: str) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
             row = self._resolve(conn, path)
             if row.is_dir:
                 raise errors.IsADirectory(f"{path} is a directory; use rmdir.")
-            self._drop_inode(conn, row.id)
+            self._drop_inode(conn, row.id, path)
             parent_path = path.rsplit("/", 1)[0] or "/"
             conn.execute(inodes.update().where(inodes.c.id == self._resolve(conn, parent_path).id)
                          .values(mtime=time.time()))
@@ -262,7 +275,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             if conn.execute(sa.select(inodes.c.id).where(inodes.c.parent == row.id).limit(1)).first():
                 raise errors.DirectoryNotEmpty(f"{path} is not empty.")
             tree_changed(conn, DirGone(row.id))
-            self._drop_inode(conn, row.id)
+            self._drop_inode(conn, row.id, path)
             parent = self._resolve(conn, path.rsplit("/", 1)[0] or "/")
             conn.execute(inodes.update().where(inodes.c.id == parent.id).values(
                 nlink=inodes.c.nlink - 1, mtime=time.time()))
@@ -326,6 +339,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             for f in files:
                 by_parent.setdefault(f.path.rsplit("/", 1)[0] or "/", []).append(f)
             _refuse_files_as_parents({f.path for f in files}, by_parent)
+            self._hold_objects(conn, files)
             parents, fresh = self._make_parents(conn, set(by_parent))
             new_rows: list[tuple[Any, ...]] = []
             new_files: list[NewFile] = []
@@ -395,6 +409,24 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             out = [Stat(f.path, inos[f.path], False, f.mode, f.size, now, now, 1, f.object_key) for f in files]
             return out, self._release(conn, replaced)
         return self._txn(run, SHARED)
+
+    @staticmethod
+    def _hold_objects(conn: Connection, files: list[NewFile]) -> None:
+        """Lock the stored objects this commit names against their release until it commits
+        (the other side of :meth:`_release`'s lock); refuse a link to one released meanwhile.
+
+        A link was checked before the transaction (``up.check``, the service's replica check),
+        and an unlink in another transaction may have freed its object since: its bytes are
+        being deleted at the sites, so the name would lead nowhere."""
+        keys = sorted({f.object_key for f in files})
+        held: set[str] = set()
+        for part in slices(keys):
+            held.update(conn.execute(sa.select(objects.c.key).where(objects.c.key.in_(part))
+                                     .order_by(objects.c.key).with_for_update(read=True)).scalars())
+        gone = [f.path for f in files if f.linked and f.object_key not in held]
+        if gone:
+            raise errors.NotFound(f"{gone[0]} was to be one more name of a stored object, which was removed "
+                                  f"meanwhile ({len(gone)} such file(s)); nothing was published: upload again.")
 
     def check_files(self, files: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         """What the archive already holds for ``(path, object key, SOP Instance UID)`` entries,

@@ -388,6 +388,23 @@ class EngineContract:
         assert engine.unlink("/b.dcm") == {_key("same"): ["site-a"]}
         assert engine.object_replicas([_key("same")]) == {_key("same"): []}
 
+    def test_a_link_to_an_object_released_meanwhile_is_refused(self, engine: MetaEngine) -> None:
+        # An upload checked that the archive holds this object and sends one more name for it,
+        # no bytes; before its commit, an unlink freed the object, whose bytes the sites are
+        # now deleting.  Publishing the name would point it at nothing.
+        engine.create_files([_file("/a.dcm", "same"), _file("/keep.dcm", "kept")])
+        assert engine.unlink("/a.dcm") == {_key("same"): ["site-a"]}
+        with pytest.raises(errors.NotFound, match="removed meanwhile"):
+            engine.create_files([dataclasses.replace(_file("/b.dcm", "same"), linked=True),
+                                 dataclasses.replace(_file("/c.dcm", "kept"), linked=True)])
+        with pytest.raises(errors.NotFound):
+            engine.stat("/c.dcm")                          # nothing of the commit was published
+        assert engine.object_replicas([_key("same")]) == {_key("same"): []}
+        engine.create_files([dataclasses.replace(_file("/c.dcm", "kept"), linked=True)])
+        assert engine.stat("/c.dcm").object_key == _key("kept")
+        engine.create_files([_file("/b.dcm", "same")])     # its bytes sent again: stored anew
+        assert engine.object_replicas([_key("same")]) == {_key("same"): ["site-a"]}
+
     def test_reads_follow_tree_changes_made_by_another_process(self, engine: MetaEngine) -> None:
         # stat and readdir find the parent in a directory map; a tree changed by another
         # metaserver process over the same database must not leave them reading the old tree.
@@ -570,6 +587,37 @@ class EngineContract:
             with judge.engine.connect() as conn:
                 stored = conn.execute(sa.select(sa.func.count()).select_from(inodes)).scalar()
             assert reached == stored - 1                     # every entry but the root
+
+    def test_names_linked_while_their_object_is_released_are_refused_or_keep_it(self, engine: MetaEngine) -> None:
+        # Two processes link new names to stored objects (uploads of an instance stored
+        # before) and unlink names, from two threads.  An unlink that saw an object's last name
+        # go released it while a link in the other transaction added one: the new name led to
+        # bytes the sites were deleting; and two unlinks of one name both succeeded, each
+        # releasing its object.  A released object must have no name ever after, and is
+        # released once.
+        contents = [f"{'k' if i % 2 else 'o'}{i}" for i in range(12)]
+        released: list[str] = []
+
+        def step(e: SqlEngine, rng: random.Random, seed: int, n: int) -> None:
+            if rng.random() < 0.6:
+                e.create_files([dataclasses.replace(_file(f"/w/{seed}-{n}.dcm", rng.choice(contents)),
+                                                    linked=True)])
+            else:
+                # The first names of half the objects stay: the archive is never emptied.
+                names = [s.path for d in ("/o", "/w") for s in e.readdir(d) if not s.path.startswith("/o/k")]
+                if names:
+                    released.extend(e.unlink(rng.choice(names)))
+
+        assert isinstance(engine, SqlEngine)
+        engine.create_files([_file(f"/o/{c}.dcm", c) for c in contents])
+        # Refused by name only: a name the other unlinked first, a link to a released object.
+        with _two_processes_at_once(engine, step, (errors.NotFound,), 120, (5, 6)) as judge:
+            named = {s.object_key for d in ("/o", "/w") for s in judge.readdir(d)}
+            assert released and named                   # both sides of the race were run
+            assert named.isdisjoint(released)
+            assert len(released) == len(set(released))  # each object released once
+            held = judge.object_replicas(sorted(named))
+            assert all(held[k] == ["site-a"] for k in named)
 
     def test_the_map_learns_new_directories_in_place_while_readers_walk_it(self, engine: MetaEngine) -> None:
         # Learning a commit's directories costs what the commit made, not a copy of the whole map
