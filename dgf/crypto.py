@@ -149,7 +149,7 @@ def verify_token(public: Ed25519PublicKey, token: str) -> dict[str, Any]:
 
 def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: str,
                      keys: Iterable[str] | None, ttl: float = 600.0, epoch: int | None = None,
-                     at: list[Any] | None = None) -> str:
+                     at: list[Any] | None = None, gens: dict[str, int] | None = None) -> str:
     """A capability for ``op`` ("get", "put", "delete", "recon") at ``site``.
 
     ``keys`` None means any object (used for put, where the key is the content hash and the I/O
@@ -157,6 +157,7 @@ def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: s
     grant epoch, for a principal whose access comes from cohort grants; sites refuse it once the
     epoch has moved on (a grant was revoked).  ``at``: [host, port, host key] of ``site``, for a
     capability issued to another site, which then connects only where the metaserver says.
+    ``gens``: for a delete, the generation of each object released (ObjectStore.delete).
     """
     now = time.time()
     claims: dict[str, Any] = {"p": principal_fp, "op": op, "site": site, "iat": now, "exp": now + ttl}
@@ -166,6 +167,10 @@ def issue_capability(key: Ed25519PrivateKey, principal_fp: str, op: str, site: s
         claims["keys"] = sorted(set(keys))
     if at is not None:
         claims["at"] = at
+    if gens and keys is not None:
+        # Beside the keys, in their order (null: none known): an ``rm -r`` of many files
+        # carries one per object, and a map would repeat every key.
+        claims["g"] = [gens.get(k) for k in claims["keys"]]
     return sign_token(key, claims)
 
 
@@ -179,6 +184,7 @@ class Capability:
     keys: frozenset[str] | None
     expires: float
     epoch: int | None = None       # the grant epoch it was issued under (cohort grants only)
+    gens: dict[str, int] | None = None  # a delete's: the generation of each object it removes
 
 
 def check_capability(public: Ed25519PublicKey, token: str, principal_fp: str, site: str) -> Capability:
@@ -202,8 +208,15 @@ def check_capability(public: Ed25519PublicKey, token: str, principal_fp: str, si
         raise errors.PermissionDenied(f"the capability has expired; ask the metaserver for a new one{hint}.")
     keys = claims.get("keys")
     epoch = claims.get("ge")
+    listed = claims.get("g")
+    gens = None
+    if listed is not None:
+        if not (isinstance(keys, list) and isinstance(listed, list) and len(listed) == len(keys) and all(
+                g is None or type(g) is int for g in listed)):
+            raise errors.PermissionDenied("the capability is malformed.")
+        gens = {k: g for k, g in zip(keys, listed) if g is not None}
     return Capability(str(claims.get("op")), frozenset(keys) if keys is not None else None,
-                      expires + CLOCK_LEEWAY_S, int(epoch) if isinstance(epoch, int) else None)
+                      expires + CLOCK_LEEWAY_S, int(epoch) if isinstance(epoch, int) else None, gens)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ import logging
 import mmap
 import os
 import re
+import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 from dgf import errors
@@ -28,6 +30,12 @@ log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 READ_CHUNK = 256 * 1024
+#: A stamp and a conditional delete of one object run one at a time (locks by key, striped).
+_STRIPES = [threading.Lock() for _ in range(64)]
+
+
+def _stripe(key: str) -> threading.Lock:
+    return _STRIPES[int(key[:2], 16) % len(_STRIPES)]
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -75,31 +83,43 @@ class ObjectStore(ABC):
 
     on_quarantine: Callable[[str], None] | None = None
 
-    def put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]:
-        """Store ``size`` bytes whose SHA-256 must equal ``key``; return (created, hash list).
+    def put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes, int]:
+        """Store ``size`` bytes whose SHA-256 must equal ``key``; return (created, hash list,
+        generation).
 
         The bytes are always consumed and checked, so a client cannot plant a wrong object under
         an existing key, and a failed or short write leaves nothing visible.  A copy already
         stored under the key is verified: a corrupt one is quarantined and replaced.
+
+        The generation is this store's stamp of this put (:meth:`stamp`), made before a copy
+        already stored is trusted: a delete of an earlier generation (:meth:`delete`), sent for
+        an object released meanwhile, then keeps it.
         """
         check_key(key)
         if size < 0:
             raise errors.UsageError("object size must not be negative.")
         return self._do_put(key, chunks, size)
 
-    def put_many(self, items: list[tuple[str, bytes]]) -> list[errors.DgfError | None]:
-        """Store several whole objects; one error (or None) per item, in order.
+    def put_many(self, items: list[tuple[str, bytes]]) -> list[errors.DgfError | int]:
+        """Store several whole objects; per item, in order, its generation (as :meth:`put`) or
+        the error that refused it.
 
-        Backends may make the batch durable together (group commit); a None means that
+        Backends may make the batch durable together (group commit); a generation means that
         object is durable when this returns."""
-        out: list[errors.DgfError | None] = []
+        out: list[errors.DgfError | int] = []
         for key, data in items:
             try:
-                self.put(key, [data], len(data))
-                out.append(None)
+                out.append(self.put(key, [data], len(data))[2])
             except errors.DgfError as exc:
                 out.append(exc)
         return out
+
+    def stamp(self, key: str) -> int | None:
+        """Give the object stored under ``key`` a new generation and return it (None if none is
+        stored).  Generations of one object only grow: its modification time in nanoseconds,
+        moved past the last one where the clock has not."""
+        with _stripe(key):
+            return self._do_stamp(key)
 
     def _reported(self, key: str) -> None:
         if self.on_quarantine is not None:
@@ -121,9 +141,20 @@ class ObjectStore(ABC):
             raise errors.NotFound(f"object {key[:16]}... is not stored at this site.")
         return size
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, gens: int | Collection[int] | None = None) -> bool:
+        """Remove the object; with ``gens``, only if it is still (one of) that generation.  An
+        object released by the metaserver may have been stored again since, by an upload whose
+        commit is on its way: the delete sent for the release then keeps it (says False)."""
         check_key(key)
-        return self._do_delete(key)
+        if isinstance(gens, int):
+            gens = (gens,)
+        with _stripe(key):
+            if gens is not None:
+                now = self._do_generation(key)
+                if now is not None and now not in gens:
+                    log.info("object %s kept: stored again since the generation a delete named", key[:16])
+                    return False
+            return self._do_delete(key)
 
     @contextlib.contextmanager
     def mapped(self, key: str) -> Iterator[bytes | memoryview]:
@@ -155,7 +186,7 @@ class ObjectStore(ABC):
     def keys(self) -> Iterator[str]: ...
 
     @abstractmethod
-    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]: ...
+    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes, int]: ...
 
     @abstractmethod
     def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]: ...
@@ -168,6 +199,19 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _do_delete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _do_generation(self, key: str) -> int | None: ...
+
+    @abstractmethod
+    def _do_stamp(self, key: str) -> int | None: ...
+
+    def _placed_stamp(self, key: str) -> int:
+        """The generation of an object this put has just placed."""
+        gen = self.stamp(key)
+        if gen is None:
+            raise errors.ServerError(f"object {key[:16]}... vanished as it was stored; send it again.")
+        return gen
 
 
 #: The store's layout, in a file of that name at its root: objects in 256 directories named by
@@ -308,7 +352,7 @@ class LocalObjectStore(ObjectStore):
         self._quarantine(key)
         return False
 
-    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes]:
+    def _do_put(self, key: str, chunks: Iterable[bytes], size: int) -> tuple[bool, bytes, int]:
         final = self._file(key)
         tmp = self.tmp / f"{key}.{uuid.uuid4().hex}"
         h = Hasher()
@@ -328,8 +372,10 @@ class LocalObjectStore(ObjectStore):
                     raise errors.IntegrityError(f"object {key[:16]}... arrived with {got} of {size} bytes.")
                 if h.whole.hexdigest() != key:
                     raise errors.IntegrityError(f"object {key[:16]}... does not match its SHA-256; upload refused.")
-                if self._intact(key, size):
-                    return False, h.digests()
+                # Stamped before it is trusted: a delete of the older generation keeps it.
+                gen = self.stamp(key)
+                if gen is not None and self._intact(key, size):
+                    return False, h.digests(), gen
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
@@ -341,7 +387,7 @@ class LocalObjectStore(ObjectStore):
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
-            return True, h.digests()
+            return True, h.digests(), self._placed_stamp(key)
         except OSError as exc:
             raise self._write_error(exc, key, size) from exc
         finally:
@@ -355,14 +401,14 @@ class LocalObjectStore(ObjectStore):
         return errors.ServerError(f"the site could not write object {key[:16]}... ({exc.strerror}); "
                                   "nothing of it was kept.")
 
-    def put_many(self, items: list[tuple[str, bytes]]) -> list[errors.DgfError | None]:
+    def put_many(self, items: list[tuple[str, bytes]]) -> list[errors.DgfError | int]:
         """Group commit: write the batch to temp files, one filesystem sync, rename them all into
         place, one more sync for the directory entries.  Two syncs per batch instead of two
         fsyncs per object; nothing is visible under its key before its bytes are durable."""
         if not self.fsync or _syncfs is None:
             return super().put_many(items)
-        out: list[errors.DgfError | None] = []
-        staged: list[tuple[str, str]] = []
+        out: list[errors.DgfError | int] = []
+        staged: list[tuple[int, str, str]] = []        # (index in out, temp file, its place)
         placed = 0
         # One random part per batch keeps temp names unique; per object it was a getrandom().
         # Raw os calls: a buffered file costs an ioctl, an lseek and an fstat more per object,
@@ -377,10 +423,12 @@ class LocalObjectStore(ObjectStore):
                 except errors.DgfError as exc:
                     out.append(exc)
                     continue
-                out.append(None)
                 final = self._file(key)
-                if self._intact(key, len(data)):
+                gen = self.stamp(key)                   # before it is trusted, as in _do_put
+                if gen is not None and self._intact(key, len(data)):
+                    out.append(gen)
                     continue
+                out.append(0)                           # its generation once it is placed
                 tmp = f"{self._tmp}/{key}.{batch}.{n}"
                 try:
                     _write_file(tmp, data)
@@ -389,19 +437,24 @@ class LocalObjectStore(ObjectStore):
                         os.unlink(tmp)
                     out[-1] = self._write_error(exc, key, len(data))
                     continue
-                staged.append((tmp, final))
+                staged.append((n, tmp, final))
             if staged:
                 try:
                     _sync(self.tmp)
-                    for tmp, final in staged:
+                    for _, tmp, final in staged:
                         self._made(final)
                         os.replace(tmp, final)
                         placed += 1
                     _sync(self.objects)
                 except OSError as exc:
-                    raise self._write_error(exc, os.path.basename(staged[0][1]), 0) from exc
+                    raise self._write_error(exc, os.path.basename(staged[0][2]), 0) from exc
+                for n, _, final in staged:
+                    try:
+                        out[n] = self._placed_stamp(os.path.basename(final))
+                    except errors.DgfError as exc:
+                        out[n] = exc
         finally:
-            for tmp, _ in staged[placed:]:         # what a failure left behind
+            for _, tmp, _ in staged[placed:]:         # what a failure left behind
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         return out
@@ -448,3 +501,21 @@ class LocalObjectStore(ObjectStore):
             return True
         except FileNotFoundError:
             return False
+
+    def _do_generation(self, key: str) -> int | None:
+        try:
+            return os.stat(self._file(key)).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _do_stamp(self, key: str) -> int | None:
+        path = self._file(key)
+        try:
+            gen = max(time.time_ns(), os.stat(path).st_mtime_ns + 1)
+            os.utime(path, ns=(gen, gen))
+        except FileNotFoundError:
+            return None
+        # Not read back: on a filesystem keeping coarser times than nanoseconds (ext4, XFS,
+        # btrfs and tmpfs keep them) the stored time differs from every generation handed
+        # out, so a delete naming one keeps the object, for fsck to remove as an orphan.
+        return gen

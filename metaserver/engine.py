@@ -103,6 +103,12 @@ class _CollectorPause:
 collector_paused = _CollectorPause()
 
 
+#: Objects a step released (no file names them any more): object key -> {site holding it: the
+#: generation of its replica there (None where it was recorded before generations)}.  The caller
+#: has the sites delete that generation (ioserver ObjectStore.delete).
+Released = dict[str, dict[str, int | None]]
+
+
 @dataclass(frozen=True)
 class NewFile:
     """One uploaded file to publish: path, object, its site, xattrs and sealed identity."""
@@ -122,6 +128,7 @@ class NewFile:
     stored_size: int = 0           # a sealed object's stored size (``size`` is its plaintext's)
     seal: str | None = None        # a sealed object's "SALT_HEX:STUDY" (dgf/envelope.py)
     linked: bool = False           # no bytes travelled: another name for an object already stored
+    gens: tuple[tuple[str, int], ...] = ()  # (site, generation) its receipts signed for
 
 
 class MetaEngine(ABC):
@@ -139,8 +146,8 @@ class MetaEngine(ABC):
         split_path(path)
         return self._do_mkdir(norm_path(path), mode & 0o7777, parents)
 
-    def rename(self, src: str, dst: str) -> dict[str, list[str]]:
-        """Atomic rename; returns released objects (key -> sites) when a file was replaced."""
+    def rename(self, src: str, dst: str) -> Released:
+        """Atomic rename; returns the objects released (``Released``) when a file was replaced."""
         src, dst = norm_path(src), norm_path(dst)
         split_path(src), split_path(dst)
         if dst == src:
@@ -148,8 +155,8 @@ class MetaEngine(ABC):
             return {}
         return self._do_rename(src, dst)
 
-    def unlink(self, path: str) -> dict[str, list[str]]:
-        """Remove a file; return released objects (key -> sites holding their bytes)."""
+    def unlink(self, path: str) -> Released:
+        """Remove a file; return the objects released (``Released``)."""
         split_path(path)
         return self._do_unlink(norm_path(path))
 
@@ -157,9 +164,9 @@ class MetaEngine(ABC):
         split_path(path)
         self._do_rmdir(norm_path(path))
 
-    def rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]:
+    def rmtree(self, path: str) -> tuple[int, Released]:
         """Remove a directory and everything under it in one transaction; return the number of
-        files removed and the released objects (key -> sites holding their bytes)."""
+        files removed and the released objects (see ``Released``)."""
         split_path(path)
         return self._do_rmtree(norm_path(path))
 
@@ -167,7 +174,7 @@ class MetaEngine(ABC):
         self._do_chmod(norm_path(path), mode & 0o7777)
 
     def create_files(self, files: list[NewFile], replace: bool = False
-                     ) -> tuple[list[Stat], dict[str, list[str]]]:
+                     ) -> tuple[list[Stat], Released]:
         """Publish a batch of uploaded files in one transaction (parents made as needed).
 
         Returns the new entries and the objects released by replaced files."""
@@ -212,23 +219,23 @@ class MetaEngine(ABC):
     def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat: ...
 
     @abstractmethod
-    def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]: ...
+    def _do_rename(self, src: str, dst: str) -> Released: ...
 
     @abstractmethod
-    def _do_unlink(self, path: str) -> dict[str, list[str]]: ...
+    def _do_unlink(self, path: str) -> Released: ...
 
     @abstractmethod
     def _do_rmdir(self, path: str) -> None: ...
 
     @abstractmethod
-    def _do_rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]: ...
+    def _do_rmtree(self, path: str) -> tuple[int, Released]: ...
 
     @abstractmethod
     def _do_chmod(self, path: str, mode: int) -> None: ...
 
     @abstractmethod
     def _do_create_files(self, files: list[NewFile], replace: bool
-                          ) -> tuple[list[Stat], dict[str, list[str]]]: ...
+                          ) -> tuple[list[Stat], Released]: ...
 
     @abstractmethod
     def _do_getxattr(self, path: str, name: str) -> bytes: ...
@@ -266,8 +273,9 @@ class MetaEngine(ABC):
         """Object key -> (site, state) of each of its replicas, whatever their state."""
 
     @abstractmethod
-    def add_replica(self, key: str, site: str) -> bool:
-        """Record a healthy copy of a known object at ``site``; False if the object is unknown."""
+    def add_replica(self, key: str, site: str, gen: int | None = None) -> bool:
+        """Record a healthy copy of a known object at ``site``, of generation ``gen`` (as its
+        receipt signed); False if the object is unknown."""
 
     @abstractmethod
     def rewrap_patient_keys(self, rewrap: Callable[[bytes, bytes], bytes], kek_id: str) -> int:

@@ -46,6 +46,9 @@ replicas = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("site", sa.String, primary_key=True),
     sa.Column("state", sa.String, nullable=False),
+    # The site's stamp of the store its receipt was for (ioserver ObjectStore.put): a delete
+    # sent after the object's release removes that generation only (migration 0007).
+    sa.Column("gen", sa.BigInteger, nullable=True),
 )
 #: The directory tree's changes, filed under the tree version each commit moved it to (the
 #: settings row ``ns.dirs_version``): another metaserver process over this database replays them

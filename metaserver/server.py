@@ -37,7 +37,7 @@ from dgf.limits import Limits
 from dgf.sshlib import paramiko
 from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, ResolvedFile, Site, outermost
 from metaserver import query
-from metaserver.engine import MetaEngine, NewFile, norm_path
+from metaserver.engine import MetaEngine, NewFile, Released, norm_path
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
 from metaserver.vault import Vault
 from metaserver.vaultkey import PASSPHRASE_ENV, VaultSource, open_keys
@@ -269,7 +269,7 @@ class _Receipts:
 
     def __init__(self, site_keys: dict[str, Any], batches: dict[str, str]) -> None:
         self._keys, self._batches = site_keys, batches
-        self._verified: dict[tuple[str, str], list[Any]] = {}
+        self._verified: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
 
     def __call__(self, site: str, receipt: object) -> dict[str, Any]:
         if not isinstance(receipt, str):
@@ -277,21 +277,25 @@ class _Receipts:
         ref, sep, index = receipt.partition("#")
         if not sep:
             return crypto.verify_token(self._keys[site], receipt)
-        objs = self._verified.get((site, ref))
-        if objs is None:
+        verified = self._verified.get((site, ref))
+        if verified is None:
             if ref not in self._batches:
                 raise errors.PermissionDenied(f"receipt {receipt[:40]!r} names a batch receipt the commit does not carry.")
             claims = crypto.verify_token(self._keys[site], self._batches[ref])
-            objs = claims.get("objs")
+            objs, gens = claims.get("objs"), claims.get("gens")
             if (claims.get("t"), claims.get("site")) != ("receipts", site) or not isinstance(objs, list):
                 raise errors.PermissionDenied(f"batch receipt {ref!r} is not site {site}'s.")
-            self._verified[site, ref] = objs
-        entry = objs[int(index)] if index.isascii() and index.isdigit() and int(index) < len(objs) else None
+            # A site older than generations (2026-12-03) signs none.
+            verified = self._verified[site, ref] = (objs, gens if isinstance(gens, list) else [])
+        objs, gens = verified
+        i = int(index) if index.isascii() and index.isdigit() else len(objs)
+        entry = objs[i] if i < len(objs) else None
         if not isinstance(entry, list) or len(entry) != 4:
             raise errors.PermissionDenied(f"receipt {receipt[:40]!r} names no object of its batch.")
         key, size, blocks, header = entry
+        gen = gens[i] if i < len(gens) else None
         # The claims a single receipt carries (ioserver _receipt), absent where empty.
-        return {"t": "receipt", "site": site, "key": key, "size": size,
+        return {"t": "receipt", "site": site, "key": key, "size": size, **({"g": gen} if gen is not None else {}),
                 **({"bl": blocks} if blocks else {}), **({"xh": header} if header else {})}
 
 
@@ -328,18 +332,20 @@ class MetaService(wire.Service):
             raise errors.PermissionDenied(f"role {ctx.role!r} may not call {str(verb_name)[:64]!r}.")
         return super().dispatch(ctx, header, payload)
 
-    def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None, at: Site | None = None) -> str:
+    def _cap(self, p: Principal, op: str, site: str, keys: list[str] | None, at: Site | None = None,
+             gens: dict[str, int] | None = None) -> str:
         """A capability for ``p``; ``at``: the site it is for, named with its address, when it goes
-        to another site (which connects only where the metaserver says)."""
+        to another site (which connects only where the metaserver says); ``gens``: a delete's
+        generations (crypto.issue_capability)."""
         scope = self._scope(p)
         where = [at.host, at.port, at.host_key] if at is not None else None
         if scope is None:
-            return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, at=where)
+            return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, at=where, gens=gens)
         # Access from cohort grants: the capability ends with the first grant that ends, and
         # sites refuse it once a revocation moves the grant epoch on.
         ttl = max(1.0, min(600.0, scope.until - time.time()))
         return crypto.issue_capability(self._signing_key, p.fingerprint, op, site, keys, ttl, self._grant_epoch(),
-                                       at=where)
+                                       at=where, gens=gens)
 
     def _grant_epoch(self) -> int:
         return int(self.engine.get_setting("grants.epoch") or 0)
@@ -637,15 +643,16 @@ class MetaService(wire.Service):
     def ns_mkdir(self, p: Principal, path: str, parents: bool = False, mode: int = 0o755) -> wire.Reply:
         return wire.Reply(self.engine.mkdir(path, mode, parents).to_wire())
 
-    def _released(self, p: Principal, released: dict[str, list[str]]) -> dict[str, Any]:
+    def _released(self, p: Principal, released: Released) -> dict[str, Any]:
         """Delete capabilities for objects no file references, so the client frees site space
-        (their release was audited in the transaction that freed them)."""
-        by_site: dict[str, list[str]] = {}
+        (their release was audited in the transaction that freed them).  Each names the
+        generation released at its site: bytes an upload stored there since are kept."""
+        by_site: dict[str, dict[str, int | None]] = {}
         for key, sites in released.items():
-            for site in sites:
-                by_site.setdefault(site, []).append(key)
-        return {site: {"keys": keys, "cap": self._cap(p, "delete", site, keys)}
-                for site, keys in by_site.items()}
+            for site, gen in sites.items():
+                by_site.setdefault(site, {})[key] = gen
+        return {site: {"keys": sorted(keys), "cap": self._cap(p, "delete", site, sorted(keys), gens={
+            k: g for k, g in keys.items() if g is not None})} for site, keys in by_site.items()}
 
     @wire.verb("ns.rename", src=str, dst=str)
     def ns_rename(self, p: Principal, src: str, dst: str) -> wire.Reply:
@@ -1075,6 +1082,7 @@ class MetaService(wire.Service):
         inherited: dict[str, tuple[str, dict[str, Any]] | None] = {}
         for f, xml in zip(files, headers):
             site = f["site"]
+            gens: list[tuple[str, int]] = []      # (site, generation) each receipt signed for
             if site not in site_keys:
                 raise errors.UsageError(f"unknown site {site!r} in commit.")
             if not f.get("receipt"):
@@ -1106,6 +1114,8 @@ class MetaService(wire.Service):
                     if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
                             ("receipt", where, f["key"], stored_size):
                         raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
+                    if type(claims.get("g")) is int:
+                        gens.append((where, claims["g"]))
                     # The hash list is kept only as every site computed it from the bytes it stored.
                     if list_digest(blocks) != claims.get("bl", ""):
                         raise errors.PermissionDenied(
@@ -1149,7 +1159,7 @@ class MetaService(wire.Service):
                                wanted=placement.factor(f["path"], default, overrides) if background else 0,
                                stored_size=envelope.sealed_size(f["size"]) if seal else 0,
                                seal=f"{seal['salt']}:{seal['study']}" if seal else None,
-                               linked=not f.get("receipt")))
+                               linked=not f.get("receipt"), gens=tuple(gens)))
         # Patient keys are made only once every entry has passed its checks: a refused commit
         # leaves no key behind (a hostile writer could otherwise fill the vault with them).
         if to_seal:
@@ -1433,13 +1443,14 @@ class MetaService(wire.Service):
                         ("receipt", site, key, info.get("size")) or claims.get("bl", "") != list_digest(blocks) \
                         or claims.get("xh") != hashlib.sha256(xml).hexdigest():
                     raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
+                gen = claims["g"] if type(claims.get("g")) is int else None
                 if known.get(key):
-                    if not self.engine.add_replica(key, site):
+                    if not self.engine.add_replica(key, site, gen):
                         raise errors.NotFound(f"object {key[:16]}... left the archive meanwhile.")
                     recorded.append(key)
                     continue
                 new.append(NewFile(_lost_and_found(key, xml), key, int(info["size"]), site,
-                                   {query.HEADER_XATTR: xml}, blocks=blocks))
+                                   {query.HEADER_XATTR: xml}, blocks=blocks, gens=((site, gen),) if gen else ()))
             except (errors.DgfError, ValueError, KeyError, TypeError) as exc:
                 failed[key] = exc.message if isinstance(exc, errors.DgfError) else "malformed adoption entry"
         adopted: list[str] = []
@@ -1488,7 +1499,7 @@ class MetaService(wire.Service):
             raise errors.PermissionDenied(f"site {site} is untrusted and object {key[:16]}... is not sealed; "
                                           "its copy there is not recorded.")
         with self.engine.audited(p.name, "replica.add", key, site):
-            if not self.engine.add_replica(key, site):
+            if not self.engine.add_replica(key, site, claims["g"] if type(claims.get("g")) is int else None):
                 raise errors.NotFound(f"object {key[:16]}... is not in the archive.")
 
     # -- replication in the background (mode async) -----------------------------------------
@@ -1637,7 +1648,7 @@ class MetaService(wire.Service):
                           self.engine.query_estimate, self.limits, review=False)
         paths = sorted({r["path"] for r in query.run(self.engine, q, "/", [], 0,
                                                      time.monotonic() + self.query_time_limit)})
-        released: dict[str, list[str]] = {}          # object key -> sites holding it
+        released: Released = {}
         for path in paths:
             with self.engine.audited(p.name, "delete", path, released=f"erased {patient}"):
                 released.update(self.engine.unlink(path))

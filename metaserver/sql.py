@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from dgf import errors
 from dgf.types import Stat
 from metaserver import index
-from metaserver.engine import MetaEngine, NewFile, norm_path
+from metaserver.engine import MetaEngine, NewFile, Released, norm_path
 from metaserver.index import keys_t, values_t
 from metaserver.schema import (
     REPLICAS_XATTR,
@@ -178,8 +178,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             return stat_of(path, self._new_dir(conn, parent.id, name, mode))
         return self._txn(run, SHARED)
 
-    def _do_rename(self, src: str, dst: str) -> dict[str, list[str]]:
-        def run(conn: Connection) -> dict[str, list[str]]:
+    def _do_rename(self, src: str, dst: str) -> Released:
+        def run(conn: Connection) -> Released:
             s = self._resolve(conn, src)
             if (dst + "/").startswith(src + "/"):
                 raise errors.UsageError(f"cannot move {src!r} into itself.")
@@ -211,7 +211,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             return self._release(conn, {existing.object_key} if existing is not None else set())
         return self._txn(run, EXCLUSIVE)
 
-    def _release(self, conn: Connection, keys: set[str]) -> dict[str, list[str]]:
+    def _release(self, conn: Connection, keys: set[str]) -> Released:
         """Forget the objects among ``keys`` that no file references any more.
 
         Their object, replica and identity rows go in the caller's transaction; the result maps
@@ -233,9 +233,10 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         gone = sorted(held - used)
         if not gone:
             return {}
-        out: dict[str, list[str]] = {k: [] for k in gone}
-        for r in conn.execute(sa.select(replicas.c.key, replicas.c.site).where(replicas.c.key.in_(gone))):
-            out[r.key].append(r.site)
+        out: Released = {k: {} for k in gone}
+        for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.gen)
+                              .where(replicas.c.key.in_(gone))):
+            out[r.key][r.site] = r.gen
         conn.execute(replicas.delete().where(replicas.c.key.in_(gone)))
         conn.execute(repairs.delete().where(repairs.c.key.in_(gone)))
         conn.execute(objects.delete().where(objects.c.key.in_(gone)))
@@ -255,8 +256,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         if conn.execute(inodes.delete().where(inodes.c.id == ino)).rowcount == 0:
             raise errors.NotFound(f"{path} does not exist.")
 
-    def _do_unlink(self, path: str) -> dict[str, list[str]]:
-        def run(conn: Connection) -> dict[str, list[str]]:
+    def _do_unlink(self, path: str) -> Released:
+        def run(conn: Connection) -> Released:
             row = self._resolve(conn, path)
             if row.is_dir:
                 raise errors.IsADirectory(f"{path} is a directory; use rmdir.")
@@ -281,8 +282,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 nlink=inodes.c.nlink - 1, mtime=time.time()))
         self._txn(run, EXCLUSIVE)
 
-    def _do_rmtree(self, path: str) -> tuple[int, dict[str, list[str]]]:
-        def run(conn: Connection) -> tuple[int, dict[str, list[str]]]:
+    def _do_rmtree(self, path: str) -> tuple[int, Released]:
+        def run(conn: Connection) -> tuple[int, Released]:
             top = self._resolve(conn, path)
             if not top.is_dir:
                 raise errors.NotADirectory(f"{path} is not a directory.")
@@ -322,7 +323,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             conn.execute(inodes.update().where(inodes.c.id == row.id).values(mode=mode, ctime=time.time()))
         self._txn(run)
 
-    def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], dict[str, list[str]]]:
+    def _do_create_files(self, files: list[NewFile], replace: bool) -> tuple[list[Stat], Released]:
         if not files:
             return [], {}          # an empty commit (a client may send one): nothing to write
         # The headers are parsed before the transaction, which then holds the write lock only
@@ -330,7 +331,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         indexed = {f.path: self._parsed(f.xattrs[index.HEADER_XATTR]) for f in files
                    if index.HEADER_XATTR in f.xattrs}
 
-        def run(conn: Connection) -> tuple[list[Stat], dict[str, list[str]]]:
+        def run(conn: Connection) -> tuple[list[Stat], Released]:
             # The directory map changes only if a directory is made (_make_parents marks it).
             now = time.time()
             by_parent: dict[str, list[NewFile]] = {}
@@ -383,10 +384,12 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                        [(f.object_key, f.patient, f.identity, f.original_size) for f in files
                         if f.identity is not None and f.patient is not None], IGNORE)
             # A fresh receipt proves the site holds verified bytes: a replica quarantined
-            # earlier and now re-uploaded is healthy again.
-            self._bulk(conn, replicas.name, ("key", "site", "state"),
-                       [(f.object_key, site, "ok") for f in files for site in dict.fromkeys((f.site, *f.copies))],
-                       'ON CONFLICT ("key", "site") DO UPDATE SET "state" = excluded."state"')
+            # earlier and now re-uploaded is healthy again, and its generation is the one the
+            # receipt signed for.  A link brought no receipt: the object's replicas stand.
+            self._bulk(conn, replicas.name, ("key", "site", "state", "gen"),
+                       [(f.object_key, site, "ok", dict(f.gens).get(site)) for f in files if not f.linked
+                        for site in dict.fromkeys((f.site, *f.copies))],
+                       'ON CONFLICT ("key", "site") DO UPDATE SET "state" = excluded."state", "gen" = excluded."gen"')
             self._bulk(conn, repairs.name, ("key", "wanted", "since"),
                        [(f.object_key, f.wanted, now) for f in files
                         if f.wanted > len(dict.fromkeys((f.site, *f.copies)))], IGNORE)
@@ -605,15 +608,19 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 out[r.key].append((r.site, r.state))
         return out
 
-    def add_replica(self, key: str, site: str) -> bool:
+    def add_replica(self, key: str, site: str, gen: int | None = None) -> bool:
+        """Record a verified copy of object ``key`` at ``site`` (generation ``gen``, as its
+        receipt signed); False if the object was released meanwhile (its row is locked
+        against that, as a commit locks it)."""
         def run(conn: Connection) -> bool:
-            if conn.execute(sa.select(objects.c.key).where(objects.c.key == key)).first() is None:
+            if conn.execute(sa.select(objects.c.key).where(objects.c.key == key)
+                            .with_for_update(read=True)).first() is None:
                 return False
             dialect = postgresql if not self.is_sqlite else sqlite
             ins = dialect.insert(replicas)
             conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],
-                                                   set_={"state": ins.excluded.state}),
-                         [{"key": key, "site": site, "state": "ok"}])
+                                                   set_={"state": ins.excluded.state, "gen": ins.excluded.gen}),
+                         [{"key": key, "site": site, "state": "ok", "gen": gen}])
             return True
         return self._txn(run)
 

@@ -25,6 +25,7 @@ from dgf import errors
 from dgf.limits import RefusalLog
 from dgf.types import Stat
 from metaserver import index
+from metaserver.engine import Released
 from metaserver.planner import Catalogue
 from metaserver.schema import (
     AUDIT_HEAD,
@@ -342,7 +343,7 @@ class SqlBase:
         finally:
             self._local.audit = None
 
-    def _audit_in(self, conn: Connection, released: dict[str, list[str]] | None) -> None:
+    def _audit_in(self, conn: Connection, released: Released | None) -> None:
         pending = getattr(self._local, "audit", None)
         if pending is None:
             return

@@ -34,9 +34,9 @@ def _key(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
-def _file(path: str, content: str = "x", site: str = "site-a") -> NewFile:
+def _file(path: str, content: str = "x", site: str = "site-a", gen: int = 7) -> NewFile:
     return NewFile(path, _key(content), len(content), site, {"user.dgf.dicom": b"<DicomHeader/>"},
-                   "P1", b"sealed")
+                   "P1", b"sealed", gens=((site, gen),))
 
 
 @contextlib.contextmanager
@@ -128,7 +128,7 @@ class EngineContract:
         with pytest.raises(errors.AlreadyExists):
             engine.create_files([_file("/p/s/a.dcm", "other")])
         _, released = engine.create_files([_file("/p/s/a.dcm", "other")], replace=True)
-        assert released == {_key("x"): ["site-a"]}
+        assert released == {_key("x"): {"site-a": 7}}
         assert engine.identity(_key("x")) is None and engine.identity(_key("other")) is not None
 
     def test_commit_rows_keep_every_byte_and_null(self, engine: MetaEngine) -> None:
@@ -384,8 +384,13 @@ class EngineContract:
 
     def test_unlink_releases_unreferenced_objects_only(self, engine: MetaEngine) -> None:
         engine.create_files([_file("/a.dcm", "same"), _file("/b.dcm", "same")])
-        assert engine.unlink("/a.dcm") == {}
-        assert engine.unlink("/b.dcm") == {_key("same"): ["site-a"]}
+        engine.create_files([_file("/c.dcm", "same", gen=9)])        # stored again: a newer generation
+        assert engine.unlink("/a.dcm") == {} and engine.unlink("/c.dcm") == {}
+        # The generation released is the last one a receipt signed for (a delete of it keeps
+        # bytes stored again since); a link, with no receipt, leaves it as it is.
+        engine.create_files([dataclasses.replace(_file("/d.dcm", "same", gen=3), linked=True)])
+        assert engine.unlink("/d.dcm") == {}
+        assert engine.unlink("/b.dcm") == {_key("same"): {"site-a": 9}}
         assert engine.object_replicas([_key("same")]) == {_key("same"): []}
 
     def test_a_link_to_an_object_released_meanwhile_is_refused(self, engine: MetaEngine) -> None:
@@ -393,7 +398,7 @@ class EngineContract:
         # no bytes; before its commit, an unlink freed the object, whose bytes the sites are
         # now deleting.  Publishing the name would point it at nothing.
         engine.create_files([_file("/a.dcm", "same"), _file("/keep.dcm", "kept")])
-        assert engine.unlink("/a.dcm") == {_key("same"): ["site-a"]}
+        assert engine.unlink("/a.dcm") == {_key("same"): {"site-a": 7}}
         with pytest.raises(errors.NotFound, match="removed meanwhile"):
             engine.create_files([dataclasses.replace(_file("/b.dcm", "same"), linked=True),
                                  dataclasses.replace(_file("/c.dcm", "kept"), linked=True)])

@@ -205,6 +205,27 @@ def test_rm_r_removes_a_tree_in_one_transaction_and_frees_its_objects(federation
     assert sum(e["action"] == "object.release" and e["target"] in keys for e in entries) == 5
 
 
+def test_a_late_delete_keeps_the_bytes_an_upload_stored_since(federation: local.Federation,
+                                                             clinician: Client, tmp_path: Path) -> None:
+    # An unlink released an object; the delete it sends the site arrives late, after an upload
+    # of the same instance stored the bytes there again (the site held them: nothing written)
+    # and published them under a new name.  The delete took those bytes, and the new file was
+    # left with a name and nothing behind it.
+    src = corpus.fresh_instances(tmp_path / "late", 1)
+    clinician.upload(src, to="/late/a")
+    [(a_path, key, *_)] = clinician.resolve(["/late/a"])["files"]
+    reply, _ = clinician.meta.call("ns.unlink", path=a_path)     # released; its delete held back
+    assert list(reply["release"].values())[0]["keys"] == [key]
+    clinician.upload(src, to="/late/b")
+    [(b_path, b_key, *_)] = clinician.resolve(["/late/b"])["files"]
+    assert b_key == key
+    clinician._free(reply["release"])                            # the late delete
+    assert _on_a_site(federation, key)
+    assert hashlib.sha256(clinician.read_file(b_path)).hexdigest() == key
+    clinician.rm(b_path)                                         # its own release frees it
+    assert not _on_a_site(federation, key)
+
+
 def _on_a_site(fed: local.Federation, key: str) -> bool:
     return any(object_path(fed.root / f"store-{s}", key).exists() for s in fed.sites)
 

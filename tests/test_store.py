@@ -55,12 +55,13 @@ class ObjectStoreContract:
         items.insert(3, (_key(b"claimed"), b"but other bytes"))
         items.insert(5, ("not-a-key", b"x"))
         results = store.put_many(items)
-        assert [type(r).__name__ if r else None for r in results].count(None) == 10
+        assert [type(r) for r in results].count(int) == 10
         assert isinstance(results[3], errors.IntegrityError) and isinstance(results[5], errors.UsageError)
         for d in good:
             n, chunks = store.get(_key(d))
             assert b"".join(chunks) == d
-        assert store.put_many(items[:1]) == [None]  # idempotent
+        again = store.put_many(items[:1])           # idempotent, as a newer generation
+        assert isinstance(again[0], int) and isinstance(results[0], int) and again[0] > results[0]
         assert sorted(store.keys()) == sorted(_key(d) for d in good)
 
     def test_delete_and_bad_ranges(self, store: ObjectStore) -> None:
@@ -72,6 +73,23 @@ class ObjectStoreContract:
         assert store.delete(key) is True and store.delete(key) is False
         with pytest.raises(errors.NotFound):
             store.get(key)
+
+    def test_a_delete_removes_the_generation_it_names_only(self, store: ObjectStore) -> None:
+        # An unlink released an object; before the delete it was sent reached the site, an
+        # upload of the same bytes stored them again (its commit on its way).  The delete must
+        # keep them: that upload's file would otherwise have no bytes.
+        data = os.urandom(5000)
+        key = _key(data)
+        first = store.put(key, [data], len(data))[2]
+        second = store.put(key, [data], len(data))[2]       # already held: still a new generation
+        batch = store.put_many([(key, data)])[0]
+        assert isinstance(batch, int) and first < second < batch
+        assert store.stamp(key) > batch                          # a stamp moves it on too
+        assert store.delete(key, first) is False and store.stat(key) == len(data)
+        assert store.delete(key, store.stamp(key)) is True       # the generation on record goes
+        assert store.stamp(key) is None and store.delete(key, 1) is False
+        gen = store.put(key, [data], len(data))[2]               # stored anew after the delete
+        assert store.delete(key, gen) is True
 
 
 class TestLocalObjectStore(ObjectStoreContract):
@@ -126,7 +144,7 @@ def test_a_new_store_is_flat_and_an_old_one_keeps_its_two_levels(tmp_path: Path)
     blobs = [os.urandom(200 + i) for i in range(300)]
     new = LocalObjectStore(tmp_path / "new", fsync=False)
     assert new.levels == 1 and (tmp_path / "new" / "layout").is_file()
-    assert all(r is None for r in new.put_many([(_key(b), b) for b in blobs]))
+    assert all(type(r) is int for r in new.put_many([(_key(b), b) for b in blobs]))
     dirs = {p for p in (tmp_path / "new" / "objects").rglob("*") if p.is_dir()}
     assert all(p.parent == tmp_path / "new" / "objects" for p in dirs) and len(dirs) <= 256
     assert all(object_path(tmp_path / "new", _key(b)) == new._path(_key(b)) and new._path(_key(b)).is_file()
@@ -139,7 +157,7 @@ def test_a_new_store_is_flat_and_an_old_one_keeps_its_two_levels(tmp_path: Path)
         (old_root / "objects" / k[:2] / k[2:4] / k).write_bytes(b)
     old = LocalObjectStore(old_root, fsync=False)
     assert old.levels == 2 and not (old_root / "layout").exists()
-    assert all(r is None for r in old.put_many([(_key(b), b) for b in blobs[50:]]))
+    assert all(type(r) is int for r in old.put_many([(_key(b), b) for b in blobs[50:]]))
     for store in (new, old, LocalObjectStore(old_root, fsync=False)):
         assert [k for k, _, _ in store.listing("", 1000)] == sorted(_key(b) for b in blobs)
         middle = sorted(_key(b) for b in blobs)[140]

@@ -208,6 +208,14 @@ def test_capabilities_are_bound_to_principal_site_and_time(tmp_path: Path) -> No
     forged = crypto._b64(crypto._unb64(body).replace(b'"get"', b'"put"')) + "." + sig
     with pytest.raises(errors.PermissionDenied, match="signature"):
         crypto.check_capability(public, forged, "SHA256:alice", "site-a")
+    # A delete names the generation of each object it removes (none: any, as before them).
+    delete = crypto.issue_capability(key, "SHA256:alice", "delete", "site-a", ["k2", "k1"], gens={"k1": 17})
+    assert crypto.check_capability(public, delete, "SHA256:alice", "site-a").gens == {"k1": 17}
+    assert cap.gens is None
+    for odd in ({"k1": 17}, ["17", None], [17]):
+        token = crypto.sign_token(key, {**crypto.verify_token(public, delete), "g": odd})
+        with pytest.raises(errors.PermissionDenied, match="malformed"):
+            crypto.check_capability(public, token, "SHA256:alice", "site-a")
 
 
 def test_vault_keys_pseudonyms_are_stable_and_keyed() -> None:
