@@ -49,6 +49,7 @@ class Entry:
     recorded: dict[str, str]                # site -> state the metaserver records
     sealed: bool = False                    # sealed (dgf/envelope.py): untrusted sites may take a copy
     found: dict[str, str] = field(default_factory=dict)   # site -> ok | missing | corrupt | unchecked
+    gens: dict[str, int] = field(default_factory=dict)    # site -> generation recorded (if any)
 
     @property
     def intact(self) -> list[str]:
@@ -65,6 +66,8 @@ class FsckReport:
     over: list[tuple[str, int, int]] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)                       # no intact copy anywhere
     orphans: list[tuple[str, str, int, float]] = field(default_factory=list)  # (site, key, size, age s)
+    #: (site, key) -> the orphan's generation when listed: its removal keeps it if stored since.
+    orphan_gens: dict[tuple[str, str], int] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)          # site -> why
     copied: list[tuple[str, str]] = field(default_factory=list)         # (path, to site)
     dropped: list[tuple[str, str]] = field(default_factory=list)        # (path, site) records forgotten
@@ -154,10 +157,12 @@ def _objects(client: Any, root: str) -> tuple[dict[str, Entry], dict[str, Site]]
         for s in page["sites"]:
             site = Site.from_wire(s)
             sites[site.name] = site
+        gens = page.get("gens") or {}             # none from an older metaserver
         for key, size, want, rows, path, sealed in page["objects"]:
             e = entries.get(key)
             if e is None:
-                entries[key] = Entry(key, size, want, path, {s: state for s, state in rows}, sealed=sealed)
+                entries[key] = Entry(key, size, want, path, {s: state for s, state in rows}, sealed=sealed,
+                                     gens=dict(gens.get(key) or {}))
             else:
                 e.want = max(e.want, want)
         offset = page["next"]
@@ -174,12 +179,15 @@ def _orphans(client: Any, site: str, cap: str, report: FsckReport, lock: threadi
         listed = reply["objects"]
         if not listed:
             return
+        gens = dict(zip((k for k, _, _ in listed), reply.get("gens") or ()))   # none from an older site
         for i in range(0, len(listed), BATCH):
             part = listed[i:i + BATCH]
             recorded = set(client.meta.call("admin.fsck.recorded", site=site,
                                              keys=[k for k, _, _ in part])[0]["recorded"])
             with lock:
                 report.orphans.extend((site, k, size, now - mtime) for k, size, mtime in part if k not in recorded)
+                report.orphan_gens.update(((site, k), gens[k]) for k, _, _ in part
+                                          if k not in recorded and type(gens.get(k)) is int)
         after = listed[-1][0]
         if not reply["more"]:
             return
@@ -319,11 +327,15 @@ def _trim(client: Any, entries: dict[str, Entry], sites: dict[str, Site], report
         for i in range(0, len(dropped), BATCH):
             part = dropped[i:i + BATCH]
             try:
-                cap = client.meta.call("admin.fsck.delete", site=site, keys=[e.key for e in part])[0]["cap"]
+                cap = client.meta.call("admin.fsck.delete", site=site, keys=[e.key for e in part],
+                                       gens=[e.gens.get(site) for e in part])[0]["cap"]
                 for e in part:
-                    client.site_link(site).call("delete", cap, key=e.key)
-                    report.trimmed.append((e.path, site))
-                    e.found[site] = "removed"
+                    if not client.site_link(site).call("delete", cap, key=e.key)[0].get("kept"):
+                        report.trimmed.append((e.path, site))
+                        e.found[site] = "removed"
+                    else:
+                        report.failures.append(f"{e.path}: its extra copy at {site} was stored again since it "
+                                               "was checked; it stays, for the next fsck")
             except errors.DgfError as exc:
                 # The record is gone: what stays on the site is an orphan the next fsck removes.
                 report.failures.append(f"extra copies at site {site} are left as orphans ({exc.message})")
@@ -344,10 +356,16 @@ def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callab
                 part = [k for k in part if k not in recorded]
                 if not part:
                     continue
-                cap = client.meta.call("admin.fsck.delete", site=site, keys=part)[0]["cap"]
+                # Each names the generation listed: one an upload stored again since (to commit
+                # it, after the check above) is kept.
+                cap = client.meta.call("admin.fsck.delete", site=site, keys=part,
+                                       gens=[report.orphan_gens.get((site, k)) for k in part])[0]["cap"]
                 for key in part:
-                    client.site_link(site).call("delete", cap, key=key)
-                    report.removed.append((site, key))
+                    if not client.site_link(site).call("delete", cap, key=key)[0].get("kept"):
+                        report.removed.append((site, key))
+                    else:
+                        report.failures.append(f"orphan {key[:16]}... at site {site} was stored again since it "
+                                               "was listed (an upload about to commit); it stays")
             except errors.DgfError as exc:
                 report.failures.append(f"orphans at site {site} stay ({exc.message})")
 

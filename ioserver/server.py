@@ -376,7 +376,9 @@ class IoService(wire.Service):
         # A release of a replica recorded before generations names none: deleted as before.
         gens = None if any(c.gens is None or key not in c.gens for c in caps) else \
             {c.gens[key] for c in caps if c.gens is not None}
-        return wire.Reply({"deleted": self.store.delete(key, gens)})
+        deleted = self.store.delete(key, gens)
+        # Kept: stored again since the generation named (absent ones are neither).
+        return wire.Reply({"deleted": deleted, "kept": not deleted and self.store.held(key)})
 
     @wire.verb("verify", key=str)
     def verify(self, s: Session, key: str) -> wire.Reply:
@@ -461,11 +463,14 @@ class IoService(wire.Service):
 
     @wire.verb("fsck.list", optional=("after", "limit"), after=str, limit=int)
     def fsck_list(self, s: Session, after: str = "", limit: int = 10_000) -> wire.Reply:
-        """The objects stored here, in key order, a page at a time: [key, size, mtime]."""
+        """The objects stored here, in key order, a page at a time: [key, size, mtime], and
+        beside them (for admin clients older than generations) each one's generation: a
+        removal of orphans names it, and an object stored again since is kept."""
         s.require("fsck", None)
         limit = max(1, min(limit, self.limits.list_items))
         objects = self.store.listing(after, limit)
-        return wire.Reply({"objects": [list(o) for o in objects], "more": len(objects) == limit})
+        return wire.Reply({"objects": [[k, n, t] for k, n, t, _ in objects], "gens": [g for *_, g in objects],
+                           "more": len(objects) == limit})
 
     @wire.verb("fsck.adopt", keys=list)
     def fsck_adopt(self, s: Session, keys: list[str]) -> wire.Reply:

@@ -141,6 +141,9 @@ class ObjectStore(ABC):
             raise errors.NotFound(f"object {key[:16]}... is not stored at this site.")
         return size
 
+    def held(self, key: str) -> bool:
+        return self._do_stat(check_key(key)) is not None
+
     def delete(self, key: str, gens: int | Collection[int] | None = None) -> bool:
         """Remove the object; with ``gens``, only if it is still (one of) that generation.  An
         object released by the metaserver may have been stored again since, by an upload whose
@@ -192,7 +195,9 @@ class ObjectStore(ABC):
     def _do_read(self, key: str, offset: int, n: int, verify: bool) -> Iterator[bytes]: ...
 
     @abstractmethod
-    def listing(self, after: str, limit: int) -> list[tuple[str, int, float]]: ...
+    def listing(self, after: str, limit: int) -> list[tuple[str, int, float, int]]:
+        """(key, size, mtime, generation) of up to ``limit`` stored objects with keys after
+        ``after``, in key order."""
 
     @abstractmethod
     def _do_stat(self, key: str) -> int | None: ...
@@ -304,11 +309,11 @@ class LocalObjectStore(ObjectStore):
                 if _KEY.fullmatch(name):
                     yield name
 
-    def listing(self, after: str, limit: int) -> list[tuple[str, int, float]]:
-        """(key, size, mtime) of up to ``limit`` stored objects with keys after ``after``, in
-        key order (the directory levels are the key's first bytes, so a walk in name order is
-        key order)."""
-        out: list[tuple[str, int, float]] = []
+    def listing(self, after: str, limit: int) -> list[tuple[str, int, float, int]]:
+        """(key, size, mtime, generation) of up to ``limit`` stored objects with keys after
+        ``after``, in key order (the directory levels are the key's first bytes, so a walk in
+        name order is key order)."""
+        out: list[tuple[str, int, float, int]] = []
         for top in sorted(os.listdir(self.objects)):
             if top < after[:2]:
                 continue
@@ -322,7 +327,7 @@ class LocalObjectStore(ObjectStore):
                         st = os.stat(d / name)
                     except FileNotFoundError:
                         continue
-                    out.append((name, st.st_size, st.st_mtime))
+                    out.append((name, st.st_size, st.st_mtime, st.st_mtime_ns))
                     if len(out) >= limit:
                         return out
         return out

@@ -273,6 +273,10 @@ class MetaEngine(ABC):
         """Object key -> (site, state) of each of its replicas, whatever their state."""
 
     @abstractmethod
+    def replica_gens(self, keys: list[str]) -> dict[str, dict[str, int]]:
+        """Object key -> {site: generation} of its replicas recorded with one."""
+
+    @abstractmethod
     def add_replica(self, key: str, site: str, gen: int | None = None) -> bool:
         """Record a healthy copy of a known object at ``site``, of generation ``gen`` (as its
         receipt signed); False if the object is unknown."""

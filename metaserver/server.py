@@ -1378,8 +1378,11 @@ class MetaService(wire.Service):
             if key in sealed:                    # the stored size; untrusted sites may hold a copy
                 entry[1] = envelope.sealed_size(entry[1])
             entry.append(key in sealed)
+        # Each replica's generation, apart (admin clients older than generations read the rest):
+        # a trimmed copy is deleted only if no upload stored it again since.
         return wire.Reply({"objects": list(found.values()), "next": seen if more else None,
-                           "sites": [st.to_wire() for st in self.engine.sites()]})
+                           "sites": [st.to_wire() for st in self.engine.sites()],
+                           "gens": self.engine.replica_gens(sorted(found))})
 
     @wire.verb("admin.fsck.caps", sites=list)
     def fsck_caps(self, p: Principal, sites: list[str]) -> wire.Reply:
@@ -1465,19 +1468,23 @@ class MetaService(wire.Service):
             self.engine.audit(p.name, "replica.add", f"{len(recorded)} adopted copies", site)
         return wire.Reply({"adopted": adopted, "recorded": recorded, "failed": failed})
 
-    @wire.verb("admin.fsck.delete", site=str, keys=list)
-    def fsck_delete(self, p: Principal, site: str, keys: list[str]) -> wire.Reply:
+    @wire.verb("admin.fsck.delete", optional=("gens",), site=str, keys=list, gens=list)
+    def fsck_delete(self, p: Principal, site: str, keys: list[str], gens: list[Any] | None = None) -> wire.Reply:
         """A delete capability at ``site`` for objects the archive does not record there
-        (orphans); recorded copies are never handed out for deletion this way."""
+        (orphans); recorded copies are never handed out for deletion this way.  ``gens``: the
+        generation of each as the site listed it (null: any), so one stored since is kept."""
         keys = [str(k) for k in keys]
         if len(keys) > self.limits.list_items:
             raise self.limits.refuse("list_items", f"a removal of {len(keys)} objects")
+        if gens is not None and (len(gens) != len(keys) or not all(g is None or type(g) is int for g in gens)):
+            raise errors.UsageError("admin.fsck.delete takes one generation (or null) per key.")
         recorded = self.engine.recorded_at(site, keys)
         if recorded:
             raise errors.PermissionDenied(f"{len(recorded)} of these objects are recorded at site {site}; "
                                           "only orphans may be removed.")
         self.engine.audit(p.name, "fsck.orphans", site, "ok", f"{len(keys)} objects")
-        return wire.Reply({"cap": self._cap(p, "delete", site, keys)})
+        return wire.Reply({"cap": self._cap(p, "delete", site, keys, gens={
+            k: g for k, g in zip(keys, gens or ()) if g is not None})})
 
     @wire.verb("admin.replica.add", key=str, site=str, receipt=str)
     def replica_add(self, p: Principal, key: str, site: str, receipt: str) -> wire.Reply:

@@ -599,6 +599,16 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
     def replica_rows(self, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
         return self._read(lambda conn: self._replica_rows(conn, keys))
 
+    def replica_gens(self, keys: list[str]) -> dict[str, dict[str, int]]:
+        def run(conn: Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for part in slices(keys):
+                for r in conn.execute(sa.select(replicas.c.key, replicas.c.site, replicas.c.gen).where(
+                        replicas.c.key.in_(part), replicas.c.gen.is_not(None))):
+                    out.setdefault(r.key, {})[r.site] = int(r.gen)
+            return out
+        return self._read(run)
+
     @staticmethod
     def _replica_rows(conn: Connection, keys: list[str]) -> dict[str, list[tuple[str, str]]]:
         out: dict[str, list[tuple[str, str]]] = {k: [] for k in keys}

@@ -259,6 +259,57 @@ def test_fsck_finds_and_repairs_site_to_site(tmp_path: Path) -> None:
         local.down(fed.root, quiet=True)
 
 
+def test_fsck_keeps_orphans_and_extra_copies_stored_again_after_it_looked(three: local.Federation,
+                                                                        tmp_path: Path) -> None:
+    # fsck lists an orphan (bytes no file records) or finds a copy too many, then removes it.
+    # An upload of the same instance that stored those bytes again in between, to commit them,
+    # lost them: the removal was unconditional.  Each removal now names the generation fsck
+    # saw, and the site keeps bytes stored since.
+    from dgf import fsck
+    from ioserver.store import LocalObjectStore
+
+    fed = three
+    data = b"bytes an upload died before committing, " + os.urandom(16)
+    key = hashlib.sha256(data).hexdigest()
+    orphan = _obj(fed, "site-c", key)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(data)
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+    site_c = LocalObjectStore(fed.root / "store-site-c")       # the site's own store, as a put uses it
+    with Client(fed.config("admin")) as admin:
+        caps = admin.meta.call("admin.fsck.caps", sites=["site-c"])[0]["caps"]
+
+        def listed() -> fsck.FsckReport:
+            report = fsck.FsckReport()
+            fsck._orphans(admin, "site-c", caps["site-c"], report, threading.Lock())
+            assert ("site-c", key) in report.orphan_gens
+            return report
+
+        report = listed()
+        site_c.stamp(key)                                      # an upload stores it again
+        fsck._remove_orphans(admin, report, 0, lambda _: None)
+        assert orphan.exists() and ("site-c", key) not in report.removed
+        assert any("stored again" in f for f in report.failures)
+        report = listed()                                      # listed afresh, it goes
+        fsck._remove_orphans(admin, report, 0, lambda _: None)
+        assert not orphan.exists() and ("site-c", key) in report.removed
+
+        with Client(fed.config("clinician")) as c:
+            c.upload(corpus.fresh_instances(tmp_path, 1), to="/stored-again")
+            [st] = c.ls("/stored-again")
+        entries, sites = fsck._objects(admin, "/stored-again")
+        e = entries[st.object_key or ""]
+        held = sorted(e.recorded)
+        assert len(held) == 2 and set(e.gens) == set(held)
+        e.want, e.found = 1, {s: "ok" for s in held}
+        for site in held:                                      # stored again at both sites
+            LocalObjectStore(fed.root / f"store-{site}").stamp(e.key)
+        report = fsck.FsckReport()
+        fsck._trim(admin, entries, sites, report, lambda _: None)
+        assert report.trimmed == [] and all(_obj(fed, s, e.key).exists() for s in held)
+        assert any("stored again" in f for f in report.failures)
+
+
 def _dgf(fed: local.Federation, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, DGF_CONFIG=str(fed.config("admin")))
     return subprocess.run([str(Path(sys.executable).parent / "dgf"), *args], capture_output=True, text=True,

@@ -159,9 +159,9 @@ def test_a_new_store_is_flat_and_an_old_one_keeps_its_two_levels(tmp_path: Path)
     assert old.levels == 2 and not (old_root / "layout").exists()
     assert all(type(r) is int for r in old.put_many([(_key(b), b) for b in blobs[50:]]))
     for store in (new, old, LocalObjectStore(old_root, fsync=False)):
-        assert [k for k, _, _ in store.listing("", 1000)] == sorted(_key(b) for b in blobs)
+        assert [k for k, *_ in store.listing("", 1000)] == sorted(_key(b) for b in blobs)
         middle = sorted(_key(b) for b in blobs)[140]
-        assert [k for k, _, _ in store.listing(middle, 5)] == sorted(_key(b) for b in blobs)[141:146]
+        assert [k for k, *_ in store.listing(middle, 5)] == sorted(_key(b) for b in blobs)[141:146]
         n, chunks = store.get(_key(blobs[7]))
         assert b"".join(chunks) == blobs[7]
     assert object_path(old_root, _key(blobs[0])) == old_root / "objects" / _key(blobs[0])[:2] / \
