@@ -1133,8 +1133,8 @@ def erase_cmd(patient: str, yes: bool, config: str | None) -> None:
     if not yes and not click.confirm(f"Erase every file and the identity of patient {patient}?", err=True):
         raise errors.UsageError("not confirmed; nothing was erased.")
     with _client(config) as client:
-        reply = client.meta.call("admin.erase", patient=patient)[0]
-        client._free(reply.get("release") or {})
+        reply, payload = client.meta.call("admin.erase", patient=patient)
+        client._free(reply, payload)
     click.echo(f"patient {patient} erased: {reply['files']} file(s) removed, "
                f"{reply['identities']} identity record(s) destroyed")
 

@@ -243,20 +243,18 @@ class Client:
         return Stat.from_wire(self.meta.call("ns.mkdir", path=path, parents=parents, mode=mode)[0])
 
     def mv(self, src: str, dst: str) -> None:
-        result, _ = self.meta.call("ns.rename", src=src, dst=dst)
-        self._free(result.get("release") or {})
+        self._free(*self.meta.call("ns.rename", src=src, dst=dst))
 
     def rm(self, path: str, recursive: bool = False) -> int:
         """Remove a file (or, with ``recursive``, a tree); return the number of files removed."""
         st = self.stat(path)
         if not st.is_dir:
-            result, _ = self.meta.call("ns.unlink", path=path)
-            self._free(result.get("release") or {})
+            self._free(*self.meta.call("ns.unlink", path=path))
             return 1
         if not recursive:
             raise errors.IsADirectory(f"{path} is a directory; use -r to remove it and its contents.")
-        result, _ = self.meta.call("ns.rmtree", path=path)       # one transaction on the server
-        self._free(result.get("release") or {})
+        result, payload = self.meta.call("ns.rmtree", path=path)       # one transaction on the server
+        self._free(result, payload)
         return int(result["files"])
 
     def rmdir(self, path: str) -> None:
@@ -265,8 +263,10 @@ class Client:
     def chmod(self, path: str, mode: int) -> None:
         self.meta.call("ns.chmod", path=path, mode=mode)
 
-    def _free(self, release: dict[str, Any]) -> None:
-        """Delete released objects at their sites; failures only leave garbage, never data loss."""
+    def _free(self, reply: dict[str, Any], payload: bytes = b"") -> None:
+        """Delete the objects a reply released at their sites (its ``release``, in its header or,
+        when large, its payload); failures only leave garbage, never data loss."""
+        release = reply.get("release") or (json.loads(payload).get("release") if payload else None) or {}
         for site, grant in release.items():
             try:
                 link = self.site_link(site)

@@ -480,8 +480,9 @@ class Uploads:
         refs = {r.partition("#")[0] for p, _, _ in part for r in (p.receipt, *p.copy_receipts.values()) if "#" in r}
         body = b'{"files":[' + b",".join(e for _, e, _ in part) + b'],"receipts":' + \
             json.dumps({ref: tokens[ref] for ref in refs}).encode() + b"}" + b"".join(x for _, _, x in part)
-        reply, _ = self.client.meta.call("up.commit", body, replace=replace, xml_sizes=[len(x) for _, _, x in part])
-        self.client._free(reply.get("release") or {})
+        reply, payload = self.client.meta.call("up.commit", body, replace=replace,
+                                                xml_sizes=[len(x) for _, _, x in part])
+        self.client._free(reply, payload)
         with self._tally:
             report.uploaded += len(part)
             report.bytes += sum(p.size for p, _, _ in part)

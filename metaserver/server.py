@@ -89,6 +89,11 @@ POLICY: dict[str, frozenset[str]] = {
 RESERVED_XATTR_PREFIX = "user.dgf."
 
 
+#: Objects one delete capability names (a token of ~120 KB; a site reads frames of 1 MiB).
+DELETE_CAP_KEYS = 1000
+#: Released objects a reply carries in its header; more travel in its payload.
+RELEASE_IN_HEADER = 1000
+
 #: Query results travel in pages of at most PAGE_ROWS rows or PAGE_SECONDS of scanning.
 PAGE_ROWS = 5000
 PAGE_SECONDS = 0.5
@@ -646,25 +651,41 @@ class MetaService(wire.Service):
     def _released(self, p: Principal, released: Released) -> dict[str, Any]:
         """Delete capabilities for objects no file references, so the client frees site space
         (their release was audited in the transaction that freed them).  Each names the
-        generation released at its site: bytes an upload stored there since are kept."""
+        generation released at its site: bytes an upload stored there since are kept.  A site's
+        capability is several, space-separated, of DELETE_CAP_KEYS objects at most: the client
+        presents each in a request frame of its own, which a site bounds (frame_header)."""
         by_site: dict[str, dict[str, int | None]] = {}
         for key, sites in released.items():
             for site, gen in sites.items():
                 by_site.setdefault(site, {})[key] = gen
-        return {site: {"keys": sorted(keys), "cap": self._cap(p, "delete", site, sorted(keys), gens={
-            k: g for k, g in keys.items() if g is not None})} for site, keys in by_site.items()}
+        out: dict[str, Any] = {}
+        for site, gens in by_site.items():
+            keys = sorted(gens)
+            out[site] = {"keys": keys, "cap": " ".join(
+                self._cap(p, "delete", site, part, gens={k: g for k in part if (g := gens[k]) is not None})
+                for part in (keys[i:i + DELETE_CAP_KEYS] for i in range(0, len(keys), DELETE_CAP_KEYS)))}
+        return out
+
+    def _release_reply(self, p: Principal, released: Released, fields: dict[str, Any]) -> wire.Reply:
+        """``fields`` and the release: in the reply's header where it is small (clients before
+        2026-12-03 read it there), in its payload where it is not (an ``rm -r`` of tens of
+        thousands of files exceeded the largest header a client reads, after its commit)."""
+        release = self._released(p, released)
+        if len(released) <= RELEASE_IN_HEADER:
+            return wire.Reply({**fields, "release": release})
+        return wire.Reply(fields, payload=json.dumps({"release": release}).encode())
 
     @wire.verb("ns.rename", src=str, dst=str)
     def ns_rename(self, p: Principal, src: str, dst: str) -> wire.Reply:
         with self.engine.audited(p.name, released="replaced by rename"):
             released = self.engine.rename(src, dst)
-        return wire.Reply({"release": self._released(p, released)})
+        return self._release_reply(p, released, {})
 
     @wire.verb("ns.unlink", path=str)
     def ns_unlink(self, p: Principal, path: str) -> wire.Reply:
         with self.engine.audited(p.name, "delete", path, released="unlinked"):
             released = self.engine.unlink(path)
-        return wire.Reply({"release": self._released(p, released)})
+        return self._release_reply(p, released, {})
 
     @wire.verb("ns.rmtree", path=str)
     def ns_rmtree(self, p: Principal, path: str) -> wire.Reply:
@@ -674,7 +695,7 @@ class MetaService(wire.Service):
             raise errors.UsageError("refusing to remove the archive's root; remove what is under it.")
         with self.engine.audited(p.name, "rmtree", path, released="removed with its directory"):
             files, released = self.engine.rmtree(path)
-        return wire.Reply({"files": files, "release": self._released(p, released)})
+        return self._release_reply(p, released, {"files": files})
 
     @wire.verb("ns.rmdir", path=str)
     def ns_rmdir(self, p: Principal, path: str) -> wire.Reply:
@@ -1168,7 +1189,7 @@ class MetaService(wire.Service):
                 new[i] = dataclasses.replace(new[i], identity=self.vault.seal(patient, new[i].object_key, record))
         with self.engine.audited(p.name, released="replaced by upload"):
             stats, released = self.engine.create_files(new, replace)
-        return wire.Reply({"created": len(stats), "release": self._released(p, released)})
+        return self._release_reply(p, released, {"created": len(stats)})
 
     def _derived_identity(self, source: str, key: str,
                           cache: dict[str, tuple[str, dict[str, Any]] | None]) -> tuple[str | None, bytes | None]:
@@ -1662,7 +1683,7 @@ class MetaService(wire.Service):
         with self.engine.audited(p.name, "patient.erase", patient, f"{len(paths)} files"):
             identities = self.vault.erase(patient)
         log.warning("patient %s erased by %s: %d files, %d identity records", patient, p.name, len(paths), identities)
-        return wire.Reply({"files": len(paths), "identities": identities, "release": self._released(p, released)})
+        return self._release_reply(p, released, {"files": len(paths), "identities": identities})
 
     @wire.verb("admin.vault.rotate")
     def vault_rotate(self, p: Principal) -> wire.Reply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -205,6 +206,30 @@ def test_rm_r_removes_a_tree_in_one_transaction_and_frees_its_objects(federation
     assert sum(e["action"] == "object.release" and e["target"] in keys for e in entries) == 5
 
 
+def test_rm_r_of_more_files_than_a_header_holds_frees_every_object(federation: local.Federation,
+                                                                  clinician: Client, tmp_path: Path) -> None:
+    # An rm -r's release (each object's delete capability and keys) travelled in the reply's
+    # header, and every site's capability in one token: past ~9,000 objects a site refused the
+    # token's frame, past ~45,000 files the client refused the reply, both after the commit,
+    # and the bytes stayed.  Now more than RELEASE_IN_HEADER objects travel in the payload,
+    # in tokens of DELETE_CAP_KEYS each.
+    from metaserver import server
+
+    n = server.RELEASE_IN_HEADER + 50
+    assert n > server.DELETE_CAP_KEYS
+    report = clinician.upload(corpus.fresh_instances(tmp_path / "many", n), to="/many")
+    assert report.uploaded == n
+    keys = [f[1] for f in clinician.resolve(["/many"])["files"]]
+    assert len(keys) == n and all(_on_a_site(federation, k) for k in keys[::97])
+    reply, payload = clinician.meta.call("ns.rmtree", path="/many")
+    assert reply["files"] == n and "release" not in reply
+    release = json.loads(payload)["release"]
+    for grant in release.values():
+        assert len(grant["cap"].split()) == -(-len(grant["keys"]) // server.DELETE_CAP_KEYS) >= 2
+    clinician._free(reply, payload)
+    assert not any(_on_a_site(federation, k) for k in keys)
+
+
 def test_a_late_delete_keeps_the_bytes_an_upload_stored_since(federation: local.Federation,
                                                              clinician: Client, tmp_path: Path) -> None:
     # An unlink released an object; the delete it sends the site arrives late, after an upload
@@ -219,7 +244,7 @@ def test_a_late_delete_keeps_the_bytes_an_upload_stored_since(federation: local.
     clinician.upload(src, to="/late/b")
     [(b_path, b_key, *_)] = clinician.resolve(["/late/b"])["files"]
     assert b_key == key
-    clinician._free(reply["release"])                            # the late delete
+    clinician._free(reply)                                       # the late delete
     assert _on_a_site(federation, key)
     assert hashlib.sha256(clinician.read_file(b_path)).hexdigest() == key
     clinician.rm(b_path)                                         # its own release frees it
