@@ -269,9 +269,7 @@ class Client:
         release = reply.get("release") or (json.loads(payload).get("release") if payload else None) or {}
         for site, grant in release.items():
             try:
-                link = self.site_link(site)
-                for key in grant["keys"]:
-                    link.call("delete", grant["cap"], key=key)
+                self.site_link(site).delete_many(grant["keys"], grant["cap"])
             except errors.DgfError as exc:
                 log.warning("could not free released objects at site %s: %s", site, exc)
 

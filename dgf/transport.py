@@ -334,6 +334,24 @@ class SiteLink:
         self._spread(_batches(small, lambda kv: kv[1]) + large,
                      lambda i, frames: self._pipelined(i, cap, frames, send, receive))
 
+    def delete_many(self, keys: list[str], cap: str) -> None:
+        """Delete released objects (``cap``: the release's capabilities, space-separated), the
+        requests pipelined over every channel: an ``rm -r`` frees thousands.  A refusal of one
+        object (a newer generation kept, already gone) does not stop the rest; a failed
+        connection does."""
+        def send(chan: wire.RpcChannel, key: str) -> None:
+            chan.send("delete", {"key": key})
+
+        def receive(chan: wire.RpcChannel, key: str) -> None:
+            try:
+                chan.receive_header()
+            except errors.TransportError:
+                raise
+            except errors.DgfError as exc:
+                log.warning("site %s did not delete object %s...: %s", self.site.name, key[:16], exc)
+
+        self._spread(keys, lambda i, frames: self._pipelined(i, cap, frames, send, receive))
+
     @staticmethod
     def _receive_object(chan: wire.RpcChannel, key: str, n: int, spool: Path | None) -> GetResult:
         h = hashlib.sha256()
