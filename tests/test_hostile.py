@@ -90,6 +90,22 @@ def _pids(f: local.Federation) -> dict[str, int]:
     return local.pids(f.root)
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every one of its threads is stopped: on a loaded machine
+    a thread already running may otherwise answer one more request (seen once in CI)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within 10 s")
+
+
 @contextlib.contextmanager
 def _raw(f: local.Federation, who: str) -> Iterator[tuple[ssh.Connection, wire.RpcChannel]]:
     """A bare connection and channel to the metaserver, to send what no client would."""
@@ -410,7 +426,7 @@ def test_a_stale_reply_never_answers_the_next_call(fed: local.Federation) -> Non
     with Client(_config(fed, "clinician", timeout=2)) as c:
         c.mkdir("/stale/a", parents=True)
         c.mkdir("/stale/b", parents=True)
-        os.kill(pid, signal.SIGSTOP)
+        _stop(pid)
         try:
             t0 = time.monotonic()
             with pytest.raises(errors.TransportError, match="the metaserver .* did not answer within 2 s"):
@@ -439,7 +455,7 @@ def test_a_hung_site_costs_a_named_error_in_seconds(fed: local.Federation, tmp_p
     cfg = _config(fed, "researcher", timeout=3)
     mount = Mount(cfg, tmp_path / "mnt")
     try:
-        os.kill(pid, signal.SIGSTOP)
+        _stop(pid)
         try:
             with Client(cfg) as r:
                 t0 = time.monotonic()
