@@ -452,10 +452,10 @@ class LocalObjectStore(ObjectStore):
                         placed += 1
                     _sync(self.objects)
                 except OSError as exc:
-                    raise self._write_error(exc, os.path.basename(staged[0][2]), 0) from exc
-                for n, _, final in staged:
+                    raise self._write_error(exc, items[staged[0][0]][0], 0) from exc
+                for n, _, _ in staged:
                     try:
-                        out[n] = self._placed_stamp(os.path.basename(final))
+                        out[n] = self._placed_stamp(items[n][0])
                     except errors.DgfError as exc:
                         out[n] = exc
         finally:

@@ -117,6 +117,12 @@ REPAIR_SCAN = 2000
 BUSY = Principal("(busy)", "busy", "", "")
 
 
+def _generation(claims: dict[str, Any]) -> int | None:
+    """The generation a site's receipt signed for its copy (None from a site older than them)."""
+    gen = claims.get("g")
+    return gen if type(gen) is int else None
+
+
 def _lost_and_found(key: str, xml: bytes) -> str:
     """Where an adopted object goes: /lost+found/PATIENT/STUDY/SERIES/SOP.dcm, from its
     (de-identified, pseudonymised) header; a value that is absent or not a plain name is
@@ -1135,8 +1141,8 @@ class MetaService(wire.Service):
                     if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
                             ("receipt", where, f["key"], stored_size):
                         raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
-                    if type(claims.get("g")) is int:
-                        gens.append((where, claims["g"]))
+                    if (gen := _generation(claims)) is not None:
+                        gens.append((where, gen))
                     # The hash list is kept only as every site computed it from the bytes it stored.
                     if list_digest(blocks) != claims.get("bl", ""):
                         raise errors.PermissionDenied(
@@ -1467,7 +1473,7 @@ class MetaService(wire.Service):
                         ("receipt", site, key, info.get("size")) or claims.get("bl", "") != list_digest(blocks) \
                         or claims.get("xh") != hashlib.sha256(xml).hexdigest():
                     raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
-                gen = claims["g"] if type(claims.get("g")) is int else None
+                gen = _generation(claims)
                 if known.get(key):
                     if not self.engine.add_replica(key, site, gen):
                         raise errors.NotFound(f"object {key[:16]}... left the archive meanwhile.")
@@ -1527,7 +1533,7 @@ class MetaService(wire.Service):
             raise errors.PermissionDenied(f"site {site} is untrusted and object {key[:16]}... is not sealed; "
                                           "its copy there is not recorded.")
         with self.engine.audited(p.name, "replica.add", key, site):
-            if not self.engine.add_replica(key, site, claims["g"] if type(claims.get("g")) is int else None):
+            if not self.engine.add_replica(key, site, _generation(claims)):
                 raise errors.NotFound(f"object {key[:16]}... is not in the archive.")
 
     # -- replication in the background (mode async) -----------------------------------------

@@ -87,6 +87,18 @@ def _refuse_files_as_parents(paths: set[str], parents: Iterable[str]) -> None:
             d = d.rsplit("/", 1)[0] or "/"
 
 
+def _locked_objects(conn: Connection, keys: set[str], share: bool) -> set[str]:
+    """Those of ``keys`` the archive stores, their rows locked until the transaction ends:
+    shared by a step that gives an object a name or a copy, exclusive by its release (one then
+    waits for the other).  Locked in key order, so two such steps never wait on each other
+    both ways; SQLite, one writer at a time, reads them."""
+    held: set[str] = set()
+    for part in slices(sorted(keys)):
+        held.update(conn.execute(sa.select(objects.c.key).where(objects.c.key.in_(part))
+                                 .order_by(objects.c.key).with_for_update(read=share)).scalars())
+    return held
+
+
 class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
     def _new_dir(self, conn: Connection, parent_id: int, name: str, mode: int) -> Any:
         now = time.time()
@@ -224,10 +236,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         # name to one of them locks it too (create_files), so one of the two waits for the other
         # and either sees the new name or finds the object gone, never both at once.
         # An object another transaction released first has no row left: it is not released twice.
-        held: set[str] = set()
-        for part in slices(sorted(keys)):
-            held.update(conn.execute(sa.select(objects.c.key).where(objects.c.key.in_(part))
-                                     .order_by(objects.c.key).with_for_update()).scalars())
+        held = _locked_objects(conn, keys, share=False)
         used = {r.object_key for r in conn.execute(
             sa.select(inodes.c.object_key).where(inodes.c.object_key.in_(held)).distinct())}
         gone = sorted(held - used)
@@ -421,11 +430,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         A link was checked before the transaction (``up.check``, the service's replica check),
         and an unlink in another transaction may have freed its object since: its bytes are
         being deleted at the sites, so the name would lead nowhere."""
-        keys = sorted({f.object_key for f in files})
-        held: set[str] = set()
-        for part in slices(keys):
-            held.update(conn.execute(sa.select(objects.c.key).where(objects.c.key.in_(part))
-                                     .order_by(objects.c.key).with_for_update(read=True)).scalars())
+        held = _locked_objects(conn, {f.object_key for f in files}, share=True)
         gone = [f.path for f in files if f.linked and f.object_key not in held]
         if gone:
             raise errors.NotFound(f"{gone[0]} was to be one more name of a stored object, which was removed "
@@ -623,8 +628,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         receipt signed); False if the object was released meanwhile (its row is locked
         against that, as a commit locks it)."""
         def run(conn: Connection) -> bool:
-            if conn.execute(sa.select(objects.c.key).where(objects.c.key == key)
-                            .with_for_update(read=True)).first() is None:
+            if not _locked_objects(conn, {key}, share=True):
                 return False
             dialect = postgresql if not self.is_sqlite else sqlite
             ins = dialect.insert(replicas)
