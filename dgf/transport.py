@@ -352,13 +352,32 @@ class SiteLink:
         self._pipelined(cap, _batches(small, lambda kv: kv[1]) + large, send, receive)
 
     def delete_many(self, keys: list[str], cap: str) -> None:
-        """Delete released objects (``cap``: the release's capabilities, space-separated), the
-        requests pipelined: an ``rm -r`` frees thousands.  A refusal of one object (a newer
-        generation kept, already gone) does not stop the rest; a failed connection does."""
-        def send(chan: wire.RpcChannel, key: str) -> None:
+        """Delete released objects (``cap``: the release's capabilities, space-separated), many
+        to a ``delete.batch`` frame, pipelined: an ``rm -r`` frees thousands.  A site that keeps
+        an object (stored again since its release) or no longer has it does not stop the rest; a
+        refused frame is logged, a failed connection raises.  A site older than
+        ``delete.batch`` gets one ``delete`` per object."""
+        older: list[str] = []
+
+        def send(chan: wire.RpcChannel, frame: list[str]) -> None:
+            chan.send("delete.batch", {"keys": frame})
+
+        def receive(chan: wire.RpcChannel, frame: list[str]) -> None:
+            try:
+                chan.receive_header()
+            except errors.TransportError:
+                raise
+            except errors.DgfError as exc:
+                if isinstance(exc, errors.UsageError) and exc.message.startswith("unknown verb"):
+                    older.extend(frame)
+                    return
+                log.warning("site %s did not delete %d object(s) from %s...: %s",
+                            self.site.name, len(frame), frame[0][:16], exc)
+
+        def send_one(chan: wire.RpcChannel, key: str) -> None:
             chan.send("delete", {"key": key})
 
-        def receive(chan: wire.RpcChannel, key: str) -> None:
+        def receive_one(chan: wire.RpcChannel, key: str) -> None:
             try:
                 chan.receive_header()
             except errors.TransportError:
@@ -366,7 +385,10 @@ class SiteLink:
             except errors.DgfError as exc:
                 log.warning("site %s did not delete object %s...: %s", self.site.name, key[:16], exc)
 
-        self._pipelined(cap, keys, send, receive)
+        self._pipelined(cap, [keys[i:i + BATCH_OBJECTS] for i in range(0, len(keys), BATCH_OBJECTS)],
+                        send, receive)
+        if older:
+            self._pipelined(cap, older, send_one, receive_one)
 
     @staticmethod
     def _receive_object(chan: wire.RpcChannel, key: str, n: int, spool: Path | None) -> GetResult:

@@ -29,7 +29,7 @@ from dgf.limits import DEFAULT as DEFAULT_LIMITS
 from dgf.limits import Limits
 from dgf.sshlib import paramiko
 from dgf.types import Site
-from ioserver.store import LocalObjectStore, ObjectStore
+from ioserver.store import LocalObjectStore, ObjectStore, check_key
 
 log = logging.getLogger("dgf.ioserver")
 
@@ -372,13 +372,28 @@ class IoService(wire.Service):
         released (where the metaserver knows it): bytes stored again since are kept.  Of the
         session's capabilities for the object (an earlier release's may be among them), one
         that names the generation stored, or none, allows it."""
-        caps = s.require("delete", key)
+        deleted, kept = self._delete(key, s.require("delete", key))
+        return wire.Reply({"deleted": deleted, "kept": kept})
+
+    @wire.verb("delete.batch", keys=list)
+    def delete_batch(self, s: Session, keys: list[str]) -> wire.Reply:
+        """:meth:`delete` of many objects in one frame (an ``rm -r`` frees thousands), with
+        ``deleted`` and ``kept`` per key.  Every key is checked first: one malformed, or without
+        a capability, refuses the frame and nothing of it is deleted."""
+        if len(keys) > self.limits.batch_objects:
+            raise self.limits.refuse("batch_objects", f"a delete.batch of {len(keys)} objects")
+        caps = [s.require("delete", check_key(key)) for key in keys]
+        done = [self._delete(key, c) for key, c in zip(keys, caps)]
+        return wire.Reply({"deleted": [d for d, _ in done], "kept": [k for _, k in done]})
+
+    def _delete(self, key: str, caps: list[crypto.Capability]) -> tuple[bool, bool]:
+        """(deleted, kept): kept when stored again since the generation named (an absent
+        object is neither)."""
         # A release of a replica recorded before generations names none: deleted as before.
         gens = None if any(c.gens is None or key not in c.gens for c in caps) else \
             {c.gens[key] for c in caps if c.gens is not None}
         deleted = self.store.delete(key, gens)
-        # Kept: stored again since the generation named (absent ones are neither).
-        return wire.Reply({"deleted": deleted, "kept": not deleted and self.store.held(key)})
+        return deleted, not deleted and self.store.held(key)
 
     @wire.verb("verify", key=str)
     def verify(self, s: Session, key: str) -> wire.Reply:

@@ -251,6 +251,80 @@ def test_a_late_delete_keeps_the_bytes_an_upload_stored_since(federation: local.
     assert not _on_a_site(federation, key)
 
 
+def test_delete_batch_checks_every_key_before_it_deletes_one(federation: local.Federation,
+                                                            clinician: Client, tmp_path: Path) -> None:
+    src = corpus.fresh_instances(tmp_path / "delbatch", 3)
+    clinician.upload(src, to="/delbatch")
+    reply, _ = clinician.meta.call("ns.rmtree", path="/delbatch")
+    site, grant = sorted(reply["release"].items())[0]
+    keys, store, link = grant["keys"], federation.root / f"store-{site}", clinician.site_link(site)
+    assert len(keys) == 3
+    stranger = hashlib.sha256(b"an object no capability names").hexdigest()
+    for bad, refusal in ((stranger, errors.PermissionDenied), ("../../etc/passwd", errors.UsageError)):
+        with pytest.raises(refusal):
+            link.call("delete.batch", grant["cap"], keys=[*keys, bad])
+        assert all(object_path(store, k).exists() for k in keys)      # nothing of the frame went
+    with pytest.raises(errors.LimitExceeded, match="batch_objects"):
+        link.call("delete.batch", grant["cap"], keys=keys * 100)
+    # The first instance is uploaded again before the delete arrives: that object is kept.
+    clinician.upload(src[:1], to="/delbatch2")
+    again = clinician.resolve(["/delbatch2"])["files"][0][1]
+    result, _ = link.call("delete.batch", grant["cap"], keys=keys)
+    assert result == {"deleted": [k != again for k in keys], "kept": [k == again for k in keys]}
+    assert [object_path(store, k).exists() for k in keys] == [k == again for k in keys]
+    result, _ = link.call("delete.batch", grant["cap"], keys=keys)   # gone: neither deleted nor kept
+    assert result == {"deleted": [False] * 3, "kept": [k == again for k in keys]}
+    clinician._free({"release": {s: g for s, g in reply["release"].items() if s != site}})
+    clinician.rm(clinician.resolve(["/delbatch2"])["files"][0][0])
+    assert not any(_on_a_site(federation, k) for k in keys)
+
+
+#: A site from before ``delete.batch``: today's I/O server without that verb.
+OLDER_SITE = """
+import sys
+import ioserver.server as site
+del site.IoService.delete_batch
+sys.exit(site.main(["serve", "--config", sys.argv[1], "--ready-file", sys.argv[2]]))
+"""
+
+
+def test_a_site_older_than_delete_batch_gets_one_delete_per_object(fresh_federation: local.Federation,
+                                                                    tmp_path: Path) -> None:
+    # Released objects go to a site many to a delete.batch frame; a site that does not know the
+    # verb refuses each frame as unknown, and its objects were left for fsck.  Now the client
+    # sends those one delete each.
+    import subprocess
+    import sys
+    import time
+
+    from dgf import transport
+
+    fed = fresh_federation
+    serving.kill(_pids(fed)["site-b"])
+    ready = fed.root / "site-b.addr"
+    ready.unlink(missing_ok=True)
+    with open(fed.root / "logs" / "site-b-older.log", "ab") as log:
+        older = subprocess.Popen([sys.executable, "-c", OLDER_SITE, str(fed.root / "site-b.conf"), str(ready)],
+                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert older.poll() is None and time.monotonic() < deadline, "the older site did not start"
+            time.sleep(0.05)
+        n = transport.BATCH_OBJECTS + 6                          # two frames to each site
+        with Client(fed.config("clinician")) as c:
+            with pytest.raises(errors.UsageError, match="unknown verb 'delete.batch'"):
+                c.site_link("site-b").call("delete.batch", None, keys=[])
+            assert c.upload(corpus.fresh_instances(tmp_path / "older", n), to="/older").uploaded == n
+            keys = [f[1] for f in c.resolve(["/older"])["files"]]
+            stores = [fed.root / f"store-{s}" for s in fed.sites]
+            assert all(object_path(st, k).exists() for st in stores for k in keys)
+            assert c.rm("/older", recursive=True) == n
+        assert not any(object_path(st, k).exists() for st in stores for k in keys)
+    finally:
+        serving.stop(older)
+
+
 def _on_a_site(fed: local.Federation, key: str) -> bool:
     return any(object_path(fed.root / f"store-{s}", key).exists() for s in fed.sites)
 
