@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from dgf import errors
 from dgf.config import ClientConfig
 from dgf.reports import DownloadReport, Failure, Progress, UploadReport
-from dgf.transport import UNREACHABLE_S, MetaLink, SiteLink
+from dgf.transport import KEPT, UNREACHABLE_S, MetaLink, SiteLink
 from dgf.types import HEADER_XATTR, Site, Stat
 
 if TYPE_CHECKING:
@@ -269,9 +269,15 @@ class Client:
         release = reply.get("release") or (json.loads(payload).get("release") if payload else None) or {}
         for site, grant in release.items():
             try:
-                self.site_link(site).delete_many(grant["keys"], grant["cap"])
+                left = self.site_link(site).delete_many(grant["keys"], grant["cap"])
             except errors.DgfError as exc:
                 log.warning("could not free released objects at site %s: %s", site, exc)
+                continue
+            refused = {key: why for key, why in left.items() if why != KEPT}
+            if refused:
+                key, why = next(iter(refused.items()))
+                log.warning("site %s did not delete %d released object(s), %s... among them: %s",
+                            site, len(refused), key[:16], why)
 
     # -- xattrs ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dgf import errors, placement
+from dgf.transport import KEPT
 from dgf.types import Site
 
 #: Objects per site request (a check or a copy); each is bounded by the servers' list_items.
@@ -329,13 +330,17 @@ def _trim(client: Any, entries: dict[str, Entry], sites: dict[str, Site], report
             try:
                 cap = client.meta.call("admin.fsck.delete", site=site, keys=[e.key for e in part],
                                        gens=[e.gens.get(site) for e in part])[0]["cap"]
+                left = client.site_link(site).delete_many([e.key for e in part], cap)
                 for e in part:
-                    if not client.site_link(site).call("delete", cap, key=e.key)[0].get("kept"):
+                    if e.key not in left:
                         report.trimmed.append((e.path, site))
                         e.found[site] = "removed"
-                    else:
+                    elif left[e.key] == KEPT:
                         report.failures.append(f"{e.path}: its extra copy at {site} was stored again since it "
                                                "was checked; it stays, for the next fsck")
+                    else:
+                        report.failures.append(f"{e.path}: its extra copy at {site} is left as an orphan "
+                                               f"({left[e.key]})")
             except errors.DgfError as exc:
                 # The record is gone: what stays on the site is an orphan the next fsck removes.
                 report.failures.append(f"extra copies at site {site} are left as orphans ({exc.message})")
@@ -360,12 +365,15 @@ def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callab
                 # it, after the check above) is kept.
                 cap = client.meta.call("admin.fsck.delete", site=site, keys=part,
                                        gens=[report.orphan_gens.get((site, k)) for k in part])[0]["cap"]
+                left = client.site_link(site).delete_many(part, cap)
                 for key in part:
-                    if not client.site_link(site).call("delete", cap, key=key)[0].get("kept"):
+                    if key not in left:
                         report.removed.append((site, key))
-                    else:
+                    elif left[key] == KEPT:
                         report.failures.append(f"orphan {key[:16]}... at site {site} was stored again since it "
                                                "was listed (an upload about to commit); it stays")
+                    else:
+                        report.failures.append(f"orphan {key[:16]}... at site {site} stays ({left[key]})")
             except errors.DgfError as exc:
                 report.failures.append(f"orphans at site {site} stay ({exc.message})")
 

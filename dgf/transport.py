@@ -42,6 +42,8 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_WINDOW = 4
 #: Channels to a site at most: concurrent single requests (a mount's readers) use several.
 CHANNELS_PER_SITE = 2
+#: Why :meth:`SiteLink.delete_many` left an object: stored again since its release.
+KEPT = "stored again since"
 #: Objects above this size stream to disk instead of being held in memory.
 STREAM_THRESHOLD = 8 * 1024 * 1024
 
@@ -351,12 +353,13 @@ class SiteLink:
         large = [[kv] for kv in wanted if kv[1] > STREAM_THRESHOLD]
         self._pipelined(cap, _batches(small, lambda kv: kv[1]) + large, send, receive)
 
-    def delete_many(self, keys: list[str], cap: str) -> None:
-        """Delete released objects (``cap``: the release's capabilities, space-separated), many
-        to a ``delete.batch`` frame, pipelined: an ``rm -r`` frees thousands.  A site that keeps
-        an object (stored again since its release) or no longer has it does not stop the rest; a
-        refused frame is logged, a failed connection raises.  A site older than
-        ``delete.batch`` gets one ``delete`` per object."""
+    def delete_many(self, keys: list[str], cap: str) -> dict[str, str]:
+        """Delete released objects (``cap``: the capabilities naming them, space-separated), many
+        to a ``delete.batch`` frame, pipelined: an ``rm -r`` frees thousands.  Returns the keys
+        not deleted, each with why: ``KEPT`` (stored again since the generation the capability
+        names), else the site's refusal.  An object already gone is neither.  A failed
+        connection raises.  A site older than ``delete.batch`` gets one ``delete`` per object."""
+        left: dict[str, str] = {}
         older: list[str] = []
 
         def send(chan: wire.RpcChannel, frame: list[str]) -> None:
@@ -364,31 +367,34 @@ class SiteLink:
 
         def receive(chan: wire.RpcChannel, frame: list[str]) -> None:
             try:
-                chan.receive_header()
+                kept = chan.receive_header()["r"]["kept"]
             except errors.TransportError:
                 raise
             except errors.DgfError as exc:
                 if isinstance(exc, errors.UsageError) and exc.message.startswith("unknown verb"):
                     older.extend(frame)
-                    return
-                log.warning("site %s did not delete %d object(s) from %s...: %s",
-                            self.site.name, len(frame), frame[0][:16], exc)
+                else:
+                    left.update(dict.fromkeys(frame, exc.message))
+                return
+            left.update((key, KEPT) for key, k in zip(frame, kept) if k)
 
         def send_one(chan: wire.RpcChannel, key: str) -> None:
             chan.send("delete", {"key": key})
 
         def receive_one(chan: wire.RpcChannel, key: str) -> None:
             try:
-                chan.receive_header()
+                if chan.receive_header()["r"].get("kept"):
+                    left[key] = KEPT
             except errors.TransportError:
                 raise
             except errors.DgfError as exc:
-                log.warning("site %s did not delete object %s...: %s", self.site.name, key[:16], exc)
+                left[key] = exc.message
 
         self._pipelined(cap, [keys[i:i + BATCH_OBJECTS] for i in range(0, len(keys), BATCH_OBJECTS)],
                         send, receive)
         if older:
             self._pipelined(cap, older, send_one, receive_one)
+        return left
 
     @staticmethod
     def _receive_object(chan: wire.RpcChannel, key: str, n: int, spool: Path | None) -> GetResult:
