@@ -423,6 +423,29 @@ def _reply_and_close(stream: Stream, header: dict[str, Any]) -> None:
         pass
 
 
+def coalesced(chunks: Iterable[bytes | memoryview], size: int = CHUNK) -> Iterator[bytes | memoryview]:
+    """``chunks`` with the small ones joined into pieces of about ``size`` bytes (less than twice
+    it), large ones passed on as they are.  A batch of small objects yields one chunk per
+    object, and each ``sendall`` is at least one SSH packet: a pass through paramiko at both
+    ends and a wake-up of the reading thread."""
+    held: list[bytes | memoryview] = []
+    n = 0
+    for chunk in chunks:
+        if len(chunk) >= size:
+            if held:
+                yield b"".join(held)
+                held, n = [], 0
+            yield chunk
+            continue
+        held.append(chunk)
+        n += len(chunk)
+        if n >= size:
+            yield b"".join(held)
+            held, n = [], 0
+    if held:
+        yield b"".join(held)
+
+
 def _send_reply(stream: Stream, reply: Reply) -> None:
     if reply.stream is None:
         body = reply.payload or b""
@@ -430,7 +453,7 @@ def _send_reply(stream: Stream, reply: Reply) -> None:
         return
     _send_header(stream, {"ok": True, "r": reply.result, "n": reply.stream_size})
     sent = 0
-    for chunk in reply.stream:
+    for chunk in coalesced(reply.stream):
         stream.sendall(chunk)
         sent += len(chunk)
     if sent != reply.stream_size:
@@ -480,7 +503,7 @@ class RpcChannel:
                 _send_header(self._chan, {"v": verb_name, "a": args or {}, "n": len(payload)}, payload)
                 return
             _send_header(self._chan, {"v": verb_name, "a": args or {}, "n": stream_size})
-            for chunk in stream:
+            for chunk in coalesced(stream):
                 self._chan.sendall(chunk)
         except errors.DgfError:
             self.broken = True      # the source failed mid-frame (a file that changed)

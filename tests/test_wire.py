@@ -9,6 +9,8 @@ from typing import Any
 
 import paramiko
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dgf import crypto, errors, ssh, wire
 
@@ -259,3 +261,19 @@ def test_every_metaserver_verb_has_a_policy_entry() -> None:
     verbs = {getattr(MetaService, a)._dgf_verb.name for a in dir(MetaService)
              if hasattr(getattr(MetaService, a), "_dgf_verb")}
     assert verbs == set(POLICY)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 3 * 1024), max_size=40), st.integers(1, 2048))
+def test_coalesced_chunks_keep_every_byte_in_order_and_join_only_small_ones(sizes: list[int], size: int) -> None:
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    out = list(wire.coalesced(iter(chunks), size))
+    assert b"".join(out) == b"".join(chunks)
+    large = [c for c in chunks if len(c) >= size]
+    for i, c in enumerate(out):
+        # A chunk as large as a piece goes on untouched (not copied); joined ones stay below two.
+        assert any(c is big for big in large) or len(c) < 2 * size
+        # A short send only at the end, or just before a large chunk.
+        assert len(c) >= size or i == len(out) - 1 or any(out[i + 1] is big for big in large)
+    small = sum(len(c) for c in chunks if len(c) < size)
+    assert len(out) <= 2 * len(large) + small // size + 1            # the sends it saves
