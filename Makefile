@@ -48,13 +48,13 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 	$(PY) -m ruff check .
-	$(PY) -m mypy dgf metaserver ioserver
+	$(PY) -m mypy dgf metaserver ioserver bench
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
-	$(PY) -m mypy dgf metaserver ioserver
+	$(PY) -m mypy dgf metaserver ioserver bench
 
 ## bench: the federation benchmark (results go to bench/RESULTS.md by hand)
 bench: $(STAMP)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -134,7 +135,7 @@ def reap(proc: subprocess.Popen[str]) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark child {proc.args} failed")
+        raise SystemExit(f"benchmark child {proc.args!r} failed")
     return json.loads(out.strip().splitlines()[-1])["seconds"], usage.ru_maxrss / 1024
 
 
@@ -157,7 +158,7 @@ def main() -> int:
         print("projecting the analytic phantom ...", file=sys.stderr)
         reap(spawn(["--run", "project", "--size", str(size), "--projections", str(n)]))
     planes = slice(size // 2 - 4, size // 2 + 5)
-    results: dict[str, dict[str, object]] = {}
+    results: dict[str, dict[str, Any]] = {}
     # The federation method runs in this process, so it goes last: its memory would otherwise be
     # counted in the children forked after it.
     for method in ("ours", "split", "rtk", "federation"):
@@ -201,9 +202,9 @@ def main() -> int:
           f"medians of {args.runs}\n")
     print("| method | wall s | voxel updates/s | peak MiB | RMSE vs phantom |")
     print("|---|---|---|---|---|")
-    for m, r in results.items():
-        print(f"| {m} | {r['median_s']:.1f} | {r['voxel_updates_per_s'] / 1e6:.0f} M | {r['peak_MiB']:.0f} | "
-              f"{r['rmse']:.4f} |")
+    for m, row in results.items():
+        print(f"| {m} | {row['median_s']:.1f} | {row['voxel_updates_per_s'] / 1e6:.0f} M | {row['peak_MiB']:.0f} | "
+              f"{row['rmse']:.4f} |")
     print(f"\ntime ratio ours/RTK {results['ours']['median_s'] / results['rtk']['median_s']:.2f}, "
           f"error ratio {results['ours']['rmse'] / results['rtk']['rmse']:.3f}; max |diff| vs single node: "
           f"split {results['split']['max_abs_diff_vs_single']:.2e}, federation "

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -134,7 +135,7 @@ def orthanc_run(files: list[Path], tmp: Path) -> tuple[float, float, float | Non
 
 
 def measure(name: str, run: Callable[[list[Path], Path], tuple[float, float, float | None]],
-            files: list[Path], runs: int) -> dict[str, object]:
+            files: list[Path], runs: int) -> dict[str, Any]:
     ingest, memory, disk = [], [], []
     for i in range(runs):
         a, b, c = run(files, Path(tempfile.mkdtemp(prefix="dgf-bench-")))

@@ -40,7 +40,10 @@ BIN = Path(sys.executable).parent
 
 
 def big_dicom(path: Path, mb: int = 200) -> None:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    src = get_testdata_file("CT_small.dcm", download=False)
+    if not isinstance(src, str):
+        raise SystemExit("pydicom's test file CT_small.dcm is missing.")
+    ds = pydicom.dcmread(src)
     frames = mb * 1024 * 1024 // (1024 * 1024 * 2)
     ds.Rows = ds.Columns = 1024
     ds.NumberOfFrames = frames

@@ -92,6 +92,8 @@ def main() -> None:
             # A hung site, default client timeout (30 s).
             import pydicom.data
             src = pydicom.data.get_testdata_file("CT_small.dcm", download=False)
+            if not isinstance(src, str):
+                raise SystemExit("pydicom's test file CT_small.dcm is missing.")
             with Client(fed.config("clinician")) as c:
                 c.upload([src], to="/hung", site="site-b")
                 path = c.ls("/hung")[0].path

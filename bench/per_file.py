@@ -143,10 +143,11 @@ def main() -> None:
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
     out: dict[str, object] = {"files": n, "runs": args.runs, "Orthanc connections": args.orthanc_connections}
     for what in ("up", "down"):
-        d, o = med[f"dgf {what}"], med[f"Orthanc {what}"]
-        out[f"{what}: CPU ms per file, dgf / Orthanc / ratio"] = [round(d[1] / n * 1000, 2), round(o[1] / n * 1000, 2),
-                                                               round(d[1] / o[1], 2)]
-        out[f"{what}: files/s, dgf / Orthanc / ratio"] = [round(n / d[0]), round(n / o[0]), round(o[0] / d[0], 2)]
+        mine, theirs = med[f"dgf {what}"], med[f"Orthanc {what}"]
+        out[f"{what}: CPU ms per file, dgf / Orthanc / ratio"] = [
+            round(mine[1] / n * 1000, 2), round(theirs[1] / n * 1000, 2), round(mine[1] / theirs[1], 2)]
+        out[f"{what}: files/s, dgf / Orthanc / ratio"] = [round(n / mine[0]), round(n / theirs[0]),
+                                                          round(theirs[0] / mine[0], 2)]
     for what, by_process in split.items():
         out[f"dgf {what}: CPU ms per file by process"] = {k: round(statistics.median(v) / n * 1000, 2)
                                                           for k, v in by_process.items()}

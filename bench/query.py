@@ -98,7 +98,7 @@ def bench_backend(url: str, dialect: str, patients: int, runs: int, scan: bool) 
 def gfarm_style(url: str, runs: int) -> dict[str, object]:
     """PostgreSQL's xpath() on every header, as gffindxmlattr does, vs our planner, same database."""
     engine = SqlEngine(url)
-    out = {}
+    out: dict[str, object] = {}
     with engine.engine.connect() as conn:
         for name in ("equality x3", "numeric ranges", "sequence attribute"):
             expr = QUERIES[name]

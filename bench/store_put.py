@@ -37,7 +37,8 @@ def main() -> None:
 
     blobs = [os.urandom(args.size) for _ in range(args.objects)]
     items = [(hashlib.sha256(b).hexdigest(), b) for b in blobs]
-    new, held = [], []
+    new: list[float] = []
+    held: list[float] = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
             store = LocalObjectStore(Path(d) / "store")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, RTStructureSetStorage, generate_uid
 
 FIRST = ["ANNA", "BORIS", "CHEN", "DANA", "EMIL", "FATIMA", "GRETA", "HUGO", "IDA", "JONAS"]
 LAST = ["SMITH", "MULLER", "TANAKA", "ROSSI", "KOWALSKI", "DUBOIS", "SILVA", "NOVAK"]
@@ -51,7 +51,7 @@ def small_corpus(out: Path, n: int, patients: int = 50, seed: int = 1) -> list[P
     paths = []
     for i in range(n):
         ds = templates[i % 2].copy()
-        ds.file_meta = templates[i % 2].file_meta.copy()
+        ds.file_meta = pydicom.dataset.FileMetaDataset(templates[i % 2].file_meta)
         p = i % patients
         study, series = studies[p]
         _personalise(ds, rng, p, study, series[(i // patients) % 3])
@@ -74,7 +74,7 @@ def ct_corpus(out: Path, n: int, patients: int = 10, seed: int = 2) -> list[Path
     paths = []
     for i in range(n):
         ds = base.copy()
-        ds.file_meta = base.file_meta.copy()
+        ds.file_meta = pydicom.dataset.FileMetaDataset(base.file_meta)
         p = i % patients
         _personalise(ds, rng, p, *studies[p])
         noise = np.random.default_rng(seed * 100003 + i).integers(0, 40, (512, 512), dtype=np.int16)
@@ -98,7 +98,7 @@ def multiframe(out: Path, size: int, seed: int = 3, encapsulated: bool = False) 
     ds.Rows, ds.Columns, ds.NumberOfFrames = 512, 512, frames
     del ds.PixelData
     if encapsulated:
-        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.5"  # RLE Lossless: fragments
+        ds.file_meta.TransferSyntaxUID = RLELossless  # fragments
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     block = rng.integers(0, 4096, size=frame // 2, dtype=np.uint16).tobytes()
@@ -125,8 +125,8 @@ def rtstruct(out: Path, rois: int = 20, contours: int = 40, points: int = 120, s
     rng = random.Random(seed)
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.Modality, ds.StructureSetLabel = "RTSTRUCT", "contours"
     _personalise(ds, rng, seed, generate_uid(), generate_uid())
