@@ -399,13 +399,15 @@ class Uploads:
 
     def _store(self, prepared: list[_Prepared], caps: dict[str, str], report: UploadReport,
                replace: bool, meter: Meter | None = None, sources: list[str] | None = None,
-               check: bool = True, defer: bool = False) -> Callable[[], None] | None:
+               check: bool = True, defer: bool = False, resend: bool = True) -> Callable[[], None] | None:
         """Stream a prepared batch to its sites, then publish what arrived in one commit: here,
         or with ``defer`` returned as a callable to run later, the bytes let go.
 
         With ``check``, the archive is asked first what it holds: files already stored are
         skipped, conflicts fail per file, and an instance is stored once (a file whose SOP
-        Instance UID is stored at another path is not stored again; the report says where)."""
+        Instance UID is stored at another path is not stored again; the report says where).
+        With ``resend``, files whose commit is refused because the stored object they were to
+        name left the archive meanwhile are sent again, once (:meth:`_again`)."""
         seen: dict[str, _Prepared] = {}
         unique: list[_Prepared] = []
         twins: list[tuple[_Prepared, _Prepared]] = []   # (a copy of a file of this batch, that file)
@@ -446,6 +448,18 @@ class Uploads:
                     rest = [e for e in part if e[0].path in ok]
                     if rest:
                         self._commit(rest, replace, report, tokens)
+                except (errors.NotFound, errors.PermissionDenied):
+                    # Files to be more names of stored objects whose last names were removed
+                    # meanwhile (their bytes are being deleted): the commit published nothing.
+                    # The others go as they are, those files again from their sources.
+                    links = [e[0] for e in part if e[0].linked and not e[0].derived]
+                    gone = {id(p) for p in self._gone(links)} if resend else set()
+                    if not gone:
+                        raise
+                    rest = [e for e in part if id(e[0]) not in gone]
+                    if rest:
+                        self._commit(rest, replace, report, tokens)
+                    self._again([e[0] for e in part if id(e[0]) in gone], replace, report)
             self._settle_twins(twins, report)
             if meter is not None:
                 meter.finish(sources or ())
@@ -456,6 +470,48 @@ class Uploads:
             return publish
         publish()
         return None
+
+    def _gone(self, links: list[_Prepared]) -> list[_Prepared]:
+        """Of files that were to be more names of stored objects, those whose object the
+        archive no longer holds."""
+        gone: list[_Prepared] = []
+        for i in range(0, len(links), RESOLVE_PATHS):
+            part = links[i:i + RESOLVE_PATHS]
+            reply, _ = self.client.meta.call("up.check", paths=[p.path for p in part],
+                                             keys=[p.result.key for p in part],
+                                             uids=[p.result.sop_uid for p in part])
+            gone.extend(p for p, (state, _) in zip(part, reply["states"]) if state == "new")
+        return gone
+
+    def _again(self, files: list[_Prepared], replace: bool, report: UploadReport) -> None:
+        """Upload ``files`` once more from their sources, to the paths they were given: their
+        commit was refused because the object they were to name had left the archive."""
+        by_path = {p.path: p for p in files}
+        items: list[tuple[str, bytes | None]] = []
+        for p in files:
+            try:
+                items.append((p.path, Path(p.source).read_bytes()))
+            except OSError as exc:
+                report.failed.append(Failure(p.source, f"could not be read again to store it ({exc.strerror}); "
+                                                       "the stored copy it was to share was removed meanwhile",
+                                             errors.InvalidDicom.exit_code, "unreadable"))
+        again = UploadReport()
+        pinned = files[0].site if files[0].pinned else None
+        log.info("%d file(s) of the upload named a stored object removed meanwhile; sending them again", len(files))
+        prepared, caps = self._prepare(items, None, pinned, again, fixed_path=True)
+        for q in prepared:
+            q.source = by_path[q.path].source
+        if prepared:
+            self._store(prepared, caps, again, replace, resend=False)
+        with self._tally:
+            report.already += again.already - len(files)    # counted when they were to be names
+            report.uploaded += again.uploaded
+            report.bytes += again.bytes
+        report.paths.extend(again.paths)
+        report.stored.update(again.stored)
+        report.warnings.extend(again.warnings)
+        report.failed.extend(dataclasses.replace(f, item=by_path[f.item].source) if f.item in by_path else f
+                             for f in again.failed)
 
     def _settle_twins(self, twins: list[tuple[_Prepared, _Prepared]], report: UploadReport) -> None:
         """A file that is a copy of another of its batch (the same instance, twice in a folder

@@ -251,6 +251,40 @@ def test_a_late_delete_keeps_the_bytes_an_upload_stored_since(federation: local.
     assert not _on_a_site(federation, key)
 
 
+def test_an_upload_naming_an_instance_removed_meanwhile_sends_it_again(federation: local.Federation,
+                                                                      tmp_path: Path) -> None:
+    # An instance the archive holds is uploaded as one more name of its object, with no bytes
+    # sent.  If its last name is removed between the upload's check and its commit, the
+    # commit refuses the name (its bytes are being deleted): the upload failed, and the whole
+    # commit with it.  Now the others are published and that file is sent again.
+    src = corpus.fresh_instances(tmp_path / "gone", 3)
+    with Client(federation.config("clinician")) as c:
+        c.upload(src[:1], to="/gone/a")
+        [(a_path, key, *_)] = c.resolve(["/gone/a"])["files"]
+        original, removed = c.meta.call, []
+
+        def racing(verb: str, *args: Any, **kwargs: Any) -> Any:
+            if verb == "up.commit" and not removed:
+                removed.append(True)
+                c._free(*original("ns.unlink", path=a_path))     # its bytes leave the sites
+                assert not _on_a_site(federation, key)
+            return original(verb, *args, **kwargs)
+
+        c.meta.call = racing  # type: ignore[method-assign]
+        try:
+            report = c.upload(src, to="/gone/b")
+        finally:
+            c.meta.call = original  # type: ignore[method-assign]
+        assert removed and not report.failed
+        assert (report.uploaded, report.already) == (3, 0)
+        assert set(report.stored) == {str(p) for p in src}
+        files = c.resolve(["/gone/b"])["files"]
+        assert len(files) == 3 and key in {f[1] for f in files} and _on_a_site(federation, key)
+        for path, k, *_ in files:
+            assert hashlib.sha256(c.read_file(path)).hexdigest() == k
+        c.rm("/gone", recursive=True)
+
+
 def test_delete_batch_checks_every_key_before_it_deletes_one(federation: local.Federation,
                                                             clinician: Client, tmp_path: Path) -> None:
     src = corpus.fresh_instances(tmp_path / "delbatch", 3)
