@@ -112,15 +112,27 @@ SETTINGS_TTL_S = 2.0
 SITE_ALIVE_INTERVALS = 6
 #: Queued repairs looked at per site.work request (the oldest first).
 REPAIR_SCAN = 2000
+#: How long after a site stored (or re-stamped) an object its receipt may be committed: an
+#: upload commits within seconds or minutes of its puts, a repair or an adoption at once.
+RECEIPT_TTL_S = 3600.0
 #: The principal an authentication gets while the database cannot say who a key belongs to:
 #: every verb it calls is answered "busy", never a misleading "refused our key".
 BUSY = Principal("(busy)", "busy", "", "")
 
 
-def _generation(claims: dict[str, Any]) -> int | None:
-    """The generation a site's receipt signed for its copy (None from a site older than them)."""
+def _generation(claims: dict[str, Any], what: str) -> int | None:
+    """The generation a site's receipt signed for its copy (None from a site older than them),
+    refused when older than RECEIPT_TTL_S: a generation is the site's clock when it stored the
+    copy, and a receipt kept for later could name bytes deleted since (a release)."""
     gen = claims.get("g")
-    return gen if type(gen) is int else None
+    if type(gen) is not int:
+        return None
+    age = time.time() - gen / 1e9
+    if age > RECEIPT_TTL_S + crypto.CLOCK_LEEWAY_S:
+        raise errors.PermissionDenied(
+            f"the receipt of site {claims.get('site')} for {what} was signed {age / 3600:.1f} h ago; a receipt "
+            f"is good for {RECEIPT_TTL_S / 3600:.0f} h after the site stored the bytes: upload again.")
+    return gen
 
 
 def _lost_and_found(key: str, xml: bytes) -> str:
@@ -1141,7 +1153,7 @@ class MetaService(wire.Service):
                     if (claims.get("t"), claims.get("site"), claims.get("key"), claims.get("size")) != \
                             ("receipt", where, f["key"], stored_size):
                         raise errors.PermissionDenied(f"the receipt for {f['path']} does not match its object.")
-                    if (gen := _generation(claims)) is not None:
+                    if (gen := _generation(claims, f["path"])) is not None:
                         gens.append((where, gen))
                     # The hash list is kept only as every site computed it from the bytes it stored.
                     if list_digest(blocks) != claims.get("bl", ""):
@@ -1473,7 +1485,7 @@ class MetaService(wire.Service):
                         ("receipt", site, key, info.get("size")) or claims.get("bl", "") != list_digest(blocks) \
                         or claims.get("xh") != hashlib.sha256(xml).hexdigest():
                     raise errors.PermissionDenied(f"the receipt of site {site} does not match object {key[:16]}....")
-                gen = _generation(claims)
+                gen = _generation(claims, f"object {key[:16]}...")
                 if known.get(key):
                     if not self.engine.add_replica(key, site, gen):
                         raise errors.NotFound(f"object {key[:16]}... left the archive meanwhile.")
@@ -1533,7 +1545,7 @@ class MetaService(wire.Service):
             raise errors.PermissionDenied(f"site {site} is untrusted and object {key[:16]}... is not sealed; "
                                           "its copy there is not recorded.")
         with self.engine.audited(p.name, "replica.add", key, site):
-            if not self.engine.add_replica(key, site, _generation(claims)):
+            if not self.engine.add_replica(key, site, _generation(claims, f"object {key[:16]}...")):
                 raise errors.NotFound(f"object {key[:16]}... is not in the archive.")
 
     # -- replication in the background (mode async) -----------------------------------------

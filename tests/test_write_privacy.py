@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dgf import errors, local
+from dgf import crypto, errors, local
 from dgf.client import Client
 from tests import corpus
 
@@ -392,6 +392,13 @@ def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federat
         with pytest.raises(errors.PermissionDenied, match="not the one site"):
             commit(tokens, path="/hostile/batch-1.dcm", key=hashlib.sha256(datas[1]).hexdigest(),
                    size=len(datas[1]), xml=header_xml(datas[1]).decode())
+        # A receipt kept for later (its bytes may have been deleted since) is refused: here the
+        # site's own signature on generations two hours old.
+        stale = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        stale["gens"] = [g - 2 * 3600 * 10**9 for g in stale["gens"]]
+        kept = crypto.sign_token(crypto.load_signing_key(hostile.root / "keys" / site), stale)
+        with pytest.raises(errors.PermissionDenied, match=r"signed 2\.0 h ago; a receipt is good for 1 h"):
+            commit({ref: kept}, receipt=first["0"])
         with pytest.raises(errors.NotFound):
             c.stat("/hostile/batch-0.dcm")
         commit(tokens, receipt=first["0"])                          # its own entry: published
