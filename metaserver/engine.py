@@ -107,6 +107,10 @@ collector_paused = _CollectorPause()
 #: generation of its replica there (None where it was recorded before generations)}.  The caller
 #: has the sites delete that generation (ioserver ObjectStore.delete).
 Released = dict[str, dict[str, int | None]]
+#: How long after a site stored (or re-stamped) an object its receipt may be committed: an
+#: upload commits within seconds or minutes of its puts, a repair or an adoption at once.
+#: A release remembers the generations it deleted for twice this long (schema ``released_gens``).
+RECEIPT_TTL_S = 3600.0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,16 @@ replicas = sa.Table(
     # sent after the object's release removes that generation only (migration 0007).
     sa.Column("gen", sa.BigInteger, nullable=True),
 )
+#: The generation of each copy a release deleted (migration 0008), kept for twice a receipt's
+#: life (engine.RECEIPT_TTL_S): a receipt signed before the release, for the bytes it deleted,
+#: gives the archive no object or copy back.  One row per object and site, the last release's.
+released_gens = sa.Table(
+    "released_gens", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("site", sa.String, primary_key=True),
+    sa.Column("gen", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+)
 #: The directory tree's changes, filed under the tree version each commit moved it to (the
 #: settings row ``ns.dirs_version``): another metaserver process over this database replays them
 #: into its directory map instead of rebuilding the map from every directory (sqlbase).  Kind

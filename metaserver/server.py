@@ -37,7 +37,7 @@ from dgf.limits import Limits
 from dgf.sshlib import paramiko
 from dgf.types import IDENTITY_ROLES, ROLES, WRITER_ROLES, Principal, ResolvedFile, Site, outermost
 from metaserver import query
-from metaserver.engine import MetaEngine, NewFile, Released, norm_path
+from metaserver.engine import RECEIPT_TTL_S, MetaEngine, NewFile, Released, norm_path
 from metaserver.sql import REPLICAS_XATTR, SqlEngine
 from metaserver.vault import Vault
 from metaserver.vaultkey import PASSPHRASE_ENV, VaultSource, open_keys
@@ -112,9 +112,6 @@ SETTINGS_TTL_S = 2.0
 SITE_ALIVE_INTERVALS = 6
 #: Queued repairs looked at per site.work request (the oldest first).
 REPAIR_SCAN = 2000
-#: How long after a site stored (or re-stamped) an object its receipt may be committed: an
-#: upload commits within seconds or minutes of its puts, a repair or an adoption at once.
-RECEIPT_TTL_S = 3600.0
 #: The principal an authentication gets while the database cannot say who a key belongs to:
 #: every verb it calls is answered "busy", never a misleading "refused our key".
 BUSY = Principal("(busy)", "busy", "", "")

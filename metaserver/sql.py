@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from dgf import errors
 from dgf.types import Stat
 from metaserver import index
-from metaserver.engine import MetaEngine, NewFile, Released, norm_path
+from metaserver.engine import RECEIPT_TTL_S, MetaEngine, NewFile, Released, norm_path
 from metaserver.index import keys_t, values_t
 from metaserver.schema import (
     REPLICAS_XATTR,
@@ -29,6 +29,7 @@ from metaserver.schema import (
     inodes,
     object_blocks,
     objects,
+    released_gens,
     repairs,
     replicas,
     xattr_owners,
@@ -97,6 +98,37 @@ def _locked_objects(conn: Connection, keys: set[str], share: bool) -> set[str]:
         held.update(conn.execute(sa.select(objects.c.key).where(objects.c.key.in_(part))
                                  .order_by(objects.c.key).with_for_update(read=share)).scalars())
     return held
+
+
+def _remember_released(conn: Connection, released: Released, is_sqlite: bool) -> None:
+    """Note the generation of each copy ``released`` deletes (see :func:`_refuse_released`), and
+    forget those noted more than twice a receipt's life ago."""
+    now = time.time()
+    conn.execute(released_gens.delete().where(released_gens.c.at < now - 2 * RECEIPT_TTL_S))
+    rows = [{"key": key, "site": site, "gen": gen, "at": now}
+            for key, sites in released.items() for site, gen in sites.items() if gen is not None]
+    if rows:
+        ins = (sqlite if is_sqlite else postgresql).insert(released_gens)
+        conn.execute(ins.on_conflict_do_update(index_elements=[released_gens.c.key, released_gens.c.site],
+                                               set_={"gen": ins.excluded.gen, "at": ins.excluded.at}), rows)
+
+
+def _refuse_released(conn: Connection, copies: list[tuple[str, str, str, int]]) -> None:
+    """Refuse ``(path, key, site, generation)`` copies a release has deleted since their receipts
+    were signed: a receipt kept for later (it is good for an hour) must not give the archive a
+    name, or a copy, whose bytes are gone.  A store after the release has a newer generation."""
+    if not copies:
+        return
+    deleted: dict[tuple[str, str], int] = {}
+    for part in slices(sorted({key for _, key, _, _ in copies})):
+        deleted.update(((r.key, r.site), r.gen) for r in conn.execute(
+            sa.select(released_gens.c.key, released_gens.c.site, released_gens.c.gen)
+            .where(released_gens.c.key.in_(part))))
+    for path, key, site, gen in copies:
+        if gen <= deleted.get((key, site), -1):
+            raise errors.PermissionDenied(
+                f"the receipt of site {site} for {path} names bytes a removal deleted since it was signed; "
+                "nothing was published: upload again.")
 
 
 class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
@@ -251,6 +283,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         conn.execute(objects.delete().where(objects.c.key.in_(gone)))
         conn.execute(object_blocks.delete().where(object_blocks.c.key.in_(gone)))
         conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
+        _remember_released(conn, out, self.is_sqlite)
         conn.info.setdefault("dgf.released", {}).update(out)
         return out
 
@@ -350,6 +383,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 by_parent.setdefault(f.path.rsplit("/", 1)[0] or "/", []).append(f)
             _refuse_files_as_parents({f.path for f in files}, by_parent)
             self._hold_objects(conn, files)
+            _refuse_released(conn, [(f.path, f.object_key, site, gen) for f in files if not f.linked
+                                    for site, gen in f.gens])
             parents, fresh = self._make_parents(conn, set(by_parent))
             new_rows: list[tuple[Any, ...]] = []
             new_files: list[NewFile] = []
@@ -630,6 +665,8 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         def run(conn: Connection) -> bool:
             if not _locked_objects(conn, {key}, share=True):
                 return False
+            if gen is not None:
+                _refuse_released(conn, [(f"object {key[:16]}...", key, site, gen)])
             dialect = postgresql if not self.is_sqlite else sqlite
             ins = dialect.insert(replicas)
             conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],

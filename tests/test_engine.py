@@ -393,6 +393,25 @@ class EngineContract:
         assert engine.unlink("/b.dcm") == {_key("same"): {"site-a": 9}}
         assert engine.object_replicas([_key("same")]) == {_key("same"): []}
 
+    def test_a_receipt_signed_before_a_release_gives_no_object_or_copy_back(self, engine: MetaEngine) -> None:
+        # The release deletes generation 5 of the object at site-a; a receipt for it (kept by
+        # a client, replayed) must not publish a name or record a copy with those bytes gone.
+        engine.create_files([_file("/gone.dcm", "kept", gen=5), _file("/other.dcm", "other")])
+        assert engine.unlink("/gone.dcm") == {_key("kept"): {"site-a": 5}}
+        for gen in (5, 4):
+            with pytest.raises(errors.PermissionDenied, match="deleted since it was signed"):
+                engine.create_files([_file("/again.dcm", "kept", gen=gen), _file("/new.dcm", "new")])
+        with pytest.raises(errors.NotFound):
+            engine.stat("/new.dcm")                               # nothing of that commit
+        engine.create_files([_file("/again.dcm", "kept", gen=6)])  # stored again since: published
+        with pytest.raises(errors.PermissionDenied, match="deleted since it was signed"):
+            engine.add_replica(_key("kept"), "site-a", 5)
+        assert engine.add_replica(_key("kept"), "site-b", 5)       # another site's copy: not deleted
+        assert engine.unlink("/again.dcm") == {_key("kept"): {"site-a": 6, "site-b": 5}}
+        with pytest.raises(errors.PermissionDenied, match="site site-b .* deleted since"):
+            engine.create_files([NewFile("/b.dcm", _key("kept"), 4, "site-b", {"user.dgf.dicom": b"<DicomHeader/>"},
+                                         "P1", b"sealed", gens=(("site-b", 5),))])
+
     def test_a_link_to_an_object_released_meanwhile_is_refused(self, engine: MetaEngine) -> None:
         # An upload checked that the archive holds this object and sends one more name for it,
         # no bytes; before its commit, an unlink freed the object, whose bytes the sites are

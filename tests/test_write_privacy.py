@@ -403,6 +403,13 @@ def test_a_batch_receipt_vouches_only_for_its_own_objects(hostile: local.Federat
             c.stat("/hostile/batch-0.dcm")
         commit(tokens, receipt=first["0"])                          # its own entry: published
         assert c.stat("/hostile/batch-0.dcm").size == len(datas[0])
+        # Removed, its bytes deleted at the site: the receipt, replayed, brings back no name.
+        c.rm("/hostile/batch-0.dcm")
+        assert not _stored(hostile, datas[0])
+        with pytest.raises(errors.PermissionDenied, match="deleted since it was signed"):
+            commit(tokens, receipt=first["0"], path="/hostile/replayed.dcm")
+        with pytest.raises(errors.NotFound):
+            c.stat("/hostile/replayed.dcm")
 
 
 PLANTS = [
