@@ -546,6 +546,7 @@ def _print_fsck(r: Any) -> None:
         listed("orphans removed", r.removed, lambda o: f"site {o[0]}: {o[1][:16]}...")
     listed("orphans adopted as files", r.adopted, lambda a: f"{a[0]} (site {a[1]})")
     listed("orphans adopted as copies of known objects", r.readopted, lambda a: f"site {a[0]}: {a[1][:16]}...")
+    listed("copies stored again while fsck ran (left for the next fsck)", r.kept, str)
     listed("repairs that failed", r.failures, str)
     rate = f", {r.bytes_copied / max(r.seconds, 1e-9) / 1e6:.0f} MB/s copied" if r.bytes_copied else ""
     state = "whole" if r.whole else "NOT whole"

@@ -77,6 +77,9 @@ class FsckReport:
     adopted: list[tuple[str, str]] = field(default_factory=list)        # (path, site) orphans made files again
     readopted: list[tuple[str, str]] = field(default_factory=list)      # (site, key) copies recorded again
     failures: list[str] = field(default_factory=list)                   # repair steps that failed
+    #: Copies a removal left because an upload stored them again since fsck looked: benign (the
+    #: upload's commit names them, or the next fsck finds an orphan), so not failures.
+    kept: list[str] = field(default_factory=list)
     bytes_copied: int = 0
     seconds: float = 0.0
     repair: bool = False
@@ -336,8 +339,8 @@ def _trim(client: Any, entries: dict[str, Entry], sites: dict[str, Site], report
                         report.trimmed.append((e.path, site))
                         e.found[site] = "removed"
                     elif left[e.key] == KEPT:
-                        report.failures.append(f"{e.path}: its extra copy at {site} was stored again since it "
-                                               "was checked; it stays, for the next fsck")
+                        report.kept.append(f"{e.path}: its extra copy at {site} was stored again since it "
+                                           "was checked; it stays, for the next fsck")
                     else:
                         report.failures.append(f"{e.path}: its extra copy at {site} is left as an orphan "
                                                f"({left[e.key]})")
@@ -370,8 +373,8 @@ def _remove_orphans(client: Any, report: FsckReport, grace_s: float, say: Callab
                     if key not in left:
                         report.removed.append((site, key))
                     elif left[key] == KEPT:
-                        report.failures.append(f"orphan {key[:16]}... at site {site} was stored again since it "
-                                               "was listed (an upload about to commit); it stays")
+                        report.kept.append(f"orphan {key[:16]}... at site {site} was stored again since it "
+                                           "was listed (an upload about to commit); it stays")
                     else:
                         report.failures.append(f"orphan {key[:16]}... at site {site} stays ({left[key]})")
             except errors.DgfError as exc:
