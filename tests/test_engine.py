@@ -426,7 +426,7 @@ class EngineContract:
         assert engine.object_replicas([_key("same")]) == {_key("same"): []}
         engine.create_files([dataclasses.replace(_file("/c.dcm", "kept"), linked=True)])
         assert engine.stat("/c.dcm").object_key == _key("kept")
-        engine.create_files([_file("/b.dcm", "same")])     # its bytes sent again: stored anew
+        engine.create_files([_file("/b.dcm", "same", gen=8)])     # its bytes sent again: stored anew
         assert engine.object_replicas([_key("same")]) == {_key("same"): ["site-a"]}
 
     def test_reads_follow_tree_changes_made_by_another_process(self, engine: MetaEngine) -> None:
@@ -1029,6 +1029,7 @@ class NamespaceModel(RuleBasedStateMachine):
             return rebuilt(conn, version)
         self.other._rebuilt_dirs = counted  # type: ignore[method-assign]
         self.model: dict[str, str] = {"/": "d"}
+        self.stores = itertools.count(1)     # each upload's store stamps a new generation
 
     def teardown(self) -> None:
         self.engine.close()
@@ -1077,7 +1078,8 @@ class NamespaceModel(RuleBasedStateMachine):
                     break
         if err is None and self.model.get(path) == "d":
             err = errors.IsADirectory
-        if self._expect(lambda: self.engine.create_files([_file(path, path)], replace=True), err):
+        if self._expect(lambda: self.engine.create_files([_file(path, path, gen=next(self.stores))], replace=True),
+                        err):
             parts = path.split("/")
             for i in range(2, len(parts)):
                 self.model.setdefault("/".join(parts[:i]), "d")
