@@ -232,9 +232,9 @@ class SiteLink:
         replies come back in order, ``receive`` reads each one.
 
         One channel, not one thread per channel: on loopback, the second channel's thread cost
-        more CPU than it gained (GIL hand-offs; a 1000-file download 0.42 -> 0.35 ms of CPU a
-        file with one, an upload 3.0 -> 2.7, and both faster).  A channel's 8 MiB SSH window
-        still fills a 1 Gbit/s link at 60 ms round trips."""
+        more CPU than it gained (GIL hand-offs; a 4000-file download 0.49 -> 0.44 ms of CPU a
+        file with one, a 1000-file upload 3.42 -> 3.31, and both faster; bench/RESULTS.md).
+        A channel's 8 MiB SSH window still fills a 1 Gbit/s link at 60 ms round trips."""
         sent = received = 0
         i = self._slot()
         try:

@@ -474,14 +474,7 @@ class Uploads:
     def _gone(self, links: list[_Prepared]) -> list[_Prepared]:
         """Of files that were to be more names of stored objects, those whose object the
         archive no longer holds."""
-        gone: list[_Prepared] = []
-        for i in range(0, len(links), RESOLVE_PATHS):
-            part = links[i:i + RESOLVE_PATHS]
-            reply, _ = self.client.meta.call("up.check", paths=[p.path for p in part],
-                                             keys=[p.result.key for p in part],
-                                             uids=[p.result.sop_uid for p in part])
-            gone.extend(p for p, (state, _) in zip(part, reply["states"]) if state == "new")
-        return gone
+        return [p for p, state, _ in self._states(links) if state == "new"]
 
     def _again(self, files: list[_Prepared], replace: bool, report: UploadReport) -> None:
         """Upload ``files`` once more from their sources, to the paths they were given: their
@@ -545,38 +538,43 @@ class Uploads:
         report.paths.extend(p.path for p, _, _ in part)
         report.stored.update((p.source, p.placed) for p, _, _ in part)
 
+    def _states(self, files: list[_Prepared]) -> Iterator[tuple[_Prepared, str, str]]:
+        """What the archive holds for each file: ``(file, state, where)`` as ``up.check`` says."""
+        for i in range(0, len(files), RESOLVE_PATHS):
+            part = files[i:i + RESOLVE_PATHS]
+            reply, _ = self.client.meta.call("up.check", paths=[p.path for p in part],
+                                             keys=[p.result.key for p in part],
+                                             uids=[p.result.sop_uid for p in part])
+            for p, (state, where) in zip(part, reply["states"]):
+                yield p, state, where
+
     def _checked(self, prepared: list[_Prepared], report: UploadReport, replace: bool) -> list[_Prepared]:
         """The files still to send, after asking the archive what it already holds."""
         todo: list[_Prepared] = []
-        for i in range(0, len(prepared), RESOLVE_PATHS):
-            part = prepared[i:i + RESOLVE_PATHS]
-            reply, _ = self.client.meta.call("up.check", paths=[p.path for p in part],
-                                      keys=[p.result.key for p in part],
-                                      uids=[p.result.sop_uid for p in part])
-            for p, (state, where) in zip(part, reply["states"]):
-                if state == "new" or state == "conflict" and replace or \
-                        state == "link" and p.pinned and where != p.site:
-                    todo.append(p)
-                elif state == "stored":
-                    with self._tally:
-                        report.already += 1
-                    report.stored[p.source] = p.placed
-                elif state == "link":
-                    # Stored once: this path becomes one more name of the stored object.
-                    p.site, p.linked = where, True
-                    with self._tally:
-                        report.already += 1
-                    todo.append(p)
-                elif state == "conflict":
-                    report.failed.append(Failure(
-                        p.source, f"{where}; use --replace to overwrite it", errors.AlreadyExists.exit_code,
-                        "already in the archive with other content", hint="use --replace to overwrite them"))
-                else:
-                    report.failed.append(Failure(
-                        p.source, f"another version of this instance (same SOP Instance UID) is stored at "
-                                  f"{where}; remove it first", errors.AlreadyExists.exit_code,
-                        "another version of the instance is stored elsewhere",
-                        hint="remove the stored version first"))
+        for p, state, where in self._states(prepared):
+            if state == "new" or state == "conflict" and replace or \
+                    state == "link" and p.pinned and where != p.site:
+                todo.append(p)
+            elif state == "stored":
+                with self._tally:
+                    report.already += 1
+                report.stored[p.source] = p.placed
+            elif state == "link":
+                # Stored once: this path becomes one more name of the stored object.
+                p.site, p.linked = where, True
+                with self._tally:
+                    report.already += 1
+                todo.append(p)
+            elif state == "conflict":
+                report.failed.append(Failure(
+                    p.source, f"{where}; use --replace to overwrite it", errors.AlreadyExists.exit_code,
+                    "already in the archive with other content", hint="use --replace to overwrite them"))
+            else:
+                report.failed.append(Failure(
+                    p.source, f"another version of this instance (same SOP Instance UID) is stored at "
+                              f"{where}; remove it first", errors.AlreadyExists.exit_code,
+                    "another version of the instance is stored elsewhere",
+                    hint="remove the stored version first"))
         return todo
 
     @staticmethod
