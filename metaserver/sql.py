@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from dgf import errors
@@ -100,21 +99,8 @@ def _locked_objects(conn: Connection, keys: set[str], share: bool) -> set[str]:
     return held
 
 
-def _remember_released(conn: Connection, released: Released, is_sqlite: bool) -> None:
-    """Note the generation of each copy ``released`` deletes (see :func:`_refuse_released`), and
-    forget those noted more than twice a receipt's life ago."""
-    now = time.time()
-    conn.execute(released_gens.delete().where(released_gens.c.at < now - 2 * RECEIPT_TTL_S))
-    rows = [{"key": key, "site": site, "gen": gen, "at": now}
-            for key, sites in released.items() for site, gen in sites.items() if gen is not None]
-    if rows:
-        ins = (sqlite if is_sqlite else postgresql).insert(released_gens)
-        conn.execute(ins.on_conflict_do_update(index_elements=[released_gens.c.key, released_gens.c.site],
-                                               set_={"gen": ins.excluded.gen, "at": ins.excluded.at}), rows)
-
-
 def _refuse_released(conn: Connection, copies: list[tuple[str, str, str, int]]) -> None:
-    """Refuse ``(path, key, site, generation)`` copies a release has deleted since their receipts
+    """Refuse ``(path, key, site, generation)`` copies a release (SqlEngine._release) has deleted since their receipts
     were signed: a receipt kept for later (it is good for an hour) must not give the archive a
     name, or a copy, whose bytes are gone.  A store after the release has a newer generation."""
     if not copies:
@@ -283,7 +269,13 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         conn.execute(objects.delete().where(objects.c.key.in_(gone)))
         conn.execute(object_blocks.delete().where(object_blocks.c.key.in_(gone)))
         conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
-        _remember_released(conn, out, self.is_sqlite)
+        # Each deleted copy's generation, for _refuse_released; those of long ago forgotten.
+        now = time.time()
+        conn.execute(released_gens.delete().where(released_gens.c.at < now - 2 * RECEIPT_TTL_S))
+        noted = [{"key": key, "site": site, "gen": gen, "at": now}
+                 for key, sites in out.items() for site, gen in sites.items() if gen is not None]
+        if noted:
+            conn.execute(self._upsert(released_gens, ["key", "site"], ["gen", "at"]), noted)
         conn.info.setdefault("dgf.released", {}).update(out)
         return out
 
@@ -667,10 +659,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
                 return False
             if gen is not None:
                 _refuse_released(conn, [(f"object {key[:16]}...", key, site, gen)])
-            dialect = postgresql if not self.is_sqlite else sqlite
-            ins = dialect.insert(replicas)
-            conn.execute(ins.on_conflict_do_update(index_elements=[replicas.c.key, replicas.c.site],
-                                                   set_={"state": ins.excluded.state, "gen": ins.excluded.gen}),
+            conn.execute(self._upsert(replicas, ["key", "site"], ["state", "gen"]),
                          [{"key": key, "site": site, "state": "ok", "gen": gen}])
             return True
         return self._txn(run)

@@ -518,6 +518,12 @@ class SqlBase:
         dialect = postgresql if not self.is_sqlite else sqlite
         return dialect.insert(table).on_conflict_do_nothing()
 
+    def _upsert(self, table: sa.Table, keys: list[str], update: list[str]) -> Any:
+        """An insert that, where a row with the same ``keys`` exists, sets its ``update`` columns."""
+        ins = (postgresql if not self.is_sqlite else sqlite).insert(table)
+        return ins.on_conflict_do_update(index_elements=[table.c[k] for k in keys],
+                                         set_={c: ins.excluded[c] for c in update})
+
     def _resolve(self, conn: Connection, path: str, cache: dict[str, Any] | None = None) -> Any:
         if cache is not None and path in cache:
             return cache[path]
