@@ -315,7 +315,15 @@ class MetaEngine(ABC):
 
     @abstractmethod
     def drop_replica(self, key: str, site: str) -> bool:
-        """Forget ``site``'s copy of an object (missing or corrupt there); True if it was known."""
+        """Forget ``site``'s copy of an object (missing or corrupt there, or about to be deleted:
+        an extra copy, a draining site's); True if it was known.  Its generation is remembered
+        as deleted, so a receipt signed for those bytes records no copy and publishes no name."""
+
+    @abstractmethod
+    def note_orphans_deleted(self, site: str, keys: list[str], gens: dict[str, int]) -> set[str]:
+        """Before fsck deletes orphans ``keys`` at ``site``: those the archive records there
+        (then nothing is noted), else none, and each generation of ``gens`` (by key) is
+        remembered as deleted, so a receipt signed for those bytes publishes nothing."""
 
     @abstractmethod
     def objects_at(self, site: str, after: str, limit: int) -> list[tuple[str, int, list[tuple[str, str]]]]:

@@ -1514,13 +1514,15 @@ class MetaService(wire.Service):
             raise self.limits.refuse("list_items", f"a removal of {len(keys)} objects")
         if gens is not None and (len(gens) != len(keys) or not all(g is None or type(g) is int for g in gens)):
             raise errors.UsageError("admin.fsck.delete takes one generation (or null) per key.")
-        recorded = self.engine.recorded_at(site, keys)
+        named = {k: g for k, g in zip(keys, gens or ()) if g is not None}
+        # Checked and noted at once: an upload's receipt for these bytes, committed after
+        # this, is refused rather than recording a copy the delete is about to remove.
+        recorded = self.engine.note_orphans_deleted(site, keys, named)
         if recorded:
             raise errors.PermissionDenied(f"{len(recorded)} of these objects are recorded at site {site}; "
                                           "only orphans may be removed.")
         self.engine.audit(p.name, "fsck.orphans", site, "ok", f"{len(keys)} objects")
-        return wire.Reply({"cap": self._cap(p, "delete", site, keys, gens={
-            k: g for k, g in zip(keys, gens or ()) if g is not None})})
+        return wire.Reply({"cap": self._cap(p, "delete", site, keys, gens=named)})
 
     @wire.verb("admin.replica.add", key=str, site=str, receipt=str)
     def replica_add(self, p: Principal, key: str, site: str, receipt: str) -> wire.Reply:

@@ -269,15 +269,27 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         conn.execute(objects.delete().where(objects.c.key.in_(gone)))
         conn.execute(object_blocks.delete().where(object_blocks.c.key.in_(gone)))
         conn.execute(identities.delete().where(identities.c.object_key.in_(gone)))
-        # Each deleted copy's generation, for _refuse_released; those of long ago forgotten.
-        now = time.time()
-        conn.execute(released_gens.delete().where(released_gens.c.at < now - 2 * RECEIPT_TTL_S))
-        noted = [{"key": key, "site": site, "gen": gen, "at": now}
-                 for key, sites in out.items() for site, gen in sites.items() if gen is not None]
-        if noted:
-            conn.execute(self._upsert(released_gens, ["key", "site"], ["gen", "at"]), noted)
+        self._note_deleted(conn, [(key, site, gen) for key, sites in out.items() for site, gen in sites.items()])
         conn.info.setdefault("dgf.released", {}).update(out)
         return out
+
+    def _note_deleted(self, conn: Connection, copies: list[tuple[str, str, int | None]]) -> None:
+        """Remember the generation of each ``(key, site, gen)`` copy about to be deleted (or
+        found gone), for _refuse_released; notes of long ago are forgotten.  A copy of unknown
+        generation (recorded before generations were) cannot be named, so it is not noted."""
+        now = time.time()
+        conn.execute(released_gens.delete().where(released_gens.c.at < now - 2 * RECEIPT_TTL_S))
+        noted = [{"key": key, "site": site, "gen": gen, "at": now} for key, site, gen in copies if gen is not None]
+        if noted:
+            conn.execute(self._upsert(released_gens, ["key", "site"], ["gen", "at"]), noted)
+
+    def note_orphans_deleted(self, site: str, keys: list[str], gens: dict[str, int]) -> set[str]:
+        def run(conn: Connection) -> set[str]:
+            recorded = self._recorded_at(conn, site, keys)
+            if not recorded:
+                self._note_deleted(conn, [(key, site, gen) for key, gen in gens.items()])
+            return recorded
+        return self._txn(run)
 
     def _drop_inode(self, conn: Connection, ino: int, path: str) -> None:
         """Remove inode ``ino`` (found at ``path``) with its attributes and index rows.  On
@@ -689,8 +701,14 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             self._txn(run)
 
     def drop_replica(self, key: str, site: str) -> bool:
-        return self._txn(lambda c: c.execute(replicas.delete().where(
-            replicas.c.key == key, replicas.c.site == site)).rowcount > 0)
+        def run(conn: Connection) -> bool:
+            dropped = conn.execute(replicas.delete().where(replicas.c.key == key, replicas.c.site == site)
+                                   .returning(replicas.c.gen)).first()
+            if dropped is None:
+                return False
+            self._note_deleted(conn, [(key, site, dropped.gen)])
+            return True
+        return self._txn(run)
 
     def objects_at(self, site: str, after: str, limit: int) -> list[tuple[str, int, list[tuple[str, str]]]]:
         def run(conn: Connection) -> list[tuple[str, int, list[tuple[str, str]]]]:
@@ -702,13 +720,15 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
         return self._read(run)
 
     def recorded_at(self, site: str, keys: list[str]) -> set[str]:
-        def run(conn: Connection) -> set[str]:
-            out: set[str] = set()
-            for part in slices(keys):
-                out.update(r.key for r in conn.execute(sa.select(replicas.c.key).where(
-                    replicas.c.site == site, replicas.c.key.in_(part))))
-            return out
-        return self._read(run)
+        return self._read(lambda conn: self._recorded_at(conn, site, keys))
+
+    @staticmethod
+    def _recorded_at(conn: Connection, site: str, keys: list[str]) -> set[str]:
+        out: set[str] = set()
+        for part in slices(keys):
+            out.update(r.key for r in conn.execute(sa.select(replicas.c.key).where(
+                replicas.c.site == site, replicas.c.key.in_(part))))
+        return out
 
     def object_replicas(self, keys: list[str]) -> dict[str, list[str]]:
         def run(conn: Connection) -> dict[str, list[str]]:
