@@ -38,9 +38,9 @@ from metaserver.sqladmin import AdminStore
 from metaserver.sqlbase import (
     EXCLUSIVE,
     IGNORE,
+    Q_CHILDREN,
     Q_CHILDREN_NAMED,
     SHARED,
-    STAT_COLS,
     U_FILE,
     U_MTIME,
     U_NLINK,
@@ -52,6 +52,7 @@ from metaserver.sqlbase import (
     join_path,
     slices,
     stat_of,
+    stats_of,
     tree_changed,
 )
 from metaserver.sqlindex import HeaderIndexStore
@@ -191,9 +192,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
             d = self._looked_up(conn, path)
             if not d.is_dir:
                 raise errors.NotADirectory(f"{path} is not a directory.")
-            rows = conn.execute(sa.select(*STAT_COLS).where(inodes.c.parent == d.id)
-                                .order_by(inodes.c.name))
-            return [stat_of(join_path(path, r.name), r) for r in rows]
+            return stats_of(path, conn.execute(Q_CHILDREN, {"b_parent": d.id}))
         return self._read(run)
 
     def _do_mkdir(self, path: str, mode: int, parents: bool) -> Stat:
