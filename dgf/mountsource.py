@@ -128,7 +128,7 @@ class ArchiveTree:
         self.identified = identified
         self._attrs: dict[str, tuple[float, Stat]] = {}
         self._dirs: dict[str, tuple[float, list[str]]] = {}
-        self._finds: dict[str, tuple[float, list[str]]] = {}
+        self._finds: dict[str, tuple[float, list[str], frozenset[str]]] = {}
         self._resolved: dict[str, tuple[float, Reader]] = {}
         self._listed: dict[str, list[str]] = {}         # directory -> its files, listing order
         self._lock = threading.Lock()
@@ -226,8 +226,14 @@ class ArchiveTree:
             # ls shows only "Invalid argument": the log says what is wrong with the expression.
             log.warning("%s: %s", where, exc)
             raise
-        self._finds[cache_key] = (now, names)
+        self._finds[cache_key] = (now, names, frozenset(names))
         return names
+
+    def query_lists(self, kind: str, q: str, name: str) -> bool:
+        """Whether the ``.find/`` or ``.queries/`` directory lists ``name`` (a set lookup: a
+        listing of many results stats each of them)."""
+        self.query(kind, q)
+        return name in self._finds[f"{kind}/{q}"][2]
 
     def sites(self, path: str) -> list[str]:
         return ResolvedFile.all_of(self.source.resolve([path]))[0].sites
