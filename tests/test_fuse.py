@@ -309,6 +309,24 @@ def test_one_listing_gives_the_kernel_every_entry_attributes(federation: local.F
             (want.size, want.nlink, int(want.mtime * 1e9), want.mode), name
 
 
+def test_a_listing_of_many_kernel_pages_gives_each_entry_once(federation: local.Federation,
+                                                              mounted: Mount) -> None:
+    """A directory whose READDIRPLUS answer fills more than one kernel buffer (~1 MiB here: 3000
+    entries of 250-byte names are ~1.2 MB) is listed over several calls, each continuing at the
+    offset the last one gave: every entry once, none lost or repeated, each with its own
+    attributes."""
+    names = [f"{i:04d}-" + "n" * 245 for i in range(3000)]
+    with Client(federation.config("clinician")) as c:
+        c.mkdir("/fuse/pages", parents=True)
+        for name in names:
+            c.mkdir(f"/fuse/pages/{name}")
+    listed = list(os.scandir(mounted.path / "fuse/pages"))
+    got = sorted(e.name for e in listed)
+    assert len(got) == len(names), f"{len(got)} entries listed of {len(names)}"
+    assert got == names, "entries listed are not the directory's"
+    assert all(e.is_dir(follow_symlinks=False) and e.stat().st_nlink == 2 for e in listed)
+
+
 def test_identified_mount_rebuilds_large_originals_on_disk(federation: local.Federation, tmp_path: Path) -> None:
     """An identified open of an object over 8 MiB rebuilds the original into an unlinked file in
     the mount's spool: it held the object and its original in memory for each open (two opens of
