@@ -423,8 +423,9 @@ class DgfFS(mfusepy.Operations):
 #: libfuse3's readdir flag (the kernel asks for READDIRPLUS) and the filler's flag answering it.
 READDIR_PLUS = 1
 FILL_DIR_PLUS = 2
-#: Unfinished listings the mount keeps the names of (a listing abandoned midway stays until pushed out).
-LISTINGS_KEPT = 64
+#: Unfinished listings the mount keeps the names of: a listing abandoned midway stays until
+#: pushed out, and each holds a list as long as its directory (8 bytes an entry).
+LISTINGS_KEPT = 16
 
 
 class _Fuse(mfusepy.FUSE):
