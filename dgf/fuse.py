@@ -474,6 +474,20 @@ class _Fuse(mfusepy.FUSE):
         return 0
 
 
+def _fuse_class() -> type[mfusepy.FUSE]:
+    """:class:`_Fuse` where this mfusepy's readdir is the one it overrides (3.1's), else
+    mfusepy's own FUSE: listings then cost a LOOKUP per entry again, but the mount works."""
+    import inspect
+
+    base = getattr(mfusepy.FUSE, "readdir_fuse_3", None)
+    if base is not None and hasattr(mfusepy, "set_st_attrs") and hasattr(mfusepy, "c_stat") and \
+            list(inspect.signature(base).parameters) == ["self", "path", "buf", "filler", "offset", "fip", "flags"]:
+        return _Fuse
+    log.warning("this mfusepy's readdir is not 3.1's: listings are answered without attributes")
+    plain: type[mfusepy.FUSE] = mfusepy.FUSE
+    return plain
+
+
 def mount(mountpoint: str, config: str | None, identified: bool, foreground: bool, read_only: bool) -> None:
     """Check the configuration and the principal here, then mount (and daemonize unless asked not to)."""
     from dgf.client import Client
@@ -515,7 +529,7 @@ def mount(mountpoint: str, config: str | None, identified: bool, foreground: boo
     if not foreground:
         _only_this_thread()
     try:
-        _Fuse(ops, str(target), foreground=foreground, **options)
+        _fuse_class()(ops, str(target), foreground=foreground, **options)
     except RuntimeError as exc:
         raise errors.UsageError(f"cannot mount {mountpoint} ({exc}); is it already mounted, and is "
                                 "/dev/fuse usable here?") from exc

@@ -430,3 +430,21 @@ def test_the_mount_daemonizes_only_when_no_other_thread_runs() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "stuck" in out.stdout and "--foreground" in out.stdout
+
+
+def test_an_mfusepy_with_another_readdir_mounts_without_listing_attributes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount overrides mfusepy 3.1's readdir (not a public interface).  An mfusepy whose
+    readdir differs gets its own FUSE class: listings without attributes, but a working mount
+    rather than one whose every readdir fails on a signature it does not know."""
+    import mfusepy
+
+    from dgf import fuse
+
+    assert fuse._fuse_class() is fuse._Fuse            # the mfusepy this project installs
+
+    class Changed(mfusepy.FUSE):
+        def readdir_fuse_3(self, path: bytes, buf: object, filler: object, offset: int, fip: object) -> int:
+            return 0
+
+    monkeypatch.setattr(mfusepy, "FUSE", Changed)
+    assert fuse._fuse_class() is Changed
