@@ -459,12 +459,13 @@ class _Fuse(mfusepy.FUSE):
                 self._listings[listing] = names
                 while len(self._listings) > LISTINGS_KEPT:
                     self._listings.popitem(last=False)
+        prefix = where.rstrip("/") + "/"
         for i in range(offset, len(names)):
             name, st, plus = names[i], mfusepy.c_stat(), 0
             if name not in (".", ".."):
                 # An entry gone meanwhile is listed by name only; the kernel looks it up.
                 with contextlib.suppress(mfusepy.FuseOSError):
-                    mfusepy.set_st_attrs(st, ops.getattr(f"{where.rstrip('/')}/{name}"), use_ns=ops.use_ns)
+                    mfusepy.set_st_attrs(st, ops.getattr(prefix + name), use_ns=ops.use_ns)
                     plus = FILL_DIR_PLUS
             # The offset given with an entry is where the next call starts: the one after it.
             if filler(buf, name.encode(self.encoding, self.errors), st if plus else None, i + 1, plus) != 0:

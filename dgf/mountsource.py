@@ -213,11 +213,19 @@ class ArchiveTree:
 
     def query(self, kind: str, q: str) -> list[str]:
         """The files a ``.find/`` or ``.queries/`` directory lists, as percent-encoded paths."""
+        return self._query(kind, q)[0]
+
+    def query_lists(self, kind: str, q: str, name: str) -> bool:
+        """Whether the ``.find/`` or ``.queries/`` directory lists ``name`` (a set lookup: a
+        listing of many results stats each of them)."""
+        return name in self._query(kind, q)[1]
+
+    def _query(self, kind: str, q: str) -> tuple[list[str], frozenset[str]]:
         now = time.monotonic()
         cache_key = f"{kind}/{q}"
         hit = self._finds.get(cache_key)
         if hit is not None and now - hit[0] < ATTR_TTL:
-            return hit[1]
+            return hit[1], hit[2]
         where = f"{'/' + kind}/{q}"
         try:
             names = [quote(r["path"].lstrip("/"), safe="") for r in self.source.find_iter(
@@ -226,14 +234,9 @@ class ArchiveTree:
             # ls shows only "Invalid argument": the log says what is wrong with the expression.
             log.warning("%s: %s", where, exc)
             raise
-        self._finds[cache_key] = (now, names, frozenset(names))
-        return names
-
-    def query_lists(self, kind: str, q: str, name: str) -> bool:
-        """Whether the ``.find/`` or ``.queries/`` directory lists ``name`` (a set lookup: a
-        listing of many results stats each of them)."""
-        self.query(kind, q)
-        return name in self._finds[f"{kind}/{q}"][2]
+        listed = frozenset(names)
+        self._finds[cache_key] = (now, names, listed)
+        return names, listed
 
     def sites(self, path: str) -> list[str]:
         return ResolvedFile.all_of(self.source.resolve([path]))[0].sites

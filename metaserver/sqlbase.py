@@ -141,15 +141,15 @@ def _quoted(columns: tuple[str, ...]) -> str:
 
 
 def stat_of(path: str, row: Any) -> Stat:
-    return Stat(path=path, ino=row.id, is_dir=bool(row.is_dir), mode=row.mode, size=row.size,
-                mtime=row.mtime, ctime=row.ctime, nlink=row.nlink, object_key=row.object_key)
+    """``path``'s entry from a row of ``STAT_COLS``, unpacked by position: a listing builds
+    thousands, and a row's attribute lookups were most of ``ls``'s server time."""
+    ino, _, is_dir, mode, size, nlink, mtime, ctime, key = row
+    return Stat(path, ino, bool(is_dir), mode, size, mtime, ctime, nlink, key)
 
 
 def stats_of(parent: str, rows: Iterable[Any]) -> list[Stat]:
-    """The entries of directory ``parent`` from rows of ``STAT_COLS``, unpacked by position: a
-    listing builds thousands, and a row's attribute lookups were most of ``ls``'s server time."""
-    return [Stat(join_path(parent, name), ino, bool(is_dir), mode, size, mtime, ctime, nlink, key)
-            for ino, name, is_dir, mode, size, nlink, mtime, ctime, key in rows]
+    """The entries of directory ``parent`` from rows of ``STAT_COLS``."""
+    return [stat_of(join_path(parent, row[1]), row) for row in rows]
 
 
 def inserted_id(result: Any) -> int:
