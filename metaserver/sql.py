@@ -11,6 +11,7 @@ wait for a batch commit.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -100,12 +101,37 @@ def _locked_objects(conn: Connection, keys: set[str], share: bool) -> set[str]:
     return held
 
 
+#: PostgreSQL advisory lock class of object keys (the two-number form, whose key space is apart
+#: from the single-number TREE_LOCK_KEY's): see _lock_keys.
+KEY_LOCK_CLASS = 0x64676B
+
+
+def _lock_keys(conn: Connection, keys: Iterable[str], shared: bool) -> None:
+    """On PostgreSQL, lock object ``keys`` until the transaction ends, whether or not the archive
+    stores them yet: shared by a step that checks a receipt's generation and then records the
+    copy, exclusive by fsck's check that a site's copies are orphans and its note of their
+    generations (SqlEngine.note_orphans_deleted).  Under READ COMMITTED the two checks could
+    otherwise each miss the other's uncommitted row, and a copy be recorded whose bytes fsck
+    then deletes.  Taken in one order, so two such steps never wait on each other both ways;
+    keys that share a 32-bit hash share a lock, which costs a wait, never a wrong answer.
+    SQLite has one writer at a time, which already orders them."""
+    if conn.dialect.name != "postgresql":
+        return
+    ids = sorted({zlib.crc32(k.encode()) - 2 ** 31 for k in keys})
+    if ids:
+        fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        conn.execute(sa.text(f"SELECT {fn}(:c, k) FROM unnest(CAST(:ids AS integer[])) AS k"),
+                     {"c": KEY_LOCK_CLASS, "ids": ids})
+
+
 def _refuse_released(conn: Connection, copies: list[tuple[str, str, str, int]]) -> None:
     """Refuse ``(path, key, site, generation)`` copies a release (SqlEngine._release) has deleted since their receipts
     were signed: a receipt kept for later (it is good for an hour) must not give the archive a
-    name, or a copy, whose bytes are gone.  A store after the release has a newer generation."""
+    name, or a copy, whose bytes are gone.  A store after the release has a newer generation.
+    The keys stay locked against fsck's note of orphans until the copies are recorded."""
     if not copies:
         return
+    _lock_keys(conn, (key for _, key, _, _ in copies), shared=True)
     deleted: dict[tuple[str, str], int] = {}
     for part in slices(sorted({key for _, key, _, _ in copies})):
         deleted.update(((r.key, r.site), r.gen) for r in conn.execute(
@@ -284,6 +310,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def note_orphans_deleted(self, site: str, keys: list[str], gens: dict[str, int]) -> set[str]:
         def run(conn: Connection) -> set[str]:
+            _lock_keys(conn, keys, shared=False)
             recorded = self._recorded_at(conn, site, keys)
             if not recorded:
                 self._note_deleted(conn, [(key, site, gen) for key, gen in gens.items()])
@@ -701,6 +728,7 @@ class SqlEngine(HeaderIndexStore, AdminStore, MetaEngine):
 
     def drop_replica(self, key: str, site: str) -> bool:
         def run(conn: Connection) -> bool:
+            _lock_keys(conn, [key], shared=False)         # not while a commit records this copy
             dropped = conn.execute(replicas.delete().where(replicas.c.key == key, replicas.c.site == site)
                                    .returning(replicas.c.gen)).first()
             if dropped is None:

@@ -10,6 +10,7 @@ import itertools
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from dgf import errors
 from dgf.types import Principal
-from metaserver import migrate
+from metaserver import migrate, sql
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.schema import dir_changes, inodes
 from metaserver.sql import SqlEngine
@@ -1021,6 +1022,97 @@ class TestPostgresEngine(EngineContract):
         e = SqlEngine(postgres.create_database(f"contract{next(_databases)}"))
         yield e
         e.close()
+
+    def test_an_upload_committing_while_fsck_notes_orphans_waits_for_it(self, engine: MetaEngine) -> None:
+        # fsck has found bytes at site-a that the archive does not record (an upload stored them
+        # and has not committed yet) and, in one transaction, checks that and notes their
+        # generation.  The upload commits in between, in another transaction: under READ
+        # COMMITTED neither sees the other's row, so the copy would be recorded and then its
+        # bytes deleted.  The commit must wait for fsck's note and be refused instead.
+        # (The pause after fsck's check is injected; the race is real, on a real server.)
+        assert isinstance(engine, SqlEngine)
+        engine.mkdir("/up")
+        checked, go_on = threading.Event(), threading.Event()
+        check = engine._recorded_at
+
+        def paused(conn: sa.Connection, site: str, keys: list[str]) -> set[str]:
+            found = check(conn, site, keys)
+            checked.set()
+            assert go_on.wait(30)
+            return found
+        engine._recorded_at = paused  # type: ignore[method-assign]
+        outcome: dict[str, object] = {}
+
+        def fsck() -> None:
+            outcome["fsck"] = engine.note_orphans_deleted("site-a", [_key("racing")], {_key("racing"): 7})
+
+        def upload() -> None:
+            try:
+                engine.create_files([_file("/up/r.dcm", "racing", gen=7)])
+                outcome["upload"] = "published"
+            except errors.DgfError as exc:
+                outcome["upload"] = exc
+        _second_waits(engine, fsck, upload, checked, go_on, "the commit did not wait for fsck's note")
+        assert outcome["fsck"] == set()                         # an orphan when checked: noted
+        assert isinstance(outcome["upload"], errors.PermissionDenied)
+        assert "deleted since it was signed" in str(outcome["upload"])
+        with pytest.raises(errors.NotFound):
+            engine.stat("/up/r.dcm")
+        assert engine.object_replicas([_key("racing")]) == {_key("racing"): []}
+
+    def test_a_drain_dropping_a_copy_a_commit_records_waits_for_it(self, engine: MetaEngine,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        # An upload stored the same bytes at site-a again (the site kept them: same generation)
+        # and has checked its receipt; before it records the copy, a drain or fsck's trim drops
+        # site-a's copy of that object and notes the generation, to delete its bytes next.  The
+        # drop must wait for the commit and take the copy it recorded too, not leave a record of
+        # bytes about to go.  (The pause in the commit is injected.)
+        assert isinstance(engine, SqlEngine)
+        engine.create_files([_file("/x.dcm", "twice", gen=5)])
+        assert engine.add_replica(_key("twice"), "site-b", 3)
+        checked, go_on = threading.Event(), threading.Event()
+        refuse = sql._refuse_released
+
+        def paused(conn: sa.Connection, copies: list[tuple[str, str, str, int]]) -> None:
+            refuse(conn, copies)
+            checked.set()
+            assert go_on.wait(30)
+        monkeypatch.setattr(sql, "_refuse_released", paused)
+        outcome: dict[str, object] = {}
+
+        def upload() -> None:
+            engine.create_files([_file("/y.dcm", "twice", gen=5)])
+            outcome["upload"] = "published"
+
+        def drain() -> None:
+            outcome["drop"] = engine.drop_replica(_key("twice"), "site-a")
+        _second_waits(engine, upload, drain, checked, go_on, "the drop did not wait for the commit")
+        assert outcome == {"upload": "published", "drop": True}
+        assert engine.stat("/y.dcm").object_key == _key("twice")
+        assert engine.object_replicas([_key("twice")]) == {_key("twice"): ["site-b"]}
+
+
+def _second_waits(engine: SqlEngine, first: Callable[[], None], second: Callable[[], None],
+                  paused: threading.Event, go_on: threading.Event, why: str) -> None:
+    """Run ``first`` in a thread until it pauses (sets ``paused``), then ``second`` in another:
+    ``second`` must come to wait on an advisory lock (PostgreSQL's pg_locks says so) rather
+    than finish.  Then ``first`` goes on (``go_on``) and both are waited for."""
+    threads = [threading.Thread(target=first, daemon=True), threading.Thread(target=second, daemon=True)]
+    waiting = sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    try:
+        threads[0].start()
+        assert paused.wait(30)
+        threads[1].start()
+        with engine.engine.connect() as conn:
+            for _ in range(500):
+                if not threads[1].is_alive() or conn.execute(waiting).scalar():
+                    break
+                time.sleep(0.02)
+        assert threads[1].is_alive(), why
+    finally:
+        go_on.set()
+        for t in threads:
+            t.join(30)
 
 
 NAMES = st.sampled_from(["a", "b", "c"])
