@@ -26,6 +26,7 @@ import collections
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -180,6 +181,14 @@ class DgfFS(mfusepy.Operations):
             attr["st_mode"] = stat_mod.S_IFLNK | 0o777
             return attr
         return self._attr(self.tree.stat(path))
+
+    # Nothing is kept per open directory here; defined so that libfuse calls opendir and
+    # releasedir at all: _Fuse gives each open directory a handle that names its listing.
+    def opendir(self, path: str) -> int:
+        return 0
+
+    def releasedir(self, path: str, fh: int) -> int:
+        return 0
 
     @_errno_of
     def readdir(self, path: str, fh: Any) -> list[str]:
@@ -423,9 +432,10 @@ class DgfFS(mfusepy.Operations):
 #: libfuse3's readdir flag (the kernel asks for READDIRPLUS) and the filler's flag answering it.
 READDIR_PLUS = 1
 FILL_DIR_PLUS = 2
-#: Unfinished listings the mount keeps the names of: a listing abandoned midway stays until
-#: pushed out, and each holds a list as long as its directory (8 bytes an entry).
-LISTINGS_KEPT = 16
+#: Open listings the mount keeps the names of at most: each is freed when its directory is
+#: closed, and holds a list as long as its directory (8 bytes an entry).  A listing pushed out
+#: (more directories open and being read at once) goes on in a new listing of its directory.
+LISTINGS_KEPT = 256
 #: Directories whose last listing's time the mount keeps (_Fuse._handed); one pushed out is
 #: listed with attributes again.
 HANDED_KEPT = 4096
@@ -441,11 +451,12 @@ class _Fuse(mfusepy.FUSE):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Each open listing's names as read at offset 0, for the calls that continue it: the
-        # kernel asks for a page of entries at a time, and an offset must mean the same entry in
-        # each.  Keyed by libfuse's handle of the open directory (``buf``), so two processes
-        # listing one directory while it changes each see one consistent snapshot.
-        self._listings: collections.OrderedDict[tuple[str, int], tuple[list[str], bool, float]] = \
-            collections.OrderedDict()
+        # kernel asks for a buffer of entries at a time (READDIRPLUS first, often plain READDIR
+        # after), and an offset must mean the same entry in each.  Keyed by the handle opendir
+        # gave the open directory, freed by releasedir, so two processes listing one directory
+        # while it changes each see one consistent snapshot, each entry once.
+        self._listings: collections.OrderedDict[int, tuple[list[str], bool, float]] = collections.OrderedDict()
+        self._handles = itertools.count(1)
         # When each directory's entries last went to the kernel with their attributes: for the
         # next ATTR_TTL / 2 the kernel still holds them (it keeps them ATTR_TTL from receipt),
         # so a listing again (``ls -l`` twice) hands names only, as mfusepy does, and costs the
@@ -455,23 +466,35 @@ class _Fuse(mfusepy.FUSE):
         self._listings_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
+    def opendir(self, path: bytes, fip: Any) -> int:
+        # DgfFS keeps nothing per open directory: the handle names this listing's snapshot.
+        status = int(super().opendir(path, fip))
+        fip.contents.fh = next(self._handles)
+        return status
+
+    def releasedir(self, path: bytes | None, fip: Any) -> int:
+        with self._listings_lock:
+            self._listings.pop(fip.contents.fh, None)
+        return int(super().releasedir(path, fip))
+
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
-        if path is None or not flags & READDIR_PLUS:
+        if path is None:
             return int(super().readdir_fuse_3(path, buf, filler, offset, fip, flags))
         where = path.decode(self.encoding, self.errors)
         ops = self.operations
-        listing = (where, buf or 0)
+        listing = fip.contents.fh
         with self._listings_lock:
             kept = self._listings.get(listing) if offset else None
             handed = self._handed.get(where)
         if kept is None:
             now = time.monotonic()
-            kept = ops.readdir(where, fip.contents.fh), handed is None or now - handed >= ATTR_TTL / 2, now
+            kept = ops.readdir(where, listing), handed is None or now - handed >= ATTR_TTL / 2, now
             with self._listings_lock:
                 self._listings[listing] = kept
                 while len(self._listings) > LISTINGS_KEPT:
                     self._listings.popitem(last=False)
         names, with_attrs, started = kept
+        with_attrs = with_attrs and bool(flags & READDIR_PLUS)
         prefix = where.rstrip("/") + "/"
         for i in range(offset, len(names)):
             name, st, plus = names[i], None, 0
@@ -484,9 +507,10 @@ class _Fuse(mfusepy.FUSE):
             # The offset given with an entry is where the next call starts: the one after it.
             if filler(buf, name.encode(self.encoding, self.errors), st if plus else None, i + 1, plus) != 0:
                 return 0
-        with self._listings_lock:
-            self._listings.pop(listing, None)
-            if with_attrs:
+        # Read to the end: the snapshot stays until releasedir, for the call at the end offset
+        # that finds nothing more (a new listing there would give any names added meanwhile).
+        if with_attrs and not offset:
+            with self._listings_lock:
                 self._handed[where] = started
                 self._handed.move_to_end(where)
                 while len(self._handed) > HANDED_KEPT:
@@ -495,13 +519,17 @@ class _Fuse(mfusepy.FUSE):
 
 
 def _fuse_class() -> type[mfusepy.FUSE]:
-    """:class:`_Fuse` where this mfusepy's readdir is the one it overrides (3.1's), else
-    mfusepy's own FUSE: listings then cost a LOOKUP per entry again, but the mount works."""
+    """:class:`_Fuse` where this mfusepy's readdir, opendir and releasedir are the ones it
+    overrides (3.1's), else mfusepy's own FUSE: listings then cost a LOOKUP per entry again,
+    but the mount works."""
     import inspect
 
-    base = getattr(mfusepy.FUSE, "readdir_fuse_3", None)
-    if base is not None and hasattr(mfusepy, "set_st_attrs") and hasattr(mfusepy, "c_stat") and \
-            list(inspect.signature(base).parameters) == ["self", "path", "buf", "filler", "offset", "fip", "flags"]:
+    overridden = {"readdir_fuse_3": ["self", "path", "buf", "filler", "offset", "fip", "flags"],
+                  "opendir": ["self", "path", "fip"], "releasedir": ["self", "path", "fip"]}
+    if hasattr(mfusepy, "set_st_attrs") and hasattr(mfusepy, "c_stat") and all(
+            callable(getattr(mfusepy.FUSE, name, None))
+            and list(inspect.signature(getattr(mfusepy.FUSE, name)).parameters) == params
+            for name, params in overridden.items()):
         return _Fuse
     log.warning("this mfusepy's readdir is not 3.1's: listings are answered without attributes")
     plain: type[mfusepy.FUSE] = mfusepy.FUSE

@@ -316,17 +316,39 @@ def test_a_listing_of_many_kernel_pages_gives_each_entry_once(federation: local.
     """A directory whose READDIRPLUS answer fills more than one kernel buffer (~1 MiB here: 3000
     entries of 250-byte names are ~1.2 MB) is listed over several calls, each continuing at the
     offset the last one gave: every entry once, none lost or repeated, each with its own
-    attributes."""
+    attributes.
+
+    Then 24 listings at once, each midway (its first call made), while names are added that
+    sort before all others: each goes on from its own snapshot and gives the entries it began
+    with, each once.  The mount kept 16 unfinished listings (a 17th pushed the oldest out, which
+    went on in a new listing, offsets shifted), and forgot a listing once its last entry was
+    handed, so the kernel's call at the end offset listed again and gave the names added
+    meanwhile as entries repeated."""
     names = [f"{i:04d}-" + "n" * 245 for i in range(3000)]
     with Client(federation.config("clinician")) as c:
         c.mkdir("/fuse/pages", parents=True)
         for name in names:
             c.mkdir(f"/fuse/pages/{name}")
-    listed = list(os.scandir(mounted.path / "fuse/pages"))
+    directory = mounted.path / "fuse/pages"
+    listed = list(os.scandir(directory))
     got = sorted(e.name for e in listed)
     assert len(got) == len(names), f"{len(got)} entries listed of {len(names)}"
     assert got == names, "entries listed are not the directory's"
     assert all(e.is_dir(follow_symlinks=False) and e.stat().st_nlink == 2 for e in listed)
+
+    listings = [os.scandir(directory) for _ in range(24)]
+    try:
+        firsts = [next(it).name for it in listings]          # one call each, at offset 0
+        for k in range(30):
+            os.mkdir(directory / f"+{k:02d}")                # listed before every other name
+        for first, it in zip(firsts, listings):
+            again = [first, *(e.name for e in it)]
+            assert len(again) == len(set(again)), f"{len(again) - len(set(again))} entries listed twice"
+            assert sorted(again) == names
+    finally:
+        for it in listings:
+            it.close()
+    assert len(os.listdir(directory)) == 3030                 # a listing begun now has them
 
 
 def test_identified_mount_rebuilds_large_originals_on_disk(federation: local.Federation, tmp_path: Path) -> None:
@@ -448,5 +470,10 @@ def test_an_mfusepy_with_another_readdir_mounts_without_listing_attributes(monke
         def readdir_fuse_3(self, path: bytes, buf: object, filler: object, offset: int, fip: object) -> int:
             return 0
 
-    monkeypatch.setattr(mfusepy, "FUSE", Changed)
-    assert fuse._fuse_class() is Changed
+    class ChangedRelease(mfusepy.FUSE):
+        def releasedir(self, path: bytes, fip: object, flags: int) -> int:
+            return 0
+
+    for changed in (Changed, ChangedRelease):
+        monkeypatch.setattr(mfusepy, "FUSE", changed)
+        assert fuse._fuse_class() is changed
