@@ -170,7 +170,8 @@ class Client:
     def check_principal(self) -> str | None:
         """A sentence when the config's ``principal`` is not the name its key is enrolled
         under (the key decides who acts; a config saying otherwise misleads its reader)."""
-        me = self.whoami()
+        # Through a connection master, as it learnt when it connected (a round trip less).
+        me = self.meta.conn.who or self.whoami()
         if me.get("name") == self.config.principal:
             return None
         return (f"config file {self.config.path} names principal {self.config.principal!r}, but its key "

@@ -9,7 +9,10 @@ the one-line greeting below, a channel through the master carries the same frame
 
 Greeting (master to client, once per accepted socket)::
 
-    +WHERE\\n      a channel to the metaserver is open; WHERE names it in errors ("the metaserver (host:port)")
+    +WHERE\\tNAME\\tROLE\\n
+                  a channel to the metaserver is open; WHERE names it in errors ("the metaserver
+                  (host:port)"), NAME and ROLE are whom the metaserver took the key for when the
+                  master connected (a client's check of its config needs no call of its own)
     -REASON\\n     none could be opened; the client connects by itself (and meets the reason by name)
 
 Who may use a master: the socket lives in a directory of the user's own (mode 0700, checked
@@ -88,7 +91,7 @@ def socket_path(cfg: ClientConfig) -> Path | None:
     base = run_dir()
     if base is None:
         return None
-    h = hashlib.sha256(b"dgf mux 1\0")
+    h = hashlib.sha256(b"dgf mux 2\0")   # 2: the greeting names the principal
     for f in (cfg.path, cfg.key):
         try:
             st = os.stat(f)
@@ -113,13 +116,18 @@ class Shared:
         self.address: tuple[str, int] = ("", 0)
         self._spare: wire.RpcChannel | None = None
         self._gone = False
+        #: Whom the metaserver took the key for, as the master's greeting said.
+        self.who: dict[str, str] | None = None
 
     def attach(self) -> Shared:
         """Open the first channel (kept for the first :meth:`channel` call); raises
         :class:`Unavailable` when no master answers."""
-        sock, where = self._open()
+        sock, greeting = self._open()
+        where, _, who = greeting.partition("\t")
+        name, _, role = who.partition("\t")
         self._spare = wire.RpcChannel(sock, where, self.read_timeout)
         self.where = where
+        self.who = {"name": name, "role": role} if name and role else None
         host, _, port = where.rpartition("(")[2].rstrip(")").rpartition(":")
         self.address = (host, int(port)) if port.isascii() and port.isdigit() else ("", 0)
         return self
@@ -153,11 +161,11 @@ class Shared:
             chan, self._spare = self._spare, None
             return chan
         try:
-            sock, where = self._open()
+            sock, greeting = self._open()
         except Unavailable as exc:
             self._gone = True
             raise errors.TransportError(f"{self.where}: {exc}") from exc
-        return wire.RpcChannel(sock, where, self.read_timeout)
+        return wire.RpcChannel(sock, greeting.partition("\t")[0], self.read_timeout)
 
     @property
     def alive(self) -> bool:
@@ -271,6 +279,8 @@ def _serve(config_path: str, path: Path, log: logging.Logger) -> None:
     import threading
     import time
 
+    import paramiko
+
     from dgf import crypto, ssh
     from dgf.config import ClientConfig
     from dgf.transport import META_SUBSYSTEM
@@ -295,7 +305,18 @@ def _serve(config_path: str, path: Path, log: logging.Logger) -> None:
     lock = threading.Lock()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    greeting = f"+{conn.where}\n".encode()
+    # Who the key is, asked once on the channel the first client will get (see ``spare``).
+    first = conn.open_channel()
+    first.settimeout(cfg.timeout)
+    me: dict[str, str] = {}
+    try:
+        me = wire.RpcChannel(first, conn.where, cfg.timeout).call("whoami")[0]
+    except errors.TransportError:
+        raise
+    except errors.DgfError:
+        pass                            # refused by name, the channel in step: clients ask themselves
+    first.settimeout(None)              # the pumps wait on a client's channel as long as it is open
+    greeting = f"+{conn.where}\t{me.get('name', '')}\t{me.get('role', '')}\n".encode()
 
     def closed() -> None:
         with lock:
@@ -317,13 +338,42 @@ def _serve(config_path: str, path: Path, log: logging.Logger) -> None:
             with contextlib.suppress(Exception):
                 end.close()
 
+    # One channel opened ahead, for the next client: opening one costs two round trips to the
+    # metaserver (the session, then the subsystem), which a client would otherwise wait for.
+    spare: list[paramiko.Channel] = [first]
+    opening = [False]
+
+    def ahead() -> None:
+        chan = None
+        with contextlib.suppress(errors.DgfError):   # the next client opens its own, meeting why
+            chan = conn.open_channel()
+        with lock:
+            if chan is not None:
+                spare.append(chan)
+            opening[0] = False
+
+    def open_ahead() -> None:
+        with lock:
+            wanted = not spare and not opening[0]
+            opening[0] = opening[0] or wanted
+        if wanted:
+            threading.Thread(target=ahead, daemon=True).start()
+
+    def channel() -> paramiko.Channel:
+        with lock:
+            chan = spare.pop() if spare else None
+        open_ahead()
+        if chan is not None and not (chan.closed or chan.eof_received):
+            return chan
+        return conn.open_channel()
+
     def client(sock: socket.socket) -> None:
         try:
             if _peer_uid(sock) != os.getuid():
                 log.warning("refused a peer of another uid")
                 return
             try:
-                chan = conn.open_channel()
+                chan = channel()
             except errors.DgfError as exc:
                 sock.sendall(b"-" + exc.message.encode("utf-8", "replace")[:GREETING_MAX - 2] + b"\n")
                 return
@@ -340,6 +390,7 @@ def _serve(config_path: str, path: Path, log: logging.Logger) -> None:
             sock.close()
             closed()
 
+    open_ahead()
     while not stop.is_set() and conn.alive:
         with lock:
             idle = not state["open"] and time.monotonic() - state["idle_since"] > cfg.shared_connection

@@ -334,6 +334,10 @@ class Connection:
     server's next bytes, so a hung server costs a named error, never a hang.
     """
 
+    #: Whom the server took the key for, where known without asking (a connection master's
+    #: greeting says it; see dgf.mux.Shared): never for a connection of one's own.
+    who: dict[str, str] | None = None
+
     def __init__(self, host: str, port: int, key: paramiko.PKey, host_key_line: str,
                  subsystem: str, timeout: float = 15.0, name: str = "the dgf server",
                  read_timeout: float | None = wire.READ_TIMEOUT) -> None:

@@ -107,6 +107,40 @@ def test_a_short_command_starts_a_master_and_the_next_imports_no_ssh_library(
     _wait(lambda: not sock.exists() and _master_pid(sock) is None, "the master did not stop on SIGTERM")
 
 
+def test_the_master_greets_with_the_principal_so_a_command_asks_one_thing_less(
+        federation: local.Federation, tmp_path: Path) -> None:
+    """The master asks once whom the key is, and says it in every greeting: a command through it
+    checks its config against that (the warning for a config naming another principal still
+    comes) without a whoami of its own, one round trip less on a long link."""
+    conf = _fed_config(federation, "researcher", tmp_path)
+    conf.write_text(conf.read_text().replace("principal = researcher", "principal = clinician"))
+    sock = _socket(conf)
+    first = _dgf(conf, "whoami")
+    assert first.returncode == 0 and "names principal 'clinician', but its key" in first.stderr
+    _wait(sock.exists, "the first command started no connection master")
+    try:
+        with Client(conf, shared=True) as c:
+            assert isinstance(c.meta.conn, mux.Shared)
+            assert c.meta.conn.who == {"name": "researcher", "role": "researcher"}
+            asked: list[str] = []
+            call = c.meta.call
+
+            def counted(verb: str, *args: Any, **kwargs: Any) -> Any:
+                asked.append(verb)
+                return call(verb, *args, **kwargs)
+            c.meta.call = counted  # type: ignore[method-assign]
+            warning = c.check_principal()
+            assert warning is not None and "enrolled as 'researcher' (role researcher)" in warning
+            assert asked == []
+            assert c.stat("/").is_dir and asked == ["ns.stat"]      # the greeted channel works
+        second = _dgf(conf, "whoami")
+        assert second.returncode == 0 and "names principal 'clinician', but its key" in second.stderr
+    finally:
+        pid = _master_pid(sock)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+
+
 def test_sharing_off_or_unsafe_directory_means_every_command_connects_itself(
         federation: local.Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     off = ClientConfig.load(_fed_config(federation, "researcher", tmp_path, persist=0))
