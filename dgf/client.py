@@ -25,6 +25,7 @@ from dgf.transport import KEPT, UNREACHABLE_S, MetaLink, SiteLink
 from dgf.types import HEADER_XATTR, Site, Stat
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
     from pathlib import Path
 
     from dgf.dicom.profile import Options
@@ -56,6 +57,16 @@ log = logging.getLogger("dgf.client")
 
 #: The metaserver's longest query (seconds); the client waits that long for a query's reply.
 QUERY_LIMIT_S = 300.0
+#: Where in the config's cache a client opening links ahead keeps the sites it used, and how
+#: many of them the next one connects to before the metaserver names them.
+SITES_CACHE = "sites.json"
+AHEAD_SITES = 4
+
+
+def _close_unused(pending: Future[SiteLink]) -> None:
+    """Close a link opened ahead that no one took (one that failed to open has nothing to close)."""
+    if not pending.cancelled() and pending.exception() is None:
+        pending.result().close()
 
 
 class Client:
@@ -74,7 +85,7 @@ class Client:
     """
 
     def __init__(self, config: ClientConfig | str | os.PathLike[str] | None = None,
-                 options: Options | None = None, shared: bool = False) -> None:
+                 options: Options | None = None, shared: bool = False, links_ahead: bool = False) -> None:
         self.config = config if isinstance(config, ClientConfig) else ClientConfig.load(config)
         #: What the caller asked for; the archive's policy decides (see upload_options).
         self.requested = options
@@ -84,13 +95,22 @@ class Client:
             from dgf.mux import Sharing
 
             self._sharing = Sharing(self.config)
-        self.meta = MetaLink(self.config.metaserver, lambda: self._key, self.config.metaserver_host_key,
-                             read_timeout=self.config.timeout,
-                             shared=self._sharing.attach if self._sharing is not None else None)
         self._links: dict[str, SiteLink] = {}
         self._site_info: dict[str, Site] = {}
         self._unreachable: dict[str, tuple[float, errors.TransportError]] = {}
         self._lock = threading.Lock()
+        self._links_ahead = links_ahead
+        self._ahead: dict[str, tuple[Site, Future[SiteLink]]] = {}
+        if links_ahead:
+            self._open_links_ahead()
+        try:
+            self.meta = MetaLink(self.config.metaserver, lambda: self._key, self.config.metaserver_host_key,
+                                 read_timeout=self.config.timeout,
+                                 shared=self._sharing.attach if self._sharing is not None else None)
+        except BaseException:
+            for _, pending in self._ahead.values():
+                pending.add_done_callback(_close_unused)
+            raise
 
     @functools.cached_property
     def _key(self) -> paramiko.PKey:
@@ -150,6 +170,10 @@ class Client:
         connected = self.meta.conn.alive
         if "reader" in self.__dict__:
             self.reader.close()
+        if self._links_ahead and self._links:
+            self._remember_sites([self._site_info[n] for n in self._links if n in self._site_info])
+        for _, pending in self._ahead.values():
+            pending.add_done_callback(_close_unused)
         for link in self._links.values():
             link.close()
         self.meta.close()
@@ -197,6 +221,7 @@ class Client:
             if link is not None and link.conn.transport.is_active():
                 return link
             site = self._site_info.get(name)
+            ahead = self._ahead.pop(name, None)
         if site is None:
             self.sites()
             site = self._site_info.get(name)
@@ -206,7 +231,12 @@ class Client:
         if failed is not None and time.monotonic() - failed[0] < UNREACHABLE_S:
             raise failed[1]                  # a site that just failed to answer fails fast
         try:
-            link = SiteLink(site, self._key, read_timeout=self.config.timeout)
+            if ahead is not None and ahead[0] == site:
+                link = ahead[1].result()     # opened ahead, to the address and host key named now
+            else:
+                if ahead is not None:
+                    ahead[1].add_done_callback(_close_unused)    # the site moved: not this one
+                link = SiteLink(site, self._key, read_timeout=self.config.timeout)
         except errors.TransportError as exc:
             self._unreachable[name] = (time.monotonic(), exc)
             raise
@@ -214,6 +244,50 @@ class Client:
         with self._lock:
             self._links[name] = link
         return link
+
+    def _open_links_ahead(self) -> None:
+        """Start connecting, while the metaserver connection is made, to the sites the last
+        client of this config with ``links_ahead`` used (its cache's SITES_CACHE, at most
+        AHEAD_SITES): a site's TCP and SSH handshakes and its channel are six round trips a
+        command otherwise waits for after the metaserver has named the site.  A link opened
+        ahead is used only if the metaserver then names its site at the same address with the
+        same host key (before any capability or byte goes on it); any other is closed unused."""
+        try:
+            cached = [Site.from_wire(s) for s in json.loads((self.config.cache_dir / SITES_CACHE).read_text())]
+        except (OSError, ValueError, KeyError, TypeError):
+            return                           # none yet, or unreadable: connect when named
+        cached = cached[:AHEAD_SITES]
+        if not cached:
+            return
+        from concurrent.futures import Future
+
+        key = self._key
+        for site in cached:
+            pending: Future[SiteLink] = Future()
+
+            # A daemon thread: a handshake still waiting on a site that does not answer must
+            # not keep a finished command from exiting.
+            def connect(site: Site = site, pending: Future[SiteLink] = pending) -> None:
+                try:
+                    pending.set_result(SiteLink(site, key, read_timeout=self.config.timeout))
+                except BaseException as exc:         # noqa: BLE001 - handed to whoever takes the link
+                    pending.set_exception(exc)
+            threading.Thread(target=connect, name=f"dgf-ahead-{site.name}", daemon=True).start()
+            self._ahead[site.name] = (site, pending)
+
+    def _remember_sites(self, sites: list[Site]) -> None:
+        """Keep the sites this client used, for the next one's links ahead (written whole, then
+        renamed, readable by the user only)."""
+        path = self.config.cache_dir / SITES_CACHE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{SITES_CACHE}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump([s.to_wire() for s in sorted(sites, key=lambda s: s.name)], fh)
+            os.replace(tmp, path)
+        except OSError:
+            pass                             # a cache: the next command connects when named
 
     def _drop_link(self, name: str, why: errors.DgfError | None = None) -> None:
         """Forget the link to a site after a failure; a transport failure (the site died or

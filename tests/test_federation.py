@@ -745,3 +745,51 @@ def test_calls_one_after_another_share_one_metaserver_channel(federation: local.
             done.start()
             done.join(30)                            # ... and another at once: a second channel
         assert hold.is_set() and len(opened) == 2
+
+
+def test_a_bulk_command_opens_links_to_the_sites_it_used_last_while_the_metaserver_answers(
+        federation: local.Federation, tmp_path: Path) -> None:
+    """dgf_up and dgf_down connect to the sites the last of them used (kept in the config's
+    cache) while their metaserver connection is made: six round trips less on a long link.  A
+    link opened ahead is used only if the metaserver names its site at the same address with the
+    same host key; one to a site that moved is closed unused, and the transfer goes through."""
+    from dgf.config import read_section, write_section
+
+    conf = tmp_path / "ahead.conf"
+    section = read_section(federation.config("clinician"), "dgf")
+    section.update(key=str((federation.root / section["key"]).resolve()), cache_dir=str(tmp_path / "cache"))
+    write_section(conf, "dgf", section)
+    with Client(conf) as c:
+        c.upload(corpus.fresh_instances(tmp_path / "src", 4), to="/ahead-links")
+    with Client(conf, links_ahead=True) as first:                 # nothing cached yet
+        assert first._ahead == {}
+        assert first.download(["/ahead-links"], tmp_path / "one").downloaded == 4
+        used = sorted(first._links)
+    cached = tmp_path / "cache" / "sites.json"
+    assert sorted(s["name"] for s in json.loads(cached.read_text())) == used
+    assert oct(cached.stat().st_mode & 0o777) == oct(0o600)
+    with Client(conf, links_ahead=True) as second:
+        assert sorted(second._ahead) == used
+        opened = {name: pending.result(30) for name, (_, pending) in second._ahead.items()}
+        assert second.download(["/ahead-links"], tmp_path / "two").downloaded == 4
+        assert all(second._links[name] is link for name, link in opened.items() if name in second._links)
+        assert set(second._links) & set(opened)
+    # The cache says a site is where another one listens (its host key too): the handshake
+    # succeeds, but the metaserver names the site elsewhere, so that link carries nothing.
+    sites = {s["name"]: s for s in json.loads(cached.read_text())}
+    name = used[0]
+    other = next(s for s in federation.sites if s != name)
+    host, _, port = (federation.root / f"{other}.addr").read_text().strip().rpartition(":")
+    with Client(conf) as c:
+        other_key = next(s.host_key for s in c.sites() if s.name == other)
+    cached.write_text(json.dumps([{**sites[name], "port": int(port), "host_key": other_key}]))
+    with Client(conf, links_ahead=True) as third:
+        moved = third._ahead[name][1].result(30)
+        assert moved.conn.transport.is_active()
+        out = third.download(["/ahead-links"], tmp_path / "three")
+        assert out.downloaded == 4 and not out.failed
+        assert all(link is not moved for link in third._links.values())
+    assert not moved.conn.transport.is_active()                    # closed unused
+    for d in ("one", "two", "three"):
+        got = sorted(p.read_bytes() for p in (tmp_path / d).rglob("*.dcm"))
+        assert len(got) == 4
