@@ -7,10 +7,10 @@ twice the delay more than without it.  Latency only: no bandwidth cap, no loss, 
 The proxy holds at most ``BUFFERED`` bytes in flight each way (it stops reading past that), as a
 link holds at most its bandwidth-delay product.
 
-    .venv/bin/python -m bench.delay --delay-ms 25 127.0.0.1:7101 127.0.0.1:7102
+    .venv/bin/python -m bench.delay --delay-ms 25 127.0.0.1:7101 127.0.0.1:7102=7202
 
-prints one line per target, ``HOST:PORT -> 127.0.0.1:LISTEN``, once it listens, then serves
-until killed.
+prints one line per target, ``HOST:PORT -> 127.0.0.1:LISTEN``, once it listens (on the port
+given after ``=``, else any free one), then serves until killed.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         writer.close()
 
 
-async def _serve(targets: list[tuple[str, int]], delay: float) -> None:
+async def _serve(targets: list[tuple[str, int, int]], delay: float) -> None:
     servers = []
-    for host, port in targets:
+    for host, port, listen in targets:
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            host: str = host, port: int = port) -> None:
             try:
@@ -73,19 +73,21 @@ async def _serve(targets: list[tuple[str, int]], delay: float) -> None:
                 return
             await asyncio.gather(_pump(reader, up_writer, delay), _pump(up_reader, writer, delay))
 
-        server = await asyncio.start_server(accepted, "127.0.0.1", 0)
+        server = await asyncio.start_server(accepted, "127.0.0.1", listen, reuse_address=True)
         servers.append(server)
-        listen = server.sockets[0].getsockname()[1]
-        print(f"{host}:{port} -> 127.0.0.1:{listen}", flush=True)
+        print(f"{host}:{port} -> 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--delay-ms", type=float, required=True, help="one-way delay (a round trip costs twice this)")
-    ap.add_argument("targets", nargs="+", metavar="HOST:PORT")
+    ap.add_argument("targets", nargs="+", metavar="HOST:PORT[=LISTEN]")
     args = ap.parse_args()
-    targets = [(t.rpartition(":")[0], int(t.rpartition(":")[2])) for t in args.targets]
+    targets = []
+    for t in args.targets:
+        address, _, listen = t.partition("=")
+        targets.append((address.rpartition(":")[0], int(address.rpartition(":")[2]), int(listen or 0)))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(targets, args.delay_ms / 1000))
     sys.exit(0)

@@ -66,8 +66,10 @@ else:
 class Proxies:
     """bench/delay.py in front of some ``host:port`` targets, one-way delay ``rtt_ms / 2``."""
 
-    def __init__(self, rtt_ms: float, targets: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.delay", "--delay-ms", str(rtt_ms / 2), *targets],
+    def __init__(self, rtt_ms: float, targets: list[str], listen: dict[str, int] | None = None) -> None:
+        """``listen``: the port to listen on for a target, where not any free one."""
+        named = [f"{t}={listen[t]}" if listen and t in listen else t for t in targets]
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.delay", "--delay-ms", str(rtt_ms / 2), *named],
                                      cwd=HERE, stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         self.at: dict[str, int] = {}
@@ -75,8 +77,8 @@ class Proxies:
             line = self.proc.stdout.readline().decode()
             if not line:
                 raise SystemExit("bench/delay.py did not start")
-            target, _, listen = line.strip().partition(" -> ")
-            self.at[target] = int(listen.rpartition(":")[2])
+            target, _, at = line.strip().partition(" -> ")
+            self.at[target] = int(at.rpartition(":")[2])
 
     def close(self) -> None:
         measure.stop(self.proc)
@@ -154,6 +156,9 @@ def main() -> None:
                f"127.0.0.1:{peer.http_port}"]
     mb = 0.0
     rows: dict[str, dict[str, list[float]]] = {}
+    # The proxies listen on the same ports at every RTT, so the sites stay where the metaserver
+    # and a client's cache say they are (dgf_up and dgf_down open links to them ahead).
+    listen = {t: orthanc.free_port() for t in targets}
     try:
         orthanc.wait_http(f"http://127.0.0.1:{peer.http_port}/system", peer.proc, "Orthanc")
         for run in range(args.runs):
@@ -168,7 +173,7 @@ def main() -> None:
                 large = synth.multiframe(work / "large" / f"{tag}.dcm", args.large_mb * 1024 * 1024,
                                          seed=run * 100 + int(rtt))
                 mb = large.stat().st_size / 1e6
-                proxies = Proxies(rtt, targets)
+                proxies = Proxies(rtt, targets, listen)
                 try:
                     env = {"DGF_CONFIG": str(_through(fed, proxies, work)), "PATH": str(BIN) + ":/usr/bin:/bin"}
                     steps = [functools.partial(_dgf, env, src[0].parent, large, tag, work),
