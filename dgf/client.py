@@ -170,8 +170,15 @@ class Client:
         connected = self.meta.conn.alive
         if "reader" in self.__dict__:
             self.reader.close()
-        if self._links_ahead and self._links:
-            self._remember_sites([self._site_info[n] for n in self._links if n in self._site_info])
+        if self._links_ahead:
+            # The sites used now, then those opened ahead and not needed this time (a download
+            # from one site after an upload to two) that answered where the cache said.
+            keep = [self._site_info[n] for n in self._links if n in self._site_info]
+            keep += [site for name, (site, pending) in self._ahead.items()
+                     if name not in self._links and pending.done() and pending.exception() is None
+                     and self._site_info.get(name, site) == site]
+            if keep:
+                self._remember_sites(keep[:AHEAD_SITES])
         for _, pending in self._ahead.values():
             pending.add_done_callback(_close_unused)
         for link in self._links.values():
@@ -276,15 +283,15 @@ class Client:
             self._ahead[site.name] = (site, pending)
 
     def _remember_sites(self, sites: list[Site]) -> None:
-        """Keep the sites this client used, for the next one's links ahead (written whole, then
-        renamed, readable by the user only)."""
+        """Keep ``sites`` for the next client's links ahead (written whole, then renamed,
+        readable by the user only)."""
         path = self.config.cache_dir / SITES_CACHE
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{SITES_CACHE}.{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as fh:
-                json.dump([s.to_wire() for s in sorted(sites, key=lambda s: s.name)], fh)
+                json.dump([s.to_wire() for s in sites], fh)
             os.replace(tmp, path)
         except OSError:
             pass                             # a cache: the next command connects when named

@@ -774,6 +774,9 @@ def test_a_bulk_command_opens_links_to_the_sites_it_used_last_while_the_metaserv
         assert second.download(["/ahead-links"], tmp_path / "two").downloaded == 4
         assert all(second._links[name] is link for name, link in opened.items() if name in second._links)
         assert set(second._links) & set(opened)
+    with Client(conf, links_ahead=True) as idle:                  # needs no site this time
+        assert idle.stat("/").is_dir and all(p.result(30) for _, p in idle._ahead.values())
+    assert sorted(s["name"] for s in json.loads(cached.read_text())) == used    # kept for the next
     # The cache says a site is where another one listens (its host key too): the handshake
     # succeeds, but the metaserver names the site elsewhere, so that link carries nothing.
     sites = {s["name"]: s for s in json.loads(cached.read_text())}
@@ -790,6 +793,8 @@ def test_a_bulk_command_opens_links_to_the_sites_it_used_last_while_the_metaserv
         assert out.downloaded == 4 and not out.failed
         assert all(link is not moved for link in third._links.values())
     assert not moved.conn.transport.is_active()                    # closed unused
+    remembered = {s["name"]: s for s in json.loads(cached.read_text())}
+    assert remembered[name]["port"] == sites[name]["port"] != int(port)   # where the metaserver says
     for d in ("one", "two", "three"):
         got = sorted(p.read_bytes() for p in (tmp_path / d).rglob("*.dcm"))
         assert len(got) == 4
