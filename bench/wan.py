@@ -1,6 +1,6 @@
 """Ingest and download over a long link: dgf against Orthanc, both behind the same delay.
 
-    .venv/bin/python bench/wan.py [--rtt-ms 0,20,50] [--files 300] [--large-mb 64] [--runs 3]
+    .venv/bin/python bench/wan.py [--rtt-ms 0,20,50] [--files 300] [--large-mb 64] [--runs 3] [--base DIR]
 
 Sites sit in hospitals and the metaserver elsewhere, so every link a client uses may be tens of
 milliseconds long.  Each server (dgf's metaserver and both sites; Orthanc's HTTP port) is put
@@ -15,8 +15,10 @@ names it) and the sites through theirs (an admin re-registers each site at its p
 - one multi-frame object of ``--large-mb`` MB: ``dgf_up`` and ``dgf_down``; Orthanc: one POST and
   one GET.
 
-A proxy with no delay is in the path at ``0`` too, so the rows differ by the delay alone.  Prints
-one JSON object: files/s and MB/s per RTT, medians of the runs, and dgf's ratios to Orthanc.
+A proxy with no delay is in the path at ``0`` too, so the rows differ by the delay alone.  With
+``--base <worktree>`` that tree's ``dgf_up``/``dgf_down`` (on PYTHONPATH) run too, on files of
+their own, against the same servers.  Prints one JSON object: files/s and MB/s per RTT, medians
+of the runs.
 """
 
 from __future__ import annotations
@@ -105,14 +107,16 @@ def _through(fed: local.Federation, proxies: Proxies, work: Path) -> Path:
     return config
 
 
-def _dgf(env: dict[str, str], src: Path, large: Path, tag: str, work: Path) -> dict[str, float]:
-    """dgf's four transfers of one run at one RTT: wall seconds by name."""
+def _dgf(env: dict[str, str], src: Path, large: Path, tag: str, work: Path, side: str = "dgf") -> dict[str, float]:
+    """dgf's four transfers of one run at one RTT (``side``: "dgf", or "base" for the clients
+    of ``--base``): wall seconds by name."""
+    tag = f"{side}-{tag}"
     return {
-        "dgf up": measure.run([str(BIN / "dgf_up"), str(src), "--to", f"/{tag}", "-r"], env).wall,
-        "dgf down": measure.run([str(BIN / "dgf_down"), f"/{tag}", "-o", str(work / f"down-{tag}")], env).wall,
-        "dgf large up": measure.run([str(BIN / "dgf_up"), str(large), "--to", f"/large-{tag}"], env).wall,
-        "dgf large down": measure.run([str(BIN / "dgf_down"), f"/large-{tag}", "-o", str(work / f"ldown-{tag}")],
-                                      env).wall,
+        f"{side} up": measure.run([str(BIN / "dgf_up"), str(src), "--to", f"/{tag}", "-r"], env).wall,
+        f"{side} down": measure.run([str(BIN / "dgf_down"), f"/{tag}", "-o", str(work / f"down-{tag}")], env).wall,
+        f"{side} large up": measure.run([str(BIN / "dgf_up"), str(large), "--to", f"/large-{tag}"], env).wall,
+        f"{side} large down": measure.run([str(BIN / "dgf_down"), f"/large-{tag}", "-o",
+                                           str(work / f"ldown-{tag}")], env).wall,
     }
 
 
@@ -143,6 +147,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--orthanc-connections", type=int, default=1, metavar="K")
     ap.add_argument("--dir", default=None, help="where the work directory goes (default: the system's temp)")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="another tree (a git worktree) whose clients run alike, against the same servers")
     args = ap.parse_args()
     rtts = [float(r) for r in args.rtt_ms.split(",")]
     work = Path(tempfile.mkdtemp(prefix="dgf-bench-wan-", dir=args.dir))
@@ -179,17 +185,29 @@ def main() -> None:
                     steps = [functools.partial(_dgf, env, src[0].parent, large, tag, work),
                              functools.partial(_orthanc, proxies.at[targets[-1]], listing, large, tag, work,
                                                args.orthanc_connections)]
+                    if args.base is not None:
+                        # Other files, of the same sizes: the same ones would be stored already.
+                        bsrc = synth.small_corpus(work / f"bsrc-{tag}", args.files, seed=5000 + run * 100 + int(rtt))
+                        blarge = synth.multiframe(work / "large" / f"b{tag}.dcm", args.large_mb * 1024 * 1024,
+                                                  seed=9000 + run * 100 + int(rtt))
+                        benv = {**env, "PYTHONPATH": str(args.base.resolve())}
+                        steps.insert(1, functools.partial(_dgf, benv, bsrc[0].parent, blarge, tag, work, "base"))
                     row = rows.setdefault(f"{rtt:g} ms", {})
                     for step in (steps if run % 2 == 0 else steps[::-1]):
                         for key, wall in step().items():
                             row.setdefault(key, []).append(wall)
+                    if args.base is not None:
+                        shutil.rmtree(bsrc[0].parent)
+                        blarge.unlink()
+                        for d in (work / f"down-base-{tag}", work / f"ldown-base-{tag}"):
+                            shutil.rmtree(d)
                 finally:
                     proxies.close()
-                got = (sum(1 for _ in (work / f"down-{tag}").rglob("*.dcm")),
+                got = (sum(1 for _ in (work / f"down-dgf-{tag}").rglob("*.dcm")),
                        sum(1 for _ in (work / f"odown-{tag}").iterdir()))
                 if got != (args.files, args.files):
                     raise SystemExit(f"{tag}: downloaded {got}, not {args.files} each")
-                for d in (src[0].parent, work / f"down-{tag}", work / f"odown-{tag}", work / f"ldown-{tag}"):
+                for d in (src[0].parent, work / f"down-dgf-{tag}", work / f"odown-{tag}", work / f"ldown-dgf-{tag}"):
                     shutil.rmtree(d)
                 for f in (work / f"oldown-{tag}.dcm", large):
                     f.unlink()
@@ -202,16 +220,13 @@ def main() -> None:
                               "Orthanc connections": args.orthanc_connections}
     for rtt_key, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}
+        sides = ["dgf", *(["base"] if args.base is not None else []), "Orthanc"]
+        label = " / ".join(sides)
         out[f"RTT {rtt_key}"] = {
-            "small up files/s, dgf / Orthanc / ratio": [round(args.files / med["dgf up"]),
-                                                        round(args.files / med["Orthanc up"]),
-                                                        round(med["Orthanc up"] / med["dgf up"], 2)],
-            "small down files/s, dgf / Orthanc / ratio": [round(args.files / med["dgf down"]),
-                                                          round(args.files / med["Orthanc down"]),
-                                                          round(med["Orthanc down"] / med["dgf down"], 2)],
-            "large up MB/s, dgf / Orthanc": [round(mb / med["dgf large up"], 1), round(mb / med["Orthanc large up"], 1)],
-            "large down MB/s, dgf / Orthanc": [round(mb / med["dgf large down"], 1),
-                                               round(mb / med["Orthanc large down"], 1)],
+            f"small up files/s, {label}": [round(args.files / med[f"{x} up"]) for x in sides],
+            f"small down files/s, {label}": [round(args.files / med[f"{x} down"]) for x in sides],
+            f"large up MB/s, {label}": [round(mb / med[f"{x} large up"], 1) for x in sides],
+            f"large down MB/s, {label}": [round(mb / med[f"{x} large down"], 1) for x in sides],
         }
     print(json.dumps(out, indent=1))
 
