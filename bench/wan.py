@@ -227,6 +227,7 @@ def main() -> None:
             f"small down files/s, {label}": [round(args.files / med[f"{x} down"]) for x in sides],
             f"large up MB/s, {label}": [round(mb / med[f"{x} large up"], 1) for x in sides],
             f"large down MB/s, {label}": [round(mb / med[f"{x} large down"], 1) for x in sides],
+            "each run's wall seconds": {k: [round(w, 3) for w in v] for k, v in row.items()},
         }
     print(json.dumps(out, indent=1))
 
