@@ -3,11 +3,13 @@ keys, free ports), clients per principal, and real DICOM files."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -99,6 +101,23 @@ def copy_to(src: Path, dst_dir: Path, name: str | None = None) -> Path:
     target = dst_dir / (name or src.name)
     shutil.copyfile(src, target)
     return target
+
+
+@contextlib.contextmanager
+def metaserver_calls(client: Client) -> Iterator[list[str]]:
+    """The verbs ``client`` sends its metaserver within the block, in order (a spy on the real
+    link: every call still goes through)."""
+    calls: list[str] = []
+    original = client.meta.call
+
+    def counted(verb: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(verb)
+        return original(verb, *args, **kwargs)
+    client.meta.call = counted  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        client.meta.call = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

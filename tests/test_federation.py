@@ -18,7 +18,7 @@ from dgf import errors, local
 from dgf.client import Client
 from ioserver.store import object_path
 from tests import corpus, serving
-from tests.conftest import copy_to
+from tests.conftest import copy_to, metaserver_calls
 
 RT_FILES = ["rtplan.dcm", "rtdose.dcm", "rtstruct.dcm"]
 
@@ -185,18 +185,8 @@ def test_rm_r_removes_a_tree_in_one_transaction_and_frees_its_objects(federation
     assert len(keys) == 5 and all(_on_a_site(federation, k) for k in keys)
     with pytest.raises(errors.UsageError, match="root"):
         admin.meta.call("ns.rmtree", path="/")
-    calls: list[str] = []
-    original = clinician.meta.call
-
-    def counted(verb: str, *args: Any, **kwargs: Any) -> Any:
-        calls.append(verb)
-        return original(verb, *args, **kwargs)
-
-    clinician.meta.call = counted  # type: ignore[method-assign]
-    try:
+    with metaserver_calls(clinician) as calls:
         assert clinician.rm("/rmtree", recursive=True) == 5
-    finally:
-        clinician.meta.call = original  # type: ignore[method-assign]
     assert calls == ["ns.stat", "ns.rmtree"]                   # not one request per file
     with pytest.raises(errors.NotFound):
         clinician.stat("/rmtree")

@@ -23,6 +23,7 @@ from dgf import crypto, errors, local, mux, ssh, wire
 from dgf.client import Client
 from dgf.config import ClientConfig, write_section
 from dgf.transport import META_SUBSYSTEM
+from tests.conftest import metaserver_calls
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,17 +123,11 @@ def test_the_master_greets_with_the_principal_so_a_command_asks_one_thing_less(
         with Client(conf, shared=True) as c:
             assert isinstance(c.meta.conn, mux.Shared)
             assert c.meta.conn.who == {"name": "researcher", "role": "researcher"}
-            asked: list[str] = []
-            call = c.meta.call
-
-            def counted(verb: str, *args: Any, **kwargs: Any) -> Any:
-                asked.append(verb)
-                return call(verb, *args, **kwargs)
-            c.meta.call = counted  # type: ignore[method-assign]
-            warning = c.check_principal()
-            assert warning is not None and "enrolled as 'researcher' (role researcher)" in warning
-            assert asked == []
-            assert c.stat("/").is_dir and asked == ["ns.stat"]      # the greeted channel works
+            with metaserver_calls(c) as asked:
+                warning = c.check_principal()
+                assert warning is not None and "enrolled as 'researcher' (role researcher)" in warning
+                assert asked == []
+                assert c.stat("/").is_dir and asked == ["ns.stat"]      # the greeted channel works
         second = _dgf(conf, "whoami")
         assert second.returncode == 0 and "names principal 'clinician', but its key" in second.stderr
     finally:
