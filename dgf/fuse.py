@@ -436,6 +436,9 @@ FILL_DIR_PLUS = 2
 #: closed, and holds a list as long as its directory (8 bytes an entry).  A listing pushed out
 #: (more directories open and being read at once) goes on in a new listing of its directory.
 LISTINGS_KEPT = 256
+#: And names in all of them at most (~32 MB of references): 256 open listings of a directory of
+#: a million entries would hold 2 GB.
+LISTED_NAMES_KEPT = 4_000_000
 #: Directories whose last listing's time the mount keeps (_Fuse._handed); one pushed out is
 #: listed with attributes again.
 HANDED_KEPT = 4096
@@ -491,7 +494,9 @@ class _Fuse(mfusepy.FUSE):
             kept = ops.readdir(where, listing), handed is None or now - handed >= ATTR_TTL / 2, now
             with self._listings_lock:
                 self._listings[listing] = kept
-                while len(self._listings) > LISTINGS_KEPT:
+                self._listings.move_to_end(listing)
+                while len(self._listings) > 1 and (len(self._listings) > LISTINGS_KEPT or sum(
+                        len(names) for names, _, _ in self._listings.values()) > LISTED_NAMES_KEPT):
                     self._listings.popitem(last=False)
         names, with_attrs, started = kept
         with_attrs = with_attrs and bool(flags & READDIR_PLUS)

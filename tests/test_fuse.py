@@ -477,3 +477,34 @@ def test_an_mfusepy_with_another_readdir_mounts_without_listing_attributes(monke
     for changed in (Changed, ChangedRelease):
         monkeypatch.setattr(mfusepy, "FUSE", changed)
         assert fuse._fuse_class() is changed
+
+
+def test_open_listings_are_bounded_in_names_as_well_as_in_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each open listing keeps its names until its directory is closed; all of them together
+    keep at most LISTED_NAMES_KEPT names (256 open listings of a directory of a million entries
+    would hold 2 GB), the oldest let go first, never the one being read.  (The kernel's side is
+    stubbed: a filler whose buffer is full after one entry, so every listing stays open.)"""
+    import collections
+    import threading
+    import types
+
+    from dgf import fuse
+
+    monkeypatch.setattr(fuse, "LISTED_NAMES_KEPT", 2500)
+    f = fuse._Fuse.__new__(fuse._Fuse)
+    f._listings, f._handed, f._listings_lock = collections.OrderedDict(), collections.OrderedDict(), threading.Lock()
+    f.encoding, f.errors = "utf-8", "surrogateescape"
+    listed: list[int] = []
+
+    def readdir(path: str, fh: int) -> list[str]:
+        listed.append(fh)
+        return [".", "..", *(f"n{i:04d}" for i in range(1000))]
+    f.operations = types.SimpleNamespace(readdir=readdir)
+    full = lambda buf, name, st, off, plus: 1                 # noqa: E731 - one entry fills it
+    for fh in range(1, 6):
+        assert f.readdir_fuse_3(b"/big", None, full, 0, types.SimpleNamespace(contents=types.SimpleNamespace(fh=fh)), 0) == 0
+    assert list(f._listings) == [4, 5]                        # 2 x 1002 names kept, not 3
+    given: list[bytes] = []
+    assert f.readdir_fuse_3(b"/big", None, lambda buf, name, st, off, plus: given.append(name) or 0, 1,
+                            types.SimpleNamespace(contents=types.SimpleNamespace(fh=5)), 0) == 0
+    assert len(given) == 1001 and listed == [1, 2, 3, 4, 5]   # listing 5 went on from its snapshot
