@@ -495,9 +495,9 @@ class _Fuse(mfusepy.FUSE):
             with self._listings_lock:
                 self._listings[listing] = kept
                 self._listings.move_to_end(listing)
-                while len(self._listings) > 1 and (len(self._listings) > LISTINGS_KEPT or sum(
-                        len(names) for names, _, _ in self._listings.values()) > LISTED_NAMES_KEPT):
-                    self._listings.popitem(last=False)
+                total = sum(len(names) for names, _, _ in self._listings.values())
+                while len(self._listings) > 1 and (len(self._listings) > LISTINGS_KEPT or total > LISTED_NAMES_KEPT):
+                    total -= len(self._listings.popitem(last=False)[1][0])
         names, with_attrs, started = kept
         with_attrs = with_attrs and bool(flags & READDIR_PLUS)
         prefix = where.rstrip("/") + "/"
