@@ -52,6 +52,9 @@ class Leaf:
     ids: tuple[int, ...]
     cond: Any = None
     by_text: bool = False       # cond is text = literal: a probe is one primary-key lookup
+    #: The literals of ``cond`` when it is text = one of them (a union of such leaves on the
+    #: same paths becomes one leaf: a list of UIDs is one IN, not a UNION of one plan each).
+    texts: tuple[str, ...] = ()
 
     def where(self, t: Any) -> list[Any]:
         key = t.c.key.in_(self.ids) if len(self.ids) > 1 else t.c.key == self.ids[0]
@@ -117,6 +120,10 @@ def _inexact() -> QueryPlan:
     return QueryPlan(exact=False)
 
 
+#: Resolved path patterns a catalogue keeps.
+RESOLVED_KEPT = 4096
+
+
 @dataclass
 class Catalogue:
     """The indexed element paths: path -> (id, has_long), and the ids of paths some header has
@@ -124,10 +131,19 @@ class Catalogue:
 
     keys: dict[str, tuple[int, bool]]
     multi: frozenset[int] = frozenset()
+    #: Patterns resolved already (a list of 128 UIDs names one path 128 times), at most
+    #: RESOLVED_KEPT; the catalogue is replaced, not changed, when paths are added.
+    resolved: dict[str, list[tuple[str, int, bool]]] = field(default_factory=dict, repr=False, compare=False)
 
     def resolve(self, pattern: str) -> list[tuple[str, int, bool]]:
-        rx = re.compile(pattern)
-        return [(k, i, long) for k, (i, long) in self.keys.items() if rx.fullmatch(k)]
+        found = self.resolved.get(pattern)
+        if found is None:
+            rx = re.compile(pattern)
+            found = [(k, i, long) for k, (i, long) in self.keys.items() if rx.fullmatch(k)]
+            if len(self.resolved) >= RESOLVED_KEPT:
+                self.resolved.clear()
+            self.resolved[pattern] = found
+        return list(found)
 
 
 @dataclass
@@ -313,7 +329,9 @@ class Planner:
             else:
                 cond = text == value if op == "=" else text != value
         self.note(node, f"index: {len(keys)} path(s)")
-        leaf = Leaf(tuple(ids), cond, by_text=op == "=" and isinstance(value, str))
+        equal = op == "=" and isinstance(value, str)
+        whole = equal and not (has_long and len(str(value)) >= MAX_TEXT)   # text = the value itself
+        leaf = Leaf(tuple(ids), cond, by_text=equal, texts=(str(value),) if whole else ())
         return QueryPlan(((leaf, False),), exact, per_item=_item_child(ctx, left))
 
     def substring(self, node: xpath.Call, ctx: str, single: bool) -> QueryPlan:
@@ -376,9 +394,19 @@ class Planner:
             return a
         if a.terms is None or b.terms is None:
             return QueryPlan(None, a.terms is None and a.exact or b.terms is None and b.exact)
+        alternatives = _alternatives(a) + _alternatives(b)
+        leaves = [t for p in alternatives if p.terms is not None and len(p.terms) == 1 and not p.per_item
+                  for t, negated in p.terms if isinstance(t, Leaf) and t.texts and not negated]
+        if len(leaves) == len(alternatives) and all(t.ids == leaves[0].ids for t in leaves):
+            # Equalities on the same paths (a list of UIDs): one leaf, text IN (...).
+            texts = tuple(dict.fromkeys(t for leaf in leaves for t in leaf.texts))
+            # One expanding parameter: built in constant time as each 'or' of a chain adds one.
+            merged = Leaf(leaves[0].ids, values_t.c.text.in_(sa.bindparam(None, list(texts), expanding=True)),
+                          by_text=True, texts=texts)
+            return QueryPlan(((merged, False),), a.exact and b.exact)
         # A chain of 'or' becomes one union of n plans, not n nested unions: rendering and
         # estimating recurse once per nesting level.
-        return QueryPlan(((Sub(_alternatives(a) + _alternatives(b)), False),), a.exact and b.exact)
+        return QueryPlan(((Sub(alternatives), False),), a.exact and b.exact)
 
     # -- rendering ------------------------------------------------------------------------
 
@@ -392,9 +420,10 @@ class Planner:
         if plan.terms is None:
             return None
         terms = self.merge_single_valued(plan.terms)
-        sizes = {id(t): self.estimate_term(t) for t, negated in terms if not negated}
         positive = [t for t, negated in terms if not negated]
-        driver = min(positive, key=lambda t: sizes[id(t)]) if positive else None
+        # Estimated only where there is a choice: a list of 64 UIDs is 64 one-term plans.
+        driver = min(positive, key=self.estimate_term) if len(positive) > 1 else \
+            positive[0] if positive else None
         # Negated checks last.  (Ordering the probes by selectivity was measured slower: a text
         # probe is one primary-key lookup, a range probe a walk of the file's index rows.)
         terms = tuple(sorted(terms, key=lambda tn: tn[1]))
