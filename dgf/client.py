@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dgf import errors
@@ -390,15 +390,19 @@ class Client:
 
     def find_iter(self, xpath: str, root: str = "/", show: Iterable[str] = (), limit: int = 0,
                   timeout: float = 0.0, level: str = "instance",
-                  on_warning: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+                  on_warning: Callable[[str], None] | None = None, page: int = 0, after: int = 0
+                  ) -> Generator[dict[str, Any], None, None]:
         """Stream the matches page by page (results larger than memory never gather anywhere).
 
         Each row: ``path`` (or, with ``level``, the group's UID, ``files`` and ``path``),
         ``values`` (text, multi-values joined by backslashes) and ``vr`` (each present value's
         VR).  What the server noticed about the expression (a name that is no DICOM keyword, an
-        ISO date read as a DICOM date) goes to ``on_warning``, else to this module's log."""
+        ISO date read as a DICOM date) goes to ``on_warning``, else to this module's log.
+        ``page``: rows in the first page, doubling after, and each row's ``ino`` (for a caller
+        that may stop early); ``after``: the scan starts after that inode."""
+        more: dict[str, Any] = {k: v for k, v in (("page", page), ("after", after)) if v}
         result, body = self.meta.call("find", wait_s=self._query_wait(timeout), xpath=xpath, root=root,
-                                      show=list(show), limit=limit, timeout=timeout, level=level)
+                                      show=list(show), limit=limit, timeout=timeout, level=level, **more)
         for w in result.get("warnings") or []:
             (on_warning or log.warning)(str(w))
         cursor = result.get("cursor")

@@ -54,7 +54,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -372,54 +372,153 @@ def _header_items(client: Client, path: str, sequences: list[Key]) -> dict[str, 
     return match_item(etree.fromstring(client.getxattr(path, HEADER_XATTR)), sequences)
 
 
+#: Entities per query when the files of truncated entities are counted (:func:`find`): their
+#: UIDs OR-ed into one XPath stay within the default limits (16 KB, 512 operators); fewer at a
+#: time where a server refuses that many.
+GROUP_CHUNK = 128
+#: Rows of a truncated scan's first page at least (the server doubles each next page); as
+#: many as the entities asked for when more, since each has a file at least.
+FIRST_PAGE = 16
+
+
+def _literal(value: str) -> str | None:
+    """``value`` as an XPath 1.0 string literal (None: it holds both kinds of quote, or nothing)."""
+    if not value or ("'" in value and '"' in value):
+        return None
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+def _modalities(key: Key | None) -> list[str]:
+    """The modalities a ModalitiesInStudy key asks for: any of its values (PS3.4 C.6.1.1.3 lists
+    them with backslashes; QIDO-RS clients send commas too)."""
+    if key is None:
+        return []
+    return [m for m in key.value.replace(",", "\\").split("\\") if m]
+
+
+def _has_modality(wanted: list[str], modalities: Iterable[str]) -> bool:
+    return any(matches(Key("Modality", "CS", w), m) for w in wanted for m in modalities)
+
+
 def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool = False) -> dict[str, Entity]:
     """The entities at ``level`` whose files match every key, from the header index: at most
-    ``limit`` (beyond it LimitExceeded, or with ``truncate`` the first ``limit``, complete)."""
+    ``limit`` (beyond it LimitExceeded, or with ``truncate`` the first ``limit``, complete).
+
+    With ``truncate`` the scan stops at the first file of an entity past ``limit``: a study
+    list of 101 entries (what a viewer asks first) reads the files of about 101 studies, not
+    the archive.  The files of those entities that come later in the archive are then counted
+    by a scan restricted to their UIDs, from where the first stopped."""
     if level not in LEVEL_KEYS:
         raise errors.UsageError(f"query level {level!r} is not PATIENT, STUDY, SERIES or IMAGE.")
     unique = LEVEL_KEYS[level]
     stored = [k for k in keys if k.keyword not in COUNTED and k.keyword != "ModalitiesInStudy"]
     show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
     sequences = [k for k in stored if k.vr == "SQ" and k.items]
+    wanted = _modalities(next((k for k in keys if k.keyword == "ModalitiesInStudy" and k.value), None))
     # Item keys the index cannot answer are matched here, in each candidate file's XML header:
     # one read per file until its entity matched, at most ``limit`` reads.
     read_items = any(not _indexed(k) for k in sequences)
     reads = 0
+    base = xpath_for(stored)
+    xpath = base
+    if truncate and wanted and all(_exact(Key("Modality", "CS", m)) for m in wanted):
+        # Entities are picked by a file of a wanted modality, so the first ``limit`` are the
+        # first that qualify; their other files are counted below.
+        xpath += "[" + " or ".join(f"Modality='{m}'" for m in wanted) + "]"
     found: dict[str, Entity] = {}
-    for row in client.find_iter(xpath_for(stored), "/", show=show):
-        values = {k: str(v) for k, v in (row.get("values") or {}).items()}
-        if not all(matches(k, values.get(k.keyword, "")) for k in stored):
-            continue
-        ident = values.get(unique, "")
-        entity = found.get(ident)
-        if entity is None:
-            if len(found) >= limit:
-                if truncate:
+    stopped = False
+    last = 0                                  # the inode of the last file looked at
+    # Small first pages when the scan may stop early, so the server reads little past the end.
+    rows = client.find_iter(xpath, "/", show=show, page=max(FIRST_PAGE, limit + 1) if truncate else 0)
+    try:
+        for row in rows:
+            last = int(row.get("ino") or 0)   # (an entity that stops the scan is not counted)
+            values = {k: str(v) for k, v in (row.get("values") or {}).items()}
+            if not all(matches(k, values.get(k.keyword, "")) for k in stored):
+                continue
+            ident = values.get(unique, "")
+            entity = found.get(ident)
+            if entity is None:
+                if truncate and wanted and not _has_modality(wanted, values.get("Modality", "").split("\\")):
                     continue
-                raise errors.LimitExceeded(f"the query matches more than {limit} entities (find_limit).")
-            items = None
-            if read_items:
-                reads += 1
-                if reads > limit:
-                    raise errors.LimitExceeded(
-                        f"matching sequence items with wildcards, ranges or nested sequences reads each "
-                        f"candidate's header, and more than {limit} (find_limit) are candidates; give exact "
-                        f"values too.")
-                items = _header_items(client, row["path"], sequences)
-                if items is None:
-                    continue
-            entity = found[ident] = Entity(values, items=items or {})
-        entity.paths.append(row["path"])
-        for counted in set(COUNTED.values()) | {"Modality"}:
-            entity.members.setdefault(counted, set()).add(values.get(counted, ""))
+                if len(found) >= limit:
+                    if truncate:
+                        stopped = True
+                        break
+                    raise errors.LimitExceeded(f"the query matches more than {limit} entities (find_limit).")
+                items = None
+                if read_items:
+                    reads += 1
+                    if reads > limit:
+                        raise errors.LimitExceeded(
+                            f"matching sequence items with wildcards, ranges or nested sequences reads each "
+                            f"candidate's header, and more than {limit} (find_limit) are candidates; give exact "
+                            f"values too.")
+                    items = _header_items(client, row["path"], sequences)
+                    if items is None:
+                        continue
+                entity = found[ident] = Entity(values, items=items or {})
+            _count(entity, row["path"], values)
+    finally:
+        rows.close()                          # stopped early: the server's cursor is freed
+    if found and truncate and wanted:
+        # Picked by a file of a wanted modality: the files of others were not looked at.
+        _count_all(client, base, unique, stored, found, 0, by_uid=stopped)
+    elif found and stopped:
+        _count_all(client, base, unique, stored, found, last)
     if sequences and not read_items:
         for entity in found.values():       # the index matched them: show the matching items
             entity.items = _header_items(client, entity.paths[0], sequences) or {}
-    modalities = next((k for k in keys if k.keyword == "ModalitiesInStudy" and k.value), None)
-    if modalities is not None:          # matches when any of the study's modalities matches
-        found = {u: e for u, e in found.items()
-                 if any(matches(Key("Modality", "CS", modalities.value), m) for m in e.members.get("Modality", ()))}
+    if wanted and not truncate:          # matches when any of the study's modalities matches
+        found = {u: e for u, e in found.items() if _has_modality(wanted, e.members.get("Modality", ()))}
     return found
+
+
+def _count(entity: Entity, path: str, values: dict[str, str]) -> None:
+    entity.paths.append(path)
+    for counted in set(COUNTED.values()) | {"Modality"}:
+        entity.members.setdefault(counted, set()).add(values.get(counted, ""))
+
+
+def _count_all(client: Client, xpath: str, unique: str, stored: list[Key], found: dict[str, Entity],
+               after: int, by_uid: bool = True) -> None:
+    """Count the matching files of the ``found`` entities after inode ``after`` (0: all of
+    them, again, whatever their modality): by the entities' UIDs, GROUP_CHUNK at a time, or in
+    one scan of every match (``by_uid`` False: the first scan read the archive to its end
+    anyway; or a UID that cannot be written as an XPath literal)."""
+    if not after:
+        for entity in found.values():
+            entity.paths, entity.members = [], {}
+    show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
+
+    seen = 0
+
+    def scan(query: str) -> None:
+        nonlocal seen
+        for row in client.find_iter(query, "/", show=show, after=after):
+            seen += 1
+            values = {k: str(v) for k, v in (row.get("values") or {}).items()}
+            of = found.get(values.get(unique, ""))
+            if of is not None and all(matches(k, values.get(k.keyword, "")) for k in stored):
+                _count(of, row["path"], values)
+
+    literals = [_literal(ident) for ident in found]
+    if not by_uid or None in literals:
+        scan(xpath)
+    else:
+        i, chunk = 0, GROUP_CHUNK
+        while i < len(literals):
+            part = literals[i:i + chunk]
+            try:
+                scan(xpath + "[" + " or ".join(f"{unique}={lit}" for lit in part) + "]")
+            except errors.LimitExceeded:
+                if chunk == 1 or seen:
+                    raise
+                chunk //= 2         # refused as too long by a server with lower xpath limits
+                continue
+            i += len(part)
+    for ident in [i for i, e in found.items() if not e.paths]:
+        del found[ident]                      # its files went meanwhile
 
 
 def answer(level: str, keys: list[Key], entity: Entity, charset: str | None) -> Dataset:

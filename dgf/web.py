@@ -313,7 +313,7 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
             item_key(name, value)
         else:
             keyword, vr = _attribute(name)
-            text = value.replace(",", "\\") if vr == "UI" else value
+            text = value.replace(",", "\\") if vr == "UI" or keyword == "ModalitiesInStudy" else value
             keys[keyword] = dimse.Key(keyword, vr, text.strip())
             wanted.append(keyword)
     for keyword, uid in scope.items():
@@ -678,9 +678,12 @@ class Web:
         return Response(json.dumps(body), media_type="application/dicom+json", headers=headers)
 
     def _find(self, client: Client, level: str, q: Query) -> tuple[dict[str, dimse.Entity], bool]:
-        """The matching entities, at most find_limit, in one scan: one more is kept to tell
-        that there are more."""
+        """The matching entities up to the end of the page asked for, at most find_limit; past
+        it one more tells that there are more (a warning).  A page of a long list reads the
+        files of its entities and those before it only (dimse.find)."""
         limit = self.cfg.find_limit
+        if q.offset + q.limit < limit:
+            return dimse.find(client, level, q.keys, q.offset + q.limit, truncate=True), False
         found = dimse.find(client, level, q.keys, limit + 1, truncate=True)
         if len(found) <= limit:
             return found, False

@@ -361,8 +361,10 @@ class Page:
 
 
 def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline: float | None,
-         max_rows: int, max_seconds: float, allowed: Callable[[str], bool] | None = None) -> Page:
-    """The matches after inode ``after``: up to ``max_rows`` or ``max_seconds`` of scanning.
+         max_rows: int, max_seconds: float, allowed: Callable[[str], bool] | None = None,
+         with_ino: bool = False) -> Page:
+    """The matches after inode ``after``: up to ``max_rows`` or ``max_seconds`` of scanning;
+    ``with_ino``: each row names its inode too, for a caller that resumes a scan after it.
 
     Keyset pagination: nothing is held between pages (no database connection, no worker), the
     next page starts from the last inode this one examined."""
@@ -376,7 +378,7 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
         for ino, path, _, found in scan:
             last = ino
             if found is not None and (allowed is None or allowed(path)):
-                rows.append({"path": path, "values": found[0], "vr": found[1]})
+                rows.append({"path": path, "values": found[0], "vr": found[1], **({"ino": ino} if with_ino else {})})
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
             if len(rows) >= max_rows or time.monotonic() - started > max_seconds:

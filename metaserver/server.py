@@ -170,6 +170,8 @@ class _Cursor:
     budget: float = QUERY_TIME_LIMIT_S  # seconds of scanning the query may still spend
     lines: list[bytes] | None = None
     allowed: Callable[[str], bool] | None = None   # a researcher's cohort grants (grant-only)
+    rows: int = 0                      # rows of the next page (0: PAGE_ROWS); doubles each page
+    paged: bool = False                # asked for small pages: rows name their inodes
 
 
 class Principals:
@@ -761,13 +763,19 @@ class MetaService(wire.Service):
 
     # -- query ----------------------------------------------------------------------------
 
-    @wire.verb("find", optional=("show", "limit", "timeout", "level", "count", "explain"), xpath=str,
-               root=str, show=list, limit=int, timeout=(int, float), level=str, count=bool, explain=bool)
+    @wire.verb("find", optional=("show", "limit", "timeout", "level", "count", "explain", "page", "after"),
+               xpath=str, root=str, show=list, limit=int, timeout=(int, float), level=str, count=bool,
+               explain=bool, page=int, after=int)
     def find(self, p: Principal, xpath: str, root: str, show: list[str] | None = None, limit: int = 0,
              timeout: float = 0.0, level: str = "instance", count: bool = False,
-             explain: bool = False) -> wire.Reply:
+             explain: bool = False, page: int = 0, after: int = 0) -> wire.Reply:
         """Files (or patient/study/series groups) whose header matches; results come in pages,
-        the first with this reply and the rest through ``find.next`` with the returned cursor."""
+        the first with this reply and the rest through ``find.next`` with the returned cursor.
+
+        For a caller that may stop early and resume (the first entries of a study list):
+        ``page`` is the first page's rows, doubling on each next one up to PAGE_ROWS (0:
+        PAGE_ROWS each), and then each row names its inode; ``after`` starts the scan after an
+        inode (instance level)."""
         if level not in ("instance", *query.LEVELS):
             raise errors.UsageError(f"--level must be instance, patient, study or series, not {level[:32]!r}.")
         expr = self._saved_or(p, xpath)
@@ -784,8 +792,8 @@ class MetaService(wire.Service):
         if count:
             return wire.Reply({"count": query.count(self.engine, q, root, time.monotonic() + limit_s, level,
                                                     allowed), "warnings": warnings})
-        cur = _Cursor(p.fingerprint, time.monotonic(), q, root, show_keys, 0, limit if limit > 0 else None, limit_s,
-                      allowed=allowed)
+        cur = _Cursor(p.fingerprint, time.monotonic(), q, root, show_keys, max(after, 0), limit if limit > 0 else None,
+                      limit_s, allowed=allowed, rows=min(max(page, 0), PAGE_ROWS), paged=page > 0)
         if level != "instance":
             # Groups are complete only at the end of the scan: gathered now, then paged out.
             rows = query.run(self.engine, q, root, show_keys, limit, time.monotonic() + limit_s, level, allowed)
@@ -824,9 +832,13 @@ class MetaService(wire.Service):
         else:
             assert cur.query is not None
             started = time.monotonic()
-            want = PAGE_ROWS if cur.left is None else min(PAGE_ROWS, cur.left)
+            want = cur.rows or PAGE_ROWS
+            if cur.rows:
+                cur.rows = min(2 * cur.rows, PAGE_ROWS)
+            if cur.left is not None:
+                want = min(want, cur.left)
             page = query.page(self.engine, cur.query, cur.root, cur.show, cur.after,
-                              started + cur.budget, want, PAGE_SECONDS, cur.allowed)
+                              started + cur.budget, want, PAGE_SECONDS, cur.allowed, with_ino=cur.paged)
             cur.budget -= time.monotonic() - started
             out = [json.dumps(row).encode() + b"\n" for row in page.rows]
             more = page.after is not None

@@ -401,6 +401,66 @@ def test_qido_beyond_find_limit_answers_the_first_with_a_warning(web: WebNode) -
         capped.stop()
 
 
+def test_a_study_list_page_reads_its_studies_not_the_archive(web: WebNode, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A viewer's first query (``/studies?limit=101``) stops once it has its studies, yet counts
+    every file of each: those stored after the next study are found by the studies' UIDs."""
+    from dgf import dimse
+
+    # Study Z: a CT series, then study W of the same patient, then an MR series of Z.
+    z1, w, z2 = (_series(tmp_path / n, "CT_small.dcm", k) for n, k in (("z1", 2), ("w", 1), ("z2", 1)))
+    study = pydicom.dcmread(z1[0]).StudyInstanceUID
+    for p in [*z1, *w, *z2]:
+        ds = pydicom.dcmread(p)
+        ds.PatientID = "DGF-STUDY-LIST"
+        if p in z2:
+            ds.StudyInstanceUID, ds.Modality = study, "MR"
+        ds.save_as(p)
+    with Client(web.fed.config("clinician")) as c:
+        for batch in (z1, w, z2):
+            report = c.upload(batch)
+            assert not report.failed, report.failed
+        patient = c.find("/DicomHeader", report.stored[str(z2[0])][0], show=["PatientID"])[0]["values"]["PatientID"]
+
+    def studies(query: str) -> list[tuple[list[str], int, int]]:
+        r = web.get(f"/dicomweb/studies?PatientID={patient}&{query}")
+        assert r.status_code == 200, r.text
+        return [(s["00080061"]["Value"], s["00201208"]["Value"][0], s["00201206"]["Value"][0]) for s in r.json()]
+
+    z, only_w = (["CT", "MR"], 3, 2), (["CT"], 1, 1)
+    assert studies("limit=1") == [z]
+    assert studies("limit=1&offset=1") == [only_w]
+    assert studies("limit=5") == [z, only_w]
+    # Modalities in study: any of them, and the study's other files counted all the same.
+    assert studies("ModalitiesInStudy=MR&limit=1") == [z]
+    assert studies("ModalitiesInStudy=US%5CMR&limit=1") == studies("ModalitiesInStudy=US,MR") == [z]
+    assert studies("ModalitiesInStudy=MR%5CCT") == [z, only_w]
+    assert studies("ModalitiesInStudy=US") == []
+    with Client(web.fed.config("researcher")) as c:
+        # C-FIND's path (no truncation) reads a list of modalities the same way.
+        found = dimse.find(c, "STUDY", [dimse.Key("PatientID", "LO", patient),
+                                        dimse.Key("ModalitiesInStudy", "CS", "US\\MR")], 10)
+        assert [len(e.paths) for e in found.values()] == [3]
+        # The first study of the archive, in pages of 1, 2, 4...: the scan stops after the
+        # first file of the second study, not at the end of the archive.
+        everything = dimse.find(c, "STUDY", [dimse.Key("StudyInstanceUID", "UI", "")], 100)
+        received = 0
+        scan = c.find_iter
+
+        def counted(*args: object, **kw: object) -> Iterator[dict]:
+            nonlocal received
+            for row in scan(*args, **kw):  # type: ignore[arg-type]
+                received += bool(kw.get("page"))
+                yield row
+        monkeypatch.setattr(dimse, "FIRST_PAGE", 1)
+        monkeypatch.setattr(c, "find_iter", counted)
+        first = dimse.find(c, "STUDY", [dimse.Key("StudyInstanceUID", "UI", "")], 1, truncate=True)
+        (uid, entity), = first.items()
+        ahead = next(iter(everything.values()))
+        assert uid == next(iter(everything)) and sorted(entity.paths) == sorted(ahead.paths)
+        assert received <= 2 * (len(ahead.paths) + 1) < sum(len(e.paths) for e in everything.values())
+
+
 def test_slow_clients_cannot_hold_every_connection(web: WebNode) -> None:
     # Slowloris: more clients than connection slots, each sending its request head a byte at a
     # time. Each is cut off when its head is late, and a real client still gets its answer.
