@@ -9,6 +9,8 @@ HTTP connections:
 
 - **QIDO-RS**: ``/studies?StudyInstanceUID=X`` for ``--queries`` random studies, interleaved:
   latency p50 and p95 (ms);
+- **the study list**: what a viewer asks first (OHIF: ``/studies?limit=101&offset=0&...``), and a
+  page further on (``offset=1000``), each ``--runs`` times, interleaved: latency p50 (ms);
 - **WADO-RS**: the whole series as ``multipart/related; type="application/dicom";
   transfer-syntax=*``, ``--runs`` times, interleaved: MB/s (median), and CPU seconds of every
   server process (dgf: web server, metaserver, sites; Orthanc itself) per retrieval.
@@ -122,6 +124,21 @@ def main() -> None:
             v.sort()
             results[f"QIDO-RS one study among {args.studies}, ms p50/p95: {name}"] = [
                 round(statistics.median(v) * 1000, 1), round(v[int(len(v) * 0.95)] * 1000, 1)]
+        page = {"limit": "101", "fuzzymatching": "false", "includefield": "00081030,00080060"}
+        listed: dict[str, list[float]] = {f"{n} {o}": [] for n in ("dgf", "orthanc") for o in (0, 1000)}
+        for _ in range(args.runs):
+            for offset in (0, 1000):
+                for name, session, url in (("dgf", d, dgf_url), ("orthanc", o, orthanc_url)):
+                    t = time.perf_counter()
+                    r = session.get(f"{url}/studies", params={**page, "offset": str(offset)}, timeout=300,
+                                    headers={"Accept": "application/dicom+json"})
+                    listed[f"{name} {offset}"].append(time.perf_counter() - t)
+                    if r.status_code != 200 or len(r.json()) != 101:
+                        raise SystemExit(f"{name}: the study list answered {r.status_code} with {r.text[:200]}")
+        for key, v in listed.items():
+            who, at = key.split()
+            results[f"QIDO-RS study list, limit 101 offset {at}, ms p50: {who}"] = round(
+                statistics.median(v) * 1000, 1)
         dgf_pids = [web.pid, *local.pids(fed.root).values()]
         wado: dict[str, list[float]] = {"dgf": [], "orthanc": []}
         cpu: dict[str, list[float]] = {"dgf": [], "orthanc": []}
@@ -141,6 +158,9 @@ def main() -> None:
         results["ratios dgf/Orthanc: QIDO p50 latency, WADO MB/s"] = [
             round(statistics.median(lat["dgf"]) / statistics.median(lat["orthanc"]), 2),
             round(statistics.median(wado["orthanc"]) / statistics.median(wado["dgf"]), 2)]
+        results["ratios dgf/Orthanc: study list p50 latency, offset 0 and 1000"] = [
+            round(statistics.median(listed[f"dgf {n}"]) / statistics.median(listed[f"orthanc {n}"]), 2)
+            for n in (0, 1000)]
     except BaseException:
         print((work / "web.log").read_text()[-3000:], file=sys.stderr)
         raise
