@@ -369,9 +369,10 @@ class MetaEngine(ABC):
 
     @abstractmethod
     def query_candidates(self, root: str, plan: CandidateSelect, with_xml: bool, deadline: float | None = None,
-                         after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
+                         after: int = 0, batch: int = 2000) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
         """(ino, path, (patient, study, series), XML if asked) of indexed files under ``root`` in
-        ``plan`` with an inode above ``after``, in inode order."""
+        ``plan`` with an inode above ``after``, in inode order, read from the database ``batch``
+        rows at a time."""
 
     @abstractmethod
     def query_estimate(self, select: sa.Select[Any], sample: int = 20_000) -> int:

@@ -284,13 +284,13 @@ Candidate = tuple[int, str, tuple[str, str, str], "Found | None"]
 
 
 def _evaluated(engine: Any, q: Query, root: str, show: list[str], deadline: float | None,
-               after: int = 0) -> Generator[Candidate, None, None]:
+               after: int = 0, batch: int = 2000) -> Generator[Candidate, None, None]:
     """(ino, path, levels, show values or None) of every candidate after inode ``after``, in
     inode order; None means the header did not match.  The first candidates are checked here; a
     long scan continues in worker processes, chunk by chunk, in order.  Every candidate is
     reported, so a page can end after any of them and the next page start right after it."""
     need_xml = not q.plan.exact or bool(show)
-    rows = engine.query_candidates(root, q.sql, need_xml, deadline, after)
+    rows = engine.query_candidates(root, q.sql, need_xml, deadline, after, batch)
     try:
         for i, (ino, path, levels, xml) in enumerate(rows):
             yield ino, path, levels, _check(q.compiled, q.plan.exact, show, xml)
@@ -372,7 +372,8 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
     if q.plan.empty:
         return Page(rows, None)
     started = time.monotonic()
-    scan = _evaluated(engine, q, root, show, deadline, after)
+    # A short page (the first of a study list) fetches about what it needs, not 2000 rows.
+    scan = _evaluated(engine, q, root, show, deadline, after, min(2000, max(64, max_rows + 1)))
     last = after
     try:
         for ino, path, _, found in scan:

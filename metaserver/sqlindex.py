@@ -197,10 +197,11 @@ class HeaderIndexStore(SqlBase):
         yield
 
     def query_candidates(self, root: str, plan: sa.Select[Any] | None, with_xml: bool, deadline: float | None = None,
-                         after: int = 0) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
+                         after: int = 0, batch: int = 2000) -> Iterator[tuple[int, str, tuple[str, str, str], bytes | None]]:
         """Stream (ino, path, (patient, study, series), XML or None) of the indexed files at or
         under ``root`` whose inode is selected by ``plan`` (a select of inos; None: all) and is
-        above ``after``, in inode order (keyset pagination resumes after the last one seen)."""
+        above ``after``, in inode order (keyset pagination resumes after the last one seen),
+        fetched ``batch`` rows at a time: a short page does not read 2000 headers ahead."""
         try:
             with self._connect() as conn, self._deadline(conn, deadline):
                 top = self._resolve(conn, root)
@@ -213,8 +214,9 @@ class HeaderIndexStore(SqlBase):
                     joined = joined.join(xattrs, sa.and_(xattrs.c.ino == inodes.c.id,
                                                          xattrs.c.name == index.HEADER_XATTR))
                 query = sa.select(*cols).select_from(joined)
-                if after:
-                    query = query.where(inodes.c.id > after)
+                # Always, 0 too: without a bound on the inode SQLite read every header (the
+                # xattrs table first) and sorted them before the first row (0.1 s at 10,000).
+                query = query.where(inodes.c.id > after)
                 if plan is not None:
                     query = query.where(inodes.c.id.in_(plan))
                 allowed: set[int] | None = None
@@ -224,7 +226,7 @@ class HeaderIndexStore(SqlBase):
                     with self._dirs_lock:            # the map may be growing (_learn_dirs)
                         every = dict(dirs)           # a copy in C: the lock is held briefly
                     allowed = {i for i, p in every.items() if p == root or p.startswith(root + "/")}
-                rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
+                rows = conn.execution_options(stream_results=True, yield_per=batch).execute(
                     query.order_by(inodes.c.id))
                 for row in rows:
                     if allowed is not None and row.parent not in allowed:
