@@ -400,16 +400,21 @@ def _has_modality(wanted: list[str], modalities: Iterable[str]) -> bool:
     return any(matches(Key("Modality", "CS", w), m) for w in wanted for m in modalities)
 
 
-def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool = False) -> dict[str, Entity]:
+def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool = False,
+         skip: int = 0) -> dict[str, Entity]:
     """The entities at ``level`` whose files match every key, from the header index: at most
-    ``limit`` (beyond it LimitExceeded, or with ``truncate`` the first ``limit``, complete).
+    ``limit`` (beyond it LimitExceeded, or with ``truncate`` the first ``limit``, complete),
+    after the first ``skip`` (a page further down a list; with ``truncate`` only).
 
     With ``truncate`` the scan stops at the first file of an entity past ``limit``: a study
     list of 101 entries (what a viewer asks first) reads the files of about 101 studies, not
     the archive.  The files of those entities that come later in the archive are then counted
-    by a scan restricted to their UIDs, from where the first stopped."""
+    by a scan restricted to their UIDs, from where the first stopped.  The entities skipped
+    are told apart by the index's levels alone, no header read, when no key constrains them."""
     if level not in LEVEL_KEYS:
         raise errors.UsageError(f"query level {level!r} is not PATIENT, STUDY, SERIES or IMAGE.")
+    if skip and not truncate:
+        raise ValueError("find: skip needs truncate")
     unique = LEVEL_KEYS[level]
     stored = [k for k in keys if k.keyword not in COUNTED and k.keyword != "ModalitiesInStudy"]
     show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
@@ -428,11 +433,25 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
     found: dict[str, Entity] = {}
     stopped = False
     last = 0                                  # the inode of the last file looked at
+    skipped: set[str] = set()
+    dropped = 0                               # entities gathered, then dropped: skipped by value
+    if skip:
+        leading = None if wanted or any(_valued(k) for k in stored) else _leading(client, base, level, skip)
+        if leading is None:
+            limit, dropped = limit + skip, skip
+        elif leading[1] is None:
+            return {}                         # no entity after the skipped ones
+        else:
+            skipped, last = leading[0], leading[1]
+    index = LEVEL_INDEX.get(level)
     # Small first pages when the scan may stop early, so the server reads little past the end.
-    rows = client.find_iter(xpath, "/", show=show, page=max(FIRST_PAGE, limit + 1) if truncate else 0)
+    rows = client.find_iter(xpath, "/", show=show, page=max(FIRST_PAGE, limit + 1) if truncate else 0,
+                            after=last)
     try:
         for row in rows:
             last = int(row.get("ino") or 0)   # (an entity that stops the scan is not counted)
+            if skipped and index is not None and str((row.get("levels") or [""] * 3)[index]) in skipped:
+                continue
             values = {k: str(v) for k, v in (row.get("values") or {}).items()}
             if not all(matches(k, values.get(k.keyword, "")) for k in stored):
                 continue
@@ -471,7 +490,40 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
             entity.items = _header_items(client, entity.paths[0], sequences) or {}
     if wanted and not truncate:          # matches when any of the study's modalities matches
         found = {u: e for u, e in found.items() if _has_modality(wanted, e.members.get("Modality", ()))}
+    if dropped:
+        found = dict(list(found.items())[dropped:])
     return found
+
+
+#: Where each level's UID is in a row's ``levels`` (patient, study, series).
+LEVEL_INDEX = {"PATIENT": 0, "STUDY": 1, "SERIES": 2}
+
+
+def _leading(client: Client, xpath: str, level: str, skip: int) -> tuple[set[str], int | None] | None:
+    """The UIDs of the first ``skip`` entities matching ``xpath`` (which the index answers
+    whole: no key is matched here) and the inode to resume after to meet the next entity's
+    first file (None: there is no next one), from the index's levels: no header is read.  None
+    where the levels do not tell (IMAGE level; a metaserver that does not send them)."""
+    index = LEVEL_INDEX.get(level)
+    if index is None:
+        return None
+    seen: set[str] = set()
+    previous = 0
+    rows = client.find_iter(xpath, "/", page=max(FIRST_PAGE, skip + 1))
+    try:
+        for row in rows:
+            levels = row.get("levels")
+            if not isinstance(levels, list) or len(levels) != 3 or "ino" not in row:
+                return None
+            ident = str(levels[index])
+            if ident not in seen:
+                if len(seen) >= skip:
+                    return seen, previous
+                seen.add(ident)
+            previous = int(row["ino"])
+        return seen, None
+    finally:
+        rows.close()
 
 
 def _count(entity: Entity, path: str, values: dict[str, str]) -> None:

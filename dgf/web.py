@@ -664,8 +664,7 @@ class Web:
         scope = {k: v for k, v in (("StudyInstanceUID", p.get("study")), ("SeriesInstanceUID", p.get("series"))) if v}
         q = parse_query(list(request.query_params.multi_items()), level, scope, self.cfg.find_limit)
         client = self.client(token)
-        found, truncated = await self.call(self._find, client, level, q)
-        page = list(found.values())[q.offset:q.offset + q.limit]
+        page, truncated = await self.call(self._find, client, level, q)
         sequences = [k for k in q.keys if k.vr == "SQ" and k.items]
         body = [answer_json(level, q.fields, e, self.base(request) + "/dicomweb", sequences) for e in page]
         headers = {}
@@ -677,17 +676,15 @@ class Web:
             headers["Warning"] = ", ".join(warnings)
         return Response(json.dumps(body), media_type="application/dicom+json", headers=headers)
 
-    def _find(self, client: Client, level: str, q: Query) -> tuple[dict[str, dimse.Entity], bool]:
-        """The matching entities up to the end of the page asked for, at most find_limit; past
-        it one more tells that there are more (a warning).  A page of a long list reads the
-        files of its entities and those before it only (dimse.find)."""
+    def _find(self, client: Client, level: str, q: Query) -> tuple[list[dimse.Entity], bool]:
+        """The page's matching entities, and whether the query matches more than find_limit
+        (a warning).  A page within find_limit reads the files of its own entities, and those
+        before it only as far as telling them apart needs (dimse.find)."""
         limit = self.cfg.find_limit
         if q.offset + q.limit < limit:
-            return dimse.find(client, level, q.keys, q.offset + q.limit, truncate=True), False
-        found = dimse.find(client, level, q.keys, limit + 1, truncate=True)
-        if len(found) <= limit:
-            return found, False
-        return dict(list(found.items())[:limit]), True
+            return list(dimse.find(client, level, q.keys, q.limit, truncate=True, skip=q.offset).values()), False
+        found = list(dimse.find(client, level, q.keys, limit + 1, truncate=True).values())
+        return found[:limit][q.offset:q.offset + q.limit], len(found) > limit
 
     async def retrieve(self, request: Any) -> Any:
         from starlette.concurrency import run_in_threadpool

@@ -364,7 +364,8 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
          max_rows: int, max_seconds: float, allowed: Callable[[str], bool] | None = None,
          with_ino: bool = False) -> Page:
     """The matches after inode ``after``: up to ``max_rows`` or ``max_seconds`` of scanning;
-    ``with_ino``: each row names its inode too, for a caller that resumes a scan after it.
+    ``with_ino``: each row names its inode too, for a caller that resumes a scan after it, and
+    its file's (patient, study, series) as the index holds them (``levels``: read with no header).
 
     Keyset pagination: nothing is held between pages (no database connection, no worker), the
     next page starts from the last inode this one examined."""
@@ -376,10 +377,13 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
     scan = _evaluated(engine, q, root, show, deadline, after, min(2000, max(64, max_rows + 1)))
     last = after
     try:
-        for ino, path, _, found in scan:
+        for ino, path, levels, found in scan:
             last = ino
             if found is not None and (allowed is None or allowed(path)):
-                rows.append({"path": path, "values": found[0], "vr": found[1], **({"ino": ino} if with_ino else {})})
+                row = {"path": path, "values": found[0], "vr": found[1]}
+                if with_ino:
+                    row.update(ino=ino, levels=list(levels))
+                rows.append(row)
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.QueryTimeout("the query ran past its time limit; narrow the expression or the path.")
             if len(rows) >= max_rows or time.monotonic() - started > max_seconds:

@@ -774,8 +774,9 @@ class MetaService(wire.Service):
 
         For a caller that may stop early and resume (the first entries of a study list):
         ``page`` is the first page's rows, doubling on each next one up to PAGE_ROWS (0:
-        PAGE_ROWS each), and then each row names its inode; ``after`` starts the scan after an
-        inode (instance level)."""
+        PAGE_ROWS each), and then each row names its inode and its file's patient, study and
+        series as the index holds them (``levels``); ``after`` starts the scan after an inode
+        (instance level)."""
         if level not in ("instance", *query.LEVELS):
             raise errors.UsageError(f"--level must be instance, patient, study or series, not {level[:32]!r}.")
         expr = self._saved_or(p, xpath)

@@ -459,6 +459,25 @@ def test_a_study_list_page_reads_its_studies_not_the_archive(web: WebNode, tmp_p
         ahead = next(iter(everything.values()))
         assert uid == next(iter(everything)) and sorted(entity.paths) == sorted(ahead.paths)
         assert received <= 2 * (len(ahead.paths) + 1) < sum(len(e.paths) for e in everything.values())
+        # A page further down: the studies before it are told apart by the index's levels (no
+        # values asked for), and only the page's own files come with their values.
+        shown = 0
+
+        def counted_shown(*args: object, **kw: object) -> Iterator[dict]:
+            nonlocal shown
+            for row in scan(*args, **kw):  # type: ignore[arg-type]
+                shown += bool(kw.get("show"))
+                yield row
+        monkeypatch.setattr(c, "find_iter", counted_shown)
+        uids = list(everything)
+        second = dimse.find(c, "STUDY", [dimse.Key("StudyInstanceUID", "UI", "")], 1, truncate=True, skip=1)
+        assert list(second) == [uids[1]] and sorted(second[uids[1]].paths) == sorted(everything[uids[1]].paths)
+        assert shown <= 2 * (len(everything[uids[1]].paths) + 1) < len(ahead.paths) + len(everything[uids[1]].paths) + 1
+    listed = web.get("/dicomweb/studies?limit=100").json()
+    for offset in (1, 2, len(listed) - 1, len(listed)):
+        page = web.get(f"/dicomweb/studies?limit=2&offset={offset}").json()
+        assert [(_uid(s, "0020000D"), s["00201208"]) for s in page] == [
+            (_uid(s, "0020000D"), s["00201208"]) for s in listed[offset:offset + 2]]
 
 
 def test_slow_clients_cannot_hold_every_connection(web: WebNode) -> None:
