@@ -323,8 +323,9 @@ def match_item(item: Any, keys: tuple[Key, ...] | list[Key]) -> dict[str, Any] |
 
 
 def xpath_for(keys: list[Key]) -> str:
-    """The part of the match the header index answers: exact values, lists of UIDs, and
-    sequence items with exact values."""
+    """The part of the match the header index answers: exact values, lists of UIDs, date
+    ranges, and sequence items with exact values.  It may select more than the keys match
+    (:func:`matches` has the last word), never less."""
     conds = []
     for k in keys:
         if k.vr == "SQ" and (inner := _item_conditions(k)):
@@ -333,6 +334,13 @@ def xpath_for(keys: list[Key]) -> str:
             conds.append(f"[{k.keyword}='{k.value}']")
         elif k.vr == "UI" and "\\" in k.value and "'" not in k.value:
             conds.append("[" + " or ".join(f"{k.keyword}='{u}'" for u in k.value.split("\\") if u) + "]")
+        elif k.vr == "DA" and "-" in k.value:
+            # A date (YYYYMMDD, 8 digits) compares as a number the way it compares as text:
+            # the index's numeric range, not a header read per candidate.  (A header holding
+            # another form, such as ACR-NEMA's YYYY.MM.DD, is not in any range.)
+            lo, _, hi = k.value.partition("-")
+            conds += [f"[{k.keyword} {op} {bound}]" for op, bound in ((">=", lo), ("<=", hi))
+                      if len(bound) == 8 and bound.isascii() and bound.isdigit()]
     return "/DicomHeader" + "".join(conds)
 
 

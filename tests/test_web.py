@@ -473,6 +473,14 @@ def test_a_study_list_page_reads_its_studies_not_the_archive(web: WebNode, tmp_p
         second = dimse.find(c, "STUDY", [dimse.Key("StudyInstanceUID", "UI", "")], 1, truncate=True, skip=1)
         assert list(second) == [uids[1]] and sorted(second[uids[1]].paths) == sorted(everything[uids[1]].paths)
         assert shown <= 2 * (len(everything[uids[1]].paths) + 1) < len(ahead.paths) + len(everything[uids[1]].paths) + 1
+        # A date range is answered by the index: only the range's files come back to be matched.
+        dates = [r["values"]["StudyDate"] for r in scan("/DicomHeader", "/", show=["StudyDate"])]
+        received = 0
+        monkeypatch.setattr(c, "find_iter", counted)
+        day = dimse.find(c, "STUDY", [dimse.Key("StudyDate", "DA", f"{dates[0]}-{dates[0]}")], 100, truncate=True)
+        assert sum(len(e.paths) for e in day.values()) == dates.count(dates[0]) == received < len(dates)
+        assert dimse.xpath_for([dimse.Key("StudyDate", "DA", "-20000131"), dimse.Key("StudyTime", "TM", "07-12")]) \
+            == "/DicomHeader[StudyDate <= 20000131]"
     listed = web.get("/dicomweb/studies?limit=100").json()
     for offset in (1, 2, len(listed) - 1, len(listed)):
         page = web.get(f"/dicomweb/studies?limit=2&offset={offset}").json()
