@@ -341,7 +341,29 @@ def xpath_for(keys: list[Key]) -> str:
             lo, _, hi = k.value.partition("-")
             conds += [f"[{k.keyword} {op} {bound}]" for op, bound in ((">=", lo), ("<=", hi))
                       if len(bound) == 8 and bound.isascii() and bound.isdigit()]
+        elif (text := _wildcard_text(k)) is not None:
+            # 'ABC*' starts with ABC, '*ABC*' and '*ABC' contain it: the index's text, read
+            # for one attribute, instead of every header.
+            how = "starts-with" if not k.value.startswith("*") else "contains"
+            conds.append(f"[{how}({k.keyword}, '{text}')]")
     return "/DicomHeader" + "".join(conds)
+
+
+def _wildcard_text(key: Key) -> str | None:
+    """The text of a wildcard value the index can narrow by ('ABC*', '*ABC*', '*ABC'), for a
+    single-valued attribute (XPath's starts-with and contains read an attribute's first value,
+    the wildcard matches all of them joined)."""
+    from pydicom.datadict import dictionary_VM, tag_for_keyword
+
+    value = key.value
+    if key.vr in ("SQ", "UI") or key.vr in RANGE_VRS or "*" not in value or any(c in value for c in "?\\'"):
+        return None
+    text = value[1:] if value.startswith("*") else value
+    text = text[:-1] if text.endswith("*") else text
+    if not text or "*" in text or not value.endswith("*") and not value.startswith("*"):
+        return None
+    tag = tag_for_keyword(key.keyword)
+    return text if tag is not None and dictionary_VM(tag) == "1" else None
 
 
 def matches(key: Key, value: str) -> bool:

@@ -481,6 +481,18 @@ def test_a_study_list_page_reads_its_studies_not_the_archive(web: WebNode, tmp_p
         assert sum(len(e.paths) for e in day.values()) == dates.count(dates[0]) == received < len(dates)
         assert dimse.xpath_for([dimse.Key("StudyDate", "DA", "-20000131"), dimse.Key("StudyTime", "TM", "07-12")]) \
             == "/DicomHeader[StudyDate <= 20000131]"
+        # So are a prefix and a part of a single-valued attribute ('P4*', '*UF3*', '*H75').
+        ids = [r["values"]["PatientID"] for r in scan("/DicomHeader", "/", show=["PatientID"])]
+        for wildcard, hit, narrowed in (
+                (patient[:5] + "*", lambda v: v.startswith(patient[:5]), lambda v: v.startswith(patient[:5])),
+                ("*" + patient[3:9] + "*", lambda v: patient[3:9] in v, lambda v: patient[3:9] in v),
+                ("*" + patient[-4:], lambda v: v.endswith(patient[-4:]), lambda v: patient[-4:] in v)):
+            received = 0
+            got = dimse.find(c, "STUDY", [dimse.Key("PatientID", "LO", wildcard)], 100, truncate=True)
+            assert sum(len(e.paths) for e in got.values()) == sum(map(hit, ids)), wildcard
+            assert received == sum(map(narrowed, ids)) < len(ids), wildcard
+        assert dimse.xpath_for([dimse.Key("ImageType", "CS", "ORIG*"), dimse.Key("PatientID", "LO", "P?X*"),
+                                dimse.Key("PatientName", "PN", "*A*B*")]) == "/DicomHeader"
     listed = web.get("/dicomweb/studies?limit=100").json()
     for offset in (1, 2, len(listed) - 1, len(listed)):
         page = web.get(f"/dicomweb/studies?limit=2&offset={offset}").json()
