@@ -456,10 +456,12 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
     reads = 0
     base = xpath_for(stored)
     xpath = base
+    modality = ""
     if truncate and wanted and all(_exact(Key("Modality", "CS", m)) for m in wanted):
         # Entities are picked by a file of a wanted modality, so the first ``limit`` are the
         # first that qualify; their other files are counted below.
-        xpath += "[" + " or ".join(f"Modality='{m}'" for m in wanted) + "]"
+        modality = " or ".join(f"Modality='{m}'" for m in wanted)
+        xpath += f"[{modality}]"
     found: dict[str, Entity] = {}
     stopped = False
     last = 0                                  # the inode of the last file looked at
@@ -510,9 +512,12 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
             _count(entity, row["path"], values)
     finally:
         rows.close()                          # stopped early: the server's cursor is freed
-    if found and truncate and wanted:
-        # Picked by a file of a wanted modality: the files of others were not looked at.
-        _count_all(client, base, unique, stored, found, 0, by_uid=stopped)
+    if found and truncate and modality and not stopped:
+        # Every file of a wanted modality was counted: the entities' files of others are not.
+        _count_all(client, f"{base}[not({modality})]", unique, stored, found)
+    elif found and truncate and wanted:
+        # Picked by a file of a wanted modality: count each entity's files again, all of them.
+        _count_all(client, base, unique, stored, found, reset=True)
     elif found and stopped:
         _count_all(client, base, unique, stored, found, last)
     if sequences and not read_items:
@@ -563,12 +568,11 @@ def _count(entity: Entity, path: str, values: dict[str, str]) -> None:
 
 
 def _count_all(client: Client, xpath: str, unique: str, stored: list[Key], found: dict[str, Entity],
-               after: int, by_uid: bool = True) -> None:
-    """Count the matching files of the ``found`` entities after inode ``after`` (0: all of
-    them, again, whatever their modality): by the entities' UIDs, GROUP_CHUNK at a time, or in
-    one scan of every match (``by_uid`` False: the first scan read the archive to its end
-    anyway; or a UID that cannot be written as an XPath literal)."""
-    if not after:
+               after: int = 0, reset: bool = False) -> None:
+    """Count the files of the ``found`` entities that match ``xpath`` and the keys, after inode
+    ``after`` (with ``reset``, all of them again): by the entities' UIDs, GROUP_CHUNK at a
+    time (one scan of every match when a UID cannot be written as an XPath literal)."""
+    if reset:
         for entity in found.values():
             entity.paths, entity.members = [], {}
     show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
@@ -585,7 +589,7 @@ def _count_all(client: Client, xpath: str, unique: str, stored: list[Key], found
                 _count(of, row["path"], values)
 
     literals = [_literal(ident) for ident in found]
-    if not by_uid or None in literals:
+    if None in literals:
         scan(xpath)
     else:
         i, chunk = 0, GROUP_CHUNK
