@@ -457,9 +457,9 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
     base = xpath_for(stored)
     xpath = base
     modality = ""
-    if truncate and wanted and all(_exact(Key("Modality", "CS", m)) for m in wanted):
-        # Entities are picked by a file of a wanted modality, so the first ``limit`` are the
-        # first that qualify; their other files are counted below.
+    if wanted and all(_exact(Key("Modality", "CS", m)) for m in wanted):
+        # Entities are picked by a file of a wanted modality (from the index), so the first
+        # ``limit`` are the first that qualify; their other files are counted below.
         modality = " or ".join(f"Modality='{m}'" for m in wanted)
         xpath += f"[{modality}]"
     found: dict[str, Entity] = {}
@@ -490,7 +490,8 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
             ident = values.get(unique, "")
             entity = found.get(ident)
             if entity is None:
-                if truncate and wanted and not _has_modality(wanted, values.get("Modality", "").split("\\")):
+                if (truncate or modality) and wanted and \
+                        not _has_modality(wanted, values.get("Modality", "").split("\\")):
                     continue
                 if len(found) >= limit:
                     if truncate:
@@ -512,7 +513,7 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
             _count(entity, row["path"], values)
     finally:
         rows.close()                          # stopped early: the server's cursor is freed
-    if found and truncate and modality and not stopped:
+    if found and modality and not stopped:
         # Every file of a wanted modality was counted: the entities' files of others are not.
         _count_all(client, f"{base}[not({modality})]", unique, stored, found)
     elif found and truncate and wanted:
@@ -523,7 +524,7 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
     if sequences and not read_items:
         for entity in found.values():       # the index matched them: show the matching items
             entity.items = _header_items(client, entity.paths[0], sequences) or {}
-    if wanted and not truncate:          # matches when any of the study's modalities matches
+    if wanted and not truncate and not modality:    # any of the study's modalities matches
         found = {u: e for u, e in found.items() if _has_modality(wanted, e.members.get("Modality", ()))}
     if dropped:
         found = dict(list(found.items())[dropped:])

@@ -437,10 +437,21 @@ def test_a_study_list_page_reads_its_studies_not_the_archive(web: WebNode, tmp_p
     assert studies("ModalitiesInStudy=MR%5CCT") == [z, only_w]
     assert studies("ModalitiesInStudy=US") == []
     with Client(web.fed.config("researcher")) as c:
-        # C-FIND's path (no truncation) reads a list of modalities the same way.
+        # C-FIND's path (no truncation) reads a list of modalities the same way, and asks the
+        # index for the MR file that picks Z, then for Z's two others: not for W's file.
+        rows = 0
+        every = c.find_iter
+
+        def all_rows(*args: object, **kw: object) -> Iterator[dict]:
+            nonlocal rows
+            for row in every(*args, **kw):  # type: ignore[arg-type]
+                rows += 1
+                yield row
+        monkeypatch.setattr(c, "find_iter", all_rows)
         found = dimse.find(c, "STUDY", [dimse.Key("PatientID", "LO", patient),
                                         dimse.Key("ModalitiesInStudy", "CS", "US\\MR")], 10)
-        assert [len(e.paths) for e in found.values()] == [3]
+        assert [len(e.paths) for e in found.values()] == [3] and rows == 3
+        monkeypatch.undo()
         # The first study of the archive, in pages of 1, 2, 4...: the scan stops after the
         # first file of the second study, not at the end of the archive.
         everything = dimse.find(c, "STUDY", [dimse.Key("StudyInstanceUID", "UI", "")], 100)
