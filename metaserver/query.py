@@ -380,7 +380,7 @@ def page(engine: Any, q: Query, root: str, show: list[str], after: int, deadline
         for ino, path, levels, found in scan:
             last = ino
             if found is not None and (allowed is None or allowed(path)):
-                row = {"path": path, "values": found[0], "vr": found[1]}
+                row: dict[str, Any] = {"path": path, "values": found[0], "vr": found[1]}
                 if with_ino:
                     row.update(ino=ino, levels=list(levels))
                 rows.append(row)
