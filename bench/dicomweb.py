@@ -11,6 +11,8 @@ HTTP connections:
   latency p50 and p95 (ms);
 - **the study list**: what a viewer asks first (OHIF: ``/studies?limit=101&offset=0&...``), and a
   page further on (``offset=1000``), each ``--runs`` times, interleaved: latency p50 (ms);
+- **the series' metadata** (``/studies/S/series/T/metadata``, what a viewer reads before it shows
+  a series), ``--runs`` times, interleaved: latency p50 (ms);
 - **WADO-RS**: the whole series as ``multipart/related; type="application/dicom";
   transfer-syntax=*``, ``--runs`` times, interleaved: MB/s (median), and CPU seconds of every
   server process (dgf: web server, metaserver, sites; Orthanc itself) per retrieval.
@@ -133,11 +135,22 @@ def main() -> None:
                     r = session.get(f"{url}/studies", params={**page, "offset": str(offset)}, timeout=300,
                                     headers={"Accept": "application/dicom+json"})
                     listed[f"{name} {offset}"].append(time.perf_counter() - t)
-                    if r.status_code != 200 or len(r.json()) != 101:
+                    if r.status_code != 200 or len(r.json()) != min(101, max(0, args.studies + 1 - offset)):
                         raise SystemExit(f"{name}: the study list answered {r.status_code} with {r.text[:200]}")
         for key, v in listed.items():
             who, at = key.split()
             results[f"QIDO-RS study list, limit 101 offset {at}, ms p50: {who}"] = round(
+                statistics.median(v) * 1000, 1)
+        meta: dict[str, list[float]] = {"dgf": [], "orthanc": []}
+        for _ in range(args.runs):
+            for name, session, url in (("dgf", d, dgf_series), ("orthanc", o, orthanc_series)):
+                t = time.perf_counter()
+                r = session.get(f"{url}/metadata", timeout=300, headers={"Accept": "application/dicom+json"})
+                meta[name].append(time.perf_counter() - t)
+                if r.status_code != 200 or len(r.json()) != args.series:
+                    raise SystemExit(f"{name}: the series' metadata answered {r.status_code} with {r.text[:200]}")
+        for name, v in meta.items():
+            results[f"WADO-RS metadata of the {args.series}-instance series, ms p50: {name}"] = round(
                 statistics.median(v) * 1000, 1)
         dgf_pids = [web.pid, *local.pids(fed.root).values()]
         wado: dict[str, list[float]] = {"dgf": [], "orthanc": []}

@@ -627,8 +627,7 @@ class Web:
         from dgf.dicom import xmlheader
 
         def one(path: str) -> dict[str, Any]:
-            _, ds = xmlheader.to_dataset(client.getxattr(path, HEADER_XATTR))
-            return dict(ds.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=None))
+            return xmlheader.to_json(client.getxattr(path, HEADER_XATTR))
         return list(self.pool.map(one, paths))
 
     # -- HTTP ---------------------------------------------------------------------------------

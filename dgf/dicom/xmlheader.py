@@ -330,7 +330,91 @@ def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
     return meta, ds
 
 
-__all__ = ["header_xml", "to_dataset", "keyword", "export"]
+#: DICOM JSON (PS3.18 F.2) numbers, as pydicom writes them: integers and decimals.
+_JSON_INTS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+_JSON_FLOATS = frozenset({"DS", "FD", "FL"})
+_JSON_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+class _Unusual(Exception):
+    """A value :func:`to_json` leaves to pydicom's conversion (base64-held text, a number
+    that does not read as one)."""
+
+
+def to_json(xml: bytes) -> dict[str, object]:
+    """The dataset of an XML header (group 0002 left out, bulk elements absent) in the DICOM JSON
+    model, straight from the XML: what ``to_dataset`` and pydicom's ``to_json_dict`` give (a
+    test compares them over the real corpus), ~5x cheaper, and a malformed number is kept as
+    its text where pydicom refuses.  A header holding a value it does not read directly (a
+    number held as raw bytes, a binary VR written as text) goes pydicom's way instead."""
+    try:
+        root = etree.fromstring(xml)
+    except etree.XMLSyntaxError as exc:
+        raise errors.UsageError(f"the XML header is not well-formed: {exc}.") from exc
+    if root.tag != ROOT:
+        raise errors.UsageError(f"the XML root must be <{ROOT}>, not <{root.tag}>.")
+    try:
+        return _json(root, top=True)
+    except _Unusual:
+        _, ds = to_dataset(xml)
+        return dict(ds.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=None))
+
+
+def _json(node: etree._Element, top: bool = False) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for group in _group(node):
+        first = group[0]
+        tag = int(first.get("tag") or "0", 16)
+        if first.get("bulk") == "true" or top and tag >> 16 == 2:
+            continue
+        vr = first.get("vr") or "UN"
+        key = f"{tag:08X}"
+        if vr == "SQ" or (len(first) and first[0].tag == "Item"):
+            out[key] = {"vr": "SQ", "Value": [_json(item) for item in first]}
+            continue
+        texts = [(n.text or "") for n in group]
+        if first.get("enc") == "base64":
+            if vr in _JSON_BINARY:
+                data = base64.b64decode(texts[0])      # as to_dataset reads it: the first
+                out[key] = {"vr": vr, "InlineBinary": base64.b64encode(data).decode()} if data else {"vr": vr}
+                continue
+            if vr in _NUMERIC:
+                raise _Unusual(key)                    # raw bytes of a number: pydicom's way
+            texts = [base64.b64decode(t).decode("utf-8", "surrogateescape") for t in texts]
+        if vr in _JSON_BINARY:
+            raise _Unusual(key)
+        if vr == "AT":
+            found = [f"{int(t, 16):08X}" for t in texts if t]
+            out[key] = {"vr": vr, "Value": found} if found else {"vr": vr}
+            continue
+        values = texts if len(texts) > 1 or vr in _SINGLE_VALUE_TEXT else texts[0].split("\\")
+        entry: dict[str, object] = {"vr": vr}
+        if values != [""]:
+            if vr in _JSON_INTS or vr in _JSON_FLOATS:
+                entry["Value"] = [_number(v, vr) for v in values]
+            elif vr == "PN":
+                entry["Value"] = [_person(v) for v in values]
+            else:
+                entry["Value"] = values
+        out[key] = entry
+    return dict(sorted(out.items()))
+
+
+def _number(text: str, vr: str) -> int | float | str:
+    """A number as pydicom writes it; a malformed one stays its text (pydicom refuses the
+    whole dataset, and a viewer would get nothing)."""
+    try:
+        return int(text) if vr in _JSON_INTS else float(text)
+    except ValueError:
+        return text
+
+
+def _person(value: str) -> dict[str, str]:
+    parts = value.split("=")
+    return dict(zip(("Alphabetic", "Ideographic", "Phonetic"), parts[:3]))
+
+
+__all__ = ["header_xml", "to_dataset", "to_json", "keyword", "export"]
 
 
 #: Stylesheets that export the header to other XML models (``dgf xattr get --as``).
