@@ -315,15 +315,20 @@ def _dataset(node: etree._Element, little: bool) -> Dataset:
     return ds
 
 
-def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
-    """(file meta, dataset) rebuilt from an XML header; bulk elements are absent."""
+def _root(xml: bytes) -> etree._Element:
+    """An XML header's root element, or a sentence saying what is wrong with it."""
     try:
         root = etree.fromstring(xml)
     except etree.XMLSyntaxError as exc:
         raise errors.UsageError(f"the XML header is not well-formed: {exc}.") from exc
     if root.tag != ROOT:
         raise errors.UsageError(f"the XML root must be <{ROOT}>, not <{root.tag}>.")
-    full = _dataset(root, True)
+    return root
+
+
+def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
+    """(file meta, dataset) rebuilt from an XML header; bulk elements are absent."""
+    full = _dataset(_root(xml), True)
     meta, ds = type(full)(), type(full)()
     for elem in full:
         (meta if elem.tag.group == 2 else ds).add(elem)
@@ -337,8 +342,8 @@ _JSON_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
 class _Unusual(Exception):
-    """A value :func:`to_json` leaves to pydicom's conversion (base64-held text, a number
-    that does not read as one)."""
+    """A value :func:`to_json` leaves to pydicom's conversion (a number held as raw bytes, a
+    binary VR written as text)."""
 
 
 def to_json(xml: bytes) -> dict[str, object]:
@@ -347,12 +352,7 @@ def to_json(xml: bytes) -> dict[str, object]:
     test compares them over the real corpus), ~5x cheaper, and a malformed number is kept as
     its text where pydicom refuses.  A header holding a value it does not read directly (a
     number held as raw bytes, a binary VR written as text) goes pydicom's way instead."""
-    try:
-        root = etree.fromstring(xml)
-    except etree.XMLSyntaxError as exc:
-        raise errors.UsageError(f"the XML header is not well-formed: {exc}.") from exc
-    if root.tag != ROOT:
-        raise errors.UsageError(f"the XML root must be <{ROOT}>, not <{root.tag}>.")
+    root = _root(xml)
     try:
         return _json(root, top=True)
     except _Unusual:
