@@ -61,6 +61,8 @@ QUERY_LIMIT_S = 300.0
 #: many of them the next one connects to before the metaserver names them.
 SITES_CACHE = "sites.json"
 AHEAD_SITES = 4
+#: Paths per ``xattr.get_many`` request (the metaserver's list_items is 10,000 by default).
+XATTRS_ASKED = 1000
 
 
 def _close_unused(pending: Future[SiteLink]) -> None:
@@ -370,6 +372,22 @@ class Client:
 
     def getxattr(self, path: str, name: str) -> bytes:
         return self.meta.call("xattr.get", path=path, name=name)[1]
+
+    def getxattrs(self, paths: list[str], name: str) -> list[bytes]:
+        """Attribute ``name`` of each of ``paths``, in order, in as few round trips as the
+        metaserver's reply size allows (``xattrs_reply_bytes``)."""
+        out: list[bytes] = []
+        while len(out) < len(paths):
+            reply, payload = self.meta.call("xattr.get_many", paths=paths[len(out):len(out) + XATTRS_ASKED],
+                                            name=name)
+            sizes = [int(n) for n in reply.get("sizes") or []]
+            if not sizes or sum(sizes) != len(payload):
+                raise errors.TransportError("the metadata server's reply to xattr.get_many does not add up.")
+            at = 0
+            for n in sizes:
+                out.append(payload[at:at + n])
+                at += n
+        return out
 
     def listxattr(self, path: str) -> list[str]:
         return list(self.meta.call("xattr.list", path=path)[0]["names"])

@@ -41,6 +41,9 @@ class Limits:
     # -- the metadata server ------------------------------------------------------------------
     #: Files one ``down.resolve`` reply describes; more come in further pages.
     resolve_files: int = 10_000
+    #: Bytes of attribute values one ``xattr.get_many`` reply carries (one value at least);
+    #: the rest come in further requests.
+    xattrs_reply_bytes: int = 16 * MiB
     #: Bytes of one upload commit (headers and identity records of a batch).
     commit_bytes: int = 64 * MiB
     #: Bytes of one identity record of a commit (zlib-compressed) the metaserver inflates to

@@ -626,9 +626,7 @@ class Web:
     def metadata(self, client: Client, paths: list[str]) -> list[dict[str, Any]]:
         from dgf.dicom import xmlheader
 
-        def one(path: str) -> dict[str, Any]:
-            return xmlheader.to_json(client.getxattr(path, HEADER_XATTR))
-        return list(self.pool.map(one, paths))
+        return [xmlheader.to_json(xml) for xml in client.getxattrs(paths, HEADER_XATTR)]
 
     # -- HTTP ---------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from tests.test_fuse import Mount
 #: Limits tight enough to reach in a test; every other limit keeps its default.
 LIMITS = {"channels_per_principal": "8", "connections_per_principal": "6", "frame_timeout": "2", "cursors_per_principal": "3",
           "cursor_idle_s": "4", "xattr_bytes_per_principal": "65536", "saved_queries_per_principal": "3",
-          "resolve_files": "40"}
+          "resolve_files": "40", "xattrs_reply_bytes": "4096"}
 #: The memory bound stated in bench/RESULTS.md: peak RSS of each server process after the attacks.
 SERVER_RSS_BOUND = 400 * 1024 * 1024
 HEADERS = 6000
@@ -205,6 +205,29 @@ def test_oversized_requests_are_refused_by_name_before_allocation(fed: local.Fed
     pids = _pids(fed)
     for name in ("metaserver", "site-a", "site-b"):
         assert _peak_rss(pids[name]) < SERVER_RSS_BOUND, name
+
+
+def test_many_headers_come_in_replies_of_bounded_size(fed: local.Federation) -> None:
+    """``xattr.get_many`` (a viewer's series metadata): the values of many paths in order, in
+    replies of at most xattrs_reply_bytes (4 KiB here: ~13 of these headers), one value at least;
+    a missing path or a path of another type fails the request by name, and a list past
+    list_items is refused before it is served."""
+    from tests.conftest import metaserver_calls
+
+    paths = [f"/load/0/{i:05d}.dcm" for i in range(100)]
+    with Client(fed.config("researcher")) as c:
+        one_by_one = [c.getxattr(p, "user.dgf.dicom") for p in paths]
+        with metaserver_calls(c) as calls:
+            assert c.getxattrs(paths, "user.dgf.dicom") == one_by_one
+        assert len(calls) == -(-sum(map(len, one_by_one)) // (4096 // len(one_by_one[0]) * len(one_by_one[0])))
+        with pytest.raises(errors.NotFound):
+            c.getxattrs([*paths[:3], "/load/0/none.dcm"], "user.dgf.dicom")
+    with _raw(fed, "researcher") as (_, chan):
+        with pytest.raises(errors.UsageError, match="strings"):
+            chan.call("xattr.get_many", paths=[paths[0], 7], name="user.dgf.dicom")
+    with _raw(fed, "researcher") as (_, chan):
+        with pytest.raises(errors.LimitExceeded, match="list_items"):
+            chan.call("xattr.get_many", paths=paths * 101, name="user.dgf.dicom")
 
 
 def test_channels_per_principal_are_bounded(fed: local.Federation) -> None:
