@@ -447,7 +447,7 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
         raise ValueError("find: skip needs truncate")
     unique = LEVEL_KEYS[level]
     stored = [k for k in keys if k.keyword not in COUNTED and k.keyword != "ModalitiesInStudy"]
-    show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
+    show = _shown(stored)
     sequences = [k for k in stored if k.vr == "SQ" and k.items]
     wanted = _modalities(next((k for k in keys if k.keyword == "ModalitiesInStudy" and k.value), None))
     # Item keys the index cannot answer are matched here, in each candidate file's XML header:
@@ -484,7 +484,7 @@ def find(client: Client, level: str, keys: list[Key], limit: int, truncate: bool
             last = int(row.get("ino") or 0)   # (an entity that stops the scan is not counted)
             if skipped and index is not None and str((row.get("levels") or [""] * 3)[index]) in skipped:
                 continue
-            values = {k: str(v) for k, v in (row.get("values") or {}).items()}
+            values = _values(row)
             if not all(matches(k, values.get(k.keyword, "")) for k in stored):
                 continue
             ident = values.get(unique, "")
@@ -562,6 +562,16 @@ def _leading(client: Client, xpath: str, level: str, skip: int) -> tuple[set[str
         rows.close()
 
 
+def _shown(stored: list[Key]) -> list[str]:
+    """The keywords a scan for ``stored`` keys asks each file's value of."""
+    return sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
+
+
+def _values(row: dict[str, Any]) -> dict[str, str]:
+    """A scanned row's shown values, as strings."""
+    return {k: str(v) for k, v in (row.get("values") or {}).items()}
+
+
 def _count(entity: Entity, path: str, values: dict[str, str]) -> None:
     entity.paths.append(path)
     for counted in set(COUNTED.values()) | {"Modality"}:
@@ -576,15 +586,14 @@ def _count_all(client: Client, xpath: str, unique: str, stored: list[Key], found
     if reset:
         for entity in found.values():
             entity.paths, entity.members = [], {}
-    show = sorted({k.keyword for k in stored} | set(LEVEL_KEYS.values()) | {"Modality"})
-
+    show = _shown(stored)
     seen = 0
 
     def scan(query: str) -> None:
         nonlocal seen
         for row in client.find_iter(query, "/", show=show, after=after):
             seen += 1
-            values = {k: str(v) for k, v in (row.get("values") or {}).items()}
+            values = _values(row)
             of = found.get(values.get(unique, ""))
             if of is not None and all(matches(k, values.get(k.keyword, "")) for k in stored):
                 _count(of, row["path"], values)
