@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from dgf import errors
 from dgf.types import Principal
-from metaserver import migrate, sql
+from metaserver import migrate, sql, sqlbase
 from metaserver.engine import MetaEngine, NewFile
 from metaserver.schema import dir_changes, inodes
 from metaserver.sql import SqlEngine
@@ -531,6 +531,41 @@ class EngineContract:
         engine.rename("/t/p4/s9/s1/c.dcm", "/t/p4/s9/d.dcm")
         assert engine._read(lambda conn: conn.execute(Q_DIRS_VERSION).scalar()) == version
         assert engine._dirs is held and engine.stat("/t/p4/s9/d.dcm").size == 1
+
+    def test_moves_find_their_subtree_from_each_directorys_directories(self, engine: MetaEngine) -> None:
+        # A move visits the directories it moves, found from each directory's directories (kept
+        # with the map from the first move on), not every directory's path: those must stay what
+        # the map holds through moves, mkdir and rmdir learnt one after another, or a move would
+        # leave a subdirectory at its old path.
+        assert isinstance(engine, SqlEngine)
+        other = SqlEngine(str(engine.engine.url.render_as_string(hide_password=False)))
+        try:
+            engine.create_files([_file("/k/p1/s1/a.dcm", "1"), _file("/k/p1/s2/b.dcm", "2"),
+                                 _file("/k/p2/s1/c.dcm", "3")])
+            steps = [
+                lambda: engine.rename("/k/p1", "/k/p2/p1"),
+                lambda: engine.mkdir("/k/p2/p1/s1/deep"),
+                lambda: engine.rename("/k/p2", "/k/q"),
+                lambda: engine.rmdir("/k/q/p1/s1/deep"),
+                lambda: engine.mkdir("/k/q/p1/s3"),
+                lambda: engine.rename("/k/q/p1/s3", "/k/s3"),
+                lambda: engine.rename("/k/q/p1", "/k/p1"),
+                lambda: engine.rmtree("/k/q"),
+                lambda: engine.rename("/k/s3", "/k/p1/s3"),
+            ]
+            for n, step in enumerate(steps):
+                step()
+                dirs, kids = engine._dirs, engine._kids_of
+                assert dirs is not None and kids is not None and kids[0] is dirs, n    # learnt, not rebuilt
+                ids = engine._dir_ids_of
+                assert ids is not None and ids[0] is dirs
+                assert kids[1] == sqlbase._children(dirs, ids[1]), n
+                other._dirs = None
+                assert other._read(other._dir_paths) == dirs, n                       # what a rebuild finds
+            assert set(engine._read(engine._dir_ids)) == {"/", "/k", "/k/p1", "/k/p1/s1", "/k/p1/s2", "/k/p1/s3"}
+            assert engine.stat("/k/p1/s2/b.dcm").size == 1
+        finally:
+            other.close()
 
     def test_another_process_replays_tree_changes_and_rebuilds_only_past_what_is_kept(
             self, engine: MetaEngine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1275,13 +1310,19 @@ class NamespaceModel(RuleBasedStateMachine):
         if not hasattr(self, "engine"):
             return
         held, held_ids, version = self.engine._dirs, self.engine._dir_ids_of, self.engine._dirs_version
+        kids = self.engine._kids_of
         if held is None:
             return
         self.engine._dirs = None
         assert self.engine._read(self.engine._dir_paths) == held
         if held_ids is not None and held_ids[0] is held:
             assert held_ids[1] == {p: i for i, p in held.items()}
+        if kids is not None and kids[0] is held:
+            # Each directory's directories, by which a move finds what it moves.
+            assert held_ids is not None and held_ids[0] is held
+            assert kids[1] == sqlbase._children(held, held_ids[1])
         self.engine._dirs, self.engine._dir_ids_of, self.engine._dirs_version = held, held_ids, version
+        self.engine._kids_of = kids
 
     @invariant()
     def another_process_replays_the_changes(self) -> None:
