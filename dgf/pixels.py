@@ -5,6 +5,7 @@ JPEG-LS, RLE).  ``dgf web`` (WADO-RS) and ``dgf dicom serve`` (C-GET, C-MOVE) us
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 from dgf import errors
@@ -85,9 +86,12 @@ def frame_bytes(ds: Any, index: int) -> bytes:
     return np.frombuffer(data, dtype=f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
 
 
-def render(ds: Any, index: int, window: tuple[float, float] | None, media: str, quality: int = 90) -> bytes:
+def render(ds: Any, index: int, window: tuple[float, float] | None, media: str, quality: int = 90,
+           viewport: tuple[int, int] | None = None, enlarge: bool = True) -> bytes:
     """Frame ``index`` of ``ds`` as an 8-bit JPEG or PNG, through the modality LUT and a linear
-    window (the one asked for, else the file's first, else the frame's range)."""
+    window (the one asked for, else the file's first, else the frame's range); with a
+    ``viewport`` (width, height), scaled to fill as much of it as the frame's aspect allows
+    (without ``enlarge``, only ever made smaller)."""
     import numpy as np
     from PIL import Image
     from pydicom.pixels import apply_modality_lut, pixel_array
@@ -117,6 +121,11 @@ def render(ds: Any, index: int, window: tuple[float, float] | None, media: str, 
         if arr.dtype != np.uint8:
             arr = (arr.astype(np.float64) * 255 / max(float(arr.max()), 1)).astype(np.uint8)
         image = Image.fromarray(arr, "RGB")
+    if viewport is not None:
+        scale = min(viewport[0] / image.width, viewport[1] / image.height, math.inf if enlarge else 1.0)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     image.save(buf, "PNG" if media == "image/png" else "JPEG", **({} if media == "image/png" else {"quality": quality}))
     return buf.getvalue()

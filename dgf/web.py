@@ -11,8 +11,9 @@ exactly as on the CLI, since every call goes through that principal's own client
 - **WADO-RS**: studies, series and instances as ``multipart/related; type="application/dicom"``
   (as stored with ``transfer-syntax=*``; Explicit VR Little Endian, the standard's default, when
   the request names none), metadata as DICOM JSON (from the XML headers, no bulk data read),
-  frames (``multipart/related`` of raw or compressed frames) and rendered frames (JPEG or PNG
-  with ``window=center,width``).  Identified instances only for tokens created with
+  frames (``multipart/related`` of raw or compressed frames), rendered frames (JPEG or PNG
+  with ``window=center,width`` and ``viewport=width,height``) and thumbnails of studies, series,
+  instances and frames (Supplement 203).  Identified instances only for tokens created with
   ``--identified`` whose principal may see identity (the metaserver decides, and audits).
 - **STOW-RS**: ``POST /dicomweb/studies``: the body is spooled to disk (bounded), split, and sent
   through the same de-identification and upload pipeline as ``dgf_up``.  De-identification
@@ -75,6 +76,12 @@ INSTANCE_CACHE_S = 30.0
 #: Frames of a native instance larger than this are read by range, not through the whole
 #: instance (which the instance cache holds for the smaller ones).
 RANGED_FRAMES_MIN = 32 * 1024 * 1024
+#: The box a thumbnail fits in when the request names no viewport (it keeps the frame's aspect,
+#: and is never larger than the frame), and the largest viewport a rendering is scaled to.
+THUMBNAIL = (128, 128)
+VIEWPORT_MAX = 4096
+#: Series whose middle instance a study's thumbnail tries before it gives up (some hold no pixels).
+THUMBNAIL_TRIES = 3
 COERCED = 0xB000                         # Warning: coercion of data elements (PS3.4 Annex B)
 FAILED_PROCESSING = 0x0110
 STUDY_MISMATCH = 0xA900                  # the instance's study is not the one in the URL
@@ -228,6 +235,25 @@ class Tokens:
 
 # --------------------------------------------------------------------------------------------
 # Requests: what they ask for
+
+
+def _viewport(text: str | None) -> tuple[int, int] | None:
+    """A ``viewport`` query parameter (PS3.18 8.3.5.1.3), width and height in pixels, each at
+    most VIEWPORT_MAX (None: the request gives none)."""
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) == 6:
+        raise HTTPProblem(400, "a viewport's source region (sx,sy,sw,sh) is not supported; give WIDTH,HEIGHT.")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        width, height = int(parts[0]), int(parts[1])
+    except ValueError as exc:
+        raise HTTPProblem(400, f"viewport is WIDTH,HEIGHT in whole pixels, not {text[:40]!r}.") from exc
+    if not (1 <= width <= VIEWPORT_MAX and 1 <= height <= VIEWPORT_MAX):
+        raise HTTPProblem(400, f"a viewport's width and height are 1 to {VIEWPORT_MAX} pixels.")
+    return width, height
 
 
 class HTTPProblem(Exception):
@@ -950,10 +976,58 @@ class Web:
         return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
 
     async def rendered(self, request: Any) -> Any:
+        client, path = await self._instance(request)
+        return await self._render(request, client, path, request.path_params.get("frame"), False)
+
+    async def thumbnail(self, request: Any) -> Any:
+        """A small rendering (THUMBNAIL, or ``viewport``) of an instance or frame, or of a series'
+        or a study's representative instance: the series' middle one, the study's first series
+        (by number) whose middle instance has pixel data; at most THUMBNAIL_TRIES are tried."""
+        p = request.path_params
+        if p.get("instance"):
+            client, path = await self._instance(request)
+            return await self._render(request, client, path, p.get("frames"), True)
+        client = self.client(self.session(request))
+        candidates = await self.call(self._representatives, client, p["study"], p.get("series"))
+        for n, path in enumerate(candidates):
+            try:
+                return await self._render(request, client, path, None, True)
+            except HTTPProblem as exc:
+                if exc.status != 404 or n == len(candidates) - 1:
+                    raise
+        raise HTTPProblem(404, "no instance to make a thumbnail of.")   # (paths() found some)
+
+    def _representatives(self, client: Client, study: str, series: str | None) -> list[str]:
+        """The instances a study's or a series' thumbnail is made of, in the order to try."""
+        keys = [dimse.Key("StudyInstanceUID", "UI", study), dimse.Key("SeriesNumber", "IS", "")]
+        if series:
+            keys.append(dimse.Key("SeriesInstanceUID", "UI", series))
+        found = dimse.find(client, "SERIES", keys, self.cfg.find_limit)
+        if not found:
+            what = f"series {series}" if series else f"study {study}"
+            raise HTTPProblem(404, f"{what} is not in the archive (or not visible to this token).")
+
+        def number(entity: dimse.Entity) -> tuple[int, str]:
+            text = str(entity.values.get("SeriesNumber", "")).strip()
+            return (int(text) if text.lstrip("-").isdigit() else 1 << 31, str(entity.values.get("SeriesInstanceUID")))
+
+        out = []
+        for entity in sorted(found.values(), key=number)[:THUMBNAIL_TRIES]:
+            paths = sorted(entity.paths)
+            out.append(paths[len(paths) // 2])
+        return out
+
+    async def _render(self, request: Any, client: Client, path: str, frame: str | None, thumbnail: bool) -> Any:
+        """Frame ``frame`` (a list: its first; None: the first) of the instance at ``path`` as
+        the client's accepted image type, scaled to the request's ``viewport``; a ``thumbnail``
+        without one fits in THUMBNAIL, never enlarged."""
         from starlette.responses import Response
 
-        frame = request.path_params.get("frame")
-        client, path = await self._instance(request)
+        viewport = _viewport(request.query_params.get("viewport"))
+        enlarge = viewport is not None or not thumbnail
+        if viewport is None and thumbnail:
+            viewport = THUMBNAIL
+        frame = frame.split(",", 1)[0] if frame else None
         ranged = await self.call(self.ranged, client, path)
         if ranged is not None:                        # the header and the one frame, by range
             index = self._frame_numbers(frame, ranged.count, True)[0] - 1 if frame else 0
@@ -980,7 +1054,7 @@ class Web:
             raise HTTPProblem(406, "rendered frames are image/jpeg or image/png.")
         quality = request.query_params.get("quality", "90")
         level = max(1, min(int(quality), 100)) if quality.isascii() and quality.isdigit() else 90
-        data = await self.call(pixels.render, ds, index, window, media, level)
+        data = await self.call(pixels.render, ds, index, window, media, level, viewport, enlarge)
         return Response(data, media_type=media)
 
     async def stow(self, request: Any) -> Any:
@@ -1176,6 +1250,11 @@ def create_app(web: Web) -> Any:
         Route(f"{d}/studies/{s}/series/{se}/instances/{i}/frames/{{frames}}", web.frames, methods=["GET"]),
         Route(f"{d}/studies/{s}/series/{se}/instances/{i}/rendered", web.rendered, methods=["GET"]),
         Route(f"{d}/studies/{s}/series/{se}/instances/{i}/frames/{{frame}}/rendered", web.rendered, methods=["GET"]),
+        Route(f"{d}/studies/{s}/thumbnail", web.thumbnail, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/thumbnail", web.thumbnail, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}/thumbnail", web.thumbnail, methods=["GET"]),
+        Route(f"{d}/studies/{s}/series/{se}/instances/{i}/frames/{{frames}}/thumbnail", web.thumbnail,
+              methods=["GET"]),
         Route("/login", web.login_form, methods=["GET"]),
         Route("/login", web.login, methods=["POST"]),
         Route("/app-config.js", web.app_config, methods=["GET"]),

@@ -280,6 +280,69 @@ def test_metadata_comes_from_the_headers_and_frames_from_the_pixels(web: WebNode
     assert "Traceback" not in web.log_path.read_text(errors="replace")
 
 
+def test_thumbnails_of_a_study_a_series_an_instance_and_a_frame(web: WebNode, tmp_path: Path) -> None:
+    """PS3.18 thumbnail resources: a study's or a series' is its representative instance's
+    rendering (a study whose first series holds no pixels goes on to the next), fitted in 128
+    pixels and never enlarged unless a viewport asks; an instance's keeps its aspect."""
+    from PIL import Image
+
+    def image(response: requests.Response, media: str = "image/jpeg") -> Image.Image:
+        assert response.status_code == 200 and response.headers["content-type"] == media, response.text
+        return Image.open(io.BytesIO(response.content))
+
+    out = tmp_path / "thumbs"
+    out.mkdir()
+    study = generate_uid()
+    ct = pydicom.dcmread(corpus.file("CT_small.dcm"))
+    plan = pydicom.dcmread(corpus.file("rtplan.dcm"))
+    plan.PatientID, plan.PatientName = ct.PatientID, ct.PatientName
+    for ds, number in ((plan, 1), (ct, 2)):               # the series without pixels comes first
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = number
+        ds.save_as(out / f"{number}.dcm")
+    with Client(web.fed.config("clinician")) as c:
+        assert not c.upload([out / "1.dcm", out / "2.dcm"], to="/thumbs").failed
+        rows = c.find("/DicomHeader", "/thumbs", show=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                       "Modality"])
+        frames10 = c.find("/DicomHeader[NumberOfFrames=10 and Rows=64]", "/",
+                          show=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+    ids = {r["values"]["Modality"]: [r["values"][k] for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                               "SOPInstanceUID")] for r in rows}
+    st, ct_se, ct_sop = ids["CT"]
+    _, plan_se, _ = ids["RTPLAN"]
+    base = "/dicomweb/studies"
+    rendered = web.get(f"{base}/{st}/series/{ct_se}/instances/{ct_sop}/rendered", Accept="image/png")
+    # The study's: past the plan's series, the CT's rendering (128 x 128 fits as it is).
+    thumb = web.get(f"{base}/{st}/thumbnail", Accept="image/png")
+    assert image(thumb, "image/png").size == (128, 128) and thumb.content == rendered.content
+    assert image(web.get(f"{base}/{st}/thumbnail")).mode == "L"                      # JPEG by default
+    assert image(web.get(f"{base}/{st}/series/{ct_se}/thumbnail?viewport=64,32")).size == (32, 32)
+    none = web.get(f"{base}/{st}/series/{plan_se}/thumbnail")
+    assert none.status_code == 404 and "no pixel data" in none.text
+    # An instance 256 wide and 1024 high keeps its aspect.
+    nm = _study_of(web, "NM")
+    [inst] = web.client("researcher").search_for_instances(_uid(nm, "0020000D"))
+    nm_path = f"{base}/{_uid(nm, '0020000D')}/series/{_uid(inst, '0020000E')}/instances/{_uid(inst, '00080018')}"
+    assert image(web.get(f"{nm_path}/thumbnail")).size == (32, 128)
+    # A frame's: 64 x 64 stays 64 x 64, the frame's own rendering; a viewport enlarges it.
+    [(fst, fse, fsop)] = {tuple(r["values"][k] for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+                          for r in frames10}
+    frame = f"{base}/{fst}/series/{fse}/instances/{fsop}/frames/3"
+    small = web.get(f"{frame}/thumbnail", Accept="image/png")
+    assert image(small, "image/png").size == (64, 64)
+    assert small.content == web.get(f"{frame}/rendered", Accept="image/png").content
+    assert small.content != web.get(f"{frame.replace('/3', '/1')}/thumbnail", Accept="image/png").content
+    assert image(web.get(f"{frame}/rendered?viewport=128,128")).size == (128, 128)
+    # Refused with a reason: viewports out of bounds or malformed, a type not rendered, no study.
+    for bad in ("0,10", "10,99999", "a,b", "1,2,3", "1,2,0,0,1,1"):
+        refused = web.get(f"{base}/{st}/thumbnail?viewport={bad}")
+        assert refused.status_code == 400 and "viewport" in refused.text, (bad, refused.text)
+    assert web.get(f"{base}/{st}/thumbnail", Accept="image/gif").status_code == 406
+    assert web.get(f"{base}/{generate_uid()}/thumbnail").status_code == 404
+    assert "Traceback" not in web.log_path.read_text(errors="replace")
+
+
 def test_identity_only_for_identified_tokens_of_principals_who_may_see_it(web: WebNode) -> None:
     ct = _study_of(web, "CT")
     st = _uid(ct, "0020000D")
