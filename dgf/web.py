@@ -40,6 +40,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -80,8 +81,13 @@ RANGED_FRAMES_MIN = 32 * 1024 * 1024
 #: and is never larger than the frame), and the largest viewport a rendering is scaled to.
 THUMBNAIL = (128, 128)
 VIEWPORT_MAX = 4096
-#: Series whose middle instance a study's thumbnail tries before it gives up (some hold no pixels).
+#: Series whose middle instance a study's thumbnail tries before it gives up (some hold no pixels);
+#: the files and series it looks at to choose (the first found, by inode), and its first page.
 THUMBNAIL_TRIES = 3
+THUMBNAIL_FILES = 100_000
+THUMBNAIL_SERIES = 64
+THUMBNAIL_PAGE = 1000
+UID = re.compile(r"[0-9.]{1,64}")
 COERCED = 0xB000                         # Warning: coercion of data elements (PS3.4 Annex B)
 FAILED_PROCESSING = 0x0110
 STUDY_MISMATCH = 0xA900                  # the instance's study is not the one in the URL
@@ -998,22 +1004,42 @@ class Web:
         raise HTTPProblem(404, "no instance to make a thumbnail of.")   # (paths() found some)
 
     def _representatives(self, client: Client, study: str, series: str | None) -> list[str]:
-        """The instances a study's or a series' thumbnail is made of, in the order to try."""
-        keys = [dimse.Key("StudyInstanceUID", "UI", study), dimse.Key("SeriesNumber", "IS", "")]
-        if series:
-            keys.append(dimse.Key("SeriesInstanceUID", "UI", series))
-        found = dimse.find(client, "SERIES", keys, self.cfg.find_limit)
-        if not found:
-            what = f"series {series}" if series else f"study {study}"
+        """The instances a study's or a series' thumbnail is made of, in the order to try: the
+        middle one (by path) of each series, the series by number.  From the index alone (the
+        files' paths and series), plus one header per series for its number: a study's
+        thumbnail no longer reads every header of the study."""
+        from dgf.dicom import xmlheader
+
+        what = f"series {series}" if series else f"study {study}"
+        if not all(UID.fullmatch(u) for u in (study, series) if u is not None):
+            raise HTTPProblem(404, f"{what[:80]} is not in the archive (not a UID).")
+        xpath = f"/DicomHeader[StudyInstanceUID='{study}']" + (f"[SeriesInstanceUID='{series}']" if series else "")
+        by_series: dict[str, list[str]] = {}
+        rows = client.find_iter(xpath, "/", page=THUMBNAIL_PAGE)
+        try:
+            for n, row in enumerate(rows):
+                if n >= THUMBNAIL_FILES:
+                    break
+                levels = row.get("levels")
+                uid = str(levels[2]) if isinstance(levels, list) and len(levels) == 3 else ""
+                by_series.setdefault(uid, []).append(str(row["path"]))
+        finally:
+            rows.close()
+        if not by_series:
             raise HTTPProblem(404, f"{what} is not in the archive (or not visible to this token).")
+        firsts = {uid: min(paths) for uid, paths in list(by_series.items())[:THUMBNAIL_SERIES]}
 
-        def number(entity: dimse.Entity) -> tuple[int, str]:
-            text = str(entity.values.get("SeriesNumber", "")).strip()
-            return (int(text) if text.lstrip("-").isdigit() else 1 << 31, str(entity.values.get("SeriesInstanceUID")))
+        def number(xml: bytes) -> int:
+            try:
+                text = (xmlheader.top_text(xml, "SeriesNumber") or "").strip()
+            except errors.DgfError:
+                return 1 << 31
+            return int(text) if text.lstrip("-").isdigit() else 1 << 31
 
+        numbers = dict(zip(firsts, map(number, client.getxattrs(list(firsts.values()), HEADER_XATTR))))
         out = []
-        for entity in sorted(found.values(), key=number)[:THUMBNAIL_TRIES]:
-            paths = sorted(entity.paths)
+        for uid in sorted(firsts, key=lambda u: (numbers[u], u))[:THUMBNAIL_TRIES]:
+            paths = sorted(by_series[uid])
             out.append(paths[len(paths) // 2])
         return out
 

@@ -340,6 +340,10 @@ def test_thumbnails_of_a_study_a_series_an_instance_and_a_frame(web: WebNode, tm
         assert refused.status_code == 400 and "viewport" in refused.text, (bad, refused.text)
     assert web.get(f"{base}/{st}/thumbnail", Accept="image/gif").status_code == 406
     assert web.get(f"{base}/{generate_uid()}/thumbnail").status_code == 404
+    # Not a pattern, nor XPath: a study's thumbnail is of the study the URL names, or none.
+    for study_part in ("*", "1.2*", "1'or'1", f"{st}' or '1'='1"):
+        assert web.get(f"{base}/{study_part}/thumbnail").status_code == 404, study_part
+    assert web.get(f"{base}/{st}/series/{_uid(inst, '0020000E')}/thumbnail").status_code == 404  # NM's series
     assert "Traceback" not in web.log_path.read_text(errors="replace")
 
 

@@ -326,6 +326,12 @@ def _root(xml: bytes) -> etree._Element:
     return root
 
 
+def top_text(xml: bytes, name: str) -> str | None:
+    """The text of the first top-level element ``name`` of an XML header (None: there is none)."""
+    node = _root(xml).find(name)
+    return None if node is None else node.text or ""
+
+
 def to_dataset(xml: bytes) -> tuple[Dataset, Dataset]:
     """(file meta, dataset) rebuilt from an XML header; bulk elements are absent."""
     full = _dataset(_root(xml), True)
