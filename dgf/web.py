@@ -87,7 +87,9 @@ THUMBNAIL_TRIES = 3
 THUMBNAIL_FILES = 100_000
 THUMBNAIL_SERIES = 64
 THUMBNAIL_PAGE = 1000
-UID = re.compile(r"[0-9.]{1,64}")
+#: A UID as a URL may name one: a quote would end the XPath literal it is written into, and a
+#: non-conformant UID (letters, a trailing space) is still someone's study.
+UID = re.compile(r"[^'\\\x00-\x1f]{1,64}")
 COERCED = 0xB000                         # Warning: coercion of data elements (PS3.4 Annex B)
 FAILED_PROCESSING = 0x0110
 STUDY_MISMATCH = 0xA900                  # the instance's study is not the one in the URL
@@ -1012,7 +1014,7 @@ class Web:
 
         what = f"series {series}" if series else f"study {study}"
         if not all(UID.fullmatch(u) for u in (study, series) if u is not None):
-            raise HTTPProblem(404, f"{what[:80]} is not in the archive (not a UID).")
+            raise HTTPProblem(404, f"{what[:80]!r} is not in the archive (not a UID).")
         xpath = f"/DicomHeader[StudyInstanceUID='{study}']" + (f"[SeriesInstanceUID='{series}']" if series else "")
         by_series: dict[str, list[str]] = {}
         rows = client.find_iter(xpath, "/", page=THUMBNAIL_PAGE)
