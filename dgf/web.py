@@ -994,7 +994,8 @@ class Web:
         p = request.path_params
         if p.get("instance"):
             client, path = await self._instance(request)
-            return await self._render(request, client, path, p.get("frames"), True)
+            frames = p.get("frames")               # a frame list's thumbnail is its first frame's
+            return await self._render(request, client, path, frames.split(",", 1)[0] if frames else None, True)
         client = self.client(self.session(request))
         candidates = await self.call(self._representatives, client, p["study"], p.get("series"))
         for n, path in enumerate(candidates):
@@ -1003,7 +1004,7 @@ class Web:
             except HTTPProblem as exc:
                 if exc.status != 404 or n == len(candidates) - 1:
                     raise
-        raise HTTPProblem(404, "no instance to make a thumbnail of.")   # (paths() found some)
+        raise HTTPProblem(404, "no instance to make a thumbnail of.")   # (_representatives names one at least)
 
     def _representatives(self, client: Client, study: str, series: str | None) -> list[str]:
         """The instances a study's or a series' thumbnail is made of, in the order to try: the
@@ -1046,16 +1047,15 @@ class Web:
         return out
 
     async def _render(self, request: Any, client: Client, path: str, frame: str | None, thumbnail: bool) -> Any:
-        """Frame ``frame`` (a list: its first; None: the first) of the instance at ``path`` as
-        the client's accepted image type, scaled to the request's ``viewport``; a ``thumbnail``
-        without one fits in THUMBNAIL, never enlarged."""
+        """Frame ``frame`` (None: the first) of the instance at ``path`` as the client's accepted
+        image type, scaled to the request's ``viewport``; a ``thumbnail`` without one fits in
+        THUMBNAIL, never enlarged."""
         from starlette.responses import Response
 
         viewport = _viewport(request.query_params.get("viewport"))
         enlarge = viewport is not None or not thumbnail
         if viewport is None and thumbnail:
             viewport = THUMBNAIL
-        frame = frame.split(",", 1)[0] if frame else None
         ranged = await self.call(self.ranged, client, path)
         if ranged is not None:                        # the header and the one frame, by range
             index = self._frame_numbers(frame, ranged.count, True)[0] - 1 if frame else 0

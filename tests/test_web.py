@@ -334,6 +334,9 @@ def test_thumbnails_of_a_study_a_series_an_instance_and_a_frame(web: WebNode, tm
     assert small.content == web.get(f"{frame}/rendered", Accept="image/png").content
     assert small.content != web.get(f"{frame.replace('/3', '/1')}/thumbnail", Accept="image/png").content
     assert image(web.get(f"{frame}/rendered?viewport=128,128")).size == (128, 128)
+    assert web.get(f"{frame},x/rendered").status_code == 400            # a rendered list is checked whole
+    assert image(web.get(f"{frame},1/thumbnail", Accept="image/png"), "image/png").tobytes() == \
+        Image.open(io.BytesIO(small.content)).tobytes()                 # a thumbnail's list: its first frame
     # Refused with a reason: viewports out of bounds or malformed, a type not rendered, no study.
     for bad in ("0,10", "10,99999", "a,b", "1,2,3", "1,2,0,0,1,1"):
         refused = web.get(f"{base}/{st}/thumbnail?viewport={bad}")
