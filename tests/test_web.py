@@ -837,6 +837,10 @@ def test_frames_of_a_large_instance_are_read_by_range(web: WebNode, tmp_path: Pa
     values = frame.reshape(512, 512) * float(head.RescaleSlope) + float(head.RescaleIntercept)
     want = np.clip((values - 2047.5) / 4095 + 0.5, 0, 1) * 255
     assert image.shape == (512, 512) and np.abs(image.astype(np.float64) - want).max() <= 1.0
+    # The series' thumbnail: its first frame, by range too, fitted in 128 x 128.
+    thumb = web.get(f"/dicomweb/studies/{st}/series/{se}/thumbnail", Accept="image/png")
+    assert thumb.status_code == 200, thumb.text
+    assert Image.open(io.BytesIO(thumb.content)).size == (128, 128)
     assert _memory(web.proc.pid, "VmHWM") - before < 48 * 1024 * 1024
     # Asked as stored (transfer-syntax=*), the same bytes; a frame past the end is still a 404.
     assert dw.retrieve_instance_frames(st, se, sop, [3], media_types=(("application/octet-stream", "*"),)) == \
