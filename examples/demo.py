@@ -78,6 +78,8 @@ def dicom_side(fed: local.Federation, tmp: Path, example: Path) -> None:
                      if "(0020,000d)" in line or "(0008,0061)" in line or "(0020,1208)" in line]
             for line in shown[:9]:
                 print("  " + line.strip())
+            if len(shown) > 9:
+                print(f"  ... ({len(shown) - 9} more lines)")
             if out.returncode != 0:
                 raise SystemExit(f"{cmd[0]} failed with exit status {out.returncode}")
             while any((fed.root / "dicom-spool" / "incoming").glob("*/*.dcm")):
