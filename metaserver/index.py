@@ -523,7 +523,8 @@ class SeriesSet:
     inos: list[int]             # its members
 
 
-def share(indexed: list[tuple[int, HeaderIndex]], existing: Mapping[str, tuple[int, AbstractSet[Row]]] | None = None
+def share(indexed: list[tuple[int, HeaderIndex]], existing: Mapping[str, tuple[int, AbstractSet[Row]]] | None = None,
+          siblings: Mapping[str, AbstractSet[Row]] | None = None
           ) -> tuple[list[tuple[int, Row]], list[SeriesSet], list[tuple[int, int]]]:
     """Split headers' rows into series sets and each header's own rows.
 
@@ -536,8 +537,15 @@ def share(indexed: list[tuple[int, HeaderIndex]], existing: Mapping[str, tuple[i
     all of that set's rows joins it, so a series written over many commits (one image per
     DIMSE association or STOW-RS request, or an upload whose batches interleave series) keeps
     its common rows once instead of once per commit or in every file.  The headers of a series
-    that cannot join, two or more, make a new set.  Returns the own rows, the new sets and the
-    (set id, ino) of each header that joins an existing set.
+    that cannot join, two or more, make a new set.
+
+    A series that arrives one header a commit (a copy into the mount, one instance per STOW-RS
+    request) would never have two headers in one commit.  So a header alone in its series makes
+    a set of the rows it shares with ``siblings`` (every row of a stored header of a series that
+    has no set yet), or with the series' set when it cannot join it but has three quarters of
+    its rows (a smaller set, which the next headers join: a value two images happened to share,
+    such as a time to the second, no longer keeps the rest of the series out of it).  Returns
+    the own rows, the new sets and the (set id, ino) of each header that joins an existing set.
     """
     groups: dict[str, list[tuple[int, HeaderIndex]]] = {}
     for ino, h in indexed:
@@ -565,6 +573,12 @@ def share(indexed: list[tuple[int, HeaderIndex]], existing: Mapping[str, tuple[i
                 group = rest
                 common = set(group[0][1].rows).intersection(*(h.rows for _, h in group[1:])) \
                     if len(group) > 1 else set()
+            if len(group) == 1:
+                common = set(group[0][1].rows).intersection(old[1])
+                if len(common) * 4 < len(old[1]) * 3:
+                    common = set()      # another kind of image (a localizer): the set stays
+        elif old is None and len(group) == 1 and siblings and series in siblings:
+            common = set(group[0][1].rows).intersection(siblings[series])
         if len(common) < SHARE_LEAST:
             own.extend((ino, row) for ino, h in group for row in h.rows)
             continue

@@ -3,6 +3,7 @@ catalogue of indexed paths, candidate scans for the query planner, and saved que
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from metaserver.sqlbase import SqlBase, join_path
 
 #: How long a query's estimates reuse their sample's bounds (HeaderIndexStore._sample_bounds).
 SAMPLE_BOUNDS_S = 2.0
+#: Files beside a header alone in its series looked at for one of that series (_siblings).
+SIBLINGS_TRIED = 8
 
 
 class HeaderIndexStore(SqlBase):
@@ -77,7 +80,10 @@ class HeaderIndexStore(SqlBase):
         ids = self._key_id_map(conn, set().union(*(h.keys for _, h in indexed)),
                                set().union(*(h.long_keys for _, h in indexed)),
                                set().union(*(h.multi_keys for _, h in indexed)))
-        own, shared, joined = index.share(indexed, self._stored_sets(conn, {h.series for _, h in indexed}))
+        existing = self._stored_sets(conn, {h.series for _, h in indexed})
+        count = collections.Counter(h.series for _, h in indexed)
+        lone = {ino: h.series for ino, h in indexed if h.series and count[h.series] == 1 and h.series not in existing}
+        own, shared, joined = index.share(indexed, existing, self._siblings(conn, lone) if lone else None)
         # The hot inserts (dozens of rows per header) skip SQLAlchemy's per-row processing.
         # Rows go in header by header, unsorted: sorting them by (key, text) cost ~0.4 us a row
         # and made SQLite's inserts no cheaper (the (ino, ...) index then took them at random).
@@ -135,15 +141,52 @@ class HeaderIndexStore(SqlBase):
                                                 shared_t.c.first, shared_t.c.item)
                                       .where(shared_t.c.set_id.in_(missing[i:i + 500]))):
                     stored[r[0]].append((r[1], r[2], r[3], bool(r[4]), r[5]))
-            paths = {v: k for k, v in self._key_ids.items()}
-            unknown = {k for got in stored.values() for k, *_ in got} - paths.keys()
-            if unknown:
-                paths.update({r.id: r.path for r in conn.execute(
-                    sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.id.in_(sorted(unknown))))})
+            paths = self._key_paths(conn, {k for got in stored.values() for k, *_ in got})
             loaded = {i: frozenset((paths[k], t, n, f, item) for k, t, n, f, item in got) for i, got in stored.items()}
             known.add(loaded)
             rows.update(loaded)
         return {s: (i, rows[i]) for s, i in latest.items()}
+
+    def _siblings(self, conn: Connection, lone: dict[int, str]) -> dict[str, frozenset[index.Row]]:
+        """Every index row of one stored header of each series of ``lone`` (a header of this
+        commit alone in its series, which has no set -> that series): a file of the same series
+        in the header's directory, where the archive's layout puts a series' files (the index
+        has no lookup by series; the namespace has one by directory).  Such a header's rows are
+        all its own: a series without a set has no members."""
+        inos = sorted(lone)
+        parents: dict[int, int] = {}
+        for i in range(0, len(inos), 500):
+            parents.update((r[0], r[1]) for r in conn.execute(
+                sa.select(inodes.c.id, inodes.c.parent).where(inodes.c.id.in_(inos[i:i + 500]))))
+        found: dict[str, int] = {}
+        for ino, series in lone.items():
+            if ino not in parents or series in found:
+                continue
+            near = list(conn.execute(sa.select(inodes.c.id).where(
+                inodes.c.parent == parents[ino], inodes.c.is_dir.is_(False), inodes.c.id != ino)
+                .limit(SIBLINGS_TRIED)).scalars())
+            same = conn.execute(sa.select(levels_t.c.ino).where(levels_t.c.ino.in_(near), levels_t.c.series == series)
+                                .limit(1)).scalar() if near else None
+            if same is not None:
+                found[series] = same
+        if not found:
+            return {}
+        stored: dict[int, list[tuple[int, str, float | None, bool, int]]] = {i: [] for i in found.values()}
+        for r in conn.execute(sa.select(own_t.c.ino, own_t.c.key, own_t.c.text, own_t.c.num, own_t.c.first,
+                                        own_t.c.item).where(own_t.c.ino.in_(sorted(stored)))):
+            stored[r[0]].append((r[1], r[2], r[3], bool(r[4]), r[5]))
+        paths = self._key_paths(conn, {k for got in stored.values() for k, *_ in got})
+        return {series: frozenset((paths[k], t, n, f, item) for k, t, n, f, item in stored[ino])
+                for series, ino in found.items()}
+
+    def _key_paths(self, conn: Connection, ids: set[int]) -> dict[int, str]:
+        """The catalogue's paths of key ``ids`` (those this process does not know, read)."""
+        paths = {v: k for k, v in self._key_ids.items()}
+        unknown = ids - paths.keys()
+        if unknown:
+            paths.update({r.id: r.path for r in conn.execute(
+                sa.select(keys_t.c.id, keys_t.c.path).where(keys_t.c.id.in_(sorted(unknown))))})
+        return paths
 
     def _key_id_map(self, conn: Connection, paths: set[str], long_paths: set[str],
                     multi_paths: set[str]) -> dict[str, int]:

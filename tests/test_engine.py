@@ -28,7 +28,7 @@ from metaserver.schema import dir_changes, inodes
 from metaserver.sql import SqlEngine
 from metaserver.sqlbase import Q_DIRS_VERSION
 from tests.pg import PostgresServer
-from tests.test_query import _index_rows
+from tests.test_query import _hdr, _index_rows
 
 
 def _key(name: str) -> str:
@@ -203,11 +203,12 @@ class EngineContract:
         finally:
             again.close()
 
-    def test_revision_0004_reads_rows_indexed_before_and_downgrades_to_them(self, engine: MetaEngine) -> None:
+    def test_revision_0004_reads_rows_indexed_before_and_downgrades_to_them(
+            self, engine: MetaEngine, monkeypatch: pytest.MonkeyPatch) -> None:
         import sqlalchemy as sa
         from alembic import command
 
-        from metaserver import query
+        from metaserver import query, sqlindex
 
         def hdr(i: int) -> bytes:
             return (f"<DicomHeader><SeriesInstanceUID>1.2</SeriesInstanceUID><Modality>CT</Modality>"
@@ -218,11 +219,14 @@ class EngineContract:
             q = query.prepare(expr, e.query_catalogue(), e.dialect, e.query_estimate)
             return sorted(r["path"] for r in query.run(e, q, "/", []))
 
-        # A file per commit (no set), as every file was indexed before 0004; then the tables and
+        # A file per commit, none in a set, as every file was indexed before 0004 (so a file
+        # alone in its commit does not look for another of its series); then the tables and
         # views of 0004 are taken away and the database marked 0003.
         assert isinstance(engine, SqlEngine)
-        for i in (1, 2):
-            engine.create_files([NewFile(f"/v/{i}", _key(str(i)), 1, "site-a", {"user.dgf.dicom": hdr(i)})])
+        with monkeypatch.context() as before_0004:
+            before_0004.setattr(sqlindex, "SIBLINGS_TRIED", 0)
+            for i in (1, 2):
+                engine.create_files([NewFile(f"/v/{i}", _key(str(i)), 1, "site-a", {"user.dgf.dicom": hdr(i)})])
         with engine.engine.begin() as conn:
             for view in ("hsample", "hindex"):
                 conn.execute(sa.text(f"DROP VIEW {view}"))
@@ -311,6 +315,47 @@ class EngineContract:
         assert found("/DicomHeader[KVP = 120]") == ["/j/3", "/j/4", "/j/5"]
         for i in (3, 4, 5):
             engine.unlink(f"/j/{i}")
+        assert _index_rows(engine) == {"hvalues": 5, "hshared": 0, "hmembers": 0, "hsets": 0}
+
+    def test_a_series_stored_one_file_a_commit_shares_its_rows_from_the_second_file(
+            self, engine: MetaEngine) -> None:
+        """As a copy into the mount or one instance per STOW-RS request store a series: the
+        second file makes a set of the rows it shares with the first (found beside it in its
+        directory), the next ones join it, and one that lacks a row of it but has the others
+        makes a smaller one that the series goes on in."""
+        from metaserver import query
+
+        def ct(i: int, time: str = "101500") -> bytes:
+            return (f"<DicomHeader><PatientID>P9</PatientID><StudyInstanceUID>9.1</StudyInstanceUID>"
+                    f"<SeriesInstanceUID>9.1.1</SeriesInstanceUID><Modality>CT</Modality><KVP>120</KVP>"
+                    f"<SliceThickness>1</SliceThickness><ContentTime>{time}</ContentTime>"
+                    f"<InstanceNumber>{i}</InstanceNumber></DicomHeader>").encode()
+
+        def found(expr: str) -> list[str]:
+            assert isinstance(engine, SqlEngine)
+            q = query.prepare(expr, engine.query_catalogue(), engine.dialect, engine.query_estimate)
+            return sorted(r["path"] for r in query.run(engine, q, "/", []))
+
+        assert isinstance(engine, SqlEngine)
+        # Beside the series in its directory: a file of another series (never its sibling).
+        engine.create_files([NewFile("/one/other", _key("o"), 1, "site-a", {"user.dgf.dicom": _hdr("MR", series="9.1.2")})])
+        for i in range(1, 4):
+            engine.create_files([NewFile(f"/one/{i}", _key(f"one{i}"), 1, "site-a", {"user.dgf.dicom": ct(i)})])
+        # Nine rows each (the root's among them), eight in common: the second file's set of
+        # eight, which the third joins; the first keeps its nine, the others one each.
+        assert _index_rows(engine) == {"hvalues": 5 + 9 + 1 + 1, "hshared": 8, "hmembers": 2, "hsets": 1}
+        # A later second: seven of the set's eight rows make a smaller set, which the next joins.
+        for i in (4, 5):
+            engine.create_files([NewFile(f"/one/{i}", _key(f"one{i}"), 1, "site-a",
+                                         {"user.dgf.dicom": ct(i, "101501")})])
+        assert _index_rows(engine) == {"hvalues": 5 + 9 + 1 + 1 + 2 + 2, "hshared": 8 + 7, "hmembers": 4,
+                                       "hsets": 2}
+        assert _index_matches_headers(engine)
+        assert found("/DicomHeader[SeriesInstanceUID='9.1.1' and KVP >= 100]") == [f"/one/{i}" for i in range(1, 6)]
+        assert found("/DicomHeader[ContentTime='101500' and InstanceNumber > 1]") == ["/one/2", "/one/3"]
+        assert found("/DicomHeader[SeriesInstanceUID='9.1.2']") == ["/one/other"]
+        for i in range(1, 6):
+            engine.unlink(f"/one/{i}")
         assert _index_rows(engine) == {"hvalues": 5, "hshared": 0, "hmembers": 0, "hsets": 0}
 
     def test_estimates_read_every_set_of_the_sample_when_its_last_file_joined_an_old_one(

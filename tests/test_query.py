@@ -281,9 +281,12 @@ def test_a_series_keeps_its_common_rows_once_and_they_leave_with_its_last_file(e
     engine.create_files([NewFile("/s/2", "8" * 64, 1, "s", {"user.dgf.dicom": ct(2, "80")})], replace=True)
     assert _paths(engine, "/DicomHeader[KVP = 120]") == ["/s/3"]
     assert _paths(engine, "/DicomHeader[KVP < 100 and InstanceNumber = 2]") == ["/s/2"]
-    assert _index_rows(engine)["hsets"] == 1           # /s/3 is still a member
+    # /s/3 is still a member of the first set; /s/2, alone in its commit and short of the set's
+    # kVp row but holding the other five, makes a set of those five, which keeps its two own rows.
+    assert _index_rows(engine) == {"hvalues": 1 + 2 + 5, "hshared": 6 + 5, "hmembers": 2, "hsets": 2}
     engine.unlink("/s/3")
-    assert _index_rows(engine) == {"hvalues": 7 + 5, "hshared": 0, "hmembers": 0, "hsets": 0}
+    assert _index_rows(engine) == {"hvalues": 2 + 5, "hshared": 5, "hmembers": 1, "hsets": 1}
+    assert _paths(engine, "/DicomHeader[KVP < 100 and Modality = 'CT' and PatientID = 'P1']") == ["/s/2"]
 
 
 def test_share_splits_rows_exactly() -> None:
@@ -304,6 +307,37 @@ def test_share_splits_rows_exactly() -> None:
         assert sorted(mine, key=repr) == sorted(h.rows, key=repr) and len(set(mine)) == len(mine)
     # The ImageType values differ in order, so in which of them is first: neither row is shared.
     assert ("/DicomHeader/ImageType", "A", None, True, 0) not in sets[0].rows
+
+
+def test_a_header_alone_in_its_series_shares_with_a_stored_one_or_a_smaller_set() -> None:
+    """share(): a lone header makes a set of what it has in common with a stored header of its
+    series (``siblings``), or with the series' set when it holds three quarters of it; less
+    (a localizer in an axial series) and it keeps its rows, the set staying as it is."""
+    from metaserver import index
+
+    def hdr(n: int, **changed: str) -> index.HeaderIndex:
+        values = {"SeriesInstanceUID": "5", "PatientID": "P", "StudyInstanceUID": "4", "Modality": "CT",
+                  "KVP": "120", "Rows": "512", "Columns": "512", "SliceThickness": "1",
+                  **changed, "InstanceNumber": str(n)}
+        return index.index_header(("<DicomHeader>" + "".join(f"<{k}>{v}</{k}>" for k, v in values.items())
+                                   + "</DicomHeader>").encode())
+
+    first, second = hdr(1), hdr(2)              # ten rows each, the root's among them
+    own, sets, joined = index.share([(2, second)], siblings={"5": frozenset(first.rows)})
+    assert joined == [] and [(s.inos, len(s.rows)) for s in sets] == [([2], 9)]
+    assert sorted(own) == sorted((2, r) for r in set(second.rows) - set(first.rows))
+    stored = {"5": (40, frozenset(sets[0].rows))}
+    # kVp 80: eight of the set's nine rows make a smaller set.
+    own, sets, joined = index.share([(3, hdr(3, KVP="80"))], stored)
+    assert joined == [] and [(s.inos, len(s.rows)) for s in sets] == [([3], 8)] and len(own) == 2
+    # A localizer: five of the nine (its kVp, rows, columns and thickness differ) is less than
+    # three quarters.
+    scout = hdr(4, KVP="100", Rows="256", Columns="256", SliceThickness="10")
+    own, sets, joined = index.share([(4, scout)], stored)
+    assert sets == [] and joined == [] and sorted(own) == sorted((4, r) for r in scout.rows)
+    # No stored header of its series to compare with: a lone header keeps its rows.
+    own, sets, _ = index.share([(5, hdr(5))], siblings={"6": frozenset(first.rows)})
+    assert sets == [] and len(own) == 10
 
 
 def test_long_values_sharing_a_prefix_index_once_and_match_exactly(engine: SqlEngine) -> None:
