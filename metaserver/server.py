@@ -196,6 +196,11 @@ class Principals:
                     log.warning("the principal list could not be refreshed: the database is busy")
             return self._by_fp
 
+    def listed(self) -> list[Principal] | None:
+        """Every enrolled principal as last read (None: never read, the database busy)."""
+        known = self._current()
+        return None if known is None else list(known.values())
+
     def lookup(self, fingerprint: str) -> Principal | None:
         known = self._current()
         if known is None:
@@ -339,6 +344,7 @@ class MetaService(wire.Service):
         self._scopes: dict[str, _Scope] = {}
         self._settings: dict[str, tuple[float, Any]] = {}
         self._asking: dict[str, float] = {}        # site -> when it last asked for copies to make
+        self._site_key_objects: dict[str, Any] = {}  # a site's public key line -> the key (_site_keys)
         self._started = time.monotonic()
         threading.Thread(target=self._expire_loop, daemon=True, name="dgf-cursors").start()
 
@@ -396,7 +402,8 @@ class MetaService(wire.Service):
         """(default copies, per-directory numbers) for showing a file's wanted copies; uploads
         read them fresh."""
         def make() -> tuple[int, dict[str, int]]:
-            takers = [st for st in self.engine.sites() if st.name not in self._draining()]
+            draining = self._draining()
+            takers = [st for st in self.engine.sites() if st.name not in draining]
             return placement.default_factor(len(takers)), self.engine.replication_overrides()
         return self._cached("replication", make)  # type: ignore[no-any-return]
 
@@ -588,6 +595,21 @@ class MetaService(wire.Service):
     @wire.verb("site.list")
     def site_list(self, p: Principal) -> wire.Reply:
         return wire.Reply({"sites": [s.to_wire() for s in self.engine.sites()], "draining": sorted(self._draining())})
+
+    def _site_keys(self, named: set[str]) -> dict[str, Any]:
+        """Each site's public key, for the receipts of a commit naming the sites ``named``: from
+        the principals as the server keeps them for sign-in (a removed site's receipts are
+        refused within PRINCIPALS_TTL_S, when its sessions end too), not every principal read
+        per commit; read afresh when a site named is not among them (enrolled just now)."""
+        listed = self.principals.listed() if self.principals is not None else None
+        if listed is None or not named <= {q.name for q in listed if q.role == "site"}:
+            listed = self.engine.principals()
+        sites = [q for q in listed if q.role == "site"]
+        with self._cursor_lock:
+            for q in sites:
+                if q.public_key not in self._site_key_objects:
+                    self._site_key_objects[q.public_key] = crypto.load_public(q.public_key)
+            return {q.name: self._site_key_objects[q.public_key] for q in sites}
 
     def _draining(self) -> set[str]:
         """Sites an admin is moving everything off: they serve reads but take no new copies."""
@@ -1137,10 +1159,11 @@ class MetaService(wire.Service):
             for n in xml_sizes:
                 headers.append(body[headers_at:headers_at + n])
                 headers_at += n
-        site_keys = {q.name: crypto.load_public(q.public_key)
-                     for q in self.engine.principals() if q.role == "site"}
+        named = {f["site"] for f in files} | {c["site"] for f in files for c in f.get("copies") or []}
+        site_keys = self._site_keys(named)
         known = self.engine.sites()
-        takers = [st for st in known if st.name not in self._draining()]
+        draining = self._draining()
+        takers = [st for st in known if st.name not in draining]
         untrusted = {st.name for st in known if st.untrusted}
         default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
         background = self._replication_mode() == "async"

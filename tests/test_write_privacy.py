@@ -178,6 +178,10 @@ def test_a_forged_header_is_refused_by_the_metaserver(hostile: local.Federation,
         # A size that moves the split between JSON and header: the JSON no longer parses.
         with pytest.raises(errors.UsageError, match="not a valid batch"):
             _commit(c, site, receipt, data, honest, "/hostile/forged.dcm", True, xml_sizes=[len(honest) + 3])
+        # A receipt said to be another principal's, or an unenrolled site's: no site key signs it.
+        for claimed in ("clinician", "site-z"):
+            with pytest.raises(errors.UsageError, match="unknown site"):
+                _commit(c, claimed, receipt, data, honest, "/hostile/forged.dcm", True)
         with pytest.raises(errors.NotFound):
             c.stat("/hostile/forged.dcm")
         _commit(c, site, receipt, data, honest, "/hostile/honest.dcm", True)        # the site's own
