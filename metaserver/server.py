@@ -1588,10 +1588,10 @@ class MetaService(wire.Service):
         return wire.Reply({})
 
     def _record_copy(self, p: Principal, key: str, site: str, receipt: str) -> None:
-        keyring = {q.name: q for q in self.engine.principals() if q.role == "site"}
-        if site not in keyring:
+        keys = self._site_keys({site})        # once per copy a site reports (site.replica.add)
+        if site not in keys:
             raise errors.NotFound(f"site {site!r} is not registered.")
-        claims = crypto.verify_token(crypto.load_public(keyring[site].public_key), receipt)
+        claims = crypto.verify_token(keys[site], receipt)
         blocks = self.engine.object_blocks([key]).get(key, b"")
         if (claims.get("t"), claims.get("site"), claims.get("key")) != ("receipt", site, key) or \
                 claims.get("bl", "") != (list_digest(blocks) if blocks else ""):
