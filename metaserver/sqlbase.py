@@ -135,6 +135,26 @@ class SetRows:
         self._rows += n
 
 
+class SeriesFiles:
+    """A committed file of each series this process indexed lately, series UID -> inode, for a
+    header alone in its commit to find one of its series (sqlindex._siblings) wherever the
+    series' files are.  A hint only, checked against the index where used (the file may be
+    gone).  Bounded: cleared when full."""
+
+    LIMIT = 65_536
+
+    def __init__(self) -> None:
+        self._files: dict[str, int] = {}
+
+    def get(self, series: str) -> int | None:
+        return self._files.get(series)
+
+    def add(self, files: dict[str, int]) -> None:
+        if len(self._files) + len(files) > self.LIMIT:
+            self._files = {}
+        self._files.update(files)
+
+
 def _quoted(columns: tuple[str, ...]) -> str:
     """Column names for a statement written by hand (_bulk, _bulk_returning)."""
     return ", ".join(f'"{c}"' for c in columns)
@@ -331,6 +351,7 @@ class SqlBase:
         self._key_ids: dict[str, int] = {}          # committed catalogue entries, path -> id
         self._multi: set[str] = set()                # committed paths flagged multi-valued
         self._set_rows = SetRows()                   # committed series sets' rows (sqlindex)
+        self._series_files = SeriesFiles()           # a recent file of each series (sqlindex)
         self._catalogue: tuple[int, Catalogue] | None = None
         self._dirs: dict[int, str] | None = None     # directory id -> path (_dir_paths, _learn_dirs)
         self._dirs_version: int | None = None        # the database's DIRS_VERSION it is at
@@ -495,6 +516,7 @@ class SqlBase:
                 self._key_ids.update(after.get("keys", {}))
                 self._multi.update(after.get("multi", ()))
                 self._set_rows.add(after.get("sets", {}))
+                self._series_files.add(after.get("series", {}))
                 if after.get("tree") and version is not None:
                     self._learn_dirs(after["tree"], version - 1, version)
                 return result

@@ -103,6 +103,8 @@ class HeaderIndexStore(SqlBase):
                 {sid: frozenset(s.rows) for s, sid in zip(shared, made)})
         if joined:
             self._bulk(conn, "hmembers", ("set_id", "ino"), joined)
+        conn.info.setdefault("dgf.after", {}).setdefault("series", {}).update(
+            {h.series: ino for ino, h in indexed if h.series})
         self._bulk(conn, levels_t.name, ("ino", "patient", "study", "series"),
                    [(ino, h.patient, h.study, h.series) for ino, h in indexed])
 
@@ -149,10 +151,11 @@ class HeaderIndexStore(SqlBase):
 
     def _siblings(self, conn: Connection, lone: dict[int, str]) -> dict[str, frozenset[index.Row]]:
         """Every index row of one stored header of each series of ``lone`` (a header of this
-        commit alone in its series, which has no set -> that series): a file of the same series
-        in the header's directory, where the archive's layout puts a series' files (the index
-        has no lookup by series; the namespace has one by directory).  Such a header's rows are
-        all its own: a series without a set has no members."""
+        commit alone in its series, which has no set -> that series): the file of the series
+        this process committed last, or else one beside the header in its directory, where
+        the archive's layout puts a series' files (the index has no lookup by series; the
+        namespace has one by directory).  Such a header's rows are all its own: a series
+        without a set has no members."""
         inos = sorted(lone)
         parents: dict[int, int] = {}
         for i in range(0, len(inos), 500):
@@ -162,9 +165,11 @@ class HeaderIndexStore(SqlBase):
         for ino, series in lone.items():
             if ino not in parents or series in found:
                 continue
-            near = list(conn.execute(sa.select(inodes.c.id).where(
+            recent = self._series_files.get(series)
+            near = [recent] if recent is not None and recent != ino else []
+            near += conn.execute(sa.select(inodes.c.id).where(
                 inodes.c.parent == parents[ino], inodes.c.is_dir.is_(False), inodes.c.id != ino)
-                .limit(SIBLINGS_TRIED)).scalars())
+                .limit(SIBLINGS_TRIED)).scalars()
             same = conn.execute(sa.select(levels_t.c.ino).where(levels_t.c.ino.in_(near), levels_t.c.series == series)
                                 .limit(1)).scalar() if near else None
             if same is not None:

@@ -225,6 +225,7 @@ class EngineContract:
         assert isinstance(engine, SqlEngine)
         with monkeypatch.context() as before_0004:
             before_0004.setattr(sqlindex, "SIBLINGS_TRIED", 0)
+            before_0004.setattr(sqlbase.SeriesFiles, "get", lambda self, series: None)
             for i in (1, 2):
                 engine.create_files([NewFile(f"/v/{i}", _key(str(i)), 1, "site-a", {"user.dgf.dicom": hdr(i)})])
         with engine.engine.begin() as conn:
@@ -357,6 +358,32 @@ class EngineContract:
         for i in range(1, 6):
             engine.unlink(f"/one/{i}")
         assert _index_rows(engine) == {"hvalues": 5, "hshared": 0, "hmembers": 0, "hsets": 0}
+
+    def test_a_series_spread_over_directories_one_file_a_commit_still_shares(self, engine: MetaEngine) -> None:
+        """A series whose files land in different directories (``dgf_up --to`` puts them in one
+        flat directory among other series' files) finds its earlier file through the process's
+        memory of the files it indexed; another process, without that memory and with no file
+        of the series beside the new one, keeps the new file's rows as they are."""
+        def ct(i: int) -> bytes:
+            return (f"<DicomHeader><SeriesInstanceUID>8.1</SeriesInstanceUID><Modality>CT</Modality>"
+                    f"<KVP>120</KVP><Rows>512</Rows><InstanceNumber>{i}</InstanceNumber></DicomHeader>").encode()
+
+        def commit(e: MetaEngine, i: int) -> None:
+            e.create_files([NewFile(f"/far/d{i}/{i}", _key(f"far{i}"), 1, "site-a", {"user.dgf.dicom": ct(i)})])
+
+        assert isinstance(engine, SqlEngine)
+        commit(engine, 1)
+        other = SqlEngine(engine.engine.url.render_as_string(hide_password=False))
+        try:
+            commit(other, 2)                  # knows no file of the series: all six rows its own
+            assert _index_rows(engine) == {"hvalues": 6 + 6, "hshared": 0, "hmembers": 0, "hsets": 0}
+            commit(engine, 3)                 # remembers file 1: their five rows in common, a set
+            assert _index_rows(engine) == {"hvalues": 6 + 6 + 1, "hshared": 5, "hmembers": 1, "hsets": 1}
+            commit(other, 4)                  # the set is in the index: it joins
+        finally:
+            other.close()
+        assert _index_rows(engine) == {"hvalues": 6 + 6 + 1 + 1, "hshared": 5, "hmembers": 2, "hsets": 1}
+        assert _index_matches_headers(engine)
 
     def test_estimates_read_every_set_of_the_sample_when_its_last_file_joined_an_old_one(
             self, engine: MetaEngine) -> None:
