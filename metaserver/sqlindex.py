@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,12 +23,14 @@ from metaserver.schema import (
     queries_t,
     xattrs,
 )
-from metaserver.sqlbase import SqlBase, join_path
+from metaserver.sqlbase import DirMade, SqlBase, join_path
 
 #: How long a query's estimates reuse their sample's bounds (HeaderIndexStore._sample_bounds).
 SAMPLE_BOUNDS_S = 2.0
-#: Files beside a header alone in its series looked at for one of that series (_siblings).
+#: Files beside a header alone in its series looked at for one of that series, and directories
+#: looked in per commit (_siblings).
 SIBLINGS_TRIED = 8
+SIBLING_DIRS = 64
 
 
 class HeaderIndexStore(SqlBase):
@@ -152,28 +154,27 @@ class HeaderIndexStore(SqlBase):
     def _siblings(self, conn: Connection, lone: dict[int, str]) -> dict[str, frozenset[index.Row]]:
         """Every index row of one stored header of each series of ``lone`` (a header of this
         commit alone in its series, which has no set -> that series): the file of the series
-        this process committed last, or else one beside the header in its directory, where
-        the archive's layout puts a series' files (the index has no lookup by series; the
-        namespace has one by directory).  Such a header's rows are all its own: a series
-        without a set has no members."""
-        inos = sorted(lone)
-        parents: dict[int, int] = {}
-        for i in range(0, len(inos), 500):
-            parents.update((r[0], r[1]) for r in conn.execute(
-                sa.select(inodes.c.id, inodes.c.parent).where(inodes.c.id.in_(inos[i:i + 500]))))
-        found: dict[str, int] = {}
-        for ino, series in lone.items():
-            if ino not in parents or series in found:
-                continue
-            recent = self._series_files.get(series)
-            near = [recent] if recent is not None and recent != ino else []
-            near += conn.execute(sa.select(inodes.c.id).where(
-                inodes.c.parent == parents[ino], inodes.c.is_dir.is_(False), inodes.c.id != ino)
-                .limit(SIBLINGS_TRIED)).scalars()
-            same = conn.execute(sa.select(levels_t.c.ino).where(levels_t.c.ino.in_(near), levels_t.c.series == series)
-                                .limit(1)).scalar() if near else None
-            if same is not None:
-                found[series] = same
+        this process indexed last, or else one beside the header in its directory, where the
+        archive's layout puts a series' files (the index has no lookup by series; the namespace
+        has one by directory).  Such a header's rows are all its own: a series without a set
+        has no members.  A few statements a commit, however many headers are alone: a
+        radiograph's series is one image, and each such commit has nothing to find."""
+        found = self._series_of(conn, {s: [i] for s in lone.values() if (i := self._series_files.get(s)) is not None})
+        rest = {ino: series for ino, series in lone.items() if series not in found}
+        if rest:
+            made = {c.ino for c in conn.info.get("dgf.after", {}).get("tree", ()) if isinstance(c, DirMade)}
+            inos = sorted(rest)
+            parents: dict[int, int] = {}
+            for i in range(0, len(inos), 500):
+                parents.update((r[0], r[1]) for r in conn.execute(
+                    sa.select(inodes.c.id, inodes.c.parent).where(inodes.c.id.in_(inos[i:i + 500]))))
+            near: dict[int, list[int]] = {}
+            # Directories made by this commit hold only its own files.
+            for parent in sorted(set(parents.values()) - made)[:SIBLING_DIRS]:
+                near[parent] = list(conn.execute(sa.select(inodes.c.id).where(
+                    inodes.c.parent == parent, inodes.c.is_dir.is_(False)).limit(SIBLINGS_TRIED)).scalars())
+            tried = {series: [i for i in near.get(parents.get(ino, -1), ()) if i != ino] for ino, series in rest.items()}
+            found.update(self._series_of(conn, tried))
         if not found:
             return {}
         stored: dict[int, list[tuple[int, str, float | None, bool, int]]] = {i: [] for i in found.values()}
@@ -183,6 +184,16 @@ class HeaderIndexStore(SqlBase):
         paths = self._key_paths(conn, {k for got in stored.values() for k, *_ in got})
         return {series: frozenset((paths[k], t, n, f, item) for k, t, n, f, item in stored[ino])
                 for series, ino in found.items()}
+
+    @staticmethod
+    def _series_of(conn: Connection, wanted: Mapping[str, Sequence[int]]) -> dict[str, int]:
+        """For each series, the first of its candidate files that the index has in that series."""
+        inos = sorted({i for c in wanted.values() for i in c})
+        of: dict[int, str] = {}
+        for i in range(0, len(inos), 500):
+            of.update((r[0], r[1]) for r in conn.execute(
+                sa.select(levels_t.c.ino, levels_t.c.series).where(levels_t.c.ino.in_(inos[i:i + 500]))))
+        return {s: found for s, c in wanted.items() if (found := next((i for i in c if of.get(i) == s), None)) is not None}
 
     def _key_paths(self, conn: Connection, ids: set[int]) -> dict[int, str]:
         """The catalogue's paths of key ``ids`` (those this process does not know, read)."""
