@@ -10,6 +10,7 @@ reader), the namespace, extended attributes, queries and administration live her
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -60,6 +61,13 @@ QUERY_LIMIT_S = 300.0
 #: Where in the config's cache a client opening links ahead keeps the sites it used, and how
 #: many of them the next one connects to before the metaserver names them.
 SITES_CACHE = "sites.json"
+#: Principal checks that matched, by metaserver, host key, client key and name (check_principal).
+PRINCIPAL_CACHE = "principal.json"
+#: How long a matched check stands for the next commands on their own connections: it warns of
+#: a config naming another principal than its key's (the key decides who acts), so a renamed
+#: enrolment is told within a day, and each command spares a round trip.
+PRINCIPAL_CHECK_S = 24 * 3600.0
+PRINCIPAL_CACHE_ENTRIES = 32
 AHEAD_SITES = 4
 #: Paths per ``xattr.get_many`` request (the metaserver's list_items is 10,000 by default).
 XATTRS_ASKED = 1000
@@ -208,13 +216,62 @@ class Client:
     def check_principal(self) -> str | None:
         """A sentence when the config's ``principal`` is not the name its key is enrolled
         under (the key decides who acts; a config saying otherwise misleads its reader)."""
-        # Through a connection master, as it learnt when it connected (a round trip less).
-        me = self.meta.conn.who or self.whoami()
+        # Through a connection master, as it learnt when it connected; on a connection of its
+        # own, as a check in the last PRINCIPAL_CHECK_S found it: a round trip less either way.
+        me, asked = self.meta.conn.who, None
+        if me is None and "_key" in vars(self):   # a connection of its own, which loaded the key
+            memo = self._principal_memo()
+            me = self._remembered_principal(memo)
+            if me is None:
+                me, asked = self.whoami(), memo
+        if me is None:
+            me = self.whoami()
         if me.get("name") == self.config.principal:
+            if asked is not None:
+                self._remember_principal(asked, me)
             return None
         return (f"config file {self.config.path} names principal {self.config.principal!r}, but its key "
                 f"{self.config.key} is enrolled as {me.get('name')!r} (role {me.get('role')}); "
                 f"acting as {me.get('name')!r}.")
+
+    def _principal_memo(self) -> str:
+        """What a remembered check is filed under: this metaserver, its host key, this client's
+        key and the name its config gives."""
+        from dgf import crypto
+
+        where = ",".join(f"{h}:{p}" for h, p in self.config.metaserver)
+        text = f"{where}\0{self.config.metaserver_host_key}\0{crypto.fingerprint(self._key)}\0{self.config.principal}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _principal_checks(self) -> dict[str, Any]:
+        try:
+            got = json.loads((self.config.cache_dir / PRINCIPAL_CACHE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return got if isinstance(got, dict) else {}
+
+    def _remembered_principal(self, memo: str) -> dict[str, str] | None:
+        entry = self._principal_checks().get(memo)
+        if not isinstance(entry, dict) or not isinstance(entry.get("at"), (int, float)) or \
+                not 0 <= time.time() - entry["at"] < PRINCIPAL_CHECK_S or entry.get("name") != self.config.principal:
+            return None
+        return {"name": str(entry["name"]), "role": str(entry.get("role", ""))}
+
+    def _remember_principal(self, memo: str, me: dict[str, str]) -> None:
+        """File a matched check (written whole, then renamed, readable by the user only)."""
+        checks = self._principal_checks()
+        checks[memo] = {"name": me.get("name"), "role": me.get("role"), "at": time.time()}
+        newest = sorted(checks.items(), key=lambda kv: -float(kv[1].get("at", 0)) if isinstance(kv[1], dict) else 0)
+        path = self.config.cache_dir / PRINCIPAL_CACHE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{PRINCIPAL_CACHE}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(dict(newest[:PRINCIPAL_CACHE_ENTRIES]), fh)
+            os.replace(tmp, path)
+        except OSError:
+            pass                             # a cache: the next command asks again
 
     def sites(self) -> list[Site]:
         sites = [Site.from_wire(s) for s in self.meta.call("site.list")[0]["sites"]]

@@ -136,6 +136,45 @@ def test_the_master_greets_with_the_principal_so_a_command_asks_one_thing_less(
             os.kill(pid, signal.SIGTERM)
 
 
+def test_a_command_on_its_own_connection_checks_its_principal_once_a_day(
+        federation: local.Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dgf_up and dgf_down keep their own connection, with no master to greet them: a check of
+    the config's principal that matched is remembered (a round trip less for the next ones);
+    one that did not is asked again every time, so its warning always comes."""
+    from dgf import client as client_module
+
+    src = ClientConfig.load(federation.config("researcher"))
+
+    def conf(name: str, principal: str) -> Path:
+        path = tmp_path / name
+        write_section(path, "dgf", {"principal": principal, "key": str(src.key),
+                                    "metaserver": "{}:{}".format(*src.metaserver[0]),
+                                    "metaserver_host_key": src.metaserver_host_key, "timeout": "10",
+                                    "cache_dir": str(tmp_path / "cache")})
+        return path
+
+    def asked(path: Path) -> tuple[list[str], str | None]:
+        with Client(path) as c:
+            assert isinstance(c.meta.conn, ssh.Connection)
+            with metaserver_calls(c) as calls:
+                warning = c.check_principal()
+            return calls, warning
+
+    right, wrong = conf("right.conf", "researcher"), conf("wrong.conf", "clinician")
+    assert asked(right) == (["whoami"], None)
+    assert asked(right) == ([], None)                      # remembered
+    assert oct((tmp_path / "cache" / "principal.json").stat().st_mode & 0o777) == oct(0o600)
+    for _ in range(2):
+        calls, warning = asked(wrong)
+        assert calls == ["whoami"] and warning is not None and "enrolled as 'researcher'" in warning
+    monkeypatch.setattr(client_module, "PRINCIPAL_CHECK_S", 0.0)
+    assert asked(right) == (["whoami"], None)              # a day later: asked again
+    (tmp_path / "cache" / "principal.json").write_text("{not json")
+    monkeypatch.setattr(client_module, "PRINCIPAL_CHECK_S", 3600.0)
+    assert asked(right) == (["whoami"], None)              # an unreadable cache: asked
+    assert asked(right) == ([], None)
+
+
 def test_sharing_off_or_unsafe_directory_means_every_command_connects_itself(
         federation: local.Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     off = ClientConfig.load(_fed_config(federation, "researcher", tmp_path, persist=0))
