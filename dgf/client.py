@@ -61,6 +61,8 @@ QUERY_LIMIT_S = 300.0
 #: Where in the config's cache a client opening links ahead keeps the sites it used, and how
 #: many of them the next one connects to before the metaserver names them.
 SITES_CACHE = "sites.json"
+#: The archive's de-identification options as the last client learnt them, by archive.
+OPTIONS_CACHE = "deid-options.json"
 #: Principal checks that matched, by metaserver, host key, client key and name (check_principal).
 PRINCIPAL_CACHE = "principal.json"
 #: How long a matched check stands for the next commands on their own connections: it warns of
@@ -77,6 +79,20 @@ def _close_unused(pending: Future[SiteLink]) -> None:
     """Close a link opened ahead that no one took (one that failed to open has nothing to close)."""
     if not pending.cancelled() and pending.exception() is None:
         pending.result().close()
+
+
+def _write_private(path: Path, value: object) -> None:
+    """A cache file of the client's (JSON), written whole, then renamed, readable by the user
+    only; not written at all when it cannot be (a cache: the next command does without)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(value, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 class Client:
@@ -105,6 +121,9 @@ class Client:
         #: What the caller asked for; the archive's policy decides (see upload_options).
         self.requested = options
         self._archive_options: Options | None = None
+        self._archive_names: list[str] | None = None
+        #: The options in use are the archive's as it said them (not only remembered).
+        self.options_confirmed = False
         self._sharing: Sharing | None = None
         if shared:
             from dgf.mux import Sharing
@@ -163,23 +182,72 @@ class Client:
         return Downloads(self)
 
     def upload_options(self) -> Options:
-        """The archive's de-identification options (set by an admin, fetched once), with this
-        client's per-upload burned-in acknowledgement.  Asking for other options is refused:
-        they are the archive's policy, not each uploader's."""
+        """The archive's de-identification options (set by an admin), with this client's
+        per-upload burned-in acknowledgement.  Asking for other options is refused: they are
+        the archive's policy, not each uploader's.  Fetched once, or taken from what the last
+        client of this archive learnt (``cache_dir``): every batch's ``up.prepare`` names the
+        archive's options, and a batch analysed with others is done again
+        (:meth:`archive_options_are`)."""
+        if self._archive_options is not None:
+            return self._archive_options
+        names = self._remembered_options()
+        if names is not None:
+            try:
+                return self._learn_options(names)
+            except errors.UsageError:
+                pass                         # perhaps changed since: the archive says
+        names = list(self.meta.call("deid.options")[0]["options"])
+        self._remember_options(names)
+        self.options_confirmed = True
+        return self._learn_options(names)
+
+    def archive_options_are(self, names: list[str]) -> bool:
+        """Whether this client de-identifies with the archive's options ``names`` (as a batch's
+        ``up.prepare`` names them); when not, it learns them for what follows."""
+        self.options_confirmed = True
+        if self._archive_names is not None and sorted(self._archive_names) == sorted(names):
+            return True
+        self._learn_options(names)
+        self._remember_options(names)
+        return False
+
+    def _learn_options(self, names: list[str]) -> Options:
         from dgf.dicom.profile import Options
 
-        if self._archive_options is None:
-            names = list(self.meta.call("deid.options")[0]["options"])
-            wanted = self.requested
-            archive = Options.archive(names, allow_burned_in=bool(wanted and wanted.allow_burned_in),
-                                      allow_truncated=bool(wanted and wanted.allow_truncated))
-            if wanted is not None and wanted.enabled() != archive.enabled() and wanted != Options(
-                    allow_burned_in=wanted.allow_burned_in, allow_truncated=wanted.allow_truncated):
-                raise errors.UsageError(
-                    f"de-identification options are set per archive ({', '.join(names) or 'basic profile only'}); "
-                    "an admin changes them with 'dgf admin deid set'.")
-            self._archive_options = archive
-        return self._archive_options
+        wanted = self.requested
+        archive = Options.archive(names, allow_burned_in=bool(wanted and wanted.allow_burned_in),
+                                  allow_truncated=bool(wanted and wanted.allow_truncated))
+        if wanted is not None and wanted.enabled() != archive.enabled() and wanted != Options(
+                allow_burned_in=wanted.allow_burned_in, allow_truncated=wanted.allow_truncated):
+            raise errors.UsageError(
+                f"de-identification options are set per archive ({', '.join(names) or 'basic profile only'}); "
+                "an admin changes them with 'dgf admin deid set'.")
+        self._archive_options, self._archive_names = archive, list(names)
+        return archive
+
+    def _archive_memo(self) -> str:
+        """What is remembered of this archive is filed under: its metaserver and host key."""
+        where = ",".join(f"{h}:{p}" for h, p in self.config.metaserver)
+        return hashlib.sha256(f"{where}\0{self.config.metaserver_host_key}".encode()).hexdigest()[:32]
+
+    def _remembered_options(self) -> list[str] | None:
+        try:
+            got = json.loads((self.config.cache_dir / OPTIONS_CACHE).read_text()).get(self._archive_memo())
+        except (OSError, ValueError, AttributeError):
+            return None
+        return [str(n) for n in got] if isinstance(got, list) else None
+
+    def _remember_options(self, names: list[str]) -> None:
+        try:
+            known = json.loads((self.config.cache_dir / OPTIONS_CACHE).read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        if known.get(self._archive_memo()) == names:
+            return
+        known[self._archive_memo()] = names
+        _write_private(self.config.cache_dir / OPTIONS_CACHE, dict(list(known.items())[-PRINCIPAL_CACHE_ENTRIES:]))
 
     def close(self) -> None:
         connected = self.meta.conn.alive
@@ -239,8 +307,7 @@ class Client:
         key and the name its config gives."""
         from dgf import crypto
 
-        where = ",".join(f"{h}:{p}" for h, p in self.config.metaserver)
-        text = f"{where}\0{self.config.metaserver_host_key}\0{crypto.fingerprint(self._key)}\0{self.config.principal}"
+        text = f"{self._archive_memo()}\0{crypto.fingerprint(self._key)}\0{self.config.principal}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def _principal_checks(self) -> dict[str, Any]:
@@ -262,16 +329,7 @@ class Client:
         checks = self._principal_checks()
         checks[memo] = {"name": me.get("name"), "role": me.get("role"), "at": time.time()}
         newest = sorted(checks.items(), key=lambda kv: -float(kv[1].get("at", 0)) if isinstance(kv[1], dict) else 0)
-        path = self.config.cache_dir / PRINCIPAL_CACHE
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{PRINCIPAL_CACHE}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(dict(newest[:PRINCIPAL_CACHE_ENTRIES]), fh)
-            os.replace(tmp, path)
-        except OSError:
-            pass                             # a cache: the next command asks again
+        _write_private(self.config.cache_dir / PRINCIPAL_CACHE, dict(newest[:PRINCIPAL_CACHE_ENTRIES]))
 
     def sites(self) -> list[Site]:
         sites = [Site.from_wire(s) for s in self.meta.call("site.list")[0]["sites"]]
@@ -347,18 +405,8 @@ class Client:
             self._ahead[site.name] = (site, pending)
 
     def _remember_sites(self, sites: list[Site]) -> None:
-        """Keep ``sites`` for the next client's links ahead (written whole, then renamed,
-        readable by the user only)."""
-        path = self.config.cache_dir / SITES_CACHE
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{SITES_CACHE}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump([s.to_wire() for s in sites], fh)
-            os.replace(tmp, path)
-        except OSError:
-            pass                             # a cache: the next command connects when named
+        """Keep ``sites`` for the next client's links ahead."""
+        _write_private(self.config.cache_dir / SITES_CACHE, [s.to_wire() for s in sites])
 
     def _drop_link(self, name: str, why: errors.DgfError | None = None) -> None:
         """Forget the link to a site after a failure; a transport failure (the site died or

@@ -271,20 +271,30 @@ class Uploads:
     def _prepare(self, items: list[tuple[str, bytes | None]], to: str | None, site: str | None,
                  report: UploadReport, fixed_path: bool = False,
                  pool: pipeline.Workers | None = None, options: Options | None = None,
-                 spread: bool = False) -> tuple[list[_Prepared], dict[str, str]]:
+                 spread: bool = False, again: bool = False) -> tuple[list[_Prepared], dict[str, str]]:
         """Analyze, fetch the batch's pseudonyms in one round trip, de-identify, build XML.
 
         Files go to ``site``, or to a site chosen by their series (``spread``: by instance, so
-        one series lands on every site)."""
+        one series lands on every site).  A batch analysed with other options than those its
+        ``up.prepare`` names as the archive's (changed by an admin since this client learnt
+        them) is analysed again with those, once."""
+        given = options is not None
         options = options or self.client.upload_options()
         needs = [n for part in self._map(pool, "analyze", items, options) for n in part]
         ok = [n for n in needs if n.error is None]
-        report.failed.extend(Failure.of(n.name, n.error) for n in needs if n.error is not None)
         if not ok:
+            report.failed.extend(Failure.of(n.name, n.error) for n in needs if n.error is not None)
             return [], {}
         uids = sorted(set().union(*(n.uids for n in ok)))
         patients = sorted({n.patient_key for n in ok})
         prep, _ = self.client.meta.call("up.prepare", uids=uids, patients=patients)
+        names = prep.get("options")
+        if names is None and not self.client.options_confirmed:
+            names = self.client.meta.call("deid.options")[0]["options"]   # a metaserver before 2026-12-05
+        if isinstance(names, list) and not self.client.archive_options_are([str(n) for n in names]) \
+                and not given and not again:
+            return self._prepare(items, to, site, report, fixed_path, pool, None, spread, again=True)
+        report.failed.extend(Failure.of(n.name, n.error) for n in needs if n.error is not None)
         known = [Site.from_wire(s) for s in prep["sites"]]
         sites = sorted(s.name for s in known)
         zones = {s.name: s.zone for s in known}

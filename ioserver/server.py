@@ -40,6 +40,8 @@ KEY_REFRESH_S = 2.0
 REGISTER_RETRY_S = 2.0
 #: Seconds the archive's de-identification profile is trusted before it is asked for again.
 PROFILE_REFRESH_S = 30.0
+#: An object the profile refuses has it asked for again, at most this often (ArchiveProfile).
+PROFILE_RECHECK_S = 0.25
 #: Objects per fsck.adopt request: each reply carries their XML headers.
 ADOPT_BATCH = 32
 
@@ -143,11 +145,14 @@ class ArchiveProfile:
         self._read = 0.0
         self._lock = threading.Lock()
 
-    def get(self) -> Any:
+    def get(self, again: bool = False) -> Any:
+        """The profile; ``again``: asked afresh, unless it was read within PROFILE_RECHECK_S
+        (an object it refuses may have been de-identified under options an admin set since)."""
         from dgf.dicom.profile import stored_profile
 
         with self._lock:
-            if self._profile is None or time.monotonic() - self._read > PROFILE_REFRESH_S:
+            age = time.monotonic() - self._read
+            if self._profile is None or age > PROFILE_REFRESH_S or (again and age > PROFILE_RECHECK_S):
                 try:
                     names = sorted(self._fetch())
                     if names != self._names:
@@ -232,7 +237,16 @@ class IoService(wire.Service):
         try:
             part = raw.parse_part10(data)  # type: ignore[arg-type]
             if self.profile is not None:
-                validate.check(part, self.profile.get(), what)
+                known = self.profile.get()
+                try:
+                    validate.check(part, known, what)
+                except errors.PolicyRefused:
+                    # Options an admin changed since this site last asked: checked under the
+                    # archive's profile as it is now (asked at most once a PROFILE_RECHECK_S).
+                    now = self.profile.get(again=True)
+                    if now is known:
+                        raise
+                    validate.check(part, now, what)
             return header_xml(part) if derive else b""
         except errors.InvalidDicom as exc:
             raise errors.PolicyRefused(f"{what} is not a DICOM file this archive stores ({exc.message}).") from exc

@@ -1004,6 +1004,9 @@ class MetaService(wire.Service):
             "replication": {"default": placement.default_factor(len(sites)),
                             "overrides": self.engine.replication_overrides(),
                             "mode": self._replication_mode()},
+            # The archive's de-identification options: a client that analysed the batch with
+            # others (remembered, or learnt before an admin changed them) does it again.
+            "options": self._deid_names(),
         })
 
     def _charge_pseudonyms(self, p: Principal, n: int) -> None:
