@@ -61,6 +61,7 @@ QUERY_LIMIT_S = 300.0
 #: Where in the config's cache a client opening links ahead keeps the sites it used, and how
 #: many of them the next one connects to before the metaserver names them.
 SITES_CACHE = "sites.json"
+AHEAD_SITES = 4
 #: The archive's de-identification options as the last client learnt them, by archive.
 OPTIONS_CACHE = "deid-options.json"
 #: Principal checks that matched, by metaserver, host key, client key and name (check_principal).
@@ -69,8 +70,8 @@ PRINCIPAL_CACHE = "principal.json"
 #: a config naming another principal than its key's (the key decides who acts), so a renamed
 #: enrolment is told within a day, and each command spares a round trip.
 PRINCIPAL_CHECK_S = 24 * 3600.0
-PRINCIPAL_CACHE_ENTRIES = 32
-AHEAD_SITES = 4
+#: Entries a cache file of the client keeps (by archive, or by archive and key).
+CACHE_ENTRIES = 32
 #: Paths per ``xattr.get_many`` request (the metaserver's list_items is 10,000 by default).
 XATTRS_ASKED = 1000
 
@@ -247,7 +248,7 @@ class Client:
         if known.get(self._archive_memo()) == names:
             return
         known[self._archive_memo()] = names
-        _write_private(self.config.cache_dir / OPTIONS_CACHE, dict(list(known.items())[-PRINCIPAL_CACHE_ENTRIES:]))
+        _write_private(self.config.cache_dir / OPTIONS_CACHE, dict(list(known.items())[-CACHE_ENTRIES:]))
 
     def close(self) -> None:
         connected = self.meta.conn.alive
@@ -329,7 +330,7 @@ class Client:
         checks = self._principal_checks()
         checks[memo] = {"name": me.get("name"), "role": me.get("role"), "at": time.time()}
         newest = sorted(checks.items(), key=lambda kv: -float(kv[1].get("at", 0)) if isinstance(kv[1], dict) else 0)
-        _write_private(self.config.cache_dir / PRINCIPAL_CACHE, dict(newest[:PRINCIPAL_CACHE_ENTRIES]))
+        _write_private(self.config.cache_dir / PRINCIPAL_CACHE, dict(newest[:CACHE_ENTRIES]))
 
     def sites(self) -> list[Site]:
         sites = [Site.from_wire(s) for s in self.meta.call("site.list")[0]["sites"]]
