@@ -136,23 +136,27 @@ class KeyRing:
 
 class ArchiveProfile:
     """The archive's de-identification profile as the metaserver states it, refreshed every
-    PROFILE_REFRESH_S; the last one known stands while the metaserver is away."""
+    PROFILE_REFRESH_S; the last one known stands while the metaserver is away (asked again at
+    most once a PROFILE_RECHECK_S meanwhile, so that checks do not each wait on it)."""
 
     def __init__(self, fetch: Callable[[], list[str]]) -> None:
         self._fetch = fetch
         self._profile: Any = None
         self._names: list[str] | None = None
         self._read = 0.0
+        self._tried = 0.0
         self._lock = threading.Lock()
 
     def get(self, again: bool = False) -> Any:
-        """The profile; ``again``: asked afresh, unless it was read within PROFILE_RECHECK_S
+        """The profile; ``again``: asked afresh, unless it was asked for within PROFILE_RECHECK_S
         (an object it refuses may have been de-identified under options an admin set since)."""
         from dgf.dicom.profile import stored_profile
 
         with self._lock:
-            age = time.monotonic() - self._read
-            if self._profile is None or age > PROFILE_REFRESH_S or (again and age > PROFILE_RECHECK_S):
+            now = time.monotonic()
+            due = now - self._read > PROFILE_REFRESH_S or again
+            if self._profile is None or (due and now - self._tried > PROFILE_RECHECK_S):
+                self._tried = now
                 try:
                     names = sorted(self._fetch())
                     if names != self._names:

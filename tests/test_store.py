@@ -166,3 +166,37 @@ def test_a_new_store_is_flat_and_an_old_one_keeps_its_two_levels(tmp_path: Path)
         assert b"".join(chunks) == blobs[7]
     assert object_path(old_root, _key(blobs[0])) == old_root / "objects" / _key(blobs[0])[:2] / \
         _key(blobs[0])[2:4] / _key(blobs[0])
+
+
+def test_a_site_asks_for_the_profile_again_at_most_once_a_recheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site's profile: asked again for an object it refuses (options an admin changed), but
+    not more than once a PROFILE_RECHECK_S, and while the metaserver is away the last one
+    stands without every check waiting on it.  (The metaserver is a function here: what is
+    counted is how often the site asks.)"""
+    from ioserver import server
+
+    answers: list[list[str] | None] = [[]]
+    asked: list[int] = []
+
+    def fetch() -> list[str]:
+        asked.append(1)
+        now = answers[-1]
+        if now is None:
+            raise errors.TransportError("the metaserver is away.")
+        return now
+
+    profile = server.ArchiveProfile(fetch)
+    first = profile.get()
+    assert profile.get(again=True) is first and len(asked) == 1       # asked for just now
+    monkeypatch.setattr(server, "PROFILE_RECHECK_S", 0.0)
+    answers.append(["retain_safe_private"])
+    changed = profile.get(again=True)
+    assert changed is not first and len(asked) == 2
+    assert profile.get() is changed and len(asked) == 2               # not due: PROFILE_REFRESH_S
+    # The metaserver away and the profile due: asked once a recheck at most, the last one stands.
+    answers.append(None)
+    monkeypatch.setattr(server, "PROFILE_REFRESH_S", 0.0)
+    assert profile.get() is changed and len(asked) == 3
+    monkeypatch.setattr(server, "PROFILE_RECHECK_S", 60.0)
+    assert all(profile.get() is changed and profile.get(again=True) is changed for _ in range(20))
+    assert len(asked) == 3
