@@ -51,13 +51,14 @@ def _federation(root: Path, code: Path | None) -> local.Federation:
             os.environ["PYTHONPATH"] = saved
 
 
-def _rows_per_file(root: Path) -> float | None:
+def _rows_per_file(root: Path, tables: tuple[str, ...] = ("hvalues", "hshared")) -> float | None:
+    """Index rows per indexed file in ``tables`` of the federation at ``root`` (None: none yet)."""
     db = root / "metadata.db"
     if not db.exists():
         return None
     with sqlite3.connect(db) as conn:
-        files = conn.execute("SELECT count(*) FROM hlevels").fetchone()[0]
-        rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("hvalues", "hshared"))
+        files = int(conn.execute("SELECT count(*) FROM hlevels").fetchone()[0])
+        rows = sum(int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables)
     return round(rows / files, 1) if files else None
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import measure  # noqa: E402
-from bench.ab_upload import _federation  # noqa: E402
+from bench.ab_upload import _federation, _rows_per_file  # noqa: E402
 from dgf import local  # noqa: E402
 from dgf.client import Client  # noqa: E402
 
@@ -58,13 +57,6 @@ def _corpus(out: Path, files: int, series: int, round_: int) -> list[Path]:
         ds.save_as(path)
         paths.append(path)
     return paths
-
-
-def _rows_per_file(root: Path) -> float:
-    with sqlite3.connect(root / "metadata.db") as conn:
-        files = int(conn.execute("SELECT count(*) FROM hlevels").fetchone()[0])
-        rows = sum(int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in ("hvalues", "hshared", "hmembers"))
-    return round(rows / files, 1)
 
 
 def main() -> None:
@@ -102,7 +94,8 @@ def main() -> None:
             **{side: {"metaserver CPU ms per file": round(statistics.median(cpu[side]), 2),
                       "wall ms per file": round(statistics.median(wall[side]), 2),
                       "every round's metaserver CPU ms per file": [round(c, 2) for c in cpu[side]],
-                      "index rows per file": _rows_per_file(feds[side].root)} for side in feds},
+                      "index rows per file": _rows_per_file(feds[side].root, ("hvalues", "hshared", "hmembers"))}
+               for side in feds},
         }, indent=1))
     finally:
         for fed in feds.values():
