@@ -82,6 +82,15 @@ def _close_unused(pending: Future[SiteLink]) -> None:
         pending.result().close()
 
 
+def _read_private(path: Path) -> dict[str, Any]:
+    """A cache file of the client's holding a JSON object ({} when missing or unreadable)."""
+    try:
+        got = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def _write_private(path: Path, value: object) -> None:
     """A cache file of the client's (JSON), written whole, then renamed, readable by the user
     only; not written at all when it cannot be (a cache: the next command does without)."""
@@ -232,19 +241,11 @@ class Client:
         return hashlib.sha256(f"{where}\0{self.config.metaserver_host_key}".encode()).hexdigest()[:32]
 
     def _remembered_options(self) -> list[str] | None:
-        try:
-            got = json.loads((self.config.cache_dir / OPTIONS_CACHE).read_text()).get(self._archive_memo())
-        except (OSError, ValueError, AttributeError):
-            return None
+        got = _read_private(self.config.cache_dir / OPTIONS_CACHE).get(self._archive_memo())
         return [str(n) for n in got] if isinstance(got, list) else None
 
     def _remember_options(self, names: list[str]) -> None:
-        try:
-            known = json.loads((self.config.cache_dir / OPTIONS_CACHE).read_text())
-        except (OSError, ValueError):
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
+        known = _read_private(self.config.cache_dir / OPTIONS_CACHE)
         if known.get(self._archive_memo()) == names:
             return
         known[self._archive_memo()] = names
@@ -311,15 +312,8 @@ class Client:
         text = f"{self._archive_memo()}\0{crypto.fingerprint(self._key)}\0{self.config.principal}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def _principal_checks(self) -> dict[str, Any]:
-        try:
-            got = json.loads((self.config.cache_dir / PRINCIPAL_CACHE).read_text())
-        except (OSError, ValueError):
-            return {}
-        return got if isinstance(got, dict) else {}
-
     def _remembered_principal(self, memo: str) -> dict[str, str] | None:
-        entry = self._principal_checks().get(memo)
+        entry = _read_private(self.config.cache_dir / PRINCIPAL_CACHE).get(memo)
         if not isinstance(entry, dict) or not isinstance(entry.get("at"), (int, float)) or \
                 not 0 <= time.time() - entry["at"] < PRINCIPAL_CHECK_S or entry.get("name") != self.config.principal:
             return None
@@ -327,7 +321,7 @@ class Client:
 
     def _remember_principal(self, memo: str, me: dict[str, str]) -> None:
         """File a matched check (written whole, then renamed, readable by the user only)."""
-        checks = self._principal_checks()
+        checks = _read_private(self.config.cache_dir / PRINCIPAL_CACHE)
         checks[memo] = {"name": me.get("name"), "role": me.get("role"), "at": time.time()}
         newest = sorted(checks.items(), key=lambda kv: -float(kv[1].get("at", 0)) if isinstance(kv[1], dict) else 0)
         _write_private(self.config.cache_dir / PRINCIPAL_CACHE, dict(newest[:CACHE_ENTRIES]))
