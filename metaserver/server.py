@@ -183,6 +183,7 @@ class Principals:
         self._engine = engine
         self._ttl = ttl
         self._by_fp: dict[str, Principal] | None = None
+        self._sites: list[Principal] = []         # the role "site" among them, picked once a read
         self._read = 0.0
         self._lock = threading.Lock()
 
@@ -191,15 +192,16 @@ class Principals:
             if self._by_fp is None or time.monotonic() - self._read > self._ttl:
                 try:
                     self._by_fp = {q.fingerprint: q for q in self._engine.principals()}
+                    self._sites = [q for q in self._by_fp.values() if q.role == "site"]
                     self._read = time.monotonic()
                 except errors.Busy:
                     log.warning("the principal list could not be refreshed: the database is busy")
             return self._by_fp
 
-    def listed(self) -> list[Principal] | None:
-        """Every enrolled principal as last read (None: never read, the database busy)."""
-        known = self._current()
-        return None if known is None else list(known.values())
+    def sites(self) -> list[Principal] | None:
+        """The enrolled sites as last read (None: never read, the database busy): what a commit
+        checks its receipts against, without going through every principal."""
+        return None if self._current() is None else self._sites
 
     def lookup(self, fingerprint: str) -> Principal | None:
         known = self._current()
@@ -601,10 +603,9 @@ class MetaService(wire.Service):
         the principals as the server keeps them for sign-in (a removed site's receipts are
         refused within PRINCIPALS_TTL_S, when its sessions end too), not every principal read
         per commit; read afresh when a site named is not among them (enrolled just now)."""
-        listed = self.principals.listed() if self.principals is not None else None
-        if listed is None or not named <= {q.name for q in listed if q.role == "site"}:
-            listed = self.engine.principals()
-        sites = [q for q in listed if q.role == "site"]
+        sites = self.principals.sites() if self.principals is not None else None
+        if sites is None or not named <= {q.name for q in sites}:
+            sites = [q for q in self.engine.principals() if q.role == "site"]
         with self._cursor_lock:
             for q in sites:
                 if q.public_key not in self._site_key_objects:
