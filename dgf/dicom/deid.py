@@ -378,8 +378,11 @@ def _encode_element(tag: int, vr: str, value: bytes, enc: Encoding) -> bytes:
     return _header(tag, vr, len(value), enc) + value
 
 
+@lru_cache(maxsize=4096)
 def _shift_date(text: str, days: int) -> str | None:
-    """Shift a DA value (or the date part of a DT value) by whole days; None if unparseable."""
+    """Shift a DA value (or the date part of a DT value) by whole days; None if unparseable.
+    Remembered: a file holds the same date several times (study, series, acquisition, content)
+    and a series repeats them (~3 us each, ~8 a CT header)."""
     digits = text.replace(".", "") if len(text) == 10 and text[4] == "." else text
     if len(digits) < 8 or not digits[:8].isdigit():
         return None
