@@ -284,6 +284,79 @@ def _consistent(part: raw.Part10) -> None:
     check(part.dataset, part.meta_end, size)
 
 
+class _Forgetful(dict):  # type: ignore[type-arg]
+    """In place of ``raw._KNOWN_HEADS``: every parse starts from headers it never finds."""
+
+    class _Blank(dict):  # type: ignore[type-arg]
+        def get(self, key: object, default: object = None) -> None:
+            return None
+
+    def setdefault(self, key: object, default: object = None) -> dict:  # type: ignore[type-arg]
+        return self._Blank()
+
+
+def _spans(elems: list[raw.Elem]) -> list[tuple[Any, ...]]:
+    return [(e.tag, e.vr, e.start, e.vstart, e.length, e.end, e.implicit_items,
+             None if e.items is None else [(i.start, i.vstart, i.length, i.end, _spans(i.elems)) for i in e.items])
+            for e in elems]
+
+
+def _parse_both(data: bytes) -> tuple[object, object]:
+    """The parse of ``data`` with the headers seen before, and without: spans and warnings,
+    or the refusal's words."""
+    def outcome() -> object:
+        try:
+            part = raw.parse_part10(data)
+        except errors.InvalidDicom as exc:
+            return str(exc)
+        return _spans(part.meta), _spans(part.dataset), part.warnings, part.truncated
+
+    remembered = outcome()
+    saved = raw._KNOWN_HEADS
+    raw._KNOWN_HEADS = _Forgetful()
+    try:
+        return remembered, outcome()
+    finally:
+        raw._KNOWN_HEADS = saved
+
+
+def test_remembered_headers_change_no_parse() -> None:
+    """A header seen in an earlier file stands for its unpacking and checks: a file cut inside
+    an element, padded with zeros, or overrunning a sequence item is still read, or refused,
+    word for word as without it."""
+    original = corpus.file("CT_small.dcm").read_bytes()
+    raw.parse_part10(original)                                  # its headers are remembered
+    part = raw.parse_part10(original)
+    cuts = [e.vstart + 1 for e in part.dataset[::7] if e.length not in (0, raw.UNDEFINED)]
+    cases = [original, original + b"\0" * 16, *(original[:cut] for cut in cuts)]
+    item_elems = [e for e in part.dataset if e.items]
+    for sq in item_elems:                                       # an element longer than its item
+        first = sq.items[0].elems[0] if sq.items and sq.items[0].elems else None
+        if first is not None and first.vstart == first.start + 8:
+            grown = bytearray(original)
+            struct.pack_into("<H", grown, first.start + 6, first.length + 2 + sq.items[0].end - first.end)
+            cases.append(bytes(grown))
+    # Implicit VR: eight zero bytes are an empty (0000,0000) inside a dataset, padding at its end.
+    meta = b"\0" * 128 + b"DICM" + _element(0x00020010, "UI", b"1.2.840.10008.1.2\0")
+    modality = struct.pack("<HHI", 0x0008, 0x0060, 2) + b"OT"
+    cases += [meta + modality + b"\0" * 8 + struct.pack("<HHI", 0x0010, 0x0020, 4) + b"P-64",
+              meta + modality + b"\0" * 16]
+    assert len(cases) > 10
+    for case in cases:
+        remembered, fresh = _parse_both(case)
+        assert remembered == fresh
+    assert isinstance(_parse_both(original[:cuts[0]])[0], str)  # the cut is refused, not misread
+
+
+def test_remembered_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(raw, "KNOWN_HEADS_MAX", 8)
+    monkeypatch.setattr(raw, "_KNOWN_HEADS", {})
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        remembered, fresh = _parse_both(corpus.file(name).read_bytes())
+        assert remembered == fresh
+        assert all(len(known) <= 8 for known in raw._KNOWN_HEADS.values())
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_dataset(), data=st.data())
 def test_walker_fuzz_parses_consistently_or_refuses(body: bytes, data: st.DataObject) -> None:
@@ -303,6 +376,8 @@ def test_walker_fuzz_parses_consistently_or_refuses(body: bytes, data: st.DataOb
             blob[at:at + 4] = b"\xff\xff\xff\xff"
         elif at < len(blob):
             blob[at] = data.draw(st.integers(0, 255))
+    remembered, fresh = _parse_both(bytes(blob))
+    assert remembered == fresh                             # headers seen before change nothing
     try:
         mutated = raw.parse_part10(bytes(blob))
     except errors.InvalidDicom as exc:
