@@ -357,6 +357,86 @@ def test_remembered_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None
         assert all(len(known) <= 8 for known in raw._KNOWN_HEADS.values())
 
 
+def _xml_both(data: bytes) -> tuple[object, object]:
+    """The XML header of ``data`` with the elements' XML seen before, and without (or the
+    refusal's words)."""
+    def outcome() -> object:
+        try:
+            return xmlheader.header_xml(data)
+        except errors.DgfError as exc:
+            return str(exc)
+
+    remembered = outcome()
+    saved = xmlheader._FRAGMENTS
+    xmlheader._FRAGMENTS = _Forgetful()
+    try:
+        return remembered, outcome()
+    finally:
+        xmlheader._FRAGMENTS = saved
+
+
+def test_remembered_element_xml_changes_no_header() -> None:
+    """An element's XML kept from an earlier file stands for its reading only where nothing else
+    could change it: across the whole corpus (character sets, implicit VR, big endian, private
+    blocks, sequences), each header reads the same with every other file's elements remembered."""
+    files = [p.read_bytes() for p in corpus.readable_files()]
+    assert len(files) > 50
+    for data in files:
+        _xml_both(data)                                          # remember every file's elements
+    compared = 0
+    for data in files:
+        remembered, fresh = _xml_both(data)
+        assert remembered == fresh
+        compared += isinstance(fresh, bytes)
+    assert compared > 50
+    assert sum(len(kept) for kept in xmlheader._FRAGMENTS.values()) > 100
+
+
+def test_remembered_element_xml_keeps_to_its_pixel_representation() -> None:
+    """In an implicit VR file, (0028,0106) Smallest Image Pixel Value is US or SS as (0028,0103)
+    Pixel Representation says: the same element bytes read 65535 in one file and -1 in the next."""
+    meta = b"\0" * 128 + b"DICM" + _element(0x00020010, "UI", b"1.2.840.10008.1.2\0")
+
+    def implicit(rep: int) -> bytes:
+        return (meta + struct.pack("<HHIH", 0x0028, 0x0103, 2, rep)
+                + struct.pack("<HHI", 0x0028, 0x0106, 2) + b"\xff\xff")
+
+    unsigned = xmlheader.header_xml(implicit(0)).decode()
+    signed = xmlheader.header_xml(implicit(1)).decode()
+    assert 'vr="US">65535<' in unsigned and 'vr="SS">-1<' in signed
+    assert xmlheader.header_xml(implicit(0)).decode() == unsigned
+
+
+def _explicit(transfer_syntax: bytes, body: bytes) -> bytes:
+    return b"\0" * 128 + b"DICM" + _element(0x00020010, "UI", transfer_syntax) + body
+
+
+def test_remembered_element_xml_keeps_to_its_encoding_and_character_set() -> None:
+    """The same bytes are (0010,1010) in little endian and (1000,1010) in big endian; and the
+    UTF-8 bytes of "Müller" read so under ISO_IR 192, as "MÃ¼ller" under ISO_IR 100."""
+    age = b"\x10\x00\x10\x10AS\x00\x00"                  # an empty element: its length reads 0 both ways
+    little = xmlheader.header_xml(_explicit(b"1.2.840.10008.1.2.1\0", age)).decode()
+    big = xmlheader.header_xml(_explicit(b"1.2.840.10008.1.2.2\0", age)).decode()
+    assert '<PatientAge tag="00101010"' in little and '<UnknownElement tag="10001010"' in big
+
+    def described(charset: bytes) -> str:
+        return xmlheader.header_xml(_explicit(b"1.2.840.10008.1.2.1\0", _element(0x00080005, "CS", charset)
+                                              + _element(0x00081030, "LO", b"M\xc3\xbcller"))).decode()
+
+    assert ">M\u00fcller<" in described(b"ISO_IR 192")
+    assert ">M\u00c3\u00bcller<" in described(b"ISO_IR 100")
+    assert ">M\u00fcller<" in described(b"ISO_IR 192")
+
+
+def test_remembered_element_xml_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xmlheader, "FRAGMENTS_MAX", 8)
+    monkeypatch.setattr(xmlheader, "_FRAGMENTS", {})
+    for name in ("CT_small.dcm", "MR_small_bigendian.dcm", "rtplan.dcm", "J2K_pixelrep_mismatch.dcm"):
+        remembered, fresh = _xml_both(corpus.file(name).read_bytes())
+        assert remembered == fresh
+        assert all(len(kept) <= 8 for kept in xmlheader._FRAGMENTS.values())
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_dataset(), data=st.data())
 def test_walker_fuzz_parses_consistently_or_refuses(body: bytes, data: st.DataObject) -> None:
@@ -378,6 +458,8 @@ def test_walker_fuzz_parses_consistently_or_refuses(body: bytes, data: st.DataOb
             blob[at] = data.draw(st.integers(0, 255))
     remembered, fresh = _parse_both(bytes(blob))
     assert remembered == fresh                             # headers seen before change nothing
+    remembered, fresh = _xml_both(bytes(blob))
+    assert remembered == fresh                             # so does elements' XML seen before
     try:
         mutated = raw.parse_part10(bytes(blob))
     except errors.InvalidDicom as exc:

@@ -84,7 +84,16 @@ def _attrs(attrs: dict[str, str]) -> str:
 
 _TEXT_VRS = frozenset(raw.VALID_VRS - {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
 _HEADS: dict[tuple[int, str], tuple[str, str, str]] = {}
-_FRAGMENTS: dict[tuple[int, str, str, bool, bytes], str] = {}
+#: The XML of short elements seen before, by the element's bytes (header and value), per
+#: encoding and Pixel Representation (the two other things its reading depends on).  Elements
+#: repeat across the files of a series (Manufacturer, KVP, Rows, ...), so one slice and one
+#: lookup stand for the element's reading.  Kept only for public elements that are not
+#: sequences, nor Specific Character Set itself, nor text the character set reads (a value of
+#: a _CHARSET_VRS VR that is not ASCII, or holds ISO 2022 escapes).  Bounded: emptied when full
+#: (a few MB at most).
+_FRAGMENTS: dict[tuple[Encoding, int], dict[bytes, str]] = {}
+FRAGMENT_VALUE_MAX = 64
+FRAGMENTS_MAX = 20_000
 
 
 class _Builder:
@@ -112,8 +121,19 @@ class _Builder:
         rep = next((e for e in elems if e.tag == PIXEL_REPRESENTATION), None)
         if rep is not None:
             pixel_rep = self._u16(rep, raw.IMPLICIT if rep.vr == "UN" else enc)
+        data = self.data
+        # A memoryview's slices are not always hashable: such a buffer takes the long way.
+        spans = data if not isinstance(data, memoryview) else None
+        fragments = _FRAGMENTS.setdefault((enc, pixel_rep), {})
+        longest = FRAGMENT_VALUE_MAX + 12       # the value and the longest element header
         for e in elems:
             tag = e.tag
+            if spans is not None and e.end - e.start <= longest and e.items is None and not tag & 0x10000 \
+                    and tag != 0x00080005:
+                fragment = fragments.get(spans[e.start:e.end])
+                if fragment is not None:
+                    out.append(fragment)
+                    continue
             g, el = tag >> 16, tag & 0xFFFF
             if tag == 0x00080005:
                 self.charsets = [v.strip() for v in raw.text_value(self.data, e).split("\\")]
@@ -139,25 +159,16 @@ class _Builder:
                     name = keyword(tag)
                     cached = _HEADS[key] = (name, f'<{name} tag="{tag:08X}" vr="{vr}"', f"</{name}>")
                 name, head, close = cached
-                value = bytes(self.data[e.vstart:e.value_end])
-                # Elements repeat across the files of a series (Manufacturer, KVP, ...): their
-                # XML is kept by (tag, VR, encoding, value) while the value is short, ASCII and
-                # without ISO 2022 escapes (so the character set cannot change its reading).
-                memo = len(value) <= 64 and value.isascii() and b"\x1b" not in value
-                if memo:
-                    key2 = (tag, vr, e.vr, enc.little, value)
-                    fragment = _FRAGMENTS.get(key2)
-                    if fragment is not None:
-                        out.append(fragment)
-                        continue
+                value = bytes(data[e.vstart:e.value_end])
                 attrs: dict[str, str] = {}
                 values = self.values(e, vr, enc, attrs, value)
                 start = len(out)
                 self._write(head + _attrs(attrs) if attrs else head, close, values)
-                if memo:
-                    if len(_FRAGMENTS) >= 20_000:  # a few MB at most
-                        _FRAGMENTS.clear()
-                    _FRAGMENTS[key2] = "".join(out[start:])
+                if spans is not None and not g & 1 and tag != 0x00080005 and len(value) <= FRAGMENT_VALUE_MAX \
+                        and (vr not in _CHARSET_VRS or value.isascii() and b"\x1b" not in value):
+                    if len(fragments) >= FRAGMENTS_MAX:
+                        fragments.clear()
+                    fragments[spans[e.start:e.end]] = "".join(out[start:])
                 continue
             attrs = {"tag": f"{tag:08X}", "vr": vr}
             if creator is not None:
