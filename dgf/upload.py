@@ -272,6 +272,20 @@ class Uploads:
                  report: UploadReport, fixed_path: bool = False,
                  pool: pipeline.Workers | None = None, options: Options | None = None,
                  spread: bool = False, again: bool = False) -> tuple[list[_Prepared], dict[str, str]]:
+        """:meth:`_prepare_batch`; the plans its first step kept in this thread are closed
+        even when the batch ends between the steps (a refused ``up.prepare``, a lost link), so a
+        long-lived uploader's thread keeps no descriptor of a file it gave up."""
+        try:
+            return self._prepare_batch(items, to, site, report, fixed_path, pool, options, spread, again)
+        finally:
+            from dgf.dicom import pipeline
+
+            pipeline.drop_plans()
+
+    def _prepare_batch(self, items: list[tuple[str, bytes | None]], to: str | None, site: str | None,
+                       report: UploadReport, fixed_path: bool, pool: pipeline.Workers | None,
+                       options: Options | None, spread: bool,
+                       again: bool) -> tuple[list[_Prepared], dict[str, str]]:
         """Analyze, fetch the batch's pseudonyms in one round trip, de-identify, build XML.
 
         Files go to ``site``, or to a site chosen by their series (``spread``: by instance, so

@@ -806,6 +806,45 @@ def test_pixel_data_cut_short_is_refused_unless_acknowledged() -> None:
     assert identity.reidentify(kept.data, kept.identity) == cut
 
 
+def test_a_threads_kept_plans_are_its_own(tmp_path: Path) -> None:
+    """Uploads run side by side in one process (the mount's writers, STOW-RS requests): the
+    plans one thread's first step keeps for its second are neither closed nor replaced by
+    another thread's first step, nor dropped by its second.  Each thread holds a streamed file
+    (a memory map and a descriptor), and a file of the same name as the other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dgf.dicom import pipeline
+
+    options = Options(allow_burned_in=True)
+    sources = {"a": "CT_small.dcm", "b": "MR_small.dcm"}
+    items: dict[str, list[tuple[str, bytes | None]]] = {}
+    for who, name in sources.items():
+        big = tmp_path / f"{who}-big.dcm"
+        big.write_bytes(corpus.file(name).read_bytes())
+        corpus.pad(big, (deid.STREAM_MIN >> 20) + 1)
+        items[who] = [("same.dcm", corpus.file(name).read_bytes()), (str(big), None)]
+    fds = len(list(Path("/proc/self/fd").iterdir()))
+    threads = {who: ThreadPoolExecutor(max_workers=1) for who in sources}
+    try:
+        needs = {who: threads[who].submit(pipeline.analyze_items, items[who], options).result()
+                 for who in sources}       # a's first step, then b's
+        for who in sources:
+            Path(items[who][1][0]).unlink()    # a plan not kept would have to read it again
+        for who in sources:
+            assert all(n.error is None for n in needs[who]), needs[who]
+            uids = {u: KEYS.pseudo_uid(u) for n in needs[who] for u in n.uids}
+            patients = {n.patient_key: (KEYS.pseudo_patient(n.patient_key), KEYS.date_offset_days(n.patient_key))
+                        for n in needs[who]}
+            out = threads[who].submit(pipeline.deidentify_items, items[who], options, uids, patients).result()
+            assert [d.error for d in out] == [None, None], out
+            original = pydicom.dcmread(corpus.file(sources[who])).SOPInstanceUID
+            assert [d.sop_uid for d in out] == [uids[original]] * 2, who
+    finally:
+        for pool in threads.values():
+            pool.shutdown()
+    assert len(list(Path("/proc/self/fd").iterdir())) == fds      # every plan's descriptor closed
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "SC_rgb_small_odd_big_endian.dcm", "J2K_pixelrep_mismatch.dcm"])
 def test_derived_files_take_their_sources_identity(name: str) -> None:
     """A file computed from de-identified data (a reconstruction) re-identified with its

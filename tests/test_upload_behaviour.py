@@ -230,3 +230,23 @@ def test_commits_run_one_at_a_time_in_batch_order(federation: local.Federation, 
     assert report.paths == placed
     for i, body in enumerate(order):
         assert all(p.encode() in body for p in placed[3 * i:3 * i + 3])
+
+
+def test_a_batch_refused_between_its_steps_keeps_no_file_open(federation: local.Federation,
+                                                              tmp_path: Path) -> None:
+    """A long-lived uploader (the mount, the gateway) whose batch ends between de-identification's
+    two steps (here ``up.prepare`` refused to a researcher) keeps no plan of it, nor the
+    descriptor a large file's plan holds."""
+    from dgf import errors
+    from dgf.dicom import pipeline
+
+    big = tmp_path / "big.dcm"
+    big.write_bytes(corpus.file("CT_small.dcm").read_bytes())
+    corpus.pad(big, (deid.STREAM_MIN >> 20) + 1)
+    with Client(federation.config("researcher")) as c:
+        c.meta.call("whoami")                           # the links are up before counting
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(errors.PermissionDenied):
+            c.upload([big], to="/refused")
+        assert pipeline._KEPT.plans == {}
+        assert len(os.listdir("/proc/self/fd")) == fds

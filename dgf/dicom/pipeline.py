@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,23 +108,36 @@ class SealedStream(Deidentified):
         yield from self.envelope.seal(super().pieces(chunk))
 
 
-#: Plans from step 1 kept for step 2 in the same process (a worker sees the same files in both
-#: steps), so each file is parsed once.  Step 2 drops them.
-_PLANS: dict[str, deid.DeidPlan] = {}
+class _Kept(threading.local):
+    """Plans from step 1 kept for step 2 in the same process (a worker sees the same files in
+    both steps), so each file is parsed once; step 2 drops them.  Per thread: uploads run side by
+    side in one process (the mount's writers, STOW-RS requests, the DICOM gateway), and one
+    thread's step 1 must neither close another's plans (a memory-mapped file's descriptor,
+    maybe in use) nor hand it a plan of the same name."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, deid.DeidPlan] = {}
+
+
+_KEPT = _Kept()
 SPOOL_MIN = 128 * 1024
 
 
-def _drop_plans() -> None:
-    for plan in _PLANS.values():
+def drop_plans() -> None:
+    """Close the plans this thread's step 1 kept and step 2 did not use (a batch given up
+    between the steps)."""
+    plans = _KEPT.plans
+    for plan in plans.values():
         plan.close()            # memory-mapped files hold a descriptor
-    _PLANS.clear()
+    plans.clear()
 
 
 def analyze_items(items: list[tuple[str, bytes | None]], options: Options) -> list[Needs]:
     """Step 1.  An item's data None means: read the file at ``name`` here (so a worker reads its
     files itself instead of receiving them through a pipe)."""
     out = []
-    _drop_plans()
+    drop_plans()
+    plans = _KEPT.plans
     for name, data in items:
         try:
             plan = deid.analyze_file(name, _profile(options)) if data is None else \
@@ -131,7 +145,7 @@ def analyze_items(items: list[tuple[str, bytes | None]], options: Options) -> li
         except errors.DgfError as exc:
             out.append(Needs(name, error=Problem.of(exc)))
             continue
-        _PLANS[name] = plan
+        plans[name] = plan
         out.append(Needs(name, frozenset(plan.uids), plan.patient_key))
     return out
 
@@ -155,8 +169,9 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
     there and returned by name, which costs two copies instead of four through a pipe."""
     prof = _profile(options)
     out = []
+    plans = _KEPT.plans
     for name, data in items:
-        plan = _PLANS.pop(name, None)
+        plan = plans.pop(name, None)
         try:
             if plan is None:
                 plan = deid.analyze(data, prof) if data else deid.analyze_file(name, prof)
@@ -184,7 +199,7 @@ def deidentify_items(items: list[tuple[str, bytes | None]], options: Options, ui
                                 layout=tuple(result.layout or ()),
                                 blocks=result.blocks if result.layout is not None else None,
                                 opaque=tuple(result.opaque)))
-    _drop_plans()
+    drop_plans()
     return out
 
 
