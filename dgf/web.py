@@ -87,6 +87,9 @@ THUMBNAIL_TRIES = 3
 THUMBNAIL_FILES = 100_000
 THUMBNAIL_SERIES = 64
 THUMBNAIL_PAGE = 1000
+#: A series whose Instance Numbers do not start at 1 is ordered by the numbers in its headers up to
+#: this many files; a larger one takes its middle by path.
+THUMBNAIL_NUMBERED = 2000
 #: A UID as a URL may name one: a quote would end the XPath literal it is written into, and a
 #: non-conformant UID (letters, a trailing space) is still someone's study.
 UID = re.compile(r"[^'\\\x00-\x1f]{1,64}")
@@ -989,16 +992,19 @@ class Web:
 
     async def thumbnail(self, request: Any) -> Any:
         """A small rendering (THUMBNAIL, or ``viewport``) of an instance or frame, or of a series'
-        or a study's representative instance: the series' middle one, the study's first series
-        (by number) whose middle instance has pixel data; at most THUMBNAIL_TRIES are tried."""
+        or a study's representative instance: the series' middle one by Instance Number, the
+        study's first series (by number) whose middle instance has pixel data; at most
+        THUMBNAIL_TRIES are tried."""
         p = request.path_params
         if p.get("instance"):
             client, path = await self._instance(request)
             frames = p.get("frames")               # a frame list's thumbnail is its first frame's
             return await self._render(request, client, path, frames.split(",", 1)[0] if frames else None, True)
         client = self.client(self.session(request))
-        candidates = await self.call(self._representatives, client, p["study"], p.get("series"))
-        for n, path in enumerate(candidates):
+        study = p["study"]
+        candidates = await self.call(self._representatives, client, study, p.get("series"))
+        for n, (series, paths) in enumerate(candidates):
+            path = await self.call(self._middle, client, study, series, paths)
             try:
                 return await self._render(request, client, path, None, True)
             except HTTPProblem as exc:
@@ -1006,11 +1012,11 @@ class Web:
                     raise
         raise HTTPProblem(404, "no instance to make a thumbnail of.")   # (_representatives names one at least)
 
-    def _representatives(self, client: Client, study: str, series: str | None) -> list[str]:
-        """The instances a study's or a series' thumbnail is made of, in the order to try: the
-        middle one (by path) of each series, the series by number.  From the index alone (the
-        files' paths and series), plus one header per series for its number: a study's
-        thumbnail no longer reads every header of the study."""
+    def _representatives(self, client: Client, study: str, series: str | None) -> list[tuple[str, list[str]]]:
+        """The series a study's or a series' thumbnail is made of, in the order to try (by
+        number), each with its files: the thumbnail is of its middle one (:meth:`_middle`).
+        From the index alone (the files' paths and series), plus one header per series for its
+        number: a study's thumbnail no longer reads every header of the study."""
         from dgf.dicom import xmlheader
 
         what = f"series {series}" if series else f"study {study}"
@@ -1040,11 +1046,39 @@ class Web:
             return int(text) if text.lstrip("-").isdigit() else 1 << 31
 
         numbers = dict(zip(firsts, map(number, client.getxattrs(list(firsts.values()), HEADER_XATTR))))
-        out = []
-        for uid in sorted(firsts, key=lambda u: (numbers[u], u))[:THUMBNAIL_TRIES]:
-            paths = sorted(by_series[uid])
-            out.append(paths[len(paths) // 2])
-        return out
+        return [(uid, by_series[uid]) for uid in sorted(firsts, key=lambda u: (numbers[u], u))[:THUMBNAIL_TRIES]]
+
+    @staticmethod
+    def _middle(client: Client, study: str, series: str, paths: list[str]) -> str:
+        """A series' middle instance by Instance Number (its files are named by SOP Instance
+        UID, whose order says nothing).  A series of n files numbered from 1 to n, as most are,
+        is answered by the index: the files numbered 1, n // 2 + 1 and n.  Otherwise the numbers
+        of the series' headers are read (up to THUMBNAIL_NUMBERED files); with none, the middle
+        by path."""
+        paths = sorted(paths)
+        middle = paths[len(paths) // 2]
+        if len(paths) < 3 or not series or not UID.fullmatch(series):
+            return middle
+        of = set(paths)
+        xpath = f"/DicomHeader[StudyInstanceUID='{study}'][SeriesInstanceUID='{series}']"
+
+        def numbered(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
+            out = []
+            for row in rows:
+                text = str(row.get("values", {}).get("InstanceNumber", "")).strip()
+                if str(row["path"]) in of and text.lstrip("-").isdigit():
+                    out.append((int(text), str(row["path"])))
+            return sorted(out)
+
+        n, half = len(paths), len(paths) // 2 + 1
+        ends = numbered(client.find(f"{xpath}[InstanceNumber=1 or InstanceNumber={half} or InstanceNumber={n}]",
+                                    "/", show=["InstanceNumber"]))
+        if {1, half, n} <= {k for k, _ in ends}:
+            return next(p for k, p in ends if k == half)
+        if n > THUMBNAIL_NUMBERED:
+            return middle
+        every = numbered(client.find(xpath, "/", show=["InstanceNumber"], limit=THUMBNAIL_NUMBERED + 1))
+        return every[len(every) // 2][1] if every else middle
 
     async def _render(self, request: Any, client: Client, path: str, frame: str | None, thumbnail: bool) -> Any:
         """Frame ``frame`` (None: the first) of the instance at ``path`` as the client's accepted

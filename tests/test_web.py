@@ -350,6 +350,45 @@ def test_thumbnails_of_a_study_a_series_an_instance_and_a_frame(web: WebNode, tm
     assert "Traceback" not in web.log_path.read_text(errors="replace")
 
 
+def test_a_series_thumbnail_is_its_middle_instance_by_number(web: WebNode, tmp_path: Path) -> None:
+    """Files are named by SOP Instance UID, so the middle by path is any slice: a series'
+    thumbnail is of its middle instance by Instance Number, found by the index when numbers start
+    at 1, and from the headers when they do not (here 3-9, where the 4 that a series numbered
+    from 1 would have in its middle is the second)."""
+    study = generate_uid()
+    for first in (1, 3):
+        out = tmp_path / str(first)
+        out.mkdir()
+        series = generate_uid()
+        for i in range(7):
+            ds = pydicom.dcmread(corpus.file("CT_small.dcm"))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber, ds.SeriesNumber = first + i, first
+            pixels = ds.pixel_array
+            pixels[8 * i:8 * i + 8, :] = pixels.min()           # a dark band: each slice renders apart
+            ds.PixelData = pixels.tobytes()
+            ds.save_as(out / f"{i}.dcm")
+    with Client(web.fed.config("clinician")) as c:
+        assert not c.upload(sorted(tmp_path.rglob("*.dcm")), to="/middles").failed
+        rows = c.find("/DicomHeader", "/middles", show=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                        "InstanceNumber"])
+    assert len(rows) == 14
+    base = "/dicomweb/studies"
+    by_series: dict[str, list[dict]] = {}
+    for r in rows:
+        by_series.setdefault(r["values"]["SeriesInstanceUID"], []).append(r["values"])
+    assert sorted(min(int(v["InstanceNumber"]) for v in mine) for mine in by_series.values()) == [1, 3]
+    for se, mine in by_series.items():
+        first = min(int(v["InstanceNumber"]) for v in mine)
+        [st] = {v["StudyInstanceUID"] for v in mine}
+        thumbs = {int(v["InstanceNumber"]): web.get(f"{base}/{st}/series/{se}/instances/{v['SOPInstanceUID']}"
+                                                    "/thumbnail", Accept="image/png").content for v in mine}
+        assert len(set(thumbs.values())) == 7                    # the slices render apart
+        got = web.get(f"{base}/{st}/series/{se}/thumbnail", Accept="image/png")
+        assert got.status_code == 200 and got.content == thumbs[first + 3], first
+
+
 def test_identity_only_for_identified_tokens_of_principals_who_may_see_it(web: WebNode) -> None:
     ct = _study_of(web, "CT")
     st = _uid(ct, "0020000D")
