@@ -57,6 +57,15 @@ def split_path(path: str) -> tuple[str, str]:
     return posixpath.split(path)
 
 
+@dataclass(frozen=True)
+class UploadFacts:
+    """See :meth:`MetaEngine.upload_facts`."""
+
+    sites: list[Site]
+    settings: dict[str, str]
+    overrides: dict[str, int]
+
+
 class _CollectorPause:
     """No garbage-cycle collection while a commit builds and writes its rows.
 
@@ -464,6 +473,11 @@ class MetaEngine(ABC):
     @abstractmethod
     def get_setting(self, name: str) -> str | None:
         """An archive-wide setting (e.g. the de-identification options), None if unset."""
+
+    @abstractmethod
+    def upload_facts(self, settings: tuple[str, ...]) -> UploadFacts:
+        """What placing an upload reads afresh, in one transaction: the registered sites, the
+        named settings that are set, and :meth:`replication_overrides`."""
 
     @abstractmethod
     def set_setting(self, name: str, value: str) -> None: ...

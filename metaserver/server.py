@@ -153,6 +153,40 @@ def _read_order(key: str, sites: list[str]) -> list[str]:
     return sorted(sites, key=lambda site: hashlib.sha256(f"{key}/{site}".encode()).digest())
 
 
+#: The settings an upload is placed by (MetaService._placing).
+UPLOAD_SETTINGS = ("sites.draining", "replication.mode", "deid.options")
+
+
+def _draining_of(stored: str | None) -> set[str]:
+    return set(json.loads(stored or "[]"))
+
+
+def _mode_of(stored: str | None) -> str:
+    return stored or "sync"
+
+
+def _deid_names_of(stored: str | None) -> list[str]:
+    return list(json.loads(stored)) if stored is not None else Options().enabled()
+
+
+@dataclass(frozen=True)
+class _Placing:
+    """What an upload is placed by: the registered sites, those draining, the directories'
+    numbers of copies, whether copies beyond the first are made in the background, and the
+    archive's de-identification options."""
+
+    known: list[Site]
+    draining: set[str]
+    overrides: dict[str, int]
+    background: bool
+    deid: list[str]
+
+    @property
+    def takers(self) -> list[Site]:
+        """The sites that take new copies."""
+        return [st for st in self.known if st.name not in self.draining]
+
+
 @dataclass
 class _Cursor:
     """An open query between pages: no database connection and no worker is held.
@@ -614,7 +648,16 @@ class MetaService(wire.Service):
 
     def _draining(self) -> set[str]:
         """Sites an admin is moving everything off: they serve reads but take no new copies."""
-        return set(json.loads(self.engine.get_setting("sites.draining") or "[]"))
+        return _draining_of(self.engine.get_setting("sites.draining"))
+
+    def _placing(self) -> _Placing:
+        """What an upload is placed by, read afresh (an admin's change holds for the next
+        upload) in one transaction: both ``up.prepare`` and ``up.commit`` need it, and a
+        one-file upload (a copy into the mount, a STOW-RS instance) paid nine reads for it."""
+        facts = self.engine.upload_facts(UPLOAD_SETTINGS)
+        values = facts.settings
+        return _Placing(facts.sites, _draining_of(values.get("sites.draining")), facts.overrides,
+                        _mode_of(values.get("replication.mode")) == "async", _deid_names_of(values.get("deid.options")))
 
     @wire.verb("admin.site.drain", site=str, on=bool)
     def site_drain(self, p: Principal, site: str, on: bool) -> wire.Reply:
@@ -985,8 +1028,8 @@ class MetaService(wire.Service):
     def up_prepare(self, p: Principal, uids: list[str], patients: list[str]) -> wire.Reply:
         """Pseudonyms for a batch (the HMAC key never leaves this server) and put capabilities."""
         keys = self.vault.keys
-        draining = self._draining()
-        sites = [st for st in self.engine.sites() if st.name not in draining]
+        placing = self._placing()
+        sites = placing.takers
         if not sites:
             raise errors.ServerError("no I/O site takes uploads (none registered, or all draining); "
                                      "start an ioserver first.")
@@ -1003,11 +1046,11 @@ class MetaService(wire.Service):
             "sites": [s.to_wire() for s in sites],
             "caps": {s.name: self._cap(p, "put", s.name, None) for s in sites},
             "replication": {"default": placement.default_factor(len(sites)),
-                            "overrides": self.engine.replication_overrides(),
-                            "mode": self._replication_mode()},
+                            "overrides": placing.overrides,
+                            "mode": "async" if placing.background else "sync"},
             # The archive's de-identification options: a client that analysed the batch with
             # others (remembered, or learnt before an admin changed them) does it again.
-            "options": self._deid_names(),
+            "options": placing.deid,
         })
 
     def _charge_pseudonyms(self, p: Principal, n: int) -> None:
@@ -1165,12 +1208,11 @@ class MetaService(wire.Service):
                 headers_at += n
         named = {f["site"] for f in files} | {c["site"] for f in files for c in f.get("copies") or []}
         site_keys = self._site_keys(named)
-        known = self.engine.sites()
-        draining = self._draining()
-        takers = [st for st in known if st.name not in draining]
+        placing = self._placing()
+        known = placing.known
         untrusted = {st.name for st in known if st.untrusted}
-        default, overrides = placement.default_factor(len(takers)), self.engine.replication_overrides()
-        background = self._replication_mode() == "async"
+        default, overrides = placement.default_factor(len(placing.takers)), placing.overrides
+        background = placing.background
         seal_keys = self._seal_keys(files)
         receipt_of = _Receipts(site_keys, batch_receipts)
         new: list[NewFile] = []
@@ -1610,7 +1652,7 @@ class MetaService(wire.Service):
     # -- replication in the background (mode async) -----------------------------------------
 
     def _replication_mode(self) -> str:
-        return self.engine.get_setting("replication.mode") or "sync"
+        return _mode_of(self.engine.get_setting("replication.mode"))
 
     @wire.verb("admin.replicas.mode", optional=("mode",), mode=str)
     def replicas_mode(self, p: Principal, mode: str = "") -> wire.Reply:
@@ -1692,8 +1734,7 @@ class MetaService(wire.Service):
         return wire.Reply({"options": self._deid_names()})
 
     def _deid_names(self) -> list[str]:
-        stored = self.engine.get_setting("deid.options")
-        return list(json.loads(stored)) if stored is not None else Options().enabled()
+        return _deid_names_of(self.engine.get_setting("deid.options"))
 
     @wire.verb("admin.deid.set", options=list)
     def deid_set(self, p: Principal, options: list[str]) -> wire.Reply:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 from dgf import crypto, errors
 from dgf.types import Principal, Site
+from metaserver.engine import UploadFacts
 from metaserver.schema import (
     REPLICAS_ONLY,
     grants_t,
@@ -77,8 +78,12 @@ class AdminStore(SqlBase):
         self._txn(run)
 
     def sites(self) -> list[Site]:
-        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key, r.zone or "", bool(r.untrusted))
-                                     for r in c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
+        return self._read(self._sites)
+
+    @staticmethod
+    def _sites(conn: Connection) -> list[Site]:
+        return [Site(r.name, r.host, r.port, r.host_key, r.zone or "", bool(r.untrusted))
+                for r in conn.execute(sa.select(sites_t).order_by(sites_t.c.name))]
 
     def set_site_trust(self, name: str, untrusted: bool) -> None:
         """Mark a site untrusted (it may hold sealed objects only) or trusted again."""
@@ -131,6 +136,13 @@ class AdminStore(SqlBase):
     def get_setting(self, name: str) -> str | None:
         return self._read(lambda c: c.execute(sa.select(settings_t.c.value).where(
             settings_t.c.name == name)).scalar())
+
+    def upload_facts(self, settings: tuple[str, ...]) -> UploadFacts:
+        def run(conn: Connection) -> UploadFacts:
+            values = conn.execute(sa.select(settings_t.c.name, settings_t.c.value).where(
+                settings_t.c.name.in_(settings))).all()
+            return UploadFacts(self._sites(conn), {r.name: r.value for r in values}, self._overrides(conn))
+        return self._read(run)
 
     def set_setting(self, name: str, value: str) -> None:
         def run(conn: Connection) -> None:
@@ -239,18 +251,19 @@ class AdminStore(SqlBase):
         return self._read(run) if keys else {}
 
     def replication_overrides(self) -> dict[str, int]:
-        def run(conn: Connection) -> dict[str, int]:
-            rows = conn.execute(sa.select(xattrs.c.ino, xattrs.c.value).where(REPLICAS_ONLY)).all()
-            if not rows:
-                return {}                  # the usual case: no directory map needed
-            dirs = self._dir_paths(conn)
-            out = {}
-            for r in rows:
-                try:
-                    n = int(bytes(r.value))
-                except ValueError:
-                    continue
-                if r.ino in dirs:
-                    out[dirs[r.ino]] = n
-            return out
-        return self._read(run)
+        return self._read(self._overrides)
+
+    def _overrides(self, conn: Connection) -> dict[str, int]:
+        rows = conn.execute(sa.select(xattrs.c.ino, xattrs.c.value).where(REPLICAS_ONLY)).all()
+        if not rows:
+            return {}                  # the usual case: no directory map needed
+        dirs = self._dir_paths(conn)
+        out = {}
+        for r in rows:
+            try:
+                n = int(bytes(r.value))
+            except ValueError:
+                continue
+            if r.ino in dirs:
+                out[dirs[r.ino]] = n
+        return out

@@ -881,6 +881,25 @@ class EngineContract:
                                             "WHERE xattrs.name = 'user.dgf.replicas'")).all()
             assert "ix_xattrs_replicas" in " ".join(str(r[-1]) for r in plan), plan
 
+    def test_upload_facts_are_what_the_single_reads_give(self, engine: MetaEngine) -> None:
+        """An upload's placement reads sites, settings and replication numbers in one
+        transaction: the same as each read alone, settings not set left out."""
+        from dgf.types import Site
+        from metaserver.schema import REPLICAS_XATTR
+
+        engine.register_site(Site("site-b", "127.0.0.1", 2, "ssh-ed25519 BBBB", "z2", False))
+        engine.register_site(Site("site-a", "127.0.0.1", 1, "ssh-ed25519 AAAA", "", False))
+        engine.set_site_trust("site-b", True)
+        engine.set_setting("sites.draining", '["site-a"]')
+        engine.set_setting("access.mode", "grants")
+        engine.create_files([_file("/f/a/x.dcm", "1")])
+        engine.setxattr("/f/a", REPLICAS_XATTR, b"2")
+        facts = engine.upload_facts(("sites.draining", "replication.mode", "access.mode"))
+        assert facts.sites == engine.sites() and [s.name for s in facts.sites] == ["site-a", "site-b"]
+        assert facts.sites[1].untrusted and facts.sites[1].zone == "z2"
+        assert facts.settings == {"sites.draining": '["site-a"]', "access.mode": "grants"}
+        assert facts.overrides == engine.replication_overrides() == {"/f/a": 2}
+
     def test_rename_semantics(self, engine: MetaEngine) -> None:
         engine.mkdir("/d1")
         engine.mkdir("/d2")
