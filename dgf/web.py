@@ -1071,8 +1071,9 @@ class Web:
             return sorted(out)
 
         n, half = len(paths), len(paths) // 2 + 1
+        # Three files when numbered 1..n; a series whose files share numbers may have many.
         ends = numbered(client.find(f"{xpath}[InstanceNumber=1 or InstanceNumber={half} or InstanceNumber={n}]",
-                                    "/", show=["InstanceNumber"]))
+                                    "/", show=["InstanceNumber"], limit=64))
         if {1, half, n} <= {k for k, _ in ends}:
             return next(p for k, p in ends if k == half)
         if n > THUMBNAIL_NUMBERED:
