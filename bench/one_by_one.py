@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,6 +101,8 @@ def main() -> None:
     finally:
         for fed in feds.values():
             local.down(fed.root)
+        os.chdir("/")
+        shutil.rmtree(work, ignore_errors=True)     # ~200 MB of sources and databases, often on tmpfs
 
 
 if __name__ == "__main__":
