@@ -77,12 +77,8 @@ class AdminStore(SqlBase):
         self._txn(run)
 
     def sites(self) -> list[Site]:
-        return self._read(self._sites)
-
-    @staticmethod
-    def _sites(conn: Connection) -> list[Site]:
-        return [Site(r.name, r.host, r.port, r.host_key, r.zone or "", bool(r.untrusted))
-                for r in conn.execute(sa.select(sites_t).order_by(sites_t.c.name))]
+        return self._read(lambda c: [Site(r.name, r.host, r.port, r.host_key, r.zone or "", bool(r.untrusted))
+                                     for r in c.execute(sa.select(sites_t).order_by(sites_t.c.name))])
 
     def set_site_trust(self, name: str, untrusted: bool) -> None:
         """Mark a site untrusted (it may hold sealed objects only) or trusted again."""
