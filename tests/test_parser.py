@@ -12,6 +12,7 @@ import io
 import struct
 import tracemalloc
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -301,6 +302,17 @@ def _spans(elems: list[raw.Elem]) -> list[tuple[Any, ...]]:
             for e in elems]
 
 
+def _with_and_without(module: object, memory: str, outcome: Callable[[], object]) -> tuple[object, object]:
+    """``outcome()`` with the module's memory ``memory`` as it is, then with one that forgets."""
+    remembered = outcome()
+    saved = getattr(module, memory)
+    setattr(module, memory, _Forgetful())
+    try:
+        return remembered, outcome()
+    finally:
+        setattr(module, memory, saved)
+
+
 def _parse_both(data: bytes) -> tuple[object, object]:
     """The parse of ``data`` with the headers seen before, and without: spans and warnings,
     or the refusal's words."""
@@ -311,13 +323,7 @@ def _parse_both(data: bytes) -> tuple[object, object]:
             return str(exc)
         return _spans(part.meta), _spans(part.dataset), part.warnings, part.truncated
 
-    remembered = outcome()
-    saved = raw._KNOWN_HEADS
-    raw._KNOWN_HEADS = _Forgetful()
-    try:
-        return remembered, outcome()
-    finally:
-        raw._KNOWN_HEADS = saved
+    return _with_and_without(raw, "_KNOWN_HEADS", outcome)
 
 
 def test_remembered_headers_change_no_parse() -> None:
@@ -366,13 +372,7 @@ def _xml_both(data: bytes) -> tuple[object, object]:
         except errors.DgfError as exc:
             return str(exc)
 
-    remembered = outcome()
-    saved = xmlheader._FRAGMENTS
-    xmlheader._FRAGMENTS = _Forgetful()
-    try:
-        return remembered, outcome()
-    finally:
-        xmlheader._FRAGMENTS = saved
+    return _with_and_without(xmlheader, "_FRAGMENTS", outcome)
 
 
 def test_remembered_element_xml_changes_no_header() -> None:
