@@ -298,7 +298,9 @@ def _attribute(name: str) -> tuple[str, str]:
 
 
 @dataclass
-class Query:
+class QidoQuery:
+    """A QIDO-RS request read by :func:`parse_query`: its C-FIND keys, the attributes to return, and
+    the page (not :class:`metaserver.query.Query`, an XPath cohort query)."""
     keys: list[dimse.Key]
     fields: list[str]
     limit: int
@@ -306,7 +308,7 @@ class Query:
     warnings: list[str]
 
 
-def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str], cap: int) -> Query:
+def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str], cap: int) -> QidoQuery:
     """QIDO-RS query parameters as C-FIND keys, the attributes to return, and the page."""
     fields = {"STUDY": STUDY_FIELDS, "SERIES": STUDY_FIELDS + SERIES_FIELDS,
               "IMAGE": STUDY_FIELDS + SERIES_FIELDS + INSTANCE_FIELDS}[level]
@@ -358,7 +360,7 @@ def parse_query(params: list[tuple[str, str]], level: str, scope: dict[str, str]
     for keyword in dict.fromkeys(wanted):
         if keyword not in keys:
             keys[keyword] = dimse.Key(keyword, _attribute(keyword)[1], "")
-    return Query(list(keys.values()), list(dict.fromkeys(wanted)), limit, offset, warnings)
+    return QidoQuery(list(keys.values()), list(dict.fromkeys(wanted)), limit, offset, warnings)
 
 
 def _nest(seq: dimse.Key, path: list[str], leaf: dimse.Key) -> dimse.Key:
@@ -710,7 +712,7 @@ class Web:
             headers["Warning"] = ", ".join(warnings)
         return Response(json.dumps(body), media_type="application/dicom+json", headers=headers)
 
-    def _find(self, client: Client, level: str, q: Query) -> tuple[list[dimse.Entity], bool]:
+    def _find(self, client: Client, level: str, q: QidoQuery) -> tuple[list[dimse.Entity], bool]:
         """The page's matching entities, and whether the query matches more than find_limit
         (a warning).  A page within find_limit reads the files of its own entities, and those
         before it only as far as telling them apart needs (dimse.find)."""
