@@ -13,7 +13,10 @@ change of the schema by feeding the loader what that change would make the datab
   object key (objects, replicas, inodes' index) are appended to, as integer object ids would be;
 - ``one UID fewer``: headers without MediaStorageSOPInstanceUID, which repeats the SOP Instance
   UID: one random row fewer in the index's value tree;
-- ``both``, and ``both, big commits``: 50,000 headers a commit with a 2 GiB page cache.
+- ``both``, and ``both, big commits``: 50,000 headers a commit with a 2 GiB page cache;
+- ``keys in order, no UID row``: headers without either SOP Instance UID, so the value tree
+  takes no random row at all: the most that integer ids and value rows staged and merged in
+  sorted batches could give together (the merges themselves not counted).
 
 Every variant adds files to the database (under /bounds<seed>/): run it on a copy you can lose.
 Synthetic headers only: nothing identifying is involved.
@@ -42,17 +45,19 @@ from metaserver.index import HEADER_XATTR  # noqa: E402
 from metaserver.sql import SqlEngine  # noqa: E402
 
 MEDIA_UID = re.compile(rb'<MediaStorageSOPInstanceUID tag="00020003" vr="UI">[^<]*</MediaStorageSOPInstanceUID>')
+SOP_UID = re.compile(rb'<SOPInstanceUID tag="00080018" vr="UI">[^<]*</SOPInstanceUID>')
 VARIANTS: dict[str, dict[str, Any]] = {
     "as is": {},
     "keys in order": {"ordered": True},
     "one UID fewer": {"no_media_uid": True},
     "both": {"ordered": True, "no_media_uid": True},
     "both, big commits": {"ordered": True, "no_media_uid": True, "batch": 50_000, "cache_mib": 2048},
+    "keys in order, no UID row": {"ordered": True, "no_media_uid": True, "no_sop_uid": True},
 }
 
 
 def run(db: Path, patients: int, seed: int, ordered: bool = False, no_media_uid: bool = False,
-        batch: int = 10_000, cache_mib: int = 0) -> dict[str, float]:
+        no_sop_uid: bool = False, batch: int = 10_000, cache_mib: int = 0) -> dict[str, float]:
     engine = SqlEngine(f"sqlite:///{db}")
     if cache_mib:
         def cache(dbapi_conn: Any, _record: Any) -> None:
@@ -67,6 +72,8 @@ def run(db: Path, patients: int, seed: int, ordered: bool = False, no_media_uid:
         path = f"/bounds{seed}{path}"
         if no_media_uid:
             xml = MEDIA_UID.sub(b"", xml)
+        if no_sop_uid:
+            xml = SOP_UID.sub(b"", xml)
         key = f"{base + n:064x}" if ordered else hashlib.sha256(path.encode()).hexdigest()
         n += 1
         chunk.append(NewFile(path, key, len(xml), "synthetic", {HEADER_XATTR: xml}))
