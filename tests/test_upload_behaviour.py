@@ -232,6 +232,35 @@ def test_commits_run_one_at_a_time_in_batch_order(federation: local.Federation, 
         assert all(p.encode() in body for p in placed[3 * i:3 * i + 3])
 
 
+def test_one_batch_goes_without_stage_threads_and_more_go_through_them(federation: local.Federation,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload of one batch (a STOW-RS request, one file) has nothing to overlap: it is read,
+    stored and committed in the caller's thread, with no stage threads started for it (they
+    cost a sixth of a one-file upload's CPU).  Two batches still go through the stages."""
+    from typing import Any
+
+    from dgf import upload
+
+    pools: list[str] = []
+    real = upload.ThreadPoolExecutor
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        pools.append(kwargs.get("thread_name_prefix", ""))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upload, "ThreadPoolExecutor", counted)
+    files = corpus.fresh_instances(tmp_path / "src", 3)
+    with Client(federation.config("clinician")) as c:
+        one = c.upload(files[:1], to="/one-batch")
+        assert one.uploaded == 1 and not one.failed and pools == []
+        empty = c.upload([], to="/one-batch")
+        assert empty.uploaded == 0 and not empty.failed and pools == []
+        two = c.upload(files[1:], to="/one-batch", batch=1)
+        assert two.uploaded == 2 and not two.failed and pools == ["dgf-commit", "dgf-store"]
+        assert sorted(s.path for s in c.ls("/one-batch")) == sorted(one.paths + two.paths)
+
+
 def test_a_batch_refused_between_its_steps_keeps_no_file_open(federation: local.Federation,
                                                               tmp_path: Path) -> None:
     """A long-lived uploader (the mount, the gateway) whose batch ends between de-identification's
