@@ -103,7 +103,7 @@ class TestLocalObjectStore(ObjectStoreContract):
         key = _key(data)
         store.put(key, [data], len(data))
         path = store._path(key)
-        path.write_bytes(b"\0" + data[1:])
+        path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])    # a changed byte (b"\0" was none when data[0] was 0)
         assert store.scrub() == [key]
         assert (tmp_path / "store" / "quarantine" / key).exists() and not path.exists()
 
