@@ -201,7 +201,7 @@ class Uploads:
             return report
         if len(files) <= min(batch, POOL_MIN_FILES - 1):
             # One batch (a STOW-RS request, a file or two): nothing to overlap, so no stage
-            # threads to start and stop (a sixth of a one-file upload's CPU, bench/one_by_one.py).
+            # threads to start and stop: a sixth of a one-file upload's client CPU (bench/RESULTS.md).
             prepared, caps = self._prepare([(str(f), None) for f in files], to, site, report, spread=spread)
             self._store(prepared, caps, report, replace, meter, [str(f) for f in files])
             return report
