@@ -190,13 +190,6 @@ class Uploads:
         if on_total is not None:
             on_total(sum(sizes.values()))
         meter = Meter(progress, sizes)
-        # De-identification is CPU work: large uploads spread it over worker processes (started
-        # fresh, not forked, since this process runs SSH threads).  And the stages overlap: while
-        # earlier batches are committed, one at a time and in order (COMMITS_QUEUED waiting),
-        # batches N-1 and N are streamed to the sites (STORE_STAGES at once) and batch N+1 is
-        # read and de-identified.
-        from dgf.dicom import pipeline  # de-identification: pydicom's dictionary, loaded for uploads only
-
         if not files:
             return report
         if len(files) <= min(batch, POOL_MIN_FILES - 1):
@@ -205,6 +198,13 @@ class Uploads:
             prepared, caps = self._prepare([(str(f), None) for f in files], to, site, report, spread=spread)
             self._store(prepared, caps, report, replace, meter, [str(f) for f in files])
             return report
+        # De-identification is CPU work: large uploads spread it over worker processes (started
+        # fresh, not forked, since this process runs SSH threads).  And the stages overlap: while
+        # earlier batches are committed, one at a time and in order (COMMITS_QUEUED waiting),
+        # batches N-1 and N are streamed to the sites (STORE_STAGES at once) and batch N+1 is
+        # read and de-identified.
+        from dgf.dicom import pipeline  # de-identification: pydicom's dictionary, loaded for uploads only
+
         workers = None
         if len(files) >= POOL_MIN_FILES and POOL_WORKERS > 1:
             workers = pipeline.Workers(POOL_WORKERS)
