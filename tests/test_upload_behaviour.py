@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -190,8 +191,6 @@ def test_commits_run_one_at_a_time_in_batch_order(federation: local.Federation, 
     when a later batch reaches the sites first."""
     import threading
     import time
-    from typing import Any
-
     files = corpus.fresh_instances(tmp_path / "in", 12)
     in_flight, most, order = [0], [0], []
     lock = threading.Lock()
@@ -238,8 +237,6 @@ def test_one_batch_goes_without_stage_threads_and_more_go_through_them(federatio
     """An upload of one batch (a STOW-RS request, one file) has nothing to overlap: it is read,
     stored and committed in the caller's thread, with no stage threads started for it (they
     cost a sixth of a one-file upload's CPU).  Two batches still go through the stages."""
-    from typing import Any
-
     from dgf import upload
 
     pools: list[str] = []
